@@ -35,8 +35,9 @@ class ChatMixin:
         history = list(history or [])
         logits_processor = LogitsProcessorList(logits_processor or [])
         logits_processor.append(InvalidScoreLogitsProcessor())
-        gen_kwargs = {"max_length": max_length, "num_beams": num_beams, "do_sample": do_sample,
-                      "logits_processor": logits_processor, **kwargs}
+        gen_kwargs = {"num_beams": num_beams, "do_sample": do_sample, "logits_processor": logits_processor, **kwargs}
+        if "max_new_tokens" not in kwargs:
+            gen_kwargs["max_length"] = max_length
         if do_sample:
             gen_kwargs.update(top_p=top_p, temperature=temperature)
         inputs = self.build_inputs(tokenizer, query, history)

@@ -67,7 +67,7 @@ def generate_tokens(
     id (which is yielded), after ``params.max_new_tokens``, or when ``cancel`` is set.
     """
     eos = set(eos_token_ids)
-    seen = cache.get_seq_length() - model.transformer.pre_seq_len if cache.get_seq_length() else 0
+    seen = cache.token_count()
     if seen >= input_ids.shape[1]:
         raise ValueError("the cache already holds the whole prompt; crop it to reuse it")
     procs = logits_processors(params)

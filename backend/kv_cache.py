@@ -13,6 +13,20 @@ class KVCache:
     def __init__(self):
         self.keys: list[torch.Tensor] = []  # per layer [b, g, t, d]
         self.values: list[torch.Tensor] = []
+        self.prefix_len = 0  # leading slots that hold a P-Tuning prefix, not tokens
+
+    @classmethod
+    def with_prefix(cls, prefix_kv) -> "KVCache":
+        """A cache whose first slots hold a prefix: 2*layers tensors [b, g, P, d] (key, value per layer)."""
+        cache = cls()
+        for i in range(0, len(prefix_kv or []), 2):
+            cache.update(prefix_kv[i], prefix_kv[i + 1], i // 2)
+        cache.prefix_len = prefix_kv[0].shape[2] if prefix_kv else 0
+        return cache
+
+    def token_count(self) -> int:
+        """Tokens held after the prefix slots."""
+        return self.get_seq_length() - self.prefix_len
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         """Append this step's key/value [b, g, s, d] to layer ``layer_idx``; return the whole [b, g, t, d]."""

@@ -129,7 +129,7 @@ class GLMTransformer(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, prefix_kv=None):
         for i, layer in enumerate(self.layers):
             pk, pv = (prefix_kv[2 * i], prefix_kv[2 * i + 1]) if prefix_kv is not None else (None, None)
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # the frozen base may stay in eval mode
                 x = checkpoint(layer, x, cos, sin, mask, cache, pk, pv, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, pk, pv)
@@ -155,6 +155,13 @@ class PrefixEncoder(nn.Module):
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         embedded = self.embedding(prefix)  # [b, P, kv_size]
         return self.trans(embedded) if self.prefix_projection else embedded
+
+
+def split_prefix(kv: torch.Tensor, config: ChatGLMConfig) -> list[torch.Tensor]:
+    """Prefix encoder output [b, P, kv_size] as 2*layers tensors [b, g, P, d]: for layer i, 2i is the key, 2i+1 the value."""
+    b, P, _ = kv.shape
+    kv = kv.view(b, P, 2 * config.num_layers, config.multi_query_group_num, config.kv_channels)
+    return list(kv.permute(2, 0, 3, 1, 4).unbind(0))
 
 
 class Embedding(nn.Module):
@@ -216,13 +223,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.embedding.word_embeddings = value
 
     def prefix_key_values(self, batch_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """The prefix as 2*layers tensors [b, g, P, d]: for layer i, 2i is the key and 2i+1 the value."""
+        """This model's own prefix encoder output, as ``split_prefix`` lays it out."""
         enc = self.prefix_encoder
         tokens = torch.arange(enc.pre_seq_len, device=enc.embedding.weight.device).expand(batch_size, -1)
-        kv = self.prefix_encoder(tokens).to(dtype)  # [b, P, kv_size]
-        kv = kv.view(batch_size, enc.pre_seq_len, 2 * self.num_layers, self.num_groups, self.kv_channels)
-        kv = self.prefix_dropout(kv)
-        return list(kv.permute(2, 0, 3, 1, 4).unbind(0))  # 2L x [b, g, P, d]
+        return split_prefix(self.prefix_dropout(enc(tokens).to(dtype)), self.config)
 
     def forward(
         self,
@@ -231,28 +235,33 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         position_ids: Optional[torch.Tensor] = None,
         use_cache: Optional[bool] = None,
         logits_to_keep: int = 0,
+        prefix_kv: Optional[list[torch.Tensor]] = None,
         **kwargs,
     ):
-        """``cache=`` (or ``past_key_values=``): a KVCache or transformers Cache to extend in place."""
+        """``cache=`` (or ``past_key_values=``): a KVCache or transformers Cache to extend in place.
+        ``prefix_kv``: a prefix from outside (``split_prefix`` layout), e.g. one being trained; no cache then."""
         b, s = input_ids.shape
         x = self.embedding(input_ids)  # [b, s, hidden]
         dtype = x.dtype
-        P = self.pre_seq_len
+        P = prefix_kv[0].shape[2] if prefix_kv is not None else self.pre_seq_len
         use_cache = use_cache if use_cache is not None else (not self.training and self.config.use_cache)
         cache = _cache_arg(kwargs)
         if use_cache and cache is None:
             cache = KVCache()
-        cached = cache.get_seq_length() if cache is not None else 0  # prefix slots + earlier tokens
-        prefix_kv = None
-        if P:
-            if cache is not None and cached == 0:  # the prefix takes the cache's first P slots
+        if prefix_kv is not None:
+            cache = None
+        if cache is not None:
+            if P and cache.get_seq_length() == 0:  # the prefix takes the cache's first P slots
                 prefix = self.prefix_key_values(b, dtype)
                 for i in range(self.num_layers):
                     cache.update(prefix[2 * i], prefix[2 * i + 1], i)
-                cached = P
-            elif cache is None:
+                cache.prefix_len = P
+            P = getattr(cache, "prefix_len", 0)  # a cache may carry a prefix put there by its owner
+            past = cache.get_seq_length()  # key slots before the new tokens
+        else:
+            if prefix_kv is None and P:
                 prefix_kv = self.prefix_key_values(b, dtype)
-        past = cached if cache is not None else P  # key slots before the new tokens
+            past = P
         past_tokens = past - P  # real tokens already in the cache
 
         full_mask = attention_mask  # [b, past_tokens + s], padding of every real token so far
@@ -320,6 +329,7 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         use_cache: Optional[bool] = None,
         logits_to_keep: int = 0,
         return_dict: Optional[bool] = None,
+        prefix_kv: Optional[list[torch.Tensor]] = None,
         **kwargs,
     ):
         out = self.transformer(
@@ -329,6 +339,7 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
             cache=_cache_arg(kwargs),
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            prefix_kv=prefix_kv,
         )
         logits = self.transformer.output_layer(out.last_hidden_state)  # [b, s, vocab]
         loss = None
@@ -341,9 +352,9 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         """Feed only the tokens the cache has not seen; positions come from the attention mask."""
         cache = _cache_arg(kwargs)
         if cache is not None:
-            seen = cache.get_seq_length()
-            if seen:
-                input_ids = input_ids[:, seen - self.transformer.pre_seq_len :]
+            seen = cache.get_seq_length() - getattr(cache, "prefix_len", 0)
+            if seen > 0:
+                input_ids = input_ids[:, seen:]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -1,0 +1,182 @@
+"""P-Tuning v2 prefix checkpoints: reading them in the original trainer's layout, and a registry
+of several, switched live over one loaded base model.
+
+A checkpoint directory holds ``pytorch_model.bin`` or ``model.safetensors`` with
+``transformer.prefix_encoder.*`` tensors (safetensors preferred when both exist) and usually a
+``config.json`` giving ``pre_seq_len`` and ``prefix_projection``; without it both are inferred
+from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .configuration import ChatGLMConfig
+from .loading import load_pickled_state_dict
+from .modeling import PrefixEncoder, split_prefix
+from .service import AdapterInfo, BackendError
+
+PREFIX_KEY = "transformer.prefix_encoder."
+CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class PrefixCheckpoint:
+    path: Path
+    state_dict: dict[str, torch.Tensor]  # keys without the "transformer.prefix_encoder." prefix
+    pre_seq_len: int
+    prefix_projection: bool
+    config: dict  # the checkpoint's config.json, or {}
+
+
+def read_prefix_checkpoint(path: Union[str, Path]) -> PrefixCheckpoint:
+    """Read a checkpoint directory (or its weight file) written by the original P-Tuning v2 trainer."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BackendError(f"no adapter checkpoint at {path}; pass a checkpoint-N directory written by P-Tuning v2 training.")
+    directory = path if path.is_dir() else path.parent
+    if path.is_dir():
+        files = [path / name for name in CHECKPOINT_FILES if (path / name).is_file()]
+        if not files:
+            raise BackendError(f"{path} holds neither model.safetensors nor pytorch_model.bin: not a P-Tuning v2 checkpoint.")
+        weights = files[0]
+    else:
+        weights = path
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            raw = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BackendError(f"{weights} is corrupt or truncated ({err}); save the checkpoint again.") from None
+    else:
+        raw = load_pickled_state_dict(weights)
+    state = {k[len(PREFIX_KEY):]: v for k, v in raw.items() if k.startswith(PREFIX_KEY)}
+    if "embedding.weight" not in state:
+        raise BackendError(f"{weights} has no transformer.prefix_encoder.* tensors: it is not a P-Tuning v2 checkpoint.")
+    config = {}
+    config_file = directory / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise BackendError(f"{config_file} is not valid JSON; fix or delete it (the shapes tell pre_seq_len).") from None
+    inferred_len = state["embedding.weight"].shape[0]
+    inferred_projection = "trans.0.weight" in state
+    pre_seq_len = config.get("pre_seq_len") or inferred_len
+    projection = bool(config.get("prefix_projection", inferred_projection))
+    if pre_seq_len != inferred_len:
+        raise BackendError(f"{directory}: config.json says pre_seq_len {pre_seq_len} but the prefix tensor has {inferred_len} rows; the files come from different runs.")
+    if projection != inferred_projection:
+        raise BackendError(f"{directory}: config.json says prefix_projection {projection} but the tensors say {inferred_projection}; the files come from different runs.")
+    return PrefixCheckpoint(directory, state, pre_seq_len, projection, config)
+
+
+def check_fits(ckpt: PrefixCheckpoint, base: ChatGLMConfig) -> None:
+    """Refuse a checkpoint trained for another architecture, naming both values."""
+    for key in ("num_layers", "multi_query_group_num", "kv_channels", "hidden_size"):
+        if key in ckpt.config and ckpt.config[key] != getattr(base, key):
+            raise BackendError(f"adapter {ckpt.path} was trained for {key}={ckpt.config[key]} but the model has {key}={getattr(base, key)}.")
+    width = ckpt.state_dict["embedding.weight"].shape[1]
+    if width != base.prefix_kv_size:
+        raise BackendError(
+            f"adapter {ckpt.path} encodes {width} values per prefix token but the model needs {base.prefix_kv_size} "
+            f"(num_layers {base.num_layers} x kv_channels {base.kv_channels} x groups {base.multi_query_group_num} x 2): it was trained for another model."
+        )
+    if ckpt.prefix_projection and ckpt.state_dict["trans.0.weight"].shape[0] != base.hidden_size:
+        raise BackendError(f"adapter {ckpt.path} projects through hidden size {ckpt.state_dict['trans.0.weight'].shape[0]} but the model has hidden_size {base.hidden_size}.")
+
+
+def build_prefix_encoder(ckpt: PrefixCheckpoint, base: ChatGLMConfig, device: torch.device) -> PrefixEncoder:
+    """A float32 prefix encoder holding the checkpoint's weights."""
+    check_fits(ckpt, base)
+    config = ChatGLMConfig(**{**base.to_dict(), "pre_seq_len": ckpt.pre_seq_len, "prefix_projection": ckpt.prefix_projection})
+    encoder = PrefixEncoder(config, device=device).float()
+    try:
+        encoder.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()})
+    except RuntimeError as err:
+        raise BackendError(f"adapter {ckpt.path} does not fit the model: {str(err).splitlines()[-1].strip()}") from None
+    return encoder.eval().requires_grad_(False)
+
+
+def find_checkpoints(directory: Union[str, Path]) -> list[Path]:
+    """``checkpoint-*`` directories in ``directory``, one level of run directories deep, by step."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise BackendError(f"no directory at {directory} to scan for checkpoint-* adapters.")
+    found = [p for p in directory.glob("checkpoint-*") if p.is_dir()] + [p for p in directory.glob("*/checkpoint-*") if p.is_dir()]
+    if directory.name.startswith("checkpoint-"):
+        found.append(directory)
+
+    def step(p: Path):
+        m = re.search(r"checkpoint-(\d+)$", p.name)
+        return (str(p.parent), int(m.group(1)) if m else 0)
+
+    return sorted(set(found), key=step)
+
+
+class AdapterRegistry:
+    """Named prefix encoders over one base; the prefix keys/values of each are computed once."""
+
+    def __init__(self, base: ChatGLMConfig, device: torch.device, dtype: torch.dtype):
+        self.base, self.device, self.dtype = base, device, dtype
+        self._infos: dict[str, AdapterInfo] = {}
+        self._encoders: dict[str, PrefixEncoder] = {}
+        self._prefix_kv: dict[str, list[torch.Tensor]] = {}
+
+    def list(self) -> list[AdapterInfo]:
+        return list(self._infos.values())
+
+    def __contains__(self, name: Optional[str]) -> bool:
+        return name is None or name in self._infos
+
+    def register(self, path: Union[str, Path], name: Optional[str] = None) -> AdapterInfo:
+        ckpt = read_prefix_checkpoint(path)
+        for info in self._infos.values():  # the same directory twice is one adapter
+            if info.path.resolve() == ckpt.path.resolve():
+                return info
+        encoder = build_prefix_encoder(ckpt, self.base, self.device)
+        name = self._unique(name or self._default_name(ckpt.path))
+        info = AdapterInfo(name, ckpt.path, ckpt.pre_seq_len, ckpt.prefix_projection)
+        self._infos[name], self._encoders[name] = info, encoder
+        return info
+
+    def scan(self, directory: Union[str, Path]) -> list[AdapterInfo]:
+        return [self.register(p) for p in find_checkpoints(directory)]
+
+    def prefix_kv(self, name: Optional[str]) -> Optional[list[torch.Tensor]]:
+        """2*layers tensors [1, g, P, d] for adapter ``name``; None for the base model."""
+        if name is None:
+            return None
+        if name not in self._infos:
+            raise BackendError(f"no adapter named {name!r}; registered: {', '.join(self._infos) or 'none'}.")
+        if name not in self._prefix_kv:
+            self._prefix_kv[name] = prefix_key_values(self._encoders[name], self.base, self.dtype)
+        return self._prefix_kv[name]
+
+    def encoder(self, name: str) -> PrefixEncoder:
+        return self._encoders[name]
+
+    @staticmethod
+    def _default_name(path: Path) -> str:
+        return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
+
+    def _unique(self, name: str) -> str:
+        candidate, n = name, 2
+        while candidate in self._infos:
+            candidate, n = f"{name} ({n})", n + 1
+        return candidate
+
+
+@torch.no_grad()
+def prefix_key_values(encoder: PrefixEncoder, base: ChatGLMConfig, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The encoder's output as the model consumes it (``split_prefix`` layout, batch 1)."""
+    tokens = torch.arange(encoder.pre_seq_len, device=encoder.embedding.weight.device)[None]
+    return [t.contiguous() for t in split_prefix(encoder(tokens).to(dtype), base)]

@@ -1,0 +1,72 @@
+"""``glmchat --prompt``: one reply on stdout, like ``ollama run MODEL "prompt"``.
+
+User mistakes (a missing path, a directory that is not ChatGLM2, corrupt weights, a
+mismatched adapter, running out of GPU memory) print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from argparse import Namespace
+
+EXIT_USAGE = 2
+
+
+def error_line(err: BaseException) -> str:
+    """One sentence for a failure a user can fix; None of our own bugs are hidden by it."""
+    import torch
+
+    from .service import BackendError
+
+    if isinstance(err, BackendError):
+        return str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "the GPU ran out of memory; try --quantization 4bit, a shorter prompt or fewer --max-new-tokens."
+    if isinstance(err, ImportError) and "bitsandbytes" in str(err):
+        return "8-bit and 4-bit loading need bitsandbytes: pip install bitsandbytes (or pass --quantization none)."
+    raise err
+
+
+def run_once(args: Namespace) -> int:
+    """Load, answer ``args.prompt`` once with ``args.adapter[-1]`` active (if any), print the reply."""
+    try:
+        from .engine import ChatEngine
+        from .service import SamplingParams
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torch
+
+            if not torch.cuda.is_available() and getattr(args, "device", None) in (None, "auto"):
+                print("glmchat: no GPU found, running on the CPU (slow for a 6B model).", file=sys.stderr)
+            engine = ChatEngine.load(
+                model=getattr(args, "model", None),
+                quantization=getattr(args, "quantization", None),
+                adapters=getattr(args, "adapter", None) or [],
+                adapter_dirs=[args.adapters] if getattr(args, "adapters", None) else [],
+                demo=getattr(args, "demo", False),
+                engine=getattr(args, "engine", None) or "auto",
+            )
+        adapters = engine.adapters()
+        if adapters:
+            explicit = getattr(args, "adapter", None) or []
+            engine.switch_adapter(adapters[len(explicit) - 1].name if explicit else adapters[-1].name)
+        params = SamplingParams(
+            temperature=args.temperature if getattr(args, "temperature", None) is not None else 0.8,
+            top_p=args.top_p if getattr(args, "top_p", None) is not None else 0.8,
+            max_new_tokens=getattr(args, "max_new_tokens", None) or 512,
+        )
+        for event in engine.stream_reply(args.prompt, [], params):
+            text = getattr(event, "text", None)
+            if text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 130
+    except Exception as err:  # noqa: BLE001 - error_line re-raises what is not a user mistake
+        print(f"glmchat: {error_line(err)}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,234 @@
+"""The chat engine: the in-process service the TUI and the CLI talk to (``service.ChatBackend``).
+
+One loaded base model serves every adapter: switching only changes which precomputed prefix
+the decoder writes into its cache's first slots. Replies stream as text deltas, reuse the
+conversation's KV cache across turns, and stop when a cancel event is set.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from .adapters import AdapterRegistry
+from .decoding import EagerDecoder
+from .generation import stream_text
+from .loading import LoadedModel, load_model
+from .service import (
+    AdapterInfo,
+    BackendError,
+    History,
+    LoadProgress,
+    ModelInfo,
+    Reply,
+    ReplyDone,
+    ReplyEvent,
+    SamplingParams,
+    TextDelta,
+    TrainProgress,
+    TrainRequest,
+    TrainResult,
+)
+
+ACTIVE = object()  # "the active adapter", as the default of stream_reply's adapter argument
+
+
+def make_decoder(model, engine: str):
+    """The fast decoder on CUDA when asked for (or by default), else the eager one."""
+    if engine in ("fast", "auto"):
+        try:
+            from .fast_decode import make_decoder as make_fast
+        except ImportError:
+            if engine == "fast":
+                raise BackendError("the fast engine is not available in this build; use --engine eager.") from None
+        else:
+            return make_fast(model, engine)
+    return EagerDecoder(model)
+
+
+class ChatEngine:
+    def __init__(self, loaded: LoadedModel, engine: str = "auto", name: Optional[str] = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.registry = AdapterRegistry(self.model.config, loaded.device, loaded.dtype)
+        self._engine = engine
+        self._decoders = [make_decoder(self.model, engine)]
+        self._decoder_adapters: list[object] = [ACTIVE]  # which prefix each decoder holds (ACTIVE = none set yet)
+        self._active: Optional[str] = None
+        self._lock = threading.RLock()  # one reply at a time uses the model's decoders
+        kind = "fast" if type(self._decoders[0]).__name__ == "FastDecoder" else "eager"
+        self.info = ModelInfo(name or str(loaded.directory), loaded.precision, str(loaded.device), kind)
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        model: Optional[str] = None,
+        quantization: Optional[str] = None,
+        adapters: Iterable[str] = (),
+        adapter_dirs: Iterable[str] = (),
+        progress: Optional[Callable[[LoadProgress], None]] = None,
+        demo: bool = False,
+        engine: str = "auto",
+        device: Optional[str] = None,
+    ) -> "ChatEngine":
+        report = progress or (lambda p: None)
+        adapters, adapter_dirs = list(adapters), list(adapter_dirs)
+        if demo:
+            from .demo import ensure_demo
+
+            demo_files = ensure_demo(progress=report)
+            model = str(demo_files.model_dir)
+            adapter_dirs.append(str(demo_files.adapters_dir))
+        if not model:
+            raise BackendError("no model given; pass --model PATH_OR_HUB_ID (e.g. THUDM/chatglm2-6b) or --demo.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the CPU notice is shown by the caller, once
+            loaded = load_model(model, quantization=quantization, device=device, progress=report)
+        self = cls(loaded, engine=engine, name="demo" if demo else str(model))
+        paths = [(p, False) for p in adapters] + [(d, True) for d in adapter_dirs]
+        for i, (path, is_dir) in enumerate(paths, 1):
+            report(LoadProgress("adapters", i - 1, len(paths), f"adapter {i}/{len(paths)}: {path}"))
+            self.scan_adapters(path) if is_dir else self.register_adapter(path)
+        report(LoadProgress("adapters", len(paths), len(paths), f"{len(self.adapters())} adapter(s) registered"))
+        report(LoadProgress("ready", 1, 1, "ready"))
+        return self
+
+    # ------------------------------------------------------------ adapters
+
+    def adapters(self) -> list[AdapterInfo]:
+        return self.registry.list()
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        return self._active
+
+    def register_adapter(self, path: Union[str, Path], name: Optional[str] = None) -> AdapterInfo:
+        with self._lock:
+            return self.registry.register(path, name)
+
+    def scan_adapters(self, directory: Union[str, Path]) -> list[AdapterInfo]:
+        with self._lock:
+            return self.registry.scan(directory)
+
+    def switch_adapter(self, name: Optional[str]) -> None:
+        """Make ``name`` (None = base model) answer the next reply; the conversation is kept."""
+        if name not in self.registry:
+            raise BackendError(f"no adapter named {name!r}; registered: {', '.join(a.name for a in self.adapters()) or 'none'}.")
+        self._active = name
+
+    def _decoder_for(self, slot: int, adapter: Optional[str]):
+        """Decoder ``slot`` holding ``adapter``'s prefix (its cache is rebuilt when the prefix changes)."""
+        while len(self._decoders) <= slot:
+            self._decoders.append(make_decoder(self.model, self._engine))
+            self._decoder_adapters.append(ACTIVE)
+        decoder = self._decoders[slot]
+        if self._decoder_adapters[slot] is ACTIVE or self._decoder_adapters[slot] != adapter:
+            decoder.set_prefix(self.registry.prefix_kv(adapter))
+            self._decoder_adapters[slot] = adapter
+        return decoder
+
+    # ------------------------------------------------------------ replies
+
+    def prompt_ids(self, query: str, history: History) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.build_prompt(query, history))
+
+    def _reply_stream(self, slot, query, history, params, cancel, adapter, generator=None) -> Iterator[ReplyEvent]:
+        ids = self.prompt_ids(query, history)
+        limit = self.model.config.seq_length - len(ids)
+        if limit <= 0:
+            raise BackendError(f"the conversation is {len(ids)} tokens, the model's limit is {self.model.config.seq_length}; start a new conversation.")
+        params = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, limit)})
+        decoder = self._decoder_for(slot, adapter)
+        eos = [self.tokenizer.eos_token_id]
+        start = time.perf_counter()
+        emitted, count = "", 0
+        tokens = decoder.generate(ids, params, eos, cancel, generator)
+
+        def counted():
+            nonlocal count
+            for token in tokens:
+                count += 1
+                yield token
+
+        text = ""
+        for text, _ in stream_text(self.tokenizer, counted(), eos):
+            if text.startswith(emitted) and len(text) > len(emitted):
+                yield TextDelta(text[len(emitted):], slot)
+                emitted = text
+        stopped = cancel is not None and cancel.is_set()
+        yield ReplyDone(Reply(text, adapter, stopped, count, time.perf_counter() - start), slot)
+
+    def stream_reply(
+        self,
+        query: str,
+        history: History,
+        params: SamplingParams,
+        cancel: Optional[threading.Event] = None,
+        adapter: Union[str, None, object] = ACTIVE,
+        seed: Optional[int] = None,
+    ) -> Iterator[ReplyEvent]:
+        """Text deltas of the reply to ``query`` after ``history``, then one ReplyDone."""
+        adapter = self._active if adapter is ACTIVE else adapter
+        generator = self._generator(seed)
+        with self._lock:
+            yield from self._reply_stream(0, query, history, params, cancel, adapter, generator)
+
+    def reply(self, query: str, history: History, params: SamplingParams, **kw) -> Reply:
+        for event in self.stream_reply(query, history, params, **kw):
+            if isinstance(event, ReplyDone):
+                return event.reply
+        raise AssertionError("stream_reply ends with ReplyDone")
+
+    def compare(
+        self,
+        query: str,
+        history: History,
+        params: SamplingParams,
+        adapters: Sequence[Optional[str]] = (),
+        cancel: Optional[threading.Event] = None,
+        seed: Optional[int] = None,
+    ) -> Iterator[ReplyEvent]:
+        """The same prompt answered by two adapters (default: base vs active), interleaved as streams 0 and 1."""
+        pair = list(adapters) or [None, self._active]
+        with self._lock:
+            streams = [self._reply_stream(i, query, history, params, cancel, a, self._generator(seed)) for i, a in enumerate(pair)]
+            while streams:
+                for stream in list(streams):
+                    event = next(stream, None)
+                    if event is None:
+                        streams.remove(stream)
+                    else:
+                        yield event
+
+    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return None
+        g = torch.Generator(device=self.loaded.device)
+        g.manual_seed(seed)
+        return g
+
+    # ------------------------------------------------------------ training
+
+    def train(
+        self,
+        request: TrainRequest,
+        progress: Callable[[TrainProgress], None],
+        cancel: Optional[threading.Event] = None,
+    ) -> TrainResult:
+        """P-Tuning v2 on the already-loaded base; chat keeps working meanwhile (the base is shared, frozen)."""
+        from .training import train_prefix
+
+        return train_prefix(self.model, self.tokenizer, request, progress=progress, cancel=cancel)
+
+    def gpu_memory_gb(self) -> Optional[float]:
+        if self.loaded.device.type != "cuda":
+            return None
+        return torch.cuda.memory_allocated(self.loaded.device) / 1e9

@@ -1,0 +1,292 @@
+"""Loading a ChatGLM2 model directory (or hub id) shard by shard, optionally quantized with bitsandbytes.
+
+The model is built on the meta device and each shard's tensors are moved (and, for 8/4-bit,
+quantized) one at a time, so host memory never holds more than one shard: a 6B model loads
+in 8-bit on a machine with 13 GB of RAM. Every failure a user can cause becomes a
+``BackendError`` with one sentence saying what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from torch import nn
+
+from .configuration import ChatGLMConfig
+from .modeling import ChatGLMForConditionalGeneration
+from .service import BackendError, LoadProgress
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("8bit", "4bit", "none")
+# Kept in 16-bit when quantizing: the output layer (as the seed's 8-bit setting) and the prefix encoder.
+SKIP_QUANTIZATION = ("output_layer", "prefix_encoder")
+_IGNORED_KEYS = re.compile(r"rotary_pos_emb\.inv_freq$")
+
+
+@dataclass
+class LoadedModel:
+    model: ChatGLMForConditionalGeneration
+    tokenizer: object
+    directory: Path
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str  # "8bit" | "4bit" | "none"
+
+    @property
+    def precision(self) -> str:
+        if self.quantization != "none":
+            return self.quantization
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
+
+
+# ---------------------------------------------------------------- finding the files
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local ChatGLM2 directory, or a hub id resolved through the standard hub cache."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BackendError(f"{path} is a file; pass the model directory that holds config.json and the weights.")
+        return _check_model_dir(path)
+    text = str(name_or_path)
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep in text.replace("/", "", 1)
+    if looks_like_path:
+        raise BackendError(f"no model directory at {text}; pass --model with a ChatGLM2 directory or a hub id such as THUDM/chatglm2-6b.")
+    return _check_model_dir(_download(text))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.model", "*.safetensors", "*.bin"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as online_error:  # offline, unreachable, unknown repo: fall back to the cache
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            raise BackendError(
+                f"model '{repo_id}' is not in the hub cache and could not be downloaded "
+                f"({type(online_error).__name__}); on a connected machine run "
+                f"`huggingface-cli download {repo_id}` (or copy the model directory here and pass its path)."
+            ) from None
+
+
+def _check_model_dir(path: Path) -> Path:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise BackendError(f"{path} is not a ChatGLM2 model directory: it has no config.json.")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BackendError(f"{config_file} is not valid JSON; download the model again.") from None
+    if model_type != ChatGLMConfig.model_type:
+        raise BackendError(f"{path} is not a ChatGLM2 model directory: config.json says model_type {model_type!r}, not 'chatglm'.")
+    if not (path / "tokenizer.model").is_file():
+        raise BackendError(f"{path} has no tokenizer.model; copy it from the model's release into that directory.")
+    return path
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files, safetensors preferred: single or sharded with an index."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = path / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError):
+                raise BackendError(f"{index} is corrupt (no weight_map); download it again.") from None
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise BackendError(f"{path} lacks {len(missing)} weight shard(s) named in {index_name} (first: {missing[0]}); finish the download.")
+            return [path / s for s in shards]
+        if (path / single).is_file():
+            return [path / single]
+    raise BackendError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin (single or sharded with an index).")
+
+
+def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one weight file, read lazily; pickles are loaded weights-only."""
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BackendError(f"{file} is corrupt or truncated ({err}); download it again.") from None
+        return
+    yield from load_pickled_state_dict(file).items()
+
+
+def load_pickled_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only: a pickle that would run code is refused, not executed."""
+    if not zipfile.is_zipfile(file):
+        raise BackendError(f"{file} is corrupt or truncated (not a complete torch.save archive); save or download it again.")
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise BackendError(
+            f"{file} contains pickled code, which glmchat refuses to run ({str(err).splitlines()[0][:120]}); "
+            "re-save it with torch.save(state_dict) or as safetensors."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise BackendError(f"{file} is corrupt or truncated ({str(err).splitlines()[0][:120]}); save or download it again.") from None
+
+
+# ---------------------------------------------------------------- devices and precision
+
+
+def pick_device(device: Optional[str] = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    warnings.warn("no GPU found: running on the CPU in float32, which is slow for a 6B model.", stacklevel=3)
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: Optional[str | torch.dtype] = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def pick_quantization(quantization: Optional[str], device: torch.device) -> str:
+    if quantization in (None, "auto"):
+        return "8bit" if device.type == "cuda" else "none"
+    if quantization not in QUANTIZATIONS:
+        raise BackendError(f"unknown quantization {quantization!r}; use one of 8bit, 4bit, none.")
+    return quantization
+
+
+# ---------------------------------------------------------------- building the model
+
+
+def _quantized_linear(linear: nn.Linear, quantization: str, dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    kw = dict(bias=linear.bias is not None, device="meta")
+    if quantization == "8bit":
+        return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=False, threshold=6.0, **kw)
+    return bnb.nn.Linear4bit(linear.in_features, linear.out_features, compute_dtype=dtype, quant_type="nf4", **kw)
+
+
+def replace_linears(model: nn.Module, quantization: str, dtype: torch.dtype) -> None:
+    """Swap every nn.Linear outside SKIP_QUANTIZATION for its bitsandbytes version (still empty)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not any(s in full for s in SKIP_QUANTIZATION):
+                setattr(module, child_name, _quantized_linear(child, quantization, dtype))
+
+
+def _place(model: nn.Module, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+    """Put one checkpoint tensor into the meta model; bitsandbytes quantizes weights as they move."""
+    module_name, param_name = key.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if param_name == "weight" and type(module).__module__.startswith("bitsandbytes"):
+        import bitsandbytes as bnb
+
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            module.weight = bnb.nn.Int8Params(tensor.to(dtype), requires_grad=False, has_fp16_weights=False).to(device)
+        else:
+            module.weight = bnb.nn.Params4bit(tensor.to(dtype), requires_grad=False, quant_type="nf4").to(device)
+        return
+    set_module_tensor_to_device(model, key, device, value=tensor, dtype=dtype)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    quantization: Optional[str] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str | torch.dtype] = None,
+    pre_seq_len: Optional[int] = None,
+    prefix_projection: bool = False,
+    progress: Optional[Callable[[LoadProgress], None]] = None,
+) -> LoadedModel:
+    """Load tokenizer and weights; 8bit is the default on a GPU, float32 on the CPU."""
+    report = progress or (lambda p: None)
+    path = resolve_model_dir(name_or_path)
+    device_ = pick_device(device)
+    dtype_ = pick_dtype(device_, dtype)
+    quant = pick_quantization(quantization, device_)
+
+    report(LoadProgress("tokenizer", 0, 1, "reading tokenizer.model"))
+    from .tokenization import ChatGLMTokenizer
+
+    try:
+        tokenizer = ChatGLMTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        raise BackendError(f"{path}/tokenizer.model could not be read ({err}); copy it again from the release.") from None
+    report(LoadProgress("tokenizer", 1, 1, "tokenizer ready"))
+
+    try:
+        config = ChatGLMConfig.from_pretrained(str(path))
+    except Exception as err:
+        raise BackendError(f"{path}/config.json could not be read as a ChatGLM2 config ({err}).") from None
+    if pre_seq_len is not None:
+        config.pre_seq_len, config.prefix_projection = pre_seq_len or None, prefix_projection
+    config.dtype = dtype_
+
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    if quant != "none":
+        replace_linears(model, quant, dtype_)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    pending = {k for k in expected if ".prefix_encoder." not in k}
+
+    files = weight_files(path)
+    verb = {"8bit": "quantizing to 8-bit", "4bit": "quantizing to 4-bit", "none": "loading"}[quant]
+    for i, file in enumerate(files, 1):
+        report(LoadProgress("quantizing" if quant != "none" else "weights", i - 1, len(files), f"shard {i}/{len(files)}: {verb} {file.name}"))
+        for key, tensor in read_tensors(file):
+            if _IGNORED_KEYS.search(key) or ".prefix_encoder." in key:
+                continue
+            if key not in expected:
+                raise BackendError(f"{file} holds tensor '{key}', which ChatGLM2 does not have: this is not a ChatGLM2 checkpoint.")
+            if tuple(tensor.shape) != expected[key] and key in pending and not _is_quantized_shape(model, key):
+                raise BackendError(
+                    f"{file}: tensor '{key}' has shape {tuple(tensor.shape)} but config.json implies {expected[key]}; "
+                    "the weights and config.json come from different models."
+                )
+            _place(model, key, tensor, device_, dtype_)
+            pending.discard(key)
+        report(LoadProgress("quantizing" if quant != "none" else "weights", i, len(files), f"shard {i}/{len(files)} done"))
+    if pending:
+        first = sorted(pending)[0]
+        raise BackendError(f"the weights in {path} lack {len(pending)} tensor(s) (first: '{first}'); the download is incomplete.")
+
+    if model.transformer.prefix_encoder is not None:  # the base has none: start it like the original (random)
+        with torch.device(device_):
+            from .modeling import PrefixEncoder
+
+            model.transformer.prefix_encoder = PrefixEncoder(config).float()
+    model.eval().requires_grad_(False)
+    model.quantization = quant
+    report(LoadProgress("ready", 1, 1, f"{path.name} loaded ({quant if quant != 'none' else str(dtype_).replace('torch.', '')}) on {device_}"))
+    return LoadedModel(model, tokenizer, path, device_, dtype_, quant)
+
+
+def _is_quantized_shape(model: nn.Module, key: str) -> bool:
+    """4-bit weights are stored packed, so their meta shape differs from the checkpoint's."""
+    module_name, param_name = key.rsplit(".", 1)
+    return param_name == "weight" and type(model.get_submodule(module_name)).__name__ == "Linear4bit"
