@@ -17,7 +17,7 @@ import torch
 
 from .adapters import AdapterRegistry
 from .decoding import EagerDecoder
-from .generation import stream_text
+from .generation import process_response, stream_text
 from .loading import LoadedModel, load_model
 from .service import (
     AdapterInfo,
@@ -149,22 +149,22 @@ class ChatEngine:
         decoder = self._decoder_for(slot, adapter)
         eos = [self.tokenizer.eos_token_id]
         start = time.perf_counter()
-        emitted, count = "", 0
-        tokens = decoder.generate(ids, params, eos, cancel, generator)
+        emitted, new_ids = "", []
 
-        def counted():
-            nonlocal count
-            for token in tokens:
-                count += 1
+        def recorded():
+            for token in decoder.generate(ids, params, eos, cancel, generator):
+                new_ids.append(token)
                 yield token
 
-        text = ""
-        for text, _ in stream_text(self.tokenizer, counted(), eos):
+        for text, _ in stream_text(self.tokenizer, recorded(), eos):
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield TextDelta(text[len(emitted):], slot)
                 emitted = text
+        text = process_response(self.tokenizer.decode([t for t in new_ids if t not in eos]))
+        if text.startswith(emitted) and len(text) > len(emitted):  # a held-back partial character, at the end
+            yield TextDelta(text[len(emitted):], slot)
         stopped = cancel is not None and cancel.is_set()
-        yield ReplyDone(Reply(text, adapter, stopped, count, time.perf_counter() - start), slot)
+        yield ReplyDone(Reply(text, adapter, stopped, len(new_ids), time.perf_counter() - start), slot)
 
     def stream_reply(
         self,

@@ -88,9 +88,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs) -> str:
         """Decode like the original: the GLM specials, <unk>/<s>/</s> and negative ids (label -100)
-        vanish whether or not `skip_special_tokens` is set, and the rest goes through sp's piece decoder."""
+        vanish whether or not `skip_special_tokens` is set, and the rest goes through sp's piece decoder.
+        Ids past the vocabulary (the model's padded rows, which an untrained model can emit) vanish too."""
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
-        kept = [int(i) for i in ids if int(i) >= 0 and int(i) not in self._silent_ids]
+        kept = [int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in self._silent_ids]
         text = self.convert_tokens_to_string(self.convert_ids_to_tokens(kept))
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
