@@ -28,6 +28,12 @@ def error_line(err: BaseException) -> str:
     raise err
 
 
+def _as_list(value) -> list:
+    if not value:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def run_once(args: Namespace) -> int:
     """Load, answer ``args.prompt`` once with ``args.adapter[-1]`` active (if any), print the reply."""
     try:
@@ -44,7 +50,7 @@ def run_once(args: Namespace) -> int:
                 model=getattr(args, "model", None),
                 quantization=getattr(args, "quantization", None),
                 adapters=getattr(args, "adapter", None) or [],
-                adapter_dirs=[args.adapters] if getattr(args, "adapters", None) else [],
+                adapter_dirs=_as_list(getattr(args, "adapters", None)),
                 demo=getattr(args, "demo", False),
                 engine=getattr(args, "engine", None) or "auto",
             )
