@@ -28,6 +28,8 @@ from .modeling import ChatGLMForConditionalGeneration
 from .service import BackendError, LoadProgress
 
 log = logging.getLogger(__name__)
+# bitsandbytes says this on every 8-bit matmul of a float32 (CPU) model; the cast is expected.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 QUANTIZATIONS = ("8bit", "4bit", "none")
 # Kept in 16-bit when quantizing: the output layer (as the seed's 8-bit setting) and the prefix encoder.
