@@ -28,8 +28,8 @@ from .modeling import ChatGLMForConditionalGeneration
 from .service import BackendError, LoadProgress
 
 log = logging.getLogger(__name__)
-# bitsandbytes says this on every 8-bit matmul of a float32 (CPU) model; the cast is expected.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+# bitsandbytes logs this on every 8-bit matmul of a float32 (CPU) model; the cast is expected.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda r: "inputs will be cast" not in r.getMessage())
 
 QUANTIZATIONS = ("8bit", "4bit", "none")
 # Kept in 16-bit when quantizing: the output layer (as the seed's 8-bit setting) and the prefix encoder.
@@ -162,13 +162,14 @@ def pick_device(device: Optional[str] = None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(device: torch.device, dtype: Optional[str | torch.dtype] = None) -> torch.dtype:
+def pick_dtype(device: torch.device, quantization: str, dtype: Optional[str | torch.dtype] = None) -> torch.dtype:
+    """bf16 on a GPU that has it; fp16 under 8-bit, whose int8 matmul takes fp16 inputs; float32 on the CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() and quantization != "8bit" else torch.float16
     return torch.float32
 
 
@@ -229,8 +230,8 @@ def load_model(
     report = progress or (lambda p: None)
     path = resolve_model_dir(name_or_path)
     device_ = pick_device(device)
-    dtype_ = pick_dtype(device_, dtype)
     quant = pick_quantization(quantization, device_)
+    dtype_ = pick_dtype(device_, quant, dtype)
 
     report(LoadProgress("tokenizer", 0, 1, "reading tokenizer.model"))
     from .tokenization import ChatGLMTokenizer
