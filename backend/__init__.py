@@ -5,6 +5,8 @@
 them without ``trust_remote_code`` (see ``backend/registry.py``).
 """
 
+import logging
+
 from .configuration import ChatGLMConfig
 from .modeling import ChatGLMForConditionalGeneration, ChatGLMModel
 from .service import BackendError
@@ -16,6 +18,8 @@ except ImportError:  # pragma: no cover
     ChatGLMTokenizer = None
 
 register_auto_classes()
+# bitsandbytes logs this on every 8-bit matmul of a non-fp16 model; the cast is expected.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda r: "inputs will be cast" not in r.getMessage())
 
 __all__ = [
     "BackendError",

@@ -28,8 +28,6 @@ from .modeling import ChatGLMForConditionalGeneration
 from .service import BackendError, LoadProgress
 
 log = logging.getLogger(__name__)
-# bitsandbytes logs this on every 8-bit matmul of a float32 (CPU) model; the cast is expected.
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda r: "inputs will be cast" not in r.getMessage())
 
 QUANTIZATIONS = ("8bit", "4bit", "none")
 # Kept in 16-bit when quantizing: the output layer (as the seed's 8-bit setting) and the prefix encoder.

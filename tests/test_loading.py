@@ -190,3 +190,18 @@ def test_hub_id_resolves_from_the_standard_cache(tiny_dir, tmp_path, monkeypatch
     (repo / "refs" / "main").write_text("0" * 40)
     use_hub_cache(monkeypatch, cache)
     assert resolve_model_dir("THUDM/chatglm2-6b").resolve() == snapshot.resolve()
+
+
+def test_the_seed_snippet_loads_8bit_through_transformers(tiny_dir):
+    """The issue's snippet, as written, on the CPU: AutoModel + BitsAndBytesConfig, then chat()."""
+    import bitsandbytes as bnb
+    from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
+
+    import backend  # noqa: F401
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModel.from_pretrained(tiny_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0))
+    assert isinstance(model.transformer.encoder.layers[0].mlp.dense_h_to_4h, bnb.nn.Linear8bitLt)
+    assert not isinstance(model.transformer.output_layer, bnb.nn.Linear8bitLt)
+    response, history = model.chat(tok, "类型#上衣*材质#牛仔布*颜色#白色", history=[], max_new_tokens=4)
+    assert history == [("类型#上衣*材质#牛仔布*颜色#白色", response)]
