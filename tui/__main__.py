@@ -1,0 +1,83 @@
+"""glmchat: chat with ChatGLM2-6B and its P-Tuning v2 adapters in the terminal (or answer one --prompt)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, no usage dump
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _alias(flag: str) -> list[str]:
+    """--top-p also as --top_p, the spelling of the original scripts."""
+    return [flag, "--" + flag[2:].replace("-", "_")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="glmchat",
+        description="A terminal workbench for ChatGLM2-6B: streamed chat, live switching between P-Tuning v2 "
+        "adapters, before/after comparison, and a training panel. With --prompt, answers once and exits.",
+        epilog="Conversations are kept in the user data dir; keys can be remapped in config.toml "
+        "(see the help screen, F1).",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", metavar="PATH_OR_ID",
+                       help="model directory or hub id (default: THUDM/chatglm2-6b)")
+    model.add_argument("--quantization", choices=["8bit", "4bit", "none"], default=None,
+                       help="load the weights quantized (default: none, half precision)")
+    model.add_argument("--adapter", action="append", metavar="CKPT", default=[],
+                       help="register a P-Tuning v2 checkpoint directory (repeatable)")
+    model.add_argument("--adapters", action="append", metavar="DIR", default=[],
+                       help="register every checkpoint-* found under DIR (repeatable)")
+    model.add_argument("--demo", action="store_true",
+                       help="use the small demo model (no download, runs on the CPU)")
+    model.add_argument("--engine", choices=["fast", "eager"], default=None,
+                       help="decoding engine (default: the engine's choice)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--prompt", metavar="TEXT", help="answer TEXT once, print the reply and exit")
+    sampling.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.8)")
+    sampling.add_argument(*_alias("--top-p"), dest="top_p", type=float, help="nucleus sampling p (default 0.8)")
+    sampling.add_argument(*_alias("--max-new-tokens"), dest="max_new_tokens", type=int,
+                          help="longest reply in tokens (default 512)")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.temperature is not None and args.temperature < 0:
+        parser.error("--temperature must be 0 or more")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error("--top-p must be above 0 and at most 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.prompt is not None:
+        from backend.cli import run_once  # the one-shot mode lives with the backend
+
+        return run_once(args) or 0
+    from .app import GLMChatApp
+
+    app = GLMChatApp(args)
+    app.run()
+    if app.training_in_process:
+        print("glmchat: stopping the training run; it saves a checkpoint first…", file=sys.stderr)
+    if app.loading:
+        # The model load cannot be interrupted; the terminal is already restored, so leave now.
+        sys.stdout.flush()
+        os._exit(app.return_code or 0)
+    return app.return_code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The glmchat app: loads the model behind a loading screen, then chat, adapters, compare, training."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import threading
+from argparse import Namespace
+from pathlib import Path
+from typing import Iterable, Optional
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.reactive import reactive
+from textual.screen import Screen
+
+from backend.service import AdapterInfo, BackendError, ChatBackend, ModelInfo, ProgressCallback, SamplingParams
+
+from . import keys, paths
+from .conversation import Conversation, Turn
+from .errors import report, setup_log
+from .export import adapter_label, write_export
+from .messages import AdaptersChanged
+from .screens.chat import ChatScreen
+from .screens.loading import Loaded, Loader, LoadingScreen
+from .store import ConversationStore, StoreError
+
+DEFAULT_MODEL = "THUDM/chatglm2-6b"
+FAKE_BACKEND_ENV = "GLMCHAT_FAKE_BACKEND"  # dev only: a canned backend, no model (kept out of --help)
+
+
+def load_backend(args: Namespace, progress: ProgressCallback) -> ChatBackend:
+    """Load the engine the command line asks for; blocks (call it off the UI thread)."""
+    options = dict(
+        model=args.model or DEFAULT_MODEL,
+        quantization=None if args.quantization in (None, "none") else args.quantization,
+        adapters=list(args.adapter or []),
+        adapter_dirs=list(args.adapters or []),
+        progress=progress,
+        demo=bool(args.demo),
+    )
+    if os.environ.get(FAKE_BACKEND_ENV):
+        engine_class = _fake_backend_class()
+        options.update(step_delay=0.3, token_delay=0.03, train_step_delay=0.05, sample_adapters=2)
+    else:
+        from backend.engine import ChatEngine  # heavy (torch): only now, in the loading thread
+
+        engine_class = ChatEngine
+    load = engine_class.load
+    if args.engine and "engine" in inspect.signature(load).parameters:
+        options["engine"] = args.engine
+    return load(**options)
+
+
+def _fake_backend_class():
+    path = Path(__file__).resolve().parents[1] / "tests" / "tui" / "fake_backend.py"
+    if not path.exists():
+        raise BackendError(f"{FAKE_BACKEND_ENV} is set but {path} is missing: it works from a source checkout only.")
+    spec = importlib.util.spec_from_file_location("glmchat_fake_backend", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FakeBackend
+
+
+class GLMChatApp(App[None]):
+    CSS_PATH = "glmchat.tcss"
+    TITLE = "glmchat"
+    BINDINGS = keys.bindings("app")
+
+    model_info: reactive[Optional[ModelInfo]] = reactive(None, init=False)
+    adapters: reactive[tuple[AdapterInfo, ...]] = reactive((), init=False)
+    active_adapter: reactive[Optional[str]] = reactive(None, init=False)
+    compare_mode: reactive[bool] = reactive(False, init=False)
+    last_tokens_per_s: reactive[Optional[float]] = reactive(None, init=False)
+    training_status: reactive[str] = reactive("", init=False)
+
+    def __init__(self, args: Namespace, *, loader: Loader = load_backend) -> None:
+        super().__init__()
+        self.args = args
+        self.loader = loader
+        self.backend: Optional[ChatBackend] = None
+        self.params = SamplingParams(
+            temperature=_or(args.temperature, SamplingParams.temperature),
+            top_p=_or(args.top_p, SamplingParams.top_p),
+            max_new_tokens=_or(args.max_new_tokens, SamplingParams.max_new_tokens),
+        )
+        self.data_dir = paths.data_dir()
+        setup_log(self.data_dir)
+        self.key_config = keys.load_key_config(paths.config_dir())
+        self.store: Optional[ConversationStore] = None
+        self._switch_lock = threading.Lock()  # one backend.switch_adapter at a time
+        self._quit_confirmed = False
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def get_default_screen(self) -> Screen:
+        return ChatScreen()
+
+    @property
+    def chat(self) -> ChatScreen:
+        return self.screen_stack[0]
+
+    def on_mount(self) -> None:
+        self.set_keymap(self.key_config.keymap)
+        for warning in self.key_config.warnings:
+            self.notify(warning, title="config.toml", severity="warning", timeout=10)
+        self._open_store()
+        model = "demo model" if self.args.demo and not self.args.model else (self.args.model or DEFAULT_MODEL)
+        self.push_screen(LoadingScreen(self.loader, self.args, model), callback=self._loaded)
+
+    def _open_store(self) -> None:
+        try:
+            self.store = ConversationStore.in_dir(self.data_dir)
+        except (StoreError, OSError) as err:
+            self.notify(f"Conversations will not be saved: {err}", severity="error", timeout=15)
+            return
+        if self.store.set_aside is not None:
+            self.notify(
+                f"The conversations database was corrupt; it was moved to {self.store.set_aside} "
+                "and a new one started.",
+                title="Corrupt database set aside", severity="error", timeout=30,
+            )
+
+    async def _loaded(self, loaded: Loaded) -> None:
+        self.install_screen(self._training_screen(), "training")
+        self.backend = loaded.backend
+        self.model_info = loaded.backend.info
+        self.adapters = tuple(loaded.adapters)
+        self.active_adapter = loaded.active
+        await self._reopen_latest()
+        self.chat.model_ready()
+
+    def _training_screen(self) -> Screen:
+        from .screens.training import TrainingScreen
+
+        return TrainingScreen()
+
+    async def _reopen_latest(self) -> None:
+        """glmchat reopens the conversation you had last; ctrl+n starts a fresh one."""
+        if self.store is None:
+            return
+        try:
+            latest = self.store.latest_id()
+            if latest is not None:
+                await self.chat.show_conversation(self.store.load(latest))
+        except StoreError as err:
+            self.notify(str(err), severity="error")
+
+    @property
+    def loading(self) -> bool:
+        """The model load is still running (it cannot be interrupted)."""
+        return any(w.group == "load" and w.is_running for w in self.workers)
+
+    @property
+    def training_in_process(self) -> bool:
+        return self.backend is not None and self.get_screen("training").mode == "train"
+
+    async def action_quit(self) -> None:
+        """Quitting stops what runs in threads: a reply at once, an in-process run after its checkpoint."""
+        if self.training_in_process and not self._quit_confirmed:
+            self._quit_confirmed = True
+            self.notify(
+                "A training run is going in this process: quitting stops it after saving a checkpoint. "
+                f"Press {self.get_key_display(Binding('ctrl+q', ''))} again to quit.",
+                severity="warning", timeout=8,
+            )
+            return
+        self.chat.action_stop()
+        if self.backend is not None:
+            self.get_screen("training").action_stop_training()
+        self.exit()
+
+    # -- persistence (small transactions, on the UI thread) ---------------------------------
+
+    def save_turn(self, conversation: Conversation, turn: Turn) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.replace_replies(conversation, turn)
+        except StoreError as err:
+            self.notify(str(err), title="Not saved", severity="error", timeout=10)
+
+    def delete_turn(self, turn: Turn) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.delete_turn(turn)
+        except StoreError as err:
+            self.notify(str(err), severity="error")
+
+    def export_conversation(self, conversation: Conversation) -> Optional[Path]:
+        if not conversation.turns:
+            self.notify("Nothing to export yet.", severity="warning")
+            return None
+        model = self.model_info.name if self.model_info else ""
+        try:
+            path = write_export(self.data_dir / "exports", conversation, model)
+        except OSError as err:
+            self.notify(f"Could not export: {err}.", severity="error")
+            return None
+        self.notify(f"Exported to {path}", title="Markdown export")
+        return path
+
+    # -- adapters -----------------------------------------------------------------------
+
+    def adapter_names(self) -> list[Optional[str]]:
+        return [None] + [a.name for a in self.adapters]
+
+    def cycle_adapter(self) -> None:
+        names = self.adapter_names()
+        if len(names) == 1:
+            self.notify(f"No adapters registered: {self.key_display('pick_adapter')} adds a checkpoint.", severity="warning")
+            return
+        current = names.index(self.active_adapter) if self.active_adapter in names else 0
+        self.use_adapter(names[(current + 1) % len(names)])
+
+    def use_adapter(self, name: Optional[str]) -> None:
+        """Switch live: the UI shows the new adapter at once, the backend follows in a thread."""
+        if self.backend is None:
+            return
+        self.active_adapter = name
+        self.notify(f"Adapter: {adapter_label(name)}", timeout=2)
+        self._switch_adapter(name)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="adapter")
+    def _switch_adapter(self, name: Optional[str]) -> None:
+        error = None
+        with self._switch_lock:
+            try:
+                self.backend.switch_adapter(name)
+            except BaseException as err:
+                error = str(report(err, "switching adapter"))
+            self.post_message(AdaptersChanged(self.backend.adapters(), self.backend.active_adapter, error))
+
+    def on_adapters_changed(self, message: AdaptersChanged) -> None:
+        self.adapters = tuple(message.adapters)
+        self.active_adapter = message.active
+        if message.error:
+            self.notify(message.error, title="Adapter not switched", severity="error", timeout=10)
+
+    def compare_pair(self) -> tuple[Optional[str], Optional[str]]:
+        """Left: the base model; right: the active adapter (or the first one while base is active)."""
+        right = self.active_adapter
+        if right is None and self.adapters:
+            right = self.adapters[0].name
+        return None, right
+
+    def toggle_compare(self) -> None:
+        if not self.compare_mode and not self.adapters:
+            self.notify(
+                f"Compare needs an adapter: {self.key_display('pick_adapter')} adds a checkpoint.", severity="warning"
+            )
+            return
+        self.compare_mode = not self.compare_mode
+        if self.compare_mode:
+            left, right = self.compare_pair()
+            self.notify(f"Compare mode: {adapter_label(left)} ⇄ {adapter_label(right)}", timeout=3)
+        else:
+            self.notify("Compare mode off", timeout=2)
+
+    # -- screens ------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        from .screens.help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_pick_adapter(self) -> None:
+        from .screens.adapters import AdapterPicker
+
+        if self.backend is not None:
+            self.push_screen(AdapterPicker(), callback=self._picked)
+
+    def _picked(self, choice) -> None:
+        if choice is not None and choice.name != self.active_adapter:
+            self.use_adapter(choice.name)
+
+    def action_settings(self) -> None:
+        from .screens.settings import SettingsScreen
+
+        self.push_screen(SettingsScreen(self.params), callback=self._settings_saved)
+
+    def _settings_saved(self, params: Optional[SamplingParams]) -> None:
+        if params is not None:
+            self.params = params
+            self.notify(
+                f"temperature {params.temperature:g} · top_p {params.top_p:g} · "
+                f"max {params.max_new_tokens} tokens · repetition penalty {params.repetition_penalty:g}",
+                title="Settings", timeout=3,
+            )
+
+    def action_conversations(self) -> None:
+        from .screens.conversations import ConversationsScreen
+
+        if self.store is None:
+            self.notify("Conversations are not being saved (see the earlier error).", severity="error")
+            return
+        if self.chat.open_conversation_ok():
+            self.push_screen(ConversationsScreen(self.store), callback=self._open_conversation)
+
+    async def _open_conversation(self, conversation: Optional[Conversation]) -> None:
+        if conversation is not None:
+            await self.chat.show_conversation(conversation)
+            self.chat.prompt.focus()
+
+    def action_training(self) -> None:
+        if self.backend is not None and self.screen is not self.get_screen("training"):
+            self.push_screen("training")
+
+    def key_display(self, name: str) -> str:
+        """How the key(s) of a key action read in text, after the user's remapping."""
+        action = next(a for a in keys.ACTIONS if a.name == name)
+        return " / ".join(self.get_key_display(Binding(k, "")) for k in self.key_config.keys_for(action).split(","))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if self.backend is None:
+            return
+        chat = self.chat
+        yield SystemCommand("Adapter picker", "Pick an adapter, or add a checkpoint from disk", self.action_pick_adapter)
+        yield SystemCommand("Next adapter", "Cycle base → adapters", self.cycle_adapter)
+        for name in self.adapter_names():
+            if name != self.active_adapter:
+                yield SystemCommand(f"Use adapter: {adapter_label(name)}", "Switch live; the conversation stays",
+                                    lambda name=name: self.use_adapter(name))
+        yield SystemCommand("Compare mode", "Toggle: answer each prompt with two adapters side by side", self.toggle_compare)
+        yield SystemCommand("Training panel", "Start a P-Tuning v2 run, or follow one", self.action_training)
+        yield SystemCommand("Sampling settings", "Temperature, top_p, max new tokens, repetition penalty", self.action_settings)
+        yield SystemCommand("Conversations", "Reopen or export a saved conversation", self.action_conversations)
+        yield SystemCommand("New conversation", "Start a fresh conversation", chat.action_new_conversation)
+        yield SystemCommand("Regenerate last reply", "Write the last reply again", chat.action_regenerate)
+        yield SystemCommand("Edit last prompt", "Move the last prompt back into the input", chat.action_edit_last)
+        yield SystemCommand("Copy reply", "Copy the focused (or last) reply", chat.action_copy_reply)
+        yield SystemCommand("Export to Markdown", "Write the conversation as a Markdown file", chat.action_export)
+        yield SystemCommand("Help", "Every key binding", self.action_help)
+
+
+def _or(value, default):
+    return default if value is None else value
