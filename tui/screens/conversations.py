@@ -44,7 +44,9 @@ class ConversationsScreen(ModalScreen[Optional[Conversation]]):
             self._note(str(err), error=True)
             summaries = []
         listing.set_options([Option(self._label(s), id=str(s.id)) for s in summaries])
-        if not summaries:
+        if summaries:
+            listing.highlighted = 0
+        else:
             self._note("No saved conversations yet.")
 
     @staticmethod

@@ -28,21 +28,24 @@ class HelpScreen(ModalScreen[None]):
     def on_mount(self) -> None:
         self.query_one("#help-scroll").focus()
 
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(keys as remapped, what it does, name in config.toml); a section title has only the first."""
+        rows = []
+        for scope, title in SCOPES.items():
+            rows.append((f"[reverse] {title} [/]", "", ""))
+            rows += [(self.app.key_display(a.name), a.help, a.name) for a in keys.ACTIONS if a.scope == scope]
+            rows.append(("", "", ""))
+        rows.append(("[reverse] Fixed [/]", "", ""))
+        rows += [(key, what, "") for key, what in keys.FIXED_KEYS]
+        return rows
+
     def _table(self) -> Table:
-        app = self.app
         table = Table(box=None, expand=True, padding=(0, 1), show_header=True, header_style="bold")
         table.add_column("Key", no_wrap=True, style="bold")
         table.add_column("What it does", ratio=1)
         table.add_column("Name in config.toml", no_wrap=True, style="dim")
-        for scope, title in SCOPES.items():
-            table.add_row(f"[reverse] {title} [/]", "", "")
-            for action in keys.ACTIONS:
-                if action.scope == scope:
-                    table.add_row(app.key_display(action.name), action.help, action.name)
-            table.add_row("", "", "")
-        table.add_row("[reverse] Fixed [/]", "", "")
-        for key, what in keys.FIXED_KEYS:
-            table.add_row(key, what, "")
+        for row in self.rows():
+            table.add_row(*row)
         return table
 
     def _remap_text(self) -> Content:

@@ -1,0 +1,146 @@
+"""The training panel: an in-process run, stopping it, chat meanwhile, following progress.jsonl."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from textual.widgets import ProgressBar
+
+from backend.service import TrainProgress
+from tui.screens import training
+from tui.screens.training import TrainingScreen, parse_progress_line
+
+from .conftest import make_app, running, send, wait_until
+from .test_chat import replies
+
+
+@pytest.fixture
+def train_file(tmp_path: Path) -> Path:
+    path = tmp_path / "train.json"
+    path.write_text("\n".join(json.dumps({"content": f"类型#{i}", "summary": "好"}) for i in range(8)), encoding="utf-8")
+    return path
+
+
+async def open_panel(pilot) -> TrainingScreen:
+    await pilot.press("f6")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, TrainingScreen), what="the training panel")
+    return pilot.app.screen
+
+
+def fill(panel: TrainingScreen, **values) -> None:
+    for name, value in values.items():
+        panel.query_one(f"#train-{name}").value = str(value)
+
+
+async def test_in_process_run_shows_progress_and_chats_with_a_checkpoint(train_file, tmp_path):
+    app = make_app()
+    async with running(app) as pilot:
+        panel = await open_panel(pilot)
+        out = tmp_path / "out"
+        fill(panel, train_file=train_file, output_dir=out, max_steps=6, save_steps=3, logging_steps=1)
+        await pilot.click("#start-run")
+        monitor = panel.monitor
+        await wait_until(pilot, lambda: monitor.finished == "done", what="the run to finish")
+        request = app.backend.calls[-1][1][0]
+        assert (request.train_file, request.max_steps, request.pre_seq_len, request.learning_rate) == (
+            train_file, 6, 128, 2e-2)  # the seed's defaults where the form was left alone
+        bar = monitor.query_one(ProgressBar)
+        assert (bar.total, bar.progress) == (6, 6)
+        assert [s for s, _ in monitor.losses] == [1, 2, 3, 4, 5, 6]
+        assert monitor.checkpoints == [out / "checkpoint-3", out / "checkpoint-6"]
+        assert "step 6/6" in str(monitor.query_one("#train-steps").render())
+        stats = str(monitor.query_one("#train-stats").render())
+        assert "loss 3.0769" in stats and "lr 0.00e+00" in stats and "samples/s 160.0" in stats and "GPU 3.2 GB" in stats
+        assert app.training_status == ""
+
+        monitor.query_one("#checkpoints").focus()
+        await pilot.press("enter")  # chat with the highlighted (latest) checkpoint
+        await wait_until(pilot, lambda: app.screen is app.chat and app.active_adapter == "out/checkpoint-6",
+                         what="the checkpoint to become the active adapter")
+        await send(pilot, "hello")
+        assert replies(app)[0].record.adapter == "out/checkpoint-6"
+
+
+async def test_form_errors_block_the_start(tmp_path):
+    app = make_app()
+    async with running(app) as pilot:
+        panel = await open_panel(pilot)
+        fill(panel, train_file=tmp_path / "missing.json", max_steps="many")
+        await pilot.click("#start-run")
+        await pilot.pause()
+        error = str(panel.query_one("#train-form-error").render())
+        assert "Max steps: 'many' is not a whole number." in error and "missing.json does not exist" in error
+        assert panel.mode is None and not [c for c in app.backend.calls if c[0] == "train"]
+
+
+async def test_stop_saves_a_checkpoint_and_chat_works_meanwhile(train_file, tmp_path):
+    app = make_app(train_step_delay=0.005)
+    async with running(app) as pilot:
+        panel = await open_panel(pilot)
+        out = tmp_path / "out"
+        fill(panel, train_file=train_file, output_dir=out, max_steps=100000, save_steps=50000)
+        await pilot.click("#start-run")
+        await wait_until(pilot, lambda: panel.monitor.step >= 10, what="a few steps")
+        await pilot.press("escape")  # back to the chat: training keeps going
+        await wait_until(pilot, lambda: app.screen is app.chat)
+        await send(pilot, "are you still there")
+        assert replies(app)[0].record is not None and panel.mode == "train"
+        assert app.training_status.startswith("training ")
+        assert "training " in str(app.chat.query_one("#status").render())
+
+        await pilot.press("f6")
+        await wait_until(pilot, lambda: app.screen is panel)
+        await pilot.press("f8")
+        await wait_until(pilot, lambda: panel.mode is None, what="the run to stop")
+        monitor = panel.monitor
+        assert monitor.finished == "stopped" and len(monitor.checkpoints) == 1
+        saved = monitor.checkpoints[0]
+        assert saved.name == f"checkpoint-{monitor.step}" and (saved / "pytorch_model.bin").is_file()
+        assert app.training_status == ""
+
+
+async def test_follow_a_run_started_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "FOLLOW_POLL_S", 0.02)
+    run = tmp_path / "elsewhere"
+    run.mkdir()
+    log = run / "progress.jsonl"
+
+    def write(*events: TrainProgress, tail: str = "") -> None:
+        with log.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(asdict(e)) + "\n" for e in events) + tail)
+
+    write(TrainProgress(0, 30, event="start"),
+          TrainProgress(10, 30, loss=2.5, learning_rate=0.02, elapsed_s=10.0, samples_per_s=16.0, gpu_mem_gb=7.1))
+    app = make_app()
+    async with running(app) as pilot:
+        panel = await open_panel(pilot)
+        await pilot.click("#--content-tab-follow")
+        await wait_until(pilot, lambda: panel.query_one("#follow-run").region, what="the Follow tab")
+        panel.query_one("#follow-dir").value = str(run)
+        await pilot.click("#follow-run")
+        monitor = panel.monitor
+        await wait_until(pilot, lambda: monitor.step == 10, what="the first events")
+        assert "ETA 0:00:20" in str(monitor.query_one("#train-steps").render())  # from elapsed / step
+        assert app.training_status == "following 10/30"
+
+        write(TrainProgress(20, 30, loss=2.0, elapsed_s=20.0, eta_s=10.0),
+              TrainProgress(20, 30, event="eval", eval_metrics={"rouge-1": 31.12, "bleu-4": 8.1}),
+              TrainProgress(20, 30, checkpoint=str(run / "checkpoint-20"), event="save"),
+              tail='{"step": 25, "total_st')  # a line still being written
+        await wait_until(pilot, lambda: monitor.checkpoints == [run / "checkpoint-20"], what="the checkpoint")
+        assert monitor.step == 20 and monitor.losses == [(10, 2.5), (20, 2.0)]
+        assert "rouge-1 31.12 · bleu-4 8.10" in str(monitor.query_one("#train-stats").render())
+
+        write(tail='eps": 30, "loss": 1.5}\nnot json\n')
+        write(TrainProgress(30, 30, event="done"))
+        await wait_until(pilot, lambda: monitor.finished == "done" and panel.mode is None, what="the end of the run")
+        assert monitor.losses[-1] == (25, 1.5)
+
+
+def test_progress_lines_tolerate_foreign_fields_and_garbage():
+    assert parse_progress_line('{"step": 3, "total_steps": 9, "loss": 1.0, "extra": 1}') == TrainProgress(3, 9, loss=1.0)
+    assert parse_progress_line("[1, 2]") is None and parse_progress_line("{") is None
+    assert parse_progress_line('{"loss": 1.0}') is None  # step and total_steps are required
