@@ -1,0 +1,462 @@
+"""P-Tuning v2 training on a tiny ChatGLM2: the loss falls, resume continues the same curve, saves are atomic,
+checkpoints load the way users load them, progress events carry their fields, the shared base is untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from backend.adapters import AdapterRegistry, read_prefix_checkpoint
+from backend.loading import load_model
+from backend.progress import read_progress
+from backend.service import BackendError, TrainProgress, TrainRequest
+from backend.training import (
+    PREFIX_KEY,
+    Batches,
+    PrefixStep,
+    benchmark_step,
+    list_checkpoints,
+    resolve_resume,
+    train_prefix,
+)
+from helpers_tiny import make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_TRAIN = ROOT / "assets" / "sample" / "train.json"
+SHARED_GOLDEN = ROOT.parent / "shared" / "reference" / "golden" / "tiny"
+
+# ------------------------------------------------------------------------------------ shared helpers
+
+
+def sharpened_tiny_model_dir(path: Path, factor: float = 5.0) -> Path:
+    """A tiny model whose weights are ``factor`` x the factory's (std 0.1 instead of 0.02): with the
+    factory's near-uniform outputs a prefix can barely move the loss, so 'the loss falls' says little."""
+    make_tiny_model_dir(path)
+    weights = path / "model.safetensors"
+    state = load_file(str(weights))
+    state = {k: (v if "layernorm" in k else v * factor).contiguous() for k, v in state.items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return path
+
+
+_FALLBACK = [
+    ("类型#上衣*材质#牛仔布*颜色#白色*风格#简约", "这件白色牛仔上衣简约大方，搭配什么都好看。"),
+    ("类型#裙*颜色#红色*风格#复古", "红色的复古长裙，走起路来非常优雅。"),
+    ("类型#裤*材质#棉*风格#休闲", "休闲棉裤柔软舒适，日常穿着很轻松。"),
+    ("类型#鞋*颜色#黑色*风格#通勤", "黑色通勤鞋低调耐看，久走不累脚。"),
+]
+
+
+def data_lines(n: int, start: int = 0) -> list[dict]:
+    """``n`` AdvertiseGen-style records: the project's sample data when present, else made here."""
+    if SAMPLE_TRAIN.is_file():
+        records = [json.loads(line) for line in SAMPLE_TRAIN.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        records = [{"content": c + f"*编号#{i}", "summary": s} for i in range(40) for c, s in _FALLBACK]
+    return [records[(start + i) % len(records)] for i in range(n)]
+
+
+def write_data(path: Path, n: int, start: int = 0) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data_lines(n, start)), encoding="utf-8")
+    return path
+
+
+def request(tmp_path: Path, train_file: Path = None, **kw) -> TrainRequest:
+    values = dict(
+        train_file=train_file, output_dir=tmp_path / "out", pre_seq_len=8, max_source_length=24, max_target_length=24,
+        learning_rate=5e-2, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6,
+        logging_steps=1, save_steps=3, seed=7,
+    )
+    values.update(kw)
+    return TrainRequest(**values)
+
+
+def losses(events) -> list[float]:
+    return [e.loss for e in events if e.event == "log"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return sharpened_tiny_model_dir(tmp_path_factory.mktemp("tiny_train") / "model")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return load_model(tiny_dir, quantization="none", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("data") / "train.json", 24)
+
+
+# ------------------------------------------------------------------------------------ the recipe
+
+
+def test_loss_falls_steadily_over_30_steps(loaded, tmp_path):
+    data = write_data(tmp_path / "train.json", 48)
+    events = []
+    req = request(tmp_path, data, pre_seq_len=16, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                  max_steps=30, save_steps=0, max_source_length=32, max_target_length=32)
+    result = train_prefix(loaded.model, loaded.tokenizer, req, progress=events.append)
+    curve = losses(events)
+    assert len(curve) == 30 and result.steps_done == 30 and not result.stopped
+    windows = [sum(curve[i:i + 10]) / 10 for i in (0, 10, 20)]
+    assert windows[0] > windows[1] > windows[2], windows
+    assert sum(curve[:5]) / 5 - sum(curve[-5:]) / 5 > 0.3, curve
+    assert result.checkpoints == [tmp_path / "out" / "checkpoint-30"]
+
+
+def test_base_model_is_not_modified(loaded, train_file, tmp_path):
+    model = loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flag = model.transformer.encoder.gradient_checkpointing
+    train_prefix(model, loaded.tokenizer, request(tmp_path, train_file, max_steps=2, gradient_checkpointing=True))
+    assert not model.training and model.transformer.prefix_encoder is None
+    assert model.transformer.encoder.gradient_checkpointing == flag
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(loaded, train_file, tmp_path):
+    plain, ckpt = [], []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "a", train_file, max_steps=3), progress=plain.append)
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "b", train_file, max_steps=3, gradient_checkpointing=True),
+                 progress=ckpt.append)
+    assert losses(plain) == pytest.approx(losses(ckpt), rel=1e-5)
+
+
+def test_optimizer_and_schedule_are_the_trainer_defaults(loaded):
+    from backend.training import new_prefix_encoder
+
+    encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
+    step = PrefixStep(loaded.model, encoder, 2e-2, total_steps=3000)
+    group = step.optimizer.param_groups[0]
+    assert type(step.optimizer) is torch.optim.AdamW
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.0)
+    assert encoder.embedding.weight.dtype == torch.float32
+    assert 0.9 < encoder.embedding.weight.std().item() < 1.1  # torch's default N(0, 1), as the original leaves it
+    lrs = []
+    for _ in range(3):
+        encoder.embedding.weight.grad = torch.zeros_like(encoder.embedding.weight)
+        step.step()
+        lrs.append(step.learning_rate)
+    assert lrs == pytest.approx([2e-2 * (3000 - s) / 3000 for s in (1, 2, 3)])
+
+
+def test_golden_prefix_loss_matches_the_original(tmp_path):
+    """The original code's float32 training loss of the golden tiny model with its P-Tuning prefix."""
+    if not SHARED_GOLDEN.is_dir():
+        pytest.skip(f"reference material not found at {SHARED_GOLDEN} (../shared is absent)")
+    from backend.adapters import build_prefix_encoder
+    from backend.configuration import ChatGLMConfig
+    from backend.modeling import ChatGLMForConditionalGeneration
+
+    expected = json.loads((SHARED_GOLDEN / "expected.json").read_text())
+    config = ChatGLMConfig.from_pretrained(str(SHARED_GOLDEN))
+    model = ChatGLMForConditionalGeneration(config).eval()
+    state = {k: v.float() for k, v in load_file(str(SHARED_GOLDEN / "model.safetensors")).items() if "inv_freq" not in k}
+    model.load_state_dict(state, strict=False)
+    encoder = build_prefix_encoder(read_prefix_checkpoint(SHARED_GOLDEN / "prefix"), config, torch.device("cpu"))
+    step = PrefixStep(model, encoder, 2e-2, total_steps=1)
+    batch = {"input_ids": torch.tensor([expected["train_input_ids"]]), "labels": torch.tensor([expected["train_labels"]])}
+    with torch.no_grad():
+        loss = step.loss(batch, micro_batch=None)  # no dropout: the original was in eval mode for this number
+    assert loss.item() == pytest.approx(expected["train_loss_prefix"], abs=1e-4)
+
+
+def test_trailing_padding_is_cut_without_changing_the_loss(loaded, tmp_path):
+    from backend.data import collate_train, preprocess_train, read_examples
+    from backend.training import new_prefix_encoder
+
+    short = tmp_path / "short.json"
+    short.write_text("".join(json.dumps({"content": c, "summary": s[:4 + i]}, ensure_ascii=False) + "\n"
+                             for i, (c, s) in enumerate(_FALLBACK)), encoding="utf-8")
+    features = preprocess_train(list(read_examples(short, "content", "summary")), loaded.tokenizer, 24, 40)
+    batches = Batches(features, 2, seed=0)
+    cut = batches.batch(0)
+    full = collate_train([features[i] for i in batches.indices(0)])
+    assert cut["input_ids"].shape[1] < full["input_ids"].shape[1] == 65
+    assert (full["labels"][:, cut["labels"].shape[1]:] == -100).all()
+    encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
+    step = PrefixStep(loaded.model, encoder, 2e-2, total_steps=1)
+    with torch.no_grad():
+        assert step.loss(cut, 3).item() == pytest.approx(step.loss(full, 3).item(), abs=1e-5)
+
+
+def test_epochs_set_the_step_count(loaded, train_file, tmp_path):
+    # 24 examples, batch 2, accumulation 2: 6 steps per epoch.
+    result = train_prefix(loaded.model, loaded.tokenizer,
+                          request(tmp_path, train_file, max_steps=-1, num_train_epochs=1.5, save_steps=0))
+    assert result.steps_done == 9
+    state = json.loads((result.last_checkpoint / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(1.5)
+
+
+# ------------------------------------------------------------------------------------ checkpoints and resume
+
+
+def test_resume_continues_the_same_loss_curve(loaded, train_file, tmp_path):
+    straight = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "straight", train_file), progress=straight.append)
+
+    cancel, first = threading.Event(), []
+
+    def stop_after_3(event):
+        first.append(event)
+        if event.event == "log" and event.step == 3:
+            cancel.set()
+
+    req = request(tmp_path / "split", train_file, save_steps=100)
+    stopped = train_prefix(loaded.model, loaded.tokenizer, req, progress=stop_after_3, cancel=cancel)
+    assert stopped.stopped and stopped.steps_done == 3
+    assert stopped.last_checkpoint == tmp_path / "split" / "out" / "checkpoint-3"  # cancel saved one
+    assert first[-1].event == "stopped"
+
+    second = []
+    resumed = train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "split", train_file, save_steps=100, resume="latest"),
+                           progress=second.append)
+    assert not resumed.stopped and resumed.steps_done == 6
+    assert second[0].event == "start" and second[0].step == 3
+    assert losses(first) + losses(second) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+    a = torch.load(tmp_path / "straight" / "out" / "checkpoint-6" / "pytorch_model.bin")
+    b = torch.load(tmp_path / "split" / "out" / "checkpoint-6" / "pytorch_model.bin")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # progress.jsonl tells one continuous story: steps 0..6, one "done"
+    steps = [e.step for e in read_progress(tmp_path / "split" / "out") if e.event == "log"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_layout_loads_with_the_seed_snippet_and_the_registry(loaded, tiny_dir, train_file, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    result = train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
+    ckpt = result.last_checkpoint
+    assert ckpt.name == "checkpoint-3"
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        ["pytorch_model.bin", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"])
+    state = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
+    assert list(state) == ["transformer.prefix_encoder.embedding.weight"]
+    assert state["transformer.prefix_encoder.embedding.weight"].dtype == torch.float32
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["pre_seq_len"] == 8 and config["prefix_projection"] is False
+    assert config["model_type"] == "chatglm" and config["num_layers"] == loaded.model.config.num_layers
+
+    # The seed's snippet, word for word apart from the paths.
+    config = AutoConfig.from_pretrained(str(tiny_dir), trust_remote_code=True, pre_seq_len=8)
+    model = AutoModel.from_pretrained(str(tiny_dir), config=config, trust_remote_code=True)
+    prefix_state_dict = torch.load(os.path.join(ckpt, "pytorch_model.bin"))
+    new_prefix_state_dict = {}
+    for k, v in prefix_state_dict.items():
+        if k.startswith("transformer.prefix_encoder."):
+            new_prefix_state_dict[k[len("transformer.prefix_encoder."):]] = v
+    model.transformer.prefix_encoder.load_state_dict(new_prefix_state_dict)
+    model.eval()
+
+    registry = AdapterRegistry(loaded.model.config, loaded.device, loaded.dtype)
+    name = registry.register(ckpt).name
+    ids = loaded.tokenizer.encode(loaded.tokenizer.build_prompt("类型#上衣*颜色#白色"))
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        snippet = model(ids, use_cache=False).logits
+        via_registry = loaded.model(ids, prefix_kv=registry.prefix_kv(name), use_cache=False).logits
+        base = loaded.model(ids, use_cache=False).logits
+    assert torch.allclose(snippet, via_registry, atol=1e-5)
+    assert (via_registry - base).abs().max() > 1e-2
+
+
+def test_prefix_projection_checkpoint_round_trips(loaded, train_file, tmp_path):
+    result = train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=2, prefix_projection=True))
+    keys = torch.load(result.last_checkpoint / "pytorch_model.bin", weights_only=True).keys()
+    assert {k[len(PREFIX_KEY):] for k in keys} == {"embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"}
+    ckpt = read_prefix_checkpoint(result.last_checkpoint)
+    assert ckpt.prefix_projection and ckpt.pre_seq_len == 8
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(loaded, train_file, tmp_path, monkeypatch):
+    import backend.training as training
+
+    real = training._write_json
+    calls = []
+
+    def write_then_fail(path, data):  # the second checkpoint dies at its last file, after the weights
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(training, "_write_json", write_then_fail)
+    with pytest.raises(BackendError, match="could not save checkpoint-6.*No space left.*checkpoint-3 is intact"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file))
+    out = tmp_path / "out"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the temporary directory is gone
+    registry = AdapterRegistry(loaded.model.config, loaded.device, loaded.dtype)
+    assert registry.register(out / "checkpoint-3").pre_seq_len == 8
+
+    monkeypatch.setattr(training, "_write_json", real)
+    result = train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest"))
+    assert result.steps_done == 6
+
+
+def test_a_save_killed_midway_is_ignored_and_cleaned(loaded, train_file, tmp_path):
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
+    out = tmp_path / "out"
+    # What a SIGKILL during the next save leaves: a hidden, half-written directory.
+    junk = out / ".tmp-checkpoint-6-abc123"
+    junk.mkdir()
+    (junk / "pytorch_model.bin").write_bytes(b"PK\x03\x04 half a zip")
+    # ... and a checkpoint caught between the two renames of a same-step swap.
+    os.replace(out / "checkpoint-3", out / ".old-checkpoint-3-999")
+    result = train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest"))
+    assert result.steps_done == 6
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(loaded, train_file, tmp_path):
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
+    with pytest.raises(BackendError, match="pre_seq_len 8.*--pre-seq-len 8"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest", pre_seq_len=4))
+    assert resolve_resume(request(tmp_path, train_file, resume=str(tmp_path / "out" / "checkpoint-3"))).name == "checkpoint-3"
+
+
+def test_overwrite_output_dir_replaces_the_old_run(loaded, train_file, tmp_path):
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=4, save_steps=2))
+    with pytest.raises(BackendError, match="already holds checkpoints"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
+    result = train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3, overwrite_output_dir=True))
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-3"] == [p.name for p in result.checkpoints]
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def test_progress_events_and_jsonl_carry_every_field(loaded, train_file, tmp_path):
+    events = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=4, logging_steps=2, save_steps=2),
+                 progress=events.append)
+    lines = (tmp_path / "out" / "progress.jsonl").read_text().splitlines()
+    names = {f.name for f in fields(TrainProgress)}
+    assert all(set(json.loads(line)) == names for line in lines)
+    assert read_progress(tmp_path / "out") == events
+    assert [(e.event, e.step) for e in events] == [
+        ("start", 0), ("log", 2), ("save", 2), ("log", 4), ("save", 4), ("done", 4)]
+    log = events[1]
+    assert log.total_steps == 4 and log.loss > 0 and log.learning_rate == pytest.approx(5e-2 * 2 / 4)
+    assert log.epoch == pytest.approx(2 * 2 / 12, abs=1e-4) and log.elapsed_s > 0 and log.eta_s is not None
+    assert log.samples_per_s > 0 and log.tokens_per_s > log.samples_per_s and log.gpu_mem_gb is None
+    assert events[2].checkpoint.endswith("checkpoint-2")
+
+
+def test_eval_during_training_reports_metrics(loaded, train_file, tmp_path):
+    val = write_data(tmp_path / "dev.json", 3, start=30)
+    events = []
+    train_prefix(loaded.model, loaded.tokenizer,
+                 request(tmp_path, train_file, validation_file=val, max_steps=2, eval_steps=2, max_target_length=8),
+                 progress=events.append)
+    evals = [e for e in events if e.event == "eval"]
+    assert len(evals) == 1 and set(evals[0].eval_metrics) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4"}
+    assert (tmp_path / "out" / "generated_predictions.txt").read_text().count("\n") == 3
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert any("eval_bleu-4" in row for row in state["log_history"])
+
+
+# ------------------------------------------------------------------------------------ precision, errors, bench
+
+
+def test_8bit_base_trains_without_nan(tiny_dir, train_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    q = load_model(tiny_dir, quantization="8bit", device="cpu")
+    events = []
+    train_prefix(q.model, q.tokenizer, request(tmp_path, train_file, max_steps=2, save_steps=0), progress=events.append)
+    assert all(torch.isfinite(torch.tensor(x)) for x in losses(events)) and len(losses(events)) == 2
+    weights = torch.load(tmp_path / "out" / "checkpoint-2" / "pytorch_model.bin", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_out_of_memory_is_one_sentence_with_the_flags_that_help(loaded, train_file, tmp_path, monkeypatch):
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(PrefixStep, "backward", oom)
+    with pytest.raises(BackendError) as err:
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest"))
+    message = str(err.value)
+    assert "out of memory at step 4" in message and "4bit" in message and "--gradient-checkpointing" in message
+    assert "\n" not in message
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-3"]
+
+
+def test_a_non_finite_loss_stops_before_the_update(loaded, train_file, tmp_path, monkeypatch):
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
+    before = torch.load(tmp_path / "out" / "checkpoint-3" / "pytorch_model.bin")
+    monkeypatch.setattr(PrefixStep, "backward", lambda self, *a, **k: float("nan"))
+    with pytest.raises(BackendError, match="the loss became nan at step 4.*lower --learning-rate"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest"))
+    after = torch.load(tmp_path / "out" / "checkpoint-3" / "pytorch_model.bin")
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-3"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(pre_seq_len=0), "--pre-seq-len must be at least 1"),
+        (dict(train_file=Path("/nonexistent/train.json")), "no such file"),
+        (dict(max_steps=0), "--max-steps or --num-train-epochs"),
+        (dict(eval_steps=5), "needs --validation-file"),
+        (dict(resume="/nonexistent/checkpoint-9"), "no checkpoint directory"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_work(loaded, train_file, tmp_path, change, match):
+    with pytest.raises(BackendError, match=match):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, **{"train_file": train_file, **change}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_step_times_a_training_step(loaded):
+    result = benchmark_step(loaded.model, batch_size=1, seq_len=16, pre_seq_len=4, steps=2, warmup=1)
+    assert result.ms_per_step > 0 and result.peak_gpu_gb is None
+    ms, gb = result  # a plain tuple for bench scripts
+    assert not loaded.model.transformer.encoder.gradient_checkpointing
+
+
+# ------------------------------------------------------------------------------------ data parallel
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_train_like_one(tiny_dir, train_file, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the same global batch, so the same loss curve; rank 0 alone writes."""
+    common = ["--model", str(tiny_dir), "--train-file", str(train_file), "--pre-seq-len", "4", "--max-source-length", "16",
+              "--max-target-length", "16", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2",
+              "--max-steps", "3", "--logging-steps", "1", "--save-steps", "3", "--learning-rate", "5e-2",
+              "--quantization", "none", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, str(ROOT / "train_cli.py"), "train", *common, "--output-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=100)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(ROOT / "train_cli.py"), "train", *common, "--output-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=100)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "over 2 processes" in two.stderr and two.stderr.count("done: 3 steps") == 1
+    a, b = read_progress(tmp_path / "one"), read_progress(tmp_path / "two")
+    assert [e.event for e in a] == [e.event for e in b]  # one writer: no duplicated lines
+    assert losses(b) == pytest.approx(losses(a), rel=1e-4)
+    assert all(e.samples_per_s for e in b if e.event == "log")
+    w1 = torch.load(tmp_path / "one" / "checkpoint-3" / "pytorch_model.bin")
+    w2 = torch.load(tmp_path / "two" / "checkpoint-3" / "pytorch_model.bin")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())["world_size"] == 2
