@@ -1,0 +1,82 @@
+"""P-Tuning v2 at full ChatGLM2-6B size (random weights): step time, peak GPU memory, a short
+real training run (no nan/inf), and batched evaluation throughput.
+
+    python bench/bench_load.py make /tmp/glm6b
+    python bench/bench_train.py /tmp/glm6b 8bit      # prints one JSON line per measurement
+
+Step: batch 1 x 192 tokens, pre_seq_len 128 (the figure the original stack was measured at).
+Evaluation: 1070 prompts (the size of AdvertiseGen's dev split) built from our sample data,
+128 new tokens each; random weights never emit eos, so every example runs the full 128.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples: int = 1070) -> None:
+    import torch
+
+    import backend  # noqa: F401
+    from backend.data import read_examples
+    from backend.evaluation import evaluate
+    from backend.loading import load_model
+    from backend.service import TrainRequest
+    from backend.training import benchmark_step, train_prefix
+
+    loaded = load_model(model_dir, quantization=quantization)
+    cuda = torch.cuda.is_available()
+    model, device = loaded.model, torch.cuda.get_device_name() if cuda else "cpu"
+
+    def peak_gb():
+        return round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None
+
+    def reset_peak():
+        if cuda:
+            reset_peak()
+
+    for checkpointing in (False, True):
+        bench = benchmark_step(model, batch_size=1, seq_len=192, pre_seq_len=128, steps=10, gradient_checkpointing=checkpointing)
+        emit(what="ptuning_step", quantization=quantization, gradient_checkpointing=checkpointing,
+             ms_per_step=round(bench.ms_per_step, 1), peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2), device=device)
+
+    # A short real run through the same code train_cli.py uses: every loss must be finite.
+    losses = []
+    with tempfile.TemporaryDirectory() as out:
+        request = TrainRequest(train_file=ROOT / "assets/sample/train.json", output_dir=Path(out), pre_seq_len=128,
+                               max_source_length=64, max_target_length=128, gradient_accumulation_steps=1,
+                               max_steps=30, logging_steps=1, save_steps=30, learning_rate=2e-2)
+        reset_peak()
+        start = time.perf_counter()
+        result = train_prefix(model, loaded.tokenizer, request, progress=lambda e: e.loss is not None and losses.append(e.loss))
+        seconds = time.perf_counter() - start
+    emit(what="ptuning_run", quantization=quantization, steps=result.steps_done, seconds=round(seconds, 1),
+         first_losses=[round(x, 3) for x in losses[:3]], last_losses=[round(x, 3) for x in losses[-3:]],
+         all_finite=all(math.isfinite(x) for x in losses), peak_gpu_gb=peak_gb(),
+         device=device)
+
+    # Evaluation throughput: 1070 examples, 128 new tokens each, batched with left padding.
+    examples = list(read_examples(ROOT / "assets/sample/dev.json", "content", "summary"))
+    examples = (examples * (eval_examples // len(examples) + 1))[:eval_examples]
+    reset_peak()
+    start = time.perf_counter()
+    result = evaluate(model, loaded.tokenizer, examples, max_source_length=64, max_target_length=128, batch_size=eval_batch)
+    seconds = time.perf_counter() - start
+    emit(what="eval", quantization=quantization, examples=len(examples), batch_size=eval_batch, seconds=round(seconds, 1),
+         examples_per_s=round(len(examples) / seconds, 2), new_tokens_each=128,
+         peak_gpu_gb=peak_gb(), device=device)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:5]))
