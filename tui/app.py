@@ -34,7 +34,7 @@ FAKE_BACKEND_ENV = "GLMCHAT_FAKE_BACKEND"  # dev only: a canned backend, no mode
 def load_backend(args: Namespace, progress: ProgressCallback) -> ChatBackend:
     """Load the engine the command line asks for; blocks (call it off the UI thread)."""
     options = dict(
-        model=args.model or DEFAULT_MODEL,
+        model=args.model or (None if args.demo else DEFAULT_MODEL),
         quantization=None if args.quantization in (None, "none") else args.quantization,
         adapters=list(args.adapter or []),
         adapter_dirs=list(args.adapters or []),
@@ -144,7 +144,14 @@ class GLMChatApp(App[None]):
         try:
             latest = self.store.latest_id()
             if latest is not None:
-                await self.chat.show_conversation(self.store.load(latest))
+                conversation = self.store.load(latest)
+                await self.chat.show_conversation(conversation)
+                self.notify(
+                    f"Reopened “{conversation.title}” ({len(conversation.turns)} turns): "
+                    f"{self.key_display('new_conversation')} starts a new one, "
+                    f"{self.key_display('conversations')} lists the others.",
+                    timeout=5,
+                )
         except StoreError as err:
             self.notify(str(err), severity="error")
 

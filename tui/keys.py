@@ -57,11 +57,11 @@ ACTIONS: tuple[KeyAction, ...] = (
 
 # Keys that belong to Textual or to a text field; listed on the help screen, not remappable.
 FIXED_KEYS: tuple[tuple[str, str], ...] = (
-    ("enter", "Send the prompt (in the input) / choose (in a list)"),
-    ("ctrl+p", "Command palette: every action, and 'Use adapter …'"),
+    ("⏎", "Send the prompt (in the input) / choose (in a list)"),
+    ("^p", "Command palette: every action, and 'Use adapter …'"),
     ("tab / shift+tab", "Move focus (focus a reply to copy it)"),
-    ("escape", "Close a dialog"),
-    ("ctrl+q", "Quit"),
+    ("esc", "Close a dialog"),
+    ("^q", "Quit"),
 )
 
 

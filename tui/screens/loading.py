@@ -108,6 +108,8 @@ class LoadingScreen(Screen[Loaded]):
 
     def on_loading_screen_progress(self, message: Progress) -> None:
         progress = message.progress
+        if progress.stage == "ready":
+            self._stages.pop("ready", None)  # an engine may say ready before its adapters: keep it last
         self._stages[progress.stage] = progress
         bar = self.query_one("#load-progress", ProgressBar)
         if progress.total:

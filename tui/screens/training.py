@@ -202,6 +202,7 @@ class TrainingScreen(Screen):
         self._cancel = threading.Event()
         self.monitor.start(title, output_dir)
         self.query_one("#stop-run", Button).disabled = False
+        self.query_one("#stop-run", Button).display = True
         self.query_one("#stop-run", Button).label = "Stop · saves a checkpoint" if mode == "train" else "Stop following"
         self.query_one(TabbedContent).active = "monitor"
         self.query_one("#checkpoints").focus()
@@ -220,6 +221,7 @@ class TrainingScreen(Screen):
         self.mode = None
         self._cancel = None
         self.query_one("#stop-run", Button).disabled = True
+        self.query_one("#stop-run", Button).display = False
         self.refresh_bindings()
         self.monitor.finish(message.detail if message.how == "failed" else message.how)
         self.app.training_status = ""

@@ -27,6 +27,7 @@ class StatusBar(Static):
     def on_mount(self) -> None:
         for name in WATCHED:
             self.watch(self.app, name, lambda _value: self.refresh_status(), init=False)
+        self.watch(self.app, "model_info", lambda _value: self._poll_gpu(), init=False)  # at once when loaded
         self.refresh_status()
         self.set_interval(GPU_POLL_S, self._poll_gpu)
 

@@ -55,6 +55,7 @@ class TrainMonitor(Vertical):
                 yield Button("Chat with this checkpoint", id="chat-with", variant="primary", disabled=True)
 
     def on_mount(self) -> None:
+        self.query_one("#stop-run").display = False  # shown while a run goes
         self._draw_plot()
 
     def start(self, title: str, output_dir: Path) -> None:
@@ -120,11 +121,8 @@ class TrainMonitor(Vertical):
             steps.append(("  ■ stopped", "$text-warning"))
         elif self.finished:
             steps.append((f"  ✗ {self.finished}", "$text-error"))
-        if latest is not None:
-            steps.append(("  elapsed ", "$text-muted"))
-            steps.append(format_duration(latest.elapsed_s))
-            if self.finished is None:
-                steps += [("  ETA ", "$text-muted"), format_duration(eta)]
+        elif latest is not None:
+            steps += [("  ETA ", "$text-muted"), format_duration(eta)]
         self.query_one("#train-steps", Static).update(Content.assemble(*steps))
         self.query_one("#train-stats", Static).update(self._stats())
         self._draw_plot()
@@ -145,6 +143,7 @@ class TrainMonitor(Vertical):
         add("samples/s ", f"{latest.samples_per_s:.1f}" if latest.samples_per_s is not None else None)
         add("tokens/s ", f"{latest.tokens_per_s:.0f}" if latest.tokens_per_s is not None else None)
         add("GPU ", f"{latest.gpu_mem_gb:.1f} GB" if latest.gpu_mem_gb is not None else None)
+        add("elapsed ", format_duration(latest.elapsed_s))
         if self.eval_metrics:
             metrics = " · ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
                                  for k, v in self.eval_metrics.items())
