@@ -70,10 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     app = GLMChatApp(args)
     app.run()
-    if app.training_in_process:
-        print("glmchat: stopping the training run; it saves a checkpoint first…", file=sys.stderr)
     if app.loading:
-        # The model load cannot be interrupted; the terminal is already restored, so leave now.
+        # The model load (a daemon thread) cannot be interrupted; the terminal is restored, so leave now.
         sys.stdout.flush()
         os._exit(app.return_code or 0)
     return app.return_code or 0

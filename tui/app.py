@@ -92,6 +92,8 @@ class GLMChatApp(App[None]):
         self.store: Optional[ConversationStore] = None
         self._switch_lock = threading.Lock()  # one backend.switch_adapter at a time
         self._quit_confirmed = False
+        self.exit_after_training = False  # set by a confirmed quit while a run goes in-process
+        self._loading_screen: Optional[LoadingScreen] = None
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -108,7 +110,8 @@ class GLMChatApp(App[None]):
             self.notify(warning, title="config.toml", severity="warning", timeout=10)
         self._open_store()
         model = "demo model" if self.args.demo and not self.args.model else (self.args.model or DEFAULT_MODEL)
-        self.push_screen(LoadingScreen(self.loader, self.args, model), callback=self._loaded)
+        self._loading_screen = LoadingScreen(self.loader, self.args, model)
+        self.push_screen(self._loading_screen, callback=self._loaded)
 
     def _open_store(self) -> None:
         try:
@@ -158,25 +161,30 @@ class GLMChatApp(App[None]):
     @property
     def loading(self) -> bool:
         """The model load is still running (it cannot be interrupted)."""
-        return any(w.group == "load" and w.is_running for w in self.workers)
+        return self._loading_screen is not None and not self._loading_screen.load_finished.is_set()
 
     @property
     def training_in_process(self) -> bool:
         return self.backend is not None and self.get_screen("training").mode == "train"
 
     async def action_quit(self) -> None:
-        """Quitting stops what runs in threads: a reply at once, an in-process run after its checkpoint."""
-        if self.training_in_process and not self._quit_confirmed:
-            self._quit_confirmed = True
-            self.notify(
-                "A training run is going in this process: quitting stops it after saving a checkpoint. "
-                f"Press {self.get_key_display(Binding('ctrl+q', ''))} again to quit.",
-                severity="warning", timeout=8,
-            )
+        """Quit; an in-process training run is stopped first and its checkpoint saved, then the app exits."""
+        if self.training_in_process:
+            if not self._quit_confirmed:
+                self._quit_confirmed = True
+                self.notify(
+                    "A training run is going in this process: quitting stops it after saving a checkpoint. "
+                    f"Press {self.get_key_display(Binding('ctrl+q', ''))} again to quit.",
+                    severity="warning", timeout=8,
+                )
+                return
+            self.exit_after_training = True
+            self.get_screen("training").action_stop_training()
+            self.notify("Stopping the training run: saving a checkpoint, then quitting…", timeout=30)
             return
         self.chat.action_stop()
         if self.backend is not None:
-            self.get_screen("training").action_stop_training()
+            self.get_screen("training").action_stop_training()  # a followed run: stop watching its file
         self.exit()
 
     # -- persistence (small transactions, on the UI thread) ---------------------------------

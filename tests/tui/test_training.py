@@ -144,3 +144,22 @@ def test_progress_lines_tolerate_foreign_fields_and_garbage():
     assert parse_progress_line('{"step": 3, "total_steps": 9, "loss": 1.0, "extra": 1}') == TrainProgress(3, 9, loss=1.0)
     assert parse_progress_line("[1, 2]") is None and parse_progress_line("{") is None
     assert parse_progress_line('{"loss": 1.0}') is None  # step and total_steps are required
+
+
+async def test_quit_during_an_in_process_run_saves_a_checkpoint_first(train_file, tmp_path):
+    app = make_app(train_step_delay=0.005)
+    async with running(app) as pilot:
+        panel = await open_panel(pilot)
+        out = tmp_path / "out"
+        fill(panel, train_file=train_file, output_dir=out, max_steps=100000, save_steps=50000)
+        await pilot.click("#start-run")
+        await wait_until(pilot, lambda: panel.monitor.step >= 10, what="a few steps")
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        assert app.return_code is None and panel.mode == "train"
+        assert any("quitting stops it after saving a checkpoint" in n.message for n in app._notifications)
+        await pilot.press("ctrl+q")
+        await wait_until(pilot, lambda: app.return_code is not None, what="the app to exit")
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / "pytorch_model.bin").is_file()
+    assert json.loads((out / "progress.jsonl").read_text().splitlines()[-1])["event"] == "stopped"

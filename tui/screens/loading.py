@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from argparse import Namespace
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from textual import work
+from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -67,6 +69,7 @@ class LoadingScreen(Screen[Loaded]):
         self._model_label = model_label
         self._stages: dict[str, LoadProgress] = {}
         self.problem: Optional[Problem] = None
+        self.load_finished = threading.Event()  # the loading thread is done (it cannot be interrupted)
 
     def compose(self) -> ComposeResult:
         with Vertical(id="loading-box"):
@@ -83,6 +86,7 @@ class LoadingScreen(Screen[Loaded]):
 
     def start(self) -> None:
         self.problem = None
+        self.load_finished.clear()
         self._stages.clear()
         self.query_one("#load-error").display = False
         self.query_one("#load-progress", ProgressBar).display = True
@@ -98,13 +102,28 @@ class LoadingScreen(Screen[Loaded]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="load")
     def _load(self) -> None:
-        try:
-            backend = self._loader(self._args, lambda p: self.post_message(self.Progress(p)))
-            loaded = Loaded(backend, backend.adapters(), backend.active_adapter)
-        except BaseException as err:  # anything at all: the screen explains it instead of a traceback
-            self.post_message(self.Failed(report(err, "loading the model")))
-            return
-        self.post_message(self.Done(loaded))
+        # The load runs in a daemon thread of its own: it cannot be interrupted, and quitting must not wait for it.
+        outcome: dict = {}
+        finished = self.load_finished
+
+        def load() -> None:
+            try:
+                backend = self._loader(self._args, lambda p: self.post_message(self.Progress(p)))
+                outcome["loaded"] = Loaded(backend, backend.adapters(), backend.active_adapter)
+            except BaseException as err:  # anything at all: the screen explains it instead of a traceback
+                outcome["error"] = err
+            finally:
+                finished.set()
+
+        threading.Thread(target=load, name="glmchat-load", daemon=True).start()
+        worker = get_current_worker()
+        while not finished.wait(0.1):
+            if worker.is_cancelled:
+                return
+        if "error" in outcome:
+            self.post_message(self.Failed(report(outcome["error"], "loading the model")))
+        else:
+            self.post_message(self.Done(outcome["loaded"]))
 
     def on_loading_screen_progress(self, message: Progress) -> None:
         progress = message.progress

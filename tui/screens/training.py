@@ -225,6 +225,9 @@ class TrainingScreen(Screen):
         self.refresh_bindings()
         self.monitor.finish(message.detail if message.how == "failed" else message.how)
         self.app.training_status = ""
+        if self.app.exit_after_training:
+            self.app.exit()
+            return
         if message.how == "failed":
             self.notify(message.detail, title="Training failed", severity="error", timeout=15)
         elif message.how in ("done", "stopped") and not message.detail:
