@@ -223,7 +223,7 @@ class GLMChatApp(App[None]):
     def adapter_names(self) -> list[Optional[str]]:
         return [None] + [a.name for a in self.adapters]
 
-    def cycle_adapter(self) -> None:
+    def action_next_adapter(self) -> None:
         names = self.adapter_names()
         if len(names) == 1:
             self.notify(f"No adapters registered: {self.key_display('pick_adapter')} adds a checkpoint.", severity="warning")
@@ -262,7 +262,7 @@ class GLMChatApp(App[None]):
             right = self.adapters[0].name
         return None, right
 
-    def toggle_compare(self) -> None:
+    def action_toggle_compare(self) -> None:
         if not self.compare_mode and not self.adapters:
             self.notify(
                 f"Compare needs an adapter: {self.key_display('pick_adapter')} adds a checkpoint.", severity="warning"
@@ -336,12 +336,12 @@ class GLMChatApp(App[None]):
             return
         chat = self.chat
         yield SystemCommand("Adapter picker", "Pick an adapter, or add a checkpoint from disk", self.action_pick_adapter)
-        yield SystemCommand("Next adapter", "Cycle base → adapters", self.cycle_adapter)
+        yield SystemCommand("Next adapter", "Cycle base → adapters", self.action_next_adapter)
         for name in self.adapter_names():
             if name != self.active_adapter:
                 yield SystemCommand(f"Use adapter: {adapter_label(name)}", "Switch live; the conversation stays",
                                     lambda name=name: self.use_adapter(name))
-        yield SystemCommand("Compare mode", "Toggle: answer each prompt with two adapters side by side", self.toggle_compare)
+        yield SystemCommand("Compare mode", "Toggle: answer each prompt with two adapters side by side", self.action_toggle_compare)
         yield SystemCommand("Training panel", "Start a P-Tuning v2 run, or follow one", self.action_training)
         yield SystemCommand("Sampling settings", "Temperature, top_p, max new tokens, repetition penalty", self.action_settings)
         yield SystemCommand("Conversations", "Reopen or export a saved conversation", self.action_conversations)

@@ -76,4 +76,5 @@ def test_every_action_has_a_unique_name_and_a_handler():
     names = [a.name for a in keys.ACTIONS]
     assert len(names) == len(set(names))
     for action in keys.ACTIONS:
-        assert hasattr(owners[action.scope], f"action_{action.action}"), action
+        owner = GLMChatApp if action.action.startswith("app.") else owners[action.scope]
+        assert hasattr(owner, f"action_{action.action.removeprefix('app.')}"), action

@@ -113,4 +113,4 @@ async def test_missing_model_dir_says_what_to_pass(tmp_path):
         assert "pass --model a directory" in str(app.screen.query_one("#load-error").render())
         await pilot.press("q")
         await pilot.pause()
-        assert app.return_code == 0, "q quits from the failure screen"
+        assert app.return_code == 1, "q quits from the failure screen, with a failure status"

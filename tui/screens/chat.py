@@ -257,23 +257,5 @@ class ChatScreen(Screen):
     def action_export(self) -> None:
         self.app.export_conversation(self.conversation)
 
-    def action_next_adapter(self) -> None:
-        self.app.cycle_adapter()
-
-    def action_pick_adapter(self) -> None:
-        self.app.action_pick_adapter()
-
-    def action_toggle_compare(self) -> None:
-        self.app.toggle_compare()
-
-    def action_training(self) -> None:
-        self.app.action_training()
-
-    def action_settings(self) -> None:
-        self.app.action_settings()
-
-    def action_conversations(self) -> None:
-        self.app.action_conversations()
-
     def open_conversation_ok(self) -> bool:
         return not self._busy()

@@ -44,7 +44,7 @@ class Loaded:
 class LoadingScreen(Screen[Loaded]):
     BINDINGS = [
         Binding("r", "retry", "Retry"),
-        Binding("q", "app.quit", "Quit"),
+        Binding("q", "give_up", "Quit"),
     ]
 
     class Progress(Message):
@@ -89,6 +89,7 @@ class LoadingScreen(Screen[Loaded]):
         self.load_finished.clear()
         self._stages.clear()
         self.query_one("#load-error").display = False
+        self.query_one("#load-message").display = True
         self.query_one("#load-progress", ProgressBar).display = True
         self.query_one("#load-progress", ProgressBar).update(total=None, progress=0)
         self._render_stages()
@@ -96,7 +97,7 @@ class LoadingScreen(Screen[Loaded]):
         self._load()
 
     def check_action(self, action: str, parameters: tuple) -> Optional[bool]:
-        if action in ("retry", "app.quit"):
+        if action in ("retry", "give_up"):
             return self.problem is not None  # keys of the failure view only
         return True
 
@@ -146,7 +147,7 @@ class LoadingScreen(Screen[Loaded]):
     def on_loading_screen_failed(self, message: Failed) -> None:
         self.problem = message.problem
         self.query_one("#load-progress").display = False
-        self.query_one("#load-message", Static).update("")
+        self.query_one("#load-message").display = False
         error = self.query_one("#load-error", Static)
         parts: list = [("✗ Could not load the model\n\n", "bold $text-error"), message.problem.reason]
         if message.problem.fix:
@@ -155,6 +156,9 @@ class LoadingScreen(Screen[Loaded]):
         error.display = True
         self._render_stages(failed=True)
         self.refresh_bindings()
+
+    def action_give_up(self) -> None:
+        self.app.exit(return_code=1)  # the model did not load: a failure for scripts too
 
     def action_retry(self) -> None:
         self.start()
@@ -169,4 +173,6 @@ class LoadingScreen(Screen[Loaded]):
             label = STAGE_LABELS.get(name, name.capitalize())
             count = f" {p.current}/{p.total}" if p.total else ""
             lines += [(mark, style), (label, "bold" if current else ""), count, "\n"]
-        self.query_one("#stages", Static).update(Content.assemble(*lines[:-1]) if lines else "")
+        stages = self.query_one("#stages", Static)
+        stages.update(Content.assemble(*lines[:-1]) if lines else "")
+        stages.display = bool(lines)
