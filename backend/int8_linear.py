@@ -1,0 +1,422 @@
+"""Weight-only int8 linears for the fast decoder: per-channel quantisation and Triton kernels.
+
+A linear's weight is kept as ``LinearWeights``: the weight [N, K] (int8 with a float32 scale per
+output row, or bf16/fp16/fp32 with no scale) and an optional bias. bitsandbytes ``Linear8bitLt``
+layers already hold exactly this (``weight.CB`` int8 rows, ``weight.SCB`` absmax per row), so
+their storage is shared, never copied or widened to fp16.
+
+Two Triton kernels do the arithmetic on CUDA:
+- ``gemv``: one token (M = 1), the decode step. Each program reads a few whole weight rows and
+  fuses what sits around the linear in ChatGLM2: the RMSNorm before it (prologue), and after it
+  the bias, the residual add, SwiGLU (``silu(a) * b`` of the two halves of ``dense_h_to_4h``) or
+  the interleaved rotary embedding with the key/value cache write (``query_key_value``).
+  Rows are handled in two sets (a, b): row pairs (2p, 2p+1) for rotary, (p, p + F) for SwiGLU.
+- ``matmul``: the prompt (M > 1), int8 weights widened to the activation dtype in registers
+  before a tensor-core ``tl.dot``; the row scale is applied to the float32 sum.
+Without CUDA (or Triton) the same functions run as plain torch math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs: the torch fallbacks below are used
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+
+@dataclass
+class LinearWeights:
+    weight: torch.Tensor  # [N, K]: int8 (with scale) or a float dtype
+    scale: Optional[torch.Tensor] = None  # [N] float32: weight row n = weight[n] * scale[n]
+    bias: Optional[torch.Tensor] = None  # [N], compute dtype
+
+    @property
+    def is_int8(self) -> bool:
+        return self.scale is not None
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.scale is None:
+            return self.weight.to(dtype)
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row, as bitsandbytes does: q = round(w * 127 / absmax), scale = absmax / 127."""
+    w = weight.float()
+    absmax = w.abs().amax(dim=1).clamp_min(1e-12)  # [N]
+    q = torch.round(w * (127.0 / absmax)[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, (absmax / 127.0).contiguous()
+
+
+def _bnb_kind(module) -> Optional[str]:
+    """'int8' / '4bit' for bitsandbytes linears (checked by class name: bnb need not be importable)."""
+    names = {cls.__name__ for cls in type(module).__mro__}
+    if "Linear8bitLt" in names:
+        return "int8"
+    if "Linear4bit" in names:
+        return "4bit"
+    return None
+
+
+def _float_weight(module) -> torch.Tensor:
+    """The module's weight as a float tensor [N, K] (dequantising bitsandbytes layers)."""
+    kind = _bnb_kind(module)
+    if kind == "int8":
+        cb, scb = _bnb_int8(module)
+        return cb.float() * (scb / 127.0)[:, None]
+    if kind == "4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return module.weight
+
+
+def _bnb_int8(module) -> tuple[torch.Tensor, torch.Tensor]:
+    w = module.weight
+    cb = getattr(w, "CB", None)
+    if cb is None:
+        cb = w.data
+    scb = getattr(w, "SCB", None)
+    if scb is None:
+        scb = getattr(module.state, "SCB", None)
+    if cb.dtype != torch.int8 or scb is None:
+        raise ValueError("bitsandbytes Linear8bitLt layer is not quantised yet (move it to the GPU first)")
+    return cb, scb.float()
+
+
+def is_quantized_module(module) -> Optional[str]:
+    return _bnb_kind(module)
+
+
+def linear_weights(module, mode: str, dtype: torch.dtype) -> LinearWeights:
+    """Compact weights of an nn.Linear or bitsandbytes linear.
+
+    ``mode``: "int8" (per-channel int8; bitsandbytes int8 storage is shared as is), or a float
+    mode ("bf16"/"fp16"/"fp32") whose weight is shared when it already has that dtype.
+    """
+    bias = module.bias.detach().to(dtype) if getattr(module, "bias", None) is not None else None
+    with torch.no_grad():
+        if mode == "int8":
+            if _bnb_kind(module) == "int8":
+                cb, scb = _bnb_int8(module)
+                return LinearWeights(cb, (scb / 127.0).contiguous(), bias)
+            q, scale = quantize_per_channel(_float_weight(module).detach())
+            return LinearWeights(q, scale, bias)
+        wdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mode]
+        w = _float_weight(module).detach()
+        w = w if w.dtype == wdtype and w.is_contiguous() else w.to(wdtype).contiguous()
+        return LinearWeights(w, None, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch math (CPU, and any shape the kernels do not take)
+
+
+def linear_torch(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype. Float weights: exactly ``F.linear`` as nn.Linear does it."""
+    if lw.scale is None:
+        w = lw.weight if lw.weight.dtype == x.dtype else lw.weight.to(x.dtype)
+        return F.linear(x, w, lw.bias)
+    y = F.linear(x.float(), lw.weight.float()) * lw.scale  # float32 sum, row scale after it (as the kernels do)
+    if lw.bias is not None:
+        y = y + lw.bias.float()
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
+        k_cache_ptr, v_cache_ptr, pos_ptr,
+        N, N_PAIRS, K, ROW_STEP, B_OFF, eps,
+        Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t,
+        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROPE_LOG2_BASE: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+        W_INT8: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+        RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_P: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    ):
+        # out rows a = p * ROW_STEP and b = a + B_OFF for the BLOCK_P pairs p of this program
+        pid = tl.program_id(0)
+        p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        row_a = p * ROW_STEP
+        row_b = row_a + B_OFF
+        mask_a = p < N_PAIRS
+        mask_b = mask_a & (row_b < N)
+        offs_k = tl.arange(0, BLOCK_K)
+        wa_ptrs = w_ptr + row_a.to(tl.int64)[:, None] * K + offs_k[None, :]
+        wb_ptrs = w_ptr + row_b.to(tl.int64)[:, None] * K + offs_k[None, :]
+        acc_a = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum of x, for the offset of CVT 2
+        if PDL:  # programmatic dependent launch: the next kernel may start; weights do not depend on the last one
+            tl.extra.cuda.gdc_launch_dependents()
+        if PREFETCH:  # first weight tile before anything that waits on the previous kernel
+            wa_n = tl.load(wa_ptrs, mask=mask_a[:, None] & (offs_k < K)[None, :], other=0)
+            wb_n = tl.load(wb_ptrs, mask=mask_b[:, None] & (offs_k < K)[None, :], other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x, residual, cache, position: written by earlier kernels
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            if EVEN_K:
+                x = tl.load(x_ptr + kk).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if NORM:
+                ss += x * x
+                if EVEN_K:
+                    x = x * tl.load(norm_ptr + kk).to(tl.float32)
+                else:
+                    x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if PREFETCH:  # this tile was loaded one iteration ago; ask for the next one now
+                wa = wa_n
+                wb = wb_n
+                nxt = (kk + BLOCK_K < K)[None, :]
+                wa_n = tl.load(wa_ptrs + k0 + BLOCK_K, mask=mask_a[:, None] & nxt, other=0)
+                wb_n = tl.load(wb_ptrs + k0 + BLOCK_K, mask=mask_b[:, None] & nxt, other=0)
+            elif EVEN_K and EVEN_P:
+                wa = tl.load(wa_ptrs + k0)
+                wb = tl.load(wb_ptrs + k0)
+            else:
+                mk = (kk < K)[None, :]
+                wa = tl.load(wa_ptrs + k0, mask=mask_a[:, None] & mk, other=0)
+                wb = tl.load(wb_ptrs + k0, mask=mask_b[:, None] & mk, other=0)
+            if W_INT8 and CVT == 2:
+                # one integer op: bits (w << 15) + 0x3FC00000 are the float 1.5 + w / 256 exactly;
+                # sum w x = 256 (sum f x - 1.5 sum x), the offset only ~12x the signal in float32
+                wa_f = ((wa.to(tl.int32) << 15) + 0x3FC00000).to(tl.float32, bitcast=True)
+                wb_f = ((wb.to(tl.int32) << 15) + 0x3FC00000).to(tl.float32, bitcast=True)
+                xs += x
+            elif W_INT8 and CVT == 1:
+                # int8 -> float32 without the conversion unit: (w + 128) in the low mantissa bits of 2^23
+                wa_f = ((wa.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+                wb_f = ((wb.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+            else:
+                wa_f = wa.to(tl.float32)
+                wb_f = wb.to(tl.float32)
+            acc_a += wa_f * x[None, :]
+            acc_b += wb_f * x[None, :]
+        a = tl.sum(acc_a, axis=1)
+        b = tl.sum(acc_b, axis=1)
+        if W_INT8 and CVT == 2:
+            x_sum = 1.5 * tl.sum(xs, axis=0)
+            a = (a - x_sum) * 256.0
+            b = (b - x_sum) * 256.0
+        if NORM:  # RMSNorm is a per-token scalar: applied to the sums, the norm weight went into x
+            r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            a = a * r
+            b = b * r
+        if W_INT8:
+            a = a * tl.load(scale_ptr + row_a, mask=mask_a, other=0.0)
+            b = b * tl.load(scale_ptr + row_b, mask=mask_b, other=0.0)
+        if HAS_BIAS:
+            a = a + tl.load(bias_ptr + row_a, mask=mask_a, other=0.0).to(tl.float32)
+            b = b + tl.load(bias_ptr + row_b, mask=mask_b, other=0.0).to(tl.float32)
+        if EPILOGUE == 0:  # plain: rows a and b, optionally added to a residual (in place is fine)
+            if RESIDUAL:
+                a = a + tl.load(res_ptr + row_a, mask=mask_a, other=0.0).to(tl.float32)
+                b = b + tl.load(res_ptr + row_b, mask=mask_b, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row_a, a.to(out_ptr.dtype.element_ty), mask=mask_a)
+            tl.store(out_ptr + row_b, b.to(out_ptr.dtype.element_ty), mask=mask_b)
+        elif EPILOGUE == 1:  # SwiGLU: out[p] = silu(a) * b with b = row p + F
+            y = a / (1.0 + tl.exp(-a)) * b
+            tl.store(out_ptr + p, y.to(out_ptr.dtype.element_ty), mask=mask_a)
+        else:  # rotary on q and k (interleaved pairs of the first 2*ROT_PAIRS dims), then q out, k/v to the cache
+            pos = tl.load(pos_ptr).to(tl.float32)
+            slot = tl.load(pos_ptr + 1)
+            d = row_a % HEAD_DIM
+            i = (d // 2).to(tl.float32)
+            theta = tl.exp2(-(2.0 * i / (2 * ROT_PAIRS)) * ROPE_LOG2_BASE)
+            angle = pos * theta
+            c = tl.cos(angle)
+            s = tl.sin(angle)
+            rot = (d < 2 * ROT_PAIRS) & (row_a < Q_ROWS + KV_ROWS)
+            a_r = tl.where(rot, a * c - b * s, a)
+            b_r = tl.where(rot, b * c + a * s, b)
+            is_q = row_a < Q_ROWS
+            tl.store(out_ptr + row_a, a_r.to(out_ptr.dtype.element_ty), mask=mask_a & is_q)
+            tl.store(out_ptr + row_b, b_r.to(out_ptr.dtype.element_ty), mask=mask_a & is_q)
+            kv = row_a - Q_ROWS
+            is_k = (kv >= 0) & (kv < KV_ROWS)
+            is_v = kv >= KV_ROWS
+            kv = tl.where(is_v, kv - KV_ROWS, kv)
+            kv = tl.where(kv < 0, 0, kv)
+            dst = (kv // HEAD_DIM) * cache_stride_g + slot * cache_stride_t + kv % HEAD_DIM
+            tl.store(k_cache_ptr + dst, a_r.to(k_cache_ptr.dtype.element_ty), mask=mask_a & is_k)
+            tl.store(k_cache_ptr + dst + 1, b_r.to(k_cache_ptr.dtype.element_ty), mask=mask_a & is_k)
+            tl.store(v_cache_ptr + dst, a_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
+            tl.store(v_cache_ptr + dst + 1, b_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
+
+    @triton.jit
+    def _matmul_kernel(
+        a_ptr, w_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_cm,
+        W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
+        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
+        mm = rm < M
+        mn = rn < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs + k0, mask=mm[:, None], other=0.0)
+                w = tl.load(w_ptrs + k0, mask=mn[:, None], other=0)
+            else:
+                mk = (k0 + rk < K)[None, :]
+                a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk, other=0.0)
+                w = tl.load(w_ptrs + k0, mask=mn[:, None] & mk, other=0)
+            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        if W_INT8:
+            acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_p: int = 4  # row pairs per program (2 * block_p weight rows)
+    block_k: int = 1024
+    num_warps: int = 4
+    num_stages: int = 1
+    cvt: int = 2  # int8 -> float32: 0 conversion instruction; 1 w + 2^23 trick (4 ops); 2 1.5 + w/256 (1 op)
+    prefetch: bool = False  # load the next weight tile before using this one (by hand: Triton does not for non-dot loops)
+
+
+# Measured on an H100 (bench/NOTES.md, run 2): fastest config of the sweep per linear, over all 28 layers' weights.
+DEFAULT_GEMV = {
+    "int8": {
+        "qkv": GemvConfig(block_p=1, block_k=1024),
+        "dense": GemvConfig(block_p=2, block_k=1024, cvt=1),
+        "fc1": GemvConfig(block_p=2, block_k=1024, cvt=0),
+        "fc2": GemvConfig(block_p=1, block_k=512),
+        "output": GemvConfig(block_p=8, block_k=512),
+    },
+    "float": {
+        "qkv": GemvConfig(block_p=1, block_k=1024),
+        "dense": GemvConfig(block_p=1, block_k=1024),
+        "fc1": GemvConfig(block_p=2, block_k=1024),
+        "fc2": GemvConfig(block_p=1, block_k=1024, num_warps=8),
+        "output": GemvConfig(block_p=1, block_k=1024, num_warps=8),
+    },
+}
+
+
+def default_gemv_config(kind: str, int8: bool) -> GemvConfig:
+    return DEFAULT_GEMV["int8" if int8 else "float"].get(kind, GemvConfig())
+
+
+def gemv(
+    x: torch.Tensor,
+    lw: LinearWeights,
+    out: torch.Tensor,
+    *,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+    swiglu: bool = False,
+    rope: Optional[dict] = None,
+    config: Optional[GemvConfig] = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """One token through a linear on CUDA: ``out = epilogue(W @ norm(x))``; x [K] contiguous.
+
+    ``norm_weight``: RMSNorm x first (eps). ``residual``: out = residual + W x (may be ``out``).
+    ``swiglu``: W has 2F rows, out [F] = silu(W[:F] x) * W[F:] x. ``rope``: dict with q_rows,
+    kv_rows, head_dim, rot_pairs, k_cache/v_cache ([g, S, d] views), pos (int64 [pos, slot]
+    on the device); out receives q, the cache receives k and v at ``slot``. ``pdl``: launch as a
+    programmatic dependent of the previous kernel (Hopper), loading weights before waiting for it.
+    """
+    w = lw.weight
+    N, K = w.shape
+    cfg = config or GemvConfig()
+    if swiglu:
+        n_pairs, row_step, b_off = N // 2, 1, N // 2
+    else:
+        n_pairs, row_step, b_off = (N + 1) // 2, 2, 1
+    epilogue = EPI_SWIGLU if swiglu else (EPI_ROPE if rope is not None else EPI_PLAIN)
+    dummy = out
+    if rope is not None:
+        kc, vc, pos = rope["k_cache"], rope["v_cache"], rope["pos"]
+        rope_args = (rope["q_rows"], rope["kv_rows"], kc.stride(0), kc.stride(1))
+        head_dim, rot_pairs = rope["head_dim"], rope["rot_pairs"]
+    else:
+        kc = vc = pos = dummy
+        rope_args = (0, 0, 0, 0)
+        head_dim, rot_pairs = 2, 1
+    grid = (triton.cdiv(n_pairs, cfg.block_p),)
+    _gemv_kernel[grid](
+        x, w, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
+        norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
+        kc, vc, pos,
+        N, n_pairs, K, row_step, b_off, eps, *rope_args,
+        HEAD_DIM=head_dim, ROT_PAIRS=rot_pairs, ROPE_LOG2_BASE=13.287712379549449,  # log2(10000)
+        BLOCK_P=cfg.block_p, BLOCK_K=cfg.block_k,
+        W_INT8=lw.is_int8, CVT=cfg.cvt, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None,
+        RESIDUAL=residual is not None, EPILOGUE=epilogue,
+        EVEN_K=K % cfg.block_k == 0, EVEN_P=n_pairs % cfg.block_p == 0 and (swiglu or N % 2 == 0),
+        PREFETCH=cfg.prefetch, PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+def matmul(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
+    """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights)."""
+    M, K = x.shape
+    N = lw.weight.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M <= 64:  # short prompts read the weights once: many narrow programs keep the bandwidth busy
+        bm, bn, bk, warps, stages = max(16, triton.next_power_of_2(M)), 64, 128, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _matmul_kernel[grid](
+        x, lw.weight, lw.scale if lw.is_int8 else out, lw.bias if lw.bias is not None else out, out,
+        M, N, K, x.stride(0), out.stride(0),
+        W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
+    """x [..., K] -> [..., N]: int8 weights through the Triton matmul on CUDA, else torch."""
+    if lw.is_int8 and HAVE_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        shape = x.shape
+        return matmul(x.reshape(-1, shape[-1]), lw).view(*shape[:-1], -1)
+    return linear_torch(x, lw)

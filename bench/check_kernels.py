@@ -1,0 +1,229 @@
+"""Correctness of the fast decoder's Triton kernels against float64 torch references.
+
+On a GPU: ``python bench/check_kernels.py`` (6B shapes for the linears, a 2-layer model of
+6B width for the whole step). On a CPU, through Triton's interpreter (small shapes):
+``TRITON_INTERPRET=1 python bench/check_kernels.py --small``.
+Every output is poisoned with NaN first, so an unwritten element fails the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
+
+from backend import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
+from backend.fast_decode import FastDecoder  # noqa: E402
+from backend.int8_linear import GemvConfig, LinearWeights, gemv, matmul, quantize_per_channel  # noqa: E402
+from backend.modeling import apply_rotary, rotary_cos_sin  # noqa: E402
+
+FAILS: list[str] = []
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def report(name: str, err: float, tol: float) -> None:
+    ok = err == err and err < tol
+    print(f"{'ok  ' if ok else 'FAIL'} {name:58s} rel err {err:.2e} (tol {tol:.0e})")
+    if not ok:
+        FAILS.append(name)
+
+
+def make_lw(N, K, int8, dtype, device, bias=False):
+    w = torch.randn(N, K, device=device) * 0.02
+    b = (torch.randn(N, device=device) * 0.1).to(dtype) if bias else None
+    if int8:
+        q, s = quantize_per_channel(w)
+        return LinearWeights(q, s, b), q.double() * s.double()[:, None]
+    w = w.to(dtype)
+    return LinearWeights(w, None, b), w.double()
+
+
+def check_gemv(device, dtype, N, K, int8, cfg=None, tol=None):
+    tol = tol or (2e-3 if dtype != torch.float32 else 1e-5)
+    tag = f"{'int8' if int8 else str(dtype).split('.')[-1]} N={N} K={K} {cfg or ''}"
+    x = torch.randn(K, device=device).to(dtype)
+    g = (1 + 0.1 * torch.randn(K, device=device)).to(dtype)
+    lw, wref = make_lw(N, K, int8, dtype, device, bias=True)
+    xd = x.double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean() + 1e-5) * g.double()
+    # plain with norm and bias, float32 out: the kernel's own precision (each int8 widening)
+    for cvt in ((0, 1, 2) if int8 else (None,)):
+        for prefetch in (False, True):
+            c = cfg or GemvConfig()
+            c = GemvConfig(c.block_p, c.block_k, c.num_warps, c.num_stages, cvt if cvt is not None else c.cvt, prefetch)
+            out = torch.full((N,), float("nan"), device=device, dtype=torch.float32)
+            gemv(x, lw, out, norm_weight=g, eps=1e-5, config=c)
+            report(f"gemv norm+bias fp32-out cvt={cvt} prefetch={prefetch} {tag}",
+                   rel(out, wref @ xn + lw.bias.double()), 1e-5)
+    # residual in place, no norm
+    lw2 = LinearWeights(lw.weight, lw.scale, None)
+    res = torch.randn(N, device=device).to(dtype)
+    ref = res.double() + wref @ xd
+    gemv(x, lw2, res, residual=res, config=cfg)
+    report(f"gemv residual {tag}", rel(res, ref), tol)
+    # swiglu
+    out = torch.full((N // 2,), float("nan"), device=device, dtype=dtype)
+    gemv(x, lw2, out, norm_weight=g, eps=1e-5, swiglu=True, config=cfg)
+    y = wref @ xn
+    a, b = y[: N // 2], y[N // 2 :]
+    report(f"gemv swiglu {tag}", rel(out, torch.nn.functional.silu(a) * b), tol)
+
+
+def check_rope(device, dtype, heads, groups, d, K, int8, pos=37, P=5):
+    tol = 2e-3 if dtype != torch.float32 else 1e-5
+    N = (heads + 2 * groups) * d
+    x = torch.randn(K, device=device).to(dtype)
+    g = (1 + 0.1 * torch.randn(K, device=device)).to(dtype)
+    lw, wref = make_lw(N, K, int8, dtype, device, bias=True)
+    S = 128
+    kc = torch.full((groups, S, d), float("nan"), device=device, dtype=dtype)
+    vc = torch.full((groups, S, d), float("nan"), device=device, dtype=dtype)
+    q = torch.full((heads * d,), float("nan"), device=device, dtype=dtype)
+    posd = torch.tensor([pos, P + pos], device=device)
+    gemv(x, lw, q, norm_weight=g, eps=1e-5, rope=dict(q_rows=heads * d, kv_rows=groups * d, head_dim=d,
+                                                      rot_pairs=d // 4, pos=posd, k_cache=kc, v_cache=vc))
+    xd = x.double()
+    y = wref @ (xd * torch.rsqrt(xd.pow(2).mean() + 1e-5) * g.double()) + lw.bias.double()
+    qr, kr, vr = y.split([heads * d, groups * d, groups * d])
+    cos, sin = rotary_cos_sin(torch.tensor([[pos]], device=device), d // 2, torch.float64)
+    qr = apply_rotary(qr.view(1, 1, heads, d), cos.double(), sin.double()).flatten()
+    kr = apply_rotary(kr.view(1, 1, groups, d), cos.double(), sin.double()).view(groups, d)
+    tag = f"{'int8' if int8 else str(dtype).split('.')[-1]} h={heads} g={groups} d={d}"
+    report(f"gemv rope q {tag}", rel(q, qr), tol)
+    report(f"gemv rope k->cache {tag}", rel(kc[:, P + pos], kr), tol)
+    report(f"gemv rope v->cache {tag}", rel(vc[:, P + pos], vr.view(groups, d)), tol)
+    others = torch.cat((kc[:, : P + pos], kc[:, P + pos + 1 :]), dim=1)
+    if not torch.isnan(others).all():
+        print("FAIL rope wrote outside its slot")
+        FAILS.append("rope slot")
+
+
+def check_matmul(device, dtype, M, N, K, int8):
+    lw, wref = make_lw(N, K, int8, dtype, device, bias=True)
+    x = torch.randn(M, K, device=device).to(dtype)
+    out = matmul(x, lw)
+    ref = x.double() @ wref.T + lw.bias.double()
+    report(f"matmul {'int8' if int8 else dtype} M={M} N={N} K={K}", rel(out, ref), 3e-3 if dtype != torch.float32 else 1e-4)
+
+
+def check_step(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 0, prompt: int = 200, prefetch=None):
+    """The captured step's kernels against the decoder's own torch math on the same cache."""
+    torch.manual_seed(1)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # built where it runs: no slow CPU init of 6B-wide layers
+            model = ChatGLMForConditionalGeneration(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    dec = FastDecoder(model, max_seq_len=P + prompt + 64, weights=weights, use_graph=False, prefetch=prefetch)
+    if P:
+        prefix = [torch.randn(1, cfg.multi_query_group_num, P, cfg.kv_channels, device=device, dtype=dtype)
+                  for _ in range(2 * cfg.num_layers)]
+        dec.set_prefix(prefix)
+    dec._alloc_step_buffers(splits=4)  # with 200+ keys and blocks of 64, every split holds keys
+    ids = torch.randint(0, cfg.padded_vocab_size, (prompt + 1,)).tolist()
+    with torch.inference_mode():
+        dec._forward_torch(ids[:prompt], 0)
+        kc, vc = dec.k_cache.clone(), dec.v_cache.clone()
+        ref = dec._forward_torch(ids[prompt:], prompt)[0]
+        kref, vref = dec.k_cache.clone(), dec.v_cache.clone()
+        dec.k_cache.copy_(kc)
+        dec.v_cache.copy_(vc)
+        dec._logits.fill_(float("nan"))
+        dec._set_step_input(ids[prompt], prompt)
+        dec._step()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tag = f"{weights} {str(dtype).split('.')[-1]} P={P} L={cfg.num_layers} hidden={cfg.hidden_size} prefetch={prefetch}"
+    report(f"step logits {tag}", rel(dec._logits, ref), tol)
+    report(f"step k cache {tag}", rel(dec.k_cache, kref), tol)
+    report(f"step v cache {tag}", rel(dec.v_cache, vref), tol)
+    same = int(dec._next_token) == int(ref.argmax())
+    print(f"{'ok  ' if same else 'note'} step greedy token {tag}: {int(dec._next_token)} vs {int(ref.argmax())}")
+
+
+def check_fused_prefill(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 3):
+    """The prompt's fused Triton stages (CUDA) against the model's torch math, fresh and after cached tokens."""
+    torch.manual_seed(2)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = ChatGLMForConditionalGeneration(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    decs = [FastDecoder(model, max_seq_len=256, weights=weights, use_graph=False) for _ in range(2)]
+    decs[0].fused_prefill, decs[1].fused_prefill = False, True
+    prefix = [torch.randn(1, cfg.multi_query_group_num, P, cfg.kv_channels, device=device, dtype=dtype)
+              for _ in range(2 * cfg.num_layers)]
+    ids = torch.randint(0, cfg.padded_vocab_size, (60,)).tolist()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for dec in decs:
+        dec.set_prefix(prefix)
+    with torch.inference_mode():
+        ref0, out0 = (dec._forward_torch(ids[:40], 0) for dec in decs)
+        ref1, out1 = (dec._forward_torch(ids[40:], 40) for dec in decs)
+    tag = f"{weights} {str(dtype).split('.')[-1]} P={P}"
+    report(f"fused prompt logits {tag}", rel(out0, ref0), tol)
+    report(f"fused prompt after 40 cached {tag}", rel(out1, ref1), tol)
+    n = P + 60
+    report(f"fused prompt k cache {tag}", rel(decs[1].k_cache[:, :, :n], decs[0].k_cache[:, :, :n]), tol)
+    report(f"fused prompt v cache {tag}", rel(decs[1].v_cache[:, :, :n], decs[0].v_cache[:, :, :n]), tol)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="small shapes (for the Triton interpreter on a CPU)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    if args.small:
+        dtypes = [torch.float32, torch.float16]
+        for dt in dtypes:
+            for int8 in (False, True):
+                check_gemv(device, dt, 96, 80, int8, GemvConfig(block_p=2, block_k=32, num_warps=1))
+                check_gemv(device, dt, 128, 64, int8, GemvConfig(block_p=4, block_k=64, num_warps=1))
+                check_rope(device, dt, 4, 2, 16, 64, int8)
+                check_matmul(device, dt, 5, 96, 80, int8)
+        small = ChatGLMConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, kv_channels=16,
+                              num_attention_heads=4, multi_query_group_num=2, padded_vocab_size=512)
+        for weights in ("same", "int8"):
+            check_step(device, torch.float32, small, weights)
+            check_step(device, torch.float32, small, weights, P=3)
+            check_step(device, torch.float32, small, weights, P=3, prefetch=True)
+            check_fused_prefill(device, torch.float32, small, weights)
+        check_step(device, torch.float16, small, "same", P=3)
+        check_fused_prefill(device, torch.float16, small, "same")
+    else:
+        for int8 in (True, False):
+            dt = torch.bfloat16
+            for N, K in ((4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (65024, 4096)):
+                check_gemv(device, dt, N, K, int8)
+            check_rope(device, dt, 32, 2, 128, 4096, int8)
+            for M in (1, 64, 1024):
+                check_matmul(device, dt, M, 27392, 4096, int8)
+            check_matmul(device, dt, 64, 4096, 13696, int8)
+        wide = ChatGLMConfig(num_layers=2)
+        for weights in ("bf16", "int8"):
+            check_step(device, torch.bfloat16, wide, weights, P=0, prompt=100)
+            check_step(device, torch.bfloat16, wide, weights, P=16, prompt=1000)
+        for weights in ("fp32", "int8"):  # float32 activations: the kernels' own error, not bf16 rounding
+            check_step(device, torch.float32, wide, weights, P=16, prompt=1000)
+            check_step(device, torch.float32, wide, weights, P=16, prompt=1000, prefetch=True)
+        check_fused_prefill(device, torch.bfloat16, wide, "int8")
+        check_fused_prefill(device, torch.float32, wide, "fp32")
+    print("ALL KERNEL CHECKS PASSED" if not FAILS else f"KERNEL CHECKS FAILED: {FAILS}")
+    return 1 if FAILS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
