@@ -273,22 +273,19 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             else:
                 position_ids = torch.arange(past_tokens, past_tokens + s, device=input_ids.device).expand(b, -1)
         cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, dtype)
-        mask = self._attention_mask(full_mask, b, s, past, P)
+        mask = self._attention_mask(full_mask, b, s, past, P, x.device)
         h = self.encoder(x, cos, sin, mask, cache=cache, prefix_kv=prefix_kv)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return BaseModelOutputWithPast(last_hidden_state=h, **{CACHE_FIELD: cache if use_cache else None})
 
     @staticmethod
-    def _attention_mask(padding_mask, b: int, s: int, past: int, P: int) -> Optional[torch.Tensor]:
+    def _attention_mask(padding_mask, b: int, s: int, past: int, P: int, device) -> Optional[torch.Tensor]:
         """Boolean [b, 1, s, past + s] (True = attend), or None when plain causal attention is exact."""
         if padding_mask is None or bool(padding_mask.all()):
             if past == 0 or s == 1:
                 return None  # SDPA's is_causal (or no mask for one new token) is the same mask
-            device = padding_mask.device if padding_mask is not None else None
             padding_mask = None
-        else:
-            device = padding_mask.device
         t = past + s
         rows = torch.arange(s, device=device)[:, None] + past
         allowed = torch.arange(t, device=device)[None, :] <= rows  # [s, t] causal, prefix and past visible

@@ -133,3 +133,15 @@ def test_register_adapter_at_runtime_and_bad_path(engine, model_dir, tmp_path):
     assert info in engine.adapters() and info.pre_seq_len == 3
     with pytest.raises(BackendError, match="no adapter checkpoint"):
         engine.register_adapter(tmp_path / "missing")
+
+
+def test_multi_token_feed_after_a_cached_turn_builds_its_mask_on_the_model_device(engine):
+    """Regression: the causal mask for a cached multi-token feed was made on the default (CPU) device."""
+    model = engine.model
+    ids = torch.tensor([engine.prompt_ids("你好", [])])
+    mask = model.transformer._attention_mask(None, 1, 3, 5, 0, torch.device("meta"))
+    assert mask.device.type == "meta" and mask.shape == (1, 1, 3, 8)
+    cache = KVCache()
+    with torch.no_grad():
+        model(ids[:, :-3], cache=cache)
+        assert model(ids[:, -3:], cache=cache).logits.isfinite().all()
