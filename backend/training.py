@@ -49,6 +49,7 @@ import torch
 
 from .configuration import ChatGLMConfig
 from .data import DataError, Example, collate_train, preprocess_train, read_examples
+from .int8_training import use_weight_only_int8
 from .modeling import PrefixEncoder, split_prefix
 from .progress import ProgressLog, fan_out
 from .service import BackendError, SamplingParams, TrainProgress, TrainRequest, TrainResult
@@ -359,7 +360,9 @@ class PrefixStep:
     """One owned prefix encoder, its optimizer and schedule, over a frozen base it never modifies."""
 
     def __init__(self, model, encoder: PrefixEncoder, learning_rate: float, total_steps: int,
-                 dropout: float = PREFIX_DROPOUT, seed: int = 0, dist: Dist = Dist()):
+                 dropout: float = PREFIX_DROPOUT, seed: int = 0, dist: Dist = Dist(), weight_only_int8: bool = True):
+        if weight_only_int8 and _device(model).type == "cuda":
+            use_weight_only_int8(model)  # several times faster than bitsandbytes' LLM.int8 here (BENCHMARKS.md)
         self.model, self.encoder, self.dist = model, encoder, dist
         self.config = model.config
         self.device, self.dtype = _device(model), _compute_dtype(model)
@@ -775,12 +778,13 @@ class StepBenchmark(NamedTuple):
 
 
 def benchmark_step(model, batch_size: int = 1, seq_len: int = 192, pre_seq_len: int = 128, steps: int = 10,
-                   warmup: int = 2, gradient_checkpointing: bool = False, prefix_projection: bool = False) -> StepBenchmark:
+                   warmup: int = 2, gradient_checkpointing: bool = False, prefix_projection: bool = False,
+                   weight_only_int8: bool = True) -> StepBenchmark:
     """Time one P-Tuning v2 optimizer step (forward, backward, clip, AdamW) on random tokens, as training
     runs it: milliseconds per step and peak GPU memory in GB (None on the CPU). For ``bench/``."""
     device = _device(model)
     encoder = new_prefix_encoder(model.config, pre_seq_len, prefix_projection, device, seed=0)
-    trainer = PrefixStep(model, encoder, 2e-2, total_steps=warmup + steps, seed=0)
+    trainer = PrefixStep(model, encoder, 2e-2, total_steps=warmup + steps, seed=0, weight_only_int8=weight_only_int8)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.padded_vocab_size, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "labels": ids.clone()}

@@ -46,10 +46,14 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
         if cuda:
             reset_peak()
 
-    for checkpointing in (False, True):
-        bench = benchmark_step(model, batch_size=1, seq_len=192, pre_seq_len=128, steps=10, gradient_checkpointing=checkpointing)
-        emit(what="ptuning_step", quantization=quantization, gradient_checkpointing=checkpointing,
-             ms_per_step=round(bench.ms_per_step, 1), peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2), device=device)
+    # bitsandbytes' own 8-bit matmuls first, then our weight-only int8 (which training then keeps).
+    for weight_only in (False, True):
+        for checkpointing in (False, True):
+            bench = benchmark_step(model, batch_size=1, seq_len=192, pre_seq_len=128, steps=10,
+                                   gradient_checkpointing=checkpointing, weight_only_int8=weight_only)
+            emit(what="ptuning_step", quantization=quantization, int8_kernels="weight-only" if weight_only else "bitsandbytes",
+                 gradient_checkpointing=checkpointing, ms_per_step=round(bench.ms_per_step, 1),
+                 peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2), device=device)
 
     # A short real run through the same code train_cli.py uses: every loss must be finite.
     losses = []

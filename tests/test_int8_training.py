@@ -1,0 +1,58 @@
+"""Weight-only int8 linears for training over an 8-bit base: same function as the dequantised
+weights, forward and input gradient, sharing bitsandbytes' int8 storage."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from backend.int8_training import Int8Linear, use_weight_only_int8
+from backend.loading import load_model
+from backend.modeling import split_prefix
+from helpers_tiny import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("int8") / "model")
+
+
+def dequantised_copy(model):
+    """A float32 model whose linears hold exactly the int8 rows times their scales."""
+    ref = copy.deepcopy(model)
+    for name, module in list(ref.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Int8Linear):
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                lin.weight.data = child.qweight.float() * child.scale[:, None]
+                if child.bias is not None:
+                    lin.bias.data = child.bias.float()
+                setattr(module, child_name, lin)
+    return ref
+
+
+def test_swap_shares_storage_and_matches_dequantised_weights(tiny_dir):
+    model = load_model(tiny_dir, quantization="8bit", device="cpu").model
+    cb = model.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight.CB
+    assert use_weight_only_int8(model) == 2 * 4  # 4 linears a layer, output layer kept 16-bit
+    assert use_weight_only_int8(model) == 0
+    layer = model.transformer.encoder.layers[0].mlp.dense_h_to_4h
+    assert isinstance(layer, Int8Linear) and layer.qweight.data_ptr() == cb.data_ptr()
+    ref = dequantised_copy(model)
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 12))
+    cfg = model.config
+    prefix = torch.randn(2, 3, cfg.prefix_kv_size, requires_grad=True)
+    outs, grads = [], []
+    for m in (model, ref):
+        loss = m(ids, labels=ids, prefix_kv=split_prefix(prefix, cfg), use_cache=False).loss
+        (grad,) = torch.autograd.grad(loss, prefix)
+        outs.append(loss.detach())
+        grads.append(grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+    assert not any(p.requires_grad for p in model.parameters())
