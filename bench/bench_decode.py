@@ -469,7 +469,8 @@ def main() -> int:
     # -- bf16 model: eager, fast bf16, fast int8 quantised from it (variants, errors, adapter switch) --
     model = build_model(torch.bfloat16)
     mb = lambda dec: weight_bytes_model(model)  # noqa: E731
-    _, eager_tokens = measure("bf16 eager", lambda: EagerDecoder(model), results, ids64, ids1024, mb, copy_bw)
+    eager_dec, eager_tokens = measure("bf16 eager", lambda: EagerDecoder(model), results, ids64, ids1024, mb, copy_bw)
+    del eager_dec  # it holds the model: the 8-bit rows' peaks must not include it
     fb, fast_tokens = measure("fast bf16", lambda: FastDecoder(model, weights="bf16"), results, ids64, ids1024,
                               weight_bytes_fast, copy_bw, decode_reps=3)
     info["fast_bf16_pdl"] = fb.pdl
@@ -567,8 +568,10 @@ def main() -> int:
     say("logits relative error, residual projections scaled by 1/sqrt(56):")
     for k, v in errs2.items():
         say(f"  {k:44s} {v if isinstance(v, str) else f'{v:.2e}'}")
+    variants.clear()
     del fi, fb, model
     free()
+    info["resident_gb_before_8bit_rows"] = round(torch.cuda.memory_allocated() / 1e9, 2)  # should be ~0
 
     # -- 8-bit and 4-bit models (fp16 activations, as the original stack runs them) --
     if not args.no_bnb:
