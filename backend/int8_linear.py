@@ -71,6 +71,8 @@ def _bnb_kind(module) -> Optional[str]:
 
 def _float_weight(module) -> torch.Tensor:
     """The module's weight as a float tensor [N, K] (dequantising bitsandbytes layers)."""
+    if hasattr(module, "linear_weights"):  # int8_training.Int8Linear
+        return module.linear_weights().dequantize(torch.float32)
     kind = _bnb_kind(module)
     if kind == "int8":
         cb, scb = _bnb_int8(module)
@@ -96,6 +98,8 @@ def _bnb_int8(module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def is_quantized_module(module) -> Optional[str]:
+    if hasattr(module, "linear_weights"):  # int8_training.Int8Linear
+        return "int8"
     return _bnb_kind(module)
 
 
@@ -105,6 +109,9 @@ def linear_weights(module, mode: str, dtype: torch.dtype) -> LinearWeights:
     ``mode``: "int8" (per-channel int8; bitsandbytes int8 storage is shared as is), or a float
     mode ("bf16"/"fp16"/"fp32") whose weight is shared when it already has that dtype.
     """
+    if hasattr(module, "linear_weights") and mode == "int8":  # int8_training.Int8Linear: already compact
+        lw = module.linear_weights()
+        return LinearWeights(lw.weight, lw.scale, lw.bias.to(dtype) if lw.bias is not None else None)
     bias = module.bias.detach().to(dtype) if getattr(module, "bias", None) is not None else None
     with torch.no_grad():
         if mode == "int8":

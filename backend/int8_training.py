@@ -55,7 +55,7 @@ def use_weight_only_int8(model: nn.Module) -> int:
     swapped = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if is_quantized_module(child) == "int8":
+            if is_quantized_module(child) == "int8" and not isinstance(child, Int8Linear):
                 dtype = child.bias.dtype if child.bias is not None else torch.float16
                 setattr(module, child_name, Int8Linear(linear_weights(child, "int8", dtype)))
                 swapped += 1

@@ -56,3 +56,19 @@ def test_swap_shares_storage_and_matches_dequantised_weights(tiny_dir):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     assert grads[0].abs().sum() > 0
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_fast_decoder_built_after_the_swap_shares_the_int8_rows(tiny_dir):
+    from backend.decoding import EagerDecoder
+    from backend.fast_decode import FastDecoder
+    from backend.service import SamplingParams
+
+    model = load_model(tiny_dir, quantization="8bit", device="cpu").model
+    use_weight_only_int8(model)
+    decoder = FastDecoder(model)
+    assert decoder.mode == "int8"
+    qweight = model.transformer.encoder.layers[1].mlp.dense_4h_to_h.qweight
+    assert any(lw.weight.data_ptr() == qweight.data_ptr() for lw in vars(decoder.layers[1]).values() if hasattr(lw, "weight"))
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    ids = list(range(5, 20))
+    assert list(decoder.generate(ids, greedy, [2])) == list(EagerDecoder(model).generate(ids, greedy, [2]))
