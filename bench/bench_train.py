@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples: int = 1070) -> None:
+def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples: int = 1070, step_only: bool = False) -> None:
     import torch
 
     import backend  # noqa: F401
@@ -55,6 +54,8 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
                  gradient_checkpointing=checkpointing, ms_per_step=round(bench.ms_per_step, 1),
                  peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2), device=device)
 
+    if step_only:
+        return
     # A short real run through the same code train_cli.py uses: every loss must be finite.
     losses = []
     with tempfile.TemporaryDirectory() as out:
@@ -83,4 +84,13 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:5]))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("quantization", choices=["8bit", "4bit", "none"])
+    parser.add_argument("--eval-batch", type=int, default=128)
+    parser.add_argument("--eval-examples", type=int, default=1070)
+    parser.add_argument("--step-only", action="store_true", help="only the step benchmark")
+    a = parser.parse_args()
+    main(a.model_dir, a.quantization, a.eval_batch, a.eval_examples, a.step_only)
