@@ -13,8 +13,8 @@ from tui.__main__ import parse_args
 from tui.app import GLMChatApp, load_backend
 from tui.screens.loading import LoadingScreen
 
-from .conftest import make_app, wait_until
-from .fake_backend import FakeBackend
+from fake_backend import FakeBackend
+from tui_testing import make_app, wait_until
 
 
 async def test_stages_show_while_loading_then_the_prompt_opens():

@@ -14,8 +14,8 @@ from tui.__main__ import parse_args
 from tui.app import GLMChatApp
 from tui.screens.training import TrainingScreen
 
-from .conftest import make_app, ready, wait_until
-from .fake_backend import FakeBackend, write_checkpoint
+from fake_backend import FakeBackend, write_checkpoint
+from tui_testing import make_app, ready, send, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -37,15 +37,6 @@ async def _ready(pilot) -> None:
     await wait_until(pilot, lambda: ready(app) and app.chat.query_one("#status").gpu_memory is not None)
 
 
-async def _chat(pilot, *prompts: str) -> None:
-    app = pilot.app
-    for prompt in prompts:
-        app.chat.prompt.value = prompt
-        await pilot.press("enter")
-        await wait_until(pilot, lambda: app.chat.generation is None and app.chat.conversation.turns
-                         and app.chat.conversation.turns[-1].answer is not None)
-
-
 async def _settle(pilot) -> None:
     pilot.app.clear_notifications()
     await pilot.pause()
@@ -55,10 +46,10 @@ async def _settle(pilot) -> None:
 def test_chat_with_code_and_adapter(snap_compare):
     async def run_before(pilot):
         await _ready(pilot)
-        await _chat(pilot, "write code")
+        await send(pilot, "write code")
         await pilot.press("ctrl+t")
         await wait_until(pilot, lambda: pilot.app.backend.active_adapter is not None)
-        await _chat(pilot, "and a slogan")
+        await send(pilot, "and a slogan")
         await _settle(pilot)
 
     assert snap_compare(make_app(ADAPTERS), run_before=run_before, terminal_size=(100, 30))
@@ -68,7 +59,7 @@ def test_compare_mode_wide(snap_compare):
     async def run_before(pilot):
         await _ready(pilot)
         await pilot.press("f5")
-        await _chat(pilot, "compare code")
+        await send(pilot, "compare code")
         await _settle(pilot)
 
     assert snap_compare(make_app(ADAPTERS), run_before=run_before, terminal_size=(200, 50))
@@ -129,7 +120,7 @@ def test_training_form(snap_compare):
 def test_dialogs(snap_compare, key):
     async def run_before(pilot):
         await _ready(pilot)
-        await _chat(pilot, "hello")
+        await send(pilot, "hello")
         await pilot.press(key)
         await pilot.pause()
         await _settle(pilot)

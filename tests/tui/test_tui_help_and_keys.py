@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tui.screens.help import HelpScreen
 
-from .conftest import make_app, running, wait_until
+from tui_testing import make_app, running, wait_until
 
 
 def footer_keys(app) -> str:

@@ -13,8 +13,7 @@ from backend.service import TrainProgress
 from tui.screens import training
 from tui.screens.training import TrainingScreen, parse_progress_line
 
-from .conftest import make_app, running, send, wait_until
-from .test_chat import replies
+from tui_testing import make_app, replies, running, send, wait_until
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from pathlib import Path
 from tui.screens.conversations import ConversationsScreen
 from tui.store import ConversationStore
 
-from .conftest import make_app, running, send, wait_until
-from .fake_backend import canned_reply
-from .test_chat import replies
+from fake_backend import canned_reply
+from tui_testing import make_app, replies, running, send, wait_until
+
 
 A600 = "adgen/checkpoint-600"
 

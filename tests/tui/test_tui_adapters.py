@@ -6,9 +6,9 @@ from textual.command import CommandList
 
 from tui.screens.adapters import AdapterPicker
 
-from .conftest import make_app, running, send, wait_until
-from .fake_backend import canned_reply, write_checkpoint
-from .test_chat import replies
+from fake_backend import canned_reply, write_checkpoint
+from tui_testing import make_app, replies, running, send, wait_until
+
 
 A600, A1200 = "adgen/checkpoint-600", "adgen/checkpoint-1200"
 

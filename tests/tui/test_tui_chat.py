@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from tui.screens.settings import SettingsScreen
-from tui.widgets.reply import ReplyView
 
-from .conftest import make_app, running, send, wait_until
-from .fake_backend import canned_reply
-
-
-def replies(app) -> list[ReplyView]:
-    return list(app.chat.query(ReplyView))
+from fake_backend import canned_reply
+from tui_testing import make_app, replies, running, send, wait_until
 
 
 async def test_typed_prompt_streams_a_markdown_reply():
