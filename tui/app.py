@@ -127,18 +127,15 @@ class GLMChatApp(App[None]):
             )
 
     async def _loaded(self, loaded: Loaded) -> None:
-        self.install_screen(self._training_screen(), "training")
+        from .screens.training import TrainingScreen  # plotext and friends: only once a model is up
+
+        self.install_screen(TrainingScreen(), "training")
         self.backend = loaded.backend
         self.model_info = loaded.backend.info
         self.adapters = tuple(loaded.adapters)
         self.active_adapter = loaded.active
         await self._reopen_latest()
         self.chat.model_ready()
-
-    def _training_screen(self) -> Screen:
-        from .screens.training import TrainingScreen
-
-        return TrainingScreen()
 
     async def _reopen_latest(self) -> None:
         """glmchat reopens the conversation you had last; ctrl+n starts a fresh one."""
