@@ -91,7 +91,9 @@ class ChatEngine:
             raise BackendError("no model given; pass --model PATH_OR_HUB_ID (e.g. THUDM/chatglm2-6b) or --demo.")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the CPU notice is shown by the caller, once
-            loaded = load_model(model, quantization=quantization, device=device, progress=report)
+            # "ready" is said once, after the adapters
+            loaded = load_model(model, quantization=quantization, device=device,
+                                progress=lambda p: p.stage != "ready" and report(p))
         self = cls(loaded, engine=engine, name="demo" if demo else str(model))
         paths = [(p, False) for p in adapters] + [(d, True) for d in adapter_dirs]
         for i, (path, is_dir) in enumerate(paths, 1):
@@ -226,7 +228,8 @@ class ChatEngine:
         """P-Tuning v2 on the already-loaded base; chat keeps working meanwhile (the base is shared, frozen)."""
         from .training import train_prefix
 
-        return train_prefix(self.model, self.tokenizer, request, progress=progress, cancel=cancel)
+        # CUDA graph capture must not overlap a reply: it takes the engine's lock for those few seconds.
+        return train_prefix(self.model, self.tokenizer, request, progress=progress, cancel=cancel, capture_lock=self._lock)
 
     def gpu_memory_gb(self) -> Optional[float]:
         if self.loaded.device.type != "cuda":

@@ -31,6 +31,7 @@ Gradients are averaged with one all-reduce per step; only rank 0 writes checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -291,8 +292,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 class Batches:
     """Micro-batch ``m`` (0-based, counted over the whole run) = the next slice of the epoch's shuffled order."""
 
-    def __init__(self, features: list[dict], batch_size: int, seed: int):
-        self.features, self.batch_size, self.seed = features, batch_size, seed
+    def __init__(self, features: list[dict], batch_size: int, seed: int, trim: bool = True):
+        self.features, self.batch_size, self.seed, self.trim = features, batch_size, seed, trim
         self.per_epoch = math.ceil(len(features) / batch_size)
         self._orders: dict[int, list[int]] = {}
 
@@ -304,6 +305,8 @@ class Batches:
 
     def batch(self, m: int) -> dict:
         batch = collate_train([self.features[i] for i in self.indices(m)])
+        if not self.trim:  # one shape for every batch, as CUDA graphs want
+            return batch
         # Cut columns that are padding in every row (after the last label): causal attention makes them inert.
         keep = int((batch["labels"] != -100).any(0).nonzero().max()) + 1
         return {k: v[:, :keep] for k, v in batch.items()}
@@ -360,7 +363,8 @@ class PrefixStep:
     """One owned prefix encoder, its optimizer and schedule, over a frozen base it never modifies."""
 
     def __init__(self, model, encoder: PrefixEncoder, learning_rate: float, total_steps: int,
-                 dropout: float = PREFIX_DROPOUT, seed: int = 0, dist: Dist = Dist(), weight_only_int8: bool = True):
+                 dropout: float = PREFIX_DROPOUT, seed: int = 0, dist: Dist = Dist(), weight_only_int8: bool = True,
+                 cuda_graphs: bool = True, capture_lock=None):
         if weight_only_int8 and _device(model).type == "cuda":
             use_weight_only_int8(model)  # several times faster than bitsandbytes' LLM.int8 here (BENCHMARKS.md)
         self.model, self.encoder, self.dist = model, encoder, dist
@@ -372,21 +376,40 @@ class PrefixStep:
                                            weight_decay=WEIGHT_DECAY, foreach=self.device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(total_steps))
         self._tokens = torch.arange(encoder.pre_seq_len, device=self.device)
+        # The base's forward and backward as CUDA graphs, one pair per batch shape: at batch 1 a step is
+        # thousands of small kernels, and launching them from Python costs more than running them.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphed: dict = {}
+        self._capture_lock = capture_lock if capture_lock is not None else contextlib.nullcontext()
 
-    def prefix_kv(self, batch_size: int, micro_batch: Optional[int]) -> list[torch.Tensor]:
-        """``split_prefix(dropout(encoder(tokens).to(dtype)))``; the mask is keyed by the micro-batch index."""
+    def prefix_flat(self, batch_size: int, micro_batch: Optional[int]) -> torch.Tensor:
+        """``dropout(encoder(tokens).to(dtype))`` [b, P, kv_size]; the mask is keyed by the micro-batch index."""
         kv = self.encoder(self._tokens.expand(batch_size, -1)).to(self.dtype)  # [b, P, kv_size]
         if self.dropout and micro_batch is not None:
             g = torch.Generator(device=self.device)
             g.manual_seed(_dropout_seed(self.seed, micro_batch))
             keep = torch.rand(kv.shape, generator=g, device=self.device) >= self.dropout
             kv = kv * keep.to(kv.dtype) * (1.0 / (1.0 - self.dropout))
-        return split_prefix(kv, self.config)
+        return kv
+
+    def prefix_kv(self, batch_size: int, micro_batch: Optional[int]) -> list[torch.Tensor]:
+        return split_prefix(self.prefix_flat(batch_size, micro_batch), self.config)
+
+    def _base_loss(self, kv: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, labels=labels, prefix_kv=split_prefix(kv, self.config), use_cache=False).loss
 
     def loss(self, batch: dict, micro_batch: Optional[int]) -> torch.Tensor:
         input_ids = batch["input_ids"].to(self.device)
-        kv = self.prefix_kv(input_ids.shape[0], micro_batch)
-        return self.model(input_ids, labels=batch["labels"].to(self.device), prefix_kv=kv, use_cache=False).loss
+        labels = batch["labels"].to(self.device)
+        kv = self.prefix_flat(input_ids.shape[0], micro_batch)
+        if not (self.cuda_graphs and torch.is_grad_enabled()):
+            return self._base_loss(kv, input_ids, labels)
+        key = (tuple(input_ids.shape), self.model.transformer.encoder.gradient_checkpointing)
+        if key not in self._graphed:
+            with self._capture_lock:  # no other thread may launch work while a graph is captured
+                self._graphed[key] = torch.cuda.make_graphed_callables(
+                    self._base_loss, (kv.detach().requires_grad_(), input_ids, labels))
+        return self._graphed[key](kv, input_ids, labels)
 
     def backward(self, batch: dict, micro_batch: int, scale: float) -> float:
         """Add d(loss * scale)/d(encoder) to the encoder's grads: autograd.grad touches no base parameter."""
@@ -555,6 +578,7 @@ def train_prefix(
     eval_batch_size: int = 8,
     eval_params: Optional[SamplingParams] = None,
     on_step: Optional[Callable[[int, int], None]] = None,
+    capture_lock=None,
 ) -> TrainResult:
     """Train a P-Tuning v2 prefix for ``model`` (already loaded, frozen, shared) as ``request`` says.
 
@@ -578,7 +602,7 @@ def train_prefix(
         raise DataError(f"{request.train_file}: no usable examples after preprocessing.")
 
     device = _device(model)
-    batches = Batches(features, request.per_device_train_batch_size, request.seed)
+    batches = Batches(features, request.per_device_train_batch_size, request.seed, trim=device.type != "cuda")
     accumulation = request.gradient_accumulation_steps  # global micro-batches per optimizer step
     if request.max_steps and request.max_steps > 0:
         total_steps = request.max_steps
@@ -586,7 +610,8 @@ def train_prefix(
         total_steps = max(1, math.ceil(request.num_train_epochs * batches.per_epoch / accumulation))
 
     encoder = new_prefix_encoder(model.config, request.pre_seq_len, request.prefix_projection, device, request.seed)
-    trainer = PrefixStep(model, encoder, request.learning_rate, total_steps, seed=request.seed, dist=dist)
+    trainer = PrefixStep(model, encoder, request.learning_rate, total_steps, seed=request.seed, dist=dist,
+                         capture_lock=capture_lock)
     ckpt_config = prefix_config(model.config, request.pre_seq_len, request.prefix_projection)
     global_step, log_history, prior_elapsed = 0, [], 0.0
     if resume_from is not None:
@@ -779,12 +804,13 @@ class StepBenchmark(NamedTuple):
 
 def benchmark_step(model, batch_size: int = 1, seq_len: int = 192, pre_seq_len: int = 128, steps: int = 10,
                    warmup: int = 2, gradient_checkpointing: bool = False, prefix_projection: bool = False,
-                   weight_only_int8: bool = True) -> StepBenchmark:
+                   weight_only_int8: bool = True, cuda_graphs: bool = True) -> StepBenchmark:
     """Time one P-Tuning v2 optimizer step (forward, backward, clip, AdamW) on random tokens, as training
     runs it: milliseconds per step and peak GPU memory in GB (None on the CPU). For ``bench/``."""
     device = _device(model)
     encoder = new_prefix_encoder(model.config, pre_seq_len, prefix_projection, device, seed=0)
-    trainer = PrefixStep(model, encoder, 2e-2, total_steps=warmup + steps, seed=0, weight_only_int8=weight_only_int8)
+    trainer = PrefixStep(model, encoder, 2e-2, total_steps=warmup + steps, seed=0, weight_only_int8=weight_only_int8,
+                         cuda_graphs=cuda_graphs)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.padded_vocab_size, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "labels": ids.clone()}

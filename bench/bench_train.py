@@ -43,15 +43,16 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
 
     def reset_peak():
         if cuda:
-            reset_peak()
+            torch.cuda.reset_peak_memory_stats()
 
-    # bitsandbytes' own 8-bit matmuls first, then our weight-only int8 (which training then keeps).
-    for weight_only in (False, True):
+    # bitsandbytes' own 8-bit matmuls first (eager, as the original), then our weight-only int8
+    # (which training then keeps), eager and as CUDA graphs.
+    for weight_only, graphs in ((False, False), (True, False), (True, True)):
         for checkpointing in (False, True):
             bench = benchmark_step(model, batch_size=1, seq_len=192, pre_seq_len=128, steps=10,
-                                   gradient_checkpointing=checkpointing, weight_only_int8=weight_only)
+                                   gradient_checkpointing=checkpointing, weight_only_int8=weight_only, cuda_graphs=graphs)
             emit(what="ptuning_step", quantization=quantization, int8_kernels="weight-only" if weight_only else "bitsandbytes",
-                 gradient_checkpointing=checkpointing, ms_per_step=round(bench.ms_per_step, 1),
+                 cuda_graphs=graphs, gradient_checkpointing=checkpointing, ms_per_step=round(bench.ms_per_step, 1),
                  peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2), device=device)
 
     if step_only:
