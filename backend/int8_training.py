@@ -4,29 +4,35 @@ bitsandbytes' LLM.int8 quantises the activations too and splits out outlier colu
 call, which makes a P-Tuning step slow (the original stack: ~175 ms at 192 tokens on an H100).
 The base is frozen, so only the input gradient is needed: ``dx = dy @ W``. These layers keep the
 int8 rows and per-row scales bitsandbytes already holds (shared storage, no fp16 copy kept),
-multiply through the Triton int8 matmul of ``int8_linear`` (torch on the CPU), and widen one
-layer's weight at a time for the backward matmul.
+widen one layer's weight at a time for cuBLAS (forward of a batch, and the backward matmul), and
+use the int8 kernels of ``int8_linear`` for a few rows.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .int8_linear import LinearWeights, is_quantized_module, linear, linear_weights
+
+
+def _widen(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight.to(dtype) * scale.to(dtype)[:, None]  # [N, K], one layer at a time
 
 
 class _WeightOnlyInt8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
         ctx.save_for_backward(weight, scale)
+        if x.numel() // x.shape[-1] > 64:  # a training batch: widening once and cuBLAS beats the int8 kernel
+            return F.linear(x, _widen(weight, scale, x.dtype), bias)
         return linear(x, LinearWeights(weight, scale, bias))
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, scale = ctx.saved_tensors
-        w = weight.to(grad_out.dtype) * scale.to(grad_out.dtype)[:, None]  # [N, K], one layer at a time
-        return grad_out @ w, None, None, None
+        return grad_out @ _widen(weight, scale, grad_out.dtype), None, None, None
 
 
 class Int8Linear(nn.Module):

@@ -398,6 +398,24 @@ class PrefixStep:
     def _base_loss(self, kv: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, labels=labels, prefix_kv=split_prefix(kv, self.config), use_cache=False).loss
 
+    def _capture(self, kv: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor):
+        """Warm up once with gradient checkpointing (a lower memory peak than a plain eager step), then
+        capture the base's forward and backward; no other thread may launch work meanwhile."""
+        encoder = self.model.transformer.encoder
+        sample = kv.detach().requires_grad_()
+        with self._capture_lock:
+            checkpointing, encoder.gradient_checkpointing = encoder.gradient_checkpointing, True
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            try:
+                with torch.cuda.stream(side):
+                    torch.autograd.grad(self._base_loss(sample, input_ids, labels), sample)
+            finally:
+                encoder.gradient_checkpointing = checkpointing
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.make_graphed_callables(self._base_loss, (sample, input_ids, labels), num_warmup_iters=0)
+
     def loss(self, batch: dict, micro_batch: Optional[int]) -> torch.Tensor:
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
@@ -406,9 +424,14 @@ class PrefixStep:
             return self._base_loss(kv, input_ids, labels)
         key = (tuple(input_ids.shape), self.model.transformer.encoder.gradient_checkpointing)
         if key not in self._graphed:
-            with self._capture_lock:  # no other thread may launch work while a graph is captured
-                self._graphed[key] = torch.cuda.make_graphed_callables(
-                    self._base_loss, (kv.detach().requires_grad_(), input_ids, labels))
+            try:
+                self._graphed[key] = self._capture(kv, input_ids, labels)
+            except RuntimeError as err:
+                if _is_oom(err):
+                    raise
+                log.warning("CUDA graph capture failed (%s); training continues without graphs", str(err).splitlines()[0])
+                self.cuda_graphs = False
+                return self._base_loss(kv, input_ids, labels)
         return self._graphed[key](kv, input_ids, labels)
 
     def backward(self, batch: dict, micro_batch: int, scale: float) -> float:

@@ -73,6 +73,12 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
          device=device)
 
     # Evaluation throughput: 1070 examples, 128 new tokens each, batched with left padding.
+    try:
+        import jieba, nltk, rouge_chinese  # noqa: F401,E401
+    except ImportError:  # not on the GPU machine: time the generation, score nothing
+        import backend.evaluation
+
+        backend.evaluation.compute_metrics = lambda preds, golds: {"skipped": "jieba/nltk/rouge-chinese not installed"}
     examples = list(read_examples(ROOT / "assets/sample/dev.json", "content", "summary"))
     examples = (examples * (eval_examples // len(examples) + 1))[:eval_examples]
     reset_peak()
