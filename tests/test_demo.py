@@ -1,0 +1,200 @@
+"""The embedded demo (``glmchat --demo``): built once here into a temporary cache (about 30-60 s on
+2 CPU cores), then loaded through the chat engine as the app loads it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import backend.demo as demo
+from backend.service import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=96)
+AD_PROMPT = "类型#上衣*材质#牛仔布*颜色#白色"
+AD_WORDS = ("选用", "采用", "面料", "设计", "值得入手", "时髦感满满", "百搭", "质感", "版型", "出门")
+
+
+def chat_lines() -> list[dict]:
+    return [json.loads(line) for line in demo.CHAT_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def dev_prompts() -> list[str]:
+    return [json.loads(line)["content"] for line in demo.SAMPLE_DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_chars() -> set[str]:
+    text = demo.CHAT_FILE.read_text(encoding="utf-8") + demo.SAMPLE_TRAIN.read_text(encoding="utf-8")
+    return set(text)
+
+
+def cjk_share(text: str) -> float:
+    """Share of CJK characters and CJK punctuation among the non-space characters."""
+    chars = [c for c in text if not c.isspace()]
+    cjk = [c for c in chars if "\u4e00" <= c <= "\u9fff" or "\u3000" <= c <= "\u303f" or "\uff00" <= c <= "\uffef"]
+    return len(cjk) / max(1, len(chars))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One real build; returns (cache root, DemoFiles, progress events, seconds)."""
+    root = tmp_path_factory.mktemp("demo-cache")
+    events = []
+    start = time.perf_counter()
+    files = demo.ensure_demo(progress=events.append, cache_dir=root)
+    return root, files, events, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def engine(built):
+    from backend.engine import ChatEngine
+
+    root = built[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GLMCHAT_CACHE_DIR", str(root))
+        events = []
+        eng = ChatEngine.load(demo=True, engine="eager", device="cpu", progress=events.append)
+    eng.load_events = events
+    return eng
+
+
+def test_build_writes_a_complete_demo_and_reports_progress(built):
+    root, files, events, _ = built
+    assert files.root == demo.demo_dir(root) and demo.is_complete(files.root)
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"):
+        assert (files.model_dir / name).is_file(), name
+    checkpoints = list(files.adapters_dir.glob("advertisegen/checkpoint-*/pytorch_model.bin"))
+    assert len(checkpoints) == 1
+    assert [p.name for p in root.iterdir()] == [files.root.name]  # no temporary directories left behind
+
+    assert {e.stage for e in events} == {"demo"}
+    messages = [e.message for e in events]
+    assert "training demo tokenizer" in messages[0]
+    assert any(m.startswith("training demo model step") for m in messages)
+    assert any(m.startswith("training demo adapter step") for m in messages)
+    assert [e.current for e in events] == sorted(e.current for e in events)
+    assert events[-1].current == events[-1].total > 1
+
+    config = json.loads((files.model_dir / "config.json").read_text())
+    assert config["model_type"] == "chatglm" and config["padded_vocab_size"] % 64 == 0
+    manifest = json.loads((files.root / demo.MANIFEST).read_text())
+    assert files.root.name.endswith(manifest["hash"])
+
+
+def test_second_call_is_instant_and_returns_the_same_paths(built):
+    root, files, _, _ = built
+    events = []
+    start = time.perf_counter()
+    again = demo.ensure_demo(progress=events.append, cache_dir=root)
+    assert time.perf_counter() - start < 1.0
+    assert again == files
+    assert len(events) == 1 and events[0].current == events[0].total
+
+
+def test_engine_loads_the_demo_with_its_adapter(engine, built):
+    assert engine.info.name == "demo"
+    names = [a.name for a in engine.adapters()]
+    assert len(names) == 1 and names[0].startswith("advertisegen/checkpoint-")
+    assert engine.adapters()[0].path.parent.parent == built[1].adapters_dir
+    assert engine.load_events[-1].stage == "ready"
+
+
+def test_base_answers_with_its_training_text(engine):
+    lines = {row["prompt"]: row["response"] for row in chat_lines()}
+    for prompt in ("你好", "怎么切换适配器", "什么是对比模式", "中国的首都是哪里"):
+        reply = engine.reply(prompt, [], GREEDY, adapter=None).text
+        assert reply == lines[prompt]
+    # a later round of a conversation is answered too
+    history = [("你好", lines["你好"])]
+    assert engine.reply("谢谢", history, GREEDY, adapter=None).text == lines["谢谢"]
+    # questions it never saw still get readable text made of its training text's characters, not byte soup
+    known = training_chars()
+    for prompt in ("你觉得下雨天适合做什么", "Tell me about yourself", "¿Qué tal? 🙂"):
+        reply = engine.reply(prompt, [], GREEDY, adapter=None).text
+        assert len(reply) >= 5 and set(reply) <= known, reply
+
+
+def test_adapter_turns_attributes_into_ad_copy(engine):
+    adapter = engine.adapters()[0].name
+    for prompt in [AD_PROMPT] + dev_prompts()[:3]:
+        base = engine.reply(prompt, [], GREEDY, adapter=None).text
+        tuned = engine.reply(prompt, [], GREEDY, adapter=adapter).text
+        assert "商品属性" in base and not any(word in base for word in AD_WORDS)
+        assert tuned != base
+        assert tuned.startswith(("这件", "这条", "这双", "这只")), tuned
+        assert sum(word in tuned for word in AD_WORDS) >= 2, tuned
+        assert cjk_share(tuned) > 0.8
+    assert "白色" in engine.reply(AD_PROMPT, [], GREEDY, adapter=adapter).text
+
+
+def test_compare_shows_base_and_adapter_side_by_side(engine):
+    from backend.service import ReplyDone
+
+    adapter = engine.adapters()[0].name
+    done = [e for e in engine.compare(AD_PROMPT, [], GREEDY, adapters=[None, adapter]) if isinstance(e, ReplyDone)]
+    replies = {e.stream: e.reply.text for e in done}
+    assert set(replies) == {0, 1}
+    assert "商品属性" in replies[0] and replies[1].startswith(("这件", "这条", "这双", "这只"))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_half_built_directory_is_never_used(built, tmp_path, monkeypatch):
+    complete = built[1].root
+    final = demo.demo_dir(tmp_path)
+    shutil.copytree(complete, final)
+    (final / demo.MANIFEST).unlink()  # as if the build had been killed before finishing
+    stale = tmp_path / f".{final.name}.tmp-{_dead_pid()}-deadbeef"
+    stale.mkdir()
+    assert not demo.is_complete(final)
+
+    calls = []
+
+    def fake_build(out, recipe_id, report):
+        calls.append(out)
+        assert not final.exists()  # the half-built directory was moved away before building
+        shutil.copytree(complete, out)
+
+    monkeypatch.setattr(demo, "build_demo", fake_build)
+    files = demo.ensure_demo(cache_dir=tmp_path)
+    assert len(calls) == 1 and calls[0].parent == tmp_path and calls[0] != final
+    assert files.root == final and demo.is_complete(final)
+    assert not stale.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+def test_failed_build_leaves_no_directory(tmp_path, monkeypatch):
+    def failing_build(out, recipe_id, report):
+        (out / "model").mkdir(parents=True)
+        (out / "model" / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(demo, "build_demo", failing_build)
+    with pytest.raises(demo.BackendError, match="No space left"):
+        demo.ensure_demo(cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_changed_recipe_builds_elsewhere(tmp_path, monkeypatch):
+    before = demo.demo_dir(tmp_path)
+    monkeypatch.setitem(demo.RECIPE, "base", {**demo.RECIPE["base"], "steps": demo.RECIPE["base"]["steps"] + 1})
+    after = demo.demo_dir(tmp_path)
+    assert before != after and before.parent == after.parent == tmp_path
+    assert before.name.startswith(f"demo-v{demo.DEMO_VERSION}-")
+
+
+def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path / "env"))
+    assert demo.cache_root() == tmp_path / "env"
+    assert demo.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("GLMCHAT_CACHE_DIR")
+    assert demo.cache_root().name == "glmchat"
