@@ -142,6 +142,20 @@ def test_compare_shows_base_and_adapter_side_by_side(engine):
     assert "商品属性" in replies[0] and replies[1].startswith(("这件", "这条", "这双", "这只"))
 
 
+def test_training_panel_trains_a_new_adapter_in_seconds(engine, tmp_path):
+    """What the training panel does with the demo model: train on the sample data, register, compare."""
+    events = []
+    start = time.perf_counter()
+    result = engine.train(demo.demo_train_request(tmp_path / "mine"), progress=events.append)
+    seconds = time.perf_counter() - start
+    assert result.steps_done == demo.RECIPE["adapter"]["steps"] and not result.stopped
+    assert events[-1].event == "done" and any(e.loss is not None for e in events)
+    assert seconds < 60, seconds
+    info = engine.register_adapter(result.last_checkpoint, name="mine")
+    reply = engine.reply(dev_prompts()[0], [], GREEDY, adapter=info.name).text
+    assert reply.startswith(("这件", "这条", "这双", "这只")) and sum(word in reply for word in AD_WORDS) >= 2, reply
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
