@@ -4,35 +4,38 @@ bitsandbytes' LLM.int8 quantises the activations too and splits out outlier colu
 call, which makes a P-Tuning step slow (the original stack: ~175 ms at 192 tokens on an H100).
 The base is frozen, so only the input gradient is needed: ``dx = dy @ W``. These layers keep the
 int8 rows and per-row scales bitsandbytes already holds (shared storage, no fp16 copy kept),
-widen one layer's weight at a time for cuBLAS (forward of a batch, and the backward matmul), and
-use the int8 kernels of ``int8_linear`` for a few rows.
+multiply through the Triton int8 matmul of ``int8_linear`` (torch on the CPU), and widen a few
+thousand weight rows at a time for the backward matmul.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .int8_linear import LinearWeights, is_quantized_module, linear, linear_weights
 
 
-def _widen(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return weight.to(dtype) * scale.to(dtype)[:, None]  # [N, K], one layer at a time
+_ROWS = 4096  # widen at most this many weight rows at a time: a bounded temporary in the backward
 
 
 class _WeightOnlyInt8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
         ctx.save_for_backward(weight, scale)
-        if x.numel() // x.shape[-1] > 64:  # a training batch: widening once and cuBLAS beats the int8 kernel
-            return F.linear(x, _widen(weight, scale, x.dtype), bias)
         return linear(x, LinearWeights(weight, scale, bias))
 
     @staticmethod
     def backward(ctx, grad_out):
+        """dx = dy @ (q * scale), one block of rows widened at a time (int8 * fp16 is one kernel)."""
         weight, scale = ctx.saved_tensors
-        return grad_out @ _widen(weight, scale, grad_out.dtype), None, None, None
+        scale = scale.to(grad_out.dtype)
+        grad_in = None
+        for start in range(0, weight.shape[0], _ROWS):
+            rows = slice(start, start + _ROWS)
+            part = grad_out[..., rows] @ (weight[rows] * scale[rows, None])
+            grad_in = part if grad_in is None else grad_in.add_(part)
+        return grad_in, None, None, None
 
 
 class Int8Linear(nn.Module):

@@ -32,6 +32,7 @@ Gradients are averaged with one all-reduce per step; only rank 0 writes checkpoi
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -841,13 +842,15 @@ def benchmark_step(model, batch_size: int = 1, seq_len: int = 192, pre_seq_len: 
     model.transformer.encoder.gradient_checkpointing = gradient_checkpointing
     encoder.train()
     cuda = device.type == "cuda"
+    if cuda:  # the peak includes warm-up and graph capture: a real run goes through them too
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         for i in range(warmup):
             trainer.backward(batch, i, 1.0)
             trainer.step()
         if cuda:
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         for i in range(steps):
             trainer.backward(batch, warmup + i, 1.0)
@@ -855,6 +858,11 @@ def benchmark_step(model, batch_size: int = 1, seq_len: int = 192, pre_seq_len: 
         if cuda:
             torch.cuda.synchronize(device)
         ms = (time.perf_counter() - start) * 1000 / max(1, steps)
+        peak = _memory_gb(device)
     finally:
         model.transformer.encoder.gradient_checkpointing = restore
-    return StepBenchmark(ms, _memory_gb(device))
+        trainer._graphed.clear()  # give the graphs' memory back before whatever runs next
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+    return StepBenchmark(ms, peak)

@@ -24,7 +24,8 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples: int = 1070, step_only: bool = False) -> None:
+def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples: int = 1070, step_only: bool = False,
+         no_eval: bool = False) -> None:
     import torch
 
     import backend  # noqa: F401
@@ -53,17 +54,18 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
                                    gradient_checkpointing=checkpointing, weight_only_int8=weight_only, cuda_graphs=graphs)
             emit(what="ptuning_step", quantization=quantization, int8_kernels="weight-only" if weight_only else "bitsandbytes",
                  cuda_graphs=graphs, gradient_checkpointing=checkpointing, ms_per_step=round(bench.ms_per_step, 1),
-                 peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2), device=device)
+                 peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2),
+                 peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None, device=device)
 
     if step_only:
         return
+    reset_peak()
     # A short real run through the same code train_cli.py uses: every loss must be finite.
     losses = []
     with tempfile.TemporaryDirectory() as out:
         request = TrainRequest(train_file=ROOT / "assets/sample/train.json", output_dir=Path(out), pre_seq_len=128,
                                max_source_length=64, max_target_length=128, gradient_accumulation_steps=1,
                                max_steps=30, logging_steps=1, save_steps=30, learning_rate=2e-2)
-        reset_peak()
         start = time.perf_counter()
         result = train_prefix(model, loaded.tokenizer, request, progress=lambda e: e.loss is not None and losses.append(e.loss))
         seconds = time.perf_counter() - start
@@ -72,6 +74,8 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
          all_finite=all(math.isfinite(x) for x in losses), peak_gpu_gb=peak_gb(),
          device=device)
 
+    if no_eval:
+        return
     # Evaluation throughput: 1070 examples, 128 new tokens each, batched with left padding.
     try:
         import jieba, nltk, rouge_chinese  # noqa: F401,E401
@@ -99,5 +103,6 @@ if __name__ == "__main__":
     parser.add_argument("--eval-batch", type=int, default=128)
     parser.add_argument("--eval-examples", type=int, default=1070)
     parser.add_argument("--step-only", action="store_true", help="only the step benchmark")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation throughput")
     a = parser.parse_args()
-    main(a.model_dir, a.quantization, a.eval_batch, a.eval_examples, a.step_only)
+    main(a.model_dir, a.quantization, a.eval_batch, a.eval_examples, a.step_only, a.no_eval)
