@@ -86,6 +86,7 @@ class ChatEngine:
 
             demo_files = ensure_demo(progress=report)
             model = str(demo_files.model_dir)
+            quantization = quantization or "none"  # a 1M-parameter model gains nothing from 8-bit
             adapter_dirs.append(str(demo_files.adapters_dir))
         if not model:
             raise BackendError("no model given; pass --model PATH_OR_HUB_ID (e.g. THUDM/chatglm2-6b) or --demo.")

@@ -77,7 +77,7 @@ class TrainingScreen(Screen):
                 yield Static(Content.styled(
                     "Trains a prefix on the loaded base model, in this process. Chat stays usable (slower).",
                     "$text-muted"))
-                yield TrainForm(id="train-form")
+                yield TrainForm(id="train-form", demo=bool(getattr(getattr(self.app, "args", None), "demo", False)))
                 yield Static(id="train-form-error", classes="error")
                 with Horizontal(classes="buttons"):
                     yield Button("Start training", id="start-run", variant="primary")

@@ -49,15 +49,30 @@ POSITIVE = {"max_source_length", "max_target_length", "pre_seq_len", "learning_r
             "gradient_accumulation_steps", "max_steps", "logging_steps", "save_steps", "eval_steps"}
 
 
-def defaults() -> dict:
+DEMO_OUTPUT_DIR = "output/demo-advertisegen"
+
+
+def defaults(demo: bool = False) -> dict:
+    """train.sh's settings; with the demo model, the demo adapter's (about a minute on a CPU at most)."""
+    if demo:
+        from backend.demo import demo_train_request
+
+        request = demo_train_request(DEMO_OUTPUT_DIR)
+        values = {f.name: getattr(request, f.name) for f in fields(TrainRequest)}
+        values["save_steps"] = values["max_steps"]  # one checkpoint at the end, to chat with
+        return values
     values = {f.name: f.default for f in fields(TrainRequest) if f.default is not MISSING}
     values.update(train_file=DEFAULT_TRAIN_FILE, output_dir=DEFAULT_OUTPUT_DIR)
     return values
 
 
 class TrainForm(VerticalScroll, can_focus=False):
+    def __init__(self, *, demo: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.demo = demo
+
     def compose(self) -> ComposeResult:
-        values = defaults()
+        values = defaults(self.demo)
         with Grid(id="train-paths"):
             for name, label, _kind in PATH_FIELDS:
                 yield Label(label)
