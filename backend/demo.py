@@ -54,8 +54,8 @@ RECIPE = {
               "kv_channels": 32, "multi_query_group_num": 2, "seq_length": 2048},
     "base": {"steps": 1100, "batch_size": 16, "learning_rate": 3e-3, "warmup": 0.05, "final_lr": 0.1,
              "history_rate": 0.3, "seed": 0},
-    "adapter": {"pre_seq_len": 16, "learning_rate": 1e-1, "batch_size": 8, "steps": 200,
-                "max_source_length": 64, "max_target_length": 64, "seed": 42},
+    "adapter": {"pre_seq_len": 16, "learning_rate": 1e-1, "batch_size": 8, "steps": 300,
+                "max_source_length": 128, "max_target_length": 64, "history_rate": 0.6, "seed": 42},
 }
 
 
@@ -398,9 +398,22 @@ def _train_adapter(model, tokenizer, output_dir: Path, on_step: Callable[[int], 
     """The advertisegen adapter: our P-Tuning v2 trainer on the sample data, over the frozen base."""
     from .training import train_prefix
 
-    steps = RECIPE["adapter"]["steps"]
+    from .data import Example
+    from .training import TrainingData, read_training_data
+
+    spec = RECIPE["adapter"]
+    steps = spec["steps"]
     every = max(1, steps // 50)
-    result = train_prefix(model, tokenizer, demo_train_request(output_dir),
+    request = demo_train_request(output_dir)
+    # Half the examples follow an earlier chat turn, so the adapter writes ad copy later in a conversation too.
+    rng = random.Random(spec["seed"])
+    chat = [Example(row["prompt"], row["response"]) for row in _read_jsonl(CHAT_FILE)]
+    train = []
+    for ex in read_training_data(request).train:
+        earlier = rng.choice(chat)
+        with_history = rng.random() < spec["history_rate"]
+        train.append(Example(ex.prompt, ex.response, ((earlier.prompt, earlier.response),)) if with_history else ex)
+    result = train_prefix(model, tokenizer, request, data=TrainingData(train),
                           on_step=lambda i, n: on_step(i) if i % every == 0 or i == n else None)
     if result.last_checkpoint is None:
         raise BackendError("training the demo adapter saved no checkpoint.")

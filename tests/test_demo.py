@@ -212,3 +212,17 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     assert demo.cache_root(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("GLMCHAT_CACHE_DIR")
     assert demo.cache_root().name == "glmchat"
+
+
+def test_adapter_writes_ad_copy_after_an_earlier_chat_turn_too(engine):
+    """Regression: trained on single turns only, the adapter answered like the base once a chat had history."""
+    from backend.service import SamplingParams
+
+    adapter = engine.adapters()[0].name
+    greedy = SamplingParams(temperature=0, max_new_tokens=60)
+    query = "类型#上衣*材质#牛仔布*颜色#白色*风格#简约"
+    history = [("你好", engine.reply("你好", [], greedy, adapter=None).text)]
+    base = engine.reply(query, history, greedy, adapter=None).text
+    tuned = engine.reply(query, history, greedy, adapter=adapter).text
+    assert tuned != base
+    assert tuned.startswith(("这件", "这条", "这双", "这只", "这款"))
