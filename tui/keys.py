@@ -47,6 +47,7 @@ ACTIONS: tuple[KeyAction, ...] = (
     KeyAction("edit_last", "chat", "edit_last", "ctrl+l", "Edit last", "Move the last prompt back into the input to edit and resend it", show=False),
     KeyAction("copy_reply", "chat", "copy_reply", "ctrl+y", "Copy", "Copy the focused reply (or the last one) to the clipboard", show=False),
     KeyAction("export", "chat", "export", "ctrl+s", "Export", "Export the conversation to Markdown", show=False),
+    KeyAction("start_training", "training", "start_training", "f7", "Start run", "Start the run the New run form describes"),
     KeyAction("stop_training", "training", "stop_training", "f8", "Stop run", "Stop the in-process run (it saves a checkpoint)"),
     KeyAction("close_training", "training", "close", "escape,f6", "Back", "Back to the chat (training keeps running)"),
     KeyAction("open_conversation", "conversations", "open", "enter", "Open", "Open the selected conversation", show=False),

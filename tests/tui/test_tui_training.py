@@ -63,6 +63,27 @@ async def test_in_process_run_shows_progress_and_chats_with_a_checkpoint(train_f
         assert replies(app)[0].record.adapter == "out/checkpoint-6"
 
 
+async def test_f7_starts_the_run_from_the_keyboard(train_file, tmp_path):
+    app = make_app()
+    async with running(app) as pilot:
+        panel = await open_panel(pilot)
+        fill(panel, train_file=train_file, output_dir=tmp_path / "out", max_steps=2, save_steps=2)
+        await pilot.press("f7")
+        await wait_until(pilot, lambda: panel.monitor.finished == "done", what="the run to finish")
+        assert [c[1][0].max_steps for c in app.backend.calls if c[0] == "train"] == [2]
+
+
+def test_demo_form_starts_from_the_demo_adapter_settings():
+    from backend.demo import RECIPE
+    from tui.widgets.train_form import defaults
+
+    values = defaults(demo=True)
+    spec = RECIPE["adapter"]
+    assert (values["pre_seq_len"], values["max_steps"], values["learning_rate"]) == (spec["pre_seq_len"], spec["steps"], spec["learning_rate"])
+    assert values["save_steps"] == values["max_steps"] and Path(values["train_file"]).is_file()
+    assert defaults()["pre_seq_len"] == 128  # train.sh's otherwise
+
+
 async def test_form_errors_block_the_start(tmp_path):
     app = make_app()
     async with running(app) as pilot:

@@ -108,6 +108,9 @@ class TrainingScreen(Screen):
 
     # -- in-process run ----------------------------------------------------------------------
 
+    def action_start_training(self) -> None:
+        self.start_run()
+
     @on(Button.Pressed, "#start-run")
     def start_run(self) -> None:
         if self._busy():
