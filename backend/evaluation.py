@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .data import Example, preprocess_eval
+from .generation import logits_processors
 from .kv_cache import KVCache
 from .metrics import compute_metrics, write_predictions
 from .service import SamplingParams
@@ -38,20 +39,6 @@ class EvalResult:
     seconds: float = 0.0
     output_dir: Optional[Path] = None
     stopped: bool = False
-
-
-def _warpers(params: SamplingParams):
-    from transformers import LogitsProcessorList
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    procs = LogitsProcessorList()
-    if params.temperature != 1.0:
-        procs.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k and params.top_k > 0:
-        procs.append(TopKLogitsWarper(params.top_k))
-    if params.top_p is not None and params.top_p < 1.0:
-        procs.append(TopPLogitsWarper(params.top_p))
-    return procs
 
 
 @torch.inference_mode()
@@ -80,7 +67,7 @@ def generate_batch(
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)  # [b, width]
     budget = torch.tensor([max(0, max_length - len(p)) for p in prompts], device=device)  # new tokens allowed
     cache = KVCache.with_prefix([t.expand(b, *t.shape[1:]) for t in prefix_kv] if prefix_kv else None)
-    procs = None if params.greedy else _warpers(params)
+    procs = None if params.greedy else logits_processors(params)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = budget <= 0  # [b]
     feed, all_ids, produced = ids, ids, 0

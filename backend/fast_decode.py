@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from .decoding import EagerDecoder, common_prefix_length
 from .generation import logits_processors
 from .int8_linear import HAVE_TRITON, default_gemv_config, gemv, is_quantized_module, linear, linear_weights
 from .modeling import apply_rotary, rotary_cos_sin
@@ -46,23 +47,12 @@ def available() -> bool:
 
 def make_decoder(model, engine: str = "auto", weights: str = "same", max_seq_len: int = 8192):
     """The decoder the chat engine should use: "fast", "eager", or "auto" (fast on CUDA, eager on CPU)."""
-    from .decoding import EagerDecoder
-
     if engine not in ("auto", "fast", "eager"):
         raise ValueError(f"engine must be auto, fast or eager, not {engine!r}")
     on_cuda = model.get_input_embeddings().weight.is_cuda
     if engine == "eager" or (engine == "auto" and not (on_cuda and available())):
         return EagerDecoder(model)
     return FastDecoder(model, max_seq_len=max_seq_len, weights=weights)
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 if HAVE_TRITON:
@@ -322,7 +312,7 @@ class FastDecoder:
         P = self.prefix_len
         if P + len(input_ids) > self.max_seq_len:
             raise ValueError(f"prompt of {len(input_ids)} tokens does not fit the cache ({self.max_seq_len - P} slots)")
-        keep = min(_common_prefix_length(self.cached_ids, input_ids), len(input_ids) - 1)  # feed >= 1 token
+        keep = min(common_prefix_length(self.cached_ids, input_ids), len(input_ids) - 1)  # feed >= 1 token
         tokens = list(input_ids)
         self._history, self._n_cached = tokens, keep
         eos = set(eos_token_ids)

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
-from backend.decoding import EagerDecoder  # noqa: E402
+from backend.decoding import EagerDecoder, common_prefix_length  # noqa: E402
 from backend.fast_decode import FastDecoder  # noqa: E402
 from backend.int8_linear import GemvConfig, LinearWeights, gemv  # noqa: E402
 from backend.kv_cache import KVCache  # noqa: E402
@@ -267,12 +267,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def agreement(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many leading tokens two greedy runs share."""
+    return common_prefix_length(a, b)
 
 
 # -- GEMV sweep: each config over all 28 layers' weights (more than L2 holds), inside a CUDA graph --
