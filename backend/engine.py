@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from .adapters import AdapterRegistry
-from .decoding import EagerDecoder
+from .fast_decode import make_decoder
 from .generation import process_response, stream_text
 from .loading import LoadedModel, load_model
 from .service import (
@@ -36,19 +36,6 @@ from .service import (
 )
 
 ACTIVE = object()  # "the active adapter", as the default of stream_reply's adapter argument
-
-
-def make_decoder(model, engine: str):
-    """The fast decoder on CUDA when asked for (or by default), else the eager one."""
-    if engine in ("fast", "auto"):
-        try:
-            from .fast_decode import make_decoder as make_fast
-        except ImportError:
-            if engine == "fast":
-                raise BackendError("the fast engine is not available in this build; use --engine eager.") from None
-        else:
-            return make_fast(model, engine)
-    return EagerDecoder(model)
 
 
 class ChatEngine:
