@@ -35,7 +35,7 @@ def load_backend(args: Namespace, progress: ProgressCallback) -> ChatBackend:
     """Load the engine the command line asks for; blocks (call it off the UI thread)."""
     options = dict(
         model=args.model or (None if args.demo else DEFAULT_MODEL),
-        quantization=None if args.quantization in (None, "none") else args.quantization,
+        quantization=args.quantization,  # None: the engine's default (8-bit on a GPU)
         adapters=list(args.adapter or []),
         adapter_dirs=list(args.adapters or []),
         progress=progress,

@@ -57,7 +57,7 @@ def test_load_backend_maps_the_command_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "backend.engine", _engine_module(load))
     args = parse_args(["--quantization", "none", "--adapter", "a", "--adapters", "d", "--engine", "fast"])
     assert load_backend(args, lambda p: None) == "engine"
-    assert seen == dict(model="THUDM/chatglm2-6b", quantization=None, adapters=["a"], adapter_dirs=["d"],
+    assert seen == dict(model="THUDM/chatglm2-6b", quantization="none", adapters=["a"], adapter_dirs=["d"],
                         demo=False, engine="fast")
 
     def load_without_engine(model, quantization, adapters, adapter_dirs, progress, demo=False):
