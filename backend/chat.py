@@ -78,6 +78,6 @@ class ChatMixin:
             max_new_tokens=max_new_tokens or max(1, max_length - input_ids.shape[1]),
         )
         eos = [tokenizer.eos_token_id]
-        for response, _ in stream_text(tokenizer, generate_tokens(self, input_ids, cache, params, eos), eos):
+        for response in stream_text(tokenizer, generate_tokens(self, input_ids, cache, params, eos), eos):
             new_history = history + [(query, response)]
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)

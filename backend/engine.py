@@ -36,6 +36,7 @@ from .service import (
 )
 
 ACTIVE = object()  # "the active adapter", as the default of stream_reply's adapter argument
+_NO_PREFIX_YET = object()  # a decoder whose prefix was never set
 
 
 class ChatEngine:
@@ -46,7 +47,7 @@ class ChatEngine:
         self.registry = AdapterRegistry(self.model.config, loaded.device, loaded.dtype)
         self._engine = engine
         self._decoders = [make_decoder(self.model, engine)]
-        self._decoder_adapters: list[object] = [ACTIVE]  # which prefix each decoder holds (ACTIVE = none set yet)
+        self._decoder_adapters: list[object] = [_NO_PREFIX_YET]  # which adapter's prefix each decoder holds
         self._active: Optional[str] = None
         self._lock = threading.RLock()  # one reply at a time uses the model's decoders
         kind = "fast" if type(self._decoders[0]).__name__ == "FastDecoder" else "eager"
@@ -118,9 +119,9 @@ class ChatEngine:
         """Decoder ``slot`` holding ``adapter``'s prefix (its cache is rebuilt when the prefix changes)."""
         while len(self._decoders) <= slot:
             self._decoders.append(make_decoder(self.model, self._engine))
-            self._decoder_adapters.append(ACTIVE)
+            self._decoder_adapters.append(_NO_PREFIX_YET)
         decoder = self._decoders[slot]
-        if self._decoder_adapters[slot] is ACTIVE or self._decoder_adapters[slot] != adapter:
+        if self._decoder_adapters[slot] != adapter:
             decoder.set_prefix(self.registry.prefix_kv(adapter))
             self._decoder_adapters[slot] = adapter
         return decoder
@@ -146,7 +147,7 @@ class ChatEngine:
                 new_ids.append(token)
                 yield token
 
-        for text, _ in stream_text(self.tokenizer, recorded(), eos):
+        for text in stream_text(self.tokenizer, recorded(), eos):
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield TextDelta(text[len(emitted):], slot)
                 emitted = text

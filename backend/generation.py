@@ -90,7 +90,7 @@ def generate_tokens(
             return
 
 
-def stream_text(tokenizer, tokens: Iterable[int], eos_token_ids: Iterable[int]) -> Iterator[tuple[str, list[int]]]:
+def stream_text(tokenizer, tokens: Iterable[int], eos_token_ids: Iterable[int]) -> Iterator[str]:
     """Turn new token ids into the reply text so far, skipping partial UTF-8 ("�") like the original."""
     eos = set(eos_token_ids)
     ids: list[int] = []
@@ -100,4 +100,4 @@ def stream_text(tokenizer, tokens: Iterable[int], eos_token_ids: Iterable[int]) 
         ids.append(token)
         text = tokenizer.decode(ids)
         if text and not text.endswith("\ufffd"):
-            yield process_response(text), ids
+            yield process_response(text)
