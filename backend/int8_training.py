@@ -3,9 +3,10 @@
 bitsandbytes' LLM.int8 quantises the activations too and splits out outlier columns on every
 call, which makes a P-Tuning step slow (the original stack: ~175 ms at 192 tokens on an H100).
 The base is frozen, so only the input gradient is needed: ``dx = dy @ W``. These layers keep the
-int8 rows and per-row scales bitsandbytes already holds (shared storage, no fp16 copy kept),
-multiply through the Triton int8 matmul of ``int8_linear`` (torch on the CPU), and widen a few
-thousand weight rows at a time for the backward matmul.
+int8 rows and per-row scales bitsandbytes already holds (shared storage, no fp16 copy kept) and
+multiply through Triton kernels that widen the int8 weights in registers: ``int8_linear``'s
+matmul forward, ``_grad_input_kernel`` here backward. On the CPU both are torch math (the
+backward widens a few thousand weight rows at a time).
 """
 
 from __future__ import annotations
@@ -13,10 +14,88 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .int8_linear import LinearWeights, is_quantized_module, linear, linear_weights
+from .int8_linear import HAVE_TRITON, LinearWeights, is_quantized_module, linear, linear_weights
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+_ROWS = 4096  # the CPU backward widens at most this many weight rows at a time
 
 
-_ROWS = 4096  # widen at most this many weight rows at a time: a bounded temporary in the backward
+if HAVE_TRITON:
+
+    @triton.jit
+    def _grad_input_kernel(
+        g_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_gm, stride_os, stride_om,
+        N_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # out[split, M, K] = g[M, n_range] @ (w[n_range, K] * scale[n_range, None]), n_range the split's rows
+        # of w; the scale goes on the widened weight tile (values of the weights' size), the sum is float32.
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid = tl.program_id(0)
+        pid_m = pid % num_m  # programs reading the same weight columns run side by side: L2 serves the rest
+        pid_k = pid // num_m
+        split = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rn = tl.arange(0, BLOCK_N)
+        mm = rm < M
+        mk = rk < K
+        n_start = split * N_PER_SPLIT  # a multiple of BLOCK_N (a constant: a few values per model)
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for n0 in range(0, N_PER_SPLIT, BLOCK_N):
+            n = n_start + n0 + rn
+            mn = n < N
+            a = tl.load(g_ptr + rm.to(tl.int64)[:, None] * stride_gm + n[None, :], mask=mm[:, None] & mn[None, :], other=0.0)
+            w = tl.load(w_ptr + n.to(tl.int64)[:, None] * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0)
+            s = tl.load(scale_ptr + n, mask=mn, other=0.0)
+            acc = tl.dot(a, (w.to(tl.float32) * s[:, None]).to(a.dtype), acc)
+        out = out_ptr + split.to(tl.int64) * stride_os + rm.to(tl.int64)[:, None] * stride_om + rk[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mk[None, :])
+
+
+def grad_input_triton(grad_out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """dx [M, K] = grad_out [M, N] @ (weight [N, K] int8 * scale [N, None]) through one Triton kernel.
+
+    Small outputs split the sum over N across programs (float32 partials, summed after) so that
+    every SM has work; no widened copy of the weight is ever written.
+    """
+    M, N = grad_out.shape
+    K = weight.shape[1]
+    if grad_out.stride(1) != 1:
+        grad_out = grad_out.contiguous()
+    bm, bn, bk = (64, 64, 128) if M <= 64 else (128, 64, 128)
+    warps = 4 if bm == 64 else 8
+    tiles = triton.cdiv(M, bm) * triton.cdiv(K, bk)
+    sms = torch.cuda.get_device_properties(grad_out.device).multi_processor_count if grad_out.is_cuda else 132
+    split = 1
+    while tiles * split < 2 * sms and N // (bn * split * 2) >= 8:  # each split keeps >= 8 steps of BLOCK_N
+        split *= 2
+    n_per_split = triton.cdiv(triton.cdiv(N, split), bn) * bn
+    split = triton.cdiv(N, n_per_split)
+    if split == 1:
+        out = torch.empty(M, K, device=grad_out.device, dtype=grad_out.dtype)
+        stride_os = 0
+    else:
+        out = torch.empty(split, M, K, device=grad_out.device, dtype=torch.float32)
+        stride_os = out.stride(0)
+    _grad_input_kernel[(tiles, split)](
+        grad_out, weight, scale, out, M, N, K, grad_out.stride(0), stride_os, out.stride(-2),
+        N_PER_SPLIT=n_per_split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3,
+    )
+    return out if split == 1 else out.sum(0).to(grad_out.dtype)
+
+
+def grad_input_torch(grad_out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The same in torch, one block of weight rows widened at a time (int8 * scale is one kernel)."""
+    scale = scale.to(grad_out.dtype)
+    grad_in = None
+    for start in range(0, weight.shape[0], _ROWS):
+        rows = slice(start, start + _ROWS)
+        part = grad_out[..., rows] @ (weight[rows] * scale[rows, None])
+        grad_in = part if grad_in is None else grad_in.add_(part)
+    return grad_in
 
 
 class _WeightOnlyInt8(torch.autograd.Function):
@@ -27,14 +106,13 @@ class _WeightOnlyInt8(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        """dx = dy @ (q * scale), one block of rows widened at a time (int8 * fp16 is one kernel)."""
+        """dx = dy @ (q * scale)."""
         weight, scale = ctx.saved_tensors
-        scale = scale.to(grad_out.dtype)
-        grad_in = None
-        for start in range(0, weight.shape[0], _ROWS):
-            rows = slice(start, start + _ROWS)
-            part = grad_out[..., rows] @ (weight[rows] * scale[rows, None])
-            grad_in = part if grad_in is None else grad_in.add_(part)
+        if HAVE_TRITON and grad_out.is_cuda and grad_out.dtype in (torch.float16, torch.bfloat16):
+            shape = grad_out.shape
+            grad_in = grad_input_triton(grad_out.reshape(-1, shape[-1]), weight, scale).view(*shape[:-1], -1)
+        else:
+            grad_in = grad_input_torch(grad_out, weight, scale)
         return grad_in, None, None, None
 
 

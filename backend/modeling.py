@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .chat import ChatMixin
 from .configuration import ChatGLMConfig
 from .kv_cache import KVCache
+from .lean_autograd import causal_lm_loss, rms_norm
 
 # transformers 5.17 names the cache ``past_key_values``; newer 5.x releases name it ``cache``.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -38,8 +39,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, dtype: torch.dtype):
@@ -101,9 +101,13 @@ class MLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device)
 
-    def forward(self, x):
+    def activation(self, x):
+        """SwiGLU of the up-projection: [.., ffn_hidden_size]."""
         a, b = self.dense_h_to_4h(x).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(a) * b)
+        return F.silu(a) * b
+
+    def forward(self, x):
+        return self.dense_4h_to_h(self.activation(x))
 
 
 class GLMBlock(nn.Module):
@@ -114,9 +118,16 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device=device)
         self.mlp = MLP(config, device=device)
 
-    def forward(self, x, cos, sin, mask, cache=None, prefix_k=None, prefix_v=None):
+    def forward(self, x, cos, sin, mask, cache=None, prefix_k=None, prefix_v=None, recompute_mlp=False):
         h = x + self.self_attention(self.input_layernorm(x), cos, sin, mask, cache, prefix_k, prefix_v)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if recompute_mlp:  # keep only h for the backward; the norm, up-projection and SwiGLU run again there
+            act = checkpoint(self._mlp_activation, h, use_reentrant=False, preserve_rng_state=False)
+        else:
+            act = self._mlp_activation(h)
+        return h + self.mlp.dense_4h_to_h(act)
+
+    def _mlp_activation(self, h):
+        return self.mlp.activation(self.post_attention_layernorm(h))
 
 
 class GLMTransformer(nn.Module):
@@ -125,14 +136,18 @@ class GLMTransformer(nn.Module):
         self.layers = nn.ModuleList([GLMBlock(config, i, device=device) for i in range(config.num_layers)])
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device=device)
         self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+        # Under autograd, recompute each MLP's up-projection in the backward instead of keeping its
+        # 2 x ffn_hidden_size output (10.5 MB a layer at 192 tokens): P-Tuning turns this on.
+        self.recompute_mlp = False
 
     def forward(self, x, cos, sin, mask, cache=None, prefix_kv=None):
+        grad = torch.is_grad_enabled()  # the frozen base may stay in eval mode while a prefix trains
         for i, layer in enumerate(self.layers):
             pk, pv = (prefix_kv[2 * i], prefix_kv[2 * i + 1]) if prefix_kv is not None else (None, None)
-            if self.gradient_checkpointing and torch.is_grad_enabled():  # the frozen base may stay in eval mode
+            if self.gradient_checkpointing and grad:
                 x = checkpoint(layer, x, cos, sin, mask, cache, pk, pv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, pk, pv)
+                x = layer(x, cos, sin, mask, cache, pk, pv, recompute_mlp=self.recompute_mlp and grad)
         return self.final_layernorm(x)
 
 
@@ -340,9 +355,8 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         )
         logits = self.transformer.output_layer(out.last_hidden_state)  # [b, s, vocab]
         loss = None
-        if labels is not None:
-            shift_logits = logits.float()[:, :-1].reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        if labels is not None:  # cross_entropy(logits.float()[:, :-1], labels[:, 1:]), keeping less for the backward
+            loss = causal_lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=True, **kwargs):

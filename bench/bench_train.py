@@ -46,16 +46,26 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
-    # bitsandbytes' own 8-bit matmuls first (eager, as the original), then our weight-only int8
-    # (which training then keeps), eager and as CUDA graphs.
-    for weight_only, graphs in ((False, False), (True, False), (True, True)):
-        for checkpointing in (False, True):
-            bench = benchmark_step(model, batch_size=1, seq_len=192, pre_seq_len=128, steps=10,
-                                   gradient_checkpointing=checkpointing, weight_only_int8=weight_only, cuda_graphs=graphs)
-            emit(what="ptuning_step", quantization=quantization, int8_kernels="weight-only" if weight_only else "bitsandbytes",
-                 cuda_graphs=graphs, gradient_checkpointing=checkpointing, ms_per_step=round(bench.ms_per_step, 1),
-                 peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2),
-                 peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None, device=device)
+    # bitsandbytes' own 8-bit matmuls first (eager, keeping every activation, as the original), then
+    # our weight-only int8 (which training then keeps): CUDA graphs, with and without recomputing the
+    # MLP up-projection in the backward (the default), and with whole-layer gradient checkpointing.
+    configs = [  # (weight-only int8, CUDA graphs, gradient checkpointing, MLP recompute)
+        (False, False, False, False),
+        (True, True, False, False),
+        (True, True, False, True),
+        (True, True, True, False),
+    ]
+    if quantization != "8bit":  # weight-only int8 applies to 8-bit bases only
+        configs = [(False, True, False, False), (False, True, False, True), (False, True, True, False)]
+    for weight_only, graphs, checkpointing, recompute in configs:
+        bench = benchmark_step(model, batch_size=1, seq_len=192, pre_seq_len=128, steps=10,
+                               gradient_checkpointing=checkpointing, weight_only_int8=weight_only, cuda_graphs=graphs,
+                               recompute_mlp=recompute)
+        emit(what="ptuning_step", quantization=quantization,
+             int8_kernels=("weight-only" if weight_only else "bitsandbytes") if quantization == "8bit" else None,
+             cuda_graphs=graphs, gradient_checkpointing=checkpointing, recompute_mlp=recompute,
+             ms_per_step=round(bench.ms_per_step, 1), peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2),
+             peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None, device=device)
 
     if step_only:
         return

@@ -72,3 +72,36 @@ def test_fast_decoder_built_after_the_swap_shares_the_int8_rows(tiny_dir):
     greedy = SamplingParams(temperature=0, max_new_tokens=10)
     ids = list(range(5, 20))
     assert list(decoder.generate(ids, greedy, [2])) == list(EagerDecoder(model).generate(ids, greedy, [2]))
+
+
+_KERNEL_CHECK = r"""
+import torch
+from backend.int8_linear import quantize_per_channel
+from backend.int8_training import grad_input_torch, grad_input_triton
+
+torch.manual_seed(0)
+# (M, N, K): one output tile with the sum over N split, several tiles with ragged edges, one split
+for M, N, K, dtype in ((5, 300, 200, torch.float16), (70, 1100, 130, torch.float16), (3, 64, 64, torch.float32)):
+    q, s = quantize_per_channel(torch.randn(N, K) * 0.02)
+    g = torch.randn(M, N).to(dtype)
+    ref = g.double() @ (q.double() * s.double()[:, None])
+    for out in (grad_input_triton(g, q, s), grad_input_torch(g, q, s)):
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert out.dtype == dtype and out.shape == (M, K), (out.dtype, out.shape)
+        assert err < (2e-3 if dtype == torch.float16 else 1e-5), (M, N, K, dtype, err)
+print("ok")
+"""
+
+
+def test_backward_kernel_matches_float64_under_the_triton_interpreter():
+    """The CUDA backward kernel's arithmetic, run by Triton's CPU interpreter (bf16 is not emulated there)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
