@@ -152,6 +152,8 @@ def build_parser() -> Parser:
     _add(train, "--overwrite-output-dir", action="store_true", help="start a new run in an output dir that holds checkpoints (they are replaced)")
     _add(train, "--resume", "--resume-from-checkpoint", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
          help="continue the latest checkpoint in --output-dir, or the given checkpoint directory")
+    _add(train, "--ptuning-checkpoint", default=None, metavar="CHECKPOINT",
+         help="start from this P-Tuning v2 checkpoint's prefix (a new optimizer and schedule; --resume continues a run instead)")
     train.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     _add(train, "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
          help="recompute activations in the backward pass: less GPU memory, about a third slower (default: off)")
@@ -320,6 +322,7 @@ def request_from_args(args):
         num_train_epochs=args.num_train_epochs, logging_steps=args.logging_steps, save_steps=args.save_steps,
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
         overwrite_output_dir=args.overwrite_output_dir, skip_bad_lines=args.skip_bad_lines, eval_steps=eval_steps,
+        init_checkpoint=Path(args.ptuning_checkpoint) if args.ptuning_checkpoint else None,
     )
 
 

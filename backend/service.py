@@ -118,6 +118,7 @@ class TrainRequest:
     seed: int = 42
     gradient_checkpointing: bool = False
     resume: Optional[str] = None  # None | "latest" | a checkpoint directory
+    init_checkpoint: Optional[Path] = None  # start from this prefix (weights only), as the original --ptuning_checkpoint
     overwrite_output_dir: bool = False
     skip_bad_lines: bool = False
     eval_steps: Optional[int] = None  # evaluate every N steps when a validation file is given

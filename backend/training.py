@@ -237,6 +237,22 @@ def check_request(request: TrainRequest, world: int = 1) -> None:
         )
     if resume is not None:
         _check_resume_fits(resume, r)
+    elif r.init_checkpoint is not None:
+        _check_init_fits(r)
+
+
+def _check_init_fits(request: TrainRequest) -> None:
+    """--ptuning-checkpoint must be a prefix of the requested length and kind (its weights are read later)."""
+    from .adapters import read_prefix_checkpoint
+
+    ckpt = read_prefix_checkpoint(request.init_checkpoint)
+    for key, flag, have in (("pre_seq_len", "--pre-seq-len", ckpt.pre_seq_len),
+                            ("prefix_projection", "--prefix-projection", ckpt.prefix_projection)):
+        if have != getattr(request, key):
+            raise BackendError(
+                f"--ptuning-checkpoint {ckpt.path} has {key} {have}, this run asks for {getattr(request, key)}; "
+                f"pass {flag} {have} to start from it."
+            )
 
 
 def _check_resume_fits(checkpoint: Path, request: TrainRequest) -> None:
@@ -641,6 +657,11 @@ def train_prefix(
         total_steps = max(1, math.ceil(request.num_train_epochs * batches.per_epoch / accumulation))
 
     encoder = new_prefix_encoder(model.config, request.pre_seq_len, request.prefix_projection, device, request.seed)
+    if request.init_checkpoint is not None and resume_from is None:  # a resumed run restores its own weights
+        from .adapters import build_prefix_encoder, read_prefix_checkpoint
+
+        start = build_prefix_encoder(read_prefix_checkpoint(request.init_checkpoint), model.config, device)
+        encoder.load_state_dict(start.state_dict())
     trainer = PrefixStep(model, encoder, request.learning_rate, total_steps, seed=request.seed, dist=dist,
                          capture_lock=capture_lock)
     ckpt_config = prefix_config(model.config, request.pre_seq_len, request.prefix_projection)

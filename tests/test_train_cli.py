@@ -257,3 +257,34 @@ def test_compare_bad_input(tiny_dir, tmp_path, capsys):
     code, _, err = run_main(["compare", "--model", tiny_dir, "--checkpoint", tmp_path / "none"], capsys)
     assert code == 2
     assert_one_line(err, "no prompt given")
+
+
+def test_training_starts_from_a_ptuning_checkpoint(tiny_dir, train_file, tmp_path, capsys):
+    """--ptuning_checkpoint (the original's flag) seeds the prefix with a checkpoint's weights; a new optimizer."""
+    import torch
+
+    first, second, fresh = tmp_path / "first", tmp_path / "second", tmp_path / "fresh"
+    code, _, err = run_main(train_args(tiny_dir, train_file, first, "--max-steps", "2", "--save-steps", "2"), capsys)
+    assert code == 0, err
+    start = first / "checkpoint-2"
+    tiny_step = ["--max-steps", "1", "--save-steps", "1", "--learning-rate", "1e-12"]  # one step that barely moves
+    code, _, err = run_main(train_args(tiny_dir, train_file, second, *tiny_step, "--ptuning_checkpoint", start), capsys)
+    assert code == 0, err
+    code, _, err = run_main(train_args(tiny_dir, train_file, fresh, *tiny_step), capsys)
+    assert code == 0, err
+
+    def weights(ckpt):
+        return torch.load(ckpt / "pytorch_model.bin", weights_only=True)["transformer.prefix_encoder.embedding.weight"]
+
+    torch.testing.assert_close(weights(second / "checkpoint-1"), weights(start), rtol=0, atol=1e-6)
+    assert not torch.allclose(weights(fresh / "checkpoint-1"), weights(start), atol=1e-3)
+
+    pre_seq_len = FAST[FAST.index("--pre-seq-len") + 1]
+    code, _, err = run_main(train_args(tiny_dir, train_file, tmp_path / "other", *tiny_step,
+                                       "--ptuning-checkpoint", start, "--pre-seq-len", str(int(pre_seq_len) + 1)), capsys)
+    assert code == 2
+    assert_one_line(err, "--ptuning-checkpoint", f"pre_seq_len {pre_seq_len}", f"--pre-seq-len {pre_seq_len}")
+    code, _, err = run_main(train_args(tiny_dir, train_file, tmp_path / "other", *tiny_step,
+                                       "--ptuning-checkpoint", tmp_path / "nowhere"), capsys)
+    assert code == 2
+    assert_one_line(err, "no adapter checkpoint at")
