@@ -7,21 +7,28 @@
   prefix takes slots 0..P-1, a conversation's tokens follow. Switching adapters copies the new
   prefix into those slots; P lives in a device scalar, so nothing is recaptured or recompiled.
 - Prompt (prefill): the model's math in torch over the static cache (int8 linears through a
-  Triton matmul on CUDA).
+  Triton matmul on CUDA). On CUDA a prompt of up to 2048 new tokens is padded on the right to a
+  power-of-two bucket and replayed from a CUDA graph captured on the bucket's first use (one per
+  bucket and key window; inputs read from device tensors), which removes the ~11 launches a layer
+  from Python; longer prompts, and the CPU, run the same math eagerly.
 - Decode step on CUDA: six Triton kernels a layer (fused norm/linear/rotary/cache-write, split
   attention and its combine, linear + residual, norm + linear + SwiGLU, linear + residual),
   the final norm + output linear, and greedy selection, captured once into a CUDA graph and
   replayed for every token. No torch.compile: start-up is the kernels' JIT (cached by Triton).
+  Optionally (``l2_prefetch``) a side-stream branch of the graph streams each layer's dense
+  weight into L2 while its attention kernels leave HBM idle.
 - Without CUDA (or Triton) the same decoder runs the torch math for every step, so CPU tests
   cover the cache, prefix, reuse and sampling logic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
-from typing import Iterable, Iterator, Optional
+import warnings
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,26 @@ if HAVE_TRITON:
 
 WEIGHT_MODES = ("int8", "bf16", "fp16", "fp32", "same")
 _DTYPE_MODE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+# L2 prefetch (decode step): what is streamed into L2 while layer i's attention runs, as (linear of layer i,
+# fraction of its rows). The window is ~5 us a layer (NOTES.md: attention 0.15 ms a token), in which HBM
+# moves ~15 MB: int8 dense is 16.8 MB, bf16 dense 33.5 MB. "fc1" takes the fraction of both SwiGLU halves
+# (the GEMV reads rows p and p + F together); at most 3 ranges in all (dense + fc1 is 3).
+L2_PREFETCH_PLAN = {"int8": (("dense", 1.0),), "float": (("dense", 0.5),)}
+L2_PREFETCH_LINEARS = ("dense", "fc1", "fc2")
+
+# Prompts padded on the right to a bucket, one CUDA graph per (bucket, key window) (see ``_prefill``).
+PREFILL_MIN_BUCKET = 16
+PREFILL_MAX_BUCKET = 2048
+PREFILL_MAX_GRAPHS = 32  # oldest dropped beyond this (they share one memory pool, so this bounds host-side state)
+# masked key windows up to this many bytes of float32 scores (heads x T x KW x 4) take SDPA's math kernel with
+# enable_gqa, as _forward_torch does; larger ones repeat the keys per head for memory-efficient attention
+PREFILL_MATH_ATTN_BYTES = 64 << 20
+
+
+def _next_pow2(n: int) -> int:
+    """The smallest power of two >= n (as triton.next_power_of_2, without needing Triton)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def available() -> bool:
@@ -144,10 +171,18 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_cache_kernel(
-        qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, start, past, S, H, G, stride_g, stride_t,
-        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, LOG2_BASE: tl.constexpr,
+        qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, start_arg, past_arg, meta_ptr, S, H, G, stride_g, stride_t,
+        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, LOG2_BASE: tl.constexpr, FROM_DEVICE: tl.constexpr,
     ):
-        # token tok, head hd of qkv [S, (H + 2G) * D]: rotary on q and k, q to [H, S, D], k and v to the cache
+        # token tok, head hd of qkv [S, (H + 2G) * D]: rotary on q and k, q to [H, S, D], k and v to the cache.
+        # FROM_DEVICE: start (position of row 0) and past (its cache slot) are meta[0], meta[1] on the device,
+        # so that one captured graph serves every start; else the Python ints start_arg, past_arg.
+        if FROM_DEVICE:
+            start = tl.load(meta_ptr)
+            past = tl.load(meta_ptr + 1)
+        else:
+            start = start_arg
+            past = past_arg
         tok = tl.program_id(0)
         hd = tl.program_id(1)
         i = tl.arange(0, HEAD_DIM // 2)
@@ -180,6 +215,33 @@ if HAVE_TRITON:
         b = tl.load(y_ptr + row * 2 * F_DIM + F_DIM + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * F_DIM + offs, (a / (1.0 + tl.exp(-a)) * b).to(out_ptr.dtype.element_ty), mask=m)
 
+    # -- L2 prefetch: stream a weight into L2 while the attention kernels leave HBM idle -------------
+
+    @triton.jit
+    def _l2_touch(ptr, n_blocks, base, lo, hi, acc, BLOCK: tl.constexpr):
+        # the blocks of one range (blocks base.. of the virtual concatenation) inside this program's [lo, hi)
+        b0 = tl.maximum(lo - base, 0)
+        b1 = tl.minimum(hi - base, n_blocks)
+        offs = tl.arange(0, BLOCK)
+        for b in range(b0, b1):
+            # b * BLOCK: the compiler knows the alignment, so these are 16-byte loads (int32 offsets: ranges < 8 GB)
+            acc ^= tl.load(ptr + b * BLOCK + offs)
+        return acc
+
+    @triton.jit
+    def _l2_prefetch_kernel(a_ptr, n_a, b_ptr, n_b, c_ptr, n_c, sink_ptr, PER, BLOCK: tl.constexpr):
+        # three int32 ranges of n_a, n_b, n_c blocks of BLOCK, seen as one; each program reads PER contiguous
+        # blocks of it. The xor of what it read goes to sink[program]: loads whose result is stored cannot be
+        # optimised away, and one int32 per program costs nothing.
+        pid = tl.program_id(0)
+        lo = pid * PER
+        hi = lo + PER
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        acc = _l2_touch(a_ptr, n_a, 0, lo, hi, acc, BLOCK)
+        acc = _l2_touch(b_ptr, n_b, n_a, lo, hi, acc, BLOCK)
+        acc = _l2_touch(c_ptr, n_c, n_a + n_b, lo, hi, acc, BLOCK)
+        tl.store(sink_ptr + pid, tl.xor_sum(acc, axis=0))
+
 
 class _Layer:
     """One block's compact weights."""
@@ -206,7 +268,15 @@ class FastDecoder:
         gemv_configs: Optional[dict] = None,
         pdl: Optional[bool] = None,
         prefetch: Optional[bool] = None,
+        l2_prefetch: Optional[bool] = None,
+        l2_prefetch_plan: Optional[Sequence[tuple[str, float]]] = None,
+        prefill_graphs: Optional[bool] = None,
     ):
+        """``l2_prefetch``: in the decode graph, stream ``l2_prefetch_plan`` (default ``L2_PREFETCH_PLAN``) of
+        each layer into L2 on a side stream during its attention (default off until measured).
+        ``prefill_graphs``: prompts that fit a bucket run padded, captured into one CUDA graph per bucket
+        (default: on where the decode step uses a graph); set on the CPU it runs the same padded math
+        without a graph (tests)."""
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {WEIGHT_MODES}, not {weights!r}")
         cfg = model.config
@@ -262,6 +332,11 @@ class FastDecoder:
         if pdl is None:  # programmatic dependent launch: Hopper and later
             pdl = use_graph and torch.cuda.get_device_capability(self.device)[0] >= 9
         self.pdl = bool(pdl)
+        # all graphs of this decoder allocate from one pool: they never run at the same time (one stream),
+        # and every tensor that outlives a replay (inputs, logits, cache) is allocated outside the pool
+        self._graph_pool = torch.cuda.graph_pool_handle() if use_graph else None
+        self._init_l2_prefetch(l2_prefetch, l2_prefetch_plan)
+        self._init_prefill(use_graph if prefill_graphs is None else prefill_graphs)
         if use_graph:
             try:
                 self._capture()
@@ -322,7 +397,7 @@ class FastDecoder:
         penalty = bool(params.repetition_penalty) and params.repetition_penalty != 1.0
         all_ids = torch.tensor([tokens], device=self.device) if penalty else None
         with torch.inference_mode():
-            logits = self._forward_torch(tokens[keep:], keep)
+            logits = self._prefill(tokens[keep:], keep)
             token = self._select(logits, procs, all_ids, params, generator)
         self._n_cached = len(tokens)
         tokens.append(token)
@@ -442,6 +517,142 @@ class FastDecoder:
         x = self._rms(x[:, -1:], self.final_ln)
         return linear(x, self.output)[:, -1].float()  # [1, V]
 
+    # -- the prompt, padded to a bucket, in a CUDA graph -----------------------------------------
+    #
+    # Eager, the prompt is ~11 launches a layer from Python (~11 ms of host time for 64 tokens on an H100,
+    # twice its GPU time). Here it is padded on the right to T rows (a power of two) and replayed from a graph.
+    # Everything that varies between prompts of one bucket is read from device tensors (ids, start, past,
+    # last row), so a graph serves any prompt of its bucket. Right padding is safe: the pad rows come after
+    # the real ones, so causally they change nothing; their keys/values land in slots past+s..past+T-1,
+    # which the decoder holds empty from then on (cached_ids ends with the prompt): each decode step writes
+    # its slot before reading slots < its length, and a later prompt reuses only slots of cached tokens and
+    # reads none after its own rows. Keys: a static window [0, KW), KW a power of two >= past + T, with a
+    # mask from ``past`` (or plain causal when past = 0, KW = T).
+
+    def _init_prefill(self, enabled: bool) -> None:
+        self.prefill_graphs = bool(enabled)
+        self.prefill_max_bucket = min(PREFILL_MAX_BUCKET, self.max_seq_len)
+        self.prefill_captures = 0
+        self._prefill_graph_cache: dict[tuple[int, int, bool], "torch.cuda.CUDAGraph"] = {}
+        cuda = self.device.type == "cuda"
+        n = 3 + self.prefill_max_bucket  # start, past, last real row, then the ids
+        self._pf_in = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._pf_host = torch.zeros(n, dtype=torch.int64, pin_memory=cuda)
+        self._pf_copied = torch.cuda.Event() if cuda else None
+        self._pf_stream = None
+        self._pf_logits = torch.zeros(1, self.output.weight.shape[0], device=self.device, dtype=torch.float32)
+
+    def clear_prefill_graphs(self) -> None:
+        """Drop the captured prompt graphs (the next prompt of each bucket captures again)."""
+        self._prefill_graph_cache.clear()
+
+    def _prefill_key(self, s: int, past: int) -> Optional[tuple[int, int, bool]]:
+        """(rows T, key window KW, causal) for s new tokens after ``past`` slots, or None: run eagerly."""
+        T = max(PREFILL_MIN_BUCKET, _next_pow2(s))
+        if T > self.prefill_max_bucket or past + T > self.max_seq_len:
+            return None  # the pad rows' cache slots must exist
+        if past == 0:
+            return T, T, True
+        return T, min(_next_pow2(past + T), self.max_seq_len), False
+
+    def _prefill(self, new_ids: list[int], start: int) -> torch.Tensor:
+        """Logits [1, V] float32 of the last of ``new_ids`` (positions start..), writing their cache slots."""
+        key = self._prefill_key(len(new_ids), self.prefix_len + start) if self.prefill_graphs else None
+        if key is None:
+            return self._forward_torch(new_ids, start)
+        self._set_prefill_input(new_ids, start)
+        if self._graph_pool is None:  # no CUDA graphs: the same padded math, run directly
+            return self._forward_padded(*key).clone()
+        graph = self._prefill_graph_cache.get(key)
+        if graph is None:
+            try:
+                graph = self._capture_prefill(key)
+            except Exception as exc:  # something in the prompt's math that does not capture: stay eager
+                warnings.warn(f"prompt graph capture failed, prompts run eagerly: {type(exc).__name__}: {exc}")
+                self.prefill_graphs = False
+                torch.cuda.synchronize(self.device)
+                return self._forward_torch(new_ids, start)
+        graph.replay()
+        return self._pf_logits.clone()  # the next prompt's replay overwrites the static buffer
+
+    def _set_prefill_input(self, new_ids: list[int], start: int) -> None:
+        """(start, past, last row) and the ids padded with 0 to the bucket, into _pf_in without a sync."""
+        s = len(new_ids)
+        T = max(PREFILL_MIN_BUCKET, _next_pow2(s))
+        if self._pf_copied is not None:
+            self._pf_copied.synchronize()  # the previous copy has left the pinned buffer
+        host = self._pf_host
+        host[0], host[1], host[2] = start, self.prefix_len + start, s - 1
+        host[3 : 3 + s] = torch.tensor(new_ids, dtype=torch.int64)
+        host[3 + s : 3 + T] = 0  # pad id: any valid row of the embedding
+        self._pf_in[: 3 + T].copy_(host[: 3 + T], non_blocking=True)
+        if self._pf_copied is not None:
+            self._pf_copied.record()
+
+    def _forward_padded(self, T: int, KW: int, causal: bool) -> torch.Tensor:
+        """``_forward_torch`` for the prompt in ``_pf_in``, padded to T rows, with nothing read on the host.
+
+        Shapes depend only on (T, KW, causal), so this is what a prompt graph captures; it also runs as is
+        (CPU tests). Writes the logits of the last real row to ``_pf_logits`` [1, V] and returns it."""
+        meta, ids = self._pf_in[:3], self._pf_in[3 : 3 + T]
+        dev = self.device
+        x = F.embedding(ids[None], self.embedding)  # [1, T, hidden]
+        cos = sin = None
+        if not self.fused_prefill:
+            cos, sin = rotary_cos_sin((meta[0] + torch.arange(T, device=dev))[None], self.rotary_dim, self.dtype)
+        mask = None
+        if not causal:  # row r (slot past + r) sees slots 0..past+r: the earlier tokens and itself
+            rows = meta[1] + torch.arange(T, device=dev)
+            mask = (torch.arange(KW, device=dev)[None, :] <= rows[:, None])[None, None]  # [1, 1, T, KW]
+        h, d = self.num_heads, self.head_dim
+        for i, lw in enumerate(self.layers):
+            qkv = linear(self._rms(x, lw.ln1), lw.qkv)  # [1, T, (h + 2g) d]
+            q = self._rope_and_cache(qkv, i, cos, sin, None, None, T, meta=meta)  # [1, h, T, d]
+            out = self._window_attention(q, i, KW, mask)
+            x = x + linear(out.transpose(1, 2).reshape(1, T, h * d), lw.dense)
+            x = x + linear(self._swiglu(linear(self._rms(x, lw.ln2), lw.fc1)), lw.fc2)
+        x = self._rms(x.index_select(1, meta[2:3]), self.final_ln)  # the last real row
+        self._pf_logits.copy_(linear(x, self.output)[:, -1].float())
+        return self._pf_logits
+
+    def _window_attention(self, q: torch.Tensor, i: int, KW: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """q [1, h, T, d] against layer i's cache slots [0, KW)."""
+        keys, values = self.k_cache[i, :, :KW], self.v_cache[i, :, :KW]  # [g, KW, d]
+        if mask is None:  # causal from slot 0: as _forward_torch (flash attention on CUDA)
+            return F.scaled_dot_product_attention(q, keys[None], values[None], is_causal=True, enable_gqa=True)
+        h, (g, _, d) = self.num_heads, keys.shape
+        if h * q.shape[2] * KW * 4 <= PREFILL_MATH_ATTN_BYTES:  # as _forward_torch: the math kernel, small scores
+            return F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, enable_gqa=True)
+        # a mask with enable_gqa falls back to the math kernel, whose [h, T, KW] float32 scores would stay
+        # reserved in the graph pool; with the groups' keys repeated per head, memory-efficient attention
+        # takes the mask
+        keys = keys[:, None].expand(g, h // g, KW, d).reshape(1, h, KW, d)
+        values = values[:, None].expand(g, h // g, KW, d).reshape(1, h, KW, d)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+    def _capture_prefill(self, key: tuple[int, int, bool]) -> "torch.cuda.CUDAGraph":
+        """Capture the padded prompt for ``key``; the input in _pf_in is already set (and the result replayed)."""
+        dev = self.device
+        main = torch.cuda.current_stream(dev)
+        if self._pf_stream is None:  # one warm-up stream: its cached blocks serve every later warm-up
+            self._pf_stream = torch.cuda.Stream(dev)
+        self._pf_stream.wait_stream(main)
+        with torch.cuda.stream(self._pf_stream), torch.inference_mode():
+            # compiles kernels of new shapes and initialises libraries outside the capture; it writes the very
+            # cache slots (same values) that the replay after the capture writes again
+            self._forward_padded(*key)
+        main.wait_stream(self._pf_stream)
+        graph = torch.cuda.CUDAGraph()
+        # captured lazily, in the middle of a reply: "thread_local" leaves other threads' CUDA calls alone
+        capture = torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local")
+        with capture, torch.inference_mode():
+            self._forward_padded(*key)
+        if len(self._prefill_graph_cache) >= PREFILL_MAX_GRAPHS:
+            self._prefill_graph_cache.pop(next(iter(self._prefill_graph_cache)))
+        self._prefill_graph_cache[key] = graph
+        self.prefill_captures += 1
+        return graph
+
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fused_prefill:
             out = torch.empty_like(x)
@@ -451,23 +662,33 @@ class FastDecoder:
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
         return (weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
 
-    def _rope_and_cache(self, qkv, i, cos, sin, start, past, s):
-        """q [1, h, s, d] rotated; k (rotated) and v written to layer i's cache slots past..past+s."""
+    def _rope_and_cache(self, qkv, i, cos, sin, start, past, s, meta=None):
+        """q [1, h, s, d] rotated; k (rotated) and v written to layer i's cache slots past..past+s.
+
+        ``meta``: an int64 device tensor (start, past, ...) read in place of the ints (graph capture)."""
         h, g, d = self.num_heads, self.num_groups, self.head_dim
         if self.fused_prefill:
             q = torch.empty(1, h, s, d, device=qkv.device, dtype=qkv.dtype)
             kc, vc = self.k_cache[i], self.v_cache[i]
+            from_device = meta is not None
             _rope_cache_kernel[(s, h + 2 * g)](
-                qkv, q, kc, vc, start, past, s, h, g, kc.stride(0), kc.stride(1),
-                HEAD_DIM=d, ROT_PAIRS=self.rotary_dim // 2, LOG2_BASE=13.287712379549449, num_warps=1,
+                qkv, q, kc, vc, 0 if from_device else start, 0 if from_device else past,
+                meta if from_device else qkv, s, h, g, kc.stride(0), kc.stride(1),
+                HEAD_DIM=d, ROT_PAIRS=self.rotary_dim // 2, LOG2_BASE=13.287712379549449, FROM_DEVICE=from_device,
+                num_warps=1,
             )
             return q
         q, k, v = qkv.split([h * d, g * d, g * d], dim=-1)
         q = apply_rotary(q.view(1, s, h, d), cos, sin).transpose(1, 2)  # [1, h, s, d]
         k = apply_rotary(k.view(1, s, g, d), cos, sin).transpose(1, 2)  # [1, g, s, d]
         v = v.view(1, s, g, d).transpose(1, 2)
-        self.k_cache[i, :, past : past + s] = k[0]
-        self.v_cache[i, :, past : past + s] = v[0]
+        if meta is None:
+            self.k_cache[i, :, past : past + s] = k[0]
+            self.v_cache[i, :, past : past + s] = v[0]
+        else:
+            slots = meta[1] + torch.arange(s, device=qkv.device)
+            self.k_cache[i].index_copy_(1, slots, k[0].to(self.k_cache.dtype))
+            self.v_cache[i].index_copy_(1, slots, v[0].to(self.v_cache.dtype))
         return q
 
     def _swiglu(self, y: torch.Tensor) -> torch.Tensor:
@@ -492,7 +713,7 @@ class FastDecoder:
                 self._step()
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
+        with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
             self._step()
         torch.cuda.synchronize(dev)
         self._graph = graph
@@ -528,7 +749,8 @@ class FastDecoder:
             kc, vc = self.k_cache[i], self.v_cache[i]
             gemv(self._x, lw.qkv, self._q, norm_weight=lw.ln1, eps=self.eps,
                  rope=dict(rope_common, k_cache=kc, v_cache=vc), config=cfg("qkv", lw.qkv), pdl=pdl)
-            self._attention(kc, vc, pos)
+            with self._l2_prefetch_window(i):  # the attention leaves HBM idle: fill L2 with what comes next
+                self._attention(kc, vc, pos)
             gemv(self._attn, lw.dense, self._x, residual=self._x, config=cfg("dense", lw.dense), pdl=pdl)
             gemv(self._x, lw.fc1, self._mlp, norm_weight=lw.ln2, eps=self.eps, swiglu=True,
                  config=cfg("fc1", lw.fc1), pdl=pdl)
@@ -558,6 +780,88 @@ class FastDecoder:
             HEAD_DIM=d, HPG_PAD=self._hpg_pad, SPLITS_PAD=triton.next_power_of_2(self._splits), PDL=self.pdl,
             num_warps=4, **launch,
         )
+
+    # -- L2 prefetch during the attention ------------------------------------------------------
+
+    def _init_l2_prefetch(self, enabled: Optional[bool], plan: Optional[Sequence[tuple[str, float]]]) -> None:
+        """Per layer, the launch arguments of ``_l2_prefetch_kernel`` for the planned weight ranges."""
+        self.l2_prefetch = bool(enabled)  # None: off (the default waits for a measurement)
+        kind = "int8" if self.mode == "int8" else "float"
+        self.l2_prefetch_plan = tuple(plan) if plan is not None else L2_PREFETCH_PLAN[kind]
+        for name, frac in self.l2_prefetch_plan:
+            if name not in L2_PREFETCH_LINEARS or not 0 < frac <= 1:
+                raise ValueError(f"l2_prefetch_plan entries are (one of {L2_PREFETCH_LINEARS}, 0 < fraction <= 1), "
+                                 f"not {(name, frac)!r}")
+        cuda = self.device.type == "cuda"
+        # 16 KB per load step of a program, two programs per SM: ~4 MB of loads in flight, enough for full HBM
+        # bandwidth; small blocks on the CPU keep the interpreter quick (bench/check_kernels.py --small)
+        self._l2_block = 4096 if cuda else 64
+        self._l2_args: list[tuple] = []
+        self._l2_side = None
+        if not self.l2_prefetch:
+            return
+        layer_ranges = [self._l2_layer_ranges(lw) for lw in self.layers]  # checks the plan (no Triton needed)
+        if not HAVE_TRITON:
+            return
+        programs = 2 * torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 4
+        self._l2_sink = torch.zeros(programs, dtype=torch.int32, device=self.device)
+        for ranges in layer_ranges:
+            ranges += [self._l2_sink[:0]] * (3 - len(ranges))  # unused range: no blocks
+            blocks = [r.numel() // self._l2_block for r in ranges]
+            per = max(1, -(-sum(blocks) // programs))
+            args = [x for r, n in zip(ranges, blocks) for x in (r, n)]
+            self._l2_args.append((args, per, -(-sum(blocks) // per)))
+        self._l2_side = torch.cuda.Stream(self.device) if cuda else None
+
+    def _l2_layer_ranges(self, lw: _Layer) -> list[torch.Tensor]:
+        """The weight bytes one layer's prefetch reads: int32 views, whole blocks of ``_l2_block``."""
+        ranges = [r for name, frac in self.l2_prefetch_plan for r in self._l2_ranges(getattr(lw, name), name, frac)]
+        if len(ranges) > 3:
+            raise ValueError(f"l2_prefetch_plan {self.l2_prefetch_plan} makes {len(ranges)} ranges; the kernel takes 3")
+        return ranges
+
+    def _l2_ranges(self, lw, name: str, frac: float) -> list[torch.Tensor]:
+        """The first ``frac`` of the rows of a weight (of each SwiGLU half for fc1), as int32 views of its bytes."""
+        w = lw.weight
+        if not w.is_contiguous():
+            return []  # a strided weight would be read elsewhere than where the GEMV reads it
+        rows = w.shape[0]
+        halves = [(0, rows // 2), (rows // 2, rows)] if name == "fc1" else [(0, rows)]
+        out = []
+        for r0, r1 in halves:
+            n = int((r1 - r0) * frac)
+            raw = w[r0 : r0 + n].reshape(-1).view(torch.uint8)
+            nbytes = raw.numel() // (4 * self._l2_block) * (4 * self._l2_block)  # whole blocks: no masks
+            if nbytes == 0 or raw.data_ptr() % 16:
+                continue
+            out.append(raw[:nbytes].view(torch.int32))
+        return out
+
+    @contextlib.contextmanager
+    def _l2_prefetch_window(self, i: int):
+        """Layer i's prefetch on a side stream, forked here and joined when the body (the attention) is done.
+
+        In a graph capture this is a branch: the kernel depends on the qkv GEMV, the dense GEMV on it."""
+        if not self._l2_args:
+            yield
+            return
+        if self._l2_side is None:  # CPU (Triton interpreter): in line, so that the checks run the kernel
+            self._launch_l2_prefetch(i)
+            yield
+            return
+        main = torch.cuda.current_stream(self.device)
+        self._l2_side.wait_stream(main)
+        try:
+            with torch.cuda.stream(self._l2_side):
+                self._launch_l2_prefetch(i)
+            yield
+        finally:  # joined even when the body fails, so that a failed capture leaves no stream in capture mode
+            main.wait_stream(self._l2_side)
+
+    def _launch_l2_prefetch(self, i: int) -> None:
+        args, per, grid = self._l2_args[i]
+        if grid:
+            _l2_prefetch_kernel[(grid,)](*args, self._l2_sink, per, BLOCK=self._l2_block, num_warps=4)
 
     def _set_step_input(self, token: int, pos: int) -> None:
         """Token, position and cache slot of the next step, copied from pinned memory without a sync."""

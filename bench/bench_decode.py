@@ -13,6 +13,9 @@ Measures, batch 1, greedy: decode tokens/s (64-token prompt, 128 new tokens; rat
 first and the last token), time to first token (64- and 1024-token prompts, median of 3 after
 a warm-up), peak GPU memory of each configuration (weights resident + its run), and the
 fraction of the bandwidth bound (linear-weight bytes per token over the measured copy bandwidth).
+Decode-only variant rows (PDL off, prefetch, L2 prefetch) with their logits checked bit for bit
+against the plain decoder; the prompt through its CUDA graph against the eager prompt (TTFT, first
+use of a bucket, logits and cache).
 """
 
 from __future__ import annotations
@@ -384,10 +387,64 @@ def measure_decode(name: str, make, results: dict, ids64, copy_bw) -> FastDecode
     nbytes = weight_bytes_fast(dec)
     bound = copy_bw / nbytes
     results[name] = dict(decode_tok_s=round(rate, 1), bound_tok_s=round(bound, 1), fraction_of_bound=round(rate / bound, 3),
-                         step_ms=round(step_ms(dec), 3), pdl=dec.pdl, variant=True)
+                         step_ms=round(step_ms(dec), 3), pdl=dec.pdl, variant=True,
+                         l2_prefetch=str(dec.l2_prefetch_plan) if dec.l2_prefetch else False)
     say(f"{name:34s} {rate:7.1f} tok/s ({rate / bound:5.1%} of {bound:.0f})  graph step {results[name]['step_ms']:.3f} ms"
-        f"  (pdl {dec.pdl})")
+        f"  (pdl {dec.pdl}, l2 prefetch {results[name]['l2_prefetch']})")
     return dec
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> str:
+    return f"{bool(torch.equal(a, b))} (rel {rel(a, b):.1e})"
+
+
+def decode_variants(base: str, variants, make, results, ids64, copy_bw, forced, ref_logits=None):
+    """Decode-only rows for each (suffix, FastDecoder kwargs); their logits (prompt + forced steps) against the
+    row without kwargs (or ``ref_logits``). Each decoder is freed after its row but the plain one, returned."""
+    logits, plain = {}, None
+    for suffix, kw in variants:
+        name = f"{base}, {suffix}" if suffix else base
+        try:
+            dec = measure_decode(name, lambda: make(**kw), results, ids64, copy_bw)
+            logits[name] = fast_logits(dec, ids64, forced)
+            if not kw:
+                plain = dec
+            del dec
+        except Exception as exc:
+            say(f"{name}: failed: {type(exc).__name__}: {str(exc)[:300]}")
+        free()
+    ref = ref_logits if ref_logits is not None else logits.get(base)
+    same = {n: identical(lv, ref) for n, lv in logits.items() if ref is not None and lv is not ref}
+    say(f"identical logits vs {base}: {same}")
+    return plain, same
+
+
+def prefill_compare(dec: FastDecoder, label: str, prompts: dict, info: dict) -> None:
+    """The prompt through its CUDA graph (first use: the capture included; then the median) against the eager
+    prompt: TTFT, and the logits and real cache slots the two leave."""
+    rows = {}
+    for tag, ids in prompts.items():
+        dec.clear_prefill_graphs()
+        first: list = []
+        t_graph = ttft_ms(dec, ids, first=first)
+        was, dec.prefill_graphs = dec.prefill_graphs, False  # (was is False only where a capture failed)
+        t_eager = ttft_ms(dec, ids)
+        dec.prefill_graphs = was
+        with torch.inference_mode():
+            dec.reset()
+            n = dec.prefix_len + len(ids)
+            l_eager = dec._forward_torch(ids, 0)
+            kv = (dec.k_cache[:, :, :n].clone(), dec.v_cache[:, :, :n].clone())
+            l_graph = dec._prefill(ids, 0)
+            cache = identical(torch.cat((dec.k_cache[:, :, :n], dec.v_cache[:, :, :n])), torch.cat(kv))
+        rows[tag] = dict(ttft_graph_ms=round(t_graph, 2), ttft_graph_first_use_ms=round(first[0], 1),
+                         ttft_eager_ms=round(t_eager, 2), logits_graph_vs_eager=identical(l_graph, l_eager),
+                         cache_graph_vs_eager=cache)
+        say(f"prompt {tag:>5s} {label}: TTFT graph {t_graph:6.2f} ms (first use {first[0]:6.1f}), eager {t_eager:6.2f} ms; "
+            f"graph = eager: logits {rows[tag]['logits_graph_vs_eager']}, cache {cache}")
+        del kv
+    rows["prefill_captures"] = dec.prefill_captures
+    info.setdefault("prefill_graph", {})[label] = rows
 
 
 def logits_errors(model, dec_bf16, dec_int8, ids, forced) -> dict:
@@ -479,33 +536,25 @@ def main() -> int:
     say(f"greedy tokens fast bf16 = eager bf16 for the first {info['greedy_agree_fast_bf16_vs_eager_bf16']} of {NEW_TOKENS}")
 
     forced = eager_tokens[:32]
-    fb0 = measure_decode("fast bf16, PDL off", lambda: FastDecoder(model, weights="bf16", pdl=False), results, ids64, copy_bw)
-    la, lb = fast_logits(fb0, ids64, forced), fast_logits(fb, ids64, forced)
-    info["bf16_pdl_logits_identical"] = f"{bool(torch.equal(la, lb))} (rel {rel(la, lb):.1e})"
-    del la, lb
-    del fb0
-    variants = {}
-    for name, kw in (("fast int8 (bf16 act), PDL off", dict(pdl=False)),
-                     ("fast int8 (bf16 act)", dict()),
-                     ("fast int8 (bf16 act), prefetch", dict(prefetch=True))):
-        try:
-            variants[name] = measure_decode(name, lambda: FastDecoder(model, weights="int8", **kw), results, ids64, copy_bw)
-        except Exception as exc:
-            say(f"{name}: failed: {type(exc).__name__}: {str(exc)[:300]}")
-    fi = variants.get("fast int8 (bf16 act)") or next(iter(variants.values()))
-    ref_l = fast_logits(fi, ids64, forced)
-    info["int8_variants_logits_identical"] = {}
-    for n, d in variants.items():
-        lv = fast_logits(d, ids64, forced)
-        info["int8_variants_logits_identical"][n] = f"{bool(torch.equal(lv, ref_l))} (rel {rel(lv, ref_l):.1e})"
-    del ref_l
-    say(f"identical logits: bf16 PDL on/off {info['bf16_pdl_logits_identical']}; int8 {info['int8_variants_logits_identical']}")
-    for n in list(variants):
-        if variants[n] is not fi:
-            del variants[n]
-    free()
-    fi_name = next(n for n, d in variants.items() if d is fi)
+    _, same_b = decode_variants(
+        "fast bf16", (("PDL off", dict(pdl=False)), ("L2 prefetch", dict(l2_prefetch=True)),
+                      ("L2 prefetch dense 1.0", dict(l2_prefetch=True, l2_prefetch_plan=(("dense", 1.0),)))),
+        lambda **kw: FastDecoder(model, weights="bf16", **kw), results, ids64, copy_bw, forced,
+        ref_logits=fast_logits(fb, ids64, forced))
+    info["bf16_pdl_logits_identical"] = same_b.get("fast bf16, PDL off")
+    info["bf16_variants_logits_identical"] = same_b
+    fi_name = "fast int8 (bf16 act)"
+    fi, info["int8_variants_logits_identical"] = decode_variants(
+        fi_name, (("PDL off", dict(pdl=False)), ("", dict()), ("prefetch", dict(prefetch=True)),
+                  ("L2 prefetch", dict(l2_prefetch=True)),
+                  ("L2 prefetch dense+fc1/16", dict(l2_prefetch=True, l2_prefetch_plan=(("dense", 1.0), ("fc1", 1 / 16))))),
+        lambda **kw: FastDecoder(model, weights="int8", **kw), results, ids64, copy_bw, forced)
+    if fi is None:
+        raise RuntimeError(f"the {fi_name} decoder failed")
     results[fi_name].update(ttft_ms_64=round(ttft_ms(fi, ids64), 1), ttft_ms_1024=round(ttft_ms(fi, ids1024), 1))
+    prompts = {"64": ids64, "100": prompt(100, 4), "1024": ids1024}  # 100: padded to the bucket of 128
+    prefill_compare(fb, "fast bf16", prompts, info)
+    prefill_compare(fi, fi_name, prompts, info)
 
     errs = logits_errors(model, fb, fi, ids64, forced)
     info["logits_rel_err"] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in errs.items()}
@@ -528,6 +577,7 @@ def main() -> int:
         times.append((time.perf_counter() - t0) * 1e3)
     info["adapter_switch_ms"] = round(statistics.median(times), 3)
     info["ttft_ms_64_with_prefix128"] = round(ttft_ms(fi, ids64), 1)
+    prefill_compare(fi, f"{fi_name}, prefix 128", {"64": ids64}, info)  # the masked key window [0, 256)
     list(fi.generate(ids64, SamplingParams(temperature=0, max_new_tokens=8), eos_token_ids=[]))
     info["graph_captures_after_switches"] = fi.graph_captures
     say(f"adapter switch (P=128, set_prefix): {info['adapter_switch_ms']:.3f} ms median; graph captures "
@@ -564,7 +614,23 @@ def main() -> int:
     say("logits relative error, residual projections scaled by 1/sqrt(56):")
     for k, v in errs2.items():
         say(f"  {k:44s} {v if isinstance(v, str) else f'{v:.2e}'}")
-    variants.clear()
+
+    # PyTorch's own initialisation (what the original modeling code gets with empty_init=False): linears
+    # U(-1/sqrt(in), 1/sqrt(in)), embedding N(0, 1); every branch adds less than the embedding it reads
+    del fi
+    free()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.reset_parameters()
+    fi = FastDecoder(model, weights="int8")
+    forced3 = eager_greedy(model, ids64, 32)
+    errs3 = logits_errors(model, fb, fi, ids64, forced3)
+    info["logits_rel_err_torch_init"] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in errs3.items()}
+    say("logits relative error, PyTorch default init (Linear U(+-1/sqrt(in)), Embedding N(0, 1)):")
+    for k, v in errs3.items():
+        say(f"  {k:44s} {v if isinstance(v, str) else f'{v:.2e}'}")
     del fi, fb, model
     free()
     info["resident_gb_before_8bit_rows"] = round(torch.cuda.memory_allocated() / 1e9, 2)  # should be ~0
@@ -583,6 +649,7 @@ def main() -> int:
             dec, _ = measure("fast int8", lambda: FastDecoder(model, weights="same"), results, ids64, ids1024,
                              weight_bytes_fast, copy_bw, decode_reps=3, extra={"note": "8-bit model, int8 rows shared"})
             profile_prefill(dec, ids64)
+            prefill_compare(dec, "fast int8", {"64": ids64, "1024": ids1024}, info)
             del dec, model
             free()
             model = build_model(torch.bfloat16).half()
@@ -599,8 +666,9 @@ def main() -> int:
 
 
 ORDER = ["bf16 eager", "bnb int8 t=6.0 eager", "bnb int8 t=0 eager", "bnb 4-bit nf4 eager", "fast bf16",
-         "fast bf16, PDL off", "fast int8", "fast int8 (bf16 act)", "fast int8 (bf16 act), PDL off",
-         "fast int8 (bf16 act), prefetch"]
+         "fast bf16, PDL off", "fast bf16, L2 prefetch", "fast bf16, L2 prefetch dense 1.0", "fast int8",
+         "fast int8 (bf16 act)", "fast int8 (bf16 act), PDL off", "fast int8 (bf16 act), prefetch",
+         "fast int8 (bf16 act), L2 prefetch", "fast int8 (bf16 act), L2 prefetch dense+fc1/16"]
 TARGETS = {"fast int8": 350, "fast bf16": 200}
 
 
@@ -648,6 +716,26 @@ def write_results(out: Path, device: str, date: str, command: str, results: dict
         "'(bf16 act)' rows quantise the bf16 model (its 12 GB stay resident, so no peak is given).",
         "P-Tuning step and eval throughput: not measured here (training work).",
     ]
+    if info.get("prefill_graph"):
+        lines += [
+            "",
+            "Prompt through its CUDA graph (padded to a power-of-two bucket) vs eager: TTFT median of 3 after a warm-up;",
+            "first use = the first prompt of the bucket (warm-up run + capture + replay).",
+            "",
+            "| decoder | prompt tokens | TTFT graph (ms) | first use (ms) | TTFT eager (ms) | logits graph = eager | cache graph = eager |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, rows in info["prefill_graph"].items():
+            for tag, r in rows.items():
+                if isinstance(r, dict):
+                    lines.append(f"| {label} | {tag} | {r['ttft_graph_ms']} | {r['ttft_graph_first_use_ms']} | "
+                                 f"{r['ttft_eager_ms']} | {r['logits_graph_vs_eager']} | {r['cache_graph_vs_eager']} |")
+    variant_rows = [(n, r) for n, r in results.items() if r.get("variant")]
+    if variant_rows:
+        lines += ["", "Decode variants (graph step = device time of one replay): "
+                  + "; ".join(f"{n} {r['step_ms']} ms (pdl {r.get('pdl')})" for n, r in variant_rows) + ".",
+                  f"Identical logits vs the plain decoder: bf16 {info.get('bf16_variants_logits_identical')}; "
+                  f"int8 {info.get('int8_variants_logits_identical')}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "bench_log.txt").write_text("\n".join(LOG) + "\n")
     say("\n" + "\n".join(lines))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import backend
+import backend.fast_decode
 from backend import ChatGLMConfig, ChatGLMForConditionalGeneration
 from backend.decoding import EagerDecoder
 from backend.fast_decode import FastDecoder, available, make_decoder
@@ -296,3 +297,118 @@ def test_backend_import_has_no_cuda_requirement():
     assert backend.ChatGLMForConditionalGeneration is ChatGLMForConditionalGeneration
     dec = FastDecoder(tiny_model(), weights="same")
     assert dec.use_graph is False and dec._graph is None
+
+
+# -- the prompt padded to a bucket: what the CUDA prompt graphs capture, run as plain torch on the CPU --
+
+def padded(model, **kw) -> FastDecoder:
+    """A decoder whose prompts run padded to a bucket (graphs on CUDA; here the same math without one)."""
+    return FastDecoder(model, weights="same", prefill_graphs=True, **kw)
+
+
+@pytest.mark.parametrize("P, math_attn", [(0, True), (4, True), (4, False)])
+def test_padded_prefill_equals_unpadded(P, math_attn, monkeypatch):
+    if not math_attn:  # masked windows through the keys repeated per head (the large windows' way)
+        monkeypatch.setattr(backend.fast_decode, "PREFILL_MATH_ATTN_BYTES", 0)
+    model = tiny_model()
+    ref, dec = FastDecoder(model, weights="same", max_seq_len=256), padded(model, max_seq_len=256)
+    assert ref.prefill_graphs is False  # the CPU default: the model's own unpadded math
+    prefix = random_prefix(model, P, seed=1) if P else None
+    ref.set_prefix(prefix)
+    dec.set_prefix(prefix)
+    ids = list(range(3, 125))
+    # tokens lo..hi at positions lo..: a first turn of 37 (bucket 64), a second turn of 20 after it, a full
+    # bucket, one token, an edited history from position 60 (same bucket and window as the second turn; the
+    # slots after 80 are stale from then on, as generate() treats them), a new first turn of 50
+    for lo, hi in ((0, 37), (37, 57), (57, 121), (121, 122), (60, 80), (0, 50)):
+        T, KW, causal = dec._prefill_key(hi - lo, P + lo)
+        assert causal == (P + lo == 0) and T >= hi - lo and KW >= P + lo + T
+        with torch.inference_mode():
+            want = ref._forward_torch(ids[lo:hi], lo)
+            got = dec._prefill(ids[lo:hi], lo)
+        n = P + hi
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dec.k_cache[:, :, :n], ref.k_cache[:, :, :n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dec.v_cache[:, :, :n], ref.v_cache[:, :, :n], rtol=1e-4, atol=1e-5)
+        if (lo, hi) == (0, 37):  # the pad rows did run: they wrote the slots after the prompt
+            assert dec.k_cache[:, :, n : P + 64].abs().sum() > 0
+            assert ref.k_cache[:, :, n : P + 64].abs().sum() == 0
+
+
+def test_prefill_buckets():
+    model = tiny_model()
+    dec = padded(model, max_seq_len=8192)
+    assert dec._prefill_key(1, 0) == (16, 16, True)
+    assert dec._prefill_key(16, 0) == (16, 16, True)
+    assert dec._prefill_key(17, 0) == (32, 32, True)
+    assert dec._prefill_key(10, 5) == (16, 32, False)
+    assert dec._prefill_key(64, 100) == (64, 256, False)
+    assert dec._prefill_key(2048, 0) == (2048, 2048, True)
+    assert dec._prefill_key(2049, 0) is None  # past the largest bucket: eager
+    small = padded(model, max_seq_len=100)
+    assert small._prefill_key(10, 80) == (16, 100, False)  # the key window stops at the cache's end
+    assert small._prefill_key(10, 90) is None  # 16 pad rows would not fit the cache
+    assert small._prefill_key(60, 0) == (64, 64, True)
+    assert small._prefill_key(70, 0) is None  # bucket 128 is larger than the cache
+
+
+def test_padded_prefill_generate_equals_eager():
+    model = tiny_model()
+    dec = padded(model)
+    turn1 = list(range(10, 30))
+    reply1 = run(dec, turn1, SamplingParams(temperature=0, max_new_tokens=12))
+    assert reply1 == run(EagerDecoder(model), turn1, SamplingParams(temperature=0, max_new_tokens=12))
+    turn2 = turn1 + reply1 + [7, 8, 9, 10]  # the second turn feeds 5 tokens after 31 cached ones
+    assert run(dec, turn2) == run(EagerDecoder(model), turn2)
+    edited = list(range(10, 20)) + [99, 98, 97]  # an edited history: 10 tokens reused, 3 fed
+    assert run(dec, edited) == run(EagerDecoder(model), edited)
+
+
+def test_padded_prefill_prefix_sampling_and_cache_end():
+    model = tiny_model()
+    ids = list(range(3, 25))
+    prefix = random_prefix(model, 4, seed=1)
+    dec, eager = padded(model), EagerDecoder(model)
+    dec.set_prefix(prefix)
+    eager.set_prefix(prefix)
+    assert run(dec, ids) == run(eager, ids)
+    params = SamplingParams(temperature=0.8, top_p=0.8, max_new_tokens=40)
+    assert run(dec, ids, params, generator=torch.Generator().manual_seed(5)) == run(
+        eager, ids, params, generator=torch.Generator().manual_seed(5))
+    # a cache of 32 slots: the 20-token prompt runs as bucket 32 and its pad rows fill every slot
+    full = padded(model, max_seq_len=32)
+    got = run(full, list(range(10, 30)))
+    assert len(got) == 32 - 20 + 1
+    assert got == run(EagerDecoder(model), list(range(10, 30)))[: len(got)]
+
+
+def test_golden_padded_prefill_equals_eager(golden_model, golden_prefix_model):
+    assert run(padded(golden_model), PROMPT) == run(EagerDecoder(golden_model), PROMPT)
+    with torch.no_grad():
+        prefix = golden_prefix_model.transformer.prefix_key_values(1, torch.float32)
+    dec, eager = padded(golden_prefix_model), EagerDecoder(golden_prefix_model)
+    dec.set_prefix(prefix)
+    eager.set_prefix(prefix)
+    assert run(dec, PROMPT) == run(eager, PROMPT)
+
+
+# -- L2 prefetch: which bytes each layer's prefetch reads (the kernel itself: bench/check_kernels.py) --
+
+def test_l2_prefetch_ranges():
+    model = tiny_model()
+    dec = FastDecoder(model, weights="int8", l2_prefetch=True, l2_prefetch_plan=(("dense", 1.0), ("fc1", 0.5)))
+    lw = dec.layers[0]
+    dense, fc1 = dec._l2_layer_ranges(lw)[0], dec._l2_layer_ranges(lw)[1:]
+    assert dense.dtype == torch.int32 and dense.data_ptr() == lw.dense.weight.data_ptr()
+    assert dense.numel() * 4 == lw.dense.weight.numel()  # all of dense (64 x 64 int8: whole blocks)
+    F_rows, K = lw.fc1.weight.shape[0] // 2, lw.fc1.weight.shape[1]
+    assert [r.data_ptr() for r in fc1] == [lw.fc1.weight[0].data_ptr(), lw.fc1.weight[F_rows].data_ptr()]
+    assert all(r.numel() * 4 <= F_rows // 2 * K for r in fc1)  # half of each SwiGLU half, in whole blocks
+    assert FastDecoder(model, weights="same").l2_prefetch is False  # off by default
+    assert FastDecoder(model, weights="same", l2_prefetch=True).l2_prefetch_plan == (("dense", 0.5),)
+    with pytest.raises(ValueError):
+        FastDecoder(model, weights="same", l2_prefetch=True, l2_prefetch_plan=(("qkv", 1.0),))
+    with pytest.raises(ValueError):
+        FastDecoder(model, weights="same", l2_prefetch=True, l2_prefetch_plan=(("dense", 1.5),))
+    with pytest.raises(ValueError):  # 4 ranges (fc1 is two): the kernel takes 3
+        FastDecoder(model, weights="same", l2_prefetch=True, l2_prefetch_plan=(("dense", 1.0), ("fc1", 1.0), ("fc2", 1.0)))
