@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -297,15 +296,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     @staticmethod
     def _attention_mask(padding_mask, b: int, s: int, past: int, P: int, device) -> Optional[torch.Tensor]:
-        """Boolean [b, 1, s, past + s] (True = attend); None when plain causal attention is exact; on CUDA,
-        a lower-right causal bias when nothing is padded."""
+        """Boolean [b, 1, s, past + s] (True = attend), or None when plain causal attention is exact."""
         if padding_mask is None or bool(padding_mask.all()):
             if past == 0 or s == 1:
                 return None  # SDPA's is_causal (or no mask for one new token) is the same mask
-            if torch.device(device).type == "cuda":
-                # Causal with the prefix and past visible, as flash attention computes it without a mask
-                # tensor; a boolean mask would send SDPA (with grouped keys) to its float32 math kernel.
-                return causal_lower_right(s, past + s)
             padding_mask = None
         t = past + s
         rows = torch.arange(s, device=device)[:, None] + past
