@@ -33,6 +33,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .cuda_streams import warmup_stream
 from .decoding import EagerDecoder, common_prefix_length
 from .generation import logits_processors
 from .int8_linear import HAVE_TRITON, default_gemv_config, gemv, is_quantized_module, linear, linear_weights
@@ -539,7 +540,6 @@ class FastDecoder:
         self._pf_in = torch.zeros(n, dtype=torch.int64, device=self.device)
         self._pf_host = torch.zeros(n, dtype=torch.int64, pin_memory=cuda)
         self._pf_copied = torch.cuda.Event() if cuda else None
-        self._pf_stream = None
         self._pf_logits = torch.zeros(1, self.output.weight.shape[0], device=self.device, dtype=torch.float32)
 
     def clear_prefill_graphs(self) -> None:
@@ -634,14 +634,13 @@ class FastDecoder:
         """Capture the padded prompt for ``key``; the input in _pf_in is already set (and the result replayed)."""
         dev = self.device
         main = torch.cuda.current_stream(dev)
-        if self._pf_stream is None:  # one warm-up stream: its cached blocks serve every later warm-up
-            self._pf_stream = torch.cuda.Stream(dev)
-        self._pf_stream.wait_stream(main)
-        with torch.cuda.stream(self._pf_stream), torch.inference_mode():
+        side = warmup_stream(dev)
+        side.wait_stream(main)
+        with torch.cuda.stream(side), torch.inference_mode():
             # compiles kernels of new shapes and initialises libraries outside the capture; it writes the very
             # cache slots (same values) that the replay after the capture writes again
             self._forward_padded(*key)
-        main.wait_stream(self._pf_stream)
+        main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # captured lazily, in the middle of a reply: "thread_local" leaves other threads' CUDA calls alone
         capture = torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local")
@@ -706,7 +705,7 @@ class FastDecoder:
     def _capture(self) -> None:
         dev = self.device
         self._alloc_step_buffers()
-        stream = torch.cuda.Stream(dev)
+        stream = warmup_stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # compile the kernels and settle the allocator outside the capture

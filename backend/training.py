@@ -51,6 +51,7 @@ import torch
 
 from .configuration import ChatGLMConfig
 from .data import DataError, Example, collate_train, preprocess_train, read_examples
+from .cuda_streams import warmup_stream
 from .int8_training import use_weight_only_int8
 from .modeling import PrefixEncoder, split_prefix
 from .progress import ProgressLog, fan_out
@@ -429,7 +430,7 @@ class PrefixStep:
         sample = kv.detach().requires_grad_()
         with self._capture_lock:
             checkpointing, encoder.gradient_checkpointing = encoder.gradient_checkpointing, True
-            side = torch.cuda.Stream(self.device)
+            side = warmup_stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             try:
                 with torch.cuda.stream(side):
