@@ -15,20 +15,17 @@
   attention and its combine, linear + residual, norm + linear + SwiGLU, linear + residual),
   the final norm + output linear, and greedy selection, captured once into a CUDA graph and
   replayed for every token. No torch.compile: start-up is the kernels' JIT (cached by Triton).
-  Optionally (``l2_prefetch``) a side-stream branch of the graph streams each layer's dense
-  weight into L2 while its attention kernels leave HBM idle.
 - Without CUDA (or Triton) the same decoder runs the torch math for every step, so CPU tests
   cover the cache, prefix, reuse and sampling logic.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import threading
 import warnings
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +43,6 @@ if HAVE_TRITON:
 
 WEIGHT_MODES = ("int8", "bf16", "fp16", "fp32", "same")
 _DTYPE_MODE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-# L2 prefetch (decode step): what is streamed into L2 while layer i's attention runs, as (linear of layer i,
-# fraction of its rows). The window is ~5 us a layer (NOTES.md: attention 0.15 ms a token), in which HBM
-# moves ~15 MB: int8 dense is 16.8 MB, bf16 dense 33.5 MB. "fc1" takes the fraction of both SwiGLU halves
-# (the GEMV reads rows p and p + F together); at most 3 ranges in all (dense + fc1 is 3).
-L2_PREFETCH_PLAN = {"int8": (("dense", 1.0),), "float": (("dense", 0.5),)}
-L2_PREFETCH_LINEARS = ("dense", "fc1", "fc2")
 
 # Prompts padded on the right to a bucket, one CUDA graph per (bucket, key window) (see ``_prefill``).
 PREFILL_MIN_BUCKET = 16
@@ -216,33 +206,6 @@ if HAVE_TRITON:
         b = tl.load(y_ptr + row * 2 * F_DIM + F_DIM + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * F_DIM + offs, (a / (1.0 + tl.exp(-a)) * b).to(out_ptr.dtype.element_ty), mask=m)
 
-    # -- L2 prefetch: stream a weight into L2 while the attention kernels leave HBM idle -------------
-
-    @triton.jit
-    def _l2_touch(ptr, n_blocks, base, lo, hi, acc, BLOCK: tl.constexpr):
-        # the blocks of one range (blocks base.. of the virtual concatenation) inside this program's [lo, hi)
-        b0 = tl.maximum(lo - base, 0)
-        b1 = tl.minimum(hi - base, n_blocks)
-        offs = tl.arange(0, BLOCK)
-        for b in range(b0, b1):
-            # b * BLOCK: the compiler knows the alignment, so these are 16-byte loads (int32 offsets: ranges < 8 GB)
-            acc ^= tl.load(ptr + b * BLOCK + offs)
-        return acc
-
-    @triton.jit
-    def _l2_prefetch_kernel(a_ptr, n_a, b_ptr, n_b, c_ptr, n_c, sink_ptr, PER, BLOCK: tl.constexpr):
-        # three int32 ranges of n_a, n_b, n_c blocks of BLOCK, seen as one; each program reads PER contiguous
-        # blocks of it. The xor of what it read goes to sink[program]: loads whose result is stored cannot be
-        # optimised away, and one int32 per program costs nothing.
-        pid = tl.program_id(0)
-        lo = pid * PER
-        hi = lo + PER
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        acc = _l2_touch(a_ptr, n_a, 0, lo, hi, acc, BLOCK)
-        acc = _l2_touch(b_ptr, n_b, n_a, lo, hi, acc, BLOCK)
-        acc = _l2_touch(c_ptr, n_c, n_a + n_b, lo, hi, acc, BLOCK)
-        tl.store(sink_ptr + pid, tl.xor_sum(acc, axis=0))
-
 
 class _Layer:
     """One block's compact weights."""
@@ -269,13 +232,9 @@ class FastDecoder:
         gemv_configs: Optional[dict] = None,
         pdl: Optional[bool] = None,
         prefetch: Optional[bool] = None,
-        l2_prefetch: Optional[bool] = None,
-        l2_prefetch_plan: Optional[Sequence[tuple[str, float]]] = None,
         prefill_graphs: Optional[bool] = None,
     ):
-        """``l2_prefetch``: in the decode graph, stream ``l2_prefetch_plan`` (default ``L2_PREFETCH_PLAN``) of
-        each layer into L2 on a side stream during its attention (default off until measured).
-        ``prefill_graphs``: prompts that fit a bucket run padded, captured into one CUDA graph per bucket
+        """``prefill_graphs``: prompts that fit a bucket run padded, captured into one CUDA graph per bucket
         (default: on where the decode step uses a graph); set on the CPU it runs the same padded math
         without a graph (tests)."""
         if weights not in WEIGHT_MODES:
@@ -336,7 +295,6 @@ class FastDecoder:
         # all graphs of this decoder allocate from one pool: they never run at the same time (one stream),
         # and every tensor that outlives a replay (inputs, logits, cache) is allocated outside the pool
         self._graph_pool = torch.cuda.graph_pool_handle() if use_graph else None
-        self._init_l2_prefetch(l2_prefetch, l2_prefetch_plan)
         self._init_prefill(use_graph if prefill_graphs is None else prefill_graphs)
         if use_graph:
             try:
@@ -748,8 +706,7 @@ class FastDecoder:
             kc, vc = self.k_cache[i], self.v_cache[i]
             gemv(self._x, lw.qkv, self._q, norm_weight=lw.ln1, eps=self.eps,
                  rope=dict(rope_common, k_cache=kc, v_cache=vc), config=cfg("qkv", lw.qkv), pdl=pdl)
-            with self._l2_prefetch_window(i):  # the attention leaves HBM idle: fill L2 with what comes next
-                self._attention(kc, vc, pos)
+            self._attention(kc, vc, pos)
             gemv(self._attn, lw.dense, self._x, residual=self._x, config=cfg("dense", lw.dense), pdl=pdl)
             gemv(self._x, lw.fc1, self._mlp, norm_weight=lw.ln2, eps=self.eps, swiglu=True,
                  config=cfg("fc1", lw.fc1), pdl=pdl)
@@ -779,88 +736,6 @@ class FastDecoder:
             HEAD_DIM=d, HPG_PAD=self._hpg_pad, SPLITS_PAD=triton.next_power_of_2(self._splits), PDL=self.pdl,
             num_warps=4, **launch,
         )
-
-    # -- L2 prefetch during the attention ------------------------------------------------------
-
-    def _init_l2_prefetch(self, enabled: Optional[bool], plan: Optional[Sequence[tuple[str, float]]]) -> None:
-        """Per layer, the launch arguments of ``_l2_prefetch_kernel`` for the planned weight ranges."""
-        self.l2_prefetch = bool(enabled)  # None: off (the default waits for a measurement)
-        kind = "int8" if self.mode == "int8" else "float"
-        self.l2_prefetch_plan = tuple(plan) if plan is not None else L2_PREFETCH_PLAN[kind]
-        for name, frac in self.l2_prefetch_plan:
-            if name not in L2_PREFETCH_LINEARS or not 0 < frac <= 1:
-                raise ValueError(f"l2_prefetch_plan entries are (one of {L2_PREFETCH_LINEARS}, 0 < fraction <= 1), "
-                                 f"not {(name, frac)!r}")
-        cuda = self.device.type == "cuda"
-        # 16 KB per load step of a program, two programs per SM: ~4 MB of loads in flight, enough for full HBM
-        # bandwidth; small blocks on the CPU keep the interpreter quick (bench/check_kernels.py --small)
-        self._l2_block = 4096 if cuda else 64
-        self._l2_args: list[tuple] = []
-        self._l2_side = None
-        if not self.l2_prefetch:
-            return
-        layer_ranges = [self._l2_layer_ranges(lw) for lw in self.layers]  # checks the plan (no Triton needed)
-        if not HAVE_TRITON:
-            return
-        programs = 2 * torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 4
-        self._l2_sink = torch.zeros(programs, dtype=torch.int32, device=self.device)
-        for ranges in layer_ranges:
-            ranges += [self._l2_sink[:0]] * (3 - len(ranges))  # unused range: no blocks
-            blocks = [r.numel() // self._l2_block for r in ranges]
-            per = max(1, -(-sum(blocks) // programs))
-            args = [x for r, n in zip(ranges, blocks) for x in (r, n)]
-            self._l2_args.append((args, per, -(-sum(blocks) // per)))
-        self._l2_side = torch.cuda.Stream(self.device) if cuda else None
-
-    def _l2_layer_ranges(self, lw: _Layer) -> list[torch.Tensor]:
-        """The weight bytes one layer's prefetch reads: int32 views, whole blocks of ``_l2_block``."""
-        ranges = [r for name, frac in self.l2_prefetch_plan for r in self._l2_ranges(getattr(lw, name), name, frac)]
-        if len(ranges) > 3:
-            raise ValueError(f"l2_prefetch_plan {self.l2_prefetch_plan} makes {len(ranges)} ranges; the kernel takes 3")
-        return ranges
-
-    def _l2_ranges(self, lw, name: str, frac: float) -> list[torch.Tensor]:
-        """The first ``frac`` of the rows of a weight (of each SwiGLU half for fc1), as int32 views of its bytes."""
-        w = lw.weight
-        if not w.is_contiguous():
-            return []  # a strided weight would be read elsewhere than where the GEMV reads it
-        rows = w.shape[0]
-        halves = [(0, rows // 2), (rows // 2, rows)] if name == "fc1" else [(0, rows)]
-        out = []
-        for r0, r1 in halves:
-            n = int((r1 - r0) * frac)
-            raw = w[r0 : r0 + n].reshape(-1).view(torch.uint8)
-            nbytes = raw.numel() // (4 * self._l2_block) * (4 * self._l2_block)  # whole blocks: no masks
-            if nbytes == 0 or raw.data_ptr() % 16:
-                continue
-            out.append(raw[:nbytes].view(torch.int32))
-        return out
-
-    @contextlib.contextmanager
-    def _l2_prefetch_window(self, i: int):
-        """Layer i's prefetch on a side stream, forked here and joined when the body (the attention) is done.
-
-        In a graph capture this is a branch: the kernel depends on the qkv GEMV, the dense GEMV on it."""
-        if not self._l2_args:
-            yield
-            return
-        if self._l2_side is None:  # CPU (Triton interpreter): in line, so that the checks run the kernel
-            self._launch_l2_prefetch(i)
-            yield
-            return
-        main = torch.cuda.current_stream(self.device)
-        self._l2_side.wait_stream(main)
-        try:
-            with torch.cuda.stream(self._l2_side):
-                self._launch_l2_prefetch(i)
-            yield
-        finally:  # joined even when the body fails, so that a failed capture leaves no stream in capture mode
-            main.wait_stream(self._l2_side)
-
-    def _launch_l2_prefetch(self, i: int) -> None:
-        args, per, grid = self._l2_args[i]
-        if grid:
-            _l2_prefetch_kernel[(grid,)](*args, self._l2_sink, per, BLOCK=self._l2_block, num_warps=4)
 
     def _set_step_input(self, token: int, pos: int) -> None:
         """Token, position and cache slot of the next step, copied from pinned memory without a sync."""

@@ -13,7 +13,7 @@ Measures, batch 1, greedy: decode tokens/s (64-token prompt, 128 new tokens; rat
 first and the last token), time to first token (64- and 1024-token prompts, median of 3 after
 a warm-up), peak GPU memory of each configuration (weights resident + its run), and the
 fraction of the bandwidth bound (linear-weight bytes per token over the measured copy bandwidth).
-Decode-only variant rows (PDL off, prefetch, L2 prefetch) with their logits checked bit for bit
+Decode-only variant rows (PDL off, prefetch) with their logits checked bit for bit
 against the plain decoder; the prompt through its CUDA graph against the eager prompt (TTFT, first
 use of a bucket, logits and cache).
 """
@@ -387,10 +387,9 @@ def measure_decode(name: str, make, results: dict, ids64, copy_bw) -> FastDecode
     nbytes = weight_bytes_fast(dec)
     bound = copy_bw / nbytes
     results[name] = dict(decode_tok_s=round(rate, 1), bound_tok_s=round(bound, 1), fraction_of_bound=round(rate / bound, 3),
-                         step_ms=round(step_ms(dec), 3), pdl=dec.pdl, variant=True,
-                         l2_prefetch=str(dec.l2_prefetch_plan) if dec.l2_prefetch else False)
+                         step_ms=round(step_ms(dec), 3), pdl=dec.pdl, variant=True)
     say(f"{name:34s} {rate:7.1f} tok/s ({rate / bound:5.1%} of {bound:.0f})  graph step {results[name]['step_ms']:.3f} ms"
-        f"  (pdl {dec.pdl}, l2 prefetch {results[name]['l2_prefetch']})")
+        f"  (pdl {dec.pdl})")
     return dec
 
 
@@ -537,17 +536,14 @@ def main() -> int:
 
     forced = eager_tokens[:32]
     _, same_b = decode_variants(
-        "fast bf16", (("PDL off", dict(pdl=False)), ("L2 prefetch", dict(l2_prefetch=True)),
-                      ("L2 prefetch dense 1.0", dict(l2_prefetch=True, l2_prefetch_plan=(("dense", 1.0),)))),
+        "fast bf16", (("PDL off", dict(pdl=False)),),
         lambda **kw: FastDecoder(model, weights="bf16", **kw), results, ids64, copy_bw, forced,
         ref_logits=fast_logits(fb, ids64, forced))
     info["bf16_pdl_logits_identical"] = same_b.get("fast bf16, PDL off")
     info["bf16_variants_logits_identical"] = same_b
     fi_name = "fast int8 (bf16 act)"
     fi, info["int8_variants_logits_identical"] = decode_variants(
-        fi_name, (("PDL off", dict(pdl=False)), ("", dict()), ("prefetch", dict(prefetch=True)),
-                  ("L2 prefetch", dict(l2_prefetch=True)),
-                  ("L2 prefetch dense+fc1/16", dict(l2_prefetch=True, l2_prefetch_plan=(("dense", 1.0), ("fc1", 1 / 16))))),
+        fi_name, (("PDL off", dict(pdl=False)), ("", dict()), ("prefetch", dict(prefetch=True))),
         lambda **kw: FastDecoder(model, weights="int8", **kw), results, ids64, copy_bw, forced)
     if fi is None:
         raise RuntimeError(f"the {fi_name} decoder failed")
@@ -666,9 +662,8 @@ def main() -> int:
 
 
 ORDER = ["bf16 eager", "bnb int8 t=6.0 eager", "bnb int8 t=0 eager", "bnb 4-bit nf4 eager", "fast bf16",
-         "fast bf16, PDL off", "fast bf16, L2 prefetch", "fast bf16, L2 prefetch dense 1.0", "fast int8",
-         "fast int8 (bf16 act)", "fast int8 (bf16 act), PDL off", "fast int8 (bf16 act), prefetch",
-         "fast int8 (bf16 act), L2 prefetch", "fast int8 (bf16 act), L2 prefetch dense+fc1/16"]
+         "fast bf16, PDL off", "fast int8", "fast int8 (bf16 act)", "fast int8 (bf16 act), PDL off",
+         "fast int8 (bf16 act), prefetch"]
 TARGETS = {"fast int8": 350, "fast bf16": 200}
 
 

@@ -115,36 +115,7 @@ def check_matmul(device, dtype, M, N, K, int8):
     report(f"matmul {'int8' if int8 else dtype} M={M} N={N} K={K}", rel(out, ref), 3e-3 if dtype != torch.float32 else 1e-4)
 
 
-def check_l2_prefetch_kernel(device, block: int, programs: int):
-    """The prefetch kernel reads every int32 of its three ranges once: the xor of its per-program sinks is the
-    xor of all the ranges' words (unread or twice-read blocks would change it)."""
-    from backend.fast_decode import _l2_prefetch_kernel
-
-    g = torch.Generator().manual_seed(5)
-    words = lambda n: torch.randint(-2**31, 2**31 - 1, (n * block,), generator=g, dtype=torch.int32).to(device)  # noqa: E731
-    for sizes in ((7, 0, 0), (3, 5, 11), (0, 1, 2), (1, 0, 0)):
-        ranges = [words(n) for n in sizes]
-        sink = torch.zeros(programs, dtype=torch.int32, device=device)
-        per = max(1, -(-sum(sizes) // programs))
-        grid = -(-sum(sizes) // per)
-        if grid:
-            _l2_prefetch_kernel[(grid,)](ranges[0], sizes[0], ranges[1], sizes[1], ranges[2], sizes[2], sink, per,
-                                         BLOCK=block, num_warps=4)
-        want = 0
-        for r in ranges:
-            for w in r.cpu().tolist():
-                want ^= w
-        got = 0
-        for w in sink.cpu().tolist():
-            got ^= w
-        ok = got == want
-        print(f"{'ok  ' if ok else 'FAIL'} l2 prefetch kernel reads each word once, blocks {sizes}, {programs} programs")
-        if not ok:
-            FAILS.append(f"l2 prefetch {sizes}")
-
-
-def check_step(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 0, prompt: int = 200, prefetch=None,
-               l2_prefetch=None):
+def check_step(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 0, prompt: int = 200, prefetch=None):
     """The captured step's kernels against the decoder's own torch math on the same cache."""
     torch.manual_seed(1)
     prev = torch.get_default_dtype()
@@ -154,11 +125,7 @@ def check_step(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 0, prom
             model = ChatGLMForConditionalGeneration(cfg).eval()
     finally:
         torch.set_default_dtype(prev)
-    dec = FastDecoder(model, max_seq_len=P + prompt + 64, weights=weights, use_graph=False, prefetch=prefetch,
-                      l2_prefetch=l2_prefetch)
-    if l2_prefetch and not dec._l2_args:
-        print("FAIL l2 prefetch asked for, but no ranges to prefetch")
-        FAILS.append("l2 prefetch ranges")
+    dec = FastDecoder(model, max_seq_len=P + prompt + 64, weights=weights, use_graph=False, prefetch=prefetch)
     if P:
         prefix = [torch.randn(1, cfg.multi_query_group_num, P, cfg.kv_channels, device=device, dtype=dtype)
                   for _ in range(2 * cfg.num_layers)]
@@ -176,8 +143,7 @@ def check_step(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 0, prom
         dec._set_step_input(ids[prompt], prompt)
         dec._step()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    tag = (f"{weights} {str(dtype).split('.')[-1]} P={P} L={cfg.num_layers} hidden={cfg.hidden_size} prefetch={prefetch}"
-           + (" l2_prefetch" if l2_prefetch else ""))
+    tag = f"{weights} {str(dtype).split('.')[-1]} P={P} L={cfg.num_layers} hidden={cfg.hidden_size} prefetch={prefetch}"
     report(f"step logits {tag}", rel(dec._logits, ref), tol)
     report(f"step k cache {tag}", rel(dec.k_cache, kref), tol)
     report(f"step v cache {tag}", rel(dec.v_cache, vref), tol)
@@ -212,39 +178,6 @@ def check_fused_prefill(device, dtype, cfg: ChatGLMConfig, weights: str, P: int 
     n = P + 60
     report(f"fused prompt k cache {tag}", rel(decs[1].k_cache[:, :, :n], decs[0].k_cache[:, :, :n]), tol)
     report(f"fused prompt v cache {tag}", rel(decs[1].v_cache[:, :, :n], decs[0].v_cache[:, :, :n]), tol)
-
-
-def check_graph_l2_prefetch(device, cfg: ChatGLMConfig, weights: str, steps: int = 8):
-    """Decode graphs with and without the L2 prefetch branch: the same logits, bit for bit; PDL kept or not."""
-    torch.manual_seed(4)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = ChatGLMForConditionalGeneration(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
-    ids = torch.randint(0, cfg.padded_vocab_size, (100 + steps,)).tolist()
-    logits, pdl = [], []
-    for l2 in (False, True):
-        dec = FastDecoder(model, max_seq_len=256, weights=weights, l2_prefetch=l2)
-        out = []
-        with torch.inference_mode():
-            dec._forward_torch(ids[:100], 0)
-            for k in range(steps):
-                dec._set_step_input(ids[100 + k], 100 + k)
-                dec._graph.replay()
-                out.append(dec._logits.clone())
-        logits.append(torch.stack(out))
-        pdl.append(dec.pdl)
-        del dec
-    same = torch.equal(logits[0], logits[1])
-    print(f"{'ok  ' if same else 'FAIL'} decode graph with L2 prefetch = without, {weights}: identical {same} "
-          f"(rel {rel(logits[1], logits[0]):.1e}); PDL without {pdl[0]}, with {pdl[1]}")
-    if not same:
-        FAILS.append(f"graph l2 prefetch {weights}")
-    if pdl[0] and not pdl[1]:
-        print("note the prefetch branch made the PDL capture fail: that decoder fell back to plain launches")
 
 
 def check_padded_prefill(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 3, graphs: bool = False):
@@ -314,12 +247,10 @@ def main():
             check_step(device, torch.float32, small, weights, P=3)
             check_step(device, torch.float32, small, weights, P=3, prefetch=True)
             check_fused_prefill(device, torch.float32, small, weights)
-            check_step(device, torch.float32, small, weights, P=3, l2_prefetch=True)
             check_padded_prefill(device, torch.float32, small, weights)
         check_step(device, torch.float16, small, "same", P=3)
         check_fused_prefill(device, torch.float16, small, "same")
         check_padded_prefill(device, torch.float16, small, "same")
-        check_l2_prefetch_kernel(device, block=64, programs=4)
     else:
         for int8 in (True, False):
             dt = torch.bfloat16
@@ -338,10 +269,6 @@ def main():
             check_step(device, torch.float32, wide, weights, P=16, prompt=1000, prefetch=True)
         check_fused_prefill(device, torch.bfloat16, wide, "int8")
         check_fused_prefill(device, torch.float32, wide, "fp32")
-        check_l2_prefetch_kernel(device, block=4096, programs=264)
-        for weights in ("bf16", "int8"):
-            check_step(device, torch.bfloat16, wide, weights, P=16, prompt=1000, l2_prefetch=True)
-            check_graph_l2_prefetch(device, wide, weights)
         for graphs in (False, True):
             check_padded_prefill(device, torch.float32, wide, "fp32", graphs=graphs)
             check_padded_prefill(device, torch.bfloat16, wide, "int8", graphs=graphs)

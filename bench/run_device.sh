@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One device call: install the carried bitsandbytes wheel, check the kernels, run the benchmark.
-# Usage on the GPU machine (run tool, carry ".whl"):  bash bench/run_device.sh [bench args]
+# One device call for every figure of BENCHMARKS.md but loading and data parallel: install the
+# carried bitsandbytes wheel, check the kernels, run the decode bench, then the training bench
+# (8-bit step rows, a 30-step run, evaluation; 4-bit step rows), and fold its figures into
+# OUT/results.json and OUT/results.md.
+# Usage on the GPU machine (run tool, carry ".whl"):  bash bench/run_device.sh [bench_decode args]
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -11,5 +14,11 @@ fi
 export PYTHONPATH=.:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-python3 bench/check_kernels.py 2>&1 | tee "$OUT/check.log" || echo "kernel checks failed (see check.log)"
-TRITON_CACHE_DIR=/tmp/triton_bench_cache python3 bench/bench_decode.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+python3 bench/check_kernels.py > "$OUT/check.log" 2>&1 || echo "kernel checks failed (see check.log)"
+tail -n 1 "$OUT/check.log"
+python3 bench/check_grad_kernel.py 2>&1 | tee "$OUT/check_grad.log"
+TRITON_CACHE_DIR=/tmp/triton_bench_cache python3 bench/bench_decode.py --out "$OUT" "$@" > "$OUT/bench.log" 2>&1 || exit 1
+[ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b > /dev/null
+python3 bench/bench_train.py /tmp/glm6b 8bit 2>/dev/null | tee "$OUT/train_8bit.jsonl"
+python3 bench/bench_train.py /tmp/glm6b 4bit --step-only 2>/dev/null | tee "$OUT/train_4bit.jsonl"
+python3 bench/collect_results.py "$OUT"

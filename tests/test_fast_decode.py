@@ -390,25 +390,3 @@ def test_golden_padded_prefill_equals_eager(golden_model, golden_prefix_model):
     dec.set_prefix(prefix)
     eager.set_prefix(prefix)
     assert run(dec, PROMPT) == run(eager, PROMPT)
-
-
-# -- L2 prefetch: which bytes each layer's prefetch reads (the kernel itself: bench/check_kernels.py) --
-
-def test_l2_prefetch_ranges():
-    model = tiny_model()
-    dec = FastDecoder(model, weights="int8", l2_prefetch=True, l2_prefetch_plan=(("dense", 1.0), ("fc1", 0.5)))
-    lw = dec.layers[0]
-    dense, fc1 = dec._l2_layer_ranges(lw)[0], dec._l2_layer_ranges(lw)[1:]
-    assert dense.dtype == torch.int32 and dense.data_ptr() == lw.dense.weight.data_ptr()
-    assert dense.numel() * 4 == lw.dense.weight.numel()  # all of dense (64 x 64 int8: whole blocks)
-    F_rows, K = lw.fc1.weight.shape[0] // 2, lw.fc1.weight.shape[1]
-    assert [r.data_ptr() for r in fc1] == [lw.fc1.weight[0].data_ptr(), lw.fc1.weight[F_rows].data_ptr()]
-    assert all(r.numel() * 4 <= F_rows // 2 * K for r in fc1)  # half of each SwiGLU half, in whole blocks
-    assert FastDecoder(model, weights="same").l2_prefetch is False  # off by default
-    assert FastDecoder(model, weights="same", l2_prefetch=True).l2_prefetch_plan == (("dense", 0.5),)
-    with pytest.raises(ValueError):
-        FastDecoder(model, weights="same", l2_prefetch=True, l2_prefetch_plan=(("qkv", 1.0),))
-    with pytest.raises(ValueError):
-        FastDecoder(model, weights="same", l2_prefetch=True, l2_prefetch_plan=(("dense", 1.5),))
-    with pytest.raises(ValueError):  # 4 ranges (fc1 is two): the kernel takes 3
-        FastDecoder(model, weights="same", l2_prefetch=True, l2_prefetch_plan=(("dense", 1.0), ("fc1", 1.0), ("fc2", 1.0)))
