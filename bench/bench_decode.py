@@ -706,10 +706,13 @@ def write_results(out: Path, device: str, date: str, command: str, results: dict
         + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in info.get("logits_rel_err", {}).items())
         + ". Same with the residual projections scaled by 1/sqrt(56): "
         + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in info.get("logits_rel_err_scaled_init", {}).items()) + ".",
+                    for k, v in info.get("logits_rel_err_scaled_init", {}).items())
+        + ". Same with PyTorch's default initialisation: "
+        + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in info.get("logits_rel_err_torch_init", {}).items()) + ".",
         "Rows 'fast int8' run on the 8-bit (bitsandbytes, fp16) model with its int8 rows shared; "
         "'(bf16 act)' rows quantise the bf16 model (its 12 GB stay resident, so no peak is given).",
-        "P-Tuning step and eval throughput: not measured here (training work).",
+        "P-Tuning step and eval throughput: bench/bench_train.py (bench/run_device.sh appends its table below).",
     ]
     if info.get("prefill_graph"):
         lines += [
