@@ -670,7 +670,8 @@ class FastDecoder:
                 self._step()
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
+        # "thread_local": a training run in another thread (the app trains while you chat) may go on meanwhile
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"), torch.inference_mode():
             self._step()
         torch.cuda.synchronize(dev)
         self._graph = graph
