@@ -346,6 +346,8 @@ def cmd_train(args) -> int:
     if main:
         per_step = request.per_device_train_batch_size * request.gradient_accumulation_steps
         where = f"resuming {resume}" if resume else f"writing to {request.output_dir}"
+        if request.init_checkpoint is not None and not resume:
+            where += f", starting from the prefix in {request.init_checkpoint}"
         _say(f"{len(data.train)} examples, {per_step} per step"
              + (f" over {world} processes" if world > 1 else "") + f"; {where}")
     cancel = threading.Event()

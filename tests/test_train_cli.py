@@ -270,6 +270,7 @@ def test_training_starts_from_a_ptuning_checkpoint(tiny_dir, train_file, tmp_pat
     tiny_step = ["--max-steps", "1", "--save-steps", "1", "--learning-rate", "1e-12"]  # one step that barely moves
     code, _, err = run_main(train_args(tiny_dir, train_file, second, *tiny_step, "--ptuning_checkpoint", start), capsys)
     assert code == 0, err
+    assert f"starting from the prefix in {start}" in err
     code, _, err = run_main(train_args(tiny_dir, train_file, fresh, *tiny_step), capsys)
     assert code == 0, err
 
