@@ -7,7 +7,6 @@ h=attention heads, g=key/value groups, d=kv_channels, P=pre_seq_len.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

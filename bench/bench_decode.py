@@ -472,6 +472,19 @@ def logits_errors(model, dec_bf16, dec_int8, ids, forced) -> dict:
     return out
 
 
+def logits_errors_again(model, fb: FastDecoder, ids: list[int], info: dict, key: str, label: str) -> None:
+    """``logits_errors`` after the model's weights changed in place: a new int8 decoder (its rows are a
+    quantised copy; fb shares the bf16 weights), greedy tokens of the new model forced."""
+    fi = FastDecoder(model, weights="int8")
+    errs = logits_errors(model, fb, fi, ids, eager_greedy(model, ids, 32))
+    info[key] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in errs.items()}
+    say(f"logits relative error, {label}:")
+    for k, v in errs.items():
+        say(f"  {k:44s} {v if isinstance(v, str) else f'{v:.2e}'}")
+    del fi
+    free()
+
+
 def profile_prefill(dec: FastDecoder, ids: list[int]) -> None:
     try:
         from torch.profiler import ProfilerActivity, profile
@@ -603,31 +616,17 @@ def main() -> int:
         for b in model.transformer.encoder.layers:
             b.self_attention.dense.weight.mul_((2 * 28) ** -0.5)
             b.mlp.dense_4h_to_h.weight.mul_((2 * 28) ** -0.5)
-    fi = FastDecoder(model, weights="int8")
-    forced2 = eager_greedy(model, ids64, 32)
-    errs2 = logits_errors(model, fb, fi, ids64, forced2)
-    info["logits_rel_err_scaled_init"] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in errs2.items()}
-    say("logits relative error, residual projections scaled by 1/sqrt(56):")
-    for k, v in errs2.items():
-        say(f"  {k:44s} {v if isinstance(v, str) else f'{v:.2e}'}")
-
+    logits_errors_again(model, fb, ids64, info, "logits_rel_err_scaled_init", "residual projections scaled by 1/sqrt(56)")
     # PyTorch's own initialisation (what the original modeling code gets with empty_init=False): linears
     # U(-1/sqrt(in), 1/sqrt(in)), embedding N(0, 1); every branch adds less than the embedding it reads
-    del fi
-    free()
     torch.manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
                 m.reset_parameters()
-    fi = FastDecoder(model, weights="int8")
-    forced3 = eager_greedy(model, ids64, 32)
-    errs3 = logits_errors(model, fb, fi, ids64, forced3)
-    info["logits_rel_err_torch_init"] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in errs3.items()}
-    say("logits relative error, PyTorch default init (Linear U(+-1/sqrt(in)), Embedding N(0, 1)):")
-    for k, v in errs3.items():
-        say(f"  {k:44s} {v if isinstance(v, str) else f'{v:.2e}'}")
-    del fi, fb, model
+    logits_errors_again(model, fb, ids64, info, "logits_rel_err_torch_init",
+                        "PyTorch default init (Linear U(+-1/sqrt(in)), Embedding N(0, 1))")
+    del fb, model
     free()
     info["resident_gb_before_8bit_rows"] = round(torch.cuda.memory_allocated() / 1e9, 2)  # should be ~0
 

@@ -115,16 +115,21 @@ def check_matmul(device, dtype, M, N, K, int8):
     report(f"matmul {'int8' if int8 else dtype} M={M} N={N} K={K}", rel(out, ref), 3e-3 if dtype != torch.float32 else 1e-4)
 
 
-def check_step(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 0, prompt: int = 200, prefetch=None):
-    """The captured step's kernels against the decoder's own torch math on the same cache."""
-    torch.manual_seed(1)
+def make_model(device, dtype, cfg: ChatGLMConfig, seed: int) -> ChatGLMForConditionalGeneration:
+    """A random model built in ``dtype`` where it runs (no slow CPU init of 6B-wide layers)."""
+    torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):  # built where it runs: no slow CPU init of 6B-wide layers
-            model = ChatGLMForConditionalGeneration(cfg).eval()
+        with torch.device(device):
+            return ChatGLMForConditionalGeneration(cfg).eval()
     finally:
         torch.set_default_dtype(prev)
+
+
+def check_step(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 0, prompt: int = 200, prefetch=None):
+    """The captured step's kernels against the decoder's own torch math on the same cache."""
+    model = make_model(device, dtype, cfg, seed=1)
     dec = FastDecoder(model, max_seq_len=P + prompt + 64, weights=weights, use_graph=False, prefetch=prefetch)
     if P:
         prefix = [torch.randn(1, cfg.multi_query_group_num, P, cfg.kv_channels, device=device, dtype=dtype)
@@ -153,14 +158,7 @@ def check_step(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 0, prom
 
 def check_fused_prefill(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 3):
     """The prompt's fused Triton stages (CUDA) against the model's torch math, fresh and after cached tokens."""
-    torch.manual_seed(2)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = ChatGLMForConditionalGeneration(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = make_model(device, dtype, cfg, seed=2)
     decs = [FastDecoder(model, max_seq_len=256, weights=weights, use_graph=False) for _ in range(2)]
     decs[0].fused_prefill, decs[1].fused_prefill = False, True
     prefix = [torch.randn(1, cfg.multi_query_group_num, P, cfg.kv_channels, device=device, dtype=dtype)
@@ -184,14 +182,7 @@ def check_padded_prefill(device, dtype, cfg: ChatGLMConfig, weights: str, P: int
     """The prompt padded to a bucket (``_prefill``: a CUDA graph with ``graphs``, else the padded math run directly)
     against the unpadded prompt (``_forward_torch``): logits and the real cache slots, first turn, second turn,
     with and without a prefix, and a graph replayed for another prompt of its bucket."""
-    torch.manual_seed(3)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = ChatGLMForConditionalGeneration(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = make_model(device, dtype, cfg, seed=3)
     ref = FastDecoder(model, max_seq_len=512, weights=weights, use_graph=False)
     dec = FastDecoder(model, max_seq_len=512, weights=weights, use_graph=graphs, prefill_graphs=True)
     if not graphs:
