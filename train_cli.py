@@ -157,6 +157,9 @@ def build_parser() -> Parser:
     train.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     _add(train, "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
          help="recompute activations in the backward pass: less GPU memory, about a third slower (default: off)")
+    _add(train, "--recompute-mlp", action=argparse.BooleanOptionalAction, default=True,
+         help="recompute each MLP's up-projection in the backward instead of keeping it: 0.4 GB less at 6B, "
+         "192 tokens, ~13%% slower (default: on)")
     _add(train, "--do-eval", action="store_true", help="generate for --validation-file and score ROUGE/BLEU every --eval-steps and at the end")
     _add(train, "--eval-steps", type=int, default=None, help="evaluate every N steps (default: --save-steps)")
     _add(train, "--max-train-samples", type=int, default=None, help="use only the first N training examples")
@@ -320,7 +323,8 @@ def request_from_args(args):
         learning_rate=args.learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=max_steps,
         num_train_epochs=args.num_train_epochs, logging_steps=args.logging_steps, save_steps=args.save_steps,
-        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
+        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, recompute_mlp=args.recompute_mlp,
+        resume=args.resume,
         overwrite_output_dir=args.overwrite_output_dir, skip_bad_lines=args.skip_bad_lines, eval_steps=eval_steps,
         init_checkpoint=Path(args.ptuning_checkpoint) if args.ptuning_checkpoint else None,
     )

@@ -664,7 +664,7 @@ def train_prefix(
         start = build_prefix_encoder(read_prefix_checkpoint(request.init_checkpoint), model.config, device)
         encoder.load_state_dict(start.state_dict())
     trainer = PrefixStep(model, encoder, request.learning_rate, total_steps, seed=request.seed, dist=dist,
-                         capture_lock=capture_lock)
+                         capture_lock=capture_lock, recompute_mlp=request.recompute_mlp)
     ckpt_config = prefix_config(model.config, request.pre_seq_len, request.prefix_projection)
     global_step, log_history, prior_elapsed = 0, [], 0.0
     if resume_from is not None:

@@ -460,3 +460,16 @@ def test_two_processes_train_like_one(tiny_dir, train_file, tmp_path):
     w2 = torch.load(tmp_path / "two" / "checkpoint-3" / "pytorch_model.bin")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
     assert json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())["world_size"] == 2
+
+
+def test_mlp_recomputation_changes_nothing_but_memory(loaded, train_file, tmp_path):
+    """--no-recompute-mlp keeps the up-projections instead; the loss curve and the prefix are the same."""
+    runs = {}
+    for recompute in (True, False):
+        events = []
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / str(recompute), train_file, recompute_mlp=recompute),
+                     progress=events.append)
+        runs[recompute] = (losses(events), torch.load(tmp_path / str(recompute) / "out" / "checkpoint-6" / "pytorch_model.bin"))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6, abs=1e-7)
+    assert all(torch.allclose(runs[True][1][k], runs[False][1][k], atol=1e-6) for k in runs[True][1])
+    assert loaded.model.transformer.encoder.recompute_mlp is False  # the shared base is left as it was
