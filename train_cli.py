@@ -160,7 +160,8 @@ def build_parser() -> Parser:
     _add(train, "--recompute-mlp", action=argparse.BooleanOptionalAction, default=True,
          help="recompute each MLP's up-projection in the backward instead of keeping it: 0.4 GB less at 6B, "
          "192 tokens, ~13%% slower (default: on)")
-    _add(train, "--do-eval", action="store_true", help="generate for --validation-file and score ROUGE/BLEU every --eval-steps and at the end")
+    _add(train, "--do-eval", action="store_true", help="generate for --validation-file and score ROUGE/BLEU every --eval-steps and at the end "
+         "(files: OUTPUT_DIR for the latest, OUTPUT_DIR/eval/step-N for each)")
     _add(train, "--eval-steps", type=int, default=None, help="evaluate every N steps (default: --save-steps)")
     _add(train, "--max-train-samples", type=int, default=None, help="use only the first N training examples")
     _add(train, "--max-eval-samples", type=int, default=None, help="evaluate on the first N validation examples")

@@ -66,6 +66,7 @@ OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_NAME = "rng_state.pth"
 STATE_NAME = "trainer_state.json"
+EVAL_DIR = "eval"  # OUTPUT_DIR/eval/step-N: each evaluation during training, kept
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # The transformers Trainer defaults the original scripts ran with.
@@ -669,8 +670,12 @@ def train_prefix(
     global_step, log_history, prior_elapsed = 0, [], 0.0
     if resume_from is not None:
         global_step, log_history, prior_elapsed = _restore(resume_from, trainer, dist)
-    # --overwrite-output-dir: the old run's checkpoints go once this run has saved its first one.
-    stale = list_checkpoints(output_dir) if resume_from is None and request.overwrite_output_dir else []
+    # --overwrite-output-dir: the old run's checkpoints and kept evaluations go once this run has saved its
+    # first checkpoint (what this run wrote under the same names stays).
+    stale: list[Path] = []
+    if resume_from is None and request.overwrite_output_dir:
+        stale = list_checkpoints(output_dir) + sorted((output_dir / EVAL_DIR).glob("step-*"))
+    written: set[Path] = set()
 
     plog = ProgressLog(output_dir, resume_step=global_step if resume_from is not None else None) if dist.main else None
     emit = fan_out([plog, progress]) if dist.main else (lambda e: None)
@@ -717,8 +722,9 @@ def train_prefix(
                 raise BackendError(f"could not save checkpoint-{global_step} in {output_dir} ({err.strerror or err}){kept}.") from None
             checkpoints.append(path)
             last_checkpoint = path
+            written.add(path)
             for old in stale:
-                if old != path and old.exists():
+                if old not in written and old.exists():
                     shutil.rmtree(old, ignore_errors=True)
             stale.clear()
             event("save", checkpoint=str(path))
@@ -741,7 +747,9 @@ def train_prefix(
         merged = merge_shards(shards) if dist.world > 1 else result
         if merged.stopped:
             return
+        # the latest where the original puts them, and each evaluation kept under eval/step-N
         write_eval_outputs(output_dir, merged, {"step": global_step})
+        written.add(write_eval_outputs(output_dir / EVAL_DIR / f"step-{global_step}", merged, {"step": global_step}))
         log_history.append({"step": global_step, **{f"eval_{k}": v for k, v in merged.metrics.items()}})
         event("eval", eval_metrics=merged.metrics)
 

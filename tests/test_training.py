@@ -367,6 +367,9 @@ def test_eval_during_training_reports_metrics(loaded, train_file, tmp_path):
     evals = [e for e in events if e.event == "eval"]
     assert len(evals) == 1 and set(evals[0].eval_metrics) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4"}
     assert (tmp_path / "out" / "generated_predictions.txt").read_text().count("\n") == 3
+    kept = tmp_path / "out" / "eval" / "step-2"  # each evaluation's files stay beside the latest
+    assert (kept / "generated_predictions.txt").read_text() == (tmp_path / "out" / "generated_predictions.txt").read_text()
+    assert json.loads((kept / "metrics.json").read_text())["step"] == 2
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
     assert any("eval_bleu-4" in row for row in state["log_history"])
 
@@ -473,3 +476,18 @@ def test_mlp_recomputation_changes_nothing_but_memory(loaded, train_file, tmp_pa
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6, abs=1e-7)
     assert all(torch.allclose(runs[True][1][k], runs[False][1][k], atol=1e-6) for k in runs[True][1])
     assert loaded.model.transformer.encoder.recompute_mlp is False  # the shared base is left as it was
+
+
+def test_overwrite_replaces_the_old_runs_kept_evaluations(loaded, train_file, tmp_path):
+    val = write_data(tmp_path / "dev.json", 2, start=30)
+    evals = tmp_path / "out" / "eval"
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, validation_file=val, max_steps=4,
+                                                         eval_steps=2, save_steps=2, max_target_length=8))
+    assert sorted(p.name for p in evals.iterdir()) == ["step-2", "step-4"]
+    old = (evals / "step-2" / "metrics.json").read_text()
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, validation_file=val, max_steps=2,
+                                                         eval_steps=2, save_steps=2, max_target_length=8, seed=8,
+                                                         overwrite_output_dir=True))
+    assert sorted(p.name for p in evals.iterdir()) == ["step-2"]  # this run's, kept; the old step-4 gone
+    assert (evals / "step-2" / "metrics.json").read_text() != old
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
