@@ -4,6 +4,7 @@
 # (8-bit step rows, a 30-step run, evaluation; 4-bit step rows), and fold its figures into
 # OUT/results.json and OUT/results.md.
 # Usage on the GPU machine (run tool, carry ".whl"):  bash bench/run_device.sh [bench_decode args]
+# Back here: copy OUT/results.* to bench/, then  python bench/collect_results.py --benchmarks BENCHMARKS.md bench
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
