@@ -27,6 +27,8 @@ import math
 import os
 import random
 import shutil
+import sys
+import sysconfig
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,7 +38,24 @@ from typing import Callable, Optional, Union
 from .service import BackendError, LoadProgress
 
 DEMO_VERSION = 1
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def assets_dir(module_file: Union[str, Path] = __file__, prefixes: Optional[list] = None) -> Path:
+    """assets/ of the checkout (or editable install), else the copy a wheel installs under
+    ``<prefix>/share/glmchat/assets`` (pyproject's data-files)."""
+    checkout = Path(module_file).resolve().parents[1] / "assets"
+    if checkout.is_dir():
+        return checkout
+    if prefixes is None:
+        prefixes = [sys.prefix, sys.base_prefix, sysconfig.get_config_var("userbase") or ""]
+    for prefix in prefixes:
+        installed = Path(prefix) / "share" / "glmchat" / "assets"
+        if installed.is_dir():
+            return installed
+    return checkout  # missing: _read_asset says so
+
+
+ASSETS = assets_dir()
 CHAT_FILE = ASSETS / "demo" / "chat.json"  # {"prompt", "response"} lines: the base model's chat text
 SAMPLE_TRAIN = ASSETS / "sample" / "train.json"  # AdvertiseGen-style {"content", "summary"} lines
 SAMPLE_DEV = ASSETS / "sample" / "dev.json"
@@ -97,8 +116,8 @@ def _read_asset(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         raise BackendError(
-            f"the demo's training text {path} is missing; run glmchat from a checkout or an editable install "
-            "(pip install -e .) so that assets/ is present."
+            f"the demo's training text {path} is missing; reinstall glmchat (pip install glmchat, or pip install -e . "
+            "in a checkout) so that its assets are present."
         ) from None
 
 

@@ -226,3 +226,34 @@ def test_adapter_writes_ad_copy_after_an_earlier_chat_turn_too(engine):
     tuned = engine.reply(query, history, greedy, adapter=adapter).text
     assert tuned != base
     assert tuned.startswith(("这件", "这条", "这双", "这只", "这款"))
+
+
+def test_assets_come_from_the_checkout_else_from_an_installed_wheel(tmp_path):
+    root = Path(demo.__file__).resolve().parents[1]
+    assert demo.ASSETS == root / "assets" and demo.SAMPLE_TRAIN.is_file()
+    # installed from a wheel: site-packages/backend/demo.py has no assets/ beside it; the data files are under the prefix
+    module = tmp_path / "site-packages" / "backend" / "demo.py"
+    module.parent.mkdir(parents=True)
+    shared = tmp_path / "prefix" / "share" / "glmchat" / "assets"
+    assert demo.assets_dir(module, [str(tmp_path / "nowhere"), str(tmp_path / "prefix")]) == tmp_path / "site-packages" / "assets"
+    shared.mkdir(parents=True)
+    assert demo.assets_dir(module, [str(tmp_path / "nowhere"), str(tmp_path / "prefix")]) == shared
+
+
+def test_the_wheel_carries_the_assets(tmp_path):
+    """pyproject's data-files put assets/ where assets_dir() looks for them in an install."""
+    import zipfile
+
+    root = Path(demo.__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy of what the wheel is built from: the build leaves nothing in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "train_cli.py"):
+        shutil.copy2(root / name, src / name)
+    for name in ("backend", "tui", "assets"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("glmchat-*.whl"))).namelist()
+    for rel in ("demo/chat.json", "sample/train.json", "sample/dev.json"):
+        assert any(n.endswith(f".data/data/share/glmchat/assets/{rel}") for n in names), rel
