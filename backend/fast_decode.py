@@ -518,7 +518,7 @@ class FastDecoder:
         key = self._prefill_key(len(new_ids), self.prefix_len + start) if self.prefill_graphs else None
         if key is None:
             return self._forward_torch(new_ids, start)
-        self._set_prefill_input(new_ids, start)
+        self._set_prefill_input(new_ids, start, key[0])
         if self._graph_pool is None:  # no CUDA graphs: the same padded math, run directly
             return self._forward_padded(*key).clone()
         graph = self._prefill_graph_cache.get(key)
@@ -533,10 +533,9 @@ class FastDecoder:
         graph.replay()
         return self._pf_logits.clone()  # the next prompt's replay overwrites the static buffer
 
-    def _set_prefill_input(self, new_ids: list[int], start: int) -> None:
-        """(start, past, last row) and the ids padded with 0 to the bucket, into _pf_in without a sync."""
+    def _set_prefill_input(self, new_ids: list[int], start: int, T: int) -> None:
+        """(start, past, last row) and the ids padded with 0 to the bucket of T rows, into _pf_in without a sync."""
         s = len(new_ids)
-        T = max(PREFILL_MIN_BUCKET, _next_pow2(s))
         if self._pf_copied is not None:
             self._pf_copied.synchronize()  # the previous copy has left the pinned buffer
         host = self._pf_host
