@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from .cuda_streams import warmup_stream
 from .decoding import EagerDecoder, common_prefix_length
 from .generation import logits_processors
-from .int8_linear import HAVE_TRITON, default_gemv_config, gemv, is_quantized_module, linear, linear_weights
+from .int8_linear import (
+    HAVE_TRITON, default_gemv_config, gemv, is_quantized_module, linear, linear_weights, new_argmax_state, pick_token,
+)
 from .modeling import apply_rotary, rotary_cos_sin
 from .service import SamplingParams
 
@@ -693,6 +695,7 @@ class FastDecoder:
         self._part_l = torch.empty(parts, device=dev, dtype=torch.float32)
         self._logits = torch.empty(self.output.weight.shape[0], device=dev, dtype=torch.float32)
         self._next_token = torch.zeros((), device=dev, dtype=torch.int64)
+        self._argmax = new_argmax_state(dev)
 
     def _step(self) -> None:
         """One token: the graph's body. Reads self._in (token, pos, slot); writes logits and the next token,
@@ -712,11 +715,9 @@ class FastDecoder:
                  config=cfg("fc1", lw.fc1), pdl=pdl)
             gemv(self._mlp, lw.fc2, self._x, residual=self._x, config=cfg("fc2", lw.fc2), pdl=pdl)
         gemv(self._x, self.output, self._logits, norm_weight=self.final_ln, eps=self.eps,
-             config=cfg("output", self.output), pdl=pdl)
-        bad = ~torch.isfinite(self._logits).all()  # the original's nan/inf guard picks token 5
-        self._next_token.copy_(torch.where(bad, 5, torch.argmax(self._logits)))
-        self._in[0].copy_(self._next_token)
-        self._in[1:].add_(1)
+             config=cfg("output", self.output), pdl=pdl, argmax=self._argmax)
+        # the greedy token, or 5 where a logit is nan/inf (the original's guard), fed to the next replay
+        pick_token(self._argmax, self._next_token, self._in, bad_token=5, pdl=pdl)
 
     def _gemv_config(self, kind: str, lw):
         cfg = self.gemv_configs.get(kind) or default_gemv_config(kind, lw.is_int8)

@@ -149,16 +149,40 @@ EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 if HAVE_TRITON:
 
     @triton.jit
+    def _argmax_key(v, row):
+        # int64 keys ordered as (v, -row): float32 bits made monotone as signed int32, then the row
+        bits = v.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+        return (ordered << 32) | (4294967296 - 1 - row.to(tl.int64))
+
+    @triton.jit
+    def _pick_kernel(best_ptr, next_ptr, in_ptr, BAD_TOKEN: tl.constexpr, PDL: tl.constexpr):
+        # after the output GEMV with ARGMAX: the next token (BAD_TOKEN if any logit was not finite) into
+        # next_ptr and in_ptr[0], position and cache slot in_ptr[1:3] advanced, the keys reset
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        key = tl.load(best_ptr)
+        row = 4294967296 - 1 - (key - ((key >> 32) << 32))  # the low 32 bits hold 2^32 - 1 - row
+        tok = tl.where(tl.load(best_ptr + 1) > 0, BAD_TOKEN, row)
+        tl.store(next_ptr, tok)
+        tl.store(in_ptr, tok)
+        tl.store(in_ptr + 1, tl.load(in_ptr + 1) + 1)
+        tl.store(in_ptr + 2, tl.load(in_ptr + 2) + 1)
+        tl.store(best_ptr, -(2**63))
+        tl.store(best_ptr + 1, 0)
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
-        k_cache_ptr, v_cache_ptr, pos_ptr,
+        k_cache_ptr, v_cache_ptr, pos_ptr, best_ptr,
         N, N_PAIRS, K, ROW_STEP, B_OFF, eps,
         Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t,
         HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROPE_LOG2_BASE: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
         W_INT8: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
         RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_P: tl.constexpr,
-        PREFETCH: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr, ROW_SUM: tl.constexpr, ARGMAX: tl.constexpr,
     ):
         # out rows a = p * ROW_STEP and b = a + B_OFF for the BLOCK_P pairs p of this program
         pid = tl.program_id(0)
@@ -170,8 +194,12 @@ if HAVE_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         wa_ptrs = w_ptr + row_a.to(tl.int64)[:, None] * K + offs_k[None, :]
         wb_ptrs = w_ptr + row_b.to(tl.int64)[:, None] * K + offs_k[None, :]
-        acc_a = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+        if ROW_SUM:  # one float32 per row: registers for more bytes in flight, a reduction per tile
+            acc_a = tl.zeros([BLOCK_P], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK_P], dtype=tl.float32)
+        else:  # a float32 per weight of the tile, summed once at the end
+            acc_a = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum of x, for the offset of CVT 2
         if PDL:  # programmatic dependent launch: the next kernel may start; weights do not depend on the last one
@@ -219,10 +247,18 @@ if HAVE_TRITON:
             else:
                 wa_f = wa.to(tl.float32)
                 wb_f = wb.to(tl.float32)
-            acc_a += wa_f * x[None, :]
-            acc_b += wb_f * x[None, :]
-        a = tl.sum(acc_a, axis=1)
-        b = tl.sum(acc_b, axis=1)
+            if ROW_SUM:
+                acc_a += tl.sum(wa_f * x[None, :], axis=1)
+                acc_b += tl.sum(wb_f * x[None, :], axis=1)
+            else:
+                acc_a += wa_f * x[None, :]
+                acc_b += wb_f * x[None, :]
+        if ROW_SUM:
+            a = acc_a
+            b = acc_b
+        else:
+            a = tl.sum(acc_a, axis=1)
+            b = tl.sum(acc_b, axis=1)
         if W_INT8 and CVT == 2:
             x_sum = 1.5 * tl.sum(xs, axis=0)
             a = (a - x_sum) * 256.0
@@ -243,6 +279,18 @@ if HAVE_TRITON:
                 b = b + tl.load(res_ptr + row_b, mask=mask_b, other=0.0).to(tl.float32)
             tl.store(out_ptr + row_a, a.to(out_ptr.dtype.element_ty), mask=mask_a)
             tl.store(out_ptr + row_b, b.to(out_ptr.dtype.element_ty), mask=mask_b)
+            if ARGMAX:  # greedy pick over all programs: atomic max of (value, -row) keys; any non-finite flagged
+                a_s = a.to(out_ptr.dtype.element_ty).to(tl.float32)  # the stored values
+                b_s = b.to(out_ptr.dtype.element_ty).to(tl.float32)
+                # false for nan and +-inf (not "x - x == 0": the compiler fuses a product's x*y - x*y into
+                # an FMA, which leaves the product's rounding error)
+                ok_a = tl.abs(a_s) < float("inf")
+                ok_b = tl.abs(b_s) < float("inf")
+                bad = tl.max(((mask_a & ~ok_a) | (mask_b & ~ok_b)).to(tl.int64), axis=0)
+                best = tl.maximum(tl.max(tl.where(mask_a & ok_a, _argmax_key(a_s, row_a), -(2**63)), axis=0),
+                                  tl.max(tl.where(mask_b & ok_b, _argmax_key(b_s, row_b), -(2**63)), axis=0))
+                tl.atomic_max(best_ptr, best)
+                tl.atomic_max(best_ptr + 1, bad, mask=bad > 0)
         elif EPILOGUE == 1:  # SwiGLU: out[p] = silu(a) * b with b = row p + F
             y = a / (1.0 + tl.exp(-a)) * b
             tl.store(out_ptr + p, y.to(out_ptr.dtype.element_ty), mask=mask_a)
@@ -320,23 +368,25 @@ class GemvConfig:
     num_stages: int = 1
     cvt: int = 2  # int8 -> float32: 0 conversion instruction; 1 w + 2^23 trick (4 ops); 2 1.5 + w/256 (1 op)
     prefetch: bool = False  # load the next weight tile before using this one (by hand: Triton does not for non-dot loops)
+    row_sum: bool = False  # reduce each tile to one float32 per row (fewer registers, bigger tiles)
 
 
-# Measured on an H100 (bench/NOTES.md, run 2): fastest config of the sweep per linear, over all 28 layers' weights.
+# Measured on an H100 inside the captured step (bench/explore_gemv.py, bench/NOTES.md run 5): a GEMV's time
+# alone does not predict its time in the step, where the kernels overlap and the prologues/epilogues do more.
 DEFAULT_GEMV = {
     "int8": {
-        "qkv": GemvConfig(block_p=1, block_k=1024),
+        "qkv": GemvConfig(block_p=4, block_k=1024, row_sum=True),
         "dense": GemvConfig(block_p=2, block_k=1024, cvt=1),
-        "fc1": GemvConfig(block_p=2, block_k=1024, cvt=0),
-        "fc2": GemvConfig(block_p=1, block_k=512),
-        "output": GemvConfig(block_p=8, block_k=512),
+        "fc1": GemvConfig(block_p=4, block_k=2048, row_sum=True),
+        "fc2": GemvConfig(block_p=2, block_k=1024, cvt=0, prefetch=True),
+        "output": GemvConfig(block_p=8, block_k=1024, row_sum=True),
     },
     "float": {
         "qkv": GemvConfig(block_p=1, block_k=1024),
-        "dense": GemvConfig(block_p=1, block_k=1024),
-        "fc1": GemvConfig(block_p=2, block_k=1024),
+        "dense": GemvConfig(block_p=2, block_k=1024, row_sum=True),
+        "fc1": GemvConfig(block_p=1, block_k=1024),
         "fc2": GemvConfig(block_p=1, block_k=1024, num_warps=8),
-        "output": GemvConfig(block_p=1, block_k=1024, num_warps=8),
+        "output": GemvConfig(block_p=8, block_k=1024, row_sum=True),
     },
 }
 
@@ -357,6 +407,7 @@ def gemv(
     rope: Optional[dict] = None,
     config: Optional[GemvConfig] = None,
     pdl: bool = False,
+    argmax: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One token through a linear on CUDA: ``out = epilogue(W @ norm(x))``; x [K] contiguous.
 
@@ -365,6 +416,8 @@ def gemv(
     kv_rows, head_dim, rot_pairs, k_cache/v_cache ([g, S, d] views), pos (int64 [pos, slot]
     on the device); out receives q, the cache receives k and v at ``slot``. ``pdl``: launch as a
     programmatic dependent of the previous kernel (Hopper), loading weights before waiting for it.
+    ``argmax``: int64 [2] from ``new_argmax_state`` (plain epilogue only): the greedy pick of ``out`` is
+    folded into it, for ``pick_token`` to read.
     """
     w = lw.weight
     N, K = w.shape
@@ -375,6 +428,8 @@ def gemv(
         n_pairs, row_step, b_off = (N + 1) // 2, 2, 1
     epilogue = EPI_SWIGLU if swiglu else (EPI_ROPE if rope is not None else EPI_PLAIN)
     dummy = out
+    if argmax is not None and epilogue != EPI_PLAIN:
+        raise ValueError("argmax goes with the plain epilogue (the output layer)")
     if rope is not None:
         kc, vc, pos = rope["k_cache"], rope["v_cache"], rope["pos"]
         rope_args = (rope["q_rows"], rope["kv_rows"], kc.stride(0), kc.stride(1))
@@ -387,17 +442,30 @@ def gemv(
     _gemv_kernel[grid](
         x, w, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
         norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
-        kc, vc, pos,
+        kc, vc, pos, argmax if argmax is not None else dummy,
         N, n_pairs, K, row_step, b_off, eps, *rope_args,
         HEAD_DIM=head_dim, ROT_PAIRS=rot_pairs, ROPE_LOG2_BASE=13.287712379549449,  # log2(10000)
         BLOCK_P=cfg.block_p, BLOCK_K=cfg.block_k,
         W_INT8=lw.is_int8, CVT=cfg.cvt, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None,
         RESIDUAL=residual is not None, EPILOGUE=epilogue,
         EVEN_K=K % cfg.block_k == 0, EVEN_P=n_pairs % cfg.block_p == 0 and (swiglu or N % 2 == 0),
-        PREFETCH=cfg.prefetch, PDL=pdl,
+        PREFETCH=cfg.prefetch, PDL=pdl, ROW_SUM=cfg.row_sum, ARGMAX=argmax is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return out
+
+
+def new_argmax_state(device) -> torch.Tensor:
+    """The best (value, row) key and the non-finite flag that ``gemv(argmax=...)`` folds into."""
+    return torch.tensor([-(2**63), 0], dtype=torch.int64, device=device)
+
+
+def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: torch.Tensor, bad_token: int,
+               pdl: bool = False) -> None:
+    """After ``gemv(argmax=...)``: next_token and step_in[0] = the greedy token (``bad_token`` where a logit
+    was nan or inf, as the original's guard does), step_in[1:3] (position, cache slot) + 1, the state reset."""
+    _pick_kernel[(1,)](argmax, next_token, step_in, BAD_TOKEN=bad_token, PDL=pdl, num_warps=1,
+                       **({"launch_pdl": True} if pdl else {}))
 
 
 def matmul(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:

@@ -286,7 +286,7 @@ def sweep_gemv(dec: FastDecoder, configs: list[GemvConfig], label: str) -> dict:
     }
     best = {}
     say(f"\nGEMV sweep, {label} weights: microseconds per matrix (GB/s), graph of one launch per layer")
-    header = f"{'(block_p, block_k, warps, stages, cvt)':34s}" + "".join(f"{k:>18s}" for k in kinds)
+    header = f"{'(block_p, block_k, warps, stages, cvt, prefetch, row_sum)':34s}" + "".join(f"{k:>18s}" for k in kinds)
     say(header)
     for cfg in configs:
         cells = []
@@ -321,11 +321,14 @@ def sweep_gemv(dec: FastDecoder, configs: list[GemvConfig], label: str) -> dict:
             except Exception as exc:  # a config that does not compile or fit: note it, go on
                 cells.append(f"{'err':>17s}")
                 say(f"  {cfg} {kind}: {type(exc).__name__}: {str(exc)[:120]}")
-        say(f"{str((cfg.block_p, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.cvt)):34s}"
-            + "".join(f"{c:>18s}" for c in cells))
-    say("best (block_p, block_k, warps, stages, cvt): " + ", ".join(
-        f"{k}={(c.block_p, c.block_k, c.num_warps, c.num_stages, c.cvt)} {us:.1f}us" for k, (us, c) in best.items()))
+        say(f"{str(_cfg_tuple(cfg)):34s}" + "".join(f"{c:>18s}" for c in cells))
+    say("best (block_p, block_k, warps, stages, cvt, prefetch, row_sum): " + ", ".join(
+        f"{k}={_cfg_tuple(c)} {us:.1f}us" for k, (us, c) in best.items()))
     return {k: c for k, (us, c) in best.items()}
+
+
+def _cfg_tuple(c: GemvConfig) -> tuple:
+    return (c.block_p, c.block_k, c.num_warps, c.num_stages, c.cvt, int(c.prefetch), int(c.row_sum))
 
 
 def int8_configs() -> list[GemvConfig]:
@@ -337,7 +340,16 @@ def int8_configs() -> list[GemvConfig]:
                     cfgs.append(GemvConfig(block_p=bp, block_k=bk, num_warps=w, cvt=2))
     cfgs += [GemvConfig(block_p=bp, block_k=1024, num_warps=4, cvt=c) for bp in (2, 4) for c in (0, 1)]
     cfgs += [GemvConfig(block_p=bp, block_k=1024, num_warps=4, num_stages=st, cvt=2) for bp in (2, 4) for st in (2, 3)]
-    return cfgs
+    return cfgs + row_sum_configs()
+
+
+def row_sum_configs() -> list[GemvConfig]:
+    """Tiles reduced to one float32 per row as they arrive, with and without the next tile loaded ahead."""
+    shapes = [(1, 2048, 4), (2, 1024, 4), (2, 2048, 4), (4, 1024, 4), (4, 2048, 4), (8, 1024, 4), (8, 1024, 8),
+              (2, 4096, 4), (4, 4096, 8), (8, 2048, 8), (16, 512, 4), (16, 1024, 8)]
+    cfgs = [GemvConfig(block_p=bp, block_k=bk, num_warps=w, row_sum=True) for bp, bk, w in shapes]
+    return cfgs + [GemvConfig(block_p=bp, block_k=bk, num_warps=w, row_sum=True, prefetch=True)
+                   for bp, bk, w in ((1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (2, 2048, 4), (8, 512, 4))]
 
 
 def float_configs() -> list[GemvConfig]:

@@ -2,13 +2,15 @@
 
 On a GPU: ``python bench/check_kernels.py`` (6B shapes for the linears, a 2-layer model of
 6B width for the whole step). On a CPU, through Triton's interpreter (small shapes):
-``TRITON_INTERPRET=1 python bench/check_kernels.py --small``.
+``TRITON_INTERPRET=1 python bench/check_kernels.py --small`` (``--quick``: the decode step's kernels
+only, as the test suite runs them).
 Every output is poisoned with NaN first, so an unwritten element fails the check.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -17,10 +19,28 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(_
 
 from backend import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
 from backend.fast_decode import FastDecoder  # noqa: E402
-from backend.int8_linear import GemvConfig, LinearWeights, gemv, matmul, quantize_per_channel  # noqa: E402
+from backend.int8_linear import (  # noqa: E402
+    GemvConfig, LinearWeights, gemv, matmul, new_argmax_state, pick_token, quantize_per_channel,
+)
 from backend.modeling import apply_rotary, rotary_cos_sin  # noqa: E402
 
 FAILS: list[str] = []
+
+
+def _interpreter_numpy_compat() -> None:
+    """Triton's CPU interpreter holds a scalar argument as a 1-element array and takes int() of it for a
+    loop bound; NumPy >= 2.3 refuses int() of a 1-D array. Take .item() instead."""
+    if __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -59,7 +79,7 @@ def check_gemv(device, dtype, N, K, int8, cfg=None, tol=None):
     for cvt in ((0, 1, 2) if int8 else (None,)):
         for prefetch in (False, True):
             c = cfg or GemvConfig()
-            c = GemvConfig(c.block_p, c.block_k, c.num_warps, c.num_stages, cvt if cvt is not None else c.cvt, prefetch)
+            c = dataclasses.replace(c, cvt=cvt if cvt is not None else c.cvt, prefetch=prefetch)
             out = torch.full((N,), float("nan"), device=device, dtype=torch.float32)
             gemv(x, lw, out, norm_weight=g, eps=1e-5, config=c)
             report(f"gemv norm+bias fp32-out cvt={cvt} prefetch={prefetch} {tag}",
@@ -105,6 +125,50 @@ def check_rope(device, dtype, heads, groups, d, K, int8, pos=37, P=5):
     if not torch.isnan(others).all():
         print("FAIL rope wrote outside its slot")
         FAILS.append("rope slot")
+
+
+def check_argmax(device, N, K, int8, cfg=None):
+    """The output GEMV's folded greedy pick and pick_token against torch.argmax (first index on ties),
+    with all-negative logits, a tie, and nan / -inf logits (token 5, as the original's guard)."""
+    x = torch.randn(K, device=device)
+    lw, _ = make_lw(N, K, int8, torch.float32, device, bias=True)
+    lw.weight[N - 3] = lw.weight[7]  # rows 7 and N - 3 tie; make them the largest
+    if lw.scale is not None:
+        lw.scale[N - 3] = lw.scale[7]
+    cases = {"tie": (7, 50.0), "negative": (None, -1000.0), "nan": (11, float("nan")), "-inf": (11, float("-inf"))}
+    for name, (row, value) in cases.items():
+        bias = lw.bias.clone()
+        if name == "tie":
+            bias[7] = bias[N - 3] = value
+        elif name == "negative":
+            bias -= 1000.0
+        else:
+            bias[row] = value
+        lwc = LinearWeights(lw.weight, lw.scale, bias)
+        state = new_argmax_state(device)
+        out = torch.full((N,), float("nan"), device=device)
+        nxt = torch.zeros((), dtype=torch.int64, device=device)
+        step_in = torch.tensor([123, 40, 45], device=device)
+        gemv(x, lwc, out, config=cfg, argmax=state)
+        pick_token(state, nxt, step_in, bad_token=5)
+        want = 5 if not torch.isfinite(out).all() else int(out.argmax())
+        ok = (int(nxt) == want and step_in.tolist() == [want, 41, 46]
+              and state.tolist() == new_argmax_state(device).tolist() and (name != "tie" or want == 7))
+        print(f"{'ok  ' if ok else 'FAIL'} argmax {name} {'int8' if int8 else 'fp32'} N={N} K={K}: {int(nxt)} vs {want}")
+        if not ok:
+            FAILS.append(f"argmax {name}")
+    # no bias, RMSNorm first, 16-bit input: the output layer as the step runs it
+    xs = x.to(torch.bfloat16 if device.type == "cuda" else torch.float16)
+    g = (1 + 0.1 * torch.randn(K, device=device)).to(xs.dtype)
+    state = new_argmax_state(device)
+    out = torch.empty(N, device=device)
+    nxt = torch.zeros((), dtype=torch.int64, device=device)
+    gemv(xs, LinearWeights(lw.weight, lw.scale, None), out, norm_weight=g, config=cfg, argmax=state)
+    pick_token(state, nxt, torch.zeros(3, dtype=torch.int64, device=device), bad_token=5)
+    ok = int(nxt) == int(out.argmax())
+    print(f"{'ok  ' if ok else 'FAIL'} argmax norm, no bias {'int8' if int8 else 'fp32'} N={N} K={K}: {int(nxt)} vs {int(out.argmax())}")
+    if not ok:
+        FAILS.append("argmax norm, no bias")
 
 
 def check_matmul(device, dtype, M, N, K, int8):
@@ -154,6 +218,11 @@ def check_step(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 0, prom
     report(f"step v cache {tag}", rel(dec.v_cache, vref), tol)
     same = int(dec._next_token) == int(ref.argmax())
     print(f"{'ok  ' if same else 'note'} step greedy token {tag}: {int(dec._next_token)} vs {int(ref.argmax())}")
+    picked = int(dec._next_token) == int(dec._logits.argmax()) and dec._in.tolist() == [
+        int(dec._next_token), prompt + 1, P + prompt + 1]
+    print(f"{'ok  ' if picked else 'FAIL'} step picks the argmax of its own logits and advances {tag}")
+    if not picked:
+        FAILS.append(f"step pick {tag}")
 
 
 def check_fused_prefill(device, dtype, cfg: ChatGLMConfig, weights: str, P: int = 3):
@@ -220,17 +289,31 @@ def check_padded_prefill(device, dtype, cfg: ChatGLMConfig, weights: str, P: int
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="small shapes (for the Triton interpreter on a CPU)")
+    ap.add_argument("--quick", action="store_true", help="with --small: the decode step's kernels only")
     args = ap.parse_args()
+    _interpreter_numpy_compat()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    if args.small:
+    if args.small and args.quick:
+        small = ChatGLMConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, kv_channels=16,
+                              num_attention_heads=4, multi_query_group_num=2, padded_vocab_size=512)
+        for int8 in (False, True):
+            check_gemv(device, torch.float32, 96, 80, int8, GemvConfig(block_p=2, block_k=32, num_warps=1))
+            check_gemv(device, torch.float32, 96, 80, int8, GemvConfig(block_p=2, block_k=32, num_warps=1, row_sum=True))
+            check_rope(device, torch.float32, 4, 2, 16, 64, int8)
+            check_argmax(device, 97, 64, int8, GemvConfig(block_p=4, block_k=32, num_warps=1, row_sum=True))
+        for weights in ("same", "int8"):
+            check_step(device, torch.float32, small, weights, P=3)
+    elif args.small:
         dtypes = [torch.float32, torch.float16]
         for dt in dtypes:
             for int8 in (False, True):
                 check_gemv(device, dt, 96, 80, int8, GemvConfig(block_p=2, block_k=32, num_warps=1))
                 check_gemv(device, dt, 128, 64, int8, GemvConfig(block_p=4, block_k=64, num_warps=1))
+                check_gemv(device, dt, 96, 80, int8, GemvConfig(block_p=2, block_k=32, num_warps=1, row_sum=True))
                 check_rope(device, dt, 4, 2, 16, 64, int8)
                 check_matmul(device, dt, 5, 96, 80, int8)
+            check_argmax(device, 97, 64, dt == torch.float16, GemvConfig(block_p=4, block_k=32, num_warps=1))
         small = ChatGLMConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, kv_channels=16,
                               num_attention_heads=4, multi_query_group_num=2, padded_vocab_size=512)
         for weights in ("same", "int8"):
@@ -247,7 +330,10 @@ def main():
             dt = torch.bfloat16
             for N, K in ((4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (65024, 4096)):
                 check_gemv(device, dt, N, K, int8)
+                check_gemv(device, dt, N, K, int8, GemvConfig(block_p=4, block_k=2048, row_sum=True))
             check_rope(device, dt, 32, 2, 128, 4096, int8)
+            check_argmax(device, 65024, 4096, int8)
+            check_argmax(device, 65024, 4096, int8, GemvConfig(block_p=8, block_k=1024, row_sum=True))
             for M in (1, 64, 1024):
                 check_matmul(device, dt, M, 27392, 4096, int8)
             check_matmul(device, dt, 64, 4096, 13696, int8)
