@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from . import device_sampling
 from .cuda_streams import warmup_stream
 from .decoding import EagerDecoder, common_prefix_length
 from .generation import logits_processors
@@ -281,6 +282,9 @@ class FastDecoder:
         cuda = self.device.type == "cuda"
         # step inputs (token, position, slot) and the chosen token, read back through pinned memory
         self._in = torch.zeros(3, dtype=torch.int64, device=self.device)
+        # sampling inside the graph: one small graph per (temperature, top_k, top_p), a seed per reply
+        self._sampler_graphs: dict = {}
+        self._seed = torch.zeros((), dtype=torch.int64, device=self.device)
         self._host_in = torch.zeros(3, dtype=torch.int64, pin_memory=cuda)
         self._host_tok = torch.zeros(2, dtype=torch.int64, pin_memory=cuda)
         self._in_copied = torch.cuda.Event() if cuda else None
@@ -366,7 +370,12 @@ class FastDecoder:
         if token in eos:
             return
         if params.greedy and not penalty:
-            yield from self._greedy_steps(tokens, params.max_new_tokens - 1, eos, cancel)
+            yield from self._device_steps(tokens, params.max_new_tokens - 1, eos, cancel)
+            return
+        sampler = self._sampler_graph(params) if device_sampling.on_device(params) else None
+        if sampler is not None:
+            self._seed.fill_(self._reply_seed(generator))
+            yield from self._device_steps(tokens, params.max_new_tokens - 1, eos, cancel, sampler)
             return
         for _ in range(params.max_new_tokens - 1):
             if cancel is not None and cancel.is_set():
@@ -392,8 +401,9 @@ class FastDecoder:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _greedy_steps(self, tokens: list[int], n: int, eos: set, cancel) -> Iterator[int]:
-        """Greedy decoding with the token chosen where the step runs and fed back there.
+    def _device_steps(self, tokens: list[int], n: int, eos: set, cancel, sampler=None) -> Iterator[int]:
+        """Decoding with the token chosen where the step runs and fed back there: greedy (the step's own
+        pick), or drawn by ``sampler``, a graph replayed after each step that overwrites the pick.
 
         Step k+1 is queued before token k is read, so the GPU never waits for Python; when the
         reply stops, the step in flight has only written the keys/values of the last token.
@@ -405,11 +415,11 @@ class FastDecoder:
             return
         with torch.inference_mode():
             self._set_step_input(tokens[-1], start)
-            self._launch(0)
+            self._launch(0, sampler)
         for k in range(steps):
             if k + 1 < steps and not (cancel is not None and cancel.is_set()):
                 with torch.inference_mode():
-                    self._launch(k + 1)
+                    self._launch(k + 1, sampler)
             token = self._read(k)
             if cancel is not None and cancel.is_set():
                 return
@@ -419,10 +429,12 @@ class FastDecoder:
             if token in eos:
                 return
 
-    def _launch(self, k: int) -> None:
+    def _launch(self, k: int, sampler=None) -> None:
         """Run one step from self._in; it writes its token to host slot k % 2 and feeds it to the next step."""
         if self._graph is not None:
             self._graph.replay()
+            if sampler is not None:
+                sampler.replay()
             self._host_tok[k % 2 : k % 2 + 1].copy_(self._next_token.view(1), non_blocking=True)
             self._tok_ready[k % 2].record()
             return
@@ -437,6 +449,48 @@ class FastDecoder:
         if self._tok_ready is not None and self._graph is not None:
             self._tok_ready[k % 2].synchronize()
         return int(self._host_tok[k % 2])
+
+    def _sampler_graph(self, params: SamplingParams):
+        """The graph that draws the next token from the step's logits as ``params`` say (captured on first use),
+        or None where the step has no graph or the capture fails (the host then samples)."""
+        if self._graph is None:
+            return None
+        key = (params.temperature, params.top_k, params.top_p)
+        if key in self._sampler_graphs:
+            return self._sampler_graphs[key]
+        procs = device_sampling.warpers(params)
+        noise = torch.empty(self._logits.numel(), device=self.device, dtype=torch.float32)
+
+        def draw():
+            token = device_sampling.sample(self._logits.view(1, -1), procs, noise, self._seed, self._in[1:2])[0]
+            self._next_token.copy_(token)
+            self._in[0].copy_(token)
+
+        try:
+            saved = self._in.clone()
+            stream = warmup_stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream), torch.inference_mode():
+                draw()  # compile and allocate outside the capture
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"), \
+                    torch.inference_mode():
+                draw()
+            self._in.copy_(saved)
+        except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: sample on the host instead
+            warnings.warn(f"sampling stays on the host: its graph could not be captured ({exc})", stacklevel=2)
+            graph = None
+        if len(self._sampler_graphs) >= 4:  # a few settings in use at once; drop the oldest
+            self._sampler_graphs.pop(next(iter(self._sampler_graphs)))
+        self._sampler_graphs[key] = graph
+        return graph
+
+    @staticmethod
+    def _reply_seed(generator: Optional[torch.Generator]) -> int:
+        """The device sampler's seed for one reply: from ``generator`` when given, so a seeded reply repeats."""
+        device = generator.device if generator is not None else "cpu"
+        return int(torch.randint(0, 2**40, (1,), generator=generator, device=device))
 
     def _select(self, logits, procs, all_ids, params: SamplingParams, generator) -> int:
         """The next token from logits [1, V] float32, as ``generate_tokens`` picks it."""
@@ -696,6 +750,7 @@ class FastDecoder:
         self._logits = torch.empty(self.output.weight.shape[0], device=dev, dtype=torch.float32)
         self._next_token = torch.zeros((), device=dev, dtype=torch.int64)
         self._argmax = new_argmax_state(dev)
+        self._sampler_graphs = {}  # they read the buffers above
 
     def _step(self) -> None:
         """One token: the graph's body. Reads self._in (token, pos, slot); writes logits and the next token,

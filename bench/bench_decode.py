@@ -21,6 +21,7 @@ use of a bucket, logits and cache).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -145,8 +146,10 @@ def decode_rate(dec, ids: list[int], reps: int = 1) -> tuple[float, list[int]]:
 
 
 def sampling_rate(dec, ids: list[int]) -> float:
-    """Decode rate with the chat's default sampling (temperature 0.8, top_p 0.8): processors on the host."""
+    """Decode rate with the chat's default sampling (temperature 0.8, top_p 0.8), after a short reply that
+    captures the sampler's graph."""
     params = SamplingParams(temperature=0.8, top_p=0.8, max_new_tokens=NEW_TOKENS)
+    list(dec.generate(ids, dataclasses.replace(params, max_new_tokens=4), eos_token_ids=[]))
     dec.reset()
     sync()
     stamps = [time.perf_counter() for _ in dec.generate(ids, params, eos_token_ids=[],

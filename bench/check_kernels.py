@@ -171,6 +171,86 @@ def check_argmax(device, N, K, int8, cfg=None):
         FAILS.append("argmax norm, no bias")
 
 
+def check_sampling(device, V: int = 512, draws: int = 3000):
+    """The device sampler: Exp(1) noise, then token frequencies against the warped softmax (chi-square),
+    nothing outside top-p, one token per (seed, position), nan logits -> 5."""
+    from backend import device_sampling as ds
+    from backend.service import SamplingParams
+
+    seed = torch.tensor(123, device=device)
+    pos = torch.tensor(7, device=device)
+    e = ds.exponential_noise(torch.empty(V * 64, device=device), seed, pos)
+    again = ds.exponential_noise(torch.empty(V * 64, device=device), seed, pos)
+    other = ds.exponential_noise(torch.empty(V * 64, device=device), seed, pos + 1)
+    ok = bool((e > 0).all() and (e < 17).all() and abs(e.mean().item() - 1) < 0.02 and torch.equal(e, again)
+              and not torch.equal(e, other))
+    print(f"{'ok  ' if ok else 'FAIL'} sampling noise: mean {e.mean().item():.4f}, min {e.min().item():.2e}, "
+          f"max {e.max().item():.2f}, repeatable and keyed by position")
+    if not ok:
+        FAILS.append("sampling noise")
+    logits = torch.randn(1, V, device=device) * 3
+    params = SamplingParams(temperature=0.8, top_p=0.8, top_k=40)
+    procs = ds.warpers(params)
+    want = torch.softmax(procs(None, logits.clone()), dim=-1)[0].double().cpu()
+    counts = torch.zeros(V, dtype=torch.float64)
+    noise = torch.empty(V, device=device)
+    for i in range(draws):
+        counts[int(ds.sample(logits, procs, noise, seed, torch.tensor(i, device=device)))] += 1
+    kept = want > 0
+    chi2 = (((counts - draws * want) ** 2)[kept] / (draws * want[kept])).sum().item()
+    dof = int(kept.sum()) - 1
+    ok = counts[~kept].sum() == 0 and chi2 < dof + 5 * (2 * dof) ** 0.5
+    print(f"{'ok  ' if ok else 'FAIL'} sampling frequencies: chi2 {chi2:.1f} for {dof} degrees of freedom, "
+          f"{int(kept.sum())} tokens kept, {int(counts[~kept].sum())} draws outside them")
+    if not ok:
+        FAILS.append("sampling frequencies")
+    bad = logits.clone()
+    bad[0, 3] = float("nan")
+    tok = int(ds.sample(bad, procs, noise, seed, pos))
+    print(f"{'ok  ' if tok == 5 else 'FAIL'} sampling nan logits -> {tok}")
+    if tok != 5:
+        FAILS.append("sampling nan")
+
+
+def check_sampler_graph(device, dtype=torch.bfloat16, draws: int = 2000):
+    """The fast decoder's sampler graph, replayed on fixed logits: frequencies against the warped softmax,
+    and a seeded reply that repeats."""
+    from backend import device_sampling as ds
+    from backend.service import SamplingParams
+
+    cfg = ChatGLMConfig(num_layers=2, hidden_size=256, ffn_hidden_size=512, kv_channels=64, num_attention_heads=4,
+                        multi_query_group_num=2, padded_vocab_size=1024)
+    model = make_model(device, dtype, cfg, seed=2)
+    dec = FastDecoder(model, max_seq_len=512, weights="int8")
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=40)
+    graph = dec._sampler_graph(params)
+    logits = torch.randn(cfg.padded_vocab_size, device=device) * 3
+    want = torch.softmax(ds.warpers(params)(None, logits[None].clone()), dim=-1)[0].double().cpu()
+    dec._logits.copy_(logits)
+    dec._seed.fill_(99)
+    tokens = []
+    for i in range(draws):
+        dec._in[1] = i
+        graph.replay()
+        tokens.append(dec._next_token.clone())
+    counts = torch.bincount(torch.stack(tokens).cpu(), minlength=len(want)).double()
+    kept = want > 0
+    chi2 = (((counts - draws * want) ** 2)[kept] / (draws * want[kept])).sum().item()
+    dof = int(kept.sum()) - 1
+    ok = counts[~kept].sum() == 0 and chi2 < dof + 5 * (2 * dof) ** 0.5
+    print(f"{'ok  ' if ok else 'FAIL'} sampler graph frequencies: chi2 {chi2:.1f} for {dof} degrees of freedom")
+    if not ok:
+        FAILS.append("sampler graph frequencies")
+    ids = list(range(100, 130))
+    runs = [list(dec.generate(ids, params, eos_token_ids=[], generator=torch.Generator(device=device).manual_seed(s)))
+            for s in (1, 1, 2)]
+    ok = runs[0] == runs[1] and runs[0] != runs[2] and len(runs[0]) == 40 and dec._sampler_graphs.get(
+        (0.7, 0, 0.9)) is graph
+    print(f"{'ok  ' if ok else 'FAIL'} seeded sampled reply repeats (seed 1 twice, seed 2 differs), graph reused")
+    if not ok:
+        FAILS.append("sampler graph seeded reply")
+
+
 def check_matmul(device, dtype, M, N, K, int8):
     lw, wref = make_lw(N, K, int8, dtype, device, bias=True)
     x = torch.randn(M, K, device=device).to(dtype)
@@ -304,6 +384,7 @@ def main():
             check_argmax(device, 97, 64, int8, GemvConfig(block_p=4, block_k=32, num_warps=1, row_sum=True))
         for weights in ("same", "int8"):
             check_step(device, torch.float32, small, weights, P=3)
+        check_sampling(device, draws=2000)
     elif args.small:
         dtypes = [torch.float32, torch.float16]
         for dt in dtypes:
@@ -314,6 +395,7 @@ def main():
                 check_rope(device, dt, 4, 2, 16, 64, int8)
                 check_matmul(device, dt, 5, 96, 80, int8)
             check_argmax(device, 97, 64, dt == torch.float16, GemvConfig(block_p=4, block_k=32, num_warps=1))
+        check_sampling(device, draws=2000)
         small = ChatGLMConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, kv_channels=16,
                               num_attention_heads=4, multi_query_group_num=2, padded_vocab_size=512)
         for weights in ("same", "int8"):
@@ -344,6 +426,8 @@ def main():
         for weights in ("fp32", "int8"):  # float32 activations: the kernels' own error, not bf16 rounding
             check_step(device, torch.float32, wide, weights, P=16, prompt=1000)
             check_step(device, torch.float32, wide, weights, P=16, prompt=1000, prefetch=True)
+        check_sampling(device)
+        check_sampler_graph(device)
         check_fused_prefill(device, torch.bfloat16, wide, "int8")
         check_fused_prefill(device, torch.float32, wide, "fp32")
         for graphs in (False, True):

@@ -394,8 +394,8 @@ def test_golden_padded_prefill_equals_eager(golden_model, golden_prefix_model):
 
 def test_decode_step_kernels_under_the_triton_interpreter():
     """The decode step's Triton kernels (GEMV prologues/epilogues, row-sum tiles, the folded greedy pick with
-    ties and nan/inf, the attention split and combine, a whole step) against float64 and the decoder's torch
-    math, run by Triton's CPU interpreter through bench/check_kernels.py."""
+    ties and nan/inf, the attention split and combine, a whole step, the sampler's noise and frequencies)
+    against float64 and the decoder's torch math, run by Triton's CPU interpreter through bench/check_kernels.py."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -408,3 +408,4 @@ def test_decode_step_kernels_under_the_triton_interpreter():
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ALL KERNEL CHECKS PASSED" in done.stdout, (done.stdout[-3000:], done.stderr[-2000:])
     assert "argmax tie" in done.stdout and "step picks the argmax" in done.stdout
+    assert "sampling frequencies" in done.stdout

@@ -1,0 +1,85 @@
+"""Sampling where the decode step runs, with nothing read on the host: the fast decoder's CUDA graph.
+
+The chat's sampling (temperature, top-k, top-p) is the same transformers warpers the host path
+uses, after a guard that does what ``InvalidScoreLogitsProcessor`` does without a host branch.
+The draw is the exponential race (the token maximising p / E with E ~ Exp(1) is distributed as p:
+what ``torch.multinomial`` does for one sample), with E from Philox keyed by a seed and the step's
+position held on the device, so a graph replays any number of steps and a seeded reply repeats.
+The repetition penalty needs the reply's ids: it stays on the host path.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessorList
+
+from .generation import logits_processors
+from .service import SamplingParams
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs: torch draws the noise
+    HAVE_TRITON = False
+
+BAD_TOKEN = 5  # the original's nan/inf guard answers this token
+
+
+def on_device(params: SamplingParams) -> bool:
+    """Whether ``params`` can be sampled inside the graph (not greedy, no repetition penalty)."""
+    return not params.greedy and (not params.repetition_penalty or params.repetition_penalty == 1.0)
+
+
+def warpers(params: SamplingParams) -> LogitsProcessorList:
+    """Temperature, top-k and top-p, as the host path applies them (without its nan guard and penalty)."""
+    procs = logits_processors(params)
+    return LogitsProcessorList([p for p in procs if type(p).__name__ not in ("InvalidScoreLogitsProcessor",
+                                                                             "RepetitionPenaltyLogitsProcessor")])
+
+
+def guard(scores: torch.Tensor) -> torch.Tensor:
+    """``InvalidScoreLogitsProcessor`` without a host branch: any nan/inf makes the scores one-hot on token 5."""
+    bad = ~torch.isfinite(scores).all()
+    invalid = torch.zeros_like(scores)
+    invalid[..., BAD_TOKEN] = 5e4
+    return torch.where(bad, invalid, scores)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _exponential_kernel(out_ptr, seed_ptr, pos_ptr, V, BLOCK: tl.constexpr):
+        # E ~ Exp(1) for every token: -log(u) with u in (0, 1) from Philox keyed by (seed, position)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(seed_ptr) + tl.load(pos_ptr) * 1000003
+        bits = tl.randint(key, offs)  # uint32
+        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits, never 0 or 1
+        tl.store(out_ptr + offs, -tl.log(u), mask=offs < V)
+
+
+def exponential_noise(out: torch.Tensor, seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """out [V] float32 <- Exp(1) draws keyed by the device scalars ``seed`` and ``pos`` (int64)."""
+    if HAVE_TRITON and (out.is_cuda or _interpreting()):
+        V = out.numel()
+        _exponential_kernel[(triton.cdiv(V, 1024),)](out, seed, pos, V, BLOCK=1024)
+        return out
+    g = torch.Generator(device=out.device)
+    g.manual_seed(int(seed) * 1000003 + int(pos))
+    return out.exponential_(generator=g)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def sample(logits: torch.Tensor, procs: LogitsProcessorList, noise: torch.Tensor, seed: torch.Tensor,
+           pos: torch.Tensor) -> torch.Tensor:
+    """The sampled token (int64 tensor [1]) from logits [1, V] float32; every op may be captured in a graph."""
+    scores = procs(None, guard(logits))
+    probs = torch.softmax(scores, dim=-1)
+    exponential_noise(noise, seed, pos)
+    return torch.argmax(probs / noise, dim=-1)

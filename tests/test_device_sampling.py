@@ -1,0 +1,91 @@
+"""The fast decoder's in-graph sampler (backend/device_sampling.py), run eagerly on the CPU.
+
+The same functions are captured into a CUDA graph on a GPU; bench/check_kernels.py checks that graph
+(frequencies, seeded replies), and the Triton noise kernel under the interpreter (test_fast_decode.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backend import device_sampling as ds
+from backend.generation import logits_processors
+from backend.service import SamplingParams
+
+
+def test_on_device_only_for_sampling_without_a_penalty():
+    assert ds.on_device(SamplingParams())
+    assert not ds.on_device(SamplingParams(temperature=0))
+    assert not ds.on_device(SamplingParams(repetition_penalty=1.2))
+    assert ds.on_device(SamplingParams(repetition_penalty=1.0))
+
+
+def test_warpers_are_the_host_paths_without_its_guard():
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    names = [type(p).__name__ for p in ds.warpers(params)]
+    assert names == ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"]
+    host = [type(p).__name__ for p in logits_processors(params)]
+    assert host == ["RepetitionPenaltyLogitsProcessor", "InvalidScoreLogitsProcessor", *names]
+
+
+def test_guard_is_the_original_nan_inf_rule_without_a_host_branch():
+    scores = torch.randn(1, 50)
+    assert torch.equal(ds.guard(scores), scores)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        s = scores.clone()
+        s[0, 7] = bad
+        out = ds.guard(s)
+        assert out[0, 5] == 5e4 and out.abs().sum() == 5e4
+
+
+def draw_counts(logits, params, draws, seed=11):
+    procs = ds.warpers(params)
+    noise = torch.empty(logits.shape[-1])
+    counts = torch.zeros(logits.shape[-1], dtype=torch.float64)
+    for i in range(draws):
+        counts[int(ds.sample(logits, procs, noise, torch.tensor(seed), torch.tensor(i)))] += 1
+    want = torch.softmax(procs(None, logits.clone()), dim=-1)[0].double()
+    return counts, want
+
+
+def test_tokens_follow_the_warped_distribution_and_stay_inside_top_p():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 64)
+    draws = 4000
+    counts, want = draw_counts(logits, SamplingParams(temperature=0.8, top_p=0.8), draws)
+    kept = want > 0
+    assert 1 < int(kept.sum()) < 64
+    assert counts[~kept].sum() == 0
+    chi2 = (((counts - draws * want) ** 2)[kept] / (draws * want[kept])).sum().item()
+    dof = int(kept.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+def test_a_wrong_temperature_would_be_caught():
+    """The frequency check is sharp enough to tell temperature 0.8 from 1.0."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 64) * 2
+    draws = 4000
+    counts, _ = draw_counts(logits, SamplingParams(temperature=1.0, top_p=1.0), draws)
+    _, want = draw_counts(logits, SamplingParams(temperature=0.8, top_p=1.0), 1)
+    chi2 = ((counts - draws * want) ** 2 / (draws * want)).sum().item()
+    assert chi2 > 63 + 5 * (2 * 63) ** 0.5
+
+
+def test_one_token_per_seed_and_position():
+    logits = torch.randn(1, 300)
+    procs = ds.warpers(SamplingParams())
+    noise = torch.empty(300)
+
+    def tok(seed, pos):
+        return int(ds.sample(logits, procs, noise, torch.tensor(seed), torch.tensor(pos)))
+
+    assert [tok(5, p) for p in range(20)] == [tok(5, p) for p in range(20)]
+    assert [tok(5, p) for p in range(20)] != [tok(6, p) for p in range(20)]
+
+
+def test_nan_logits_answer_token_5():
+    logits = torch.randn(1, 100)
+    logits[0, 40] = float("nan")
+    token = ds.sample(logits, ds.warpers(SamplingParams()), torch.empty(100), torch.tensor(1), torch.tensor(0))
+    assert int(token) == 5
