@@ -459,7 +459,7 @@ class FastDecoder:
         if key in self._sampler_graphs:
             return self._sampler_graphs[key]
         procs = device_sampling.warpers(params)
-        noise = torch.empty(self._logits.numel(), device=self.device, dtype=torch.float32)
+        noise = self._noise  # outside the graph's pool, alive as long as the graph (a graph holds no tensors)
 
         def draw():
             token = device_sampling.sample(self._logits.view(1, -1), procs, noise, self._seed, self._in[1:2])[0]
@@ -750,6 +750,7 @@ class FastDecoder:
         self._logits = torch.empty(self.output.weight.shape[0], device=dev, dtype=torch.float32)
         self._next_token = torch.zeros((), device=dev, dtype=torch.int64)
         self._argmax = new_argmax_state(dev)
+        self._noise = torch.empty(self._logits.numel(), device=dev, dtype=torch.float32)  # the sampler's draws
         self._sampler_graphs = {}  # they read the buffers above
 
     def _step(self) -> None:
