@@ -25,6 +25,7 @@ except ImportError:  # CPU-only installs: torch draws the noise
     HAVE_TRITON = False
 
 BAD_TOKEN = 5  # the original's nan/inf guard answers this token
+_TINY = 2.0**-30  # the smallest Exp(1) draw kept: p / E stays finite
 
 
 def on_device(params: SamplingParams) -> bool:
@@ -50,24 +51,26 @@ def guard(scores: torch.Tensor) -> torch.Tensor:
 if HAVE_TRITON:
 
     @triton.jit
-    def _exponential_kernel(out_ptr, seed_ptr, pos_ptr, V, BLOCK: tl.constexpr):
+    def _exponential_kernel(out_ptr, seed_ptr, pos_ptr, V, BLOCK: tl.constexpr, TINY: tl.constexpr):
         # E ~ Exp(1) for every token: -log(u) with u in (0, 1) from Philox keyed by (seed, position)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         key = tl.load(seed_ptr) + tl.load(pos_ptr) * 1000003
         bits = tl.randint(key, offs)  # uint32
-        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits, never 0 or 1
-        tl.store(out_ptr + offs, -tl.log(u), mask=offs < V)
+        # 23 bits and a half: u in [2^-24, 1 - 2^-24], exact in float32 (24 bits would round up to 1.0)
+        u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+        # E > 0 always: E = 0 would make p / E infinite for a kept token and 0 / 0 = nan for a removed one
+        tl.store(out_ptr + offs, tl.maximum(-tl.log(u), TINY), mask=offs < V)
 
 
 def exponential_noise(out: torch.Tensor, seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """out [V] float32 <- Exp(1) draws keyed by the device scalars ``seed`` and ``pos`` (int64)."""
     if HAVE_TRITON and (out.is_cuda or _interpreting()):
         V = out.numel()
-        _exponential_kernel[(triton.cdiv(V, 1024),)](out, seed, pos, V, BLOCK=1024)
+        _exponential_kernel[(triton.cdiv(V, 1024),)](out, seed, pos, V, BLOCK=1024, TINY=_TINY)
         return out
     g = torch.Generator(device=out.device)
     g.manual_seed(int(seed) * 1000003 + int(pos))
-    return out.exponential_(generator=g)
+    return out.exponential_(generator=g).clamp_(min=_TINY)
 
 
 def _interpreting() -> bool:

@@ -180,6 +180,11 @@ def check_sampling(device, V: int = 512, draws: int = 3000):
     seed = torch.tensor(123, device=device)
     pos = torch.tensor(7, device=device)
     e = ds.exponential_noise(torch.empty(V * 64, device=device), seed, pos)
+    big = ds.exponential_noise(torch.empty(2**24 if device.type == "cuda" else 2**16, device=device), seed, pos)
+    ok = bool((big > 0).all() and torch.isfinite(big).all())
+    print(f"{'ok  ' if ok else 'FAIL'} sampling noise over {big.numel()} draws: min {big.min().item():.2e} > 0")
+    if not ok:
+        FAILS.append("sampling noise positive")
     again = ds.exponential_noise(torch.empty(V * 64, device=device), seed, pos)
     other = ds.exponential_noise(torch.empty(V * 64, device=device), seed, pos + 1)
     ok = bool((e > 0).all() and (e < 17).all() and abs(e.mean().item() - 1) < 0.02 and torch.equal(e, again)
@@ -228,18 +233,25 @@ def check_sampler_graph(device, dtype=torch.bfloat16, draws: int = 2000):
     want = torch.softmax(ds.warpers(params)(None, logits[None].clone()), dim=-1)[0].double().cpu()
     dec._logits.copy_(logits)
     dec._seed.fill_(99)
-    tokens = []
+    procs, noise = ds.warpers(params), torch.empty_like(dec._noise)
+    tokens, same = [], 0
     for i in range(draws):
         dec._in[1] = i
         graph.replay()
         tokens.append(dec._next_token.clone())
+        same += int(ds.sample(logits[None], procs, noise, dec._seed, dec._in[1:2])[0] == tokens[-1])
     counts = torch.bincount(torch.stack(tokens).cpu(), minlength=len(want)).double()
     kept = want > 0
     chi2 = (((counts - draws * want) ** 2)[kept] / (draws * want[kept])).sum().item()
     dof = int(kept.sum()) - 1
-    ok = counts[~kept].sum() == 0 and chi2 < dof + 5 * (2 * dof) ** 0.5
-    print(f"{'ok  ' if ok else 'FAIL'} sampler graph frequencies: chi2 {chi2:.1f} for {dof} degrees of freedom")
+    outside = int(counts[~kept].sum())
+    ok = outside == 0 and chi2 < dof + 5 * (2 * dof) ** 0.5 and same == draws
+    print(f"{'ok  ' if ok else 'FAIL'} sampler graph frequencies: chi2 {chi2:.1f} for {dof} degrees of freedom, "
+          f"{outside} draws outside the kept tokens, graph = eager for {same}/{draws} draws")
     if not ok:
+        bad = sorted(set(torch.nonzero(counts * (~kept)).flatten().tolist()))[:8]
+        print(f"     outside tokens {bad}, their logits {logits[bad].tolist()}, kept logits >= "
+              f"{logits[kept.to(logits.device)].min().item():.3f}, first draws {torch.stack(tokens[:12]).tolist()}")
         FAILS.append("sampler graph frequencies")
     ids = list(range(100, 130))
     runs = [list(dec.generate(ids, params, eos_token_ids=[], generator=torch.Generator(device=device).manual_seed(s)))
