@@ -13,8 +13,11 @@
   from Python; longer prompts, and the CPU, run the same math eagerly.
 - Decode step on CUDA: six Triton kernels a layer (fused norm/linear/rotary/cache-write, split
   attention and its combine, linear + residual, norm + linear + SwiGLU, linear + residual),
-  the final norm + output linear, and greedy selection, captured once into a CUDA graph and
-  replayed for every token. No torch.compile: start-up is the kernels' JIT (cached by Triton).
+  the final norm + output linear with the greedy pick folded in, captured once into a CUDA graph
+  and replayed for every token; the token is fed back on the device. Sampling (temperature,
+  top-k, top-p) replays a second small graph after the step (``device_sampling``); only the
+  repetition penalty samples on the host. No torch.compile: start-up is the kernels' JIT (cached
+  by Triton). GEMV configs per linear are tuned inside the captured step (bench/explore_gemv.py).
 - Without CUDA (or Triton) the same decoder runs the torch math for every step, so CPU tests
   cover the cache, prefix, reuse and sampling logic.
 """
