@@ -1,7 +1,7 @@
 """Sampling where the decode step runs, with nothing read on the host: the fast decoder's CUDA graph.
 
-The chat's sampling (temperature, top-k, top-p) is the same transformers warpers the host path
-uses, after a guard that does what ``InvalidScoreLogitsProcessor`` does without a host branch.
+The chat's sampling is the host path's own processors (``logits_processors``: the nan/inf guard,
+then transformers' temperature, top-k and top-p warpers), none of which reads anything on the host.
 The draw is the exponential race (the token maximising p / E with E ~ Exp(1) is distributed as p:
 what ``torch.multinomial`` does for one sample), with E from Philox keyed by a seed and the step's
 position held on the device, so a graph replays any number of steps and a seeded reply repeats.
@@ -10,10 +10,11 @@ The repetition penalty needs the reply's ids: it stays on the host path.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import LogitsProcessorList
 
-from .generation import logits_processors
 from .service import SamplingParams
 
 try:
@@ -24,28 +25,12 @@ try:
 except ImportError:  # CPU-only installs: torch draws the noise
     HAVE_TRITON = False
 
-BAD_TOKEN = 5  # the original's nan/inf guard answers this token
 _TINY = 2.0**-30  # the smallest Exp(1) draw kept: p / E stays finite
 
 
 def on_device(params: SamplingParams) -> bool:
     """Whether ``params`` can be sampled inside the graph (not greedy, no repetition penalty)."""
     return not params.greedy and (not params.repetition_penalty or params.repetition_penalty == 1.0)
-
-
-def warpers(params: SamplingParams) -> LogitsProcessorList:
-    """Temperature, top-k and top-p, as the host path applies them (without its nan guard and penalty)."""
-    procs = logits_processors(params)
-    return LogitsProcessorList([p for p in procs if type(p).__name__ not in ("InvalidScoreLogitsProcessor",
-                                                                             "RepetitionPenaltyLogitsProcessor")])
-
-
-def guard(scores: torch.Tensor) -> torch.Tensor:
-    """``InvalidScoreLogitsProcessor`` without a host branch: any nan/inf makes the scores one-hot on token 5."""
-    bad = ~torch.isfinite(scores).all()
-    invalid = torch.zeros_like(scores)
-    invalid[..., BAD_TOKEN] = 5e4
-    return torch.where(bad, invalid, scores)
 
 
 if HAVE_TRITON:
@@ -74,15 +59,14 @@ def exponential_noise(out: torch.Tensor, seed: torch.Tensor, pos: torch.Tensor) 
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def sample(logits: torch.Tensor, procs: LogitsProcessorList, noise: torch.Tensor, seed: torch.Tensor,
            pos: torch.Tensor) -> torch.Tensor:
-    """The sampled token (int64 tensor [1]) from logits [1, V] float32; every op may be captured in a graph."""
-    scores = procs(None, guard(logits))
+    """The sampled token (int64 tensor [1]) from logits [1, V] float32 through ``procs`` (``logits_processors``
+    of params that ``on_device`` accepts); every op may be captured in a graph."""
+    scores = procs(None, logits)
     probs = torch.softmax(scores, dim=-1)
     exponential_noise(noise, seed, pos)
     return torch.argmax(probs / noise, dim=-1)

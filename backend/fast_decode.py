@@ -461,7 +461,7 @@ class FastDecoder:
         key = (params.temperature, params.top_k, params.top_p)
         if key in self._sampler_graphs:
             return self._sampler_graphs[key]
-        procs = device_sampling.warpers(params)
+        procs = logits_processors(params)
         noise = self._noise  # outside the graph's pool, alive as long as the graph (a graph holds no tensors)
 
         def draw():
@@ -470,16 +470,8 @@ class FastDecoder:
             self._in[0].copy_(token)
 
         try:
-            saved = self._in.clone()
-            stream = warmup_stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream), torch.inference_mode():
-                draw()  # compile and allocate outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"), \
-                    torch.inference_mode():
-                draw()
+            saved = self._in.clone()  # the warm-up draw writes the token
+            graph = self._graph_of(draw)
             self._in.copy_(saved)
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: sample on the host instead
             warnings.warn(f"sampling stays on the host: its graph could not be captured ({exc})", stacklevel=2)
@@ -648,20 +640,8 @@ class FastDecoder:
 
     def _capture_prefill(self, key: tuple[int, int, bool]) -> "torch.cuda.CUDAGraph":
         """Capture the padded prompt for ``key``; the input in _pf_in is already set (and the result replayed)."""
-        dev = self.device
-        main = torch.cuda.current_stream(dev)
-        side = warmup_stream(dev)
-        side.wait_stream(main)
-        with torch.cuda.stream(side), torch.inference_mode():
-            # compiles kernels of new shapes and initialises libraries outside the capture; it writes the very
-            # cache slots (same values) that the replay after the capture writes again
-            self._forward_padded(*key)
-        main.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # captured lazily, in the middle of a reply: "thread_local" leaves other threads' CUDA calls alone
-        capture = torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local")
-        with capture, torch.inference_mode():
-            self._forward_padded(*key)
+        # the warm-up writes the very cache slots (same values) that the replay after the capture writes again
+        graph = self._graph_of(lambda: self._forward_padded(*key))
         if len(self._prefill_graph_cache) >= PREFILL_MAX_GRAPHS:
             self._prefill_graph_cache.pop(next(iter(self._prefill_graph_cache)))
         self._prefill_graph_cache[key] = graph
@@ -718,21 +698,27 @@ class FastDecoder:
 
     # -- CUDA graph ----------------------------------------------------------------------------
 
-    def _capture(self) -> None:
-        dev = self.device
-        self._alloc_step_buffers()
-        stream = warmup_stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # compile the kernels and settle the allocator outside the capture
-                self._step()
-        torch.cuda.current_stream(dev).wait_stream(stream)
+    def _graph_of(self, body, warmups: int = 1) -> "torch.cuda.CUDAGraph":
+        """``body`` captured into a CUDA graph from this decoder's pool, after ``warmups`` runs on a side stream
+        that compile kernels of new shapes, initialise libraries and settle the allocator outside the capture."""
+        main = torch.cuda.current_stream(self.device)
+        side = warmup_stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(warmups):
+                body()
+        main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # "thread_local": a training run in another thread (the app trains while you chat) may go on meanwhile
+        # "thread_local": a training run in another thread (the app trains while you chat) may go on meanwhile,
+        # and prompt and sampler graphs are captured lazily, in the middle of a reply
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"), torch.inference_mode():
-            self._step()
-        torch.cuda.synchronize(dev)
-        self._graph = graph
+            body()
+        return graph
+
+    def _capture(self) -> None:
+        self._alloc_step_buffers()
+        self._graph = self._graph_of(self._step, warmups=2)
+        torch.cuda.synchronize(self.device)
         self.graph_captures += 1
 
     def _alloc_step_buffers(self, splits: int = 16) -> None:

@@ -22,6 +22,7 @@ from backend.fast_decode import FastDecoder  # noqa: E402
 from backend.int8_linear import (  # noqa: E402
     GemvConfig, LinearWeights, gemv, matmul, new_argmax_state, pick_token, quantize_per_channel,
 )
+from backend.generation import logits_processors  # noqa: E402
 from backend.modeling import apply_rotary, rotary_cos_sin  # noqa: E402
 
 FAILS: list[str] = []
@@ -171,6 +172,18 @@ def check_argmax(device, N, K, int8, cfg=None):
         FAILS.append("argmax norm, no bias")
 
 
+def frequency_test(counts: torch.Tensor, want: torch.Tensor, draws: int) -> tuple[bool, str]:
+    """Token counts of ``draws`` draws against the probabilities ``want``: no draw outside the kept tokens
+    (want > 0), and chi-square over the kept ones within 5 sigma of its degrees of freedom."""
+    kept = want > 0
+    chi2 = (((counts - draws * want) ** 2)[kept] / (draws * want[kept])).sum().item()
+    dof = int(kept.sum()) - 1
+    outside = int(counts[~kept].sum())
+    ok = outside == 0 and chi2 < dof + 5 * (2 * dof) ** 0.5
+    return ok, (f"chi2 {chi2:.1f} for {dof} degrees of freedom, {int(kept.sum())} tokens kept, "
+                f"{outside} draws outside them")
+
+
 def check_sampling(device, V: int = 512, draws: int = 3000):
     """The device sampler: Exp(1) noise, then token frequencies against the warped softmax (chi-square),
     nothing outside top-p, one token per (seed, position), nan logits -> 5."""
@@ -195,18 +208,14 @@ def check_sampling(device, V: int = 512, draws: int = 3000):
         FAILS.append("sampling noise")
     logits = torch.randn(1, V, device=device) * 3
     params = SamplingParams(temperature=0.8, top_p=0.8, top_k=40)
-    procs = ds.warpers(params)
+    procs = logits_processors(params)
     want = torch.softmax(procs(None, logits.clone()), dim=-1)[0].double().cpu()
     counts = torch.zeros(V, dtype=torch.float64)
     noise = torch.empty(V, device=device)
     for i in range(draws):
         counts[int(ds.sample(logits, procs, noise, seed, torch.tensor(i, device=device)))] += 1
-    kept = want > 0
-    chi2 = (((counts - draws * want) ** 2)[kept] / (draws * want[kept])).sum().item()
-    dof = int(kept.sum()) - 1
-    ok = counts[~kept].sum() == 0 and chi2 < dof + 5 * (2 * dof) ** 0.5
-    print(f"{'ok  ' if ok else 'FAIL'} sampling frequencies: chi2 {chi2:.1f} for {dof} degrees of freedom, "
-          f"{int(kept.sum())} tokens kept, {int(counts[~kept].sum())} draws outside them")
+    ok, stats = frequency_test(counts, want, draws)
+    print(f"{'ok  ' if ok else 'FAIL'} sampling frequencies: {stats}")
     if not ok:
         FAILS.append("sampling frequencies")
     bad = logits.clone()
@@ -230,10 +239,10 @@ def check_sampler_graph(device, dtype=torch.bfloat16, draws: int = 2000):
     params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=40)
     graph = dec._sampler_graph(params)
     logits = torch.randn(cfg.padded_vocab_size, device=device) * 3
-    want = torch.softmax(ds.warpers(params)(None, logits[None].clone()), dim=-1)[0].double().cpu()
+    procs, noise = logits_processors(params), torch.empty_like(dec._noise)
+    want = torch.softmax(procs(None, logits[None].clone()), dim=-1)[0].double().cpu()
     dec._logits.copy_(logits)
     dec._seed.fill_(99)
-    procs, noise = ds.warpers(params), torch.empty_like(dec._noise)
     tokens, same = [], 0
     for i in range(draws):
         dec._in[1] = i
@@ -241,14 +250,11 @@ def check_sampler_graph(device, dtype=torch.bfloat16, draws: int = 2000):
         tokens.append(dec._next_token.clone())
         same += int(ds.sample(logits[None], procs, noise, dec._seed, dec._in[1:2])[0] == tokens[-1])
     counts = torch.bincount(torch.stack(tokens).cpu(), minlength=len(want)).double()
-    kept = want > 0
-    chi2 = (((counts - draws * want) ** 2)[kept] / (draws * want[kept])).sum().item()
-    dof = int(kept.sum()) - 1
-    outside = int(counts[~kept].sum())
-    ok = outside == 0 and chi2 < dof + 5 * (2 * dof) ** 0.5 and same == draws
-    print(f"{'ok  ' if ok else 'FAIL'} sampler graph frequencies: chi2 {chi2:.1f} for {dof} degrees of freedom, "
-          f"{outside} draws outside the kept tokens, graph = eager for {same}/{draws} draws")
+    ok, stats = frequency_test(counts, want, draws)
+    ok = ok and same == draws
+    print(f"{'ok  ' if ok else 'FAIL'} sampler graph frequencies: {stats}, graph = eager for {same}/{draws} draws")
     if not ok:
+        kept = want > 0
         bad = sorted(set(torch.nonzero(counts * (~kept)).flatten().tolist()))[:8]
         print(f"     outside tokens {bad}, their logits {logits[bad].tolist()}, kept logits >= "
               f"{logits[kept.to(logits.device)].min().item():.3f}, first draws {torch.stack(tokens[:12]).tolist()}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from backend import device_sampling as ds
-from backend.generation import logits_processors
+from backend.generation import InvalidScoreLogitsProcessor, logits_processors
 from backend.service import SamplingParams
 
 
@@ -20,26 +20,28 @@ def test_on_device_only_for_sampling_without_a_penalty():
     assert ds.on_device(SamplingParams(repetition_penalty=1.0))
 
 
-def test_warpers_are_the_host_paths_without_its_guard():
+def test_the_device_path_samples_through_the_host_paths_processors():
     params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3)
-    names = [type(p).__name__ for p in ds.warpers(params)]
-    assert names == ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"]
+    names = ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"]
     host = [type(p).__name__ for p in logits_processors(params)]
     assert host == ["RepetitionPenaltyLogitsProcessor", "InvalidScoreLogitsProcessor", *names]
+    device = [type(p).__name__ for p in logits_processors(SamplingParams(temperature=0.7, top_k=20, top_p=0.9))]
+    assert device == ["InvalidScoreLogitsProcessor", *names]
 
 
 def test_guard_is_the_original_nan_inf_rule_without_a_host_branch():
+    guard = InvalidScoreLogitsProcessor()
     scores = torch.randn(1, 50)
-    assert torch.equal(ds.guard(scores), scores)
+    assert torch.equal(guard(None, scores), scores)
     for bad in (float("nan"), float("inf"), float("-inf")):
         s = scores.clone()
         s[0, 7] = bad
-        out = ds.guard(s)
+        out = guard(None, s)
         assert out[0, 5] == 5e4 and out.abs().sum() == 5e4
 
 
 def draw_counts(logits, params, draws, seed=11):
-    procs = ds.warpers(params)
+    procs = logits_processors(params)
     noise = torch.empty(logits.shape[-1])
     counts = torch.zeros(logits.shape[-1], dtype=torch.float64)
     for i in range(draws):
@@ -74,7 +76,7 @@ def test_a_wrong_temperature_would_be_caught():
 
 def test_one_token_per_seed_and_position():
     logits = torch.randn(1, 300)
-    procs = ds.warpers(SamplingParams())
+    procs = logits_processors(SamplingParams())
     noise = torch.empty(300)
 
     def tok(seed, pos):
@@ -87,5 +89,5 @@ def test_one_token_per_seed_and_position():
 def test_nan_logits_answer_token_5():
     logits = torch.randn(1, 100)
     logits[0, 40] = float("nan")
-    token = ds.sample(logits, ds.warpers(SamplingParams()), torch.empty(100), torch.tensor(1), torch.tensor(0))
+    token = ds.sample(logits, logits_processors(SamplingParams()), torch.empty(100), torch.tensor(1), torch.tensor(0))
     assert int(token) == 5

@@ -34,6 +34,15 @@ def fill(panel: TrainingScreen, **values) -> None:
         panel.query_one(f"#train-{name}").value = str(value)
 
 
+async def start_long_run(pilot, train_file: Path, out: Path) -> TrainingScreen:
+    """A run far from its end (no checkpoint of its own soon), already a few steps in."""
+    panel = await open_panel(pilot)
+    fill(panel, train_file=train_file, output_dir=out, max_steps=100000, save_steps=50000)
+    await pilot.click("#start-run")
+    await wait_until(pilot, lambda: panel.monitor.step >= 10, what="a few steps")
+    return panel
+
+
 async def test_in_process_run_shows_progress_and_chats_with_a_checkpoint(train_file, tmp_path):
     app = make_app()
     async with running(app) as pilot:
@@ -99,11 +108,7 @@ async def test_form_errors_block_the_start(tmp_path):
 async def test_stop_saves_a_checkpoint_and_chat_works_meanwhile(train_file, tmp_path):
     app = make_app(train_step_delay=0.005)
     async with running(app) as pilot:
-        panel = await open_panel(pilot)
-        out = tmp_path / "out"
-        fill(panel, train_file=train_file, output_dir=out, max_steps=100000, save_steps=50000)
-        await pilot.click("#start-run")
-        await wait_until(pilot, lambda: panel.monitor.step >= 10, what="a few steps")
+        panel = await start_long_run(pilot, train_file, tmp_path / "out")
         await pilot.press("escape")  # back to the chat: training keeps going
         await wait_until(pilot, lambda: app.screen is app.chat)
         await send(pilot, "are you still there")
@@ -169,11 +174,8 @@ def test_progress_lines_tolerate_foreign_fields_and_garbage():
 async def test_quit_during_an_in_process_run_saves_a_checkpoint_first(train_file, tmp_path):
     app = make_app(train_step_delay=0.005)
     async with running(app) as pilot:
-        panel = await open_panel(pilot)
         out = tmp_path / "out"
-        fill(panel, train_file=train_file, output_dir=out, max_steps=100000, save_steps=50000)
-        await pilot.click("#start-run")
-        await wait_until(pilot, lambda: panel.monitor.step >= 10, what="a few steps")
+        panel = await start_long_run(pilot, train_file, out)
         await pilot.press("ctrl+q")
         await pilot.pause()
         assert app.return_code is None and panel.mode == "train"
