@@ -49,6 +49,10 @@ class ModelInfo:
     precision: str  # "bf16" | "fp16" | "fp32" | "8bit" | "4bit"
     device: str  # "cuda:0" | "cpu"
     engine: str = "eager"  # "eager" | "fast"
+    family: str = "chatglm2"  # "chatglm2" | "chatglm3"
+    variant: str = "chatglm2-6b"  # e.g. "chatglm2-6b-32k", "chatglm3-6b-base", "chatglm2-6b-int4"
+    context_length: int = 8192  # prompt + reply tokens one request may use
+    max_batch: int = 1  # rows decoded together
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,16 @@ class AdapterInfo:
     prefix_projection: bool
 
 
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation in the OpenAI style; the model family's chat format turns a list
+    of them into the prompt (ChatGLM2: a system text is prepended to the first query, as the
+    original ``openai_api.py`` does; ChatGLM3: its own role tokens)."""
+
+    role: str  # "system" | "user" | "assistant" | "observation"
+    content: str
+
+
 @dataclass
 class Reply:
     """A finished (or stopped) reply."""
@@ -70,6 +84,8 @@ class Reply:
     stopped: bool = False  # True when cancelled mid-reply; text is the partial reply
     new_tokens: int = 0
     seconds: float = 0.0
+    prompt_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" (eos or a stop string) | "length" | "cancelled"
 
     @property
     def tokens_per_s(self) -> float:
@@ -157,6 +173,10 @@ class BackendError(Exception):
     """A problem the user can fix. ``str(err)`` is one sentence saying what and how."""
 
 
+class BusyError(BackendError):
+    """Every decoding row is taken and the waiting queue is full; try again later (HTTP 429)."""
+
+
 class ChatBackend(Protocol):
     """What a front end may ask of the engine. All methods may block: call them off the UI thread."""
 
@@ -173,6 +193,9 @@ class ChatBackend(Protocol):
 
     def switch_adapter(self, name: Optional[str]) -> None: ...
 
+    # Replies may be asked for from many threads at once: the engine decodes concurrent requests
+    # together, one batch row each, and a set ``cancel`` frees the row at the next token.
+
     def stream_reply(
         self,
         query: str,
@@ -180,7 +203,33 @@ class ChatBackend(Protocol):
         params: SamplingParams,
         cancel: Optional[threading.Event] = None,
         adapter: Union[str, None, object] = ...,  # default: the active adapter
+        seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]: ...
+
+    def stream_messages(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        cancel: Optional[threading.Event] = None,
+        adapter: Union[str, None, object] = ...,
+        seed: Optional[int] = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[ReplyEvent]:
+        """The reply to the last user message of ``messages``; ``stop`` strings end it (not included)."""
+        ...
+
+    def stream_completion(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        cancel: Optional[threading.Event] = None,
+        adapter: Union[str, None, object] = ...,
+        seed: Optional[int] = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[ReplyEvent]:
+        """A raw continuation of ``prompt`` (no chat format; special-token text stays text)."""
+        ...
 
     def compare(
         self,
