@@ -1,6 +1,7 @@
 """Loading a full-size ChatGLM2-6B (random weights) shard by shard: host RSS, GPU peak, time.
 
     python bench/bench_load.py make DIR          # write 7 fp16 .bin shards + index, like the release
+    python bench/bench_load.py make-int4 DIR SRC # the official int4 release's layout, packed from SRC's fp16 shards
     python bench/bench_load.py load DIR 8bit     # one measurement, in a fresh process; prints one JSON line
 
 The weights are random (the real ones are not reachable from the benchmark machine); the
@@ -74,6 +75,42 @@ def make(directory: Path, tokenizer_model: Path | None = None) -> None:
     print(json.dumps({"made": str(directory), "bytes": total, "tensors": len(keys)}))
 
 
+INT4_LINEARS = ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight")
+
+
+def pack_int4_rows(weight):
+    """The int4 release's storage of one linear: (int8 [out, in/2], fp16 scale [out]).
+
+    scale = the row's max |w| / 7; q = round(w / scale) in [-8, 7]; each byte holds two columns,
+    the even one in the high nibble, both signed (../shared/docs/chatglm-family.md)."""
+    import torch
+
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 7).half()
+    q = torch.round(w / scale.float()[:, None]).clamp(-8, 7).to(torch.int16)
+    packed = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)).to(torch.uint8).view(torch.int8)
+    return packed.contiguous(), scale
+
+
+def make_int4(directory: Path, source: Path) -> None:
+    """One pytorch_model.bin as the chatglm2-6b-int4 release ships it, from a ``make`` directory's shards."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "quantization_bit": 4}, indent=2))
+    state = {}
+    for shard in sorted(source.glob("pytorch_model-*.bin")):
+        for key, tensor in torch.load(shard, weights_only=True).items():
+            if key.endswith(INT4_LINEARS) and ".encoder.layers." in key:
+                state[key], state[key + "_scale"] = pack_int4_rows(tensor)
+            else:
+                state[key] = tensor
+    torch.save(state, directory / "pytorch_model.bin")
+    (directory / "tokenizer.model").write_bytes((source / "tokenizer.model").read_bytes())
+    print(json.dumps({"made": str(directory), "tensors": len(state)}))
+
+
 def rss_gb() -> tuple[float, float]:
     """(current, peak) resident set size of this process in GB, from /proc."""
     fields = {}
@@ -121,5 +158,7 @@ def load(directory: Path, quantization: str) -> dict:
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+    elif sys.argv[1] == "make-int4":
+        make_int4(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         print(json.dumps(load(Path(sys.argv[2]), sys.argv[3])))
