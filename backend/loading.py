@@ -25,6 +25,7 @@ from torch import nn
 
 from .configuration import ChatGLMConfig
 from .modeling import ChatGLMForConditionalGeneration
+from .registry import register_auto_classes
 from .service import BackendError, LoadProgress
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ def load_model(
 ) -> LoadedModel:
     """Load tokenizer and weights; 8bit is the default on a GPU, float32 on the CPU."""
     report = progress or (lambda p: None)
+    register_auto_classes()  # a loaded model's generate/save_pretrained find our classes by model_type
     path = resolve_model_dir(name_or_path)
     device_ = pick_device(device)
     quant = pick_quantization(quantization, device_)

@@ -197,8 +197,9 @@ def test_the_seed_snippet_loads_8bit_through_transformers(tiny_dir):
     import bitsandbytes as bnb
     from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
 
-    import backend  # noqa: F401
+    import backend
 
+    backend.register()
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModel.from_pretrained(tiny_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0))
     assert isinstance(model.transformer.encoder.layers[0].mlp.dense_h_to_4h, bnb.nn.Linear8bitLt)

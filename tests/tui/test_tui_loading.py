@@ -60,13 +60,8 @@ def test_load_backend_maps_the_command_line(monkeypatch):
     assert seen == dict(model="THUDM/chatglm2-6b", quantization="none", adapters=["a"], adapter_dirs=["d"],
                         demo=False, engine="fast")
 
-    def load_without_engine(model, quantization, adapters, adapter_dirs, progress, demo=False):
-        seen.update(model=model, quantization=quantization, demo=demo)
-        return "engine"
-
-    monkeypatch.setitem(sys.modules, "backend.engine", _engine_module(load_without_engine))
-    load_backend(parse_args(["--demo", "--quantization", "8bit", "--engine", "fast"]), lambda p: None)
-    assert (seen["quantization"], seen["demo"]) == ("8bit", True)
+    load_backend(parse_args(["--demo", "--quantization", "8bit"]), lambda p: None)
+    assert seen == dict(model=None, quantization="8bit", adapters=[], adapter_dirs=[], demo=True, engine="auto")
 
 
 async def test_out_of_memory_is_explained_with_a_fix(monkeypatch):
