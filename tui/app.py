@@ -100,12 +100,9 @@ class GLMChatApp(App[None]):
         except (StoreError, OSError) as err:
             self.notify(f"Conversations will not be saved: {err}", severity="error", timeout=15)
             return
-        if self.store.set_aside is not None:
-            self.notify(
-                f"The conversations database was corrupt; it was moved to {self.store.set_aside} "
-                "and a new one started.",
-                title="Corrupt database set aside", severity="error", timeout=30,
-            )
+        if self.store.notice is not None:
+            title = "Corrupt database set aside" if self.store.set_aside else "Conversations read-only"
+            self.notify(self.store.notice, title=title, severity="error", timeout=30)
 
     async def _loaded(self, loaded: Loaded) -> None:
         from .screens.training import TrainingScreen  # plotext and friends: only once a model is up
@@ -168,7 +165,7 @@ class GLMChatApp(App[None]):
     # -- persistence (small transactions, on the UI thread) ---------------------------------
 
     def save_turn(self, conversation: Conversation, turn: Turn) -> None:
-        if self.store is None:
+        if self.store is None or self.store.read_only:  # the notice at start said new turns are not saved
             return
         try:
             self.store.replace_replies(conversation, turn)
@@ -176,7 +173,7 @@ class GLMChatApp(App[None]):
             self.notify(str(err), title="Not saved", severity="error", timeout=10)
 
     def delete_turn(self, turn: Turn) -> None:
-        if self.store is None:
+        if self.store is None or self.store.read_only:
             return
         try:
             self.store.delete_turn(turn)
