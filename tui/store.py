@@ -350,6 +350,9 @@ def _store_error(err: sqlite3.Error, path: Path, doing: str) -> StoreError:
     if _is_busy(err):
         return StoreError(f"Could not {doing} {path}: another glmchat kept it busy for {BUSY_TIMEOUT_S:g} s; "
                           "try again in a moment.")
+    if _corruption(err) is not None:  # a damaged page found after opening: the file is in use, so not moved now
+        return StoreError(f"Could not {doing} {path}: it is damaged ({err}); quit glmchat and move the file "
+                          "elsewhere, and glmchat starts a new one.")
     return StoreError(f"Could not {doing} {path}: {err}.")
 
 

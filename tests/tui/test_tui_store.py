@@ -88,6 +88,25 @@ def test_corrupt_database_is_set_aside_not_dropped(tmp_path):
     sqlite3.connect(path).execute("SELECT * FROM conversations")
 
 
+def test_a_page_damaged_after_opening_is_named_not_moved(tmp_path):
+    """Corruption found by a read (the open reads only the header): a sentence saying what to do; the file is
+    in use, possibly by another glmchat, so it is not moved under it."""
+    store = ConversationStore.in_dir(tmp_path)
+    for i in range(20):
+        _add(store, Conversation(title=f"t{i}"), _turn("q" * 500, None))
+    store.close()
+    path = tmp_path / ConversationStore.FILENAME
+    data = bytearray(path.read_bytes())
+    for offset in range(3 * 4096, len(data) - 4096, 4096):  # every page after the schema's
+        data[offset:offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+
+    damaged = ConversationStore.in_dir(tmp_path)
+    with pytest.raises(StoreError, match="it is damaged .*move the file elsewhere"):
+        [damaged.load(c.id) for c in damaged.conversations()]
+    assert damaged.set_aside is None and path.exists()
+
+
 def _user_version(path: Path) -> int:
     conn = sqlite3.connect(path)
     try:
