@@ -287,20 +287,21 @@ def _install_stop_handler(cancel: threading.Event, verb: str):
 
 
 def error_line(err: BaseException) -> str:
-    """One sentence for a failure the user can fix; anything else is re-raised (a bug shows its traceback)."""
-    import torch
+    """One sentence for a failure the user can fix (backend/errors.py); anything else is re-raised (a bug shows
+    its traceback)."""
+    from backend.errors import explain, is_out_of_memory
 
-    from backend.service import BackendError
-
-    if isinstance(err, (BackendError, UsageError)):
+    if isinstance(err, UsageError):
         return str(err)
-    if isinstance(err, torch.OutOfMemoryError):
+    oom_fix = ""
+    if is_out_of_memory(err):  # torch is loaded by then; backend.training holds the training flags that help
         from backend.training import OOM_HINT
 
-        return f"the GPU ran out of memory; {OOM_HINT}."
-    if isinstance(err, ImportError) and "bitsandbytes" in str(err):
-        return "8-bit and 4-bit need bitsandbytes: pip install bitsandbytes (or pass --quantization none)."
-    raise err
+        oom_fix = OOM_HINT
+    problem = explain(err, oom_fix=oom_fix)
+    if problem is None:
+        raise err
+    return problem.line()
 
 
 # ----------------------------------------------------------------------------- commands

@@ -1,30 +1,45 @@
 """glmchat's backend: our ChatGLM2 as a transformers model, loading, adapters, chat engine, training.
 
-``import backend`` registers the classes with transformers' Auto classes for
-``model_type: chatglm``, so ``AutoConfig/AutoModel/AutoTokenizer.from_pretrained(path)`` use
-them without ``trust_remote_code`` (see ``backend/registry.py``).
+``import backend`` is light (no torch, no transformers): ``backend.service`` and the app's first
+screen import in milliseconds. The model classes load on first use (``backend.ChatGLMConfig``...).
+
+``backend.register()`` registers them with transformers' Auto classes for ``model_type: chatglm``,
+so ``AutoConfig/AutoModel/AutoTokenizer.from_pretrained(path)`` use them without
+``trust_remote_code`` (see ``backend/registry.py``); ``backend.loading`` calls it for the app.
+It is a call, not a side effect of ``import backend``, because every ``import backend.service``
+runs this file first and must stay free of torch.
 """
 
+import importlib
 import logging
 
-from .configuration import ChatGLMConfig
-from .modeling import ChatGLMForConditionalGeneration, ChatGLMModel
 from .service import BackendError
-from .registry import register_auto_classes
 
-try:  # written in parallel; present in every release
-    from .tokenization import ChatGLMTokenizer
-except ImportError:  # pragma: no cover
-    ChatGLMTokenizer = None
+# name -> submodule that defines it; imported on first access (torch comes with them)
+_LAZY = {
+    "ChatGLMConfig": ".configuration",
+    "ChatGLMModel": ".modeling",
+    "ChatGLMForConditionalGeneration": ".modeling",
+    "ChatGLMTokenizer": ".tokenization",
+}
 
-register_auto_classes()
+
+def register() -> None:
+    """Register our classes with transformers' Auto classes (idempotent; imports torch)."""
+    from .registry import register_auto_classes
+
+    register_auto_classes()
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
 # bitsandbytes logs this on every 8-bit matmul of a non-fp16 model; the cast is expected.
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda r: "inputs will be cast" not in r.getMessage())
 
-__all__ = [
-    "BackendError",
-    "ChatGLMConfig",
-    "ChatGLMForConditionalGeneration",
-    "ChatGLMModel",
-    "ChatGLMTokenizer",
-]
+__all__ = ["BackendError", "register", *_LAZY]

@@ -9,7 +9,6 @@ from the tensor shapes.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from .configuration import ChatGLMConfig
+from .configuration import ChatGLMConfig, read_config_file
 from .loading import load_pickled_state_dict
 from .modeling import PrefixEncoder, split_prefix
 from .service import AdapterInfo, BackendError
@@ -64,10 +63,7 @@ def read_prefix_checkpoint(path: Union[str, Path]) -> PrefixCheckpoint:
     config = {}
     config_file = directory / "config.json"
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise BackendError(f"{config_file} is not valid JSON; fix or delete it (the shapes tell pre_seq_len).") from None
+        config = read_config_file(config_file, fix="fix or delete it (the tensor shapes tell pre_seq_len)")
     inferred_len = state["embedding.weight"].shape[0]
     inferred_projection = "trans.0.weight" in state
     pre_seq_len = config.get("pre_seq_len") or inferred_len

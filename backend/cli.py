@@ -14,18 +14,13 @@ EXIT_USAGE = 2
 
 
 def error_line(err: BaseException) -> str:
-    """One sentence for a failure a user can fix; None of our own bugs are hidden by it."""
-    import torch
+    """One sentence for a failure a user can fix (backend/errors.py); our own bugs are re-raised, not hidden."""
+    from .errors import explain
 
-    from .service import BackendError
-
-    if isinstance(err, BackendError):
-        return str(err)
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return "the GPU ran out of memory; try --quantization 4bit, a shorter prompt or fewer --max-new-tokens."
-    if isinstance(err, ImportError) and "bitsandbytes" in str(err):
-        return "8-bit and 4-bit loading need bitsandbytes: pip install bitsandbytes (or pass --quantization none)."
-    raise err
+    problem = explain(err, oom_fix="try --quantization 4bit, a shorter prompt or fewer --max-new-tokens")
+    if problem is None:
+        raise err
+    return problem.line()
 
 
 def _as_list(value) -> list:

@@ -76,3 +76,13 @@ class ChatGLMConfig(PretrainedConfig):
     def prefix_kv_size(self) -> int:
         """Width of one prefix token's encoding: a key and a value for every layer and group."""
         return self.num_layers * self.kv_channels * self.multi_query_group_num * 2
+
+
+def read_config_file(path, fix: str) -> dict:
+    """A config.json as a dict whose known keys hold the types ChatGLMConfig's parameters say (a list for the
+    whole file, or ``"num_layers": "two"``, is one BackendError naming the file, the key and ``fix``)."""
+    from .json_files import check_keys_fit, read_json_object
+
+    values = read_json_object(path, fix)
+    check_keys_fit(values, ChatGLMConfig.__init__, path, fix)
+    return values

@@ -8,7 +8,6 @@ in 8-bit on a machine with 13 GB of RAM. Every failure a user can cause becomes 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -23,8 +22,10 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
-from .configuration import ChatGLMConfig
+from .configuration import ChatGLMConfig, read_config_file
 from .modeling import ChatGLMForConditionalGeneration
+from .json_files import describe, read_json_object
+from .registry import register_auto_classes
 from .service import BackendError, LoadProgress
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,7 @@ def _check_model_dir(path: Path) -> Path:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise BackendError(f"{path} is not a ChatGLM2 model directory: it has no config.json.")
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BackendError(f"{config_file} is not valid JSON; download the model again.") from None
+    model_type = read_config_file(config_file, fix="download the model again").get("model_type")
     if model_type != ChatGLMConfig.model_type:
         raise BackendError(f"{path} is not a ChatGLM2 model directory: config.json says model_type {model_type!r}, not 'chatglm'.")
     if not (path / "tokenizer.model").is_file():
@@ -105,10 +103,7 @@ def weight_files(path: Path) -> list[Path]:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = path / index_name
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError):
-                raise BackendError(f"{index} is corrupt (no weight_map); download it again.") from None
+            shards = _shard_names(index)
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise BackendError(f"{path} lacks {len(missing)} weight shard(s) named in {index_name} (first: {missing[0]}); finish the download.")
@@ -116,6 +111,18 @@ def weight_files(path: Path) -> list[Path]:
         if (path / single).is_file():
             return [path / single]
     raise BackendError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin (single or sharded with an index).")
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index's weight_map names: plain file names beside the index, at least one."""
+    weight_map = read_json_object(index, fix="download it again").get("weight_map")
+    names = list(weight_map.values()) if isinstance(weight_map, dict) else []
+    if not names or not all(isinstance(s, str) and s not in ("", ".", "..") and Path(s).name == s for s in names):
+        raise BackendError(
+            f"{index} has no usable weight_map (an object naming, for each tensor, a shard file beside it); "
+            "download it again."
+        )
+    return sorted(set(names))
 
 
 def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -138,7 +145,7 @@ def load_pickled_state_dict(file: Path) -> dict[str, torch.Tensor]:
     if not zipfile.is_zipfile(file):
         raise BackendError(f"{file} is corrupt or truncated (not a complete torch.save archive); save or download it again.")
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as err:
         raise BackendError(
             f"{file} contains pickled code, which glmchat refuses to run ({str(err).splitlines()[0][:120]}); "
@@ -146,6 +153,15 @@ def load_pickled_state_dict(file: Path) -> dict[str, torch.Tensor]:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise BackendError(f"{file} is corrupt or truncated ({str(err).splitlines()[0][:120]}); save or download it again.") from None
+    return _checked_state_dict(state, file)
+
+
+def _checked_state_dict(state: object, file: Path) -> dict[str, torch.Tensor]:
+    """weights_only still lets a pickle hold a list or a number: only {name: tensor} is weights."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        held = "a dict whose values are not all tensors" if isinstance(state, dict) else describe(state)
+        raise BackendError(f"{file} holds {held}, not a state dict of tensors; save it with torch.save(model.state_dict()).")
+    return state
 
 
 # ---------------------------------------------------------------- devices and precision
@@ -226,6 +242,7 @@ def load_model(
 ) -> LoadedModel:
     """Load tokenizer and weights; 8bit is the default on a GPU, float32 on the CPU."""
     report = progress or (lambda p: None)
+    register_auto_classes()  # a loaded model's generate/save_pretrained find our classes by model_type
     path = resolve_model_dir(name_or_path)
     device_ = pick_device(device)
     quant = pick_quantization(quantization, device_)

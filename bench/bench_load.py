@@ -128,7 +128,9 @@ def reset_peak_rss() -> None:
 def load(directory: Path, quantization: str) -> dict:
     import torch
 
-    import backend  # noqa: F401 - everything imported before the baseline is read
+    import backend
+
+    backend.register()  # everything (torch, transformers, our model) imported before the baseline is read
     from backend.loading import load_model
 
     torch.cuda.init()

@@ -88,6 +88,31 @@ def test_bad_checkpoints_are_refused(tmp_path):
         read_prefix_checkpoint(d)
 
 
+@pytest.mark.parametrize("config, expected", [
+    ([4, False], "holds a list where a JSON object"),
+    (4, "holds the number 4 where a JSON object"),
+    ({"pre_seq_len": "4"}, '"pre_seq_len" is the string "4" but must be a whole number or null'),
+    ({"prefix_projection": "no"}, '"prefix_projection" is the string "no" but must be true or false'),
+    ({"num_layers": [2]}, '"num_layers" is a list but must be a whole number'),
+])
+def test_an_adapter_config_of_the_wrong_shape_is_one_sentence(tmp_path, config, expected):
+    d = write_checkpoint(tmp_path / "checkpoint-1", 4)
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackendError, match=expected) as caught:
+        read_prefix_checkpoint(d)
+    assert "fix or delete it" in str(caught.value)
+
+
+@pytest.mark.parametrize("content, held", [([1, 2], "a list"), (7, "the number 7"),
+                                           ({"transformer.prefix_encoder.embedding.weight": 7}, "a dict whose values")])
+def test_an_adapter_file_holding_no_tensors_is_one_sentence(tmp_path, content, held):
+    d = tmp_path / "checkpoint-1"
+    d.mkdir()
+    torch.save(content, d / "pytorch_model.bin")
+    with pytest.raises(BackendError, match=f"holds {held}"):
+        read_prefix_checkpoint(d)
+
+
 def test_scan_finds_checkpoints_in_runs_by_step(tmp_path):
     for step in (100, 20, 3):
         write_checkpoint(tmp_path / "run-a" / f"checkpoint-{step}")

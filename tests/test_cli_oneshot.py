@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def corrupt_copy(model_dir, tmp_path):
         ("not-chatglm", "no config.json"),
         ("corrupt", "corrupt or truncated"),
         ("bad-adapter", "trained for another model"),
+        ("config-list", "config.json holds a list where a JSON object"),
+        ("config-typed", '"num_layers" is the string "two" but must be a whole number'),
     ],
 )
 def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, case, expected):
@@ -76,6 +79,11 @@ def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, case, expected):
         args += ["--model", str(tmp_path / "empty")]
     elif case == "corrupt":
         args += ["--model", str(corrupt_copy(model_dir, tmp_path))]
+    elif case.startswith("config-"):
+        d = corrupt_copy(model_dir, tmp_path)  # the weights are never reached
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps([config] if case == "config-list" else {**config, "num_layers": "two"}))
+        args += ["--model", str(d)]
     else:
         other = ChatGLMConfig(**{**ChatGLMConfig.from_pretrained(model_dir).to_dict(), "num_layers": 3})
         args += ["--model", str(model_dir), "--adapter", str(write_checkpoint(tmp_path / "checkpoint-1", 4, config=other, with_config=False))]

@@ -20,6 +20,8 @@ from backend.fast_decode import FastDecoder, available, make_decoder
 from backend.int8_linear import LinearWeights, linear_torch, quantize_per_channel
 from backend.service import SamplingParams
 
+backend.register()  # AutoModel.from_pretrained below: our classes for model_type chatglm
+
 GREEDY64 = SamplingParams(temperature=0, max_new_tokens=64)
 PROMPT = [64790, 64792, 790, 30951, 517, 30910, 30939, 30996, 13, 13, 54761, 31211, 39701, 13, 13, 55437, 31211]
 NO_EOS: list[int] = []

@@ -130,6 +130,67 @@ def test_truncated_safetensors_and_bin_are_refused(tiny_dir, tmp_path):
         load_model(d, quantization="none", device="cpu")
 
 
+def _with_config(tiny_dir, directory, **changes):
+    d = copy_without_weights(tiny_dir, directory)
+    shutil.copy(tiny_dir / "model.safetensors", d / "model.safetensors")
+    config = json.loads((d / "config.json").read_text())
+    config.update(changes)
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(num_layers="two"), '"num_layers" is the string "two" but must be a whole number'),
+    (dict(num_layers=True), '"num_layers" is true but must be a whole number'),
+    (dict(layernorm_epsilon=[1e-5]), '"layernorm_epsilon" is a list but must be a number'),
+    (dict(rmsnorm="yes"), '"rmsnorm" is the string "yes" but must be true or false'),
+    (dict(pre_seq_len="128"), '"pre_seq_len" is the string "128" but must be a whole number or null'),
+])
+def test_config_values_of_the_wrong_type_are_one_sentence(tiny_dir, tmp_path, change, expected):
+    d = _with_config(tiny_dir, tmp_path / "typed", **change)
+    with pytest.raises(BackendError) as caught:
+        load_model(d, quantization="none", device="cpu")
+    assert expected in str(caught.value) and "config.json" in str(caught.value)
+    assert "download the model again" in str(caught.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ([], "holds a list where a JSON object"),
+    (7, "holds the number 7 where a JSON object"),
+    ("chatglm", 'holds the string "chatglm" where a JSON object'),
+])
+def test_a_config_that_is_not_an_object_is_one_sentence(tiny_dir, tmp_path, content, expected):
+    d = _with_config(tiny_dir, tmp_path / "shape")
+    (d / "config.json").write_text(json.dumps(content))
+    with pytest.raises(BackendError, match=expected):
+        load_model(d, quantization="none", device="cpu")
+
+
+@pytest.mark.parametrize("index, expected", [
+    ([], "holds a list where a JSON object"),
+    ({"metadata": {}}, "no usable weight_map"),
+    ({"weight_map": []}, "no usable weight_map"),
+    ({"weight_map": {}}, "no usable weight_map"),
+    ({"weight_map": {"transformer.embedding.word_embeddings.weight": 3}}, "no usable weight_map"),
+    ({"weight_map": {"transformer.embedding.word_embeddings.weight": "../model.safetensors"}}, "no usable weight_map"),
+])
+def test_a_weight_index_of_the_wrong_shape_is_one_sentence(tiny_dir, tmp_path, index, expected):
+    d = copy_without_weights(tiny_dir, tmp_path / "index")
+    save_sharded(load_file(str(tiny_dir / "model.safetensors")), d, "safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(BackendError, match=expected):
+        load_model(d, quantization="none", device="cpu")
+
+
+@pytest.mark.parametrize("content, held", [([torch.zeros(2)], "a list"), (3, "the number 3"),
+                                           ({"transformer.output_layer.weight": [1, 2]}, "a dict whose values are not all tensors")])
+def test_a_pickle_of_the_wrong_shape_is_one_sentence(tiny_dir, tmp_path, content, held):
+    d = copy_without_weights(tiny_dir, tmp_path / "pickled")
+    torch.save(content, d / "pytorch_model.bin")
+    with pytest.raises(BackendError, match=f"holds {held}, not a state dict of tensors"):
+        load_model(d, quantization="none", device="cpu")
+
+
 class _RunsCode:
     def __reduce__(self):
         return (print, ("pwned",))
@@ -197,8 +258,9 @@ def test_the_seed_snippet_loads_8bit_through_transformers(tiny_dir):
     import bitsandbytes as bnb
     from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
 
-    import backend  # noqa: F401
+    import backend
 
+    backend.register()
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModel.from_pretrained(tiny_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0))
     assert isinstance(model.transformer.encoder.layers[0].mlp.dense_h_to_4h, bnb.nn.Linear8bitLt)

@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import backend  # noqa: F401 - registers the Auto classes
+import backend
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from conftest import REAL_TOKENIZER
+
+backend.register()  # our classes for model_type chatglm, as the README tells Python users
 
 ATOL = 1e-4  # float32 rounding; the logits are O(1)
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
-import os
 import threading
 from argparse import Namespace
 from pathlib import Path
@@ -16,7 +13,7 @@ from textual.binding import Binding
 from textual.reactive import reactive
 from textual.screen import Screen
 
-from backend.service import AdapterInfo, BackendError, ChatBackend, ModelInfo, ProgressCallback, SamplingParams
+from backend.service import AdapterInfo, ChatBackend, ModelInfo, ProgressCallback, SamplingParams
 
 from . import keys, paths
 from .conversation import Conversation, Turn
@@ -28,40 +25,24 @@ from .screens.loading import Loaded, Loader, LoadingScreen
 from .store import ConversationStore, StoreError
 
 DEFAULT_MODEL = "THUDM/chatglm2-6b"
-FAKE_BACKEND_ENV = "GLMCHAT_FAKE_BACKEND"  # dev only: a canned backend, no model (kept out of --help)
 
 
 def load_backend(args: Namespace, progress: ProgressCallback) -> ChatBackend:
-    """Load the engine the command line asks for; blocks (call it off the UI thread)."""
-    options = dict(
+    """Load the engine the command line asks for; blocks (call it off the UI thread).
+
+    The app's default loader; tests pass their own (``GLMChatApp(args, loader=...)``).
+    """
+    from backend.engine import ChatEngine  # heavy (torch): only now, in the loading thread
+
+    return ChatEngine.load(
         model=args.model or (None if args.demo else DEFAULT_MODEL),
         quantization=args.quantization,  # None: the engine's default (8-bit on a GPU)
         adapters=list(args.adapter or []),
         adapter_dirs=list(args.adapters or []),
         progress=progress,
         demo=bool(args.demo),
+        engine=args.engine or "auto",
     )
-    if os.environ.get(FAKE_BACKEND_ENV):
-        engine_class = _fake_backend_class()
-        options.update(step_delay=0.3, token_delay=0.03, train_step_delay=0.05, sample_adapters=2)
-    else:
-        from backend.engine import ChatEngine  # heavy (torch): only now, in the loading thread
-
-        engine_class = ChatEngine
-    load = engine_class.load
-    if args.engine and "engine" in inspect.signature(load).parameters:
-        options["engine"] = args.engine
-    return load(**options)
-
-
-def _fake_backend_class():
-    path = Path(__file__).resolve().parents[1] / "tests" / "tui" / "fake_backend.py"
-    if not path.exists():
-        raise BackendError(f"{FAKE_BACKEND_ENV} is set but {path} is missing: it works from a source checkout only.")
-    spec = importlib.util.spec_from_file_location("glmchat_fake_backend", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.FakeBackend
 
 
 class GLMChatApp(App[None]):
@@ -119,12 +100,9 @@ class GLMChatApp(App[None]):
         except (StoreError, OSError) as err:
             self.notify(f"Conversations will not be saved: {err}", severity="error", timeout=15)
             return
-        if self.store.set_aside is not None:
-            self.notify(
-                f"The conversations database was corrupt; it was moved to {self.store.set_aside} "
-                "and a new one started.",
-                title="Corrupt database set aside", severity="error", timeout=30,
-            )
+        if self.store.notice is not None:
+            title = "Corrupt database set aside" if self.store.set_aside else "Conversations read-only"
+            self.notify(self.store.notice, title=title, severity="error", timeout=30)
 
     async def _loaded(self, loaded: Loaded) -> None:
         from .screens.training import TrainingScreen  # plotext and friends: only once a model is up
@@ -187,7 +165,7 @@ class GLMChatApp(App[None]):
     # -- persistence (small transactions, on the UI thread) ---------------------------------
 
     def save_turn(self, conversation: Conversation, turn: Turn) -> None:
-        if self.store is None:
+        if self.store is None or self.store.read_only:  # the notice at start said new turns are not saved
             return
         try:
             self.store.replace_replies(conversation, turn)
@@ -195,7 +173,7 @@ class GLMChatApp(App[None]):
             self.notify(str(err), title="Not saved", severity="error", timeout=10)
 
     def delete_turn(self, turn: Turn) -> None:
-        if self.store is None:
+        if self.store is None or self.store.read_only:
             return
         try:
             self.store.delete_turn(turn)

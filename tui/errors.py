@@ -4,43 +4,24 @@ from __future__ import annotations
 
 import logging
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
+from backend.errors import Problem
+from backend.errors import explain as _explain_user_error
 from backend.service import BackendError
 
 log = logging.getLogger("glmchat")
 
-
-@dataclass(frozen=True)
-class Problem:
-    reason: str
-    fix: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.reason} {self.fix}".strip()
+__all__ = ["Problem", "explain", "report", "setup_log", "log_file"]
 
 
 def explain(err: BaseException) -> Problem:
-    if isinstance(err, BackendError):
-        return Problem(str(err))  # already one sentence: what and how
+    """The shared explanation (backend/errors.py); an error that is not the user's points to the log."""
+    problem = _explain_user_error(err)
+    if problem is not None:
+        return problem
     text = str(err)
-    name = type(err).__name__
-    if isinstance(err, ModuleNotFoundError):
-        missing = err.name or text
-        if missing.startswith("backend"):
-            return Problem(f"The model engine is not available ({missing} is missing).",
-                           "Update glmchat (pip install -e .), or try the app with --demo.")
-        return Problem(f"The Python package '{missing}' is not installed.",
-                       "Install glmchat with its dependencies: pip install -e .")
-    if name == "OutOfMemoryError" or "out of memory" in text.lower():
-        return Problem("The GPU ran out of memory.",
-                       "Load a smaller precision (--quantization 8bit or 4bit), or free the GPU.")
-    if isinstance(err, FileNotFoundError):
-        return Problem(f"File not found: {err.filename or text}.", "Check the path you gave (--model, --adapter).")
-    if isinstance(err, PermissionError):
-        return Problem(f"Permission denied: {err.filename or text}.", "Check the file's permissions.")
-    return Problem(f"Unexpected error: {name}: {text}".rstrip(": ") + ".",
+    return Problem(f"Unexpected error: {type(err).__name__}: {text}".rstrip(": ") + ".",
                    f"The traceback is in {log_file()}.")
 
 

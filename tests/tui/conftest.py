@@ -13,7 +13,6 @@ def glmchat_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own data and config dir (never the user's)."""
     monkeypatch.setenv("GLMCHAT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("GLMCHAT_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("GLMCHAT_FAKE_BACKEND", raising=False)
     return tmp_path
 
 

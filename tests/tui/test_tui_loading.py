@@ -60,13 +60,8 @@ def test_load_backend_maps_the_command_line(monkeypatch):
     assert seen == dict(model="THUDM/chatglm2-6b", quantization="none", adapters=["a"], adapter_dirs=["d"],
                         demo=False, engine="fast")
 
-    def load_without_engine(model, quantization, adapters, adapter_dirs, progress, demo=False):
-        seen.update(model=model, quantization=quantization, demo=demo)
-        return "engine"
-
-    monkeypatch.setitem(sys.modules, "backend.engine", _engine_module(load_without_engine))
-    load_backend(parse_args(["--demo", "--quantization", "8bit", "--engine", "fast"]), lambda p: None)
-    assert (seen["quantization"], seen["demo"]) == ("8bit", True)
+    load_backend(parse_args(["--demo", "--quantization", "8bit"]), lambda p: None)
+    assert seen == dict(model=None, quantization="8bit", adapters=[], adapter_dirs=[], demo=True, engine="auto")
 
 
 async def test_out_of_memory_is_explained_with_a_fix(monkeypatch):
@@ -114,3 +109,16 @@ async def test_missing_model_dir_says_what_to_pass(tmp_path):
         await pilot.press("q")
         await pilot.pause()
         assert app.return_code == 1, "q quits from the failure screen, with a failure status"
+
+
+async def test_a_config_of_the_wrong_shape_is_a_notice_not_a_traceback(tmp_path):
+    """The real loader on a model directory whose config.json is valid JSON but a list."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("[]", encoding="utf-8")
+    app = GLMChatApp(parse_args(["--model", str(model)]))  # the real load_backend and engine
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: getattr(app.screen, "problem", None) is not None, timeout=60)
+        text = str(app.screen.query_one("#load-error").render())
+        assert "config.json holds a list where a JSON object" in text and "download the model again" in text
+        assert "Traceback" not in text and "Unexpected error" not in text

@@ -1,11 +1,13 @@
-"""Conversations survive a restart, can be reopened, exported, and a corrupt database is set aside."""
+"""Conversations survive a restart, can be reopened, exported; a corrupt database is set aside, a newer one read."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from backend.service import SamplingParams
+from tui.conversation import Conversation, ReplyRecord, Turn
 from tui.screens.conversations import ConversationsScreen
-from tui.store import ConversationStore
+from tui.store import SCHEMA_VERSION, ConversationStore
 
 from fake_backend import canned_reply
 from tui_testing import make_app, replies, running, send, wait_until
@@ -93,3 +95,25 @@ async def test_corrupt_database_is_reported_and_set_aside(glmchat_dirs: Path):
         assert any(str(aside) in n.message for n in app._notifications)
         await send(pilot, "still works")
         assert len(app.store.conversations()) == 1
+
+
+async def test_a_newer_database_opens_read_only_with_a_notice(glmchat_dirs: Path):
+    data = glmchat_dirs / "data"
+    data.mkdir(parents=True)
+    store = ConversationStore.in_dir(data)
+    conversation = Conversation(title="from a newer glmchat")
+    turn = Turn("later", [ReplyRecord("an answer", None, SamplingParams(), False, 2, 0.1)])
+    conversation.turns.append(turn)
+    store.save_turn(conversation, turn)
+    store._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    store.close()
+
+    app = make_app()
+    async with running(app) as pilot:
+        assert any("newer glmchat" in n.message and "read-only" in n.message for n in app._notifications)
+        assert [t.query for t in app.chat.conversation.turns] == ["later"]  # the history is there to read
+        await send(pilot, "not saved")
+        assert not any(n.title == "Not saved" for n in app._notifications)  # one notice, not one per turn
+    assert not list(data.glob("conversations.db.corrupt-*"))
+    again = ConversationStore.in_dir(data)
+    assert again.read_only and [len(again.load(c.id).turns) for c in again.conversations()] == [1]

@@ -1,0 +1,45 @@
+"""The service types and the app's first screen import without torch or transformers (as harlequin tests its
+import hygiene): the app shows its loading screen at once and pays for torch in the loading thread only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors")
+LIGHT_MODULES = [
+    "backend",
+    "backend.service",
+    "backend.errors",
+    "tui.__main__",
+    "tui.app",
+    "tui.errors",
+    "tui.store",
+    "tui.screens.loading",
+    "tui.screens.chat",
+]
+
+
+def _heavy_after_importing(module: str) -> list[str]:
+    code = (
+        f"import importlib, json, sys; importlib.import_module({module!r}); "
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", LIGHT_MODULES)
+def test_first_screen_modules_import_without_torch(module):
+    assert _heavy_after_importing(module) == [], f"importing {module} pulls in heavy libraries"
+
+
+def test_the_model_classes_still_come_from_backend():
+    """``from backend import ChatGLMConfig`` keeps working; it is the import that brings transformers in."""
+    assert "transformers" in _heavy_after_importing("backend.configuration")
