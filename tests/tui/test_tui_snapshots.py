@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, TextArea
 
 from backend.service import LoadProgress
 from tui.__main__ import parse_args
@@ -22,6 +22,7 @@ from tui_testing import make_app, ready, send, wait_until
 def steady(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No cursor blink, and relative paths that read the same on every machine."""
     monkeypatch.setattr(Input, "_toggle_cursor", lambda self: None)
+    monkeypatch.setattr(TextArea, "_toggle_cursor_blink_visible", lambda self: None)
     monkeypatch.chdir(tmp_path)
     write_checkpoint(Path("output/adgen/checkpoint-600"))
     write_checkpoint(Path("output/adgen/checkpoint-1200"))

@@ -11,7 +11,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Footer
 
 from backend.service import History, Reply, ReplyDone, SamplingParams, TextDelta
 
@@ -20,6 +20,7 @@ from ..conversation import Conversation, ReplyRecord, Turn, title_for
 from ..errors import report
 from ..export import adapter_label
 from ..widgets.chat_log import WELCOME, ChatLog
+from ..widgets.prompt import PromptInput
 from ..widgets.reply import ReplyView, TurnView
 from ..widgets.status_bar import StatusBar
 
@@ -75,7 +76,7 @@ class ChatScreen(Screen):
         key = self.app.key_display
         welcome = WELCOME.format(**{name: key(name) for name in ("next_adapter", "compare", "training", "help")})
         yield ChatLog(welcome, id="log")
-        yield Input(placeholder="Loading the model…", id="prompt", disabled=True)
+        yield PromptInput(placeholder="Loading the model…", id="prompt", disabled=True)
         yield StatusBar(id="status")
         yield Footer(compact=True)
 
@@ -87,13 +88,13 @@ class ChatScreen(Screen):
         return self.query_one("#log", ChatLog)
 
     @property
-    def prompt(self) -> Input:
-        return self.query_one("#prompt", Input)
+    def prompt(self) -> PromptInput:
+        return self.query_one("#prompt", PromptInput)
 
     def model_ready(self) -> None:
         """Called by the app when the backend is loaded: the prompt opens."""
         self.prompt.disabled = False
-        self.prompt.placeholder = "Ask ChatGLM2…  (Enter sends)"
+        self.prompt.placeholder = f"Ask ChatGLM2…  (Enter sends, {self.app.key_display('newline')} breaks a line)"
         self.prompt.focus()
 
     def check_action(self, action: str, parameters: tuple) -> Optional[bool]:
@@ -103,8 +104,8 @@ class ChatScreen(Screen):
 
     # -- sending and streaming -----------------------------------------------------------
 
-    @on(Input.Submitted, "#prompt")
-    async def send(self, event: Input.Submitted) -> None:
+    @on(PromptInput.Submitted, "#prompt")
+    async def send(self, event: PromptInput.Submitted) -> None:
         query = event.value.strip()
         if not query or self.app.backend is None:
             return
@@ -227,7 +228,6 @@ class ChatScreen(Screen):
         self.app.delete_turn(turn)
         await self.log_view.remove_turn(turn)
         self.prompt.value = turn.query
-        self.prompt.cursor_position = len(turn.query)
         self.prompt.focus()
         self.notify("The last prompt is back in the input: edit it and press Enter.")
 
