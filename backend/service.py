@@ -239,6 +239,8 @@ class ChatBackend(Protocol):
         params: SamplingParams,
         adapters: Sequence[Optional[str]],
         cancel: Optional[threading.Event] = None,
+        seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]: ...
 
     def train(

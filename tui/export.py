@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .conversation import Conversation, ReplyRecord
+from .paths import write_text_atomically
 
 
 def adapter_label(adapter: str | None) -> str:
@@ -48,7 +49,5 @@ def export_path(directory: Path, conversation: Conversation) -> Path:
 def write_export(directory: Path, conversation: Conversation, model: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = export_path(directory, conversation)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(conversation_markdown(conversation, model), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomically(path, conversation_markdown(conversation, model))
     return path

@@ -171,9 +171,11 @@ class FakeBackend:
         params: SamplingParams,
         cancel: Optional[threading.Event] = None,
         adapter: Union[str, None, object] = ACTIVE,
+        seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]:
         adapter = self._active if adapter is ACTIVE else adapter
-        self.calls.append(("stream_reply", (query, list(history), params, adapter)))
+        self.calls.append(("stream_reply", (query, list(history), params, adapter, system)))
         yield from self._stream(query, history, params, cancel, adapter, 0)
 
     def compare(
@@ -183,8 +185,10 @@ class FakeBackend:
         params: SamplingParams,
         adapters: Sequence[Optional[str]],
         cancel: Optional[threading.Event] = None,
+        seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]:
-        self.calls.append(("compare", (query, list(history), params, list(adapters))))
+        self.calls.append(("compare", (query, list(history), params, list(adapters), system)))
         streams = [self._stream(query, history, params, cancel, a, i) for i, a in enumerate(adapters)]
         while streams:  # interleave the columns token by token, as a batched engine would
             for stream in list(streams):

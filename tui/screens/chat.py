@@ -33,6 +33,7 @@ class Generation:
     view: TurnView
     params: SamplingParams
     adapters: list[Optional[str]]
+    system: str = ""  # the conversation's system prompt
     cancel: threading.Event = field(default_factory=threading.Event)
     records: dict[int, ReplyRecord] = field(default_factory=dict)
     failed: bool = False
@@ -128,7 +129,7 @@ class ChatScreen(Screen):
             await view.restart(adapters)
             self.log_view.anchor()
         history = self.conversation.history(upto=self.conversation.turns.index(turn))
-        self.generation = Generation(turn, view, copy(self.app.params), adapters)
+        self.generation = Generation(turn, view, copy(self.app.params), adapters, self.conversation.system)
         self.refresh_bindings()
         self._write_reply(self.generation, turn.query, history)
 
@@ -137,11 +138,13 @@ class ChatScreen(Screen):
         backend, adapters = self.app.backend, generation.adapters
         texts = {i: "" for i in range(len(adapters))}
         finished: set[int] = set()
+        system = {"system": generation.system} if generation.system else {}  # only when set: older backends lack it
         try:
             if len(adapters) == 1:
-                events = backend.stream_reply(query, history, generation.params, cancel=generation.cancel, adapter=adapters[0])
+                events = backend.stream_reply(query, history, generation.params, cancel=generation.cancel,
+                                              adapter=adapters[0], **system)
             else:
-                events = backend.compare(query, history, generation.params, adapters, cancel=generation.cancel)
+                events = backend.compare(query, history, generation.params, adapters, cancel=generation.cancel, **system)
             for event in events:
                 if isinstance(event, TextDelta):
                     texts[event.stream] += event.text
@@ -225,6 +228,8 @@ class ChatScreen(Screen):
             self.notify("No prompt to edit yet.", severity="warning")
             return
         turn = self.conversation.turns.pop()
+        if not self.conversation.turns and self.conversation.title == title_for(turn.query):
+            self.conversation.title = ""  # the edited prompt names the conversation again (a renamed one keeps its name)
         self.app.delete_turn(turn)
         await self.log_view.remove_turn(turn)
         self.prompt.value = turn.query
@@ -234,12 +239,13 @@ class ChatScreen(Screen):
     async def action_new_conversation(self) -> None:
         if self._busy():
             return
-        await self.show_conversation(Conversation())
+        await self.show_conversation(Conversation(system=self.app.prefs.system))
         self.prompt.focus()
 
     async def show_conversation(self, conversation: Conversation) -> None:
         self.conversation = conversation
         await self.log_view.show(conversation)
+        self.app.remember_conversation(conversation)
 
     def action_copy_reply(self) -> None:
         focused = self.focused
