@@ -70,6 +70,8 @@ class GLMChatApp(App[None]):
     CSS_PATH = "glmchat.tcss"
     TITLE = "glmchat"
     BINDINGS = keys.bindings("app")
+    # Below 100 columns the screens get "-narrow": the footer drops ^p palette (F1 lists it), forms take fewer columns.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
 
     model_info: reactive[Optional[ModelInfo]] = reactive(None, init=False)
     adapters: reactive[tuple[AdapterInfo, ...]] = reactive((), init=False)

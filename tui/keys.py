@@ -41,7 +41,7 @@ ACTIONS: tuple[KeyAction, ...] = (
     KeyAction("pick_adapter", "chat", "app.pick_adapter", "f4", "Pick", "Pick an adapter, or add a checkpoint from disk"),
     KeyAction("compare", "chat", "app.toggle_compare", "f5", "Compare", "Compare mode: each prompt answered by two adapters side by side"),
     KeyAction("training", "chat", "app.training", "f6", "Train", "Training panel: start a run or follow one"),
-    KeyAction("settings", "chat", "app.settings", "f2", "Settings", "Sampling settings: temperature, top_p, max new tokens, repetition penalty"),
+    KeyAction("settings", "chat", "app.settings", "f2", "Settings", "Settings: temperature, top_p, max new tokens, repetition penalty, system prompt"),
     KeyAction("conversations", "chat", "app.conversations", "f3", "History", "Saved conversations: reopen or export one"),
     KeyAction("new_conversation", "chat", "new_conversation", "ctrl+n", "New", "Start a new conversation", show=False),
     KeyAction("regenerate", "chat", "regenerate", "ctrl+r", "Regenerate", "Write the last reply again", show=False),

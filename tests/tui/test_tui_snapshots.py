@@ -127,3 +127,18 @@ def test_dialogs(snap_compare, key):
         await _settle(pilot)
 
     assert snap_compare(make_app(ADAPTERS), run_before=run_before, terminal_size=(100, 30))
+
+
+@pytest.mark.parametrize("key", ["", "f6", "f2"])
+def test_narrow_terminal(snap_compare, key):
+    """80x24: the whole footer, the training form's fields and the settings' buttons readable."""
+
+    async def run_before(pilot):
+        await _ready(pilot)
+        await send(pilot, "hello")
+        if key:
+            await pilot.press(key)
+            await wait_until(pilot, lambda: pilot.app.screen is not pilot.app.chat)
+        await _settle(pilot)
+
+    assert snap_compare(make_app(ADAPTERS), run_before=run_before, terminal_size=(80, 24))

@@ -44,7 +44,7 @@ class SettingsScreen(ModalScreen[Optional[Settings]]):
             with Grid(id="settings-grid"):
                 for name, label, *_rest, rule in FIELDS:
                     yield Label(label)
-                    yield Input(str(getattr(self.params, name)), id=name, select_on_focus=True)
+                    yield Input(str(getattr(self.params, name)), id=name, select_on_focus=True, compact=True)
                     yield Static(Content.styled(rule, "$text-muted"), classes="hint")
             yield Label(Content.assemble("System prompt ", ("(this conversation and new ones; empty = none)", "$text-muted")))
             yield TextArea(self.system, id="system", soft_wrap=True, compact=True, tab_behavior="focus")

@@ -10,8 +10,18 @@ from textual.widgets import TextArea
 from .. import keys
 
 
-class PromptInput(TextArea):
-    BINDINGS = keys.bindings("prompt")
+# TextArea's own keys that are also app or chat keys by default (f6 select line, ctrl+l, ...) are dropped:
+# the app's win anyway (priority), and the footer then keeps them in their own order.
+_APP_KEYS = {key for a in keys.ACTIONS if a.scope in keys.PRIORITY_SCOPES for key in a.key.split(",")}
+
+
+class PromptInput(TextArea, inherit_bindings=False):
+    BINDINGS = [
+        binding
+        for key, bound in TextArea._merged_bindings.key_to_bindings.items()  # TextArea's keys and its bases'
+        if key not in _APP_KEYS
+        for binding in bound
+    ] + keys.bindings("prompt")
 
     class Submitted(Message):
         """Enter was pressed: ``value`` is the whole text."""
