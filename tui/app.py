@@ -17,14 +17,14 @@ from textual.binding import Binding
 from textual.reactive import reactive
 from textual.screen import Screen
 
-from backend.service import AdapterInfo, BackendError, ChatBackend, ModelInfo, ProgressCallback, SamplingParams
+from backend.service import AdapterInfo, BackendError, ChatBackend, ModelInfo, ProgressCallback
 
 from . import keys, paths
 from .conversation import Conversation, Turn, turns_label
 from .errors import report, setup_log
 from .export import adapter_label, write_export
 from .messages import AdaptersChanged, AdaptersRestored
-from .preferences import Preferences, load_preferences, save_preferences
+from .preferences import load_preferences, save_preferences
 from .screens.chat import ChatScreen
 from .screens.loading import Loaded, Loader, LoadingScreen
 from .store import ConversationStore, StoreError
@@ -175,7 +175,7 @@ class GLMChatApp(App[None]):
 
     # -- what is remembered between runs ------------------------------------------------
 
-    def save_preferences(self, **changes) -> None:
+    def remember_settings(self, **changes) -> None:
         """Change and write the remembered settings; a failed write is one notice, the app goes on."""
         for name, value in changes.items():
             setattr(self.prefs, name, value)
@@ -186,7 +186,7 @@ class GLMChatApp(App[None]):
 
     def remember_conversation(self, conversation: Conversation) -> None:
         if not self.prefs.remembers_conversation or self.prefs.conversation != conversation.id:
-            self.save_preferences(conversation=conversation.id, remembers_conversation=True)
+            self.remember_settings(conversation=conversation.id, remembers_conversation=True)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="adapter")
     def _restore_adapters(self, remembered: list[str]) -> None:
@@ -320,7 +320,7 @@ class GLMChatApp(App[None]):
         self.active_adapter = message.active
         added_here = [_path_key(a.path) for a in message.adapters if _path_key(a.path) not in self._command_line_adapters]
         if self.backend is not None and added_here != self.prefs.adapters:
-            self.save_preferences(adapters=added_here)
+            self.remember_settings(adapters=added_here)
         if message.error:
             self.notify(message.error, title="Adapter not switched", severity="error", timeout=10)
 
@@ -375,7 +375,7 @@ class GLMChatApp(App[None]):
         if settings.system != conversation.system:
             conversation.system = settings.system
             self.update_conversation_details(conversation)
-        self.save_preferences(params=params, system=settings.system)
+        self.remember_settings(params=params, system=settings.system)
         system = f" · system prompt: {settings.system[:40]}" if settings.system else ""
         self.notify(
             f"temperature {params.temperature:g} · top_p {params.top_p:g} · "

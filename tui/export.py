@@ -34,6 +34,8 @@ def conversation_markdown(conversation: Conversation, model: str = "") -> str:
     lines = [f"# {title}", ""]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.created_at))
     lines += [f"*{when}" + (f" · {model}" if model else "") + "*", ""]
+    if conversation.system:
+        lines += ["System prompt:", "", *(f"> {line}" for line in conversation.system.splitlines()), ""]
     for n, turn in enumerate(conversation.turns, 1):
         lines += [f"## {n}. You", "", turn.query, ""]
         for reply in turn.replies:
