@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, OptionList, Static
+from textual.widgets import Button, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
 from backend.service import AdapterInfo, BackendError
@@ -47,7 +47,7 @@ class AdapterPicker(ModalScreen[Optional[AdapterChoice]]):
             yield Static(Content.styled("Adapters", "bold"), classes="dialog-title")
             yield OptionList(id="adapter-list")
             yield Static(Content.styled("Enter: use for the next reply · Esc: close", "$text-muted"))
-            yield Label("Add a checkpoint from disk (a checkpoint-N directory, or a run directory to scan):")
+            yield Static("Add a checkpoint from disk (a checkpoint-N directory, or a run directory to scan):")  # wraps at 80 columns
             with Horizontal(classes="row"):
                 yield Input(placeholder="output/adgen-chatglm2-6b-pt-128-2e-2/checkpoint-600", id="adapter-path")
                 yield Button("Add", id="add-adapter", variant="primary")
