@@ -108,3 +108,22 @@ async def test_a_broken_settings_file_is_one_notice_and_defaults(glmchat_dirs: P
     broken = make_app()
     async with running(broken):
         assert any("could not be read" in n.message for n in broken._notifications)
+
+
+async def test_an_adapter_trained_in_f6_comes_back(tmp_path: Path):
+    from test_tui_training import fill, open_panel
+
+    data = tmp_path / "train.json"
+    data.write_text("\n".join(json.dumps({"content": f"类型#{i}", "summary": "好"}) for i in range(4)), encoding="utf-8")
+    app = make_app()
+    async with running(app) as pilot:
+        panel = await open_panel(pilot)
+        fill(panel, train_file=data, output_dir=tmp_path / "out", max_steps=3, save_steps=3, logging_steps=1)
+        await pilot.click("#start-run")
+        await wait_until(pilot, lambda: panel.monitor.finished == "done", what="the run to finish")
+        panel.monitor.query_one("#checkpoints").focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.active_adapter == "out/checkpoint-3", what="chat with the checkpoint")
+    again = make_app()
+    async with running(again) as pilot:
+        await wait_until(pilot, lambda: [a.name for a in again.adapters] == ["out/checkpoint-3"], what="the re-registration")
