@@ -188,7 +188,7 @@ class GLMChatApp(App[None]):
         if not self.prefs.remembers_conversation or self.prefs.conversation != conversation.id:
             self.remember_settings(conversation=conversation.id, remembers_conversation=True)
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="adapter")
+    @work(thread=True, exit_on_error=False, group="restore-adapters")
     def _restore_adapters(self, remembered: list[str]) -> None:
         """Register again the adapters added in the app last time; one that is gone is skipped."""
         missing, failed = [], []
