@@ -10,9 +10,14 @@ import pytest
 from backend.engine import ChatEngine
 from backend.service import BackendError, SamplingParams, TrainRequest
 from helpers_tiny import make_tiny_model_dir
-from test_training import write_data
 
 PREFIX = "写一段广告："
+
+
+def write_data(path, n: int):
+    rows = [{"content": f"类型#裙*颜色#红色*编号#{i}", "summary": "红色的复古长裙，非常优雅。"} for i in range(n)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="module")
