@@ -140,12 +140,20 @@ class AdapterRegistry:
                 return info
         encoder = build_prefix_encoder(ckpt, self.base, self.device)
         name = self._unique(name or self._default_name(ckpt.path))
-        info = AdapterInfo(name, ckpt.path, ckpt.pre_seq_len, ckpt.prefix_projection)
+        prefix = ckpt.config.get("source_prefix") or ""
+        if not isinstance(prefix, str):
+            raise BackendError(f"{ckpt.path}/config.json: source_prefix must be text, not {type(prefix).__name__}; fix or delete that key.")
+        info = AdapterInfo(name, ckpt.path, ckpt.pre_seq_len, ckpt.prefix_projection, prefix)
         self._infos[name], self._encoders[name] = info, encoder
         return info
 
     def scan(self, directory: Union[str, Path]) -> list[AdapterInfo]:
         return [self.register(p) for p in find_checkpoints(directory)]
+
+    def source_prefix(self, name: Optional[str]) -> str:
+        """The text the adapter was trained to see before each prompt ("" for the base model)."""
+        info = self._infos.get(name) if name is not None else None
+        return info.source_prefix if info is not None else ""
 
     def prefix_kv(self, name: Optional[str]) -> Optional[list[torch.Tensor]]:
         """2*layers tensors [1, g, P, d] for adapter ``name``; None for the base model."""

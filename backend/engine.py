@@ -16,8 +16,9 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from .adapters import AdapterRegistry
+from .data import build_prompt
 from .fast_decode import make_decoder
-from .generation import process_response, stream_text
+from .generation import process_response, stream_text, without_partial_character
 from .loading import LoadedModel, load_model
 from .service import (
     AdapterInfo,
@@ -128,11 +129,12 @@ class ChatEngine:
 
     # ------------------------------------------------------------ replies
 
-    def prompt_ids(self, query: str, history: History) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.build_prompt(query, history))
+    def prompt_ids(self, query: str, history: History, adapter: Optional[str] = None) -> list[int]:
+        """The prompt as ``adapter`` was trained on it: its run's source prefix goes in front, as in training."""
+        return self.tokenizer.encode(build_prompt(self.tokenizer, query, history, self.registry.source_prefix(adapter)))
 
     def _reply_stream(self, slot, query, history, params, cancel, adapter, generator=None) -> Iterator[ReplyEvent]:
-        ids = self.prompt_ids(query, history)
+        ids = self.prompt_ids(query, history, adapter)
         limit = self.model.config.seq_length - len(ids)
         if limit <= 0:
             raise BackendError(f"the conversation is {len(ids)} tokens, the model's limit is {self.model.config.seq_length}; start a new conversation.")
@@ -151,7 +153,7 @@ class ChatEngine:
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield TextDelta(text[len(emitted):], slot)
                 emitted = text
-        text = process_response(self.tokenizer.decode([t for t in new_ids if t not in eos]))
+        text = process_response(without_partial_character(self.tokenizer.decode([t for t in new_ids if t not in eos])))
         if text.startswith(emitted) and len(text) > len(emitted):  # a held-back partial character, at the end
             yield TextDelta(text[len(emitted):], slot)
         stopped = cancel is not None and cancel.is_set()

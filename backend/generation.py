@@ -91,6 +91,11 @@ def generate_tokens(
             return
 
 
+def without_partial_character(text: str) -> str:
+    """A reply cut off (stopped, or out of tokens) inside a multi-byte character ends in "\ufffd": drop it."""
+    return text.rstrip("\ufffd")
+
+
 def stream_text(tokenizer, tokens: Iterable[int], eos_token_ids: Iterable[int]) -> Iterator[str]:
     """Turn new token ids into the reply text so far, skipping partial UTF-8 ("�") like the original."""
     eos = set(eos_token_ids)

@@ -63,6 +63,7 @@ class AdapterInfo:
     path: Path
     pre_seq_len: int
     prefix_projection: bool
+    source_prefix: str = ""  # the run's --source-prefix: put in front of every prompt this adapter answers
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,8 @@ class ChatBackend(Protocol):
         params: SamplingParams,
         adapters: Sequence[Optional[str]],
         cancel: Optional[threading.Event] = None,
+        seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]: ...
 
     def train(

@@ -667,6 +667,8 @@ def train_prefix(
     trainer = PrefixStep(model, encoder, request.learning_rate, total_steps, seed=request.seed, dist=dist,
                          capture_lock=capture_lock, recompute_mlp=request.recompute_mlp)
     ckpt_config = prefix_config(model.config, request.pre_seq_len, request.prefix_projection)
+    if request.source_prefix:  # chat puts it in front of each prompt, as the training data had it
+        ckpt_config.source_prefix = request.source_prefix
     global_step, log_history, prior_elapsed = 0, [], 0.0
     if resume_from is not None:
         global_step, log_history, prior_elapsed = _restore(resume_from, trainer, dist)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -13,13 +14,14 @@ from textual.binding import Binding
 from textual.reactive import reactive
 from textual.screen import Screen
 
-from backend.service import AdapterInfo, ChatBackend, ModelInfo, ProgressCallback, SamplingParams
+from backend.service import AdapterInfo, ChatBackend, ModelInfo, ProgressCallback
 
 from . import keys, paths
-from .conversation import Conversation, Turn
+from .conversation import Conversation, Turn, turns_label
 from .errors import report, setup_log
 from .export import adapter_label, write_export
-from .messages import AdaptersChanged
+from .messages import AdaptersChanged, AdaptersRestored
+from .preferences import load_preferences, save_preferences
 from .screens.chat import ChatScreen
 from .screens.loading import Loaded, Loader, LoadingScreen
 from .store import ConversationStore, StoreError
@@ -49,6 +51,8 @@ class GLMChatApp(App[None]):
     CSS_PATH = "glmchat.tcss"
     TITLE = "glmchat"
     BINDINGS = keys.bindings("app")
+    # Below 100 columns the screens get "-narrow": the footer drops ^p palette (F1 lists it), forms take fewer columns.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
 
     model_info: reactive[Optional[ModelInfo]] = reactive(None, init=False)
     adapters: reactive[tuple[AdapterInfo, ...]] = reactive((), init=False)
@@ -62,14 +66,19 @@ class GLMChatApp(App[None]):
         self.args = args
         self.loader = loader
         self.backend: Optional[ChatBackend] = None
-        self.params = SamplingParams(
-            temperature=_or(args.temperature, SamplingParams.temperature),
-            top_p=_or(args.top_p, SamplingParams.top_p),
-            max_new_tokens=_or(args.max_new_tokens, SamplingParams.max_new_tokens),
-        )
         self.data_dir = paths.data_dir()
         setup_log(self.data_dir)
-        self.key_config = keys.load_key_config(paths.config_dir())
+        self.config_dir = paths.config_dir()
+        self.key_config = keys.load_key_config(self.config_dir)
+        self.prefs, self._prefs_problems = load_preferences(self.config_dir)
+        saved = self.prefs.params  # the command line overrides what was saved, for this run only
+        self.params = replace(
+            saved,
+            temperature=_or(args.temperature, saved.temperature),
+            top_p=_or(args.top_p, saved.top_p),
+            max_new_tokens=_or(args.max_new_tokens, saved.max_new_tokens),
+        )
+        self._command_line_adapters: set[str] = set()  # paths loaded from flags: not remembered
         self.store: Optional[ConversationStore] = None
         self._switch_lock = threading.Lock()  # one backend.switch_adapter at a time
         self._quit_confirmed = False
@@ -89,6 +98,8 @@ class GLMChatApp(App[None]):
         self.set_keymap(self.key_config.keymap)
         for warning in self.key_config.warnings:
             self.notify(warning, title="config.toml", severity="warning", timeout=10)
+        for problem in self._prefs_problems:
+            self.notify(problem, title="Saved settings", severity="warning", timeout=10)
         self._open_store()
         model = "demo model" if self.args.demo and not self.args.model else (self.args.model or DEFAULT_MODEL)
         self._loading_screen = LoadingScreen(self.loader, self.args, model)
@@ -112,26 +123,73 @@ class GLMChatApp(App[None]):
         self.model_info = loaded.backend.info
         self.adapters = tuple(loaded.adapters)
         self.active_adapter = loaded.active
-        await self._reopen_latest()
+        self._command_line_adapters = {_path_key(a.path) for a in loaded.adapters}
+        remembered = [p for p in self.prefs.adapters if p not in self._command_line_adapters]
+        if remembered:
+            self._restore_adapters(remembered)
+        await self._reopen_last()
         self.chat.model_ready()
 
-    async def _reopen_latest(self) -> None:
-        """glmchat reopens the conversation you had last; ctrl+n starts a fresh one."""
+    async def _reopen_last(self) -> None:
+        """glmchat reopens the conversation that was open when it quit; ctrl+n starts a fresh one."""
+        self.chat.conversation.system = self.prefs.system
         if self.store is None:
             return
         try:
-            latest = self.store.latest_id()
-            if latest is not None:
-                conversation = self.store.load(latest)
-                await self.chat.show_conversation(conversation)
-                self.notify(
-                    f"Reopened “{conversation.title}” ({len(conversation.turns)} turns): "
-                    f"{self.key_display('new_conversation')} starts a new one, "
-                    f"{self.key_display('conversations')} lists the others.",
-                    timeout=5,
-                )
+            wanted = self.prefs.conversation if self.prefs.remembers_conversation else self.store.latest_id()
+            if wanted is None or not self.store.exists(wanted):
+                return
+            conversation = self.store.load(wanted)
         except StoreError as err:
             self.notify(str(err), severity="error")
+            return
+        await self.chat.show_conversation(conversation)
+        self.notify(
+            f"Reopened “{conversation.title}” ({turns_label(len(conversation.turns))}): "
+            f"{self.key_display('new_conversation')} starts a new one, "
+            f"{self.key_display('conversations')} lists the others.",
+            timeout=5,
+        )
+
+    # -- what is remembered between runs ------------------------------------------------
+
+    def remember_settings(self, **changes) -> None:
+        """Change and write the remembered settings; a failed write is one notice, the app goes on."""
+        for name, value in changes.items():
+            setattr(self.prefs, name, value)
+        try:
+            save_preferences(self.config_dir, self.prefs)
+        except OSError as err:
+            self.notify(f"Settings not saved to {self.config_dir}: {err}.", severity="error", timeout=10)
+
+    def remember_conversation(self, conversation: Conversation) -> None:
+        if not self.prefs.remembers_conversation or self.prefs.conversation != conversation.id:
+            self.remember_settings(conversation=conversation.id, remembers_conversation=True)
+
+    @work(thread=True, exit_on_error=False, group="restore-adapters")
+    def _restore_adapters(self, remembered: list[str]) -> None:
+        """Register again the adapters added in the app last time; one that is gone is skipped."""
+        missing, failed = [], []
+        with self._switch_lock:
+            for path in remembered:
+                if not Path(path).exists():
+                    missing.append(path)
+                    continue
+                try:
+                    self.backend.register_adapter(path)
+                except BaseException as err:
+                    failed.append(str(report(err, "registering a remembered adapter")))
+            self.post_message(AdaptersChanged(self.backend.adapters(), self.backend.active_adapter))
+        self.post_message(AdaptersRestored(missing, failed))
+
+    def on_adapters_restored(self, message: AdaptersRestored) -> None:
+        if message.missing:
+            self.notify(
+                f"Adapters added earlier are no longer on disk and were skipped: {', '.join(message.missing)}.",
+                title="Adapters", severity="warning", timeout=10,
+            )
+        for error in message.failed:
+            self.notify(error, title="Adapter not restored", severity="error", timeout=10)
 
     @property
     def loading(self) -> bool:
@@ -169,6 +227,17 @@ class GLMChatApp(App[None]):
             return
         try:
             self.store.replace_replies(conversation, turn)
+        except StoreError as err:
+            self.notify(str(err), title="Not saved", severity="error", timeout=10)
+            return
+        self.remember_conversation(conversation)
+
+    def update_conversation_details(self, conversation: Conversation) -> None:
+        """Store a renamed title or a changed system prompt."""
+        if self.store is None:
+            return
+        try:
+            self.store.update_details(conversation)
         except StoreError as err:
             self.notify(str(err), title="Not saved", severity="error", timeout=10)
 
@@ -227,6 +296,9 @@ class GLMChatApp(App[None]):
     def on_adapters_changed(self, message: AdaptersChanged) -> None:
         self.adapters = tuple(message.adapters)
         self.active_adapter = message.active
+        added_here = [_path_key(a.path) for a in message.adapters if _path_key(a.path) not in self._command_line_adapters]
+        if self.backend is not None and added_here != self.prefs.adapters:
+            self.remember_settings(adapters=added_here)
         if message.error:
             self.notify(message.error, title="Adapter not switched", severity="error", timeout=10)
 
@@ -271,16 +343,23 @@ class GLMChatApp(App[None]):
     def action_settings(self) -> None:
         from .screens.settings import SettingsScreen
 
-        self.push_screen(SettingsScreen(self.params), callback=self._settings_saved)
+        self.push_screen(SettingsScreen(self.params, self.chat.conversation.system), callback=self._settings_saved)
 
-    def _settings_saved(self, params: Optional[SamplingParams]) -> None:
-        if params is not None:
-            self.params = params
-            self.notify(
-                f"temperature {params.temperature:g} · top_p {params.top_p:g} · "
-                f"max {params.max_new_tokens} tokens · repetition penalty {params.repetition_penalty:g}",
-                title="Settings", timeout=3,
-            )
+    def _settings_saved(self, settings) -> None:
+        if settings is None:
+            return
+        params = self.params = settings.params
+        conversation = self.chat.conversation
+        if settings.system != conversation.system:
+            conversation.system = settings.system
+            self.update_conversation_details(conversation)
+        self.remember_settings(params=params, system=settings.system)
+        system = f" · system prompt: {settings.system[:40]}" if settings.system else ""
+        self.notify(
+            f"temperature {params.temperature:g} · top_p {params.top_p:g} · "
+            f"max {params.max_new_tokens} tokens · repetition penalty {params.repetition_penalty:g}{system}",
+            title="Settings", timeout=3,
+        )
 
     def action_conversations(self) -> None:
         from .screens.conversations import ConversationsScreen
@@ -330,3 +409,8 @@ class GLMChatApp(App[None]):
 
 def _or(value, default):
     return default if value is None else value
+
+
+def _path_key(path) -> str:
+    """One spelling per checkpoint directory, to compare and remember them."""
+    return str(Path(path).expanduser().resolve())

@@ -52,15 +52,25 @@ class Conversation:
     id: Optional[int] = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    system: str = ""  # the system prompt every reply of this conversation is written under
 
     def history(self, upto: Optional[int] = None) -> History:
         """[(query, response), ...] of the turns before ``upto``, as ChatGLM2's chat() takes it."""
         return [(t.query, t.answer.text) for t in self.turns[:upto] if t.answer is not None]
 
 
+def turns_label(n: int) -> str:
+    return f"{n} turn" + ("" if n == 1 else "s")
+
+
 def title_for(query: str, width: int = 48) -> str:
+    """The first prompt in one line, cut at a word where there is one (CJK text has none: cut at the width)."""
     line = " ".join(query.split())
-    return line if len(line) <= width else line[: width - 1] + "…"
+    if len(line) <= width:
+        return line
+    space = line.rfind(" ", 0, width)  # the last word that fits whole
+    cut = line[:space] if space > width // 2 else line[: width - 1]
+    return cut.rstrip(" ,.;:，。；：") + "…"
 
 
 def params_to_dict(params: SamplingParams) -> dict:

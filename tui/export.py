@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .conversation import Conversation, ReplyRecord
+from .paths import write_text_atomically
 
 
 def adapter_label(adapter: str | None) -> str:
@@ -33,6 +34,8 @@ def conversation_markdown(conversation: Conversation, model: str = "") -> str:
     lines = [f"# {title}", ""]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.created_at))
     lines += [f"*{when}" + (f" · {model}" if model else "") + "*", ""]
+    if conversation.system:
+        lines += ["System prompt:", "", *(f"> {line}" for line in conversation.system.splitlines()), ""]
     for n, turn in enumerate(conversation.turns, 1):
         lines += [f"## {n}. You", "", turn.query, ""]
         for reply in turn.replies:
@@ -48,7 +51,5 @@ def export_path(directory: Path, conversation: Conversation) -> Path:
 def write_export(directory: Path, conversation: Conversation, model: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = export_path(directory, conversation)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(conversation_markdown(conversation, model), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomically(path, conversation_markdown(conversation, model))
     return path

@@ -21,7 +21,7 @@ CONFIG_FILE = "config.toml"
 @dataclass(frozen=True)
 class KeyAction:
     name: str  # the name used in config.toml
-    scope: str  # "app" | "chat" | "training" | "conversations"
+    scope: str  # "app" | "chat" | "prompt" | "training" | "conversations"
     action: str  # the Textual action it runs
     key: str  # default key(s), comma separated
     description: str  # footer label
@@ -35,12 +35,13 @@ class KeyAction:
 
 ACTIONS: tuple[KeyAction, ...] = (
     KeyAction("help", "app", "help", "f1", "Help", "Show this list of keys"),
+    KeyAction("newline", "prompt", "newline", "ctrl+j,shift+enter", "Newline", "Start a new line in the prompt (Enter sends it)", show=False),
     KeyAction("stop", "chat", "stop", "escape", "Stop", "Stop the reply being written (the partial text stays)"),
     KeyAction("next_adapter", "chat", "app.next_adapter", "ctrl+t", "Adapter", "Cycle base → each registered adapter → base"),
     KeyAction("pick_adapter", "chat", "app.pick_adapter", "f4", "Pick", "Pick an adapter, or add a checkpoint from disk"),
     KeyAction("compare", "chat", "app.toggle_compare", "f5", "Compare", "Compare mode: each prompt answered by two adapters side by side"),
     KeyAction("training", "chat", "app.training", "f6", "Train", "Training panel: start a run or follow one"),
-    KeyAction("settings", "chat", "app.settings", "f2", "Settings", "Sampling settings: temperature, top_p, max new tokens, repetition penalty"),
+    KeyAction("settings", "chat", "app.settings", "f2", "Settings", "Settings: temperature, top_p, max new tokens, repetition penalty, system prompt"),
     KeyAction("conversations", "chat", "app.conversations", "f3", "History", "Saved conversations: reopen or export one"),
     KeyAction("new_conversation", "chat", "new_conversation", "ctrl+n", "New", "Start a new conversation", show=False),
     KeyAction("regenerate", "chat", "regenerate", "ctrl+r", "Regenerate", "Write the last reply again", show=False),
@@ -51,6 +52,8 @@ ACTIONS: tuple[KeyAction, ...] = (
     KeyAction("stop_training", "training", "stop_training", "f8", "Stop run", "Stop the in-process run (it saves a checkpoint)"),
     KeyAction("close_training", "training", "close", "escape,f6", "Back", "Back to the chat (training keeps running)"),
     KeyAction("open_conversation", "conversations", "open", "enter", "Open", "Open the selected conversation", show=False),
+    KeyAction("rename_conversation", "conversations", "rename", "f2", "Rename", "Rename the selected conversation"),
+    KeyAction("search_conversations", "conversations", "search", "ctrl+f", "Search", "Search titles and prompts"),
     KeyAction("export_conversation", "conversations", "export", "ctrl+s", "Export", "Export the selected conversation to Markdown"),
     KeyAction("delete_conversation", "conversations", "delete", "delete", "Delete", "Delete the selected conversation"),
     KeyAction("close_conversations", "conversations", "close", "escape", "Back", "Back to the chat"),
@@ -66,9 +69,15 @@ FIXED_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
+# The app's and the chat's keys come before the prompt's own editing keys (ctrl+k, ctrl+l, …), so a
+# key remapped in config.toml works while typing and stays in the footer.
+PRIORITY_SCOPES = ("app", "chat")
+
+
 def bindings(scope: str) -> list[Binding]:
     return [
-        Binding(a.key, a.action, a.description, show=a.show, id=a.binding_id, tooltip=a.help)
+        Binding(a.key, a.action, a.description, show=a.show, id=a.binding_id, tooltip=a.help,
+                priority=scope in PRIORITY_SCOPES)
         for a in ACTIONS
         if a.scope == scope
     ]

@@ -15,3 +15,11 @@ class AdaptersChanged(Message):
     def __init__(self, adapters: list[AdapterInfo], active: Optional[str], error: Optional[str] = None) -> None:
         super().__init__()
         self.adapters, self.active, self.error = adapters, active, error
+
+
+class AdaptersRestored(Message):
+    """The adapters remembered from the last run are registered again: those gone, those that failed."""
+
+    def __init__(self, missing: list[str], failed: list[str]) -> None:
+        super().__init__()
+        self.missing, self.failed = missing, failed

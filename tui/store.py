@@ -44,6 +44,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns(conversation_id, position)",
         "CREATE INDEX IF NOT EXISTS replies_by_turn ON replies(turn_id, column)",
     ),
+    (  # 1 -> 2: a system prompt per conversation
+        "ALTER TABLE conversations ADD COLUMN system TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -148,10 +151,12 @@ class ConversationStore:
         with self._write() as conn:
             if conversation.id is None:
                 cur = conn.execute(
-                    "INSERT INTO conversations (title, created_at, updated_at) VALUES (?, ?, ?)",
-                    (conversation.title, conversation.created_at, now),
+                    "INSERT INTO conversations (title, system, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                    (conversation.title, conversation.system, conversation.created_at, now),
                 )
                 conversation.id = cur.lastrowid
+            else:  # the title follows an edited first prompt
+                conn.execute("UPDATE conversations SET title = ? WHERE id = ?", (conversation.title, conversation.id))
             position = conversation.turns.index(turn)
             cur = conn.execute(
                 "INSERT INTO turns (conversation_id, position, query) VALUES (?, ?, ?)",
@@ -180,6 +185,16 @@ class ConversationStore:
             conn.execute("DELETE FROM turns WHERE id = ?", (turn.id,))
         turn.id = None
 
+    def update_details(self, conversation: Conversation) -> None:
+        """Store a new title or system prompt of a saved conversation (an unsaved one keeps them until its first turn)."""
+        if conversation.id is None:
+            return
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE conversations SET title = ?, system = ? WHERE id = ?",
+                (conversation.title, conversation.system, conversation.id),
+            )
+
     def delete_conversation(self, conversation_id: int) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
@@ -201,29 +216,39 @@ class ConversationStore:
 
     # -- reads -----------------------------------------------------------------------
 
-    def conversations(self) -> list[ConversationSummary]:
-        """All conversations, most recently updated first."""
+    def conversations(self, search: str = "") -> list[ConversationSummary]:
+        """All conversations, most recently updated first; with ``search``, those whose title or a prompt contains it."""
+        where, args = "", ()
+        if search.strip():
+            pattern = "%" + search.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where = (" WHERE c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM turns t WHERE t.conversation_id = c.id"
+                     " AND t.query LIKE ? ESCAPE '\\')")
+            args = (pattern, pattern)
         rows = self._read(
             "SELECT c.id, c.title, c.updated_at,"
             " (SELECT COUNT(*) FROM turns t WHERE t.conversation_id = c.id),"
             " (SELECT GROUP_CONCAT(DISTINCT COALESCE(r.adapter, 'base')) FROM replies r"
             "  JOIN turns t ON r.turn_id = t.id WHERE t.conversation_id = c.id)"
-            " FROM conversations c ORDER BY c.updated_at DESC, c.id DESC"
+            " FROM conversations c" + where + " ORDER BY c.updated_at DESC, c.id DESC",
+            args,
         )
         return [
             ConversationSummary(id_, title, updated, count, tuple(sorted((adapters or "").split(",")) if adapters else ()))
             for id_, title, updated, count, adapters in rows
         ]
 
+    def exists(self, conversation_id: int) -> bool:
+        return bool(self._read("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)))
+
     def latest_id(self) -> Optional[int]:
         rows = self._read("SELECT id FROM conversations ORDER BY updated_at DESC, id DESC LIMIT 1")
         return rows[0][0] if rows else None
 
     def load(self, conversation_id: int) -> Conversation:
-        rows = self._read("SELECT title, created_at, updated_at FROM conversations WHERE id = ?", (conversation_id,))
+        rows = self._read("SELECT title, system, created_at, updated_at FROM conversations WHERE id = ?", (conversation_id,))
         if not rows:
             raise StoreError(f"Conversation {conversation_id} is not in {self.path}.")
-        title, created, updated = rows[0]
+        title, system, created, updated = rows[0]
         turns: dict[int, Turn] = {}
         for turn_id, query in self._read(
             "SELECT id, query FROM turns WHERE conversation_id = ? ORDER BY position, id", (conversation_id,)
@@ -237,7 +262,7 @@ class ConversationStore:
             turns[turn_id].replies.append(
                 ReplyRecord(text, adapter, params_from_dict(json.loads(params)), bool(stopped), new_tokens, seconds)
             )
-        return Conversation(list(turns.values()), title, conversation_id, created, updated)
+        return Conversation(list(turns.values()), title, conversation_id, created, updated, system)
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         try:

@@ -49,12 +49,13 @@ def canned_reply(query: str, adapter: Optional[str], turn: int) -> str:
     return f"Round {turn}, **{who}** answers: {query}"
 
 
-def write_checkpoint(directory: Path, pre_seq_len: int = 128, prefix_projection: bool = False) -> Path:
+def write_checkpoint(directory: Path, pre_seq_len: int = 128, prefix_projection: bool = False, source_prefix: str = "") -> Path:
     """A directory that looks like a P-Tuning v2 checkpoint to the fake (and to a human)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(
-        json.dumps({"pre_seq_len": pre_seq_len, "prefix_projection": prefix_projection}), encoding="utf-8"
-    )
+    config = {"pre_seq_len": pre_seq_len, "prefix_projection": prefix_projection}
+    if source_prefix:
+        config["source_prefix"] = source_prefix
+    (directory / "config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     (directory / "pytorch_model.bin").write_bytes(b"fake prefix encoder")
     return directory
 
@@ -141,6 +142,7 @@ class FakeBackend:
             path,
             int(config.get("pre_seq_len", 128)),
             bool(config.get("prefix_projection", False)),
+            str(config.get("source_prefix", "")),
         )
         with self._lock:
             for existing in self._adapters.values():
@@ -171,9 +173,11 @@ class FakeBackend:
         params: SamplingParams,
         cancel: Optional[threading.Event] = None,
         adapter: Union[str, None, object] = ACTIVE,
+        seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]:
         adapter = self._active if adapter is ACTIVE else adapter
-        self.calls.append(("stream_reply", (query, list(history), params, adapter)))
+        self.calls.append(("stream_reply", (query, list(history), params, adapter, system)))
         yield from self._stream(query, history, params, cancel, adapter, 0)
 
     def compare(
@@ -183,8 +187,10 @@ class FakeBackend:
         params: SamplingParams,
         adapters: Sequence[Optional[str]],
         cancel: Optional[threading.Event] = None,
+        seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]:
-        self.calls.append(("compare", (query, list(history), params, list(adapters))))
+        self.calls.append(("compare", (query, list(history), params, list(adapters), system)))
         streams = [self._stream(query, history, params, cancel, a, i) for i, a in enumerate(adapters)]
         while streams:  # interleave the columns token by token, as a batched engine would
             for stream in list(streams):

@@ -94,3 +94,14 @@ async def test_bad_adapter_path_on_the_command_line_is_explained(tmp_path):
         assert "Could not load the model" in text and "No P-Tuning checkpoint at" in text
         assert "missing-ckpt" in text and "Traceback" not in text
         assert app.backend is None and app.chat.prompt.disabled
+
+
+async def test_picker_shows_the_source_prefix_chat_applies(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ads" / "checkpoint-9", source_prefix="广告：")
+    app = make_app(["--adapter", str(ckpt)])
+    async with running(app) as pilot:
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: isinstance(app.screen, AdapterPicker))
+        listing = app.screen.query_one("#adapter-list")
+        assert "prefix “广告：”" in str(listing.get_option_at_index(1).prompt)
+        assert "prefix “" not in str(listing.get_option_at_index(0).prompt)

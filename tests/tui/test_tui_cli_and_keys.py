@@ -71,8 +71,10 @@ def test_every_action_has_a_unique_name_and_a_handler():
     from tui.screens.chat import ChatScreen
     from tui.screens.conversations import ConversationsScreen
     from tui.screens.training import TrainingScreen
+    from tui.widgets.prompt import PromptInput
 
-    owners = {"app": GLMChatApp, "chat": ChatScreen, "training": TrainingScreen, "conversations": ConversationsScreen}
+    owners = {"app": GLMChatApp, "chat": ChatScreen, "prompt": PromptInput, "training": TrainingScreen,
+              "conversations": ConversationsScreen}
     names = [a.name for a in keys.ACTIONS]
     assert len(names) == len(set(names))
     for action in keys.ACTIONS:

@@ -24,7 +24,7 @@ async def test_compare_streams_base_and_adapter_side_by_side(checkpoints):
         history = [("plain", canned_reply("plain", None, 1))]
         assert (left.text, right.text) == (canned_reply("compare code", None, 2), canned_reply("compare code", A600, 2))
         assert (left.record.adapter, right.record.adapter) == (None, A600)
-        assert app.backend.calls[-1] == ("compare", ("compare code", history, app.params, [None, A600]))
+        assert app.backend.calls[-1] == ("compare", ("compare code", history, app.params, [None, A600], None))
         stored = app.store.load(app.chat.conversation.id).turns[1]
         assert [r.adapter for r in stored.replies] == [None, A600]
 

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, TextArea
 
 from backend.service import LoadProgress
 from tui.__main__ import parse_args
@@ -22,6 +22,7 @@ from tui_testing import make_app, ready, send, wait_until
 def steady(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No cursor blink, and relative paths that read the same on every machine."""
     monkeypatch.setattr(Input, "_toggle_cursor", lambda self: None)
+    monkeypatch.setattr(TextArea, "_toggle_cursor_blink_visible", lambda self: None)
     monkeypatch.chdir(tmp_path)
     write_checkpoint(Path("output/adgen/checkpoint-600"))
     write_checkpoint(Path("output/adgen/checkpoint-1200"))
@@ -126,3 +127,18 @@ def test_dialogs(snap_compare, key):
         await _settle(pilot)
 
     assert snap_compare(make_app(ADAPTERS), run_before=run_before, terminal_size=(100, 30))
+
+
+@pytest.mark.parametrize("key", ["", "f6", "f2"])
+def test_narrow_terminal(snap_compare, key):
+    """80x24: the whole footer, the training form's fields and the settings' buttons readable."""
+
+    async def run_before(pilot):
+        await _ready(pilot)
+        await send(pilot, "hello")
+        if key:
+            await pilot.press(key)
+            await wait_until(pilot, lambda: pilot.app.screen is not pilot.app.chat)
+        await _settle(pilot)
+
+    assert snap_compare(make_app(ADAPTERS), run_before=run_before, terminal_size=(80, 24))

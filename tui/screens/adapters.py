@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, OptionList, Static
+from textual.widgets import Button, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
 from backend.service import AdapterInfo, BackendError
@@ -47,7 +47,7 @@ class AdapterPicker(ModalScreen[Optional[AdapterChoice]]):
             yield Static(Content.styled("Adapters", "bold"), classes="dialog-title")
             yield OptionList(id="adapter-list")
             yield Static(Content.styled("Enter: use for the next reply · Esc: close", "$text-muted"))
-            yield Label("Add a checkpoint from disk (a checkpoint-N directory, or a run directory to scan):")
+            yield Static("Add a checkpoint from disk (a checkpoint-N directory, or a run directory to scan):")  # wraps at 80 columns
             with Horizontal(classes="row"):
                 yield Input(placeholder="output/adgen-chatglm2-6b-pt-128-2e-2/checkpoint-600", id="adapter-path")
                 yield Button("Add", id="add-adapter", variant="primary")
@@ -60,7 +60,7 @@ class AdapterPicker(ModalScreen[Optional[AdapterChoice]]):
     def _fill(self, adapters, active: Optional[str], highlight: Optional[str] = None) -> None:
         options = [Option(self._label(None, "the model without a prefix", active is None), id=BASE_ID)]
         options += [
-            Option(self._label(a.name, f"pre_seq_len {a.pre_seq_len} · {a.path}", a.name == active), id=a.name)
+            Option(self._label(a.name, _details(a), a.name == active), id=a.name)
             for a in adapters
         ]
         listing = self.query_one("#adapter-list", OptionList)
@@ -120,3 +120,9 @@ class AdapterPicker(ModalScreen[Optional[AdapterChoice]]):
 
     def on_adapter_picker_add_failed(self, message: AddFailed) -> None:
         self.query_one("#adapter-error", Static).update(Content.styled(message.error, "$text-error"))
+
+
+def _details(adapter) -> str:
+    """pre_seq_len, the source prefix chat puts before each prompt (if the run had one), the path."""
+    prefix = f" · prefix “{adapter.source_prefix}”" if adapter.source_prefix else ""
+    return f"pre_seq_len {adapter.pre_seq_len}{prefix} · {adapter.path}"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import threading
 from copy import copy
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Footer
 
 from backend.service import History, Reply, ReplyDone, SamplingParams, TextDelta
 
@@ -20,6 +20,7 @@ from ..conversation import Conversation, ReplyRecord, Turn, title_for
 from ..errors import report
 from ..export import adapter_label
 from ..widgets.chat_log import WELCOME, ChatLog
+from ..widgets.prompt import PromptInput
 from ..widgets.reply import ReplyView, TurnView
 from ..widgets.status_bar import StatusBar
 
@@ -32,6 +33,7 @@ class Generation:
     view: TurnView
     params: SamplingParams
     adapters: list[Optional[str]]
+    system: str = ""  # the conversation's system prompt
     cancel: threading.Event = field(default_factory=threading.Event)
     records: dict[int, ReplyRecord] = field(default_factory=dict)
     failed: bool = False
@@ -75,7 +77,7 @@ class ChatScreen(Screen):
         key = self.app.key_display
         welcome = WELCOME.format(**{name: key(name) for name in ("next_adapter", "compare", "training", "help")})
         yield ChatLog(welcome, id="log")
-        yield Input(placeholder="Loading the model…", id="prompt", disabled=True)
+        yield PromptInput(placeholder="Loading the model…", id="prompt", disabled=True)
         yield StatusBar(id="status")
         yield Footer(compact=True)
 
@@ -87,13 +89,13 @@ class ChatScreen(Screen):
         return self.query_one("#log", ChatLog)
 
     @property
-    def prompt(self) -> Input:
-        return self.query_one("#prompt", Input)
+    def prompt(self) -> PromptInput:
+        return self.query_one("#prompt", PromptInput)
 
     def model_ready(self) -> None:
         """Called by the app when the backend is loaded: the prompt opens."""
         self.prompt.disabled = False
-        self.prompt.placeholder = "Ask ChatGLM2…  (Enter sends)"
+        self.prompt.placeholder = f"Ask ChatGLM2…  (Enter sends, {self.app.key_display('newline')} breaks a line)"
         self.prompt.focus()
 
     def check_action(self, action: str, parameters: tuple) -> Optional[bool]:
@@ -103,8 +105,8 @@ class ChatScreen(Screen):
 
     # -- sending and streaming -----------------------------------------------------------
 
-    @on(Input.Submitted, "#prompt")
-    async def send(self, event: Input.Submitted) -> None:
+    @on(PromptInput.Submitted, "#prompt")
+    async def send(self, event: PromptInput.Submitted) -> None:
         query = event.value.strip()
         if not query or self.app.backend is None:
             return
@@ -127,7 +129,7 @@ class ChatScreen(Screen):
             await view.restart(adapters)
             self.log_view.anchor()
         history = self.conversation.history(upto=self.conversation.turns.index(turn))
-        self.generation = Generation(turn, view, copy(self.app.params), adapters)
+        self.generation = Generation(turn, view, copy(self.app.params), adapters, self.conversation.system)
         self.refresh_bindings()
         self._write_reply(self.generation, turn.query, history)
 
@@ -136,11 +138,13 @@ class ChatScreen(Screen):
         backend, adapters = self.app.backend, generation.adapters
         texts = {i: "" for i in range(len(adapters))}
         finished: set[int] = set()
+        system = {"system": generation.system} if generation.system else {}  # only when set: older backends lack it
         try:
             if len(adapters) == 1:
-                events = backend.stream_reply(query, history, generation.params, cancel=generation.cancel, adapter=adapters[0])
+                events = backend.stream_reply(query, history, generation.params, cancel=generation.cancel,
+                                              adapter=adapters[0], **system)
             else:
-                events = backend.compare(query, history, generation.params, adapters, cancel=generation.cancel)
+                events = backend.compare(query, history, generation.params, adapters, cancel=generation.cancel, **system)
             for event in events:
                 if isinstance(event, TextDelta):
                     texts[event.stream] += event.text
@@ -224,22 +228,24 @@ class ChatScreen(Screen):
             self.notify("No prompt to edit yet.", severity="warning")
             return
         turn = self.conversation.turns.pop()
+        if not self.conversation.turns and self.conversation.title == title_for(turn.query):
+            self.conversation.title = ""  # the edited prompt names the conversation again (a renamed one keeps its name)
         self.app.delete_turn(turn)
         await self.log_view.remove_turn(turn)
         self.prompt.value = turn.query
-        self.prompt.cursor_position = len(turn.query)
         self.prompt.focus()
         self.notify("The last prompt is back in the input: edit it and press Enter.")
 
     async def action_new_conversation(self) -> None:
         if self._busy():
             return
-        await self.show_conversation(Conversation())
+        await self.show_conversation(Conversation(system=self.app.prefs.system))
         self.prompt.focus()
 
     async def show_conversation(self, conversation: Conversation) -> None:
         self.conversation = conversation
         await self.log_view.show(conversation)
+        self.app.remember_conversation(conversation)
 
     def action_copy_reply(self) -> None:
         focused = self.focused

@@ -12,7 +12,7 @@ from textual.widgets import Static
 
 from .. import keys
 
-SCOPES = {"app": "Everywhere", "chat": "Chat", "training": "Training panel", "conversations": "Conversations"}
+SCOPES = {"app": "Everywhere", "chat": "Chat", "prompt": "Prompt", "training": "Training panel", "conversations": "Conversations"}
 
 
 class HelpScreen(ModalScreen[None]):

@@ -1,0 +1,58 @@
+"""Streaming never shows "\ufffd" for a character whose bytes span several tokens (byte-fallback pieces),
+also when the reply is cut off inside such a character."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.engine import ChatEngine
+from backend.service import ReplyDone, SamplingParams, TextDelta
+from helpers_tiny import make_tiny_model_dir
+
+# 龘 is not in the tiny vocabulary: it becomes three byte pieces <0xE9> <0xBE> <0x98>.
+TEXT = "龘好龘 a龘"
+
+
+class ScriptedDecoder:
+    """The real engine and tokenizer, with the model's token choices replaced by a fixed script."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def generate(self, ids, params, eos, cancel, generator):
+        yield from self.ids[: params.max_new_tokens]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    model = make_tiny_model_dir(tmp_path_factory.mktemp("chars") / "model")
+    return ChatEngine.load(str(model), quantization="none", engine="eager", device="cpu")
+
+
+def script(engine: ChatEngine, text: str, monkeypatch) -> list[int]:
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    pieces = engine.tokenizer.convert_ids_to_tokens(ids)
+    assert pieces.count("<0xE9>") == 3, "the test needs a character split across byte tokens"
+    monkeypatch.setattr(engine, "_decoder_for", lambda slot, adapter: ScriptedDecoder(ids))
+    return ids
+
+
+def run(engine: ChatEngine, max_new_tokens: int) -> tuple[list[str], str]:
+    events = list(engine.stream_reply("q", [], SamplingParams(temperature=0, max_new_tokens=max_new_tokens)))
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    [done] = [e for e in events if isinstance(e, ReplyDone)]
+    return deltas, done.reply.text
+
+
+def test_split_characters_stream_whole(engine, monkeypatch):
+    ids = script(engine, TEXT, monkeypatch)
+    deltas, text = run(engine, len(ids))
+    assert text == TEXT and "".join(deltas) == TEXT
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_a_reply_cut_inside_a_character_drops_the_partial_bytes(engine, monkeypatch):
+    ids = script(engine, TEXT, monkeypatch)
+    deltas, text = run(engine, len(ids) - 1)  # out of tokens after two of the last character's three bytes
+    assert text == TEXT[:-1].rstrip() and "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
