@@ -373,19 +373,31 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, cfg: QuantLinearConfig) 
                                IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, **common)
 
 
+_chosen: dict[tuple, QuantLinearConfig] = {}  # (key, device) -> config: the hot path is one dict lookup
+
+
 def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.device, timer=None) -> QuantLinearConfig:
-    """The config for this weight at M rows on this GPU model: cached, else tuned now on scratch buffers."""
+    """The config for this weight at M rows on this GPU model: cached, else tuned now on scratch buffers
+    (their own random generator: tuning leaves the global RNG, and so seeded sampling, untouched)."""
     bucket = m_bucket(m)
-    cands = candidate_configs(w.fmt, bucket)
     nest = "n" if w.nested else ""
     key = f"quant_linear|{w.fmt}{nest}|bs{w.blocksize}|N{w.n}|K{w.k}|M{bucket}|{str(dtype).split('.')[-1]}"
+    memo = (key, str(device))
+    if memo in _chosen and timer is None:
+        return _chosen[memo]
+    scratch: dict = {}
 
     def run(cfg: QuantLinearConfig) -> None:
-        _launch(scratch_x, w, scratch_out, None, None, cfg)
+        if not scratch:
+            gen = torch.Generator(device=device).manual_seed(0)
+            scratch["x"] = torch.randn(bucket, w.k, device=device, generator=gen).to(dtype)
+            scratch["out"] = torch.empty(bucket, w.n, device=device, dtype=dtype)
+        _launch(scratch["x"], w, scratch["out"], None, None, cfg)
 
-    scratch_x = torch.randn(bucket, w.k, device=device).to(dtype)
-    scratch_out = torch.empty(bucket, w.n, device=device, dtype=dtype)
-    return tuning.pick(key, cands, run, device, timer=timer)
+    cfg = tuning.pick(key, candidate_configs(w.fmt, bucket), run, device, timer=timer)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _chosen[memo] = cfg  # (during a capture the default stands in; tuned at the next call outside one)
+    return cfg
 
 
 def quant_linear(

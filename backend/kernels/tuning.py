@@ -15,6 +15,7 @@ import json
 import os
 import re
 import threading
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
@@ -111,15 +112,18 @@ def pick(
     if not tuning_enabled() or _capturing(device) or len(candidates) == 1:
         return candidates[0]
     timer = timer or cuda_timer
-    best, best_ms = None, float("inf")
+    best, best_ms, failed = None, float("inf"), []
     for cfg in candidates:
         try:
             run(cfg)  # compile outside the timing
             ms = timer(lambda: run(cfg))
-        except Exception:  # noqa: BLE001 - out of resources / unsupported on this card: not a candidate here
+        except Exception as exc:  # noqa: BLE001 - out of resources / unsupported on this card: not a candidate here
+            failed.append(f"{cfg}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
+    if failed:
+        warnings.warn(f"kernel tuning for {key}: {len(failed)} of {len(candidates)} configs failed: " + "; ".join(failed))
     if best is None:
         return candidates[0]
     store(path, key, asdict(best))

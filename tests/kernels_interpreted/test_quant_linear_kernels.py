@@ -140,6 +140,7 @@ def test_bad_shapes_say_what_is_wrong():
 def test_tuning_picks_a_winner_caches_it_on_disk_and_reuses_it(tmp_path, monkeypatch):
     monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "_loaded", {})
+    monkeypatch.setattr(Q, "_chosen", {})
     data, state, ref_w = bnb_nf4(16, 128, nested=True)
     w = Q.nf4_weight(data, state)
     calls = []
@@ -150,8 +151,10 @@ def test_tuning_picks_a_winner_caches_it_on_disk_and_reuses_it(tmp_path, monkeyp
         fn()
         return time.perf_counter() - t
 
+    rng = torch.get_rng_state()
     cfg = Q.tuned_config(w, 1, torch.float32, torch.device("cpu"), timer=timer)
     assert len(calls) == len(Q.candidate_configs("nf4", 1))
+    assert torch.equal(torch.get_rng_state(), rng)  # seeded sampling is not shifted by a first-use tuning
     files = list((tmp_path / "kernel-tuning").glob("*.json"))
     assert len(files) == 1
     saved = json.loads(files[0].read_text())
