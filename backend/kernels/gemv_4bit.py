@@ -36,7 +36,7 @@ NF4 decoding: ``lut=1`` looks up each nibble in the 16-entry table; ``lut=2`` lo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -156,11 +156,18 @@ def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight("int8", weight.contiguous(), int(n), int(k), scale=scale.float().contiguous())
 
 
-def quant_linear_torch(x: torch.Tensor, w: QuantizedWeight, bias=None, residual=None) -> torch.Tensor:
-    """The same math in torch (float32 sums): the CPU path and the tests' reference."""
-    y = x.float() @ w.dequantize(torch.float32).T
+def quant_linear_torch(x: torch.Tensor, w: QuantizedWeight, bias=None, residual=None, *,
+                       norm_weight=None, eps: float = 1e-5, swiglu: bool = False) -> torch.Tensor:
+    """The same math in torch (float32 throughout): the CPU path and the tests' reference."""
+    xf = x.float()
+    if norm_weight is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    y = xf @ w.dequantize(torch.float32).T
     if bias is not None:
         y = y + bias.float()
+    if swiglu:
+        a, b = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(a) * b
     if residual is not None:
         y = y + residual.float()
     return y.to(x.dtype)
@@ -219,27 +226,63 @@ if HAVE_TRITON:
         return ev, od
 
     @triton.jit
-    def _epilogue(acc, rm, rn, mask_m, mask_n, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-        # acc [BM, BN] float32 sums for rows rm, columns rn: row scale, bias, residual, store
-        mask = mask_m[:, None] & mask_n[None, :]
+    def _scale_bias(acc, rn, mask_n, scale_ptr, bias_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # acc [BM, BN] float32 sums of weight rows rn: times the row scale (int4/int8), plus the bias
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _epilogue(a, b, r, rm, rn, mask_m, mask_n, n_half, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+                  SWIGLU: tl.constexpr):
+        # a [BM, BN]: sums of weight rows rn (b: rows rn + n_half, SwiGLU); r [BM]: the RMSNorm factor per row
+        if NORM:  # RMSNorm is a scalar per activation row: applied to the sums (its weight went into x)
+            a = a * r[:, None]
+        a = _scale_bias(a, rn, mask_n, scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+        if SWIGLU:
+            if NORM:
+                b = b * r[:, None]
+            b = _scale_bias(b, rn + n_half, mask_n, scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+            a = a / (1.0 + tl.exp(-a)) * b
+        mask = mask_m[:, None] & mask_n[None, :]
         if RESIDUAL:
-            acc = acc + tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+            a = a + tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], a.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _load_x(ptrs, mask, norm_ptrs, NORM: tl.constexpr, F32: tl.constexpr):
+        # an activation tile, times the RMSNorm weight when NORM; and its squares summed along K (for the norm)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            sq = tl.sum(xf * xf, axis=len(x.shape) - 1)
+            xf = xf * tl.load(norm_ptrs, mask=mask, other=0.0).to(tl.float32)
+            x = xf if F32 else xf.to(x.dtype)
+        else:
+            sq = tl.sum(tl.zeros_like(x.to(tl.float32)), axis=len(x.shape) - 1)
+            x = x.to(tl.float32) if F32 else x
+        return x, sq
+
+    @triton.jit
+    def _dot_acc(x, w, acc, IEEE: tl.constexpr):
+        # acc += x @ w.T on the tensor cores, w widened to x's dtype (exact for 4-bit and int8 values)
+        if IEEE:
+            return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+        return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
 
     @triton.jit
     def _gemv_quant_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
-        scale_ptr, bias_ptr, res_ptr, out_ptr, N, K, stride_xm, stride_rm, stride_om,
+        scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, N, K, eps, stride_xm, stride_rm, stride_om,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
         BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # program (n block, activation row m): BLOCK_N output columns of row m, a float32 per column
+        # program (n block, activation row m): BLOCK_N output columns of row m, a float32 per column.
+        # N: output columns; with SWIGLU the weight has 2N rows and column n = silu(row n) * row n + N
         pid_n = tl.program_id(0)
         m = tl.program_id(1).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -248,26 +291,37 @@ if HAVE_TRITON:
         BLOCK_KH: tl.constexpr = BLOCK_K // 2
         j = tl.arange(0, BLOCK_KH)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([1], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
+            ke = k0 + 2 * j
+            xe, sq_e = _load_x(x_ptr + m * stride_xm + ke[None, :], (ke < K)[None, :], norm_ptr + ke[None, :], NORM, True)
+            xo, sq_o = _load_x(x_ptr + m * stride_xm + ke[None, :] + 1, (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1,
+                               NORM, True)
+            ss += sq_e + sq_o
             ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
                                    rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
-            ke = k0 + 2 * j
-            xe = tl.load(x_ptr + m * stride_xm + ke, mask=ke < K, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + m * stride_xm + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
-            acc += tl.sum(ev * xe[None, :] + od * xo[None, :], axis=1)
+            acc += tl.sum(ev * xe + od * xo, axis=1)
+            if SWIGLU:
+                ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+                                       rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
+                acc_b += tl.sum(ev * xe + od * xo, axis=1)
         rm = tl.zeros([1], dtype=tl.int64) + m
-        _epilogue(acc[None, :], rm, rn, rm >= 0, mask_n, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  HAS_SCALE, HAS_BIAS, RESIDUAL)
+        r = tl.rsqrt(ss / K + eps)
+        _epilogue(acc[None, :], acc_b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_om, HAS_SCALE, HAS_BIAS, RESIDUAL, NORM, SWIGLU)
 
     @triton.jit
     def _mm_quant_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
-        scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, stride_xm, stride_rm, stride_om,
+        scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
         BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr, SWIGLU: tl.constexpr,
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # program (n block, m block): out[BLOCK_M, BLOCK_N] through tl.dot, weights decoded in registers
+        # (N, SWIGLU as in _gemv_quant_kernel)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -276,34 +330,39 @@ if HAVE_TRITON:
         mask_n = rn < N
         rows = tl.where(mask_n, rn, 0).to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if FMT == 2:  # int8: the weight tile widened to the activation dtype (exact for int8 values)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if FMT == 2:  # int8 [N, K]: the weight tile as is
             kk = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 mk = (k0 + kk < K)[None, :]
+                xa, sq = _load_x(x_ptr + rm[:, None] * stride_xm + k0 + kk[None, :], mask_m[:, None] & mk,
+                                 norm_ptr + k0 + kk[None, :], NORM, False)
+                ss += sq
                 w = tl.load(w_ptr + rows[:, None] * K + k0 + kk[None, :], mask=mask_n[:, None] & mk, other=0)
-                xa = tl.load(x_ptr + rm[:, None] * stride_xm + k0 + kk[None, :], mask=mask_m[:, None] & mk, other=0.0)
-                if IEEE:
-                    acc = tl.dot(xa, tl.trans(w.to(xa.dtype)), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xa, tl.trans(w.to(xa.dtype)), acc)
-        else:
+                acc = _dot_acc(xa, w, acc, IEEE)
+                if SWIGLU:
+                    w = tl.load(w_ptr + (rows + N)[:, None] * K + k0 + kk[None, :], mask=mask_n[:, None] & mk, other=0)
+                    acc_b = _dot_acc(xa, w, acc_b, IEEE)
+        else:  # 4-bit: even and odd columns as two half-width dots
             BLOCK_KH: tl.constexpr = BLOCK_K // 2
             j = tl.arange(0, BLOCK_KH)
             for k0 in range(0, K, BLOCK_K):
-                ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
-                                       rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
                 ke = k0 + 2 * j
                 xp = x_ptr + rm[:, None] * stride_xm + ke[None, :]
-                xe = tl.load(xp, mask=mask_m[:, None] & (ke < K)[None, :], other=0.0)
-                xo = tl.load(xp + 1, mask=mask_m[:, None] & (ke + 1 < K)[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(xe, tl.trans(ev.to(xe.dtype)), acc, input_precision="ieee")
-                    acc = tl.dot(xo, tl.trans(od.to(xo.dtype)), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xe, tl.trans(ev.to(xe.dtype)), acc)
-                    acc = tl.dot(xo, tl.trans(od.to(xo.dtype)), acc)
-        _epilogue(acc, rm, rn, mask_m, mask_n, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  stride_rm, stride_om, HAS_SCALE, HAS_BIAS, RESIDUAL)
+                xe, sq_e = _load_x(xp, mask_m[:, None] & (ke < K)[None, :], norm_ptr + ke[None, :], NORM, False)
+                xo, sq_o = _load_x(xp + 1, mask_m[:, None] & (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1, NORM, False)
+                ss += sq_e + sq_o
+                ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+                                       rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
+                acc = _dot_acc(xo, od, _dot_acc(xe, ev, acc, IEEE), IEEE)
+                if SWIGLU:
+                    ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+                                           rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
+                    acc_b = _dot_acc(xo, od, _dot_acc(xe, ev, acc_b, IEEE), IEEE)
+        r = tl.rsqrt(ss / K + eps)
+        _epilogue(acc, acc_b, r, rm, rn, mask_m, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_om, HAS_SCALE, HAS_BIAS, RESIDUAL, NORM, SWIGLU)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,28 +385,47 @@ def m_bucket(m: int) -> int:
     return next((b for b in M_BUCKETS if m <= b), 1 << max(0, m - 1).bit_length())
 
 
-def candidate_configs(fmt: str, m: int) -> list[QuantLinearConfig]:
-    """Configs tried when tuning; the first is the default. int8 (M >= 2 only): tensor-core tiles. 4-bit:
-    row-sum GEMV tiles at M = 1, both kinds up to M = 8 (GEMV first up to 4), tensor-core tiles above."""
+def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinearConfig]:
+    """Configs tried when tuning; the first is the default. 4-bit: row-sum GEMV tiles at M = 1, both kinds up
+    to M = 8 (GEMV first up to 4), tensor-core tiles above; int8 (M >= 2 only): tensor-core tiles.
+    The tensor-core tiles are those that compile for sm_90 without register spills at that BLOCK_M
+    (ptxas resource usage, checked per format); narrow ones (16, 32 columns) give a 4608-row weight enough
+    programs at small M. SwiGLU reads two weight rows an output column: half the columns a tile, which keeps
+    those tiles free of spills too."""
     bm = max(16, min(64, m_bucket(m)))
+    tiles = [(64, 128, 8, 3), (32, 64, 4, 4)]  # (block_n, block_k, warps, stages)
+    if bm <= 32:
+        tiles = [(32, 128, 4, 3), (16, 256, 4, 3)] + tiles + [(32, 256, 8, 2)]
+    if not (fmt == "int8" and bm == 64):
+        tiles.append((64, 64, 4, 4))
+    mm = [QuantLinearConfig("mm", bn, bk, bm, w, s, 2) for bn, bk, w, s in tiles]
     if fmt == "int8":
-        return [QuantLinearConfig("mm", bn, bk, bm, w, s) for bn, bk, w, s in
-                ((32, 128, 4, 4), (16, 256, 4, 3), (64, 128, 4, 4), (32, 256, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3))]
+        return _halved(mm) if swiglu else mm
     luts = (2, 1) if fmt == "nf4" else (2,)
     gemv = [QuantLinearConfig("gemv", bn, bk, 16, w, 1, lut) for lut in luts for bn, bk, w in
             ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8))]
-    mm = [QuantLinearConfig("mm", bn, bk, bm, w, s, 2) for bn, bk, w, s in
-          ((32, 128, 4, 3), (16, 256, 4, 3), (64, 128, 4, 3), (32, 256, 8, 2))]
     if m == 1:
-        return gemv
-    if m <= 4:
-        return gemv[:4] + mm
-    return mm + gemv[:4] if m <= 8 else mm
+        chosen = gemv
+    elif m <= 4:
+        chosen = gemv[:4] + mm
+    else:
+        chosen = mm + gemv[:4] if m <= 8 else mm
+    return _halved(chosen) if swiglu else chosen
 
 
-def _launch(x, w: QuantizedWeight, out, bias, residual, cfg: QuantLinearConfig) -> None:
+def _halved(configs: list[QuantLinearConfig]) -> list[QuantLinearConfig]:
+    out: list[QuantLinearConfig] = []
+    for c in configs:
+        h = replace(c, block_n=max(16 if c.kernel == "mm" else 2, c.block_n // 2))
+        if h not in out:
+            out.append(h)
+    return out
+
+
+def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool,
+            cfg: QuantLinearConfig) -> None:
     M = x.shape[0]
-    fmt = _FMT_ID[w.fmt]
+    n_out = w.n // 2 if swiglu else w.n
     nf4 = w.fmt == "nf4"
     dummy = out
     absmax = w.absmax if nf4 else dummy
@@ -358,30 +436,33 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, cfg: QuantLinearConfig) 
     res = residual if residual is not None else dummy
     blocked = nf4 and w.k % w.blocksize == 0 and cfg.block_k % w.blocksize == 0 and cfg.block_k >= w.blocksize
     common = dict(
-        FMT=fmt, LUT=cfg.lut, NESTED=w.nested, BS=w.blocksize if nf4 else 2, BS2=w.blocksize2, BLOCKED=blocked,
-        HAS_SCALE=w.scale is not None, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+        FMT=_FMT_ID[w.fmt], LUT=cfg.lut, NESTED=w.nested, BS=w.blocksize if nf4 else 2, BS2=w.blocksize2,
+        BLOCKED=blocked, HAS_SCALE=w.scale is not None, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+        NORM=norm_weight is not None, SWIGLU=swiglu,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     args = (x, w.data, absmax, code, lut, code2, absmax2, w.offset, w.scale if w.scale is not None else dummy,
-            bias if bias is not None else dummy, res, out)
+            bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy, res, out)
     if cfg.kernel == "gemv" and w.fmt != "int8":
-        grid = (triton.cdiv(w.n, cfg.block_n), M)
-        _gemv_quant_kernel[grid](*args, w.n, w.k, x.stride(0), res.stride(0), out.stride(0), **common)
+        grid = (triton.cdiv(n_out, cfg.block_n), M)
+        _gemv_quant_kernel[grid](*args, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), **common)
     else:
-        grid = (triton.cdiv(w.n, cfg.block_n), triton.cdiv(M, cfg.block_m))
-        _mm_quant_kernel[grid](*args, M, w.n, w.k, x.stride(0), res.stride(0), out.stride(0),
+        grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, cfg.block_m))
+        _mm_quant_kernel[grid](*args, M, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0),
                                IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, **common)
 
 
 _chosen: dict[tuple, QuantLinearConfig] = {}  # (key, device) -> config: the hot path is one dict lookup
 
 
-def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.device, timer=None) -> QuantLinearConfig:
+def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.device, *, swiglu: bool = False,
+                 norm: bool = False, timer=None) -> QuantLinearConfig:
     """The config for this weight at M rows on this GPU model: cached, else tuned now on scratch buffers
     (their own random generator: tuning leaves the global RNG, and so seeded sampling, untouched)."""
     bucket = m_bucket(m)
     nest = "n" if w.nested else ""
-    key = f"quant_linear|{w.fmt}{nest}|bs{w.blocksize}|N{w.n}|K{w.k}|M{bucket}|{str(dtype).split('.')[-1]}"
+    variant = ("|swiglu" if swiglu else "") + ("|norm" if norm else "")
+    key = f"quant_linear|{w.fmt}{nest}|bs{w.blocksize}|N{w.n}|K{w.k}|M{bucket}|{str(dtype).split('.')[-1]}{variant}"
     memo = (key, str(device))
     if memo in _chosen and timer is None:
         return _chosen[memo]
@@ -391,10 +472,11 @@ def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.d
         if not scratch:
             gen = torch.Generator(device=device).manual_seed(0)
             scratch["x"] = torch.randn(bucket, w.k, device=device, generator=gen).to(dtype)
-            scratch["out"] = torch.empty(bucket, w.n, device=device, dtype=dtype)
-        _launch(scratch["x"], w, scratch["out"], None, None, cfg)
+            scratch["out"] = torch.empty(bucket, w.n // 2 if swiglu else w.n, device=device, dtype=dtype)
+            scratch["norm"] = torch.ones(w.k, device=device, dtype=dtype) if norm else None
+        _launch(scratch["x"], w, scratch["out"], None, None, scratch["norm"], 1e-5, swiglu, cfg)
 
-    cfg = tuning.pick(key, candidate_configs(w.fmt, bucket), run, device, timer=timer)
+    cfg = tuning.pick(key, candidate_configs(w.fmt, bucket, swiglu), run, device, timer=timer)
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _chosen[memo] = cfg  # (during a capture the default stands in; tuned at the next call outside one)
     return cfg
@@ -406,26 +488,34 @@ def quant_linear(
     bias: Optional[torch.Tensor] = None,
     *,
     residual: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    swiglu: bool = False,
     out: Optional[torch.Tensor] = None,
     config: Optional[QuantLinearConfig] = None,
 ) -> torch.Tensor:
-    """``out[M, N] = x[M, K] @ W.T + bias + residual`` from the packed weight; float32 sums, x's dtype out.
+    """``out = epilogue(norm(x) @ W.T + bias)`` from the packed weight; float32 sums, x's dtype out.
 
-    x: [M, K] with unit stride along K (rows may be strided), bf16/fp16/fp32; ``residual`` [M, N] may be
-    ``out`` itself (in place). On CUDA with Triton the kernels run (config: ``config``, else the tuned one
-    for this GPU model, M bucket and shape, tuned on first use outside graph capture); elsewhere torch math.
+    x: [M, K] with unit stride along K (rows may be strided), bf16/fp16/fp32. ``norm_weight`` [K]: RMSNorm
+    each row of x first (eps; the norm weight multiplies x, the row's 1/rms the sums). ``swiglu``: W has 2F
+    rows, out [M, F] = silu(y[:, :F]) * y[:, F:] (ChatGLM2's dense_h_to_4h). ``residual`` [M, N_out]: added
+    last; may be ``out`` itself (in place). On CUDA with Triton the kernels run (config: ``config``, else
+    the one tuned for this GPU model, M bucket, shape and variant, tuned on first use outside graph
+    capture); elsewhere ``quant_linear_torch``.
     """
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"activations must be [M, {w.k}], got {tuple(x.shape)}")
+    if swiglu and w.n % 2:
+        raise ValueError(f"swiglu needs an even number of weight rows, got {w.n}")
     if not (HAVE_TRITON and (x.is_cuda or _interpreting())):
-        y = quant_linear_torch(x, w, bias, residual)
+        y = quant_linear_torch(x, w, bias, residual, norm_weight=norm_weight, eps=eps, swiglu=swiglu)
         return y if out is None else out.copy_(y)
     if x.stride(1) != 1:
         x = x.contiguous()
     if out is None:
-        out = torch.empty(x.shape[0], w.n, device=x.device, dtype=x.dtype)
-    cfg = config or tuned_config(w, x.shape[0], x.dtype, x.device)
-    _launch(x, w, out, bias, residual, cfg)
+        out = torch.empty(x.shape[0], w.n // 2 if swiglu else w.n, device=x.device, dtype=x.dtype)
+    cfg = config or tuned_config(w, x.shape[0], x.dtype, x.device, swiglu=swiglu, norm=norm_weight is not None)
+    _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg)
     return out
 
 

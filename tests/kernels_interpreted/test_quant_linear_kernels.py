@@ -166,3 +166,35 @@ def test_tuning_picks_a_winner_caches_it_on_disk_and_reuses_it(tmp_path, monkeyp
     assert len(calls) == len(Q.candidate_configs("nf4", 1))
     x = torch.randn(1, 128)
     assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5
+
+
+def reference_norm_swiglu(x, ref_w, g, bias, res, eps=1e-5):
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+    y = xn @ ref_w.T + bias
+    a, b = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(a) * b + res
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+def test_fused_rmsnorm_prologue_and_swiglu_epilogue(fmt):
+    """dense_h_to_4h as the decoder runs it: RMSNorm of each row, 2F weight rows, silu(a) * b (+ residual)."""
+    n, k = 40, 192  # F = 20 output columns
+    if fmt == "nf4":
+        data, state, ref_w = bnb_nf4(n, k, nested=True)
+        w = Q.nf4_weight(data, state)
+    elif fmt == "int4":
+        packed, scale, q = pack_int4_release(torch.randn(n, k) * 0.02)
+        w, ref_w = Q.int4_release_weight(packed, scale), q.float() * scale.float()[:, None]
+    else:
+        q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-3
+        w, ref_w = Q.int8_weight(q, s), q.float() * s[:, None]
+    g, bias = 1 + 0.1 * torch.randn(k), torch.randn(n) * 0.1
+    configs = [(3, MM), (17, MM)] + ([] if fmt == "int8" else [(1, GEMV_LUT2), (2, GEMV_LUT2)])
+    for m, cfg in configs:
+        x, res = torch.randn(m, k) * 3, torch.randn(m, n // 2)
+        out = torch.full((m, n // 2), float("nan"))
+        Q.quant_linear(x, w, bias, residual=res, norm_weight=g, swiglu=True, out=out, config=cfg)
+        assert rel(out, reference_norm_swiglu(x, ref_w, g, bias, res)) < 1e-5, (m, cfg)
+        plain = Q.quant_linear(x, w, norm_weight=g, config=cfg)  # the norm alone (the output layer)
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+        assert rel(plain, xn @ ref_w.T) < 1e-5, (m, cfg)
