@@ -4,14 +4,15 @@ On a GPU: ``python bench/check_kernels_batch.py`` (about 2-3 minutes on a cold t
 linear of the model (qkv 4608x4096, dense 4096x4096, fc1 27392x4096, fc2 4096x13696, output 65024x4096),
 each weight format (bitsandbytes NF4 with double-quantised absmax, the chatglm2-6b-int4 release's int4,
 per-row int8) and M = 1, 2, 8, 64 activation rows (bf16):
-- checks ``quant_linear`` against x @ W.T in float32 (W unpacked by torch; NF4 also against bitsandbytes'
-  own ``dequantize_4bit``), outputs poisoned with NaN first;
+- checks ``quant_linear`` with what the decoder fuses into each linear (RMSNorm before qkv, fc1 and the
+  output layer, qkv's bias, SwiGLU after fc1, the residual after dense and fc2) against float32 torch math
+  (W unpacked by torch; NF4 also against bitsandbytes' own ``dequantize_4bit``), outputs poisoned first;
 - tunes the tile config on first use (cached per GPU model in the user cache dir, see
   ``backend/kernels/tuning.py``; a second run reads the cache), then times it with
   ``triton.testing.do_bench`` (median) and prints GB/s over the bytes moved (packed weight + scales +
   activations in + out) and the % of ``--peak-tbs`` (4.3 TB/s: H200 HBM3e as measured by copies);
-- baselines in the same run: bitsandbytes' ``matmul_4bit`` (NF4), ``int8_linear.gemv`` (int8, M = 1) and
-  ``int8_linear.matmul`` (int8, M >= 2);
+- baselines in the same run (the plain linear, nothing fused): bitsandbytes' ``matmul_4bit`` (NF4),
+  ``int8_linear.gemv`` (int8, M = 1) and ``int8_linear.matmul`` (int8, M >= 2);
 then the batched rotary + cache write and decode attention (32 heads, 2 groups, head_dim 128) for 1, 8 and
 64 rows of mixed lengths and prefixes, checked against torch and timed over the K/V bytes they read.
 A short table comes last. ``--small`` runs tiny shapes without timing (under ``TRITON_INTERPRET=1`` on a
@@ -40,7 +41,7 @@ from backend.kernels import tuning  # noqa: E402
 
 SHAPES_6B = {"qkv": (4608, 4096), "dense": (4096, 4096), "fc1": (27392, 4096), "fc2": (4096, 13696),
              "output": (65024, 4096)}
-SHAPES_SMALL = {"qkv": (48, 64), "fc2": (40, 200), "output": (130, 64)}
+SHAPES_SMALL = {"qkv": (48, 64), "fc1": (40, 128), "fc2": (40, 200), "output": (130, 64)}
 FAILS: list[str] = []
 ROWS: list[tuple] = []  # the table
 
@@ -128,30 +129,56 @@ def weight_bytes(qw: Q.QuantizedWeight) -> int:
 # -- linears -------------------------------------------------------------------------------------
 
 
+# what each linear of a ChatGLM2 layer fuses in the batched decoder (qkv has a bias; the norms precede)
+VARIANTS = {"qkv": dict(norm=True, bias=True), "dense": dict(residual=True), "fc1": dict(norm=True, swiglu=True),
+            "fc2": dict(residual=True), "output": dict(norm=True)}
+
+
+def reference(x, ref_w, g, bias, res, swiglu):
+    """float32 torch: RMSNorm (if g), x @ W.T, bias, SwiGLU, residual, each when given."""
+    x = x.float()
+    if g is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g.float()
+    y = x @ ref_w.T
+    if bias is not None:
+        y = y + bias.float()
+    if swiglu:
+        a, b = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(a) * b
+    return y if res is None else y + res.float()
+
+
 def run_linears(device, dtype, shapes, ms, timing: bool, peak: float) -> None:
     for fmt in ("nf4", "int4", "int8"):
         for name, (n, k) in shapes.items():
             qw, ref_w, baseline = make_weight(fmt, n, k, device, dtype)
+            var = VARIANTS[name]
+            n_out = n // 2 if var.get("swiglu") else n
+            g = (1 + 0.1 * torch.randn(k, device=device)).to(dtype) if var.get("norm") else None
+            bias = (0.1 * torch.randn(n, device=device)).to(dtype) if var.get("bias") else None
+            tag = "+".join(v for v in ("norm", "bias", "swiglu", "residual") if var.get(v))
             for m in ms:
-                if fmt == "int8" and m == 1:  # M = 1 int8 is int8_linear.gemv's (fused epilogues); baseline only
-                    x = torch.randn(1, k, device=device, dtype=dtype)
-                    t = bench_ms(lambda: baseline[1](x), timing)
-                    by = weight_bytes(qw) + 2 * (k + n)
-                    ROWS.append((fmt, name, m, "int8_linear.gemv (existing)", t, by, float("nan"), None, None))
-                    continue
                 x = torch.randn(m, k, device=device, dtype=dtype)
-                cfg = Q.tuned_config(qw, m, dtype, device)  # tunes on first use on this GPU model
-                out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
-                Q.quant_linear(x, qw, out=out, config=cfg)
-                err = rel(out, x.float() @ ref_w.T)
-                check(f"{fmt} {name} {n}x{k} M={m} {cfg.kernel} bn={cfg.block_n} bk={cfg.block_k}", err, 1e-2)
-                t = bench_ms(lambda: Q.quant_linear(x, qw, out=out, config=cfg), timing)
-                by = weight_bytes(qw) + x.numel() * x.element_size() + out.numel() * out.element_size()
+                by_io = x.numel() * x.element_size() + m * n_out * x.element_size() * (2 if var.get("residual") else 1)
+                if fmt == "int8" and m == 1:  # M = 1 int8 stays int8_linear.gemv's (fused epilogues): its time only
+                    t = bench_ms(lambda: baseline[1](x), timing)
+                    ROWS.append((fmt, name, m, "int8_linear.gemv, plain", t, weight_bytes(qw) + by_io,
+                                 float("nan"), None, None))
+                    continue
+                res = torch.randn(m, n_out, device=device, dtype=dtype) if var.get("residual") else None
+                fused = dict(residual=res, norm_weight=g, swiglu=bool(var.get("swiglu")))
+                cfg = Q.tuned_config(qw, m, dtype, device, swiglu=fused["swiglu"])  # tuned on first use
+                out = torch.full((m, n_out), float("nan"), device=device, dtype=dtype)
+                Q.quant_linear(x, qw, bias, out=out, config=cfg, **fused)
+                err = rel(out, reference(x, ref_w, g, bias, res, fused["swiglu"]))
+                check(f"{fmt} {name} {n}x{k} {tag} M={m} {cfg.kernel} bn={cfg.block_n} bk={cfg.block_k}", err, 1e-2)
+                t = bench_ms(lambda: Q.quant_linear(x, qw, bias, out=out, config=cfg, **fused), timing)
+                by = weight_bytes(qw) + by_io
                 base_t = bench_ms(lambda: baseline[1](x), timing) if baseline and timing else float("nan")
                 desc = f"{cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
                 if fmt == "nf4":
                     desc += f" lut{cfg.lut}"
-                ROWS.append((fmt, name, m, desc, t, by, err, baseline[0] if baseline else None, base_t))
+                ROWS.append((fmt, name, m, desc, t, by, err, baseline[0] + " (plain)" if baseline else None, base_t))
                 if timing:
                     print(f"     {t * 1e3:8.1f} us  {by / (t * 1e-3) / 1e9:7.0f} GB/s  "
                           f"{100 * by / (t * 1e-3) / peak:5.1f}% of peak", flush=True)

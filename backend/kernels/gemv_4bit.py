@@ -226,44 +226,40 @@ if HAVE_TRITON:
         return ev, od
 
     @triton.jit
-    def _scale_bias(acc, rn, mask_n, scale_ptr, bias_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _scale_bias(acc, rn, mask_n, scale_ptr, bias_ptr, has_bias, HAS_SCALE: tl.constexpr):
         # acc [BM, BN] float32 sums of weight rows rn: times the row scale (int4/int8), plus the bias
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
+        if has_bias:
             acc = acc + tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         return acc
 
     @triton.jit
     def _epilogue(a, b, r, rm, rn, mask_m, mask_n, n_half, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
-                  SWIGLU: tl.constexpr):
-        # a [BM, BN]: sums of weight rows rn (b: rows rn + n_half, SwiGLU); r [BM]: the RMSNorm factor per row
-        if NORM:  # RMSNorm is a scalar per activation row: applied to the sums (its weight went into x)
-            a = a * r[:, None]
-        a = _scale_bias(a, rn, mask_n, scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+                  has_bias, residual, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr):
+        # a [BM, BN]: sums of weight rows rn (b: rows rn + n_half, SwiGLU); r [BM]: the RMSNorm factor of each
+        # activation row (1 without the norm): a scalar per row, so applied to the sums (its weight went into x)
+        a = _scale_bias(a * r[:, None], rn, mask_n, scale_ptr, bias_ptr, has_bias, HAS_SCALE)
         if SWIGLU:
-            if NORM:
-                b = b * r[:, None]
-            b = _scale_bias(b, rn + n_half, mask_n, scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+            b = _scale_bias(b * r[:, None], rn + n_half, mask_n, scale_ptr, bias_ptr, has_bias, HAS_SCALE)
             a = a / (1.0 + tl.exp(-a)) * b
         mask = mask_m[:, None] & mask_n[None, :]
-        if RESIDUAL:
+        if residual:
             a = a + tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], a.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _load_x(ptrs, mask, norm_ptrs, NORM: tl.constexpr, F32: tl.constexpr):
-        # an activation tile, times the RMSNorm weight when NORM; and its squares summed along K (for the norm)
+    def _load_x(ptrs, mask, norm_ptrs, norm, F32: tl.constexpr):
+        # an activation tile, times the RMSNorm weight when norm; and its squares summed along K (for the norm)
+        # (the product in x's dtype is one rounding of the exact product, as float32-then-round would be; no
+        # float32 copy of a [BLOCK_M, BLOCK_K] tile stays live next to the tile the dot reads)
         x = tl.load(ptrs, mask=mask, other=0.0)
-        if NORM:
-            xf = x.to(tl.float32)
-            sq = tl.sum(xf * xf, axis=len(x.shape) - 1)
-            xf = xf * tl.load(norm_ptrs, mask=mask, other=0.0).to(tl.float32)
-            x = xf if F32 else xf.to(x.dtype)
-        else:
-            sq = tl.sum(tl.zeros_like(x.to(tl.float32)), axis=len(x.shape) - 1)
-            x = x.to(tl.float32) if F32 else x
+        xf = x.to(tl.float32)
+        sq = tl.sum(xf * xf, axis=len(x.shape) - 1)
+        if norm:
+            x = (x * tl.load(norm_ptrs, mask=mask, other=0.0)).to(x.dtype)
+        if F32:
+            x = x.to(tl.float32)
         return x, sq
 
     @triton.jit
@@ -273,13 +269,15 @@ if HAVE_TRITON:
             return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
         return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
 
-    @triton.jit
+    # has_bias, residual, norm: runtime flags (0/1), not specialised: one compiled kernel serves every linear
+    @triton.jit(do_not_specialize=["has_bias", "residual", "norm"])
     def _gemv_quant_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
         scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, N, K, eps, stride_xm, stride_rm, stride_om,
+        has_bias, residual, norm,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-        BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-        NORM: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         # program (n block, activation row m): BLOCK_N output columns of row m, a float32 per column.
         # N: output columns; with SWIGLU the weight has 2N rows and column n = silu(row n) * row n + N
@@ -295,9 +293,9 @@ if HAVE_TRITON:
         ss = tl.zeros([1], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ke = k0 + 2 * j
-            xe, sq_e = _load_x(x_ptr + m * stride_xm + ke[None, :], (ke < K)[None, :], norm_ptr + ke[None, :], NORM, True)
+            xe, sq_e = _load_x(x_ptr + m * stride_xm + ke[None, :], (ke < K)[None, :], norm_ptr + ke[None, :], norm, True)
             xo, sq_o = _load_x(x_ptr + m * stride_xm + ke[None, :] + 1, (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1,
-                               NORM, True)
+                               norm, True)
             ss += sq_e + sq_o
             ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
                                    rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
@@ -307,18 +305,17 @@ if HAVE_TRITON:
                                        rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
                 acc_b += tl.sum(ev * xe + od * xo, axis=1)
         rm = tl.zeros([1], dtype=tl.int64) + m
-        r = tl.rsqrt(ss / K + eps)
+        r = tl.where(norm != 0, tl.rsqrt(ss / K + eps), 1.0)
         _epilogue(acc[None, :], acc_b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  stride_rm, stride_om, HAS_SCALE, HAS_BIAS, RESIDUAL, NORM, SWIGLU)
+                  stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["has_bias", "residual", "norm"])
     def _mm_quant_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
         scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
+        has_bias, residual, norm,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-        BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-        NORM: tl.constexpr, SWIGLU: tl.constexpr,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # program (n block, m block): out[BLOCK_M, BLOCK_N] through tl.dot, weights decoded in registers
         # (N, SWIGLU as in _gemv_quant_kernel)
@@ -337,7 +334,7 @@ if HAVE_TRITON:
             for k0 in range(0, K, BLOCK_K):
                 mk = (k0 + kk < K)[None, :]
                 xa, sq = _load_x(x_ptr + rm[:, None] * stride_xm + k0 + kk[None, :], mask_m[:, None] & mk,
-                                 norm_ptr + k0 + kk[None, :], NORM, False)
+                                 norm_ptr + k0 + kk[None, :], norm, False)
                 ss += sq
                 w = tl.load(w_ptr + rows[:, None] * K + k0 + kk[None, :], mask=mask_n[:, None] & mk, other=0)
                 acc = _dot_acc(xa, w, acc, IEEE)
@@ -350,8 +347,8 @@ if HAVE_TRITON:
             for k0 in range(0, K, BLOCK_K):
                 ke = k0 + 2 * j
                 xp = x_ptr + rm[:, None] * stride_xm + ke[None, :]
-                xe, sq_e = _load_x(xp, mask_m[:, None] & (ke < K)[None, :], norm_ptr + ke[None, :], NORM, False)
-                xo, sq_o = _load_x(xp + 1, mask_m[:, None] & (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1, NORM, False)
+                xe, sq_e = _load_x(xp, mask_m[:, None] & (ke < K)[None, :], norm_ptr + ke[None, :], norm, False)
+                xo, sq_o = _load_x(xp + 1, mask_m[:, None] & (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1, norm, False)
                 ss += sq_e + sq_o
                 ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
                                        rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
@@ -360,9 +357,9 @@ if HAVE_TRITON:
                     ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
                                            rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
                     acc_b = _dot_acc(xo, od, _dot_acc(xe, ev, acc_b, IEEE), IEEE)
-        r = tl.rsqrt(ss / K + eps)
+        r = tl.where(norm != 0, tl.rsqrt(ss / K + eps), 1.0)
         _epilogue(acc, acc_b, r, rm, rn, mask_m, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  stride_rm, stride_om, HAS_SCALE, HAS_BIAS, RESIDUAL, NORM, SWIGLU)
+                  stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,17 +390,17 @@ def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinea
     programs at small M. SwiGLU reads two weight rows an output column: half the columns a tile, which keeps
     those tiles free of spills too."""
     bm = max(16, min(64, m_bucket(m)))
-    tiles = [(64, 128, 8, 3), (32, 64, 4, 4)]  # (block_n, block_k, warps, stages)
-    if bm <= 32:
-        tiles = [(32, 128, 4, 3), (16, 256, 4, 3)] + tiles + [(32, 256, 8, 2)]
-    if not (fmt == "int8" and bm == 64):
-        tiles.append((64, 64, 4, 4))
+    if bm <= 32:  # (block_n, block_k, warps, stages)
+        tiles = [(32, 128, 4, 3), (16, 256, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (32, 256, 8, 2), (64, 64, 4, 4)]
+    else:  # 64 activation rows: 8 warps share the [64, block_n] accumulator
+        tiles = [(64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3)]
     mm = [QuantLinearConfig("mm", bn, bk, bm, w, s, 2) for bn, bk, w, s in tiles]
     if fmt == "int8":
         return _halved(mm) if swiglu else mm
-    luts = (2, 1) if fmt == "nf4" else (2,)
-    gemv = [QuantLinearConfig("gemv", bn, bk, 16, w, 1, lut) for lut in luts for bn, bk, w in
+    gemv = [QuantLinearConfig("gemv", bn, bk, 16, w, 1, 2) for bn, bk, w in
             ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8))]
+    if fmt == "nf4":  # the 16-entry table: two gathers a byte, fewer bytes of table in L1
+        gemv += [QuantLinearConfig("gemv", bn, bk, 16, w, 1, 1) for bn, bk, w in ((8, 512, 4), (4, 1024, 4))]
     if m == 1:
         chosen = gemv
     elif m <= 4:
@@ -437,18 +434,18 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float,
     blocked = nf4 and w.k % w.blocksize == 0 and cfg.block_k % w.blocksize == 0 and cfg.block_k >= w.blocksize
     common = dict(
         FMT=_FMT_ID[w.fmt], LUT=cfg.lut, NESTED=w.nested, BS=w.blocksize if nf4 else 2, BS2=w.blocksize2,
-        BLOCKED=blocked, HAS_SCALE=w.scale is not None, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
-        NORM=norm_weight is not None, SWIGLU=swiglu,
+        BLOCKED=blocked, HAS_SCALE=w.scale is not None, SWIGLU=swiglu,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     args = (x, w.data, absmax, code, lut, code2, absmax2, w.offset, w.scale if w.scale is not None else dummy,
             bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy, res, out)
+    flags = (int(bias is not None), int(residual is not None), int(norm_weight is not None))
     if cfg.kernel == "gemv" and w.fmt != "int8":
         grid = (triton.cdiv(n_out, cfg.block_n), M)
-        _gemv_quant_kernel[grid](*args, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), **common)
+        _gemv_quant_kernel[grid](*args, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), *flags, **common)
     else:
         grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, cfg.block_m))
-        _mm_quant_kernel[grid](*args, M, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0),
+        _mm_quant_kernel[grid](*args, M, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), *flags,
                                IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, **common)
 
 
@@ -456,12 +453,12 @@ _chosen: dict[tuple, QuantLinearConfig] = {}  # (key, device) -> config: the hot
 
 
 def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.device, *, swiglu: bool = False,
-                 norm: bool = False, timer=None) -> QuantLinearConfig:
+                 timer=None) -> QuantLinearConfig:
     """The config for this weight at M rows on this GPU model: cached, else tuned now on scratch buffers
     (their own random generator: tuning leaves the global RNG, and so seeded sampling, untouched)."""
     bucket = m_bucket(m)
     nest = "n" if w.nested else ""
-    variant = ("|swiglu" if swiglu else "") + ("|norm" if norm else "")
+    variant = "|swiglu" if swiglu else ""  # (norm, bias and residual are runtime flags of the same kernel)
     key = f"quant_linear|{w.fmt}{nest}|bs{w.blocksize}|N{w.n}|K{w.k}|M{bucket}|{str(dtype).split('.')[-1]}{variant}"
     memo = (key, str(device))
     if memo in _chosen and timer is None:
@@ -473,8 +470,7 @@ def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.d
             gen = torch.Generator(device=device).manual_seed(0)
             scratch["x"] = torch.randn(bucket, w.k, device=device, generator=gen).to(dtype)
             scratch["out"] = torch.empty(bucket, w.n // 2 if swiglu else w.n, device=device, dtype=dtype)
-            scratch["norm"] = torch.ones(w.k, device=device, dtype=dtype) if norm else None
-        _launch(scratch["x"], w, scratch["out"], None, None, scratch["norm"], 1e-5, swiglu, cfg)
+        _launch(scratch["x"], w, scratch["out"], None, None, None, 1e-5, swiglu, cfg)
 
     cfg = tuning.pick(key, candidate_configs(w.fmt, bucket, swiglu), run, device, timer=timer)
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
@@ -514,7 +510,7 @@ def quant_linear(
         x = x.contiguous()
     if out is None:
         out = torch.empty(x.shape[0], w.n // 2 if swiglu else w.n, device=x.device, dtype=x.dtype)
-    cfg = config or tuned_config(w, x.shape[0], x.dtype, x.device, swiglu=swiglu, norm=norm_weight is not None)
+    cfg = config or tuned_config(w, x.shape[0], x.dtype, x.device, swiglu=swiglu)
     _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg)
     return out
 
