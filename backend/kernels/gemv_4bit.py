@@ -489,6 +489,7 @@ def quant_linear(
     swiglu: bool = False,
     out: Optional[torch.Tensor] = None,
     config: Optional[QuantLinearConfig] = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """``out = epilogue(norm(x) @ W.T + bias)`` from the packed weight; float32 sums, x's dtype out.
 
@@ -498,6 +499,10 @@ def quant_linear(
     last; may be ``out`` itself (in place). On CUDA with Triton the kernels run (config: ``config``, else
     the one tuned for this GPU model, M bucket, shape and variant, tuned on first use outside graph
     capture); elsewhere ``quant_linear_torch``.
+    ``batch_invariant``: every M uses the config tuned for 16 rows (tensor-core tiles of 16 rows), so a row's
+    result does not depend on how many rows share the batch (bitwise; for evaluation whose predictions must
+    not depend on the batch size, and batch rows equal to single-stream replies). The default picks the
+    fastest config per M bucket, whose rounding differs between buckets.
     """
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"activations must be [M, {w.k}], got {tuple(x.shape)}")
@@ -510,7 +515,7 @@ def quant_linear(
         x = x.contiguous()
     if out is None:
         out = torch.empty(x.shape[0], w.n // 2 if swiglu else w.n, device=x.device, dtype=x.dtype)
-    cfg = config or tuned_config(w, x.shape[0], x.dtype, x.device, swiglu=swiglu)
+    cfg = config or tuned_config(w, 16 if batch_invariant else x.shape[0], x.dtype, x.device, swiglu=swiglu)
     _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg)
     return out
 

@@ -48,8 +48,8 @@ def run(x, w, cfg, **kw):
     return Q.quant_linear(x, w, out=out, config=cfg, **kw)
 
 
-@pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("n,k", [(24, 192), (20, 200), (17, 320)])  # whole blocks; blocks across rows; K tail
+# whole blocks; blocks across rows (K % 64 != 0); a K tail (K % block_k != 0)
+@pytest.mark.parametrize("n,k,nested", [(24, 192, False), (24, 192, True), (20, 200, False), (17, 320, True)])
 def test_nf4_equals_bitsandbytes_dequantize_then_matmul(n, k, nested):
     data, state, ref_w = bnb_nf4(n, k, nested)
     w = Q.nf4_weight(data, state)
@@ -198,3 +198,19 @@ def test_fused_rmsnorm_prologue_and_swiglu_epilogue(fmt):
         plain = Q.quant_linear(x, w, norm_weight=g, config=cfg)  # the norm alone (the output layer)
         xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
         assert rel(plain, xn @ ref_w.T) < 1e-5, (m, cfg)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_batch_invariant_rows_do_not_depend_on_the_batch(fmt, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_loaded", {})
+    monkeypatch.setattr(Q, "_chosen", {})
+    if fmt == "nf4":
+        data, state, _ = bnb_nf4(40, 192, nested=True)
+        w = Q.nf4_weight(data, state)
+    else:
+        w = Q.int8_weight(torch.randint(-127, 128, (40, 192), dtype=torch.int8), torch.rand(40) * 1e-3)
+    x = torch.randn(19, 192)
+    full = Q.quant_linear(x, w, batch_invariant=True)
+    for rows in (slice(0, 1), slice(5, 7), slice(3, 19)):
+        assert torch.equal(Q.quant_linear(x[rows], w, batch_invariant=True), full[rows])
