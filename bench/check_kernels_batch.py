@@ -88,8 +88,9 @@ def make_weight(fmt: str, n: int, k: int, device, dtype):
         data, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         qw = Q.nf4_weight(data, state)
         ref = qw.dequantize(torch.float32)
-        check(f"nf4 unpack = bitsandbytes dequantize_4bit {n}x{k}", rel(ref.to(dtype), bnbf.dequantize_4bit(data, state)),
-              1e-6)
+        bnb_ref = bnbf.dequantize_4bit(data, state)
+        check(f"nf4 unpack = bitsandbytes dequantize_4bit {n}x{k}", rel(ref.to(dtype), bnb_ref), 1e-6)
+        del bnb_ref
         return qw, ref, ("bnb matmul_4bit", lambda x: _bnb_matmul_4bit(x, data, state))
     if fmt == "int4":  # the release's rule: scale = max|w| / 7, q = round(w / scale) in [-8, 7], even column high
         scale = (w.float().abs().amax(dim=1) / 7).half()
@@ -148,98 +149,128 @@ def reference(x, ref_w, g, bias, res, swiglu):
     return y if res is None else y + res.float()
 
 
+def guarded(what: str, fn, *args):
+    """Run one section; an exception is a FAIL with its traceback, and the other sections still run."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001 - a device check reports every failure, then goes on
+        import traceback
+
+        traceback.print_exc()
+        print(f"FAIL {what}: raised (traceback above)", flush=True)
+        FAILS.append(what)
+        return None
+
+
+def baseline_ms(baseline, x, timing: bool) -> float:
+    if not (baseline and timing):
+        return float("nan")
+    try:
+        return bench_ms(lambda: baseline[1](x), timing)
+    except Exception as exc:  # noqa: BLE001 - a baseline that does not run here is a missing row, not a failure
+        print(f"     (baseline {baseline[0]} failed: {type(exc).__name__}: {str(exc)[:200]})")
+        return float("nan")
+
+
 def run_linears(device, dtype, shapes, ms, timing: bool, peak: float) -> None:
     for fmt in ("nf4", "int4", "int8"):
         for name, (n, k) in shapes.items():
-            qw, ref_w, baseline = make_weight(fmt, n, k, device, dtype)
-            var = VARIANTS[name]
-            n_out = n // 2 if var.get("swiglu") else n
-            g = (1 + 0.1 * torch.randn(k, device=device)).to(dtype) if var.get("norm") else None
-            bias = (0.1 * torch.randn(n, device=device)).to(dtype) if var.get("bias") else None
-            tag = "+".join(v for v in ("norm", "bias", "swiglu", "residual") if var.get(v))
-            for m in ms:
-                x = torch.randn(m, k, device=device, dtype=dtype)
-                by_io = x.numel() * x.element_size() + m * n_out * x.element_size() * (2 if var.get("residual") else 1)
-                if fmt == "int8" and m == 1:  # M = 1 int8 stays int8_linear.gemv's (fused epilogues): its time only
-                    t = bench_ms(lambda: baseline[1](x), timing)
-                    ROWS.append((fmt, name, m, "int8_linear.gemv, plain", t, weight_bytes(qw) + by_io,
-                                 float("nan"), None, None))
-                    continue
-                res = torch.randn(m, n_out, device=device, dtype=dtype) if var.get("residual") else None
-                fused = dict(residual=res, norm_weight=g, swiglu=bool(var.get("swiglu")))
-                cfg = Q.tuned_config(qw, m, dtype, device, swiglu=fused["swiglu"])  # tuned on first use
-                out = torch.full((m, n_out), float("nan"), device=device, dtype=dtype)
-                Q.quant_linear(x, qw, bias, out=out, config=cfg, **fused)
-                err = rel(out, reference(x, ref_w, g, bias, res, fused["swiglu"]))
-                check(f"{fmt} {name} {n}x{k} {tag} M={m} {cfg.kernel} bn={cfg.block_n} bk={cfg.block_k}", err, 1e-2)
-                t = bench_ms(lambda: Q.quant_linear(x, qw, bias, out=out, config=cfg, **fused), timing)
-                by = weight_bytes(qw) + by_io
-                base_t = bench_ms(lambda: baseline[1](x), timing) if baseline and timing else float("nan")
-                desc = f"{cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
-                if fmt == "nf4":
-                    desc += f" lut{cfg.lut}"
-                ROWS.append((fmt, name, m, desc, t, by, err, baseline[0] + " (plain)" if baseline else None, base_t))
-                if timing:
-                    print(f"     {t * 1e3:8.1f} us  {by / (t * 1e-3) / 1e9:7.0f} GB/s  "
-                          f"{100 * by / (t * 1e-3) / peak:5.1f}% of peak", flush=True)
-            del qw, ref_w, baseline
+            guarded(f"{fmt} {name}", run_linear, device, dtype, fmt, name, n, k, ms, timing, peak)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def run_linear(device, dtype, fmt, name, n, k, ms, timing: bool, peak: float) -> None:
+        qw, ref_w, baseline = make_weight(fmt, n, k, device, dtype)
+        var = VARIANTS[name]
+        n_out = n // 2 if var.get("swiglu") else n
+        g = (1 + 0.1 * torch.randn(k, device=device)).to(dtype) if var.get("norm") else None
+        bias = (0.1 * torch.randn(n, device=device)).to(dtype) if var.get("bias") else None
+        tag = "+".join(v for v in ("norm", "bias", "swiglu", "residual") if var.get(v))
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            by_io = x.numel() * x.element_size() + m * n_out * x.element_size() * (2 if var.get("residual") else 1)
+            if fmt == "int8" and m == 1:  # M = 1 int8 stays int8_linear.gemv's (fused epilogues): its time only
+                t = baseline_ms(baseline, x, timing)
+                ROWS.append((fmt, name, m, "int8_linear.gemv, plain", t, weight_bytes(qw) + by_io,
+                             float("nan"), None, None))
+                continue
+            res = torch.randn(m, n_out, device=device, dtype=dtype) if var.get("residual") else None
+            fused = dict(residual=res, norm_weight=g, swiglu=bool(var.get("swiglu")))
+            cfg = Q.tuned_config(qw, m, dtype, device, swiglu=fused["swiglu"])  # tuned on first use
+            out = torch.full((m, n_out), float("nan"), device=device, dtype=dtype)
+            Q.quant_linear(x, qw, bias, out=out, config=cfg, **fused)
+            err = rel(out, reference(x, ref_w, g, bias, res, fused["swiglu"]))
+            check(f"{fmt} {name} {n}x{k} {tag} M={m} {cfg.kernel} bn={cfg.block_n} bk={cfg.block_k}", err, 1e-2)
+            t = bench_ms(lambda: Q.quant_linear(x, qw, bias, out=out, config=cfg, **fused), timing)
+            by = weight_bytes(qw) + by_io
+            base_t = baseline_ms(baseline, x, timing)
+            desc = f"{cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+            if fmt == "nf4":
+                desc += f" lut{cfg.lut}"
+            ROWS.append((fmt, name, m, desc, t, by, err, baseline[0] + " (plain)" if baseline else None, base_t))
+            if timing:
+                print(f"     {t * 1e3:8.1f} us  {by / (t * 1e-3) / 1e9:7.0f} GB/s  "
+                      f"{100 * by / (t * 1e-3) / peak:5.1f}% of peak", flush=True)
 
 
 # -- attention -----------------------------------------------------------------------------------
 
 
-def run_attention(device, dtype, heads, groups, d, slots, batches, timing: bool, peak: float) -> None:
-    gen = torch.Generator().manual_seed(0)
-    inv = A.rotary_inv_freq(d // 2, device)
+def run_attention(device, dtype, heads, groups, d, slots, batches, timing: bool) -> None:
     for B in batches:
-        pre = torch.randint(0, 129, (B,), generator=gen)
-        pre[0] = 0
-        pos = torch.randint(0, slots - 129, (B,), generator=gen)
-        if B > 2:
-            pos[1] = -1  # an idle row
-        kc = torch.randn(B, groups, slots, d, device=device, dtype=dtype)
-        vc = torch.randn(B, groups, slots, d, device=device, dtype=dtype)
-        qkv = torch.randn(B, (heads + 2 * groups) * d, device=device, dtype=dtype)
-        posd, pred = pos.to(device), pre.to(device=device, dtype=torch.int32)
-        q = A.rope_cache_write(qkv, kc, vc, posd, pred, num_heads=heads, num_groups=groups, inv_freq=inv,
-                               position_divisor=1.0)
-        # rotary reference for the first active rows (float32, as modeling.apply_rotary)
-        from backend.modeling import apply_rotary, rotary_cos_sin
+        guarded(f"attention B={B}", run_attention_batch, device, dtype, heads, groups, d, slots, B, timing)
 
-        errs = []
-        for b in [b for b in range(B) if pos[b] >= 0][:4]:
-            p, P = int(pos[b]), int(pre[b])
-            qr, kr, vr = qkv[b].float().split([heads * d, groups * d, groups * d])
-            cos, sin = rotary_cos_sin(torch.tensor([[p]], device=device), d // 2, torch.float32)
-            errs.append(rel(q[b], apply_rotary(qr.view(1, 1, heads, d), cos, sin)[0, 0]))
-            errs.append(rel(kc[b, :, P + p], apply_rotary(kr.view(1, 1, groups, d), cos, sin)[0, 0]))
-            errs.append(rel(vc[b, :, P + p], vr.view(groups, d)))
-        check(f"rope + cache write B={B}", max(errs), 1e-2)
-        ws = A.attention_workspace(B, heads, groups, d, device)
-        out = torch.full((B, heads * d), float("nan"), device=device, dtype=dtype)
-        A.decode_attention(q, kc, vc, posd, pred, out=out, workspace=ws)
-        errs = []
-        for b in range(B):
-            if pos[b] < 0:
-                ok = bool((out[b] == 0).all())
-                errs.append(0.0 if ok else float("nan"))
-                continue
-            L = int(pre[b] + pos[b] + 1)
-            k = kc[b, :, :L].float().repeat_interleave(heads // groups, 0)
-            v = vc[b, :, :L].float().repeat_interleave(heads // groups, 0)
-            sc = (q[b].float()[:, None, :] @ k.transpose(1, 2))[:, 0] / math.sqrt(d)
-            errs.append(rel(out[b], (torch.softmax(sc, -1)[:, None, :] @ v)[:, 0].reshape(-1)))
-        check(f"decode attention B={B} splits={ws.num_splits}", max(errs), 1e-2)
-        lengths = [(int(pre[b] + pos[b] + 1) if pos[b] >= 0 else 0) for b in range(B)]
-        kv_bytes = sum(lengths) * groups * d * 2 * kc.element_size()
-        t = bench_ms(lambda: A.decode_attention(q, kc, vc, posd, pred, out=out, workspace=ws), timing)
-        ROWS.append(("attn", f"B={B} mean L={sum(lengths) // B}", B, f"splits {ws.num_splits}", t, kv_bytes,
-                     max(errs), None, None))
-        t = bench_ms(lambda: A.rope_cache_write(qkv, kc, vc, posd, pred, num_heads=heads, num_groups=groups,
-                                                inv_freq=inv, q_out=q), timing)
-        ROWS.append(("rope", f"B={B}", B, "", t, qkv.numel() * qkv.element_size() * 2, float("nan"), None, None))
+
+def run_attention_batch(device, dtype, heads, groups, d, slots, B, timing: bool) -> None:
+    gen = torch.Generator().manual_seed(B)
+    inv = A.rotary_inv_freq(d // 2, device)
+    pre = torch.randint(0, 129, (B,), generator=gen)
+    pre[0] = 0
+    pos = torch.randint(0, slots - 129, (B,), generator=gen)
+    if B > 2:
+        pos[1] = -1  # an idle row
+    kc = torch.randn(B, groups, slots, d, device=device, dtype=dtype)
+    vc = torch.randn(B, groups, slots, d, device=device, dtype=dtype)
+    qkv = torch.randn(B, (heads + 2 * groups) * d, device=device, dtype=dtype)
+    posd, pred = pos.to(device), pre.to(device=device, dtype=torch.int32)
+    q = A.rope_cache_write(qkv, kc, vc, posd, pred, num_heads=heads, num_groups=groups, inv_freq=inv,
+                           position_divisor=1.0)
+    # rotary reference for the first active rows (float32, as modeling.apply_rotary)
+    from backend.modeling import apply_rotary, rotary_cos_sin
+
+    errs = []
+    for b in [b for b in range(B) if pos[b] >= 0][:4]:
+        p, P = int(pos[b]), int(pre[b])
+        qr, kr, vr = qkv[b].float().split([heads * d, groups * d, groups * d])
+        cos, sin = rotary_cos_sin(torch.tensor([[p]], device=device), d // 2, torch.float32)
+        errs.append(rel(q[b], apply_rotary(qr.view(1, 1, heads, d), cos, sin)[0, 0]))
+        errs.append(rel(kc[b, :, P + p], apply_rotary(kr.view(1, 1, groups, d), cos, sin)[0, 0]))
+        errs.append(rel(vc[b, :, P + p], vr.view(groups, d)))
+    check(f"rope + cache write B={B}", max(errs), 1e-2)
+    ws = A.attention_workspace(B, heads, groups, d, device)
+    out = torch.full((B, heads * d), float("nan"), device=device, dtype=dtype)
+    A.decode_attention(q, kc, vc, posd, pred, out=out, workspace=ws)
+    errs = []
+    for b in range(B):
+        if pos[b] < 0:
+            ok = bool((out[b] == 0).all())
+            errs.append(0.0 if ok else float("nan"))
+            continue
+        L = int(pre[b] + pos[b] + 1)
+        k = kc[b, :, :L].float().repeat_interleave(heads // groups, 0)
+        v = vc[b, :, :L].float().repeat_interleave(heads // groups, 0)
+        sc = (q[b].float()[:, None, :] @ k.transpose(1, 2))[:, 0] / math.sqrt(d)
+        errs.append(rel(out[b], (torch.softmax(sc, -1)[:, None, :] @ v)[:, 0].reshape(-1)))
+    check(f"decode attention B={B} splits={ws.num_splits}", max(errs), 1e-2)
+    lengths = [(int(pre[b] + pos[b] + 1) if pos[b] >= 0 else 0) for b in range(B)]
+    kv_bytes = sum(lengths) * groups * d * 2 * kc.element_size()
+    t = bench_ms(lambda: A.decode_attention(q, kc, vc, posd, pred, out=out, workspace=ws), timing)
+    ROWS.append(("attn", f"B={B} mean L={sum(lengths) // B}", B, f"splits {ws.num_splits}", t, kv_bytes,
+                 max(errs), None, None))
+    t = bench_ms(lambda: A.rope_cache_write(qkv, kc, vc, posd, pred, num_heads=heads, num_groups=groups,
+                                            inv_freq=inv, q_out=q), timing)
+    ROWS.append(("rope", f"B={B}", B, "", t, qkv.numel() * qkv.element_size() * 2, float("nan"), None, None))
 
 
 def print_table(peak: float, timing: bool) -> None:
@@ -274,15 +305,16 @@ def main() -> int:
         print(f"copy bandwidth (read + write) {copy_bandwidth(device) / 1e12:.2f} TB/s; % column against "
               f"{args.peak_tbs} TB/s")
         run_linears(device, torch.bfloat16, SHAPES_6B, args.m, True, peak)
-        run_attention(device, torch.bfloat16, 32, 2, 128, 4096, (1, 8, 64), True, peak)
+        run_attention(device, torch.bfloat16, 32, 2, 128, 4096, (1, 8, 64), True)
     else:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("no GPU: run with --small under TRITON_INTERPRET=1 (or on a CUDA machine)")
             return 2
         run_linears(device, torch.float32, SHAPES_SMALL, [1, 2, 17], False, peak)
-        run_attention(device, torch.float32, 8, 2, 32, 300, (1, 4), False, peak)
+        run_attention(device, torch.float32, 8, 2, 32, 300, (1, 4), False)
     print_table(peak, cuda)
-    print(f"\n{len(FAILS)} failed; {time.time() - started:.0f} s" + ("" if FAILS else "; ALL BATCH KERNEL CHECKS PASSED"))
+    verdict = "" if FAILS else "; ALL BATCH KERNEL CHECKS PASSED"
+    print(f"\n{len(FAILS)} failed; {time.time() - started:.0f} s{verdict}")
     return 1 if FAILS else 0
 
 

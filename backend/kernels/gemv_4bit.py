@@ -293,9 +293,9 @@ if HAVE_TRITON:
         ss = tl.zeros([1], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ke = k0 + 2 * j
-            xe, sq_e = _load_x(x_ptr + m * stride_xm + ke[None, :], (ke < K)[None, :], norm_ptr + ke[None, :], norm, True)
-            xo, sq_o = _load_x(x_ptr + m * stride_xm + ke[None, :] + 1, (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1,
-                               norm, True)
+            xp = x_ptr + m * stride_xm + ke[None, :]
+            xe, sq_e = _load_x(xp, (ke < K)[None, :], norm_ptr + ke[None, :], norm, True)
+            xo, sq_o = _load_x(xp + 1, (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1, norm, True)
             ss += sq_e + sq_o
             ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
                                    rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
@@ -315,7 +315,8 @@ if HAVE_TRITON:
         scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
         has_bias, residual, norm,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-        BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # program (n block, m block): out[BLOCK_M, BLOCK_N] through tl.dot, weights decoded in registers
         # (N, SWIGLU as in _gemv_quant_kernel)
@@ -348,14 +349,16 @@ if HAVE_TRITON:
                 ke = k0 + 2 * j
                 xp = x_ptr + rm[:, None] * stride_xm + ke[None, :]
                 xe, sq_e = _load_x(xp, mask_m[:, None] & (ke < K)[None, :], norm_ptr + ke[None, :], norm, False)
-                xo, sq_o = _load_x(xp + 1, mask_m[:, None] & (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1, norm, False)
+                mo = mask_m[:, None] & (ke + 1 < K)[None, :]
+                xo, sq_o = _load_x(xp + 1, mo, norm_ptr + ke[None, :] + 1, norm, False)
                 ss += sq_e + sq_o
                 ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
                                        rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
                 acc = _dot_acc(xo, od, _dot_acc(xe, ev, acc, IEEE), IEEE)
                 if SWIGLU:
                     ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
-                                           rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
+                                           rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED,
+                                           BLOCK_N, BLOCK_KH)
                     acc_b = _dot_acc(xo, od, _dot_acc(xe, ev, acc_b, IEEE), IEEE)
         r = tl.where(norm != 0, tl.rsqrt(ss / K + eps), 1.0)
         _epilogue(acc, acc_b, r, rm, rn, mask_m, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,

@@ -123,7 +123,8 @@ def pick(
         if ms < best_ms:
             best, best_ms = cfg, ms
     if failed:
-        warnings.warn(f"kernel tuning for {key}: {len(failed)} of {len(candidates)} configs failed: " + "; ".join(failed))
+        warnings.warn(f"kernel tuning for {key}: {len(failed)} of {len(candidates)} configs failed: "
+                      + "; ".join(failed))
     if best is None:
         return candidates[0]
     store(path, key, asdict(best))
