@@ -1,7 +1,12 @@
 """Weight-only quantized linears for decode batches of 1..64 rows: NF4, the int4 release, int8.
 
-``quant_linear(x, w)`` computes ``x @ W.T`` (+ bias, + residual) for activations x [M, K] (bf16, fp16 or
-fp32; float32 sums) straight from the packed weights, never widening W in memory:
+``quant_linear(x, w)`` computes ``x @ W.T`` for activations x [M, K] (bf16, fp16 or fp32; float32 sums)
+straight from the packed weights, never widening W in memory, with what sits around each linear of a
+ChatGLM2 layer fused in: the RMSNorm before it (prologue: the norm weight multiplies x, the row's 1/rms the
+sums), the bias, SwiGLU (``silu(a) * b`` of the two halves of dense_h_to_4h's rows) and the residual add.
+Norm, bias and residual are runtime flags of one compiled kernel (fewer compiles on first use); SwiGLU is a
+compile-time variant (two row sets a program). ``quantized_weight(layer)`` takes the packed form from a
+loaded layer. Weight formats:
 
 - ``nf4``: bitsandbytes ``Params4bit`` data as stored: uint8, two 4-bit codes a byte over the
   row-major flattened weight [N, K] (element e = n*K + k in byte e // 2, even e in the high nibble),
@@ -16,9 +21,9 @@ fp32; float32 sums) straight from the packed weights, never widening W in memory
 
 Why hand-written: at M <= 64 a linear reads its weight once and does almost no arithmetic, so its time
 is the bytes read. No library kernel reads bitsandbytes NF4 (or the int4 release) for small M at that
-bandwidth: bitsandbytes' own 4-bit inference kernel handles one row at a time and otherwise dequantizes
-the whole weight to fp16 before a cuBLAS matmul (3.5x the bytes), and the int4 release ships CUDA
-kernels compiled for sm_61..sm_89 only. ``int8_linear.matmul`` has fixed tiles (64 output rows a
+bandwidth: bitsandbytes' own 4-bit inference kernel (``gemv_4bit``) takes a single row, and for more rows
+``matmul_4bit`` writes the whole weight out in 16-bit and reads it back for a cuBLAS matmul (about 9x the
+bytes of the packed weight); the int4 release ships CUDA kernels compiled for sm_61..sm_89 only. ``int8_linear.matmul`` has fixed tiles (64 output rows a
 program): too few programs for a 4608-row weight at M = 2..64 on a 132-SM card.
 
 Two kernels, the config (tiles, warps, NF4 table form) chosen per GPU model, shape and M bucket by
@@ -30,7 +35,12 @@ Two kernels, the config (tiles, warps, NF4 table form) chosen per GPU model, sha
   activation dtype in registers and split into its even and odd columns, so no interleave is needed:
   x_even @ W_even.T + x_odd @ W_odd.T.
 NF4 decoding: ``lut=1`` looks up each nibble in the 16-entry table; ``lut=2`` looks up each byte in a
-256-entry table of both values (float32 pairs as int64): one L1 gather per byte instead of two.
+256-entry table of both values (float32 pairs as int64): one L1 gather per byte instead of two. The absmax
+of a 64-weight block is loaded once per block and broadcast when K is a multiple of the block size (every
+ChatGLM2 linear), else per byte (blocks then straddle rows).
+Rounding: the GEMV multiplies float32 weights; the tensor-core tiles round the decoded weight to the
+activation dtype (as ``dequantize_4bit`` to bf16 followed by a matmul does). Configs differ per M bucket, so
+by default a row's bits depend on the batch size; ``batch_invariant=True`` fixes one config for all M.
 """
 
 from __future__ import annotations
@@ -154,6 +164,35 @@ def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
         raise ValueError(f"int8 weight must be int8 [out, in], got {weight.dtype} {tuple(weight.shape)}")
     n, k = weight.shape
     return QuantizedWeight("int8", weight.contiguous(), int(n), int(k), scale=scale.float().contiguous())
+
+
+def quantized_weight(module) -> Optional[QuantizedWeight]:
+    """The packed weight of a quantized linear layer, shared as stored; None for a float layer.
+
+    bitsandbytes ``Linear4bit`` (NF4) -> "nf4"; bitsandbytes ``Linear8bitLt`` and ``int8_training.Int8Linear``
+    -> "int8" (through ``int8_linear.linear_weights``, which shares their rows); a layer with an int8
+    ``weight`` and a ``weight_scale`` (the chatglm2-6b-int4 release's QuantizedLinear) -> "int4" when the
+    weight holds half the input columns (``in_features`` or ``weight_bit_width`` say which), else "int8"
+    (the int8 release's layout). The bias stays the layer's own."""
+    from ..int8_linear import is_quantized_module, linear_weights
+
+    kind = is_quantized_module(module)
+    if kind == "4bit":
+        return params4bit_weight(module.weight)
+    if kind == "int8":
+        lw = linear_weights(module, "int8", torch.float32)
+        return int8_weight(lw.weight, lw.scale)
+    scale = getattr(module, "weight_scale", None)
+    weight = getattr(module, "weight", None)
+    if scale is None or weight is None or weight.dtype != torch.int8:
+        return None
+    in_features = getattr(module, "in_features", None)
+    bits = getattr(module, "weight_bit_width", None)
+    if bits == 8 or (bits is None and in_features == weight.shape[1]):
+        return int8_weight(weight, scale)
+    if in_features is not None and in_features != 2 * weight.shape[1]:
+        raise ValueError(f"int4 weight {tuple(weight.shape)} does not hold {in_features} input columns")
+    return int4_release_weight(weight, scale)
 
 
 def quant_linear_torch(x: torch.Tensor, w: QuantizedWeight, bias=None, residual=None, *,

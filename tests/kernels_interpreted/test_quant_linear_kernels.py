@@ -214,3 +214,23 @@ def test_batch_invariant_rows_do_not_depend_on_the_batch(fmt, tmp_path, monkeypa
     full = Q.quant_linear(x, w, batch_invariant=True)
     for rows in (slice(0, 1), slice(5, 7), slice(3, 19)):
         assert torch.equal(Q.quant_linear(x[rows], w, batch_invariant=True), full[rows])
+
+
+def test_quantized_weight_of_layers_as_loaded():
+    """bitsandbytes Linear4bit (quantised on the CPU), an int4-release layer, a float layer."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 32, bias=True, quant_type="nf4", compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(32, 64) * 0.02, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    w = Q.quantized_weight(layer)
+    assert (w.fmt, w.n, w.k, w.nested) == ("nf4", 32, 64, True)
+    assert w.data.data_ptr() == layer.weight.data.data_ptr()  # shared, not copied
+    ref = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    x = torch.randn(2, 64)
+    assert rel(run(x, w, MM), x @ ref.T) < 1e-5
+
+    packed, scale, q = pack_int4_release(torch.randn(8, 32) * 0.02)
+    release = torch.nn.Module()
+    release.weight, release.weight_scale, release.weight_bit_width = packed, scale, 4
+    w4 = Q.quantized_weight(release)
+    assert w4.fmt == "int4" and torch.equal(w4.dequantize(), q.float() * scale.float()[:, None])
+    assert Q.quantized_weight(torch.nn.Linear(4, 4)) is None
