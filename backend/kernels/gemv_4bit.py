@@ -23,8 +23,9 @@ Why hand-written: at M <= 64 a linear reads its weight once and does almost no a
 is the bytes read. No library kernel reads bitsandbytes NF4 (or the int4 release) for small M at that
 bandwidth: bitsandbytes' own 4-bit inference kernel (``gemv_4bit``) takes a single row, and for more rows
 ``matmul_4bit`` writes the whole weight out in 16-bit and reads it back for a cuBLAS matmul (about 9x the
-bytes of the packed weight); the int4 release ships CUDA kernels compiled for sm_61..sm_89 only. ``int8_linear.matmul`` has fixed tiles (64 output rows a
-program): too few programs for a 4608-row weight at M = 2..64 on a 132-SM card.
+bytes of the packed weight); the int4 release ships CUDA kernels compiled for sm_61..sm_89 only.
+``int8_linear.matmul`` has fixed tiles (64 output rows a program): too few programs for a 4608-row weight
+at M = 2..64 on a 132-SM card.
 
 Two kernels, the config (tiles, warps, NF4 table form) chosen per GPU model, shape and M bucket by
 ``tuning.pick`` (tuned on first use, cached on disk):
@@ -228,13 +229,23 @@ if HAVE_TRITON:
         return a
 
     @triton.jit
+    def _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, mask_n, k0, K, NESTED: tl.constexpr,
+                      BS: tl.constexpr, BS2: tl.constexpr, NB: tl.constexpr):
+        # [BLOCK_N, NB]: the absmax of the NB whole blocks of each row from column k0 on (K % BS == 0)
+        kblk = k0 // BS + tl.arange(0, NB)
+        blk = rows[:, None] * (K // BS) + kblk[None, :]
+        return _nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mask_n[:, None] & (kblk < K // BS)[None, :],
+                           NESTED, BS2)
+
+    @triton.jit
     def _dequant_4bit(
         w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset, rows, mask_n, k0, K,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-        BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+        BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, SCALED: tl.constexpr = True,
     ):
         # weights of rows [BLOCK_N] (int64) at columns k0 + 2j (even) and k0 + 2j + 1 (odd), j < BLOCK_KH,
-        # as float32 [BLOCK_N, BLOCK_KH] each; int4 without its row scale (applied to the sums)
+        # as float32 [BLOCK_N, BLOCK_KH] each; int4 without its row scale (applied to the sums); nf4 without
+        # its absmax when not SCALED (the caller scales per-block sums instead)
         j = tl.arange(0, BLOCK_KH)
         kb = k0 // 2 + j  # byte column: row n starts at byte n * K / 2 in both formats
         mask = mask_n[:, None] & (kb < K // 2)[None, :]
@@ -251,17 +262,17 @@ if HAVE_TRITON:
             else:
                 ev = tl.load(code_ptr + (b >> 4))
                 od = tl.load(code_ptr + (b & 15))
-            if BLOCKED:  # K % BS == 0 and the tile holds whole blocks: one absmax per block, broadcast
-                NB: tl.constexpr = 2 * BLOCK_KH // BS
-                kblk = k0 // BS + tl.arange(0, NB)
-                blk = rows[:, None] * (K // BS) + kblk[None, :]
-                a = _nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk,
-                                mask_n[:, None] & (kblk < K // BS)[None, :], NESTED, BS2)
-                a = tl.reshape(tl.broadcast_to(a[:, :, None], (BLOCK_N, NB, BS // 2)), (BLOCK_N, BLOCK_KH))
-            else:  # blocks may straddle rows (K % BS != 0): the absmax of each byte's element pair
-                a = _nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, (byte_idx * 2) // BS, mask, NESTED, BS2)
-            ev = ev * a
-            od = od * a
+            if SCALED:
+                if BLOCKED:  # K % BS == 0 and the tile holds whole blocks: one absmax per block, broadcast
+                    NB: tl.constexpr = 2 * BLOCK_KH // BS
+                    a = _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, mask_n, k0, K, NESTED, BS,
+                                      BS2, NB)
+                    a = tl.reshape(tl.broadcast_to(a[:, :, None], (BLOCK_N, NB, BS // 2)), (BLOCK_N, BLOCK_KH))
+                else:  # blocks may straddle rows (K % BS != 0): the absmax of each byte's element pair
+                    a = _nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, (byte_idx * 2) // BS, mask,
+                                    NESTED, BS2)
+                ev = ev * a
+                od = od * a
         return ev, od
 
     @triton.jit
@@ -308,6 +319,24 @@ if HAVE_TRITON:
             return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
         return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
 
+    @triton.jit
+    def _gemv_tile(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset, rows, mask_n, k0, K, xe, xo,
+                   FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+                   BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_SUM: tl.constexpr):
+        # [BLOCK_N]: one tile's contribution to each row's sum, x's even/odd columns xe, xo [1, BLOCK_KH].
+        # BLOCK_SUM (nf4, whole blocks): codes times x summed per 64-weight block first, then times the block's
+        # absmax: two multiplies a byte fewer than scaling every weight
+        if BLOCK_SUM:
+            NB: tl.constexpr = 2 * BLOCK_KH // BS
+            ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset, rows, mask_n,
+                                   k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH, False)
+            part = tl.sum(tl.reshape(ev * xe + od * xo, (BLOCK_N, NB, BS // 2)), axis=2)
+            a = _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, mask_n, k0, K, NESTED, BS, BS2, NB)
+            return tl.sum(part * a, axis=1)
+        ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset, rows, mask_n,
+                               k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
+        return tl.sum(ev * xe + od * xo, axis=1)
+
     # has_bias, residual, norm: runtime flags (0/1), not specialised: one compiled kernel serves every linear
     @triton.jit(do_not_specialize=["has_bias", "residual", "norm"])
     def _gemv_quant_kernel(
@@ -316,7 +345,7 @@ if HAVE_TRITON:
         has_bias, residual, norm,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
         BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_SUM: tl.constexpr,
     ):
         # program (n block, activation row m): BLOCK_N output columns of row m, a float32 per column.
         # N: output columns; with SWIGLU the weight has 2N rows and column n = silu(row n) * row n + N
@@ -336,13 +365,12 @@ if HAVE_TRITON:
             xe, sq_e = _load_x(xp, (ke < K)[None, :], norm_ptr + ke[None, :], norm, True)
             xo, sq_o = _load_x(xp + 1, (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1, norm, True)
             ss += sq_e + sq_o
-            ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
-                                   rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
-            acc += tl.sum(ev * xe + od * xo, axis=1)
+            acc += _gemv_tile(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset, rows, mask_n,
+                              k0, K, xe, xo, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH, BLOCK_SUM)
             if SWIGLU:
-                ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
-                                       rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
-                acc_b += tl.sum(ev * xe + od * xo, axis=1)
+                acc_b += _gemv_tile(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset, rows + N,
+                                    mask_n, k0, K, xe, xo, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH,
+                                    BLOCK_SUM)
         rm = tl.zeros([1], dtype=tl.int64) + m
         r = tl.where(norm != 0, tl.rsqrt(ss / K + eps), 1.0)
         _epilogue(acc[None, :], acc_b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
@@ -417,6 +445,7 @@ class QuantLinearConfig:
     num_warps: int = 4
     num_stages: int = 1
     lut: int = 2  # nf4: 1 = a gather per nibble, 2 = a gather per byte from the pair table
+    block_sum: bool = True  # gemv, nf4 with whole blocks: absmax applied to per-block sums (else per weight)
 
 
 def m_bucket(m: int) -> int:
@@ -441,10 +470,10 @@ def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinea
         return _halved(mm) if swiglu else mm
     gemv = [QuantLinearConfig("gemv", bn, bk, 16, w, 1, 2) for bn, bk, w in
             ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8))]
-    if fmt == "nf4":  # the 16-entry table: two gathers a byte, fewer bytes of table in L1
-        gemv += [QuantLinearConfig("gemv", bn, bk, 16, w, 1, 1) for bn, bk, w in ((8, 512, 4), (4, 1024, 4))]
-    if m == 1:
-        chosen = gemv
+    if fmt == "nf4":  # the 16-entry table (two gathers a byte, less table in L1); absmax on every weight
+        gemv += [QuantLinearConfig("gemv", 8, 512, 16, 4, 1, 1), QuantLinearConfig("gemv", 8, 512, 16, 4, 1, 2, False)]
+    if m == 1:  # bigger tiles too: more bytes in flight a thread (Triton does not pipeline these loops)
+        chosen = gemv + [QuantLinearConfig("gemv", bn, bk, 16, 8, 1, 2) for bn, bk in ((16, 1024), (8, 2048))]
     elif m <= 4:
         chosen = gemv[:4] + mm
     else:
@@ -484,7 +513,8 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float,
     flags = (int(bias is not None), int(residual is not None), int(norm_weight is not None))
     if cfg.kernel == "gemv" and w.fmt != "int8":
         grid = (triton.cdiv(n_out, cfg.block_n), M)
-        _gemv_quant_kernel[grid](*args, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), *flags, **common)
+        _gemv_quant_kernel[grid](*args, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), *flags,
+                                 BLOCK_SUM=blocked and cfg.block_sum, **common)
     else:
         grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, cfg.block_m))
         _mm_quant_kernel[grid](*args, M, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), *flags,

@@ -28,6 +28,7 @@ from backend.kernels import tuning  # noqa: E402
 
 GEMV_LUT2 = Q.QuantLinearConfig("gemv", block_n=4, block_k=128, lut=2)
 GEMV_LUT1 = Q.QuantLinearConfig("gemv", block_n=8, block_k=64, lut=1)
+GEMV_PER_WEIGHT = Q.QuantLinearConfig("gemv", block_n=4, block_k=256, lut=2, block_sum=False)
 MM = Q.QuantLinearConfig("mm", block_n=16, block_k=64, block_m=16)
 
 
@@ -55,7 +56,7 @@ def test_nf4_equals_bitsandbytes_dequantize_then_matmul(n, k, nested):
     w = Q.nf4_weight(data, state)
     assert torch.equal(w.dequantize(), ref_w)  # the layout as bitsandbytes reads it
     # (the interpreter runs a program at a time: GEMV programs per activation row cost, so small M for them)
-    for m, cfg in ((1, GEMV_LUT2), (3, GEMV_LUT2), (1, GEMV_LUT1), (3, MM), (17, MM)):
+    for m, cfg in ((1, GEMV_LUT2), (3, GEMV_LUT2), (1, GEMV_LUT1), (1, GEMV_PER_WEIGHT), (3, MM), (17, MM)):
         x = torch.randn(m, k)
         assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, (m, cfg)
 
@@ -189,7 +190,7 @@ def test_fused_rmsnorm_prologue_and_swiglu_epilogue(fmt):
         q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-3
         w, ref_w = Q.int8_weight(q, s), q.float() * s[:, None]
     g, bias = 1 + 0.1 * torch.randn(k), torch.randn(n) * 0.1
-    configs = [(3, MM), (17, MM)] + ([] if fmt == "int8" else [(1, GEMV_LUT2), (2, GEMV_LUT2)])
+    configs = [(3, MM), (17, MM)] + ([] if fmt == "int8" else [(1, GEMV_LUT2), (2, GEMV_LUT2), (1, GEMV_PER_WEIGHT)])
     for m, cfg in configs:
         x, res = torch.randn(m, k) * 3, torch.randn(m, n // 2)
         out = torch.full((m, n // 2), float("nan"))
