@@ -41,7 +41,8 @@ except ImportError:
     tl = None
     HAVE_TRITON = False
 
-BLOCK_T = 64  # slots a loop step of the split kernel
+BLOCK_T = 64  # slots a loop step of the split kernel; with 8 warps: no register spills at head_dim 128 (sm_90,
+# ptxas), where 4 warps spill 488 bytes (as the batch-1 decoder's split kernel does)
 
 
 if HAVE_TRITON:
@@ -50,9 +51,12 @@ if HAVE_TRITON:
     def _rope_cache_batch_kernel(
         qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, divisor,
         stride_qkv, stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, H, G,
-        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (row b, head hd of q | k | v): rotary on q and k heads, q out, k and v to the row's slot
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         b = tl.program_id(0).to(tl.int64)
         hd = tl.program_id(1)
         pos = tl.load(pos_ptr + b).to(tl.int64)
@@ -88,9 +92,12 @@ if HAVE_TRITON:
     def _attn_batch_split_kernel(
         q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr,
         stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, sm_scale, G, HPG, NUM_SPLITS,
-        HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (row r, group g, split s): the group's HPG query heads against the split's slots
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         r = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
@@ -137,9 +144,12 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_batch_combine_kernel(
         o_ptr, m_ptr, l_ptr, out_ptr, stride_ob, H, G, HPG, NUM_SPLITS,
-        HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (row r, head): the splits' partial sums merged by their running maxima; an empty row -> 0
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         r = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         g = head // HPG
@@ -159,6 +169,11 @@ if HAVE_TRITON:
         tl.store(out_ptr + r * stride_ob + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
+def _pdl_launch(pdl: bool) -> dict:
+    """Launch options of a programmatic dependent launch (Hopper and later), as int8_linear.gemv does."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 def rotary_inv_freq(rotary_dim: int, device) -> torch.Tensor:
     """float32 [rotary_dim / 2]: the inverse frequencies, computed as ``modeling.rotary_cos_sin`` does."""
     return 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=device) / rotary_dim))
@@ -176,12 +191,14 @@ def rope_cache_write(
     inv_freq: torch.Tensor,
     position_divisor: float = 1.0,
     q_out: Optional[torch.Tensor] = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Rotary on row b's q and k at position positions[b], k and v into slot prefix_lens[b] + positions[b].
 
     qkv [B, (H + 2G) * D] (unit inner stride); k_cache/v_cache [B, G, slots, D] (one layer); positions,
     prefix_lens int [B] on the device (positions[b] < 0: row b idle, its cache untouched); inv_freq float32
-    [rotary_dim / 2] (``rotary_inv_freq``); position_divisor: the config's rope_ratio. Returns q [B, H, D]."""
+    [rotary_dim / 2] (``rotary_inv_freq``); position_divisor: the config's rope_ratio; pdl: programmatic
+    dependent launch (Hopper). Returns q [B, H, D]."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     H, G = num_heads, num_groups
@@ -192,7 +209,7 @@ def rope_cache_write(
     _rope_cache_batch_kernel[(B, H + 2 * G)](
         qkv, q_out, k_cache, v_cache, positions, prefix_lens, inv_freq, float(position_divisor),
         qkv.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H, G, HEAD_DIM=D, ROT_PAIRS=inv_freq.numel(), num_warps=1,
+        H, G, HEAD_DIM=D, ROT_PAIRS=inv_freq.numel(), PDL=pdl, num_warps=1, **_pdl_launch(pdl),
     )
     return q_out
 
@@ -237,6 +254,7 @@ def decode_attention(
     out: Optional[torch.Tensor] = None,
     workspace: Optional[AttentionWorkspace] = None,
     sm_scale: Optional[float] = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One decode token a row: q [B, H, D] against each row's slots [0, prefix_lens[b] + positions[b]].
 
@@ -254,10 +272,12 @@ def decode_attention(
         q, k_cache, v_cache, positions, prefix_lens, ws.o, ws.m, ws.l,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         sm_scale or 1.0 / math.sqrt(D), G, hpg, ws.num_splits,
-        HEAD_DIM=D, HPG_PAD=ws.hpg_pad, BLOCK_T=BLOCK_T, IEEE=q.dtype == torch.float32, num_warps=4,
+        HEAD_DIM=D, HPG_PAD=ws.hpg_pad, BLOCK_T=BLOCK_T, IEEE=q.dtype == torch.float32, PDL=pdl, num_warps=8,
+        **_pdl_launch(pdl),
     )
     _attn_batch_combine_kernel[(B, H)](
         ws.o, ws.m, ws.l, out, out.stride(0), H, G, hpg, ws.num_splits,
-        HEAD_DIM=D, HPG_PAD=ws.hpg_pad, SPLITS_PAD=triton.next_power_of_2(ws.num_splits), num_warps=4,
+        HEAD_DIM=D, HPG_PAD=ws.hpg_pad, SPLITS_PAD=triton.next_power_of_2(ws.num_splits), PDL=pdl, num_warps=4,
+        **_pdl_launch(pdl),
     )
     return out

@@ -345,10 +345,13 @@ if HAVE_TRITON:
         has_bias, residual, norm,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
         BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_SUM: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_SUM: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (n block, activation row m): BLOCK_N output columns of row m, a float32 per column.
         # N: output columns; with SWIGLU the weight has 2N rows and column n = silu(row n) * row n + N
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid_n = tl.program_id(0)
         m = tl.program_id(1).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -383,10 +386,13 @@ if HAVE_TRITON:
         has_bias, residual, norm,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
         BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (n block, m block): out[BLOCK_M, BLOCK_N] through tl.dot, weights decoded in registers
         # (N, SWIGLU as in _gemv_quant_kernel)
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -491,7 +497,7 @@ def _halved(configs: list[QuantLinearConfig]) -> list[QuantLinearConfig]:
 
 
 def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool,
-            cfg: QuantLinearConfig) -> None:
+            cfg: QuantLinearConfig, pdl: bool = False) -> None:
     M = x.shape[0]
     n_out = w.n // 2 if swiglu else w.n
     nf4 = w.fmt == "nf4"
@@ -507,6 +513,7 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float,
         FMT=_FMT_ID[w.fmt], LUT=cfg.lut, NESTED=w.nested, BS=w.blocksize if nf4 else 2, BS2=w.blocksize2,
         BLOCKED=blocked, HAS_SCALE=w.scale is not None, SWIGLU=swiglu,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )
     args = (x, w.data, absmax, code, lut, code2, absmax2, w.offset, w.scale if w.scale is not None else dummy,
             bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy, res, out)
@@ -525,7 +532,7 @@ _chosen: dict[tuple, QuantLinearConfig] = {}  # (key, device) -> config: the hot
 
 
 def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.device, *, swiglu: bool = False,
-                 timer=None) -> QuantLinearConfig:
+                 pdl: bool = False, timer=None) -> QuantLinearConfig:
     """The config for this weight at M rows on this GPU model: cached, else tuned now on scratch buffers
     (their own random generator: tuning leaves the global RNG, and so seeded sampling, untouched)."""
     bucket = m_bucket(m)
@@ -542,7 +549,7 @@ def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.d
             gen = torch.Generator(device=device).manual_seed(0)
             scratch["x"] = torch.randn(bucket, w.k, device=device, generator=gen).to(dtype)
             scratch["out"] = torch.empty(bucket, w.n // 2 if swiglu else w.n, device=device, dtype=dtype)
-        _launch(scratch["x"], w, scratch["out"], None, None, None, 1e-5, swiglu, cfg)
+        _launch(scratch["x"], w, scratch["out"], None, None, None, 1e-5, swiglu, cfg, pdl)  # pdl: same compile
 
     cfg = tuning.pick(key, candidate_configs(w.fmt, bucket, swiglu), run, device, timer=timer)
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
@@ -562,6 +569,7 @@ def quant_linear(
     out: Optional[torch.Tensor] = None,
     config: Optional[QuantLinearConfig] = None,
     batch_invariant: bool = False,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``out = epilogue(norm(x) @ W.T + bias)`` from the packed weight; float32 sums, x's dtype out.
 
@@ -574,7 +582,8 @@ def quant_linear(
     ``batch_invariant``: every M uses the config tuned for 16 rows (tensor-core tiles of 16 rows), so a row's
     result does not depend on how many rows share the batch (bitwise; for evaluation whose predictions must
     not depend on the batch size, and batch rows equal to single-stream replies). The default picks the
-    fastest config per M bucket, whose rounding differs between buckets.
+    fastest config per M bucket, whose rounding differs between buckets. ``pdl``: launch as a programmatic
+    dependent of the previous kernel (Hopper and later; inside one CUDA graph of kernels that all use it).
     """
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"activations must be [M, {w.k}], got {tuple(x.shape)}")
@@ -587,8 +596,8 @@ def quant_linear(
         x = x.contiguous()
     if out is None:
         out = torch.empty(x.shape[0], w.n // 2 if swiglu else w.n, device=x.device, dtype=x.dtype)
-    cfg = config or tuned_config(w, 16 if batch_invariant else x.shape[0], x.dtype, x.device, swiglu=swiglu)
-    _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg)
+    cfg = config or tuned_config(w, 16 if batch_invariant else x.shape[0], x.dtype, x.device, swiglu=swiglu, pdl=pdl)
+    _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl)
     return out
 
 
