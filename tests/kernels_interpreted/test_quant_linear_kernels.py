@@ -234,4 +234,9 @@ def test_quantized_weight_of_layers_as_loaded():
     release.weight, release.weight_scale, release.weight_bit_width = packed, scale, 4
     w4 = Q.quantized_weight(release)
     assert w4.fmt == "int4" and torch.equal(w4.dequantize(), q.float() * scale.float()[:, None])
+    by_width = torch.nn.Module()  # as backend's Int4Linear: in_features tells 4-bit (half the columns stored)
+    by_width.weight, by_width.weight_scale, by_width.in_features = packed, scale, 32
+    assert Q.quantized_weight(by_width).fmt == "int4"
+    by_width.in_features = 16  # the int8 release: one byte a column
+    assert Q.quantized_weight(by_width).fmt == "int8"
     assert Q.quantized_weight(torch.nn.Linear(4, 4)) is None
