@@ -17,7 +17,8 @@ import torch
 
 from .adapters import AdapterRegistry
 from .fast_decode import make_decoder
-from .generation import process_response, stream_text
+from .chat_format import to_messages
+from .generation import stream_text
 from .loading import LoadedModel, load_model
 from .service import (
     AdapterInfo,
@@ -51,7 +52,9 @@ class ChatEngine:
         self._active: Optional[str] = None
         self._lock = threading.RLock()  # one reply at a time uses the model's decoders
         kind = "fast" if type(self._decoders[0]).__name__ == "FastDecoder" else "eager"
-        self.info = ModelInfo(name or str(loaded.directory), loaded.precision, str(loaded.device), kind)
+        self.info = ModelInfo(name or str(loaded.directory), loaded.precision, str(loaded.device), kind,
+                              family=loaded.family.family, variant=loaded.family.variant,
+                              context_length=self.model.config.seq_length)
 
     # ------------------------------------------------------------ loading
 
@@ -128,17 +131,18 @@ class ChatEngine:
 
     # ------------------------------------------------------------ replies
 
-    def prompt_ids(self, query: str, history: History) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.build_prompt(query, history))
+    def prompt_ids(self, query: str, history: History, system: Optional[str] = None) -> list[int]:
+        """The family's chat format (tokenizer.build_chat_ids) for this turn."""
+        return self.tokenizer.build_chat_ids(to_messages(query, history, system))
 
-    def _reply_stream(self, slot, query, history, params, cancel, adapter, generator=None) -> Iterator[ReplyEvent]:
-        ids = self.prompt_ids(query, history)
+    def _reply_stream(self, slot, query, history, params, cancel, adapter, generator=None, system=None) -> Iterator[ReplyEvent]:
+        ids = self.prompt_ids(query, history, system)
         limit = self.model.config.seq_length - len(ids)
         if limit <= 0:
             raise BackendError(f"the conversation is {len(ids)} tokens, the model's limit is {self.model.config.seq_length}; start a new conversation.")
         params = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, limit)})
         decoder = self._decoder_for(slot, adapter)
-        eos = [self.tokenizer.eos_token_id]
+        eos = self.tokenizer.chat_stop_ids()  # ChatGLM3 also stops at <|user|> and <|observation|>
         start = time.perf_counter()
         emitted, new_ids = "", []
 
@@ -151,7 +155,7 @@ class ChatEngine:
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield TextDelta(text[len(emitted):], slot)
                 emitted = text
-        text = process_response(self.tokenizer.decode([t for t in new_ids if t not in eos]))
+        text = self.tokenizer.chat_response(new_ids)
         if text.startswith(emitted) and len(text) > len(emitted):  # a held-back partial character, at the end
             yield TextDelta(text[len(emitted):], slot)
         stopped = cancel is not None and cancel.is_set()
@@ -165,12 +169,13 @@ class ChatEngine:
         cancel: Optional[threading.Event] = None,
         adapter: Union[str, None, object] = ACTIVE,
         seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]:
-        """Text deltas of the reply to ``query`` after ``history``, then one ReplyDone."""
+        """Text deltas of the reply to ``query`` after ``history`` (under a ``system`` text), then one ReplyDone."""
         adapter = self._active if adapter is ACTIVE else adapter
         generator = self._generator(seed)
         with self._lock:
-            yield from self._reply_stream(0, query, history, params, cancel, adapter, generator)
+            yield from self._reply_stream(0, query, history, params, cancel, adapter, generator, system)
 
     def reply(self, query: str, history: History, params: SamplingParams, **kw) -> Reply:
         for event in self.stream_reply(query, history, params, **kw):
