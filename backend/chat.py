@@ -31,7 +31,12 @@ class ChatMixin:
         logits_processor: Optional[LogitsProcessorList] = None,
         **kwargs,
     ):
-        """Answer ``query`` after ``history``; returns ``(response, history + [(query, response)])``."""
+        """Answer ``query`` after ``history``; returns ``(response, history + [(query, response)])``.
+
+        With a ChatGLM3 tokenizer it is ChatGLM3's chat(): ``history`` is a list of {role, content}
+        dicts, ``role=`` may be passed, and the new history holds the query and the reply as dicts."""
+        if getattr(tokenizer, "family", "chatglm2") == "chatglm3":
+            return self._chat_chatglm3(tokenizer, query, history, max_length, num_beams, do_sample, top_p, temperature, logits_processor, **kwargs)
         history = list(history or [])
         logits_processor = LogitsProcessorList(logits_processor or [])
         logits_processor.append(InvalidScoreLogitsProcessor())
@@ -44,6 +49,23 @@ class ChatMixin:
         outputs = self.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **gen_kwargs)
         response = process_response(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1]:].tolist()))
         return response, history + [(query, response)]
+
+    def _chat_chatglm3(self, tokenizer, query, history, max_length, num_beams, do_sample, top_p, temperature,
+                       logits_processor, role: str = "user", **kwargs):
+        """As the original: generate to a stop id, drop the last generated token, split off metadata."""
+        history = [dict(turn) for turn in history or []]
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.append(InvalidScoreLogitsProcessor())
+        gen_kwargs = {"max_length": max_length, "num_beams": num_beams, "do_sample": do_sample,
+                      "logits_processor": processors, **kwargs}
+        if do_sample:
+            gen_kwargs.update(top_p=top_p, temperature=temperature)
+        inputs = tokenizer.build_chat_input(query, history=history, role=role).to(self.device)
+        outputs = self.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                eos_token_id=tokenizer.chat_stop_ids(), **gen_kwargs)
+        reply = tokenizer.chat_response(outputs[0, inputs["input_ids"].shape[1]:].tolist())
+        history += [{"role": role, "content": query}, {"role": "assistant", "metadata": "", "content": reply}]
+        return reply, history
 
     @torch.inference_mode()
     def stream_chat(
