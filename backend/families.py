@@ -57,7 +57,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _family_in_name(name: object) -> Optional[str]:
+def family_in_name(name: object) -> Optional[str]:
     text = str(name or "").lower()
     for family in FAMILIES:
         if family in text:
@@ -83,14 +83,14 @@ def tokenizer_family(directory: Path) -> tuple[Optional[str], str]:
     added = json.dumps(config.get("added_tokens_decoder", {})) + str(config.get("chat_template", ""))
     if any(token in added for token in ROLE_TOKENS):
         return "chatglm3", config_file.name
-    family = _family_in_name(config.get("name_or_path"))
+    family = family_in_name(config.get("name_or_path"))
     return family, (config_file.name if family else "")
 
 
 def config_family(config: dict) -> Optional[str]:
     if config.get("family") in FAMILIES:
         return config["family"]
-    return _family_in_name(config.get("_name_or_path"))
+    return family_in_name(config.get("_name_or_path"))
 
 
 def detect_family(directory: Path, config: Optional[dict] = None) -> Family:

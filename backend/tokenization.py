@@ -60,6 +60,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         # Nor are <unk>, <s>, </s> split out (transformers would, as registered special tokens): the
         # originals encode a typed "</s>" as text too.
         kwargs["split_special_tokens"] = True
+        kwargs["family"] = self.family  # saved in tokenizer_config.json: how a directory says its family
         super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
 
     @property
