@@ -112,3 +112,44 @@ def conversation_features(tokenizer, messages: Sequence[ChatMessage], max_length
     input_ids.append(tokenizer.eos_token_id)
     labels = [t if learn else IGNORE_INDEX for t, learn in zip(input_ids, [False, *learnt_after])]
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def chatglm3_training_messages(prompt: str, response: str, history: History, source_prefix: str = "") -> list[ChatMessage]:
+    """A prompt/response pair (with history) as ChatGLM3 turns, so both data formats train its chat format."""
+    return to_messages(source_prefix + prompt, history) + [ChatMessage("assistant", response)]
+
+
+def conversation_train_features(tokenizer, conversations: Sequence[Sequence[ChatMessage]], max_length: int) -> list[dict[str, list[int]]]:
+    """``conversation_features`` for each conversation, right-padded to ``max_length`` (pad id, -100)."""
+    features = []
+    for messages in conversations:
+        f = conversation_features(tokenizer, messages, max_length)
+        gap = max_length - len(f["input_ids"])
+        features.append({"input_ids": f["input_ids"] + [tokenizer.pad_token_id] * gap, "labels": f["labels"] + [IGNORE_INDEX] * gap})
+    return features
+
+
+def conversation_eval_features(tokenizer, messages: Sequence[ChatMessage], max_source_length: int,
+                               max_target_length: int) -> list[dict[str, list[int]]]:
+    """As the demo's ``process_batch_eval``: one example per assistant turn, the context so far (cut to
+    ``max_source_length``) plus ``<|assistant|>`` as input, the turn's metadata line, text and eos as label."""
+    context, features = list(tokenizer.get_prefix_tokens()), []
+    for message in messages:
+        ids = tokenizer.build_single_message(message.role, "", message.content)
+        if message.role == "assistant":
+            features.append({"input_ids": context[:max_source_length] + ids[:1],
+                             "labels": (ids[1:] + [tokenizer.eos_token_id])[:max_target_length]})
+        context += ids
+    return features
+
+
+def conversation_as_round(messages: Sequence[ChatMessage], where: str) -> tuple[str, str, History]:
+    """A conversation as ChatGLM2 training data: the last reply is the response, the turns before it
+    the query and history (ChatGLM2's own fine-tuning learns only the last reply)."""
+    if messages[-1].role != "assistant":
+        raise BackendError(f"{where}: the conversation must end with an assistant turn to train ChatGLM2 on it; end it with one or drop the line.")
+    try:
+        query, history = chatglm2_query_history(messages[:-1])
+    except BackendError as err:
+        raise BackendError(f"{where}: {err}") from None
+    return query, messages[-1].content, history
