@@ -225,6 +225,14 @@ class ChatEngine:
         # CUDA graph capture must not overlap a reply: it takes the engine's lock for those few seconds.
         return train_prefix(self.model, self.tokenizer, request, progress=progress, cancel=cancel, capture_lock=self._lock)
 
+    def model_structure(self) -> str:
+        """The "model structure" page (``glmchat --info``, the app's structure panel) as text."""
+        from .structure import describe_model
+
+        active = next((a for a in self.adapters() if a.name == self._active), None)
+        adapter = (active.name, active.pre_seq_len, active.prefix_projection) if active else None
+        return describe_model(self.model, self.info.family, self.info.variant, self.info.precision, adapter)
+
     def gpu_memory_gb(self) -> Optional[float]:
         if self.loaded.device.type != "cuda":
             return None

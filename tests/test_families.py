@@ -203,3 +203,29 @@ def test_peft_adapters_of_other_kinds_are_refused(tmp_path):
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(BackendError, match="PEFT LORA adapter"):
         read_prefix_checkpoint(path)
+
+
+# ---------------------------------------------------------------- glmchat --info
+
+
+def test_info_prints_the_structure_page_with_the_adapter_prefix(glm2_dir, tmp_path, capsys):
+    from backend.configuration import ChatGLMConfig
+    from tui.__main__ import main
+
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoint-2", pre_seq_len=6, config=ChatGLMConfig.from_pretrained(glm2_dir))
+    assert main(["--model", str(glm2_dir), "--quantization", "none", "--adapter", str(ckpt), "--info"]) == 0
+    page = capsys.readouterr().out
+    for expected in ("chatglm2", "layers              2", "key/value groups    2", "positions           as is (rope_ratio 1)",
+                     "cache computed in   the model dtype (ChatGLM2)", "output layer", "total",
+                     "run/checkpoint-2: P-Tuning v2 prefix of 6 tokens", "4 tensors of [1, 2, 6, 16]"):
+        assert expected in page, expected
+
+
+def test_info_on_a_mixed_directory_exits_2_with_one_line(tmp_path, capsys):
+    from tui.__main__ import main
+
+    path = make_tiny_model_dir(tmp_path / "m")
+    _edit_json(path / "config.json", family="chatglm3")
+    assert main(["--model", str(path), "--info"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("glmchat: ") and "mixes families" in err[-1]
