@@ -15,7 +15,7 @@ import torch
 from backend.configuration import ChatGLMConfig
 from backend.modeling import ChatGLMForConditionalGeneration, rope_settings, rotary_cos_sin
 from backend.tokenization import tokenizer_class
-from tests.fixtures.make_family_fixtures import logit_columns, state_checksum, tiny_state_dict
+from fixtures.make_family_fixtures import logit_columns, state_checksum, tiny_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ("chatglm2", "chatglm2-32k", "chatglm3")
