@@ -14,6 +14,8 @@ from .service import History, SamplingParams
 
 class ChatMixin:
     def build_inputs(self, tokenizer, query: str, history: Optional[History] = None):
+        if getattr(tokenizer, "family", "chatglm2") == "chatglm3":  # history: {role, content} dicts
+            return tokenizer.build_chat_input(query, history=list(history or [])).to(self.device)
         prompt = tokenizer.build_prompt(query, history or [])
         return tokenizer([prompt], return_tensors="pt").to(self.device)
 
@@ -99,7 +101,9 @@ class ChatMixin:
             repetition_penalty=repetition_penalty,
             max_new_tokens=max_new_tokens or max(1, max_length - input_ids.shape[1]),
         )
-        eos = [tokenizer.eos_token_id]
+        eos = tokenizer.chat_stop_ids()
+        chatglm3 = getattr(tokenizer, "family", "chatglm2") == "chatglm3"
         for response in stream_text(tokenizer, generate_tokens(self, input_ids, cache, params, eos), eos):
-            new_history = history + [(query, response)]
+            new_turns = [{"role": "user", "content": query}, {"role": "assistant", "metadata": "", "content": response}]
+            new_history = history + (new_turns if chatglm3 else [(query, response)])
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)

@@ -229,3 +229,19 @@ def test_info_on_a_mixed_directory_exits_2_with_one_line(tmp_path, capsys):
     assert main(["--model", str(path), "--info"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("glmchat: ") and "mixes families" in err[-1]
+
+
+def test_stream_chat_speaks_chatglm3(glm3_dir):
+    loaded = load_model(glm3_dir, device="cpu")
+    *_, (response, history) = loaded.model.stream_chat(loaded.tokenizer, "你好", [], do_sample=False, max_new_tokens=3)
+    assert history[-2:] == [{"role": "user", "content": "你好"}, {"role": "assistant", "metadata": "", "content": response}]
+    expected = loaded.tokenizer.build_chat_input("你好")["input_ids"]
+    assert loaded.model.build_inputs(loaded.tokenizer, "你好")["input_ids"].tolist() == expected.tolist()
+
+
+def test_the_fast_cache_follows_seq_length(glm2_dir):
+    from backend.fast_decode import cache_slots, make_decoder
+
+    model = load_model(glm2_dir, device="cpu").model
+    assert cache_slots(model) == model.config.seq_length == 512
+    assert make_decoder(model, "fast").max_seq_len == 512
