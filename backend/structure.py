@@ -96,8 +96,8 @@ def describe_model(model, family: str, variant: str, precision: str, adapter: Op
         "Rotary position embedding",
         f"  applied to          first {rotary_dim} of {cfg.kv_channels} dims of q and k, interleaved pairs",
         f"  base                {rope.base:g}" + (f" (10000 x rope_ratio {cfg.rope_ratio:g})" if rope.base != 10000 else ""),
-        f"  positions           " + (f"divided by rope_ratio {cfg.rope_ratio:g}" if rope.position_divisor != 1 else "as is (rope_ratio 1)"),
-        f"  cache computed in   " + ("float32 (ChatGLM3)" if rope.float32 else "the model dtype (ChatGLM2)"),
+        "  positions           " + (f"divided by rope_ratio {cfg.rope_ratio:g}" if rope.position_divisor != 1 else "as is (rope_ratio 1)"),
+        "  cache computed in   " + ("float32 (ChatGLM3)" if rope.float32 else "the model dtype (ChatGLM2)"),
         "",
         "Parameters and memory",
     ]
