@@ -145,6 +145,14 @@ def check_family(ckpt: PrefixCheckpoint, base: ChatGLMConfig) -> None:
         )
 
 
+def refuse_other_family(paths, family: str) -> None:
+    """Before a model loads: an adapter named on the command line that belongs to the other family
+    is refused now, so nothing is loaded half-way."""
+    for path in paths:
+        ckpt = read_prefix_checkpoint(path)
+        check_family(ckpt, ChatGLMConfig(family=family))
+
+
 def check_fits(ckpt: PrefixCheckpoint, base: ChatGLMConfig) -> None:
     """Refuse a checkpoint trained for another architecture, naming both values."""
     for key in ("num_layers", "multi_query_group_num", "kv_channels", "hidden_size"):

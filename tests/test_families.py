@@ -245,3 +245,13 @@ def test_the_fast_cache_follows_seq_length(glm2_dir):
     model = load_model(glm2_dir, device="cpu").model
     assert cache_slots(model) == model.config.seq_length == 512
     assert make_decoder(model, "fast").max_seq_len == 512
+
+
+def test_a_cross_family_adapter_is_refused_before_the_weights_load(glm2_dir, tmp_path, monkeypatch):
+    import backend.engine as engine_module
+
+    ckpt = write_checkpoint(tmp_path / "r" / "checkpoint-1", config=load_model(glm2_dir, device="cpu").model.config)
+    _edit_json(ckpt / "config.json", family="chatglm3")
+    monkeypatch.setattr(engine_module, "load_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+    with pytest.raises(BackendError, match="trained on chatglm3 but the loaded model is chatglm2"):
+        ChatEngine.load(str(glm2_dir), quantization="none", adapters=[str(ckpt)])
