@@ -17,12 +17,15 @@ from typing import Optional, Union
 import torch
 
 from .configuration import ChatGLMConfig, read_config_file
+from .families import FAMILIES, family_in_name
 from .loading import load_pickled_state_dict
 from .modeling import PrefixEncoder, split_prefix
 from .service import AdapterInfo, BackendError
 
 PREFIX_KEY = "transformer.prefix_encoder."
 CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass
@@ -32,14 +35,19 @@ class PrefixCheckpoint:
     pre_seq_len: int
     prefix_projection: bool
     config: dict  # the checkpoint's config.json, or {}
+    family: Optional[str] = None  # "chatglm2" | "chatglm3" when the checkpoint says; None for old ones
+    format: str = "ptuning-v2"  # or "peft"
 
 
 def read_prefix_checkpoint(path: Union[str, Path]) -> PrefixCheckpoint:
-    """Read a checkpoint directory (or its weight file) written by the original P-Tuning v2 trainer."""
+    """Read a checkpoint directory (or its weight file): the original P-Tuning v2 trainer's layout,
+    or PEFT's prefix-tuning layout (``adapter_config.json`` + ``adapter_model.*``)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise BackendError(f"no adapter checkpoint at {path}; pass a checkpoint-N directory written by P-Tuning v2 training.")
     directory = path if path.is_dir() else path.parent
+    if (directory / PEFT_CONFIG).is_file():
+        return _read_peft_checkpoint(directory)
     if path.is_dir():
         files = [path / name for name in CHECKPOINT_FILES if (path / name).is_file()]
         if not files:
@@ -47,32 +55,94 @@ def read_prefix_checkpoint(path: Union[str, Path]) -> PrefixCheckpoint:
         weights = files[0]
     else:
         weights = path
+    raw = _read_weights(weights)
+    state = {k[len(PREFIX_KEY):]: v for k, v in raw.items() if k.startswith(PREFIX_KEY)}
+    if "embedding.weight" not in state:
+        raise BackendError(f"{weights} has no transformer.prefix_encoder.* tensors: it is not a P-Tuning v2 checkpoint.")
+    config = _read_json_object(directory / "config.json", "fix or delete it (the shapes tell pre_seq_len)")
+    pre_seq_len, projection = _check_shapes(directory, "config.json", state, config.get("pre_seq_len"), config.get("prefix_projection"))
+    return PrefixCheckpoint(directory, state, pre_seq_len, projection, config, family_of_checkpoint(config))
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
     if weights.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            raw = load_file(str(weights))
+            return load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as err:
             raise BackendError(f"{weights} is corrupt or truncated ({err}); save the checkpoint again.") from None
-    else:
-        raw = load_pickled_state_dict(weights)
-    state = {k[len(PREFIX_KEY):]: v for k, v in raw.items() if k.startswith(PREFIX_KEY)}
-    if "embedding.weight" not in state:
-        raise BackendError(f"{weights} has no transformer.prefix_encoder.* tensors: it is not a P-Tuning v2 checkpoint.")
-    config = {}
-    config_file = directory / "config.json"
-    if config_file.is_file():
-        config = read_config_file(config_file, fix="fix or delete it (the tensor shapes tell pre_seq_len)")
+    return load_pickled_state_dict(weights)
+
+
+def _read_json_object(file: Path, fix: str) -> dict:
+    """The file's JSON object, {} when there is no such file (the tensor shapes then tell the settings)."""
+    return read_config_file(file, fix) if file.is_file() else {}
+
+
+def _check_shapes(directory: Path, source: str, state: dict, pre_seq_len, projection) -> tuple[int, bool]:
+    """The prefix length and projection the tensors imply, refused when ``source`` says otherwise."""
     inferred_len = state["embedding.weight"].shape[0]
     inferred_projection = "trans.0.weight" in state
-    pre_seq_len = config.get("pre_seq_len") or inferred_len
-    projection = bool(config.get("prefix_projection", inferred_projection))
+    pre_seq_len = pre_seq_len or inferred_len
+    projection = bool(inferred_projection if projection is None else projection)
     if pre_seq_len != inferred_len:
-        raise BackendError(f"{directory}: config.json says pre_seq_len {pre_seq_len} but the prefix tensor has {inferred_len} rows; the files come from different runs.")
+        raise BackendError(f"{directory}: {source} says pre_seq_len {pre_seq_len} but the prefix tensor has {inferred_len} rows; the files come from different runs.")
     if projection != inferred_projection:
-        raise BackendError(f"{directory}: config.json says prefix_projection {projection} but the tensors say {inferred_projection}; the files come from different runs.")
-    return PrefixCheckpoint(directory, state, pre_seq_len, projection, config)
+        raise BackendError(f"{directory}: {source} says prefix_projection {projection} but the tensors say {inferred_projection}; the files come from different runs.")
+    return pre_seq_len, projection
+
+
+def _read_peft_checkpoint(directory: Path) -> PrefixCheckpoint:
+    """PEFT's PREFIX_TUNING save: ``prompt_embeddings`` [P, layers*2*groups*kv_channels] (the encoder's
+    output, already projected) or the encoder's own tensors; its key/value layout is ChatGLM's."""
+    config = _read_json_object(directory / PEFT_CONFIG, "save the adapter again")
+    if config.get("peft_type") != "PREFIX_TUNING":
+        raise BackendError(f"{directory} is a PEFT {config.get('peft_type')} adapter; glmchat loads prefix adapters (P-Tuning v2, PEFT PREFIX_TUNING) only.")
+    files = [directory / name for name in PEFT_WEIGHTS if (directory / name).is_file()]
+    if not files:
+        raise BackendError(f"{directory} has {PEFT_CONFIG} but neither {' nor '.join(PEFT_WEIGHTS)}; copy the weights next to it.")
+    raw = _read_weights(files[0])
+    if "prompt_embeddings" in raw:
+        state, projection = {"embedding.weight": raw["prompt_embeddings"]}, False
+    else:
+        state = {}
+        for key, tensor in raw.items():
+            for marker in ("prefix_encoder.", "prompt_encoder.default.", "prompt_encoder."):
+                if marker in key:
+                    state[key.split(marker, 1)[1].replace("transform.", "trans.")] = tensor
+                    break
+        projection = config.get("prefix_projection")
+    if "embedding.weight" not in state:
+        raise BackendError(f"{files[0]} has neither prompt_embeddings nor prefix encoder tensors: it is not a prefix-tuning adapter.")
+    pre_seq_len, projection = _check_shapes(directory, PEFT_CONFIG, state, config.get("num_virtual_tokens"), projection)
+    return PrefixCheckpoint(directory, state, pre_seq_len, projection, {}, family_of_checkpoint(config), "peft")
+
+
+def family_of_checkpoint(config: dict) -> Optional[str]:
+    """The family a checkpoint was trained on: our saves say it; PEFT names its base model."""
+    if config.get("family") in FAMILIES:
+        return config["family"]
+    return family_in_name(config.get("base_model_name_or_path") or config.get("_name_or_path"))
+
+
+def check_family(ckpt: PrefixCheckpoint, base: ChatGLMConfig) -> None:
+    """A prefix trained on one family is refused on the other (same shapes, other prompt format and rotary)."""
+    base_family = getattr(base, "family", "chatglm2")
+    if ckpt.family and ckpt.family != base_family:
+        raise BackendError(
+            f"adapter {ckpt.path} was trained on {ckpt.family} but the loaded model is {base_family}; "
+            f"load a {ckpt.family} model to use it, or train an adapter on this {base_family} model."
+        )
+
+
+def refuse_other_family(paths, family: str) -> None:
+    """Before a model loads: an adapter named on the command line that belongs to the other family
+    is refused now, so nothing is loaded half-way."""
+    for path in paths:
+        ckpt = read_prefix_checkpoint(path)
+        check_family(ckpt, ChatGLMConfig(family=family))
 
 
 def check_fits(ckpt: PrefixCheckpoint, base: ChatGLMConfig) -> None:
@@ -92,6 +162,7 @@ def check_fits(ckpt: PrefixCheckpoint, base: ChatGLMConfig) -> None:
 
 def build_prefix_encoder(ckpt: PrefixCheckpoint, base: ChatGLMConfig, device: torch.device) -> PrefixEncoder:
     """A float32 prefix encoder holding the checkpoint's weights."""
+    check_family(ckpt, base)
     check_fits(ckpt, base)
     config = ChatGLMConfig(**{**base.to_dict(), "pre_seq_len": ckpt.pre_seq_len, "prefix_projection": ckpt.prefix_projection})
     encoder = PrefixEncoder(config, device=device).float()

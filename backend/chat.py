@@ -14,6 +14,8 @@ from .service import History, SamplingParams
 
 class ChatMixin:
     def build_inputs(self, tokenizer, query: str, history: Optional[History] = None):
+        if getattr(tokenizer, "family", "chatglm2") == "chatglm3":  # history: {role, content} dicts
+            return tokenizer.build_chat_input(query, history=list(history or [])).to(self.device)
         prompt = tokenizer.build_prompt(query, history or [])
         return tokenizer([prompt], return_tensors="pt").to(self.device)
 
@@ -31,7 +33,12 @@ class ChatMixin:
         logits_processor: Optional[LogitsProcessorList] = None,
         **kwargs,
     ):
-        """Answer ``query`` after ``history``; returns ``(response, history + [(query, response)])``."""
+        """Answer ``query`` after ``history``; returns ``(response, history + [(query, response)])``.
+
+        With a ChatGLM3 tokenizer it is ChatGLM3's chat(): ``history`` is a list of {role, content}
+        dicts, ``role=`` may be passed, and the new history holds the query and the reply as dicts."""
+        if getattr(tokenizer, "family", "chatglm2") == "chatglm3":
+            return self._chat_chatglm3(tokenizer, query, history, max_length, num_beams, do_sample, top_p, temperature, logits_processor, **kwargs)
         history = list(history or [])
         logits_processor = LogitsProcessorList(logits_processor or [])
         logits_processor.append(InvalidScoreLogitsProcessor())
@@ -44,6 +51,23 @@ class ChatMixin:
         outputs = self.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **gen_kwargs)
         response = process_response(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1]:].tolist()))
         return response, history + [(query, response)]
+
+    def _chat_chatglm3(self, tokenizer, query, history, max_length, num_beams, do_sample, top_p, temperature,
+                       logits_processor, role: str = "user", **kwargs):
+        """As the original: generate to a stop id, drop the last generated token, split off metadata."""
+        history = [dict(turn) for turn in history or []]
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.append(InvalidScoreLogitsProcessor())
+        gen_kwargs = {"max_length": max_length, "num_beams": num_beams, "do_sample": do_sample,
+                      "logits_processor": processors, **kwargs}
+        if do_sample:
+            gen_kwargs.update(top_p=top_p, temperature=temperature)
+        inputs = tokenizer.build_chat_input(query, history=history, role=role).to(self.device)
+        outputs = self.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                eos_token_id=tokenizer.chat_stop_ids(), **gen_kwargs)
+        reply = tokenizer.chat_response(outputs[0, inputs["input_ids"].shape[1]:].tolist())
+        history += [{"role": role, "content": query}, {"role": "assistant", "metadata": "", "content": reply}]
+        return reply, history
 
     @torch.inference_mode()
     def stream_chat(
@@ -77,7 +101,9 @@ class ChatMixin:
             repetition_penalty=repetition_penalty,
             max_new_tokens=max_new_tokens or max(1, max_length - input_ids.shape[1]),
         )
-        eos = [tokenizer.eos_token_id]
+        eos = tokenizer.chat_stop_ids()
+        chatglm3 = getattr(tokenizer, "family", "chatglm2") == "chatglm3"
         for response in stream_text(tokenizer, generate_tokens(self, input_ids, cache, params, eos), eos):
-            new_history = history + [(query, response)]
+            new_turns = [{"role": "user", "content": query}, {"role": "assistant", "metadata": "", "content": response}]
+            new_history = history + (new_turns if chatglm3 else [(query, response)])
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)

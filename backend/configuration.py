@@ -1,4 +1,4 @@
-"""ChatGLM2 configuration: the keys of the release's config.json, read as transformers config."""
+"""ChatGLM2/ChatGLM3 configuration: the keys of the releases' config.json, read as transformers config."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ class ChatGLMConfig(PretrainedConfig):
         multi_query_group_num: int = 2,
         pre_seq_len: int | None = None,
         prefix_projection: bool = False,
+        rope_ratio: float = 1.0,
+        family: str = "chatglm2",
         use_cache: bool = True,
         eos_token_id: int = 2,
         pad_token_id: int = 0,
@@ -64,6 +66,11 @@ class ChatGLMConfig(PretrainedConfig):
         self.multi_query_group_num = multi_query_group_num
         self.pre_seq_len = pre_seq_len
         self.prefix_projection = prefix_projection
+        # chatglm2-6b-32k: positions / rope_ratio; chatglm3-6b-32k: base * rope_ratio (modeling.rope_settings)
+        self.rope_ratio = rope_ratio
+        # "chatglm2" | "chatglm3": set by the loader from the directory (backend/families.py); saved with
+        # our checkpoints so an adapter knows which family it was trained on
+        self.family = family
         self.use_cache = use_cache
         super().__init__(
             eos_token_id=eos_token_id,

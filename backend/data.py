@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence, Union
 
-from backend.service import BackendError
+from backend.chat_format import (
+    chatglm3_training_messages,
+    conversation_as_round,
+    conversation_eval_features,
+    conversation_messages,
+    conversation_train_features,
+)
+from backend.service import BackendError, ChatMessage
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class Example:
     response: str
     history: tuple[tuple[str, str], ...] = ()
     where: str = ""  # "file:line" it came from, for messages
+    messages: tuple[ChatMessage, ...] = ()  # a ChatGLM3 demo "conversations" record (then prompt/response are "")
 
 
 class ExampleList(list):
@@ -75,6 +83,13 @@ def _parse_record(
     history_column: Optional[str],
 ) -> Optional[Example]:
     """One decoded JSON value -> Example, None when prompt/response is empty; DataError when unusable."""
+    if isinstance(record, dict) and "conversations" in record and prompt_column not in record:
+        try:  # the ChatGLM3 fine-tuning demo's format (backend/chat_format.py)
+            return Example("", "", (), where, tuple(conversation_messages(record, where)))
+        except DataError:
+            raise
+        except BackendError as err:
+            raise DataError(str(err)) from None
     if not isinstance(record, dict):
         raise DataError(
             f"{where}: expected a JSON object like {{\"{prompt_column}\": ..., \"{response_column}\": ...}}, "
@@ -213,6 +228,22 @@ def _encode(tokenizer: PromptTokenizer, text: str, add_special_tokens: bool, max
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))[:max_length]
 
 
+def _chatglm3_conversations(examples: Sequence[Example], source_prefix: str) -> list[list[ChatMessage]]:
+    return [list(ex.messages) if ex.messages else chatglm3_training_messages(ex.prompt, ex.response, list(ex.history), source_prefix)
+            for ex in examples if ex.messages or (ex.prompt and ex.response)]
+
+
+def _as_round(ex: Example) -> Example:
+    """A conversation as a ChatGLM2 prompt/response example; others unchanged."""
+    if not ex.messages:
+        return ex
+    try:
+        query, response, history = conversation_as_round(ex.messages, ex.where)
+    except BackendError as err:
+        raise DataError(str(err)) from None
+    return Example(query, response, tuple(history), ex.where)
+
+
 def _check_lengths(max_source_length: int, max_target_length: int) -> None:
     if max_source_length < 1 or max_target_length < 1:
         raise DataError(
@@ -235,9 +266,11 @@ def preprocess_train(
     """
     _check_lengths(max_source_length, max_target_length)
     max_seq_length = max_source_length + max_target_length + 1
+    if getattr(tokenizer, "family", "chatglm2") == "chatglm3":  # its demo's format, whichever data format
+        return conversation_train_features(tokenizer, _chatglm3_conversations(examples, source_prefix), max_seq_length)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     features = []
-    for ex in examples:
+    for ex in map(_as_round, examples):
         if not ex.prompt or not ex.response:
             continue  # the original skips these
         prompt = build_prompt(tokenizer, ex.prompt, ex.history, source_prefix)
@@ -268,9 +301,12 @@ def preprocess_eval(
     Decode labels with special tokens skipped for metrics.
     """
     _check_lengths(max_source_length, max_target_length)
+    if getattr(tokenizer, "family", "chatglm2") == "chatglm3":
+        return [f for messages in _chatglm3_conversations(examples, source_prefix)
+                for f in conversation_eval_features(tokenizer, messages, max_source_length, max_target_length)]
     pad = tokenizer.pad_token_id
     features = []
-    for ex in examples:
+    for ex in map(_as_round, examples):
         if not ex.prompt or not ex.response:
             continue
         prompt = build_prompt(tokenizer, ex.prompt, ex.history, source_prefix)

@@ -18,7 +18,8 @@ import torch
 from .adapters import AdapterRegistry
 from .data import build_prompt
 from .fast_decode import make_decoder
-from .generation import process_response, stream_text, without_partial_character
+from .chat_format import to_messages
+from .generation import stream_text, without_partial_character
 from .loading import LoadedModel, load_model
 from .service import (
     AdapterInfo,
@@ -52,7 +53,9 @@ class ChatEngine:
         self._active: Optional[str] = None
         self._lock = threading.RLock()  # one reply at a time uses the model's decoders
         kind = "fast" if type(self._decoders[0]).__name__ == "FastDecoder" else "eager"
-        self.info = ModelInfo(name or str(loaded.directory), loaded.precision, str(loaded.device), kind)
+        self.info = ModelInfo(name or str(loaded.directory), loaded.precision, str(loaded.device), kind,
+                              family=loaded.family.family, variant=loaded.family.variant,
+                              context_length=self.model.config.seq_length)
 
     # ------------------------------------------------------------ loading
 
@@ -79,6 +82,12 @@ class ChatEngine:
             adapter_dirs.append(str(demo_files.adapters_dir))
         if not model:
             raise BackendError("no model given; pass --model PATH_OR_HUB_ID (e.g. THUDM/chatglm2-6b) or --demo.")
+        if adapters and not demo:  # a cross-family adapter is refused before the weights load
+            from .adapters import refuse_other_family
+            from .families import detect_family
+            from .loading import resolve_model_dir
+
+            refuse_other_family(adapters, detect_family(resolve_model_dir(model)).family)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the CPU notice is shown by the caller, once
             # "ready" is said once, after the adapters
@@ -129,18 +138,22 @@ class ChatEngine:
 
     # ------------------------------------------------------------ replies
 
-    def prompt_ids(self, query: str, history: History, adapter: Optional[str] = None) -> list[int]:
-        """The prompt as ``adapter`` was trained on it: its run's source prefix goes in front, as in training."""
-        return self.tokenizer.encode(build_prompt(self.tokenizer, query, history, self.registry.source_prefix(adapter)))
+    def prompt_ids(self, query: str, history: History, adapter: Optional[str] = None, system: Optional[str] = None) -> list[int]:
+        """The family's chat format (tokenizer.build_chat_ids) for this turn; an adapter trained with a source
+        prefix gets it in front of the prompt, as its training put it (the original main.py)."""
+        prefix = self.registry.source_prefix(adapter)
+        if prefix:
+            return self.tokenizer.encode(build_prompt(self.tokenizer, query, history, prefix))
+        return self.tokenizer.build_chat_ids(to_messages(query, history, system))
 
-    def _reply_stream(self, slot, query, history, params, cancel, adapter, generator=None) -> Iterator[ReplyEvent]:
-        ids = self.prompt_ids(query, history, adapter)
+    def _reply_stream(self, slot, query, history, params, cancel, adapter, generator=None, system=None) -> Iterator[ReplyEvent]:
+        ids = self.prompt_ids(query, history, adapter, system)
         limit = self.model.config.seq_length - len(ids)
         if limit <= 0:
             raise BackendError(f"the conversation is {len(ids)} tokens, the model's limit is {self.model.config.seq_length}; start a new conversation.")
         params = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, limit)})
         decoder = self._decoder_for(slot, adapter)
-        eos = [self.tokenizer.eos_token_id]
+        eos = self.tokenizer.chat_stop_ids()  # ChatGLM3 also stops at <|user|> and <|observation|>
         start = time.perf_counter()
         emitted, new_ids = "", []
 
@@ -153,7 +166,7 @@ class ChatEngine:
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield TextDelta(text[len(emitted):], slot)
                 emitted = text
-        text = process_response(without_partial_character(self.tokenizer.decode([t for t in new_ids if t not in eos])))
+        text = without_partial_character(self.tokenizer.chat_response(new_ids))
         if text.startswith(emitted) and len(text) > len(emitted):  # a held-back partial character, at the end
             yield TextDelta(text[len(emitted):], slot)
         stopped = cancel is not None and cancel.is_set()
@@ -167,12 +180,13 @@ class ChatEngine:
         cancel: Optional[threading.Event] = None,
         adapter: Union[str, None, object] = ACTIVE,
         seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]:
-        """Text deltas of the reply to ``query`` after ``history``, then one ReplyDone."""
+        """Text deltas of the reply to ``query`` after ``history`` (under a ``system`` text), then one ReplyDone."""
         adapter = self._active if adapter is ACTIVE else adapter
         generator = self._generator(seed)
         with self._lock:
-            yield from self._reply_stream(0, query, history, params, cancel, adapter, generator)
+            yield from self._reply_stream(0, query, history, params, cancel, adapter, generator, system)
 
     def reply(self, query: str, history: History, params: SamplingParams, **kw) -> Reply:
         for event in self.stream_reply(query, history, params, **kw):
@@ -221,6 +235,14 @@ class ChatEngine:
 
         # CUDA graph capture must not overlap a reply: it takes the engine's lock for those few seconds.
         return train_prefix(self.model, self.tokenizer, request, progress=progress, cancel=cancel, capture_lock=self._lock)
+
+    def model_structure(self) -> str:
+        """The "model structure" page (``glmchat --info``, the app's structure panel) as text."""
+        from .structure import describe_model
+
+        active = next((a for a in self.adapters() if a.name == self._active), None)
+        adapter = (active.name, active.pre_seq_len, active.prefix_projection) if active else None
+        return describe_model(self.model, self.info.family, self.info.variant, self.info.precision, adapter)
 
     def gpu_memory_gb(self) -> Optional[float]:
         if self.loaded.device.type != "cuda":

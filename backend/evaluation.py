@@ -46,7 +46,7 @@ def generate_batch(
     model,
     prompts: Sequence[Sequence[int]],
     *,
-    eos_token_id: int,
+    eos_token_id: Union[int, Sequence[int]],
     pad_token_id: int,
     max_length: int,
     prefix_kv: Optional[list[torch.Tensor]] = None,
@@ -55,12 +55,14 @@ def generate_batch(
     cancel: Optional[threading.Event] = None,
 ) -> list[list[int]]:
     """New token ids (eos excluded) for each prompt, decoded together in one left-padded batch.
+    ``eos_token_id`` may list several stop ids (ChatGLM3 also stops at <|user|> and <|observation|>).
 
     ``max_length`` bounds prompt + new tokens per prompt, like the original's ``max_length`` at batch 1,
     so a prompt's output does not depend on what it is batched with. ``prefix_kv`` is a prefix in
     ``split_prefix`` layout with batch 1 (e.g. ``AdapterRegistry.prefix_kv``); None = the base model.
     """
     device = model.get_input_embeddings().weight.device
+    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     b = len(prompts)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)  # [b, width]
@@ -83,9 +85,9 @@ def generate_batch(
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         produced += 1
         for i in (~done).nonzero()[:, 0].tolist():
-            if int(token[i]) != eos_token_id:
+            if int(token[i]) not in stops:
                 outputs[i].append(int(token[i]))
-        done = done | (token == eos_token_id) | (produced >= budget)
+        done = done | torch.isin(token, stops) | (produced >= budget)
         feed = token[:, None]
         all_ids = torch.cat((all_ids, feed), dim=1)
         mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
@@ -135,7 +137,7 @@ def evaluate(
             break
         chunk = order[first:first + batch_size]
         new_ids = generate_batch(
-            model, [features[i]["input_ids"] for i in chunk], eos_token_id=tokenizer.eos_token_id,
+            model, [features[i]["input_ids"] for i in chunk], eos_token_id=tokenizer.chat_stop_ids(),
             pad_token_id=tokenizer.pad_token_id, max_length=max_length, prefix_kv=prefix_kv, params=params,
             generator=generator, cancel=cancel,
         )

@@ -40,7 +40,7 @@ from .generation import logits_processors
 from .int8_linear import (
     HAVE_TRITON, default_gemv_config, gemv, is_quantized_module, linear, linear_weights, new_argmax_state, pick_token,
 )
-from .modeling import apply_rotary, rotary_cos_sin
+from .modeling import Rope, apply_rotary, rope_settings, rotary_cos_sin
 from .service import SamplingParams
 
 if HAVE_TRITON:
@@ -69,14 +69,34 @@ def available() -> bool:
     return HAVE_TRITON and torch.cuda.is_available()
 
 
-def make_decoder(model, engine: str = "auto", weights: str = "same", max_seq_len: int = 8192):
-    """The decoder the chat engine should use: "fast", "eager", or "auto" (fast on CUDA, eager on CPU)."""
+def make_decoder(model, engine: str = "auto", weights: str = "same", max_seq_len: Optional[int] = None):
+    """The decoder the chat engine should use: "fast", "eager", or "auto" (fast on CUDA, eager on CPU).
+
+    The fast cache holds the model's seq_length slots where memory allows (``cache_slots``)."""
     if engine not in ("auto", "fast", "eager"):
         raise ValueError(f"engine must be auto, fast or eager, not {engine!r}")
     on_cuda = model.get_input_embeddings().weight.is_cuda
-    if engine == "eager" or (engine == "auto" and not (on_cuda and available())):
+    # The fused kernels compute ChatGLM2-6B's plain rotary angles; other rope settings run eagerly.
+    plain_rope = rope_settings(model.config) == Rope(float32=getattr(model.config, "family", "chatglm2") == "chatglm3")
+    if engine == "fast" and not plain_rope:
+        from .service import BackendError
+
+        raise BackendError(f"the fast decoder does not implement rope_ratio={model.config.rope_ratio} yet; use --engine eager (or auto).")
+    if engine == "eager" or (engine == "auto" and not (on_cuda and available() and plain_rope)):
         return EagerDecoder(model)
-    return FastDecoder(model, max_seq_len=max_seq_len, weights=weights)
+    return FastDecoder(model, max_seq_len=max_seq_len or cache_slots(model), weights=weights)
+
+
+def cache_slots(model, memory_share: float = 0.5) -> int:
+    """The model's seq_length, or fewer slots when its KV cache would take more than ``memory_share``
+    of the free GPU memory (a 6B model's 32768 slots take 1.9 GB in 16-bit)."""
+    cfg = model.config
+    slot_bytes = cfg.num_layers * cfg.multi_query_group_num * cfg.kv_channels * 2 * 2  # keys and values, 16-bit
+    want = int(cfg.seq_length)
+    if torch.cuda.is_available() and model.get_input_embeddings().weight.is_cuda:
+        free, _ = torch.cuda.mem_get_info(model.get_input_embeddings().weight.device)
+        want = min(want, int(free * memory_share) // slot_bytes)
+    return max(256, want)
 
 
 if HAVE_TRITON:
@@ -256,6 +276,7 @@ class FastDecoder:
         self.hidden = cfg.hidden_size
         self.eps = cfg.layernorm_epsilon
         self.rotary_dim = cfg.kv_channels // 2
+        self.rope = rope_settings(cfg)  # the torch paths; the fused kernels assume the plain one (make_decoder)
         self.max_seq_len = max_seq_len
         self.gemv_configs = dict(gemv_configs or {})  # "qkv" | "dense" | "fc1" | "fc2" | "output" -> GemvConfig
         self.prefetch = prefetch  # None: as each config says
@@ -508,7 +529,7 @@ class FastDecoder:
         cos = sin = None  # the fused prompt kernels compute the rotary angles themselves
         if not self.fused_prefill:
             positions = torch.arange(start, start + s, device=self.device)[None]
-            cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.dtype)
+            cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.dtype, self.rope)
         mask = None  # as the model: plain causal when nothing precedes, no mask for one token
         if past and s > 1:
             rows = torch.arange(s, device=self.device)[:, None] + past
@@ -607,7 +628,7 @@ class FastDecoder:
         x = F.embedding(ids[None], self.embedding)  # [1, T, hidden]
         cos = sin = None
         if not self.fused_prefill:
-            cos, sin = rotary_cos_sin((meta[0] + torch.arange(T, device=dev))[None], self.rotary_dim, self.dtype)
+            cos, sin = rotary_cos_sin((meta[0] + torch.arange(T, device=dev))[None], self.rotary_dim, self.dtype, self.rope)
         mask = None
         if not causal:  # row r (slot past + r) sees slots 0..past+r: the earlier tokens and itself
             rows = meta[1] + torch.arange(T, device=dev)

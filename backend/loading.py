@@ -23,6 +23,7 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from .configuration import ChatGLMConfig, read_config_file
+from .families import Family, check_supported_config, detect_family
 from .modeling import ChatGLMForConditionalGeneration
 from .json_files import describe, read_json_object
 from .registry import register_auto_classes
@@ -44,6 +45,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     quantization: str  # "8bit" | "4bit" | "none"
+    family: Family = Family("chatglm2", "chatglm2-6b")
 
     @property
     def precision(self) -> str:
@@ -72,7 +74,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.model", "*.safetensors", "*.bin"]
+    # tokenization_chatglm.py is read as text to tell ChatGLM3 from ChatGLM2, never imported
+    patterns = ["*.json", "*.model", "*.safetensors", "*.bin", "tokenization_chatglm.py"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as online_error:  # offline, unreachable, unknown repo: fall back to the cache
@@ -248,11 +251,16 @@ def load_model(
     quant = pick_quantization(quantization, device_)
     dtype_ = pick_dtype(device_, quant, dtype)
 
+    # Family and config checks come first: a refused directory loads nothing.
+    raw_config = read_config_file(path / "config.json", fix="download the model again")
+    check_supported_config(raw_config, path / "config.json")
+    family = detect_family(path, raw_config)
+
     report(LoadProgress("tokenizer", 0, 1, "reading tokenizer.model"))
-    from .tokenization import ChatGLMTokenizer
+    from .tokenization import tokenizer_class
 
     try:
-        tokenizer = ChatGLMTokenizer.from_pretrained(str(path))
+        tokenizer = tokenizer_class(family.family).from_pretrained(str(path))
     except Exception as err:
         raise BackendError(f"{path}/tokenizer.model could not be read ({err}); copy it again from the release.") from None
     report(LoadProgress("tokenizer", 1, 1, "tokenizer ready"))
@@ -264,6 +272,7 @@ def load_model(
     if pre_seq_len is not None:
         config.pre_seq_len, config.prefix_projection = pre_seq_len or None, prefix_projection
     config.dtype = dtype_
+    config.family = family.family
 
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)
@@ -301,7 +310,7 @@ def load_model(
     model.eval().requires_grad_(False)
     model.quantization = quant
     report(LoadProgress("ready", 1, 1, f"{path.name} loaded ({quant if quant != 'none' else str(dtype_).replace('torch.', '')}) on {device_}"))
-    return LoadedModel(model, tokenizer, path, device_, dtype_, quant)
+    return LoadedModel(model, tokenizer, path, device_, dtype_, quant, family)
 
 
 def _is_quantized_shape(model: nn.Module, key: str) -> bool:

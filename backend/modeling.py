@@ -7,7 +7,7 @@ h=attention heads, g=key/value groups, d=kv_channels, P=pre_seq_len.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +41,38 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, dtype: torch.dtype):
-    """cos/sin [b, s, rotary_dim/2] for the interleaved rotary on the first rotary_dim dims."""
-    theta = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=position_ids.device) / rotary_dim))
-    angles = position_ids.to(torch.float)[..., None] * theta  # [b, s, rotary_dim/2]
+class Rope(NamedTuple):
+    """How a family turns positions into rotary angles (see ``rope_settings``)."""
+
+    position_divisor: float = 1.0  # chatglm2-6b-32k: positions / rope_ratio (positional interpolation)
+    base: float = 10000.0  # chatglm3-6b-32k: 10000 * rope_ratio
+    float32: bool = False  # ChatGLM3 builds its cache in float32; ChatGLM2 in the model dtype
+
+
+def rope_settings(config) -> Rope:
+    """The rotary settings of a loaded config: ``rope_ratio`` means a position divisor in ChatGLM2's
+    32k release and a base multiplier in ChatGLM3's (each family's own modeling code)."""
+    ratio = float(getattr(config, "rope_ratio", 1.0) or 1.0)
+    if getattr(config, "family", "chatglm2") == "chatglm3":
+        return Rope(base=10000.0 * ratio, float32=True)
+    return Rope(position_divisor=ratio)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, dtype: torch.dtype, rope: Rope = Rope()):
+    """cos/sin [b, s, rotary_dim/2] for the interleaved rotary on the first rotary_dim dims.
+
+    As the originals: ChatGLM2 computes theta, the positions (over rope_ratio) and their product in
+    the model dtype (so fp16 rounds positions above 2048, bf16 above 256) before cos/sin in float32;
+    ChatGLM3 computes all of it in float32. Either casts cos/sin to a 16-bit model dtype."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    work = dtype if half and not rope.float32 else torch.float32
+    theta = 1.0 / (rope.base ** (torch.arange(0, rotary_dim, 2, dtype=work, device=position_ids.device) / rotary_dim))
+    positions = position_ids.to(work)  # as the original's CUDA arange in that dtype (no host sync here)
+    if rope.position_divisor != 1.0:
+        positions = positions / rope.position_divisor
+    angles = (positions[..., None] * theta).float()  # [b, s, rotary_dim/2]
     cos, sin = torch.cos(angles), torch.sin(angles)
-    if dtype in (torch.float16, torch.bfloat16):  # the original casts its cache to the model dtype
+    if half:  # the original casts its cache to the model dtype
         cos, sin = cos.to(dtype), sin.to(dtype)
     return cos, sin
 
@@ -286,7 +312,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
             else:
                 position_ids = torch.arange(past_tokens, past_tokens + s, device=input_ids.device).expand(b, -1)
-        cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, dtype)
+        cos, sin = rotary_cos_sin(position_ids, self.rotary_dim, dtype, rope_settings(self.config))
         mask = self._attention_mask(full_mask, b, s, past, P, x.device)
         h = self.encoder(x, cos, sin, mask, cache=cache, prefix_kv=prefix_kv)
         if logits_to_keep:

@@ -1,20 +1,28 @@
-"""ChatGLM2-6B tokenizer: SentencePiece BPE plus five GLM specials, as a transformers 5 slow tokenizer.
+"""ChatGLM2-6B and ChatGLM3-6B tokenizers: SentencePiece BPE plus GLM specials, as transformers 5 slow tokenizers.
 
-A re-implementation of the `tokenization_chatglm.py` that ships with THUDM/chatglm2-6b, so that
-checkpoints load without running their remote code. Ids match the original id for id (the golden
-file in ../shared/reference/golden/tokenizer_shared.json pins them).
+Re-implementations of the `tokenization_chatglm.py` files that ship with THUDM/chatglm2-6b and
+THUDM/chatglm3-6b, so that checkpoints load without running their remote code. Ids match the
+originals id for id (../shared/reference/golden/tokenizer_shared.json and tests/fixtures/ pin them).
+Text is always encoded as text: a user typing "</s>", "[gMASK]" or "<|user|>" gets ordinary
+pieces, as with the originals; only the prompt builders add control ids.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from sentencepiece import SentencePieceProcessor
+from transformers import BatchEncoding
 from transformers import PreTrainedTokenizer
 from transformers.utils import PaddingStrategy
 
+from .chat_format import chatglm2_query_history, chatglm3_response
+from .service import BackendError, ChatMessage
+
 # Appended after the SentencePiece pieces, in this order: ids n..n+4 where n = sp.vocab_size().
 GLM_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+ROLE_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")  # ChatGLM3 appends these
 
 
 class ChatGLMTokenizer(PreTrainedTokenizer):
@@ -25,6 +33,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     """
 
     vocab_files_names = {"vocab_file": "tokenizer.model"}
+    family = "chatglm2"
+    specials = GLM_SPECIALS
     model_input_names = ["input_ids", "attention_mask", "position_ids"]
     padding_side = "left"
 
@@ -32,7 +42,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.vocab_file = vocab_file
         self.sp_model = SentencePieceProcessor(model_file=str(vocab_file))
         n = self.sp_model.vocab_size()
-        self.special_ids = {name: n + i for i, name in enumerate(GLM_SPECIALS)}
+        self.special_ids = {name: n + i for i, name in enumerate(self.specials)}
         self.special_names = {i: name for name, i in self.special_ids.items()}
         sp = self.sp_model
         # The original's decode turns these into "" (it returns "" for them in convert_id_to_token).
@@ -47,11 +57,15 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
                 kwargs.setdefault(attr, sp.id_to_piece(sp_id))
         # The GLM specials are deliberately NOT registered as added tokens: the original never split
         # them out of text, so a user typing "[gMASK]" or "sop" gets ordinary SentencePiece pieces.
+        # Nor are <unk>, <s>, </s> split out (transformers would, as registered special tokens): the
+        # originals encode a typed "</s>" as text too.
+        kwargs["split_special_tokens"] = True
+        kwargs["family"] = self.family  # saved in tokenizer_config.json: how a directory says its family
         super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
 
     @property
     def vocab_size(self) -> int:
-        return self.sp_model.vocab_size() + len(GLM_SPECIALS)
+        return self.sp_model.vocab_size() + len(self.specials)
 
     def get_vocab(self) -> dict[str, int]:
         vocab = {self.sp_model.id_to_piece(i): i for i in range(self.sp_model.vocab_size())}
@@ -137,6 +151,22 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * difference + required_input
         return encoded_inputs
 
+    # ------------------------------------------------------------ chat format (one entry for the engine)
+
+    def build_chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The prompt ids for the reply to the last user message: the ChatGLM2 rounds, with a leading
+        system message put in front of the current query (the original ``openai_api.py``)."""
+        query, history = chatglm2_query_history(messages)
+        return self.encode(self.build_prompt(query, history))
+
+    def chat_stop_ids(self) -> list[int]:
+        return [self.eos_token_id]
+
+    def chat_response(self, new_ids: list[int]) -> str:
+        """The reply text of generated ids, as the original chat() cleans it."""
+        stops = set(self.chat_stop_ids())
+        return self.decode([i for i in new_ids if i not in stops]).strip().replace("[[训练时间]]", "2023年")
+
     def save_vocabulary(self, save_directory, filename_prefix=None):
         """Writes the SentencePiece model as `tokenizer.model` (from memory: the source file may be gone)."""
         name = (filename_prefix + "-" if filename_prefix else "") + self.vocab_files_names["vocab_file"]
@@ -144,3 +174,67 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         with open(path, "wb") as f:
             f.write(self.sp_model.serialized_model_proto())
         return (path,)
+
+
+class ChatGLM3Tokenizer(ChatGLMTokenizer):
+    """ChatGLM3-6B: the same pieces, four role tokens after the GLM specials, and its own chat format.
+
+    Decoding keeps the specials' names in the text (the original's ``process_response`` splits tool
+    calls on "<|assistant|>"); <unk>, <s> and </s> still vanish."""
+
+    family = "chatglm3"
+    specials = GLM_SPECIALS + ROLE_SPECIALS
+
+    def __init__(self, vocab_file, **kwargs):
+        super().__init__(vocab_file, **kwargs)
+        self._silent_ids = {i for i in self._silent_ids if i not in self.special_names}
+
+    def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs) -> str:
+        """As the original: every id becomes its piece (a special its name, <unk>/<s>/</s> and ids
+        outside the vocabulary nothing) and SentencePiece joins them."""
+        ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        pieces = ["" if not 0 <= int(i) < self.vocab_size or int(i) in self._silent_ids else self._convert_id_to_token(int(i))
+                  for i in ids]
+        return self.sp_model.decode_pieces(pieces)
+
+    def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
+        """``<|role|>`` then ``metadata + "\n"`` and the message, each encoded as plain text."""
+        if role not in ("system", "user", "assistant", "observation"):
+            raise BackendError(f"unknown chat role {role!r}; ChatGLM3 has system, user, assistant and observation.")
+        return [self.special_ids[f"<|{role}|>"]] + self.sp_model.encode(f"{metadata}\n") + self.sp_model.encode(message)
+
+    def chat_input_ids(self, query: str, history: list[dict] | None = None, role: str = "user") -> list[int]:
+        """The ids of the original ``build_chat_input``: ``[gMASK] sop``, the history's messages
+        (dicts with role, content and optional metadata; a system entry's tools as indented JSON),
+        the query as ``role``, then ``<|assistant|>``."""
+        ids = self.get_prefix_tokens()
+        for item in history or []:
+            content = item["content"]
+            if item["role"] == "system" and "tools" in item:
+                content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
+            ids += self.build_single_message(item["role"], item.get("metadata", ""), content)
+        return ids + self.build_single_message(role, "", query) + [self.special_ids["<|assistant|>"]]
+
+    def build_chat_input(self, query: str, history: list[dict] | None = None, role: str = "user") -> BatchEncoding:
+        """As the original: a batch of one with input_ids, attention_mask and position_ids tensors."""
+        return self.pad({"input_ids": [self.chat_input_ids(query, history, role)]}, return_tensors="pt")
+
+    def build_chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """Every message but the last is history (system, user, assistant, observation); the last is
+        the query in its own role (user or observation)."""
+        if not messages or messages[-1].role not in ("user", "observation"):
+            raise BackendError("the last message must be the user's (or a tool's observation) for ChatGLM3 to answer.")
+        history = [{"role": m.role, "content": m.content} for m in messages[:-1]]
+        return self.chat_input_ids(messages[-1].content, history, messages[-1].role)
+
+    def chat_stop_ids(self) -> list[int]:
+        return [self.eos_token_id, self.special_ids["<|user|>"], self.special_ids["<|observation|>"]]
+
+    def chat_response(self, new_ids: list[int]) -> str:
+        """As the original chat(): the last generated token is dropped (the stop token, or a real one
+        when the length ran out), the rest decoded and its metadata line split off."""
+        return chatglm3_response(self.decode(list(new_ids)[:-1])).text
+
+
+def tokenizer_class(family: str) -> type[ChatGLMTokenizer]:
+    return ChatGLM3Tokenizer if family == "chatglm3" else ChatGLMTokenizer

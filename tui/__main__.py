@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use the small demo model (no download, runs on the CPU)")
     model.add_argument("--engine", choices=["fast", "eager"], default=None,
                        help="decoding engine (default: the engine's choice)")
+    model.add_argument("--info", action="store_true",
+                       help="print the model structure (family, layers, heads, rotary settings, parameters and "
+                       "memory per part, quantization, the active adapter's prefix) and exit")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--prompt", metavar="TEXT", help="answer TEXT once, print the reply and exit")
     sampling.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.8)")
@@ -62,6 +65,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.info:
+        from backend.cli import show_info
+
+        return show_info(args)
     if args.prompt is not None:
         from backend.cli import run_once  # the one-shot mode lives with the backend
 

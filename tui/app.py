@@ -330,6 +330,12 @@ class GLMChatApp(App[None]):
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 
+    def action_structure(self) -> None:
+        from .screens.structure import StructureScreen
+
+        if self.backend is not None and not isinstance(self.screen, StructureScreen):
+            self.push_screen(StructureScreen())
+
     def action_pick_adapter(self) -> None:
         from .screens.adapters import AdapterPicker
 

@@ -43,6 +43,7 @@ ACTIONS: tuple[KeyAction, ...] = (
     KeyAction("training", "chat", "app.training", "f6", "Train", "Training panel: start a run or follow one"),
     KeyAction("settings", "chat", "app.settings", "f2", "Settings", "Settings: temperature, top_p, max new tokens, repetition penalty, system prompt"),
     KeyAction("conversations", "chat", "app.conversations", "f3", "History", "Saved conversations: reopen or export one"),
+    KeyAction("structure", "chat", "app.structure", "ctrl+g", "Model", "Model structure: family, layers, heads, rotary settings, parameters and memory per part, the adapter's prefix", show=False),
     KeyAction("new_conversation", "chat", "new_conversation", "ctrl+n", "New", "Start a new conversation", show=False),
     KeyAction("regenerate", "chat", "regenerate", "ctrl+r", "Regenerate", "Write the last reply again", show=False),
     KeyAction("edit_last", "chat", "edit_last", "ctrl+l", "Edit last", "Move the last prompt back into the input to edit and resend it", show=False),

@@ -1,4 +1,4 @@
-"""One line under the prompt: model, precision, active adapter, last reply's speed, GPU memory."""
+"""One line under the prompt: model and its family/variant, precision, active adapter, last reply's speed, GPU memory."""
 
 from __future__ import annotations
 
@@ -57,7 +57,11 @@ class StatusBar(Static):
             return
         sep = (" │ ", "$text-muted")
         name = info.name.rstrip("/").rsplit("/", 1)[-1] or info.name  # a directory or hub id: its last part
-        parts: list = [(name, "bold"), f" · {info.precision} · {info.device}", sep]
+        parts: list = [(name, "bold")]
+        variant = getattr(info, "variant", None)
+        if variant and variant.lower() != name.lower():  # which release this is, when the name does not say
+            parts.append((f" {variant}", "$text-muted"))
+        parts += [f" · {info.precision} · {info.device}", sep]
         if app.compare_mode:
             left, right = app.compare_pair()
             parts += [("compare ", "$text-muted"), (f"{adapter_label(left)} ⇄ {adapter_label(right)}", "bold $text-accent")]
