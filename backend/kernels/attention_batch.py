@@ -51,9 +51,11 @@ if HAVE_TRITON:
     def _rope_cache_batch_kernel(
         qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, divisor,
         stride_qkv, stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, H, G,
-        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, PDL: tl.constexpr,
+        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr = 0,
     ):
-        # program (row b, head hd of q | k | v): rotary on q and k heads, q out, k and v to the row's slot
+        # program (row b, head hd of q | k | v): rotary on q and k heads, q out, k and v to the row's slot;
+        # ROUND 1 (fp16) / 2 (bf16): the position, its quotient, the angle and cos/sin rounded to that dtype
+        # as ChatGLM2's original builds its rotary cache in the model dtype
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -67,9 +69,18 @@ if HAVE_TRITON:
         x0 = tl.load(src).to(tl.float32)
         x1 = tl.load(src + 1).to(tl.float32)
         freq = tl.load(inv_freq_ptr + i, mask=i < ROT_PAIRS, other=0.0)
-        angle = (pos.to(tl.float32) / divisor) * freq
-        c = tl.cos(angle)
-        s = tl.sin(angle)
+        if ROUND == 0:
+            angle = (pos.to(tl.float32) / divisor) * freq
+            c = tl.cos(angle)
+            s = tl.sin(angle)
+        else:
+            half = tl.float16 if ROUND == 1 else tl.bfloat16
+            p = pos.to(tl.float32).to(half).to(tl.float32)
+            if divisor != 1.0:
+                p = (p / divisor).to(half).to(tl.float32)
+            angle = (p * freq).to(half).to(tl.float32)
+            c = tl.cos(angle).to(half).to(tl.float32)
+            s = tl.sin(angle).to(half).to(tl.float32)
         rot = (i < ROT_PAIRS) & (hd < H + G)
         y0 = tl.where(rot, x0 * c - x1 * s, x0)
         y1 = tl.where(rot, x1 * c + x0 * s, x1)
@@ -191,14 +202,16 @@ def rope_cache_write(
     inv_freq: torch.Tensor,
     position_divisor: float = 1.0,
     q_out: Optional[torch.Tensor] = None,
+    angle_dtype: Optional[torch.dtype] = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """Rotary on row b's q and k at position positions[b], k and v into slot prefix_lens[b] + positions[b].
 
     qkv [B, (H + 2G) * D] (unit inner stride); k_cache/v_cache [B, G, slots, D] (one layer); positions,
     prefix_lens int [B] on the device (positions[b] < 0: row b idle, its cache untouched); inv_freq float32
-    [rotary_dim / 2] (``rotary_inv_freq``); position_divisor: the config's rope_ratio; pdl: programmatic
-    dependent launch (Hopper). Returns q [B, H, D]."""
+    [rotary_dim / 2] (``rotary_inv_freq``); position_divisor: the config's rope_ratio; angle_dtype fp16/bf16:
+    round as ChatGLM2's original rotary cache does in that model dtype (pass inv_freq computed in it too),
+    None: float32 throughout (ChatGLM3); pdl: programmatic dependent launch (Hopper). Returns q [B, H, D]."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     H, G = num_heads, num_groups
@@ -209,7 +222,8 @@ def rope_cache_write(
     _rope_cache_batch_kernel[(B, H + 2 * G)](
         qkv, q_out, k_cache, v_cache, positions, prefix_lens, inv_freq, float(position_divisor),
         qkv.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H, G, HEAD_DIM=D, ROT_PAIRS=inv_freq.numel(), PDL=pdl, num_warps=1, **_pdl_launch(pdl),
+        H, G, HEAD_DIM=D, ROT_PAIRS=inv_freq.numel(), PDL=pdl, ROUND={torch.float16: 1, torch.bfloat16: 2}.get(angle_dtype, 0),
+        num_warps=1, **_pdl_launch(pdl),
     )
     return q_out
 

@@ -111,3 +111,25 @@ def test_step_rope_then_attention_sees_the_new_token():
     v0 = qkv[0, (H + G) * D:].view(G, D).repeat_interleave(H // G, 0).reshape(-1)
     assert rel(out[0], v0) < 1e-6  # row 0: prefix 0, position 0: only its own slot
     assert rel(out[2], reference_attention(q, kc, vc, 2, 81)) < 1e-5
+
+
+def test_rope_cache_write_rounds_angles_as_chatglm2_does_in_fp16():
+    """ChatGLM2's original builds its rotary cache in the model dtype (positions past 2048 round in fp16):
+    with angle_dtype the kernel gives modeling.rotary_cos_sin's fp16 numbers, which float32 angles do not."""
+    from backend.modeling import Rope
+
+    positions, divisor = [3001, 4097, 70], 1.0
+    B = len(positions)
+    pos, pre = torch.tensor(positions), torch.zeros(B, dtype=torch.int32)
+    qkv = torch.randn(B, (H + 2 * G) * D).half()
+    kc, vc = torch.zeros(B, G, 4200, D).half(), torch.zeros(B, G, 4200, D).half()
+    theta = (1.0 / (10000 ** (torch.arange(0, D // 2, 2, dtype=torch.float16) / (D // 2)))).float()
+    q_out = A.rope_cache_write(qkv, kc, vc, pos, pre, num_heads=H, num_groups=G, inv_freq=theta,
+                               position_divisor=divisor, angle_dtype=torch.float16)
+    q_exact = A.rope_cache_write(qkv, kc.clone(), vc.clone(), pos, pre, num_heads=H, num_groups=G,
+                                 inv_freq=A.rotary_inv_freq(D // 2, "cpu"))
+    cos, sin = rotary_cos_sin(pos[None], D // 2, torch.float16, Rope(position_divisor=divisor))
+    q = qkv.view(B, H + 2 * G, D)[:, :H].float()
+    ref = apply_rotary(q[None], cos.float(), sin.float())[0]
+    assert rel(q_out.float(), ref) < 2e-3
+    assert rel(q_exact.float(), ref) > 1e-2  # the rounding matters at these positions
