@@ -127,7 +127,9 @@ class TrainMonitor(Vertical):
         self.query_one("#train-steps", Static).update(Content.assemble(*steps))
         self.query_one("#train-stats", Static).update(self._stats())
         failed = self.finished not in (None, "done", "stopped")
-        self.query_one("#train-error", Static).update(Content.styled(self.finished, "$text-error") if failed else "")
+        error = self.query_one("#train-error", Static)
+        error.update(Content.styled(self.finished, "$text-error") if failed else "")
+        error.display = failed  # takes no line unless there is something to say
         self._draw_plot()
 
     def _stats(self) -> Content:
