@@ -63,6 +63,8 @@ async def test_in_process_run_shows_progress_and_chats_with_a_checkpoint(train_f
         stats = str(monitor.query_one("#train-stats").render())
         assert "loss 3.0769" in stats and "lr 0.00e+00" in stats and "samples/s 160.0" in stats and "GPU 3.2 GB" in stats
         assert app.training_status == ""
+        # the chat keeps its adapter after a run: the notice says how to chat with the new checkpoint
+        assert any("checkpoint-6. Press Enter on it" in n.message for n in app._notifications)
 
         monitor.query_one("#checkpoints").focus()
         await pilot.press("enter")  # chat with the highlighted (latest) checkpoint

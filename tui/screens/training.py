@@ -234,8 +234,12 @@ class TrainingScreen(Screen):
         if message.how == "failed":
             self.notify(message.detail, title="Training failed", severity="error", timeout=15)
         elif message.how in ("done", "stopped") and not message.detail:
-            checkpoint = self.monitor.checkpoints[-1].name if self.monitor.checkpoints else "no checkpoint"
-            self.notify(f"Training {message.how}: {checkpoint}.", title="Training")
+            if not self.monitor.checkpoints:
+                self.notify(f"Training {message.how}: no checkpoint.", title="Training")
+                return
+            # The chat keeps its adapter until one is picked: say how to chat with the new one.
+            self.notify(f"Training {message.how}: {self.monitor.checkpoints[-1].name}. Press Enter on it in the list "
+                        "(or “Chat with this checkpoint”) to chat with it.", title="Training", timeout=10)
 
     def _status(self) -> None:
         monitor = self.monitor
