@@ -11,6 +11,7 @@ import warnings
 from argparse import Namespace
 
 EXIT_USAGE = 2
+DEFAULT_MODEL = "THUDM/chatglm2-6b"  # what --model means when it is left out (and --demo is not given)
 
 
 def error_line(err: BaseException) -> str:
@@ -29,24 +30,63 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def check_inputs(args: Namespace) -> None:
+    """Path checks that need no torch (BackendError): run before the seconds-long import of torch."""
+    from .local_files import check_adapter_paths, local_model_dir
+
+    if getattr(args, "model", None):
+        local_model_dir(args.model)
+    check_adapter_paths(getattr(args, "adapter", None) or [], _as_list(getattr(args, "adapters", None)))
+
+
+def _large_on_cpu(engine) -> bool:
+    """The CPU notice is for a 6B model; the demo and other small models are quick on a CPU."""
+    return engine.info.device == "cpu" and sum(p.numel() for p in engine.model.parameters()) > 500_000_000
+
+
+class LoadBar:
+    """Load progress as a transient rich bar on stderr; use only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                 console=Console(stderr=True), transient=True)
+        self.task = self.progress.add_task("loading", total=None)
+
+    def __enter__(self) -> "LoadBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, event) -> None:
+        self.progress.update(self.task, description=event.message, completed=event.current, total=event.total or None)
+
+
 def _load_engine(args: Namespace):
     """The engine for ``args`` with ``args.adapter[-1]`` (else the last adapter found) active."""
+    from contextlib import nullcontext
+
     from .engine import ChatEngine
 
-    with warnings.catch_warnings():
+    bar = LoadBar() if sys.stderr.isatty() else nullcontext()
+    with bar, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import torch
-
-        if not torch.cuda.is_available() and getattr(args, "device", None) in (None, "auto"):
-            print("glmchat: no GPU found, running on the CPU (slow for a 6B model).", file=sys.stderr)
+        demo = getattr(args, "demo", False)
         engine = ChatEngine.load(
-            model=getattr(args, "model", None),
+            model=getattr(args, "model", None) or (None if demo else DEFAULT_MODEL),
             quantization=getattr(args, "quantization", None),
             adapters=getattr(args, "adapter", None) or [],
             adapter_dirs=_as_list(getattr(args, "adapters", None)),
-            demo=getattr(args, "demo", False),
+            demo=demo,
             engine=getattr(args, "engine", None) or "auto",
+            progress=bar if isinstance(bar, LoadBar) else None,
         )
+    if _large_on_cpu(engine):
+        print("glmchat: no GPU found, running on the CPU (slow for a 6B model).", file=sys.stderr)
     adapters = engine.adapters()
     if adapters:
         explicit = getattr(args, "adapter", None) or []
@@ -57,6 +97,7 @@ def _load_engine(args: Namespace):
 def show_info(args: Namespace) -> int:
     """``glmchat --model X --info``: print the model structure page (see backend/structure.py)."""
     try:
+        check_inputs(args)
         print(_load_engine(args).model_structure())
         return 0
     except KeyboardInterrupt:
@@ -69,6 +110,7 @@ def show_info(args: Namespace) -> int:
 def run_once(args: Namespace) -> int:
     """Load, answer ``args.prompt`` once with ``args.adapter[-1]`` active (if any), print the reply."""
     try:
+        check_inputs(args)
         from .service import SamplingParams
 
         engine = _load_engine(args)

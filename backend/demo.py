@@ -1,7 +1,8 @@
-"""The embedded demo: a small ChatGLM2-architecture model and a P-Tuning v2 adapter, built on first use.
+"""The embedded demo: a small ChatGLM2-architecture model and a P-Tuning v2 adapter, shipped built.
 
-``glmchat --demo`` needs no download and no GPU: the first start trains, on the CPU and in about a
-minute on two cores, everything from text this project ships:
+``glmchat --demo`` needs no download, no GPU and no wait: the package carries the built demo (about 5 MB
+of safetensors in ``assets/demo/shipped``), which this module's recipe trains, on the CPU and in about
+a minute on two cores, from text this project ships:
 
 * a SentencePiece BPE tokenizer (byte fallback, so any input encodes) on ``assets/demo/chat.json``
   and ``assets/sample/*.json``;
@@ -13,15 +14,19 @@ minute on two cores, everything from text this project ships:
 * an ``advertisegen`` adapter, trained with our own P-Tuning v2 (``backend.training.train_prefix``) on
   ``assets/sample/train.json`` over the frozen base: with it, the same attribute list gets ad copy.
 
-The result is cached in ``user_cache_dir("glmchat")/demo-v{N}-{hash}`` (``GLMCHAT_CACHE_DIR`` overrides
-the cache root); the hash covers the recipe and the data files, so changing either rebuilds. A build
-happens in a temporary directory that is renamed into place once complete, so a killed build is never
-used; the next start removes its leftovers and builds again.
+``python -m backend.demo --build assets/demo/shipped`` rebuilds the shipped files; the build is
+deterministic (one thread, deterministic algorithms), and tests/test_demo.py checks that it reproduces
+them. The shipped manifest names the hash of the recipe and the data files it was built from; when
+either has changed (an edited ``chat.json``), the first start builds the demo instead and caches it in
+``user_cache_dir("glmchat")/demo-v{N}-{hash}`` (``GLMCHAT_CACHE_DIR`` overrides the cache root). A
+build happens in a temporary directory that is renamed into place once complete, so a killed build is
+never used; the next start removes its leftovers and builds again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -59,6 +64,7 @@ ASSETS = assets_dir()
 CHAT_FILE = ASSETS / "demo" / "chat.json"  # {"prompt", "response"} lines: the base model's chat text
 SAMPLE_TRAIN = ASSETS / "sample" / "train.json"  # AdvertiseGen-style {"content", "summary"} lines
 SAMPLE_DEV = ASSETS / "sample" / "dev.json"
+SHIPPED = ASSETS / "demo" / "shipped"  # the built demo the package carries (python -m backend.demo --build)
 MANIFEST = "demo.json"  # written last: a demo directory without it is incomplete
 ADAPTER_NAME = "advertisegen"
 CATALOGUE_PROMPT = "商品：{content}\n文案："  # how product texts appear in the base's training text
@@ -125,18 +131,21 @@ def _files(root: Path) -> DemoFiles:
     return DemoFiles(root / "model", root / "adapters", root)
 
 
-def is_complete(root: Path) -> bool:
-    """A finished build of this recipe: its manifest (written last) names the same hash."""
+def is_complete(root: Path, recipe_id: Optional[str] = None) -> bool:
+    """A finished build of the recipe ``recipe_id`` (by default the hash in the directory's name): its
+    manifest (written last) names that hash."""
     try:
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     files = _files(root)
     return (
-        manifest.get("hash") == root.name.rsplit("-", 1)[-1]
+        isinstance(manifest, dict)
+        and manifest.get("hash") == (recipe_id or root.name.rsplit("-", 1)[-1])
         and (files.model_dir / "config.json").is_file()
+        and (files.model_dir / "model.safetensors").is_file()
         and (files.model_dir / "tokenizer.model").is_file()
-        and any(files.adapters_dir.glob(f"{ADAPTER_NAME}/checkpoint-*/pytorch_model.bin"))
+        and any(files.adapters_dir.glob(f"{ADAPTER_NAME}/checkpoint-*/model.safetensors"))
     )
 
 
@@ -178,10 +187,15 @@ def _remove_leftovers(root: Path, final: Path) -> None:
 def ensure_demo(
     progress: Optional[Callable[[LoadProgress], None]] = None,
     cache_dir: Union[str, Path, None] = None,
+    shipped: Optional[Path] = SHIPPED,
 ) -> DemoFiles:
-    """The demo model and adapters directory, built on the first call (about a minute on 2 CPU cores),
-    read from the cache afterwards. ``progress`` gets ``LoadProgress("demo", i, n, message)`` events."""
+    """The demo model and adapters directory: the shipped build when it matches the recipe and the data
+    files, else one built on the first call (about a minute on 2 CPU cores) and read from the cache
+    afterwards. ``progress`` gets ``LoadProgress("demo", i, n, message)`` events."""
     report = progress or (lambda p: None)
+    if shipped is not None and is_complete(shipped, recipe_hash()):
+        report(LoadProgress("demo", 1, 1, "demo model shipped with glmchat"))
+        return _files(shipped)
     final = demo_dir(cache_dir)
     if is_complete(final):
         report(LoadProgress("demo", 1, 1, f"demo model cached in {final}"))
@@ -222,32 +236,37 @@ def build_demo(out: Path, recipe_id: str, report: Callable[[LoadProgress], None]
     def stage(done: int, message: str) -> None:
         report(LoadProgress("demo", done, total, message))
 
-    threads = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores))
+    # One thread and deterministic kernels: the same torch on the same kind of CPU builds the same bytes,
+    # which is how the shipped files are checked against this recipe.
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     files = _files(out)
     try:
         files.model_dir.mkdir(parents=True)
-        stage(0, "training demo tokenizer (first start only, about a minute in all)")
+        stage(0, "building the demo model: its recipe or text changed (about a minute)")
         tokenizer = _train_tokenizer(files.model_dir, out / "_sp")
         stage(1, f"training demo model step 0/{base_steps}")
         with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
             model = _train_base(tokenizer, lambda i: stage(1 + i, f"training demo model step {i}/{base_steps}"))
         _save_model(model, files.model_dir)
         stage(1 + base_steps, f"training demo adapter step 0/{adapter_steps}")
-        checkpoint = _train_adapter(
-            model, tokenizer, files.adapters_dir / ADAPTER_NAME,
+        trained = _train_adapter(
+            model, tokenizer, out / "_adapter_run",
             lambda i: stage(1 + base_steps + i, f"training demo adapter step {i}/{adapter_steps}"),
         )
+        checkpoint = _save_adapter(trained, files.adapters_dir / ADAPTER_NAME / trained.name)
+        shutil.rmtree(out / "_adapter_run")
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    # Nothing time- or machine-dependent beyond the torch version: a rebuild compares equal.
     manifest = {
-        "hash": recipe_id,
-        "version": DEMO_VERSION, "recipe": RECIPE, "torch": torch.__version__,
-        "adapter": str(checkpoint.relative_to(out)), "build_seconds": round(time.perf_counter() - start, 1),
+        "hash": recipe_id, "version": DEMO_VERSION, "recipe": RECIPE, "torch": torch.__version__.split("+")[0],
+        "adapter": checkpoint.relative_to(out).as_posix(),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
-    stage(total, f"demo model built in {manifest['build_seconds']:.0f} s")
+    (out / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    stage(total, f"demo model built in {time.perf_counter() - start:.0f} s")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -269,9 +288,11 @@ def _train_tokenizer(model_dir: Path, work: Path):
     lines += ["[Round 1]", "[Round 2]", "[Round 3]", "问：", "答：", "商品：", "文案："] * 20
     spec = RECIPE["tokenizer"]
     work.mkdir(parents=True)
+    # Written through model_writer: with model_prefix the file would record the build directory's path.
+    written = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
-        model_prefix=str(work / "tokenizer"),
+        model_writer=written,
         vocab_size=spec["vocab_size"],
         model_type="bpe",
         byte_fallback=True,
@@ -284,6 +305,7 @@ def _train_tokenizer(model_dir: Path, work: Path):
         num_threads=1,
         minloglevel=2,
     )
+    (work / "tokenizer.model").write_bytes(written.getvalue())
     tokenizer = ChatGLMTokenizer(vocab_file=str(work / "tokenizer.model"))
     tokenizer.save_pretrained(str(model_dir))
     shutil.rmtree(work, ignore_errors=True)
@@ -391,6 +413,20 @@ def _save_model(model, model_dir: Path) -> None:
     save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _save_adapter(trained: Path, out: Path) -> Path:
+    """Only what chatting needs from a training checkpoint: its config and the prefix as safetensors."""
+    from safetensors.torch import save_file
+
+    from .adapters import PREFIX_KEY, read_prefix_checkpoint
+
+    ckpt = read_prefix_checkpoint(trained)
+    out.mkdir(parents=True)
+    state = {PREFIX_KEY + k: v.contiguous() for k, v in ckpt.state_dict.items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(trained / "config.json", out / "config.json")
+    return out
+
+
 def demo_train_request(output_dir: Union[str, Path], train_file: Union[str, Path, None] = None):
     """The demo adapter's P-Tuning v2 settings as a TrainRequest (a few seconds on 2 CPU cores over the demo
     base), e.g. to pre-fill a training form when the demo model is loaded."""
@@ -437,3 +473,25 @@ def _train_adapter(model, tokenizer, output_dir: Path, on_step: Callable[[int], 
     if result.last_checkpoint is None:
         raise BackendError("training the demo adapter saved no checkpoint.")
     return Path(result.last_checkpoint)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m backend.demo --build OUT``: build the demo into OUT (a new directory), as shipped."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m backend.demo", description=main.__doc__)
+    parser.add_argument("--build", metavar="OUT", type=Path, required=True,
+                        help="directory to create (assets/demo/shipped to refresh the shipped demo)")
+    args = parser.parse_args(argv)
+    if args.build.exists():
+        parser.error(f"{args.build} exists; remove it first (a build writes a new directory)")
+
+    def show(event: LoadProgress) -> None:
+        print(f"[{event.current}/{event.total}] {event.message}", file=sys.stderr)
+
+    build_demo(args.build, recipe_hash(), show)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

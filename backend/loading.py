@@ -24,6 +24,7 @@ from torch import nn
 
 from .configuration import ChatGLMConfig, read_config_file
 from .families import Family, check_supported_config, detect_family
+from .local_files import local_model_dir
 from .modeling import ChatGLMForConditionalGeneration
 from .json_files import describe, read_json_object
 from .registry import register_auto_classes
@@ -59,16 +60,8 @@ class LoadedModel:
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """A local ChatGLM2 directory, or a hub id resolved through the standard hub cache."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise BackendError(f"{path} is a file; pass the model directory that holds config.json and the weights.")
-        return _check_model_dir(path)
-    text = str(name_or_path)
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep in text.replace("/", "", 1)
-    if looks_like_path:
-        raise BackendError(f"no model directory at {text}; pass --model with a ChatGLM2 directory or a hub id such as THUDM/chatglm2-6b.")
-    return _check_model_dir(_download(text))
+    path = local_model_dir(name_or_path)
+    return _check_model_dir(path if path is not None else _download(str(name_or_path)))
 
 
 def _download(repo_id: str) -> Path:
@@ -85,7 +78,7 @@ def _download(repo_id: str) -> Path:
             raise BackendError(
                 f"model '{repo_id}' is not in the hub cache and could not be downloaded "
                 f"({type(online_error).__name__}); on a connected machine run "
-                f"`huggingface-cli download {repo_id}` (or copy the model directory here and pass its path)."
+                f"`hf download {repo_id}` (or copy the model directory here and pass its path)."
             ) from None
 
 

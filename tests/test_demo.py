@@ -1,5 +1,6 @@
-"""The embedded demo (``glmchat --demo``): built once here into a temporary cache (about 30-60 s on
-2 CPU cores), then loaded through the chat engine as the app loads it."""
+"""The embedded demo (``glmchat --demo``): the package ships it built; here it is built once more into a
+temporary cache (about 45 s on one CPU core), checked against the shipped files, and loaded through the
+chat engine as the app loads it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from backend.service import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=96)
 AD_PROMPT = "类型#上衣*材质#牛仔布*颜色#白色"
+README_PROMPT = "类型#裙*颜色#红色*风格#复古"  # the README's Start section asks this
 AD_WORDS = ("选用", "采用", "面料", "设计", "值得入手", "时髦感满满", "百搭", "质感", "版型", "出门")
 
 
@@ -46,21 +48,86 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-cache")
     events = []
     start = time.perf_counter()
-    files = demo.ensure_demo(progress=events.append, cache_dir=root)
+    files = demo.ensure_demo(progress=events.append, cache_dir=root, shipped=None)
     return root, files, events, time.perf_counter() - start
 
 
 @pytest.fixture(scope="module")
-def engine(built):
+def engine():
+    """The demo as the app loads it: from the shipped files."""
     from backend.engine import ChatEngine
 
-    root = built[0]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GLMCHAT_CACHE_DIR", str(root))
-        events = []
-        eng = ChatEngine.load(demo=True, engine="eager", device="cpu", progress=events.append)
+    events = []
+    eng = ChatEngine.load(demo=True, engine="eager", device="cpu", progress=events.append)
     eng.load_events = events
     return eng
+
+
+def _shipped_files() -> list[Path]:
+    return sorted(p.relative_to(demo.SHIPPED) for p in demo.SHIPPED.rglob("*") if p.is_file())
+
+
+def test_the_build_script_reproduces_the_shipped_demo(built):
+    """Bit-exact under the torch version that built the shipped files (one thread, deterministic kernels);
+    under another torch version the tensors may differ in the last bits, so they are compared to 1e-4."""
+    import torch
+    from safetensors.torch import load_file
+
+    rebuilt = built[1].root
+    shipped_manifest = json.loads((demo.SHIPPED / demo.MANIFEST).read_text())
+    same_torch = shipped_manifest["torch"] == torch.__version__.split("+")[0]
+    names = _shipped_files()
+    assert names == sorted(p.relative_to(rebuilt) for p in rebuilt.rglob("*") if p.is_file())
+    for name in names:
+        ours, theirs = demo.SHIPPED / name, rebuilt / name
+        if name.suffix == ".json":  # transformers writes its version into configs
+            drop = {"transformers_version", "torch"}
+            a, b = (json.loads(p.read_text()) for p in (ours, theirs))
+            assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}, name
+        elif same_torch or name.suffix != ".safetensors":
+            assert ours.read_bytes() == theirs.read_bytes(), f"{name} differs from the shipped file"
+        else:
+            a, b = load_file(str(ours)), load_file(str(theirs))
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=f"{name}: {key}")
+
+
+def test_the_demo_starts_from_the_shipped_files_without_building(tmp_path):
+    """First start: nothing to train, nothing written to the cache."""
+    code = ("import sys, time; t = time.perf_counter(); from backend.engine import ChatEngine; "
+            "e = ChatEngine.load(demo=True, engine='eager', device='cpu'); "
+            "print(e.adapters()[0].path, round(time.perf_counter() - t, 1))")
+    env = {**__import__("os").environ, "GLMCHAT_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(demo.__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    adapter = Path(done.stdout.split()[0])
+    assert adapter.is_relative_to(demo.SHIPPED)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_changed_recipe_ignores_the_shipped_files(tmp_path, monkeypatch):
+    assert demo.is_complete(demo.SHIPPED, demo.recipe_hash())
+    monkeypatch.setitem(demo.RECIPE, "adapter", {**demo.RECIPE["adapter"], "steps": demo.RECIPE["adapter"]["steps"] + 1})
+    built = []
+
+    def fake_build(out, recipe_id, report):
+        built.append(out)
+        shutil.copytree(demo.SHIPPED, out)
+        (out / demo.MANIFEST).write_text(json.dumps({"hash": recipe_id}))
+
+    monkeypatch.setattr(demo, "build_demo", fake_build)
+    files = demo.ensure_demo(cache_dir=tmp_path)
+    assert len(built) == 1 and files.root == demo.demo_dir(tmp_path)
+
+
+def test_build_command_line(tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "backend.demo", "--build", str(out)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(demo.__file__).resolve().parents[1])
+    assert done.returncode == 2 and "exists" in done.stderr
 
 
 def test_build_writes_a_complete_demo_and_reports_progress(built):
@@ -68,13 +135,13 @@ def test_build_writes_a_complete_demo_and_reports_progress(built):
     assert files.root == demo.demo_dir(root) and demo.is_complete(files.root)
     for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"):
         assert (files.model_dir / name).is_file(), name
-    checkpoints = list(files.adapters_dir.glob("advertisegen/checkpoint-*/pytorch_model.bin"))
+    checkpoints = list(files.adapters_dir.glob("advertisegen/checkpoint-*/model.safetensors"))
     assert len(checkpoints) == 1
     assert [p.name for p in root.iterdir()] == [files.root.name]  # no temporary directories left behind
 
     assert {e.stage for e in events} == {"demo"}
     messages = [e.message for e in events]
-    assert "training demo tokenizer" in messages[0]
+    assert "building the demo model" in messages[0]
     assert any(m.startswith("training demo model step") for m in messages)
     assert any(m.startswith("training demo adapter step") for m in messages)
     assert [e.current for e in events] == sorted(e.current for e in events)
@@ -90,17 +157,17 @@ def test_second_call_is_instant_and_returns_the_same_paths(built):
     root, files, _, _ = built
     events = []
     start = time.perf_counter()
-    again = demo.ensure_demo(progress=events.append, cache_dir=root)
+    again = demo.ensure_demo(progress=events.append, cache_dir=root, shipped=None)
     assert time.perf_counter() - start < 1.0
     assert again == files
     assert len(events) == 1 and events[0].current == events[0].total
 
 
-def test_engine_loads_the_demo_with_its_adapter(engine, built):
+def test_engine_loads_the_demo_with_its_adapter(engine):
     assert engine.info.name == "demo"
     names = [a.name for a in engine.adapters()]
     assert len(names) == 1 and names[0].startswith("advertisegen/checkpoint-")
-    assert engine.adapters()[0].path.parent.parent == built[1].adapters_dir
+    assert engine.adapters()[0].path.parent.parent == demo.SHIPPED / "adapters"
     assert engine.load_events[-1].stage == "ready"
 
 
@@ -129,7 +196,7 @@ def test_adapter_turns_attributes_into_ad_copy(engine):
         assert tuned.startswith(("这件", "这条", "这双", "这只")), tuned
         assert sum(word in tuned for word in AD_WORDS) >= 2, tuned
         assert cjk_share(tuned) > 0.8
-    assert "白色" in engine.reply(AD_PROMPT, [], GREEDY, adapter=adapter).text
+    assert "红色" in engine.reply(README_PROMPT, [], GREEDY, adapter=adapter).text  # the colour asked for
 
 
 def test_compare_shows_base_and_adapter_side_by_side(engine):
@@ -142,18 +209,25 @@ def test_compare_shows_base_and_adapter_side_by_side(engine):
     assert "商品属性" in replies[0] and replies[1].startswith(("这件", "这条", "这双", "这只"))
 
 
-def test_training_panel_trains_a_new_adapter_in_seconds(engine, tmp_path):
-    """What the training panel does with the demo model: train on the sample data, register, compare."""
+def test_training_panel_defaults_train_an_adapter_that_changes_the_readme_answers(engine, tmp_path):
+    """What the training panel does with the demo model, with the form's defaults on assets/sample: train,
+    register, and the README's prompts get other answers than the base model's (issue 13: they did not)."""
+    from backend.service import TrainRequest
+    from tui.widgets.train_form import defaults
+
+    values = defaults(demo=True)
+    assert Path(values["train_file"]) == demo.SAMPLE_TRAIN
+    request = TrainRequest(**{**values, "output_dir": tmp_path / "mine"})
     events = []
-    start = time.perf_counter()
-    result = engine.train(demo.demo_train_request(tmp_path / "mine"), progress=events.append)
-    seconds = time.perf_counter() - start
-    assert result.steps_done == demo.RECIPE["adapter"]["steps"] and not result.stopped
+    result = engine.train(request, progress=events.append)
+    assert result.steps_done == values["max_steps"] and not result.stopped
     assert events[-1].event == "done" and any(e.loss is not None for e in events)
-    assert seconds < 60, seconds
     info = engine.register_adapter(result.last_checkpoint, name="mine")
-    reply = engine.reply(dev_prompts()[0], [], GREEDY, adapter=info.name).text
-    assert reply.startswith(("这件", "这条", "这双", "这只")) and sum(word in reply for word in AD_WORDS) >= 2, reply
+    for prompt in (README_PROMPT, AD_PROMPT):
+        base = engine.reply(prompt, [], GREEDY, adapter=None).text
+        tuned = engine.reply(prompt, [], GREEDY, adapter=info.name).text
+        assert tuned != base and tuned.startswith(("这件", "这条", "这双", "这只", "这款")), tuned
+        assert sum(word in tuned for word in AD_WORDS) >= 2, tuned
 
 
 def _dead_pid() -> int:
@@ -179,7 +253,7 @@ def test_half_built_directory_is_never_used(built, tmp_path, monkeypatch):
         shutil.copytree(complete, out)
 
     monkeypatch.setattr(demo, "build_demo", fake_build)
-    files = demo.ensure_demo(cache_dir=tmp_path)
+    files = demo.ensure_demo(cache_dir=tmp_path, shipped=None)
     assert len(calls) == 1 and calls[0].parent == tmp_path and calls[0] != final
     assert files.root == final and demo.is_complete(final)
     assert not stale.exists()
@@ -194,7 +268,7 @@ def test_failed_build_leaves_no_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "build_demo", failing_build)
     with pytest.raises(demo.BackendError, match="No space left"):
-        demo.ensure_demo(cache_dir=tmp_path)
+        demo.ensure_demo(cache_dir=tmp_path, shipped=None)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -255,5 +329,6 @@ def test_the_wheel_carries_the_assets(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     names = zipfile.ZipFile(next(tmp_path.glob("glmchat-*.whl"))).namelist()
-    for rel in ("demo/chat.json", "sample/train.json", "sample/dev.json"):
+    shipped = [f"demo/shipped/{p.as_posix()}" for p in _shipped_files()]
+    for rel in ["demo/chat.json", "sample/train.json", "sample/dev.json", *shipped]:
         assert any(n.endswith(f".data/data/share/glmchat/assets/{rel}") for n in names), rel

@@ -236,10 +236,24 @@ def use_hub_cache(monkeypatch, cache):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
-def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
+def test_hub_id_offline_and_not_cached_names_a_command_that_exists(tmp_path, monkeypatch):
+    import re
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
     use_hub_cache(monkeypatch, tmp_path / "hub")
-    with pytest.raises(BackendError, match="huggingface-cli download THUDM/chatglm2-6b"):
+    with pytest.raises(BackendError, match="`hf download THUDM/chatglm2-6b`") as caught:
         resolve_model_dir("THUDM/chatglm2-6b")
+    # the advice runs with the installed huggingface_hub (its CLI is `hf`; `huggingface-cli` is gone)
+    command = shlex.split(re.search(r"`([^`]+)`", str(caught.value)).group(1))
+    program = shutil.which(command[0], path=str(Path(sys.executable).parent)) or shutil.which(command[0])
+    if program is None:
+        pytest.skip(f"{command[0]} is not on PATH here")
+    done = subprocess.run([program, *command[1:-1], "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "download" in done.stdout.lower(), done.stderr
 
 
 def test_hub_id_resolves_from_the_standard_cache(tiny_dir, tmp_path, monkeypatch):

@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", metavar="PATH_OR_ID",
-                       help="model directory or hub id (default: THUDM/chatglm2-6b)")
+                       help="model directory or hub id (default: THUDM/chatglm2-6b from the hub cache, downloaded "
+                       "on first use; with --demo, the demo model)")
     model.add_argument("--quantization", choices=["8bit", "4bit", "none"], default=None,
-                       help="load the weights quantized (default: none, half precision)")
+                       help="load the weights quantized (default: 8bit on a GPU; none, in float32, on the CPU "
+                       "and with --demo)")
     model.add_argument("--adapter", action="append", metavar="CKPT", default=[],
                        help="register a P-Tuning v2 checkpoint directory (repeatable)")
     model.add_argument("--adapters", action="append", metavar="DIR", default=[],
@@ -42,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--info", action="store_true",
                        help="print the model structure (family, layers, heads, rotary settings, parameters and "
                        "memory per part, quantization, the active adapter's prefix) and exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--prompt", metavar="TEXT", help="answer TEXT once, print the reply and exit")
+    sampling.add_argument("--prompt", metavar="TEXT",
+                          help="answer TEXT once, print the reply and exit; - reads TEXT from stdin")
     sampling.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.8)")
     sampling.add_argument(*_alias("--top-p"), dest="top_p", type=float, help="nucleus sampling p (default 0.8)")
     sampling.add_argument(*_alias("--max-new-tokens"), dest="max_new_tokens", type=int,
@@ -51,9 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("glmchat")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.prompt == "-":  # like `ollama run`: the prompt comes from a pipe or a file
+        args.prompt = sys.stdin.read().rstrip("\n")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("the prompt is empty; give --prompt some text (or --prompt - to read it from stdin)")
     if args.temperature is not None and args.temperature < 0:
         parser.error("--temperature must be 0 or more")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -73,6 +90,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from backend.cli import run_once  # the one-shot mode lives with the backend
 
         return run_once(args) or 0
+    from backend.cli import EXIT_USAGE, check_inputs
+    from backend.service import BackendError
+
+    try:
+        check_inputs(args)  # a mistyped path fails here, before the app starts and torch is imported
+    except BackendError as err:
+        print(f"glmchat: {err}", file=sys.stderr)
+        return EXIT_USAGE
     from .app import GLMChatApp
 
     app = GLMChatApp(args)

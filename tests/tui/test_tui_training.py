@@ -63,6 +63,8 @@ async def test_in_process_run_shows_progress_and_chats_with_a_checkpoint(train_f
         stats = str(monitor.query_one("#train-stats").render())
         assert "loss 3.0769" in stats and "lr 0.00e+00" in stats and "samples/s 160.0" in stats and "GPU 3.2 GB" in stats
         assert app.training_status == ""
+        # the chat keeps its adapter after a run: the notice says how to chat with the new checkpoint
+        assert any("checkpoint-6. Press Enter on it" in n.message for n in app._notifications)
 
         monitor.query_one("#checkpoints").focus()
         await pilot.press("enter")  # chat with the highlighted (latest) checkpoint
@@ -185,3 +187,50 @@ async def test_quit_during_an_in_process_run_saves_a_checkpoint_first(train_file
     saved = sorted(out.glob("checkpoint-*"))
     assert len(saved) == 1 and (saved[0] / "pytorch_model.bin").is_file()
     assert json.loads((out / "progress.jsonl").read_text().splitlines()[-1])["event"] == "stopped"
+
+
+async def test_follow_field_starts_empty_with_an_example_and_enter_on_a_checkpoint_opens_the_chat(tmp_path, monkeypatch):
+    """The field held a path that does not exist; Enter on a followed run's checkpoint chats with it."""
+    monkeypatch.setattr(training, "FOLLOW_POLL_S", 0.02)
+    run = tmp_path / "elsewhere"
+    checkpoint = run / "checkpoint-20"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "pytorch_model.bin").write_bytes(b"weights")
+    (checkpoint / "config.json").write_text(json.dumps({"pre_seq_len": 8}), encoding="utf-8")
+    events = [TrainProgress(20, 20, checkpoint=str(checkpoint), event="save"), TrainProgress(20, 20, event="done")]
+    (run / "progress.jsonl").write_text("".join(json.dumps(asdict(e)) + "\n" for e in events), encoding="utf-8")
+    app = make_app()
+    async with running(app) as pilot:
+        panel = await open_panel(pilot)
+        await pilot.click("#--content-tab-follow")
+        field = panel.query_one("#follow-dir")
+        assert field.value == "" and field.placeholder.startswith("e.g. ")
+        field.value = str(run)
+        await pilot.click("#follow-run")
+        await wait_until(pilot, lambda: panel.mode is None and panel.monitor.checkpoints == [checkpoint], what="the run")
+        panel.query_one("#checkpoints").focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.screen is app.chat and app.active_adapter == "elsewhere/checkpoint-20",
+                         what="the chat with the checkpoint")
+
+
+async def test_a_failed_run_names_the_form_fields_and_shows_the_whole_sentence(train_file, tmp_path):
+    from backend.training import check_request
+
+    out = tmp_path / "out"
+    (out / "checkpoint-5").mkdir(parents=True)
+    (out / "checkpoint-5" / "pytorch_model.bin").write_bytes(b"weights")
+    app = make_app()
+    async with running(app, size=(80, 24)) as pilot:
+        app.backend.train = lambda request, progress, cancel=None: check_request(request)  # the real refusal
+        panel = await open_panel(pilot)
+        fill(panel, train_file=train_file, output_dir=out)
+        await pilot.click("#start-run")
+        await wait_until(pilot, lambda: panel.mode is None and panel.monitor.finished not in (None, "done"), what="the failure")
+        await pilot.pause()
+        error = panel.monitor.query_one("#train-error")
+        text = str(error.render())
+        assert "--" not in text and "set “Resume from”" in text and "“Overwrite output” to start over" in text, text
+        # wrapped over lines, not cut at the screen's edge
+        shown = "".join(line.text.rstrip() for line in error.render_lines(error.region.reset_offset))
+        assert shown.replace(" ", "").endswith("another“Outputdir”.") and error.size.height > 1, shown

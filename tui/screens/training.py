@@ -21,7 +21,7 @@ from backend.service import TrainProgress, TrainRequest, TrainResult
 from .. import keys
 from ..errors import report
 from ..messages import AdaptersChanged
-from ..widgets.train_form import DEFAULT_OUTPUT_DIR, TrainForm
+from ..widgets.train_form import DEFAULT_OUTPUT_DIR, TrainForm, in_form_terms
 from ..widgets.train_monitor import TrainMonitor
 
 FOLLOW_POLL_S = 0.5
@@ -85,7 +85,7 @@ class TrainingScreen(Screen):
                 with Vertical(id="follow-box"):
                     yield Label(f"A run's output dir (it writes {PROGRESS_FILE}), e.g. from glmchat-train:")
                     with Horizontal(classes="row"):
-                        yield Input(DEFAULT_OUTPUT_DIR, id="follow-dir")
+                        yield Input(placeholder=f"e.g. {DEFAULT_OUTPUT_DIR}", id="follow-dir")
                         yield Button("Follow", id="follow-run", variant="primary")
                     yield Static(id="follow-error", classes="error")
         yield Footer(compact=True)
@@ -132,7 +132,7 @@ class TrainingScreen(Screen):
                 request, lambda event: self.post_message(TrainEvents([event])), cancel
             )
         except BaseException as err:
-            self.post_message(RunEnded("failed", str(report(err, "training"))))
+            self.post_message(RunEnded("failed", in_form_terms(str(report(err, "training")))))
             return
         self.post_message(RunEnded("stopped" if result.stopped else "done"))
 
@@ -234,8 +234,12 @@ class TrainingScreen(Screen):
         if message.how == "failed":
             self.notify(message.detail, title="Training failed", severity="error", timeout=15)
         elif message.how in ("done", "stopped") and not message.detail:
-            checkpoint = self.monitor.checkpoints[-1].name if self.monitor.checkpoints else "no checkpoint"
-            self.notify(f"Training {message.how}: {checkpoint}.", title="Training")
+            if not self.monitor.checkpoints:
+                self.notify(f"Training {message.how}: no checkpoint.", title="Training")
+                return
+            # The chat keeps its adapter until one is picked: say how to chat with the new one.
+            self.notify(f"Training {message.how}: {self.monitor.checkpoints[-1].name}. Press Enter on it in the list "
+                        "(or “Chat with this checkpoint”) to chat with it.", title="Training", timeout=10)
 
     def _status(self) -> None:
         monitor = self.monitor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional
@@ -50,6 +51,21 @@ POSITIVE = {"max_source_length", "max_target_length", "pre_seq_len", "learning_r
 
 
 DEMO_OUTPUT_DIR = "output/demo-advertisegen"
+_FLAG = re.compile(r"(pass )?--([a-z][a-z0-9_-]*)")
+
+
+def in_form_terms(message: str) -> str:
+    """A training error names command-line flags (``pass --overwrite-output-dir``); in the app the user
+    sets the form's fields, so name those (``set “Overwrite output”``). Flags the form lacks stay."""
+    labels = {name: label for name, label, *_kind in PATH_FIELDS + OPTION_FIELDS + FLAG_FIELDS}
+
+    def field(match: re.Match) -> str:
+        label = labels.get(match.group(2).replace("-", "_"))
+        if label is None:
+            return match.group(0)
+        return f"{'set ' if match.group(1) else ''}“{label}”"
+
+    return _FLAG.sub(field, message)
 
 
 def defaults(demo: bool = False) -> dict:

@@ -47,6 +47,7 @@ class TrainMonitor(Vertical):
             yield Static(id="train-steps")
             yield Button("Stop", id="stop-run", variant="error", disabled=True, compact=True)
         yield Static(id="train-stats")
+        yield Static(id="train-error", classes="error")  # wraps: a failure's whole sentence, never cut off
         with Horizontal(id="train-body"):
             yield PlotextPlot(id="loss-plot")
             with Vertical(id="checkpoints-box"):
@@ -120,11 +121,15 @@ class TrainMonitor(Vertical):
         elif self.finished == "stopped":
             steps.append(("  ■ stopped", "$text-warning"))
         elif self.finished:
-            steps.append((f"  ✗ {self.finished}", "$text-error"))
+            steps.append(("  ✗ failed", "$text-error"))
         elif latest is not None:
             steps += [("  ETA ", "$text-muted"), format_duration(eta)]
         self.query_one("#train-steps", Static).update(Content.assemble(*steps))
         self.query_one("#train-stats", Static).update(self._stats())
+        failed = self.finished not in (None, "done", "stopped")
+        error = self.query_one("#train-error", Static)
+        error.update(Content.styled(self.finished, "$text-error") if failed else "")
+        error.display = failed  # takes no line unless there is something to say
         self._draw_plot()
 
     def _stats(self) -> Content:
