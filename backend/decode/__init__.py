@@ -1,0 +1,1 @@
+"""Decoding: one batched interface (protocol), the eager and fast decoders, and the batching thread."""
