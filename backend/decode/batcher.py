@@ -26,11 +26,15 @@ _END = object()
 class TokenStream:
     """The new token ids of one row, in order (thread-safe). ``finish_reason`` is set once it ends."""
 
-    def __init__(self, batcher: "Batcher", row: int, request: DecodeRequest):
+    def __init__(self, batcher: "Batcher", row: int, request: DecodeRequest, cancel: Optional[threading.Event] = None):
         self._batcher, self.row, self.request = batcher, row, request
         self._items: queue.Queue = queue.Queue()
         self.finish_reason: Optional[str] = None
         self.cancelled = threading.Event()
+        self._caller_cancel = cancel  # the caller's own event (e.g. the app's stop key), watched between steps
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set() or (self._caller_cancel is not None and self._caller_cancel.is_set())
 
     @property
     def prompt_tokens(self) -> int:
@@ -82,12 +86,13 @@ class Batcher:
     def max_batch(self) -> int:
         return self.decoder.max_batch
 
-    def submit(self, request: DecodeRequest) -> TokenStream:
+    def submit(self, request: DecodeRequest, cancel: Optional[threading.Event] = None) -> TokenStream:
+        """A stream of the request's new tokens; ``cancel`` (set from any thread) frees its row at the next step."""
         self.decoder.check(request)  # a request that can never run: its BackendError, at once
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise BusyError(f"all {self.decoder.max_batch} decoding rows are busy and {self.max_queue} requests wait; try again shortly.")
-            stream = TokenStream(self, next(self._ids), request)
+            stream = TokenStream(self, next(self._ids), request, cancel)
             self._waiting.append(stream)
             self._cond.notify()
         return stream
@@ -136,11 +141,11 @@ class Batcher:
 
     def _drop_cancelled(self) -> None:
         for row, stream in list(self._running.items()):
-            if stream.cancelled.is_set():
+            if stream.is_cancelled():
                 self.decoder.drop(row)
                 del self._running[row]
                 stream._end(FINISH_CANCELLED)
-        for stream in [s for s in self._waiting if s.cancelled.is_set()]:
+        for stream in [s for s in self._waiting if s.is_cancelled()]:
             self._waiting.remove(stream)
             stream._end(FINISH_CANCELLED)
 
