@@ -204,3 +204,24 @@ def test_requests_that_cannot_fit_wait_or_get_one_sentence(model, prefixes):
         assert out[1][:-1] == single_stream(model, prefixes["a"], PROMPTS[1], GREEDY)
     finally:
         batcher.close()
+
+
+def test_the_fast_decoder_serves_the_protocol_one_row_at_a_time(model, prefixes):
+    from backend.decode.fast import SerialFastDecoder
+    from backend.fast_decode import FastDecoder
+
+    fast = SerialFastDecoder(FastDecoder(model, max_seq_len=256, weights="same"), prefixes.__getitem__)
+    assert fast.max_batch == 1
+    batcher = Batcher(fast)
+    try:
+        requests = [DecodeRequest(PROMPTS[0], GREEDY, "a"), DecodeRequest(PROMPTS[1], GREEDY, None),
+                    DecodeRequest(PROMPTS[2], SAMPLED, "b", seed=11),
+                    DecodeRequest(PROMPTS[3], GREEDY, None, stop_token_ids=frozenset({single_stream(model, None, PROMPTS[3], GREEDY)[2]}))]
+        streams = [batcher.submit(r) for r in requests]  # queued behind each other, adapters switching
+        outputs = [list(s) for s in streams]
+    finally:
+        batcher.close()
+    for r, out in zip(requests[:2], outputs):
+        assert out == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)
+    assert len(outputs[2]) == SAMPLED.max_new_tokens and streams[2].finish_reason == "length"
+    assert len(outputs[3]) == 3 and streams[3].finish_reason == "stop"
