@@ -76,7 +76,11 @@ class ChatEngine:
         demo: bool = False,
         engine: str = "auto",
         device: Optional[str] = None,
+        max_batch: Optional[int] = None,
+        max_queue: int = 64,
     ) -> "ChatEngine":
+        """``max_batch``: replies decoded together (default: the decoder's; the fast decoder takes one at a time);
+        ``max_queue``: requests that may wait beyond them before ``BusyError``."""
         report = progress or (lambda p: None)
         adapters, adapter_dirs = list(adapters), list(adapter_dirs)
         if demo:
@@ -93,7 +97,7 @@ class ChatEngine:
             # "ready" is said once, after the adapters
             loaded = load_model(model, quantization=quantization, device=device,
                                 progress=lambda p: p.stage != "ready" and report(p))
-        self = cls(loaded, engine=engine, name="demo" if demo else str(model))
+        self = cls(loaded, engine=engine, name="demo" if demo else str(model), max_batch=max_batch, max_queue=max_queue)
         paths = [(p, False) for p in adapters] + [(d, True) for d in adapter_dirs]
         for i, (path, is_dir) in enumerate(paths, 1):
             report(LoadProgress("adapters", i - 1, len(paths), f"adapter {i}/{len(paths)}: {path}"))

@@ -225,3 +225,15 @@ def test_the_fast_decoder_serves_the_protocol_one_row_at_a_time(model, prefixes)
         assert out == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)
     assert len(outputs[2]) == SAMPLED.max_new_tokens and streams[2].finish_reason == "length"
     assert len(outputs[3]) == 3 and streams[3].finish_reason == "stop"
+
+
+def test_bad_sampling_settings_are_one_sentence_at_submit(model, prefixes):
+    batcher = Batcher(decoder(model, prefixes))
+    try:
+        with pytest.raises(BackendError, match="bad sampling settings"):
+            batcher.submit(DecodeRequest(PROMPTS[0], SamplingParams(temperature=0.7, repetition_penalty=-1.0)))
+        with pytest.raises(BackendError, match="at least 1 new token"):
+            batcher.submit(DecodeRequest(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=0)))
+        assert list(batcher.submit(DecodeRequest(PROMPTS[0], GREEDY))) == single_stream(model, None, PROMPTS[0], GREEDY)
+    finally:
+        batcher.close()

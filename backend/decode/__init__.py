@@ -19,7 +19,7 @@ def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda
                        max_batch: Optional[int] = None):
     """The decoder for ``engine``: "fast" (the CUDA fast path, one row at a time), "eager" (batched
     torch on any device), or "auto" (fast where its kernels run, else eager)."""
-    from ..fast_decode import available, FastDecoder
+    from .fast_decoder import FastDecoder, available
 
     if engine not in ("auto", "fast", "eager"):
         raise ValueError(f"engine must be auto, fast or eager, not {engine!r}")

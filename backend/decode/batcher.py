@@ -153,7 +153,11 @@ class Batcher:
         """First come, first served: the head waits until it fits, and those behind it wait too."""
         while self._waiting and self.decoder.fits(self._waiting[0].request):
             stream = self._waiting.popleft()
-            self.decoder.add(stream.row, stream.request)
+            try:
+                self.decoder.add(stream.row, stream.request)
+            except Exception as exc:  # noqa: BLE001 - this request's error, on its stream
+                stream._fail(exc)
+                continue
             self._running[stream.row] = stream
 
     def _fail_running(self, error: Exception) -> None:

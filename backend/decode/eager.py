@@ -26,6 +26,16 @@ from .protocol import FINISH_LENGTH, FINISH_STOP, DecodeRequest, RowToken
 PrefixOf = Callable[[Optional[str]], Optional[list]]  # adapter name -> prefix KV (split_prefix layout, batch 1) or None
 
 
+def check_sampling(params) -> None:
+    """Settings transformers' warpers refuse, as one sentence before the row starts."""
+    try:
+        logits_processors(params)
+    except ValueError as err:
+        raise BackendError(f"bad sampling settings ({err}); use temperature >= 0, 0 < top_p <= 1, top_k >= 0.") from None
+    if params.max_new_tokens < 1:
+        raise BackendError(f"max_new_tokens is {params.max_new_tokens}; ask for at least 1 new token.")
+
+
 def common_prefix_length(a, b) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -84,6 +94,7 @@ class EagerBatchDecoder:
             raise BackendError("the prompt is empty; send some text.")
         if n >= self.context_length:
             raise BackendError(f"the prompt is {n} tokens but the model's context is {self.context_length}; shorten it or start a new conversation.")
+        check_sampling(request.params)
         need = self._row_slots(request) * self.slot_bytes
         if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
             raise BackendError(f"this request needs {need / 2**30:.2f} GiB of cache but {self.kv_budget_bytes / 2**30:.2f} GiB is free; ask for fewer new tokens or a shorter prompt.")

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..service import BackendError
+from .eager import check_sampling
 from .protocol import FINISH_LENGTH, FINISH_STOP, DecodeRequest, RowToken
 
 _NO_PREFIX_YET = object()
@@ -35,6 +36,7 @@ class SerialFastDecoder:
         n = len(request.prompt_ids)
         if n == 0:
             raise BackendError("the prompt is empty; send some text.")
+        check_sampling(request.params)
         if self._prefix_len(request.adapter) + n >= self.context_length:
             raise BackendError(f"the prompt is {n} tokens but the model's context is {self.context_length}; shorten it or start a new conversation.")
 
