@@ -165,7 +165,7 @@ def build_parser() -> Parser:
     _add(train, "--eval-steps", type=int, default=None, help="evaluate every N steps (default: --save-steps)")
     _add(train, "--max-train-samples", type=int, default=None, help="use only the first N training examples")
     _add(train, "--max-eval-samples", type=int, default=None, help="evaluate on the first N validation examples")
-    _add(train, "--eval-batch-size", "--per-device-eval-batch-size", type=int, default=8, help="prompts generated together when evaluating (default: 8)")
+    _add(train, "--eval-batch-size", "--per-device-eval-batch-size", type=int, default=None, help="prompts generated together when evaluating (default: as many as free GPU memory holds; 8 on the CPU)")
     _add(train, "--sample", action="store_true", help="evaluate with the original sampling (temperature 0.95, top_p 0.7, top_k 50) instead of greedy")
     _add_ignored(train, list(IGNORED_SWITCHES), list(IGNORED_VALUES))
 
@@ -180,7 +180,7 @@ def build_parser() -> Parser:
     _add(ev, "--validation-file", "--test-file", required=True, help="JSON lines data to evaluate on")
     _add_data_args(ev)
     _add(ev, "--pre-seq-len", type=int, default=None, help="checked against the checkpoint when given (it knows its own)")
-    _add(ev, "--batch-size", "--per-device-eval-batch-size", type=int, default=8, help="prompts generated together (default: 8)")
+    _add(ev, "--batch-size", "--per-device-eval-batch-size", type=int, default=None, help="prompts generated together (default: as many as free GPU memory holds; 8 on the CPU)")
     _add(ev, "--max-eval-samples", "--max-predict-samples", type=int, default=None, help="evaluate on the first N examples")
     _add(ev, "--sample", action="store_true", help="sample like the original script (temperature 0.95, top_p 0.7, top_k 50) instead of greedy")
     ev.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
@@ -402,7 +402,7 @@ def cmd_eval(args) -> int:
         ckpt = read_prefix_checkpoint(checkpoint)  # fails fast, before the model loads
         if args.pre_seq_len is not None and args.pre_seq_len != ckpt.pre_seq_len:
             raise UsageError(f"--pre-seq-len {args.pre_seq_len} but {checkpoint} was trained with {ckpt.pre_seq_len}; drop the flag.")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size}).")
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else checkpoint
     examples = read_examples(args.validation_file, args.prompt_column, args.response_column, args.history_column, args.skip_bad_lines)

@@ -1,8 +1,10 @@
-"""The chat engine: the in-process service the TUI and the CLI talk to (``service.ChatBackend``).
+"""The chat engine: the in-process service the TUI, the CLI and the server talk to (``service.ChatBackend``).
 
-One loaded base model serves every adapter: switching only changes which precomputed prefix
-the decoder writes into its cache's first slots. Replies stream as text deltas, reuse the
-conversation's KV cache across turns, and stop when a cancel event is set.
+One loaded base model serves every adapter. Every reply is a row of one batched decoder
+(``backend.decode``), owned by a ``Batcher`` thread: concurrent replies from many threads decode
+together, each with its own adapter, sampling, seed and stop, and compare is one batch of two.
+No lock is held across a reply. The eager decoder keeps finished rows' caches, so a chat's next
+turn feeds only its new tokens; the CUDA fast decoder keeps its last conversation's cache.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from .adapters import AdapterRegistry
+from .chat_format import chatglm2_query_history, to_messages
 from .data import build_prompt
-from .fast_decode import make_decoder
-from .chat_format import to_messages
-from .generation import stream_text, without_partial_character
+from .decode import make_batch_decoder
+from .decode.batcher import Batcher, TokenStream, merge_streams
+from .decode.protocol import FINISH_CANCELLED, FINISH_STOP, DecodeRequest
+from .decode.text import ReplyText
 from .loading import LoadedModel, load_model
 from .service import (
     AdapterInfo,
     BackendError,
+    ChatMessage,
     History,
     LoadProgress,
     ModelInfo,
@@ -38,24 +43,27 @@ from .service import (
 )
 
 ACTIVE = object()  # "the active adapter", as the default of stream_reply's adapter argument
-_NO_PREFIX_YET = object()  # a decoder whose prefix was never set
 
 
 class ChatEngine:
-    def __init__(self, loaded: LoadedModel, engine: str = "auto", name: Optional[str] = None):
+    def __init__(self, loaded: LoadedModel, engine: str = "auto", name: Optional[str] = None,
+                 max_batch: Optional[int] = None, max_queue: int = 64):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.registry = AdapterRegistry(self.model.config, loaded.device, loaded.dtype)
-        self._engine = engine
-        self._decoders = [make_decoder(self.model, engine)]
-        self._decoder_adapters: list[object] = [_NO_PREFIX_YET]  # which adapter's prefix each decoder holds
         self._active: Optional[str] = None
-        self._lock = threading.RLock()  # one reply at a time uses the model's decoders
-        kind = "fast" if type(self._decoders[0]).__name__ == "FastDecoder" else "eager"
+        self._lock = threading.RLock()  # registry changes; replies never hold it
+        self.decoder = make_batch_decoder(self.model, engine, self.registry.prefix_kv, max_batch=max_batch)
+        self.batcher = Batcher(self.decoder, max_queue=max_queue)
+        kind = "eager" if type(self.decoder).__name__ == "EagerBatchDecoder" else "fast"
         self.info = ModelInfo(name or str(loaded.directory), loaded.precision, str(loaded.device), kind,
                               family=loaded.family.family, variant=loaded.family.variant,
-                              context_length=self.model.config.seq_length)
+                              context_length=self.decoder.context_length, max_batch=self.decoder.max_batch)
+
+    def close(self) -> None:
+        """Stop the decoding thread (replies still running end as cancelled)."""
+        self.batcher.close()
 
     # ------------------------------------------------------------ loading
 
@@ -70,7 +78,12 @@ class ChatEngine:
         demo: bool = False,
         engine: str = "auto",
         device: Optional[str] = None,
+        max_batch: Optional[int] = None,
+        max_queue: int = 64,
+        dtype: Optional[str] = None,
     ) -> "ChatEngine":
+        """``max_batch``: replies decoded together (default: the decoder's; the fast decoder takes one at a time);
+        ``max_queue``: requests that may wait beyond them before ``BusyError``."""
         report = progress or (lambda p: None)
         adapters, adapter_dirs = list(adapters), list(adapter_dirs)
         if demo:
@@ -82,18 +95,12 @@ class ChatEngine:
             adapter_dirs.append(str(demo_files.adapters_dir))
         if not model:
             raise BackendError("no model given; pass --model PATH_OR_HUB_ID (e.g. THUDM/chatglm2-6b) or --demo.")
-        if adapters and not demo:  # a cross-family adapter is refused before the weights load
-            from .adapters import refuse_other_family
-            from .families import detect_family
-            from .loading import resolve_model_dir
-
-            refuse_other_family(adapters, detect_family(resolve_model_dir(model)).family)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the CPU notice is shown by the caller, once
             # "ready" is said once, after the adapters
-            loaded = load_model(model, quantization=quantization, device=device,
+            loaded = load_model(model, quantization=quantization, device=device, dtype=dtype,
                                 progress=lambda p: p.stage != "ready" and report(p))
-        self = cls(loaded, engine=engine, name="demo" if demo else str(model))
+        self = cls(loaded, engine=engine, name="demo" if demo else str(model), max_batch=max_batch, max_queue=max_queue)
         paths = [(p, False) for p in adapters] + [(d, True) for d in adapter_dirs]
         for i, (path, is_dir) in enumerate(paths, 1):
             report(LoadProgress("adapters", i - 1, len(paths), f"adapter {i}/{len(paths)}: {path}"))
@@ -125,52 +132,41 @@ class ChatEngine:
             raise BackendError(f"no adapter named {name!r}; registered: {', '.join(a.name for a in self.adapters()) or 'none'}.")
         self._active = name
 
-    def _decoder_for(self, slot: int, adapter: Optional[str]):
-        """Decoder ``slot`` holding ``adapter``'s prefix (its cache is rebuilt when the prefix changes)."""
-        while len(self._decoders) <= slot:
-            self._decoders.append(make_decoder(self.model, self._engine))
-            self._decoder_adapters.append(_NO_PREFIX_YET)
-        decoder = self._decoders[slot]
-        if self._decoder_adapters[slot] != adapter:
-            decoder.set_prefix(self.registry.prefix_kv(adapter))
-            self._decoder_adapters[slot] = adapter
-        return decoder
-
     # ------------------------------------------------------------ replies
 
     def prompt_ids(self, query: str, history: History, adapter: Optional[str] = None, system: Optional[str] = None) -> list[int]:
-        """The family's chat format (tokenizer.build_chat_ids) for this turn; an adapter trained with a source
-        prefix gets it in front of the prompt, as its training put it (the original main.py)."""
+        return self._chat_ids(to_messages(query, history, system), adapter)
+
+    def _chat_ids(self, messages: Sequence[ChatMessage], adapter: Optional[str]) -> list[int]:
+        """The family's chat format (tokenizer.build_chat_ids); an adapter trained with a source prefix gets
+        it in front of the prompt, as its training put it (the original main.py)."""
         prefix = self.registry.source_prefix(adapter)
         if prefix:
+            query, history = chatglm2_query_history(messages)
             return self.tokenizer.encode(build_prompt(self.tokenizer, query, history, prefix))
-        return self.tokenizer.build_chat_ids(to_messages(query, history, system))
+        return list(self.tokenizer.build_chat_ids(list(messages)))
 
-    def _reply_stream(self, slot, query, history, params, cancel, adapter, generator=None, system=None) -> Iterator[ReplyEvent]:
-        ids = self.prompt_ids(query, history, adapter, system)
-        limit = self.model.config.seq_length - len(ids)
-        if limit <= 0:
-            raise BackendError(f"the conversation is {len(ids)} tokens, the model's limit is {self.model.config.seq_length}; start a new conversation.")
-        params = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, limit)})
-        decoder = self._decoder_for(slot, adapter)
-        eos = self.tokenizer.chat_stop_ids()  # ChatGLM3 also stops at <|user|> and <|observation|>
-        start = time.perf_counter()
-        emitted, new_ids = "", []
+    def _adapter(self, adapter) -> Optional[str]:
+        adapter = self._active if adapter is ACTIVE else adapter
+        if adapter not in self.registry:
+            raise BackendError(f"no adapter named {adapter!r}; registered: {', '.join(a.name for a in self.adapters()) or 'none'}.")
+        return adapter
 
-        def recorded():
-            for token in decoder.generate(ids, params, eos, cancel, generator):
-                new_ids.append(token)
-                yield token
+    def _submit(self, ids: list[int], params: SamplingParams, adapter: Optional[str], seed, cancel,
+                stop_ids: Iterable[int]) -> TokenStream:
+        return self.batcher.submit(DecodeRequest(ids, params, adapter, seed, frozenset(stop_ids)), cancel)
 
-        for text in stream_text(self.tokenizer, recorded(), eos):
-            if text.startswith(emitted) and len(text) > len(emitted):
-                yield TextDelta(text[len(emitted):], slot)
-                emitted = text
-        text = without_partial_character(self.tokenizer.chat_response(new_ids))
-        if text.startswith(emitted) and len(text) > len(emitted):  # a held-back partial character, at the end
-            yield TextDelta(text[len(emitted):], slot)
-        stopped = cancel is not None and cancel.is_set()
-        yield ReplyDone(Reply(text, adapter, stopped, len(new_ids), time.perf_counter() - start), slot)
+    def _stream(self, stream: TokenStream, stop: Sequence[str] = ()) -> Iterator[ReplyEvent]:
+        reply = _ReplyBuilder(self.tokenizer, stream, stop, 0)
+        try:
+            for token in stream:
+                yield from reply.on_token(token)
+                if reply.text.hit_stop:
+                    break
+        finally:
+            if stream.finish_reason is None:  # a stop string, or the reader went away
+                stream.cancel()
+        yield from reply.on_end()
 
     def stream_reply(
         self,
@@ -182,11 +178,38 @@ class ChatEngine:
         seed: Optional[int] = None,
         system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]:
-        """Text deltas of the reply to ``query`` after ``history`` (under a ``system`` text), then one ReplyDone."""
-        adapter = self._active if adapter is ACTIVE else adapter
-        generator = self._generator(seed)
-        with self._lock:
-            yield from self._reply_stream(0, query, history, params, cancel, adapter, generator, system)
+        """Text deltas of the reply to ``query`` after ``history``, then one ReplyDone."""
+        adapter = self._adapter(adapter)
+        ids = self.prompt_ids(query, history, adapter, system)
+        yield from self._stream(self._submit(ids, params, adapter, seed, cancel, self.tokenizer.chat_stop_ids()))
+
+    def stream_messages(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        cancel: Optional[threading.Event] = None,
+        adapter: Union[str, None, object] = ACTIVE,
+        seed: Optional[int] = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[ReplyEvent]:
+        """The reply to the last user message of ``messages``; ``stop`` strings end it (not included)."""
+        adapter = self._adapter(adapter)
+        ids = self._chat_ids(messages, adapter)
+        yield from self._stream(self._submit(ids, params, adapter, seed, cancel, self.tokenizer.chat_stop_ids()), stop)
+
+    def stream_completion(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        cancel: Optional[threading.Event] = None,
+        adapter: Union[str, None, object] = ACTIVE,
+        seed: Optional[int] = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[ReplyEvent]:
+        """A raw continuation of ``prompt`` (no chat format; special-token text stays text)."""
+        adapter = self._adapter(adapter)
+        stream = self._submit(self.tokenizer.encode(prompt), params, adapter, seed, cancel, [self.tokenizer.eos_token_id])
+        yield from self._stream(stream, stop)
 
     def reply(self, query: str, history: History, params: SamplingParams, **kw) -> Reply:
         for event in self.stream_reply(query, history, params, **kw):
@@ -202,25 +225,22 @@ class ChatEngine:
         adapters: Sequence[Optional[str]] = (),
         cancel: Optional[threading.Event] = None,
         seed: Optional[int] = None,
+        system: Optional[str] = None,
     ) -> Iterator[ReplyEvent]:
-        """The same prompt answered by two adapters (default: base vs active), interleaved as streams 0 and 1."""
-        pair = list(adapters) or [None, self._active]
-        with self._lock:
-            streams = [self._reply_stream(i, query, history, params, cancel, a, self._generator(seed)) for i, a in enumerate(pair)]
-            while streams:
-                for stream in list(streams):
-                    event = next(stream, None)
-                    if event is None:
-                        streams.remove(stream)
-                    else:
-                        yield event
-
-    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
-        if seed is None:
-            return None
-        g = torch.Generator(device=self.loaded.device)
-        g.manual_seed(seed)
-        return g
+        """The same prompt answered by two adapters (default: base vs active) in one batch, as streams 0 and 1."""
+        pair = [self._adapter(a) for a in (list(adapters) or [None, self._active])]
+        streams = []
+        try:
+            for a in pair:
+                ids = self.prompt_ids(query, history, a, system)  # an adapter's source prefix makes its prompt its own
+                streams.append(self._submit(ids, params, a, seed, cancel, self.tokenizer.chat_stop_ids()))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        replies = [_ReplyBuilder(self.tokenizer, s, (), i) for i, s in enumerate(streams)]
+        for i, token in merge_streams(streams):
+            yield from replies[i].on_end() if token is None else replies[i].on_token(token)
 
     # ------------------------------------------------------------ training
 
@@ -233,8 +253,9 @@ class ChatEngine:
         """P-Tuning v2 on the already-loaded base; chat keeps working meanwhile (the base is shared, frozen)."""
         from .training import train_prefix
 
-        # CUDA graph capture must not overlap a reply: it takes the engine's lock for those few seconds.
-        return train_prefix(self.model, self.tokenizer, request, progress=progress, cancel=cancel, capture_lock=self._lock)
+        # CUDA graph capture must not overlap a decoding step: it holds the batcher's step lock for those few seconds.
+        return train_prefix(self.model, self.tokenizer, request, progress=progress, cancel=cancel,
+                            capture_lock=self.batcher.step_lock)
 
     def model_structure(self) -> str:
         """The "model structure" page (``glmchat --info``, the app's structure panel) as text."""
@@ -248,3 +269,31 @@ class ChatEngine:
         if self.loaded.device.type != "cuda":
             return None
         return torch.cuda.memory_allocated(self.loaded.device) / 1e9
+
+
+class _ReplyBuilder:
+    """One reply's events from its token stream: text deltas, then ReplyDone."""
+
+    def __init__(self, tokenizer, stream: TokenStream, stop: Sequence[str], slot: int):
+        self.stream, self.slot = stream, slot
+        self.text = ReplyText(tokenizer, stream.request.stop_token_ids, stop)
+        self.new_tokens = 0
+        self.start = time.perf_counter()
+
+    def on_token(self, token: int) -> list[ReplyEvent]:
+        self.new_tokens += 1
+        delta = self.text.add(token)
+        if self.text.hit_stop and self.stream.finish_reason is None:
+            self.stream.cancel()
+        return [TextDelta(delta, self.slot)] if delta else []
+
+    def on_end(self) -> list[ReplyEvent]:
+        events: list[ReplyEvent] = []
+        tail = self.text.finish()  # a held-back partial character or stop-string candidate
+        if tail:
+            events.append(TextDelta(tail, self.slot))
+        reason = FINISH_STOP if self.text.hit_stop else (self.stream.finish_reason or FINISH_CANCELLED)
+        request = self.stream.request
+        events.append(ReplyDone(Reply(self.text.shown, request.adapter, reason == FINISH_CANCELLED, self.new_tokens,
+                                      time.perf_counter() - self.start, len(request.prompt_ids), reason), self.slot))
+        return events

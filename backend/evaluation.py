@@ -1,7 +1,7 @@
 """Evaluating a P-Tuning v2 prefix as ChatGLM2-6B's ``ptuning/main.py`` does with --predict_with_generate.
 
-Every example's prompt is generated for in left-padded batches (positions come from the attention
-mask, so a batch gives the same tokens as one-by-one), decoded with special tokens skipped, scored
+Every example's prompt is a row of the batched decoder (``backend.decode``: each row decodes as it would
+alone, so the batch size does not change a prediction), decoded with special tokens skipped, scored
 with ROUGE-1/2/L and BLEU-4 by :mod:`backend.metrics`, and written to ``generated_predictions.txt``
 and ``metrics.json``. Greedy decoding is the default; :data:`ORIGINAL_SAMPLING` reproduces the
 original script's sampled predictions (temperature 0.95, top_p 0.7, and transformers' default top_k 50).
@@ -9,6 +9,7 @@ original script's sampled predictions (temperature 0.95, top_p 0.7, and transfor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -19,8 +20,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .data import Example, preprocess_eval
-from .generation import logits_processors
-from .kv_cache import KVCache
+from .decode import make_batch_decoder
+from .decode.batcher import Batcher
+from .decode.protocol import DecodeRequest
 from .metrics import compute_metrics, write_predictions
 from .service import SamplingParams
 
@@ -41,56 +43,52 @@ class EvalResult:
     stopped: bool = False
 
 
-@torch.inference_mode()
-def generate_batch(
+EVAL_ADAPTER = "evaluated prefix"  # the decoder's name for the prefix under evaluation
+CUDA_EVAL_MAX_BATCH = 256  # rows at most; the decoder's memory budget (free GPU memory) may admit fewer
+
+
+def generate_all(
     model,
     prompts: Sequence[Sequence[int]],
     *,
     eos_token_id: Union[int, Sequence[int]],
-    pad_token_id: int,
     max_length: int,
     prefix_kv: Optional[list[torch.Tensor]] = None,
     params: SamplingParams = GREEDY,
-    generator: Optional[torch.Generator] = None,
+    seeds: Optional[Sequence[int]] = None,
+    batch_size: Optional[int] = None,
     cancel: Optional[threading.Event] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> list[list[int]]:
-    """New token ids (eos excluded) for each prompt, decoded together in one left-padded batch.
+    """New token ids (eos excluded) for each prompt, all submitted to one batched decoder.
     ``eos_token_id`` may list several stop ids (ChatGLM3 also stops at <|user|> and <|observation|>).
 
-    ``max_length`` bounds prompt + new tokens per prompt, like the original's ``max_length`` at batch 1,
-    so a prompt's output does not depend on what it is batched with. ``prefix_kv`` is a prefix in
-    ``split_prefix`` layout with batch 1 (e.g. ``AdapterRegistry.prefix_kv``); None = the base model.
+    ``max_length`` bounds prompt + new tokens per prompt, like the original's ``max_length`` at batch 1;
+    each row is decoded as it would be alone (``backend.decode``), so predictions do not depend on the
+    batch size. ``seeds[i]`` seeds prompt i's sampling. ``batch_size`` None: 8 rows on the CPU, on CUDA
+    as many as the free memory holds (up to 256). ``prefix_kv``: ``split_prefix`` layout, batch 1; None = base.
     """
-    device = model.get_input_embeddings().weight.device
-    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
-    b = len(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)  # [b, width]
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)  # [b, width]
-    budget = torch.tensor([max(0, max_length - len(p)) for p in prompts], device=device)  # new tokens allowed
-    cache = KVCache.with_prefix([t.expand(b, *t.shape[1:]) for t in prefix_kv] if prefix_kv else None)
-    procs = None if params.greedy else logits_processors(params)
+    on_cuda = model.get_input_embeddings().weight.is_cuda
+    max_batch = batch_size or (CUDA_EVAL_MAX_BATCH if on_cuda else None)
+    stops = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+    decoder = make_batch_decoder(model, "auto", lambda name: prefix_kv if name == EVAL_ADAPTER else None, max_batch=max_batch)
+    batcher = Batcher(decoder, max_queue=len(prompts) + 1, name="evaluation")
+    adapter = EVAL_ADAPTER if prefix_kv is not None else None
     outputs: list[list[int]] = [[] for _ in prompts]
-    done = budget <= 0  # [b]
-    feed, all_ids, produced = ids, ids, 0
-    while not bool(done.all()):
-        if cancel is not None and cancel.is_set():
-            break
-        logits = model(feed, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        if procs is None:
-            token = logits.argmax(-1)  # [b]
-        else:
-            scores = procs(all_ids, logits)
-            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
-        token = torch.where(done, torch.full_like(token, pad_token_id), token)
-        produced += 1
-        for i in (~done).nonzero()[:, 0].tolist():
-            if int(token[i]) not in stops:
-                outputs[i].append(int(token[i]))
-        done = done | torch.isin(token, stops) | (produced >= budget)
-        feed = token[:, None]
-        all_ids = torch.cat((all_ids, feed), dim=1)
-        mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
+    try:
+        streams = {}
+        for i, prompt in enumerate(prompts):
+            budget = max_length - len(prompt)
+            if budget > 0:
+                request = DecodeRequest(list(prompt), dataclasses.replace(params, max_new_tokens=budget), adapter,
+                                        seeds[i] if seeds is not None else None, stops)
+                streams[i] = batcher.submit(request, cancel)
+        for done, (i, stream) in enumerate(streams.items(), 1):
+            outputs[i] = [t for t in stream if t not in stops]
+            if progress is not None:
+                progress(done, len(streams))
+    finally:
+        batcher.close()
     return outputs
 
 
@@ -103,7 +101,7 @@ def evaluate(
     max_target_length: int = 128,
     source_prefix: str = "",
     prefix_kv: Optional[list[torch.Tensor]] = None,
-    batch_size: int = 8,
+    batch_size: Optional[int] = None,
     params: SamplingParams = GREEDY,
     seed: int = 42,
     output_dir: Optional[Union[str, Path]] = None,
@@ -116,35 +114,23 @@ def evaluate(
     is given) write ``generated_predictions.txt`` and ``metrics.json`` there.
 
     ``shard=(rank, world)`` generates only every world-th example (data-parallel evaluation); the caller
-    gathers the shards with :func:`merge_shards` and scores them. ``progress(done, total)`` is called per batch.
+    gathers the shards with :func:`merge_shards` and scores them. ``progress(done, total)`` is called as
+    predictions complete. ``batch_size``: rows decoded together (None: chosen from free memory on CUDA).
     """
     start = time.perf_counter()
     features = preprocess_eval(examples, tokenizer, max_source_length, max_target_length, source_prefix)
     rank, world = shard
     mine = list(range(rank, len(features), world))
     max_length = max_source_length + max_target_length + 1  # the original's max_seq_length
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator(device=model.get_input_embeddings().weight.device)
-        generator.manual_seed(seed + rank)
-    # Similar lengths together wastes less padding; results do not depend on the batching.
+    # Similar lengths together waste less padding; results do not depend on the batching.
     order = sorted(mine, key=lambda i: len(features[i]["input_ids"]))
-    predictions: dict[int, str] = {}
-    stopped = False
-    for first in range(0, len(order), batch_size):
-        if cancel is not None and cancel.is_set():
-            stopped = True
-            break
-        chunk = order[first:first + batch_size]
-        new_ids = generate_batch(
-            model, [features[i]["input_ids"] for i in chunk], eos_token_id=tokenizer.chat_stop_ids(),
-            pad_token_id=tokenizer.pad_token_id, max_length=max_length, prefix_kv=prefix_kv, params=params,
-            generator=generator, cancel=cancel,
-        )
-        for i, ids in zip(chunk, new_ids):
-            predictions[i] = tokenizer.decode(ids, skip_special_tokens=True)
-        if progress is not None:
-            progress(min(first + batch_size, len(order)), len(order))
+    new_ids = generate_all(
+        model, [features[i]["input_ids"] for i in order], eos_token_id=tokenizer.chat_stop_ids(), max_length=max_length,
+        prefix_kv=prefix_kv, params=params, seeds=[seed + i for i in order], batch_size=batch_size, cancel=cancel,
+        progress=progress,
+    )
+    predictions = {i: tokenizer.decode(ids, skip_special_tokens=True) for i, ids in zip(order, new_ids)}
+    stopped = cancel is not None and cancel.is_set()
     labels = {i: tokenizer.decode([t for t in features[i]["labels"] if t >= 0], skip_special_tokens=True) for i in mine}
     preds = [predictions.get(i, "") for i in mine]
     golds = [labels[i] for i in mine]

@@ -73,6 +73,8 @@ def _float_weight(module) -> torch.Tensor:
     """The module's weight as a float tensor [N, K] (dequantising bitsandbytes layers)."""
     if hasattr(module, "linear_weights"):  # int8_training.Int8Linear
         return module.linear_weights().dequantize(torch.float32)
+    if hasattr(module, "dequantize_weight"):  # int4_release.Int4Linear
+        return module.dequantize_weight(torch.float32)
     kind = _bnb_kind(module)
     if kind == "int8":
         cb, scb = _bnb_int8(module)
@@ -100,6 +102,8 @@ def _bnb_int8(module) -> tuple[torch.Tensor, torch.Tensor]:
 def is_quantized_module(module) -> Optional[str]:
     if hasattr(module, "linear_weights"):  # int8_training.Int8Linear
         return "int8"
+    if hasattr(module, "dequantize_weight"):  # int4_release.Int4Linear (the official int4 release)
+        return "4bit"
     return _bnb_kind(module)
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from .configuration import ChatGLMConfig, read_config_file
 from .families import Family, check_supported_config, detect_family
 from .local_files import local_model_dir
+from .int4_release import is_int4_release, replace_with_int4
 from .modeling import ChatGLMForConditionalGeneration
 from .json_files import describe, read_json_object
 from .registry import register_auto_classes
@@ -45,11 +46,13 @@ class LoadedModel:
     directory: Path
     device: torch.device
     dtype: torch.dtype
-    quantization: str  # "8bit" | "4bit" | "none"
+    quantization: str  # "8bit" | "4bit" (bitsandbytes NF4) | "int4" (the official int4 release) | "none"
     family: Family = Family("chatglm2", "chatglm2-6b")
 
     @property
     def precision(self) -> str:
+        if self.quantization == "int4":
+            return "4bit"
         if self.quantization != "none":
             return self.quantization
         return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
@@ -269,18 +272,25 @@ def load_model(
 
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)
-    if quant != "none":
+    if is_int4_release(config):  # the official int4 release: its packed weights stay packed
+        if quantization not in (None, "auto", "4bit"):
+            raise BackendError(f"{path} is the int4 release (its weights are already 4-bit); drop --quantization {quantization} or pass 4bit.")
+        quant = "int4"
+        replace_with_int4(model, dtype_)
+    elif quant != "none":
         replace_linears(model, quant, dtype_)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     pending = {k for k in expected if ".prefix_encoder." not in k}
 
     files = weight_files(path)
-    verb = {"8bit": "quantizing to 8-bit", "4bit": "quantizing to 4-bit", "none": "loading"}[quant]
+    verb = {"8bit": "quantizing to 8-bit", "4bit": "quantizing to 4-bit", "int4": "loading 4-bit", "none": "loading"}[quant]
     for i, file in enumerate(files, 1):
         report(LoadProgress("quantizing" if quant != "none" else "weights", i - 1, len(files), f"shard {i}/{len(files)}: {verb} {file.name}"))
         for key, tensor in read_tensors(file):
             if _IGNORED_KEYS.search(key) or ".prefix_encoder." in key:
                 continue
+            if (key.endswith(".weight_scale") or tensor.dtype == torch.int8) and not is_int4_release(config):
+                raise BackendError(f"{file} holds the int4 release's packed weights but {path}/config.json lacks \"quantization_bit\": 4; use the release's config.json.")
             if key not in expected:
                 raise BackendError(f"{file} holds tensor '{key}', which ChatGLM2 does not have: this is not a ChatGLM2 checkpoint.")
             if tuple(tensor.shape) != expected[key] and key in pending and not _is_quantized_shape(model, key):

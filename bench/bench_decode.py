@@ -258,12 +258,18 @@ def eager_logits(model, ids: list[int], forced: list[int]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def replay_step(dec: FastDecoder, token: int, pos: int) -> None:
+    """One decode step from the captured graph, with ``token`` fed at ``pos`` (bench only)."""
+    dec._set_step_input(token, pos)
+    dec._graph.replay()
+
+
 @torch.inference_mode()
 def fast_logits(dec: FastDecoder, ids: list[int], forced: list[int]) -> torch.Tensor:
     dec.reset()
     out = [dec._forward_torch(ids, 0)]
     for i, t in enumerate(forced):
-        dec._replay(t, len(ids) + i)
+        replay_step(dec, t, len(ids) + i)
         out.append(dec._logits.view(1, -1).clone())
     return torch.cat(out)
 
@@ -438,7 +444,7 @@ def prefill_compare(dec: FastDecoder, label: str, prompts: dict, info: dict) -> 
     prompt: TTFT, and the logits and real cache slots the two leave."""
     rows = {}
     for tag, ids in prompts.items():
-        dec.clear_prefill_graphs()
+        dec._prefill_graph_cache.clear()  # the next prompt of each bucket captures again
         first: list = []
         t_graph = ttft_ms(dec, ids, first=first)
         was, dec.prefill_graphs = dec.prefill_graphs, False  # (was is False only where a capture failed)

@@ -7,11 +7,13 @@ import threading
 import pytest
 import torch
 
+from backend.decode.eager import common_prefix_length
 from backend.decoding import EagerDecoder
 from backend.engine import ChatEngine
 from backend.generation import without_partial_character
 from backend.kv_cache import KVCache
-from backend.service import BackendError, ReplyDone, SamplingParams, TextDelta
+from backend.chat_format import to_messages
+from backend.service import BackendError, ChatMessage, ReplyDone, SamplingParams, TextDelta
 from helpers_tiny import make_tiny_model_dir
 from test_adapters import write_checkpoint
 
@@ -69,17 +71,22 @@ def test_cancel_from_another_thread_keeps_the_partial_reply(engine):
 
 def test_kv_cache_reuse_equals_reencoding_the_whole_history(engine):
     history = []
-    decoder = engine._decoders[0]
+    decoder = engine.decoder
     for query in ("你好", "类型#上衣*材质#牛仔布", "再说一次"):
-        reused_before = list(decoder.cached_ids)
-        reply = engine.reply(query, history, GREEDY)
         ids = engine.prompt_ids(query, history)
-        if history:  # the previous turn's tokens were reused, not fed again
-            assert len(reused_before) > 0 and ids[: len(reused_before) // 2] == reused_before[: len(reused_before) // 2]
+        kept = [f.cached_ids for f in decoder._finished]
+        reply = engine.reply(query, history, GREEDY)
+        if history:  # the previous turn's cache was kept, and it begins this prompt
+            before = engine.prompt_ids(*turn_before(history))
+            assert any(common_prefix_length(k, ids) >= len(before) for k in kept)
         fresh = EagerDecoder(engine.model)
         fresh_tokens = list(fresh.generate(ids, GREEDY, [engine.tokenizer.eos_token_id]))
         assert without_partial_character(engine.tokenizer.decode(fresh_tokens[: reply.new_tokens])).strip() == reply.text
         history.append((query, reply.text))
+
+
+def turn_before(history):
+    return history[-1][0], history[:-1]
 
 
 def test_cached_logits_equal_full_forward(engine):
@@ -146,3 +153,90 @@ def test_multi_token_feed_after_a_cached_turn_builds_its_mask_on_the_model_devic
     with torch.no_grad():
         model(ids[:, :-3], cache=cache)
         assert model(ids[:, -3:], cache=cache).logits.isfinite().all()
+
+
+def test_concurrent_replies_are_rows_of_one_batch_and_equal_single_replies(engine):
+    queries = ["你好", "类型#上衣*材质#牛仔布", "介绍一下你自己", "再说一次"]
+    adapters = [None, "runs/checkpoint-5", "runs/checkpoint-9", None]
+    alone = [engine.reply(q, [], GREEDY, adapter=a).text for q, a in zip(queries, adapters)]
+    widest = []
+    step = engine.decoder.step
+
+    def watching():
+        widest.append(engine.decoder.rows)
+        return step()
+
+    engine.decoder.step = watching
+    results = [None] * 4
+    start = threading.Barrier(4)
+
+    def ask(i):
+        start.wait()
+        results[i] = engine.reply(queries[i], [], GREEDY, adapter=adapters[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.text for r in results] == alone
+    assert max(widest) > 1 and engine.info.max_batch >= 4
+    assert all(r.prompt_tokens == len(engine.prompt_ids(q, [])) and r.finish_reason in ("stop", "length") for r, q in zip(results, queries))
+
+
+def test_compare_any_two_adapters_with_a_seed_equals_two_replies(engine):
+    params = SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=12)
+    pair = ["runs/checkpoint-9", "runs/checkpoint-5"]
+    _, done = collect(list(engine.compare("你好", [], params, adapters=pair, seed=5)))
+    by_stream = {d.stream: d.reply for d in done}
+    for i, name in enumerate(pair):
+        assert by_stream[i].adapter == name
+        assert by_stream[i].text == engine.reply("你好", [], params, adapter=name, seed=5).text
+
+
+def test_stop_strings_end_the_reply_and_are_not_shown(engine):
+    full = engine.reply("你好", [], SamplingParams(temperature=0, max_new_tokens=40)).text
+    assert len(full) > 6
+    stop = full[3:5]
+    deltas, done = collect(list(engine.stream_completion("", SamplingParams(temperature=0, max_new_tokens=1), adapter=None)))
+    assert done[0].reply.prompt_tokens == len(engine.tokenizer.encode(""))
+    messages = [ChatMessage("user", "你好")]
+    deltas, done = collect(list(engine.stream_messages(messages, SamplingParams(temperature=0, max_new_tokens=40), stop=[stop])))
+    reply = done[0].reply
+    assert reply.finish_reason == "stop" and stop not in reply.text and full.startswith(reply.text)
+    assert "".join(d.text for d in deltas) == reply.text
+    assert reply.text == full[: full.find(stop)].rstrip()
+
+
+def test_messages_map_to_the_chatglm2_prompt(engine):
+    history = [("你好", "你好，很高兴见到你。")]
+    messages = [ChatMessage("system", "简短回答。"), ChatMessage("user", "你好"), ChatMessage("assistant", "你好，很高兴见到你。"),
+                ChatMessage("user", "介绍一下你自己")]
+    assert engine.tokenizer.build_chat_ids(messages) == engine.prompt_ids("简短回答。介绍一下你自己", history)
+    assert engine.prompt_ids("介绍一下你自己", history, system="简短回答。") == engine.tokenizer.build_chat_ids(messages)
+    assert to_messages("介绍一下你自己", history, "简短回答。") == messages
+    with pytest.raises(BackendError, match="last message must be the user"):
+        list(engine.stream_messages(messages[:-1], GREEDY))
+    with pytest.raises(BackendError, match="user/assistant pairs"):
+        list(engine.stream_messages([ChatMessage("assistant", "x"), ChatMessage("user", "y")], GREEDY))
+
+
+def test_a_prompt_beyond_the_context_is_one_sentence_and_others_keep_running(engine):
+    cancel = threading.Event()
+    running = engine.stream_reply("你好", [], SamplingParams(temperature=0, max_new_tokens=200), cancel=cancel)
+    first = next(running)
+    with pytest.raises(BackendError, match="context"):
+        engine.reply("长" * 2000, [], GREEDY)
+    cancel.set()
+    events = [first] + list(running)
+    assert isinstance(events[-1], ReplyDone) and events[-1].reply.finish_reason == "cancelled" and events[-1].reply.stopped
+
+
+def test_streamed_text_never_shows_half_a_character(engine):
+    from backend.decode.text import ReplyText
+
+    tok = engine.tokenizer
+    byte_ids = [tok.sp_model.piece_to_id(f"<0x{b:02X}>") for b in "好的".encode("utf-8")]
+    text = ReplyText(tok, [tok.eos_token_id], stop=["的"])
+    deltas = [text.add(t) for t in byte_ids]
+    assert deltas == ["", "", "好", "", "", ""] and text.hit_stop and text.finish() == ""

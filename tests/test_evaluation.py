@@ -12,7 +12,7 @@ import torch
 import train_cli
 from backend.adapters import AdapterRegistry
 from backend.data import read_examples
-from backend.evaluation import ORIGINAL_SAMPLING, EvalResult, evaluate, generate_batch, merge_shards
+from backend.evaluation import ORIGINAL_SAMPLING, EvalResult, evaluate, generate_all, merge_shards
 from backend.loading import load_model
 from backend.training import train_prefix
 from test_training import request, sharpened_tiny_model_dir, write_data
@@ -70,10 +70,10 @@ def test_batched_greedy_equals_one_by_one(loaded, prefix_kv, with_prefix):
     kv = prefix_kv if with_prefix else None
     prompts = prompts_of(tok)
     assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: the batch is really left-padded
-    kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_length=max(map(len, prompts)) + 12, prefix_kv=kv)
-    batched = generate_batch(loaded.model, prompts, **kw)
-    single = [generate_batch(loaded.model, [p], **kw)[0] for p in prompts]
-    assert batched == single
+    kw = dict(eos_token_id=tok.eos_token_id, max_length=max(map(len, prompts)) + 12, prefix_kv=kv)
+    batched = generate_all(loaded.model, prompts, **kw)
+    single = [generate_all(loaded.model, [p], **kw)[0] for p in prompts]
+    assert batched == single == generate_all(loaded.model, prompts, batch_size=2, **kw)
     assert all(len(p) + len(out) <= kw["max_length"] for p, out in zip(prompts, batched))
     reference = greedy_without_cache(loaded.model, prompts[1], kv, tok.eos_token_id, kw["max_length"])
     assert single[1] == reference
@@ -82,16 +82,16 @@ def test_batched_greedy_equals_one_by_one(loaded, prefix_kv, with_prefix):
 def test_the_prefix_changes_what_is_generated(loaded, prefix_kv):
     tok = loaded.tokenizer
     prompts = prompts_of(tok)
-    kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_length=40)
-    assert generate_batch(loaded.model, prompts, **kw) != generate_batch(loaded.model, prompts, prefix_kv=prefix_kv, **kw)
+    kw = dict(eos_token_id=tok.eos_token_id, max_length=40)
+    assert generate_all(loaded.model, prompts, **kw) != generate_all(loaded.model, prompts, prefix_kv=prefix_kv, **kw)
 
 
 def test_sampling_is_reproducible_with_a_seed(loaded, tmp_path):
     examples = list(read_examples(write_data(tmp_path / "dev.json", 3), "content", "summary"))
     kw = dict(max_source_length=24, max_target_length=8, params=ORIGINAL_SAMPLING, seed=3)
     a = evaluate(loaded.model, loaded.tokenizer, examples, **kw)
-    b = evaluate(loaded.model, loaded.tokenizer, examples, **kw)
-    assert a.predictions == b.predictions
+    b = evaluate(loaded.model, loaded.tokenizer, examples, batch_size=1, **kw)
+    assert a.predictions == b.predictions  # the batch size changes no sampled prediction either
 
 
 def test_evaluate_writes_the_original_files(loaded, prefix_kv, tmp_path):
@@ -111,7 +111,7 @@ def test_evaluate_writes_the_original_files(loaded, prefix_kv, tmp_path):
 def test_an_empty_prediction_scores_zero(loaded, tmp_path, monkeypatch):
     import backend.evaluation as evaluation
 
-    monkeypatch.setattr(evaluation, "generate_batch", lambda model, prompts, **kw: [[] for _ in prompts])
+    monkeypatch.setattr(evaluation, "generate_all", lambda model, prompts, **kw: [[] for _ in prompts])
     examples = list(read_examples(write_data(tmp_path / "dev.json", 2), "content", "summary"))
     result = evaluate(loaded.model, loaded.tokenizer, examples, max_source_length=24, max_target_length=8,
                       output_dir=tmp_path)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import backend
-import backend.fast_decode
+import backend.decode.fast_prefill
 from backend import ChatGLMConfig, ChatGLMForConditionalGeneration
 from backend.decoding import EagerDecoder
 from backend.fast_decode import FastDecoder, available, make_decoder
@@ -311,7 +311,7 @@ def padded(model, **kw) -> FastDecoder:
 @pytest.mark.parametrize("P, math_attn", [(0, True), (4, True), (4, False)])
 def test_padded_prefill_equals_unpadded(P, math_attn, monkeypatch):
     if not math_attn:  # masked windows through the keys repeated per head (the large windows' way)
-        monkeypatch.setattr(backend.fast_decode, "PREFILL_MATH_ATTN_BYTES", 0)
+        monkeypatch.setattr(backend.decode.fast_prefill, "PREFILL_MATH_ATTN_BYTES", 0)
     model = tiny_model()
     ref, dec = FastDecoder(model, weights="same", max_seq_len=256), padded(model, max_seq_len=256)
     assert ref.prefill_graphs is False  # the CPU default: the model's own unpadded math

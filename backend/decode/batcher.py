@@ -1,0 +1,207 @@
+"""Continuous batching: one scheduler thread owns a decoder; callers submit rows and read token streams.
+
+``Batcher.submit`` returns a :class:`TokenStream` at once (or raises ``BusyError`` when every row
+is taken and the waiting queue is full, ``BackendError`` when the request can never run). The
+thread admits waiting requests first come, first served while the decoder has a free row and
+the memory for it (a request that does not fit waits at the head of the queue; one that could
+not fit even alone is refused at submit), steps the decoder, and hands each token to its stream.
+A cancelled stream's row is freed before the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+from collections import deque
+from typing import Iterator, Optional, Sequence
+
+from ..service import BusyError
+from .protocol import FINISH_CANCELLED, DecodeRequest, Decoder
+
+_END = object()
+
+
+class TokenStream:
+    """The new token ids of one row, in order (thread-safe). ``finish_reason`` is set once it ends."""
+
+    def __init__(self, batcher: "Batcher", row: int, request: DecodeRequest, cancel: Optional[threading.Event] = None):
+        self._batcher, self.row, self.request = batcher, row, request
+        self._items: queue.Queue = queue.Queue()
+        self.finish_reason: Optional[str] = None
+        self.cancelled = threading.Event()
+        self._caller_cancel = cancel  # the caller's own event (e.g. the app's stop key), watched between steps
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set() or (self._caller_cancel is not None and self._caller_cancel.is_set())
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids)
+
+    def cancel(self) -> None:
+        """Free the row at the next step; the stream ends with finish_reason "cancelled"."""
+        self.cancelled.set()
+        self._batcher._wake()
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self._items.get()
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def _put(self, item) -> None:
+        self._items.put(item)
+
+    def _end(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self._items.put(_END)
+
+    def _fail(self, error: Exception) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "error"
+            self._items.put(error)
+
+
+class Batcher:
+    def __init__(self, decoder: Decoder, max_queue: int = 64, name: str = "decoder"):
+        self.decoder = decoder
+        self.max_queue = max_queue
+        # held around each step: work that must not overlap decoding (a CUDA graph capture) takes it
+        self.step_lock = threading.RLock()
+        self._cond = threading.Condition()
+        self._waiting: deque[TokenStream] = deque()
+        self._running: dict[int, TokenStream] = {}
+        self._ids = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def max_batch(self) -> int:
+        return self.decoder.max_batch
+
+    def submit(self, request: DecodeRequest, cancel: Optional[threading.Event] = None) -> TokenStream:
+        """A stream of the request's new tokens; ``cancel`` (set from any thread) frees its row at the next step."""
+        self.decoder.check(request)  # a request that can never run: its BackendError, at once
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise BusyError(f"all {self.decoder.max_batch} decoding rows are busy and {self.max_queue} requests wait; try again shortly.")
+            stream = TokenStream(self, next(self._ids), request, cancel)
+            self._waiting.append(stream)
+            self._cond.notify()
+        return stream
+
+    def close(self) -> None:
+        """Stop the thread; waiting and running streams end as cancelled."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._has_work())
+                if self._closed:
+                    break
+                self._drop_cancelled()
+                self._admit()
+            if not self._running:
+                continue
+            with self.step_lock:
+                try:
+                    tokens = self.decoder.step()
+                except Exception as exc:  # noqa: BLE001 - a failed step ends the rows in it, not the thread
+                    self._fail_running(exc)
+                    continue
+                failed = self.decoder.failed()
+            for row, error in failed:
+                self._running.pop(row)._fail(error)
+            for t in tokens:
+                stream = self._running[t.row]
+                stream._put(t.token)
+                if t.finish is not None:
+                    del self._running[t.row]
+                    stream._end(t.finish)
+        for stream in list(self._waiting) + list(self._running.values()):
+            stream._end(FINISH_CANCELLED)
+
+    def _has_work(self) -> bool:
+        return bool(self._running) or bool(self._waiting)
+
+    def _drop_cancelled(self) -> None:
+        for row, stream in list(self._running.items()):
+            if stream.is_cancelled():
+                self.decoder.drop(row)
+                del self._running[row]
+                stream._end(FINISH_CANCELLED)
+        for stream in [s for s in self._waiting if s.is_cancelled()]:
+            self._waiting.remove(stream)
+            stream._end(FINISH_CANCELLED)
+
+    def _admit(self) -> None:
+        """First come, first served: the head waits until it fits, and those behind it wait too."""
+        while self._waiting and self.decoder.fits(self._waiting[0].request):
+            stream = self._waiting.popleft()
+            try:
+                self.decoder.add(stream.row, stream.request)
+            except Exception as exc:  # noqa: BLE001 - this request's error, on its stream
+                stream._fail(exc)
+                continue
+            self._running[stream.row] = stream
+
+    def _fail_running(self, error: Exception) -> None:
+        for row, stream in list(self._running.items()):
+            self.decoder.drop(row)
+            stream._fail(error)
+        self._running.clear()
+
+
+def merge_streams(streams: Sequence[TokenStream]) -> Iterator[tuple[int, Optional[int]]]:
+    """(index, token) from several streams as their tokens come, then (index, None) as each ends;
+    an error in one stream is raised here after the others are cancelled."""
+    events: queue.Queue = queue.Queue()
+
+    def drain(i: int, stream: TokenStream) -> None:
+        try:
+            for token in stream:
+                events.put((i, token))
+            events.put((i, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader
+            events.put((i, exc))
+
+    for i, stream in enumerate(streams):
+        threading.Thread(target=drain, args=(i, stream), daemon=True).start()
+    open_streams = len(streams)
+    try:
+        while open_streams:
+            i, item = events.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                open_streams -= 1
+            yield i, item
+    finally:
+        for stream in streams:
+            if stream.finish_reason is None:
+                stream.cancel()
+
+
+@contextlib.contextmanager
+def cancelling(stream: TokenStream):
+    """Cancel the stream when the reader stops early (an exception, or a generator closed)."""
+    try:
+        yield stream
+    finally:
+        if stream.finish_reason is None:
+            stream.cancel()

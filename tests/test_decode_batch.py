@@ -1,0 +1,239 @@
+"""The batched decoder and its scheduler: rows of a batch equal single streams (greedy and seeded),
+rows with different adapters and prefix lengths decode together, rows join and leave while others run,
+cancel frees a row, the queue is bounded, and a request that cannot fit gets one sentence."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from backend.decode.batcher import Batcher, merge_streams
+from backend.decode.eager import EagerBatchDecoder
+from backend.decode.protocol import DecodeRequest
+from backend.decoding import EagerDecoder
+from backend.service import BackendError, BusyError, SamplingParams
+from test_fast_decode import random_prefix, tiny_model
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1, max_new_tokens=16)
+PROMPTS = [list(range(10, 17)), list(range(40, 60)), [7, 9, 11], list(range(100, 131))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def prefixes(model):
+    return {None: None, "a": random_prefix(model, 4, seed=1), "b": random_prefix(model, 9, seed=2)}
+
+
+def decoder(model, prefixes, **kw) -> EagerBatchDecoder:
+    return EagerBatchDecoder(model, prefixes.__getitem__, **kw)
+
+
+def run_together(dec, requests) -> dict[int, list[int]]:
+    """Every request added at once, stepped until all finish."""
+    for i, r in enumerate(requests):
+        dec.add(i, r)
+    out: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+    while dec.rows:
+        for t in dec.step():
+            out[t.row].append(t.token)
+    return out
+
+
+def alone(model, prefixes, request) -> list[int]:
+    return run_together(decoder(model, prefixes), [request])[0]
+
+
+def single_stream(model, prefix, ids, params, stop=(), seed=None) -> list[int]:
+    """The existing batch-1 eager decoder, the reference for one row."""
+    dec = EagerDecoder(model)
+    dec.set_prefix(prefix)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return list(dec.generate(ids, params, stop, generator=generator))
+
+
+def test_greedy_rows_with_different_adapters_equal_single_streams(model, prefixes):
+    adapters = [None, "a", "b", "a"]
+    requests = [DecodeRequest(p, GREEDY, a) for p, a in zip(PROMPTS, adapters)]
+    together = run_together(decoder(model, prefixes), requests)
+    for i, (p, a) in enumerate(zip(PROMPTS, adapters)):
+        assert together[i] == single_stream(model, prefixes[a], p, GREEDY), f"row {i}"
+    assert len({tuple(v) for v in together.values()}) == 4
+
+
+def test_seeded_rows_do_not_depend_on_the_batch(model, prefixes):
+    requests = [DecodeRequest(p, SAMPLED, a, seed=11) for p, a in zip(PROMPTS, [None, "b", None, "a"])]
+    together = run_together(decoder(model, prefixes), requests)
+    for i, r in enumerate(requests):
+        assert together[i] == alone(model, prefixes, r)
+        assert together[i] == single_stream(model, prefixes[r.adapter], r.prompt_ids, SAMPLED, seed=11)
+    assert together[0] != run_together(decoder(model, prefixes), [DecodeRequest(PROMPTS[0], SAMPLED, seed=12)])[0]
+
+
+def test_rows_finish_independently_and_join_while_others_run(model, prefixes):
+    dec = decoder(model, prefixes)
+    short = DecodeRequest(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=3), "a")
+    stop_at = single_stream(model, None, PROMPTS[1], GREEDY)[5]
+    stopping = DecodeRequest(PROMPTS[1], GREEDY, None, stop_token_ids=frozenset({stop_at}))
+    late = DecodeRequest(PROMPTS[3], GREEDY, "b")
+    dec.add(0, short)
+    dec.add(1, stopping)
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+    finish = {}
+    steps = 0
+    while dec.rows:
+        steps += 1
+        if steps == 2:
+            dec.add(2, late)  # joins a batch whose rows are mid-reply
+        for t in dec.step():
+            got[t.row].append(t.token)
+            if t.finish:
+                finish[t.row] = t.finish
+    assert finish == {0: "length", 1: "stop", 2: "length"}
+    assert got[0] == alone(model, prefixes, short) and len(got[0]) == 3
+    expected = single_stream(model, None, PROMPTS[1], GREEDY)
+    assert got[1] == expected[: expected.index(stop_at) + 1]
+    assert got[2] == alone(model, prefixes, late)
+
+
+def test_drop_frees_a_row_and_the_others_continue(model, prefixes):
+    dec = decoder(model, prefixes)
+    dec.add(0, DecodeRequest(PROMPTS[0], GREEDY, "a"))
+    dec.add(1, DecodeRequest(PROMPTS[2], GREEDY, "b"))
+    got = {0: [], 1: []}
+    for _ in range(4):
+        for t in dec.step():
+            got[t.row].append(t.token)
+    dec.drop(0)
+    assert dec.rows == 1
+    while dec.rows:
+        for t in dec.step():
+            got[t.row].append(t.token)
+    assert got[1] == single_stream(model, prefixes["b"], PROMPTS[2], GREEDY)
+
+
+def test_a_following_turn_reuses_the_finished_rows_cache(model, prefixes):
+    dec = decoder(model, prefixes)
+    first = run_together(dec, [DecodeRequest(PROMPTS[1], GREEDY, "a")])[0]
+    turn2 = PROMPTS[1] + first + [5, 6, 7]
+    fed = []
+    original = model.forward
+
+    def counting(input_ids, *a, **kw):
+        fed.append(input_ids.shape[1])
+        return original(input_ids, *a, **kw)
+
+    model.forward = counting
+    try:
+        second = run_together(dec, [DecodeRequest(turn2, GREEDY, "a")])[0]
+    finally:
+        del model.forward
+    assert fed[0] <= 4  # the last reply token and the three new ones, not the whole conversation
+    assert second == single_stream(model, prefixes["a"], turn2, GREEDY)
+
+
+def test_batcher_streams_concurrent_requests_as_rows_of_one_batch(model, prefixes):
+    dec = decoder(model, prefixes, max_batch=4)
+    batcher = Batcher(dec)
+    seen_rows = []
+    step = dec.step
+
+    def watching():
+        seen_rows.append(dec.rows)
+        return step()
+
+    dec.step = watching
+    try:
+        requests = [DecodeRequest(p, GREEDY, a) for p, a in zip(PROMPTS, [None, "a", "b", None])]
+        results = [None] * 4
+
+        def ask(i):
+            results[i] = list(batcher.submit(requests[i]))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        batcher.close()
+    for i, r in enumerate(requests):
+        assert results[i] == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)
+    assert max(seen_rows) > 1  # they really were decoded together
+
+
+def test_cancel_frees_the_row_and_the_queue_is_bounded(model, prefixes):
+    dec = decoder(model, prefixes, max_batch=1)
+    batcher = Batcher(dec, max_queue=1)
+    try:
+        long = SamplingParams(temperature=0, max_new_tokens=400)
+        running = batcher.submit(DecodeRequest(PROMPTS[0], long))
+        first = next(iter(running))  # it is running now, so the next request waits
+        waiting = batcher.submit(DecodeRequest(PROMPTS[2], GREEDY))
+        with pytest.raises(BusyError, match="try again"):
+            batcher.submit(DecodeRequest(PROMPTS[1], GREEDY))
+        running.cancel()
+        rest = list(running)
+        assert running.finish_reason == "cancelled" and 1 + len(rest) < 400 and first is not None
+        assert list(waiting) == single_stream(model, None, PROMPTS[2], GREEDY)
+        assert waiting.finish_reason == "length"
+    finally:
+        batcher.close()
+
+
+def test_requests_that_cannot_fit_wait_or_get_one_sentence(model, prefixes):
+    slots = len(PROMPTS[1]) + GREEDY.max_new_tokens + 4  # adapter "a" takes 4 prefix slots
+    dec = decoder(model, prefixes, kv_budget_bytes=slots * decoder(model, prefixes).slot_bytes)
+    with pytest.raises(BackendError, match="GiB of cache"):
+        dec.check(DecodeRequest(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=100)))
+    with pytest.raises(BackendError, match="context"):
+        dec.check(DecodeRequest(list(range(600)), GREEDY))
+    batcher = Batcher(dec)
+    try:  # each fits alone, not two together: the second waits for the first, both complete
+        a, b = (batcher.submit(DecodeRequest(PROMPTS[1], GREEDY)), batcher.submit(DecodeRequest(PROMPTS[1], GREEDY, "a")))
+        out = {}
+        for i, token in merge_streams([a, b]):
+            out.setdefault(i, []).append(token)
+        assert out[0][:-1] == single_stream(model, None, PROMPTS[1], GREEDY)
+        assert out[1][:-1] == single_stream(model, prefixes["a"], PROMPTS[1], GREEDY)
+    finally:
+        batcher.close()
+
+
+def test_the_fast_decoder_serves_the_protocol_one_row_at_a_time(model, prefixes):
+    from backend.decode.fast import SerialFastDecoder
+    from backend.fast_decode import FastDecoder
+
+    fast = SerialFastDecoder(FastDecoder(model, max_seq_len=256, weights="same"), prefixes.__getitem__)
+    assert fast.max_batch == 1
+    batcher = Batcher(fast)
+    try:
+        requests = [DecodeRequest(PROMPTS[0], GREEDY, "a"), DecodeRequest(PROMPTS[1], GREEDY, None),
+                    DecodeRequest(PROMPTS[2], SAMPLED, "b", seed=11),
+                    DecodeRequest(PROMPTS[3], GREEDY, None, stop_token_ids=frozenset({single_stream(model, None, PROMPTS[3], GREEDY)[2]}))]
+        streams = [batcher.submit(r) for r in requests]  # queued behind each other, adapters switching
+        outputs = [list(s) for s in streams]
+    finally:
+        batcher.close()
+    for r, out in zip(requests[:2], outputs):
+        assert out == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)
+    assert len(outputs[2]) == SAMPLED.max_new_tokens and streams[2].finish_reason == "length"
+    assert len(outputs[3]) == 3 and streams[3].finish_reason == "stop"
+
+
+def test_bad_sampling_settings_are_one_sentence_at_submit(model, prefixes):
+    batcher = Batcher(decoder(model, prefixes))
+    try:
+        with pytest.raises(BackendError, match="bad sampling settings"):
+            batcher.submit(DecodeRequest(PROMPTS[0], SamplingParams(temperature=0.7, repetition_penalty=-1.0)))
+        with pytest.raises(BackendError, match="at least 1 new token"):
+            batcher.submit(DecodeRequest(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=0)))
+        assert list(batcher.submit(DecodeRequest(PROMPTS[0], GREEDY))) == single_stream(model, None, PROMPTS[0], GREEDY)
+    finally:
+        batcher.close()
