@@ -95,6 +95,12 @@ class ChatEngine:
             adapter_dirs.append(str(demo_files.adapters_dir))
         if not model:
             raise BackendError("no model given; pass --model PATH_OR_HUB_ID (e.g. THUDM/chatglm2-6b) or --demo.")
+        if adapters and not demo:  # a cross-family adapter is refused before the weights load
+            from .adapters import refuse_other_family
+            from .families import detect_family
+            from .loading import resolve_model_dir
+
+            refuse_other_family(adapters, detect_family(resolve_model_dir(model)).family)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the CPU notice is shown by the caller, once
             # "ready" is said once, after the adapters

@@ -3,8 +3,13 @@ also when the reply is cut off inside such a character."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import pytest
 
+from backend.decode.batcher import Batcher
+from backend.decode.protocol import FINISH_LENGTH, RowToken
 from backend.engine import ChatEngine
 from backend.service import ReplyDone, SamplingParams, TextDelta
 from helpers_tiny import make_tiny_model_dir
@@ -14,13 +19,42 @@ TEXT = "龘好龘 a龘"
 
 
 class ScriptedDecoder:
-    """The real engine and tokenizer, with the model's token choices replaced by a fixed script."""
+    """The decoder protocol with the model's token choices replaced by a fixed script (one row at a time):
+    the real engine, batcher and tokenizer turn them into text."""
+
+    max_batch, context_length = 1, 512
 
     def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
+        self.ids, self._rows = ids, {}
 
-    def generate(self, ids, params, eos, cancel, generator):
-        yield from self.ids[: params.max_new_tokens]
+    def check(self, request) -> None:
+        pass
+
+    def fits(self, request) -> bool:
+        return not self._rows
+
+    def add(self, row, request) -> None:
+        self._rows[row] = (request, 0)
+
+    def step(self):
+        out = []
+        for row, (request, n) in list(self._rows.items()):
+            last = n + 1 >= min(len(self.ids), request.params.max_new_tokens)
+            out.append(RowToken(row, self.ids[n], FINISH_LENGTH if last else None))
+            self._rows[row] = (request, n + 1)
+            if last:
+                del self._rows[row]
+        return out
+
+    def failed(self):
+        return []
+
+    def drop(self, row) -> None:
+        self._rows.pop(row, None)
+
+    @property
+    def rows(self) -> int:
+        return len(self._rows)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +63,15 @@ def engine(tmp_path_factory):
     return ChatEngine.load(str(model), quantization="none", engine="eager", device="cpu")
 
 
-def script(engine: ChatEngine, text: str, monkeypatch) -> list[int]:
+@contextmanager
+def script(engine: ChatEngine, text: str, monkeypatch) -> Iterator[list[int]]:
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     pieces = engine.tokenizer.convert_ids_to_tokens(ids)
     assert pieces.count("<0xE9>") == 3, "the test needs a character split across byte tokens"
-    monkeypatch.setattr(engine, "_decoder_for", lambda slot, adapter: ScriptedDecoder(ids))
-    return ids
+    scripted = Batcher(ScriptedDecoder(ids))
+    monkeypatch.setattr(engine, "batcher", scripted)
+    yield ids
+    scripted.close()
 
 
 def run(engine: ChatEngine, max_new_tokens: int) -> tuple[list[str], str]:
@@ -45,14 +82,14 @@ def run(engine: ChatEngine, max_new_tokens: int) -> tuple[list[str], str]:
 
 
 def test_split_characters_stream_whole(engine, monkeypatch):
-    ids = script(engine, TEXT, monkeypatch)
-    deltas, text = run(engine, len(ids))
+    with script(engine, TEXT, monkeypatch) as ids:
+        deltas, text = run(engine, len(ids))
     assert text == TEXT and "".join(deltas) == TEXT
     assert not any("\ufffd" in d for d in deltas)
 
 
 def test_a_reply_cut_inside_a_character_drops_the_partial_bytes(engine, monkeypatch):
-    ids = script(engine, TEXT, monkeypatch)
-    deltas, text = run(engine, len(ids) - 1)  # out of tokens after two of the last character's three bytes
+    with script(engine, TEXT, monkeypatch) as ids:
+        deltas, text = run(engine, len(ids) - 1)  # out of tokens after two of the last character's three bytes
     assert text == TEXT[:-1].rstrip() and "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from ..generation import process_response
+from ..generation import process_response, without_partial_character
 
 
 class ReplyText:
@@ -29,8 +29,9 @@ class ReplyText:
         return self._advance(text)
 
     def finish(self) -> str:
-        """The last piece (a held-back tail) once the reply has ended."""
-        return self._advance(self.text)
+        """The last piece (a held-back tail) once the reply has ended; a character cut off by the end of the
+        reply (stopped, or out of tokens) is dropped, never shown as a replacement character."""
+        return self._advance(without_partial_character(self.text))
 
     @property
     def text(self) -> str:
