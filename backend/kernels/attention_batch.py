@@ -1,0 +1,263 @@
+"""Decode attention for a batch of rows over a static KV cache, and the rotary + cache write before it.
+
+Cache layout, per layer: ``k_cache``/``v_cache`` [rows, groups, slots, head_dim] (views of one
+[layers, rows, groups, slots, head_dim] tensor each; any strides with a unit head_dim stride work). A row's
+slots are its own: slots 0..P_r-1 hold its adapter's prefix keys/values (P_r = 0 for the base model), its
+tokens follow, so a token at position p sits in slot P_r + p. Keeping (row, group) outermost makes every
+split read one contiguous run of slots, and a row's slots can be refilled (a new request, another adapter)
+without touching the other rows. Each row carries two device integers, read by the kernels at run time so
+one CUDA graph serves every mix of lengths and adapters: ``positions[r]`` (the position of the token being
+decoded; negative = an idle row: nothing written, zeros out) and ``prefix_lens[r]`` (P_r).
+
+- ``rope_cache_write``: qkv [B, (H + 2G) * D] from the QKV linear -> q [B, H, D] rotated, k rotated and v
+  written to slot P_r + p of each row. Rotary as ``modeling.apply_rotary``: interleaved pairs (x[2i],
+  x[2i+1]) of the first ``rotary_dim`` dims, angle = (p / position_divisor) * inv_freq[i] in float32
+  (``position_divisor`` = the config's rope_ratio: positional interpolation of chatglm2-6b-32k).
+- ``decode_attention``: each row's H query heads against its slots [0, P_r + p] (the prefix, the earlier
+  tokens and this one); multi-query: the H / G heads of a group share its keys and go through one tl.dot.
+  Split over slots (split-K: ``num_splits`` chunks a (row, group), each with its own running max and sum),
+  then a combine kernel per (row, head) merges the chunks; chunks beyond a row's length exit at once.
+
+Why hand-written: library decode attention (flash-attn's kv-cache kernel, SDPA) takes per-row lengths from
+host-side shapes or a separate API, not a device tensor per row inside a captured graph, and does not read
+a per-row prefix region in the same cache; the batch-1 kernels in the decoder read one row only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+BLOCK_T = 64  # slots a loop step of the split kernel
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rope_cache_batch_kernel(
+        qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, divisor,
+        stride_qkv, stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, H, G,
+        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr,
+    ):
+        # program (row b, head hd of q | k | v): rotary on q and k heads, q out, k and v to the row's slot
+        b = tl.program_id(0).to(tl.int64)
+        hd = tl.program_id(1)
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        active = pos >= 0
+        slot = tl.load(prefix_ptr + b).to(tl.int64) + pos
+        i = tl.arange(0, HEAD_DIM // 2)
+        src = qkv_ptr + b * stride_qkv + hd * HEAD_DIM + 2 * i
+        x0 = tl.load(src).to(tl.float32)
+        x1 = tl.load(src + 1).to(tl.float32)
+        freq = tl.load(inv_freq_ptr + i, mask=i < ROT_PAIRS, other=0.0)
+        angle = (pos.to(tl.float32) / divisor) * freq
+        c = tl.cos(angle)
+        s = tl.sin(angle)
+        rot = (i < ROT_PAIRS) & (hd < H + G)
+        y0 = tl.where(rot, x0 * c - x1 * s, x0)
+        y1 = tl.where(rot, x1 * c + x0 * s, x1)
+        if hd < H:
+            dst = q_ptr + b * stride_qb + hd * stride_qh + 2 * i
+            tl.store(dst, y0.to(dst.dtype.element_ty))
+            tl.store(dst + 1, y1.to(dst.dtype.element_ty))
+        else:
+            g = tl.where(hd < H + G, hd - H, hd - H - G).to(tl.int64)
+            off = b * stride_kr + g * stride_kg + tl.maximum(slot, 0) * stride_kt + 2 * i
+            m = i < tl.where(active, HEAD_DIM // 2, 0)  # an idle row writes nothing: its slots may be being refilled
+            if hd < H + G:
+                tl.store(k_ptr + off, y0.to(k_ptr.dtype.element_ty), mask=m)
+                tl.store(k_ptr + off + 1, y1.to(k_ptr.dtype.element_ty), mask=m)
+            else:
+                tl.store(v_ptr + off, y0.to(v_ptr.dtype.element_ty), mask=m)
+                tl.store(v_ptr + off + 1, y1.to(v_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _attn_batch_split_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr,
+        stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, sm_scale, G, HPG, NUM_SPLITS,
+        HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # program (row r, group g, split s): the group's HPG query heads against the split's slots
+        r = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        s = tl.program_id(2)
+        pos = tl.load(pos_ptr + r)
+        length = tl.where(pos >= 0, tl.load(prefix_ptr + r) + pos + 1, 0)
+        chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_T) * BLOCK_T
+        start = s * chunk
+        end = tl.minimum(start + chunk, length)
+        h = tl.arange(0, HPG_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        mh = h < HPG
+        q_rows = r * stride_qb + (g * HPG + h).to(tl.int64) * stride_qh
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=mh[:, None], other=0.0)
+        m_i = tl.full([HPG_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([HPG_PAD], tl.float32)
+        acc = tl.zeros([HPG_PAD, HEAD_DIM], tl.float32)
+        base = r * stride_kr + g.to(tl.int64) * stride_kg
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            mt = t < end
+            kv_off = base + t.to(tl.int64)[:, None] * stride_kt + d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=mt[:, None], other=0.0)
+            if IEEE:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = tl.where(mt[None, :], sc * sm_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + kv_off, mask=mt[:, None], other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        part = ((r * G + g) * NUM_SPLITS + s) * HPG_PAD + h
+        tl.store(m_ptr + part, m_i)
+        tl.store(l_ptr + part, l_i)
+        tl.store(o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc)
+
+    @triton.jit
+    def _attn_batch_combine_kernel(
+        o_ptr, m_ptr, l_ptr, out_ptr, stride_ob, H, G, HPG, NUM_SPLITS,
+        HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    ):
+        # program (row r, head): the splits' partial sums merged by their running maxima; an empty row -> 0
+        r = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        g = head // HPG
+        h = head % HPG
+        s = tl.arange(0, SPLITS_PAD)
+        ms = s < NUM_SPLITS
+        d = tl.arange(0, HEAD_DIM)
+        part = ((r * G + g) * NUM_SPLITS + s) * HPG_PAD + h
+        m = tl.load(m_ptr + part, mask=ms, other=float("-inf"))
+        l = tl.load(l_ptr + part, mask=ms, other=0.0)
+        mx = tl.max(m, axis=0)
+        mx = tl.where(mx > float("-inf"), mx, 0.0)  # an empty row: no -inf - -inf
+        w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)
+        o = tl.load(o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=ms[:, None], other=0.0)
+        den = tl.sum(w * l, axis=0)
+        out = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+        tl.store(out_ptr + r * stride_ob + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+def rotary_inv_freq(rotary_dim: int, device) -> torch.Tensor:
+    """float32 [rotary_dim / 2]: the inverse frequencies, computed as ``modeling.rotary_cos_sin`` does."""
+    return 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=device) / rotary_dim))
+
+
+def rope_cache_write(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    *,
+    num_heads: int,
+    num_groups: int,
+    inv_freq: torch.Tensor,
+    position_divisor: float = 1.0,
+    q_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Rotary on row b's q and k at position positions[b], k and v into slot prefix_lens[b] + positions[b].
+
+    qkv [B, (H + 2G) * D] (unit inner stride); k_cache/v_cache [B, G, slots, D] (one layer); positions,
+    prefix_lens int [B] on the device (positions[b] < 0: row b idle, its cache untouched); inv_freq float32
+    [rotary_dim / 2] (``rotary_inv_freq``); position_divisor: the config's rope_ratio. Returns q [B, H, D]."""
+    B = qkv.shape[0]
+    D = k_cache.shape[-1]
+    H, G = num_heads, num_groups
+    if qkv.shape[1] != (H + 2 * G) * D or k_cache.shape[0] != B or k_cache.stride(-1) != 1:
+        raise ValueError(f"qkv {tuple(qkv.shape)} does not match a cache of {tuple(k_cache.shape)} with {H} heads")
+    if q_out is None:
+        q_out = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
+    _rope_cache_batch_kernel[(B, H + 2 * G)](
+        qkv, q_out, k_cache, v_cache, positions, prefix_lens, inv_freq, float(position_divisor),
+        qkv.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        H, G, HEAD_DIM=D, ROT_PAIRS=inv_freq.numel(), num_warps=1,
+    )
+    return q_out
+
+
+@dataclass
+class AttentionWorkspace:
+    """The split kernel's partial results: float32 o [B, G, splits, HPG_PAD, D], m and l [B, G, splits, HPG_PAD]."""
+
+    o: torch.Tensor
+    m: torch.Tensor
+    l: torch.Tensor
+    num_splits: int
+    hpg_pad: int
+
+
+def default_splits(batch: int, num_groups: int, device: torch.device) -> int:
+    """Splits a (row, group): enough programs for about two per SM, at most 16 (slots are read once either way)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = -(-2 * sms // max(1, batch * num_groups))
+    return max(1, min(16, 1 << (want - 1).bit_length()))
+
+
+def attention_workspace(batch: int, num_heads: int, num_groups: int, head_dim: int, device,
+                        num_splits: Optional[int] = None) -> AttentionWorkspace:
+    """Partial buffers for ``decode_attention`` (allocate once before graph capture and pass them in)."""
+    device = torch.device(device)
+    splits = num_splits or default_splits(batch, num_groups, device)
+    hpg_pad = max(16, 1 << (num_heads // num_groups - 1).bit_length())
+    parts = (batch, num_groups, splits, hpg_pad)
+    f32 = dict(device=device, dtype=torch.float32)
+    return AttentionWorkspace(torch.empty(*parts, head_dim, **f32), torch.empty(*parts, **f32),
+                              torch.empty(*parts, **f32), splits, hpg_pad)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    *,
+    out: Optional[torch.Tensor] = None,
+    workspace: Optional[AttentionWorkspace] = None,
+    sm_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """One decode token a row: q [B, H, D] against each row's slots [0, prefix_lens[b] + positions[b]].
+
+    k_cache/v_cache [B, G, slots, D] (one layer, after ``rope_cache_write``); returns out [B, H * D] in q's
+    dtype (idle rows, positions[b] < 0, get zeros)."""
+    B, H, D = q.shape
+    G = k_cache.shape[1]
+    if H % G or k_cache.shape[0] != B or k_cache.shape[-1] != D or q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError(f"q {tuple(q.shape)} does not match a cache of {tuple(k_cache.shape)}")
+    ws = workspace or attention_workspace(B, H, G, D, q.device)
+    if out is None:
+        out = torch.empty(B, H * D, device=q.device, dtype=q.dtype)
+    hpg = H // G
+    _attn_batch_split_kernel[(B, G, ws.num_splits)](
+        q, k_cache, v_cache, positions, prefix_lens, ws.o, ws.m, ws.l,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        sm_scale or 1.0 / math.sqrt(D), G, hpg, ws.num_splits,
+        HEAD_DIM=D, HPG_PAD=ws.hpg_pad, BLOCK_T=BLOCK_T, IEEE=q.dtype == torch.float32, num_warps=4,
+    )
+    _attn_batch_combine_kernel[(B, H)](
+        ws.o, ws.m, ws.l, out, out.stride(0), H, G, hpg, ws.num_splits,
+        HEAD_DIM=D, HPG_PAD=ws.hpg_pad, SPLITS_PAD=triton.next_power_of_2(ws.num_splits), num_warps=4,
+    )
+    return out

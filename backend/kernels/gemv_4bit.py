@@ -1,0 +1,523 @@
+"""Weight-only quantized linears for decode batches of 1..64 rows: NF4, the int4 release, int8.
+
+``quant_linear(x, w)`` computes ``x @ W.T`` (+ bias, + residual) for activations x [M, K] (bf16, fp16 or
+fp32; float32 sums) straight from the packed weights, never widening W in memory:
+
+- ``nf4``: bitsandbytes ``Params4bit`` data as stored: uint8, two 4-bit codes a byte over the
+  row-major flattened weight [N, K] (element e = n*K + k in byte e // 2, even e in the high nibble),
+  value = code[nibble] * absmax[e // blocksize] (blocksize 64 by default) in float32, exactly as
+  ``bitsandbytes.functional.dequantize_4bit``. With double quantisation (``compress_statistics``) the
+  absmax is itself uint8: absmax[b] = code2[q[b]] * absmax2[b // blocksize2] + offset, decoded in the
+  kernel (1 byte per 64 weights read instead of a widened 4-byte float).
+- ``int4``: the official chatglm2-6b-int4 release: ``weight`` int8 [N, K/2], byte j of row n holds
+  columns 2j (high nibble) and 2j+1 (low nibble), both signed 4-bit; ``weight_scale`` fp16 [N] per row.
+- ``int8``: per-row int8 [N, K] with a float32 scale per row (``int8_linear.LinearWeights``), for
+  M = 2..64 (M = 1 has ``int8_linear.gemv`` with its fused prologues and epilogues).
+
+Why hand-written: at M <= 64 a linear reads its weight once and does almost no arithmetic, so its time
+is the bytes read. No library kernel reads bitsandbytes NF4 (or the int4 release) for small M at that
+bandwidth: bitsandbytes' own 4-bit inference kernel handles one row at a time and otherwise dequantizes
+the whole weight to fp16 before a cuBLAS matmul (3.5x the bytes), and the int4 release ships CUDA
+kernels compiled for sm_61..sm_89 only. ``int8_linear.matmul`` has fixed tiles (64 output rows a
+program): too few programs for a 4608-row weight at M = 2..64 on a 132-SM card.
+
+Two kernels, the config (tiles, warps, NF4 table form) chosen per GPU model, shape and M bucket by
+``tuning.pick`` (tuned on first use, cached on disk):
+- ``gemv``: one activation row a program column (grid N-blocks x M); each program reads BLOCK_N whole
+  weight rows and reduces every tile to one float32 per row. For M = 1, and small M where rows of the
+  same weight block run together and share it through L2.
+- ``mm``: a [BLOCK_M, BLOCK_N] tile through the tensor cores; the 4-bit tile is decoded to the
+  activation dtype in registers and split into its even and odd columns, so no interleave is needed:
+  x_even @ W_even.T + x_odd @ W_odd.T.
+NF4 decoding: ``lut=1`` looks up each nibble in the 16-entry table; ``lut=2`` looks up each byte in a
+256-entry table of both values (float32 pairs as int64): one L1 gather per byte instead of two.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+from . import tuning
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs: quant_linear_torch is the only path
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+FORMATS = ("nf4", "int4", "int8")
+_FMT_ID = {"nf4": 0, "int4": 1, "int8": 2}
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear's weight [N, K] in its stored quantized form (shared with the loaded model, never copied)."""
+
+    fmt: str  # "nf4" | "int4" | "int8"
+    data: torch.Tensor  # nf4: uint8, N*K/2 bytes (bnb's [N*K/2, 1]); int4: int8 [N, K/2]; int8: int8 [N, K]
+    n: int
+    k: int
+    scale: Optional[torch.Tensor] = None  # int4: fp16 [N]; int8: float32 [N]
+    absmax: Optional[torch.Tensor] = None  # nf4: float32 [blocks], or uint8 [blocks] when nested
+    code: Optional[torch.Tensor] = None  # nf4: float32 [16], the NF4 values
+    blocksize: int = 64
+    code2: Optional[torch.Tensor] = None  # nested nf4: float32 [256], the absmax code
+    absmax2: Optional[torch.Tensor] = None  # nested nf4: float32 [blocks / blocksize2]
+    blocksize2: int = 256
+    offset: float = 0.0  # nested nf4: added to the decoded absmax
+    _pair_table: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def nested(self) -> bool:
+        return self.code2 is not None
+
+    def pair_table(self) -> torch.Tensor:
+        """int64 [256]: byte b -> (code[b >> 4], code[b & 15]) as two float32s (low word = the even column)."""
+        if self._pair_table is None:
+            b = torch.arange(256, device=self.code.device)
+            pairs = torch.stack((self.code.float()[b >> 4], self.code.float()[b & 15]), dim=1).contiguous()
+            self._pair_table = pairs.view(torch.int64).view(256)
+        return self._pair_table
+
+    def absmax_float(self) -> torch.Tensor:
+        """nf4: the float32 absmax per block (nested ones decoded as bitsandbytes does)."""
+        if not self.nested:
+            return self.absmax.float()
+        blocks = torch.arange(self.absmax.numel(), device=self.absmax.device)
+        return self.code2[self.absmax.long()] * self.absmax2[blocks // self.blocksize2] + self.offset
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] in ``dtype``: the reference the kernels are checked against (and the torch fallback)."""
+        if self.fmt == "int8":
+            return (self.data.float() * self.scale.float()[:, None]).to(dtype)
+        if self.fmt == "int4":
+            b = self.data.to(torch.int32)
+            q = torch.stack((b >> 4, (b << 28) >> 28), dim=-1).reshape(self.n, self.k)
+            return (q.float() * self.scale.float()[:, None]).to(dtype)
+        b = self.data.reshape(-1).to(torch.int64)
+        codes = torch.stack((b >> 4, b & 15), dim=-1).reshape(-1)[: self.n * self.k]
+        blocks = torch.arange(self.n * self.k, device=b.device) // self.blocksize
+        w = self.code.float()[codes] * self.absmax_float()[blocks]
+        return w.reshape(self.n, self.k).to(dtype)
+
+
+def nf4_weight(data: torch.Tensor, quant_state) -> QuantizedWeight:
+    """A bitsandbytes NF4 weight: ``Params4bit`` data (uint8) and its ``QuantState`` (nested or not)."""
+    qs = quant_state
+    if qs.quant_type != "nf4":
+        raise ValueError(f"only NF4 4-bit weights are supported, this one is {qs.quant_type!r}")
+    if len(qs.shape) != 2 or qs.shape[1] % 2:
+        raise ValueError(f"4-bit weight of shape {tuple(qs.shape)}: need [N, K] with K even")
+    n, k = int(qs.shape[0]), int(qs.shape[1])
+    if data.dtype != torch.uint8 or data.numel() * 2 != n * k or not data.is_contiguous():
+        raise ValueError("4-bit weight data must be contiguous uint8 holding two codes a byte")
+    w = QuantizedWeight("nf4", data, n, k, absmax=qs.absmax, code=qs.code.float(), blocksize=int(qs.blocksize))
+    if qs.nested:
+        s2 = qs.state2
+        w.code2, w.absmax2 = s2.code.float(), s2.absmax.float()
+        w.blocksize2, w.offset = int(s2.blocksize), float(qs.offset)
+    elif qs.absmax.dtype != torch.float32:
+        w.absmax = qs.absmax.float()
+    return w
+
+
+def params4bit_weight(param) -> QuantizedWeight:
+    """From a bitsandbytes ``Params4bit`` (a ``Linear4bit``'s ``.weight``) after quantisation."""
+    if getattr(param, "quant_state", None) is None:
+        raise ValueError("bitsandbytes 4-bit weight is not quantised yet (move the layer to the GPU first)")
+    return nf4_weight(param.data, param.quant_state)
+
+
+def int4_release_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> QuantizedWeight:
+    """The chatglm2-6b-int4 release's ``weight`` int8 [N, K/2] and ``weight_scale`` fp16 [N]."""
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight_scale.shape != (weight.shape[0],):
+        raise ValueError(
+            f"int4 weight must be int8 [out, in/2] with a scale per row; got {weight.dtype} "
+            f"{tuple(weight.shape)} and scale {tuple(weight_scale.shape)}"
+        )
+    n, half = weight.shape
+    return QuantizedWeight("int4", weight.contiguous(), int(n), int(half) * 2, scale=weight_scale)
+
+
+def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
+    """Per-row int8 [N, K] with float32 scale [N] (``int8_linear.LinearWeights.weight``/``.scale``)."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"int8 weight must be int8 [out, in], got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    return QuantizedWeight("int8", weight.contiguous(), int(n), int(k), scale=scale.float().contiguous())
+
+
+def quant_linear_torch(x: torch.Tensor, w: QuantizedWeight, bias=None, residual=None, *,
+                       norm_weight=None, eps: float = 1e-5, swiglu: bool = False) -> torch.Tensor:
+    """The same math in torch (float32 throughout): the CPU path and the tests' reference."""
+    xf = x.float()
+    if norm_weight is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    y = xf @ w.dequantize(torch.float32).T
+    if bias is not None:
+        y = y + bias.float()
+    if swiglu:
+        a, b = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(a) * b
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mask, NESTED: tl.constexpr, BS2: tl.constexpr):
+        # float32 absmax of blocks blk; nested: code2[q] * absmax2[blk // BS2] + offset, as bitsandbytes decodes it
+        if NESTED:
+            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            a = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BS2, mask=mask, other=0.0) + offset
+        else:
+            a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        return a
+
+    @triton.jit
+    def _dequant_4bit(
+        w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset, rows, mask_n, k0, K,
+        FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+        BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+    ):
+        # weights of rows [BLOCK_N] (int64) at columns k0 + 2j (even) and k0 + 2j + 1 (odd), j < BLOCK_KH,
+        # as float32 [BLOCK_N, BLOCK_KH] each; int4 without its row scale (applied to the sums)
+        j = tl.arange(0, BLOCK_KH)
+        kb = k0 // 2 + j  # byte column: row n starts at byte n * K / 2 in both formats
+        mask = mask_n[:, None] & (kb < K // 2)[None, :]
+        byte_idx = rows[:, None] * (K // 2) + kb[None, :]
+        b = tl.load(w_ptr + byte_idx, mask=mask, other=0).to(tl.int32)
+        if FMT == 1:  # int4 release: int8 bytes, sign kept by arithmetic shifts
+            ev = (b >> 4).to(tl.float32)
+            od = ((b << 28) >> 28).to(tl.float32)
+        else:  # nf4: uint8 bytes (zero-extended), codes looked up
+            if LUT == 2:
+                pair = tl.load(lut_ptr + b)  # int64: low word = code[b >> 4], high word = code[b & 15]
+                ev = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+                od = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            else:
+                ev = tl.load(code_ptr + (b >> 4))
+                od = tl.load(code_ptr + (b & 15))
+            if BLOCKED:  # K % BS == 0 and the tile holds whole blocks: one absmax per block, broadcast
+                NB: tl.constexpr = 2 * BLOCK_KH // BS
+                kblk = k0 // BS + tl.arange(0, NB)
+                blk = rows[:, None] * (K // BS) + kblk[None, :]
+                a = _nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk,
+                                mask_n[:, None] & (kblk < K // BS)[None, :], NESTED, BS2)
+                a = tl.reshape(tl.broadcast_to(a[:, :, None], (BLOCK_N, NB, BS // 2)), (BLOCK_N, BLOCK_KH))
+            else:  # blocks may straddle rows (K % BS != 0): the absmax of each byte's element pair
+                a = _nf4_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, (byte_idx * 2) // BS, mask, NESTED, BS2)
+            ev = ev * a
+            od = od * a
+        return ev, od
+
+    @triton.jit
+    def _scale_bias(acc, rn, mask_n, scale_ptr, bias_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # acc [BM, BN] float32 sums of weight rows rn: times the row scale (int4/int8), plus the bias
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _epilogue(a, b, r, rm, rn, mask_m, mask_n, n_half, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+                  SWIGLU: tl.constexpr):
+        # a [BM, BN]: sums of weight rows rn (b: rows rn + n_half, SwiGLU); r [BM]: the RMSNorm factor per row
+        if NORM:  # RMSNorm is a scalar per activation row: applied to the sums (its weight went into x)
+            a = a * r[:, None]
+        a = _scale_bias(a, rn, mask_n, scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+        if SWIGLU:
+            if NORM:
+                b = b * r[:, None]
+            b = _scale_bias(b, rn + n_half, mask_n, scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+            a = a / (1.0 + tl.exp(-a)) * b
+        mask = mask_m[:, None] & mask_n[None, :]
+        if RESIDUAL:
+            a = a + tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], a.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _load_x(ptrs, mask, norm_ptrs, NORM: tl.constexpr, F32: tl.constexpr):
+        # an activation tile, times the RMSNorm weight when NORM; and its squares summed along K (for the norm)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            sq = tl.sum(xf * xf, axis=len(x.shape) - 1)
+            xf = xf * tl.load(norm_ptrs, mask=mask, other=0.0).to(tl.float32)
+            x = xf if F32 else xf.to(x.dtype)
+        else:
+            sq = tl.sum(tl.zeros_like(x.to(tl.float32)), axis=len(x.shape) - 1)
+            x = x.to(tl.float32) if F32 else x
+        return x, sq
+
+    @triton.jit
+    def _dot_acc(x, w, acc, IEEE: tl.constexpr):
+        # acc += x @ w.T on the tensor cores, w widened to x's dtype (exact for 4-bit and int8 values)
+        if IEEE:
+            return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+        return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+
+    @triton.jit
+    def _gemv_quant_kernel(
+        x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+        scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, N, K, eps, stride_xm, stride_rm, stride_om,
+        FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+        BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # program (n block, activation row m): BLOCK_N output columns of row m, a float32 per column.
+        # N: output columns; with SWIGLU the weight has 2N rows and column n = silu(row n) * row n + N
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        rows = tl.where(mask_n, rn, 0).to(tl.int64)
+        BLOCK_KH: tl.constexpr = BLOCK_K // 2
+        j = tl.arange(0, BLOCK_KH)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([1], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ke = k0 + 2 * j
+            xe, sq_e = _load_x(x_ptr + m * stride_xm + ke[None, :], (ke < K)[None, :], norm_ptr + ke[None, :], NORM, True)
+            xo, sq_o = _load_x(x_ptr + m * stride_xm + ke[None, :] + 1, (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1,
+                               NORM, True)
+            ss += sq_e + sq_o
+            ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+                                   rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
+            acc += tl.sum(ev * xe + od * xo, axis=1)
+            if SWIGLU:
+                ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+                                       rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
+                acc_b += tl.sum(ev * xe + od * xo, axis=1)
+        rm = tl.zeros([1], dtype=tl.int64) + m
+        r = tl.rsqrt(ss / K + eps)
+        _epilogue(acc[None, :], acc_b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_om, HAS_SCALE, HAS_BIAS, RESIDUAL, NORM, SWIGLU)
+
+    @triton.jit
+    def _mm_quant_kernel(
+        x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+        scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
+        FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+        BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr, SWIGLU: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # program (n block, m block): out[BLOCK_M, BLOCK_N] through tl.dot, weights decoded in registers
+        # (N, SWIGLU as in _gemv_quant_kernel)
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = rm < M
+        mask_n = rn < N
+        rows = tl.where(mask_n, rn, 0).to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if FMT == 2:  # int8 [N, K]: the weight tile as is
+            kk = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                mk = (k0 + kk < K)[None, :]
+                xa, sq = _load_x(x_ptr + rm[:, None] * stride_xm + k0 + kk[None, :], mask_m[:, None] & mk,
+                                 norm_ptr + k0 + kk[None, :], NORM, False)
+                ss += sq
+                w = tl.load(w_ptr + rows[:, None] * K + k0 + kk[None, :], mask=mask_n[:, None] & mk, other=0)
+                acc = _dot_acc(xa, w, acc, IEEE)
+                if SWIGLU:
+                    w = tl.load(w_ptr + (rows + N)[:, None] * K + k0 + kk[None, :], mask=mask_n[:, None] & mk, other=0)
+                    acc_b = _dot_acc(xa, w, acc_b, IEEE)
+        else:  # 4-bit: even and odd columns as two half-width dots
+            BLOCK_KH: tl.constexpr = BLOCK_K // 2
+            j = tl.arange(0, BLOCK_KH)
+            for k0 in range(0, K, BLOCK_K):
+                ke = k0 + 2 * j
+                xp = x_ptr + rm[:, None] * stride_xm + ke[None, :]
+                xe, sq_e = _load_x(xp, mask_m[:, None] & (ke < K)[None, :], norm_ptr + ke[None, :], NORM, False)
+                xo, sq_o = _load_x(xp + 1, mask_m[:, None] & (ke + 1 < K)[None, :], norm_ptr + ke[None, :] + 1, NORM, False)
+                ss += sq_e + sq_o
+                ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+                                       rows, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
+                acc = _dot_acc(xo, od, _dot_acc(xe, ev, acc, IEEE), IEEE)
+                if SWIGLU:
+                    ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+                                           rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
+                    acc_b = _dot_acc(xo, od, _dot_acc(xe, ev, acc_b, IEEE), IEEE)
+        r = tl.rsqrt(ss / K + eps)
+        _epilogue(acc, acc_b, r, rm, rn, mask_m, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_om, HAS_SCALE, HAS_BIAS, RESIDUAL, NORM, SWIGLU)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs and the wrapper
+
+
+@dataclass(frozen=True)
+class QuantLinearConfig:
+    kernel: str = "gemv"  # "gemv" (a row a program column, float32 row sums) or "mm" (tl.dot tiles)
+    block_n: int = 8
+    block_k: int = 512  # weights (not bytes) along K a tile
+    block_m: int = 16  # mm only
+    num_warps: int = 4
+    num_stages: int = 1
+    lut: int = 2  # nf4: 1 = a gather per nibble, 2 = a gather per byte from the pair table
+
+
+def m_bucket(m: int) -> int:
+    """The tuning bucket of M rows: the next power of two (configs are tuned per bucket)."""
+    return next((b for b in M_BUCKETS if m <= b), 1 << max(0, m - 1).bit_length())
+
+
+def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinearConfig]:
+    """Configs tried when tuning; the first is the default. 4-bit: row-sum GEMV tiles at M = 1, both kinds up
+    to M = 8 (GEMV first up to 4), tensor-core tiles above; int8 (M >= 2 only): tensor-core tiles.
+    The tensor-core tiles are those that compile for sm_90 without register spills at that BLOCK_M
+    (ptxas resource usage, checked per format); narrow ones (16, 32 columns) give a 4608-row weight enough
+    programs at small M. SwiGLU reads two weight rows an output column: half the columns a tile, which keeps
+    those tiles free of spills too."""
+    bm = max(16, min(64, m_bucket(m)))
+    tiles = [(64, 128, 8, 3), (32, 64, 4, 4)]  # (block_n, block_k, warps, stages)
+    if bm <= 32:
+        tiles = [(32, 128, 4, 3), (16, 256, 4, 3)] + tiles + [(32, 256, 8, 2)]
+    if not (fmt == "int8" and bm == 64):
+        tiles.append((64, 64, 4, 4))
+    mm = [QuantLinearConfig("mm", bn, bk, bm, w, s, 2) for bn, bk, w, s in tiles]
+    if fmt == "int8":
+        return _halved(mm) if swiglu else mm
+    luts = (2, 1) if fmt == "nf4" else (2,)
+    gemv = [QuantLinearConfig("gemv", bn, bk, 16, w, 1, lut) for lut in luts for bn, bk, w in
+            ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8))]
+    if m == 1:
+        chosen = gemv
+    elif m <= 4:
+        chosen = gemv[:4] + mm
+    else:
+        chosen = mm + gemv[:4] if m <= 8 else mm
+    return _halved(chosen) if swiglu else chosen
+
+
+def _halved(configs: list[QuantLinearConfig]) -> list[QuantLinearConfig]:
+    out: list[QuantLinearConfig] = []
+    for c in configs:
+        h = replace(c, block_n=max(16 if c.kernel == "mm" else 2, c.block_n // 2))
+        if h not in out:
+            out.append(h)
+    return out
+
+
+def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool,
+            cfg: QuantLinearConfig) -> None:
+    M = x.shape[0]
+    n_out = w.n // 2 if swiglu else w.n
+    nf4 = w.fmt == "nf4"
+    dummy = out
+    absmax = w.absmax if nf4 else dummy
+    code = w.code if nf4 else dummy
+    lut = w.pair_table() if nf4 and cfg.lut == 2 else dummy
+    code2 = w.code2 if w.nested else dummy
+    absmax2 = w.absmax2 if w.nested else dummy
+    res = residual if residual is not None else dummy
+    blocked = nf4 and w.k % w.blocksize == 0 and cfg.block_k % w.blocksize == 0 and cfg.block_k >= w.blocksize
+    common = dict(
+        FMT=_FMT_ID[w.fmt], LUT=cfg.lut, NESTED=w.nested, BS=w.blocksize if nf4 else 2, BS2=w.blocksize2,
+        BLOCKED=blocked, HAS_SCALE=w.scale is not None, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+        NORM=norm_weight is not None, SWIGLU=swiglu,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    args = (x, w.data, absmax, code, lut, code2, absmax2, w.offset, w.scale if w.scale is not None else dummy,
+            bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy, res, out)
+    if cfg.kernel == "gemv" and w.fmt != "int8":
+        grid = (triton.cdiv(n_out, cfg.block_n), M)
+        _gemv_quant_kernel[grid](*args, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), **common)
+    else:
+        grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, cfg.block_m))
+        _mm_quant_kernel[grid](*args, M, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0),
+                               IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, **common)
+
+
+_chosen: dict[tuple, QuantLinearConfig] = {}  # (key, device) -> config: the hot path is one dict lookup
+
+
+def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.device, *, swiglu: bool = False,
+                 norm: bool = False, timer=None) -> QuantLinearConfig:
+    """The config for this weight at M rows on this GPU model: cached, else tuned now on scratch buffers
+    (their own random generator: tuning leaves the global RNG, and so seeded sampling, untouched)."""
+    bucket = m_bucket(m)
+    nest = "n" if w.nested else ""
+    variant = ("|swiglu" if swiglu else "") + ("|norm" if norm else "")
+    key = f"quant_linear|{w.fmt}{nest}|bs{w.blocksize}|N{w.n}|K{w.k}|M{bucket}|{str(dtype).split('.')[-1]}{variant}"
+    memo = (key, str(device))
+    if memo in _chosen and timer is None:
+        return _chosen[memo]
+    scratch: dict = {}
+
+    def run(cfg: QuantLinearConfig) -> None:
+        if not scratch:
+            gen = torch.Generator(device=device).manual_seed(0)
+            scratch["x"] = torch.randn(bucket, w.k, device=device, generator=gen).to(dtype)
+            scratch["out"] = torch.empty(bucket, w.n // 2 if swiglu else w.n, device=device, dtype=dtype)
+            scratch["norm"] = torch.ones(w.k, device=device, dtype=dtype) if norm else None
+        _launch(scratch["x"], w, scratch["out"], None, None, scratch["norm"], 1e-5, swiglu, cfg)
+
+    cfg = tuning.pick(key, candidate_configs(w.fmt, bucket, swiglu), run, device, timer=timer)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _chosen[memo] = cfg  # (during a capture the default stands in; tuned at the next call outside one)
+    return cfg
+
+
+def quant_linear(
+    x: torch.Tensor,
+    w: QuantizedWeight,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    residual: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    swiglu: bool = False,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[QuantLinearConfig] = None,
+) -> torch.Tensor:
+    """``out = epilogue(norm(x) @ W.T + bias)`` from the packed weight; float32 sums, x's dtype out.
+
+    x: [M, K] with unit stride along K (rows may be strided), bf16/fp16/fp32. ``norm_weight`` [K]: RMSNorm
+    each row of x first (eps; the norm weight multiplies x, the row's 1/rms the sums). ``swiglu``: W has 2F
+    rows, out [M, F] = silu(y[:, :F]) * y[:, F:] (ChatGLM2's dense_h_to_4h). ``residual`` [M, N_out]: added
+    last; may be ``out`` itself (in place). On CUDA with Triton the kernels run (config: ``config``, else
+    the one tuned for this GPU model, M bucket, shape and variant, tuned on first use outside graph
+    capture); elsewhere ``quant_linear_torch``.
+    """
+    if x.dim() != 2 or x.shape[1] != w.k:
+        raise ValueError(f"activations must be [M, {w.k}], got {tuple(x.shape)}")
+    if swiglu and w.n % 2:
+        raise ValueError(f"swiglu needs an even number of weight rows, got {w.n}")
+    if not (HAVE_TRITON and (x.is_cuda or _interpreting())):
+        y = quant_linear_torch(x, w, bias, residual, norm_weight=norm_weight, eps=eps, swiglu=swiglu)
+        return y if out is None else out.copy_(y)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(x.shape[0], w.n // 2 if swiglu else w.n, device=x.device, dtype=x.dtype)
+    cfg = config or tuned_config(w, x.shape[0], x.dtype, x.device, swiglu=swiglu, norm=norm_weight is not None)
+    _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg)
+    return out
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,130 @@
+"""Kernel tile configs tuned on first use per GPU model and shape, cached on disk.
+
+A kernel wrapper asks ``pick(kernel, key, candidates, run, device)``: the cached winner for this GPU
+model and key, else (outside CUDA-graph capture, with tuning on) each candidate timed with
+``triton.testing.do_bench`` on scratch buffers and the fastest one stored, else the first candidate
+(the hand-picked default). The cache is one JSON file per GPU model under
+``<user cache dir>/kernel-tuning/`` (``backend.demo.cache_root``: $GLMCHAT_CACHE_DIR overrides), so a
+card is tuned once, not on every start, and configs come from the card at hand instead of H100 constants.
+``GLMCHAT_KERNEL_TUNING=0`` turns tuning off (defaults or what is cached are used).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TypeVar
+
+import torch
+
+C = TypeVar("C")
+
+# bump when a kernel changes in a way that makes old timings meaningless
+TUNING_VERSION = 1
+
+_lock = threading.Lock()
+_loaded: dict[Path, dict] = {}  # cache file -> {key: config fields}
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("GLMCHAT_KERNEL_TUNING", "1") != "0"
+
+
+def cache_file(device: torch.device) -> Path:
+    """The JSON file holding the tuned configs of this device's GPU model."""
+    from ..demo import cache_root  # the one place that knows the user cache dir
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") or "gpu"
+    return cache_root() / "kernel-tuning" / f"{slug}.json"
+
+
+def _table(path: Path) -> dict:
+    if path not in _loaded:
+        try:
+            data = json.loads(path.read_text())
+            ok = data.get("version") == TUNING_VERSION
+            _loaded[path] = data.get("configs", {}) if ok else {}
+        except (OSError, ValueError):  # absent or damaged: tune again
+            _loaded[path] = {}
+    return _loaded[path]
+
+
+def lookup(path: Path, key: str) -> Optional[dict]:
+    with _lock:
+        return _table(path).get(key)
+
+
+def store(path: Path, key: str, fields: dict) -> None:
+    """Record a winner and rewrite the file atomically (other processes may read it meanwhile)."""
+    with _lock:
+        table = _table(path)
+        table[key] = fields
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": TUNING_VERSION, "configs": table}, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:  # a read-only cache dir: keep the winner for this process only
+            pass
+
+
+def cuda_timer(fn: Callable[[], None]) -> float:
+    """Median milliseconds of ``fn`` by triton.testing.do_bench (short: tuning runs on first use)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def pick(
+    key: str,
+    candidates: Sequence[C],
+    run: Callable[[C], None],
+    device: torch.device,
+    timer: Optional[Callable[[Callable[[], None]], float]] = None,
+) -> C:
+    """The config to use for ``key`` (kernel, shape and dtype) on ``device``: cached, tuned now, or the default.
+
+    ``candidates[0]`` is the default; ``run(config)`` launches the kernel once on scratch buffers. A
+    candidate that fails to compile or launch (too many registers or shared memory on this card) is skipped.
+    ``timer`` defaults to ``cuda_timer``; on a CPU nothing is tuned unless a timer is given (tests)."""
+    if not candidates:
+        raise ValueError("no candidate configs")
+    cls = type(candidates[0])
+    path = cache_file(device)
+    fields = lookup(path, key)
+    if fields is not None:
+        try:
+            return cls(**fields)
+        except TypeError:  # written by an older config class: tune again
+            pass
+    if timer is None and device.type != "cuda":
+        return candidates[0]
+    if not tuning_enabled() or _capturing(device) or len(candidates) == 1:
+        return candidates[0]
+    timer = timer or cuda_timer
+    best, best_ms, failed = None, float("inf"), []
+    for cfg in candidates:
+        try:
+            run(cfg)  # compile outside the timing
+            ms = timer(lambda: run(cfg))
+        except Exception as exc:  # noqa: BLE001 - out of resources / unsupported on this card: not a candidate here
+            failed.append(f"{cfg}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if failed:
+        warnings.warn(f"kernel tuning for {key}: {len(failed)} of {len(candidates)} configs failed: " + "; ".join(failed))
+    if best is None:
+        return candidates[0]
+    store(path, key, asdict(best))
+    return best

@@ -1,0 +1,111 @@
+"""Batched rotary + cache write and decode attention (backend/kernels/attention_batch.py) under Triton's
+interpreter, against the model's torch rotary and float32 softmax attention. Run through
+tests/test_kernels_batch.py (TRITON_INTERPRET=1 in a subprocess); skipped otherwise."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs under Triton's interpreter via tests/test_kernels_batch.py"
+)
+triton = pytest.importorskip("triton")
+
+from backend.kernels.interpreter_compat import numpy_compat  # noqa: E402
+
+numpy_compat()
+
+from backend.kernels import attention_batch as A  # noqa: E402
+from backend.modeling import apply_rotary, rotary_cos_sin  # noqa: E402
+
+H, G, D, SLOTS = 8, 2, 32, 160
+# rows: prefix 0 at position 0; prefix 3; prefix 10 with 2 loop steps of 64 slots; idle; prefix 0, long
+POSITIONS = [0, 5, 70, -1, 150]
+PREFIXES = [0, 3, 10, 4, 0]
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "an output element was not written"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def rows():
+    return torch.tensor(POSITIONS), torch.tensor(PREFIXES, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("divisor", [1.0, 16.0])
+def test_rope_cache_write_matches_the_model_rotary_at_each_rows_position(divisor):
+    B = len(POSITIONS)
+    pos, pre = rows()
+    qkv = torch.randn(B, (H + 2 * G) * D)
+    kc, vc = torch.randn(B, G, SLOTS, D), torch.randn(B, G, SLOTS, D)
+    kc0, vc0 = kc.clone(), vc.clone()
+    q_out = torch.full((B, H, D), float("nan"))
+    A.rope_cache_write(qkv, kc, vc, pos, pre, num_heads=H, num_groups=G,
+                       inv_freq=A.rotary_inv_freq(D // 2, "cpu"), position_divisor=divisor, q_out=q_out)
+    for b, (p, P) in enumerate(zip(POSITIONS, PREFIXES)):
+        if p < 0:  # idle: its cache untouched
+            assert torch.equal(kc[b], kc0[b]) and torch.equal(vc[b], vc0[b])
+            continue
+        q, k, v = qkv[b].split([H * D, G * D, G * D])
+        cos, sin = rotary_cos_sin(torch.tensor([[p / divisor]]), D // 2, torch.float32)
+        assert rel(q_out[b], apply_rotary(q.view(1, 1, H, D), cos, sin)[0, 0]) < 1e-5
+        assert rel(kc[b, :, P + p], apply_rotary(k.view(1, 1, G, D), cos, sin)[0, 0]) < 1e-5
+        assert torch.equal(vc[b, :, P + p], v.view(G, D))
+        others = torch.ones(SLOTS, dtype=torch.bool)
+        others[P + p] = False
+        assert torch.equal(kc[b][:, others], kc0[b][:, others]) and torch.equal(vc[b][:, others], vc0[b][:, others])
+
+
+def reference_attention(q, kc, vc, b, length):
+    k = kc[b, :, :length].float().repeat_interleave(H // G, 0)  # [H, L, D]
+    v = vc[b, :, :length].float().repeat_interleave(H // G, 0)
+    scores = (q[b].float()[:, None, :] @ k.transpose(1, 2))[:, 0] / math.sqrt(D)  # [H, L]
+    return (torch.softmax(scores, -1)[:, None, :] @ v)[:, 0].reshape(-1)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16])
+def test_decode_attention_per_row_lengths_prefixes_and_splits(splits):
+    B = len(POSITIONS)
+    pos, pre = rows()
+    q = torch.randn(B, H, D)
+    kc, vc = torch.randn(B, G, SLOTS, D), torch.randn(B, G, SLOTS, D)
+    out = torch.full((B, H * D), float("nan"))
+    ws = A.attention_workspace(B, H, G, D, "cpu", num_splits=splits)
+    A.decode_attention(q, kc, vc, pos, pre, out=out, workspace=ws)
+    for b, (p, P) in enumerate(zip(POSITIONS, PREFIXES)):
+        if p < 0:
+            assert torch.equal(out[b], torch.zeros(H * D))
+        else:
+            assert rel(out[b], reference_attention(q, kc, vc, b, P + p + 1)) < 1e-5, (b, splits)
+
+
+def test_decode_attention_half_and_a_strided_layer_view():
+    # float16: the interpreter has no bfloat16 (bench/check_kernels_batch.py covers bf16 on the GPU)
+    B = len(POSITIONS)
+    pos, pre = rows()
+    q = torch.randn(B, H, D).to(torch.float16)
+    cache = torch.randn(2, 2, B, G, SLOTS, D).to(torch.float16)  # [k/v, layers, rows, groups, slots, d]
+    kc, vc = cache[0, 1], cache[1, 1]
+    out = A.decode_attention(q, kc, vc, pos, pre)
+    assert out.dtype == torch.float16
+    for b, (p, P) in enumerate(zip(POSITIONS, PREFIXES)):
+        if p >= 0:
+            assert rel(out[b], reference_attention(q, kc, vc, b, P + p + 1)) < 5e-3
+
+
+def test_step_rope_then_attention_sees_the_new_token():
+    """Rotary + write, then attention: each row's new key is attended (a row of length 1 returns its own v)."""
+    B = len(POSITIONS)
+    pos, pre = rows()
+    qkv = torch.randn(B, (H + 2 * G) * D)
+    kc, vc = torch.randn(B, G, SLOTS, D), torch.randn(B, G, SLOTS, D)
+    q = A.rope_cache_write(qkv, kc, vc, pos, pre, num_heads=H, num_groups=G, inv_freq=A.rotary_inv_freq(D // 2, "cpu"))
+    out = A.decode_attention(q, kc, vc, pos, pre)
+    v0 = qkv[0, (H + G) * D:].view(G, D).repeat_interleave(H // G, 0).reshape(-1)
+    assert rel(out[0], v0) < 1e-6  # row 0: prefix 0, position 0: only its own slot
+    assert rel(out[2], reference_attention(q, kc, vc, 2, 81)) < 1e-5

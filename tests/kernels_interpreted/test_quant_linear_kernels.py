@@ -1,0 +1,200 @@
+"""The 4-bit / int8 small-M linear kernels (backend/kernels/gemv_4bit.py) under Triton's CPU interpreter.
+
+Run through tests/test_kernels_batch.py (which sets TRITON_INTERPRET=1 in a subprocess); skipped otherwise.
+References are torch float32 math on weights unpacked independently of the kernels (bitsandbytes'
+own dequantize_4bit for NF4, the release's documented packing rule for int4); outputs are poisoned first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs under Triton's interpreter via tests/test_kernels_batch.py"
+)
+triton = pytest.importorskip("triton")
+
+from backend.kernels.interpreter_compat import numpy_compat  # noqa: E402
+
+numpy_compat()
+
+from backend.kernels import gemv_4bit as Q  # noqa: E402
+from backend.kernels import tuning  # noqa: E402
+
+GEMV_LUT2 = Q.QuantLinearConfig("gemv", block_n=4, block_k=128, lut=2)
+GEMV_LUT1 = Q.QuantLinearConfig("gemv", block_n=8, block_k=64, lut=1)
+MM = Q.QuantLinearConfig("mm", block_n=16, block_k=64, block_m=16)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "an output element was not written"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def bnb_nf4(n: int, k: int, nested: bool, dtype=torch.float32):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(n, k, dtype=torch.float32) * 0.02
+    data, state = bnbf.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4", compress_statistics=nested)
+    return data, state, bnbf.dequantize_4bit(data, state)
+
+
+def run(x, w, cfg, **kw):
+    out = torch.full((x.shape[0], w.n), float("nan"), dtype=x.dtype)
+    return Q.quant_linear(x, w, out=out, config=cfg, **kw)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("n,k", [(24, 192), (20, 200), (17, 320)])  # whole blocks; blocks across rows; K tail
+def test_nf4_equals_bitsandbytes_dequantize_then_matmul(n, k, nested):
+    data, state, ref_w = bnb_nf4(n, k, nested)
+    w = Q.nf4_weight(data, state)
+    assert torch.equal(w.dequantize(), ref_w)  # the layout as bitsandbytes reads it
+    # (the interpreter runs a program at a time: GEMV programs per activation row cost, so small M for them)
+    for m, cfg in ((1, GEMV_LUT2), (3, GEMV_LUT2), (1, GEMV_LUT1), (3, MM), (17, MM)):
+        x = torch.randn(m, k)
+        assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, (m, cfg)
+
+
+def test_nf4_nested_absmax_over_several_second_level_blocks():
+    data, state, ref_w = bnb_nf4(72, 256, nested=True)  # 288 absmax blocks: two blocks of the nested absmax
+    assert state.state2.absmax.numel() == 2
+    w = Q.nf4_weight(data, state)
+    x = torch.randn(2, 256)
+    assert rel(run(x, w, GEMV_LUT2), x @ ref_w.T) < 1e-5
+    assert rel(run(x, w, MM), x @ ref_w.T) < 1e-5
+
+
+def test_nf4_half_activations_and_half_weights():
+    # float16: the interpreter has no bfloat16 (bench/check_kernels_batch.py covers bf16 on the GPU)
+    data, state, ref_w = bnb_nf4(24, 192, nested=True, dtype=torch.float16)
+    w = Q.nf4_weight(data, state)
+    x = torch.randn(5, 192).to(torch.float16)
+    ref = x.float() @ ref_w.float().T
+    for cfg in (GEMV_LUT2, MM):
+        out = run(x, w, cfg)
+        assert out.dtype == torch.float16
+        assert rel(out, ref) < 2e-3
+
+
+def pack_int4_release(w: torch.Tensor):
+    """The chatglm2-6b-int4 rule: scale = max|w| / 7 per row (fp16), q = round(w / scale) in [-8, 7],
+    byte j = (q[2j] << 4) | (q[2j+1] & 0xF) as int8."""
+    scale = (w.abs().amax(dim=1) / 7).half()
+    q = torch.round(w / scale.float()[:, None]).clamp(-8, 7).to(torch.int32)
+    packed = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)).to(torch.uint8).view(torch.int8)
+    return packed, scale, q
+
+
+@pytest.mark.parametrize("n,k", [(20, 192), (13, 200)])
+def test_int4_release_layout_and_kernels(n, k):
+    packed, scale, q = pack_int4_release(torch.randn(n, k) * 0.02)
+    w = Q.int4_release_weight(packed, scale)
+    ref_w = q.float() * scale.float()[:, None]
+    assert torch.equal(w.dequantize(), ref_w)  # even column in the high nibble, both signed
+    assert (q < 0).any() and (q > 0).any()  # both signs exercised
+    for m, cfg in ((1, GEMV_LUT2), (2, GEMV_LUT2), (4, MM), (17, MM)):
+        x = torch.randn(m, k)
+        assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, (m, cfg)
+
+
+def test_int8_small_m_with_bias_and_residual_in_place():
+    n, k = 40, 200
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    s = torch.rand(n) * 1e-3
+    w = Q.int8_weight(q, s)
+    bias = torch.randn(n)
+    for m in (2, 17):
+        x = torch.randn(m, k)
+        res = torch.randn(m, n)
+        ref = x @ (q.float() * s[:, None]).T + bias + res
+        out = res.clone()
+        Q.quant_linear(x, w, bias, residual=out, out=out, config=MM)
+        assert rel(out, ref) < 1e-5
+
+
+def test_nf4_bias_residual_on_strided_rows():
+    data, state, ref_w = bnb_nf4(24, 192, nested=False)
+    w = Q.nf4_weight(data, state)
+    big = torch.randn(3, 400)
+    x = big[:, 8:200]  # row stride 400: a view of a wider buffer
+    bias, res = torch.randn(24), torch.randn(3, 24)
+    for cfg in (GEMV_LUT2, MM):
+        out = run(x, w, cfg, bias=bias, residual=res)
+        assert rel(out, x @ ref_w.T + bias + res) < 1e-5
+
+
+def test_bad_shapes_say_what_is_wrong():
+    data, state, _ = bnb_nf4(8, 64, nested=False)
+    w = Q.nf4_weight(data, state)
+    with pytest.raises(ValueError, match=r"\[M, 64\]"):
+        Q.quant_linear(torch.randn(2, 63), w)
+    with pytest.raises(ValueError, match="int8"):
+        Q.int4_release_weight(torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, dtype=torch.float16))
+
+
+def test_tuning_picks_a_winner_caches_it_on_disk_and_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_loaded", {})
+    monkeypatch.setattr(Q, "_chosen", {})
+    data, state, ref_w = bnb_nf4(16, 128, nested=True)
+    w = Q.nf4_weight(data, state)
+    calls = []
+
+    def timer(fn):
+        calls.append(1)
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    rng = torch.get_rng_state()
+    cfg = Q.tuned_config(w, 1, torch.float32, torch.device("cpu"), timer=timer)
+    assert len(calls) == len(Q.candidate_configs("nf4", 1))
+    assert torch.equal(torch.get_rng_state(), rng)  # seeded sampling is not shifted by a first-use tuning
+    files = list((tmp_path / "kernel-tuning").glob("*.json"))
+    assert len(files) == 1
+    saved = json.loads(files[0].read_text())
+    (key, fields), = saved["configs"].items()
+    assert "nf4n" in key and "N16" in key and "K128" in key and "M1" in key
+    assert Q.QuantLinearConfig(**fields) == cfg
+    monkeypatch.setattr(tuning, "_loaded", {})  # a new process: read from disk, nothing timed
+    assert Q.tuned_config(w, 1, torch.float32, torch.device("cpu"), timer=timer) == cfg
+    assert len(calls) == len(Q.candidate_configs("nf4", 1))
+    x = torch.randn(1, 128)
+    assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5
+
+
+def reference_norm_swiglu(x, ref_w, g, bias, res, eps=1e-5):
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+    y = xn @ ref_w.T + bias
+    a, b = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(a) * b + res
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+def test_fused_rmsnorm_prologue_and_swiglu_epilogue(fmt):
+    """dense_h_to_4h as the decoder runs it: RMSNorm of each row, 2F weight rows, silu(a) * b (+ residual)."""
+    n, k = 40, 192  # F = 20 output columns
+    if fmt == "nf4":
+        data, state, ref_w = bnb_nf4(n, k, nested=True)
+        w = Q.nf4_weight(data, state)
+    elif fmt == "int4":
+        packed, scale, q = pack_int4_release(torch.randn(n, k) * 0.02)
+        w, ref_w = Q.int4_release_weight(packed, scale), q.float() * scale.float()[:, None]
+    else:
+        q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-3
+        w, ref_w = Q.int8_weight(q, s), q.float() * s[:, None]
+    g, bias = 1 + 0.1 * torch.randn(k), torch.randn(n) * 0.1
+    configs = [(3, MM), (17, MM)] + ([] if fmt == "int8" else [(1, GEMV_LUT2), (2, GEMV_LUT2)])
+    for m, cfg in configs:
+        x, res = torch.randn(m, k) * 3, torch.randn(m, n // 2)
+        out = torch.full((m, n // 2), float("nan"))
+        Q.quant_linear(x, w, bias, residual=res, norm_weight=g, swiglu=True, out=out, config=cfg)
+        assert rel(out, reference_norm_swiglu(x, ref_w, g, bias, res)) < 1e-5, (m, cfg)
+        plain = Q.quant_linear(x, w, norm_weight=g, config=cfg)  # the norm alone (the output layer)
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+        assert rel(plain, xn @ ref_w.T) < 1e-5, (m, cfg)
