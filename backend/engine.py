@@ -55,7 +55,7 @@ class ChatEngine:
         self._lock = threading.RLock()  # registry changes; replies never hold it
         self.decoder = make_batch_decoder(self.model, engine, self.registry.prefix_kv, max_batch=max_batch)
         self.batcher = Batcher(self.decoder, max_queue=max_queue)
-        kind = "fast" if type(self.decoder).__name__ == "SerialFastDecoder" else "eager"
+        kind = "eager" if type(self.decoder).__name__ == "EagerBatchDecoder" else "fast"
         self.info = ModelInfo(name or str(loaded.directory), loaded.precision, str(loaded.device), kind,
                               context_length=self.decoder.context_length, max_batch=self.decoder.max_batch)
 
@@ -91,7 +91,7 @@ class ChatEngine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the CPU notice is shown by the caller, once
             # "ready" is said once, after the adapters
-            loaded = load_model(model, quantization=quantization, device=device,
+            loaded = load_model(model, quantization=quantization, device=device, dtype=dtype,
                                 progress=lambda p: p.stage != "ready" and report(p))
         self = cls(loaded, engine=engine, name="demo" if demo else str(model))
         paths = [(p, False) for p in adapters] + [(d, True) for d in adapter_dirs]
