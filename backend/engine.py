@@ -76,6 +76,8 @@ class ChatEngine:
         demo: bool = False,
         engine: str = "auto",
         device: Optional[str] = None,
+        max_batch: Optional[int] = None,
+        dtype: Optional[str] = None,
     ) -> "ChatEngine":
         report = progress or (lambda p: None)
         adapters, adapter_dirs = list(adapters), list(adapter_dirs)
@@ -91,9 +93,9 @@ class ChatEngine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the CPU notice is shown by the caller, once
             # "ready" is said once, after the adapters
-            loaded = load_model(model, quantization=quantization, device=device, dtype=dtype,
+            loaded = load_model(model, quantization=quantization, device=device, dtype=dtype, dtype=dtype,
                                 progress=lambda p: p.stage != "ready" and report(p))
-        self = cls(loaded, engine=engine, name="demo" if demo else str(model))
+        self = cls(loaded, engine=engine, name="demo" if demo else str(model), max_batch=max_batch)
         paths = [(p, False) for p in adapters] + [(d, True) for d in adapter_dirs]
         for i, (path, is_dir) in enumerate(paths, 1):
             report(LoadProgress("adapters", i - 1, len(paths), f"adapter {i}/{len(paths)}: {path}"))
