@@ -93,7 +93,7 @@ class ChatEngine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the CPU notice is shown by the caller, once
             # "ready" is said once, after the adapters
-            loaded = load_model(model, quantization=quantization, device=device, dtype=dtype, dtype=dtype,
+            loaded = load_model(model, quantization=quantization, device=device, dtype=dtype,
                                 progress=lambda p: p.stage != "ready" and report(p))
         self = cls(loaded, engine=engine, name="demo" if demo else str(model), max_batch=max_batch)
         paths = [(p, False) for p in adapters] + [(d, True) for d in adapter_dirs]
