@@ -141,6 +141,10 @@ def main() -> None:
     loaded_gb = torch.cuda.memory_allocated() / 1e9
     emit(what="load", seconds=round(time.perf_counter() - start, 1), gpu_after_load_gb=round(loaded_gb, 2),
          engine=engine.info.engine, decoder=type(engine.decoder).__name__, max_batch=engine.info.max_batch)
+    start = time.perf_counter()
+    if hasattr(engine.decoder, "warm_up"):
+        engine.decoder.warm_up()
+    emit(what="first_run_tuning", seconds=round(time.perf_counter() - start, 1))
     adapter = engine.register_adapter(make_adapter(Path("/tmp/bench_adapter/checkpoint-1"), engine.model.config), "ad")
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
     q64, q1600 = query_of(engine.tokenizer, 64), query_of(engine.tokenizer, 1600)
@@ -159,7 +163,6 @@ def main() -> None:
     emit(what="compare", **compare_rate(engine, q64, greedy, adapter.name))
     for n in rows:
         queries = [q64[: len(q64) - (i % 7)] + str(i) for i in range(n)]
-        concurrent(engine, queries[: min(n, 2)], greedy)  # warm-up of this bucket's graph
         emit(what="batch", **concurrent(engine, queries, greedy))
     engine.close()
 

@@ -11,23 +11,25 @@ from .eager import EagerBatchDecoder, PrefixOf
 # Eager rows decoded together by default: enough for compare and a few server clients on a CPU.
 CPU_MAX_BATCH = 8
 CUDA_MAX_BATCH = 64
-FAST_DEFAULT_ROWS = 2
 FAST_CACHE_SLOTS = 8192  # the fast decoder's static cache (prefix + conversation)
 KV_SHARE_OF_FREE_MEMORY = 0.6  # of the GPU memory free when the decoder is made, for the eager batch cache
 
 
 def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda name: None,
                        max_batch: Optional[int] = None):
-    """The decoder for ``engine``: "fast" (the CUDA fast path: packed weights, one graph a step for
-    every row), "serial" (the older one-row fast decoder), "eager" (batched torch on any device), or
-    "auto" (fast where its kernels run, else eager). ``max_batch`` None: 2 rows on the fast path
-    (a chat and compare; its cache is allocated for every row up front), as many as fit elsewhere."""
+    """The decoder for ``engine``: "fast" (CUDA: one row at a time through the one-row fast decoder when
+    ``max_batch`` is 1 or None, else the batched fast decoder), "serial" (always the one-row decoder),
+    "eager" (batched torch on any device), or "auto" (fast where its kernels run, else eager).
+
+    Measured on an H200 (BENCHMARKS.md): one row decodes 2.4x faster on the one-row decoder (its GEMVs
+    and sampler are tuned into one graph), and a compare there alternates two rows at the same total
+    rate; the batched decoder wins from a few concurrent rows up (a server, evaluation)."""
     from ..fast_decode import available, FastDecoder
 
     if engine not in ("auto", "fast", "serial", "eager"):
         raise ValueError(f"engine must be auto, fast or eager, not {engine!r}")
     on_cuda = model.get_input_embeddings().weight.is_cuda
-    if engine == "serial":
+    if engine == "serial" or (engine in ("auto", "fast") and on_cuda and available() and (max_batch or 1) == 1):
         from .fast import SerialFastDecoder
 
         cache = min(model.config.seq_length, FAST_CACHE_SLOTS)
@@ -35,7 +37,7 @@ def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda
     if engine == "fast" or (engine == "auto" and on_cuda and available()):
         from .fast_batch import BatchFastDecoder
 
-        return BatchFastDecoder(model, prefix_of, max_batch=max_batch or FAST_DEFAULT_ROWS,
+        return BatchFastDecoder(model, prefix_of, max_batch=max_batch,
                                 context_length=min(model.config.seq_length, FAST_CACHE_SLOTS))
     budget = None
     if on_cuda:

@@ -25,7 +25,6 @@ or copied at load.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -205,6 +204,22 @@ class BatchFastDecoder:
         if fit < 1:
             raise BackendError("the GPU has no memory left for the decoder's cache; load a smaller precision (--quantization 4bit).")
         return context, max(1, min(rows, fit, MAX_ROWS))
+
+    def warm_up(self) -> None:
+        """Tune the kernels for every row count and capture every bucket's graph now, not at a first reply
+        (tuning results are cached on disk per GPU model, so only the first run on a card pays it)."""
+        from ..kernels.gemv_4bit import M_BUCKETS
+
+        with torch.inference_mode():
+            for m in M_BUCKETS:  # prompts of up to 64 tokens run at these row counts
+                x = torch.randn(m, self.embedding.shape[1], device=self.device, dtype=self.dtype)
+                for lw in self.layers[:1]:
+                    lw.qkv(x, norm=lw.ln1, eps=self.eps)
+                    lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
+                    lw.dense(x, residual=x)
+            for bucket in BUCKETS:
+                if bucket <= self.max_batch and self.use_graphs and bucket not in self._graphs:
+                    self._capture(bucket)
 
     # -- protocol: admission ------------------------------------------------------------------
 
