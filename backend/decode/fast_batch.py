@@ -107,6 +107,12 @@ def quantized_weight(module) -> Optional[QuantizedWeight]:
     return None
 
 
+def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+    """argmax per row [B], or token 5 where a row's logits hold nan/inf (the original chat's guard)."""
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    return torch.where(bad, torch.full_like(bad, 5, dtype=torch.long), logits.argmax(-1))
+
+
 @dataclass
 class _LayerWeights:
     ln1: torch.Tensor
@@ -183,7 +189,7 @@ class BatchFastDecoder:
         self._failed: list = []
         self._workspaces: dict = {}
         self._graphs: dict = {}
-        self._graph_logits: dict = {}
+        self._graph_out: dict = {}  # bucket -> (logits, greedy picks) written by its graph
         self.use_graphs = cuda if use_graphs is None else use_graphs
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -316,11 +322,10 @@ class BatchFastDecoder:
                 self._free(row, park=False)
                 self._failed.append((row.id, err))
             return []
-        out = []
-        for row, row_logits in zip(rows, logits):
+        for row in rows:
             row.cached = len(row.tokens)
-            token = self._take(row, row_logits[None])
-            out.append(token)
+        out = self._pick(rows, logits, greedy_pick(logits), list(range(len(rows))))
+        for row, token in zip(rows, out):
             if token.finish is None:
                 self._rows[row.id] = row
             else:
@@ -341,33 +346,29 @@ class BatchFastDecoder:
 
     def _decode(self) -> list[RowToken]:
         rows = list(self._rows.values())
-        for row in rows:
-            self._host_in[:, row.slot] = torch.tensor((row.tokens[-1], len(row.tokens) - 1, row.prefix_len))
+        slots = [r.slot for r in rows]
+        self._host_in[:, slots] = torch.tensor([[r.tokens[-1] for r in rows], [len(r.tokens) - 1 for r in rows],
+                                                [r.prefix_len for r in rows]])
         self._step_in.copy_(self._host_in, non_blocking=True)
         top = max(r.slot for r in rows) + 1
         bucket = min(next((b for b in BUCKETS if b >= top), MAX_ROWS), self.max_batch)
-        logits = self._run_step(bucket)
-        out = self._pick(rows, logits)
+        logits, picks = self._run_step(bucket)
+        out = self._pick(rows, logits, picks, [r.slot for r in rows])
         for row, token in zip(rows, out):
             row.cached = len(row.tokens) - 1
             if token.finish is not None:
                 self._free(self._rows.pop(row.id), park=True)
         return out
 
-    def _pick(self, rows: list[_Row], logits: torch.Tensor) -> list[RowToken]:
-        """Greedy rows by one argmax over the batch; sampled rows through their own processors and generator."""
-        greedy = [r for r in rows if r.request.params.greedy and not r.penalty]
-        picked = {}
-        if greedy:
-            slots = torch.tensor([r.slot for r in greedy], device=self.device)
-            lg = logits.index_select(0, slots).float()
-            bad = ~torch.isfinite(lg).all(dim=-1)  # the original's guard: a nan/inf step emits token 5
-            ids = torch.where(bad, torch.full_like(bad, 5, dtype=torch.long), lg.argmax(-1)).tolist()
-            picked = {r.id: t for r, t in zip(greedy, ids)}
+    def _pick(self, rows: list[_Row], logits: torch.Tensor, greedy_picks: torch.Tensor, index: list[int]) -> list[RowToken]:
+        """Each row's next token: greedy rows from ``greedy_picks`` (the argmax of every logits row, read back
+        in one transfer), sampled rows through their own processors and generator. Row i's logits are
+        ``logits[index[i]]``."""
+        picks = greedy_picks.tolist() if any(r.request.params.greedy and not r.penalty for r in rows) else None
         out = []
-        for row in rows:
-            token = picked.get(row.id)
-            out.append(self._take(row, logits[row.slot:row.slot + 1], token))
+        for row, i in zip(rows, index):
+            token = picks[i] if row.request.params.greedy and not row.penalty else None
+            out.append(self._take(row, logits[i:i + 1], token))
         return out
 
     def _take(self, row: _Row, logits: torch.Tensor, token: Optional[int] = None) -> RowToken:
@@ -390,14 +391,14 @@ class BatchFastDecoder:
 
     # -- the decode step ----------------------------------------------------------------------
 
-    def _run_step(self, bucket: int) -> torch.Tensor:
+    def _run_step(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graphs:
             return self._step_math(bucket)
         graph = self._graphs.get(bucket)
         if graph is None:
             graph = self._capture(bucket)
         graph.replay()
-        return self._graph_logits[bucket]
+        return self._graph_out[bucket]
 
     def _capture(self, bucket: int):
         from ..cuda_streams import warmup_stream
@@ -410,12 +411,12 @@ class BatchFastDecoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-            self._graph_logits[bucket] = self._step_math(bucket)
+            self._graph_out[bucket] = self._step_math(bucket)
         self._graphs[bucket] = graph
         return graph
 
-    def _step_math(self, bucket: int) -> torch.Tensor:
-        """One token for rows [0, bucket): logits [bucket, V]."""
+    def _step_math(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for rows [0, bucket): logits [bucket, V] and each row's greedy pick [bucket]."""
         ws = self._workspaces.get(bucket)
         if ws is None:
             ws = self._workspaces[bucket] = attention_workspace(bucket, self.heads, self.groups, self.head_dim, self.device)
@@ -429,7 +430,8 @@ class BatchFastDecoder:
             attn = decode_attention(q, kc, vc, pos, plen, workspace=ws)
             x = lw.dense(attn, residual=x)
             x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
-        return self.output(x, norm=self.final_ln, eps=self.eps)
+        logits = self.output(x, norm=self.final_ln, eps=self.eps)
+        return logits, greedy_pick(logits)
 
     # -- prompts --------------------------------------------------------------------------------
 
