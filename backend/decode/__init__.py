@@ -11,24 +11,36 @@ from .eager import EagerBatchDecoder, PrefixOf
 # Eager rows decoded together by default: enough for compare and a few server clients on a CPU.
 CPU_MAX_BATCH = 8
 CUDA_MAX_BATCH = 64
-FAST_CACHE_SLOTS = 8192  # the fast decoder's static cache (prefix + conversation)
+FAST_CACHE_SLOTS = 8192  # context per row when the batched fast decoder holds more than two rows
 KV_SHARE_OF_FREE_MEMORY = 0.6  # of the GPU memory free when the decoder is made, for the eager batch cache
 
 
 def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda name: None,
                        max_batch: Optional[int] = None):
-    """The decoder for ``engine``: "fast" (the CUDA fast path, one row at a time), "eager" (batched
-    torch on any device), or "auto" (fast where its kernels run, else eager)."""
-    from .fast_decoder import FastDecoder, available
+    """The decoder for ``engine``: "fast" (CUDA: one row at a time through the one-row fast decoder when
+    ``max_batch`` is 1 or None, else the batched fast decoder), "serial" (always the one-row decoder),
+    "eager" (batched torch on any device), or "auto" (fast where its kernels run, else eager).
 
-    if engine not in ("auto", "fast", "eager"):
+    Measured on an H200 (BENCHMARKS.md): one row decodes 2.4x faster on the one-row decoder (its GEMVs
+    and sampler are tuned into one graph), and a compare there alternates two rows at the same total
+    rate; the batched decoder wins from a few concurrent rows up (a server, evaluation)."""
+    from ..fast_decode import available, FastDecoder, cache_slots, plain_rope
+
+    if engine not in ("auto", "fast", "serial", "eager"):
         raise ValueError(f"engine must be auto, fast or eager, not {engine!r}")
     on_cuda = model.get_input_embeddings().weight.is_cuda
-    if engine == "fast" or (engine == "auto" and on_cuda and available()):
+    fast = on_cuda and available()
+    one_row = (max_batch or 1) == 1 and plain_rope(model.config)  # the one-row kernels know the plain rotary only
+    if engine == "serial" or (engine in ("auto", "fast") and fast and one_row):
         from .fast import SerialFastDecoder
 
-        cache = min(model.config.seq_length, FAST_CACHE_SLOTS)
-        return SerialFastDecoder(FastDecoder(model, max_seq_len=cache, weights="same"), prefix_of)
+        return SerialFastDecoder(FastDecoder(model, max_seq_len=cache_slots(model), weights="same"), prefix_of)
+    if engine == "fast" or (engine == "auto" and fast):
+        from .fast_batch import BatchFastDecoder
+
+        # a chat or a compare gets the model's whole context; many rows share the memory at 8192 each
+        context = model.config.seq_length if (max_batch or 1) <= 2 else min(model.config.seq_length, FAST_CACHE_SLOTS)
+        return BatchFastDecoder(model, prefix_of, max_batch=max_batch, context_length=context)
     budget = None
     if on_cuda:
         budget = int(torch.cuda.mem_get_info(model.get_input_embeddings().weight.device)[0] * KV_SHARE_OF_FREE_MEMORY)

@@ -177,23 +177,23 @@ def quantized_weight(module) -> Optional[QuantizedWeight]:
     (the int8 release's layout). The bias stays the layer's own."""
     from ..int8_linear import is_quantized_module, linear_weights
 
+    scale = getattr(module, "weight_scale", None)
+    weight = getattr(module, "weight", None)
+    if scale is not None and weight is not None and weight.dtype == torch.int8:  # the int4 / int8 releases
+        in_features = getattr(module, "in_features", None)
+        bits = getattr(module, "weight_bit_width", None)
+        if bits == 8 or (bits is None and in_features == weight.shape[1]):
+            return int8_weight(weight, scale)
+        if in_features is not None and in_features != 2 * weight.shape[1]:
+            raise ValueError(f"int4 weight {tuple(weight.shape)} does not hold {in_features} input columns")
+        return int4_release_weight(weight, scale)
     kind = is_quantized_module(module)
     if kind == "4bit":
         return params4bit_weight(module.weight)
     if kind == "int8":
         lw = linear_weights(module, "int8", torch.float32)
         return int8_weight(lw.weight, lw.scale)
-    scale = getattr(module, "weight_scale", None)
-    weight = getattr(module, "weight", None)
-    if scale is None or weight is None or weight.dtype != torch.int8:
-        return None
-    in_features = getattr(module, "in_features", None)
-    bits = getattr(module, "weight_bit_width", None)
-    if bits == 8 or (bits is None and in_features == weight.shape[1]):
-        return int8_weight(weight, scale)
-    if in_features is not None and in_features != 2 * weight.shape[1]:
-        raise ValueError(f"int4 weight {tuple(weight.shape)} does not hold {in_features} input columns")
-    return int4_release_weight(weight, scale)
+    return None
 
 
 def quant_linear_torch(x: torch.Tensor, w: QuantizedWeight, bias=None, residual=None, *,

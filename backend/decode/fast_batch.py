@@ -1,0 +1,462 @@
+"""The batched fast decoder: up to 64 rows over one static cache, each decode step one CUDA-graph replay.
+
+Weights stay as loaded: int8 rows (bitsandbytes 8-bit, or our training's Int8Linear), NF4
+(bitsandbytes 4-bit) and the int4 release are read packed by ``backend.kernels.gemv_4bit.quant_linear``
+(RMSNorm, SwiGLU and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widened
+or copied at load.
+
+- Cache: keys and values of every layer in two tensors [L, rows, G, slots, D]. Row r's first P_r
+  slots hold its adapter's prefix, its tokens follow (token at position p in slot P_r + p). Each
+  row's position and P_r live in device tensors, so one graph per batch bucket (1, 2, 4, ... 64
+  rows) serves every mix of lengths and adapters: an adapter switch is a copy into the row's
+  prefix slots, never a capture.
+- Step: embedding, then per layer QKV (norm folded), rotary + cache write, split attention over
+  each row's slots, dense + residual, up-projection + SwiGLU (norm folded), down + residual; the
+  final norm and output linear give [rows, V] logits. Idle rows (position -1) write nothing.
+- Prompt (prefill): the rows that joined since the last step, right-padded into one batch, the
+  same math in torch (SDPA over each row's prefix + earlier slots; linears through quant_linear up
+  to 64 tokens, else the weight widened one linear at a time for a tensor-core matmul).
+  It is written here rather than through ``modeling.py``'s modules because a bitsandbytes 8-bit
+  model's modules run LLM.int8's outlier decomposition (10x slower), not the weight-only rows.
+- A finished row stays parked with its cache for a later request of the same adapter whose
+  prompt begins with its tokens (a chat's next turn feeds only the new tokens), until its row is
+  needed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..generation import logits_processors
+from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
+from ..kernels.gemv_4bit import QuantizedWeight, quant_linear, quantized_weight
+from ..lean_autograd import rms_norm
+from ..modeling import apply_rotary, rope_settings, rotary_cos_sin
+from ..service import BackendError
+from .eager import common_prefix_length
+from .protocol import FINISH_LENGTH, FINISH_STOP, DecodeRequest, RowToken
+
+MAX_ROWS = 64  # the quantized kernels' largest M bucket
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PREFIX_SLOTS = 256  # reserved before each row's context for an adapter prefix
+QUANT_MAX_M = 64  # prompts longer than this widen each weight for one tensor-core matmul
+
+
+class _Linear:
+    """One linear as stored: a packed weight for ``quant_linear`` or a 16-bit one for cuBLAS."""
+
+    def __init__(self, module, dtype: torch.dtype):
+        self.module = module
+        self.q: Optional[QuantizedWeight] = quantized_weight(module)
+        self.w = None if self.q is not None else module.weight.detach().to(dtype)
+        bias = getattr(module, "bias", None)
+        self.bias = bias.detach().to(dtype) if bias is not None else None
+
+    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None):
+        if self.q is not None and x.shape[0] <= QUANT_MAX_M:
+            return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
+        if norm is not None:
+            x = rms_norm(x, norm, eps)
+        y = self._wide(x)
+        if swiglu:
+            a, b = y.chunk(2, dim=-1)
+            y = F.silu(a) * b
+        if residual is not None:
+            y = y + residual
+        return y if out is None else out.copy_(y)
+
+    def _wide(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T + b for many rows (a prompt): tensor cores on the weight, widened at most one linear at a time."""
+        if self.q is None:
+            return F.linear(x, self.w, self.bias)
+        if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers, no copy of the weight
+            from ..int8_linear import LinearWeights, matmul
+
+            return matmul(x, LinearWeights(self.q.data, self.q.scale, self.bias))
+        if self.q.fmt == "nf4" and x.is_cuda:
+            import bitsandbytes.functional as bnbf
+
+            w = bnbf.dequantize_4bit(self.module.weight.data, self.module.weight.quant_state).to(x.dtype)
+        else:
+            w = self.q.dequantize(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
+def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+    """argmax per row [B], or token 5 where a row's logits hold nan/inf (the original chat's guard)."""
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    return torch.where(bad, torch.full_like(bad, 5, dtype=torch.long), logits.argmax(-1))
+
+
+@dataclass
+class _LayerWeights:
+    ln1: torch.Tensor
+    qkv: _Linear
+    dense: _Linear
+    ln2: torch.Tensor
+    up: _Linear
+    down: _Linear
+
+
+@dataclass
+class _Row:
+    id: int
+    request: DecodeRequest
+    slot: int  # cache row
+    prefix_len: int
+    limit: int  # new tokens allowed
+    tokens: list
+    cached: int = 0  # tokens whose keys/values the cache row holds after the prefix
+    new: int = 0
+    generator: Optional[torch.Generator] = None
+    procs: object = None
+    penalty: bool = False
+
+
+@dataclass
+class _Parked:
+    adapter: Optional[str]
+    cached_ids: list = field(default_factory=list)
+
+
+class BatchFastDecoder:
+    """The decoder protocol (``backend.decode.protocol.Decoder``) on the fast path, CUDA and Triton."""
+
+    def __init__(self, model, prefix_of: Callable, max_batch: Optional[int] = None,
+                 context_length: Optional[int] = None, cache_share: float = 0.6, use_graphs: Optional[bool] = None):
+        cfg = model.config
+        tr = model.transformer
+        emb = tr.embedding.word_embeddings.weight
+        self.device, self.dtype = emb.device, emb.dtype
+        self.prefix_of = prefix_of
+        self.eps = cfg.layernorm_epsilon
+        self.heads, self.groups, self.head_dim = cfg.num_attention_heads, cfg.multi_query_group_num, cfg.kv_channels
+        self.rotary_dim = cfg.kv_channels // 2
+        # the family's rotary, as modeling.rotary_cos_sin computes it: ChatGLM2 rounds its angles in a 16-bit
+        # model dtype (the kernel is told to round the same way), ChatGLM3 keeps float32
+        self.rope = rope_settings(cfg)
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        self.angle_dtype = self.dtype if half and not self.rope.float32 else None
+        work = self.angle_dtype or torch.float32
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=work, device=self.device) / self.rotary_dim
+        self.inv_freq = (1.0 / (self.rope.base ** exponents)).float()
+        with torch.no_grad():
+            self.embedding = emb.detach()
+            self.layers = [
+                _LayerWeights(b.input_layernorm.weight.detach(), _Linear(b.self_attention.query_key_value, self.dtype),
+                              _Linear(b.self_attention.dense, self.dtype), b.post_attention_layernorm.weight.detach(),
+                              _Linear(b.mlp.dense_h_to_4h, self.dtype), _Linear(b.mlp.dense_4h_to_h, self.dtype))
+                for b in tr.encoder.layers
+            ]
+            self.final_ln = tr.encoder.final_layernorm.weight.detach()
+            self.output = _Linear(tr.output_layer, self.dtype)
+        self.slot_bytes = cfg.num_layers * 2 * self.groups * self.head_dim * self.dtype.itemsize
+        self.context_length, self.max_batch = self._size_cache(cfg, context_length, max_batch, cache_share)
+        self.slots = PREFIX_SLOTS + self.context_length
+        shape = (cfg.num_layers, self.max_batch, self.groups, self.slots, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        # step inputs, read by every graph: the token, position (-1 idle) and prefix length of each row,
+        # set on the host and copied over in one transfer a step
+        cuda = self.device.type == "cuda"
+        self._host_in = torch.zeros(3, self.max_batch, dtype=torch.long, pin_memory=cuda)
+        self._host_in[1] = -1
+        self._step_in = self._host_in.to(self.device)
+        self.tokens, self.positions, self.prefix_lens = self._step_in[0], self._step_in[1], self._step_in[2]
+        self._slot_adapter: list = [object()] * self.max_batch  # whose prefix each cache row holds
+        self._rows: dict[int, _Row] = {}  # running rows by id
+        self._pending: list[_Row] = []
+        self._parked: OrderedDict[int, _Parked] = OrderedDict()  # cache row -> finished row's tokens, oldest first
+        self._failed: list = []
+        self._workspaces: dict = {}
+        self._graphs: dict = {}
+        self._graph_out: dict = {}  # bucket -> (logits, greedy picks) written by its graph
+        self.use_graphs = cuda if use_graphs is None else use_graphs
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def _size_cache(self, cfg, context_length, max_batch, share) -> tuple[int, int]:
+        """Context per row and rows, from the model's seq_length and the memory free now."""
+        context = min(context_length or cfg.seq_length, cfg.seq_length)
+        rows = max_batch or MAX_ROWS
+        if self.device.type != "cuda":
+            return context, min(rows, MAX_ROWS)
+        budget = torch.cuda.mem_get_info(self.device)[0] * share
+        row_bytes = lambda c: (PREFIX_SLOTS + c) * self.slot_bytes  # noqa: E731
+        fit = int(budget // row_bytes(context))
+        if fit < min(rows, 2):  # short of memory: a shorter context first, so that compare still fits
+            context = max(512, int(budget // (2 * self.slot_bytes)) - PREFIX_SLOTS)
+            context = min(context, cfg.seq_length)
+            warnings.warn(f"GPU memory is short: the fast decoder keeps {context} tokens of context per reply.", stacklevel=3)
+            fit = int(budget // row_bytes(context))
+        if fit < 1:
+            raise BackendError("the GPU has no memory left for the decoder's cache; load a smaller precision (--quantization 4bit).")
+        return context, max(1, min(rows, fit, MAX_ROWS))
+
+    def warm_up(self) -> None:
+        """Tune the kernels for every row count and capture every bucket's graph now, not at a first reply
+        (tuning results are cached on disk per GPU model, so only the first run on a card pays it)."""
+        from ..kernels.gemv_4bit import M_BUCKETS
+
+        with torch.inference_mode():
+            for m in M_BUCKETS:  # prompts of up to 64 tokens run at these row counts
+                x = torch.randn(m, self.embedding.shape[1], device=self.device, dtype=self.dtype)
+                for lw in self.layers[:1]:
+                    lw.qkv(x, norm=lw.ln1, eps=self.eps)
+                    lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
+                    lw.dense(x, residual=x)
+            for bucket in BUCKETS:
+                if bucket <= self.max_batch and self.use_graphs and bucket not in self._graphs:
+                    self._capture(bucket)
+
+    # -- protocol: admission ------------------------------------------------------------------
+
+    def check(self, request: DecodeRequest) -> None:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise BackendError("the prompt is empty; send some text.")
+        if n >= self.context_length:
+            raise BackendError(f"the prompt is {n} tokens but the model's context here is {self.context_length}; shorten it or start a new conversation.")
+        if self._prefix_len(request.adapter) > PREFIX_SLOTS:
+            raise BackendError(f"adapter {request.adapter!r} has a prefix longer than {PREFIX_SLOTS} tokens, which the fast decoder does not hold; use --engine eager.")
+
+    def fits(self, request: DecodeRequest) -> bool:
+        return self.rows < self.max_batch
+
+    @property
+    def rows(self) -> int:
+        return len(self._rows) + len(self._pending)
+
+    def add(self, row: int, request: DecodeRequest) -> None:
+        self._pending.append(self._new_row(row, request))
+
+    def drop(self, row: int) -> None:
+        kept = [r for r in self._pending if r.id != row]
+        for r in self._pending:
+            if r.id == row:
+                self._free(r, park=False)
+        self._pending = kept
+        if row in self._rows:
+            self._free(self._rows.pop(row), park=False)
+
+    def failed(self) -> list:
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _prefix_len(self, adapter) -> int:
+        prefix = self.prefix_of(adapter)
+        return prefix[0].shape[2] if prefix else 0
+
+    def _new_row(self, row: int, request: DecodeRequest) -> _Row:
+        tokens = list(request.prompt_ids)
+        slot, cached = self._take_slot(request.adapter, tokens)
+        limit = min(request.params.max_new_tokens, self.context_length - len(tokens))
+        generator = None
+        if request.seed is not None and not request.params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        penalty = request.params.repetition_penalty not in (0, 1.0, None)
+        return _Row(row, request, slot, self._prefix_len(request.adapter), limit, tokens, cached,
+                    generator=generator, procs=logits_processors(request.params), penalty=penalty)
+
+    def _take_slot(self, adapter, tokens: list) -> tuple[int, int]:
+        """A cache row for a new request: a parked one that began the same way, else a free one, else the
+        oldest parked. Returns (row, tokens already cached)."""
+        best, keep = None, 0
+        for slot, parked in self._parked.items():
+            if parked.adapter == adapter:
+                n = min(common_prefix_length(parked.cached_ids, tokens), len(tokens) - 1)
+                if n > keep:
+                    best, keep = slot, n
+        if best is not None:
+            del self._parked[best]
+            return best, keep
+        used = {r.slot for r in self._rows.values()} | {r.slot for r in self._pending} | set(self._parked)
+        free = [s for s in range(self.max_batch) if s not in used]
+        if free:
+            return free[0], 0
+        oldest = next(iter(self._parked))
+        del self._parked[oldest]
+        return oldest, 0
+
+    def _free(self, row: _Row, park: bool) -> None:
+        self._host_in[1, row.slot] = -1
+        if park:
+            self._parked[row.slot] = _Parked(row.request.adapter, row.tokens[: row.cached])
+
+    # -- protocol: stepping -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RowToken]:
+        out = self._decode() if self._rows else []
+        pending, self._pending = self._pending, []
+        if pending:
+            out += self._start(pending)
+        return out
+
+    def _start(self, rows: list[_Row]) -> list[RowToken]:
+        for row in rows:
+            self._load_prefix(row)
+        try:
+            logits = self._prefill(rows)
+        except torch.OutOfMemoryError:
+            err = BackendError("the GPU ran out of memory for this prompt; try again when fewer replies run, or shorten it.")
+            for row in rows:
+                self._free(row, park=False)
+                self._failed.append((row.id, err))
+            return []
+        for row in rows:
+            row.cached = len(row.tokens)
+        out = self._pick(rows, logits, greedy_pick(logits), list(range(len(rows))))
+        for row, token in zip(rows, out):
+            if token.finish is None:
+                self._rows[row.id] = row
+            else:
+                self._free(row, park=True)
+        return out
+
+    def _load_prefix(self, row: _Row) -> None:
+        if self._slot_adapter[row.slot] == row.request.adapter:
+            return
+        prefix = self.prefix_of(row.request.adapter)
+        if prefix:
+            P = prefix[0].shape[2]
+            for i in range(len(self.layers)):
+                self.k_cache[i, row.slot, :, :P].copy_(prefix[2 * i][0])
+                self.v_cache[i, row.slot, :, :P].copy_(prefix[2 * i + 1][0])
+        self._slot_adapter[row.slot] = row.request.adapter
+        row.cached = 0  # another adapter's keys were in this row
+
+    def _decode(self) -> list[RowToken]:
+        rows = list(self._rows.values())
+        slots = [r.slot for r in rows]
+        self._host_in[:, slots] = torch.tensor([[r.tokens[-1] for r in rows], [len(r.tokens) - 1 for r in rows],
+                                                [r.prefix_len for r in rows]])
+        self._step_in.copy_(self._host_in, non_blocking=True)
+        top = max(r.slot for r in rows) + 1
+        bucket = min(next((b for b in BUCKETS if b >= top), MAX_ROWS), self.max_batch)
+        logits, picks = self._run_step(bucket)
+        out = self._pick(rows, logits, picks, [r.slot for r in rows])
+        for row, token in zip(rows, out):
+            row.cached = len(row.tokens) - 1
+            if token.finish is not None:
+                self._free(self._rows.pop(row.id), park=True)
+        return out
+
+    def _pick(self, rows: list[_Row], logits: torch.Tensor, greedy_picks: torch.Tensor, index: list[int]) -> list[RowToken]:
+        """Each row's next token: greedy rows from ``greedy_picks`` (the argmax of every logits row, read back
+        in one transfer), sampled rows through their own processors and generator. Row i's logits are
+        ``logits[index[i]]``."""
+        picks = greedy_picks.tolist() if any(r.request.params.greedy and not r.penalty for r in rows) else None
+        out = []
+        for row, i in zip(rows, index):
+            token = picks[i] if row.request.params.greedy and not row.penalty else None
+            out.append(self._take(row, logits[i:i + 1], token))
+        return out
+
+    def _take(self, row: _Row, logits: torch.Tensor, token: Optional[int] = None) -> RowToken:
+        if token is None:
+            params = row.request.params
+            ids = torch.tensor([row.tokens], device=self.device) if row.penalty else None
+            scores = row.procs(ids, logits.float())
+            if params.greedy:
+                token = int(scores.argmax(-1))
+            else:
+                token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator))
+        row.tokens.append(token)
+        row.new += 1
+        finish = None
+        if token in row.request.stop_token_ids:
+            finish = FINISH_STOP
+        elif row.new >= row.limit:
+            finish = FINISH_LENGTH
+        return RowToken(row.id, token, finish)
+
+    # -- the decode step ----------------------------------------------------------------------
+
+    def _run_step(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.use_graphs:
+            return self._step_math(bucket)
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            graph = self._capture(bucket)
+        graph.replay()
+        return self._graph_out[bucket]
+
+    def _capture(self, bucket: int):
+        from ..cuda_streams import warmup_stream
+
+        # the warm-up step writes the same keys/values the replay will; capture runs nothing
+        stream = warmup_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._step_math(bucket)  # tunes the kernels' configs for this bucket outside capture
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+            self._graph_out[bucket] = self._step_math(bucket)
+        self._graphs[bucket] = graph
+        return graph
+
+    def _step_math(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for rows [0, bucket): logits [bucket, V] and each row's greedy pick [bucket]."""
+        ws = self._workspaces.get(bucket)
+        if ws is None:
+            ws = self._workspaces[bucket] = attention_workspace(bucket, self.heads, self.groups, self.head_dim, self.device)
+        pos, plen = self.positions[:bucket], self.prefix_lens[:bucket]
+        x = self.embedding.index_select(0, self.tokens[:bucket])  # [B, h]
+        for i, lw in enumerate(self.layers):
+            kc, vc = self.k_cache[i, :bucket], self.v_cache[i, :bucket]
+            qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps)
+            q = rope_cache_write(qkv, kc, vc, pos, plen, num_heads=self.heads, num_groups=self.groups,
+                                 inv_freq=self.inv_freq, position_divisor=self.rope.position_divisor,
+                                 angle_dtype=self.angle_dtype)
+            attn = decode_attention(q, kc, vc, pos, plen, workspace=ws)
+            x = lw.dense(attn, residual=x)
+            x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
+        logits = self.output(x, norm=self.final_ln, eps=self.eps)
+        return logits, greedy_pick(logits)
+
+    # -- prompts --------------------------------------------------------------------------------
+
+    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """The new tokens of each row, right-padded into one batch: last-token logits [len(rows), V]."""
+        B = len(rows)
+        new = [row.tokens[row.cached:] for row in rows]
+        T = max(len(n) for n in new)
+        dev = self.device
+        ids = torch.tensor([n + [0] * (T - len(n)) for n in new], device=dev)  # [B, T]
+        start = torch.tensor([row.cached for row in rows], device=dev)  # first new position per row
+        pos = start[:, None] + torch.arange(T, device=dev)  # [B, T]
+        plen = torch.tensor([row.prefix_len for row in rows], device=dev)
+        lens = torch.tensor([len(n) for n in new], device=dev)
+        valid = torch.arange(T, device=dev)[None] < lens[:, None]  # [B, T]
+        width = int((plen + start + lens).max())  # slots any row attends to
+        # query t of row b sees slots [0, P_b + start_b + t]
+        mask = torch.arange(width, device=dev)[None, None, :] <= (plen + start)[:, None, None] + torch.arange(T, device=dev)[None, :, None]
+        slot_rows = torch.tensor([row.slot for row in rows], device=dev)
+        write_rows = slot_rows[:, None].expand(B, T)[valid]
+        write_slots = (plen[:, None] + pos)[valid]
+        cos, sin = rotary_cos_sin(pos, self.rotary_dim, self.dtype, self.rope)
+
+        x = self.embedding[ids].reshape(B * T, -1)
+        H, G, D = self.heads, self.groups, self.head_dim
+        for i, lw in enumerate(self.layers):
+            qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps).view(B, T, H + 2 * G, D)
+            q = apply_rotary(qkv[:, :, :H], cos, sin)
+            k = apply_rotary(qkv[:, :, H:H + G], cos, sin)
+            v = qkv[:, :, H + G:]
+            self.k_cache[i][write_rows, :, write_slots] = k[valid]
+            self.v_cache[i][write_rows, :, write_slots] = v[valid]
+            keys = self.k_cache[i, :, :, :width].index_select(0, slot_rows)  # [B, G, width, D]
+            values = self.v_cache[i, :, :, :width].index_select(0, slot_rows)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None],
+                                                  enable_gqa=True)  # [B, H, T, D]
+            x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x)
+            x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
+        last = x.view(B, T, -1)[torch.arange(B, device=dev), lens - 1]  # [B, h]
+        return self.output(last, norm=self.final_ln, eps=self.eps)

@@ -1,0 +1,182 @@
+"""Decoding through ChatEngine, as the app and the server drive it: chat, compare, many rows, switches.
+
+    python bench/bench_engine.py --model DIR --quantization 8bit [--engine fast] [--rows 1,8,64]
+
+On full-size random weights in the release layout (``bench/bench_load.py make DIR``; the int4
+release's layout with ``make-int4``). Prints one JSON line per measurement, each with the card,
+the command, the date and, for decode speed, the % of the bound: the bytes one step must read
+(every linear weight as stored, the output layer) over the copy bandwidth measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUERY = "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞"
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy (the memory-bound ceiling)."""
+    import torch
+
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def step_bytes(decoder) -> int:
+    """Weight bytes one decode step reads (as stored: packed, with scales)."""
+    total = 0
+    for lw in decoder.layers:
+        for lin in (lw.qkv, lw.dense, lw.up, lw.down):
+            total += linear_bytes(lin)
+    return total + linear_bytes(decoder.output)
+
+
+def linear_bytes(lin) -> int:
+    if lin.q is None:
+        return lin.w.numel() * lin.w.element_size()
+    q = lin.q
+    parts = [q.data, q.scale, q.absmax, q.absmax2]
+    return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def timed_reply(engine, query: str, params, **kw) -> dict:
+    from backend.service import ReplyDone, TextDelta
+
+    start = time.perf_counter()
+    first = None
+    for event in engine.stream_reply(query, [], params, **kw):
+        if first is None and isinstance(event, TextDelta):
+            first = time.perf_counter()
+        if isinstance(event, ReplyDone):
+            reply = event.reply
+    end = time.perf_counter()
+    first = first or end
+    decode_s = max(end - first, 1e-9)
+    return {"ttft_ms": round(1e3 * (first - start), 1), "new_tokens": reply.new_tokens,
+            "prompt_tokens": reply.prompt_tokens, "decode_tok_s": round((reply.new_tokens - 1) / decode_s, 1)}
+
+
+def query_of(tokenizer, tokens: int) -> str:
+    """A query whose chat prompt is about ``tokens`` long."""
+    text = QUERY
+    while len(tokenizer.encode(tokenizer.build_prompt(text, []))) < tokens:
+        text += QUERY
+    while len(tokenizer.encode(tokenizer.build_prompt(text, []))) > tokens and len(text) > 1:
+        text = text[:-1]
+    return text
+
+
+def concurrent(engine, queries: list, params) -> dict:
+    """Each query from its own thread at once: aggregate tokens/s and TTFT percentiles."""
+    results = [None] * len(queries)
+
+    def one(i):
+        results[i] = timed_reply(engine, queries[i], params)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(queries))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    ttfts = sorted(r["ttft_ms"] for r in results)
+    return {"rows": len(queries), "aggregate_tok_s": round(sum(r["new_tokens"] for r in results) / seconds, 1),
+            "ttft_p50_ms": ttfts[len(ttfts) // 2], "ttft_p99_ms": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+            "seconds": round(seconds, 2)}
+
+
+def make_adapter(directory: Path, config, pre_seq_len: int = 128) -> Path:
+    """A random P-Tuning v2 checkpoint in the original layout (pytorch_model.bin + config.json)."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    width = config.num_layers * 2 * config.multi_query_group_num * config.kv_channels
+    weight = torch.randn(pre_seq_len, width) * 0.02
+    torch.save({"transformer.prefix_encoder.embedding.weight": weight.half()}, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps({"pre_seq_len": pre_seq_len, "prefix_projection": False}))
+    return directory
+
+
+def main() -> None:
+    import torch
+
+    from backend.engine import ChatEngine
+    from backend.service import SamplingParams
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--rows", default="1,2,8,64")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quantization": args.quantization}
+    emit = lambda **kw: print(json.dumps({**common, **kw}), flush=True)  # noqa: E731
+    bandwidth = copy_bandwidth()
+    rows = [int(r) for r in args.rows.split(",")]
+    start = time.perf_counter()
+    engine = ChatEngine.load(args.model, quantization=args.quantization, engine=args.engine, max_batch=max(rows))
+    torch.cuda.synchronize()
+    loaded_gb = torch.cuda.memory_allocated() / 1e9
+    emit(what="load", seconds=round(time.perf_counter() - start, 1), gpu_after_load_gb=round(loaded_gb, 2),
+         engine=engine.info.engine, decoder=type(engine.decoder).__name__, max_batch=engine.info.max_batch)
+    start = time.perf_counter()
+    if hasattr(engine.decoder, "warm_up"):
+        engine.decoder.warm_up()
+    emit(what="first_run_tuning", seconds=round(time.perf_counter() - start, 1))
+    adapter = engine.register_adapter(make_adapter(Path("/tmp/bench_adapter/checkpoint-1"), engine.model.config), "ad")
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
+    q64, q1600 = query_of(engine.tokenizer, 64), query_of(engine.tokenizer, 1600)
+    timed_reply(engine, q64, greedy)  # warm-up: captures, tuning
+    bound = bandwidth / step_bytes(engine.decoder) if hasattr(engine.decoder, "layers") else None
+    torch.cuda.reset_peak_memory_stats()
+    for sampling in (greedy, SamplingParams(temperature=0.8, top_p=0.8, max_new_tokens=args.new_tokens)):
+        r = timed_reply(engine, q64, sampling, seed=1)
+        emit(what="chat", greedy=sampling.greedy, **r, bound_tok_s=round(bound or 0, 1),
+             pct_of_bound=round(100 * r["decode_tok_s"] / bound, 1) if bound else None)
+    emit(what="memory", gpu_peak_above_load_gb=round(torch.cuda.max_memory_allocated() / 1e9 - loaded_gb, 2))
+    timed_reply(engine, q1600, SamplingParams(temperature=0.0, max_new_tokens=4))
+    emit(what="ttft_1600", **timed_reply(engine, q1600 + "。", SamplingParams(temperature=0.0, max_new_tokens=4)))
+    timed_reply(engine, q64, greedy, adapter=adapter.name)  # first use of the adapter
+    emit(what="adapter_switch", **timed_reply(engine, q64 + "！", greedy, adapter=adapter.name))
+    emit(what="compare", **compare_rate(engine, q64, greedy, adapter.name))
+    for n in rows:
+        queries = [q64[: len(q64) - (i % 7)] + str(i) for i in range(n)]
+        emit(what="batch", **concurrent(engine, queries, greedy))
+    engine.close()
+
+
+def compare_rate(engine, query: str, params, adapter: str) -> dict:
+    from backend.service import ReplyDone
+
+    start = time.perf_counter()
+    tokens = sum(e.reply.new_tokens for e in engine.compare(query, [], params, adapters=[None, adapter]) if isinstance(e, ReplyDone))
+    seconds = time.perf_counter() - start
+    single = timed_reply(engine, query + "？", params)
+    return {"aggregate_tok_s": round(tokens / seconds, 1), "one_stream_tok_s": single["decode_tok_s"],
+            "ratio": round(tokens / seconds / single["decode_tok_s"], 2)}
+
+
+if __name__ == "__main__":
+    main()
