@@ -61,6 +61,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # `glmchat serve ...`: the HTTP server has its own flags
+        from backend.server.cli import main as serve
+
+        return serve(argv[1:])
     args = parse_args(argv)
     if args.prompt is not None:
         from backend.cli import run_once  # the one-shot mode lives with the backend
