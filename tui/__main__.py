@@ -45,12 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument(*_alias("--top-p"), dest="top_p", type=float, help="nucleus sampling p (default 0.8)")
     sampling.add_argument(*_alias("--max-new-tokens"), dest="max_new_tokens", type=int,
                           help="longest reply in tokens (default 512)")
+    remote = parser.add_argument_group("remote (glmchat serve --help starts a server)")
+    remote.add_argument("--server", metavar="URL", help="chat with the model of a running `glmchat serve` at URL "
+                        "(e.g. http://gpu-box:8000) instead of loading one here")
+    remote.add_argument("--api-key", metavar="KEY", default=os.environ.get("GLMCHAT_API_KEY") or None,
+                        help="the server's API key (default: $GLMCHAT_API_KEY)")
     return parser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.server and (args.prompt is not None or args.model or args.demo or args.adapter or args.adapters):
+        parser.error("--server uses the server's model and adapters; drop --model/--demo/--adapter/--prompt "
+                     "(add adapters from the app's picker)")
     if args.temperature is not None and args.temperature < 0:
         parser.error("--temperature must be 0 or more")
     if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -33,6 +33,10 @@ FAKE_BACKEND_ENV = "GLMCHAT_FAKE_BACKEND"  # dev only: a canned backend, no mode
 
 def load_backend(args: Namespace, progress: ProgressCallback) -> ChatBackend:
     """Load the engine the command line asks for; blocks (call it off the UI thread)."""
+    if getattr(args, "server", None):  # glmchat --server URL: the model runs in `glmchat serve` there
+        from .remote import RemoteBackend
+
+        return RemoteBackend.connect(args.server, api_key=args.api_key, progress=progress)
     options = dict(
         model=args.model or (None if args.demo else DEFAULT_MODEL),
         quantization=args.quantization,  # None: the engine's default (8-bit on a GPU)
@@ -110,6 +114,7 @@ class GLMChatApp(App[None]):
             self.notify(warning, title="config.toml", severity="warning", timeout=10)
         self._open_store()
         model = "demo model" if self.args.demo and not self.args.model else (self.args.model or DEFAULT_MODEL)
+        model = getattr(self.args, "server", None) or model
         self._loading_screen = LoadingScreen(self.loader, self.args, model)
         self.push_screen(self._loading_screen, callback=self._loaded)
 

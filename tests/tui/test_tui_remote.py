@@ -1,0 +1,144 @@
+"""``glmchat --server URL``: the app against a real ``glmchat serve`` on 127.0.0.1 (a tiny ChatGLM2 made
+here): streamed replies equal the engine's, stop frees the server's row, the adapter hotkey and picker,
+compare as two concurrent streams, and the load screen's reasons for a wrong key or no server."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tiny-model and server helpers
+
+from helpers_tiny import make_tiny_model_dir  # noqa: E402
+from serving import load_contract, serving  # noqa: E402
+from test_adapters import write_checkpoint  # noqa: E402
+
+from backend.service import SamplingParams  # noqa: E402
+from tui.__main__ import parse_args  # noqa: E402
+from tui.app import GLMChatApp  # noqa: E402
+from tui.remote import RemoteBackend  # noqa: E402
+from tui_testing import replies, running, send, wait_until  # noqa: E402
+
+ADAPTER = "tiny/checkpoint-5"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from backend.configuration import ChatGLMConfig
+
+    root = tmp_path_factory.mktemp("remote")
+    model = make_tiny_model_dir(root / "tiny")
+    config = ChatGLMConfig.from_pretrained(model)
+    ckpt = write_checkpoint(root / "runs" / "tiny" / "checkpoint-5", 4, config=config, seed=1)
+    spare = write_checkpoint(root / "runs" / "later" / "checkpoint-9", 4, config=config, seed=2)
+    return load_contract(model, ckpt), spare
+
+
+@pytest.fixture
+def server(tiny):
+    with serving(tiny[0], api_key="k") as running_server:
+        yield running_server
+
+
+def remote_app(url: str, key: str = "k") -> GLMChatApp:
+    return GLMChatApp(parse_args(["--server", url, "--api-key", key]))
+
+
+def greedy(app: GLMChatApp, n: int) -> None:
+    app.params.temperature = 0.0
+    app.params.max_new_tokens = n
+
+
+async def test_chat_adapter_switch_and_compare_through_the_server(server, tiny):
+    backend = tiny[0]
+    engine = backend.engine
+    app = remote_app(server.url)
+    async with running(app) as pilot:
+        assert isinstance(app.backend, RemoteBackend)
+        assert app.model_info.name == "tiny" and app.model_info.context_length == 512
+        assert [a.name for a in app.adapters] == [ADAPTER]
+        greedy(app, 8)
+        await send(pilot, "你好")
+        base = replies(app)[-1]
+        expected = engine.reply("你好", [], SamplingParams(temperature=0, max_new_tokens=8), adapter=None).text
+        assert base.text == expected and base.record.adapter is None and not base.record.stopped
+
+        await pilot.press("ctrl+t")
+        await wait_until(pilot, lambda: app.backend.active_adapter == ADAPTER, what="the adapter switch")
+        await send(pilot, "再见")
+        tuned = replies(app)[-1]
+        history = [("你好", expected)]
+        assert tuned.record.adapter == ADAPTER
+        assert tuned.text == engine.reply("再见", history, SamplingParams(temperature=0, max_new_tokens=8), adapter=ADAPTER).text
+
+        await pilot.press("f5")
+        await send(pilot, "好")
+        left, right = replies(app)[-2:]
+        assert (left.record.adapter, right.record.adapter) == (None, ADAPTER)
+        history.append(("再见", tuned.text))
+        for view, adapter in ((left, None), (right, ADAPTER)):
+            assert view.text == engine.reply("好", history, SamplingParams(temperature=0, max_new_tokens=8), adapter=adapter).text
+
+
+async def test_stop_closes_the_stream_and_frees_the_servers_row(server, tiny):
+    import httpx
+
+    backend = tiny[0]
+    app = remote_app(server.url)
+    async with running(app) as pilot:
+        greedy(app, 400)
+        app.chat.prompt.value = "你好"
+        app.chat.prompt.focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.chat.generation is not None and replies(app) and replies(app)[-1].text,
+                         timeout=60, what="the first tokens")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.chat.generation is None, timeout=30, what="the reply to stop")
+        view = replies(app)[-1]
+        assert view.record.stopped and view.text
+        await wait_until(pilot, lambda: backend.cancels[-1].is_set(), timeout=10, what="the server to cancel the row")
+        await wait_until(pilot, lambda: httpx.get(server.url + "/health").json()["replies_in_flight"] == 0,
+                         timeout=30, what="the row to be freed")
+        assert backend.replies[-1].finish_reason == "cancelled" and backend.replies[-1].new_tokens < 400
+
+
+async def test_the_picker_registers_a_checkpoint_on_the_server(server, tiny):
+    from tui.screens.adapters import AdapterPicker
+
+    spare = tiny[1]
+    app = remote_app(server.url)
+    async with running(app) as pilot:
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: isinstance(app.screen, AdapterPicker), what="the adapter picker")
+        path = app.screen.query_one("#adapter-path")
+        path.value = str(spare.parent)  # a run directory on the server's disk: its checkpoints are scanned there
+        path.focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "later/checkpoint-9" in [a.name for a in app.adapters], timeout=30,
+                         what="the new adapter")
+        assert "later/checkpoint-9" in [a.name for a in tiny[0].adapters()]
+
+
+@pytest.mark.parametrize("case", ["wrong key", "no server"])
+async def test_the_load_screen_says_why_it_cannot_connect(server, case):
+    if case == "wrong key":
+        app, says = remote_app(server.url, key="nope"), "refused the API key"
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        app, says = remote_app(f"http://127.0.0.1:{port}"), "cannot reach a glmchat server"
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: getattr(app.screen, "problem", None) is not None, timeout=30, what="the error")
+        text = str(app.screen.query_one("#load-error").render())
+        assert says in text and "Traceback" not in text
+        assert app.backend is None
+
+
+def test_server_mode_refuses_local_model_flags():
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--server", "http://127.0.0.1:1", "--model", "x"])
+    assert exit_.value.code == 2
