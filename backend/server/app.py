@@ -104,7 +104,7 @@ class Server:
     def sampling(self, body: _SamplingRequest) -> SamplingParams:
         context = self.backend.info.context_length
         limit = body.token_limit
-        if limit is not None and limit >= context:
+        if limit is not None and limit > context:
             raise APIError(400, f"max_tokens is {limit}, but the model's context is {context} tokens for the prompt "
                            "and the reply together; ask for fewer.", "max_tokens", "context_length_exceeded")
         default = SamplingParams()

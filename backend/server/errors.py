@@ -18,7 +18,7 @@ from ..service import BackendError, BusyError
 from .schemas import ErrorBody, ErrorResponse
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable"}
+          413: "invalid_request_error", 429: "rate_limit_exceeded", 500: "api_error"}
 
 
 class APIError(Exception):
@@ -62,6 +62,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, err: RequestValidationError):
         message, param = _validation_message(err)
         return error_response(400, message, param, "invalid_value")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, err: Exception):  # ours, not the client's: uvicorn logs its traceback
+        return error_response(500, f"the server failed ({type(err).__name__}: {err}); the server's log has the details.",
+                              code="internal_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import AsyncIterator, Optional, Protocol
 
 from pydantic import BaseModel
@@ -24,6 +25,8 @@ from .schemas import (
     _SamplingRequest,
     completion_id,
 )
+
+logger = logging.getLogger("glmchat.serve")
 
 
 def finish_reason(reply: Reply) -> str:
@@ -119,6 +122,10 @@ async def sse_stream(pump: EventPump, first: Optional[ReplyEvent], fmt: ReplyFor
     except BackendError as err:  # after the status line went out: an error event, as OpenAI sends it
         api = from_backend(err)
         yield _event(ErrorResponse(error=ErrorBody(message=api.message, type="invalid_request_error", code=api.code)))
+    except Exception as err:  # a bug of ours: the client hears of it, the log gets the traceback
+        logger.exception("a streamed reply failed")
+        yield _event(ErrorResponse(error=ErrorBody(message=f"the server failed ({type(err).__name__}: {err}); the "
+                                                   "server's log has the details.", type="api_error", code="internal_error")))
     finally:
         pump.close()
     yield "data: [DONE]\n\n"
