@@ -121,6 +121,12 @@ def test_a_system_message_and_history_reach_the_prompt(client, backend):
     assert backend.prompts[-1] == expected
 
 
+def test_content_as_text_parts_is_the_same_prompt(client, backend):
+    parts = [{"type": "text", "text": "你"}, {"type": "text", "text": "好"}]
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=1)
+    assert backend.prompts[-1] == backend.engine.prompt_ids("你好", [])
+
+
 def test_raw_completions_stream_and_whole(client):
     whole = client.completions.create(model="tiny", prompt="类型#上衣", max_tokens=6, temperature=0)
     streamed = client.completions.create(model="tiny", prompt="类型#上衣", max_tokens=6, temperature=0, stream=True)
@@ -180,6 +186,8 @@ def test_greedy_reply_through_the_server_equals_glmchat_prompt(client, tiny):
     ({"messages": HELLO, "n": 2}, 400, "n", None),
     ({"messages": HELLO, "temperature": -1}, 400, "temperature", None),
     ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages.0.content", None),
 ])
 def test_bad_requests_get_openai_error_objects(server, body, status, param, code):
     kwargs = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}

@@ -116,12 +116,12 @@ class RemoteBackend:
 
     def register_adapter(self, path: Union[str, Path], name: Optional[str] = None) -> AdapterInfo:
         """A checkpoint on the server's disk (the path is the server's); a run directory registers every checkpoint."""
-        return self.scan_adapters_or_one(path, name)[-1]
+        return self._register(path, name)[-1]
 
     def scan_adapters(self, directory: Union[str, Path]) -> list[AdapterInfo]:
-        return self.scan_adapters_or_one(directory, None)
+        return self._register(directory, None)
 
-    def scan_adapters_or_one(self, path: Union[str, Path], name: Optional[str]) -> list[AdapterInfo]:
+    def _register(self, path: Union[str, Path], name: Optional[str]) -> list[AdapterInfo]:
         body = {"path": str(path), **({"name": name} if name else {})}
         return [_adapter_info(c["adapter"]) for c in self._request("POST", "/v1/adapters", json=body)["data"]]
 

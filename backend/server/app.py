@@ -209,7 +209,7 @@ def create_app(backend: ChatBackend, api_key: Optional[str] = None, *, model_nam
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": server.base, "replies_in_flight": server.admission.running,
+        return {"status": "ok", "replies_in_flight": server.admission.running,
                 "max_in_flight": server.admission.limit}
 
     @app.get("/v1/models", dependencies=keyed, response_model_exclude_none=True)

@@ -102,6 +102,7 @@ def main(argv: Optional[Sequence[str]] = None,
 
     app = create_app(backend, args.api_key, model_name=args.model_name, max_queue=args.max_queue)
     host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
     names = ", ".join(card.id for card in app.state.server.cards())
     print(f"glmchat serve: http://{host}:{port}/v1 serving {names}", file=sys.stderr, flush=True)
     return run(app, sock, drain_s=args.drain_seconds)

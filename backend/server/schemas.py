@@ -24,6 +24,16 @@ class Message(_Request):
     role: Role
     content: str
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value):
+        """Newer clients send content as parts, ``[{"type": "text", "text": ...}]``: their text, joined."""
+        if not isinstance(value, list):
+            return value
+        if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str) for p in value):
+            raise ValueError("only text parts ({\"type\": \"text\", \"text\": ...}) are understood; send the text")
+        return "".join(p["text"] for p in value)
+
 
 class StreamOptions(_Request):
     include_usage: bool = False
