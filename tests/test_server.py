@@ -198,6 +198,9 @@ def test_an_oversized_body_gets_413_and_the_server_keeps_serving(backend):
     with serving(backend, max_body_bytes=1000) as small:
         big = {"messages": [{"role": "user", "content": "长" * 2000}]}
         assert_error(httpx.post(small.url + "/v1/chat/completions", json=big), 413, code="request_too_large")
+        chunked = (part for part in [json.dumps(big).encode()[:600], json.dumps(big).encode()[600:]])  # no Content-Length
+        assert_error(httpx.post(small.url + "/v1/chat/completions", content=chunked,
+                                headers={"Content-Type": "application/json"}), 413, code="request_too_large")
         ok = httpx.post(small.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
 
@@ -326,7 +329,8 @@ def test_serve_refuses_a_taken_port_and_warns_about_an_open_address():
     assert missing.returncode == 2 and "--model" in missing.stderr
 
 
-def test_sigterm_lets_a_running_stream_finish_then_exits_0(tiny):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
+def test_a_stop_signal_lets_a_running_stream_finish_then_exits_0(tiny, stop_signal):
     port = _free_port()
     process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "serving.py"), "--model", str(tiny[0]),
                                 "--quantization", "none", "--engine", "eager", "--port", str(port), "--drain-seconds", "60"],
@@ -345,7 +349,7 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(tiny):
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
             lines = response.iter_lines()
             next(lines)
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop_signal)
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"

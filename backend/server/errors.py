@@ -74,8 +74,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before it is read into memory
-    (by its Content-Length, or while a chunked body streams in)."""
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before the app sees it (by its
+    Content-Length, or counted while a chunked body streams in: no more than the limit is held)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -86,26 +86,23 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(scope, receive, send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        received: list[Message] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge()
-            return message
+            received.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._too_large(scope, receive, send)
+        async def replay() -> Message:  # the body as read, then the live channel (disconnects)
+            return received.pop(0) if received else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(413, f"the request body is over the server's limit of {self.max_bytes} bytes; "
                                   "send a shorter conversation.", code="request_too_large")
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
