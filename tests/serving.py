@@ -45,6 +45,13 @@ class EngineContract:
         self.replies: list[Reply] = []  # every finished reply, in order
         self.cancels: list[threading.Event] = []  # every request's cancel event, in order
 
+    @contextlib.contextmanager
+    def busy(self):
+        """Occupy the engine's one row from the test (its lock), so that requests queue behind it however
+        fast the tiny model is; they go on when the block ends."""
+        with self.engine._lock:
+            yield
+
     # adapters and the in-process calls: the engine's own
     def adapters(self):
         return self.engine.adapters()

@@ -253,55 +253,57 @@ def test_adapters_register_at_run_time_behind_the_key(backend, tiny):
         assert reply["choices"][0]["message"]["content"] == engine_reply(backend, 4, adapter="later/checkpoint-9")
 
 
-def _first_chunk(url: str, body: dict, opened: threading.Event, release: threading.Event, headers=None) -> None:
-    """Stream ``body``, signal after the first chunk, then hold the connection until ``release`` (and drop it)."""
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=120) as response:
-        lines = response.iter_lines()  # kept: a dropped iterator closes the connection
-        next(lines)
-        opened.set()
-        release.wait(120)
+def _in_thread(target, *args) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _in_flight(url: str) -> int:
+    return httpx.get(url + "/health").json()["replies_in_flight"]
 
 
 def test_a_full_queue_answers_429_and_frees_up_after(backend):
     with serving(backend, max_queue=0) as busy:  # the engine's one row and no waiting room
-        opened, release = threading.Event(), threading.Event()
-        holder = threading.Thread(target=_first_chunk, args=(busy.url, {"messages": HELLO, "max_tokens": 300,
-                                                                        "temperature": 0, "stream": True}, opened, release))
-        holder.start()
-        assert opened.wait(120)
-        error = assert_error(httpx.post(busy.url + "/v1/chat/completions", json={"messages": HELLO}), 429, code="server_busy")
-        assert "busy" in error["message"]
-        release.set()
-        holder.join(60)
-        wait_for(lambda: httpx.get(busy.url + "/health").json()["replies_in_flight"] == 0, what="the row to be freed")
+        answers = []
+        with backend.busy():
+            first = _in_thread(lambda: answers.append(httpx.post(busy.url + "/v1/chat/completions", timeout=120,
+                                                                 json={"messages": HELLO, "max_tokens": 2})))
+            wait_for(lambda: _in_flight(busy.url) == 1, what="the first request to be admitted")
+            error = assert_error(httpx.post(busy.url + "/v1/chat/completions", json={"messages": HELLO}), 429,
+                                 code="server_busy")
+            assert "busy" in error["message"]
+        first.join(120)
+        assert answers[0].status_code == 200  # the admitted one is answered once the row is free
+        wait_for(lambda: _in_flight(busy.url) == 0, what="the row to be freed")
         assert httpx.post(busy.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).status_code == 200
 
 
 def test_a_client_that_leaves_while_queued_is_cancelled_before_it_gets_a_row(backend):
-    with serving(backend, max_queue=1) as queued:
-        opened, release = threading.Event(), threading.Event()
-        holder = threading.Thread(target=_first_chunk, args=(queued.url, {"messages": HELLO, "max_tokens": 300,
-                                                                          "temperature": 0, "stream": True}, opened, release))
-        holder.start()
-        assert opened.wait(120)
-        holding = backend.cancels[-1]
-        with pytest.raises(httpx.ReadTimeout):  # waits behind the first reply, then gives up
-            httpx.post(queued.url + "/v1/chat/completions", json={"messages": HELLO, "stream": True}, timeout=1.0)
-        wait_for(lambda: backend.cancels[-1] is not holding and backend.cancels[-1].is_set(), timeout=10,
-                 what="the queued request's cancel event")
-        assert not holding.is_set()  # the running reply is unaffected
-        release.set()
-        holder.join(60)
-        wait_for(lambda: httpx.get(queued.url + "/health").json()["replies_in_flight"] == 0, what="both rows to be freed")
+    with serving(backend) as queued:
+        seen = len(backend.cancels)
+        with backend.busy():
+            with pytest.raises(httpx.ReadTimeout):  # waits behind the busy row, then gives up
+                httpx.post(queued.url + "/v1/chat/completions", json={"messages": HELLO, "stream": True}, timeout=1.0)
+            wait_for(lambda: len(backend.cancels) > seen and backend.cancels[seen].is_set(), timeout=10,
+                     what="the queued request's cancel event, while it still waits")
+        wait_for(lambda: _in_flight(queued.url) == 0, what="the row to be freed")
+        assert backend.replies[-1].finish_reason == "cancelled" and backend.replies[-1].new_tokens < 20
+
+
+def _first_chunk(url: str, body: dict) -> None:
+    """Stream ``body`` and drop the connection right after the first chunk."""
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        next(response.iter_lines())
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server, backend):
-    opened, release = threading.Event(), threading.Event()
-    release.set()  # drop the connection right after the first chunk
-    _first_chunk(server.url, {"messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True}, opened, release)
-    cancel = backend.cancels[-1]
+    seen = len(backend.cancels)
+    _first_chunk(server.url, {"messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True})
+    cancel = backend.cancels[seen]
     wait_for(cancel.is_set, timeout=10, what="the request's cancel event")
-    wait_for(lambda: httpx.get(server.url + "/health").json()["replies_in_flight"] == 0, what="the row to be freed")
+    wait_for(lambda: _in_flight(server.url) == 0, what="the row to be freed")
     last = backend.replies[-1]
     assert last.finish_reason == "cancelled" and last.new_tokens < 400
 

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tiny-model and server helpers
 
 from helpers_tiny import make_tiny_model_dir  # noqa: E402
-from serving import load_contract, serving  # noqa: E402
+from serving import load_contract, serving, wait_for  # noqa: E402
 from test_adapters import write_checkpoint  # noqa: E402
 
 from backend.service import SamplingParams  # noqa: E402
@@ -83,26 +83,46 @@ async def test_chat_adapter_switch_and_compare_through_the_server(server, tiny):
             assert view.text == engine.reply("好", history, SamplingParams(temperature=0, max_new_tokens=8), adapter=adapter).text
 
 
-async def test_stop_closes_the_stream_and_frees_the_servers_row(server, tiny):
+def in_flight(url: str) -> int:
     import httpx
 
+    return httpx.get(url + "/health").json()["replies_in_flight"]
+
+
+async def test_esc_stops_a_reply_waiting_for_the_server_and_frees_its_row(server, tiny):
     backend = tiny[0]
     app = remote_app(server.url)
     async with running(app) as pilot:
         greedy(app, 400)
-        app.chat.prompt.value = "你好"
-        app.chat.prompt.focus()
-        await pilot.press("enter")
-        await wait_until(pilot, lambda: app.chat.generation is not None and replies(app) and replies(app)[-1].text,
-                         timeout=60, what="the first tokens")
-        await pilot.press("escape")
+        with backend.busy():  # the server's one row is taken: the reply waits for it
+            app.chat.prompt.value = "你好"
+            app.chat.prompt.focus()
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.chat.generation is not None and in_flight(server.url) == 1,
+                             timeout=30, what="the reply to wait on the server")
+            await pilot.press("escape")
         await wait_until(pilot, lambda: app.chat.generation is None, timeout=30, what="the reply to stop")
-        view = replies(app)[-1]
-        assert view.record.stopped and view.text
-        await wait_until(pilot, lambda: backend.cancels[-1].is_set(), timeout=10, what="the server to cancel the row")
-        await wait_until(pilot, lambda: httpx.get(server.url + "/health").json()["replies_in_flight"] == 0,
-                         timeout=30, what="the row to be freed")
-        assert backend.replies[-1].finish_reason == "cancelled" and backend.replies[-1].new_tokens < 400
+        assert replies(app)[-1].record.stopped
+        await wait_until(pilot, lambda: in_flight(server.url) == 0, timeout=30, what="the row to be freed")
+        assert backend.replies[-1].finish_reason == "cancelled" and backend.replies[-1].new_tokens < 20
+
+
+def test_a_stop_mid_stream_closes_it_and_the_server_cancels_the_row(server, tiny):
+    import threading
+
+    backend = tiny[0]
+    remote = RemoteBackend.connect(server.url, api_key="k")
+    cancel, seen = threading.Event(), len(backend.cancels)
+    events = []
+    for event in remote.stream_reply("你好", [], SamplingParams(temperature=0, max_new_tokens=400), cancel=cancel):
+        events.append(event)
+        cancel.set()  # after the first piece of text
+    done = events[-1].reply
+    assert done.stopped and done.finish_reason == "cancelled" and done.text == events[0].text
+    wait_for(lambda: backend.cancels[seen].is_set(), timeout=10, what="the server to cancel the row")
+    wait_for(lambda: in_flight(server.url) == 0, what="the row to be freed")
+    assert backend.replies[-1].finish_reason == "cancelled" and backend.replies[-1].new_tokens < 400
+    remote.close()
 
 
 async def test_the_picker_registers_a_checkpoint_on_the_server(server, tiny):
