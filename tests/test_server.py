@@ -360,3 +360,12 @@ def test_a_stop_signal_lets_a_running_stream_finish_then_exits_0(tiny, stop_sign
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_the_engines_own_busy_refusal_is_a_429_and_its_other_refusals_400():
+    from backend.server.errors import from_backend
+    from backend.service import BackendError, BusyError
+
+    busy = from_backend(BusyError("every row is taken and the queue is full; try again shortly."))
+    assert (busy.status, busy.code) == (429, "server_busy") and "queue is full" in busy.message
+    assert from_backend(BackendError("the prompt is too long.")).status == 400
