@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument(*_alias("--top-p"), dest="top_p", type=float, help="nucleus sampling p (default 0.8)")
     sampling.add_argument(*_alias("--max-new-tokens"), dest="max_new_tokens", type=int,
                           help="longest reply in tokens (default 512)")
+    remote = parser.add_argument_group("remote (glmchat serve --help starts a server)")
+    remote.add_argument("--server", metavar="URL", help="chat with the model of a running `glmchat serve` at URL "
+                        "(e.g. http://gpu-box:8000) instead of loading one here")
+    remote.add_argument("--api-key", metavar="KEY", default=os.environ.get("GLMCHAT_API_KEY") or None,
+                        help="the server's API key (default: $GLMCHAT_API_KEY)")
     return parser
 
 
@@ -67,6 +72,9 @@ def _version() -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.server and (args.prompt is not None or args.model or args.demo or args.adapter or args.adapters):
+        parser.error("--server uses the server's model and adapters; drop --model/--demo/--adapter/--prompt "
+                     "(add adapters from the app's picker)")
     if args.prompt == "-":  # like `ollama run`: the prompt comes from a pipe or a file
         args.prompt = sys.stdin.read().rstrip("\n")
     if args.prompt is not None and not args.prompt.strip():
@@ -81,6 +89,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # `glmchat serve ...`: the HTTP server has its own flags
+        from backend.server.cli import main as serve
+
+        return serve(argv[1:])
     args = parse_args(argv)
     if args.info:
         from backend.cli import show_info
@@ -94,7 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from backend.service import BackendError
 
     try:
-        check_inputs(args)  # a mistyped path fails here, before the app starts and torch is imported
+        if not args.server:  # with --server the model and adapters are the server's
+            check_inputs(args)  # a mistyped path fails here, before the app starts and torch is imported
     except BackendError as err:
         print(f"glmchat: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -34,6 +34,10 @@ def load_backend(args: Namespace, progress: ProgressCallback) -> ChatBackend:
 
     The app's default loader; tests pass their own (``GLMChatApp(args, loader=...)``).
     """
+    if getattr(args, "server", None):  # glmchat --server URL: the model runs in `glmchat serve` there
+        from .remote import RemoteBackend
+
+        return RemoteBackend.connect(args.server, api_key=args.api_key, progress=progress)
     from backend.engine import ChatEngine  # heavy (torch): only now, in the loading thread
 
     return ChatEngine.load(
@@ -102,6 +106,7 @@ class GLMChatApp(App[None]):
             self.notify(problem, title="Saved settings", severity="warning", timeout=10)
         self._open_store()
         model = "demo model" if self.args.demo and not self.args.model else (self.args.model or DEFAULT_MODEL)
+        model = getattr(self.args, "server", None) or model
         self._loading_screen = LoadingScreen(self.loader, self.args, model)
         self.push_screen(self._loading_screen, callback=self._loaded)
 

@@ -1,0 +1,58 @@
+"""Serving an app with uvicorn: bind first (a taken port fails before the model loads), drain on exit.
+
+Ctrl-C or SIGTERM stops accepting connections, lets running streams finish for up to ``drain_s``
+seconds (uvicorn's graceful shutdown), cancels what is left (which frees the rows), and returns 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+
+from ..service import BackendError
+
+DRAIN_S = 5.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or one sentence saying why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise BackendError(f"cannot listen on {host}:{port} ({err.strerror or err}); pick another --port or --host.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _drained(signum, frame) -> None:
+    """uvicorn raises the stopping signal again once it has drained; by then there is nothing left to do."""
+
+
+def run(app, sock: socket.socket, drain_s: float = DRAIN_S, log_level: str = "info") -> int:
+    import uvicorn
+
+    config = uvicorn.Config(app, timeout_graceful_shutdown=drain_s, log_level=log_level, lifespan="off")
+    server = uvicorn.Server(config)
+    previous = signal.signal(signal.SIGTERM, _drained)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C, raised again by uvicorn after the drain
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,184 @@
+"""Load on ``glmchat serve``: 1, 8 and 64 concurrent streaming chat requests; aggregate tok/s, p50/p99 TTFT.
+
+Bounded on purpose: the server is started here on 127.0.0.1 (never another address), each level
+sends a fixed number of requests (``--rounds`` x the concurrency) and the script stops the server
+(SIGTERM, which drains) and exits by itself.
+
+    python bench/bench_serve.py --model DIR --quantization 8bit --out bench/serve.json
+    python bench/bench_serve.py --random-6b /tmp/glm6b --quantization 8bit      # full-size random weights
+    python bench/bench_serve.py --model tests-tiny-dir --concurrency 1,2 --max-tokens 8   # a CPU smoke run
+
+``--random-6b DIR`` writes full-size ChatGLM2-6B random weights there first (bench_load.make, with the
+release's config.json and tokenizer.model from ../shared/reference/chatglm2 when present), unless DIR
+already holds them. Random weights rarely emit eos, so every reply runs to ``--max-tokens``.
+
+Per level: aggregate tok/s = completion tokens of all requests / wall time of the level; TTFT = time
+from sending a request to its first content chunk (queueing included); per-stream tok/s = a
+request's tokens after the first / the time after the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference" / "chatglm2"
+PROMPTS = ["类型#上衣*材质#牛仔布*颜色#白色*风格#简约", "类型#裙*颜色#红色*风格#复古", "介绍一下你自己",
+           "写一段关于秋天的短文", "Hello, who are you?", "类型#裤*材质#棉*风格#休闲"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_random_6b(directory: Path) -> Path:
+    """Full-size random weights in the release layout (skipped when DIR already has them)."""
+    if (directory / "pytorch_model.bin.index.json").is_file():
+        return directory
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_load import make
+
+    tokenizer = REFERENCE / "tokenizer.model"
+    make(directory, tokenizer if tokenizer.is_file() else None)
+    if (REFERENCE / "config.json").is_file():  # the release's own file, as users have it
+        (directory / "config.json").write_bytes((REFERENCE / "config.json").read_bytes())
+    return directory
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tui", "serve", "--model", str(args.model), "--host", "127.0.0.1",
+               "--port", str(port), "--max-queue", str(max(args.levels) * 2), "--model-name", "bench"]
+    if args.quantization:
+        command += ["--quantization", args.quantization]
+    if args.engine:
+        command += ["--engine", args.engine]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def wait_up(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"bench_serve: the server exited with {process.returncode} before it was up")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)  # polling a process that is loading a model: nothing to wait on but the port
+    raise SystemExit(f"bench_serve: the server was not up after {timeout:.0f} s")
+
+
+async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, seed: int) -> dict:
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.8, "top_p": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return {"error": f"HTTP {response.status_code}: {response.text[:200]}"}
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if first is None and any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter()
+    done = time.perf_counter()
+    first = first or done
+    return {"ttft_s": first - sent, "tokens": tokens, "seconds": done - sent,
+            "stream_tok_s": (tokens - 1) / (done - first) if tokens > 1 and done > first else 0.0}
+
+
+async def level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def gated(i: int) -> dict:
+            async with gate:
+                return await one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens, seed=i)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(gated(i) for i in range(requests)))
+        wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r]
+    ttfts = sorted(r["ttft_s"] * 1000 for r in ok)
+
+    def pct(p: float) -> float:
+        return ttfts[min(len(ttfts) - 1, int(round(p / 100 * (len(ttfts) - 1))))] if ttfts else float("nan")
+
+    return {"concurrency": concurrency, "requests": requests, "errors": [r["error"] for r in results if "error" in r],
+            "tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 3),
+            "aggregate_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+            "ttft_p50_ms": round(pct(50), 1), "ttft_p99_ms": round(pct(99), 1),
+            "stream_tok_s_median": round(statistics.median(r["stream_tok_s"] for r in ok), 1) if ok else 0.0}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="a model directory to serve")
+    source.add_argument("--random-6b", type=Path, metavar="DIR", help="build (once) and serve full-size random weights")
+    parser.add_argument("--quantization", choices=["8bit", "4bit", "none"])
+    parser.add_argument("--engine", choices=["fast", "eager"])
+    parser.add_argument("--concurrency", default="1,8,64", help="comma-separated levels (default 1,8,64)")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency (default 2)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    args.levels = [int(x) for x in args.concurrency.split(",")]
+    if args.random_6b:
+        args.model = make_random_6b(args.random_6b)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(args, port)
+    try:
+        wait_up(url, server, args.startup_timeout)
+        asyncio.run(level(url, 1, 1, min(8, args.max_tokens)))  # warm-up: first-use compilation and captures
+        rows = []
+        for concurrency in args.levels:
+            row = asyncio.run(level(url, concurrency, concurrency * args.rounds, args.max_tokens))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    single = rows[0]["aggregate_tok_s"] if rows and rows[0]["concurrency"] == 1 else None
+    print(f"\n| concurrent streams | requests | aggregate tok/s | x one stream | TTFT p50 ms | TTFT p99 ms | stream tok/s (median) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['aggregate_tok_s'] / single:.1f}x" if single else "-"
+        print(f"| {r['concurrency']} | {r['requests']} | {r['aggregate_tok_s']} | {ratio} | {r['ttft_p50_ms']} | "
+              f"{r['ttft_p99_ms']} | {r['stream_tok_s_median']} |")
+    if args.out:
+        args.out.write_text(json.dumps({"model": str(args.model), "quantization": args.quantization, "levels": rows,
+                                        "date": time.strftime("%Y-%m-%d")}, indent=2))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
