@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
+from ..gpu_memory import free_bytes
 from .eager import EagerBatchDecoder, PrefixOf
 
 # Eager rows decoded together by default: enough for compare and a few server clients on a CPU.
@@ -43,6 +42,6 @@ def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda
         return BatchFastDecoder(model, prefix_of, max_batch=max_batch, context_length=context)
     budget = None
     if on_cuda:
-        budget = int(torch.cuda.mem_get_info(model.get_input_embeddings().weight.device)[0] * KV_SHARE_OF_FREE_MEMORY)
+        budget = int(free_bytes(model.get_input_embeddings().weight.device) * KV_SHARE_OF_FREE_MEMORY)
     return EagerBatchDecoder(model, prefix_of, max_batch=max_batch or (CUDA_MAX_BATCH if on_cuda else CPU_MAX_BATCH),
                              kv_budget_bytes=budget)

@@ -41,6 +41,7 @@ from ..modeling import apply_rotary, rope_settings, rotary_cos_sin
 from ..service import BackendError
 from .eager import common_prefix_length
 from .protocol import FINISH_LENGTH, FINISH_STOP, DecodeRequest, RowToken
+from ..gpu_memory import free_bytes
 
 MAX_ROWS = 64  # the quantized kernels' largest M bucket
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -186,7 +187,7 @@ class BatchFastDecoder:
         rows = max_batch or MAX_ROWS
         if self.device.type != "cuda":
             return context, min(rows, MAX_ROWS)
-        budget = torch.cuda.mem_get_info(self.device)[0] * share
+        budget = free_bytes(self.device) * share
         row_bytes = lambda c: (PREFIX_SLOTS + c) * self.slot_bytes  # noqa: E731
         fit = int(budget // row_bytes(context))
         if fit < min(rows, 2):  # short of memory: a shorter context first, so that compare still fits

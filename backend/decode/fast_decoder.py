@@ -42,6 +42,7 @@ from ..service import SamplingParams
 from .fast_prefill import PrefillGraphs
 from .fast_sampler import DeviceSampler
 from .fast_step import DecodeStepGraph
+from ..gpu_memory import free_bytes
 
 if HAVE_TRITON:
     import triton
@@ -69,7 +70,7 @@ def cache_slots(model, memory_share: float = 0.5) -> int:
     slot_bytes = cfg.num_layers * cfg.multi_query_group_num * cfg.kv_channels * 2 * 2  # keys and values, 16-bit
     want = int(cfg.seq_length)
     if torch.cuda.is_available() and model.get_input_embeddings().weight.is_cuda:
-        free, _ = torch.cuda.mem_get_info(model.get_input_embeddings().weight.device)
+        free = free_bytes(model.get_input_embeddings().weight.device)
         want = min(want, int(free * memory_share) // slot_bytes)
     return max(256, want)
 
