@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     http.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
                       help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    http.add_argument("--max-batch", type=int, default=64, metavar="N",
+                      help="requests decoded together in one batch, each its own row (default 64; the cache for "
+                      "every row is set aside at start, fewer where GPU memory is short)")
     http.add_argument("--max-queue", type=int, default=64, metavar="N",
                       help="requests that may wait for a decoding row; more get HTTP 429 (default 64)")
     http.add_argument("--drain-seconds", type=float, default=DRAIN_S, metavar="S",
@@ -64,6 +67,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error("--port must be between 0 and 65535")
     if args.max_queue < 0:
         parser.error("--max-queue must be 0 or more")
+    if args.max_batch < 1:
+        parser.error("--max-batch must be at least 1")
     return args
 
 
@@ -73,7 +78,8 @@ def load_engine(args: argparse.Namespace, progress: Callable[[LoadProgress], Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ChatEngine.load(model=args.model, quantization=args.quantization, adapters=args.adapter,
-                               adapter_dirs=args.adapters, demo=args.demo, engine=args.engine or "auto", progress=progress)
+                               adapter_dirs=args.adapters, demo=args.demo, engine=args.engine or "auto", progress=progress,
+                               max_batch=args.max_batch, max_queue=args.max_queue)
 
 
 def _print_progress(event: LoadProgress) -> None:
