@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# One device call for every figure of BENCHMARKS.md but loading and data parallel: install the
-# carried bitsandbytes wheel, check the kernels, run the decode bench, then the training bench
-# (8-bit step rows, a 30-step run, evaluation; 4-bit step rows), and fold its figures into
-# OUT/results.json and OUT/results.md.
-# Usage on the GPU machine (run tool, carry ".whl"):  bash bench/run_device.sh [bench_decode args]
-# Back here: copy OUT/results.* to bench/, then  python bench/collect_results.py --benchmarks BENCHMARKS.md bench
+# The device figures of BENCHMARKS.md, through the entry points users run, one section per device call
+# (each fits the 10-minute limit). On the GPU machine (run tool, carry ".whl" and ".carry", where .carry
+# holds ../shared/reference/chatglm2/tokenizer.model and ../shared/reference/advertisegen/dev.json):
+#
+#   bash bench/run_device.sh decode   # fast-batch GPU checks; ChatEngine decode: 8-bit (batched and one-row),
+#                                     # NF4, the int4 release, bf16 (bench_engine.py)
+#   bash bench/run_device.sh serving  # train_cli.py eval on 1070 examples; glmchat serve under 1/8/64 streams
+#   bash bench/run_device.sh cards    # small cards under memory caps; the train.sh recipe (bench_train.py)
+#
+# Full-size random weights in the release layout are made once per machine in /tmp (bench_load.py).
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -13,13 +17,56 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=.:/tmp/site
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-python3 bench/check_kernels.py > "$OUT/check.log" 2>&1 || echo "kernel checks failed (see check.log)"
-tail -n 1 "$OUT/check.log"
-python3 bench/check_grad_kernel.py 2>&1 | tee "$OUT/check_grad.log"
-TRITON_CACHE_DIR=/tmp/triton_bench_cache python3 bench/bench_decode.py --out "$OUT" "$@" > "$OUT/bench.log" 2>&1 || exit 1
-[ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b > /dev/null
-python3 bench/bench_train.py /tmp/glm6b 8bit 2>/dev/null | tee "$OUT/train_8bit.jsonl"
-python3 bench/bench_train.py /tmp/glm6b 4bit --step-only 2>/dev/null | tee "$OUT/train_4bit.jsonl"
-python3 bench/collect_results.py "$OUT"
+TOKENIZER=${TOKENIZER:-.carry/tokenizer.model}
+DEV=${DEV:-.carry/dev.json}
+START=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
+[ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
+[ "$1" = serving ] || [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null
+stamp "models ready"
+
+engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
+  local name=$1; shift
+  timeout 200 python3 bench/bench_engine.py "$@" > "$OUT/engine_$name.jsonl" 2> "$OUT/engine_$name.err"
+  stamp "engine $name: $(wc -l < "$OUT/engine_$name.jsonl") lines"
+}
+
+small_card() {  # NAME ARGS...: bench_small_cards.py under a cap
+  local name=$1; shift
+  timeout 240 python3 bench/bench_small_cards.py "$@" 2> "$OUT/small_$name.err" | tee -a "$OUT/small_cards.jsonl"
+  stamp "small card $name"
+}
+
+case "$1" in
+decode)
+  python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1; tail -n 1 "$OUT/check_fast_batch.log"
+  engine 8bit --model /tmp/glm6b --quantization 8bit --rows 1,2,8,64
+  engine serial8 --model /tmp/glm6b --quantization 8bit --engine serial --rows 1
+  engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2,64
+  engine int4 --model /tmp/glm6b-int4 --rows 1,2,64
+  engine bf16 --model /tmp/glm6b --quantization none --rows 1,2,64
+  ;;
+serving)
+  # evaluation as users run it: 1070 AdvertiseGen dev examples, 128 new tokens each (random weights never stop early)
+  s=$(date +%s)
+  timeout 300 python3 train_cli.py eval --model /tmp/glm6b --quantization 8bit --validation-file "$DEV" \
+      --prompt-column content --response-column summary --max-target-length 128 --output-dir /tmp/eval \
+      > "$OUT/eval.log" 2>&1
+  echo "{\"what\": \"eval\", \"rc\": $?, \"seconds\": $(( $(date +%s) - s )), \"examples\": $(wc -l < "$DEV")}" | tee "$OUT/eval.json"
+  tail -n 3 "$OUT/eval.log"
+  timeout 240 python3 bench/bench_serve.py --model /tmp/glm6b --quantization 8bit --concurrency 1,8,64 \
+      --out "$OUT/serve.json" > "$OUT/serve.log" 2>&1
+  stamp "serve"; tail -n 6 "$OUT/serve.log"
+  ;;
+cards)
+  small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
+  small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
+  small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
+  timeout 150 python3 bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 20 > "$OUT/train.jsonl" 2> "$OUT/train.err"
+  stamp "train"; tail -n 4 "$OUT/train.jsonl"
+  ;;
+*)
+  echo "usage: bash bench/run_device.sh decode|serving|cards" >&2
+  exit 2
+  ;;
+esac

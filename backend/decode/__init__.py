@@ -17,7 +17,7 @@ KV_SHARE_OF_FREE_MEMORY = 0.6  # of the GPU memory free when the decoder is made
 def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda name: None,
                        max_batch: Optional[int] = None):
     """The decoder for ``engine``: "fast" (CUDA: one row at a time through the one-row fast decoder when
-    ``max_batch`` is 1 or None, else the batched fast decoder), "serial" (always the one-row decoder),
+    ``max_batch`` is 1 or None and the weights are 8 or 16-bit, else the batched fast decoder), "serial" (always the one-row decoder),
     "eager" (batched torch on any device), or "auto" (fast where its kernels run, else eager).
 
     Measured on an H200 (BENCHMARKS.md): one row decodes 2.4x faster on the one-row decoder (its GEMVs
@@ -29,7 +29,8 @@ def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda
         raise ValueError(f"engine must be auto, fast or eager, not {engine!r}")
     on_cuda = model.get_input_embeddings().weight.is_cuda
     fast = on_cuda and available()
-    one_row = (max_batch or 1) == 1 and plain_rope(model.config)  # the one-row kernels know the plain rotary only
+    # the one-row decoder knows the plain rotary only, and would widen 4-bit weights to an int8 copy
+    one_row = (max_batch or 1) == 1 and plain_rope(model.config) and not _has_4bit_weights(model)
     if engine == "serial" or (engine in ("auto", "fast") and fast and one_row):
         from .fast import SerialFastDecoder
 
@@ -45,3 +46,10 @@ def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda
         budget = int(free_bytes(model.get_input_embeddings().weight.device) * KV_SHARE_OF_FREE_MEMORY)
     return EagerBatchDecoder(model, prefix_of, max_batch=max_batch or (CUDA_MAX_BATCH if on_cuda else CPU_MAX_BATCH),
                              kv_budget_bytes=budget)
+
+
+def _has_4bit_weights(model) -> bool:
+    """NF4 (bitsandbytes) or the int4 release: weights the batched decoder reads as stored."""
+    from ..int8_linear import is_quantized_module
+
+    return any(is_quantized_module(m) == "4bit" for m in model.transformer.encoder.modules())
