@@ -59,6 +59,7 @@ serving)
   stamp "serve"; tail -n 6 "$OUT/serve.log"
   ;;
 cards)
+  python3 bench/check_fast_batch.py --long 2>&1 | grep -v Warn | tail -n 2 | tee "$OUT/check_long.log"
   small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
