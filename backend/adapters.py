@@ -10,7 +10,6 @@ from the tensor shapes.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -21,9 +20,10 @@ from .configuration import ChatGLMConfig
 from .loading import load_pickled_state_dict
 from .modeling import PrefixEncoder, split_prefix
 from .service import AdapterInfo, BackendError
+from .training.checkpoints import (CHECKPOINT_PREFIX, CONFIG_NAME, PREFIX_KEY, WEIGHTS_NAME, checkpoint_step, prefix_config,  # noqa: F401 - PREFIX_KEY re-exported
+                                   strip_prefix_key)
 
-PREFIX_KEY = "transformer.prefix_encoder."
-CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+CHECKPOINT_FILES = ("model.safetensors", WEIGHTS_NAME)
 
 
 @dataclass
@@ -58,11 +58,11 @@ def read_prefix_checkpoint(path: Union[str, Path]) -> PrefixCheckpoint:
             raise BackendError(f"{weights} is corrupt or truncated ({err}); save the checkpoint again.") from None
     else:
         raw = load_pickled_state_dict(weights)
-    state = {k[len(PREFIX_KEY):]: v for k, v in raw.items() if k.startswith(PREFIX_KEY)}
+    state = strip_prefix_key(raw)
     if "embedding.weight" not in state:
         raise BackendError(f"{weights} has no transformer.prefix_encoder.* tensors: it is not a P-Tuning v2 checkpoint.")
     config = {}
-    config_file = directory / "config.json"
+    config_file = directory / CONFIG_NAME
     if config_file.is_file():
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -97,7 +97,7 @@ def check_fits(ckpt: PrefixCheckpoint, base: ChatGLMConfig) -> None:
 def build_prefix_encoder(ckpt: PrefixCheckpoint, base: ChatGLMConfig, device: torch.device) -> PrefixEncoder:
     """A float32 prefix encoder holding the checkpoint's weights."""
     check_fits(ckpt, base)
-    config = ChatGLMConfig(**{**base.to_dict(), "pre_seq_len": ckpt.pre_seq_len, "prefix_projection": ckpt.prefix_projection})
+    config = prefix_config(base, ckpt.pre_seq_len, ckpt.prefix_projection)
     encoder = PrefixEncoder(config, device=device).float()
     try:
         encoder.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()})
@@ -111,13 +111,12 @@ def find_checkpoints(directory: Union[str, Path]) -> list[Path]:
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise BackendError(f"no directory at {directory} to scan for checkpoint-* adapters.")
-    found = [p for p in directory.glob("checkpoint-*") if p.is_dir()] + [p for p in directory.glob("*/checkpoint-*") if p.is_dir()]
-    if directory.name.startswith("checkpoint-"):
+    found = [p for pattern in (f"{CHECKPOINT_PREFIX}*", f"*/{CHECKPOINT_PREFIX}*") for p in directory.glob(pattern) if p.is_dir()]
+    if directory.name.startswith(CHECKPOINT_PREFIX):
         found.append(directory)
 
     def step(p: Path):
-        m = re.search(r"checkpoint-(\d+)$", p.name)
-        return (str(p.parent), int(m.group(1)) if m else 0)
+        return (str(p.parent), checkpoint_step(p) or 0)
 
     return sorted(set(found), key=step)
 
@@ -166,7 +165,7 @@ class AdapterRegistry:
 
     @staticmethod
     def _default_name(path: Path) -> str:
-        return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
+        return f"{path.parent.name}/{path.name}" if path.name.startswith(CHECKPOINT_PREFIX) else path.name
 
     def _unique(self, name: str) -> str:
         candidate, n = name, 2

@@ -58,6 +58,7 @@ class ExampleList(list):
         super().__init__(items)
         self.skipped: list[str] = list(skipped)  # one message per bad line skipped (skip_bad_lines=True)
         self.empty: int = empty  # lines dropped because prompt or response is empty, as the original does
+        self.columns: tuple[str, ...] = ()  # the source's columns (of its first good record)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -145,46 +146,41 @@ def read_examples(
     response_column: str,
     history_column: Optional[str] = None,
     skip_bad_lines: bool = False,
+    cache_dir: Optional[str] = None,
 ) -> ExampleList:
-    """Read JSON lines (or a .json file holding a JSON list) into examples.
+    """Read a data source into examples: a JSON lines file (or a .json file holding a JSON list), a CSV
+    or Parquet file, a directory of such files, or a dataset id in the local Hugging Face cache.
 
-    A line that is not JSON or lacks a column raises DataError naming ``file:line`` and the fix; with
-    ``skip_bad_lines`` such lines are skipped, logged, and listed in ``result.skipped``. Blank lines are
-    ignored; lines with an empty prompt or response are dropped (counted in ``result.empty``) like the
-    original. No usable line at all raises DataError.
+    Files go through ``datasets`` and its Arrow cache (keyed by the file's size and time), so a second
+    run on a large file starts at once. A line that is not JSON or lacks a column raises DataError naming
+    ``file:line`` and the fix; with ``skip_bad_lines`` such lines are skipped and listed in
+    ``result.skipped`` (the caller reports them, once each). Blank lines are ignored; lines with an empty
+    prompt or response are dropped (counted in ``result.empty``) like the original. No usable line at
+    all raises DataError.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a JSON lines file") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    from .datasource import parsed_rows
 
+    columns = (prompt_column, response_column, history_column)
     examples: list[Example] = []
     skipped: list[str] = []
+    keys: list[str] = []
     empty = 0
-    for where, record in _records(path, text):
-        try:
-            if isinstance(record, json.JSONDecodeError):
-                raise DataError(
-                    f"{where}: not valid JSON ({record.msg} at column {record.colno}); each line must be one "
-                    f"JSON object — fix the line or pass --skip-bad-lines"
-                )
-            example = _parse_record(record, where, prompt_column, response_column, history_column)
-        except DataError as err:
+    for row in parsed_rows(path, columns, cache_dir):
+        if row["fatal"]:
+            raise DataError(row["error"])
+        if row["error"] is not None:
             if not skip_bad_lines:
-                raise
-            skipped.append(str(err))
-            logger.warning("skipping bad line: %s", err)
+                raise DataError(row["error"])
+            skipped.append(row["error"])
+            logger.debug("skipping bad line: %s", row["error"])
             continue
-        if example is None:
+        if not keys and row["keys"]:
+            keys = row["keys"].split("\x1f")
+        if row["empty"]:
             empty += 1
         else:
-            examples.append(example)
-
+            history = tuple(tuple(turn) for turn in row["history"] or ())
+            examples.append(Example(row["prompt"], row["response"], history, row["where"]))
     if not examples:
         if skipped:
             reason = f"all {len(skipped)} lines were bad, the first: {skipped[0]}"
@@ -193,9 +189,30 @@ def read_examples(
         else:
             reason = "the file is empty"
         raise DataError(f"{path}: no usable examples ({reason})")
-    if skipped:
-        logger.warning("%s: skipped %d bad line(s)", path, len(skipped))
-    return ExampleList(examples, skipped, empty)
+    result = ExampleList(examples, skipped, empty)
+    result.columns = tuple(keys)
+    return result
+
+
+def parse_row(record: Any, where: str, columns: tuple) -> dict:
+    """One decoded record (or the JSONDecodeError of its line) -> a parsed row as the Arrow cache keeps it."""
+    row = {"prompt": None, "response": None, "history": None, "where": where, "error": None, "fatal": False,
+           "empty": False, "keys": "\x1f".join(record) if isinstance(record, dict) else ""}
+    try:
+        if isinstance(record, json.JSONDecodeError):
+            raise DataError(
+                f"{where}: not valid JSON ({record.msg} at column {record.colno}); each line must be one "
+                f"JSON object — fix the line or pass --skip-bad-lines"
+            )
+        example = _parse_record(record, where, *columns)
+    except DataError as err:
+        row["error"] = str(err)
+        return row
+    if example is None:
+        row["empty"] = True
+    else:
+        row.update(prompt=example.prompt, response=example.response, history=[list(t) for t in example.history])
+    return row
 
 
 # --------------------------------------------------------------------------------------- preprocessing

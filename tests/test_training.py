@@ -19,15 +19,7 @@ from backend.adapters import AdapterRegistry, read_prefix_checkpoint
 from backend.loading import load_model
 from backend.progress import read_progress
 from backend.service import BackendError, TrainProgress, TrainRequest
-from backend.training import (
-    PREFIX_KEY,
-    Batches,
-    PrefixStep,
-    benchmark_step,
-    list_checkpoints,
-    resolve_resume,
-    train_prefix,
-)
+from backend.training import PREFIX_KEY, AdamWHF, PrefixStep, StepPlan, list_checkpoints, resolve_resume, train_prefix
 from helpers_tiny import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +134,8 @@ def test_optimizer_and_schedule_are_the_trainer_defaults(loaded):
     encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
     step = PrefixStep(loaded.model, encoder, 2e-2, total_steps=3000)
     group = step.optimizer.param_groups[0]
-    assert type(step.optimizer) is torch.optim.AdamW
+    assert type(step.optimizer) is AdamWHF  # the original's transformers 4.30 AdamW
+    assert type(PrefixStep(loaded.model, encoder, 2e-2, 10, optim="adamw_torch").optimizer) is torch.optim.AdamW
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.0)
     assert encoder.embedding.weight.dtype == torch.float32
     assert 0.9 < encoder.embedding.weight.std().item() < 1.1  # torch's default N(0, 1), as the original leaves it
@@ -171,7 +164,7 @@ def test_golden_prefix_loss_matches_the_original(tmp_path):
     step = PrefixStep(model, encoder, 2e-2, total_steps=1)
     batch = {"input_ids": torch.tensor([expected["train_input_ids"]]), "labels": torch.tensor([expected["train_labels"]])}
     with torch.no_grad():
-        loss = step.loss(batch, micro_batch=None)  # no dropout: the original was in eval mode for this number
+        loss = step.loss(batch)  # no dropout: the original was in eval mode for this number
     assert loss.item() == pytest.approx(expected["train_loss_prefix"], abs=1e-4)
 
 
@@ -183,15 +176,15 @@ def test_trailing_padding_is_cut_without_changing_the_loss(loaded, tmp_path):
     short.write_text("".join(json.dumps({"content": c, "summary": s[:4 + i]}, ensure_ascii=False) + "\n"
                              for i, (c, s) in enumerate(_FALLBACK)), encoding="utf-8")
     features = preprocess_train(list(read_examples(short, "content", "summary")), loaded.tokenizer, 24, 40)
-    batches = Batches(features, 2, seed=0)
-    cut = batches.batch(0)
-    full = collate_train([features[i] for i in batches.indices(0)])
-    assert cut["input_ids"].shape[1] < full["input_ids"].shape[1] == 65
+    plan = StepPlan(features, 2, 1, seed=0)
+    cut = plan.micro_batches(0, 2)[0].batch
+    full = collate_train([features[i] for i in plan.group(0)])
+    assert cut["input_ids"].shape[1] < full["input_ids"].shape[1] == 65  # the original pads every row to 24 + 40 + 1
     assert (full["labels"][:, cut["labels"].shape[1]:] == -100).all()
     encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
     step = PrefixStep(loaded.model, encoder, 2e-2, total_steps=1)
     with torch.no_grad():
-        assert step.loss(cut, 3).item() == pytest.approx(step.loss(full, 3).item(), abs=1e-5)
+        assert step.loss(cut, [3, 4]).item() == pytest.approx(step.loss(full, [3, 4]).item(), abs=1e-5)
 
 
 def test_epochs_set_the_step_count(loaded, train_file, tmp_path):
@@ -284,9 +277,9 @@ def test_prefix_projection_checkpoint_round_trips(loaded, train_file, tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(loaded, train_file, tmp_path, monkeypatch):
-    import backend.training as training
+    import backend.training.checkpoints as training
 
-    real = training._write_json
+    real = training.write_json
     calls = []
 
     def write_then_fail(path, data):  # the second checkpoint dies at its last file, after the weights
@@ -295,8 +288,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(loaded, train_file,
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(training, "_write_json", write_then_fail)
-    with pytest.raises(BackendError, match="could not save checkpoint-6.*No space left.*checkpoint-3 is intact"):
+    monkeypatch.setattr(training, "write_json", write_then_fail)
+    with pytest.raises(BackendError, match=r"disk holding .*out is full .* saving checkpoint-6; free at least \d+ MB.*checkpoint-3 is intact"):
         train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file))
     out = tmp_path / "out"
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"]
@@ -304,9 +297,61 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(loaded, train_file,
     registry = AdapterRegistry(loaded.model.config, loaded.device, loaded.dtype)
     assert registry.register(out / "checkpoint-3").pre_seq_len == 8
 
-    monkeypatch.setattr(training, "_write_json", real)
+    monkeypatch.setattr(training, "write_json", real)
     result = train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest"))
     assert result.steps_done == 6
+
+
+def test_torch_save_on_a_full_disk_is_one_sentence(loaded, train_file, tmp_path, monkeypatch):
+    """torch.save's zip writer reports a full disk as a RuntimeError, not an OSError (issue 13, item 3)."""
+    real, calls = torch.save, []
+
+    def save_then_fail(obj, path, *args, **kwargs):
+        calls.append(path)
+        if "checkpoint-6" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(BackendError) as err:
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file))
+    message = str(err.value)
+    assert "\n" not in message and f"{tmp_path / 'out'} is full" in message and "checkpoint-3 is intact" in message
+    assert "free at least" in message
+    out = tmp_path / "out"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert read_prefix_checkpoint(out / "checkpoint-3").pre_seq_len == 8
+
+
+def test_resume_on_a_full_disk_is_one_sentence(loaded, train_file, tmp_path, monkeypatch):
+    import backend.progress as progress
+
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
+
+    def full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(progress, "atomic_write_text", full)
+    with pytest.raises(BackendError, match=r"is full .* rewriting progress.jsonl.*checkpoint-3 is intact"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest"))
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-3"]
+
+
+def test_a_crash_between_the_renames_of_a_resave_resumes_the_checkpoint_it_names(loaded, train_file, tmp_path):
+    """Issue 13, item 6a: the checkpoint named before training is the one resumed."""
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=6, save_steps=3))
+    out = tmp_path / "out"
+    os.replace(out / "checkpoint-6", out / ".old-checkpoint-6-4242")  # the first rename of a re-save of step 6
+    req = request(tmp_path, train_file, max_steps=8, save_steps=3, resume="latest")
+    from backend.training import CheckpointStore
+
+    CheckpointStore(out).recover()
+    assert resolve_resume(req).name == "checkpoint-6"
+    events = []
+    train_prefix(loaded.model, loaded.tokenizer, req, progress=events.append)
+    assert events[0].event == "start" and events[0].step == 6
 
 
 def test_a_save_killed_midway_is_ignored_and_cleaned(loaded, train_file, tmp_path):
@@ -325,7 +370,7 @@ def test_a_save_killed_midway_is_ignored_and_cleaned(loaded, train_file, tmp_pat
 
 def test_resume_refuses_a_checkpoint_of_another_shape(loaded, train_file, tmp_path):
     train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
-    with pytest.raises(BackendError, match="pre_seq_len 8.*--pre-seq-len 8"):
+    with pytest.raises(BackendError, match="pre_seq_len 8.*`pre_seq_len` 8"):
         train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest", pre_seq_len=4))
     assert resolve_resume(request(tmp_path, train_file, resume=str(tmp_path / "out" / "checkpoint-3"))).name == "checkpoint-3"
 
@@ -416,10 +461,10 @@ def test_a_non_finite_loss_stops_before_the_update(loaded, train_file, tmp_path,
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(pre_seq_len=0), "--pre-seq-len must be at least 1"),
+        (dict(pre_seq_len=0), "`pre_seq_len` must be at least 1"),
         (dict(train_file=Path("/nonexistent/train.json")), "no such file"),
-        (dict(max_steps=0), "--max-steps or --num-train-epochs"),
-        (dict(eval_steps=5), "needs --validation-file"),
+        (dict(max_steps=0), "`max_steps` or `num_train_epochs`"),
+        (dict(eval_steps=5), "needs `validation_file`"),
         (dict(resume="/nonexistent/checkpoint-9"), "no checkpoint directory"),
     ],
 )
@@ -430,6 +475,9 @@ def test_bad_requests_are_refused_before_any_work(loaded, train_file, tmp_path, 
 
 
 def test_benchmark_step_times_a_training_step(loaded):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_timer import benchmark_step
+
     result = benchmark_step(loaded.model, batch_size=1, seq_len=16, pre_seq_len=4, steps=2, warmup=1)
     assert result.ms_per_step > 0 and result.peak_gpu_gb is None
     ms, gb = result  # a plain tuple for bench scripts

@@ -48,7 +48,7 @@ def export_path(directory: Path, conversation: Conversation) -> Path:
 def write_export(directory: Path, conversation: Conversation, model: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = export_path(directory, conversation)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(conversation_markdown(conversation, model), encoding="utf-8")
-    tmp.replace(path)
+    from backend.atomic import atomic_write_text
+
+    atomic_write_text(path, conversation_markdown(conversation, model))
     return path
