@@ -539,3 +539,137 @@ def test_overwrite_replaces_the_old_runs_kept_evaluations(loaded, train_file, tm
     assert sorted(p.name for p in evals.iterdir()) == ["step-2"]  # this run's, kept; the old step-4 gone
     assert (evals / "step-2" / "metrics.json").read_text() != old
     assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+
+
+# ------------------------------------------------------------------------------------ micro-batches, optimizer, schedule
+
+
+def test_micro_batches_add_up_to_the_original_step_loss(loaded, train_file):
+    """Weighted micro-batches cut across accumulation groups give the original's mean of group token-means."""
+    from backend.data import collate_train, preprocess_train, read_examples
+    from backend.training import new_prefix_encoder
+
+    features = preprocess_train(list(read_examples(train_file, "content", "summary")), loaded.tokenizer, 24, 24)
+    plan = StepPlan(features, 2, 3, seed=5)  # B 2 x A 3
+    encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
+    step = PrefixStep(loaded.model, encoder, 2e-2, total_steps=1)
+    with torch.no_grad():
+        original = sum(step.loss(collate_train([features[i] for i in plan.group(j)])).item() for j in range(3)) / 3
+        for size in (1, 4, 6):
+            cut = sum(step.loss(mb.batch, None, mb.row_weights).item() for mb in plan.micro_batches(0, size))
+            assert cut == pytest.approx(original, rel=1e-5), size
+
+
+@pytest.mark.parametrize("micro", [4, None])
+def test_micro_batch_size_changes_neither_losses_nor_prefix(loaded, train_file, tmp_path, micro):
+    """train.sh's 1 x 16: one example at a time, 4 at a time and auto give the same curve and prefix."""
+    def run(name, size):
+        events = []
+        req = request(tmp_path / name, train_file, per_device_train_batch_size=1, gradient_accumulation_steps=16,
+                      max_steps=3, save_steps=3, micro_batch_size=size)
+        train_prefix(loaded.model, loaded.tokenizer, req, progress=events.append)
+        state = json.loads((tmp_path / name / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+        return losses(events), torch.load(tmp_path / name / "out" / "checkpoint-3" / "pytorch_model.bin"), state
+
+    one, other = run("one", 1), run("other", micro)
+    assert other[2]["micro_batch_size"] == (micro or 8) and one[2]["micro_batch_size"] == 1
+    assert other[0] == pytest.approx(one[0], rel=1e-5)
+    assert all(torch.allclose(one[1][k], other[1][k], atol=1e-5) for k in one[1])
+
+
+def _adamw_hf_float64(param, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """The transformers 4.30 AdamW update rule, spelled out in float64."""
+    p, m, v = param.double().clone(), torch.zeros_like(param, dtype=torch.float64), torch.zeros_like(param, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p = p - lr * (1 - betas[1] ** t) ** 0.5 / (1 - betas[0] ** t) * m / (v.sqrt() + eps)
+        p = p - lr * weight_decay * p
+    return p
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_hf_is_the_transformers_430_update(weight_decay):
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(64, generator=g)
+    grads = [torch.randn(64, generator=g) * 10.0 ** -(4 + k) for k in range(6)]  # down to eps's size: where the two differ
+    expected = _adamw_hf_float64(start, grads, lr=2e-2, weight_decay=weight_decay)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        p = torch.nn.Parameter(start.to(dtype).clone())
+        opt = AdamWHF([p], lr=2e-2, weight_decay=weight_decay)
+        for grad in grads:
+            p.grad = grad.to(dtype)
+            opt.step()
+        assert torch.allclose(p.detach().double(), expected, atol=tol, rtol=0), dtype
+    q = torch.nn.Parameter(start.double().clone())
+    torch_opt = torch.optim.AdamW([q], lr=2e-2, weight_decay=weight_decay)
+    for grad in grads:
+        q.grad = grad.double()
+        torch_opt.step()
+    assert (q.detach() - expected).abs().max() > 1e-4  # torch's AdamW is a different update
+
+
+def test_schedule_and_warmup_come_from_transformers(loaded):
+    from transformers import get_scheduler
+
+    from backend.training import new_prefix_encoder
+
+    encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
+    step = PrefixStep(loaded.model, encoder, 1e-2, total_steps=10, lr_scheduler_type="cosine", warmup_steps=3)
+    reference = get_scheduler("cosine", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2),
+                              num_warmup_steps=3, num_training_steps=10)
+    for _ in range(5):
+        encoder.embedding.weight.grad = torch.zeros_like(encoder.embedding.weight)
+        step.step()
+        reference.optimizer.step()
+        reference.step()
+        assert step.learning_rate == pytest.approx(reference.get_last_lr()[0])
+
+
+def test_warmup_ratio_and_unknown_schedules(loaded, train_file, tmp_path):
+    events = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "a", train_file, max_steps=4, warmup_ratio=0.5),
+                 progress=events.append)
+    assert [round(e.learning_rate / 5e-2, 6) for e in events if e.event == "log"] == [0.5, 1.0, 0.5, 0.0]
+    with pytest.raises(BackendError, match="`lr_scheduler_type` 'wobbly' is not a schedule transformers knows"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "b", train_file, lr_scheduler_type="wobbly"))
+
+
+def test_report_to_a_missing_tracker_is_one_sentence(loaded, train_file, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(BackendError, match="needs the tensorboard package: pip install tensorboard"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, report_to="tensorboard"))
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ blends
+
+
+def test_blend_follows_the_weights_and_the_seed():
+    from backend.training.batches import blended_order
+
+    order = blended_order([100, 50], [0.2, 0.8], seed=3, epoch=0)
+    assert len(order) == 150 and order == blended_order([100, 50], [0.2, 0.8], seed=3, epoch=0)
+    share = sum(1 for i in order if i >= 100) / len(order)
+    assert 0.7 < share < 0.9  # drawn 80% from the small file: it repeats, in its own shuffled laps
+    assert order != blended_order([100, 50], [0.2, 0.8], seed=4, epoch=0)
+    assert order != blended_order([100, 50], [0.2, 0.8], seed=3, epoch=1)
+
+
+def test_blended_training_runs_and_bad_blends_are_refused(loaded, train_file, tmp_path):
+    other = write_data(tmp_path / "chat.json", 10, start=30)
+    result = train_prefix(loaded.model, loaded.tokenizer,
+                          request(tmp_path / "ok", [train_file, other], mix=[0.7, 0.3], max_steps=2))
+    assert result.steps_done == 2
+    with pytest.raises(BackendError, match="`mix` weights must be positive"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "a", [train_file, other], mix=[1.0, 0.0]))
+    with pytest.raises(BackendError, match="`mix` gives 1 weights for 2"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "b", [train_file, other], mix=[1.0]))
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"content": "a", "summary": "b", "extra": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(BackendError, match="has the columns content, summary, extra but .* has content, summary"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "c", [train_file, odd], mix=[1.0, 1.0]))
