@@ -356,3 +356,18 @@ def test_a_crash_between_renames_names_the_checkpoint_it_resumes(tiny_dir, train
     assert code == 0, err
     assert f"resuming {out / 'checkpoint-4'}" in err
     assert read_progress(out)[-1].step == 5
+
+
+def test_eval_scores_several_files_side_by_side(tiny_dir, train_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main(train_args(tiny_dir, train_file, out, "--max-steps", "1", "--save-steps", "1"), capsys)[0] == 0
+    task, chat = write_data(tmp_path / "task.json", 2, start=50), write_data(tmp_path / "chat.json", 3, start=60)
+    code, stdout, err = run_main(["eval", "--model", tiny_dir, "--checkpoint", out / "checkpoint-1", "--validation-file", task,
+                                  "--validation-file", chat, "--max-source-length", "16", "--max-target-length", "4",
+                                  "--device", "cpu", "--quantization", "none", "--output-dir", tmp_path / "res"], capsys)
+    assert code == 0, err
+    rows = [line for line in stdout.splitlines() if line.strip().startswith(("│ task", "│ chat", "┃ data"))]
+    assert len(rows) == 3 and "bleu-4" in rows[0]  # a header and one row per file
+    for name, n in (("task", 2), ("chat", 3)):
+        assert len((tmp_path / "res" / name / "generated_predictions.txt").read_text().splitlines()) == n
+        assert json.loads((tmp_path / "res" / name / "metrics.json").read_text())["data"] == name
