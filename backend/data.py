@@ -238,37 +238,43 @@ def _check_lengths(max_source_length: int, max_target_length: int) -> None:
         )
 
 
+def train_ids(example: Example, tokenizer: PromptTokenizer, max_source_length: int, max_target_length: int,
+              source_prefix: str = "") -> Optional[dict[str, list[int]]]:
+    """One example's training feature ``{"input_ids", "labels"}``, padded to max_source + max_target + 1
+    (None when its prompt or response is empty, as the original skips those). The per-example step a
+    chat format with its own layout replaces.
+
+    input_ids = prompt ids (with special tokens, cut to max_source_length) + answer ids (cut to
+    max_target_length) + [eos], then pad ids; labels = -100 over the prompt and padding.
+    """
+    if not example.prompt or not example.response:
+        return None
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt = build_prompt(tokenizer, example.prompt, example.history, source_prefix)
+    a_ids = _encode(tokenizer, prompt, True, max_source_length)
+    b_ids = _encode(tokenizer, example.response, False, max_target_length)
+    input_ids = a_ids + b_ids + [eos]
+    labels = [pad] * len(a_ids) + b_ids + [eos]
+    pad_len = max_source_length + max_target_length + 1 - len(input_ids)
+    input_ids = input_ids + [pad] * pad_len
+    labels = labels + [pad] * pad_len
+    labels = [(t if t != pad else IGNORE_INDEX) for t in labels]  # ignore_pad_token_for_loss
+    return {"input_ids": input_ids, "labels": labels}
+
+
 def preprocess_train(
     examples: Sequence[Example],
     tokenizer: PromptTokenizer,
     max_source_length: int,
     max_target_length: int,
     source_prefix: str = "",
+    to_ids=train_ids,
 ) -> list[dict[str, list[int]]]:
-    """Training features ``{"input_ids", "labels"}``, each padded to max_source + max_target + 1.
-
-    input_ids = prompt ids (with special tokens, cut to max_source_length) + answer ids (cut to
-    max_target_length) + [eos], then pad ids; labels = -100 over the prompt and padding.
-    """
+    """Training features of ``examples`` (see :func:`train_ids`, or another format's ``to_ids`` of the same
+    signature), each padded to max_source + max_target + 1; examples it returns None for are skipped."""
     _check_lengths(max_source_length, max_target_length)
-    max_seq_length = max_source_length + max_target_length + 1
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    features = []
-    for ex in examples:
-        if not ex.prompt or not ex.response:
-            continue  # the original skips these
-        prompt = build_prompt(tokenizer, ex.prompt, ex.history, source_prefix)
-        a_ids = _encode(tokenizer, prompt, True, max_source_length)
-        b_ids = _encode(tokenizer, ex.response, False, max_target_length)
-        context_length = len(a_ids)
-        input_ids = a_ids + b_ids + [eos]
-        labels = [pad] * context_length + b_ids + [eos]
-        pad_len = max_seq_length - len(input_ids)
-        input_ids = input_ids + [pad] * pad_len
-        labels = labels + [pad] * pad_len
-        labels = [(t if t != pad else IGNORE_INDEX) for t in labels]  # ignore_pad_token_for_loss
-        features.append({"input_ids": input_ids, "labels": labels})
-    return features
+    features = (to_ids(ex, tokenizer, max_source_length, max_target_length, source_prefix) for ex in examples)
+    return [f for f in features if f is not None]
 
 
 def preprocess_eval(

@@ -673,3 +673,14 @@ def test_blended_training_runs_and_bad_blends_are_refused(loaded, train_file, tm
     odd.write_text(json.dumps({"content": "a", "summary": "b", "extra": 1}) + "\n", encoding="utf-8")
     with pytest.raises(BackendError, match="has the columns content, summary, extra but .* has content, summary"):
         train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "c", [train_file, odd], mix=[1.0, 1.0]))
+
+
+def test_auto_takes_the_largest_micro_batch_that_fits():
+    from backend.training.memory import CPU_MICRO_BATCH, MARGIN, pick_micro_batch, smaller_micro_batch
+
+    gb = 10**9
+    assert pick_micro_batch(16, 1 * gb, 100 * gb) == 16  # a big card: the whole step at once
+    assert pick_micro_batch(16, 1 * gb, int(5 * MARGIN * gb)) == 4  # a small one: the largest divisor that fits
+    assert pick_micro_batch(16, 1 * gb, int(0.5 * gb)) is None  # not even one: the caller refuses in one sentence
+    assert [smaller_micro_batch(n, 16) for n in (16, 8, 4, 2, 1)] == [8, 4, 2, 1, None]
+    assert CPU_MICRO_BATCH == 8

@@ -88,11 +88,18 @@ def auto_micro_batch(trainer, plan, rows: int) -> int:
     per_example = max(1, torch.cuda.max_memory_allocated(device) - base)
     release(device)
     budget = free_bytes(device)
-    for d in divisors_desc(rows):
-        if d * per_example * MARGIN <= budget:
-            log.info("micro-batch %d: %.2f GB per example, %.2f GB free", d, per_example / 1e9, budget / 1e9)
-            return d
-    raise not_even_one(device, width)
+    chosen = pick_micro_batch(rows, per_example, budget)
+    if chosen is None:
+        raise not_even_one(device, width)
+    log.info("micro-batch %d: %.2f GB per example, %.2f GB free", chosen, per_example / 1e9, budget / 1e9)
+    return chosen
+
+
+def pick_micro_batch(rows: int, per_example: int, budget: int) -> Optional[int]:
+    """The largest divisor of ``rows`` whose examples (``per_example`` bytes each, with MARGIN) fit in
+    ``budget`` bytes; None when not even one does."""
+    fitting = [d for d in divisors_desc(rows) if d * per_example * MARGIN <= budget]
+    return fitting[0] if fitting else None
 
 
 def not_even_one(device: torch.device, width: int) -> BackendError:
