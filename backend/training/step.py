@@ -89,6 +89,7 @@ class PrefixStep:
         # thousands of small kernels, and launching them from Python costs more than running them.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphed: dict = {}
+        self._pool = None
         self._capture_lock = capture_lock if capture_lock is not None else contextlib.nullcontext()
 
     def prefix_flat(self, batch_size: int, slots: Optional[Sequence[int]]) -> torch.Tensor:
@@ -132,11 +133,16 @@ class PrefixStep:
                 encoder.gradient_checkpointing = checkpointing
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
-            return torch.cuda.make_graphed_callables(self._base_loss, sample, num_warmup_iters=0)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            # One pool for every shape's graphs: a shape's forward and backward always replay back to back, so
+            # graphs of other shapes may reuse its activations' memory; the pool is then the largest shape's.
+            return torch.cuda.make_graphed_callables(self._base_loss, sample, num_warmup_iters=0, pool=self._pool)
 
     def drop_graphs(self) -> None:
         """Give the captured graphs' memory back (before another batch shape, or whatever runs next)."""
         self._graphed.clear()
+        self._pool = None
 
     def loss(self, batch: dict, slots: Optional[Sequence[int]] = None, row_weights=None) -> torch.Tensor:
         """The token-mean loss of ``batch`` (``row_weights`` None), else the weighted sum of its token losses."""
