@@ -22,6 +22,10 @@ class Problem:
 
 
 def explain(err: BaseException) -> Problem:
+    if isinstance(err, BackendError) and hasattr(err, "worded"):  # a training request: name the form's fields
+        from .widgets.train_form import field_label
+
+        return Problem(err.worded(field_label))
     if isinstance(err, BackendError):
         return Problem(str(err))  # already one sentence: what and how
     text = str(err)

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 from ..service import BackendError
+from .requests import RequestError
 from .checkpoints import (OPTIMIZER_NAME, RNG_NAME, SCHEDULER_NAME, STATE_NAME, WEIGHTS_NAME, load_torch, read_json,
                           set_rng_state, strip_prefix_key)
 from .dist import Dist
@@ -21,11 +22,11 @@ def restore(path: Path, trainer, state: TrainState, dist: Dist) -> None:
     try:
         trainer.encoder.load_state_dict({k: v.float() for k, v in encoder_state.items()})
     except RuntimeError as err:
-        raise BackendError(f"{path} does not fit this run's prefix encoder ({str(err).splitlines()[-1].strip()}); check --pre-seq-len and --prefix-projection.") from None
+        raise RequestError(f"{path} does not fit this run's prefix encoder ({str(err).splitlines()[-1].strip()}); check `pre_seq_len` and `prefix_projection`.") from None
     try:
         trainer.optimizer.load_state_dict(load_torch(path / OPTIMIZER_NAME, trainer.device))
     except (ValueError, KeyError) as err:
-        raise BackendError(f"{path}/{OPTIMIZER_NAME} does not match this run's optimizer ({err}); resume with the --optim it was trained with.") from None
+        raise RequestError(f"{path}/{OPTIMIZER_NAME} does not match this run's optimizer ({err}); resume with the `optim` it was trained with.") from None
     if (path / SCHEDULER_NAME).is_file():
         trainer.scheduler.load_state_dict(load_torch(path / SCHEDULER_NAME, "cpu"))
     if (path / RNG_NAME).is_file():

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..service import BackendError, TrainProgress
+from ..service import TrainProgress
+from .requests import RequestError
 
 INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
 
@@ -20,7 +21,7 @@ def check_tracker(name: str) -> None:
     module = "torch.utils.tensorboard" if name == "tensorboard" else name
     missing = importlib.util.find_spec("tensorboard" if name == "tensorboard" else module) is None
     if missing:
-        raise BackendError(f"--report-to {name} needs the {name} package: {INSTALL[name]} (or pass --report-to none).")
+        raise RequestError(f"`report_to` {name} needs the {name} package: {INSTALL[name]} (or report to none).")
 
 
 def open_tracker(name: str, output_dir: Path, config: dict) -> Optional[Callable[[TrainProgress], None]]:

@@ -204,3 +204,11 @@ async def test_quit_during_an_in_process_run_saves_a_checkpoint_first(train_file
     saved = sorted(out.glob("checkpoint-*"))
     assert len(saved) == 1 and (saved[0] / "pytorch_model.bin").is_file()
     assert json.loads((out / "progress.jsonl").read_text().splitlines()[-1])["event"] == "stopped"
+
+
+def test_request_errors_name_the_forms_fields():
+    from backend.training.requests import RequestError
+    from tui.errors import explain
+
+    err = RequestError("`pre_seq_len` must be at least 1 (got 0); or start over with `overwrite_output_dir`.")
+    assert str(explain(err)) == "'Pre seq len' must be at least 1 (got 0); or start over with 'Overwrite output'."

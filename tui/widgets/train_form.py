@@ -53,6 +53,12 @@ POSITIVE = {"max_source_length", "max_target_length", "pre_seq_len", "learning_r
 DEMO_OUTPUT_DIR = "output/demo-advertisegen"
 
 
+def field_label(name: str) -> str:
+    """How the form calls a TrainRequest field, for the backend's request errors ("`pre_seq_len`")."""
+    labels = {n: label for n, label, *_ in PATH_FIELDS + OPTION_FIELDS + FLAG_FIELDS}
+    return f"'{labels[name]}'" if name in labels else name.replace("_", " ")
+
+
 def defaults(demo: bool = False) -> dict:
     """train.sh's settings; with the demo model, the demo adapter's (about a minute on a CPU at most)."""
     if demo:
