@@ -684,3 +684,25 @@ def test_auto_takes_the_largest_micro_batch_that_fits():
     assert pick_micro_batch(16, 1 * gb, int(0.5 * gb)) is None  # not even one: the caller refuses in one sentence
     assert [smaller_micro_batch(n, 16) for n in (16, 8, 4, 2, 1)] == [8, 4, 2, 1, None]
     assert CPU_MICRO_BATCH == 8
+
+
+def test_tokenized_data_is_cached_for_the_next_run(loaded, train_file, tmp_path, monkeypatch):
+    import backend.training.inputs as inputs
+
+    plain = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "plain", train_file, max_steps=2), progress=plain.append)
+    monkeypatch.setattr(inputs, "CACHE_MIN_EXAMPLES", 0)
+    monkeypatch.setenv("GLMCHAT_DATA_CACHE", str(tmp_path / "cache"))
+    first = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "first", train_file, max_steps=2), progress=first.append)
+    assert len(list((tmp_path / "cache" / "glmchat-features").iterdir())) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(inputs, "preprocess_train", no_tokenizing)
+    second = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "second", train_file, max_steps=2), progress=second.append)
+    assert losses(plain) == pytest.approx(losses(first), rel=1e-6) and losses(second) == pytest.approx(losses(first), rel=1e-6)
+    with pytest.raises(AssertionError, match="tokenized again"):  # other lengths: another cache entry
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "third", train_file, max_steps=2, max_target_length=20))
