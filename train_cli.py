@@ -6,7 +6,8 @@
 
 The original ptuning/main.py spellings work too (``--pre_seq_len 128``, ``--train_file``, ``--quantization_bit 8``,
 ``--model_name_or_path`` ...), so an original train.sh line runs with ``python train_cli.py train`` in front.
-Several GPUs: ``torchrun --nproc-per-node N train_cli.py train ...`` (data parallel, same global batch).
+Several GPUs: ``torchrun --nproc-per-node N train_cli.py train ...`` or ``accelerate launch --multi_gpu --num_processes N
+train_cli.py train ...`` (data parallel, same global batch).
 A mistake in the input prints one line on stderr and exits with status 2; Ctrl-C saves a checkpoint and exits 130.
 """
 

@@ -21,6 +21,15 @@ KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"
 _DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def _quiet_datasets():
+    """``datasets`` without its progress bars and info logs: our own progress goes to the terminal."""
+    import datasets
+
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    return datasets
+
+
 def _row_features():
     from datasets import Features, List, Value
 
@@ -103,11 +112,7 @@ def _json_rows_cached(path: Path, columns: tuple, cache_dir: Optional[str]) -> I
     stat = path.stat()
     kwargs = dict(path=str(path.resolve()), stamp=(stat.st_size, stat.st_mtime_ns), columns=tuple(columns))
     try:
-        from datasets import Dataset
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-        table = Dataset.from_generator(_json_rows, gen_kwargs=kwargs, features=_row_features(), cache_dir=cache_dir)
+        table = _quiet_datasets().Dataset.from_generator(_json_rows, gen_kwargs=kwargs, features=_row_features(), cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 - e.g. an empty file (datasets refuses empty tables): parse directly
         if isinstance(err, DataError):
             raise
@@ -122,17 +127,14 @@ def _json_rows_cached(path: Path, columns: tuple, cache_dir: Optional[str]) -> I
 
 
 def _load_table(kind: str, file: Path, cache_dir: Optional[str]):
-    from datasets import load_dataset
-
     try:
-        return load_dataset(kind, data_files=str(file), split="train", cache_dir=cache_dir)
+        return _quiet_datasets().load_dataset(kind, data_files=str(file), split="train", cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 - pyarrow/pandas errors of an unreadable file
         raise DataError(f"{file}: not a readable {kind.upper()} file ({str(err).splitlines()[0][:160]}); fix or re-export it") from None
 
 
 def _cached_hub_dataset(dataset_id: str, cache_dir: Optional[str]):
-    import datasets
-
+    datasets = _quiet_datasets()
     offline = datasets.config.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = True  # only what is cached: never a download in the middle of training
     try:
