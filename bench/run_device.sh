@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for every figure of BENCHMARKS.md but loading and data parallel: install the
 # carried bitsandbytes wheel, check the kernels, run the decode bench, then the training bench
-# (8-bit step rows, a 30-step run, evaluation; 4-bit step rows), and fold its figures into
+# (8-bit: train.sh's recipe through train_cli.py at micro-batch 1, auto, 16 and auto under a 7.5 GB cap,
+# step rows, evaluation; 4-bit step rows), and fold its figures into
 # OUT/results.json and OUT/results.md.
 # Usage on the GPU machine (run tool, carry ".whl"):  bash bench/run_device.sh [bench_decode args]
 # Back here: copy OUT/results.* to bench/, then  python bench/collect_results.py --benchmarks BENCHMARKS.md bench

@@ -38,7 +38,7 @@ class _Run:
         self.dist, self.emit, self.evaluation, self.stale = dist, emit, evaluation, stale
         self.rows = request.per_device_train_batch_size * request.gradient_accumulation_steps // dist.world
         self.auto = micro_batch is None
-        self.micro_batch = micro_batch or auto_micro_batch(trainer, plan, self.rows)
+        self.micro_batch = micro_batch  # auto: chosen when the loop starts, with the run's checkpointing set
         self.written: set[Path] = set()
         self.last_eval: Optional[int] = None
 
@@ -137,6 +137,8 @@ class _Run:
     def loop(self, cancel: Optional[threading.Event], on_step) -> bool:
         """Train to the end or the cancel; returns whether it was cancelled."""
         s, device = self.state, self.trainer.device
+        if self.micro_batch is None:
+            self.micro_batch = auto_micro_batch(self.trainer, self.plan, self.rows)
         self.event("start")
         while s.global_step < s.total_steps:
             if self.dist.any(cancel is not None and cancel.is_set(), device):
