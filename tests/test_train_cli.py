@@ -371,3 +371,21 @@ def test_eval_scores_several_files_side_by_side(tiny_dir, train_file, tmp_path, 
     for name, n in (("task", 2), ("chat", 3)):
         assert len((tmp_path / "res" / name / "generated_predictions.txt").read_text().splitlines()) == n
         assert json.loads((tmp_path / "res" / name / "metrics.json").read_text())["data"] == name
+
+
+def test_a_full_disk_is_one_line_and_exit_2(tiny_dir, train_file, tmp_path, capsys, monkeypatch):
+    """Issue 13, item 3: torch.save's RuntimeError on a full disk ended in a traceback."""
+    out = tmp_path / "out"
+    assert run_main(train_args(tiny_dir, train_file, out, "--max-steps", "1", "--save-steps", "1"), capsys)[0] == 0
+    real = torch.save
+
+    def full(obj, path, *args, **kwargs):
+        if "checkpoint-2" in str(path):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full)
+    code, _, err = run_main(train_args(tiny_dir, train_file, out, "--max-steps", "2", "--save-steps", "1", "--resume"), capsys)
+    assert code == 2
+    assert_one_line(err, f"{out} is full", "free at least", "checkpoint-1 is intact")
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
