@@ -75,6 +75,7 @@ class _Run:
                     raise
                 self.trainer.zero_grad()
                 self.trainer.drop_graphs()
+                self.trainer.cuda_graphs = False  # memory is tight: graph pools and capture warm-ups cost extra
                 release(self.trainer.device)
                 smaller = smaller_micro_batch(self.micro_batch, self.rows)
                 if smaller is None:
