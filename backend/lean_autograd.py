@@ -60,22 +60,29 @@ class _CrossEntropy(torch.autograd.Function):
         for rows in _chunks(*logits.shape):
             lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
         picked = logits.gather(1, safe[:, None])[:, 0].float()
+        losses = torch.where(valid, lse - picked, 0.0)
         if weights is None:  # the mean: nan when nothing is labelled, as torch's
-            weights = torch.where(valid, 1.0, 0.0) / valid.sum()
+            count = valid.sum()
+            loss = losses.sum() / count
         else:
+            count = None
             weights = torch.where(valid, weights.float(), 0.0)
-        loss = (weights * torch.where(valid, lse - picked, 0.0)).sum()
-        ctx.save_for_backward(logits, safe, lse, weights)
+            loss = (weights * losses).sum()
+        ctx.save_for_backward(logits, safe, valid, lse, count, weights)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        logits, safe, lse, weights = ctx.saved_tensors
+        logits, safe, valid, lse, count, weights = ctx.saved_tensors
+        if weights is None:
+            scale = torch.where(valid, (grad / count).float(), 0.0)
+        else:
+            scale = grad.float() * weights
         out = torch.empty_like(logits)
         for rows in _chunks(*logits.shape):
             p = torch.exp(logits[rows].float() - lse[rows, None])  # softmax
             p.scatter_add_(1, safe[rows, None], torch.full_like(p[:, :1], -1.0))
-            p.mul_((grad.float() * weights[rows])[:, None])
+            p.mul_(scale[rows, None])
             out[rows] = p.to(out.dtype)
         return out, None, None
 
