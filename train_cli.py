@@ -6,7 +6,8 @@
 
 The original ptuning/main.py spellings work too (``--pre_seq_len 128``, ``--train_file``, ``--quantization_bit 8``,
 ``--model_name_or_path`` ...), so an original train.sh line runs with ``python train_cli.py train`` in front.
-Several GPUs: ``torchrun --nproc-per-node N train_cli.py train ...`` (data parallel, same global batch).
+Several GPUs: ``torchrun --nproc-per-node N train_cli.py train ...`` or ``accelerate launch --multi_gpu --num_processes N
+train_cli.py train ...`` (data parallel, same global batch).
 A mistake in the input prints one line on stderr and exits with status 2; Ctrl-C saves a checkpoint and exits 130.
 """
 
@@ -59,6 +60,35 @@ def _add(parser, name: str, *aliases: str, **kw):
     return parser.add_argument(name, *aliases, **kw)
 
 
+def _micro_batch(value: str) -> Optional[int]:
+    """--micro-batch-size: a count, or auto (None)."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+
+
+def _mix(values: Optional[Sequence[str]]) -> Optional[tuple[float, ...]]:
+    """--mix 0.7 0.3 or --mix 0.7,0.3."""
+    if values is None:
+        return None
+    parts = [part for value in values for part in value.replace(",", " ").split()]
+    try:
+        return tuple(float(part) for part in parts)
+    except ValueError:
+        raise UsageError(f"--mix takes numbers, one weight per --train-file (got {' '.join(values)}).") from None
+
+
+# TrainRequest fields whose flag is not simply --field-name.
+FIELD_FLAGS = {"init_checkpoint": "--ptuning-checkpoint", "train_file": "--train-file", "resume": "--resume"}
+
+
+def field_flag(name: str) -> str:
+    return FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 # ----------------------------------------------------------------------------- the parsers
 
 
@@ -74,7 +104,6 @@ IGNORED_SWITCHES = {
 IGNORED_VALUES = {
     "preprocessing_num_workers": "preprocessing is fast enough in one process",
     "dataloader_num_workers": "batches are built in the training loop",
-    "report_to": "progress goes to progress.jsonl",
     "logging_dir": "progress goes to OUTPUT_DIR/progress.jsonl",
     "cache_dir": "models come from --model or the hub cache",
     "save_total_limit": "every checkpoint is kept",
@@ -135,15 +164,32 @@ def build_parser() -> Parser:
         "data parallel: --gradient-accumulation-steps is the global count, divided among the processes.",
     )
     _add_model_args(train, "default 8bit on a GPU")
-    _add(train, "--train-file", required=True, help="JSON lines training data")
-    _add(train, "--validation-file", default=None, help="JSON lines data for --do-eval")
+    _add(train, "--train-file", required=True, action="append",
+         help="training data: a JSON lines, JSON, CSV or Parquet file, a directory of them, or a dataset id in the "
+         "local Hugging Face cache; repeat it to blend several (see --mix)")
+    _add(train, "--mix", nargs="+", default=None, metavar="WEIGHT",
+         help="one weight per --train-file, e.g. --mix 0.7 0.3: each example is drawn from a file with these "
+         "probabilities (default: all files' examples shuffled together)")
+    _add(train, "--validation-file", default=None, help="data for --do-eval (same kinds as --train-file)")
     _add_data_args(train)
     _add(train, "--pre-seq-len", type=int, default=128, help="prefix length in tokens (default: 128)")
     _add(train, "--prefix-projection", action="store_true", help="encode the prefix through a two-layer MLP (default: off, as the original)")
     _add(train, "--learning-rate", type=float, default=2e-2, help="AdamW peak learning rate, linear decay to 0 (default: 2e-2)")
-    _add(train, "--per-device-train-batch-size", type=int, default=1, help="examples per micro-batch per GPU (default: 1)")
+    _add(train, "--per-device-train-batch-size", type=int, default=1,
+         help="examples whose token-mean loss is one accumulation step, as the original trainer (default: 1)")
     _add(train, "--gradient-accumulation-steps", type=int, default=16,
-         help="micro-batches per optimizer step, in total over all GPUs (default: 16)")
+         help="accumulation steps averaged into one optimizer step, in total over all GPUs (default: 16)")
+    _add(train, "--micro-batch-size", type=_micro_batch, default=None, metavar="N|auto",
+         help="examples of an optimizer step that go through the model at once; changes speed and memory, never "
+         "the result (default: auto, the most that fit in free GPU memory)")
+    _add(train, "--optim", choices=["adamw_hf", "adamw_torch"], default="adamw_hf",
+         help="adamw_hf: transformers 4.30's AdamW, as the original trainer (default); adamw_torch: torch.optim.AdamW")
+    _add(train, "--lr-scheduler-type", default="linear",
+         help="learning-rate schedule by transformers' name: linear (default), cosine, constant, constant_with_warmup ...")
+    _add(train, "--warmup-steps", type=int, default=0, help="steps of linear warm-up (default: 0)")
+    _add(train, "--warmup-ratio", type=float, default=0.0, help="warm-up as a share of the steps, when --warmup-steps is 0")
+    _add(train, "--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+         help="also log to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases (default: none; progress.jsonl is always written)")
     _add(train, "--max-steps", type=int, default=None, help="optimizer steps (default: 3000, or as many as --num-train-epochs needs)")
     _add(train, "--num-train-epochs", type=float, default=None, help="epochs, used when --max-steps is not given")
     _add(train, "--logging-steps", type=int, default=10, help="log the mean loss every N steps (default: 10)")
@@ -177,7 +223,9 @@ def build_parser() -> Parser:
     )
     _add_model_args(ev, "default 8bit on a GPU")
     _add(ev, "--checkpoint", "--ptuning-checkpoint", default=None, help="P-Tuning v2 checkpoint directory (default: the base model alone)")
-    _add(ev, "--validation-file", "--test-file", required=True, help="JSON lines data to evaluate on")
+    _add(ev, "--validation-file", "--test-file", required=True, action="append",
+         help="data to evaluate on (a file, a directory or a cached dataset id); repeat it to score several side by side, "
+         "each file's results then going to OUTPUT_DIR/<file name>")
     _add_data_args(ev)
     _add(ev, "--pre-seq-len", type=int, default=None, help="checked against the checkpoint when given (it knows its own)")
     _add(ev, "--batch-size", "--per-device-eval-batch-size", type=int, default=None, help="prompts generated together (default: as many as free GPU memory holds; 8 on the CPU)")
@@ -236,24 +284,17 @@ def _dtype(args, device: Optional[str]) -> Optional[str]:
 
 
 def _distributed(args) -> tuple[int, int, Optional[str]]:
-    """(rank, world, device): set up torch.distributed when torchrun started us with several processes."""
+    """(rank, world, device): join the process group when torchrun or ``accelerate launch`` started several
+    processes (accelerate reads either's environment, picks nccl or gloo and the local GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, args.device
     import torch
-    import torch.distributed as dist
+    from accelerate import PartialState
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = args.device
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if use_cuda:
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    else:
-        device = "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    use_cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    state = PartialState(cpu=not use_cuda)
+    return state.process_index, state.num_processes, str(state.device)
 
 
 def _load(args, device: Optional[str], quiet: bool = False):
@@ -269,6 +310,22 @@ def _load(args, device: Optional[str], quiet: bool = False):
     if not quiet:
         _say(f"loaded {args.model} ({loaded.precision}) on {loaded.device}")
     return loaded
+
+
+def _report_skipped(skipped: Sequence[str], shown: int = 20) -> None:
+    """Each skipped line once (the first ``shown``), then the count."""
+    for message in skipped[:shown]:
+        _say(f"skipped {message}")
+    if skipped:
+        more = f" ({len(skipped) - shown} not shown)" if len(skipped) > shown else ""
+        _say(f"note: skipped {len(skipped)} bad line(s){more}.")
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _install_stop_handler(cancel: threading.Event, verb: str):
@@ -293,9 +350,11 @@ def error_line(err: BaseException) -> str:
 
     if isinstance(err, UsageError):
         return str(err)
+    if hasattr(err, "worded"):  # a training request (RequestError) names TrainRequest fields: say our flags
+        return err.worded(field_flag)
     oom_fix = ""
     if is_out_of_memory(err):  # torch is loaded by then; backend.training holds the training flags that help
-        from backend.training import OOM_HINT
+        from backend.training.memory import OOM_HINT
 
         oom_fix = OOM_HINT
     problem = explain(err, oom_fix=oom_fix)
@@ -317,7 +376,10 @@ def request_from_args(args):
         raise UsageError("--do-eval needs --validation-file.")
     max_steps = args.max_steps if args.max_steps is not None else (-1 if args.num_train_epochs else 3000)
     return TrainRequest(
-        train_file=Path(args.train_file), output_dir=Path(args.output_dir),
+        train_file=[Path(f) for f in args.train_file] if len(args.train_file) > 1 else Path(args.train_file[0]),
+        output_dir=Path(args.output_dir), mix=_mix(args.mix), micro_batch_size=args.micro_batch_size, optim=args.optim,
+        lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
+        report_to=args.report_to,
         validation_file=Path(args.validation_file) if args.validation_file else None,
         prompt_column=args.prompt_column, response_column=args.response_column, history_column=args.history_column,
         source_prefix=args.source_prefix or "", max_source_length=args.max_source_length,
@@ -334,7 +396,8 @@ def request_from_args(args):
 
 def cmd_train(args) -> int:
     from backend.progress import RichProgress, plain_printer
-    from backend.training import check_request, read_training_data, resolve_resume, train_prefix
+    from backend.training import CheckpointStore, check_request, read_training_data, resolve_resume, train_prefix
+    from backend.training.trackers import check_tracker
 
     request = request_from_args(args)
     rank, world, device = _distributed(args)
@@ -342,12 +405,16 @@ def cmd_train(args) -> int:
     if main and _ignored_notes(args):
         _say(f"note: ignoring {', '.join(_ignored_notes(args))} (not needed here).")
     check_request(request, world)
+    check_tracker(request.report_to)
+    if main:  # a re-save cut between its renames: put it back first, so the checkpoint named is the one resumed
+        CheckpointStore(request.output_dir).recover()
+    _barrier(world)
     resume = resolve_resume(request)
     if main and request.resume and resume is None:
         _say(f"note: no checkpoint in {request.output_dir} yet, starting a new run.")
     data = read_training_data(request, args.max_train_samples, args.max_eval_samples)
-    if main and data.skipped:
-        _say(f"note: skipped {len(data.skipped)} bad line(s); the first: {data.skipped[0]}")
+    if main:
+        _report_skipped(data.skipped)
     loaded = _load(args, device, quiet=not main)
     if main:
         per_step = request.per_device_train_batch_size * request.gradient_accumulation_steps
@@ -390,7 +457,6 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from backend.adapters import AdapterRegistry
-    from backend.data import read_examples
     from backend.evaluation import GREEDY, ORIGINAL_SAMPLING, evaluate
 
     if args.checkpoint is None and args.output_dir is None:
@@ -405,10 +471,7 @@ def cmd_eval(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {args.batch_size}).")
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else checkpoint
-    examples = read_examples(args.validation_file, args.prompt_column, args.response_column, args.history_column, args.skip_bad_lines)
-    if examples.skipped:
-        _say(f"note: skipped {len(examples.skipped)} bad line(s); the first: {examples.skipped[0]}")
-    examples = list(examples)[: args.max_eval_samples] if args.max_eval_samples else list(examples)
+    sets = _read_eval_sets(args, output_dir)  # every file checked before the model loads
     if _ignored_notes(args):
         _say(f"note: ignoring {', '.join(_ignored_notes(args))} (not needed here).")
     loaded = _load(args, args.device)
@@ -417,28 +480,49 @@ def cmd_eval(args) -> int:
         registry = AdapterRegistry(loaded.model.config, loaded.device, loaded.dtype)
         prefix_kv = registry.prefix_kv(registry.register(checkpoint).name)
     cancel = threading.Event()
-    restore = _install_stop_handler(cancel, "stopping the evaluation (nothing is written)")
+    restore = _install_stop_handler(cancel, "stopping the evaluation (nothing more is written)")
     params = ORIGINAL_SAMPLING if args.sample else GREEDY
+    results = []
     try:
         from rich.progress import Progress
 
         with Progress(console=_console(), transient=True) as bar:
-            task = bar.add_task("generating", total=len(examples))
-            result = evaluate(
-                loaded.model, loaded.tokenizer, examples, max_source_length=args.max_source_length,
-                max_target_length=args.max_target_length, source_prefix=args.source_prefix or "", prefix_kv=prefix_kv,
-                batch_size=args.batch_size, params=params, seed=args.seed, output_dir=output_dir, cancel=cancel,
-                progress=lambda done, total: bar.update(task, completed=done),
-                extra_metrics={"checkpoint": str(checkpoint) if checkpoint else None, "model": args.model,
-                               "decoding": "sample" if args.sample else "greedy"},
-            )
+            for name, examples, where in sets:
+                task = bar.add_task(f"generating {name}", total=len(examples))
+                result = evaluate(
+                    loaded.model, loaded.tokenizer, examples, max_source_length=args.max_source_length,
+                    max_target_length=args.max_target_length, source_prefix=args.source_prefix or "", prefix_kv=prefix_kv,
+                    batch_size=args.batch_size, params=params, seed=args.seed, output_dir=where, cancel=cancel,
+                    progress=lambda done, total, task=task: bar.update(task, completed=done),
+                    extra_metrics={"checkpoint": str(checkpoint) if checkpoint else None, "model": args.model,
+                                   "decoding": "sample" if args.sample else "greedy", "data": name},
+                )
+                if result.stopped:
+                    _say("evaluation stopped; the unfinished file's results are not written.")
+                    return EXIT_INTERRUPTED
+                results.append((name, result, where))
     finally:
         restore()
-    if result.stopped:
-        _say("evaluation stopped; nothing written.")
-        return EXIT_INTERRUPTED
-    _print_metrics(result, output_dir)
+    _print_metrics(results)
     return 0
+
+
+def _read_eval_sets(args, output_dir: Path) -> list[tuple[str, list, Path]]:
+    """(name, examples, where its results go) per --validation-file: OUTPUT_DIR for one file, OUTPUT_DIR/<name>
+    for each of several, so their predictions do not overwrite each other."""
+    from backend.data import read_examples
+
+    files = args.validation_file
+    names = [Path(f).stem or str(f) for f in files]
+    if len(set(names)) < len(names):
+        names = [str(f).replace("/", "_") for f in files]
+    sets = []
+    for file, name in zip(files, names):
+        examples = read_examples(file, args.prompt_column, args.response_column, args.history_column, args.skip_bad_lines)
+        _report_skipped(examples.skipped)
+        examples = list(examples)[: args.max_eval_samples] if args.max_eval_samples else list(examples)
+        sets.append((name, examples, output_dir if len(files) == 1 else output_dir / name))
+    return sets
 
 
 def _console():
@@ -447,16 +531,21 @@ def _console():
     return Console(stderr=True)
 
 
-def _print_metrics(result, output_dir: Path) -> None:
+def _print_metrics(results: list) -> None:
+    """One row per data file, metrics side by side: what a prefix gains on its task and loses elsewhere."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(result.predictions)} examples, {result.seconds:.1f} s")
-    for key in result.metrics:
+    keys = list(results[0][1].metrics)
+    table = Table(title=", ".join(f"{name}: {len(r.predictions)} examples, {r.seconds:.1f} s" for name, r, _ in results))
+    table.add_column("data")
+    for key in keys:
         table.add_column(key, justify="right")
-    table.add_row(*[f"{v:.4f}" for v in result.metrics.values()])
+    for name, result, _ in results:
+        table.add_row(name, *[f"{result.metrics.get(k, float('nan')):.4f}" for k in keys])
     Console().print(table)
-    print(f"wrote {output_dir / 'generated_predictions.txt'} and {output_dir / 'metrics.json'}")
+    for _, _, where in results:
+        print(f"wrote {where / 'generated_predictions.txt'} and {where / 'metrics.json'}")
 
 
 def _read_prompts(args) -> list[str]:

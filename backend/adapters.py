@@ -9,7 +9,6 @@ from the tensor shapes.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -21,9 +20,10 @@ from .families import FAMILIES, family_in_name
 from .loading import load_pickled_state_dict
 from .modeling import PrefixEncoder, split_prefix
 from .service import AdapterInfo, BackendError
+from .training.checkpoints import (CHECKPOINT_PREFIX, PREFIX_KEY, WEIGHTS_NAME, checkpoint_step,  # noqa: F401 - PREFIX_KEY re-exported
+                                   prefix_config, strip_prefix_key)
 
-PREFIX_KEY = "transformer.prefix_encoder."
-CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+CHECKPOINT_FILES = ("model.safetensors", WEIGHTS_NAME)
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -56,7 +56,7 @@ def read_prefix_checkpoint(path: Union[str, Path]) -> PrefixCheckpoint:
     else:
         weights = path
     raw = _read_weights(weights)
-    state = {k[len(PREFIX_KEY):]: v for k, v in raw.items() if k.startswith(PREFIX_KEY)}
+    state = strip_prefix_key(raw)
     if "embedding.weight" not in state:
         raise BackendError(f"{weights} has no transformer.prefix_encoder.* tensors: it is not a P-Tuning v2 checkpoint.")
     config = _read_json_object(directory / "config.json", "fix or delete it (the shapes tell pre_seq_len)")
@@ -164,7 +164,7 @@ def build_prefix_encoder(ckpt: PrefixCheckpoint, base: ChatGLMConfig, device: to
     """A float32 prefix encoder holding the checkpoint's weights."""
     check_family(ckpt, base)
     check_fits(ckpt, base)
-    config = ChatGLMConfig(**{**base.to_dict(), "pre_seq_len": ckpt.pre_seq_len, "prefix_projection": ckpt.prefix_projection})
+    config = prefix_config(base, ckpt.pre_seq_len, ckpt.prefix_projection)
     encoder = PrefixEncoder(config, device=device).float()
     try:
         encoder.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()})
@@ -178,13 +178,12 @@ def find_checkpoints(directory: Union[str, Path]) -> list[Path]:
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise BackendError(f"no directory at {directory} to scan for checkpoint-* adapters.")
-    found = [p for p in directory.glob("checkpoint-*") if p.is_dir()] + [p for p in directory.glob("*/checkpoint-*") if p.is_dir()]
-    if directory.name.startswith("checkpoint-"):
+    found = [p for pattern in (f"{CHECKPOINT_PREFIX}*", f"*/{CHECKPOINT_PREFIX}*") for p in directory.glob(pattern) if p.is_dir()]
+    if directory.name.startswith(CHECKPOINT_PREFIX):
         found.append(directory)
 
     def step(p: Path):
-        m = re.search(r"checkpoint-(\d+)$", p.name)
-        return (str(p.parent), int(m.group(1)) if m else 0)
+        return (str(p.parent), checkpoint_step(p) or 0)
 
     return sorted(set(found), key=step)
 
@@ -241,7 +240,7 @@ class AdapterRegistry:
 
     @staticmethod
     def _default_name(path: Path) -> str:
-        return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
+        return f"{path.parent.name}/{path.name}" if path.name.startswith(CHECKPOINT_PREFIX) else path.name
 
     def _unique(self, name: str) -> str:
         candidate, n = name, 2

@@ -66,6 +66,7 @@ class ExampleList(list):
         super().__init__(items)
         self.skipped: list[str] = list(skipped)  # one message per bad line skipped (skip_bad_lines=True)
         self.empty: int = empty  # lines dropped because prompt or response is empty, as the original does
+        self.columns: tuple[str, ...] = ()  # the source's columns (of its first good record)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -160,46 +161,41 @@ def read_examples(
     response_column: str,
     history_column: Optional[str] = None,
     skip_bad_lines: bool = False,
+    cache_dir: Optional[str] = None,
 ) -> ExampleList:
-    """Read JSON lines (or a .json file holding a JSON list) into examples.
+    """Read a data source into examples: a JSON lines file (or a .json file holding a JSON list), a CSV
+    or Parquet file, a directory of such files, or a dataset id in the local Hugging Face cache.
 
-    A line that is not JSON or lacks a column raises DataError naming ``file:line`` and the fix; with
-    ``skip_bad_lines`` such lines are skipped, logged, and listed in ``result.skipped``. Blank lines are
-    ignored; lines with an empty prompt or response are dropped (counted in ``result.empty``) like the
-    original. No usable line at all raises DataError.
+    Files go through ``datasets`` and its Arrow cache (keyed by the file's size and time), so a second
+    run on a large file starts at once. A line that is not JSON or lacks a column raises DataError naming
+    ``file:line`` and the fix; with ``skip_bad_lines`` such lines are skipped and listed in
+    ``result.skipped`` (the caller reports them, once each). Blank lines are ignored; lines with an empty
+    prompt or response are dropped (counted in ``result.empty``) like the original. No usable line at
+    all raises DataError.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a JSON lines file") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    from .datasource import parsed_rows
 
+    columns = (prompt_column, response_column, history_column)
     examples: list[Example] = []
     skipped: list[str] = []
+    keys: list[str] = []
     empty = 0
-    for where, record in _records(path, text):
-        try:
-            if isinstance(record, json.JSONDecodeError):
-                raise DataError(
-                    f"{where}: not valid JSON ({record.msg} at column {record.colno}); each line must be one "
-                    f"JSON object — fix the line or pass --skip-bad-lines"
-                )
-            example = _parse_record(record, where, prompt_column, response_column, history_column)
-        except DataError as err:
+    for row in parsed_rows(path, columns, cache_dir):
+        if row["fatal"]:
+            raise DataError(row["error"])
+        if row["error"] is not None:
             if not skip_bad_lines:
-                raise
-            skipped.append(str(err))
-            logger.warning("skipping bad line: %s", err)
+                raise DataError(row["error"])
+            skipped.append(row["error"])
+            logger.debug("skipping bad line: %s", row["error"])
             continue
-        if example is None:
+        if not keys and row["keys"]:
+            keys = row["keys"].split("\x1f")
+        if row["empty"]:
             empty += 1
         else:
-            examples.append(example)
-
+            history = tuple(tuple(turn) for turn in row["history"] or ())
+            examples.append(Example(row["prompt"], row["response"], history, row["where"]))
     if not examples:
         if skipped:
             reason = f"all {len(skipped)} lines were bad, the first: {skipped[0]}"
@@ -208,9 +204,30 @@ def read_examples(
         else:
             reason = "the file is empty"
         raise DataError(f"{path}: no usable examples ({reason})")
-    if skipped:
-        logger.warning("%s: skipped %d bad line(s)", path, len(skipped))
-    return ExampleList(examples, skipped, empty)
+    result = ExampleList(examples, skipped, empty)
+    result.columns = tuple(keys)
+    return result
+
+
+def parse_row(record: Any, where: str, columns: tuple) -> dict:
+    """One decoded record (or the JSONDecodeError of its line) -> a parsed row as the Arrow cache keeps it."""
+    row = {"prompt": None, "response": None, "history": None, "where": where, "error": None, "fatal": False,
+           "empty": False, "keys": "\x1f".join(record) if isinstance(record, dict) else ""}
+    try:
+        if isinstance(record, json.JSONDecodeError):
+            raise DataError(
+                f"{where}: not valid JSON ({record.msg} at column {record.colno}); each line must be one "
+                f"JSON object — fix the line or pass --skip-bad-lines"
+            )
+        example = _parse_record(record, where, *columns)
+    except DataError as err:
+        row["error"] = str(err)
+        return row
+    if example is None:
+        row["empty"] = True
+    else:
+        row.update(prompt=example.prompt, response=example.response, history=[list(t) for t in example.history])
+    return row
 
 
 # --------------------------------------------------------------------------------------- preprocessing
@@ -252,39 +269,46 @@ def _check_lengths(max_source_length: int, max_target_length: int) -> None:
         )
 
 
+def train_ids(example: Example, tokenizer: PromptTokenizer, max_source_length: int, max_target_length: int,
+              source_prefix: str = "") -> Optional[dict[str, list[int]]]:
+    """One example's training feature ``{"input_ids", "labels"}``, padded to max_source + max_target + 1
+    (None when its prompt or response is empty, as the original skips those). The per-example step a
+    chat format with its own layout replaces.
+
+    input_ids = prompt ids (with special tokens, cut to max_source_length) + answer ids (cut to
+    max_target_length) + [eos], then pad ids; labels = -100 over the prompt and padding.
+    """
+    if not example.prompt or not example.response:
+        return None
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt = build_prompt(tokenizer, example.prompt, example.history, source_prefix)
+    a_ids = _encode(tokenizer, prompt, True, max_source_length)
+    b_ids = _encode(tokenizer, example.response, False, max_target_length)
+    input_ids = a_ids + b_ids + [eos]
+    labels = [pad] * len(a_ids) + b_ids + [eos]
+    pad_len = max_source_length + max_target_length + 1 - len(input_ids)
+    input_ids = input_ids + [pad] * pad_len
+    labels = labels + [pad] * pad_len
+    labels = [(t if t != pad else IGNORE_INDEX) for t in labels]  # ignore_pad_token_for_loss
+    return {"input_ids": input_ids, "labels": labels}
+
+
 def preprocess_train(
     examples: Sequence[Example],
     tokenizer: PromptTokenizer,
     max_source_length: int,
     max_target_length: int,
     source_prefix: str = "",
+    to_ids=train_ids,
 ) -> list[dict[str, list[int]]]:
-    """Training features ``{"input_ids", "labels"}``, each padded to max_source + max_target + 1.
-
-    input_ids = prompt ids (with special tokens, cut to max_source_length) + answer ids (cut to
-    max_target_length) + [eos], then pad ids; labels = -100 over the prompt and padding.
-    """
+    """Training features of ``examples`` (see :func:`train_ids`, or another format's ``to_ids`` of the same
+    signature), each padded to max_source + max_target + 1; examples it returns None for are skipped."""
     _check_lengths(max_source_length, max_target_length)
     max_seq_length = max_source_length + max_target_length + 1
     if getattr(tokenizer, "family", "chatglm2") == "chatglm3":  # its demo's format, whichever data format
         return conversation_train_features(tokenizer, _chatglm3_conversations(examples, source_prefix), max_seq_length)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    features = []
-    for ex in map(_as_round, examples):
-        if not ex.prompt or not ex.response:
-            continue  # the original skips these
-        prompt = build_prompt(tokenizer, ex.prompt, ex.history, source_prefix)
-        a_ids = _encode(tokenizer, prompt, True, max_source_length)
-        b_ids = _encode(tokenizer, ex.response, False, max_target_length)
-        context_length = len(a_ids)
-        input_ids = a_ids + b_ids + [eos]
-        labels = [pad] * context_length + b_ids + [eos]
-        pad_len = max_seq_length - len(input_ids)
-        input_ids = input_ids + [pad] * pad_len
-        labels = labels + [pad] * pad_len
-        labels = [(t if t != pad else IGNORE_INDEX) for t in labels]  # ignore_pad_token_for_loss
-        features.append({"input_ids": input_ids, "labels": labels})
-    return features
+    features = (to_ids(_as_round(ex), tokenizer, max_source_length, max_target_length, source_prefix) for ex in examples)
+    return [f for f in features if f is not None]
 
 
 def preprocess_eval(

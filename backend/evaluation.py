@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .atomic import atomic_write_text
 from .data import Example, preprocess_eval
 from .decode import make_batch_decoder
 from .decode.batcher import Batcher
@@ -161,8 +162,6 @@ def write_eval_outputs(output_dir: Union[str, Path], result: EvalResult, extra: 
     write_predictions(output_dir / PREDICTIONS_FILE, [p.strip() for p in result.predictions], [g.strip() for g in result.labels])
     body = {**result.metrics, "num_examples": len(result.predictions), "runtime_s": round(result.seconds, 3)}
     body.update(extra or {})
-    tmp = output_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(body, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(output_dir / METRICS_FILE)
+    atomic_write_text(output_dir / METRICS_FILE, json.dumps(body, ensure_ascii=False, indent=2) + "\n")
     result.output_dir = output_dir
     return output_dir

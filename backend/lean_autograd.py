@@ -53,34 +53,46 @@ def _chunks(rows: int, width: int):
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets):
+    def forward(ctx, logits, targets, weights):
         valid = targets != IGNORE_INDEX
         safe = targets.clamp(min=0)
         lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
         for rows in _chunks(*logits.shape):
             lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
         picked = logits.gather(1, safe[:, None])[:, 0].float()
-        count = valid.sum()
-        loss = torch.where(valid, lse - picked, 0.0).sum() / count  # nan when nothing is labelled, as torch's mean
-        ctx.save_for_backward(logits, safe, valid, lse, count)
+        losses = torch.where(valid, lse - picked, 0.0)
+        if weights is None:  # the mean: nan when nothing is labelled, as torch's
+            count = valid.sum()
+            loss = losses.sum() / count
+        else:
+            count = None
+            weights = torch.where(valid, weights.float(), 0.0)
+            loss = (weights * losses).sum()
+        ctx.save_for_backward(logits, safe, valid, lse, count, weights)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        logits, safe, valid, lse, count = ctx.saved_tensors
-        scale = (grad / count).float()
+        logits, safe, valid, lse, count, weights = ctx.saved_tensors
+        if weights is None:
+            scale = torch.where(valid, (grad / count).float(), 0.0)
+        else:
+            scale = grad.float() * weights
         out = torch.empty_like(logits)
         for rows in _chunks(*logits.shape):
             p = torch.exp(logits[rows].float() - lse[rows, None])  # softmax
             p.scatter_add_(1, safe[rows, None], torch.full_like(p[:, :1], -1.0))
-            p.mul_(torch.where(valid[rows], scale, 0.0)[:, None])
+            p.mul_(scale[rows, None])
             out[rows] = p.to(out.dtype)
-        return out, None
+        return out, None, None
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor = None) -> torch.Tensor:
     """Mean cross-entropy of token t+1 given tokens up to t over labelled positions (labels != -100),
-    computed in float32 as ``cross_entropy(logits.float()[:, :-1], labels[:, 1:])``.
+    computed in float32 as ``cross_entropy(logits.float()[:, :-1], labels[:, 1:])``. With ``row_weights``
+    [b] it is instead the sum of each labelled token's cross-entropy times its row's weight (training
+    uses 1 / (labelled tokens of the row's accumulation step), so micro-batches cut anywhere add up to
+    the original per-step mean).
 
     logits [b, s, V] in any float dtype; labels [b, s]. Keeps only ``logits`` and a float32
     log-sum-exp per row for the backward, and works through the vocabulary a few rows at a time.
@@ -88,4 +100,5 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     b, s, vocab = logits.shape
     labels = labels.to(logits.device)
     targets = torch.cat((labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)), dim=1)  # last position predicts nothing
-    return _CrossEntropy.apply(logits.reshape(b * s, vocab), targets.reshape(-1))
+    weights = None if row_weights is None else row_weights.to(logits.device, torch.float32)[:, None].expand(b, s).reshape(-1)
+    return _CrossEntropy.apply(logits.reshape(b * s, vocab), targets.reshape(-1), weights)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence, Union
+
+from .atomic import atomic_write
 
 METRIC_KEYS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 
@@ -69,19 +69,9 @@ def write_predictions(path: Union[str, Path], predictions: Sequence[str], labels
     """
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; this is an ordinary output file
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for prediction, label in zip(predictions, labels):
-                out.write(json.dumps({"labels": label, "predict": prediction}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+
+    def write(out) -> None:
+        for prediction, label in zip(predictions, labels):
+            out.write(json.dumps({"labels": label, "predict": prediction}, ensure_ascii=False) + "\n")
+
+    return atomic_write(path, write)

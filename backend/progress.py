@@ -7,14 +7,13 @@ The same :class:`~backend.service.TrainProgress` events feed the terminal bar, t
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
+from .atomic import atomic_write_text
 from .service import TrainProgress
 
 PROGRESS_FILE = "progress.jsonl"
@@ -64,23 +63,11 @@ class ProgressLog:
             self.path.write_text("", encoding="utf-8")
         elif self.path.exists():
             kept = [e for e in read_progress(self.path) if e.step <= resume_step and e.event not in ("done", "stopped")]
-            _atomic_write(self.path, "".join(progress_to_json(e) + "\n" for e in kept))
+            atomic_write_text(self.path, "".join(progress_to_json(e) + "\n" for e in kept))
 
     def __call__(self, event: TrainProgress) -> None:
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(progress_to_json(event) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fan_out(callbacks: Iterable[Optional[Callable[[TrainProgress], None]]]) -> Callable[[TrainProgress], None]:

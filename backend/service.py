@@ -114,7 +114,7 @@ ReplyEvent = Union[TextDelta, ReplyDone]
 class TrainRequest:
     """P-Tuning v2 options, with the original train.sh defaults."""
 
-    train_file: Path
+    train_file: Union[Path, Sequence[Path]]  # one file, directory or cached dataset id, or several to blend
     output_dir: Path
     validation_file: Optional[Path] = None
     prompt_column: str = "content"
@@ -140,6 +140,13 @@ class TrainRequest:
     overwrite_output_dir: bool = False
     skip_bad_lines: bool = False
     eval_steps: Optional[int] = None  # evaluate every N steps when a validation file is given
+    mix: Optional[Sequence[float]] = None  # blend weights, one per train_file (None: in proportion to their sizes)
+    micro_batch_size: Optional[int] = None  # examples through the model at once; None = the most that fits
+    optim: str = "adamw_hf"  # "adamw_hf" (transformers 4.30's AdamW, the original's) or "adamw_torch"
+    lr_scheduler_type: str = "linear"  # any name transformers' get_scheduler knows
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    report_to: str = "none"  # "none", "tensorboard" or "wandb"; progress.jsonl is written in any case
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,93 @@
-"""P-Tuning v2 at full ChatGLM2-6B size (random weights): step time, peak GPU memory, a short
-real training run (no nan/inf), and batched evaluation throughput.
+"""P-Tuning v2 at full ChatGLM2-6B size (random weights in the release layout, see bench_load.py make):
+the original train.sh recipe through ``train_cli.py train`` itself, step time of the step alone, and
+batched evaluation throughput.
 
     python bench/bench_load.py make /tmp/glm6b
-    python bench/bench_train.py /tmp/glm6b 8bit      # prints one JSON line per measurement
+    python bench/bench_train.py /tmp/glm6b 8bit                 # prints one JSON line per measurement
+    python bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 40
 
-Step: batch 1 x 192 tokens, pre_seq_len 128 (the figure the original stack was measured at).
-Evaluation: 1070 prompts (the size of AdvertiseGen's dev split) built from our sample data,
-128 new tokens each; random weights never emit eos, so every example runs the full 128.
+Recipe: train.sh's flags (batch 1 x accumulation 16, prefix 128, lengths 64 + 128, lr 2e-2) on our sample
+data, as a subprocess, with --micro-batch-size 1, auto and 16: ms per optimizer step (from progress.jsonl,
+after the first steps' CUDA graph captures), peak GPU memory, the micro-batch auto chose, and the time the
+whole recipe (3000 steps) would take. Then auto again with the process limited to 7.5 GB
+(torch.cuda.set_per_process_memory_fraction), as on a small card: its peak must stay within 7.5 GB.
+Step: batch 1 x 192 tokens (the figure the original stack was measured at). Evaluation: 1070 prompts
+(AdvertiseGen's dev split size), 128 new tokens each; random weights never emit eos.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RECIPE_STEPS = 3000  # train.sh's --max_steps
+SMALL_CARD_GB = 7.5
+TRAIN_SH = ["--pre_seq_len", "128", "--learning_rate", "2e-2", "--per_device_train_batch_size", "1",
+            "--gradient_accumulation_steps", "16", "--max_source_length", "64", "--max_target_length", "128",
+            "--quantization_bit", "8", "--prompt_column", "content", "--response_column", "summary"]
+# Runs the CLI in a process whose CUDA allocations are capped, as on a card of that size.
+_LIMITED = ("import sys, torch; torch.cuda.set_per_process_memory_fraction(float(sys.argv[1]) * 1e9 / "
+            "torch.cuda.get_device_properties(0).total_memory); sys.argv = sys.argv[1:]; sys.path.insert(0, '.'); "
+            "import train_cli; sys.exit(train_cli.main(sys.argv[1:]))")
 
 
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
+def recipe_run(model_dir: str, micro_batch: str, max_steps: int, limit_gb: float | None = None) -> dict:
+    """train.sh's recipe through ``train_cli.py train`` in a subprocess; its figures from progress.jsonl."""
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["train", "--model", model_dir, "--train_file", str(ROOT / "assets/sample/train.json"), "--output_dir", out,
+                *TRAIN_SH, "--max_steps", str(max_steps), "--logging_steps", "1", "--save_steps", str(max_steps),
+                "--micro-batch-size", micro_batch]
+        command = [sys.executable, "-c", _LIMITED, str(limit_gb)] if limit_gb else [sys.executable, str(ROOT / "train_cli.py")]
+        start = time.perf_counter()
+        done = subprocess.run(command + argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wall = time.perf_counter() - start
+        row = {"what": "recipe", "micro_batch_size": micro_batch, "limit_gb": limit_gb, "max_steps": max_steps,
+               "exit": done.returncode, "wall_s": round(wall, 1)}
+        if done.returncode != 0:
+            return {**row, "error": done.stderr.strip().splitlines()[-1:]}
+        events = [json.loads(line) for line in (Path(out) / "progress.jsonl").read_text().splitlines() if line.strip()]
+        state = json.loads((Path(out) / f"checkpoint-{max_steps}" / "trainer_state.json").read_text())
+    logs = [e for e in events if e["event"] == "log"]
+    skip = min(len(logs) - 2, max(2, len(logs) // 5))  # the first steps capture CUDA graphs
+    ms = (logs[-1]["elapsed_s"] - logs[skip]["elapsed_s"]) * 1000 / (logs[-1]["step"] - logs[skip]["step"])
+    peak = max((e["gpu_mem_gb"] or 0) for e in events)
+    return {**row, "chosen_micro_batch": state["micro_batch_size"], "ms_per_step": round(ms, 1),
+            "peak_gpu_gb": round(peak, 2), "projected_recipe_min": round(ms * RECIPE_STEPS / 60000, 1),
+            "first_losses": [round(e["loss"], 3) for e in logs[:3]], "last_losses": [round(e["loss"], 3) for e in logs[-3:]],
+            "within_limit": None if limit_gb is None else peak <= limit_gb}
+
+
+def recipe(model_dir: str, max_steps: int) -> None:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for micro_batch in ("1", "auto", "16"):
+        emit(**recipe_run(model_dir, micro_batch, max_steps), device=device)
+    emit(**recipe_run(model_dir, "auto", max_steps, limit_gb=SMALL_CARD_GB), device=device)
+
+
 def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples: int = 1070, step_only: bool = False,
-         no_eval: bool = False) -> None:
+         no_eval: bool = False, max_steps: int = 40) -> None:
+    if quantization == "8bit" and not step_only:
+        recipe(model_dir, max_steps)
     import torch
 
     import backend  # noqa: F401
     from backend.data import read_examples
     from backend.evaluation import evaluate
     from backend.loading import load_model
-    from backend.service import TrainRequest
-    from backend.training import benchmark_step, train_prefix
+    from step_timer import benchmark_step
 
     loaded = load_model(model_dir, quantization=quantization)
     cuda = torch.cuda.is_available()
@@ -69,21 +123,6 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
 
     if step_only:
         return
-    reset_peak()
-    # A short real run through the same code train_cli.py uses: every loss must be finite.
-    losses = []
-    with tempfile.TemporaryDirectory() as out:
-        request = TrainRequest(train_file=ROOT / "assets/sample/train.json", output_dir=Path(out), pre_seq_len=128,
-                               max_source_length=64, max_target_length=128, gradient_accumulation_steps=1,
-                               max_steps=30, logging_steps=1, save_steps=30, learning_rate=2e-2)
-        start = time.perf_counter()
-        result = train_prefix(model, loaded.tokenizer, request, progress=lambda e: e.loss is not None and losses.append(e.loss))
-        seconds = time.perf_counter() - start
-    emit(what="ptuning_run", quantization=quantization, steps=result.steps_done, seconds=round(seconds, 1),
-         first_losses=[round(x, 3) for x in losses[:3]], last_losses=[round(x, 3) for x in losses[-3:]],
-         all_finite=all(math.isfinite(x) for x in losses), peak_gpu_gb=peak_gb(),
-         device=device)
-
     if no_eval:
         return
     # Evaluation throughput: 1070 examples, 128 new tokens each, batched with left padding.
@@ -114,5 +153,10 @@ if __name__ == "__main__":
     parser.add_argument("--eval-examples", type=int, default=1070)
     parser.add_argument("--step-only", action="store_true", help="only the step benchmark")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation throughput")
+    parser.add_argument("--max-steps", type=int, default=40, help="optimizer steps of each recipe run (default: 40, a few minutes)")
+    parser.add_argument("--recipe-only", action="store_true", help="only the train.sh recipe runs")
     a = parser.parse_args()
-    main(a.model_dir, a.quantization, a.eval_batch, a.eval_examples, a.step_only, a.no_eval)
+    if a.recipe_only:
+        recipe(a.model_dir, a.max_steps)
+    else:
+        main(a.model_dir, a.quantization, a.eval_batch, a.eval_examples, a.step_only, a.no_eval, a.max_steps)

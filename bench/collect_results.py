@@ -68,10 +68,17 @@ def main(out: Path) -> int:
         "", "P-Tuning v2 step, batch 1 x 192 tokens, pre_seq_len 128 (`bench/bench_train.py`; peak includes warm-up and capture):",
         "", *step_table(rows),
     ]
-    for r in rows:
-        if r.get("what") == "ptuning_run":
-            md += ["", f"30-step run through train_prefix ({r['quantization']}): {r['seconds']} s, losses {r['first_losses']} ... "
-                       f"{r['last_losses']}, all finite: {r['all_finite']}, peak {r['peak_gpu_gb']} GB."]
+    recipe = [r for r in rows if r.get("what") == "recipe"]
+    if recipe:
+        md += ["", "train.sh's recipe (1 x 16, 8-bit, prefix 128, 64 + 128) through `train_cli.py train`:", "",
+               "| --micro-batch-size | chosen | cap GB | ms per optimizer step | peak GPU GB | 3000 steps, min | losses |",
+               "|---|---|---|---|---|---|---|"]
+        for r in recipe:
+            if r.get("exit") != 0:
+                md.append(f"| {r['micro_batch_size']} | failed: {r.get('error')} | {r['limit_gb'] or '-'} | | | | |")
+                continue
+            md.append(f"| {r['micro_batch_size']} | {r['chosen_micro_batch']} | {r['limit_gb'] or '-'} | {r['ms_per_step']} | "
+                      f"{r['peak_gpu_gb']} | {r['projected_recipe_min']} | {r['first_losses']} ... {r['last_losses']} |")
     if evaluation is not None:
         md += ["", f"Evaluation: {evaluation['examples']} examples x {evaluation['new_tokens_each']} new tokens, batches of "
                    f"{evaluation['batch_size']}, {evaluation['quantization']}: {evaluation['seconds']} s "

@@ -310,3 +310,50 @@ def test_sample_data_is_our_own(golden_tiny_dir):
     for name in ("train.json", "dev.json"):
         ours = {e.response for e in read_examples(SAMPLE / name, "content", "summary")}
         assert not ours & theirs
+
+
+# ------------------------------------------------------------------------------------------ sources through datasets
+
+
+def test_csv_parquet_and_a_directory_of_them(tmp_path):
+    import pandas as pd
+
+    rows = [{"content": "a", "summary": "b"}, {"content": "c", "summary": "d"}]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pd.DataFrame(rows).to_csv(folder / "one.csv", index=False)
+    pd.DataFrame(rows[::-1]).to_parquet(folder / "two.parquet")
+    write(folder / "three.jsonl", rows[:1])
+    (folder / "notes.txt").write_text("not data")
+    assert [(e.prompt, e.response) for e in read_examples(folder / "one.csv", "content", "summary")] == [("a", "b"), ("c", "d")]
+    assert [e.prompt for e in read_examples(folder / "two.parquet", "content", "summary")] == ["c", "a"]
+    both = read_examples(folder, "content", "summary")
+    assert [e.prompt for e in both] == ["a", "c", "a", "c", "a"]  # one.csv, three.jsonl, two.parquet, by name
+    assert both[0].where == f"{folder / 'one.csv'}: row 1"
+    with pytest.raises(DataError, match=r"one.csv: missing column 'summary'; the columns here are content, title — pass --response-column"):
+        pd.DataFrame([{"content": "a", "title": "b"}]).to_csv(folder / "one.csv", index=False)
+        read_examples(folder / "one.csv", "content", "summary")
+
+
+def test_a_second_read_comes_from_the_arrow_cache(tmp_path, monkeypatch):
+    import backend.datasource as datasource
+
+    f = write(tmp_path / "big.json", [{"content": f"q{i}", "summary": f"a{i}"} for i in range(50)])
+    calls = []
+    real = datasource._records
+    monkeypatch.setattr(datasource, "_records", lambda *a: calls.append(1) or real(*a))
+    cache = str(tmp_path / "cache")
+    first = read_examples(f, "content", "summary", cache_dir=cache)
+    second = read_examples(f, "content", "summary", cache_dir=cache)
+    assert first == second and len(first) == 50 and len(calls) == 1  # parsed once
+    assert any(p.suffix == ".arrow" for p in Path(cache).rglob("*"))
+    write(f, [{"content": "changed", "summary": "x"}])  # a new size and time: parsed again
+    assert [e.prompt for e in read_examples(f, "content", "summary", cache_dir=cache)] == ["changed"]
+    assert len(calls) == 2
+
+
+def test_a_dataset_id_not_in_the_cache_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError) as err:
+        read_examples("someone/not-cached-here", "content", "summary", cache_dir=str(tmp_path))
+    assert "hf download --repo-type dataset someone/not-cached-here" in str(err.value)
+    assert "\n" not in str(err.value)

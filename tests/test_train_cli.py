@@ -220,7 +220,7 @@ def test_underscore_spellings_are_normalized():
     args = train_cli.build_parser().parse_args(train_cli.normalize_flags(
         ["train", "--model_name_or_path", "m", "--train_file", "t", "--output_dir", "o", "--quantization_bit", "4",
          "--max_steps", "600", "--gradient_accumulation_steps", "6", "--fp16", "--num_train_epochs", "2"]))
-    assert (args.model, args.train_file, args.output_dir, args.quantization_bit, args.max_steps) == ("m", "t", "o", 4, 600)
+    assert (args.model, args.train_file, args.output_dir, args.quantization_bit, args.max_steps) == ("m", ["t"], "o", 4, 600)
     assert args.gradient_accumulation_steps == 6 and args.dtype == "fp16" and train_cli._quantization(args) == "4bit"
     request = train_cli.request_from_args(args)
     assert request.max_steps == 600 and request.num_train_epochs == 2 and request.pre_seq_len == 128
@@ -294,3 +294,98 @@ def test_training_starts_from_a_ptuning_checkpoint(tiny_dir, train_file, tmp_pat
                                        "--ptuning-checkpoint", tmp_path / "nowhere"), capsys)
     assert code == 2
     assert_one_line(err, "no adapter checkpoint at")
+
+
+# ------------------------------------------------------------------------------------ micro-batches, blends, trackers
+
+
+def test_skipped_lines_are_reported_once_each(tiny_dir, train_file, tmp_path, capsys):
+    """Issue 13, item 6c: each skipped line was reported three times."""
+    data = tmp_path / "train.json"
+    data.write_text(train_file.read_text(encoding="utf-8") + "oops\n{\"content\": 1}\n", encoding="utf-8")
+    code, _, err = run_main(train_args(tiny_dir, data, tmp_path / "out", "--max-steps", "1", "--skip-bad-lines"), capsys)
+    assert code == 0, err
+    assert err.count(f"{data}:13") == 1 and err.count(f"{data}:14") == 1
+
+
+def test_micro_batch_blend_schedule_and_optimizer_flags(tiny_dir, train_file, tmp_path, capsys):
+    other = write_data(tmp_path / "chat.json", 6, start=40)
+    code, _, err = run_main(train_args(tiny_dir, train_file, tmp_path / "out", "--train-file", other, "--mix", "0.7,0.3",
+                                       "--micro-batch-size", "auto", "--max-steps", "2", "--save-steps", "2",
+                                       "--lr-scheduler-type", "cosine", "--warmup-steps", "1", "--optim", "adamw_torch"), capsys)
+    assert code == 0, err
+    args = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())["args"]
+    assert args["mix"] == [0.7, 0.3] and args["optim"] == "adamw_torch" and args["lr_scheduler_type"] == "cosine"
+    assert args["micro_batch_size"] is None and len(args["train_file"]) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--mix", "1", "0"], ["--mix weights must be positive"]),
+        (["--mix", "1"], ["--mix gives 1 weights for 2 --train-files"]),
+        (["--mix", "a", "b"], ["--mix takes numbers"]),
+        (["--micro-batch-size", "0"], ["--micro-batch-size must be at least 1 or auto"]),
+        (["--micro-batch-size", "many"], ["expected a number or auto"]),
+        (["--lr-scheduler-type", "wobbly"], ["--lr-scheduler-type 'wobbly' is not a schedule"]),
+    ],
+)
+def test_bad_blend_and_micro_batch_flags_are_one_line(tiny_dir, train_file, tmp_path, capsys, extra, fragments):
+    code, _, err = run_main(train_args(tiny_dir, train_file, tmp_path / "out", "--train-file", train_file, *extra), capsys)
+    assert code == 2
+    assert_one_line(err, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_to_a_tracker_that_is_not_installed(tiny_dir, train_file, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    code, _, err = run_main(train_args(tiny_dir, train_file, tmp_path / "out", "--report-to", "wandb"), capsys)
+    assert code == 2
+    assert_one_line(err, "--report-to wandb needs the wandb package: pip install wandb")
+
+
+def test_a_crash_between_renames_names_the_checkpoint_it_resumes(tiny_dir, train_file, tmp_path, capsys):
+    """Issue 13, item 6a: --resume named checkpoint-2 while resuming checkpoint-4."""
+    out = tmp_path / "out"
+    assert run_main(train_args(tiny_dir, train_file, out, "--max-steps", "4", "--save-steps", "2"), capsys)[0] == 0
+    os.replace(out / "checkpoint-4", out / ".old-checkpoint-4-777")
+    code, _, err = run_main(train_args(tiny_dir, train_file, out, "--max-steps", "5", "--save-steps", "2", "--resume"), capsys)
+    assert code == 0, err
+    assert f"resuming {out / 'checkpoint-4'}" in err
+    assert read_progress(out)[-1].step == 5
+
+
+def test_eval_scores_several_files_side_by_side(tiny_dir, train_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main(train_args(tiny_dir, train_file, out, "--max-steps", "1", "--save-steps", "1"), capsys)[0] == 0
+    task, chat = write_data(tmp_path / "task.json", 2, start=50), write_data(tmp_path / "chat.json", 3, start=60)
+    code, stdout, err = run_main(["eval", "--model", tiny_dir, "--checkpoint", out / "checkpoint-1", "--validation-file", task,
+                                  "--validation-file", chat, "--max-source-length", "16", "--max-target-length", "4",
+                                  "--device", "cpu", "--quantization", "none", "--output-dir", tmp_path / "res"], capsys)
+    assert code == 0, err
+    rows = [line for line in stdout.splitlines() if line.strip().startswith(("│ task", "│ chat", "┃ data"))]
+    assert len(rows) == 3 and "bleu-4" in rows[0]  # a header and one row per file
+    for name, n in (("task", 2), ("chat", 3)):
+        assert len((tmp_path / "res" / name / "generated_predictions.txt").read_text().splitlines()) == n
+        assert json.loads((tmp_path / "res" / name / "metrics.json").read_text())["data"] == name
+
+
+def test_a_full_disk_is_one_line_and_exit_2(tiny_dir, train_file, tmp_path, capsys, monkeypatch):
+    """Issue 13, item 3: torch.save's RuntimeError on a full disk ended in a traceback."""
+    out = tmp_path / "out"
+    assert run_main(train_args(tiny_dir, train_file, out, "--max-steps", "1", "--save-steps", "1"), capsys)[0] == 0
+    real = torch.save
+
+    def full(obj, path, *args, **kwargs):
+        if "checkpoint-2" in str(path):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full)
+    code, _, err = run_main(train_args(tiny_dir, train_file, out, "--max-steps", "2", "--save-steps", "1", "--resume"), capsys)
+    assert code == 2
+    assert_one_line(err, f"{out} is full", "free at least", "checkpoint-1 is intact")
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]

@@ -19,15 +19,7 @@ from backend.adapters import AdapterRegistry, read_prefix_checkpoint
 from backend.loading import load_model
 from backend.progress import read_progress
 from backend.service import BackendError, TrainProgress, TrainRequest
-from backend.training import (
-    PREFIX_KEY,
-    Batches,
-    PrefixStep,
-    benchmark_step,
-    list_checkpoints,
-    resolve_resume,
-    train_prefix,
-)
+from backend.training import PREFIX_KEY, AdamWHF, PrefixStep, StepPlan, list_checkpoints, resolve_resume, train_prefix
 from helpers_tiny import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +134,8 @@ def test_optimizer_and_schedule_are_the_trainer_defaults(loaded):
     encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
     step = PrefixStep(loaded.model, encoder, 2e-2, total_steps=3000)
     group = step.optimizer.param_groups[0]
-    assert type(step.optimizer) is torch.optim.AdamW
+    assert type(step.optimizer) is AdamWHF  # the original's transformers 4.30 AdamW
+    assert type(PrefixStep(loaded.model, encoder, 2e-2, 10, optim="adamw_torch").optimizer) is torch.optim.AdamW
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.0)
     assert encoder.embedding.weight.dtype == torch.float32
     assert 0.9 < encoder.embedding.weight.std().item() < 1.1  # torch's default N(0, 1), as the original leaves it
@@ -171,7 +164,7 @@ def test_golden_prefix_loss_matches_the_original(tmp_path):
     step = PrefixStep(model, encoder, 2e-2, total_steps=1)
     batch = {"input_ids": torch.tensor([expected["train_input_ids"]]), "labels": torch.tensor([expected["train_labels"]])}
     with torch.no_grad():
-        loss = step.loss(batch, micro_batch=None)  # no dropout: the original was in eval mode for this number
+        loss = step.loss(batch)  # no dropout: the original was in eval mode for this number
     assert loss.item() == pytest.approx(expected["train_loss_prefix"], abs=1e-4)
 
 
@@ -183,15 +176,15 @@ def test_trailing_padding_is_cut_without_changing_the_loss(loaded, tmp_path):
     short.write_text("".join(json.dumps({"content": c, "summary": s[:4 + i]}, ensure_ascii=False) + "\n"
                              for i, (c, s) in enumerate(_FALLBACK)), encoding="utf-8")
     features = preprocess_train(list(read_examples(short, "content", "summary")), loaded.tokenizer, 24, 40)
-    batches = Batches(features, 2, seed=0)
-    cut = batches.batch(0)
-    full = collate_train([features[i] for i in batches.indices(0)])
-    assert cut["input_ids"].shape[1] < full["input_ids"].shape[1] == 65
+    plan = StepPlan(features, 2, 1, seed=0)
+    cut = plan.micro_batches(0, 2)[0].batch
+    full = collate_train([features[i] for i in plan.group(0)])
+    assert cut["input_ids"].shape[1] < full["input_ids"].shape[1] == 65  # the original pads every row to 24 + 40 + 1
     assert (full["labels"][:, cut["labels"].shape[1]:] == -100).all()
     encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
     step = PrefixStep(loaded.model, encoder, 2e-2, total_steps=1)
     with torch.no_grad():
-        assert step.loss(cut, 3).item() == pytest.approx(step.loss(full, 3).item(), abs=1e-5)
+        assert step.loss(cut, [3, 4]).item() == pytest.approx(step.loss(full, [3, 4]).item(), abs=1e-5)
 
 
 def test_epochs_set_the_step_count(loaded, train_file, tmp_path):
@@ -284,9 +277,9 @@ def test_prefix_projection_checkpoint_round_trips(loaded, train_file, tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(loaded, train_file, tmp_path, monkeypatch):
-    import backend.training as training
+    import backend.training.checkpoints as training
 
-    real = training._write_json
+    real = training.write_json
     calls = []
 
     def write_then_fail(path, data):  # the second checkpoint dies at its last file, after the weights
@@ -295,8 +288,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(loaded, train_file,
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(training, "_write_json", write_then_fail)
-    with pytest.raises(BackendError, match="could not save checkpoint-6.*No space left.*checkpoint-3 is intact"):
+    monkeypatch.setattr(training, "write_json", write_then_fail)
+    with pytest.raises(BackendError, match=r"disk holding .*out is full .* saving checkpoint-6; free at least \d+ MB.*checkpoint-3 is intact"):
         train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file))
     out = tmp_path / "out"
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"]
@@ -304,9 +297,61 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(loaded, train_file,
     registry = AdapterRegistry(loaded.model.config, loaded.device, loaded.dtype)
     assert registry.register(out / "checkpoint-3").pre_seq_len == 8
 
-    monkeypatch.setattr(training, "_write_json", real)
+    monkeypatch.setattr(training, "write_json", real)
     result = train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest"))
     assert result.steps_done == 6
+
+
+def test_torch_save_on_a_full_disk_is_one_sentence(loaded, train_file, tmp_path, monkeypatch):
+    """torch.save's zip writer reports a full disk as a RuntimeError, not an OSError (issue 13, item 3)."""
+    real, calls = torch.save, []
+
+    def save_then_fail(obj, path, *args, **kwargs):
+        calls.append(path)
+        if "checkpoint-6" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(BackendError) as err:
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file))
+    message = str(err.value)
+    assert "\n" not in message and f"{tmp_path / 'out'} is full" in message and "checkpoint-3 is intact" in message
+    assert "free at least" in message
+    out = tmp_path / "out"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert read_prefix_checkpoint(out / "checkpoint-3").pre_seq_len == 8
+
+
+def test_resume_on_a_full_disk_is_one_sentence(loaded, train_file, tmp_path, monkeypatch):
+    import backend.progress as progress
+
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
+
+    def full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(progress, "atomic_write_text", full)
+    with pytest.raises(BackendError, match=r"is full .* rewriting progress.jsonl.*checkpoint-3 is intact"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest"))
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-3"]
+
+
+def test_a_crash_between_the_renames_of_a_resave_resumes_the_checkpoint_it_names(loaded, train_file, tmp_path):
+    """Issue 13, item 6a: the checkpoint named before training is the one resumed."""
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=6, save_steps=3))
+    out = tmp_path / "out"
+    os.replace(out / "checkpoint-6", out / ".old-checkpoint-6-4242")  # the first rename of a re-save of step 6
+    req = request(tmp_path, train_file, max_steps=8, save_steps=3, resume="latest")
+    from backend.training import CheckpointStore
+
+    CheckpointStore(out).recover()
+    assert resolve_resume(req).name == "checkpoint-6"
+    events = []
+    train_prefix(loaded.model, loaded.tokenizer, req, progress=events.append)
+    assert events[0].event == "start" and events[0].step == 6
 
 
 def test_a_save_killed_midway_is_ignored_and_cleaned(loaded, train_file, tmp_path):
@@ -325,7 +370,7 @@ def test_a_save_killed_midway_is_ignored_and_cleaned(loaded, train_file, tmp_pat
 
 def test_resume_refuses_a_checkpoint_of_another_shape(loaded, train_file, tmp_path):
     train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, max_steps=3))
-    with pytest.raises(BackendError, match="pre_seq_len 8.*--pre-seq-len 8"):
+    with pytest.raises(BackendError, match="pre_seq_len 8.*`pre_seq_len` 8"):
         train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, resume="latest", pre_seq_len=4))
     assert resolve_resume(request(tmp_path, train_file, resume=str(tmp_path / "out" / "checkpoint-3"))).name == "checkpoint-3"
 
@@ -416,10 +461,10 @@ def test_a_non_finite_loss_stops_before_the_update(loaded, train_file, tmp_path,
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(pre_seq_len=0), "--pre-seq-len must be at least 1"),
+        (dict(pre_seq_len=0), "`pre_seq_len` must be at least 1"),
         (dict(train_file=Path("/nonexistent/train.json")), "no such file"),
-        (dict(max_steps=0), "--max-steps or --num-train-epochs"),
-        (dict(eval_steps=5), "needs --validation-file"),
+        (dict(max_steps=0), "`max_steps` or `num_train_epochs`"),
+        (dict(eval_steps=5), "needs `validation_file`"),
         (dict(resume="/nonexistent/checkpoint-9"), "no checkpoint directory"),
     ],
 )
@@ -430,6 +475,9 @@ def test_bad_requests_are_refused_before_any_work(loaded, train_file, tmp_path, 
 
 
 def test_benchmark_step_times_a_training_step(loaded):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_timer import benchmark_step
+
     result = benchmark_step(loaded.model, batch_size=1, seq_len=16, pre_seq_len=4, steps=2, warmup=1)
     assert result.ms_per_step > 0 and result.peak_gpu_gb is None
     ms, gb = result  # a plain tuple for bench scripts
@@ -491,3 +539,170 @@ def test_overwrite_replaces_the_old_runs_kept_evaluations(loaded, train_file, tm
     assert sorted(p.name for p in evals.iterdir()) == ["step-2"]  # this run's, kept; the old step-4 gone
     assert (evals / "step-2" / "metrics.json").read_text() != old
     assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+
+
+# ------------------------------------------------------------------------------------ micro-batches, optimizer, schedule
+
+
+def test_micro_batches_add_up_to_the_original_step_loss(loaded, train_file):
+    """Weighted micro-batches cut across accumulation groups give the original's mean of group token-means."""
+    from backend.data import collate_train, preprocess_train, read_examples
+    from backend.training import new_prefix_encoder
+
+    features = preprocess_train(list(read_examples(train_file, "content", "summary")), loaded.tokenizer, 24, 24)
+    plan = StepPlan(features, 2, 3, seed=5)  # B 2 x A 3
+    encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
+    step = PrefixStep(loaded.model, encoder, 2e-2, total_steps=1)
+    with torch.no_grad():
+        original = sum(step.loss(collate_train([features[i] for i in plan.group(j)])).item() for j in range(3)) / 3
+        for size in (1, 4, 6):
+            cut = sum(step.loss(mb.batch, None, mb.row_weights).item() for mb in plan.micro_batches(0, size))
+            assert cut == pytest.approx(original, rel=1e-5), size
+
+
+@pytest.mark.parametrize("micro", [4, None])
+def test_micro_batch_size_changes_neither_losses_nor_prefix(loaded, train_file, tmp_path, micro):
+    """train.sh's 1 x 16: one example at a time, 4 at a time and auto give the same curve and prefix."""
+    def run(name, size):
+        events = []
+        req = request(tmp_path / name, train_file, per_device_train_batch_size=1, gradient_accumulation_steps=16,
+                      max_steps=3, save_steps=3, micro_batch_size=size)
+        train_prefix(loaded.model, loaded.tokenizer, req, progress=events.append)
+        state = json.loads((tmp_path / name / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+        return losses(events), torch.load(tmp_path / name / "out" / "checkpoint-3" / "pytorch_model.bin"), state
+
+    one, other = run("one", 1), run("other", micro)
+    assert other[2]["micro_batch_size"] == (micro or 8) and one[2]["micro_batch_size"] == 1
+    assert other[0] == pytest.approx(one[0], rel=1e-5)
+    assert all(torch.allclose(one[1][k], other[1][k], atol=1e-5) for k in one[1])
+
+
+def _adamw_hf_float64(param, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """The transformers 4.30 AdamW update rule, spelled out in float64."""
+    p, m, v = param.double().clone(), torch.zeros_like(param, dtype=torch.float64), torch.zeros_like(param, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p = p - lr * (1 - betas[1] ** t) ** 0.5 / (1 - betas[0] ** t) * m / (v.sqrt() + eps)
+        p = p - lr * weight_decay * p
+    return p
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_hf_is_the_transformers_430_update(weight_decay):
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(64, generator=g)
+    grads = [torch.randn(64, generator=g) * 10.0 ** -(4 + k) for k in range(6)]  # down to eps's size: where the two differ
+    expected = _adamw_hf_float64(start, grads, lr=2e-2, weight_decay=weight_decay)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        p = torch.nn.Parameter(start.to(dtype).clone())
+        opt = AdamWHF([p], lr=2e-2, weight_decay=weight_decay)
+        for grad in grads:
+            p.grad = grad.to(dtype)
+            opt.step()
+        assert torch.allclose(p.detach().double(), expected, atol=tol, rtol=0), dtype
+    q = torch.nn.Parameter(start.double().clone())
+    torch_opt = torch.optim.AdamW([q], lr=2e-2, weight_decay=weight_decay)
+    for grad in grads:
+        q.grad = grad.double()
+        torch_opt.step()
+    assert (q.detach() - expected).abs().max() > 1e-4  # torch's AdamW is a different update
+
+
+def test_schedule_and_warmup_come_from_transformers(loaded):
+    from transformers import get_scheduler
+
+    from backend.training import new_prefix_encoder
+
+    encoder = new_prefix_encoder(loaded.model.config, 4, False, torch.device("cpu"), seed=0)
+    step = PrefixStep(loaded.model, encoder, 1e-2, total_steps=10, lr_scheduler_type="cosine", warmup_steps=3)
+    reference = get_scheduler("cosine", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2),
+                              num_warmup_steps=3, num_training_steps=10)
+    for _ in range(5):
+        encoder.embedding.weight.grad = torch.zeros_like(encoder.embedding.weight)
+        step.step()
+        reference.optimizer.step()
+        reference.step()
+        assert step.learning_rate == pytest.approx(reference.get_last_lr()[0])
+
+
+def test_warmup_ratio_and_unknown_schedules(loaded, train_file, tmp_path):
+    events = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "a", train_file, max_steps=4, warmup_ratio=0.5),
+                 progress=events.append)
+    assert [round(e.learning_rate / 5e-2, 6) for e in events if e.event == "log"] == [0.5, 1.0, 0.5, 0.0]
+    with pytest.raises(BackendError, match="`lr_scheduler_type` 'wobbly' is not a schedule transformers knows"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "b", train_file, lr_scheduler_type="wobbly"))
+
+
+def test_report_to_a_missing_tracker_is_one_sentence(loaded, train_file, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(BackendError, match="needs the tensorboard package: pip install tensorboard"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path, train_file, report_to="tensorboard"))
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ blends
+
+
+def test_blend_follows_the_weights_and_the_seed():
+    from backend.training.batches import blended_order
+
+    order = blended_order([100, 50], [0.2, 0.8], seed=3, epoch=0)
+    assert len(order) == 150 and order == blended_order([100, 50], [0.2, 0.8], seed=3, epoch=0)
+    share = sum(1 for i in order if i >= 100) / len(order)
+    assert 0.7 < share < 0.9  # drawn 80% from the small file: it repeats, in its own shuffled laps
+    assert order != blended_order([100, 50], [0.2, 0.8], seed=4, epoch=0)
+    assert order != blended_order([100, 50], [0.2, 0.8], seed=3, epoch=1)
+
+
+def test_blended_training_runs_and_bad_blends_are_refused(loaded, train_file, tmp_path):
+    other = write_data(tmp_path / "chat.json", 10, start=30)
+    result = train_prefix(loaded.model, loaded.tokenizer,
+                          request(tmp_path / "ok", [train_file, other], mix=[0.7, 0.3], max_steps=2))
+    assert result.steps_done == 2
+    with pytest.raises(BackendError, match="`mix` weights must be positive"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "a", [train_file, other], mix=[1.0, 0.0]))
+    with pytest.raises(BackendError, match="`mix` gives 1 weights for 2"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "b", [train_file, other], mix=[1.0]))
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"content": "a", "summary": "b", "extra": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(BackendError, match="has the columns content, summary, extra but .* has content, summary"):
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "c", [train_file, odd], mix=[1.0, 1.0]))
+
+
+def test_auto_takes_the_largest_micro_batch_that_fits():
+    from backend.training.memory import CPU_MICRO_BATCH, MARGIN, pick_micro_batch, smaller_micro_batch
+
+    gb = 10**9
+    assert pick_micro_batch(16, 1 * gb, 100 * gb) == 16  # a big card: the whole step at once
+    assert pick_micro_batch(16, 1 * gb, int(5 * MARGIN * gb)) == 4  # a small one: the largest divisor that fits
+    assert pick_micro_batch(16, 1 * gb, int(0.5 * gb)) is None  # not even one: the caller refuses in one sentence
+    assert [smaller_micro_batch(n, 16) for n in (16, 8, 4, 2, 1)] == [8, 4, 2, 1, None]
+    assert CPU_MICRO_BATCH == 8
+
+
+def test_tokenized_data_is_cached_for_the_next_run(loaded, train_file, tmp_path, monkeypatch):
+    import backend.training.inputs as inputs
+
+    plain = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "plain", train_file, max_steps=2), progress=plain.append)
+    monkeypatch.setattr(inputs, "CACHE_MIN_EXAMPLES", 0)
+    monkeypatch.setenv("GLMCHAT_DATA_CACHE", str(tmp_path / "cache"))
+    first = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "first", train_file, max_steps=2), progress=first.append)
+    assert len(list((tmp_path / "cache" / "glmchat-features").iterdir())) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(inputs, "preprocess_train", no_tokenizing)
+    second = []
+    train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "second", train_file, max_steps=2), progress=second.append)
+    assert losses(plain) == pytest.approx(losses(first), rel=1e-6) and losses(second) == pytest.approx(losses(first), rel=1e-6)
+    with pytest.raises(AssertionError, match="tokenized again"):  # other lengths: another cache entry
+        train_prefix(loaded.model, loaded.tokenizer, request(tmp_path / "third", train_file, max_steps=2, max_target_length=20))

@@ -16,7 +16,12 @@ __all__ = ["Problem", "explain", "report", "setup_log", "log_file"]
 
 
 def explain(err: BaseException) -> Problem:
-    """The shared explanation (backend/errors.py); an error that is not the user's points to the log."""
+    """The shared explanation (backend/errors.py); a training request's error names the form's fields; an
+    error that is not the user's points to the log."""
+    if isinstance(err, BackendError) and hasattr(err, "worded"):  # a training request: name the form's fields
+        from .widgets.train_form import field_label
+
+        return Problem(err.worded(field_label))
     problem = _explain_user_error(err)
     if problem is not None:
         return problem

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from .conversation import Conversation, ReplyRecord
-from .paths import write_text_atomically
 
 
 def adapter_label(adapter: str | None) -> str:
@@ -51,5 +50,7 @@ def export_path(directory: Path, conversation: Conversation) -> Path:
 def write_export(directory: Path, conversation: Conversation, model: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = export_path(directory, conversation)
-    write_text_atomically(path, conversation_markdown(conversation, model))
+    from backend.atomic import atomic_write_text
+
+    atomic_write_text(path, conversation_markdown(conversation, model))
     return path

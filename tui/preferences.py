@@ -11,7 +11,7 @@ from typing import Optional
 
 from backend.service import SamplingParams
 
-from .paths import write_text_atomically
+from backend.atomic import atomic_write_text
 from .screens.settings import FIELDS as SAMPLING_FIELDS
 
 PREFERENCES_FILE = "settings.json"
@@ -70,4 +70,4 @@ def save_preferences(config_dir: Path, prefs: Preferences) -> None:
         "adapters": prefs.adapters,
         "conversation": prefs.conversation,
     }
-    write_text_atomically(config_dir / PREFERENCES_FILE, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(config_dir / PREFERENCES_FILE, json.dumps(data, ensure_ascii=False, indent=2) + "\n")

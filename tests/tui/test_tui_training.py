@@ -107,6 +107,25 @@ async def test_form_errors_block_the_start(tmp_path):
         assert panel.mode is None and not [c for c in app.backend.calls if c[0] == "train"]
 
 
+async def test_the_form_blends_several_train_files(train_file, tmp_path):
+    from tui.widgets.train_form import TrainForm
+
+    other = tmp_path / "chat.json"
+    other.write_text(train_file.read_text(encoding="utf-8"), encoding="utf-8")
+    app = make_app()
+    async with running(app) as pilot:
+        panel = await open_panel(pilot)
+        form = panel.query_one(TrainForm)
+        fill(panel, train_file=f"{train_file}, {other}", mix="0.7, 0.3")
+        request, errors = form.request()
+        assert errors == [] and request.train_file == [train_file, other] and request.mix == (0.7, 0.3)
+        fill(panel, train_file=train_file, mix="")
+        request, errors = form.request()
+        assert errors == [] and request.train_file == train_file and request.mix is None
+        fill(panel, mix="most, some")
+        assert form.request()[1] == ["Mix weights: 'most, some' is not numbers separated by commas."]
+
+
 async def test_stop_saves_a_checkpoint_and_chat_works_meanwhile(train_file, tmp_path):
     app = make_app(train_step_delay=0.005)
     async with running(app) as pilot:
@@ -234,3 +253,11 @@ async def test_a_failed_run_names_the_form_fields_and_shows_the_whole_sentence(t
         # wrapped over lines, not cut at the screen's edge
         shown = "".join(line.text.rstrip() for line in error.render_lines(error.region.reset_offset))
         assert shown.replace(" ", "").endswith("another“Outputdir”.") and error.size.height > 1, shown
+
+
+def test_request_errors_name_the_forms_fields():
+    from backend.training.requests import RequestError
+    from tui.errors import explain
+
+    err = RequestError("`pre_seq_len` must be at least 1 (got 0); or start over with `overwrite_output_dir`.")
+    assert str(explain(err)) == "“Pre seq len” must be at least 1 (got 0); or start over with “Overwrite output”."

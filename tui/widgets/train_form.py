@@ -18,7 +18,8 @@ DEFAULT_OUTPUT_DIR = "output/adgen-chatglm2-6b-pt-128-2e-2"
 
 # (TrainRequest field, label, kind): kind is path | str | int | float | bool, "?" = may be left empty
 PATH_FIELDS = (
-    ("train_file", "Train file", "path"),
+    ("train_file", "Train file", "paths"),  # several, comma-separated, blend by the mix weights
+    ("mix", "Mix weights", "floats?"),
     ("validation_file", "Validation file", "path?"),
     ("output_dir", "Output dir", "path"),
     ("resume", "Resume from", "str?"),
@@ -68,6 +69,12 @@ def in_form_terms(message: str) -> str:
     return _FLAG.sub(field, message)
 
 
+def field_label(name: str) -> str:
+    """How the form calls a TrainRequest field, for the backend's request errors ("`pre_seq_len`")."""
+    labels = {n: label for n, label, *_ in PATH_FIELDS + OPTION_FIELDS + FLAG_FIELDS}
+    return f"“{labels[name]}”" if name in labels else name.replace("_", " ")
+
+
 def defaults(demo: bool = False) -> dict:
     """train.sh's settings; with the demo model, the demo adapter's (about a minute on a CPU at most)."""
     if demo:
@@ -114,9 +121,10 @@ class TrainForm(VerticalScroll, can_focus=False):
                     errors.append(f"{label} is required.")
                 continue
             try:
-                value = {"path": Path, "str": str, "int": int, "float": float}[base](text)
+                value = {"path": Path, "str": str, "int": int, "float": float, "paths": _paths, "floats": _floats}[base](text)
             except ValueError:
-                errors.append(f"{label}: '{text}' is not {'a whole number' if base == 'int' else 'a number'}.")
+                kind_text = {"int": "a whole number", "floats": "numbers separated by commas"}.get(base, "a number")
+                errors.append(f"{label}: '{text}' is not {kind_text}.")
                 continue
             if name in POSITIVE and value <= 0:
                 errors.append(f"{label} must be above 0.")
@@ -125,13 +133,26 @@ class TrainForm(VerticalScroll, can_focus=False):
         for name, _label in FLAG_FIELDS:
             values[name] = self.query_one(f"#train-{name}", Checkbox).value
         for name in ("train_file", "validation_file"):
-            path = values.get(name)
-            if path is not None and not Path(path).expanduser().is_file():
-                errors.append(f"{name.replace('_', ' ').capitalize()} {path} does not exist.")
+            paths = values.get(name)
+            for path in paths if isinstance(paths, list) else [paths]:
+                if path is not None and not Path(path).expanduser().exists():
+                    errors.append(f"{name.replace('_', ' ').capitalize()} {path} does not exist.")
+        if isinstance(values.get("train_file"), list) and len(values["train_file"]) == 1:
+            values["train_file"] = values["train_file"][0]
         if errors:
             return None, errors
         return TrainRequest(**values), []
 
 
 def _text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
     return "" if value is None else str(value)
+
+
+def _paths(text: str) -> list[Path]:
+    return [Path(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.replace(",", " ").split())

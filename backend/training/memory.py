@@ -1,0 +1,110 @@
+"""How many examples go through the model at once (``micro_batch_size``), and out-of-memory sentences.
+
+``auto`` measures what one example of the longest shape costs (a forward and backward without graphs),
+then takes the largest divisor of the step's examples whose cost fits the free GPU memory (within
+``torch.cuda.set_per_process_memory_fraction`` when one is set) with a margin; a run that still runs out
+of memory halves it and redoes the step. On the CPU it is a fixed default.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Optional
+
+import torch
+
+from ..service import BackendError
+
+log = logging.getLogger(__name__)
+
+CPU_MICRO_BATCH = 8
+MARGIN = 1.35  # CUDA graph pools and allocator fragmentation over the measured eager cost
+
+OOM_HINT = (
+    "try --quantization 4bit, smaller --max-source-length/--max-target-length or --pre-seq-len, "
+    "a smaller --micro-batch-size, or --gradient-checkpointing"
+)
+
+
+def memory_gb(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e9
+
+
+def divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def smaller_micro_batch(current: int, rows: int) -> Optional[int]:
+    """The next smaller divisor of ``rows`` (None below 1)."""
+    smaller = [d for d in divisors_desc(rows) if d < current]
+    return smaller[0] if smaller else None
+
+
+def free_bytes(device: torch.device) -> int:
+    """Bytes this process may still allocate: the device's free memory plus what torch holds unused,
+    capped by the per-process memory fraction."""
+    free, total = torch.cuda.mem_get_info(device)
+    held_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    budget = free + held_unused
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    return int(min(budget, fraction * total - torch.cuda.memory_allocated(device)))
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def auto_micro_batch(trainer, plan, rows: int) -> int:
+    """The largest divisor of ``rows`` (this rank's examples per step) that fits; raises when not even one does."""
+    device = trainer.device
+    if device.type != "cuda":
+        return max(d for d in divisors_desc(rows) if d <= CPU_MICRO_BATCH)
+    from ..data import collate_train
+
+    probe = plan.micro_batches(0, 1)[0]
+    width = len(plan.features[0]["input_ids"])
+    batch = collate_train([plan.features[0]])  # features are padded to the longest shape a step can have
+    release(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    graphs, trainer.cuda_graphs = trainer.cuda_graphs, False
+    try:
+        trainer.backward(batch, probe.slots, probe.row_weights)
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is expected here
+        from .step import is_oom
+
+        if not is_oom(err):
+            raise
+        release(device)
+        raise not_even_one(device, width) from None
+    finally:
+        trainer.cuda_graphs = graphs
+        trainer.zero_grad()
+    per_example = max(1, torch.cuda.max_memory_allocated(device) - base)
+    release(device)
+    budget = free_bytes(device)
+    chosen = pick_micro_batch(rows, per_example, budget)
+    if chosen is None:
+        raise not_even_one(device, width)
+    log.info("micro-batch %d: %.2f GB per example, %.2f GB free", chosen, per_example / 1e9, budget / 1e9)
+    return chosen
+
+
+def pick_micro_batch(rows: int, per_example: int, budget: int) -> Optional[int]:
+    """The largest divisor of ``rows`` whose examples (``per_example`` bytes each, with MARGIN) fit in
+    ``budget`` bytes; None when not even one does."""
+    fitting = [d for d in divisors_desc(rows) if d * per_example * MARGIN <= budget]
+    return fitting[0] if fitting else None
+
+
+def not_even_one(device: torch.device, width: int) -> BackendError:
+    free = free_bytes(device) / 1e9 if device.type == "cuda" else 0.0
+    return BackendError(
+        f"one example of {width} tokens does not fit in the GPU's free memory ({free:.1f} GB) even alone; "
+        f"{OOM_HINT.replace(', a smaller --micro-batch-size', '')}."
+    )
