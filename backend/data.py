@@ -195,7 +195,8 @@ def read_examples(
             empty += 1
         else:
             history = tuple(tuple(turn) for turn in row["history"] or ())
-            examples.append(Example(row["prompt"], row["response"], history, row["where"]))
+            messages = tuple(ChatMessage(role, content) for role, content in row.get("messages") or ())
+            examples.append(Example(row["prompt"], row["response"], history, row["where"], messages))
     if not examples:
         if skipped:
             reason = f"all {len(skipped)} lines were bad, the first: {skipped[0]}"
@@ -212,7 +213,7 @@ def read_examples(
 def parse_row(record: Any, where: str, columns: tuple) -> dict:
     """One decoded record (or the JSONDecodeError of its line) -> a parsed row as the Arrow cache keeps it."""
     row = {"prompt": None, "response": None, "history": None, "where": where, "error": None, "fatal": False,
-           "empty": False, "keys": "\x1f".join(record) if isinstance(record, dict) else ""}
+           "empty": False, "keys": "\x1f".join(record) if isinstance(record, dict) else "", "messages": None}
     try:
         if isinstance(record, json.JSONDecodeError):
             raise DataError(
@@ -226,7 +227,8 @@ def parse_row(record: Any, where: str, columns: tuple) -> dict:
     if example is None:
         row["empty"] = True
     else:
-        row.update(prompt=example.prompt, response=example.response, history=[list(t) for t in example.history])
+        row.update(prompt=example.prompt, response=example.response, history=[list(t) for t in example.history],
+                   messages=[[m.role, m.content] for m in example.messages])
     return row
 
 

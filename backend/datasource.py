@@ -36,7 +36,7 @@ def _row_features():
     return Features({
         "prompt": Value("string"), "response": Value("string"), "history": List(List(Value("string"))),
         "where": Value("string"), "error": Value("string"), "fatal": Value("bool"), "empty": Value("bool"),
-        "keys": Value("string"),
+        "keys": Value("string"), "messages": List(List(Value("string"))),
     })
 
 
@@ -103,7 +103,7 @@ def _json_rows(path: str, stamp: tuple, columns: tuple) -> Iterator[dict]:
 
 def _fatal(path: str, message: str) -> dict:
     return {"prompt": None, "response": None, "history": None, "where": path, "error": message, "fatal": True,
-            "empty": False, "keys": ""}
+            "empty": False, "keys": "", "messages": None}
 
 
 def _json_rows_cached(path: Path, columns: tuple, cache_dir: Optional[str]) -> Iterator[dict]:
