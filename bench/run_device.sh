@@ -63,7 +63,7 @@ cards)
   small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
-  timeout 150 python3 bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 20 > "$OUT/train.jsonl" 2> "$OUT/train.err"
+  timeout 150 python3 bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 12 > "$OUT/train.jsonl" 2> "$OUT/train.err"
   stamp "train"; tail -n 4 "$OUT/train.jsonl"
   ;;
 *)
