@@ -66,7 +66,7 @@ def start_server(args, port: int) -> subprocess.Popen:
         command += ["--quantization", args.quantization]
     if args.engine:
         command += ["--engine", args.engine]
-    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))})
 
 
 def wait_up(url: str, process: subprocess.Popen, timeout: float) -> None:

@@ -50,7 +50,7 @@ def recipe_run(model_dir: str, micro_batch: str, max_steps: int, limit_gb: float
                 "--micro-batch-size", micro_batch]
         command = [sys.executable, "-c", _LIMITED, str(limit_gb)] if limit_gb else [sys.executable, str(ROOT / "train_cli.py")]
         start = time.perf_counter()
-        done = subprocess.run(command + argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run(command + argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))})
         wall = time.perf_counter() - start
         row = {"what": "recipe", "micro_batch_size": micro_batch, "limit_gb": limit_gb, "max_steps": max_steps,
                "exit": done.returncode, "wall_s": round(wall, 1)}
