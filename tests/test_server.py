@@ -312,8 +312,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, engine, log)
         _first_chunk(server.url, {"messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True})
         stream = log.streams[seen]
         wait_for(stream.is_cancelled, timeout=10, what="the request's cancel event")
-        assert engine.decoder.rows == 1
-    wait_for(lambda: stream.finish_reason == "cancelled", what="the row to be dropped")
+    wait_for(lambda: stream.finish_reason is not None, what="the row to be dropped")
+    assert stream.finish_reason == "cancelled"  # at most 16 of its 400 tokens were made: the cancel ended it
     wait_for(lambda: engine.decoder.rows == 0 and _in_flight(server.url) == 0, what="the row to be freed")
 
 
