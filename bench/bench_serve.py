@@ -61,7 +61,8 @@ def make_random_6b(directory: Path) -> Path:
 
 def start_server(args, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "tui", "serve", "--model", str(args.model), "--host", "127.0.0.1",
-               "--port", str(port), "--max-queue", str(max(args.levels) * 2), "--model-name", "bench"]
+               "--port", str(port), "--max-batch", str(max(args.levels)), "--max-queue", str(max(args.levels) * 2),
+               "--model-name", "bench"]
     if args.quantization:
         command += ["--quantization", args.quantization]
     if args.engine:

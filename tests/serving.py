@@ -1,158 +1,130 @@
-"""Helpers for the server tests: the service contract on today's engine, and a server on a free port.
+"""Helpers for the server tests: the real ``ChatEngine`` on a tiny model, watched at its batcher, and a server on a free port.
 
-``EngineContract`` gives ``ChatEngine`` the contract's concurrent-reply calls (``stream_messages``,
-``stream_completion``, stop strings, ``Reply.prompt_tokens``/``finish_reason``) on top of its
-``stream_reply``. It runs the real model, one reply at a time (max_batch 1); it goes once the
-batched engine implements the contract itself. Run as a script, it is ``glmchat serve`` on it:
-``python tests/serving.py --model DIR ...`` (for the subprocess tests: curl, SIGTERM).
+``EngineLog`` records what the engine was asked (every submitted request with its ``TokenStream``, the rows the
+decoder admitted) and can hold the decoding thread before its next step, so a test can fill the engine's rows
+with real requests and keep them there as long as it needs, however fast or slow the machine. Run as a script,
+this file is ``glmchat serve`` on a small engine (2 rows): ``python tests/serving.py --model DIR ...``
+(for the subprocess tests: curl, SIGTERM).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.service import BackendError, ChatMessage, Reply, ReplyDone, ReplyEvent, SamplingParams, TextDelta  # noqa: E402
+from backend.service import SamplingParams  # noqa: E402
 
-ACTIVE = ...
-
-
-def query_history(messages: Sequence[ChatMessage]):
-    """ChatGLM2's reading of messages (the original openai_api.py): system text before the query."""
-    if not messages or messages[-1].role != "user":
-        raise BackendError("the last message must be the user's; ChatGLM2 answers a user message.")
-    query, previous = messages[-1].content, list(messages[:-1])
-    if previous and previous[0].role == "system":
-        query = previous.pop(0).content + query
-    roles = [m.role for m in previous]
-    if roles != ["user", "assistant"] * (len(previous) // 2):
-        raise BackendError(f"ChatGLM2 takes an optional system message then user/assistant pairs, got roles {roles}.")
-    return query, [(previous[i].content, previous[i + 1].content) for i in range(0, len(previous), 2)]
+MAX_BATCH, MAX_QUEUE = 2, 1  # small, so the tests can fill the rows and the queue
 
 
-class EngineContract:
-    def __init__(self, engine):
-        self.engine = engine
-        self.info = dataclasses.replace(engine.info, context_length=engine.model.config.seq_length, max_batch=1)
-        self.prompts: list[list[int]] = []  # the prompt ids of every request, in order
-        self.replies: list[Reply] = []  # every finished reply, in order
-        self.cancels: list[threading.Event] = []  # every request's cancel event, in order
-
-    @contextlib.contextmanager
-    def busy(self):
-        """Occupy the engine's one row from the test (its lock), so that requests queue behind it however
-        fast the tiny model is; they go on when the block ends."""
-        with self.engine._lock:
-            yield
-
-    # adapters and the in-process calls: the engine's own
-    def adapters(self):
-        return self.engine.adapters()
-
-    @property
-    def active_adapter(self):
-        return self.engine.active_adapter
-
-    def register_adapter(self, path, name=None):
-        return self.engine.register_adapter(path, name)
-
-    def scan_adapters(self, directory):
-        return self.engine.scan_adapters(directory)
-
-    def switch_adapter(self, name):
-        return self.engine.switch_adapter(name)
-
-    def gpu_memory_gb(self):
-        return None
-
-    def _adapter(self, adapter):
-        return self.engine.active_adapter if adapter is ACTIVE else adapter
-
-    def stream_messages(self, messages: Sequence[ChatMessage], params: SamplingParams,
-                        cancel: Optional[threading.Event] = None, adapter=ACTIVE, seed: Optional[int] = None,
-                        stop: Sequence[str] = ()) -> Iterator[ReplyEvent]:
-        query, history = query_history(messages)
-        ids = self.engine.prompt_ids(query, history)
-        outer, inner = cancel or threading.Event(), threading.Event()
-        self.prompts.append(ids)
-        self.cancels.append(outer)
-        events = self.engine.stream_reply(query, history, params, cancel=inner, adapter=self._adapter(adapter), seed=seed)
-        yield from self._with_stops(events, len(ids), params, stop, outer, inner)
-
-    def stream_completion(self, prompt: str, params: SamplingParams, cancel: Optional[threading.Event] = None,
-                          adapter=ACTIVE, seed: Optional[int] = None, stop: Sequence[str] = ()) -> Iterator[ReplyEvent]:
-        ids = self.engine.tokenizer.encode(prompt)
-        outer, inner = cancel or threading.Event(), threading.Event()
-        self.prompts.append(ids)
-        self.cancels.append(outer)
-        yield from self._with_stops(self._raw(ids, params, inner, self._adapter(adapter), seed), len(ids), params,
-                                    stop, outer, inner)
-
-    def _raw(self, ids, params, cancel, adapter, seed) -> Iterator[ReplyEvent]:
-        """A continuation of ``ids`` with no chat format and no clean-up of the text."""
-        engine, eos = self.engine, [self.engine.tokenizer.eos_token_id]
-        with engine._lock:
-            decoder = engine._decoder_for(0, adapter)
-            new, sent = [], ""
-            for token in decoder.generate(ids, params, eos, cancel, engine._generator(seed)):
-                if token in eos:
-                    break
-                new.append(token)
-                text = engine.tokenizer.decode(new)
-                if not text.endswith("\ufffd") and len(text) > len(sent):
-                    yield TextDelta(text[len(sent):])
-                    sent = text
-            yield ReplyDone(Reply(sent, adapter, cancel.is_set(), len(new)))
-
-    def _with_stops(self, events, prompt_tokens, params, stops, outer, inner) -> Iterator[ReplyEvent]:
-        """Pass the deltas on, ending the reply at the first stop string (held back until it cannot be one)."""
-        hold = max((len(s) for s in stops), default=1) - 1
-        buffer, sent, hit = "", 0, False
-        for event in events:
-            if outer.is_set():
-                inner.set()
-            if isinstance(event, TextDelta) and not hit:
-                buffer += event.text
-                cuts = [buffer.find(s) for s in stops if s in buffer]
-                if cuts:
-                    hit = True
-                    inner.set()
-                    buffer = buffer[:min(cuts)]
-                end = len(buffer) if hit else len(buffer) - hold
-                if end > sent:
-                    yield TextDelta(buffer[sent:end])
-                    sent = end
-            elif isinstance(event, ReplyDone):
-                if not hit and sent < len(buffer):
-                    yield TextDelta(buffer[sent:])
-                reply = event.reply
-                reason = "stop" if hit else "cancelled" if outer.is_set() else (
-                    "length" if reply.new_tokens >= params.max_new_tokens else "stop")
-                final = Reply(buffer if hit else reply.text, reply.adapter, reason == "cancelled", reply.new_tokens,
-                              reply.seconds, prompt_tokens, reason)
-                self.replies.append(final)
-                yield ReplyDone(final)
-
-
-def contract_loader(args, progress) -> EngineContract:
-    from backend.server.cli import load_engine
-
-    return EngineContract(load_engine(args, progress))
-
-
-def load_contract(model_dir: Path, *adapters: Path) -> EngineContract:
+def load_engine(model_dir: Path, *adapters: Path, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE):
     from backend.engine import ChatEngine
 
-    engine = ChatEngine.load(model=str(model_dir), quantization="none", engine="eager", device="cpu",
-                             adapters=[str(a) for a in adapters])
-    return EngineContract(engine)
+    return ChatEngine.load(model=str(model_dir), quantization="none", engine="eager", device="cpu",
+                           adapters=[str(a) for a in adapters], max_batch=max_batch, max_queue=max_queue)
+
+
+class EngineLog:
+    """The engine's batcher and decoder, watched: ``streams`` (every accepted request, in order), ``admitted``
+    (the stream ids the decoder took a row for), and ``hold()`` to keep the decoding thread from its next step."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.streams: list = []
+        self.admitted: set[int] = set()
+        self._gate = threading.Condition()
+        self._steps: Optional[int] = None  # decoding steps still allowed; None: any number
+        batcher, decoder = engine.batcher, engine.decoder
+        submit, add, step = batcher.submit, decoder.add, decoder.step
+
+        def submitted(request, cancel=None):
+            stream = submit(request, cancel)
+            self.streams.append(stream)
+            return stream
+
+        def added(row, request):
+            add(row, request)
+            self.admitted.add(row)
+
+        def gated_step():
+            with self._gate:
+                self._gate.wait_for(lambda: self._steps is None or self._steps > 0)
+                if self._steps is not None:
+                    self._steps -= 1
+            return step()
+
+        batcher.submit, decoder.add, decoder.step = submitted, added, gated_step
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [list(s.request.prompt_ids) for s in self.streams]
+
+    def waiting(self) -> list:
+        """Accepted streams not yet given a row nor ended."""
+        return [s for s in self.streams if s.row not in self.admitted and s.finish_reason is None]
+
+    @contextlib.contextmanager
+    def hold(self, steps: int = 0):
+        """Let ``steps`` more decoding steps run, then none while inside (rows are still admitted and cancels
+        recorded: the batcher does that before a step); decoding goes on after."""
+        self.allow(steps, start=True)
+        try:
+            yield self
+        finally:
+            with self._gate:
+                self._steps = None
+                self._gate.notify_all()
+
+    def allow(self, steps: int, start: bool = False) -> None:
+        """``steps`` more decoding steps while held."""
+        with self._gate:
+            self._steps = steps if start or self._steps is None else self._steps + steps
+            self._gate.notify_all()
+
+    @contextlib.contextmanager
+    def rows_taken(self, n: Optional[int] = None):
+        """Fill ``n`` rows (default: all) with long greedy replies, held still; they are cancelled at the end."""
+        n = self.engine.info.max_batch if n is None else n
+        cancel, seen = threading.Event(), len(self.streams)
+        long = SamplingParams(temperature=0, max_new_tokens=self.engine.info.context_length)
+        threads = [threading.Thread(target=lambda: list(self.engine.stream_reply("你好", [], long, cancel=cancel, adapter=None)),
+                                    daemon=True) for _ in range(n)]
+        with self.hold():
+            for thread in threads:
+                thread.start()
+            wait_for(lambda: len(self.streams) >= seen + n, what=f"{n} long replies to reach the engine")
+            wait_for(lambda: self._admitted_or_step(n), what=f"{n} long replies to take the engine's rows")
+            try:
+                yield self.streams[seen:seen + n]
+            finally:
+                cancel.set()
+        for thread in threads:
+            thread.join(60)
+        wait_for(lambda: self.engine.decoder.rows == 0 and not self.waiting(), what="the rows to be freed")
+
+
+    def _admitted_or_step(self, n: int) -> bool:
+        """Whether ``n`` rows are taken; if not, one more step (the batcher admits between steps)."""
+        if self.engine.decoder.rows >= n:
+            return True
+        with self._gate:
+            self._steps = max(self._steps or 0, 1)
+            self._gate.notify_all()
+        return False
+
+
+def serve_loader(args, progress):
+    """``glmchat serve``'s loader with the tests' small engine (2 rows, 1 waiting)."""
+    from backend.server.cli import load_engine as cli_load
+
+    args.max_batch, args.max_queue = MAX_BATCH, MAX_QUEUE
+    return cli_load(args, progress)
 
 
 class ServerThread:
@@ -199,4 +171,4 @@ def serving(backend, api_key: Optional[str] = None, **options):
 if __name__ == "__main__":
     from backend.server.cli import main
 
-    sys.exit(main(sys.argv[1:], load=contract_loader))
+    sys.exit(main(sys.argv[1:], load=serve_loader))

@@ -187,6 +187,21 @@ def test_cancel_frees_the_row_and_the_queue_is_bounded(model, prefixes):
         batcher.close()
 
 
+def test_free_rows_take_requests_even_with_no_waiting_room(model, prefixes):
+    """max_queue counts requests beyond the rows: with free rows and max_queue 0, requests run (they were all refused)."""
+    batcher = Batcher(decoder(model, prefixes, max_batch=2), max_queue=0)
+    try:
+        long = SamplingParams(temperature=0, max_new_tokens=400)
+        a, b = batcher.submit(DecodeRequest(PROMPTS[0], long)), batcher.submit(DecodeRequest(PROMPTS[1], long))
+        with pytest.raises(BusyError, match="2 decoding rows are busy"):
+            batcher.submit(DecodeRequest(PROMPTS[2], GREEDY))
+        a.cancel()
+        b.cancel()
+        assert list(a) is not None and list(b) is not None and {a.finish_reason, b.finish_reason} <= {"cancelled", "length"}
+    finally:
+        batcher.close()
+
+
 def test_requests_that_cannot_fit_wait_or_get_one_sentence(model, prefixes):
     slots = len(PROMPTS[1]) + GREEDY.max_new_tokens + 4  # adapter "a" takes 4 prefix slots
     dec = decoder(model, prefixes, kv_budget_bytes=slots * decoder(model, prefixes).slot_bytes)

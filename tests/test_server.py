@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers_tiny import make_tiny_model_dir  # noqa: E402
-from serving import load_contract, serving, wait_for  # noqa: E402
+from serving import MAX_QUEUE, EngineLog, load_engine, serving, wait_for  # noqa: E402
 from test_adapters import write_checkpoint  # noqa: E402
 
 from backend.service import SamplingParams  # noqa: E402
@@ -48,14 +48,21 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backend(tiny):
+def engine(tiny):
     model, ckpt, _ = tiny
-    return load_contract(model, ckpt)
+    engine = load_engine(model, ckpt)  # the real engine: 2 rows, 1 waiting
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
-def server(backend):
-    with serving(backend) as running:
+def log(engine):
+    return EngineLog(engine)
+
+
+@pytest.fixture(scope="module")
+def server(engine, log):
+    with serving(engine) as running:
         yield running
 
 
@@ -64,8 +71,8 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
-def engine_reply(backend, n: int, adapter=None, query="你好") -> str:
-    return backend.engine.reply(query, [], greedy(n), adapter=adapter).text
+def engine_reply(engine, n: int, adapter=None, query="你好") -> str:
+    return engine.reply(query, [], greedy(n), adapter=adapter).text
 
 
 def assert_error(response: httpx.Response, status: int, param=None, code=None) -> dict:
@@ -91,13 +98,13 @@ def test_models_lists_the_base_and_every_adapter(server, tiny):
     assert httpx.get(f"{server.url}/v1/models/tiny:{ADAPTER}").json()["parent"] == "tiny"
 
 
-def test_openai_client_chat_whole_and_streamed_equal_the_engine(client, backend):
-    expected = engine_reply(backend, 8)
+def test_openai_client_chat_whole_and_streamed_equal_the_engine(client, engine):
+    expected = engine_reply(engine, 8)
     whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0)
     assert whole.choices[0].message.content == expected
     assert whole.choices[0].finish_reason == "length"
     assert whole.usage.completion_tokens == 8
-    assert whole.usage.prompt_tokens == len(backend.engine.prompt_ids("你好", []))
+    assert whole.usage.prompt_tokens == len(engine.prompt_ids("你好", []))
 
     chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
@@ -107,24 +114,24 @@ def test_openai_client_chat_whole_and_streamed_equal_the_engine(client, backend)
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
 
 
-def test_the_model_field_picks_the_adapter_per_request(client, backend):
+def test_the_model_field_picks_the_adapter_per_request(client, engine):
     tuned = client.chat.completions.create(model=f"tiny:{ADAPTER}", messages=HELLO, max_tokens=6, temperature=0)
-    assert tuned.choices[0].message.content == engine_reply(backend, 6, adapter=ADAPTER)
-    assert tuned.choices[0].message.content != engine_reply(backend, 6)
+    assert tuned.choices[0].message.content == engine_reply(engine, 6, adapter=ADAPTER)
+    assert tuned.choices[0].message.content != engine_reply(engine, 6)
 
 
-def test_a_system_message_and_history_reach_the_prompt(client, backend):
+def test_a_system_message_and_history_reach_the_prompt(client, engine, log):
     messages = [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "你好"},
                 {"role": "assistant", "content": "你好，很高兴见到你。"}, {"role": "user", "content": "再见"}]
     client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
-    expected = backend.engine.prompt_ids("简短回答。再见", [("你好", "你好，很高兴见到你。")])
-    assert backend.prompts[-1] == expected
+    expected = engine.prompt_ids("再见", [("你好", "你好，很高兴见到你。")], system="简短回答。")  # as the app asks
+    assert log.prompts[-1] == expected
 
 
-def test_content_as_text_parts_is_the_same_prompt(client, backend):
+def test_content_as_text_parts_is_the_same_prompt(client, engine, log):
     parts = [{"type": "text", "text": "你"}, {"type": "text", "text": "好"}]
     client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=1)
-    assert backend.prompts[-1] == backend.engine.prompt_ids("你好", [])
+    assert log.prompts[-1] == engine.prompt_ids("你好", [])
 
 
 def test_raw_completions_stream_and_whole(client):
@@ -134,8 +141,8 @@ def test_raw_completions_stream_and_whole(client):
     assert whole.usage.completion_tokens == 6 and whole.object == "text_completion"
 
 
-def test_a_stop_string_ends_the_reply_before_it(client, backend):
-    full = engine_reply(backend, 12)
+def test_a_stop_string_ends_the_reply_before_it(client, engine):
+    full = engine_reply(engine, 12)
     stop = next(full[i:i + 2] for i in range(2, len(full) - 1) if full[i:i + 2].strip() and full.find(full[i:i + 2]) == i)
     reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0, stop=[stop])
     assert reply.choices[0].message.content == full[:full.find(stop)]
@@ -194,8 +201,8 @@ def test_bad_requests_get_openai_error_objects(server, body, status, param, code
     assert_error(httpx.post(server.url + "/v1/chat/completions", **kwargs), status, param, code)
 
 
-def test_an_oversized_body_gets_413_and_the_server_keeps_serving(backend):
-    with serving(backend, max_body_bytes=1000) as small:
+def test_an_oversized_body_gets_413_and_the_server_keeps_serving(engine):
+    with serving(engine, max_body_bytes=1000) as small:
         big = {"messages": [{"role": "user", "content": "长" * 2000}]}
         assert_error(httpx.post(small.url + "/v1/chat/completions", json=big), 413, code="request_too_large")
         chunked = (part for part in [json.dumps(big).encode()[:600], json.dumps(big).encode()[600:]])  # no Content-Length
@@ -211,23 +218,23 @@ def test_a_prompt_past_the_context_is_a_400(server):
     assert "512" in error["message"]
 
 
-def test_special_token_text_from_a_client_stays_text(client, backend):
-    tokenizer = backend.engine.tokenizer
+def test_special_token_text_from_a_client_stays_text(client, engine, log):
+    tokenizer = engine.tokenizer
     controls = set(tokenizer.special_ids.values())
     client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "[gMASK]<|user|>sop [MASK] eop"}],
                                    max_tokens=1, temperature=0)
-    ids = backend.prompts[-1]
+    ids = log.prompts[-1]
     assert ids[:2] == tokenizer.get_prefix_tokens()  # the format's own [gMASK] sop, once
     assert not controls & set(ids[2:])
     client.completions.create(model="tiny", prompt="<|user|>[gMASK]sop", max_tokens=1, temperature=0)
-    assert not controls & set(backend.prompts[-1][2:])
+    assert not controls & set(log.prompts[-1][2:])
 
 
 # ------------------------------------------------------------------ key, queue, disconnect, adapters
 
 
-def test_the_api_key_guards_everything_but_health(backend):
-    with serving(backend, api_key="s3cret") as keyed:
+def test_the_api_key_guards_everything_but_health(engine):
+    with serving(engine, api_key="s3cret") as keyed:
         assert httpx.get(keyed.url + "/health").status_code == 200
         assert_error(httpx.get(keyed.url + "/v1/models"), 401, code="invalid_api_key")
         assert_error(httpx.get(keyed.url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
@@ -238,9 +245,9 @@ def test_the_api_key_guards_everything_but_health(backend):
         assert good.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices[0].message.role == "assistant"
 
 
-def test_adapters_register_at_run_time_behind_the_key(backend, tiny):
+def test_adapters_register_at_run_time_behind_the_key(engine, tiny):
     spare = tiny[2]
-    with serving(backend, api_key="k") as keyed:
+    with serving(engine, api_key="k") as keyed:
         url, auth = keyed.url + "/v1/adapters", {"Authorization": "Bearer k"}
         assert_error(httpx.post(url, json={"path": str(spare)}), 401)
         assert_error(httpx.post(url, json={"path": str(spare.parent / "missing")}, headers=auth), 400, "path")
@@ -250,7 +257,7 @@ def test_adapters_register_at_run_time_behind_the_key(backend, tiny):
         assert "tiny:later/checkpoint-9" in ids
         reply = httpx.post(keyed.url + "/v1/chat/completions", headers=auth, json={
             "model": "tiny:later/checkpoint-9", "messages": HELLO, "max_tokens": 4, "temperature": 0}).json()
-        assert reply["choices"][0]["message"]["content"] == engine_reply(backend, 4, adapter="later/checkpoint-9")
+        assert reply["choices"][0]["message"]["content"] == engine_reply(engine, 4, adapter="later/checkpoint-9")
 
 
 def _in_thread(target, *args) -> threading.Thread:
@@ -263,32 +270,33 @@ def _in_flight(url: str) -> int:
     return httpx.get(url + "/health").json()["replies_in_flight"]
 
 
-def test_a_full_queue_answers_429_and_frees_up_after(backend):
-    with serving(backend, max_queue=0) as busy:  # the engine's one row and no waiting room
-        answers = []
-        with backend.busy():
-            first = _in_thread(lambda: answers.append(httpx.post(busy.url + "/v1/chat/completions", timeout=120,
-                                                                 json={"messages": HELLO, "max_tokens": 2})))
-            wait_for(lambda: _in_flight(busy.url) == 1, what="the first request to be admitted")
-            error = assert_error(httpx.post(busy.url + "/v1/chat/completions", json={"messages": HELLO}), 429,
-                                 code="server_busy")
-            assert "busy" in error["message"]
-        first.join(120)
-        assert answers[0].status_code == 200  # the admitted one is answered once the row is free
-        wait_for(lambda: _in_flight(busy.url) == 0, what="the row to be freed")
-        assert httpx.post(busy.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).status_code == 200
+def test_a_full_queue_answers_429_and_frees_up_after(server, log):
+    answers = []
+    with log.rows_taken():  # both of the engine's rows hold long replies, held still
+        queued = _in_thread(lambda: answers.append(httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                                                              json={"messages": HELLO, "max_tokens": 2})))
+        wait_for(lambda: len(log.waiting()) == MAX_QUEUE, what="the request to wait for a row")
+        error = assert_error(httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO}), 429,
+                             code="server_busy")
+        assert "busy" in error["message"]
+    queued.join(120)
+    assert answers[0].status_code == 200  # the waiting one is answered once a row is free
+    assert answers[0].json()["usage"]["completion_tokens"] == 2
+    wait_for(lambda: _in_flight(server.url) == 0, what="the replies to end")
+    assert httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).status_code == 200
 
 
-def test_a_client_that_leaves_while_queued_is_cancelled_before_it_gets_a_row(backend):
-    with serving(backend) as queued:
-        seen = len(backend.cancels)
-        with backend.busy():
-            with pytest.raises(httpx.ReadTimeout):  # waits behind the busy row, then gives up
-                httpx.post(queued.url + "/v1/chat/completions", json={"messages": HELLO, "stream": True}, timeout=1.0)
-            wait_for(lambda: len(backend.cancels) > seen and backend.cancels[seen].is_set(), timeout=10,
-                     what="the queued request's cancel event, while it still waits")
-        wait_for(lambda: _in_flight(queued.url) == 0, what="the row to be freed")
-        assert backend.replies[-1].finish_reason == "cancelled" and backend.replies[-1].new_tokens < 20
+def test_a_client_that_leaves_while_queued_is_cancelled_before_it_gets_a_row(server, log):
+    with log.rows_taken():
+        seen = len(log.streams)
+        with pytest.raises(httpx.ReadTimeout):  # waits behind the taken rows, then gives up
+            httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO, "stream": True}, timeout=1.0)
+        wait_for(lambda: len(log.streams) > seen, what="the request to reach the engine")
+        queued = log.streams[seen]
+        wait_for(queued.is_cancelled, timeout=10, what="the queued request's cancel, while it still waits")
+    wait_for(lambda: queued.finish_reason == "cancelled", what="the queued request to end")
+    assert queued.row not in log.admitted  # it never took a row
+    wait_for(lambda: _in_flight(server.url) == 0, what="the replies to end")
 
 
 def _first_chunk(url: str, body: dict) -> None:
@@ -298,14 +306,26 @@ def _first_chunk(url: str, body: dict) -> None:
         next(response.iter_lines())
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row(server, backend):
-    seen = len(backend.cancels)
-    _first_chunk(server.url, {"messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True})
-    cancel = backend.cancels[seen]
-    wait_for(cancel.is_set, timeout=10, what="the request's cancel event")
-    wait_for(lambda: _in_flight(server.url) == 0, what="the row to be freed")
-    last = backend.replies[-1]
-    assert last.finish_reason == "cancelled" and last.new_tokens < 400
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server, engine, log):
+    seen = len(log.streams)
+    with log.hold(steps=16):  # a few tokens (the first text may take more than one), then the row stays mid-reply
+        _first_chunk(server.url, {"messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True})
+        stream = log.streams[seen]
+        wait_for(stream.is_cancelled, timeout=10, what="the request's cancel event")
+    wait_for(lambda: stream.finish_reason is not None, what="the row to be dropped")
+    assert stream.finish_reason == "cancelled"  # at most 16 of its 400 tokens were made: the cancel ended it
+    wait_for(lambda: engine.decoder.rows == 0 and _in_flight(server.url) == 0, what="the row to be freed")
+
+
+def test_a_prompt_that_fills_the_context_ends_with_length(client, engine):
+    """The engine caps the reply at the context (max_tokens itself is within it): finish_reason "length"."""
+    prompt_tokens = len(engine.prompt_ids("你好", []))
+    room = engine.info.context_length - prompt_tokens
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=engine.info.context_length,
+                                           temperature=0)
+    assert reply.usage.prompt_tokens == prompt_tokens
+    assert reply.choices[0].finish_reason == ("length" if reply.usage.completion_tokens == room else "stop")
+    assert reply.usage.completion_tokens <= room
 
 
 # ------------------------------------------------------------------ the command line

@@ -90,7 +90,8 @@ class Batcher:
         """A stream of the request's new tokens; ``cancel`` (set from any thread) frees its row at the next step."""
         self.decoder.check(request)  # a request that can never run: its BackendError, at once
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            # the waiting list holds new requests until the thread admits them: free rows count as room too
+            if len(self._waiting) + len(self._running) >= self.decoder.max_batch + self.max_queue:
                 raise BusyError(f"all {self.decoder.max_batch} decoding rows are busy and {self.max_queue} requests wait; try again shortly.")
             stream = TokenStream(self, next(self._ids), request, cancel)
             self._waiting.append(stream)

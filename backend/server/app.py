@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API on any ``service.ChatBackend``: ``create_app(backend)``.
 
-The server owns only the wire format, the key, admission and streaming; prompts, batching,
-adapters and sampling are the backend's (the same contract the app uses in-process). Each reply
+The server owns only the wire format, the key and streaming; admission (BusyError is 429), prompts,
+batching, adapters and sampling are the backend's (the same contract the app uses in-process). Each reply
 runs in a thread of its own (``pump.EventPump``) and the request's cancel event is set as soon as
 the client goes away, so its batch row is freed at the next token.
 """
@@ -33,7 +33,6 @@ from .schemas import (
     _SamplingRequest,
 )
 
-DEFAULT_MAX_QUEUE = 64  # requests waiting for a row beyond the engine's batch; more get 429
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
@@ -42,19 +41,16 @@ def base_model_id(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1] or name
 
 
-class Admission:
-    """Counts replies in flight; past the engine's batch plus the waiting room, new ones get 429."""
+class InFlight:
+    """Counts replies in flight (for /health); the engine itself refuses requests beyond its rows and
+    queue (``service.BusyError``, answered 429)."""
 
-    def __init__(self, max_batch: int, max_queue: int):
-        self.limit = max(1, max_batch) + max(0, max_queue)
+    def __init__(self):
         self.running = 0
         self._lock = threading.Lock()
 
     def enter(self) -> None:
         with self._lock:
-            if self.running >= self.limit:
-                raise APIError(429, f"the server is busy ({self.running} replies in flight, the limit is {self.limit}); "
-                               "try again shortly.", code="server_busy")
             self.running += 1
 
     def leave(self) -> None:
@@ -63,12 +59,12 @@ class Admission:
 
 
 class Server:
-    """What the routes share: the backend, the model names and the admission count."""
+    """What the routes share: the backend, the model names and the count of replies in flight."""
 
-    def __init__(self, backend: ChatBackend, model_name: Optional[str], max_queue: int):
+    def __init__(self, backend: ChatBackend, model_name: Optional[str]):
         self.backend = backend
         self.base = model_name or base_model_id(backend.info.name)
-        self.admission = Admission(backend.info.max_batch, max_queue)
+        self.in_flight = InFlight()
 
     # -- names -----------------------------------------------------------------------
 
@@ -120,7 +116,7 @@ class Server:
     async def respond(self, request: Request, stream: bool, fmt: ReplyFormat,
                       start: Callable[[threading.Event], Iterator[ReplyEvent]]):
         """Start the reply; its first event (or the backend's refusal) decides the status code."""
-        self.admission.enter()
+        self.in_flight.enter()
         pump = EventPump(self._counted(start))
         streaming = False
         try:
@@ -141,7 +137,7 @@ class Server:
             try:
                 yield from start(cancel)
             finally:
-                self.admission.leave()
+                self.in_flight.leave()
         return run
 
 
@@ -193,9 +189,9 @@ def _key_check(api_key: Optional[str]):
 
 
 def create_app(backend: ChatBackend, api_key: Optional[str] = None, *, model_name: Optional[str] = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving ``backend``; ``api_key`` guards every route but /health."""
-    server = Server(backend, model_name, max_queue)
+    server = Server(backend, model_name)
     app = FastAPI(title="glmchat", summary="OpenAI-compatible API for ChatGLM2/ChatGLM3 and their P-Tuning v2 adapters",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json" if api_key is None else None)
     app.state.server = server
@@ -209,8 +205,8 @@ def create_app(backend: ChatBackend, api_key: Optional[str] = None, *, model_nam
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "replies_in_flight": server.admission.running,
-                "max_in_flight": server.admission.limit}
+        info = backend.info
+        return {"status": "ok", "replies_in_flight": server.in_flight.running, "max_batch": info.max_batch}
 
     @app.get("/v1/models", dependencies=keyed, response_model_exclude_none=True)
     async def models() -> ModelList:

@@ -15,6 +15,7 @@ from ..service import ChatBackend, LoadProgress
 from .runner import DRAIN_S, bind, is_loopback, run
 
 EXIT_USAGE = 2
+DEFAULT_MAX_BATCH = 16  # a server decodes its concurrent requests together (the engine alone defaults to one row on CUDA)
 API_KEY_ENV = "GLMCHAT_API_KEY"
 
 
@@ -48,9 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     http.add_argument("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
                       help="require 'Authorization: Bearer KEY' on every endpoint but /health")
-    http.add_argument("--max-batch", type=int, default=64, metavar="N",
-                      help="requests decoded together in one batch, each its own row (default 64; the cache for "
-                      "every row is set aside at start, fewer where GPU memory is short)")
+    http.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                      help=f"replies decoded together, one batch row each (default {DEFAULT_MAX_BATCH})")
     http.add_argument("--max-queue", type=int, default=64, metavar="N",
                       help="requests that may wait for a decoding row; more get HTTP 429 (default 64)")
     http.add_argument("--drain-seconds", type=float, default=DRAIN_S, metavar="S",
@@ -65,10 +65,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error("give the model to serve: --model PATH_OR_ID (or --demo)")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if args.max_batch < 1:
+        parser.error("--max-batch must be 1 or more")
     if args.max_queue < 0:
         parser.error("--max-queue must be 0 or more")
-    if args.max_batch < 1:
-        parser.error("--max-batch must be at least 1")
     return args
 
 
@@ -106,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None,
         return EXIT_USAGE
     from .app import create_app
 
-    app = create_app(backend, args.api_key, model_name=args.model_name, max_queue=args.max_queue)
+    app = create_app(backend, args.api_key, model_name=args.model_name)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
     names = ", ".join(card.id for card in app.state.server.cards())

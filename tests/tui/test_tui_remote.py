@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tiny-model and server helpers
 
 from helpers_tiny import make_tiny_model_dir  # noqa: E402
-from serving import load_contract, serving, wait_for  # noqa: E402
+from serving import EngineLog, load_engine, serving, wait_for  # noqa: E402
 from test_adapters import write_checkpoint  # noqa: E402
 
 from backend.service import SamplingParams  # noqa: E402
@@ -34,7 +34,9 @@ def tiny(tmp_path_factory):
     config = ChatGLMConfig.from_pretrained(model)
     ckpt = write_checkpoint(root / "runs" / "tiny" / "checkpoint-5", 4, config=config, seed=1)
     spare = write_checkpoint(root / "runs" / "later" / "checkpoint-9", 4, config=config, seed=2)
-    return load_contract(model, ckpt), spare
+    engine = load_engine(model, ckpt)  # the real engine: 2 rows, 1 waiting
+    yield engine, EngineLog(engine), spare
+    engine.close()
 
 
 @pytest.fixture
@@ -53,8 +55,7 @@ def greedy(app: GLMChatApp, n: int) -> None:
 
 
 async def test_chat_adapter_switch_and_compare_through_the_server(server, tiny):
-    backend = tiny[0]
-    engine = backend.engine
+    engine = tiny[0]
     app = remote_app(server.url)
     async with running(app) as pilot:
         assert isinstance(app.backend, RemoteBackend)
@@ -90,45 +91,50 @@ def in_flight(url: str) -> int:
 
 
 async def test_esc_stops_a_reply_waiting_for_the_server_and_frees_its_row(server, tiny):
-    backend = tiny[0]
+    engine, log = tiny[0], tiny[1]
     app = remote_app(server.url)
     async with running(app) as pilot:
         greedy(app, 400)
-        with backend.busy():  # the server's one row is taken: the reply waits for it
+        with log.rows_taken():  # the server's rows hold long replies: this one waits for a row
+            seen = len(log.streams)
             app.chat.prompt.value = "你好"
             app.chat.prompt.focus()
             await pilot.press("enter")
-            await wait_until(pilot, lambda: app.chat.generation is not None and in_flight(server.url) == 1,
-                             timeout=30, what="the reply to wait on the server")
+            await wait_until(pilot, lambda: app.chat.generation is not None and len(log.waiting()) == 1
+                             and in_flight(server.url) == 1, timeout=30, what="the reply to wait on the server")
             await pilot.press("escape")
+        # the stop is seen at the server's first chunk (the client closes the stream then)
         await wait_until(pilot, lambda: app.chat.generation is None, timeout=30, what="the reply to stop")
         assert replies(app)[-1].record.stopped
-        await wait_until(pilot, lambda: in_flight(server.url) == 0, timeout=30, what="the row to be freed")
-        assert backend.replies[-1].finish_reason == "cancelled" and backend.replies[-1].new_tokens < 20
+        stream = log.streams[seen]
+        await wait_until(pilot, lambda: stream.finish_reason == "cancelled" and engine.decoder.rows == 0
+                         and in_flight(server.url) == 0, timeout=30, what="the row to be freed")
 
 
 def test_a_stop_mid_stream_closes_it_and_the_server_cancels_the_row(server, tiny):
     import threading
 
-    backend = tiny[0]
+    engine, log = tiny[0], tiny[1]
     remote = RemoteBackend.connect(server.url, api_key="k")
-    cancel, seen = threading.Event(), len(backend.cancels)
-    events = []
-    for event in remote.stream_reply("你好", [], SamplingParams(temperature=0, max_new_tokens=400), cancel=cancel):
-        events.append(event)
-        cancel.set()  # after the first piece of text
+    cancel, seen, events = threading.Event(), len(log.streams), []
+    with log.hold(steps=16):  # a few tokens, then the row stays mid-reply: it cannot finish before the stop
+        for event in remote.stream_reply("你好", [], SamplingParams(temperature=0, max_new_tokens=400), cancel=cancel):
+            events.append(event)
+            cancel.set()  # after the first piece of text
+        stream = log.streams[seen]
+        wait_for(stream.is_cancelled, timeout=10, what="the server to cancel the row")
     done = events[-1].reply
     assert done.stopped and done.finish_reason == "cancelled" and done.text == events[0].text
-    wait_for(lambda: backend.cancels[seen].is_set(), timeout=10, what="the server to cancel the row")
-    wait_for(lambda: in_flight(server.url) == 0, what="the row to be freed")
-    assert backend.replies[-1].finish_reason == "cancelled" and backend.replies[-1].new_tokens < 400
+    wait_for(lambda: stream.finish_reason is not None and engine.decoder.rows == 0, what="the row to be freed")
+    assert stream.finish_reason == "cancelled"  # at most 16 of its 400 tokens were made: the cancel ended it
+    wait_for(lambda: in_flight(server.url) == 0, what="the server's reply to end")
     remote.close()
 
 
 async def test_the_picker_registers_a_checkpoint_on_the_server(server, tiny):
     from tui.screens.adapters import AdapterPicker
 
-    spare = tiny[1]
+    spare = tiny[2]
     app = remote_app(server.url)
     async with running(app) as pilot:
         await pilot.press("f4")
