@@ -10,6 +10,7 @@ from .eager import EagerBatchDecoder, PrefixOf
 # Eager rows decoded together by default: enough for compare and a few server clients on a CPU.
 CPU_MAX_BATCH = 8
 CUDA_MAX_BATCH = 64
+CHAT_CACHE_SHARE = 0.25  # of the free GPU memory, for a one- or two-row fast cache
 FAST_CACHE_SLOTS = 8192  # context per row when the batched fast decoder holds more than two rows
 KV_SHARE_OF_FREE_MEMORY = 0.6  # of the GPU memory free when the decoder is made, for the eager batch cache
 
@@ -38,9 +39,13 @@ def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda
     if engine == "fast" or (engine == "auto" and fast):
         from .fast_batch import BatchFastDecoder
 
-        # a chat or a compare gets the model's whole context; many rows share the memory at 8192 each
-        context = model.config.seq_length if (max_batch or 1) <= 2 else min(model.config.seq_length, FAST_CACHE_SLOTS)
-        return BatchFastDecoder(model, prefix_of, max_batch=max_batch, context_length=context)
+        # a chat or a compare gets the model's whole context from a quarter of the free memory (a small card
+        # still trains beside it); many rows share the memory at 8192 tokens each
+        if (max_batch or 1) <= 2:
+            return BatchFastDecoder(model, prefix_of, max_batch=max_batch or 1, context_length=model.config.seq_length,
+                                    cache_share=CHAT_CACHE_SHARE)
+        return BatchFastDecoder(model, prefix_of, max_batch=max_batch,
+                                context_length=min(model.config.seq_length, FAST_CACHE_SLOTS))
     budget = None
     if on_cuda:
         budget = int(free_bytes(model.get_input_embeddings().weight.device) * KV_SHARE_OF_FREE_MEMORY)
