@@ -3,7 +3,15 @@ float32 model, with its Triton attention and rotary kernels running under Triton
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs under Triton's interpreter via tests/test_kernels_batch.py"
+)
+pytest.importorskip("triton")
 
 from backend.decode.eager import EagerBatchDecoder
 from backend.decode.fast_batch import BatchFastDecoder
