@@ -147,12 +147,20 @@ def load_pickled_state_dict(file: Path) -> dict[str, torch.Tensor]:
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as err:
         raise BackendError(
-            f"{file} contains pickled code, which glmchat refuses to run ({str(err).splitlines()[0][:120]}); "
+            f"{file} contains pickled code, which glmchat refuses to run ({_reason(err)}); "
             "re-save it with torch.save(state_dict) or as safetensors."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise BackendError(f"{file} is corrupt or truncated ({str(err).splitlines()[0][:120]}); save or download it again.") from None
+        raise BackendError(f"{file} is corrupt or truncated ({_reason(err)}); save or download it again.") from None
     return _checked_state_dict(state, file)
+
+
+def _reason(err: BaseException, limit: int = 160) -> str:
+    """The first line of ``err``, shortened at a word boundary (never mid-word) when longer than ``limit``."""
+    line = (str(err).splitlines() or [type(err).__name__])[0].strip()
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(",.;:") + " …"
 
 
 def _checked_state_dict(state: object, file: Path) -> dict[str, torch.Tensor]:

@@ -199,9 +199,22 @@ class _RunsCode:
 def test_pickle_that_runs_code_is_refused(tiny_dir, tmp_path, capsys):
     d = copy_without_weights(tiny_dir, tmp_path / "evil")
     torch.save({"transformer.embedding.word_embeddings.weight": _RunsCode()}, d / "pytorch_model.bin")
-    with pytest.raises(BackendError, match="refuses to run"):
+    with pytest.raises(BackendError, match="refuses to run") as err:
         load_model(d, quantization="none", device="cpu")
     assert "pwned" not in capsys.readouterr().out
+    reason = str(err.value).split("refuses to run (", 1)[1].rsplit("); re-save", 1)[0]
+    words = reason.removesuffix(" …").split()
+    assert words and all(w in str(err.value) for w in words)
+    assert reason.endswith(" …") or len(reason) <= 160  # cut at a word boundary, never mid-word
+
+
+def test_long_reasons_are_cut_at_a_word_boundary():
+    from backend.loading import _reason
+
+    text = "Weights only load failed. " + "This file can still be loaded with weights_only=False " * 5
+    short = _reason(ValueError(text))
+    assert short.endswith(" …") and len(short) <= 162 and text.startswith(short[:-2])
+    assert text[len(short) - 2] in " .,;:"  # what follows the kept text ends a word: no word is cut
 
 
 def test_missing_shard_and_missing_tensor(tiny_dir, tmp_path):
