@@ -21,7 +21,7 @@ def explain(err: BaseException) -> Problem:
     if isinstance(err, BackendError) and hasattr(err, "worded"):  # a training request: name the form's fields
         from .widgets.train_form import field_label
 
-        return Problem(err.worded(field_label))
+        return Problem(err.worded(field_label, verb="set"))
     problem = _explain_user_error(err)
     if problem is not None:
         return problem

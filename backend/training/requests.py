@@ -21,15 +21,16 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw_hf", "adamw_torch")
 TRACKERS = ("none", "tensorboard", "wandb")
-_FIELD = re.compile(r"`([a-z_]+)`")
+_FIELD = re.compile(r"(?:(pass) )?`([a-z_][a-z0-9_]*)`")  # "pass `resume`": the verb goes with the front end
 
 
 class RequestError(BackendError):
     """A request field the user must change; ``str()`` names fields as `field`."""
 
-    def worded(self, name: Callable[[str], str]) -> str:
-        """The message with each `field` replaced by ``name(field)``."""
-        return _FIELD.sub(lambda m: name(m.group(1)), str(self))
+    def worded(self, name: Callable[[str], str], verb: str = "pass") -> str:
+        """The message with each `field` replaced by ``name(field)``, and the "pass" before one by ``verb``
+        (the command line passes a flag, the app's form sets a field)."""
+        return _FIELD.sub(lambda m: (f"{verb} " if m.group(1) else "") + name(m.group(2)), str(self))
 
 
 def train_files(request: TrainRequest) -> list:
