@@ -21,7 +21,7 @@ import torch
 from ..generation import logits_processors
 from ..kv_cache import KVCache
 from ..service import BackendError
-from .protocol import FINISH_LENGTH, FINISH_STOP, DecodeRequest, RowToken
+from .protocol import DecodeRequest, RowToken, next_token
 
 PrefixOf = Callable[[Optional[str]], Optional[list]]  # adapter name -> prefix KV (split_prefix layout, batch 1) or None
 
@@ -201,22 +201,7 @@ class EagerBatchDecoder:
         return out
 
     def _take(self, row: _Row, logits: torch.Tensor) -> RowToken:
-        """The row's next token from its logits [1, V], as ``generation.generate_tokens`` picks it."""
-        params = row.request.params
-        ids = torch.tensor([row.tokens], device=self.device) if params.repetition_penalty not in (0, 1.0, None) else None
-        scores = row.procs(ids, logits)
-        if params.greedy:
-            token = int(scores.argmax(-1))
-        else:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator))
-        row.tokens.append(token)
-        row.new += 1
-        finish = None
-        if token in row.request.stop_token_ids:
-            finish = FINISH_STOP
-        elif row.new >= row.limit:
-            finish = FINISH_LENGTH
-        return RowToken(row.id, token, finish)
+        return next_token(row, logits, self.device)
 
     # -- the batch cache --------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from ..lean_autograd import rms_norm
 from ..modeling import apply_rotary, rope_settings, rotary_cos_sin
 from ..service import BackendError
 from .eager import common_prefix_length
-from .protocol import FINISH_LENGTH, FINISH_STOP, DecodeRequest, RowToken
+from .protocol import DecodeRequest, RowToken, next_token
 from ..gpu_memory import free_bytes
 
 MAX_ROWS = 64  # the quantized kernels' largest M bucket
@@ -360,22 +360,7 @@ class BatchFastDecoder:
         return out
 
     def _take(self, row: _Row, logits: torch.Tensor, token: Optional[int] = None) -> RowToken:
-        if token is None:
-            params = row.request.params
-            ids = torch.tensor([row.tokens], device=self.device) if row.penalty else None
-            scores = row.procs(ids, logits.float())
-            if params.greedy:
-                token = int(scores.argmax(-1))
-            else:
-                token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator))
-        row.tokens.append(token)
-        row.new += 1
-        finish = None
-        if token in row.request.stop_token_ids:
-            finish = FINISH_STOP
-        elif row.new >= row.limit:
-            finish = FINISH_LENGTH
-        return RowToken(row.id, token, finish)
+        return next_token(row, logits, self.device, token)
 
     # -- the decode step ----------------------------------------------------------------------
 

@@ -74,3 +74,28 @@ class Decoder(Protocol):
     def rows(self) -> int:
         """Rows added and not yet finished or dropped."""
         ...
+
+
+def next_token(row, logits, device, token: Optional[int] = None) -> RowToken:
+    """A decoder row's next token, recorded on the row (``tokens``, ``new``) with its finish reason: ``token``
+    when the decoder already picked it (a batched greedy argmax), else drawn from ``logits`` [1, V] through the
+    row's processors and generator, as ``generation.generate_tokens`` picks it."""
+    if token is None:
+        import torch
+
+        params = row.request.params
+        penalty = params.repetition_penalty not in (0, 1.0, None)
+        ids = torch.tensor([row.tokens], device=device) if penalty else None
+        scores = row.procs(ids, logits.float())
+        if params.greedy:
+            token = int(scores.argmax(-1))
+        else:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator))
+    row.tokens.append(token)
+    row.new += 1
+    finish = None
+    if token in row.request.stop_token_ids:
+        finish = FINISH_STOP
+    elif row.new >= row.limit:
+        finish = FINISH_LENGTH
+    return RowToken(row.id, token, finish)
