@@ -38,6 +38,19 @@ def test_prompt_prints_the_reply_and_exits_0(model_dir):
     assert done.stderr == ""  # no CPU notice for a small model, no load bar when stderr is piped
 
 
+def test_system_prompt_reaches_the_one_shot_reply(model_dir):
+    from backend.engine import ChatEngine
+    from backend.service import SamplingParams
+
+    done = glmchat("--model", str(model_dir), "--quantization", "none", "--prompt", "你好", "--system", "简短回答。",
+                   "--temperature", "0", "--max-new-tokens", "8")
+    assert done.returncode == 0, done.stderr
+    engine = ChatEngine.load(str(model_dir), quantization="none", device="cpu")
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    assert done.stdout == engine.reply("你好", [], greedy, system="简短回答。").text + "\n"
+    assert engine.prompt_ids("你好", [], system="简短回答。") != engine.prompt_ids("你好", [])
+
+
 def test_prompt_with_adapter_uses_it(model_dir, tmp_path):
     from backend.configuration import ChatGLMConfig
 

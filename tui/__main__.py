@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--prompt", metavar="TEXT",
                           help="answer TEXT once, print the reply and exit; - reads TEXT from stdin")
+    sampling.add_argument("--system", metavar="TEXT",
+                          help="a system prompt for --prompt (ChatGLM3: its system role; ChatGLM2: put before the "
+                          "query, as the original openai_api.py does)")
     sampling.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.8)")
     sampling.add_argument(*_alias("--top-p"), dest="top_p", type=float, help="nucleus sampling p (default 0.8)")
     sampling.add_argument(*_alias("--max-new-tokens"), dest="max_new_tokens", type=int,
