@@ -154,8 +154,13 @@ def build_parser() -> Parser:
         epilog="Every flag may also be spelled as in the original ptuning/main.py (--pre_seq_len for --pre-seq-len).",
     )
     commands = parser.add_subparsers(dest="command", metavar="{train,eval,compare}", parser_class=Parser)
+    _add_train_command(commands)
+    _add_eval_command(commands)
+    _add_compare_command(commands)
+    return parser
 
-    # ------------------------------------------------------------------ train
+
+def _add_train_command(commands) -> None:
     train = commands.add_parser(
         "train", help="train a P-Tuning v2 prefix (the original recipe)",
         description="Train a P-Tuning v2 prefix on a frozen ChatGLM2 base, as the original ptuning/main.py does. "
@@ -215,7 +220,8 @@ def build_parser() -> Parser:
     _add(train, "--sample", action="store_true", help="evaluate with the original sampling (temperature 0.95, top_p 0.7, top_k 50) instead of greedy")
     _add_ignored(train, list(IGNORED_SWITCHES), list(IGNORED_VALUES))
 
-    # ------------------------------------------------------------------ eval
+
+def _add_eval_command(commands) -> None:
     ev = commands.add_parser(
         "eval", help="generate for a data file and score ROUGE-1/2/L and BLEU-4",
         description="Generate a reply for every example (batched, greedy unless --sample), score it as the original "
@@ -235,7 +241,8 @@ def build_parser() -> Parser:
     _add(ev, "--output-dir", default=None, help="where the two files go (default: the checkpoint directory)")
     _add_ignored(ev, ["do_eval", *IGNORED_SWITCHES], ["preprocessing_num_workers", "report_to", "cache_dir", "local_rank"])
 
-    # ------------------------------------------------------------------ compare
+
+def _add_compare_command(commands) -> None:
     cmp = commands.add_parser(
         "compare", help="the base model's reply and the tuned reply side by side",
         description="Answer each prompt with the base model and with the checkpoint's prefix, and print both side by side.",
@@ -249,7 +256,6 @@ def build_parser() -> Parser:
     cmp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); the original chat() uses 0.8")
     _add(cmp, "--top-p", type=float, default=0.8, help="nucleus sampling when --temperature > 0 (default: 0.8)")
     cmp.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
-    return parser
 
 
 # ----------------------------------------------------------------------------- helpers
