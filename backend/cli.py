@@ -83,6 +83,7 @@ def _load_engine(args: Namespace):
             adapter_dirs=_as_list(getattr(args, "adapters", None)),
             demo=demo,
             engine=getattr(args, "engine", None) or "auto",
+            dtype=getattr(args, "dtype", None),
             progress=bar if isinstance(bar, LoadBar) else None,
         )
     if _large_on_cpu(engine):

@@ -43,6 +43,11 @@ class SamplingParams:
         return self.temperature <= 0
 
 
+# The command lines' --dtype (glmchat, glmchat serve): what the loader picks when it is not given.
+DTYPE_HELP = ("compute dtype (default: bf16 where the GPU has it, fp16 under 8-bit and on cards without bf16 "
+              "such as the T4 and V100, fp32 on the CPU)")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # directory or hub id as given

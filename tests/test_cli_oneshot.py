@@ -51,6 +51,15 @@ def test_system_prompt_reaches_the_one_shot_reply(model_dir):
     assert engine.prompt_ids("你好", [], system="简短回答。") != engine.prompt_ids("你好", [])
 
 
+def test_dtype_reaches_the_loader(model_dir):
+    done = glmchat("--model", str(model_dir), "--quantization", "none", "--dtype", "bf16", "--prompt", "你好",
+                   "--temperature", "0", "--max-new-tokens", "4", "--info")
+    assert done.returncode == 0, done.stderr
+    assert "bf16" in done.stdout  # the structure page says the precision the model was loaded in
+    bad = glmchat("--model", str(model_dir), "--dtype", "fp8", "--prompt", "你好")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_prompt_with_adapter_uses_it(model_dir, tmp_path):
     from backend.configuration import ChatGLMConfig
 

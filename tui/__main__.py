@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from backend.service import DTYPE_HELP
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit code 2, no usage dump
@@ -21,7 +23,7 @@ def _alias(flag: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="glmchat",
-        description="A terminal workbench for ChatGLM2-6B: streamed chat, live switching between P-Tuning v2 "
+        description="A terminal workbench for ChatGLM2 and ChatGLM3: streamed chat, live switching between P-Tuning v2 "
         "adapters, before/after comparison, and a training panel. With --prompt, answers once and exits.",
         epilog="Conversations are kept in the user data dir; keys can be remapped in config.toml "
         "(see the help screen, F1).",
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="register every checkpoint-* found under DIR (repeatable)")
     model.add_argument("--demo", action="store_true",
                        help="use the small demo model (no download, runs on the CPU)")
+    model.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help=DTYPE_HELP)
     model.add_argument("--engine", choices=["fast", "eager"], default=None,
                        help="decoding engine (default: the engine's choice)")
     model.add_argument("--info", action="store_true",

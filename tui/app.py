@@ -48,6 +48,7 @@ def load_backend(args: Namespace, progress: ProgressCallback) -> ChatBackend:
         progress=progress,
         demo=bool(args.demo),
         engine=args.engine or "auto",
+        dtype=getattr(args, "dtype", None),
     )
 
 

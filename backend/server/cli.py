@@ -11,7 +11,7 @@ import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
-from ..service import ChatBackend, LoadProgress
+from ..service import DTYPE_HELP, ChatBackend, LoadProgress
 from .runner import DRAIN_S, bind, is_loopback, run
 
 EXIT_USAGE = 2
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="register every checkpoint-* found under DIR (repeatable)")
     model.add_argument("--demo", action="store_true", help="serve the small demo model (no download, CPU)")
     model.add_argument("--engine", choices=["fast", "eager"], default=None, help="decoding engine (default: the engine's choice)")
+    model.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help=DTYPE_HELP)
     model.add_argument("--model-name", metavar="NAME",
                        help="the model id clients use (default: the last part of --model, e.g. chatglm2-6b)")
     http = parser.add_argument_group("http")
@@ -78,7 +79,7 @@ def load_engine(args: argparse.Namespace, progress: Callable[[LoadProgress], Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ChatEngine.load(model=args.model, quantization=args.quantization, adapters=args.adapter,
-                               adapter_dirs=args.adapters, demo=args.demo, engine=args.engine or "auto", progress=progress,
+                               adapter_dirs=args.adapters, demo=args.demo, engine=args.engine or "auto", progress=progress, dtype=args.dtype,
                                max_batch=args.max_batch, max_queue=args.max_queue)
 
 

@@ -49,19 +49,19 @@ def _engine_module(load) -> types.ModuleType:
 def test_load_backend_maps_the_command_line(monkeypatch):
     seen = {}
 
-    def load(model, quantization, adapters, adapter_dirs, progress, demo=False, engine="eager"):
+    def load(model, quantization, adapters, adapter_dirs, progress, demo=False, engine="eager", dtype=None):
         seen.update(model=model, quantization=quantization, adapters=adapters, adapter_dirs=adapter_dirs,
-                    demo=demo, engine=engine)
+                    demo=demo, engine=engine, dtype=dtype)
         return "engine"
 
     monkeypatch.setitem(sys.modules, "backend.engine", _engine_module(load))
-    args = parse_args(["--quantization", "none", "--adapter", "a", "--adapters", "d", "--engine", "fast"])
+    args = parse_args(["--quantization", "none", "--adapter", "a", "--adapters", "d", "--engine", "fast", "--dtype", "fp16"])
     assert load_backend(args, lambda p: None) == "engine"
     assert seen == dict(model="THUDM/chatglm2-6b", quantization="none", adapters=["a"], adapter_dirs=["d"],
-                        demo=False, engine="fast")
+                        demo=False, engine="fast", dtype="fp16")
 
     load_backend(parse_args(["--demo", "--quantization", "8bit"]), lambda p: None)
-    assert seen == dict(model=None, quantization="8bit", adapters=[], adapter_dirs=[], demo=True, engine="auto")
+    assert seen == dict(model=None, quantization="8bit", adapters=[], adapter_dirs=[], demo=True, engine="auto", dtype=None)
 
 
 async def test_out_of_memory_is_explained_with_a_fix(monkeypatch):
