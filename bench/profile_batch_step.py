@@ -1,0 +1,171 @@
+"""Where the batched fast decoder's time goes, layer by layer of the stack a user's request crosses.
+
+    python bench/profile_batch_step.py --model DIR --quantization 8bit [--rows 1,8,64]
+
+For each row count: the captured step alone (CUDA events over graph replays), ``decoder.step()``
+(the step plus the decoder's host work), the ``Batcher`` with raw token readers, and ``ChatEngine``
+replies (text included); the GPU kernels of one step (torch.profiler, top kernels by time); the
+prompt (prefill) of 64-token rows and of one 1600-token prompt. One JSON line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def replay_ms(decoder, bucket: int, n: int = 50) -> float:
+    import torch
+
+    graph = decoder._graphs.get(bucket) or decoder._capture(bucket)
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def kernel_table(decoder, bucket: int, top: int = 14) -> list:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = decoder._graphs.get(bucket) or decoder._capture(bucket)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            rows.append((t / 3, e.count // 3, e.key[:70]))
+    rows.sort(reverse=True)
+    return [{"us_per_step": round(t, 1), "calls": c, "kernel": k} for t, c, k in rows[:top]]
+
+
+def requests(tokenizer, n: int, prompt_tokens: int, new_tokens: int):
+    from backend.decode.protocol import DecodeRequest
+    from backend.service import SamplingParams
+    from bench_engine import query_of
+
+    q = query_of(tokenizer, prompt_tokens)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    return [DecodeRequest(tokenizer.encode(tokenizer.build_prompt(q[: len(q) - (i % 7)] + str(i), [])), greedy)
+            for i in range(n)]
+
+
+def decoder_figures(decoder, tokenizer, n: int, emit) -> None:
+    """Rows added straight to the decoder (no batcher thread): prefill time, step time, graph time."""
+    import torch
+
+    reqs = requests(tokenizer, n, 64, 400)
+    for i, r in enumerate(reqs):
+        decoder.add(10_000 + i, r)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    decoder.step()  # the prompts
+    torch.cuda.synchronize()
+    prefill_ms = 1e3 * (time.perf_counter() - t0)
+    for _ in range(3):
+        decoder.step()
+    t0 = time.perf_counter()
+    steps = 40
+    for _ in range(steps):
+        decoder.step()
+    step_ms = 1e3 * (time.perf_counter() - t0) / steps
+    top = max(r.slot for r in decoder._rows.values()) + 1
+    from backend.decode.fast_batch import BUCKETS, MAX_ROWS
+
+    bucket = min(next((b for b in BUCKETS if b >= top), MAX_ROWS), decoder.max_batch)
+    graph_ms = replay_ms(decoder, bucket)
+    emit(what="decoder", rows=n, bucket=bucket, prefill_ms=round(prefill_ms, 1), step_ms=round(step_ms, 3),
+         graph_ms=round(graph_ms, 3), host_ms=round(step_ms - graph_ms, 3), tok_s=round(n / step_ms * 1e3, 1))
+    emit(what="kernels", rows=n, table=kernel_table(decoder, bucket))
+    for i in range(n):
+        decoder.drop(10_000 + i)
+
+
+def batcher_figures(batcher, tokenizer, n: int, emit) -> None:
+    """Raw token streams through the batcher thread, one reader thread each (no text)."""
+    reqs = requests(tokenizer, n, 64, 128)
+    counts = [0] * n
+    firsts = [None] * n
+
+    def read(i, stream, t0):
+        for _ in stream:
+            if firsts[i] is None:
+                firsts[i] = time.perf_counter() - t0
+            counts[i] += 1
+
+    t0 = time.perf_counter()
+    threads = []
+    for i, r in enumerate(reqs):
+        th = threading.Thread(target=read, args=(i, batcher.submit(r), t0))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    secs = time.perf_counter() - t0
+    f = sorted(firsts)
+    emit(what="batcher", rows=n, tok_s=round(sum(counts) / secs, 1), ttft_p50_ms=round(1e3 * f[n // 2], 1),
+         ttft_max_ms=round(1e3 * f[-1], 1))
+
+
+def long_prompt(engine, emit) -> None:
+    from backend.service import SamplingParams
+    from bench_engine import query_of, timed_reply
+
+    q = query_of(engine.tokenizer, 1600)
+    p = SamplingParams(temperature=0.0, max_new_tokens=4)
+    for label, query in (("cold", q), ("cold2", "x" + q), ("reuse", q + "。")):
+        emit(what="ttft_1600", case=label, **timed_reply(engine, query, p))
+
+
+def main() -> None:
+    import torch
+
+    from backend.engine import ChatEngine
+    from bench_engine import concurrent, query_of
+    from backend.service import SamplingParams
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--rows", default="1,8,64")
+    args = parser.parse_args()
+    common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    emit = lambda **kw: print(json.dumps({**common, **kw}), flush=True)  # noqa: E731
+    rows = [int(r) for r in args.rows.split(",")]
+    engine = ChatEngine.load(args.model, quantization=args.quantization, engine="fast", max_batch=max(rows))
+    t0 = time.perf_counter()
+    engine.decoder.warm_up()
+    emit(what="warm_up", seconds=round(time.perf_counter() - t0, 1), decoder=type(engine.decoder).__name__)
+    with engine.batcher.step_lock:  # the batcher thread idles; the decoder is driven from here
+        with torch.inference_mode():
+            for n in rows:
+                decoder_figures(engine.decoder, engine.tokenizer, n, emit)
+    for n in rows:
+        batcher_figures(engine.batcher, engine.tokenizer, n, emit)
+    q64 = query_of(engine.tokenizer, 64)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=128)
+    for n in rows:
+        emit(what="engine", **concurrent(engine, [q64[: len(q64) - (i % 7)] + str(i) for i in range(n)], greedy))
+    long_prompt(engine, emit)
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
