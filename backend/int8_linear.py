@@ -324,7 +324,7 @@ if HAVE_TRITON:
             tl.store(v_cache_ptr + dst, a_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
             tl.store(v_cache_ptr + dst + 1, b_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # a prompt's length: no new compile for each M % 16
     def _matmul_kernel(
         a_ptr, w_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_cm,
         W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,

@@ -55,6 +55,40 @@ def kernel_table(decoder, bucket: int, top: int = 14) -> list:
     return [{"us_per_step": round(t, 1), "calls": c, "kernel": k} for t, c, k in rows[:top]]
 
 
+def linear_figures(decoder, m: int, emit) -> None:
+    """Each linear kind called across all layers back to back (weights cold in L2, as in the step): us a call
+    and the weight bytes read a second."""
+    import torch
+    from bench_engine import linear_bytes
+
+    h = decoder.embedding.shape[1]
+    x = torch.randn(m, h, device=decoder.device, dtype=decoder.dtype)
+    mlp = torch.randn(m, decoder.layers[0].down.module.weight.shape[-1] if decoder.layers[0].down.q is None
+                      else decoder.layers[0].down.q.k, device=decoder.device, dtype=decoder.dtype)
+    calls = {
+        "qkv": lambda lw: lw.qkv(x, norm=lw.ln1, eps=decoder.eps),
+        "dense": lambda lw: lw.dense(x, residual=x),
+        "fc1": lambda lw: lw.up(x, norm=lw.ln2, eps=decoder.eps, swiglu=True),
+        "fc2": lambda lw: lw.down(mlp, residual=x),
+    }
+    out = {}
+    for kind, call in calls.items():
+        for lw in decoder.layers:
+            call(lw)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            for lw in decoder.layers:
+                call(lw)
+        end.record()
+        torch.cuda.synchronize()
+        us = 1e3 * start.elapsed_time(end) / (3 * len(decoder.layers))
+        lin = {"qkv": decoder.layers[0].qkv, "dense": decoder.layers[0].dense, "fc1": decoder.layers[0].up,
+               "fc2": decoder.layers[0].down}[kind]
+        out[kind] = {"us": round(us, 1), "GB_s": round(linear_bytes(lin) / us / 1e3)}
+    emit(what="linears", rows=m, **out)
+
+
 def requests(tokenizer, n: int, prompt_tokens: int, new_tokens: int):
     from backend.decode.protocol import DecodeRequest
     from backend.service import SamplingParams
@@ -155,6 +189,8 @@ def main() -> None:
     emit(what="warm_up", seconds=round(time.perf_counter() - t0, 1), decoder=type(engine.decoder).__name__)
     with engine.batcher.step_lock:  # the batcher thread idles; the decoder is driven from here
         with torch.inference_mode():
+            for m in (1, 2, 8, 16, 64):
+                linear_figures(engine.decoder, m, emit)
             for n in rows:
                 decoder_figures(engine.decoder, engine.tokenizer, n, emit)
     for n in rows:

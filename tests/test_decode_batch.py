@@ -252,3 +252,23 @@ def test_bad_sampling_settings_are_one_sentence_at_submit(model, prefixes):
         assert list(batcher.submit(DecodeRequest(PROMPTS[0], GREEDY))) == single_stream(model, None, PROMPTS[0], GREEDY)
     finally:
         batcher.close()
+
+
+def test_the_fast_decoder_places_a_new_row_in_the_smallest_bucket_evicting_a_parked_row_if_needed():
+    """A step computes every row below its bucket: a new row goes low, even if a parked conversation must go."""
+    from backend.decode.fast_batch import BatchFastDecoder, _Parked
+
+    decoder = BatchFastDecoder(tiny_model(), lambda name: None, max_batch=8, use_graphs=False)
+    decoder._parked.update({0: _Parked(None, [9, 9]), 1: _Parked(None, [8, 8]), 2: _Parked(None, [7, 7])})
+    greedy = SamplingParams(temperature=0.0)
+    decoder.add(100, DecodeRequest([1, 2, 3], greedy))
+    assert decoder._pending[0].slot == 0  # the oldest parked row in bucket 1, though rows 3-7 are free
+    decoder.add(101, DecodeRequest([1, 2, 3], greedy))
+    assert decoder._pending[1].slot == 1  # two rows fit bucket 2: the parked row 1 goes
+    decoder.add(102, DecodeRequest([1, 2, 3], greedy))
+    assert decoder._pending[2].slot == 3 and 2 in decoder._parked  # bucket 4 has a free row: row 2 stays
+    decoder._pending.clear()
+    decoder._parked.clear()
+    assert decoder._take_slot(None, [4, 5]) == (0, 0)
+    decoder._parked[3] = _Parked(None, [4, 5, 6, 7])
+    assert decoder._take_slot(None, [4, 5, 6, 7, 8]) == (3, 4)  # a conversation's next turn finds its row

@@ -389,3 +389,15 @@ def test_the_engines_own_busy_refusal_is_a_429_and_its_other_refusals_400():
     busy = from_backend(BusyError("every row is taken and the queue is full; try again shortly."))
     assert (busy.status, busy.code) == (429, "server_busy") and "queue is full" in busy.message
     assert from_backend(BackendError("the prompt is too long.")).status == 400
+
+
+def test_a_reply_holding_unicode_line_separators_stays_one_sse_data_line():
+    """U+2028, U+0085 and the like end a line for str.splitlines (httpx's aiter_lines): they go out escaped."""
+    from backend.server.replies import _event
+    from backend.server.schemas import Completion, CompletionChoice
+
+    text = "a\u2028b\u2029c\x85d\x1ce\n"
+    event = _event(Completion(id="x", model="m", choices=[CompletionChoice(text=text, finish_reason=None)]))
+    line = event.removesuffix("\n\n")
+    assert line.splitlines() == [line]
+    assert json.loads(line.removeprefix("data: "))["choices"][0]["text"] == text

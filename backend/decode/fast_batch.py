@@ -52,14 +52,23 @@ QUANT_MAX_M = 64  # prompts longer than this widen each weight for one tensor-co
 class _Linear:
     """One linear as stored: a packed weight for ``quant_linear`` or a 16-bit one for cuBLAS."""
 
-    def __init__(self, module, dtype: torch.dtype):
+    def __init__(self, module, dtype: torch.dtype, kind: str):
         self.module = module
+        self.kind = kind  # "qkv" | "dense" | "fc1" | "fc2" | "output": the one-row GEMV's tuned config
         self.q: Optional[QuantizedWeight] = quantized_weight(module)
         self.w = None if self.q is not None else module.weight.detach().to(dtype)
         bias = getattr(module, "bias", None)
         self.bias = bias.detach().to(dtype) if bias is not None else None
+        self.one_row = None  # int8_linear.LinearWeights for one activation row (int8 or 16-bit weights)
+        if self.q is None or self.q.fmt == "int8":
+            from ..int8_linear import LinearWeights
+
+            self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias) if self.q is not None else \
+                LinearWeights(self.w, None, self.bias)
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None):
+        if x.shape[0] == 1 and self.one_row is not None and _gemv_runs(x):
+            return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.q is not None and x.shape[0] <= QUANT_MAX_M:
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
         if norm is not None:
@@ -71,6 +80,18 @@ class _Linear:
         if residual is not None:
             y = y + residual
         return y if out is None else out.copy_(y)
+
+    def _one_row(self, x, norm, eps, swiglu, residual, out):
+        """One activation row through the one-row decoder's GEMV (int8_linear.gemv) and its tuned tiles: the
+        tensor-core tiles of quant_linear compute 16 rows to use one and read the weight at a fraction of
+        the bandwidth (bench/NOTES.md, run 8)."""
+        from ..int8_linear import default_gemv_config, gemv
+
+        n = self.one_row.weight.shape[0] // (2 if swiglu else 1)
+        y = out if out is not None else torch.empty(1, n, device=x.device, dtype=x.dtype)
+        gemv(x[0].contiguous(), self.one_row, y[0], norm_weight=norm, eps=eps, swiglu=swiglu,
+             residual=None if residual is None else residual[0], config=default_gemv_config(self.kind, self.q is not None))
+        return y
 
     def _wide(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T + b for many rows (a prompt): tensor cores on the weight, widened at most one linear at a time."""
@@ -87,6 +108,15 @@ class _Linear:
         else:
             w = self.q.dequantize(x.dtype)
         return F.linear(x, w, self.bias)
+
+
+def _gemv_runs(x: torch.Tensor) -> bool:
+    """Whether int8_linear.gemv's Triton kernel runs for x (CUDA, or Triton's interpreter in the tests)."""
+    import os
+
+    from ..int8_linear import HAVE_TRITON
+
+    return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
@@ -150,13 +180,13 @@ class BatchFastDecoder:
         with torch.no_grad():
             self.embedding = emb.detach()
             self.layers = [
-                _LayerWeights(b.input_layernorm.weight.detach(), _Linear(b.self_attention.query_key_value, self.dtype),
-                              _Linear(b.self_attention.dense, self.dtype), b.post_attention_layernorm.weight.detach(),
-                              _Linear(b.mlp.dense_h_to_4h, self.dtype), _Linear(b.mlp.dense_4h_to_h, self.dtype))
+                _LayerWeights(b.input_layernorm.weight.detach(), _Linear(b.self_attention.query_key_value, self.dtype, "qkv"),
+                              _Linear(b.self_attention.dense, self.dtype, "dense"), b.post_attention_layernorm.weight.detach(),
+                              _Linear(b.mlp.dense_h_to_4h, self.dtype, "fc1"), _Linear(b.mlp.dense_4h_to_h, self.dtype, "fc2"))
                 for b in tr.encoder.layers
             ]
             self.final_ln = tr.encoder.final_layernorm.weight.detach()
-            self.output = _Linear(tr.output_layer, self.dtype)
+            self.output = _Linear(tr.output_layer, self.dtype, "output")
         self.slot_bytes = cfg.num_layers * 2 * self.groups * self.head_dim * self.dtype.itemsize
         self.context_length, self.max_batch = self._size_cache(cfg, context_length, max_batch, cache_share)
         self.slots = PREFIX_SLOTS + self.context_length
@@ -205,7 +235,8 @@ class BatchFastDecoder:
         from ..kernels.gemv_4bit import M_BUCKETS
 
         with torch.inference_mode():
-            for m in M_BUCKETS:  # prompts of up to 64 tokens run at these row counts
+            # prompts of up to 64 tokens run at these row counts; a longer one through the widened weights
+            for m in M_BUCKETS + (QUANT_MAX_M + 1,):
                 x = torch.randn(m, self.embedding.shape[1], device=self.device, dtype=self.dtype)
                 for lw in self.layers[:1]:
                     lw.qkv(x, norm=lw.ln1, eps=self.eps)
@@ -266,7 +297,7 @@ class BatchFastDecoder:
 
     def _take_slot(self, adapter, tokens: list) -> tuple[int, int]:
         """A cache row for a new request: a parked one that began the same way, else a free one, else the
-        oldest parked. Returns (row, tokens already cached)."""
+        oldest parked (both among the lowest rows). Returns (row, tokens already cached)."""
         best, keep = None, 0
         for slot, parked in self._parked.items():
             if parked.adapter == adapter:
@@ -276,11 +307,14 @@ class BatchFastDecoder:
         if best is not None:
             del self._parked[best]
             return best, keep
-        used = {r.slot for r in self._rows.values()} | {r.slot for r in self._pending} | set(self._parked)
-        free = [s for s in range(self.max_batch) if s not in used]
+        # below the smallest bucket that holds one more row, so that a step never computes more rows than
+        # it must: a free row there, else the oldest parked one there (by pigeonhole one of them exists)
+        running = {r.slot for r in self._rows.values()} | {r.slot for r in self._pending}
+        limit = min(next(b for b in BUCKETS + (MAX_ROWS,) if b >= len(running) + 1), self.max_batch)
+        free = [s for s in range(limit) if s not in running and s not in self._parked]
         if free:
             return free[0], 0
-        oldest = next(iter(self._parked))
+        oldest = next(s for s in self._parked if s < limit)
         del self._parked[oldest]
         return oldest, 0
 

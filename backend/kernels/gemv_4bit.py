@@ -337,7 +337,8 @@ if HAVE_TRITON:
                                k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
         return tl.sum(ev * xe + od * xo, axis=1)
 
-    # has_bias, residual, norm: runtime flags (0/1), not specialised: one compiled kernel serves every linear
+    # has_bias, residual, norm: runtime flags (0/1), not specialised: one compiled kernel serves every linear;
+    # nor is M (the rows): Triton would compile again for each new M % 16 of a prompt, mid-request
     @triton.jit(do_not_specialize=["has_bias", "residual", "norm"])
     def _gemv_quant_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
@@ -379,22 +380,28 @@ if HAVE_TRITON:
         _epilogue(acc[None, :], acc_b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
 
-    @triton.jit(do_not_specialize=["has_bias", "residual", "norm"])
+    @triton.jit(do_not_specialize=["has_bias", "residual", "norm", "M"])
     def _mm_quant_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
         scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
-        has_bias, residual, norm,
+        has_bias, residual, norm, part_ptr, ss_ptr, K_SPLIT,
         FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
         BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+        SPLIT_K: tl.constexpr = 1,
     ):
-        # program (n block, m block): out[BLOCK_M, BLOCK_N] through tl.dot, weights decoded in registers
-        # (N, SWIGLU as in _gemv_quant_kernel)
+        # program (n block, m block, k split): out[BLOCK_M, BLOCK_N] through tl.dot, weights decoded in
+        # registers (N, SWIGLU as in _gemv_quant_kernel). SPLIT_K > 1: the split's float32 sums go to
+        # part [SPLIT_K, M, N (2N with SwiGLU)] and its squares of x to ss [SPLIT_K, M], and
+        # _split_k_epilogue_kernel finishes them (in a fixed order: the result does not vary run to run)
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        k_lo = pid_s * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = rm < M
@@ -405,8 +412,8 @@ if HAVE_TRITON:
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         if FMT == 2:  # int8 [N, K]: the weight tile as is
             kk = tl.arange(0, BLOCK_K)
-            for k0 in range(0, K, BLOCK_K):
-                mk = (k0 + kk < K)[None, :]
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                mk = (k0 + kk < k_hi)[None, :]
                 xa, sq = _load_x(x_ptr + rm[:, None] * stride_xm + k0 + kk[None, :], mask_m[:, None] & mk,
                                  norm_ptr + k0 + kk[None, :], norm, False)
                 ss += sq
@@ -418,11 +425,11 @@ if HAVE_TRITON:
         else:  # 4-bit: even and odd columns as two half-width dots
             BLOCK_KH: tl.constexpr = BLOCK_K // 2
             j = tl.arange(0, BLOCK_KH)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 ke = k0 + 2 * j
                 xp = x_ptr + rm[:, None] * stride_xm + ke[None, :]
-                xe, sq_e = _load_x(xp, mask_m[:, None] & (ke < K)[None, :], norm_ptr + ke[None, :], norm, False)
-                mo = mask_m[:, None] & (ke + 1 < K)[None, :]
+                xe, sq_e = _load_x(xp, mask_m[:, None] & (ke < k_hi)[None, :], norm_ptr + ke[None, :], norm, False)
+                mo = mask_m[:, None] & (ke + 1 < k_hi)[None, :]
                 xo, sq_o = _load_x(xp + 1, mo, norm_ptr + ke[None, :] + 1, norm, False)
                 ss += sq_e + sq_o
                 ev, od = _dequant_4bit(w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
@@ -433,8 +440,78 @@ if HAVE_TRITON:
                                            rows + N, mask_n, k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED,
                                            BLOCK_N, BLOCK_KH)
                     acc_b = _dot_acc(xo, od, _dot_acc(xe, ev, acc_b, IEEE), IEEE)
+        if SPLIT_K == 1:
+            r = tl.where(norm != 0, tl.rsqrt(ss / K + eps), 1.0)
+            _epilogue(acc, acc_b, r, rm, rn, mask_m, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                      stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
+        else:
+            NC: tl.constexpr = 2 if SWIGLU else 1
+            mask = mask_m[:, None] & mask_n[None, :]
+            part = part_ptr + (pid_s * M + rm[:, None]) * (NC * N) + rn[None, :]
+            tl.store(part, acc, mask=mask)
+            if SWIGLU:
+                tl.store(part + N, acc_b, mask=mask)
+            if pid_n == 0:
+                tl.store(ss_ptr + pid_s * M + rm, ss, mask=mask_m)
+
+    @triton.jit(do_not_specialize=["has_bias", "residual", "norm", "M"])
+    def _rows_int8_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
+        has_bias, residual, norm,
+        SWIGLU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # program (n block): BLOCK_N int8 weight rows read once, long K tiles, against all M <= ROWS activation
+        # rows (a GEMV for a few rows: tensor-core tiles would compute 16 rows to use 2 and keep fewer weight
+        # bytes in flight); float32 sums [ROWS, BLOCK_N]
+        pid_n = tl.program_id(0)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        rows = tl.where(mask_n, rn, 0).to(tl.int64)
+        rm = tl.arange(0, ROWS).to(tl.int64)
+        mask_m = rm < M
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([ROWS], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mk = k0 + kk < K
+            x, sq = _load_x(x_ptr + rm[:, None] * stride_xm + k0 + kk[None, :], mask_m[:, None] & mk[None, :],
+                            norm_ptr + k0 + kk[None, :], norm, True)
+            ss += sq
+            w = tl.load(w_ptr + rows[:, None] * K + k0 + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0)
+            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            if SWIGLU:
+                w = tl.load(w_ptr + (rows + N)[:, None] * K + k0 + kk[None, :], mask=mask_n[:, None] & mk[None, :],
+                            other=0)
+                acc_b += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         r = tl.where(norm != 0, tl.rsqrt(ss / K + eps), 1.0)
         _epilogue(acc, acc_b, r, rm, rn, mask_m, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_om, has_bias, residual, True, SWIGLU)
+
+    @triton.jit(do_not_specialize=["has_bias", "residual", "norm", "M"])
+    def _split_k_epilogue_kernel(
+        part_ptr, ss_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, eps, stride_rm, stride_om,
+        has_bias, residual, norm,
+        SPLIT_K: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # program (n block, activation row m): the splits' sums added in order, then _mm_quant_kernel's epilogue
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        NC: tl.constexpr = 2 if SWIGLU else 1
+        a = tl.zeros([BLOCK_N], dtype=tl.float32)
+        b = tl.zeros([BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([1], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            row = part_ptr + (s * M + m) * (NC * N)
+            a += tl.load(row + rn, mask=mask_n, other=0.0)
+            if SWIGLU:
+                b += tl.load(row + N + rn, mask=mask_n, other=0.0)
+            ss += tl.load(ss_ptr + s * M + m + tl.zeros([1], dtype=tl.int64))
+        rm = tl.zeros([1], dtype=tl.int64) + m
+        r = tl.where(norm != 0, tl.rsqrt(ss / K + eps), 1.0)
+        _epilogue(a[None, :], b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
 
 
@@ -444,7 +521,8 @@ if HAVE_TRITON:
 
 @dataclass(frozen=True)
 class QuantLinearConfig:
-    kernel: str = "gemv"  # "gemv" (a row a program column, float32 row sums) or "mm" (tl.dot tiles)
+    kernel: str = "gemv"  # "gemv" (a row a program column, float32 row sums), "mm" (tl.dot tiles) or
+    # "rows" (int8: every activation row, up to block_m, against weight rows read once; float32 sums)
     block_n: int = 8
     block_k: int = 512  # weights (not bytes) along K a tile
     block_m: int = 16  # mm only
@@ -452,6 +530,7 @@ class QuantLinearConfig:
     num_stages: int = 1
     lut: int = 2  # nf4: 1 = a gather per nibble, 2 = a gather per byte from the pair table
     block_sum: bool = True  # gemv, nf4 with whole blocks: absmax applied to per-block sums (else per weight)
+    split_k: int = 1  # mm only: K in this many parts, each its own program (more programs for a short N)
 
 
 def m_bucket(m: int) -> int:
@@ -467,12 +546,21 @@ def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinea
     programs at small M. SwiGLU reads two weight rows an output column: half the columns a tile, which keeps
     those tiles free of spills too."""
     bm = max(16, min(64, m_bucket(m)))
-    if bm <= 32:  # (block_n, block_k, warps, stages)
-        tiles = [(32, 128, 4, 3), (16, 256, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (32, 256, 8, 2), (64, 64, 4, 4)]
+    if bm <= 32:  # (block_n, block_k, warps, stages, K splits)
+        tiles = [(32, 128, 4, 3, 1), (16, 256, 4, 3, 1), (64, 128, 8, 3, 1), (32, 64, 4, 4, 1), (32, 256, 8, 2, 1),
+                 (64, 64, 4, 4, 1)]
+        # long K tiles and K splits: more weight bytes in flight a multiprocessor, which a memory-bound
+        # product needs (a 4096-row weight gives 128-256 programs of 16-32 rows, one or two an SM)
+        tiles += [(16, 512, 4, 3, 1), (32, 512, 4, 3, 1), (32, 128, 4, 3, 4), (64, 128, 8, 3, 4), (16, 256, 4, 3, 2)]
     else:  # 64 activation rows: 8 warps share the [64, block_n] accumulator
-        tiles = [(64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3)]
-    mm = [QuantLinearConfig("mm", bn, bk, bm, w, s, 2) for bn, bk, w, s in tiles]
+        tiles = [(64, 64, 8, 3, 1), (32, 64, 8, 3, 1), (32, 128, 8, 3, 1), (64, 128, 8, 3, 1),
+                 (64, 64, 8, 3, 4), (128, 64, 8, 3, 4), (64, 128, 8, 3, 2), (128, 64, 8, 3, 8)]
+    mm = [QuantLinearConfig("mm", bn, bk, bm, w, st, 2, split_k=sk) for bn, bk, w, st, sk in tiles]
     if fmt == "int8":
+        if m <= 8:  # a few rows: the multi-row GEMV first, with long K tiles for bytes in flight
+            rows = [QuantLinearConfig("rows", bn, bk, m_bucket(m), w, 1) for bn, bk, w in
+                    ((4, 512, 4), (8, 256, 4), (2, 1024, 4), (8, 512, 8), (4, 1024, 8))]
+            mm = rows + mm
         return _halved(mm) if swiglu else mm
     gemv = [QuantLinearConfig("gemv", bn, bk, 16, w, 1, 2) for bn, bk, w in
             ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8))]
@@ -490,7 +578,7 @@ def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinea
 def _halved(configs: list[QuantLinearConfig]) -> list[QuantLinearConfig]:
     out: list[QuantLinearConfig] = []
     for c in configs:
-        h = replace(c, block_n=max(16 if c.kernel == "mm" else 2, c.block_n // 2))
+        h = replace(c, block_n=max(16 if c.kernel == "mm" else 1 if c.kernel == "rows" else 2, c.block_n // 2))
         if h not in out:
             out.append(h)
     return out
@@ -515,17 +603,44 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )
+    bias_arg = bias if bias is not None else dummy
+    norm_arg = norm_weight if norm_weight is not None else dummy
     args = (x, w.data, absmax, code, lut, code2, absmax2, w.offset, w.scale if w.scale is not None else dummy,
-            bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy, res, out)
+            bias_arg, norm_arg, res, out)
     flags = (int(bias is not None), int(residual is not None), int(norm_weight is not None))
-    if cfg.kernel == "gemv" and w.fmt != "int8":
+    if cfg.kernel == "rows":
+        if w.fmt != "int8" or M > cfg.block_m:
+            raise ValueError(f"the rows kernel takes int8 weights and at most block_m={cfg.block_m} rows")
+        _rows_int8_kernel[(triton.cdiv(n_out, cfg.block_n),)](
+            x, w.data, w.scale, bias_arg, norm_arg, res, out, M, n_out, w.k, eps, x.stride(0), res.stride(0),
+            out.stride(0), *flags, SWIGLU=swiglu, ROWS=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif cfg.kernel == "gemv" and w.fmt != "int8":
         grid = (triton.cdiv(n_out, cfg.block_n), M)
         _gemv_quant_kernel[grid](*args, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), *flags,
                                  BLOCK_SUM=blocked and cfg.block_sum, **common)
     else:
-        grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, cfg.block_m))
+        splits, k_split = _k_splits(w.k, cfg)
+        part = ss = dummy
+        if splits > 1:
+            part = torch.empty(splits, M, w.n if swiglu else n_out, device=x.device, dtype=torch.float32)
+            ss = torch.empty(splits, M, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, cfg.block_m), splits)
         _mm_quant_kernel[grid](*args, M, n_out, w.k, eps, x.stride(0), res.stride(0), out.stride(0), *flags,
-                               IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, **common)
+                               part, ss, k_split, IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
+                               SPLIT_K=splits, **common)
+        if splits > 1:
+            _split_k_epilogue_kernel[(triton.cdiv(n_out, 256), M)](
+                part, ss, w.scale if w.scale is not None else dummy, bias if bias is not None else dummy, res, out,
+                M, n_out, w.k, eps, res.stride(0), out.stride(0), *flags, SPLIT_K=splits,
+                HAS_SCALE=w.scale is not None, SWIGLU=swiglu, BLOCK_N=256, num_warps=4)
+
+
+def _k_splits(k: int, cfg: QuantLinearConfig) -> tuple[int, int]:
+    """(splits, weights along K a split): whole BLOCK_K tiles a split, no split left empty."""
+    tiles = triton.cdiv(k, cfg.block_k)
+    per_split = triton.cdiv(tiles, max(1, min(cfg.split_k, tiles)))
+    return triton.cdiv(tiles, per_split), per_split * cfg.block_k
 
 
 _chosen: dict[tuple, QuantLinearConfig] = {}  # (key, device) -> config: the hot path is one dict lookup

@@ -102,8 +102,15 @@ class CompletionFormat(_Format):
                           choices=[CompletionChoice(text=text, finish_reason=finish_reason(reply))])
 
 
+# Characters that Python's str.splitlines (and so httpx's aiter_lines, and many a client's line reader) takes
+# for line ends, though SSE ends lines at \r and \n only: a reply holding one would cut its data line in two.
+# JSON puts them only inside strings, where the \uXXXX escape means the same text.
+_LINE_BREAKS = {c: f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+_ESCAPE_BREAKS = str.maketrans(_LINE_BREAKS)
+
+
 def _event(obj: BaseModel) -> str:
-    return f"data: {obj.model_dump_json()}\n\n"
+    return f"data: {obj.model_dump_json().translate(_ESCAPE_BREAKS)}\n\n"
 
 
 async def sse_stream(pump: EventPump, first: Optional[ReplyEvent], fmt: ReplyFormat) -> AsyncIterator[str]:

@@ -8,6 +8,7 @@ own dequantize_4bit for NF4, the release's documented packing rule for int4); ou
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import time
 
@@ -30,6 +31,9 @@ GEMV_LUT2 = Q.QuantLinearConfig("gemv", block_n=4, block_k=128, lut=2)
 GEMV_LUT1 = Q.QuantLinearConfig("gemv", block_n=8, block_k=64, lut=1)
 GEMV_PER_WEIGHT = Q.QuantLinearConfig("gemv", block_n=4, block_k=256, lut=2, block_sum=False)
 MM = Q.QuantLinearConfig("mm", block_n=16, block_k=64, block_m=16)
+MM_SPLIT2 = Q.QuantLinearConfig("mm", block_n=16, block_k=64, block_m=16, split_k=2)
+MM_SPLIT3 = Q.QuantLinearConfig("mm", block_n=16, block_k=64, block_m=16, split_k=3)
+ROWS4 = Q.QuantLinearConfig("rows", block_n=4, block_k=64, block_m=4)
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -190,7 +194,7 @@ def test_fused_rmsnorm_prologue_and_swiglu_epilogue(fmt):
         q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-3
         w, ref_w = Q.int8_weight(q, s), q.float() * s[:, None]
     g, bias = 1 + 0.1 * torch.randn(k), torch.randn(n) * 0.1
-    configs = [(3, MM), (17, MM)] + ([] if fmt == "int8" else [(1, GEMV_LUT2), (2, GEMV_LUT2), (1, GEMV_PER_WEIGHT)])
+    configs = [(3, MM), (17, MM), (3, MM_SPLIT2), (17, MM_SPLIT3)] + ([(3, ROWS4), (1, ROWS4)] if fmt == "int8" else [(1, GEMV_LUT2), (2, GEMV_LUT2), (1, GEMV_PER_WEIGHT)])
     for m, cfg in configs:
         x, res = torch.randn(m, k) * 3, torch.randn(m, n // 2)
         out = torch.full((m, n // 2), float("nan"))
@@ -199,6 +203,33 @@ def test_fused_rmsnorm_prologue_and_swiglu_epilogue(fmt):
         plain = Q.quant_linear(x, w, norm_weight=g, config=cfg)  # the norm alone (the output layer)
         xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
         assert rel(plain, xn @ ref_w.T) < 1e-5, (m, cfg)
+
+
+def test_rows_kernel_with_a_k_tail_bias_residual_in_place_and_too_many_rows_refused():
+    w = Q.int8_weight(torch.randint(-127, 128, (22, 200), dtype=torch.int8), torch.rand(22) * 1e-3)
+    x, bias = torch.randn(4, 200), torch.randn(22) * 0.1
+    ref = x @ w.dequantize().T + bias + 1.0
+    out = torch.ones(4, 22)
+    Q.quant_linear(x, w, bias, residual=out, out=out, config=ROWS4)
+    assert rel(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="at most block_m=4 rows"):
+        Q.quant_linear(torch.randn(5, 200), w, config=ROWS4)
+
+
+@pytest.mark.parametrize("k", [200, 256])
+def test_k_splits_equal_one_pass_with_a_k_tail_and_the_residual_in_place(k):
+    """Split-K sums its parts in a fixed order: the same as one pass to float32 rounding, every run alike."""
+    w = Q.int8_weight(torch.randint(-127, 128, (24, k), dtype=torch.int8), torch.rand(24) * 1e-3)
+    x, bias = torch.randn(5, k), torch.randn(24) * 0.1
+    one = Q.quant_linear(x, w, bias, residual=torch.ones(5, 24), config=MM)
+    for cfg in (MM_SPLIT2, MM_SPLIT3, Q.QuantLinearConfig("mm", block_n=16, block_k=64, block_m=16, split_k=9)):
+        out = torch.ones(5, 24)
+        Q.quant_linear(x, w, bias, residual=out, out=out, config=cfg)
+        assert rel(out, one) < 1e-6, cfg
+        again = Q.quant_linear(x, w, bias, residual=torch.ones(5, 24), config=cfg)
+        assert torch.equal(again, out)
+    assert Q._k_splits(k, MM_SPLIT3) == (2, 128)  # 4 tiles of 64: two a split, none left empty
+    assert Q._k_splits(k, replace(MM, split_k=9)) == (4, 64)
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
