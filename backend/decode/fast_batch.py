@@ -47,6 +47,9 @@ MAX_ROWS = 64  # the quantized kernels' largest M bucket
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PREFIX_SLOTS = 256  # reserved before each row's context for an adapter prefix
 QUANT_MAX_M = 64  # prompts longer than this widen each weight for one tensor-core matmul
+# Up to this many rows, int8 linears run the one-row GEMV once a row (16-bit ones for one row): on the H200 one
+# row is 2.5 ms a step that way, and two rows through the multi-row kernels 7.8 ms (bench/NOTES.md, run 8)
+ONE_ROW_GEMV_MAX_M = 2
 
 
 class _Linear:
@@ -67,7 +70,8 @@ class _Linear:
                 LinearWeights(self.w, None, self.bias)
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None):
-        if x.shape[0] == 1 and self.one_row is not None and _gemv_runs(x):
+        rows_ok = x.shape[0] == 1 or (self.q is not None and x.shape[0] <= ONE_ROW_GEMV_MAX_M)  # 16-bit: cuBLAS
+        if rows_ok and self.one_row is not None and _gemv_runs(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.q is not None and x.shape[0] <= QUANT_MAX_M:
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
@@ -82,15 +86,20 @@ class _Linear:
         return y if out is None else out.copy_(y)
 
     def _one_row(self, x, norm, eps, swiglu, residual, out):
-        """One activation row through the one-row decoder's GEMV (int8_linear.gemv) and its tuned tiles: the
-        tensor-core tiles of quant_linear compute 16 rows to use one and read the weight at a fraction of
-        the bandwidth (bench/NOTES.md, run 8)."""
+        """Each activation row through the one-row decoder's GEMV (int8_linear.gemv) and its tuned tiles: the
+        tensor-core tiles of quant_linear compute 16 rows to use one or two and read the weight at a fraction
+        of the bandwidth (bench/NOTES.md, run 8)."""
         from ..int8_linear import default_gemv_config, gemv
 
         n = self.one_row.weight.shape[0] // (2 if swiglu else 1)
-        y = out if out is not None else torch.empty(1, n, device=x.device, dtype=x.dtype)
-        gemv(x[0].contiguous(), self.one_row, y[0], norm_weight=norm, eps=eps, swiglu=swiglu,
-             residual=None if residual is None else residual[0], config=default_gemv_config(self.kind, self.q is not None))
+        y = out if out is not None else torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+        config = default_gemv_config(self.kind, self.q is not None)
+        for i in range(x.shape[0]):
+            res = None if residual is None or swiglu else residual[i]  # (the GEMV's SwiGLU epilogue adds none)
+            gemv(x[i].contiguous(), self.one_row, y[i], norm_weight=norm, eps=eps, swiglu=swiglu, residual=res,
+                 config=config)
+        if swiglu and residual is not None:
+            y += residual
         return y
 
     def _wide(self, x: torch.Tensor) -> torch.Tensor:

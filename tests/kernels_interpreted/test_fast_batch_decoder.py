@@ -75,3 +75,24 @@ def test_a_next_turn_reuses_the_parked_row_and_gives_the_same_tokens():
     fresh = run(BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False),
                 [DecodeRequest(follow, GREEDY, adapter="ad")])[0]
     assert reused == fresh
+
+
+def test_one_and_two_int8_rows_through_the_one_row_gemv_equal_the_packed_kernels():
+    """Rows 1 and 2 of an int8 linear run int8_linear.gemv once a row: the same sums as quant_linear's."""
+    from backend.decode.fast_batch import ONE_ROW_GEMV_MAX_M, _Linear
+    from backend.kernels.gemv_4bit import quant_linear
+
+    layer = torch.nn.Module()
+    layer.weight = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    layer.weight_scale = torch.rand(24) * 1e-2
+    layer.in_features, layer.bias = 64, None
+    lin = _Linear(layer, torch.float32, "dense")
+    assert lin.q.fmt == "int8" and ONE_ROW_GEMV_MAX_M == 2
+    g = 1 + 0.1 * torch.randn(64)
+    for m in (1, 2):
+        x, res = torch.randn(m, 64), torch.randn(m, 12)
+        out = lin(x, norm=g, swiglu=True, residual=res)
+        ref = quant_linear(x, lin.q, norm_weight=g, swiglu=True, residual=res)
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4), m
+        res = torch.randn(m, 24)
+        assert torch.allclose(lin(x, residual=res), quant_linear(x, lin.q, residual=res), rtol=1e-4, atol=1e-4), m
