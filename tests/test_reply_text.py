@@ -27,12 +27,8 @@ def random_ids(tok, rng: random.Random) -> list[int]:
 
 @pytest.fixture(scope="module", params=["real", "tiny3"])
 def tokenizer(request, tmp_path_factory):
-    if request.param == "real":
-        from conftest import REAL_TOKENIZER
-
-        if not REAL_TOKENIZER.exists():
-            pytest.skip("../shared/reference/chatglm2/tokenizer.model is absent")
-        return ChatGLMTokenizer(str(REAL_TOKENIZER))
+    if request.param == "real":  # skipped when ../shared is absent
+        return ChatGLMTokenizer(str(request.getfixturevalue("real_tokenizer_file")))
     return ChatGLM3Tokenizer(str(make_tokenizer_file(tmp_path_factory.mktemp("tok3"))))
 
 

@@ -38,7 +38,7 @@ from ..kernels.attention_batch import attention_workspace, decode_attention, rop
 from ..kernels.gemv_4bit import QuantizedWeight, quant_linear, quantized_weight
 from ..lean_autograd import rms_norm
 from ..modeling import apply_rotary, rope_settings, rotary_cos_sin
-from ..service import BackendError
+from ..service import BackendError, SamplingParams
 from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
 from ..gpu_memory import free_bytes
@@ -251,9 +251,20 @@ class BatchFastDecoder:
                     lw.qkv(x, norm=lw.ln1, eps=self.eps)
                     lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
                     lw.dense(x, residual=x)
+            self._warm_prefill()
             for bucket in BUCKETS:
                 if bucket <= self.max_batch and self.use_graphs and bucket not in self._graphs:
                     self._capture(bucket)
+
+    def _warm_prefill(self) -> None:
+        """One long prompt in each of two rows, the way a compare's prompts go: the first of each kind of
+        library kernel they use (attention with a mask, scatter into the cache) loads now; on the H200 a first
+        two-row prompt took 0.5 s (bench/NOTES.md, run 8). Nothing of it is kept."""
+        rows = [_Row(-1 - i, DecodeRequest([0], SamplingParams()), i, 0, 1, [0] * (QUANT_MAX_M + 1))
+                for i in range(min(2, self.max_batch))]
+        self._prefill(rows)
+        for row in rows:
+            self._free(row, park=False)
 
     # -- protocol: admission ------------------------------------------------------------------
 
