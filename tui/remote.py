@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import socket
 import threading
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from backend.service import (
 ACTIVE = object()  # "the active adapter", the default of the reply calls' adapter argument
 _FINISHED = object()
 TIMEOUT = httpx.Timeout(30.0, read=None)  # a reply may wait in the server's queue: no read limit
+STOP_POLL_S = 0.05  # how often a reply waiting for the server looks at its stop event
 
 
 def to_messages(query: str, history: History, system: Optional[str] = None) -> list[ChatMessage]:
@@ -159,27 +161,61 @@ class RemoteBackend:
                 "stream_options": {"include_usage": True}, **({"seed": seed} if seed is not None else {}),
                 **({"stop": list(stop)} if stop else {})}
         start, text, finish, usage = time.perf_counter(), [], "cancelled", {}
-        try:
-            with self._http.stream("POST", path, json=body) as response:
-                self._check(response)
-                for chunk in _sse_chunks(response):
-                    if cancel is not None and cancel.is_set():
-                        break
-                    if "error" in chunk:
-                        raise BackendError(chunk["error"].get("message", "the server failed the reply."))
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices", []):
-                        piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                        if piece:
-                            text.append(piece)
-                            yield TextDelta(piece, index)
-                        finish = choice.get("finish_reason") or finish
-        except httpx.TransportError as err:
-            raise self._unreachable(err) from None
+        for chunk in self._chunks(path, body, cancel):
+            if "error" in chunk:
+                raise BackendError(chunk["error"].get("message", "the server failed the reply."))
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                if piece:
+                    text.append(piece)
+                    yield TextDelta(piece, index)
+                finish = choice.get("finish_reason") or finish
         stopped = finish == "cancelled"
         reply = Reply("".join(text), adapter, stopped, usage.get("completion_tokens", 0), time.perf_counter() - start,
                       usage.get("prompt_tokens", 0), finish)
         yield ReplyDone(reply, index)
+
+    def _chunks(self, path: str, body: dict, cancel) -> Iterator[dict]:
+        """The reply's event chunks, read by a thread of its own on a connection of its own, so that a stop ends
+        the reply at once, also while it waits in the server's queue and no byte has come back yet: the socket
+        is shut down, which the server sees as the client leaving (it drops the waiting request)."""
+        items: queue.Queue = queue.Queue()
+        sockets: list = []
+
+        def trace(name: str, info: dict) -> None:
+            if name == "connection.connect_tcp.complete":
+                sockets.append(info["return_value"].get_extra_info("socket"))
+
+        def read() -> None:
+            try:
+                with httpx.Client(base_url=self.url, headers=self._http.headers, timeout=TIMEOUT) as client:
+                    with client.stream("POST", path, json=body, extensions={"trace": trace}) as response:
+                        self._check(response)
+                        for chunk in _sse_chunks(response):
+                            items.put(chunk)
+            except BaseException as err:  # noqa: BLE001 - raised in the reader's thread below
+                items.put(err)
+            finally:
+                items.put(_FINISHED)
+
+        threading.Thread(target=read, name="glmchat-remote-reply", daemon=True).start()
+        try:
+            while not (cancel is not None and cancel.is_set()):
+                try:
+                    item = items.get(timeout=STOP_POLL_S)
+                except queue.Empty:
+                    continue
+                if item is _FINISHED:
+                    return
+                if isinstance(item, httpx.TransportError):
+                    raise self._unreachable(item) from None
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for sock in sockets:
+                _shut_down(sock)
 
     def compare(self, query: str, history: History, params: SamplingParams, adapters: Sequence[Optional[str]] = (),
                 cancel: Optional[threading.Event] = None, seed: Optional[int] = None) -> Iterator[ReplyEvent]:
@@ -241,6 +277,14 @@ def _sampling(params: SamplingParams, context_length: int) -> dict:
     """The app's settings as request fields; the reply is capped at the context, as the engine caps it in-process."""
     return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
             "repetition_penalty": params.repetition_penalty, "max_tokens": min(params.max_new_tokens, context_length)}
+
+
+def _shut_down(sock) -> None:
+    """End a connection now, also while another thread waits in recv on it (a close alone would not wake it)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed: the reply had ended
+        pass
 
 
 def _sse_chunks(response: httpx.Response) -> Iterator[dict]:

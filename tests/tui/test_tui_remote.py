@@ -103,12 +103,15 @@ async def test_esc_stops_a_reply_waiting_for_the_server_and_frees_its_row(server
             await wait_until(pilot, lambda: app.chat.generation is not None and len(log.waiting()) == 1
                              and in_flight(server.url) == 1, timeout=30, what="the reply to wait on the server")
             await pilot.press("escape")
-        # the stop is seen at the server's first chunk (the client closes the stream then)
-        await wait_until(pilot, lambda: app.chat.generation is None, timeout=30, what="the reply to stop")
-        assert replies(app)[-1].record.stopped
-        stream = log.streams[seen]
+            # while the rows are still taken: the client shuts its connection, the server drops the request
+            await wait_until(pilot, lambda: app.chat.generation is None, timeout=5, what="the reply to stop")
+            assert replies(app)[-1].record.stopped
+            stream = log.streams[seen]
+            await wait_until(pilot, stream.is_cancelled, timeout=10, what="the server to cancel the waiting request")
+            assert stream.row not in log.admitted  # it never took a row
+        # (the held batcher drops it at its next step; the server's reply then ends)
         await wait_until(pilot, lambda: stream.finish_reason == "cancelled" and engine.decoder.rows == 0
-                         and in_flight(server.url) == 0, timeout=30, what="the row to be freed")
+                         and in_flight(server.url) == 0, timeout=30, what="the rows to be freed")
 
 
 def test_a_stop_mid_stream_closes_it_and_the_server_cancels_the_row(server, tiny):
