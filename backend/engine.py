@@ -9,11 +9,12 @@ turn feeds only its new tokens; the CUDA fast decoder keeps its last conversatio
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import AsyncIterator, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -159,8 +160,8 @@ class ChatEngine:
         return adapter
 
     def _submit(self, ids: list[int], params: SamplingParams, adapter: Optional[str], seed, cancel,
-                stop_ids: Iterable[int]) -> TokenStream:
-        return self.batcher.submit(DecodeRequest(ids, params, adapter, seed, frozenset(stop_ids)), cancel)
+                stop_ids: Iterable[int], loop=None) -> TokenStream:
+        return self.batcher.submit(DecodeRequest(ids, params, adapter, seed, frozenset(stop_ids)), cancel, loop)
 
     def _stream(self, stream: TokenStream, stop: Sequence[str] = ()) -> Iterator[ReplyEvent]:
         reply = _ReplyBuilder(self.tokenizer, stream, stop, 0)
@@ -173,6 +174,41 @@ class ChatEngine:
             if stream.finish_reason is None:  # a stop string, or the reader went away
                 stream.cancel()
         yield from reply.on_end()
+
+    async def _astream(self, stream: TokenStream, stop: Sequence[str] = ()) -> AsyncIterator[ReplyEvent]:
+        """``_stream`` on an event loop: the decoding thread hands the tokens to the loop."""
+        reply = _ReplyBuilder(self.tokenizer, stream, stop, 0)
+        try:
+            async for token in stream:
+                for event in reply.on_token(token):
+                    yield event
+                if reply.text.hit_stop:
+                    break
+        finally:
+            if stream.finish_reason is None:
+                stream.cancel()
+        for event in reply.on_end():
+            yield event
+
+    async def astream_messages(self, messages: Sequence[ChatMessage], params: SamplingParams,
+                               cancel: Optional[threading.Event] = None, adapter: Union[str, None, object] = ACTIVE,
+                               seed: Optional[int] = None, stop: Sequence[str] = ()) -> AsyncIterator[ReplyEvent]:
+        """``stream_messages`` for a caller on an event loop (the server): no thread of its own per reply."""
+        adapter = self._adapter(adapter)
+        stream = self._submit(self._chat_ids(messages, adapter), params, adapter, seed, cancel,
+                              self.tokenizer.chat_stop_ids(), asyncio.get_running_loop())
+        async for event in self._astream(stream, stop):
+            yield event
+
+    async def astream_completion(self, prompt: str, params: SamplingParams, cancel: Optional[threading.Event] = None,
+                                 adapter: Union[str, None, object] = ACTIVE, seed: Optional[int] = None,
+                                 stop: Sequence[str] = ()) -> AsyncIterator[ReplyEvent]:
+        """``stream_completion`` for a caller on an event loop."""
+        adapter = self._adapter(adapter)
+        stream = self._submit(self.tokenizer.encode(prompt), params, adapter, seed, cancel,
+                              [self.tokenizer.eos_token_id], asyncio.get_running_loop())
+        async for event in self._astream(stream, stop):
+            yield event
 
     def stream_reply(
         self,

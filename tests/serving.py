@@ -43,8 +43,8 @@ class EngineLog:
         batcher, decoder = engine.batcher, engine.decoder
         submit, add, step = batcher.submit, decoder.add, decoder.step
 
-        def submitted(request, cancel=None):
-            stream = submit(request, cancel)
+        def submitted(request, cancel=None, loop=None):
+            stream = submit(request, cancel, loop)
             self.streams.append(stream)
             return stream
 

@@ -272,3 +272,30 @@ def test_the_fast_decoder_places_a_new_row_in_the_smallest_bucket_evicting_a_par
     assert decoder._take_slot(None, [4, 5]) == (0, 0)
     decoder._parked[3] = _Parked(None, [4, 5, 6, 7])
     assert decoder._take_slot(None, [4, 5, 6, 7, 8]) == (3, 4)  # a conversation's next turn finds its row
+
+
+def test_streams_read_on_an_event_loop_get_the_same_tokens_without_a_thread_each(model, prefixes):
+    """``async for`` over streams submitted with a loop: the decoding thread hands tokens to the loop."""
+    import asyncio
+
+    dec = decoder(model, prefixes, max_batch=4)
+    batcher = Batcher(dec)
+    requests = [DecodeRequest(p, GREEDY, a) for p, a in zip(PROMPTS, [None, "a", "b", None])]
+
+    async def read_all():
+        loop = asyncio.get_running_loop()
+        threads = threading.active_count()
+
+        async def read(request):
+            return [t async for t in batcher.submit(request, loop=loop)]
+
+        results = await asyncio.gather(*(read(r) for r in requests))
+        assert threading.active_count() == threads  # no reader thread was started
+        return results
+
+    try:
+        results = asyncio.run(read_all())
+    finally:
+        batcher.close()
+    for r, tokens in zip(requests, results):
+        assert tokens == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)

@@ -401,3 +401,15 @@ def test_a_reply_holding_unicode_line_separators_stays_one_sse_data_line():
     line = event.removesuffix("\n\n")
     assert line.splitlines() == [line]
     assert json.loads(line.removeprefix("data: "))["choices"][0]["text"] == text
+
+
+def test_the_engine_streams_through_the_event_loop_with_no_thread_per_reply(client, engine):
+    """ChatEngine's replies reach the server on its event loop: no pump thread a request (the blocking path
+    stays for other backends)."""
+    import threading
+
+    stream = client.chat.completions.create(model="tiny", messages=HELLO, stream=True, temperature=0, max_tokens=6)
+    first = next(iter(stream))
+    assert not [t for t in threading.enumerate() if t.name == "glmchat-reply"]
+    text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == engine_reply(engine, 6)

@@ -10,12 +10,13 @@ A cancelled stream's row is freed before the next step.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import queue
 import threading
 from collections import deque
-from typing import Iterator, Optional, Sequence
+from typing import AsyncIterator, Iterator, Optional, Sequence
 
 from ..service import BusyError
 from .protocol import FINISH_CANCELLED, DecodeRequest, Decoder
@@ -26,9 +27,13 @@ _END = object()
 class TokenStream:
     """The new token ids of one row, in order (thread-safe). ``finish_reason`` is set once it ends."""
 
-    def __init__(self, batcher: "Batcher", row: int, request: DecodeRequest, cancel: Optional[threading.Event] = None):
+    def __init__(self, batcher: "Batcher", row: int, request: DecodeRequest, cancel: Optional[threading.Event] = None,
+                 loop: Optional[asyncio.AbstractEventLoop] = None):
         self._batcher, self.row, self.request = batcher, row, request
-        self._items: queue.Queue = queue.Queue()
+        # read with ``for`` (a blocking queue), or with ``async for`` on ``loop`` (the decoding thread hands each
+        # token to the loop: a server needs no thread per reply)
+        self._loop = loop
+        self._items = asyncio.Queue() if loop is not None else queue.Queue()
         self.finish_reason: Optional[str] = None
         self.cancelled = threading.Event()
         self._caller_cancel = cancel  # the caller's own event (e.g. the app's stop key), watched between steps
@@ -54,18 +59,33 @@ class TokenStream:
                 raise item
             yield item
 
+    async def __aiter__(self) -> AsyncIterator[int]:
+        while True:
+            item = await self._items.get()
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
     def _put(self, item) -> None:
-        self._items.put(item)
+        if self._loop is None:
+            self._items.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody reads this stream any more
+            self.cancelled.set()
 
     def _end(self, reason: str) -> None:
         if self.finish_reason is None:
             self.finish_reason = reason
-            self._items.put(_END)
+            self._put(_END)
 
     def _fail(self, error: Exception) -> None:
         if self.finish_reason is None:
             self.finish_reason = "error"
-            self._items.put(error)
+            self._put(error)
 
 
 class Batcher:
@@ -86,14 +106,16 @@ class Batcher:
     def max_batch(self) -> int:
         return self.decoder.max_batch
 
-    def submit(self, request: DecodeRequest, cancel: Optional[threading.Event] = None) -> TokenStream:
-        """A stream of the request's new tokens; ``cancel`` (set from any thread) frees its row at the next step."""
+    def submit(self, request: DecodeRequest, cancel: Optional[threading.Event] = None,
+               loop: Optional[asyncio.AbstractEventLoop] = None) -> TokenStream:
+        """A stream of the request's new tokens; ``cancel`` (set from any thread) frees its row at the next step;
+        ``loop``: the stream is read with ``async for`` on that event loop."""
         self.decoder.check(request)  # a request that can never run: its BackendError, at once
         with self._cond:
             # the waiting list holds new requests until the thread admits them: free rows count as room too
             if len(self._waiting) + len(self._running) >= self.decoder.max_batch + self.max_queue:
                 raise BusyError(f"all {self.decoder.max_batch} decoding rows are busy and {self.max_queue} requests wait; try again shortly.")
-            stream = TokenStream(self, next(self._ids), request, cancel)
+            stream = TokenStream(self, next(self._ids), request, cancel, loop)
             self._waiting.append(stream)
             self._cond.notify()
         return stream

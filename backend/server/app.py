@@ -13,7 +13,7 @@ import dataclasses
 import hmac
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..service import AdapterInfo, BackendError, ChatBackend, ChatMessage, ReplyDone, ReplyEvent, SamplingParams, TextDelta
 from .errors import APIError, BodySizeLimit, from_backend, install_error_handlers
-from .pump import EventPump
+from .pump import AsyncEvents, EventPump
 from .replies import ChatFormat, CompletionFormat, ReplyFormat, sse_stream
 from .schemas import (
     AdapterCard,
@@ -114,10 +114,12 @@ class Server:
         )
 
     async def respond(self, request: Request, stream: bool, fmt: ReplyFormat,
-                      start: Callable[[threading.Event], Iterator[ReplyEvent]]):
-        """Start the reply; its first event (or the backend's refusal) decides the status code."""
+                      start: Callable[[threading.Event], Iterator[ReplyEvent]],
+                      astart: Optional[Callable[[threading.Event], AsyncIterator[ReplyEvent]]] = None):
+        """Start the reply (``astart``, the async form, where the backend has one); its first event (or the
+        backend's refusal) decides the status code."""
         self.in_flight.enter()
-        pump = EventPump(self._counted(start))
+        pump = AsyncEvents(astart, self.in_flight.leave) if astart is not None else EventPump(self._counted(start))
         streaming = False
         try:
             first = await until_disconnected(request, pump.next())
@@ -234,17 +236,27 @@ def create_app(backend: ChatBackend, api_key: Optional[str] = None, *, model_nam
             raise APIError(400, f"the last message is the {messages[-1].role}'s; end 'messages' with the user's "
                            "message to get a reply to it.", "messages", "invalid_value")
         fmt = ChatFormat(body.model or server.base, body)
-        return await server.respond(request, body.stream, fmt, lambda cancel: backend.stream_messages(
-            messages, params, cancel=cancel, adapter=adapter, seed=body.seed, stop=body.stops))
+        options = dict(adapter=adapter, seed=body.seed, stop=body.stops)
+        return await server.respond(
+            request, body.stream, fmt, lambda cancel: backend.stream_messages(messages, params, cancel=cancel, **options),
+            async_form(backend, "astream_messages", messages, params, **options))
 
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
         adapter, params = server.adapter_for(body.model), server.sampling(body)
         fmt = CompletionFormat(body.model or server.base, body)
-        return await server.respond(request, body.stream, fmt, lambda cancel: backend.stream_completion(
-            body.prompt, params, cancel=cancel, adapter=adapter, seed=body.seed, stop=body.stops))
+        options = dict(adapter=adapter, seed=body.seed, stop=body.stops)
+        return await server.respond(
+            request, body.stream, fmt, lambda cancel: backend.stream_completion(body.prompt, params, cancel=cancel, **options),
+            async_form(backend, "astream_completion", body.prompt, params, **options))
 
     return app
+
+
+def async_form(backend: ChatBackend, method: str, *args, **kwargs):
+    """``cancel -> backend.method(*args, cancel=cancel, **kwargs)`` where the backend streams asynchronously, else None."""
+    stream = getattr(backend, method, None)
+    return None if stream is None else (lambda cancel: stream(*args, cancel=cancel, **kwargs))
 
 
 def register_or_scan(backend: ChatBackend, path: str, name: Optional[str]) -> list[AdapterInfo]:

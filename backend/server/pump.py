@@ -1,16 +1,17 @@
-"""A blocking reply stream (``ChatBackend.stream_*``) run in its own thread, its events awaited in asyncio.
+"""A reply's events awaited in asyncio: ``AsyncEvents`` for a backend with async streams (``ChatEngine``,
+whose decoding thread hands each token to the event loop), ``EventPump`` for a blocking one, run in a thread.
 
-Each request gets a thread of its own rather than a slot in anyio's worker pool: that pool holds
-40 threads, fewer than the rows a batched engine decodes at once, and a reply occupies its thread
-for the whole reply. Closing the pump sets the request's cancel event at once, so a client that
-goes away frees its row at the engine's next token.
+``EventPump`` gives each request a thread of its own rather than a slot in anyio's worker pool: that
+pool holds 40 threads, fewer than the rows a batched engine decodes at once, and a reply occupies its
+thread for the whole reply. Closing either sets the request's cancel event at once, so a client that
+goes away frees its row at the engine's next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 from ..service import ReplyEvent
 
@@ -55,3 +56,37 @@ class EventPump:
     def close(self) -> None:
         """The client is gone or done: stop the reply (a finished one is unaffected)."""
         self.cancel.set()
+
+
+class AsyncEvents:
+    """``EventPump``'s interface over an async reply stream: no thread, no hop between threads a token (with 64
+    streams, a thread each cost the server most of the engine's rate: BENCHMARKS.md). ``on_end`` runs once,
+    when the stream ends or is closed."""
+
+    def __init__(self, start: Callable[[threading.Event], AsyncIterator[ReplyEvent]], on_end: Callable[[], None]):
+        self.cancel = threading.Event()
+        self._events = start(self.cancel)
+        self._on_end: Optional[Callable[[], None]] = on_end
+
+    async def next(self) -> Optional[ReplyEvent]:
+        """The next event, None at the end; an exception from the backend is raised here."""
+        if self._on_end is None:
+            return None
+        try:
+            return await self._events.__anext__()
+        except StopAsyncIteration:
+            self._ended()
+            return None
+        except BaseException:
+            self._ended()
+            raise
+
+    def close(self) -> None:
+        """The client is gone or done: stop the reply (its row is freed at the engine's next step)."""
+        self.cancel.set()
+        self._ended()
+
+    def _ended(self) -> None:
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end()
