@@ -7,6 +7,12 @@
 #                                     # NF4, the int4 release, bf16 (bench_engine.py)
 #   bash bench/run_device.sh serving  # train_cli.py eval on 1070 examples; glmchat serve under 1/8/64 streams
 #   bash bench/run_device.sh cards    # small cards under memory caps; the train.sh recipe (bench_train.py)
+#   bash bench/run_device.sh profile  # where a batched step's time goes at 1/2/8/64 rows (profile_batch_step.py)
+#
+# .whl holds the packages the GPU image lacks (bitsandbytes with only its CUDA 13 library, jieba, datasets,
+# dill, multiprocess, fastapi, starlette, pydantic, pydantic-core, annotated-types, typing-inspection,
+# opentelemetry-api (FastAPI imports it), uvicorn, platformdirs, nltk, rouge-chinese); README of the device
+# tool says how to download them.
 #
 # Full-size random weights in the release layout are made once per machine in /tmp (bench_load.py).
 set -o pipefail
@@ -22,7 +28,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-[ "$1" = serving ] || [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null
+[ "$1" = serving ] || [ "$1" = profile ] || [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -66,8 +72,13 @@ cards)
   timeout 150 python3 bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 12 > "$OUT/train.jsonl" 2> "$OUT/train.err"
   stamp "train"; tail -n 4 "$OUT/train.jsonl"
   ;;
+profile)
+  timeout 300 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 1,2,8,64 \
+      > "$OUT/profile_8bit.jsonl" 2> "$OUT/profile_8bit.err"
+  stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
+  ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|profile" >&2
   exit 2
   ;;
 esac
