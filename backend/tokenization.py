@@ -105,7 +105,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         vanish whether or not `skip_special_tokens` is set, and the rest goes through sp's piece decoder.
         Ids past the vocabulary (the model's padded rows, which an untrained model can emit) vanish too."""
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
-        kept = [int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in self._silent_ids]
+        size, silent = self.vocab_size, self._silent_ids  # (a property: once, not once an id)
+        kept = [i for i in map(int, ids) if 0 <= i < size and i not in silent]
         text = self.convert_tokens_to_string(self.convert_ids_to_tokens(kept))
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
@@ -193,8 +194,8 @@ class ChatGLM3Tokenizer(ChatGLMTokenizer):
         """As the original: every id becomes its piece (a special its name, <unk>/<s>/</s> and ids
         outside the vocabulary nothing) and SentencePiece joins them."""
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
-        pieces = ["" if not 0 <= int(i) < self.vocab_size or int(i) in self._silent_ids else self._convert_id_to_token(int(i))
-                  for i in ids]
+        size, silent = self.vocab_size, self._silent_ids
+        pieces = ["" if not 0 <= i < size or i in silent else self._convert_id_to_token(i) for i in map(int, ids)]
         return self.sp_model.decode_pieces(pieces)
 
     def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:

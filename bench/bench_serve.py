@@ -1,7 +1,7 @@
 """Load on ``glmchat serve``: 1, 8 and 64 concurrent streaming chat requests; aggregate tok/s, p50/p99 TTFT.
 
 Bounded on purpose: the server is started here on 127.0.0.1 (never another address), each level
-sends a fixed number of requests (``--rounds`` x the concurrency) and the script stops the server
+sends a fixed number of requests (``--rounds`` x the concurrency, at least 8) and the script stops the server
 (SIGTERM, which drains) and exits by itself.
 
     python bench/bench_serve.py --model DIR --quantization 8bit --out bench/serve.json
@@ -141,7 +141,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quantization", choices=["8bit", "4bit", "none"])
     parser.add_argument("--engine", choices=["fast", "eager"])
     parser.add_argument("--concurrency", default="1,8,64", help="comma-separated levels (default 1,8,64)")
-    parser.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency (default 2)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="requests per level = rounds x concurrency, at least 8 (default 2)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -162,7 +163,9 @@ def main() -> int:
         asyncio.run(level(url, 1, 1, min(8, args.max_tokens)))  # warm-up: first-use compilation and captures
         rows = []
         for concurrency in args.levels:
-            row = asyncio.run(level(url, concurrency, concurrency * args.rounds, args.max_tokens))
+            # at least 8 requests a level: the one-stream level, which the others are compared with, is not
+            # then one or two replies' luck
+            row = asyncio.run(level(url, concurrency, max(8, concurrency * args.rounds), args.max_tokens))
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:

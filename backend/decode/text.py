@@ -25,6 +25,7 @@ class IncrementalDecoder:
         self.raw = ""  # decoded text of ids[:_read]
         self._prefix = 0  # the window decodes ids[_prefix:]; ids[_prefix:_read] are already in raw
         self._read = 0
+        self._known = ""  # ids[_prefix:_read] decoded
 
     def add(self, token: int) -> bool:
         """Append ``token``; False while the newest ids end inside a character (raw is unchanged then)."""
@@ -32,15 +33,17 @@ class IncrementalDecoder:
         window = self.tokenizer.decode(self.ids[self._prefix:])
         if window.endswith("\ufffd"):
             return False
-        known = self.tokenizer.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
-        if window.startswith(known):
-            self.raw += window[len(known):]
+        if window.startswith(self._known):
+            self.raw += window[len(self._known):]
         else:  # the window rewrote earlier text (not seen with SentencePiece): decode everything once
             self.raw = self.tokenizer.decode(self.ids)
         # the next window starts at the ids just settled, unless they decode to nothing but spaces (a silent
         # id, a lone space piece): a window must begin with text, or its first piece's space would be dropped
-        if self.tokenizer.decode(self.ids[self._read:]).strip():
-            self._prefix = self._read
+        settled = self.tokenizer.decode(self.ids[self._read:])
+        if settled.strip():
+            self._prefix, self._known = self._read, settled
+        else:
+            self._known = window
         self._read = len(self.ids)
         return True
 
