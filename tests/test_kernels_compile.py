@@ -1,0 +1,106 @@
+"""The batched decoder's Triton kernels compile for the GPUs we support, without a GPU: Hopper (sm_90, with and
+without programmatic dependent launch), Ampere (sm_80) and Turing (sm_75, fp16: no bf16 there).
+
+Triton's interpreter (tests/kernels_interpreted) checks what the kernels compute; this checks what only the
+compiler sees: that each variant the tuner may pick lowers to PTX and SASS, fits the card's shared memory,
+and reads int8 weights with vector loads (Triton specialises pointers and dimensions divisible by 16, as the
+real shapes are; a byte-wide load of a weight would cost most of the bandwidth).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from backend.int8_linear import _gemv_kernel  # noqa: E402
+from backend.kernels import attention_batch as A  # noqa: E402
+from backend.kernels import gemv_4bit as Q  # noqa: E402
+
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 75: 64 * 1024}
+ACT = "*fp16"
+QUANT_TYPES = {"x_ptr": ACT, "w_ptr": "*i8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "lut_ptr": "*i64",
+               "code2_ptr": "*fp32", "absmax2_ptr": "*fp32", "offset": "fp32", "scale_ptr": "*fp32", "bias_ptr": ACT,
+               "norm_ptr": ACT, "res_ptr": ACT, "out_ptr": ACT, "eps": "fp32", "part_ptr": "*fp32", "ss_ptr": "*fp32"}
+# runtime integers Triton does not specialise (do_not_specialize), or small counts that are not multiples of 16
+NOT_ALIGNED = {"M", "has_bias", "residual", "norm", "G", "HPG", "NUM_SPLITS", "H", "divisor", "sm_scale", "N_PAIRS",
+               "ROW_STEP", "B_OFF", "Q_ROWS", "KV_ROWS"}
+
+
+def compile_for(fn, types: dict, consts: dict, arch: int, warps: int = 4, stages: int = 3):
+    """Compile ``fn`` for sm_``arch``: pointers and other integers divisible by 16, as the decoder's are."""
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if n not in consts and n not in NOT_ALIGNED and not types.get(n, "i32").startswith("fp")}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
+                       attrs=aligned)
+    try:
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    except RuntimeError as err:  # pragma: no cover - a Triton wheel without ptxas
+        if "ptxas" in str(err).lower():
+            pytest.skip(f"Triton cannot run ptxas here: {err}")
+        raise
+    assert kernel.metadata.shared <= SHARED_LIMIT[arch], (fn.__name__, consts, kernel.metadata.shared)
+    return kernel.asm["ptx"]
+
+
+def byte_loads(ptx: str) -> int:
+    return len(re.findall(r"ld\.global[^\n]*\.(u8|s8|b8)\b", ptx))
+
+
+TARGETS = [(90, True), (90, False), (80, False), (75, False)]
+
+
+@pytest.mark.parametrize("arch,pdl", TARGETS)
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_quantized_linear_tiles_and_k_splits(arch, pdl, fmt):
+    fid = Q._FMT_ID[fmt]
+    types = dict(QUANT_TYPES, w_ptr="*u8" if fmt == "nf4" else "*i8")
+    for bn, bk, bm, split, stages in ((32, 128, 16, 1, 3), (16, 256, 16, 2, 3), (64, 64, 64, 4, 3)):
+        if arch == 75 and bm == 64:
+            stages = 2  # Turing's 64 KB of shared memory: the tuner's 64-row tiles there run with fewer stages
+        consts = dict(FMT=fid, LUT=2, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 2, BS2=256, BLOCKED=fmt == "nf4",
+                      HAS_SCALE=fmt != "nf4", SWIGLU=True, IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl,
+                      SPLIT_K=split)
+        ptx = compile_for(Q._mm_quant_kernel, types, consts, arch, warps=8 if bm == 64 else 4, stages=stages)
+        if fmt == "int8":
+            assert byte_loads(ptx) == 0, (bn, bk, bm, split)
+    epilogue = dict(SPLIT_K=4, HAS_SCALE=True, SWIGLU=True, BLOCK_N=256)
+    compile_for(Q._split_k_epilogue_kernel, QUANT_TYPES, epilogue, arch)
+    if fmt != "int8":
+        consts = dict(FMT=fid, LUT=2, NESTED=False, BS=64 if fmt == "nf4" else 2, BS2=256, BLOCKED=fmt == "nf4",
+                      HAS_SCALE=fmt != "nf4", SWIGLU=False, BLOCK_N=8, BLOCK_K=512, BLOCK_SUM=fmt == "nf4", PDL=pdl)
+        compile_for(Q._gemv_quant_kernel, types, consts, arch, stages=1)
+
+
+@pytest.mark.parametrize("arch,pdl", TARGETS)
+def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
+    for rows, bn, bk in ((2, 4, 512), (8, 8, 256)):
+        ptx = compile_for(Q._rows_int8_kernel, QUANT_TYPES, dict(SWIGLU=True, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk), arch, stages=1)
+        assert byte_loads(ptx) == 0, (rows, bn, bk)
+    types = {"x_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "norm_ptr": ACT, "res_ptr": ACT,
+             "out_ptr": ACT, "k_cache_ptr": ACT, "v_cache_ptr": ACT, "pos_ptr": "*i64", "best_ptr": "*i64", "eps": "fp32"}
+    for epilogue, row_sum in ((0, True), (1, False)):  # plain (+ residual) and SwiGLU, as the batched decoder calls them
+        consts = dict(HEAD_DIM=2, ROT_PAIRS=1, ROPE_LOG2_BASE=13.287712379549449, BLOCK_P=4, BLOCK_K=1024, W_INT8=True,
+                      CVT=2, NORM=True, HAS_BIAS=epilogue == 0, RESIDUAL=epilogue == 0, EPILOGUE=epilogue, EVEN_K=True,
+                      EVEN_P=True, PREFETCH=False, PDL=pdl, ROW_SUM=row_sum, ARGMAX=False)
+        ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
+        assert byte_loads(ptx) == 0, epilogue
+
+
+@pytest.mark.parametrize("arch,pdl", TARGETS)
+def test_batched_rotary_and_attention(arch, pdl):
+    types = {"qkv_ptr": ACT, "q_ptr": ACT, "k_ptr": ACT, "v_ptr": ACT, "pos_ptr": "*i64", "prefix_ptr": "*i64",
+             "inv_freq_ptr": "*fp32", "divisor": "fp32", "o_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+             "out_ptr": ACT, "sm_scale": "fp32"}
+    for rounding in (0, 1):
+        compile_for(A._rope_cache_batch_kernel, types, dict(HEAD_DIM=128, ROT_PAIRS=32, PDL=pdl, ROUND=rounding), arch,
+                    warps=1, stages=1)
+    split = dict(HEAD_DIM=128, HPG_PAD=16, BLOCK_T=A.BLOCK_T, IEEE=False, PDL=pdl)
+    compile_for(A._attn_batch_split_kernel, types, split, arch, warps=8, stages=1)
+    compile_for(A._attn_batch_combine_kernel, types, dict(HEAD_DIM=128, HPG_PAD=16, SPLITS_PAD=16, PDL=pdl), arch, stages=1)
