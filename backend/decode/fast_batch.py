@@ -1,9 +1,8 @@
 """The batched fast decoder: up to 64 rows over one static cache, each decode step one CUDA-graph replay.
 
 Weights stay as loaded: int8 rows (bitsandbytes 8-bit, or our training's Int8Linear), NF4
-(bitsandbytes 4-bit) and the int4 release are read packed by ``backend.kernels.gemv_4bit.quant_linear``
-(RMSNorm, SwiGLU and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widened
-or copied at load.
+(bitsandbytes 4-bit) and the int4 release are read packed (``batch_linear.BatchLinear``: RMSNorm, SwiGLU
+and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widened or copied at load.
 
 - Cache: keys and values of every layer in two tensors [L, rows, G, slots, D]. Row r's first P_r
   slots hold its adapter's prefix, its tokens follow (token at position p in slot P_r + p). Each
@@ -35,10 +34,9 @@ import torch.nn.functional as F
 
 from ..generation import logits_processors
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
-from ..kernels.gemv_4bit import QuantizedWeight, quant_linear, quantized_weight
-from ..lean_autograd import rms_norm
 from ..modeling import apply_rotary, rope_settings, rotary_cos_sin
 from ..service import BackendError, SamplingParams
+from .batch_linear import QUANT_MAX_M, BatchLinear
 from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
 from ..gpu_memory import free_bytes
@@ -46,88 +44,6 @@ from ..gpu_memory import free_bytes
 MAX_ROWS = 64  # the quantized kernels' largest M bucket
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PREFIX_SLOTS = 256  # reserved before each row's context for an adapter prefix
-QUANT_MAX_M = 64  # prompts longer than this widen each weight for one tensor-core matmul
-# Up to this many rows, int8 linears run the one-row GEMV once a row (16-bit ones for one row): on the H200 one
-# row is 2.5 ms a step that way, and two rows through the multi-row kernels 7.8 ms (bench/NOTES.md, run 8)
-ONE_ROW_GEMV_MAX_M = 2
-
-
-class _Linear:
-    """One linear as stored: a packed weight for ``quant_linear`` or a 16-bit one for cuBLAS."""
-
-    def __init__(self, module, dtype: torch.dtype, kind: str):
-        self.module = module
-        self.kind = kind  # "qkv" | "dense" | "fc1" | "fc2" | "output": the one-row GEMV's tuned config
-        self.q: Optional[QuantizedWeight] = quantized_weight(module)
-        self.w = None if self.q is not None else module.weight.detach().to(dtype)
-        bias = getattr(module, "bias", None)
-        self.bias = bias.detach().to(dtype) if bias is not None else None
-        self.one_row = None  # int8_linear.LinearWeights for one activation row (int8 or 16-bit weights)
-        if self.q is None or self.q.fmt == "int8":
-            from ..int8_linear import LinearWeights
-
-            self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias) if self.q is not None else \
-                LinearWeights(self.w, None, self.bias)
-
-    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None):
-        rows_ok = x.shape[0] == 1 or (self.q is not None and x.shape[0] <= ONE_ROW_GEMV_MAX_M)  # 16-bit: cuBLAS
-        if rows_ok and self.one_row is not None and _gemv_runs(x):
-            return self._one_row(x, norm, eps, swiglu, residual, out)
-        if self.q is not None and x.shape[0] <= QUANT_MAX_M:
-            return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
-        if norm is not None:
-            x = rms_norm(x, norm, eps)
-        y = self._wide(x)
-        if swiglu:
-            a, b = y.chunk(2, dim=-1)
-            y = F.silu(a) * b
-        if residual is not None:
-            y = y + residual
-        return y if out is None else out.copy_(y)
-
-    def _one_row(self, x, norm, eps, swiglu, residual, out):
-        """Each activation row through the one-row decoder's GEMV (int8_linear.gemv) and its tuned tiles: the
-        tensor-core tiles of quant_linear compute 16 rows to use one or two and read the weight at a fraction
-        of the bandwidth (bench/NOTES.md, run 8)."""
-        from ..int8_linear import default_gemv_config, gemv
-
-        n = self.one_row.weight.shape[0] // (2 if swiglu else 1)
-        y = out if out is not None else torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
-        config = default_gemv_config(self.kind, self.q is not None)
-        for i in range(x.shape[0]):
-            res = None if residual is None or swiglu else residual[i]  # (the GEMV's SwiGLU epilogue adds none)
-            gemv(x[i].contiguous(), self.one_row, y[i], norm_weight=norm, eps=eps, swiglu=swiglu, residual=res,
-                 config=config)
-        if swiglu and residual is not None:
-            y += residual
-        return y
-
-    def _wide(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T + b for many rows (a prompt): tensor cores on the weight, widened at most one linear at a time."""
-        if self.q is None:
-            return F.linear(x, self.w, self.bias)
-        if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers, no copy of the weight
-            from ..int8_linear import LinearWeights, matmul
-
-            return matmul(x, LinearWeights(self.q.data, self.q.scale, self.bias))
-        if self.q.fmt == "nf4" and x.is_cuda:
-            import bitsandbytes.functional as bnbf
-
-            w = bnbf.dequantize_4bit(self.module.weight.data, self.module.weight.quant_state).to(x.dtype)
-        else:
-            w = self.q.dequantize(x.dtype)
-        return F.linear(x, w, self.bias)
-
-
-def _gemv_runs(x: torch.Tensor) -> bool:
-    """Whether int8_linear.gemv's Triton kernel runs for x (CUDA, or Triton's interpreter in the tests)."""
-    import os
-
-    from ..int8_linear import HAVE_TRITON
-
-    return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
     """argmax per row [B], or token 5 where a row's logits hold nan/inf (the original chat's guard)."""
     bad = ~torch.isfinite(logits).all(dim=-1)
@@ -137,11 +53,11 @@ def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _LayerWeights:
     ln1: torch.Tensor
-    qkv: _Linear
-    dense: _Linear
+    qkv: BatchLinear
+    dense: BatchLinear
     ln2: torch.Tensor
-    up: _Linear
-    down: _Linear
+    up: BatchLinear
+    down: BatchLinear
 
 
 @dataclass
@@ -189,13 +105,13 @@ class BatchFastDecoder:
         with torch.no_grad():
             self.embedding = emb.detach()
             self.layers = [
-                _LayerWeights(b.input_layernorm.weight.detach(), _Linear(b.self_attention.query_key_value, self.dtype, "qkv"),
-                              _Linear(b.self_attention.dense, self.dtype, "dense"), b.post_attention_layernorm.weight.detach(),
-                              _Linear(b.mlp.dense_h_to_4h, self.dtype, "fc1"), _Linear(b.mlp.dense_4h_to_h, self.dtype, "fc2"))
+                _LayerWeights(b.input_layernorm.weight.detach(), BatchLinear(b.self_attention.query_key_value, self.dtype, "qkv"),
+                              BatchLinear(b.self_attention.dense, self.dtype, "dense"), b.post_attention_layernorm.weight.detach(),
+                              BatchLinear(b.mlp.dense_h_to_4h, self.dtype, "fc1"), BatchLinear(b.mlp.dense_4h_to_h, self.dtype, "fc2"))
                 for b in tr.encoder.layers
             ]
             self.final_ln = tr.encoder.final_layernorm.weight.detach()
-            self.output = _Linear(tr.output_layer, self.dtype, "output")
+            self.output = BatchLinear(tr.output_layer, self.dtype, "output")
         self.slot_bytes = cfg.num_layers * 2 * self.groups * self.head_dim * self.dtype.itemsize
         self.context_length, self.max_batch = self._size_cache(cfg, context_length, max_batch, cache_share)
         self.slots = PREFIX_SLOTS + self.context_length

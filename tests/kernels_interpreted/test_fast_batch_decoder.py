@@ -82,14 +82,14 @@ def test_a_next_turn_reuses_the_parked_row_and_gives_the_same_tokens():
 
 def test_one_and_two_int8_rows_through_the_one_row_gemv_equal_the_packed_kernels():
     """Rows 1 and 2 of an int8 linear run int8_linear.gemv once a row: the same sums as quant_linear's."""
-    from backend.decode.fast_batch import ONE_ROW_GEMV_MAX_M, _Linear
+    from backend.decode.batch_linear import ONE_ROW_GEMV_MAX_M, BatchLinear
     from backend.kernels.gemv_4bit import quant_linear
 
     layer = torch.nn.Module()
     layer.weight = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
     layer.weight_scale = torch.rand(24) * 1e-2
     layer.in_features, layer.bias = 64, None
-    lin = _Linear(layer, torch.float32, "dense")
+    lin = BatchLinear(layer, torch.float32, "dense")
     assert lin.q.fmt == "int8" and ONE_ROW_GEMV_MAX_M == 2
     g = 1 + 0.1 * torch.randn(64)
     for m in (1, 2):

@@ -1,0 +1,94 @@
+"""One linear of the batched fast decoder, read as it is stored: packed int8, NF4 or the int4 release through
+``backend.kernels.gemv_4bit.quant_linear`` (RMSNorm, SwiGLU and the residual folded in), one or two int8
+rows through the one-row decoder's GEMV, 16-bit weights through cuBLAS, and long prompts through tensor
+cores on the weight widened one linear at a time."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.gemv_4bit import QuantizedWeight, quant_linear, quantized_weight
+from ..lean_autograd import rms_norm
+
+QUANT_MAX_M = 64  # prompts longer than this widen each weight for one tensor-core matmul
+# Up to this many rows, int8 linears run the one-row GEMV once a row (16-bit ones for one row): on the H200 one
+# row is 2.5 ms a step that way, and two rows through the multi-row kernels 7.8 ms (bench/NOTES.md, run 8)
+ONE_ROW_GEMV_MAX_M = 2
+
+
+class BatchLinear:
+    """One linear as stored: a packed weight for ``quant_linear`` or a 16-bit one for cuBLAS."""
+
+    def __init__(self, module, dtype: torch.dtype, kind: str):
+        self.module = module
+        self.kind = kind  # "qkv" | "dense" | "fc1" | "fc2" | "output": the one-row GEMV's tuned config
+        self.q: Optional[QuantizedWeight] = quantized_weight(module)
+        self.w = None if self.q is not None else module.weight.detach().to(dtype)
+        bias = getattr(module, "bias", None)
+        self.bias = bias.detach().to(dtype) if bias is not None else None
+        self.one_row = None  # int8_linear.LinearWeights for one activation row (int8 or 16-bit weights)
+        if self.q is None or self.q.fmt == "int8":
+            from ..int8_linear import LinearWeights
+
+            self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias) if self.q is not None else \
+                LinearWeights(self.w, None, self.bias)
+
+    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None):
+        rows_ok = x.shape[0] == 1 or (self.q is not None and x.shape[0] <= ONE_ROW_GEMV_MAX_M)  # 16-bit: cuBLAS
+        if rows_ok and self.one_row is not None and _gemv_runs(x):
+            return self._one_row(x, norm, eps, swiglu, residual, out)
+        if self.q is not None and x.shape[0] <= QUANT_MAX_M:
+            return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
+        if norm is not None:
+            x = rms_norm(x, norm, eps)
+        y = self._wide(x)
+        if swiglu:
+            a, b = y.chunk(2, dim=-1)
+            y = F.silu(a) * b
+        if residual is not None:
+            y = y + residual
+        return y if out is None else out.copy_(y)
+
+    def _one_row(self, x, norm, eps, swiglu, residual, out):
+        """Each activation row through the one-row decoder's GEMV (int8_linear.gemv) and its tuned tiles: the
+        tensor-core tiles of quant_linear compute 16 rows to use one or two and read the weight at a fraction
+        of the bandwidth (bench/NOTES.md, run 8)."""
+        from ..int8_linear import default_gemv_config, gemv
+
+        n = self.one_row.weight.shape[0] // (2 if swiglu else 1)
+        y = out if out is not None else torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+        config = default_gemv_config(self.kind, self.q is not None)
+        for i in range(x.shape[0]):
+            res = None if residual is None or swiglu else residual[i]  # (the GEMV's SwiGLU epilogue adds none)
+            gemv(x[i].contiguous(), self.one_row, y[i], norm_weight=norm, eps=eps, swiglu=swiglu, residual=res,
+                 config=config)
+        if swiglu and residual is not None:
+            y += residual
+        return y
+
+    def _wide(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T + b for many rows (a prompt): tensor cores on the weight, widened at most one linear at a time."""
+        if self.q is None:
+            return F.linear(x, self.w, self.bias)
+        if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers, no copy of the weight
+            from ..int8_linear import LinearWeights, matmul
+
+            return matmul(x, LinearWeights(self.q.data, self.q.scale, self.bias))
+        if self.q.fmt == "nf4" and x.is_cuda:
+            import bitsandbytes.functional as bnbf
+
+            w = bnbf.dequantize_4bit(self.module.weight.data, self.module.weight.quant_state).to(x.dtype)
+        else:
+            w = self.q.dequantize(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
+def _gemv_runs(x: torch.Tensor) -> bool:
+    """Whether int8_linear.gemv's Triton kernel runs for x (CUDA, or Triton's interpreter in the tests)."""
+    from ..int8_linear import HAVE_TRITON
+
+    return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
