@@ -176,11 +176,15 @@ class BatchFastDecoder:
         """One long prompt in each of two rows, the way a compare's prompts go: the first of each kind of
         library kernel they use (attention with a mask, scatter into the cache) loads now; on the H200 a first
         two-row prompt took 0.5 s (bench/NOTES.md, run 8). Nothing of it is kept."""
+        if self.rows:  # (made for a decoder that runs nothing yet: its rows 0 and 1 are overwritten)
+            return
         rows = [_Row(-1 - i, DecodeRequest([0], SamplingParams()), i, 0, 1, [0] * (QUANT_MAX_M + 1))
                 for i in range(min(2, self.max_batch))]
         self._prefill(rows)
         for row in rows:
             self._free(row, park=False)
+            self._parked.pop(row.slot, None)
+            self._slot_adapter[row.slot] = object()  # whatever prefix it held is gone
 
     # -- protocol: admission ------------------------------------------------------------------
 
