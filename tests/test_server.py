@@ -413,3 +413,25 @@ def test_the_engine_streams_through_the_event_loop_with_no_thread_per_reply(clie
     assert not [t for t in threading.enumerate() if t.name == "glmchat-reply"]
     text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == engine_reply(engine, 6)
+
+
+@pytest.mark.parametrize("fmt_name", ["chat", "completion"])
+def test_text_events_from_the_template_equal_pydantic_dumps(fmt_name):
+    """Byte for byte, but for the time stamp: the text chunks of a reply carry the time its template was made."""
+    import random
+    import re
+
+    from backend.server import schemas
+    from backend.server.replies import ChatFormat, CompletionFormat, DeltaEvents, _event
+
+    if fmt_name == "chat":
+        fmt = ChatFormat("m", schemas.ChatCompletionRequest(model="m", messages=HELLO, stream=True))
+    else:
+        fmt = CompletionFormat("m", schemas.CompletionRequest(model="m", prompt="hi", stream=True))
+    events = DeltaEvents(fmt)
+    alphabet = "ab 你好\"\\\n\r\t\b\f\x01\x1f\x7f\u2028\u2029\x85😀</s>'" + "".join(map(chr, range(32)))
+    rng = random.Random(0)
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))
+        stamp = re.compile(r'"created":\d+')
+        assert stamp.sub("", events(text)) == stamp.sub("", _event(fmt.delta(text))), repr(text)

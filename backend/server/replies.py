@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import AsyncIterator, Optional, Protocol
 
@@ -113,15 +114,30 @@ def _event(obj: BaseModel) -> str:
     return f"data: {obj.model_dump_json().translate(_ESCAPE_BREAKS)}\n\n"
 
 
+class DeltaEvents:
+    """A reply's text events from one dump of its format's text chunk, of which only the text changes: building
+    and dumping a pydantic chunk a token took 15 us, a large part of the server's work a token at 64 streams.
+    The text is written as pydantic writes a JSON string (json.dumps escapes the same characters the same way)."""
+
+    _MARK = "\x00"  # a character no reply holds (the tokenizers never decode to it), escaped as \u0000
+
+    def __init__(self, fmt: ReplyFormat):
+        head, _, tail = _event(fmt.delta(self._MARK)).partition(json.dumps(self._MARK))
+        self._head, self._tail = head, tail
+
+    def __call__(self, text: str) -> str:
+        return self._head + json.dumps(text, ensure_ascii=False).translate(_ESCAPE_BREAKS) + self._tail
+
+
 async def sse_stream(pump: EventPump, first: Optional[ReplyEvent], fmt: ReplyFormat) -> AsyncIterator[str]:
     """The reply as server-sent events; closing it (the client left, the server stops) cancels the reply."""
     try:
         for chunk in fmt.opening():
             yield _event(chunk)
-        event = first
+        event, text_event = first, DeltaEvents(fmt)
         while event is not None:
             if isinstance(event, TextDelta) and event.text:
-                yield _event(fmt.delta(event.text))
+                yield text_event(event.text)
             elif isinstance(event, ReplyDone):
                 for chunk in fmt.closing(event.reply):
                     yield _event(chunk)
