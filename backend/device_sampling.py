@@ -10,11 +10,11 @@ The repetition penalty needs the reply's ids: it stays on the host path.
 
 from __future__ import annotations
 
-import os
 
 import torch
 from transformers import LogitsProcessorList
 
+from .kernels.gemv_4bit import kernels_run
 from .service import SamplingParams
 
 try:
@@ -49,7 +49,7 @@ if HAVE_TRITON:
 
 def exponential_noise(out: torch.Tensor, seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """out [V] float32 <- Exp(1) draws keyed by the device scalars ``seed`` and ``pos`` (int64)."""
-    if HAVE_TRITON and (out.is_cuda or _interpreting()):
+    if kernels_run(out):
         V = out.numel()
         _exponential_kernel[(triton.cdiv(V, 1024),)](out, seed, pos, V, BLOCK=1024, TINY=_TINY)
         return out
@@ -57,9 +57,6 @@ def exponential_noise(out: torch.Tensor, seed: torch.Tensor, pos: torch.Tensor) 
     g.manual_seed(int(seed) * 1000003 + int(pos))
     return out.exponential_(generator=g).clamp_(min=_TINY)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def sample(logits: torch.Tensor, procs: LogitsProcessorList, noise: torch.Tensor, seed: torch.Tensor,

@@ -57,7 +57,8 @@ def kernel_table(decoder, bucket: int, top: int = 14) -> list:
 
 def linear_figures(decoder, m: int, emit) -> None:
     """Each linear kind called across all layers back to back (weights cold in L2, as in the step): us a call
-    and the weight bytes read a second."""
+    and the weight bytes read a second. Launched from Python, not a graph: below ~40 us a call these figures
+    are the launch, not the kernel (the captured step's kernel table is the one to read)."""
     import torch
     from bench_engine import linear_bytes
 

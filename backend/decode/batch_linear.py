@@ -5,13 +5,13 @@ cores on the weight widened one linear at a time."""
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels.gemv_4bit import QuantizedWeight, quant_linear, quantized_weight
+from ..int8_linear import LinearWeights
+from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, quant_linear, quantized_weight
 from ..lean_autograd import rms_norm
 
 QUANT_MAX_M = 64  # prompts longer than this widen each weight for one tensor-core matmul
@@ -30,16 +30,16 @@ class BatchLinear:
         self.w = None if self.q is not None else module.weight.detach().to(dtype)
         bias = getattr(module, "bias", None)
         self.bias = bias.detach().to(dtype) if bias is not None else None
-        self.one_row = None  # int8_linear.LinearWeights for one activation row (int8 or 16-bit weights)
-        if self.q is None or self.q.fmt == "int8":
-            from ..int8_linear import LinearWeights
-
-            self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias) if self.q is not None else \
-                LinearWeights(self.w, None, self.bias)
+        # int8 or 16-bit weights as int8_linear reads them: its one-row GEMV, and its matmul for long prompts
+        self.one_row: Optional[LinearWeights] = None
+        if self.q is None:
+            self.one_row = LinearWeights(self.w, None, self.bias)
+        elif self.q.fmt == "int8":
+            self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias)
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None):
         rows_ok = x.shape[0] == 1 or (self.q is not None and x.shape[0] <= ONE_ROW_GEMV_MAX_M)  # 16-bit: cuBLAS
-        if rows_ok and self.one_row is not None and _gemv_runs(x):
+        if rows_ok and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.q is not None and x.shape[0] <= QUANT_MAX_M:
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
@@ -75,9 +75,9 @@ class BatchLinear:
         if self.q is None:
             return F.linear(x, self.w, self.bias)
         if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers, no copy of the weight
-            from ..int8_linear import LinearWeights, matmul
+            from ..int8_linear import matmul
 
-            return matmul(x, LinearWeights(self.q.data, self.q.scale, self.bias))
+            return matmul(x, self.one_row)
         if self.q.fmt == "nf4" and x.is_cuda:
             import bitsandbytes.functional as bnbf
 
@@ -86,9 +86,3 @@ class BatchLinear:
             w = self.q.dequantize(x.dtype)
         return F.linear(x, w, self.bias)
 
-
-def _gemv_runs(x: torch.Tensor) -> bool:
-    """Whether int8_linear.gemv's Triton kernel runs for x (CUDA, or Triton's interpreter in the tests)."""
-    from ..int8_linear import HAVE_TRITON
-
-    return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")

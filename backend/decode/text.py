@@ -16,8 +16,8 @@ class IncrementalDecoder:
     """The raw text of a growing list of ids, decoded a few ids at a time.
 
     SentencePiece drops the space a piece begins with at the start of a decode, so a window is decoded
-    together with the ids just before it (``_prefix``, where some text begins) and only what it adds is kept. A window that
-    ends inside a multi-byte character ("\\ufffd") stays open until the character completes."""
+    together with the ids just before it (``_prefix``, where some text begins) and only what it adds is
+    kept. A window that ends inside a multi-byte character ("\\ufffd") stays open until it completes."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

@@ -337,8 +337,7 @@ if HAVE_TRITON:
                                k0, K, FMT, LUT, NESTED, BS, BS2, BLOCKED, BLOCK_N, BLOCK_KH)
         return tl.sum(ev * xe + od * xo, axis=1)
 
-    # has_bias, residual, norm: runtime flags (0/1), not specialised: one compiled kernel serves every linear;
-    # nor is M (the rows): Triton would compile again for each new M % 16 of a prompt, mid-request
+    # has_bias, residual, norm: runtime flags (0/1), not specialised: one compiled kernel serves every linear
     @triton.jit(do_not_specialize=["has_bias", "residual", "norm"])
     def _gemv_quant_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
@@ -380,6 +379,8 @@ if HAVE_TRITON:
         _epilogue(acc[None, :], acc_b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
 
+    # nor is M (the rows) in the kernels that take it: Triton would compile again for each new M % 16 of a
+    # prompt, mid-request
     @triton.jit(do_not_specialize=["has_bias", "residual", "norm", "M"])
     def _mm_quant_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
@@ -704,7 +705,7 @@ def quant_linear(
         raise ValueError(f"activations must be [M, {w.k}], got {tuple(x.shape)}")
     if swiglu and w.n % 2:
         raise ValueError(f"swiglu needs an even number of weight rows, got {w.n}")
-    if not (HAVE_TRITON and (x.is_cuda or _interpreting())):
+    if not kernels_run(x):
         y = quant_linear_torch(x, w, bias, residual, norm_weight=norm_weight, eps=eps, swiglu=swiglu)
         return y if out is None else out.copy_(y)
     if x.stride(1) != 1:
@@ -716,5 +717,6 @@ def quant_linear(
     return out
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def kernels_run(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for x: on CUDA, or under Triton's interpreter (the CPU tests)."""
+    return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
