@@ -208,9 +208,9 @@ def _add_train_command(commands) -> None:
     train.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     _add(train, "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
          help="recompute activations in the backward pass: less GPU memory, about a third slower (default: off)")
-    _add(train, "--recompute-mlp", action=argparse.BooleanOptionalAction, default=True,
-         help="recompute each MLP's up-projection in the backward instead of keeping it: 0.4 GB less at 6B, "
-         "192 tokens, ~13%% slower (default: on)")
+    _add(train, "--recompute-mlp", action=argparse.BooleanOptionalAction, default=None,
+         help="recompute each MLP's up-projection in the backward instead of keeping it: 0.4 GB less an example at 6B, "
+         "192 tokens, ~13%% slower (default: only when that lets a larger micro-batch fit)")
     _add(train, "--do-eval", action="store_true", help="generate for --validation-file and score ROUGE/BLEU every --eval-steps and at the end "
          "(files: OUTPUT_DIR for the latest, OUTPUT_DIR/eval/step-N for each)")
     _add(train, "--eval-steps", type=int, default=None, help="evaluate every N steps (default: --save-steps)")

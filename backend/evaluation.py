@@ -72,7 +72,8 @@ def generate_all(
     on_cuda = model.get_input_embeddings().weight.is_cuda
     max_batch = batch_size or (CUDA_EVAL_MAX_BATCH if on_cuda else None)
     stops = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-    decoder = make_batch_decoder(model, "auto", lambda name: prefix_kv if name == EVAL_ADAPTER else None, max_batch=max_batch)
+    decoder = make_batch_decoder(model, "auto", lambda name: prefix_kv if name == EVAL_ADAPTER else None, max_batch=max_batch,
+                                 context_length=max_length)
     batcher = Batcher(decoder, max_queue=len(prompts) + 1, name="evaluation")
     adapter = EVAL_ADAPTER if prefix_kv is not None else None
     outputs: list[list[int]] = [[] for _ in prompts]

@@ -13,11 +13,15 @@ Two Triton kernels do the arithmetic on CUDA:
   Rows are handled in two sets (a, b): row pairs (2p, 2p+1) for rotary, (p, p + F) for SwiGLU.
 - ``matmul``: the prompt (M > 1), int8 weights widened to the activation dtype in registers
   before a tensor-core ``tl.dot``; the row scale is applied to the float32 sum.
+From ``WIDEN_MIN_ROWS`` rows up (long prompts, training micro-batches) the matmul is compute-bound and
+cuBLAS beats the Triton tiles, so ``widened_linear`` widens the weight a chunk of rows at a time
+(``(q * scale)`` in the activation dtype, at most ``WIDEN_CHUNK_BYTES`` alive) for ``F.linear``.
 Without CUDA (or Triton) the same functions run as plain torch math.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -473,8 +477,11 @@ def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: torch.Te
 
 
 def matmul(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
-    """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights)."""
+    """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
+    from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight."""
     M, K = x.shape
+    if lw.is_int8 and M >= WIDEN_MIN_ROWS:
+        return widened_linear(x, lw)
     N = lw.weight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -490,6 +497,52 @@ def matmul(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
     )
+    return out
+
+
+# Rows from which an int8 linear widens its weight for cuBLAS: the widening reads 1 byte and writes 2 a weight,
+# repaid when the matmul is compute-bound (bench/NOTES.md, run 9); GLMCHAT_WIDEN_MIN_ROWS moves it for benchmarks.
+WIDEN_MIN_ROWS = int(os.environ.get("GLMCHAT_WIDEN_MIN_ROWS", "1024"))
+WIDEN_CHUNK_BYTES = 64 << 20  # the widened slice alive at once (a small card trains beside it)
+
+
+def _chunk(total: int, other: int, itemsize: int) -> int:
+    return max(1, min(total, WIDEN_CHUNK_BYTES // max(1, other * itemsize)))
+
+
+def _widen(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(q * scale) in ``dtype``: one kernel, the product in float32 and rounded once."""
+    return torch.mul(q, scale, out=torch.empty(q.shape, device=q.device, dtype=dtype))
+
+
+def widened_linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
+    """x [M, K] @ (q * scale).T + bias through ``F.linear``, the weight widened to x's dtype a block of output
+    rows at a time. The widened weight is rounded once, as bitsandbytes' dequantized weight is."""
+    N, K = lw.weight.shape
+    rows = _chunk(N, K, x.element_size())
+    scale = lw.scale[:, None]
+    if rows == N:
+        return F.linear(x, _widen(lw.weight, scale, x.dtype), lw.bias)
+    out = torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype)
+    for n0 in range(0, N, rows):
+        n = slice(n0, n0 + rows)
+        w = _widen(lw.weight[n], scale[n], x.dtype)
+        out[:, n] = F.linear(x, w, None if lw.bias is None else lw.bias[n])
+    return out
+
+
+def widened_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """dx [M, K] = grad_out [M, N] @ (q * scale) through cuBLAS, the weight widened a block of input columns at
+    a time (a block's columns of dx each summed whole, none split over blocks)."""
+    N, K = weight.shape
+    cols = _chunk(K, N, grad_out.element_size())
+    scale = scale[:, None]
+    if cols == K:
+        return grad_out @ _widen(weight, scale, grad_out.dtype)
+    out = torch.empty(grad_out.shape[0], K, device=grad_out.device, dtype=grad_out.dtype)
+    for k0 in range(0, K, cols):
+        k = slice(k0, k0 + cols)
+        out[:, k] = grad_out @ _widen(weight[:, k], scale, grad_out.dtype)
     return out
 
 

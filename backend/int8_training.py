@@ -5,8 +5,9 @@ call, which makes a P-Tuning step slow (the original stack: ~175 ms at 192 token
 The base is frozen, so only the input gradient is needed: ``dx = dy @ W``. These layers keep the
 int8 rows and per-row scales bitsandbytes already holds (shared storage, no fp16 copy kept) and
 multiply through Triton kernels that widen the int8 weights in registers: ``int8_linear``'s
-matmul forward, ``_grad_input_kernel`` here backward. On the CPU both are torch math (the
-backward widens a few thousand weight rows at a time).
+matmul forward, ``_grad_input_kernel`` here backward; from ``int8_linear.WIDEN_MIN_ROWS`` tokens a
+micro-batch (compute-bound) both go through cuBLAS on the weight widened a block at a time. On the CPU
+both are torch math (the backward widens a few thousand weight rows at a time).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .int8_linear import HAVE_TRITON, LinearWeights, is_quantized_module, linear, linear_weights
+from . import int8_linear
+from .int8_linear import HAVE_TRITON, LinearWeights, is_quantized_module, linear, linear_weights, widened_grad_input
 
 if HAVE_TRITON:
     import triton
@@ -110,7 +112,9 @@ class _WeightOnlyInt8(torch.autograd.Function):
         weight, scale = ctx.saved_tensors
         if HAVE_TRITON and grad_out.is_cuda and grad_out.dtype in (torch.float16, torch.bfloat16):
             shape = grad_out.shape
-            grad_in = grad_input_triton(grad_out.reshape(-1, shape[-1]), weight, scale).view(*shape[:-1], -1)
+            flat = grad_out.reshape(-1, shape[-1])
+            wide = flat.shape[0] >= int8_linear.WIDEN_MIN_ROWS  # compute-bound: cuBLAS on the widened weight
+            grad_in = (widened_grad_input if wide else grad_input_triton)(flat, weight, scale).view(*shape[:-1], -1)
         else:
             grad_in = grad_input_torch(grad_out, weight, scale)
         return grad_in, None, None, None

@@ -7,10 +7,13 @@ batched evaluation throughput.
     python bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 40
 
 Recipe: train.sh's flags (batch 1 x accumulation 16, prefix 128, lengths 64 + 128, lr 2e-2) on our sample
-data, as a subprocess, with --micro-batch-size 1, auto and 16: ms per optimizer step (from progress.jsonl,
-after the first steps' CUDA graph captures), peak GPU memory, the micro-batch auto chose, and the time the
-whole recipe (3000 steps) would take. Then auto again with the process limited to 7.5 GB
-(torch.cuda.set_per_process_memory_fraction), as on a small card: its peak must stay within 7.5 GB.
+data, as a subprocess: the defaults (``--micro-batch-size auto``, MLP recompute auto), then for comparison
+micro-batches of 16 recomputing the MLP (the defaults before run 9), and the defaults with the int8 linears
+kept on the Triton kernels at every size (GLMCHAT_WIDEN_MIN_ROWS): ms per optimizer step (from
+progress.jsonl, after the first steps' CUDA graph captures), peak GPU memory, the micro-batch and recompute
+auto chose, and the time the whole recipe (3000 steps) would take. Then auto again with the process limited
+to 7.5 GB (torch.cuda.set_per_process_memory_fraction), as on a small card: its peak must stay within 7.5 GB.
+``--variants`` picks some of them; ``--max-steps 3000`` runs the whole recipe.
 Step: batch 1 x 192 tokens (the figure the original stack was measured at). Evaluation: 1070 prompts
 (AdvertiseGen's dev split size), 128 new tokens each; random weights never emit eos.
 """
@@ -42,18 +45,29 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def recipe_run(model_dir: str, micro_batch: str, max_steps: int, limit_gb: float | None = None) -> dict:
+# name -> (extra train_cli flags, extra environment, memory cap in GB)
+VARIANTS = {
+    "default": ([], {}, None),
+    "16-recompute": (["--micro-batch-size", "16", "--recompute-mlp"], {}, None),
+    "default-triton-only": ([], {"GLMCHAT_WIDEN_MIN_ROWS": str(1 << 30)}, None),
+    "default-7.5gb": ([], {}, SMALL_CARD_GB),
+    "1-recompute": (["--micro-batch-size", "1", "--recompute-mlp"], {}, None),
+}
+
+
+def recipe_run(model_dir: str, variant: str, max_steps: int) -> dict:
     """train.sh's recipe through ``train_cli.py train`` in a subprocess; its figures from progress.jsonl."""
+    flags, env, limit_gb = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as out:
         argv = ["train", "--model", model_dir, "--train_file", str(ROOT / "assets/sample/train.json"), "--output_dir", out,
-                *TRAIN_SH, "--max_steps", str(max_steps), "--logging_steps", "1", "--save_steps", str(max_steps),
-                "--micro-batch-size", micro_batch]
+                *TRAIN_SH, "--max_steps", str(max_steps), "--logging_steps", "1", "--save_steps", str(max_steps), *flags]
         command = [sys.executable, "-c", _LIMITED, str(limit_gb)] if limit_gb else [sys.executable, str(ROOT / "train_cli.py")]
+        path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
         start = time.perf_counter()
-        done = subprocess.run(command + argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))})
+        done = subprocess.run(command + argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env, "PYTHONPATH": path})
         wall = time.perf_counter() - start
-        row = {"what": "recipe", "micro_batch_size": micro_batch, "limit_gb": limit_gb, "max_steps": max_steps,
-               "exit": done.returncode, "wall_s": round(wall, 1)}
+        row = {"what": "recipe", "variant": variant, "command": "train_cli.py " + " ".join(argv[:1] + argv[7:]),
+               "env": env, "limit_gb": limit_gb, "max_steps": max_steps, "exit": done.returncode, "wall_s": round(wall, 1)}
         if done.returncode != 0:
             return {**row, "error": done.stderr.strip().splitlines()[-1:]}
         events = [json.loads(line) for line in (Path(out) / "progress.jsonl").read_text().splitlines() if line.strip()]
@@ -62,19 +76,20 @@ def recipe_run(model_dir: str, micro_batch: str, max_steps: int, limit_gb: float
     skip = min(len(logs) - 2, max(2, len(logs) // 5))  # the first steps capture CUDA graphs
     ms = (logs[-1]["elapsed_s"] - logs[skip]["elapsed_s"]) * 1000 / (logs[-1]["step"] - logs[skip]["step"])
     peak = max((e["gpu_mem_gb"] or 0) for e in events)
-    return {**row, "chosen_micro_batch": state["micro_batch_size"], "ms_per_step": round(ms, 1),
+    start = next(e for e in events if e["event"] == "start")
+    return {**row, "chosen_micro_batch": state["micro_batch_size"], "recompute_mlp": state.get("recompute_mlp"),
+            "ms_per_step": round(ms, 1), "first_step_at_s": start["elapsed_s"],
             "peak_gpu_gb": round(peak, 2), "projected_recipe_min": round(ms * RECIPE_STEPS / 60000, 1),
             "first_losses": [round(e["loss"], 3) for e in logs[:3]], "last_losses": [round(e["loss"], 3) for e in logs[-3:]],
             "within_limit": None if limit_gb is None else peak <= limit_gb}
 
 
-def recipe(model_dir: str, max_steps: int) -> None:
+def recipe(model_dir: str, max_steps: int, variants=("default", "16-recompute", "default-triton-only", "default-7.5gb")) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    for micro_batch in ("1", "auto", "16"):
-        emit(**recipe_run(model_dir, micro_batch, max_steps), device=device)
-    emit(**recipe_run(model_dir, "auto", max_steps, limit_gb=SMALL_CARD_GB), device=device)
+    for variant in variants:
+        emit(**recipe_run(model_dir, variant, max_steps), device=device)
 
 
 def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples: int = 1070, step_only: bool = False,
@@ -155,8 +170,10 @@ if __name__ == "__main__":
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation throughput")
     parser.add_argument("--max-steps", type=int, default=40, help="optimizer steps of each recipe run (default: 40, a few minutes)")
     parser.add_argument("--recipe-only", action="store_true", help="only the train.sh recipe runs")
+    parser.add_argument("--variants", default="default,16-recompute,default-triton-only,default-7.5gb",
+                        help=f"recipe runs, comma-separated, of {', '.join(VARIANTS)}")
     a = parser.parse_args()
     if a.recipe_only:
-        recipe(a.model_dir, a.max_steps)
+        recipe(a.model_dir, a.max_steps, a.variants.split(","))
     else:
         main(a.model_dir, a.quantization, a.eval_batch, a.eval_examples, a.step_only, a.no_eval, a.max_steps)

@@ -107,16 +107,25 @@ def main() -> None:
         logits[name] = torch.cat(captured[:8])
     err = ((logits["fast"] - logits["eager"]).norm() / logits["eager"].norm()).item()
     check("bf16 logits of the first steps agree with eager", err < 2e-2, f"relative error {err:.2e}")
+    model, prefixes = model_and_prefixes(torch.float32)
+    many = requests() * 50  # 200 rows: the 256-row bucket evaluation uses
+    eager = run(EagerBatchDecoder(model, prefixes.get, max_batch=256), many)
+    fast = run(BatchFastDecoder(model, prefixes.get, max_batch=256), many)
+    same = sum(a == b for a, b in zip(fast.values(), eager.values()))
+    check("fp32 greedy rows equal eager, 200 rows in one batch", same == len(eager), f"{same}/{len(eager)} rows")
     for quantization in ("8bit", "4bit"):
-        err = quantized_logits_error(quantization)
-        # bitsandbytes' own matmuls (eager) against the packed weights read by our kernels: rounding apart
-        check(f"{quantization} prompt logits agree with eager (bitsandbytes)", err < 5e-2, f"relative error {err:.2e}")
+        for copies in (1, 50):
+            err = quantized_logits_error(quantization, copies)
+            # bitsandbytes' own matmuls (eager) against the packed weights read by our kernels: rounding apart
+            check(f"{quantization} logits of {4 * copies} rows (prompt + 2 steps) agree with eager (bitsandbytes)",
+                  err < 5e-2, f"relative error {err:.2e}")
     print("all fast-batch checks passed")
 
 
-def quantized_logits_error(quantization: str) -> float:
+def quantized_logits_error(quantization: str, copies: int = 1) -> float:
     """Save the small model, load it 8-bit or 4-bit as users do, and compare the batched fast decoder's
-    prompt logits with the eager decoder's (the model's bitsandbytes modules)."""
+    logits (prompt and two steps of ``4 * copies`` rows in one batch) with the eager decoder's (the model's
+    bitsandbytes modules); a step's logits count where both picked the same tokens before."""
     import tempfile
 
     from backend.loading import load_model
@@ -128,16 +137,18 @@ def quantized_logits_error(quantization: str) -> float:
         model.save_pretrained(tmp)
         ChatGLMTokenizer(vocab_file=str(make_tokenizer_file(Path(tmp) / "_sp"))).save_pretrained(tmp)
         loaded = load_model(tmp, quantization=quantization)
-    logits = {}
-    for name, dec in (("eager", EagerBatchDecoder(loaded.model, lambda a: None, max_batch=4)),
-                      ("fast", BatchFastDecoder(loaded.model, lambda a: None, max_batch=4))):
-        captured = []
+    captured, tokens = {}, {}
+    reqs = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=3)) for r in requests()] * copies
+    for name, dec in (("eager", EagerBatchDecoder(loaded.model, lambda a: None, max_batch=4 * copies)),
+                      ("fast", BatchFastDecoder(loaded.model, lambda a: None, max_batch=4 * copies))):
+        rows = captured[name] = {}
         take = dec._take
-        dec._take = lambda row, lg, *a: captured.append(lg.float()) or take(row, lg, *a)
-        reqs = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=1)) for r in requests()]
-        run(dec, reqs)
-        logits[name] = torch.cat(captured)
-    return ((logits["fast"] - logits["eager"]).norm() / logits["eager"].norm()).item()
+        dec._take = lambda row, lg, *a, rows=rows, take=take: rows.setdefault(row.id, []).append(lg.float()) or take(row, lg, *a)
+        tokens[name] = run(dec, reqs)
+    pairs = [(captured["fast"][i][k], captured["eager"][i][k]) for i in tokens["eager"] for k in range(3)
+             if tokens["fast"][i][:k] == tokens["eager"][i][:k]]
+    fast, eager = torch.cat([a.flatten() for a, _ in pairs]), torch.cat([b.flatten() for _, b in pairs])
+    return ((fast - eager).norm() / eager.norm()).item()
 
 
 if __name__ == "__main__":

@@ -299,3 +299,4 @@ def test_streams_read_on_an_event_loop_get_the_same_tokens_without_a_thread_each
         batcher.close()
     for r, tokens in zip(requests, results):
         assert tokens == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)
+

@@ -105,3 +105,42 @@ def test_backward_kernel_matches_float64_under_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
     done = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 3 * 40 * 2])  # whole, and a few rows/columns at a time
+def test_widened_linear_and_grad_input_equal_the_dequantised_weight(monkeypatch, chunk_bytes):
+    """The compute-bound path (long prompts, training micro-batches): cuBLAS on (q * scale) rounded once to the
+    activation dtype, whole or a block at a time."""
+    from backend import int8_linear
+    from backend.int8_linear import LinearWeights, quantize_per_channel, widened_grad_input, widened_linear
+
+    monkeypatch.setattr(int8_linear, "WIDEN_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    q, scale = quantize_per_channel(torch.randn(50, 40, generator=g))
+    bias = torch.randn(50, generator=g).to(torch.bfloat16)
+    x = torch.randn(7, 40, generator=g).to(torch.bfloat16)
+    dy = torch.randn(7, 50, generator=g).to(torch.bfloat16)
+    w = (q.float() * scale[:, None]).to(torch.bfloat16)  # the widened weight, rounded once
+    # (BLAS may sum a narrower matrix in another order: equal up to the last bf16 bit)
+    torch.testing.assert_close(widened_linear(x, LinearWeights(q, scale, bias)), torch.nn.functional.linear(x, w, bias),
+                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(widened_grad_input(dy, q, scale), dy @ w, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton/cuBLAS choice is made on CUDA only")
+def test_int8_layer_switches_to_the_widened_path_at_widen_min_rows():
+    """Below WIDEN_MIN_ROWS tokens the Triton kernels, from it cuBLAS on the widened weight: both close to the
+    dequantised weight, forward and input gradient."""
+    from backend import int8_linear
+    from backend.int8_linear import LinearWeights, quantize_per_channel
+
+    q, scale = quantize_per_channel(torch.randn(4608, 4096, device="cuda"))
+    layer = Int8Linear(LinearWeights(q, scale, torch.randn(4608, device="cuda", dtype=torch.bfloat16)))
+    w = q.float() * scale[:, None]
+    for rows in (int8_linear.WIDEN_MIN_ROWS - 1, int8_linear.WIDEN_MIN_ROWS):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        y = layer(x)
+        (grad,) = torch.autograd.grad(y.float().square().sum(), x)
+        ref_y = x.float() @ w.T + layer.bias.float()
+        torch.testing.assert_close(y.float(), ref_y, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(grad.float(), (2 * y.float()) @ w, rtol=2e-2, atol=5e-1)

@@ -224,7 +224,7 @@ def test_underscore_spellings_are_normalized():
     assert args.gradient_accumulation_steps == 6 and args.dtype == "fp16" and train_cli._quantization(args) == "4bit"
     request = train_cli.request_from_args(args)
     assert request.max_steps == 600 and request.num_train_epochs == 2 and request.pre_seq_len == 128
-    assert request.recompute_mlp and not request.gradient_checkpointing
+    assert request.recompute_mlp is None and not request.gradient_checkpointing  # auto: only when memory needs it
     args = train_cli.build_parser().parse_args(["train", "--model", "m", "--train-file", "t", "--output-dir", "o",
                                                 "--no-recompute-mlp", "--gradient-checkpointing"])
     request = train_cli.request_from_args(args)

@@ -686,6 +686,16 @@ def test_auto_takes_the_largest_micro_batch_that_fits():
     assert CPU_MICRO_BATCH == 8
 
 
+def test_auto_recompute_keeps_the_mlp_activations_unless_recomputing_fits_a_larger_micro_batch():
+    from backend.training.memory import best_fit
+
+    assert best_fit({False: 16, True: 16}) == (16, False)  # a big card: keep them, fewer FLOPs a step
+    assert best_fit({False: 4, True: 8}) == (8, True)  # a small one: recompute for twice the micro-batch
+    assert best_fit({False: None, True: 2}) == (2, True)
+    assert best_fit({True: 4}) == (4, True)  # --recompute-mlp given: the one option
+    assert best_fit({False: None, True: None}) is None
+
+
 def test_tokenized_data_is_cached_for_the_next_run(loaded, train_file, tmp_path, monkeypatch):
     import backend.training.inputs as inputs
 

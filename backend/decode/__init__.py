@@ -16,10 +16,12 @@ KV_SHARE_OF_FREE_MEMORY = 0.6  # of the GPU memory free when the decoder is made
 
 
 def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda name: None,
-                       max_batch: Optional[int] = None):
+                       max_batch: Optional[int] = None, context_length: Optional[int] = None):
     """The decoder for ``engine``: "fast" (CUDA: one row at a time through the one-row fast decoder when
     ``max_batch`` is 1 or None and the weights are 8 or 16-bit, else the batched fast decoder), "serial" (always the one-row decoder),
     "eager" (batched torch on any device), or "auto" (fast where its kernels run, else eager).
+    ``context_length``: tokens a row holds at most on the batched fast decoder (evaluation knows its longest
+    prompt + reply, and fits more rows in the memory); None: the model's, or FAST_CACHE_SLOTS beyond 2 rows.
 
     Measured on an H200 (BENCHMARKS.md): one row decodes 2.4x faster on the one-row decoder (its GEMVs
     and sampler are tuned into one graph), and a compare there alternates two rows at the same total
@@ -45,7 +47,7 @@ def make_batch_decoder(model, engine: str = "auto", prefix_of: PrefixOf = lambda
             return BatchFastDecoder(model, prefix_of, max_batch=max_batch or 1, context_length=model.config.seq_length,
                                     cache_share=CHAT_CACHE_SHARE)
         return BatchFastDecoder(model, prefix_of, max_batch=max_batch,
-                                context_length=min(model.config.seq_length, FAST_CACHE_SLOTS))
+                                context_length=min(model.config.seq_length, context_length or FAST_CACHE_SLOTS))
     budget = None
     if on_cuda:
         budget = int(free_bytes(model.get_input_embeddings().weight.device) * KV_SHARE_OF_FREE_MEMORY)

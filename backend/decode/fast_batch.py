@@ -1,4 +1,4 @@
-"""The batched fast decoder: up to 64 rows over one static cache, each decode step one CUDA-graph replay.
+"""The batched fast decoder: up to 256 rows over one static cache, each decode step one CUDA-graph replay.
 
 Weights stay as loaded: int8 rows (bitsandbytes 8-bit, or our training's Int8Linear), NF4
 (bitsandbytes 4-bit) and the int4 release are read packed (``batch_linear.BatchLinear``: RMSNorm, SwiGLU
@@ -6,7 +6,7 @@ and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widene
 
 - Cache: keys and values of every layer in two tensors [L, rows, G, slots, D]. Row r's first P_r
   slots hold its adapter's prefix, its tokens follow (token at position p in slot P_r + p). Each
-  row's position and P_r live in device tensors, so one graph per batch bucket (1, 2, 4, ... 64
+  row's position and P_r live in device tensors, so one graph per batch bucket (1, 2, 4, ... 256
   rows) serves every mix of lengths and adapters: an adapter switch is a copy into the row's
   prefix slots, never a capture.
 - Step: embedding, then per layer QKV (norm folded), rotary + cache write, split attention over
@@ -41,8 +41,12 @@ from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
 from ..gpu_memory import free_bytes
 
-MAX_ROWS = 64  # the quantized kernels' largest M bucket
-BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Rows a decoder holds unless told (a server's clients; each row's cache is 8192 tokens): the packed-weight
+# kernels' largest M. Evaluation asks for up to MAX_ROWS short rows, whose steps read the weights through the
+# int8 matmul's tensor-core tiles (batch_linear.QUANT_MAX_M): more rows a step, fewer steps.
+DEFAULT_ROWS = 64
+MAX_ROWS = 256
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFIX_SLOTS = 256  # reserved before each row's context for an adapter prefix
 def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
     """argmax per row [B], or token 5 where a row's logits hold nan/inf (the original chat's guard)."""
@@ -139,7 +143,7 @@ class BatchFastDecoder:
     def _size_cache(self, cfg, context_length, max_batch, share) -> tuple[int, int]:
         """Context per row and rows, from the model's seq_length and the memory free now."""
         context = min(context_length or cfg.seq_length, cfg.seq_length)
-        rows = max_batch or MAX_ROWS
+        rows = min(max_batch or DEFAULT_ROWS, MAX_ROWS)
         if self.device.type != "cuda":
             return context, min(rows, MAX_ROWS)
         budget = free_bytes(self.device) * share
@@ -250,7 +254,7 @@ class BatchFastDecoder:
         # below the smallest bucket that holds one more row, so that a step never computes more rows than
         # it must: a free row there, else the oldest parked one there (by pigeonhole one of them exists)
         running = {r.slot for r in self._rows.values()} | {r.slot for r in self._pending}
-        limit = min(next(b for b in BUCKETS + (MAX_ROWS,) if b >= len(running) + 1), self.max_batch)
+        limit = min(next((b for b in BUCKETS if b >= len(running) + 1), MAX_ROWS), self.max_batch)
         free = [s for s in range(limit) if s not in running and s not in self._parked]
         if free:
             return free[0], 0

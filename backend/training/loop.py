@@ -17,7 +17,7 @@ from .checkpoints import EVAL_DIR, CheckpointStore, disk_full_message, is_disk_f
 from .dist import Dist
 from .evaluation_hook import EvalHook
 from .inputs import TrainingData, read_training_data, training_features
-from .memory import OOM_HINT, auto_micro_batch, memory_gb, not_even_one, release, smaller_micro_batch
+from .memory import OOM_HINT, fit_step, memory_gb, not_even_one, release, smaller_micro_batch
 from .requests import check_request, resolve_resume
 from .resume import restore
 from .state import TrainState
@@ -85,7 +85,8 @@ class _Run:
         s = self.state
         rngs = self.dist.gather(rng_state())
         if self.dist.main:
-            trainer_state = s.to_json(self.request, len(self.plan.features), self.dist.world, self.micro_batch)
+            trainer_state = s.to_json(self.request, len(self.plan.features), self.dist.world, self.micro_batch,
+                                      self.trainer.recompute_mlp)
             try:
                 config = prefix_config(self.trainer.config, self.trainer.encoder.pre_seq_len, self.request.prefix_projection)
                 if self.request.source_prefix:  # chat puts it in front of each prompt, as the training data had it
@@ -139,8 +140,7 @@ class _Run:
     def loop(self, cancel: Optional[threading.Event], on_step) -> bool:
         """Train to the end or the cancel; returns whether it was cancelled."""
         s, device = self.state, self.trainer.device
-        if self.micro_batch is None:
-            self.micro_batch = auto_micro_batch(self.trainer, self.plan, self.rows)
+        self.micro_batch, _ = fit_step(self.trainer, self.plan, self.rows, self.micro_batch, self.request.recompute_mlp)
         self.event("start")
         while s.global_step < s.total_steps:
             if self.dist.any(cancel is not None and cancel.is_set(), device):
@@ -178,7 +178,7 @@ def _trainer(model, request: TrainRequest, total_steps: int, dist: Dist, capture
         start = build_prefix_encoder(read_prefix_checkpoint(request.init_checkpoint), model.config, device)
         encoder.load_state_dict(start.state_dict())
     return PrefixStep(model, encoder, request.learning_rate, total_steps, seed=request.seed, dist=dist,
-                      capture_lock=capture_lock, recompute_mlp=request.recompute_mlp, optim=request.optim,
+                      capture_lock=capture_lock, recompute_mlp=request.recompute_mlp is not False, optim=request.optim,
                       lr_scheduler_type=request.lr_scheduler_type,
                       warmup_steps=warmup_steps(total_steps, request.warmup_steps, request.warmup_ratio))
 

@@ -56,13 +56,14 @@ class TrainState:
         self.prior_elapsed = float(saved.get("elapsed_s", 0.0))
         self.last_saved, self.last_checkpoint = self.global_step, checkpoint
 
-    def to_json(self, request: TrainRequest, num_examples: int, world: int, micro_batch_size: int) -> dict:
+    def to_json(self, request: TrainRequest, num_examples: int, world: int, micro_batch_size: int,
+                recompute_mlp: bool) -> dict:
         """``trainer_state.json``, with the original trainer's key names where it has them."""
         return {
             "global_step": self.global_step, "max_steps": self.total_steps, "epoch": self.epoch,
             "num_examples": num_examples, "train_batch_size": request.per_device_train_batch_size,
             "gradient_accumulation_steps": self.accumulation, "micro_batch_size": micro_batch_size,
-            "world_size": world, "seed": request.seed, "elapsed_s": self.prior_elapsed + self.elapsed,
+            "recompute_mlp": recompute_mlp, "world_size": world, "seed": request.seed, "elapsed_s": self.prior_elapsed + self.elapsed,
             "log_history": self.log_history, "is_world_process_zero": True,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(request).items()},
         }

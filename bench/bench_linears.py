@@ -1,0 +1,87 @@
+"""Where an int8 linear should widen its weight for cuBLAS (``int8_linear.WIDEN_MIN_ROWS``): the Triton
+kernels that widen int8 in registers against ``widened_linear`` / ``widened_grad_input``, forward and input
+gradient, at ChatGLM2-6B's four layer shapes and a range of rows (GPU). Also the packed-weight kernels of the
+batched decoder (``quant_linear``) against the Triton matmul for the decode rows 4..256.
+
+    PYTHONPATH=. python bench/bench_linears.py > linears.jsonl
+
+One JSON line per (shape, rows): microseconds of each path and the TFLOP/s it reaches. A kernel timed alone
+(back to back with itself) is a guide for the threshold, not a user figure: the recipe and evaluation runs
+through ``train_cli.py`` are those.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.int8_linear import LinearWeights, matmul, quantize_per_channel, widened_grad_input, widened_linear  # noqa: E402
+from backend.int8_training import grad_input_triton  # noqa: E402
+from check_grad_kernel import SHAPES, timed  # noqa: E402
+
+TRAIN_ROWS = (192, 512, 768, 1024, 1536, 2048, 3088)
+DECODE_ROWS = (4, 8, 16, 32, 64, 128, 256)
+
+
+def tflops(m: int, n: int, k: int, ms: float) -> float:
+    return round(2 * m * n * k / (ms * 1e-3) / 1e12, 1)
+
+
+def training_rows(lws: dict) -> None:
+    from backend import int8_linear
+
+    for name, N, K in SHAPES:
+        lw = lws[name]
+        for m in TRAIN_ROWS:
+            x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn(m, N, device="cuda", dtype=torch.bfloat16) * 1e-3
+            limit, int8_linear.WIDEN_MIN_ROWS = int8_linear.WIDEN_MIN_ROWS, 1 << 30  # matmul = the Triton kernel
+            try:
+                fwd_triton = timed(lambda: matmul(x, lw))
+            finally:
+                int8_linear.WIDEN_MIN_ROWS = limit
+            fwd_wide = timed(lambda: widened_linear(x, lw))
+            bwd_triton = timed(lambda: grad_input_triton(dy, lw.weight, lw.scale))
+            bwd_wide = timed(lambda: widened_grad_input(dy, lw.weight, lw.scale))
+            print(json.dumps({"what": "train_linear", "shape": name, "rows": m,
+                              "fwd_us": {"triton": round(fwd_triton * 1e3, 1), "widened": round(fwd_wide * 1e3, 1)},
+                              "bwd_us": {"triton": round(bwd_triton * 1e3, 1), "widened": round(bwd_wide * 1e3, 1)},
+                              "fwd_tflops": {"triton": tflops(m, N, K, fwd_triton), "widened": tflops(m, N, K, fwd_wide)},
+                              "bwd_tflops": {"triton": tflops(m, N, K, bwd_triton), "widened": tflops(m, N, K, bwd_wide)}}),
+                  flush=True)
+
+
+def decode_rows(lws: dict) -> None:
+    from backend.kernels.gemv_4bit import QuantizedWeight, quant_linear
+
+    for name, N, K in SHAPES:
+        lw = lws[name]
+        q = QuantizedWeight(fmt="int8", data=lw.weight, scale=lw.scale, n=N, k=K)
+        for m in DECODE_ROWS:
+            x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+            row = {"what": "decode_linear", "shape": name, "rows": m, "matmul_us": round(timed(lambda: matmul(x, lw)) * 1e3, 1)}
+            if m <= 64:
+                row["quant_linear_us"] = round(timed(lambda: quant_linear(x, q, None)) * 1e3, 1)
+            gb = N * K / 1e9
+            row["matmul_tb_s"] = round(gb / (row["matmul_us"] * 1e-6) / 1e3, 2)
+            print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    lws = {}
+    for name, N, K in SHAPES:
+        q, s = quantize_per_channel(torch.randn(N, K, device="cuda") * 0.02)
+        lws[name] = LinearWeights(q, s, None)
+    print(json.dumps({"what": "device", "name": torch.cuda.get_device_name()}), flush=True)
+    training_rows(lws)
+    decode_rows(lws)
+
+
+if __name__ == "__main__":
+    main()
