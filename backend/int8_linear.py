@@ -328,6 +328,17 @@ if HAVE_TRITON:
             tl.store(v_cache_ptr + dst, a_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
             tl.store(v_cache_ptr + dst + 1, b_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
 
+    @triton.jit
+    def _widen_kernel(q_ptr, scale_ptr, out_ptr, N, K, stride_qn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out[N, K] (contiguous) = q[N, K] (row stride stride_qn) * scale[N, None], the product in float32
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rn < N)[:, None] & (rk < K)[None, :]
+        q = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_qn + rk[None, :], mask=mask, other=0)
+        s = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
+        w = q.to(tl.float32) * s[:, None]
+        tl.store(out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
     @triton.jit(do_not_specialize=["M"])  # a prompt's length: no new compile for each M % 16
     def _matmul_kernel(
         a_ptr, w_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_cm,
@@ -476,20 +487,18 @@ def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: torch.Te
                        **({"launch_pdl": True} if pdl else {}))
 
 
-def matmul(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
+def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None) -> torch.Tensor:
     """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
-    from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight."""
+    from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight. ``config``: (BLOCK_M, BLOCK_N,
+    BLOCK_K, warps, stages) in place of ``matmul_config``'s (benchmarks)."""
     M, K = x.shape
-    if lw.is_int8 and M >= WIDEN_MIN_ROWS:
+    if lw.is_int8 and M >= WIDEN_MIN_ROWS and config is None:
         return widened_linear(x, lw)
     N = lw.weight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    if M <= 64:  # short prompts read the weights once: many narrow programs keep the bandwidth busy
-        bm, bn, bk, warps, stages = max(16, triton.next_power_of_2(M)), 64, 128, 4, 4
-    else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
+    bm, bn, bk, warps, stages = config or matmul_config(M)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _matmul_kernel[grid](
         x, lw.weight, lw.scale if lw.is_int8 else out, lw.bias if lw.bias is not None else out, out,
@@ -500,6 +509,15 @@ def matmul(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
     return out
 
 
+def matmul_config(M: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for M rows."""
+    if M <= 64:  # decode rows and short prompts read the weights once: many narrow programs keep the bandwidth busy
+        return max(16, triton.next_power_of_2(M)), 64, 128, 4, 4
+    if M <= 256:  # the batched decoder's 128 and 256 rows: still bandwidth-bound, so tiles narrow enough to fill the SMs
+        return 64, 64, 128, 4, 4
+    return 128, 128, 64, 8, 4
+
+
 # Rows from which an int8 linear widens its weight for cuBLAS: the widening reads 1 byte and writes 2 a weight,
 # repaid when the matmul is compute-bound (bench/NOTES.md, run 9); GLMCHAT_WIDEN_MIN_ROWS moves it for benchmarks.
 WIDEN_MIN_ROWS = int(os.environ.get("GLMCHAT_WIDEN_MIN_ROWS", "1024"))
@@ -507,12 +525,22 @@ WIDEN_CHUNK_BYTES = 64 << 20  # the widened slice alive at once (a small card tr
 
 
 def _chunk(total: int, other: int, itemsize: int) -> int:
-    return max(1, min(total, WIDEN_CHUNK_BYTES // max(1, other * itemsize)))
+    """Rows (or columns) of a widened block: within WIDEN_CHUNK_BYTES, a multiple of 128 unless the whole
+    (cuBLAS slows down several times on a block whose size is not a multiple of 8: 2450 rows of fc2 did)."""
+    fit = WIDEN_CHUNK_BYTES // max(1, other * itemsize)
+    return total if fit >= total else max(128, fit // 128 * 128)
 
 
 def _widen(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(q * scale) in ``dtype``: one kernel, the product in float32 and rounded once."""
-    return torch.mul(q, scale, out=torch.empty(q.shape, device=q.device, dtype=dtype))
+    """(q * scale) in ``dtype``, the product in float32 and rounded once; q [N, K] may be a column slice.
+    On CUDA one Triton pass (torch's mixed int8 x float32 multiply ran at ~0.6 TB/s on the H200)."""
+    out = torch.empty(q.shape, device=q.device, dtype=dtype)
+    if HAVE_TRITON and q.is_cuda:
+        N, K = q.shape
+        _widen_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 256))](q, scale, out, N, K, q.stride(0), BLOCK_N=32, BLOCK_K=256,
+                                                                  num_warps=4)
+        return out
+    return torch.mul(q, scale[:, None], out=out)
 
 
 def widened_linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
@@ -520,13 +548,12 @@ def widened_linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
     rows at a time. The widened weight is rounded once, as bitsandbytes' dequantized weight is."""
     N, K = lw.weight.shape
     rows = _chunk(N, K, x.element_size())
-    scale = lw.scale[:, None]
     if rows == N:
-        return F.linear(x, _widen(lw.weight, scale, x.dtype), lw.bias)
+        return F.linear(x, _widen(lw.weight, lw.scale, x.dtype), lw.bias)
     out = torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype)
     for n0 in range(0, N, rows):
         n = slice(n0, n0 + rows)
-        w = _widen(lw.weight[n], scale[n], x.dtype)
+        w = _widen(lw.weight[n], lw.scale[n], x.dtype)
         out[:, n] = F.linear(x, w, None if lw.bias is None else lw.bias[n])
     return out
 
@@ -536,7 +563,6 @@ def widened_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale: torc
     a time (a block's columns of dx each summed whole, none split over blocks)."""
     N, K = weight.shape
     cols = _chunk(K, N, grad_out.element_size())
-    scale = scale[:, None]
     if cols == K:
         return grad_out @ _widen(weight, scale, grad_out.dtype)
     out = torch.empty(grad_out.shape[0], K, device=grad_out.device, dtype=grad_out.dtype)

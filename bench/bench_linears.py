@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,6 +31,10 @@ DECODE_ROWS = (4, 8, 16, 32, 64, 128, 256)
 
 def tflops(m: int, n: int, k: int, ms: float) -> float:
     return round(2 * m * n * k / (ms * 1e-3) / 1e12, 1)
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(f"{((a.float() - ref).norm() / ref.norm()).item():.1e}")
 
 
 def training_rows(lws: dict) -> None:
@@ -46,29 +51,49 @@ def training_rows(lws: dict) -> None:
             finally:
                 int8_linear.WIDEN_MIN_ROWS = limit
             fwd_wide = timed(lambda: widened_linear(x, lw))
+            ref = x.float() @ (lw.weight.float() * lw.scale[:, None]).T
+            err = {"fwd_widened": rel(widened_linear(x, lw), ref), "bwd_widened": rel(widened_grad_input(dy, lw.weight, lw.scale),
+                                                                                        dy.float() @ (lw.weight.float() * lw.scale[:, None]))}
             bwd_triton = timed(lambda: grad_input_triton(dy, lw.weight, lw.scale))
             bwd_wide = timed(lambda: widened_grad_input(dy, lw.weight, lw.scale))
             print(json.dumps({"what": "train_linear", "shape": name, "rows": m,
                               "fwd_us": {"triton": round(fwd_triton * 1e3, 1), "widened": round(fwd_wide * 1e3, 1)},
                               "bwd_us": {"triton": round(bwd_triton * 1e3, 1), "widened": round(bwd_wide * 1e3, 1)},
                               "fwd_tflops": {"triton": tflops(m, N, K, fwd_triton), "widened": tflops(m, N, K, fwd_wide)},
-                              "bwd_tflops": {"triton": tflops(m, N, K, bwd_triton), "widened": tflops(m, N, K, bwd_wide)}}),
+                              "bwd_tflops": {"triton": tflops(m, N, K, bwd_triton), "widened": tflops(m, N, K, bwd_wide)},
+                              "relative_error": err}),
                   flush=True)
 
 
 def decode_rows(lws: dict) -> None:
+    """Each decode row count: quant_linear (int8, up to 64 rows), the matmul at its chosen config, and the best of
+    a small grid of matmul configs (to choose ``matmul_config``)."""
+    from backend.int8_linear import matmul_config
     from backend.kernels.gemv_4bit import QuantizedWeight, quant_linear
 
     for name, N, K in SHAPES:
         lw = lws[name]
         q = QuantizedWeight(fmt="int8", data=lw.weight, scale=lw.scale, n=N, k=K)
-        for m in DECODE_ROWS:
+        for m in DECODE_ROWS + (192,):
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
-            row = {"what": "decode_linear", "shape": name, "rows": m, "matmul_us": round(timed(lambda: matmul(x, lw)) * 1e3, 1)}
+            row = {"what": "decode_linear", "shape": name, "rows": m, "config": matmul_config(m),
+                   "matmul_us": round(timed(lambda: matmul(x, lw)) * 1e3, 1)}
             if m <= 64:
                 row["quant_linear_us"] = round(timed(lambda: quant_linear(x, q, None)) * 1e3, 1)
-            gb = N * K / 1e9
-            row["matmul_tb_s"] = round(gb / (row["matmul_us"] * 1e-6) / 1e3, 2)
+            grid = {}
+            for bm in sorted({max(16, min(64, triton.next_power_of_2(m))), min(128, max(16, triton.next_power_of_2(m)))}):
+                for bn in (32, 64, 128):
+                    for bk in (128, 256):
+                        for warps, stages in ((4, 4), (8, 3)):
+                            config = (bm, bn, bk, warps, stages)
+                            try:
+                                grid[config] = round(timed(lambda: matmul(x, lw, config), reps=10) * 1e3, 1)
+                            except Exception as err:  # noqa: BLE001 - a config that does not fit shared memory
+                                grid[config] = str(err)[:40]
+            timings = {c: t for c, t in grid.items() if isinstance(t, float)}
+            best = min(timings, key=timings.get)
+            row.update(best_config=best, best_us=timings[best], matmul_tb_s=round(N * K / 1e9 / (row["matmul_us"] * 1e-6) / 1e3, 2),
+                       best_tb_s=round(N * K / 1e9 / (timings[best] * 1e-6) / 1e3, 2))
             print(json.dumps(row), flush=True)
 
 

@@ -107,7 +107,7 @@ def test_backward_kernel_matches_float64_under_the_triton_interpreter():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("chunk_bytes", [64 << 20, 3 * 40 * 2])  # whole, and a few rows/columns at a time
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 128 * 260 * 2])  # whole, and 128 rows/columns at a time
 def test_widened_linear_and_grad_input_equal_the_dequantised_weight(monkeypatch, chunk_bytes):
     """The compute-bound path (long prompts, training micro-batches): cuBLAS on (q * scale) rounded once to the
     activation dtype, whole or a block at a time."""
@@ -116,10 +116,10 @@ def test_widened_linear_and_grad_input_equal_the_dequantised_weight(monkeypatch,
 
     monkeypatch.setattr(int8_linear, "WIDEN_CHUNK_BYTES", chunk_bytes)
     g = torch.Generator().manual_seed(0)
-    q, scale = quantize_per_channel(torch.randn(50, 40, generator=g))
-    bias = torch.randn(50, generator=g).to(torch.bfloat16)
-    x = torch.randn(7, 40, generator=g).to(torch.bfloat16)
-    dy = torch.randn(7, 50, generator=g).to(torch.bfloat16)
+    q, scale = quantize_per_channel(torch.randn(300, 260, generator=g))
+    bias = torch.randn(300, generator=g).to(torch.bfloat16)
+    x = torch.randn(7, 260, generator=g).to(torch.bfloat16)
+    dy = torch.randn(7, 300, generator=g).to(torch.bfloat16)
     w = (q.float() * scale[:, None]).to(torch.bfloat16)  # the widened weight, rounded once
     # (BLAS may sum a narrower matrix in another order: equal up to the last bf16 bit)
     torch.testing.assert_close(widened_linear(x, LinearWeights(q, scale, bias)), torch.nn.functional.linear(x, w, bias),

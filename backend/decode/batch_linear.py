@@ -1,7 +1,10 @@
-"""One linear of the batched fast decoder, read as it is stored: packed int8, NF4 or the int4 release through
-``backend.kernels.gemv_4bit.quant_linear`` (RMSNorm, SwiGLU and the residual folded in), one or two int8
-rows through the one-row decoder's GEMV, 16-bit weights through cuBLAS, and long prompts through tensor
-cores on the weight widened one linear at a time."""
+"""One linear of the batched fast decoder, read as it is stored: NF4 and the int4 release packed through
+``backend.kernels.gemv_4bit.quant_linear`` (RMSNorm, SwiGLU and the residual folded in) up to 64 rows; int8
+rows one at a time through the one-row decoder's GEMV for one or two rows, else through ``int8_linear.matmul``
+(its tensor-core tiles widen the int8 weight in registers; on the H200 they read it 2-4x faster than
+quant_linear's int8 tiles from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm and SwiGLU as one launch
+each; 16-bit weights through cuBLAS; long prompts through tensor cores on the weight widened a block at a
+time."""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from ..int8_linear import LinearWeights
+from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, quant_linear, quantized_weight
 from ..lean_autograd import rms_norm
 
-QUANT_MAX_M = 64  # prompts longer than this widen each weight for one tensor-core matmul
+QUANT_MAX_M = 64  # 4-bit rows up to this go through quant_linear; more widen each weight for one tensor-core matmul
 # Up to this many rows, int8 linears run the one-row GEMV once a row (16-bit ones for one row): on the H200 one
 # row is 2.5 ms a step that way, and two rows through the multi-row kernels 7.8 ms (bench/NOTES.md, run 8)
 ONE_ROW_GEMV_MAX_M = 2
@@ -41,16 +45,16 @@ class BatchLinear:
         rows_ok = x.shape[0] == 1 or (self.q is not None and x.shape[0] <= ONE_ROW_GEMV_MAX_M)  # 16-bit: cuBLAS
         if rows_ok and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
-        if self.q is not None and x.shape[0] <= QUANT_MAX_M:
+        if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M:
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
+        fused = kernels_run(x)
         if norm is not None:
-            x = rms_norm(x, norm, eps)
+            x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
         y = self._wide(x)
         if swiglu:
-            a, b = y.chunk(2, dim=-1)
-            y = F.silu(a) * b
+            y = swiglu_rows(y) if fused else F.silu(y[..., : y.shape[-1] // 2]) * y[..., y.shape[-1] // 2:]
         if residual is not None:
-            y = y + residual
+            return y + residual if out is None else torch.add(y, residual, out=out)
         return y if out is None else out.copy_(y)
 
     def _one_row(self, x, norm, eps, swiglu, residual, out):
@@ -74,7 +78,7 @@ class BatchLinear:
         """x @ W.T + b for many rows (a prompt): tensor cores on the weight, widened at most one linear at a time."""
         if self.q is None:
             return F.linear(x, self.w, self.bias)
-        if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers, no copy of the weight
+        if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers (or blocks for cuBLAS from 1024 rows)
             from ..int8_linear import matmul
 
             return matmul(x, self.one_row)

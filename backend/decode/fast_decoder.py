@@ -45,9 +45,7 @@ from .fast_step import DecodeStepGraph
 from ..gpu_memory import free_bytes
 
 if HAVE_TRITON:
-    import triton
-
-    from ..kernels.decode_kernels import _rmsnorm_kernel, _rope_cache_kernel, _swiglu_kernel
+    from ..kernels.decode_kernels import _rope_cache_kernel, rms_norm_rows, swiglu_rows
 
 WEIGHT_MODES = ("int8", "bf16", "fp16", "fp32", "same")
 _DTYPE_MODE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -303,10 +301,7 @@ class FastDecoder(PrefillGraphs, DecodeStepGraph, DeviceSampler):
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fused_prefill:
-            out = torch.empty_like(x)
-            K = x.shape[-1]
-            _rmsnorm_kernel[(x.numel() // K,)](x, weight, out, K, self.eps, BLOCK=triton.next_power_of_2(K), num_warps=8)
-            return out
+            return rms_norm_rows(x, weight, self.eps)
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
         return (weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
 
@@ -341,10 +336,6 @@ class FastDecoder(PrefillGraphs, DecodeStepGraph, DeviceSampler):
 
     def _swiglu(self, y: torch.Tensor) -> torch.Tensor:
         if self.fused_prefill:
-            F_dim = y.shape[-1] // 2
-            out = torch.empty(*y.shape[:-1], F_dim, device=y.device, dtype=y.dtype)
-            rows = y.numel() // y.shape[-1]
-            _swiglu_kernel[(rows, triton.cdiv(F_dim, 1024))](y, out, F_dim, BLOCK=1024, num_warps=4)
-            return out
+            return swiglu_rows(y)
         a, b = y.chunk(2, dim=-1)
         return F.silu(a) * b

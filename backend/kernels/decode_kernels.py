@@ -1,8 +1,11 @@
 """The fast decoder's own Triton kernels (moved unchanged from backend/fast_decode.py): split attention
 for one decode step and its combine, and the prompt's elementwise stages (RMSNorm, rotary + cache write,
-SwiGLU). The GEMV kernels they run beside live in backend/int8_linear.py."""
+SwiGLU, with ``rms_norm_rows``/``swiglu_rows`` for the batched decoder's int8 rows too). The GEMV kernels
+they run beside live in backend/int8_linear.py."""
 
 from __future__ import annotations
+
+import torch
 
 from ..int8_linear import HAVE_TRITON
 
@@ -142,3 +145,22 @@ if HAVE_TRITON:
         a = tl.load(y_ptr + row * 2 * F_DIM + offs, mask=m, other=0.0).to(tl.float32)
         b = tl.load(y_ptr + row * 2 * F_DIM + F_DIM + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * F_DIM + offs, (a / (1.0 + tl.exp(-a)) * b).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of x [..., K] in one launch: the float32 math of ``modeling.RMSNorm``."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    K = x.shape[-1]
+    _rmsnorm_kernel[(x.numel() // K,)](x, weight, out, K, eps, BLOCK=triton.next_power_of_2(K), num_warps=8)
+    return out
+
+
+def swiglu_rows(y: torch.Tensor) -> torch.Tensor:
+    """silu(y[..., :F]) * y[..., F:] of y [..., 2F] in one launch."""
+    y = y.contiguous()
+    F_dim = y.shape[-1] // 2
+    out = torch.empty(*y.shape[:-1], F_dim, device=y.device, dtype=y.dtype)
+    rows = y.numel() // y.shape[-1]
+    _swiglu_kernel[(rows, triton.cdiv(F_dim, 1024))](y, out, F_dim, BLOCK=1024, num_warps=4)
+    return out
