@@ -498,7 +498,7 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None) -
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bm, bn, bk, warps, stages = config or matmul_config(M)
+    bm, bn, bk, warps, stages = config or matmul_config(M, N)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _matmul_kernel[grid](
         x, lw.weight, lw.scale if lw.is_int8 else out, lw.bias if lw.bias is not None else out, out,
@@ -509,12 +509,13 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None) -
     return out
 
 
-def matmul_config(M: int) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for M rows."""
+def matmul_config(M: int, N: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for M rows of an N-row weight, from a grid timed on the H200
+    at the four layer shapes (bench/bench_linears.py, bench/NOTES.md run 9)."""
     if M <= 64:  # decode rows and short prompts read the weights once: many narrow programs keep the bandwidth busy
-        return max(16, triton.next_power_of_2(M)), 64, 128, 4, 4
-    if M <= 256:  # the batched decoder's 128 and 256 rows: still bandwidth-bound, so tiles narrow enough to fill the SMs
-        return 64, 64, 128, 4, 4
+        return max(16, triton.next_power_of_2(M)), 32 if N <= 8192 else 64, 128, 4, 4
+    if M <= 256:  # the batched decoder's 128 and 256 rows: still bandwidth-bound
+        return (64, 128, 128, 8, 3) if N > 8192 else (min(128, triton.next_power_of_2(M)), 64, 128, 8, 3)
     return 128, 128, 64, 8, 4
 
 

@@ -76,7 +76,7 @@ def decode_rows(lws: dict) -> None:
         q = QuantizedWeight(fmt="int8", data=lw.weight, scale=lw.scale, n=N, k=K)
         for m in DECODE_ROWS + (192,):
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
-            row = {"what": "decode_linear", "shape": name, "rows": m, "config": matmul_config(m),
+            row = {"what": "decode_linear", "shape": name, "rows": m, "config": matmul_config(m, N),
                    "matmul_us": round(timed(lambda: matmul(x, lw)) * 1e3, 1)}
             if m <= 64:
                 row["quant_linear_us"] = round(timed(lambda: quant_linear(x, q, None)) * 1e3, 1)

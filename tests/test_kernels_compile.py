@@ -104,3 +104,17 @@ def test_batched_rotary_and_attention(arch, pdl):
     split = dict(HEAD_DIM=128, HPG_PAD=16, BLOCK_T=A.BLOCK_T, IEEE=False, PDL=pdl)
     compile_for(A._attn_batch_split_kernel, types, split, arch, warps=8, stages=1)
     compile_for(A._attn_batch_combine_kernel, types, dict(HEAD_DIM=128, HPG_PAD=16, SPLITS_PAD=16, PDL=pdl), arch, stages=1)
+
+
+@pytest.mark.parametrize("arch", [90, 80, 75])
+def test_the_int8_matmul_configs_fit_each_card(arch):
+    """Every tile config the int8 matmul picks (decode rows, 128/256 rows, prompts and training) compiles and fits
+    the card's shared memory, with int8 weights read by vector loads."""
+    from backend.int8_linear import _matmul_kernel, matmul_config
+
+    types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT}
+    configs = {matmul_config(m, n) for m in (3, 16, 32, 64, 128, 256, 512) for n in (4096, 27392)}
+    for bm, bn, bk, warps, stages in sorted(configs):
+        consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+        ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
+        assert byte_loads(ptx) == 0, (bm, bn, bk)

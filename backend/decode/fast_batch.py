@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import logits_processors
+from ..int8_linear import WIDEN_MIN_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
 from ..modeling import apply_rotary, rope_settings, rotary_cos_sin
 from ..service import BackendError, SamplingParams
@@ -164,31 +165,45 @@ class BatchFastDecoder:
         from ..kernels.gemv_4bit import M_BUCKETS
 
         with torch.inference_mode():
-            # prompts of up to 64 tokens run at these row counts; a longer one through the widened weights
-            for m in M_BUCKETS + (QUANT_MAX_M + 1,):
+            # prompts of up to 64 tokens and decode steps run at these row counts; then each tile config of the
+            # int8 matmul (up to 256 rows, beyond) and the weights widened for cuBLAS (long prompts)
+            for m in M_BUCKETS + (QUANT_MAX_M + 1, 257, WIDEN_MIN_ROWS):
                 x = torch.randn(m, self.embedding.shape[1], device=self.device, dtype=self.dtype)
                 for lw in self.layers[:1]:
                     lw.qkv(x, norm=lw.ln1, eps=self.eps)
                     lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
                     lw.dense(x, residual=x)
-            self._warm_prefill()
+            self._warm_replies()
             for bucket in BUCKETS:
                 if bucket <= self.max_batch and self.use_graphs and bucket not in self._graphs:
                     self._capture(bucket)
 
-    def _warm_prefill(self) -> None:
-        """One long prompt in each of two rows, the way a compare's prompts go: the first of each kind of
-        library kernel they use (attention with a mask, scatter into the cache) loads now; on the H200 a first
-        two-row prompt took 0.5 s (bench/NOTES.md, run 8). Nothing of it is kept."""
-        if self.rows:  # (made for a decoder that runs nothing yet: its rows 0 and 1 are overwritten)
+    def _warm_replies(self) -> None:
+        """Two short replies to 65-token prompts in two rows (one greedy, one sampled), then a next turn of the
+        first that feeds its parked row one token: the first of each kind of kernel a chat, a compare and the
+        sampler use loads or compiles now, not in a user's first reply (on the H200 a first two-row prompt took
+        0.5 s, a first one-token next turn 0.9 s: bench/NOTES.md, runs 8 and 9). Nothing of it is kept."""
+        if self.rows:  # (made for a decoder that runs nothing yet: the rows it uses are overwritten)
             return
-        rows = [_Row(-1 - i, DecodeRequest([0], SamplingParams()), i, 0, 1, [0] * (QUANT_MAX_M + 1))
-                for i in range(min(2, self.max_batch))]
-        self._prefill(rows)
-        for row in rows:
-            self._free(row, park=False)
-            self._parked.pop(row.slot, None)
-            self._slot_adapter[row.slot] = object()  # whatever prefix it held is gone
+        prompt = list(range(10, 11 + QUANT_MAX_M))
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=2)
+        sampled = SamplingParams(temperature=0.8, top_p=0.8, top_k=40, repetition_penalty=1.1, max_new_tokens=2)
+        first = [DecodeRequest(prompt, greedy), DecodeRequest(prompt[:-1] + [7], sampled, seed=0)]
+        replies = self._run_alone(first[: self.max_batch])
+        self._run_alone([DecodeRequest(prompt + replies[0] + [11], greedy)])
+        for slot in list(self._parked):
+            del self._parked[slot]
+            self._slot_adapter[slot] = object()  # whatever prefix it held is gone
+
+    def _run_alone(self, requests: list) -> list[list[int]]:
+        """Each request's tokens, decoded to the end as rows -1, -2, ... of this otherwise idle decoder."""
+        out = {-1 - i: [] for i in range(len(requests))}
+        for row, request in zip(out, requests):
+            self.add(row, request)
+        while self.rows:
+            for token in self.step():
+                out[token.row].append(token.token)
+        return list(out.values())
 
     # -- protocol: admission ------------------------------------------------------------------
 
@@ -416,10 +431,11 @@ class BatchFastDecoder:
             v = qkv[:, :, H + G:]
             self.k_cache[i][write_rows, :, write_slots] = k[valid]
             self.v_cache[i][write_rows, :, write_slots] = v[valid]
-            keys = self.k_cache[i, :, :, :width].index_select(0, slot_rows)  # [B, G, width, D]
-            values = self.v_cache[i, :, :, :width].index_select(0, slot_rows)
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None],
-                                                  enable_gqa=True)  # [B, H, T, D]
+            # each query head's group of keys and values spelled out: with a mask, SDPA's memory-efficient kernel
+            # takes no grouped keys (enable_gqa), and its math fallback writes every [T, width] score to memory
+            keys = self.k_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
+            values = self.v_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])  # [B, H, T, D]
             x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x)
             x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
         last = x.view(B, T, -1)[torch.arange(B, device=dev), lens - 1]  # [B, h]
