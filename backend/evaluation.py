@@ -24,7 +24,7 @@ from .data import Example, preprocess_eval
 from .decode import make_batch_decoder
 from .decode.batcher import Batcher
 from .decode.protocol import DecodeRequest
-from .metrics import compute_metrics, write_predictions
+from .metrics import BackgroundScorer, compute_metrics, write_predictions
 from .service import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=0)
@@ -39,13 +39,14 @@ class EvalResult:
     metrics: dict[str, float]  # rouge-1, rouge-2, rouge-l, bleu-4 (x100, averaged)
     predictions: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # generation and scoring
     output_dir: Optional[Path] = None
     stopped: bool = False
 
 
 EVAL_ADAPTER = "evaluated prefix"  # the decoder's name for the prefix under evaluation
 CUDA_EVAL_MAX_BATCH = 256  # rows at most; the decoder's memory budget (free GPU memory) may admit fewer
+BACKGROUND_SCORING_MIN = 200  # examples from which scoring runs in worker processes beside the generation
 
 
 def generate_all(
@@ -60,8 +61,10 @@ def generate_all(
     batch_size: Optional[int] = None,
     cancel: Optional[threading.Event] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    on_output: Optional[Callable[[int, list[int]], None]] = None,
 ) -> list[list[int]]:
-    """New token ids (eos excluded) for each prompt, all submitted to one batched decoder.
+    """New token ids (eos excluded) for each prompt, all submitted to one batched decoder; ``on_output(i, ids)``
+    is called as prompt i's are complete (in the order of the prompts).
     ``eos_token_id`` may list several stop ids (ChatGLM3 also stops at <|user|> and <|observation|>).
 
     ``max_length`` bounds prompt + new tokens per prompt, like the original's ``max_length`` at batch 1;
@@ -87,6 +90,8 @@ def generate_all(
                 streams[i] = batcher.submit(request, cancel)
         for done, (i, stream) in enumerate(streams.items(), 1):
             outputs[i] = [t for t in stream if t not in stops]
+            if on_output is not None and not (cancel is not None and cancel.is_set()):
+                on_output(i, outputs[i])
             if progress is not None:
                 progress(done, len(streams))
     finally:
@@ -126,21 +131,38 @@ def evaluate(
     max_length = max_source_length + max_target_length + 1  # the original's max_seq_length
     # Similar lengths together waste less padding; results do not depend on the batching.
     order = sorted(mine, key=lambda i: len(features[i]["input_ids"]))
-    new_ids = generate_all(
-        model, [features[i]["input_ids"] for i in order], eos_token_id=tokenizer.chat_stop_ids(), max_length=max_length,
-        prefix_kv=prefix_kv, params=params, seeds=[seed + i for i in order], batch_size=batch_size, cancel=cancel,
-        progress=progress,
-    )
-    predictions = {i: tokenizer.decode(ids, skip_special_tokens=True) for i, ids in zip(order, new_ids)}
-    stopped = cancel is not None and cancel.is_set()
     labels = {i: tokenizer.decode([t for t in features[i]["labels"] if t >= 0], skip_special_tokens=True) for i in mine}
-    preds = [predictions.get(i, "") for i in mine]
-    golds = [labels[i] for i in mine]
-    result = EvalResult({}, preds, golds, time.perf_counter() - start, stopped=stopped or (cancel is not None and cancel.is_set()))
-    if world == 1 and not result.stopped:
-        result.metrics = compute_metrics(preds, golds)
-        if output_dir is not None:
-            write_eval_outputs(output_dir, result, extra_metrics)
+    predictions: dict[int, str] = {}
+    # a large evaluation is scored in worker processes while the GPU generates (identical metrics)
+    scorer = BackgroundScorer() if world == 1 and len(mine) >= BACKGROUND_SCORING_MIN else None
+
+    def take(k: int, ids: list[int]) -> None:
+        i = order[k]
+        predictions[i] = tokenizer.decode(ids, skip_special_tokens=True)
+        if scorer is not None:
+            scorer.add(i, predictions[i], labels[i])
+
+    try:
+        new_ids = generate_all(
+            model, [features[i]["input_ids"] for i in order], eos_token_id=tokenizer.chat_stop_ids(), max_length=max_length,
+            prefix_kv=prefix_kv, params=params, seeds=[seed + i for i in order], batch_size=batch_size, cancel=cancel,
+            progress=progress, on_output=take,
+        )
+        for k, ids in enumerate(new_ids):  # what a stop cut short
+            if order[k] not in predictions:
+                take(k, ids)
+        stopped = cancel is not None and cancel.is_set()
+        preds = [predictions.get(i, "") for i in mine]
+        golds = [labels[i] for i in mine]
+        result = EvalResult({}, preds, golds, time.perf_counter() - start, stopped=stopped)
+        if world == 1 and not result.stopped:
+            result.metrics = scorer.mean(mine) if scorer is not None else compute_metrics(preds, golds)
+            result.seconds = time.perf_counter() - start
+    finally:
+        if scorer is not None:
+            scorer.close()
+    if world == 1 and not result.stopped and output_dir is not None:
+        write_eval_outputs(output_dir, result, extra_metrics)
     return result
 
 

@@ -166,3 +166,19 @@ def test_eval_command_bad_input_is_one_line(tiny_dir, checkpoint, tmp_path, caps
     assert train_cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_large_evaluation_is_scored_in_the_background_with_the_same_metrics(loaded, tmp_path, monkeypatch):
+    """From BACKGROUND_SCORING_MIN examples the pairs are scored in worker processes as they are generated:
+    the same metrics, to the last digit, as scoring them afterwards."""
+    import backend.evaluation as evaluation
+    from backend.metrics import BackgroundScorer, compute_metrics
+
+    made = []
+    monkeypatch.setattr(evaluation, "BACKGROUND_SCORING_MIN", 4)
+    monkeypatch.setattr(evaluation, "BackgroundScorer", lambda: made.append(BackgroundScorer(workers=1, chunk=2)) or made[-1])
+    examples = list(read_examples(write_data(tmp_path / "dev.json", 7), "content", "summary"))
+    result = evaluate(loaded.model, loaded.tokenizer, examples, max_source_length=24, max_target_length=8, batch_size=3)
+    assert len(made) == 1 and len(result.predictions) == 7
+    assert result.metrics == compute_metrics(result.predictions, result.labels)
+    assert any(v > 0 for v in result.metrics.values())

@@ -19,9 +19,10 @@ from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, quant_linear, quan
 from ..lean_autograd import rms_norm
 
 QUANT_MAX_M = 64  # 4-bit rows up to this go through quant_linear; more widen each weight for one tensor-core matmul
-# Up to this many rows, int8 linears run the one-row GEMV once a row (16-bit ones for one row): on the H200 one
-# row is 2.5 ms a step that way, and two rows through the multi-row kernels 7.8 ms (bench/NOTES.md, run 8)
-ONE_ROW_GEMV_MAX_M = 2
+# Up to this many rows, int8 and 16-bit linears run the one-row decoder's GEMV once a row: one row is 2.5 ms a
+# step that way on the H200; from two rows the int8 matmul's tiles read the weight once for all of them (a
+# compare's two rows: 400 tok/s together against 216 through the GEMV twice, bench/NOTES.md run 9)
+ONE_ROW_GEMV_MAX_M = 1
 
 
 class BatchLinear:

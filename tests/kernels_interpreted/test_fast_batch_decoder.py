@@ -98,8 +98,9 @@ def test_a_next_turn_reuses_the_parked_row_and_gives_the_same_tokens():
     assert reused == fresh
 
 
-def test_one_and_two_int8_rows_through_the_one_row_gemv_equal_the_packed_kernels():
-    """Rows 1 and 2 of an int8 linear run int8_linear.gemv once a row: the same sums as quant_linear's."""
+def test_int8_rows_through_the_gemv_or_the_matmul_equal_the_packed_kernels():
+    """One row of an int8 linear runs int8_linear.gemv, more rows the int8 matmul (here its CPU form) with RMSNorm
+    and SwiGLU as kernels of their own: the same sums as quant_linear's, epilogues included."""
     from backend.decode.batch_linear import ONE_ROW_GEMV_MAX_M, BatchLinear
     from backend.kernels.gemv_4bit import quant_linear
 
@@ -108,9 +109,9 @@ def test_one_and_two_int8_rows_through_the_one_row_gemv_equal_the_packed_kernels
     layer.weight_scale = torch.rand(24) * 1e-2
     layer.in_features, layer.bias = 64, None
     lin = BatchLinear(layer, torch.float32, "dense")
-    assert lin.q.fmt == "int8" and ONE_ROW_GEMV_MAX_M == 2
+    assert lin.q.fmt == "int8" and ONE_ROW_GEMV_MAX_M == 1
     g = 1 + 0.1 * torch.randn(64)
-    for m in (1, 2):
+    for m in (1, 2, 5):
         x, res = torch.randn(m, 64), torch.randn(m, 12)
         out = lin(x, norm=g, swiglu=True, residual=res)
         ref = quant_linear(x, lin.q, norm_weight=g, swiglu=True, residual=res)
