@@ -109,8 +109,11 @@ def test_batched_rotary_and_attention(arch, pdl):
 @pytest.mark.parametrize("arch", [90, 80, 75])
 def test_the_int8_matmul_configs_fit_each_card(arch):
     """Every tile config the int8 matmul picks (decode rows, 128/256 rows, prompts and training) compiles and fits
-    the card's shared memory, with int8 weights read by vector loads."""
-    from backend.int8_linear import _matmul_kernel, matmul_config
+    the card's shared memory, with int8 weights read by vector loads; so does the widening for cuBLAS."""
+    from backend.int8_linear import _matmul_kernel, _widen_kernel, matmul_config
+
+    ptx = compile_for(_widen_kernel, {"q_ptr": "*i8", "scale_ptr": "*fp32", "out_ptr": ACT}, {"BLOCK_N": 32, "BLOCK_K": 256}, arch)
+    assert byte_loads(ptx) == 0
 
     types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT}
     configs = {matmul_config(m, n) for m in (3, 16, 32, 64, 128, 256, 512) for n in (4096, 27392)}

@@ -1,10 +1,9 @@
 """One linear of the batched fast decoder, read as it is stored: NF4 and the int4 release packed through
-``backend.kernels.gemv_4bit.quant_linear`` (RMSNorm, SwiGLU and the residual folded in) up to 64 rows; int8
-rows one at a time through the one-row decoder's GEMV for one or two rows, else through ``int8_linear.matmul``
-(its tensor-core tiles widen the int8 weight in registers; on the H200 they read it 2-4x faster than
-quant_linear's int8 tiles from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm and SwiGLU as one launch
-each; 16-bit weights through cuBLAS; long prompts through tensor cores on the weight widened a block at a
-time."""
+``backend.kernels.gemv_4bit.quant_linear`` (RMSNorm, SwiGLU and the residual folded in) up to 64 rows; one
+row through the one-row decoder's GEMV; more int8 rows through ``int8_linear.matmul`` (its tensor-core tiles
+widen the int8 weight in registers; on the H200 they read it 1.5-4x faster than quant_linear's int8 tiles
+from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm and SwiGLU as one launch each; 16-bit weights through
+cuBLAS; long prompts through tensor cores on the weight widened a block at a time."""
 
 from __future__ import annotations
 
@@ -59,9 +58,8 @@ class BatchLinear:
         return y if out is None else out.copy_(y)
 
     def _one_row(self, x, norm, eps, swiglu, residual, out):
-        """Each activation row through the one-row decoder's GEMV (int8_linear.gemv) and its tuned tiles: the
-        tensor-core tiles of quant_linear compute 16 rows to use one or two and read the weight at a fraction
-        of the bandwidth (bench/NOTES.md, run 8)."""
+        """Each activation row (up to ONE_ROW_GEMV_MAX_M) through the one-row decoder's GEMV (int8_linear.gemv)
+        and its tuned tiles: a tensor-core tile computes 16 rows to use one (bench/NOTES.md, run 8)."""
         from ..int8_linear import default_gemv_config, gemv
 
         n = self.one_row.weight.shape[0] // (2 if swiglu else 1)
@@ -76,7 +74,8 @@ class BatchLinear:
         return y
 
     def _wide(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T + b for many rows (a prompt): tensor cores on the weight, widened at most one linear at a time."""
+        """x @ W.T + b for many rows: tensor cores on the weight (int8 widened in registers, or a block at a time for
+        cuBLAS from WIDEN_MIN_ROWS; NF4 and int4 one whole linear at a time)."""
         if self.q is None:
             return F.linear(x, self.w, self.bias)
         if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers (or blocks for cuBLAS from 1024 rows)

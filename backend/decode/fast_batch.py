@@ -42,9 +42,9 @@ from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
 from ..gpu_memory import free_bytes
 
-# Rows a decoder holds unless told (a server's clients; each row's cache is 8192 tokens): the packed-weight
-# kernels' largest M. Evaluation asks for up to MAX_ROWS short rows, whose steps read the weights through the
-# int8 matmul's tensor-core tiles (batch_linear.QUANT_MAX_M): more rows a step, fewer steps.
+# Rows a decoder holds unless told: a server's clients, each with an 8192-token cache. Evaluation asks for up to
+# MAX_ROWS short rows (more rows a step, fewer steps); int8 rows go through the matmul tiles at any count, NF4
+# and int4 rows beyond batch_linear.QUANT_MAX_M through each weight widened.
 DEFAULT_ROWS = 64
 MAX_ROWS = 256
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -181,8 +181,9 @@ class BatchFastDecoder:
     def _warm_replies(self) -> None:
         """Two short replies to 65-token prompts in two rows (one greedy, one sampled), then a next turn of the
         first that feeds its parked row one token: the first of each kind of kernel a chat, a compare and the
-        sampler use loads or compiles now, not in a user's first reply (on the H200 a first two-row prompt took
-        0.5 s, a first one-token next turn 0.9 s: bench/NOTES.md, runs 8 and 9). Nothing of it is kept."""
+        sampler use loads or compiles now, not in a user's first reply (on the H200 first replies took 0.5-0.9 s
+        longer than the next ones, 87 ms to the first token with this warm-up: bench/NOTES.md, runs 8 and 9).
+        Nothing of it is kept."""
         if self.rows:  # (made for a decoder that runs nothing yet: the rows it uses are overwritten)
             return
         prompt = list(range(10, 11 + QUANT_MAX_M))
