@@ -6,7 +6,9 @@
 #   bash bench/run_device.sh decode   # fast-batch GPU checks; ChatEngine decode: 8-bit (batched and one-row),
 #                                     # NF4, the int4 release, bf16 (bench_engine.py)
 #   bash bench/run_device.sh serving  # train_cli.py eval on 1070 examples; glmchat serve under 1/8/64 streams
-#   bash bench/run_device.sh cards    # small cards under memory caps; the train.sh recipe (bench_train.py)
+#   bash bench/run_device.sh cards    # small cards under memory caps; the train.sh recipe, 60 steps of each variant
+#   bash bench/run_device.sh recipe   # the whole train.sh recipe (3000 steps, ~7.5 min on an H200)
+#   bash bench/run_device.sh linears  # int8 linears: Triton against cuBLAS on the widened weight, tile configs
 #   bash bench/run_device.sh profile  # where a batched step's time goes at 1/2/8/64 rows (profile_batch_step.py)
 #
 # .whl holds the packages the GPU image lacks (bitsandbytes with only its CUDA 13 library, jieba, datasets,
@@ -23,12 +25,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=.:/tmp/site
+# kernel tuning results of an earlier call on the same card (its OUT/kernel-tuning, put in .carry/) spare the
+# first-run tuning (~1 min); this call's come back in OUT/kernel-tuning
+export GLMCHAT_CACHE_DIR=${GLMCHAT_CACHE_DIR:-/tmp/glmcache}
+mkdir -p "$GLMCHAT_CACHE_DIR"
+[ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning "$GLMCHAT_CACHE_DIR/"
 TOKENIZER=${TOKENIZER:-.carry/tokenizer.model}
 DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-[ "$1" = serving ] || [ "$1" = profile ] || [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null
+case "$1" in serving|profile|recipe|linears) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -69,8 +76,17 @@ cards)
   small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
-  timeout 150 python3 bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 12 > "$OUT/train.jsonl" 2> "$OUT/train.err"
+  timeout 300 python3 bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 60 > "$OUT/train.jsonl" 2> "$OUT/train.err"
   stamp "train"; tail -n 4 "$OUT/train.jsonl"
+  ;;
+recipe)
+  timeout 560 python3 bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 3000 --variants default \
+      > "$OUT/recipe_full.jsonl" 2> "$OUT/recipe_full.err"
+  stamp "recipe"; cut -c1-900 "$OUT/recipe_full.jsonl"
+  ;;
+linears)
+  timeout 300 python3 bench/bench_linears.py > "$OUT/linears.jsonl" 2> "$OUT/linears.err"
+  stamp "linears"; tail -n 3 "$OUT/linears.err"
   ;;
 profile)
   timeout 300 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 1,2,8,64 \
@@ -78,7 +94,8 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|profile" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|profile" >&2
   exit 2
   ;;
 esac
+cp -r "$GLMCHAT_CACHE_DIR/kernel-tuning" "$OUT/" 2>/dev/null || true
