@@ -103,6 +103,10 @@ def format_event(event: TrainProgress) -> str:
         return f"{head}  eval  {format_metrics(event.eval_metrics)}"
     if event.event == "save":
         return f"{head}  saved {event.checkpoint}"
+    if event.event == "start" and event.micro_batch_size:
+        n = event.micro_batch_size
+        kept = "recomputed in the backward" if event.recompute_mlp else "kept"
+        return f"{head}  {n} example{'s' if n > 1 else ''} through the model at once, MLP activations {kept}"
     parts = [head]
     if event.loss is not None:
         parts.append(f"loss {event.loss:.4f}")
@@ -183,7 +187,7 @@ class RichProgress:
         if event.eta_s is not None:
             update["eta"] = format_duration(event.eta_s)
         self.progress.update(self.task, **update)
-        if event.event in ("log", "eval", "save"):
+        if event.event in ("log", "eval", "save") or (event.event == "start" and event.micro_batch_size):
             self.progress.console.print(format_event(event), highlight=False, markup=False)
 
 
@@ -192,7 +196,7 @@ def plain_printer(stream=None) -> Callable[[TrainProgress], None]:
     stream = stream or sys.stderr
 
     def show(event: TrainProgress) -> None:
-        if event.event in ("log", "eval", "save"):
+        if event.event in ("log", "eval", "save") or (event.event == "start" and event.micro_batch_size):
             print(format_event(event), file=stream, flush=True)
 
     return show

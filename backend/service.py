@@ -173,6 +173,8 @@ class TrainProgress:
     eval_metrics: Optional[dict] = None
     checkpoint: Optional[str] = None  # set when a checkpoint was just saved
     event: str = "log"  # "start" | "log" | "eval" | "save" | "done" | "stopped"
+    micro_batch_size: Optional[int] = None  # on "start": examples through the model at once
+    recompute_mlp: Optional[bool] = None  # on "start": MLP activations recomputed in the backward (else kept)
 
 
 @dataclass

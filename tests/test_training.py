@@ -401,6 +401,12 @@ def test_progress_events_and_jsonl_carry_every_field(loaded, train_file, tmp_pat
     assert log.epoch == pytest.approx(2 * 2 / 12, abs=1e-4) and log.elapsed_s > 0 and log.eta_s is not None
     assert log.samples_per_s > 0 and log.tokens_per_s > log.samples_per_s and log.gpu_mem_gb is None
     assert events[2].checkpoint.endswith("checkpoint-2")
+    # the start says how the step goes through the model: the run's micro-batch and MLP recompute, in the log too
+    start = events[0]
+    assert (start.micro_batch_size, start.recompute_mlp) == (4, False)  # 2 x 2 a step, all at once on the CPU
+    from backend.progress import format_event
+
+    assert format_event(start) == "step 0/4  4 examples through the model at once, MLP activations kept"
 
 
 def test_eval_during_training_reports_metrics(loaded, train_file, tmp_path):

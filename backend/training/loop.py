@@ -141,7 +141,7 @@ class _Run:
         """Train to the end or the cancel; returns whether it was cancelled."""
         s, device = self.state, self.trainer.device
         self.micro_batch, _ = fit_step(self.trainer, self.plan, self.rows, self.micro_batch, self.request.recompute_mlp)
-        self.event("start")
+        self.event("start", micro_batch_size=self.micro_batch, recompute_mlp=self.trainer.recompute_mlp)
         while s.global_step < s.total_steps:
             if self.dist.any(cancel is not None and cancel.is_set(), device):
                 return True

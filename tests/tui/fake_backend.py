@@ -245,7 +245,7 @@ class FakeBackend:
             return TrainProgress(step, total, elapsed_s=step * FAKE_STEP_S, checkpoint=str(path), event="save")
 
         try:
-            emit(TrainProgress(0, total, event="start"))
+            emit(TrainProgress(0, total, event="start", micro_batch_size=8, recompute_mlp=True))
             for step in range(1, total + 1):
                 if cancel is not None and cancel.is_set():
                     done = step - 1

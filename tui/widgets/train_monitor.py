@@ -36,6 +36,7 @@ class TrainMonitor(Vertical):
         self.losses: list[tuple[int, float]] = []
         self.latest: Optional[TrainProgress] = None  # last event with figures
         self.eval_metrics: Optional[dict] = None
+        self.micro_batch: Optional[tuple[int, bool]] = None  # (examples at once, MLP recomputed), from "start"
         self.checkpoints: list[Path] = []
         self.finished: Optional[str] = None  # "done" | "stopped" | an error
 
@@ -78,6 +79,8 @@ class TrainMonitor(Vertical):
                 self.latest = event
             if event.eval_metrics:
                 self.eval_metrics = event.eval_metrics
+            if event.event == "start" and event.micro_batch_size:
+                self.micro_batch = (event.micro_batch_size, bool(event.recompute_mlp))
             if event.checkpoint:
                 path = self._resolve(event.checkpoint)
                 if path not in self.checkpoints:
@@ -148,6 +151,9 @@ class TrainMonitor(Vertical):
         add("samples/s ", f"{latest.samples_per_s:.1f}" if latest.samples_per_s is not None else None)
         add("tokens/s ", f"{latest.tokens_per_s:.0f}" if latest.tokens_per_s is not None else None)
         add("GPU ", f"{latest.gpu_mem_gb:.1f} GB" if latest.gpu_mem_gb is not None else None)
+        if self.micro_batch:
+            n, recomputed = self.micro_batch
+            add("at once ", f"{n}{' · MLP recomputed' if recomputed else ''}")
         add("elapsed ", format_duration(latest.elapsed_s))
         if self.eval_metrics:
             metrics = " · ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
