@@ -62,7 +62,7 @@ async def test_in_process_run_shows_progress_and_chats_with_a_checkpoint(train_f
         assert "step 6/6" in str(monitor.query_one("#train-steps").render())
         stats = str(monitor.query_one("#train-stats").render())
         assert "loss 3.0769" in stats and "lr 0.00e+00" in stats and "samples/s 160.0" in stats and "GPU 3.2 GB" in stats
-        assert "at once 8 · MLP recomputed" in stats  # what the run's start said about its micro-batches
+        assert "micro-batch 8,\u00a0MLP\u00a0recomputed" in stats  # what the run's start said about its micro-batches
         assert app.training_status == ""
         # the chat keeps its adapter after a run: the notice says how to chat with the new checkpoint
         assert any("checkpoint-6. Press Enter on it" in n.message for n in app._notifications)

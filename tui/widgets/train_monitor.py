@@ -151,9 +151,9 @@ class TrainMonitor(Vertical):
         add("samples/s ", f"{latest.samples_per_s:.1f}" if latest.samples_per_s is not None else None)
         add("tokens/s ", f"{latest.tokens_per_s:.0f}" if latest.tokens_per_s is not None else None)
         add("GPU ", f"{latest.gpu_mem_gb:.1f} GB" if latest.gpu_mem_gb is not None else None)
-        if self.micro_batch:
+        if self.micro_batch:  # (no-break spaces: a narrow panel wraps between the figures, not inside one)
             n, recomputed = self.micro_batch
-            add("at once ", f"{n}{' · MLP recomputed' if recomputed else ''}")
+            add("micro-batch ", f"{n}{', MLP recomputed' if recomputed else ''}".replace(" ", "\u00a0"))
         add("elapsed ", format_duration(latest.elapsed_s))
         if self.eval_metrics:
             metrics = " · ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
