@@ -509,12 +509,16 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None) -
     return out
 
 
+MATMUL_SMALL_ROWS = 64  # up to here (decode rows, short prompts), tiles as tall as the rows
+MATMUL_MID_ROWS = 256  # up to here (the batched decoder's 128 and 256 rows), tiles for a still bandwidth-bound product
+
+
 def matmul_config(M: int, N: int) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for M rows of an N-row weight, from a grid timed on the H200
     at the four layer shapes (bench/bench_linears.py, bench/NOTES.md run 9)."""
-    if M <= 64:  # decode rows and short prompts read the weights once: many narrow programs keep the bandwidth busy
+    if M <= MATMUL_SMALL_ROWS:  # the weights read once: many narrow programs keep the bandwidth busy
         return max(16, triton.next_power_of_2(M)), 32 if N <= 8192 else 64, 128, 4, 4
-    if M <= 256:  # the batched decoder's 128 and 256 rows: still bandwidth-bound
+    if M <= MATMUL_MID_ROWS:
         return (64, 128, 128, 8, 3) if N > 8192 else (min(128, triton.next_power_of_2(M)), 64, 128, 8, 3)
     return 128, 128, 64, 8, 4
 

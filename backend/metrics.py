@@ -110,12 +110,6 @@ class BackgroundScorer:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def __enter__(self) -> "BackgroundScorer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def write_predictions(path: Union[str, Path], predictions: Sequence[str], labels: Sequence[str]) -> Path:
     """Write generated_predictions.txt: one ``{"labels": ..., "predict": ...}`` JSON line per example.

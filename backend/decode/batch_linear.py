@@ -42,8 +42,7 @@ class BatchLinear:
             self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias)
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None):
-        rows_ok = x.shape[0] == 1 or (self.q is not None and x.shape[0] <= ONE_ROW_GEMV_MAX_M)  # 16-bit: cuBLAS
-        if rows_ok and self.one_row is not None and kernels_run(x):
+        if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M:
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
@@ -52,7 +51,11 @@ class BatchLinear:
             x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
         y = self._wide(x)
         if swiglu:
-            y = swiglu_rows(y) if fused else F.silu(y[..., : y.shape[-1] // 2]) * y[..., y.shape[-1] // 2:]
+            if fused:
+                y = swiglu_rows(y)
+            else:
+                a, b = y.chunk(2, dim=-1)
+                y = F.silu(a) * b
         if residual is not None:
             return y + residual if out is None else torch.add(y, residual, out=out)
         return y if out is None else out.copy_(y)

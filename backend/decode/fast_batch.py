@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import logits_processors
-from ..int8_linear import WIDEN_MIN_ROWS
+from ..int8_linear import MATMUL_MID_ROWS, WIDEN_MIN_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
 from ..modeling import apply_rotary, rope_settings, rotary_cos_sin
 from ..service import BackendError, SamplingParams
@@ -146,7 +146,7 @@ class BatchFastDecoder:
         context = min(context_length or cfg.seq_length, cfg.seq_length)
         rows = min(max_batch or DEFAULT_ROWS, MAX_ROWS)
         if self.device.type != "cuda":
-            return context, min(rows, MAX_ROWS)
+            return context, rows
         budget = free_bytes(self.device) * share
         row_bytes = lambda c: (PREFIX_SLOTS + c) * self.slot_bytes  # noqa: E731
         fit = int(budget // row_bytes(context))
@@ -157,7 +157,7 @@ class BatchFastDecoder:
             fit = int(budget // row_bytes(context))
         if fit < 1:
             raise BackendError("the GPU has no memory left for the decoder's cache; load a smaller precision (--quantization 4bit).")
-        return context, max(1, min(rows, fit, MAX_ROWS))
+        return context, max(1, min(rows, fit))
 
     def warm_up(self) -> None:
         """Tune the kernels for every row count and capture every bucket's graph now, not at a first reply
@@ -167,7 +167,7 @@ class BatchFastDecoder:
         with torch.inference_mode():
             # prompts of up to 64 tokens and decode steps run at these row counts; then each tile config of the
             # int8 matmul (up to 256 rows, beyond) and the weights widened for cuBLAS (long prompts)
-            for m in M_BUCKETS + (QUANT_MAX_M + 1, 257, WIDEN_MIN_ROWS):
+            for m in M_BUCKETS + (QUANT_MAX_M + 1, MATMUL_MID_ROWS + 1, WIDEN_MIN_ROWS):
                 x = torch.randn(m, self.embedding.shape[1], device=self.device, dtype=self.dtype)
                 for lw in self.layers[:1]:
                     lw.qkv(x, norm=lw.ln1, eps=self.eps)

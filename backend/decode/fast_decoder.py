@@ -37,6 +37,7 @@ from .. import device_sampling
 from ..decoding import common_prefix_length
 from ..generation import logits_processors
 from ..int8_linear import HAVE_TRITON, is_quantized_module, linear, linear_weights
+from ..lean_autograd import rms_norm
 from ..modeling import Rope, apply_rotary, rope_settings, rotary_cos_sin
 from ..service import SamplingParams
 from .fast_prefill import PrefillGraphs
@@ -302,8 +303,7 @@ class FastDecoder(PrefillGraphs, DecodeStepGraph, DeviceSampler):
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fused_prefill:
             return rms_norm_rows(x, weight, self.eps)
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        return (weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+        return rms_norm(x, weight, self.eps)
 
     def _rope_and_cache(self, qkv, i, cos, sin, start, past, s, meta=None):
         """q [1, h, s, d] rotated; k (rotated) and v written to layer i's cache slots past..past+s.
