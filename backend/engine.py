@@ -321,8 +321,11 @@ class _ReplyBuilder:
         self.text = ReplyText(tokenizer, stream.request.stop_token_ids, stop)
         self.new_tokens = 0
         self.start = time.perf_counter()
+        self.first_token_at: Optional[float] = None
 
     def on_token(self, token: int) -> list[ReplyEvent]:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         self.new_tokens += 1
         delta = self.text.add(token)
         if self.text.hit_stop and self.stream.finish_reason is None:
@@ -336,6 +339,7 @@ class _ReplyBuilder:
             events.append(TextDelta(tail, self.slot))
         reason = FINISH_STOP if self.text.hit_stop else (self.stream.finish_reason or FINISH_CANCELLED)
         request = self.stream.request
+        first = None if self.first_token_at is None else self.first_token_at - self.start
         events.append(ReplyDone(Reply(self.text.shown, request.adapter, reason == FINISH_CANCELLED, self.new_tokens,
-                                      time.perf_counter() - self.start, len(request.prompt_ids), reason), self.slot))
+                                      time.perf_counter() - self.start, len(request.prompt_ids), reason, first), self.slot))
         return events

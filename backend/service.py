@@ -92,6 +92,9 @@ class Reply:
     seconds: float = 0.0
     prompt_tokens: int = 0
     finish_reason: str = "stop"  # "stop" (eos or a stop string) | "length" | "cancelled"
+    # from the request to its first new token (queueing and the prompt included), which is not always the first
+    # text: a token can end inside a character, and a stop-string candidate is held back
+    first_token_seconds: Optional[float] = None
 
     @property
     def tokens_per_s(self) -> float:
