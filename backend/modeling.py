@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -77,6 +78,27 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, dtype: torch.dty
     return cos, sin
 
 
+# Attention kernels for decoding. torch 2.11 sends masked attention on Hopper to cuDNN, which builds an execution
+# plan for every new shape: 50 ms to 2 s a shape on the H200, and a decoder's shapes change with every prompt (and
+# every eager step). Flash and memory-efficient attention take any shape at once and ran as fast there
+# (bench/NOTES.md, run 10). Training keeps torch's choice: its shapes are fixed for a run.
+DECODING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def decoding_attention():
+    """A context in which F.scaled_dot_product_attention picks among DECODING_ATTENTION's kernels."""
+    return sdpa_kernel(DECODING_ATTENTION)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              causal: bool = False, gqa: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention; without gradients on CUDA (decoding), through DECODING_ATTENTION's kernels."""
+    if not q.is_cuda or torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    with decoding_attention():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [b, s, heads, d]: rotate interleaved pairs (x[2i], x[2i+1]) of the first 2*cos.size(-1) dims."""
     rot = cos.shape[-1] * 2
@@ -113,10 +135,7 @@ class SelfAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)  # [b, g, t, d]
         elif prefix_k is not None:
             k, v = torch.cat((prefix_k.to(k.dtype), k), dim=2), torch.cat((prefix_v.to(v.dtype), v), dim=2)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=s == k.shape[2] and s > 1, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = attention(q, k, v, mask, causal=mask is None and s == k.shape[2] and s > 1, gqa=True)
         return self.dense(out.transpose(1, 2).reshape(b, s, q_size))
 
 

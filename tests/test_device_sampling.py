@@ -91,3 +91,41 @@ def test_nan_logits_answer_token_5():
     logits[0, 40] = float("nan")
     token = ds.sample(logits, logits_processors(SamplingParams()), torch.empty(100), torch.tensor(1), torch.tensor(0))
     assert int(token) == 5
+
+
+def test_rows_sampled_together_equal_each_row_sampled_alone():
+    """sample_rows (the batched fast decoder's sampler) draws each row as ``sample`` draws it alone, with the
+    row's own settings, seed and position: guard, temperature, top-k, top-p, none of them, and a nan row."""
+    torch.manual_seed(3)
+    settings = [SamplingParams(temperature=0.8, top_p=0.8), SamplingParams(temperature=1.0, top_p=1.0),
+                SamplingParams(temperature=0.7, top_k=5, top_p=0.9), SamplingParams(temperature=1.3, top_k=40),
+                SamplingParams(temperature=0.5, top_p=0.3)]
+    for trial in range(40):
+        logits = torch.randn(len(settings), 300) * 3
+        if trial % 10 == 0:
+            logits[trial % len(settings), 17] = float("nan")
+        seeds, positions = [trial * 7 + r for r in range(len(settings))], [trial + 3 * r for r in range(len(settings))]
+        together = ds.sample_rows(logits.clone(), ds.RowSampling(settings, seeds, positions, "cpu"))
+        for r, params in enumerate(settings):
+            alone = ds.sample(logits[r:r + 1].clone(), logits_processors(params), torch.empty(300),
+                              torch.tensor(seeds[r]), torch.tensor(positions[r]))
+            assert int(together[r]) == int(alone), (trial, r)
+
+
+def test_rows_sampled_together_follow_each_rows_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 64).expand(2, 64).contiguous()
+    settings = [SamplingParams(temperature=0.8, top_p=0.8), SamplingParams(temperature=1.0, top_p=1.0, top_k=10)]
+    draws = 3000
+    counts = torch.zeros(2, 64, dtype=torch.float64)
+    for i in range(draws):
+        tokens = ds.sample_rows(logits, ds.RowSampling(settings, [5, 5], [i, i], "cpu"))
+        for r in range(2):
+            counts[r, int(tokens[r])] += 1
+    for r, params in enumerate(settings):
+        want = torch.softmax(logits_processors(params)(None, logits[r:r + 1].clone()), dim=-1)[0].double()
+        kept = want > 0
+        assert counts[r][~kept].sum() == 0
+        chi2 = (((counts[r] - draws * want) ** 2)[kept] / (draws * want[kept])).sum().item()
+        dof = int(kept.sum()) - 1
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5, (r, chi2, dof)

@@ -32,10 +32,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..device_sampling import RowSampling, on_device, sample_rows
 from ..generation import logits_processors
 from ..int8_linear import MATMUL_MID_ROWS, WIDEN_MIN_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
-from ..modeling import apply_rotary, rope_settings, rotary_cos_sin
+from ..modeling import apply_rotary, decoding_attention, rope_settings, rotary_cos_sin
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .eager import common_prefix_length
@@ -78,6 +79,7 @@ class _Row:
     generator: Optional[torch.Generator] = None
     procs: object = None
     penalty: bool = False
+    device_seed: Optional[int] = None  # sampled on the device (device_sampling.sample_rows) with this seed
 
 
 @dataclass
@@ -248,12 +250,15 @@ class BatchFastDecoder:
         tokens = list(request.prompt_ids)
         slot, cached = self._take_slot(request.adapter, tokens)
         limit = min(request.params.max_new_tokens, self.context_length - len(tokens))
-        generator = None
-        if request.seed is not None and not request.params.greedy:
+        generator = device_seed = None
+        if on_device(request.params):  # a seeded reply repeats: its noise seed comes from its seed
+            seeded = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
+            device_seed = int(torch.randint(0, 2**40, (1,), generator=seeded))
+        elif request.seed is not None and not request.params.greedy:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
         penalty = request.params.repetition_penalty not in (0, 1.0, None)
         return _Row(row, request, slot, self._prefix_len(request.adapter), limit, tokens, cached,
-                    generator=generator, procs=logits_processors(request.params), penalty=penalty)
+                    generator=generator, procs=logits_processors(request.params), penalty=penalty, device_seed=device_seed)
 
     def _take_slot(self, adapter, tokens: list) -> tuple[int, int]:
         """A cache row for a new request: a parked one that began the same way, else a free one, else the
@@ -343,15 +348,20 @@ class BatchFastDecoder:
         return out
 
     def _pick(self, rows: list[_Row], logits: torch.Tensor, greedy_picks: torch.Tensor, index: list[int]) -> list[RowToken]:
-        """Each row's next token: greedy rows from ``greedy_picks`` (the argmax of every logits row, read back
-        in one transfer), sampled rows through their own processors and generator. Row i's logits are
-        ``logits[index[i]]``."""
-        picks = greedy_picks.tolist() if any(r.request.params.greedy and not r.penalty for r in rows) else None
-        out = []
-        for row, i in zip(rows, index):
-            token = picks[i] if row.request.params.greedy and not row.penalty else None
-            out.append(self._take(row, logits[i:i + 1], token))
-        return out
+        """Each row's next token, read back in one transfer: greedy rows from ``greedy_picks`` (the argmax of every
+        logits row), sampled rows without a repetition penalty drawn together on the device
+        (``device_sampling.sample_rows``), the others through their own processors and generator on the host.
+        Row i's logits are ``logits[index[i]]``."""
+        sampled = [(row, i) for row, i in zip(rows, index) if row.device_seed is not None]
+        picks = greedy_picks
+        if sampled:
+            where = torch.tensor([i for _, i in sampled], device=self.device)
+            settings = RowSampling([r.request.params for r, _ in sampled], [r.device_seed for r, _ in sampled],
+                                   [len(r.tokens) - 1 for r, _ in sampled], self.device)
+            picks = greedy_picks.index_put((where,), sample_rows(logits.index_select(0, where).float(), settings))
+        on_host = lambda row: row.device_seed is None and not (row.request.params.greedy and not row.penalty)  # noqa: E731
+        picks = picks.tolist() if any(not on_host(row) for row in rows) else None
+        return [self._take(row, logits[i:i + 1], None if on_host(row) else picks[i]) for row, i in zip(rows, index)]
 
     def _take(self, row: _Row, logits: torch.Tensor, token: Optional[int] = None) -> RowToken:
         return next_token(row, logits, self.device, token)
@@ -408,36 +418,51 @@ class BatchFastDecoder:
         B = len(rows)
         new = [row.tokens[row.cached:] for row in rows]
         T = max(len(n) for n in new)
+        width = max(row.prefix_len + len(row.tokens) for row in rows)  # slots any row attends to
+        where = self._prefill_indices(rows, new, T)
+        ids, pos, first_slot, token_at, write_rows, write_slots, last = where
         dev = self.device
-        ids = torch.tensor([n + [0] * (T - len(n)) for n in new], device=dev)  # [B, T]
-        start = torch.tensor([row.cached for row in rows], device=dev)  # first new position per row
-        pos = start[:, None] + torch.arange(T, device=dev)  # [B, T]
-        plen = torch.tensor([row.prefix_len for row in rows], device=dev)
-        lens = torch.tensor([len(n) for n in new], device=dev)
-        valid = torch.arange(T, device=dev)[None] < lens[:, None]  # [B, T]
-        width = int((plen + start + lens).max())  # slots any row attends to
         # query t of row b sees slots [0, P_b + start_b + t]
-        mask = torch.arange(width, device=dev)[None, None, :] <= (plen + start)[:, None, None] + torch.arange(T, device=dev)[None, :, None]
-        slot_rows = torch.tensor([row.slot for row in rows], device=dev)
-        write_rows = slot_rows[:, None].expand(B, T)[valid]
-        write_slots = (plen[:, None] + pos)[valid]
+        mask = torch.arange(width, device=dev)[None, None, :] <= first_slot[:, None, None] + torch.arange(T, device=dev)[None, :, None]
+        slot_rows = write_rows[last]  # [B]: each row's cache row
         cos, sin = rotary_cos_sin(pos, self.rotary_dim, self.dtype, self.rope)
 
         x = self.embedding[ids].reshape(B * T, -1)
         H, G, D = self.heads, self.groups, self.head_dim
-        for i, lw in enumerate(self.layers):
-            qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps).view(B, T, H + 2 * G, D)
-            q = apply_rotary(qkv[:, :, :H], cos, sin)
-            k = apply_rotary(qkv[:, :, H:H + G], cos, sin)
-            v = qkv[:, :, H + G:]
-            self.k_cache[i][write_rows, :, write_slots] = k[valid]
-            self.v_cache[i][write_rows, :, write_slots] = v[valid]
-            # each query head's group of keys and values spelled out: with a mask, SDPA's memory-efficient kernel
-            # takes no grouped keys (enable_gqa), and its math fallback writes every [T, width] score to memory
-            keys = self.k_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
-            values = self.v_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])  # [B, H, T, D]
-            x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x)
-            x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
-        last = x.view(B, T, -1)[torch.arange(B, device=dev), lens - 1]  # [B, h]
-        return self.output(last, norm=self.final_ln, eps=self.eps)
+        with decoding_attention():
+            for i, lw in enumerate(self.layers):
+                qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps).view(B, T, H + 2 * G, D)
+                q = apply_rotary(qkv[:, :, :H], cos, sin)
+                k = apply_rotary(qkv[:, :, H:H + G], cos, sin).reshape(B * T, G, D)
+                v = qkv[:, :, H + G:].reshape(B * T, G, D)
+                self.k_cache[i][write_rows, :, write_slots] = k.index_select(0, token_at)
+                self.v_cache[i][write_rows, :, write_slots] = v.index_select(0, token_at)
+                # each query head's group of keys and values spelled out: with a mask, SDPA's memory-efficient
+                # kernel takes no grouped keys (enable_gqa), and its math fallback writes every score to memory
+                keys = self.k_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
+                values = self.v_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
+                attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])  # [B, H, T, D]
+                x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x)
+                x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
+        return self.output(x.index_select(0, token_at[last]), norm=self.final_ln, eps=self.eps)
+
+    def _prefill_indices(self, rows: list[_Row], new: list[list[int]], T: int) -> tuple:
+        """Where a prefill's tokens come from and go, made on the host and sent in one copy (indexing with masks
+        on the device would wait for the GPU once a layer): ids and positions [B, T] (padding: id 0, position
+        past the row's end), each row's first new slot [B], the flat index of each real token in [B * T], its
+        cache row and slot, and the index (among the real tokens) of each row's last one [B]."""
+        ids, pos, first_slot, token_at, write_rows, write_slots, last = [], [], [], [], [], [], []
+        for b, (row, n) in enumerate(zip(rows, new)):
+            ids += n + [0] * (T - len(n))
+            pos += range(row.cached, row.cached + T)
+            first_slot.append(row.prefix_len + row.cached)
+            token_at += range(b * T, b * T + len(n))
+            write_rows += [row.slot] * len(n)
+            write_slots += range(row.prefix_len + row.cached, row.prefix_len + row.cached + len(n))
+            last.append(len(token_at) - 1)
+        flat = torch.tensor(ids + pos + first_slot + token_at + write_rows + write_slots + last, dtype=torch.long)
+        flat = flat.pin_memory() if self.device.type == "cuda" else flat
+        parts = flat.to(self.device, non_blocking=True).split([len(ids), len(pos), len(rows), len(token_at),
+                                                               len(token_at), len(token_at), len(rows)])
+        B = len(rows)
+        return parts[0].view(B, T), parts[1].view(B, T), *parts[2:]

@@ -38,7 +38,7 @@ from ..decoding import common_prefix_length
 from ..generation import logits_processors
 from ..int8_linear import HAVE_TRITON, is_quantized_module, linear, linear_weights
 from ..lean_autograd import rms_norm
-from ..modeling import Rope, apply_rotary, rope_settings, rotary_cos_sin
+from ..modeling import Rope, apply_rotary, attention, rope_settings, rotary_cos_sin
 from ..service import SamplingParams
 from .fast_prefill import PrefillGraphs
 from .fast_sampler import DeviceSampler
@@ -291,10 +291,7 @@ class FastDecoder(PrefillGraphs, DecodeStepGraph, DeviceSampler):
             qkv = linear(self._rms(x, lw.ln1), lw.qkv)  # [1, s, (h + 2g) d]
             q = self._rope_and_cache(qkv, i, cos, sin, start, past, s)  # [1, h, s, d]
             keys, values = self.k_cache[i, :, :t][None], self.v_cache[i, :, :t][None]  # [1, g, t, d]
-            if mask is None:
-                out = F.scaled_dot_product_attention(q, keys, values, is_causal=s == t and s > 1, enable_gqa=True)
-            else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            out = attention(q, keys, values, mask, causal=mask is None and s == t and s > 1, gqa=True)
             x = x + linear(out.transpose(1, 2).reshape(1, s, h * d), lw.dense)
             x = x + linear(self._swiglu(linear(self._rms(x, lw.ln2), lw.fc1)), lw.fc2)
         x = self._rms(x[:, -1:], self.final_ln)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..int8_linear import linear
-from ..modeling import rotary_cos_sin
+from ..modeling import attention, rotary_cos_sin
 
 # Prompts padded on the right to a bucket, one CUDA graph per (bucket, key window) (see ``_prefill``).
 PREFILL_MIN_BUCKET = 16
@@ -126,16 +126,16 @@ class PrefillGraphs:
         """q [1, h, T, d] against layer i's cache slots [0, KW)."""
         keys, values = self.k_cache[i, :, :KW], self.v_cache[i, :, :KW]  # [g, KW, d]
         if mask is None:  # causal from slot 0: as _forward_torch (flash attention on CUDA)
-            return F.scaled_dot_product_attention(q, keys[None], values[None], is_causal=True, enable_gqa=True)
+            return attention(q, keys[None], values[None], causal=True, gqa=True)
         h, (g, _, d) = self.num_heads, keys.shape
         if h * q.shape[2] * KW * 4 <= PREFILL_MATH_ATTN_BYTES:  # as _forward_torch: the math kernel, small scores
-            return F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, enable_gqa=True)
+            return attention(q, keys[None], values[None], mask, gqa=True)
         # a mask with enable_gqa falls back to the math kernel, whose [h, T, KW] float32 scores would stay
         # reserved in the graph pool; with the groups' keys repeated per head, memory-efficient attention
         # takes the mask
         keys = keys[:, None].expand(g, h // g, KW, d).reshape(1, h, KW, d)
         values = values[:, None].expand(g, h // g, KW, d).reshape(1, h, KW, d)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return attention(q, keys, values, mask)
 
     def _capture_prefill(self, key: tuple[int, int, bool]) -> "torch.cuda.CUDAGraph":
         """Capture the padded prompt for ``key``; the input in _pf_in is already set (and the result replayed)."""

@@ -82,6 +82,26 @@ def test_more_than_64_rows_as_evaluation_asks_step_together_each_as_alone():
     assert all(fast[i] == eager[i % 6] for i in range(70))
 
 
+def test_sampled_rows_drawn_together_on_the_device_do_not_depend_on_the_batch():
+    """Rows without a repetition penalty are sampled together (device_sampling.sample_rows), each with its own
+    settings and seed: a seeded row gives the same reply beside greedy, sampled and penalised rows as alone, and
+    another seed another reply."""
+    model, prefixes = make_model()
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=8)
+    requests = [
+        DecodeRequest([5, 7, 9, 11], sampled, seed=3),
+        DecodeRequest([3, 4], GREEDY, adapter="ad"),
+        DecodeRequest([8, 8, 2], SamplingParams(temperature=1.2, top_k=7, max_new_tokens=8), adapter="ad", seed=4),
+        DecodeRequest([6, 1, 30], SamplingParams(temperature=0.8, repetition_penalty=1.2, max_new_tokens=5), seed=5),
+    ]
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=4, use_graphs=False)
+    together = run(decoder, requests, join_after=2)
+    for i in (0, 2):
+        assert together[i] == run(BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False), requests[i:i + 1])[0]
+    other = DecodeRequest([5, 7, 9, 11], sampled, seed=30)
+    assert run(BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False), [other])[0] != together[0]
+
+
 def test_a_next_turn_reuses_the_parked_row_and_gives_the_same_tokens():
     model, prefixes = make_model()
     decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False)
