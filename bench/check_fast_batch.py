@@ -60,6 +60,14 @@ def run(decoder, reqs):
     return out
 
 
+def run_alone(decoder, request) -> list:
+    decoder.add(0, request)
+    out = []
+    while decoder.rows:
+        out += [t.token for t in decoder.step()]
+    return out
+
+
 def check(name: str, ok: bool, detail: str = "") -> None:
     print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
     if not ok:
@@ -96,6 +104,12 @@ def main() -> None:
         fast = run(BatchFastDecoder(model, prefixes.get, max_batch=8, use_graphs=graphs), requests())
         same = sum(a == b for a, b in zip(fast.values(), eager.values()))
         check(f"fp32 greedy rows equal eager (graphs={graphs})", same == len(eager), f"{same}/{len(eager)} rows")
+    sampled = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.8, top_p=0.8, top_k=(0, 20)[i % 2],
+                                                          max_new_tokens=24), r.adapter, seed=i) for i, r in enumerate(requests())]
+    together = run(BatchFastDecoder(model, prefixes.get, max_batch=8), sampled + requests())
+    alone = [run_alone(BatchFastDecoder(model, prefixes.get, max_batch=1), r) for r in sampled]
+    same = sum(together[i] == alone[i] for i in range(len(sampled)))
+    check("fp32 seeded sampled rows (on the device) equal each row alone", same == len(sampled), f"{same}/{len(sampled)} rows")
     model, prefixes = model_and_prefixes(torch.bfloat16)
     logits = {}
     for name, dec in (("eager", EagerBatchDecoder(model, prefixes.get, max_batch=4)),

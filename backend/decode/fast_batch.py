@@ -128,8 +128,11 @@ class BatchFastDecoder:
         # step inputs, read by every graph: the token, position (-1 idle) and prefix length of each row,
         # set on the host and copied over in one transfer a step
         cuda = self.device.type == "cuda"
-        self._host_in = torch.zeros(3, self.max_batch, dtype=torch.long, pin_memory=cuda)
+        self._host_in = torch.zeros(3, self.max_batch, dtype=torch.long)
         self._host_in[1] = -1
+        # what a queued step reads, copied from _host_in when it is queued: _host_in may change (a row dropped)
+        # while the transfer is still on its way
+        self._staged_in = self._host_in.pin_memory() if cuda else self._host_in.clone()
         self._step_in = self._host_in.to(self.device)
         self.tokens, self.positions, self.prefix_lens = self._step_in[0], self._step_in[1], self._step_in[2]
         self._slot_adapter: list = [object()] * self.max_batch  # whose prefix each cache row holds
@@ -137,6 +140,7 @@ class BatchFastDecoder:
         self._pending: list[_Row] = []
         self._parked: OrderedDict[int, _Parked] = OrderedDict()  # cache row -> finished row's tokens, oldest first
         self._failed: list = []
+        self._queued: Optional[tuple] = None  # (rows, logits, greedy picks) of the decode step on the GPU now
         self._workspaces: dict = {}
         self._graphs: dict = {}
         self._graph_out: dict = {}  # bucket -> (logits, greedy picks) written by its graph
@@ -292,10 +296,16 @@ class BatchFastDecoder:
 
     @torch.inference_mode()
     def step(self) -> list[RowToken]:
-        out = self._decode() if self._rows else []
+        """The queued decode step's tokens, then the new rows' first ones; then the next decode step is queued, so
+        that the GPU runs it while the caller hands these tokens out (the step reads only the tokens picked here)."""
+        if self._queued is None and self._rows:
+            self._queue_decode()
+        out = self._finish_decode() if self._queued is not None else []
         pending, self._pending = self._pending, []
         if pending:
             out += self._start(pending)
+        if self._rows:
+            self._queue_decode()
         return out
 
     def _start(self, rows: list[_Row]) -> list[RowToken]:
@@ -331,16 +341,24 @@ class BatchFastDecoder:
         self._slot_adapter[row.slot] = row.request.adapter
         row.cached = 0  # another adapter's keys were in this row
 
-    def _decode(self) -> list[RowToken]:
+    def _queue_decode(self) -> None:
+        """Launch one decode step for the running rows (a graph replay: nothing waits for it here)."""
         rows = list(self._rows.values())
         slots = [r.slot for r in rows]
         self._host_in[:, slots] = torch.tensor([[r.tokens[-1] for r in rows], [len(r.tokens) - 1 for r in rows],
                                                 [r.prefix_len for r in rows]])
-        self._step_in.copy_(self._host_in, non_blocking=True)
-        top = max(r.slot for r in rows) + 1
+        self._staged_in.copy_(self._host_in)
+        self._step_in.copy_(self._staged_in, non_blocking=True)
+        top = max(slots) + 1
         bucket = min(next((b for b in BUCKETS if b >= top), MAX_ROWS), self.max_batch)
-        logits, picks = self._run_step(bucket)
-        out = self._pick(rows, logits, picks, [r.slot for r in rows])
+        self._queued = (rows, *self._run_step(bucket))
+
+    def _finish_decode(self) -> list[RowToken]:
+        """The queued step's tokens for its rows that still run (a row dropped meanwhile gets none)."""
+        rows, logits, picks = self._queued
+        self._queued = None
+        rows = [r for r in rows if self._rows.get(r.id) is r]
+        out = self._pick(rows, logits, picks, [r.slot for r in rows]) if rows else []
         for row, token in zip(rows, out):
             row.cached = len(row.tokens) - 1
             if token.finish is not None:
