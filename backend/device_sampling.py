@@ -94,43 +94,53 @@ def exponential_noise_rows(out: torch.Tensor, seeds: torch.Tensor, positions: to
 
 
 class RowSampling:
-    """The settings of the rows ``sample_rows`` draws for, as device tensors (sent in two copies)."""
+    """The settings of the rows ``sample_rows`` draws for, as device tensors [R] (sent in two copies)."""
 
-    def __init__(self, params: list, seeds: list, positions: list, device):
-        top_k = [p.top_k if p.top_k and p.top_k > 0 else 0 for p in params]
-        top_p = [p.top_p if p.top_p is not None and p.top_p < 1.0 else 1.0 for p in params]
-        self.top_k_max = max(top_k)  # 0: no row keeps only its k best
-        self.any_top_p = min(top_p) < 1.0
-        # 1 - p in double, then float32: the comparison TopPLogitsWarper makes with its Python float (-1: keep all)
-        drop_below = [1.0 - p if p < 1.0 else -1.0 for p in top_p]
-        floats = torch.tensor([p.temperature for p in params] + drop_below, dtype=torch.float32)
-        longs = torch.tensor(top_k + list(seeds) + list(positions), dtype=torch.long)
+    def __init__(self, params: list, seeds: list, positions: list, vocab_size: int, device):
+        floats, longs = row_settings(params, vocab_size)
+        floats, longs = torch.tensor(floats, dtype=torch.float32), torch.tensor(longs + list(seeds) + list(positions))
         cuda = torch.device(device).type == "cuda"
         if cuda:
             floats, longs = floats.pin_memory(), longs.pin_memory()
         self.temperature, self.drop_below = floats.to(device, non_blocking=cuda).split(len(params))
-        self.top_k, self.seeds, self.positions = longs.to(device, non_blocking=cuda).split(len(params))
+        self.kth, self.seeds, self.positions = longs.to(device, non_blocking=cuda).split(len(params))
+
+
+def row_settings(params: list, vocab_size: int) -> tuple[list, list]:
+    """The per-row numbers ``draw_rows`` reads, as two host lists: floats (each row's temperature, then each
+    row's top-p cut 1 - p, -1 for none) and longs (each row's index of its k-th largest score among the ascending
+    scores, V - k, 0 for no top-k). 1 - p is taken in double, then float32: the comparison TopPLogitsWarper makes
+    with its Python float."""
+    temperature = [p.temperature if not p.greedy else 1.0 for p in params]
+    drop_below = [1.0 - p.top_p if p.top_p is not None and p.top_p < 1.0 else -1.0 for p in params]
+    kth = [max(0, vocab_size - p.top_k) if p.top_k and p.top_k > 0 else 0 for p in params]
+    return temperature + drop_below, kth
 
 
 def sample_rows(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
-    """One sampled token per row (int64 [R]) from logits [R, V] float32: each row as ``sample`` draws it with
-    ``logits_processors`` of its own settings (the nan/inf guard, temperature, top-k, top-p; no penalty) and its
-    own (seed, position) noise, in a few launches for all rows (the host's processors cost ~0.3 ms and a sync a
-    row: 20 ms a step at 64 rows). A row's token does not depend on the rows beside it."""
-    R, V = logits.shape
+    """One sampled token per row (int64 [R]) from logits [R, V] float32 (see ``draw_rows``)."""
+    return draw_rows(logits, rows.temperature, rows.kth, rows.drop_below, rows.seeds, rows.positions)
+
+
+def draw_rows(logits: torch.Tensor, temperature: torch.Tensor, kth: torch.Tensor, drop_below: torch.Tensor,
+              seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each row's token as ``sample`` draws it alone with ``logits_processors`` of its settings (the nan/inf
+    guard, temperature, top-k, top-p; no penalty) and its own (seed, position) noise, for all rows at once and
+    with no host branch (a CUDA graph replays it): a row's token does not depend on the rows beside it.
+    Settings per row [R] as ``row_settings`` makes them. Drawing a row at a time on the host cost ~0.3 ms and a
+    sync a row: 20 ms a step at 64 rows."""
     bad = ~torch.isfinite(logits).all(dim=-1, keepdim=True)
     invalid = torch.zeros_like(logits)
     invalid[:, 5] = 5e4
-    scores = torch.where(bad, invalid, logits) / rows.temperature[:, None]  # (x / 1.0 is x: as no warper)
-    if rows.top_k_max:  # TopKLogitsWarper: scores below the row's k-th largest go
-        top = torch.topk(scores, min(rows.top_k_max, V), dim=-1).values
-        kth = top.gather(1, (rows.top_k.clamp(1, V) - 1)[:, None])
-        scores = scores.masked_fill((scores < kth) & (rows.top_k[:, None] > 0), float("-inf"))
-    if rows.any_top_p:  # TopPLogitsWarper: the least likely tokens summing to at most 1 - p go (rows at p = 1: none)
-        ordered, order = torch.sort(scores, descending=False)
-        drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= rows.drop_below[:, None]
-        drop[:, -1] = False  # min_tokens_to_keep
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    scores = torch.where(bad, invalid, logits) / temperature[:, None]  # (x / 1.0 is x: as no warper)
+    # one ascending sort serves both warpers: TopKLogitsWarper drops scores below the row's k-th largest; the
+    # scores TopPLogitsWarper sorts are these with those dropped, which stay first in this order
+    ordered, order = torch.sort(scores, descending=False)
+    cut = ordered.gather(1, kth[:, None])  # the k-th largest (the smallest score: nothing dropped)
+    ordered = ordered.masked_fill(ordered < cut, float("-inf"))
+    drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= drop_below[:, None]  # the least likely summing to <= 1 - p
+    drop[:, -1] = False  # min_tokens_to_keep
+    scores = scores.masked_fill((scores < cut) | drop.scatter(1, order, drop), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    noise = exponential_noise_rows(torch.empty_like(probs), rows.seeds, rows.positions)
+    noise = exponential_noise_rows(torch.empty_like(probs), seeds, positions)
     return torch.argmax(probs / noise, dim=-1)

@@ -99,13 +99,13 @@ def test_rows_sampled_together_equal_each_row_sampled_alone():
     torch.manual_seed(3)
     settings = [SamplingParams(temperature=0.8, top_p=0.8), SamplingParams(temperature=1.0, top_p=1.0),
                 SamplingParams(temperature=0.7, top_k=5, top_p=0.9), SamplingParams(temperature=1.3, top_k=40),
-                SamplingParams(temperature=0.5, top_p=0.3)]
+                SamplingParams(temperature=0.5, top_p=0.3), SamplingParams(temperature=0.9, top_k=500)]
     for trial in range(40):
         logits = torch.randn(len(settings), 300) * 3
         if trial % 10 == 0:
             logits[trial % len(settings), 17] = float("nan")
         seeds, positions = [trial * 7 + r for r in range(len(settings))], [trial + 3 * r for r in range(len(settings))]
-        together = ds.sample_rows(logits.clone(), ds.RowSampling(settings, seeds, positions, "cpu"))
+        together = ds.sample_rows(logits.clone(), ds.RowSampling(settings, seeds, positions, 300, "cpu"))
         for r, params in enumerate(settings):
             alone = ds.sample(logits[r:r + 1].clone(), logits_processors(params), torch.empty(300),
                               torch.tensor(seeds[r]), torch.tensor(positions[r]))
@@ -119,7 +119,7 @@ def test_rows_sampled_together_follow_each_rows_distribution():
     draws = 3000
     counts = torch.zeros(2, 64, dtype=torch.float64)
     for i in range(draws):
-        tokens = ds.sample_rows(logits, ds.RowSampling(settings, [5, 5], [i, i], "cpu"))
+        tokens = ds.sample_rows(logits, ds.RowSampling(settings, [5, 5], [i, i], 64, "cpu"))
         for r in range(2):
             counts[r, int(tokens[r])] += 1
     for r, params in enumerate(settings):

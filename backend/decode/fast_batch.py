@@ -39,6 +39,7 @@ from ..kernels.attention_batch import attention_workspace, decode_attention, rop
 from ..modeling import apply_rotary, decoding_attention, rope_settings, rotary_cos_sin
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
+from .batch_sampler import BatchSampler
 from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
 from ..gpu_memory import free_bytes
@@ -146,6 +147,7 @@ class BatchFastDecoder:
         self._graph_out: dict = {}  # bucket -> (logits, greedy picks) written by its graph
         self.use_graphs = cuda if use_graphs is None else use_graphs
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.sampler = BatchSampler(self.max_batch, cfg.padded_vocab_size, self.device, self.use_graphs, self._pool)
 
     def _size_cache(self, cfg, context_length, max_batch, share) -> tuple[int, int]:
         """Context per row and rows, from the model's seq_length and the memory free now."""
@@ -183,6 +185,8 @@ class BatchFastDecoder:
             for bucket in BUCKETS:
                 if bucket <= self.max_batch and self.use_graphs and bucket not in self._graphs:
                     self._capture(bucket)
+                if bucket <= min(self.max_batch, DEFAULT_ROWS) and self.use_graphs:  # (evaluation's rows are greedy)
+                    self.sampler.capture(bucket, *self._graph_out[bucket], self.positions)
 
     def _warm_replies(self) -> None:
         """Two short replies to 65-token prompts in two rows (one greedy, one sampled), then a next turn of the
@@ -194,8 +198,10 @@ class BatchFastDecoder:
             return
         prompt = list(range(10, 11 + QUANT_MAX_M))
         greedy = SamplingParams(temperature=0.0, max_new_tokens=2)
-        sampled = SamplingParams(temperature=0.8, top_p=0.8, top_k=40, repetition_penalty=1.1, max_new_tokens=2)
-        first = [DecodeRequest(prompt, greedy), DecodeRequest(prompt[:-1] + [7], sampled, seed=0)]
+        sampled = SamplingParams(temperature=0.8, top_p=0.8, top_k=40, max_new_tokens=2)
+        penalised = SamplingParams(temperature=0.8, top_p=0.8, repetition_penalty=1.1, max_new_tokens=2)
+        first = [DecodeRequest(prompt, greedy), DecodeRequest(prompt[:-1] + [7], sampled, seed=0),
+                 DecodeRequest(prompt[:-1] + [8], penalised, seed=0)]
         replies = self._run_alone(first[: self.max_batch])
         self._run_alone([DecodeRequest(prompt + replies[0] + [11], greedy)])
         for slot in list(self._parked):
@@ -261,6 +267,7 @@ class BatchFastDecoder:
         elif request.seed is not None and not request.params.greedy:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
         penalty = request.params.repetition_penalty not in (0, 1.0, None)
+        self.sampler.set_row(slot, request.params if device_seed is not None else None, device_seed or 0)
         return _Row(row, request, slot, self._prefix_len(request.adapter), limit, tokens, cached,
                     generator=generator, procs=logits_processors(request.params), penalty=penalty, device_seed=device_seed)
 
@@ -321,7 +328,7 @@ class BatchFastDecoder:
             return []
         for row in rows:
             row.cached = len(row.tokens)
-        out = self._pick(rows, logits, greedy_pick(logits), list(range(len(rows))))
+        out = self._pick(rows, logits, greedy_pick(logits), list(range(len(rows))), drawn=False)
         for row, token in zip(rows, out):
             if token.finish is None:
                 self._rows[row.id] = row
@@ -351,35 +358,38 @@ class BatchFastDecoder:
         self._step_in.copy_(self._staged_in, non_blocking=True)
         top = max(slots) + 1
         bucket = min(next((b for b in BUCKETS if b >= top), MAX_ROWS), self.max_batch)
-        self._queued = (rows, *self._run_step(bucket))
+        self.sampler.upload()
+        logits, picks = self._run_step(bucket)
+        if any(r.device_seed is not None for r in rows):
+            picks = self.sampler.tokens(bucket, logits, picks, self.positions)
+        self._queued = (rows, logits, picks)
 
     def _finish_decode(self) -> list[RowToken]:
         """The queued step's tokens for its rows that still run (a row dropped meanwhile gets none)."""
         rows, logits, picks = self._queued
         self._queued = None
         rows = [r for r in rows if self._rows.get(r.id) is r]
-        out = self._pick(rows, logits, picks, [r.slot for r in rows]) if rows else []
+        out = self._pick(rows, logits, picks, [r.slot for r in rows], drawn=True) if rows else []
         for row, token in zip(rows, out):
             row.cached = len(row.tokens) - 1
             if token.finish is not None:
                 self._free(self._rows.pop(row.id), park=True)
         return out
 
-    def _pick(self, rows: list[_Row], logits: torch.Tensor, greedy_picks: torch.Tensor, index: list[int]) -> list[RowToken]:
-        """Each row's next token, read back in one transfer: greedy rows from ``greedy_picks`` (the argmax of every
-        logits row), sampled rows without a repetition penalty drawn together on the device
-        (``device_sampling.sample_rows``), the others through their own processors and generator on the host.
-        Row i's logits are ``logits[index[i]]``."""
+    def _pick(self, rows: list[_Row], logits: torch.Tensor, picks: torch.Tensor, index: list[int], drawn: bool) -> list[RowToken]:
+        """Each row's next token, read back in one transfer: greedy rows from ``picks`` (the argmax of every logits
+        row), sampled rows without a repetition penalty from ``picks`` too when ``drawn`` (the step's sampler graph
+        drew them), else drawn together here (``device_sampling.sample_rows``), the others through their own
+        processors and generator on the host. Row i's logits are ``logits[index[i]]``."""
         sampled = [(row, i) for row, i in zip(rows, index) if row.device_seed is not None]
-        picks = greedy_picks
-        if sampled:
+        if sampled and not drawn:
             where = torch.tensor([i for _, i in sampled], device=self.device)
             settings = RowSampling([r.request.params for r, _ in sampled], [r.device_seed for r, _ in sampled],
-                                   [len(r.tokens) - 1 for r, _ in sampled], self.device)
-            picks = greedy_picks.index_put((where,), sample_rows(logits.index_select(0, where).float(), settings))
+                                   [len(r.tokens) - 1 for r, _ in sampled], logits.shape[-1], self.device)
+            picks = picks.index_put((where,), sample_rows(logits.index_select(0, where).float(), settings))
         on_host = lambda row: row.device_seed is None and not (row.request.params.greedy and not row.penalty)  # noqa: E731
-        picks = picks.tolist() if any(not on_host(row) for row in rows) else None
-        return [self._take(row, logits[i:i + 1], None if on_host(row) else picks[i]) for row, i in zip(rows, index)]
+        tokens = picks.tolist() if any(not on_host(row) for row in rows) else None
+        return [self._take(row, logits[i:i + 1], None if on_host(row) else tokens[i]) for row, i in zip(rows, index)]
 
     def _take(self, row: _Row, logits: torch.Tensor, token: Optional[int] = None) -> RowToken:
         return next_token(row, logits, self.device, token)

@@ -1,0 +1,94 @@
+"""The batched fast decoder's sampler: every sampled row of a decode step drawn on the device in one small CUDA
+graph per batch bucket, replayed after the step's own graph.
+
+Each cache row's settings (temperature, top-k, top-p, noise seed, and whether it samples) live in device
+tensors written when a row starts, so a step needs no host work per row and reads nothing back but the tokens.
+The draw is ``device_sampling.draw_rows``: each row as the host's processors and an exponential race would
+draw it alone. Rows with a repetition penalty need their ids and stay on the host (``device_sampling.on_device``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..device_sampling import draw_rows, row_settings
+from ..service import SamplingParams
+
+
+class BatchSampler:
+    def __init__(self, max_batch: int, vocab_size: int, device: torch.device, use_graphs: bool, pool=None):
+        self.vocab_size, self.device, self.use_graphs, self._pool = vocab_size, device, use_graphs, pool
+        cuda = device.type == "cuda"
+        # per cache row: floats (temperature, top-p cut), longs (k-th index, seed, samples here: 1)
+        self._host_f = torch.ones(2, max_batch, dtype=torch.float32)
+        self._host_l = torch.zeros(3, max_batch, dtype=torch.long)
+        self._staged_f = self._host_f.pin_memory() if cuda else self._host_f.clone()
+        self._staged_l = self._host_l.pin_memory() if cuda else self._host_l.clone()
+        self._dev_f, self._dev_l = self._host_f.to(device), self._host_l.to(device)
+        self._uploaded = torch.cuda.Event() if cuda else None  # the last upload's transfers are done
+        self._dirty = False
+        self._graphs: dict = {}
+        self._out: dict = {}  # bucket -> the tokens its graph writes
+
+    def set_row(self, slot: int, params: Optional[SamplingParams], seed: int = 0) -> None:
+        """Cache row ``slot`` samples with ``params`` (None: it does not sample here) from now on."""
+        if params is None:
+            if self._host_l[2, slot]:
+                self._host_l[2, slot] = 0
+                self._dirty = True
+            return
+        floats, longs = row_settings([params], self.vocab_size)
+        self._host_f[:, slot] = torch.tensor(floats)
+        self._host_l[:, slot] = torch.tensor(longs + [seed, 1])
+        self._dirty = True
+
+    def upload(self) -> None:
+        """Send changed settings to the device, ahead of the next step (before its graph is launched)."""
+        if not self._dirty:
+            return
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # the staged buffers may still be on their way from the last upload
+        self._staged_f.copy_(self._host_f)
+        self._staged_l.copy_(self._host_l)
+        cuda = self._uploaded is not None
+        self._dev_f.copy_(self._staged_f, non_blocking=cuda)
+        self._dev_l.copy_(self._staged_l, non_blocking=cuda)
+        if cuda:
+            self._uploaded.record()
+        self._dirty = False
+
+    def tokens(self, bucket: int, logits: torch.Tensor, greedy: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows [0, bucket)'s next tokens: drawn for the rows that sample here, ``greedy`` for the others.
+        ``logits``, ``greedy`` and ``positions``: the step graph's buffers (the same every replay)."""
+        if not self.use_graphs:
+            return self._math(bucket, logits, greedy, positions)
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            graph = self._capture(bucket, logits, greedy, positions)
+        graph.replay()
+        return self._out[bucket]
+
+    def capture(self, bucket: int, logits: torch.Tensor, greedy: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.use_graphs and bucket not in self._graphs:
+            self._capture(bucket, logits, greedy, positions)
+
+    def _math(self, bucket, logits, greedy, positions) -> torch.Tensor:
+        f, l = self._dev_f[:, :bucket], self._dev_l[:, :bucket]
+        drawn = draw_rows(logits.float(), f[0], l[0], f[1], l[1], positions[:bucket].clamp(min=0))
+        return torch.where(l[2] > 0, drawn, greedy)
+
+    def _capture(self, bucket, logits, greedy, positions):
+        from ..cuda_streams import warmup_stream
+
+        stream = warmup_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._math(bucket, logits, greedy, positions)  # first use of each kernel outside the capture
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+            self._out[bucket] = self._math(bucket, logits, greedy, positions)
+        self._graphs[bucket] = graph
+        return graph
