@@ -344,8 +344,11 @@ if HAVE_TRITON:
         a_ptr, w_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_cm,
         W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr = 1,
     ):
-        # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum
+        # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
+        # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials c[s, M, N] (stride_cm
+        # is N), which _split_sum_kernel adds in order: more programs when few rows leave the SMs idle
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -356,13 +359,15 @@ if HAVE_TRITON:
         pid_n = (pid % group) // size_m
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
+        k_part = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_first = tl.program_id(1) * k_part
+        rk = k_first + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
         w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
         mm = rm < M
         mn = rn < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, tl.minimum(k_part, K - k_first), BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs + k0, mask=mm[:, None], other=0.0)
                 w = tl.load(w_ptrs + k0, mask=mn[:, None], other=0)
@@ -371,12 +376,32 @@ if HAVE_TRITON:
                 a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk, other=0.0)
                 w = tl.load(w_ptrs + k0, mask=mn[:, None] & mk, other=0)
             acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        if SPLIT_K > 1:
+            part = c_ptr + tl.program_id(1).to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+            tl.store(part, acc, mask=mm[:, None] & mn[None, :])
+            return
         if W_INT8:
             acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)[None, :]
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+    @triton.jit(do_not_specialize=["M"])
+    def _split_sum_kernel(part_ptr, scale_ptr, bias_ptr, c_ptr, M, N, stride_cm, SPLIT_K: tl.constexpr,
+                          W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+        # c[m, n] = (sum over s of part[s, m, n], in order) * scale[n] (+ bias[n]): the split matmul's epilogue
+        m = tl.program_id(0).to(tl.int64)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = rn < N
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for s in range(SPLIT_K):
+            acc += tl.load(part_ptr + (s * M + m) * N + rn, mask=mn, other=0.0)
+        if W_INT8:
+            acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+        tl.store(c_ptr + m * stride_cm + rn, acc.to(c_ptr.dtype.element_ty), mask=mn)
 
 
 @dataclass(frozen=True)
@@ -490,7 +515,7 @@ def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: torch.Te
 def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None) -> torch.Tensor:
     """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
     from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight. ``config``: (BLOCK_M, BLOCK_N,
-    BLOCK_K, warps, stages) in place of ``matmul_config``'s (benchmarks)."""
+    BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks)."""
     M, K = x.shape
     if lw.is_int8 and M >= WIDEN_MIN_ROWS and config is None:
         return widened_linear(x, lw)
@@ -498,14 +523,20 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None) -
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bm, bn, bk, warps, stages = config or matmul_config(M, N)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    bm, bn, bk, warps, stages, split = config or matmul_config(M, N, K)
+    scale = lw.scale if lw.is_int8 else out
+    bias = lw.bias if lw.bias is not None else out
+    # a split's float32 partials [split, M, N] (a few MB at decode rows), summed in order by _split_sum_kernel
+    target = out if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
     _matmul_kernel[grid](
-        x, lw.weight, lw.scale if lw.is_int8 else out, lw.bias if lw.bias is not None else out, out,
-        M, N, K, x.stride(0), out.stride(0),
+        x, lw.weight, scale, bias, target, M, N, K, x.stride(0), out.stride(0),
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, num_warps=warps, num_stages=stages,
     )
+    if split > 1:
+        _split_sum_kernel[(M, triton.cdiv(N, 1024))](target, scale, bias, out, M, N, out.stride(0), SPLIT_K=split,
+                                                     W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, BLOCK_N=1024)
     return out
 
 
@@ -513,15 +544,22 @@ MATMUL_SMALL_ROWS = 64  # up to here (decode rows, short prompts), tiles as tall
 MATMUL_MID_ROWS = 256  # up to here (the batched decoder's 128 and 256 rows), tiles for a still bandwidth-bound product
 
 
-def matmul_config(M: int, N: int) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for M rows of an N-row weight, from a grid timed on the H200
-    at the four layer shapes (bench/bench_linears.py, bench/NOTES.md run 9)."""
+def matmul_config(M: int, N: int, K: int = 4096) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, K splits) for M rows of an N x K weight, from grids timed on the
+    H200 at the four layer shapes (bench/bench_linears.py, bench/NOTES.md runs 9 and 11)."""
     if M <= MATMUL_SMALL_ROWS:  # the weights read once: many narrow programs keep the bandwidth busy
-        return max(16, triton.next_power_of_2(M)), 32 if N <= 8192 else 64, 128, 4, 4
+        bm, bn = max(16, triton.next_power_of_2(M)), 32 if N <= 8192 else 64
+        return bm, bn, 128, 4, 4, small_rows_split(M, N, K)
     if M <= MATMUL_MID_ROWS:
-        return (64, 128, 128, 8, 3) if N > 8192 else (min(128, triton.next_power_of_2(M)), 64, 128, 8, 3)
-    return 128, 128, 64, 8, 4
+        return (64, 128, 128, 8, 3, 1) if N > 8192 else (min(128, triton.next_power_of_2(M)), 64, 128, 8, 3, 1)
+    return 128, 128, 64, 8, 4, 1
 
+
+def small_rows_split(M: int, N: int, K: int) -> int:
+    """K splits for up to 64 rows: the N / 32 programs of a 4096-row weight leave an H200's 132 SMs one each."""
+    if N > 8192:
+        return 1
+    return 4 if K > 8192 else 2
 
 # Rows from which an int8 linear widens its weight for cuBLAS: the widening reads 1 byte and writes 2 a weight,
 # repaid when the matmul is compute-bound (bench/NOTES.md, run 9); GLMCHAT_WIDEN_MIN_ROWS moves it for benchmarks.

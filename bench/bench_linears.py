@@ -4,6 +4,7 @@ gradient, at ChatGLM2-6B's four layer shapes and a range of rows (GPU). Also the
 batched decoder (``quant_linear``) against the Triton matmul for the decode rows 4..256.
 
     PYTHONPATH=. python bench/bench_linears.py > linears.jsonl
+    PYTHONPATH=. python bench/bench_linears.py --decode-graphs > decode_graphs.jsonl  # decode rows, in CUDA graphs
 
 One JSON line per (shape, rows): microseconds of each path and the TFLOP/s it reaches. A kernel timed alone
 (back to back with itself) is a guide for the threshold, not a user figure: the recipe and evaluation runs
@@ -76,7 +77,7 @@ def decode_rows(lws: dict) -> None:
         q = QuantizedWeight(fmt="int8", data=lw.weight, scale=lw.scale, n=N, k=K)
         for m in DECODE_ROWS + (192,):
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
-            row = {"what": "decode_linear", "shape": name, "rows": m, "config": matmul_config(m, N),
+            row = {"what": "decode_linear", "shape": name, "rows": m, "config": matmul_config(m, N, K),
                    "matmul_us": round(timed(lambda: matmul(x, lw)) * 1e3, 1)}
             if m <= 64:
                 row["quant_linear_us"] = round(timed(lambda: quant_linear(x, q, None)) * 1e3, 1)
@@ -85,7 +86,7 @@ def decode_rows(lws: dict) -> None:
                 for bn in (32, 64, 128):
                     for bk in (128, 256):
                         for warps, stages in ((4, 4), (8, 3)):
-                            config = (bm, bn, bk, warps, stages)
+                            config = (bm, bn, bk, warps, stages, 1)
                             try:
                                 grid[config] = round(timed(lambda: matmul(x, lw, config), reps=10) * 1e3, 1)
                             except Exception as err:  # noqa: BLE001 - a config that does not fit shared memory
@@ -97,6 +98,57 @@ def decode_rows(lws: dict) -> None:
             print(json.dumps(row), flush=True)
 
 
+def graph_us(calls: list, reps: int = 20) -> float:
+    """Microseconds a call of ``calls`` (closures over different weights, so each reads its weight from memory as a
+    decode step's linears do) takes inside one CUDA graph: no Python launch in the figure."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1e3 * start.elapsed_time(end) / (reps * len(calls))
+
+
+def decode_rows_in_graphs(rows=(2, 8, 64)) -> None:
+    """The decode rows' matmul configs timed inside CUDA graphs over 8 copies of each weight (more than the L2
+    holds): ``matmul_config``'s choice against a grid with K splits (to choose ``small_rows_split``)."""
+    from backend.int8_linear import matmul_config
+
+    for name, N, K in SHAPES:
+        copies = [LinearWeights(*quantize_per_channel(torch.randn(N, K, device="cuda") * 0.02), None) for _ in range(8)]
+        for m in rows:
+            x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+            chosen = matmul_config(m, N, K)
+            grid = {}
+            bm = max(16, triton.next_power_of_2(m))
+            for bn in (32, 64):
+                for bk in (128, 256):
+                    for warps, stages in ((4, 4), (8, 3)):
+                        for split in (1, 2, 4, 8):
+                            config = (bm, bn, bk, warps, stages, split)
+                            try:
+                                grid[config] = round(graph_us([lambda lw=lw: matmul(x, lw, config) for lw in copies]), 1)
+                            except Exception as err:  # noqa: BLE001 - a config that does not fit shared memory
+                                grid[config] = str(err)[:40]
+            timings = {c: t for c, t in grid.items() if isinstance(t, float)}
+            best = min(timings, key=timings.get)
+            now = timings.get(chosen) or round(graph_us([lambda lw=lw: matmul(x, lw) for lw in copies]), 1)
+            unsplit = min(t for c, t in timings.items() if c[-1] == 1)
+            print(json.dumps({"what": "decode_linear_graph", "shape": name, "rows": m, "config": chosen, "us": now,
+                              "best_config": best, "best_us": timings[best], "best_unsplit_us": unsplit,
+                              "tb_s": round(N * K / now / 1e6, 2), "best_tb_s": round(N * K / timings[best] / 1e6, 2)}),
+                  flush=True)
+
+
 def main() -> None:
     torch.manual_seed(0)
     lws = {}
@@ -104,6 +156,9 @@ def main() -> None:
         q, s = quantize_per_channel(torch.randn(N, K, device="cuda") * 0.02)
         lws[name] = LinearWeights(q, s, None)
     print(json.dumps({"what": "device", "name": torch.cuda.get_device_name()}), flush=True)
+    if "--decode-graphs" in sys.argv:  # only the decode rows, timed inside CUDA graphs
+        decode_rows_in_graphs()
+        return
     training_rows(lws)
     decode_rows(lws)
 

@@ -54,6 +54,7 @@ def byte_loads(ptx: str) -> int:
 
 
 TARGETS = [(90, True), (90, False), (80, False), (75, False)]
+SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696)]  # ChatGLM2-6B: qkv, dense, fc1, fc2
 
 
 @pytest.mark.parametrize("arch,pdl", TARGETS)
@@ -110,14 +111,19 @@ def test_batched_rotary_and_attention(arch, pdl):
 def test_the_int8_matmul_configs_fit_each_card(arch):
     """Every tile config the int8 matmul picks (decode rows, 128/256 rows, prompts and training) compiles and fits
     the card's shared memory, with int8 weights read by vector loads; so does the widening for cuBLAS."""
-    from backend.int8_linear import _matmul_kernel, _widen_kernel, matmul_config
+    from backend.int8_linear import _matmul_kernel, _split_sum_kernel, _widen_kernel, matmul_config
 
     ptx = compile_for(_widen_kernel, {"q_ptr": "*i8", "scale_ptr": "*fp32", "out_ptr": ACT}, {"BLOCK_N": 32, "BLOCK_K": 256}, arch)
     assert byte_loads(ptx) == 0
 
     types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT}
-    configs = {matmul_config(m, n) for m in (3, 16, 32, 64, 128, 256, 512) for n in (4096, 27392)}
-    for bm, bn, bk, warps, stages in sorted(configs):
-        consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    configs = {matmul_config(m, n, k) for m in (2, 3, 16, 32, 64, 128, 256, 512) for n, k in SHAPES}
+    assert {c[-1] for c in configs} != {1}  # some decode rows split K
+    for bm, bn, bk, warps, stages, split in sorted(configs):
+        consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                  "GROUP_M": 8, "SPLIT_K": split}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
+    for split in sorted({c[-1] for c in configs} - {1}):
+        compile_for(_split_sum_kernel, {"part_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT},
+                    {"SPLIT_K": split, "W_INT8": True, "HAS_BIAS": False, "BLOCK_N": 1024}, arch)

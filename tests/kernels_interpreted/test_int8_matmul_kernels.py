@@ -1,0 +1,37 @@
+"""The int8 matmul's split-K path (backend/int8_linear.py: _matmul_kernel with SPLIT_K, _split_sum_kernel) under
+Triton's interpreter: any number of K splits (one longer than the weight's K blocks included) gives the
+dequantised product, with bias, for K a multiple of the block or not. Run through tests/test_kernels_batch.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs under Triton's interpreter via tests/test_kernels_batch.py"
+)
+triton = pytest.importorskip("triton")
+
+from backend.kernels.interpreter_compat import numpy_compat  # noqa: E402
+
+numpy_compat()
+
+from backend.int8_linear import LinearWeights, matmul, quantize_per_channel  # noqa: E402
+
+
+@pytest.mark.parametrize("K", [256, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_k_splits_give_the_dequantised_product(K, bias):
+    torch.manual_seed(K)
+    N, M = 40, 3
+    q, scale = quantize_per_channel(torch.randn(N, K) * 0.02)
+    b = torch.randn(N) if bias else None
+    lw = LinearWeights(q, scale, b)
+    x = torch.randn(M, K)
+    want = x.double() @ (q.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
+    for split in (1, 2, 3, 8):  # 8 splits of 64: more splits than 300 / 64 blocks
+        got = matmul(x, lw, (16, 32, 64, 4, 1, split))
+        assert got.shape == (M, N)
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5), split
