@@ -546,20 +546,16 @@ MATMUL_MID_ROWS = 256  # up to here (the batched decoder's 128 and 256 rows), ti
 
 def matmul_config(M: int, N: int, K: int = 4096) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, K splits) for M rows of an N x K weight, from grids timed on the
-    H200 at the four layer shapes (bench/bench_linears.py, bench/NOTES.md runs 9 and 11)."""
+    H200 at the four layer shapes (bench/bench_linears.py, bench/NOTES.md runs 9 and 11: inside CUDA graphs, four
+    splits took qkv at 64 rows from 23.8 to 21.3 us, fc2 from 49.7 to 35.3, and fc2 at 2-8 rows from 27 to 20)."""
     if M <= MATMUL_SMALL_ROWS:  # the weights read once: many narrow programs keep the bandwidth busy
-        bm, bn = max(16, triton.next_power_of_2(M)), 32 if N <= 8192 else 64
-        return bm, bn, 128, 4, 4, small_rows_split(M, N, K)
+        if N <= 8192:  # qkv, dense, fc2: 64 x 4096 tiles leave most SMs idle; four K splits fill them
+            return max(16, triton.next_power_of_2(M)), 64, 128, 4, 4, 4
+        return max(16, triton.next_power_of_2(M)), 64, 128, 4, 4, 1
     if M <= MATMUL_MID_ROWS:
         return (64, 128, 128, 8, 3, 1) if N > 8192 else (min(128, triton.next_power_of_2(M)), 64, 128, 8, 3, 1)
     return 128, 128, 64, 8, 4, 1
 
-
-def small_rows_split(M: int, N: int, K: int) -> int:
-    """K splits for up to 64 rows: the N / 32 programs of a 4096-row weight leave an H200's 132 SMs one each."""
-    if N > 8192:
-        return 1
-    return 4 if K > 8192 else 2
 
 # Rows from which an int8 linear widens its weight for cuBLAS: the widening reads 1 byte and writes 2 a weight,
 # repaid when the matmul is compute-bound (bench/NOTES.md, run 9); GLMCHAT_WIDEN_MIN_ROWS moves it for benchmarks.

@@ -120,7 +120,7 @@ def graph_us(calls: list, reps: int = 20) -> float:
 
 def decode_rows_in_graphs(rows=(2, 8, 64)) -> None:
     """The decode rows' matmul configs timed inside CUDA graphs over 8 copies of each weight (more than the L2
-    holds): ``matmul_config``'s choice against a grid with K splits (to choose ``small_rows_split``)."""
+    holds): ``matmul_config``'s choice against a grid with K splits (to choose the K splits of ``matmul_config``)."""
     from backend.int8_linear import matmul_config
 
     for name, N, K in SHAPES:
