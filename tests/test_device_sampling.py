@@ -129,3 +129,25 @@ def test_rows_sampled_together_follow_each_rows_distribution():
         chi2 = (((counts[r] - draws * want) ** 2)[kept] / (draws * want[kept])).sum().item()
         dof = int(kept.sum()) - 1
         assert chi2 < dof + 5 * (2 * dof) ** 0.5, (r, chi2, dof)
+
+
+def test_the_batched_decoders_sampler_draws_its_sampling_rows_and_passes_the_greedy_ones():
+    """BatchSampler (the batched fast decoder's sampler, eager on the CPU): a cache row set to sample draws as
+    sample_rows does; a greedy row, or a sampling row's slot taken by a greedy request, keeps the argmax."""
+    from backend.decode.batch_sampler import BatchSampler
+
+    torch.manual_seed(1)
+    V = 200
+    sampler = BatchSampler(4, V, torch.device("cpu"), use_graphs=False)
+    params = SamplingParams(temperature=0.7, top_k=30, top_p=0.9)
+    sampler.set_row(0, params, seed=99)
+    sampler.set_row(1, None)
+    sampler.upload()
+    logits, positions = torch.randn(2, V) * 3, torch.tensor([12, 40])
+    greedy = logits.argmax(-1)
+    tokens = sampler.tokens(2, logits, greedy, positions)
+    alone = ds.sample_rows(logits[:1], ds.RowSampling([params], [99], [12], V, "cpu"))
+    assert int(tokens[0]) == int(alone[0]) and int(tokens[1]) == int(greedy[1])
+    sampler.set_row(0, None)
+    sampler.upload()
+    assert torch.equal(sampler.tokens(2, logits, greedy, positions), greedy)

@@ -102,6 +102,31 @@ def test_sampled_rows_drawn_together_on_the_device_do_not_depend_on_the_batch():
     assert run(BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False), [other])[0] != together[0]
 
 
+def test_a_row_dropped_while_its_next_step_is_queued_gets_no_token_and_its_row_serves_a_new_request():
+    """step() queues the next decode step before it returns; a row dropped before the next step() gets none of that
+    step's tokens, and a request that takes its cache row meanwhile decodes as it would alone."""
+    model, prefixes = make_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False)
+    long = SamplingParams(temperature=0.0, max_new_tokens=8)
+    decoder.add(0, DecodeRequest([5, 7, 9, 11], long))
+    decoder.add(1, DecodeRequest([3, 4], long, adapter="ad"))
+    first = decoder.step()
+    assert sorted(t.row for t in first) == [0, 1] and decoder._queued is not None
+    slot = decoder._rows[0].slot
+    decoder.drop(0)
+    late = DecodeRequest([8, 8, 2, 6], GREEDY, adapter="ad")
+    decoder.add(2, late)
+    assert decoder._pending[0].slot == slot
+    out = {1: [t.token for t in first if t.row == 1], 2: []}
+    while decoder.rows:
+        for t in decoder.step():
+            assert t.row != 0
+            out[t.row].append(t.token)
+    alone = {r: run(BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False), [req])[0]
+             for r, req in ((1, DecodeRequest([3, 4], long, adapter="ad")), (2, late))}
+    assert out == alone
+
+
 def test_a_next_turn_reuses_the_parked_row_and_gives_the_same_tokens():
     model, prefixes = make_model()
     decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False)
