@@ -134,6 +134,7 @@ class BatchFastDecoder:
         # what a queued step reads, copied from _host_in when it is queued: _host_in may change (a row dropped)
         # while the transfer is still on its way
         self._staged_in = self._host_in.pin_memory() if cuda else self._host_in.clone()
+        self._staged_sent = torch.cuda.Event() if cuda else None  # the last transfer from _staged_in is done
         self._step_in = self._host_in.to(self.device)
         self.tokens, self.positions, self.prefix_lens = self._step_in[0], self._step_in[1], self._step_in[2]
         self._slot_adapter: list = [object()] * self.max_batch  # whose prefix each cache row holds
@@ -354,8 +355,12 @@ class BatchFastDecoder:
         slots = [r.slot for r in rows]
         self._host_in[:, slots] = torch.tensor([[r.tokens[-1] for r in rows], [len(r.tokens) - 1 for r in rows],
                                                 [r.prefix_len for r in rows]])
+        if self._staged_sent is not None:
+            self._staged_sent.synchronize()  # (done by now unless the last step's rows were all dropped)
         self._staged_in.copy_(self._host_in)
         self._step_in.copy_(self._staged_in, non_blocking=True)
+        if self._staged_sent is not None:
+            self._staged_sent.record()
         top = max(slots) + 1
         bucket = min(next((b for b in BUCKETS if b >= top), MAX_ROWS), self.max_batch)
         self.sampler.upload()
