@@ -465,8 +465,8 @@ class BatchFastDecoder:
         with decoding_attention():
             for i, lw in enumerate(self.layers):
                 qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps).view(B, T, H + 2 * G, D)
-                q = apply_rotary(qkv[:, :, :H], cos, sin)
-                k = apply_rotary(qkv[:, :, H:H + G], cos, sin).reshape(B * T, G, D)
+                qk = apply_rotary(qkv[:, :, :H + G], cos, sin)  # queries and keys in one pass (a prompt is host-bound)
+                q, k = qk[:, :, :H], qk[:, :, H:].reshape(B * T, G, D)
                 v = qkv[:, :, H + G:].reshape(B * T, G, D)
                 self.k_cache[i][write_rows, :, write_slots] = k.index_select(0, token_at)
                 self.v_cache[i][write_rows, :, write_slots] = v.index_select(0, token_at)
