@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.int8_linear import LinearWeights, matmul, quantize_per_channel, widened_grad_input, widened_linear  # noqa: E402
 from backend.int8_training import grad_input_triton  # noqa: E402
-from check_grad_kernel import SHAPES, timed  # noqa: E402
+from check_grad_kernel import SHAPES, replay_ms, timed  # noqa: E402
 
 TRAIN_ROWS = (192, 512, 768, 1024, 1536, 2048, 3088)
 DECODE_ROWS = (4, 8, 16, 32, 64, 128, 256)
@@ -108,14 +108,7 @@ def graph_us(calls: list, reps: int = 20) -> float:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / (reps * len(calls))
+    return 1e3 * replay_ms(graph, reps) / len(calls)
 
 
 def decode_rows_in_graphs(rows=(2, 8, 64)) -> None:

@@ -22,19 +22,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def replay_ms(decoder, bucket: int, n: int = 50) -> float:
-    import torch
+def captured_step_ms(decoder, bucket: int, n: int = 50) -> float:
+    from check_grad_kernel import replay_ms
 
-    graph = decoder._graphs.get(bucket) or decoder._capture(bucket)
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+    return replay_ms(decoder._graphs.get(bucket) or decoder._capture(bucket), n)
 
 
 def kernel_table(decoder, bucket: int, top: int = 14) -> list:
@@ -124,7 +115,7 @@ def decoder_figures(decoder, tokenizer, n: int, emit) -> None:
     from backend.decode.fast_batch import BUCKETS, MAX_ROWS
 
     bucket = min(next((b for b in BUCKETS if b >= top), MAX_ROWS), decoder.max_batch)
-    graph_ms = replay_ms(decoder, bucket)
+    graph_ms = captured_step_ms(decoder, bucket)
     emit(what="decoder", rows=n, bucket=bucket, prefill_ms=round(prefill_ms, 1), step_ms=round(step_ms, 3),
          graph_ms=round(graph_ms, 3), host_ms=round(step_ms - graph_ms, 3), tok_s=round(n / step_ms * 1e3, 1))
     emit(what="kernels", rows=n, table=kernel_table(decoder, bucket))
