@@ -512,10 +512,11 @@ def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: torch.Te
                        **({"launch_pdl": True} if pdl else {}))
 
 
-def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, split_k: bool = True) -> torch.Tensor:
     """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
     from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight. ``config``: (BLOCK_M, BLOCK_N,
-    BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks)."""
+    BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks); ``split_k`` False: one launch
+    (no K splits) where launches cost host time."""
     M, K = x.shape
     if lw.is_int8 and M >= WIDEN_MIN_ROWS and config is None:
         return widened_linear(x, lw)
@@ -524,6 +525,7 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None) -
         x = x.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     bm, bn, bk, warps, stages, split = config or matmul_config(M, N, K)
+    split = split if split_k else 1
     scale = lw.scale if lw.is_int8 else out
     bias = lw.bias if lw.bias is not None else out
     # a split's float32 partials [split, M, N] (a few MB at decode rows), summed in order by _split_sum_kernel

@@ -41,7 +41,9 @@ class BatchLinear:
         elif self.q.fmt == "int8":
             self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias)
 
-    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None):
+    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True):
+        """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
+        a prompt, whose launches are paid on the host)."""
         if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M:
@@ -49,7 +51,7 @@ class BatchLinear:
         fused = kernels_run(x)
         if norm is not None:
             x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
-        y = self._wide(x)
+        y = self._wide(x, split_k)
         if swiglu:
             if fused:
                 y = swiglu_rows(y)
@@ -76,7 +78,7 @@ class BatchLinear:
             y += residual
         return y
 
-    def _wide(self, x: torch.Tensor) -> torch.Tensor:
+    def _wide(self, x: torch.Tensor, split_k: bool = True) -> torch.Tensor:
         """x @ W.T + b for many rows: tensor cores on the weight (int8 widened in registers, or a block at a time for
         cuBLAS from WIDEN_MIN_ROWS; NF4 and int4 one whole linear at a time)."""
         if self.q is None:
@@ -84,7 +86,7 @@ class BatchLinear:
         if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers (or blocks for cuBLAS from 1024 rows)
             from ..int8_linear import matmul
 
-            return matmul(x, self.one_row)
+            return matmul(x, self.one_row, split_k=split_k)
         if self.q.fmt == "nf4" and x.is_cuda:
             import bitsandbytes.functional as bnbf
 

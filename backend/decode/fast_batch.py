@@ -176,12 +176,13 @@ class BatchFastDecoder:
         with torch.inference_mode():
             # prompts of up to 64 tokens and decode steps run at these row counts; then each tile config of the
             # int8 matmul (up to 256 rows, beyond) and the weights widened for cuBLAS (long prompts)
+            # (up to 64 rows both ways: decode steps split K, prompts do not)
             for m in M_BUCKETS + (QUANT_MAX_M + 1, MATMUL_MID_ROWS + 1, WIDEN_MIN_ROWS):
                 x = torch.randn(m, self.embedding.shape[1], device=self.device, dtype=self.dtype)
-                for lw in self.layers[:1]:
-                    lw.qkv(x, norm=lw.ln1, eps=self.eps)
-                    lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
-                    lw.dense(x, residual=x)
+                for lw, split_k in [(self.layers[0], True), (self.layers[0], False)][: 2 if m <= QUANT_MAX_M else 1]:
+                    lw.qkv(x, norm=lw.ln1, eps=self.eps, split_k=split_k)
+                    lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=split_k)
+                    lw.dense(x, residual=x, split_k=split_k)
             self._warm_replies()
             for bucket in BUCKETS:
                 if bucket <= self.max_batch and self.use_graphs and bucket not in self._graphs:
@@ -464,7 +465,7 @@ class BatchFastDecoder:
         H, G, D = self.heads, self.groups, self.head_dim
         with decoding_attention():
             for i, lw in enumerate(self.layers):
-                qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps).view(B, T, H + 2 * G, D)
+                qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps, split_k=False).view(B, T, H + 2 * G, D)
                 qk = apply_rotary(qkv[:, :, :H + G], cos, sin)  # queries and keys in one pass (a prompt is host-bound)
                 q, k = qk[:, :, :H], qk[:, :, H:].reshape(B * T, G, D)
                 v = qkv[:, :, H + G:].reshape(B * T, G, D)
@@ -475,8 +476,8 @@ class BatchFastDecoder:
                 keys = self.k_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
                 values = self.v_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
                 attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])  # [B, H, T, D]
-                x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x)
-                x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
+                x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x, split_k=False)
+                x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=False)
         return self.output(x.index_select(0, token_at[last]), norm=self.final_ln, eps=self.eps)
 
     def _prefill_indices(self, rows: list[_Row], new: list[list[int]], T: int) -> tuple:

@@ -35,3 +35,6 @@ def test_k_splits_give_the_dequantised_product(K, bias):
         got = matmul(x, lw, (16, 32, 64, 4, 1, split))
         assert got.shape == (M, N)
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5), split
+    # matmul_config's own choice (four splits for a short weight at decode rows), and one launch for a prompt
+    for split_k in (True, False):
+        assert torch.allclose(matmul(x, lw, split_k=split_k).double(), want, rtol=1e-4, atol=1e-5), split_k
