@@ -119,6 +119,7 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
     types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT}
     configs = {matmul_config(m, n, k) for m in (2, 3, 16, 32, 64, 128, 256, 512) for n, k in SHAPES}
     assert {c[-1] for c in configs} != {1}  # some decode rows split K
+    configs |= {c[:-1] + (1,) for c in configs}  # and prompts run the same tiles unsplit
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                   "GROUP_M": 8, "SPLIT_K": split}
