@@ -174,12 +174,13 @@ class BatchFastDecoder:
         from ..kernels.gemv_4bit import M_BUCKETS
 
         with torch.inference_mode():
-            # prompts of up to 64 tokens and decode steps run at these row counts; then each tile config of the
-            # int8 matmul (up to 256 rows, beyond) and the weights widened for cuBLAS (long prompts)
-            # (up to 64 rows both ways: decode steps split K, prompts do not)
+            # prompts of up to 64 tokens and decode steps run at these row counts (decode steps split K, prompts do
+            # not: both); then each tile config of the int8 matmul (up to 256 rows, beyond) and the weights widened
+            # for cuBLAS (long prompts)
             for m in M_BUCKETS + (QUANT_MAX_M + 1, MATMUL_MID_ROWS + 1, WIDEN_MIN_ROWS):
                 x = torch.randn(m, self.embedding.shape[1], device=self.device, dtype=self.dtype)
-                for lw, split_k in [(self.layers[0], True), (self.layers[0], False)][: 2 if m <= QUANT_MAX_M else 1]:
+                lw = self.layers[0]
+                for split_k in (True, False) if m <= QUANT_MAX_M else (True,):
                     lw.qkv(x, norm=lw.ln1, eps=self.eps, split_k=split_k)
                     lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=split_k)
                     lw.dense(x, residual=x, split_k=split_k)
@@ -191,8 +192,8 @@ class BatchFastDecoder:
                     self.sampler.capture(bucket, *self._graph_out[bucket], self.positions)
 
     def _warm_replies(self) -> None:
-        """Two short replies to 65-token prompts in two rows (one greedy, one sampled), then a next turn of the
-        first that feeds its parked row one token: the first of each kind of kernel a chat, a compare and the
+        """Three short replies to 65-token prompts in three rows (greedy, sampled on the device, sampled with a
+        repetition penalty on the host), then a next turn of the first that feeds its parked row one token: the first of each kind of kernel a chat, a compare and the
         sampler use loads or compiles now, not in a user's first reply (on the H200 first replies took 0.5-0.9 s
         longer than the next ones, 87 ms to the first token with this warm-up: bench/NOTES.md, runs 8 and 9).
         Nothing of it is kept."""
