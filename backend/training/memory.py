@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..gpu_memory import free_bytes
 from ..service import BackendError
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,6 @@ def smaller_micro_batch(current: int, rows: int) -> Optional[int]:
     """The next smaller divisor of ``rows`` (None below 1)."""
     smaller = [d for d in divisors_desc(rows) if d < current]
     return smaller[0] if smaller else None
-
-
-def free_bytes(device: torch.device) -> int:
-    """Bytes this process may still allocate: the device's free memory plus what torch holds unused,
-    capped by the per-process memory fraction."""
-    free, total = torch.cuda.mem_get_info(device)
-    held_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    budget = free + held_unused
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
-    return int(min(budget, fraction * total - torch.cuda.memory_allocated(device)))
 
 
 def release(device: torch.device) -> None:
