@@ -37,26 +37,35 @@ if HAVE_TRITON:
 
     @triton.jit
     def _exponential_kernel(out_ptr, seed_ptr, pos_ptr, V, BLOCK: tl.constexpr, TINY: tl.constexpr):
-        # E ~ Exp(1) for every token: -log(u) with u in (0, 1) from Philox keyed by (seed, position)
+        # row r of out [R, V]: E ~ Exp(1) for every token, -log(u) with u in (0, 1) from Philox keyed by
+        # (seed[r], pos[r]), so a row draws the same wherever it sits in a batch
+        r = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(seed_ptr) + tl.load(pos_ptr) * 1000003
+        key = tl.load(seed_ptr + r) + tl.load(pos_ptr + r) * 1000003
         bits = tl.randint(key, offs)  # uint32
         # 23 bits and a half: u in [2^-24, 1 - 2^-24], exact in float32 (24 bits would round up to 1.0)
         u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         # E > 0 always: E = 0 would make p / E infinite for a kept token and 0 / 0 = nan for a removed one
-        tl.store(out_ptr + offs, tl.maximum(-tl.log(u), TINY), mask=offs < V)
+        tl.store(out_ptr + r.to(tl.int64) * V + offs, tl.maximum(-tl.log(u), TINY), mask=offs < V)
 
 
 def exponential_noise(out: torch.Tensor, seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """out [V] float32 <- Exp(1) draws keyed by the device scalars ``seed`` and ``pos`` (int64)."""
-    if kernels_run(out):
-        V = out.numel()
-        _exponential_kernel[(triton.cdiv(V, 1024),)](out, seed, pos, V, BLOCK=1024, TINY=_TINY)
-        return out
-    g = torch.Generator(device=out.device)
-    g.manual_seed(int(seed) * 1000003 + int(pos))
-    return out.exponential_(generator=g).clamp_(min=_TINY)
+    exponential_noise_rows(out.view(1, -1), seed.reshape(1), pos.reshape(1))
+    return out
 
+
+def exponential_noise_rows(out: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """out [R, V] float32 <- row r's Exp(1) draws keyed by (seeds[r], positions[r]) (int64 [R] on out's device)."""
+    R, V = out.shape
+    if kernels_run(out):
+        _exponential_kernel[(triton.cdiv(V, 1024), R)](out, seeds, positions, V, BLOCK=1024, TINY=_TINY)
+        return out
+    for r in range(R):
+        g = torch.Generator(device=out.device)
+        g.manual_seed(int(seeds[r]) * 1000003 + int(positions[r]))
+        out[r].exponential_(generator=g).clamp_(min=_TINY)
+    return out
 
 
 def sample(logits: torch.Tensor, procs: LogitsProcessorList, noise: torch.Tensor, seed: torch.Tensor,
@@ -69,43 +78,6 @@ def sample(logits: torch.Tensor, procs: LogitsProcessorList, noise: torch.Tensor
     return torch.argmax(probs / noise, dim=-1)
 
 
-if HAVE_TRITON:
-
-    @triton.jit
-    def _exponential_rows_kernel(out_ptr, seed_ptr, pos_ptr, V, BLOCK: tl.constexpr, TINY: tl.constexpr):
-        # row r of out [R, V]: _exponential_kernel's draws for (seed[r], pos[r])
-        r = tl.program_id(1)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(seed_ptr + r) + tl.load(pos_ptr + r) * 1000003
-        bits = tl.randint(key, offs)
-        u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-        tl.store(out_ptr + r.to(tl.int64) * V + offs, tl.maximum(-tl.log(u), TINY), mask=offs < V)
-
-
-def exponential_noise_rows(out: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """out [R, V] float32 <- row r as ``exponential_noise`` draws it for (seeds[r], positions[r]) (int64 [R])."""
-    R, V = out.shape
-    if kernels_run(out):
-        _exponential_rows_kernel[(triton.cdiv(V, 1024), R)](out, seeds, positions, V, BLOCK=1024, TINY=_TINY)
-        return out
-    for r in range(R):
-        exponential_noise(out[r], seeds[r], positions[r])
-    return out
-
-
-class RowSampling:
-    """The settings of the rows ``sample_rows`` draws for, as device tensors [R] (sent in two copies)."""
-
-    def __init__(self, params: list, seeds: list, positions: list, vocab_size: int, device):
-        floats, longs = row_settings(params, vocab_size)
-        floats, longs = torch.tensor(floats, dtype=torch.float32), torch.tensor(longs + list(seeds) + list(positions))
-        cuda = torch.device(device).type == "cuda"
-        if cuda:
-            floats, longs = floats.pin_memory(), longs.pin_memory()
-        self.temperature, self.drop_below = floats.to(device, non_blocking=cuda).split(len(params))
-        self.kth, self.seeds, self.positions = longs.to(device, non_blocking=cuda).split(len(params))
-
-
 def row_settings(params: list, vocab_size: int) -> tuple[list, list]:
     """The per-row numbers ``draw_rows`` reads, as two host lists: floats (each row's temperature, then each
     row's top-p cut 1 - p, -1 for none) and longs (each row's index of its k-th largest score among the ascending
@@ -115,11 +87,6 @@ def row_settings(params: list, vocab_size: int) -> tuple[list, list]:
     drop_below = [1.0 - p.top_p if p.top_p is not None and p.top_p < 1.0 else -1.0 for p in params]
     kth = [max(0, vocab_size - p.top_k) if p.top_k and p.top_k > 0 else 0 for p in params]
     return temperature + drop_below, kth
-
-
-def sample_rows(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
-    """One sampled token per row (int64 [R]) from logits [R, V] float32 (see ``draw_rows``)."""
-    return draw_rows(logits, rows.temperature, rows.kth, rows.drop_below, rows.seeds, rows.positions)
 
 
 def draw_rows(logits: torch.Tensor, temperature: torch.Tensor, kth: torch.Tensor, drop_below: torch.Tensor,

@@ -93,8 +93,15 @@ def test_nan_logits_answer_token_5():
     assert int(token) == 5
 
 
+def draw_together(logits, settings, seeds, positions):
+    """device_sampling.draw_rows for rows of ``settings``, as the batched fast decoder's sampler holds them."""
+    floats, kth = ds.row_settings(settings, logits.shape[-1])
+    temperature, drop_below = torch.tensor(floats).view(2, -1)
+    return ds.draw_rows(logits, temperature, torch.tensor(kth), drop_below, torch.tensor(seeds), torch.tensor(positions))
+
+
 def test_rows_sampled_together_equal_each_row_sampled_alone():
-    """sample_rows (the batched fast decoder's sampler) draws each row as ``sample`` draws it alone, with the
+    """draw_rows (the batched fast decoder's sampler) draws each row as ``sample`` draws it alone, with the
     row's own settings, seed and position: guard, temperature, top-k, top-p, none of them, and a nan row."""
     torch.manual_seed(3)
     settings = [SamplingParams(temperature=0.8, top_p=0.8), SamplingParams(temperature=1.0, top_p=1.0),
@@ -105,7 +112,7 @@ def test_rows_sampled_together_equal_each_row_sampled_alone():
         if trial % 10 == 0:
             logits[trial % len(settings), 17] = float("nan")
         seeds, positions = [trial * 7 + r for r in range(len(settings))], [trial + 3 * r for r in range(len(settings))]
-        together = ds.sample_rows(logits.clone(), ds.RowSampling(settings, seeds, positions, 300, "cpu"))
+        together = draw_together(logits.clone(), settings, seeds, positions)
         for r, params in enumerate(settings):
             alone = ds.sample(logits[r:r + 1].clone(), logits_processors(params), torch.empty(300),
                               torch.tensor(seeds[r]), torch.tensor(positions[r]))
@@ -119,7 +126,7 @@ def test_rows_sampled_together_follow_each_rows_distribution():
     draws = 3000
     counts = torch.zeros(2, 64, dtype=torch.float64)
     for i in range(draws):
-        tokens = ds.sample_rows(logits, ds.RowSampling(settings, [5, 5], [i, i], 64, "cpu"))
+        tokens = draw_together(logits, settings, [5, 5], [i, i])
         for r in range(2):
             counts[r, int(tokens[r])] += 1
     for r, params in enumerate(settings):
@@ -133,7 +140,7 @@ def test_rows_sampled_together_follow_each_rows_distribution():
 
 def test_the_batched_decoders_sampler_draws_its_sampling_rows_and_passes_the_greedy_ones():
     """BatchSampler (the batched fast decoder's sampler, eager on the CPU): a cache row set to sample draws as
-    sample_rows does; a greedy row, or a sampling row's slot taken by a greedy request, keeps the argmax."""
+    draw_rows does; a greedy row, or a sampling row's slot taken by a greedy request, keeps the argmax."""
     from backend.decode.batch_sampler import BatchSampler
 
     torch.manual_seed(1)
@@ -146,8 +153,9 @@ def test_the_batched_decoders_sampler_draws_its_sampling_rows_and_passes_the_gre
     logits, positions = torch.randn(2, V) * 3, torch.tensor([12, 40])
     greedy = logits.argmax(-1)
     tokens = sampler.tokens(2, logits, greedy, positions)
-    alone = ds.sample_rows(logits[:1], ds.RowSampling([params], [99], [12], V, "cpu"))
+    alone = draw_together(logits[:1], [params], [99], [12])
     assert int(tokens[0]) == int(alone[0]) and int(tokens[1]) == int(greedy[1])
+    assert torch.equal(sampler.draw(logits[:1], [0], [12]), alone)  # a prompt's first token, outside the graph
     sampler.set_row(0, None)
     sampler.upload()
     assert torch.equal(sampler.tokens(2, logits, greedy, positions), greedy)

@@ -70,6 +70,14 @@ class BatchSampler:
         graph.replay()
         return self._out[bucket]
 
+    def draw(self, logits: torch.Tensor, slots: list, positions: list) -> torch.Tensor:
+        """Tokens [R] drawn from logits [R, V] (a prompt's last positions ``positions``) with the settings of the
+        cache rows ``slots``, outside any graph."""
+        self.upload()
+        where, pos = torch.tensor([slots, positions], device=self.device)
+        f, l = self._dev_f.index_select(1, where), self._dev_l.index_select(1, where)
+        return draw_rows(logits.float(), f[0], l[0], f[1], l[1], pos)
+
     def capture(self, bucket: int, logits: torch.Tensor, greedy: torch.Tensor, positions: torch.Tensor) -> None:
         if self.use_graphs and bucket not in self._graphs:
             self._capture(bucket, logits, greedy, positions)

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..device_sampling import RowSampling, on_device, sample_rows
+from ..device_sampling import on_device
 from ..generation import logits_processors
 from ..int8_linear import MATMUL_MID_ROWS, WIDEN_MIN_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
@@ -80,7 +80,7 @@ class _Row:
     generator: Optional[torch.Generator] = None
     procs: object = None
     penalty: bool = False
-    device_seed: Optional[int] = None  # sampled on the device (device_sampling.sample_rows) with this seed
+    device_seed: Optional[int] = None  # sampled on the device (batch_sampler.BatchSampler) with this seed
 
 
 @dataclass
@@ -386,14 +386,14 @@ class BatchFastDecoder:
     def _pick(self, rows: list[_Row], logits: torch.Tensor, picks: torch.Tensor, index: list[int], drawn: bool) -> list[RowToken]:
         """Each row's next token, read back in one transfer: greedy rows from ``picks`` (the argmax of every logits
         row), sampled rows without a repetition penalty from ``picks`` too when ``drawn`` (the step's sampler graph
-        drew them), else drawn together here (``device_sampling.sample_rows``), the others through their own
-        processors and generator on the host. Row i's logits are ``logits[index[i]]``."""
+        drew them), else drawn together here (``BatchSampler.draw``), the others through their own processors and
+        generator on the host. Row i's logits are ``logits[index[i]]``."""
         sampled = [(row, i) for row, i in zip(rows, index) if row.device_seed is not None]
         if sampled and not drawn:
             where = torch.tensor([i for _, i in sampled], device=self.device)
-            settings = RowSampling([r.request.params for r, _ in sampled], [r.device_seed for r, _ in sampled],
-                                   [len(r.tokens) - 1 for r, _ in sampled], logits.shape[-1], self.device)
-            picks = picks.index_put((where,), sample_rows(logits.index_select(0, where).float(), settings))
+            tokens = self.sampler.draw(logits.index_select(0, where), [r.slot for r, _ in sampled],
+                                       [len(r.tokens) - 1 for r, _ in sampled])
+            picks = picks.index_put((where,), tokens)
         on_host = lambda row: row.device_seed is None and not (row.request.params.greedy and not row.penalty)  # noqa: E731
         tokens = picks.tolist() if any(not on_host(row) for row in rows) else None
         return [self._take(row, logits[i:i + 1], None if on_host(row) else tokens[i]) for row, i in zip(rows, index)]

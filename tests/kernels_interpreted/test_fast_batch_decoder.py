@@ -83,7 +83,7 @@ def test_more_than_64_rows_as_evaluation_asks_step_together_each_as_alone():
 
 
 def test_sampled_rows_drawn_together_on_the_device_do_not_depend_on_the_batch():
-    """Rows without a repetition penalty are sampled together (device_sampling.sample_rows), each with its own
+    """Rows without a repetition penalty are sampled together (decode.batch_sampler), each with its own
     settings and seed: a seeded row gives the same reply beside greedy, sampled and penalised rows as alone, and
     another seed another reply."""
     model, prefixes = make_model()

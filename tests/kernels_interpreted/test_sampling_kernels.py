@@ -1,6 +1,5 @@
-"""The batched sampler's noise kernel (backend/device_sampling.py) under Triton's interpreter: row r of the rows
-kernel equals the one-row kernel's draws for that row's (seed, position), so a row sampled in a batch draws what
-it would draw alone. Run through tests/test_kernels_batch.py (TRITON_INTERPRET=1 in a subprocess)."""
+"""The sampler's noise kernel (backend/device_sampling.py) under Triton's interpreter: row r of a batch of rows
+draws what that row's (seed, position) draws alone, so a row sampled in a batch draws what it would draw alone. Run through tests/test_kernels_batch.py (TRITON_INTERPRET=1 in a subprocess)."""
 
 from __future__ import annotations
 
