@@ -15,19 +15,15 @@ import torch
 
 from ..device_sampling import draw_rows, row_settings
 from ..service import SamplingParams
+from .staged_copy import StagedCopy
 
 
 class BatchSampler:
     def __init__(self, max_batch: int, vocab_size: int, device: torch.device, use_graphs: bool, pool=None):
         self.vocab_size, self.device, self.use_graphs, self._pool = vocab_size, device, use_graphs, pool
-        cuda = device.type == "cuda"
         # per cache row: floats (temperature, top-p cut), longs (k-th index, seed, samples here: 1)
-        self._host_f = torch.ones(2, max_batch, dtype=torch.float32)
-        self._host_l = torch.zeros(3, max_batch, dtype=torch.long)
-        self._staged_f = self._host_f.pin_memory() if cuda else self._host_f.clone()
-        self._staged_l = self._host_l.pin_memory() if cuda else self._host_l.clone()
-        self._dev_f, self._dev_l = self._host_f.to(device), self._host_l.to(device)
-        self._uploaded = torch.cuda.Event() if cuda else None  # the last upload's transfers are done
+        self._floats = StagedCopy(torch.ones(2, max_batch, dtype=torch.float32), device)
+        self._longs = StagedCopy(torch.zeros(3, max_batch, dtype=torch.long), device)
         self._dirty = False
         self._graphs: dict = {}
         self._out: dict = {}  # bucket -> the tokens its graph writes
@@ -35,28 +31,21 @@ class BatchSampler:
     def set_row(self, slot: int, params: Optional[SamplingParams], seed: int = 0) -> None:
         """Cache row ``slot`` samples with ``params`` (None: it does not sample here) from now on."""
         if params is None:
-            if self._host_l[2, slot]:
-                self._host_l[2, slot] = 0
+            if self._longs.host[2, slot]:
+                self._longs.host[2, slot] = 0
                 self._dirty = True
             return
         floats, longs = row_settings([params], self.vocab_size)
-        self._host_f[:, slot] = torch.tensor(floats)
-        self._host_l[:, slot] = torch.tensor(longs + [seed, 1])
+        self._floats.host[:, slot] = torch.tensor(floats)
+        self._longs.host[:, slot] = torch.tensor(longs + [seed, 1])
         self._dirty = True
 
     def upload(self) -> None:
         """Send changed settings to the device, ahead of the next step (before its graph is launched)."""
         if not self._dirty:
             return
-        if self._uploaded is not None:
-            self._uploaded.synchronize()  # the staged buffers may still be on their way from the last upload
-        self._staged_f.copy_(self._host_f)
-        self._staged_l.copy_(self._host_l)
-        cuda = self._uploaded is not None
-        self._dev_f.copy_(self._staged_f, non_blocking=cuda)
-        self._dev_l.copy_(self._staged_l, non_blocking=cuda)
-        if cuda:
-            self._uploaded.record()
+        self._floats.send()
+        self._longs.send()
         self._dirty = False
 
     def tokens(self, bucket: int, logits: torch.Tensor, greedy: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -75,7 +64,7 @@ class BatchSampler:
         cache rows ``slots``, outside any graph."""
         self.upload()
         where, pos = torch.tensor([slots, positions], device=self.device)
-        f, l = self._dev_f.index_select(1, where), self._dev_l.index_select(1, where)
+        f, l = self._floats.device.index_select(1, where), self._longs.device.index_select(1, where)
         return draw_rows(logits.float(), f[0], l[0], f[1], l[1], pos)
 
     def capture(self, bucket: int, logits: torch.Tensor, greedy: torch.Tensor, positions: torch.Tensor) -> None:
@@ -83,20 +72,14 @@ class BatchSampler:
             self._capture(bucket, logits, greedy, positions)
 
     def _math(self, bucket, logits, greedy, positions) -> torch.Tensor:
-        f, l = self._dev_f[:, :bucket], self._dev_l[:, :bucket]
+        f, l = self._floats.device[:, :bucket], self._longs.device[:, :bucket]
         drawn = draw_rows(logits.float(), f[0], l[0], f[1], l[1], positions[:bucket].clamp(min=0))
         return torch.where(l[2] > 0, drawn, greedy)
 
     def _capture(self, bucket, logits, greedy, positions):
-        from ..cuda_streams import warmup_stream
+        from ..cuda_streams import warm_and_capture
 
-        stream = warmup_stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._math(bucket, logits, greedy, positions)  # first use of each kernel outside the capture
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-            self._out[bucket] = self._math(bucket, logits, greedy, positions)
+        graph, self._out[bucket] = warm_and_capture(lambda: self._math(bucket, logits, greedy, positions), self.device,
+                                                    self._pool)
         self._graphs[bucket] = graph
         return graph

@@ -40,6 +40,7 @@ from ..modeling import apply_rotary, decoding_attention, rope_settings, rotary_c
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
+from .staged_copy import StagedCopy
 from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
 from ..gpu_memory import free_bytes
@@ -127,16 +128,13 @@ class BatchFastDecoder:
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         # step inputs, read by every graph: the token, position (-1 idle) and prefix length of each row,
-        # set on the host and copied over in one transfer a step
+        # set on the host and copied over in one transfer a step (a row dropped meanwhile changes the host side)
         cuda = self.device.type == "cuda"
-        self._host_in = torch.zeros(3, self.max_batch, dtype=torch.long)
-        self._host_in[1] = -1
-        # what a queued step reads, copied from _host_in when it is queued: _host_in may change (a row dropped)
-        # while the transfer is still on its way
-        self._staged_in = self._host_in.pin_memory() if cuda else self._host_in.clone()
-        self._staged_sent = torch.cuda.Event() if cuda else None  # the last transfer from _staged_in is done
-        self._step_in = self._host_in.to(self.device)
-        self.tokens, self.positions, self.prefix_lens = self._step_in[0], self._step_in[1], self._step_in[2]
+        host_in = torch.zeros(3, self.max_batch, dtype=torch.long)
+        host_in[1] = -1
+        self._step_in = StagedCopy(host_in, self.device)
+        self._host_in = self._step_in.host
+        self.tokens, self.positions, self.prefix_lens = self._step_in.device
         self._slot_adapter: list = [object()] * self.max_batch  # whose prefix each cache row holds
         self._rows: dict[int, _Row] = {}  # running rows by id
         self._pending: list[_Row] = []
@@ -193,10 +191,10 @@ class BatchFastDecoder:
 
     def _warm_replies(self) -> None:
         """Three short replies to 65-token prompts in three rows (greedy, sampled on the device, sampled with a
-        repetition penalty on the host), then a next turn of the first that feeds its parked row one token: the first of each kind of kernel a chat, a compare and the
-        sampler use loads or compiles now, not in a user's first reply (on the H200 first replies took 0.5-0.9 s
-        longer than the next ones, 87 ms to the first token with this warm-up: bench/NOTES.md, runs 8 and 9).
-        Nothing of it is kept."""
+        repetition penalty on the host), then a next turn of the first that feeds its parked row one token: the
+        first of each kind of kernel a chat, a compare and the samplers use loads or compiles now, not in a user's
+        first reply (on the H200 first replies took 0.5-0.9 s longer than the next ones, 87 ms to the first token
+        with this warm-up: bench/NOTES.md, runs 8 and 9). Nothing of it is kept."""
         if self.rows:  # (made for a decoder that runs nothing yet: the rows it uses are overwritten)
             return
         prompt = list(range(10, 11 + QUANT_MAX_M))
@@ -357,12 +355,7 @@ class BatchFastDecoder:
         slots = [r.slot for r in rows]
         self._host_in[:, slots] = torch.tensor([[r.tokens[-1] for r in rows], [len(r.tokens) - 1 for r in rows],
                                                 [r.prefix_len for r in rows]])
-        if self._staged_sent is not None:
-            self._staged_sent.synchronize()  # (done by now unless the last step's rows were all dropped)
-        self._staged_in.copy_(self._host_in)
-        self._step_in.copy_(self._staged_in, non_blocking=True)
-        if self._staged_sent is not None:
-            self._staged_sent.record()
+        self._step_in.send()
         top = max(slots) + 1
         bucket = min(next((b for b in BUCKETS if b >= top), MAX_ROWS), self.max_batch)
         self.sampler.upload()
@@ -413,17 +406,11 @@ class BatchFastDecoder:
         return self._graph_out[bucket]
 
     def _capture(self, bucket: int):
-        from ..cuda_streams import warmup_stream
+        from ..cuda_streams import warm_and_capture
 
-        # the warm-up step writes the same keys/values the replay will; capture runs nothing
-        stream = warmup_stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._step_math(bucket)  # tunes the kernels' configs for this bucket outside capture
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-            self._graph_out[bucket] = self._step_math(bucket)
+        # the warm-up step (which tunes the kernels' configs for this bucket) writes the same keys/values the replay
+        # will; the capture runs nothing
+        graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
         self._graphs[bucket] = graph
         return graph
 
