@@ -187,8 +187,14 @@ class RichProgress:
         if event.eta_s is not None:
             update["eta"] = format_duration(event.eta_s)
         self.progress.update(self.task, **update)
-        if event.event in ("log", "eval", "save") or (event.event == "start" and event.micro_batch_size):
+        if is_logged(event):
             self.progress.console.print(format_event(event), highlight=False, markup=False)
+
+
+def is_logged(event: TrainProgress) -> bool:
+    """Whether ``event`` gets a log line (``format_event``): a log, eval or save, and a start that says how the
+    steps go through the model."""
+    return event.event in ("log", "eval", "save") or (event.event == "start" and bool(event.micro_batch_size))
 
 
 def plain_printer(stream=None) -> Callable[[TrainProgress], None]:
@@ -196,7 +202,7 @@ def plain_printer(stream=None) -> Callable[[TrainProgress], None]:
     stream = stream or sys.stderr
 
     def show(event: TrainProgress) -> None:
-        if event.event in ("log", "eval", "save") or (event.event == "start" and event.micro_batch_size):
+        if is_logged(event):
             print(format_event(event), file=stream, flush=True)
 
     return show
