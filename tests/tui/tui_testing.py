@@ -43,7 +43,9 @@ async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 5.
 
 
 def ready(app: GLMChatApp) -> bool:
-    return app.backend is not None and not app.chat.prompt.disabled and app.screen is app.chat
+    # focus() lands on a later message, so an open prompt is not yet a prompt the keys reach
+    return (app.backend is not None and not app.chat.prompt.disabled and app.screen is app.chat
+            and app.focused is app.chat.prompt)
 
 
 @asynccontextmanager
