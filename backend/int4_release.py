@@ -4,8 +4,11 @@ Its ``config.json`` says ``quantization_bit: 4``; every linear of the transforme
 ``weight`` int8 [out, in/2] holding two signed 4-bit values a byte (``q[2j] << 4 | q[2j+1] & 0xF``: the
 even column in the high nibble), ``weight_scale`` fp16 [out] (the row's max |w| / 7, q = round(w / scale))
 and its bias, as the release's ``quantization.py`` writes them. :class:`Int4Linear` keeps them packed
-and multiplies through a dequantized copy made per call (the torch path: CPU, eager decoding, and the
-P-Tuning backward, which needs only the input's gradient).
+and multiplies through the weight widened a block at a time (the torch path: CPU, eager decoding, long
+prompts and P-Tuning). Its backward computes only the input's gradient (the base is frozen) and widens
+the weight again, so autograd keeps no widened copy: saving each linear's fp16 weight for the backward,
+as ``F.linear`` on a dequantized copy does, holds ~11 GB for the 6B model, and a 6 GiB card could not
+train on the release at all.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .int8_linear import widen_block
 
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # per layer, as the release
 
@@ -34,6 +39,59 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((high, low), dim=-1).flatten(-2).to(torch.int8)
 
 
+def widen_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [n, k/2] packed (rows, or an even run of columns, of a weight) -> q * scale as [n, k] in ``dtype``,
+    the product in float32 and rounded once (as the kernels and ``QuantizedWeight.dequantize`` do). The nibbles
+    are split as int8, so no wider integer copy of the block is made."""
+    n, half = packed.shape
+    out = torch.empty(n, half, 2, device=packed.device, dtype=dtype)
+    s = scale.float()[:, None]
+    torch.mul(packed >> 4, s, out=out[..., 0])  # arithmetic shift: the high nibble keeps its sign
+    torch.mul(((packed & 0xF) ^ 8) - 8, s, out=out[..., 1])  # the low nibble, sign-extended
+    return out.view(n, 2 * half)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """x [..., K] @ W.T + bias, W widened from ``packed`` a block of output rows at a time (one ``F.linear`` a
+    block; at most ``int8_linear.WIDEN_CHUNK_BYTES`` of widened weight alive at once)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    rows = widen_block(N, K, x.element_size())
+    if rows == N:
+        return F.linear(x, widen_int4(packed, scale, x.dtype), bias)
+    out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
+    for n0 in range(0, N, rows):
+        n = slice(n0, n0 + rows)
+        out[..., n] = F.linear(x, widen_int4(packed[n], scale[n], x.dtype), None if bias is None else bias[n])
+    return out
+
+
+def packed_grad_input(grad_out: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """dx [..., K] = grad_out [..., N] @ W, W widened a block of input columns at a time (each column of dx
+    summed whole in one matmul)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    cols = widen_block(K, N, grad_out.element_size())  # a multiple of 128 or all K: a whole number of bytes
+    if cols == K:
+        return grad_out @ widen_int4(packed, scale, grad_out.dtype)
+    out = torch.empty(*grad_out.shape[:-1], K, device=grad_out.device, dtype=grad_out.dtype)
+    for k0 in range(0, K, cols):
+        out[..., k0:k0 + cols] = grad_out @ widen_int4(packed[:, k0 // 2:(k0 + cols) // 2], scale, grad_out.dtype)
+    return out
+
+
+class _PackedInt4Linear(torch.autograd.Function):
+    """Saves the packed weight (the module's own buffer, no copy) and returns no gradient for it."""
+
+    @staticmethod
+    def forward(ctx, x, packed, scale, bias):
+        ctx.save_for_backward(packed, scale)
+        return packed_linear(x, packed, scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, scale = ctx.saved_tensors
+        return packed_grad_input(grad_out, packed, scale), None, None, None
+
+
 class Int4Linear(nn.Module):
     """A linear whose weight stays packed 4-bit (the release's layout); frozen."""
 
@@ -46,11 +104,11 @@ class Int4Linear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[out, in] in ``dtype``."""
-        return unpack_int4(self.weight).to(dtype) * self.weight_scale.to(dtype)[:, None]
+        return widen_int4(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+        return _PackedInt4Linear.apply(x, self.weight, self.weight_scale, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=4 (packed)"

@@ -565,7 +565,7 @@ WIDEN_MIN_ROWS = int(os.environ.get("GLMCHAT_WIDEN_MIN_ROWS", "1024"))
 WIDEN_CHUNK_BYTES = 64 << 20  # the widened slice alive at once (a small card trains beside it)
 
 
-def _chunk(total: int, other: int, itemsize: int) -> int:
+def widen_block(total: int, other: int, itemsize: int) -> int:
     """Rows (or columns) of a widened block: within WIDEN_CHUNK_BYTES, a multiple of 128 unless the whole
     (cuBLAS slows down several times on a block whose size is not a multiple of 8: 2450 rows of fc2 did)."""
     fit = WIDEN_CHUNK_BYTES // max(1, other * itemsize)
@@ -588,7 +588,7 @@ def widened_linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
     """x [M, K] @ (q * scale).T + bias through ``F.linear``, the weight widened to x's dtype a block of output
     rows at a time. The widened weight is rounded once, as bitsandbytes' dequantized weight is."""
     N, K = lw.weight.shape
-    rows = _chunk(N, K, x.element_size())
+    rows = widen_block(N, K, x.element_size())
     if rows == N:
         return F.linear(x, _widen(lw.weight, lw.scale, x.dtype), lw.bias)
     out = torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype)
@@ -603,7 +603,7 @@ def widened_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale: torc
     """dx [M, K] = grad_out [M, N] @ (q * scale) through cuBLAS, the weight widened a block of input columns at
     a time (a block's columns of dx each summed whole, none split over blocks)."""
     N, K = weight.shape
-    cols = _chunk(K, N, grad_out.element_size())
+    cols = widen_block(K, N, grad_out.element_size())
     if cols == K:
         return grad_out @ _widen(weight, scale, grad_out.dtype)
     out = torch.empty(grad_out.shape[0], K, device=grad_out.device, dtype=grad_out.dtype)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from backend.int4_release import QUANTIZED_LINEARS, Int4Linear, pack_int4, unpack_int4
+from backend import int8_linear
+from backend.int4_release import QUANTIZED_LINEARS, Int4Linear, pack_int4, unpack_int4, widen_int4
 from backend.loading import load_model
 from backend.modeling import ChatGLMForConditionalGeneration
 from backend.service import BackendError
@@ -26,6 +27,50 @@ def test_packing_follows_the_release_rule():
     q = torch.round(w / (w.abs().amax(1, keepdim=True) / 7))
     assert torch.equal(unpack_int4(packed).float(), q)
     assert int(unpack_int4(packed).min()) >= -8 and int(unpack_int4(packed).max()) <= 7
+
+
+def test_widening_rows_and_column_runs_follows_the_packing_rule():
+    torch.manual_seed(0)
+    packed, scale = pack_int4(torch.randn(6, 16))
+    want = unpack_int4(packed).float() * scale.float()[:, None]
+    assert torch.equal(widen_int4(packed, scale, torch.float32), want)
+    assert torch.equal(widen_int4(packed[2:5], scale[2:5], torch.float32), want[2:5])
+    assert torch.equal(widen_int4(packed[:, 2:6], scale, torch.float32), want[:, 4:12])
+    assert torch.equal(widen_int4(packed, scale, torch.float16), want.half())  # q * scale is exact, rounded once
+
+
+def packed_layer(n: int, k: int) -> Int4Linear:
+    torch.manual_seed(1)
+    layer = Int4Linear(k, n, bias=True, dtype=torch.float32)
+    layer.weight, layer.weight_scale = pack_int4(torch.randn(n, k))
+    layer.weight_scale = layer.weight_scale.float()
+    layer.bias.data = torch.randn(n)
+    return layer
+
+
+@pytest.mark.parametrize("block_bytes", [None, 128 * 512 * 4], ids=["whole", "blocks of 128"])
+def test_the_packed_linear_keeps_no_widened_weight_for_its_backward(monkeypatch, block_bytes):
+    """P-Tuning backpropagates through every frozen linear: autograd must keep the packed weight, not a widened
+    copy of it (~11 GB over the 6B model's 112 linears in fp16), and the input's gradient must still be dy @ W."""
+    if block_bytes:
+        monkeypatch.setattr(int8_linear, "WIDEN_CHUNK_BYTES", block_bytes)
+    n, k = 512, 512
+    layer = packed_layer(n, k)
+    w = layer.dequantize_weight(torch.float32)
+    x = torch.randn(2, 5, k, requires_grad=True)
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = layer(x)
+    assert not [t for t in saved if t.is_floating_point() and t.numel() >= n * k], "a widened weight was kept"
+    torch.testing.assert_close(y, x @ w.T + layer.bias, atol=1e-4, rtol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, dy @ w, atol=1e-4, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +173,15 @@ def test_chat_and_training_run_on_the_release(int4_dir, tmp_path):
     result = train_prefix(engine.model, engine.tokenizer, request(tmp_path, write_data(tmp_path / "t.json", 4), max_steps=2, save_steps=2, pre_seq_len=4))
     assert result.steps_done == 2 and result.last_checkpoint is not None
     engine.close()
+
+
+def test_a_long_prompt_reads_the_packed_weight_a_block_at_a_time(monkeypatch):
+    """The batched decoder's linear beyond QUANT_MAX_M rows (a prompt) widens the int4 weight in blocks, not
+    the whole of it with float32 copies on the way (~1 GB for fc1 of the 6B model)."""
+    from backend.decode.batch_linear import QUANT_MAX_M, BatchLinear
+
+    monkeypatch.setattr(int8_linear, "WIDEN_CHUNK_BYTES", 128 * 512 * 4)
+    layer = packed_layer(512, 512)
+    x = torch.randn(QUANT_MAX_M + 3, 512)
+    got = BatchLinear(layer, torch.float32, "fc2")(x)
+    torch.testing.assert_close(got, x @ layer.dequantize_weight(torch.float32).T + layer.bias, atol=1e-4, rtol=1e-5)

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..int4_release import packed_linear
 from ..int8_linear import LinearWeights
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, quant_linear, quantized_weight
@@ -80,7 +81,7 @@ class BatchLinear:
 
     def _wide(self, x: torch.Tensor, split_k: bool = True) -> torch.Tensor:
         """x @ W.T + b for many rows: tensor cores on the weight (int8 widened in registers, or a block at a time for
-        cuBLAS from WIDEN_MIN_ROWS; NF4 and int4 one whole linear at a time)."""
+        cuBLAS from WIDEN_MIN_ROWS; int4 a block at a time; NF4 one whole linear at a time, by bitsandbytes)."""
         if self.q is None:
             return F.linear(x, self.w, self.bias)
         if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers (or blocks for cuBLAS from 1024 rows)
@@ -91,7 +92,8 @@ class BatchLinear:
             import bitsandbytes.functional as bnbf
 
             w = bnbf.dequantize_4bit(self.module.weight.data, self.module.weight.quant_state).to(x.dtype)
-        else:
-            w = self.q.dequantize(x.dtype)
-        return F.linear(x, w, self.bias)
+            return F.linear(x, w, self.bias)
+        if self.q.fmt == "int4":
+            return packed_linear(x, self.q.data, self.q.scale, self.bias)
+        return F.linear(x, self.q.dequantize(x.dtype), self.bias)
 
