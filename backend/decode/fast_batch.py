@@ -12,9 +12,11 @@ and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widene
 - Step: embedding, then per layer QKV (norm folded), rotary + cache write, split attention over
   each row's slots, dense + residual, up-projection + SwiGLU (norm folded), down + residual; the
   final norm and output linear give [rows, V] logits. Idle rows (position -1) write nothing.
-- Prompt (prefill): the rows that joined since the last step, right-padded into one batch, the
-  same math in torch (SDPA over each row's prefix + earlier slots; linears through quant_linear up
-  to 64 tokens, else the weight widened one linear at a time for a tensor-core matmul).
+- Prompt (prefill): the rows that joined since the last step, right-padded into one batch: the
+  step's rotary + cache-write kernel (one launch a layer for every token's row and slot), SDPA over
+  each row's prefix + earlier slots, linears through quant_linear up to 64 tokens, else the int8
+  matmul tiles or the weight widened a block at a time for a tensor-core matmul. A short prompt's
+  time is mostly host-side launches, so each op a layer counts.
   It is written here rather than through ``modeling.py``'s modules because a bitsandbytes 8-bit
   model's modules run LLM.int8's outlier decomposition (10x slower), not the weight-only rows.
 - A finished row stays parked with its cache for a later request of the same adapter whose
@@ -36,7 +38,7 @@ from ..device_sampling import on_device
 from ..generation import logits_processors
 from ..int8_linear import MATMUL_MID_ROWS, WIDEN_MIN_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
-from ..modeling import apply_rotary, decoding_attention, rope_settings, rotary_cos_sin
+from ..modeling import decoding_attention, rope_settings
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
@@ -441,50 +443,53 @@ class BatchFastDecoder:
         new = [row.tokens[row.cached:] for row in rows]
         T = max(len(n) for n in new)
         width = max(row.prefix_len + len(row.tokens) for row in rows)  # slots any row attends to
-        where = self._prefill_indices(rows, new, T)
-        ids, pos, first_slot, token_at, write_rows, write_slots, last = where
+        ids, token_pos, token_prefix, token_rows, first_slot, last, slot_rows = self._prefill_indices(rows, new, T)
         dev = self.device
         # query t of row b sees slots [0, P_b + start_b + t]
         mask = torch.arange(width, device=dev)[None, None, :] <= first_slot[:, None, None] + torch.arange(T, device=dev)[None, :, None]
-        slot_rows = write_rows[last]  # [B]: each row's cache row
-        cos, sin = rotary_cos_sin(pos, self.rotary_dim, self.dtype, self.rope)
-
-        x = self.embedding[ids].reshape(B * T, -1)
+        x = self.embedding[ids]
         H, G, D = self.heads, self.groups, self.head_dim
         with decoding_attention():
             for i, lw in enumerate(self.layers):
-                qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps, split_k=False).view(B, T, H + 2 * G, D)
-                qk = apply_rotary(qkv[:, :, :H + G], cos, sin)  # queries and keys in one pass (a prompt is host-bound)
-                q, k = qk[:, :, :H], qk[:, :, H:].reshape(B * T, G, D)
-                v = qkv[:, :, H + G:].reshape(B * T, G, D)
-                self.k_cache[i][write_rows, :, write_slots] = k.index_select(0, token_at)
-                self.v_cache[i][write_rows, :, write_slots] = v.index_select(0, token_at)
-                # each query head's group of keys and values spelled out: with a mask, SDPA's memory-efficient
-                # kernel takes no grouped keys (enable_gqa), and its math fallback writes every score to memory
-                keys = self.k_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
-                values = self.v_cache[i, :, :, :width].index_select(0, slot_rows).repeat_interleave(H // G, dim=1)
-                attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])  # [B, H, T, D]
+                qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps, split_k=False)
+                # rotary on queries and keys, keys and values into each token's cache row and slot: the decode
+                # step's kernel, one launch a layer (a prompt's time is mostly its launches)
+                q = rope_cache_write(qkv, self.k_cache[i], self.v_cache[i], token_pos, token_prefix,
+                                     num_heads=H, num_groups=G, inv_freq=self.inv_freq, cache_rows=token_rows,
+                                     position_divisor=self.rope.position_divisor, angle_dtype=self.angle_dtype)
+                keys, values = self._prompt_keys(i, rows, slot_rows, width)
+                attn = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), keys, values,
+                                                      attn_mask=mask[:, None])  # [B, H, T, D]
                 x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x, split_k=False)
                 x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=False)
-        return self.output(x.index_select(0, token_at[last]), norm=self.final_ln, eps=self.eps)
+        return self.output(x.index_select(0, last), norm=self.final_ln, eps=self.eps)
+
+    def _prompt_keys(self, layer: int, rows: list[_Row], slot_rows: torch.Tensor, width: int) -> tuple:
+        """Each prompt row's first ``width`` slots of keys and values (``slot_rows``: the rows' cache rows on the
+        device), each query head's group spelled out [B, H, width, D]: with a mask, SDPA's memory-efficient kernel
+        takes no grouped keys (enable_gqa), and its math fallback writes every score to memory."""
+        if len(rows) == 1:  # a view of the row's slots, no gather
+            slot = rows[0].slot
+            keys, values = self.k_cache[layer, slot:slot + 1, :, :width], self.v_cache[layer, slot:slot + 1, :, :width]
+        else:
+            keys = self.k_cache[layer, :, :, :width].index_select(0, slot_rows)
+            values = self.v_cache[layer, :, :, :width].index_select(0, slot_rows)
+        per_group = self.heads // self.groups
+        return keys.repeat_interleave(per_group, dim=1), values.repeat_interleave(per_group, dim=1)
 
     def _prefill_indices(self, rows: list[_Row], new: list[list[int]], T: int) -> tuple:
         """Where a prefill's tokens come from and go, made on the host and sent in one copy (indexing with masks
-        on the device would wait for the GPU once a layer): ids and positions [B, T] (padding: id 0, position
-        past the row's end), each row's first new slot [B], the flat index of each real token in [B * T], its
-        cache row and slot, and the index (among the real tokens) of each row's last one [B]."""
-        ids, pos, first_slot, token_at, write_rows, write_slots, last = [], [], [], [], [], [], []
+        on the device would wait for the GPU once a layer): the ids [B * T] (padding: id 0); each token's
+        position (padding: -1, written nowhere), its row's prefix length and cache row [B * T]; each row's first
+        new slot [B]; the flat index of each row's last real token [B]; each row's cache row [B]."""
+        ids, pos, prefix, cache_rows, first_slot, last = [], [], [], [], [], []
         for b, (row, n) in enumerate(zip(rows, new)):
             ids += n + [0] * (T - len(n))
-            pos += range(row.cached, row.cached + T)
+            pos += list(range(row.cached, row.cached + len(n))) + [-1] * (T - len(n))
+            prefix += [row.prefix_len] * T
+            cache_rows += [row.slot] * T
             first_slot.append(row.prefix_len + row.cached)
-            token_at += range(b * T, b * T + len(n))
-            write_rows += [row.slot] * len(n)
-            write_slots += range(row.prefix_len + row.cached, row.prefix_len + row.cached + len(n))
-            last.append(len(token_at) - 1)
-        flat = torch.tensor(ids + pos + first_slot + token_at + write_rows + write_slots + last, dtype=torch.long)
+            last.append(b * T + len(n) - 1)
+        flat = torch.tensor(ids + pos + prefix + cache_rows + first_slot + last + [r.slot for r in rows], dtype=torch.long)
         flat = flat.pin_memory() if self.device.type == "cuda" else flat
-        parts = flat.to(self.device, non_blocking=True).split([len(ids), len(pos), len(rows), len(token_at),
-                                                               len(token_at), len(token_at), len(rows)])
-        B = len(rows)
-        return parts[0].view(B, T), parts[1].view(B, T), *parts[2:]
+        return flat.to(self.device, non_blocking=True).split([len(ids)] * 4 + [len(rows)] * 3)

@@ -49,13 +49,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_cache_batch_kernel(
-        qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, divisor,
+        qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, divisor, cache_row_ptr,
         stride_qkv, stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, H, G,
         HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr = 0,
+        CACHE_ROWS: tl.constexpr = False,
     ):
         # program (row b, head hd of q | k | v): rotary on q and k heads, q out, k and v to the row's slot;
         # ROUND 1 (fp16) / 2 (bf16): the position, its quotient, the angle and cos/sin rounded to that dtype
-        # as ChatGLM2's original builds its rotary cache in the model dtype
+        # as ChatGLM2's original builds its rotary cache in the model dtype; CACHE_ROWS: row b writes to cache
+        # row cache_row_ptr[b] (a prompt's tokens, several to one cache row), else to cache row b (a decode step)
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -64,6 +66,7 @@ if HAVE_TRITON:
         pos = tl.load(pos_ptr + b).to(tl.int64)
         active = pos >= 0
         slot = tl.load(prefix_ptr + b).to(tl.int64) + pos
+        cache_row = tl.load(cache_row_ptr + b).to(tl.int64) if CACHE_ROWS else b
         i = tl.arange(0, HEAD_DIM // 2)
         src = qkv_ptr + b * stride_qkv + hd * HEAD_DIM + 2 * i
         x0 = tl.load(src).to(tl.float32)
@@ -90,7 +93,7 @@ if HAVE_TRITON:
             tl.store(dst + 1, y1.to(dst.dtype.element_ty))
         else:
             g = tl.where(hd < H + G, hd - H, hd - H - G).to(tl.int64)
-            off = b * stride_kr + g * stride_kg + tl.maximum(slot, 0) * stride_kt + 2 * i
+            off = cache_row * stride_kr + g * stride_kg + tl.maximum(slot, 0) * stride_kt + 2 * i
             m = i < tl.where(active, HEAD_DIM // 2, 0)  # an idle row writes nothing: its slots may be being refilled
             if hd < H + G:
                 tl.store(k_ptr + off, y0.to(k_ptr.dtype.element_ty), mask=m)
@@ -204,6 +207,7 @@ def rope_cache_write(
     q_out: Optional[torch.Tensor] = None,
     angle_dtype: Optional[torch.dtype] = None,
     pdl: bool = False,
+    cache_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Rotary on row b's q and k at position positions[b], k and v into slot prefix_lens[b] + positions[b].
 
@@ -211,19 +215,23 @@ def rope_cache_write(
     prefix_lens int [B] on the device (positions[b] < 0: row b idle, its cache untouched); inv_freq float32
     [rotary_dim / 2] (``rotary_inv_freq``); position_divisor: the config's rope_ratio; angle_dtype fp16/bf16:
     round as ChatGLM2's original rotary cache does in that model dtype (pass inv_freq computed in it too),
-    None: float32 throughout (ChatGLM3); pdl: programmatic dependent launch (Hopper). Returns q [B, H, D]."""
+    None: float32 throughout (ChatGLM3); pdl: programmatic dependent launch (Hopper); cache_rows int [B]: the
+    cache row each row of qkv writes to (a prompt: one qkv row a token, any number of cache rows), None: row b
+    writes to cache row b. Returns q [B, H, D]."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     H, G = num_heads, num_groups
-    if qkv.shape[1] != (H + 2 * G) * D or k_cache.shape[0] != B or k_cache.stride(-1) != 1:
+    rows_match = k_cache.shape[0] == B if cache_rows is None else cache_rows.shape == (B,)
+    if qkv.shape[1] != (H + 2 * G) * D or not rows_match or k_cache.stride(-1) != 1:
         raise ValueError(f"qkv {tuple(qkv.shape)} does not match a cache of {tuple(k_cache.shape)} with {H} heads")
     if q_out is None:
         q_out = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
     _rope_cache_batch_kernel[(B, H + 2 * G)](
         qkv, q_out, k_cache, v_cache, positions, prefix_lens, inv_freq, float(position_divisor),
+        positions if cache_rows is None else cache_rows,
         qkv.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         H, G, HEAD_DIM=D, ROT_PAIRS=inv_freq.numel(), PDL=pdl, ROUND={torch.float16: 1, torch.bfloat16: 2}.get(angle_dtype, 0),
-        num_warps=1, **_pdl_launch(pdl),
+        CACHE_ROWS=cache_rows is not None, num_warps=1, **_pdl_launch(pdl),
     )
     return q_out
 

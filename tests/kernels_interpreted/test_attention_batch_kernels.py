@@ -61,6 +61,31 @@ def test_rope_cache_write_matches_the_model_rotary_at_each_rows_position(divisor
         assert torch.equal(kc[b][:, others], kc0[b][:, others]) and torch.equal(vc[b][:, others], vc0[b][:, others])
 
 
+def test_rope_cache_write_sends_each_tokens_keys_to_its_cache_row():
+    """A prompt: one qkv row a token, several tokens to one cache row (``cache_rows``); padding (position -1)
+    writes nothing; each token's q and cache entries equal the step's for the same position."""
+    token_rows, token_pos, token_prefix = [2, 2, 2, 0, 0, 2], [4, 5, 6, 0, 1, -1], [3, 3, 3, 0, 0, 3]
+    n = len(token_rows)
+    qkv = torch.randn(n, (H + 2 * G) * D)
+    kc, vc = torch.randn(3, G, SLOTS, D), torch.randn(3, G, SLOTS, D)
+    kc0, vc0 = kc.clone(), vc.clone()
+    inv = A.rotary_inv_freq(D // 2, "cpu")
+    q = A.rope_cache_write(qkv, kc, vc, torch.tensor(token_pos), torch.tensor(token_prefix), num_heads=H, num_groups=G,
+                           inv_freq=inv, cache_rows=torch.tensor(token_rows))
+    written = set()
+    for t, (r, p, P) in enumerate(zip(token_rows, token_pos, token_prefix)):
+        if p < 0:
+            continue
+        one_k, one_v = torch.zeros(1, G, SLOTS, D), torch.zeros(1, G, SLOTS, D)
+        q_one = A.rope_cache_write(qkv[t:t + 1], one_k, one_v, torch.tensor([p]), torch.tensor([P]), num_heads=H,
+                                   num_groups=G, inv_freq=inv)
+        assert torch.equal(q[t], q_one[0])
+        assert torch.equal(kc[r, :, P + p], one_k[0, :, P + p]) and torch.equal(vc[r, :, P + p], one_v[0, :, P + p])
+        written.add((r, P + p))
+    untouched = [(r, s) for r in range(3) for s in range(SLOTS) if (r, s) not in written]
+    assert all(torch.equal(kc[r, :, s], kc0[r, :, s]) and torch.equal(vc[r, :, s], vc0[r, :, s]) for r, s in untouched)
+
+
 def reference_attention(q, kc, vc, b, length):
     k = kc[b, :, :length].float().repeat_interleave(H // G, 0)  # [H, L, D]
     v = vc[b, :, :length].float().repeat_interleave(H // G, 0)
