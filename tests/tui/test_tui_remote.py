@@ -134,6 +134,28 @@ def test_a_stop_mid_stream_closes_it_and_the_server_cancels_the_row(server, tiny
     remote.close()
 
 
+async def test_the_training_screen_says_a_run_starts_on_the_server(server):
+    """Against a server the model is not in this process: the New run tab says where training runs, and neither
+    its button nor f7 starts a run here."""
+    from test_tui_help_and_keys import footer_keys
+    from textual.widgets import Button
+
+    from tui.screens.training import TrainingScreen
+
+    app = remote_app(server.url)
+    async with running(app) as pilot:
+        await pilot.press("f6")
+        await wait_until(pilot, lambda: isinstance(app.screen, TrainingScreen), what="the training screen")
+        await pilot.pause()
+        where = str(app.screen.query_one("#train-where").render())
+        assert server.url in where and "glmchat-train" in where
+        assert app.screen.query_one("#start-run", Button).disabled
+        assert "Start run" not in footer_keys(app)
+        await pilot.press("f7")
+        await pilot.pause()
+        assert app.screen.mode is None and app.screen.monitor is not None
+
+
 async def test_the_picker_registers_a_checkpoint_on_the_server(server, tiny):
     from tui.screens.adapters import AdapterPicker
 

@@ -69,18 +69,19 @@ class TrainingScreen(Screen):
         self._cancel: Optional[threading.Event] = None
 
     def compose(self) -> ComposeResult:
+        args = getattr(self.app, "args", None)
+        server = getattr(args, "server", None)  # the model is on a glmchat server: a run must start there
         yield Static(Content.styled("Training · P-Tuning v2", "bold"), id="training-title")
         with TabbedContent(initial="new-run", id="training-tabs"):
             with TabPane("Monitor", id="monitor"):
                 yield TrainMonitor(id="train-monitor")
             with TabPane("New run", id="new-run"):
-                yield Static(Content.styled(
-                    "Trains a prefix on the loaded base model, in this process. Chat stays usable (slower).",
-                    "$text-muted"))
-                yield TrainForm(id="train-form", demo=bool(getattr(getattr(self.app, "args", None), "demo", False)))
+                yield Static(Content.styled(self._where_runs_train(server), "$text-warning" if server else "$text-muted"),
+                             id="train-where")
+                yield TrainForm(id="train-form", demo=bool(getattr(args, "demo", False)))
                 yield Static(id="train-form-error", classes="error")
                 with Horizontal(classes="buttons"):
-                    yield Button("Start training", id="start-run", variant="primary")
+                    yield Button("Start training", id="start-run", variant="primary", disabled=bool(server))
             with TabPane("Follow a run", id="follow"):
                 with Vertical(id="follow-box"):
                     yield Label(f"A run's output dir (it writes {PROGRESS_FILE}), e.g. from glmchat-train:")
@@ -89,6 +90,13 @@ class TrainingScreen(Screen):
                         yield Button("Follow", id="follow-run", variant="primary")
                     yield Static(id="follow-error", classes="error")
         yield Footer(compact=True)
+
+    @staticmethod
+    def _where_runs_train(server: Optional[str]) -> str:
+        if server:
+            return (f"The model runs on the server at {server}, so training runs there: start glmchat-train on that "
+                    "machine, register the checkpoint with the server, and pick it here (f4).")
+        return "Trains a prefix on the loaded base model, in this process. Chat stays usable (slower)."
 
     def on_screen_resume(self) -> None:
         if self.mode is None and self.query_one(TabbedContent).active == "new-run":
@@ -101,6 +109,8 @@ class TrainingScreen(Screen):
     def check_action(self, action: str, parameters: tuple) -> Optional[bool]:
         if action == "stop_training":
             return self.mode is not None
+        if action == "start_training":  # not against a server: its model is not in this process
+            return not getattr(getattr(self.app, "args", None), "server", None)
         return True
 
     def action_close(self) -> None:
