@@ -13,8 +13,10 @@ release's config.json and tokenizer.model from ../shared/reference/chatglm2 when
 already holds them. Random weights rarely emit eos, so every reply runs to ``--max-tokens``.
 
 Per level: aggregate tok/s = completion tokens of all requests / wall time of the level; TTFT = time
-from sending a request to its first content chunk (queueing included); per-stream tok/s = a
-request's tokens after the first / the time after the first.
+from sending a request to its first content chunk (queueing included), also apart for the burst (the
+level's first `concurrency` requests, sent together) and the requests that join running ones (each sent as
+an earlier reply ends), and per request in ``--out``; per-stream tok/s = a request's tokens after the
+first / the time after the first.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, s
                 first = time.perf_counter()
     done = time.perf_counter()
     first = first or done
-    return {"ttft_s": first - sent, "tokens": tokens, "seconds": done - sent,
+    return {"sent_s": sent, "ttft_s": first - sent, "tokens": tokens, "seconds": done - sent,
             "stream_tok_s": (tokens - 1) / (done - first) if tokens > 1 and done > first else 0.0}
 
 
@@ -121,16 +123,24 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int) -> d
         results = await asyncio.gather(*(gated(i) for i in range(requests)))
         wall = time.perf_counter() - start
     ok = [r for r in results if "error" not in r]
-    ttfts = sorted(r["ttft_s"] * 1000 for r in ok)
-
-    def pct(p: float) -> float:
-        return ttfts[min(len(ttfts) - 1, int(round(p / 100 * (len(ttfts) - 1))))] if ttfts else float("nan")
-
+    ttfts = [r["ttft_s"] * 1000 for r in ok]
+    # the first `concurrency` requests go out together (a burst); each later one as an earlier reply ends
+    burst, joining = ttfts[:concurrency], ttfts[concurrency:]
     return {"concurrency": concurrency, "requests": requests, "errors": [r["error"] for r in results if "error" in r],
             "tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 3),
             "aggregate_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1),
-            "ttft_p50_ms": round(pct(50), 1), "ttft_p99_ms": round(pct(99), 1),
-            "stream_tok_s_median": round(statistics.median(r["stream_tok_s"] for r in ok), 1) if ok else 0.0}
+            "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
+            "burst_ttft_p50_ms": percentile(burst, 50), "burst_ttft_max_ms": percentile(burst, 100),
+            "joining_ttft_p50_ms": percentile(joining, 50), "joining_ttft_max_ms": percentile(joining, 100),
+            "stream_tok_s_median": round(statistics.median(r["stream_tok_s"] for r in ok), 1) if ok else 0.0,
+            "per_request": [{"sent_ms": round((r["sent_s"] - start) * 1000, 1), "ttft_ms": round(r["ttft_s"] * 1000, 1),
+                             "tokens": r["tokens"]} for r in ok]}
+
+
+def percentile(values: list, p: float) -> float:
+    """The nearest-rank percentile of ``values`` (nan when there are none)."""
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))], 1) if ordered else float("nan")
 
 
 def parse_args() -> argparse.Namespace:
@@ -167,7 +177,7 @@ def main() -> int:
             # then one or two replies' luck
             row = asyncio.run(level(url, concurrency, max(8, concurrency * args.rounds), args.max_tokens))
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "per_request"}), flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

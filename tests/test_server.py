@@ -337,6 +337,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_requests_on_a_kept_alive_connection_are_not_held_by_nagle(server):
+    """Clients (the openai package, httpx, browsers) reuse a connection. With Nagle's algorithm on the server's
+    sockets each response after the first waited for the client's delayed ACK: /health took 44 ms, not 0.4."""
+    import statistics
+    import time
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            got = b""
+            while not (b"\r\n\r\n" in got and got.endswith(b"}")):
+                got += conn.recv(65536)
+            times.append(time.perf_counter() - start)
+    assert statistics.median(times[1:]) < 0.025, [round(t * 1000, 1) for t in times]  # a delayed ACK is >= 40 ms
+
+
+def test_the_listening_socket_turns_nagle_off_for_its_connections():
+    from backend.server.runner import bind
+
+    with bind("127.0.0.1", 0) as listener, socket.create_connection(listener.getsockname()):
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.proto == socket.IPPROTO_TCP  # what asyncio checks before it sets TCP_NODELAY itself
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def test_serve_refuses_a_taken_port_and_warns_about_an_open_address():
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
