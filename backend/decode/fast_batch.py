@@ -16,7 +16,8 @@ and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widene
   step's rotary + cache-write kernel (one launch a layer for every token's row and slot), SDPA over
   each row's prefix + earlier slots, linears through quant_linear up to 64 tokens, else the int8
   matmul tiles or the weight widened a block at a time for a tensor-core matmul. A short prompt's
-  time is mostly host-side launches, so each op a layer counts.
+  time is mostly host-side launches: one row's prompt of up to 128 tokens replays a CUDA graph
+  (``prompt_graphs``), and each op a layer counts for the rest.
   It is written here rather than through ``modeling.py``'s modules because a bitsandbytes 8-bit
   model's modules run LLM.int8's outlier decomposition (10x slower), not the weight-only rows.
 - A finished row stays parked with its cache for a later request of the same adapter whose
@@ -42,6 +43,7 @@ from ..modeling import decoding_attention, rope_settings
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
+from .prompt_graphs import PromptGraphs
 from .staged_copy import StagedCopy
 from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
@@ -96,7 +98,8 @@ class BatchFastDecoder:
     """The decoder protocol (``backend.decode.protocol.Decoder``) on the fast path, CUDA and Triton."""
 
     def __init__(self, model, prefix_of: Callable, max_batch: Optional[int] = None,
-                 context_length: Optional[int] = None, cache_share: float = 0.6, use_graphs: Optional[bool] = None):
+                 context_length: Optional[int] = None, cache_share: float = 0.6, use_graphs: Optional[bool] = None,
+                 prompt_graphs: Optional[bool] = None):
         cfg = model.config
         tr = model.transformer
         emb = tr.embedding.word_embeddings.weight
@@ -149,6 +152,10 @@ class BatchFastDecoder:
         self.use_graphs = cuda if use_graphs is None else use_graphs
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.sampler = BatchSampler(self.max_batch, cfg.padded_vocab_size, self.device, self.use_graphs, self._pool)
+        # one-row prompts from graphs (prompt_graphs True without CUDA graphs: padded as in them, run eagerly)
+        padded = self.use_graphs if prompt_graphs is None else prompt_graphs
+        self._prompt_graphs = PromptGraphs(self._prompt_math, self.device, self._pool, self.slots,
+                                           capture=self.use_graphs) if padded else None
 
     def _size_cache(self, cfg, context_length, max_batch, share) -> tuple[int, int]:
         """Context per row and rows, from the model's seq_length and the memory free now."""
@@ -438,12 +445,20 @@ class BatchFastDecoder:
     # -- prompts --------------------------------------------------------------------------------
 
     def _prefill(self, rows: list[_Row]) -> torch.Tensor:
-        """The new tokens of each row, right-padded into one batch: last-token logits [len(rows), V]."""
-        B = len(rows)
+        """The new tokens of each row, right-padded into one batch: last-token logits [len(rows), V]. One row of
+        a short prompt replays a graph (``prompt_graphs``)."""
         new = [row.tokens[row.cached:] for row in rows]
+        if self._prompt_graphs is not None and self._prompt_graphs.takes(rows, new):
+            return self._prompt_graphs.logits(rows[0], new[0])
         T = max(len(n) for n in new)
         width = max(row.prefix_len + len(row.tokens) for row in rows)  # slots any row attends to
-        ids, token_pos, token_prefix, token_rows, first_slot, last, slot_rows = self._prefill_indices(rows, new, T)
+        return self._prompt_math(self._prefill_indices(rows, new, T), len(rows), T, width,
+                                 one_slot=rows[0].slot if len(rows) == 1 else None)
+
+    def _prompt_math(self, inputs: tuple, B: int, T: int, width: int, one_slot: Optional[int] = None) -> torch.Tensor:
+        """Last-token logits [B, V] of B prompts of T tokens (``_prefill_indices``' tensors) over ``width`` slots;
+        ``one_slot``: the one row's cache row, known on the host (its keys are then a view, not a gather)."""
+        ids, token_pos, token_prefix, token_rows, first_slot, last, slot_rows = inputs
         dev = self.device
         # query t of row b sees slots [0, P_b + start_b + t]
         mask = torch.arange(width, device=dev)[None, None, :] <= first_slot[:, None, None] + torch.arange(T, device=dev)[None, :, None]
@@ -457,19 +472,19 @@ class BatchFastDecoder:
                 q = rope_cache_write(qkv, self.k_cache[i], self.v_cache[i], token_pos, token_prefix,
                                      num_heads=H, num_groups=G, inv_freq=self.inv_freq, cache_rows=token_rows,
                                      position_divisor=self.rope.position_divisor, angle_dtype=self.angle_dtype)
-                keys, values = self._prompt_keys(i, rows, slot_rows, width)
+                keys, values = self._prompt_keys(i, one_slot, slot_rows, width)
                 attn = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), keys, values,
                                                       attn_mask=mask[:, None])  # [B, H, T, D]
                 x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x, split_k=False)
                 x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=False)
         return self.output(x.index_select(0, last), norm=self.final_ln, eps=self.eps)
 
-    def _prompt_keys(self, layer: int, rows: list[_Row], slot_rows: torch.Tensor, width: int) -> tuple:
+    def _prompt_keys(self, layer: int, one_slot: Optional[int], slot_rows: torch.Tensor, width: int) -> tuple:
         """Each prompt row's first ``width`` slots of keys and values (``slot_rows``: the rows' cache rows on the
         device), each query head's group spelled out [B, H, width, D]: with a mask, SDPA's memory-efficient kernel
         takes no grouped keys (enable_gqa), and its math fallback writes every score to memory."""
-        if len(rows) == 1:  # a view of the row's slots, no gather
-            slot = rows[0].slot
+        if one_slot is not None:  # a view of the row's slots, no gather
+            slot = one_slot
             keys, values = self.k_cache[layer, slot:slot + 1, :, :width], self.v_cache[layer, slot:slot + 1, :, :width]
         else:
             keys = self.k_cache[layer, :, :, :width].index_select(0, slot_rows)

@@ -64,6 +64,32 @@ def test_greedy_rows_equal_the_eager_decoder_with_adapters_and_a_row_joining_lat
     assert alone[0] == fast[1]
 
 
+def test_one_row_prompts_padded_as_in_their_graphs_give_the_eager_tokens(monkeypatch):
+    """A one-row prompt replays a CUDA graph padded to a token bucket and a key window (decode.prompt_graphs); run
+    eagerly with the same padding here: a first turn, an adapter's prompt after its prefix slots, a next turn fed
+    into a parked row and a prompt past the largest bucket give the eager decoder's tokens."""
+    from backend.decode import prompt_graphs
+
+    monkeypatch.setattr(prompt_graphs, "TOKEN_BUCKETS", (4, 8))  # small buckets: the interpreter is slow
+    TOKEN_BUCKETS = prompt_graphs.TOKEN_BUCKETS
+    SHORT = SamplingParams(temperature=0.0, max_new_tokens=3)
+    model, prefixes = make_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False, prompt_graphs=True)
+    padded = []
+    logits = decoder._prompt_graphs.logits
+    decoder._prompt_graphs.logits = lambda row, new: padded.append(len(new)) or logits(row, new)
+    first = DecodeRequest([5, 7, 9, 11, 40, 41, 42], SHORT)
+    requests = [first]
+    fast = [run(decoder, [first])[0]]
+    requests.append(DecodeRequest(first.prompt_ids + fast[0] + [12, 13], SHORT))  # the next turn
+    requests += [DecodeRequest([3, 4], SHORT, adapter="ad"),
+                 DecodeRequest([10 + i % 80 for i in range(TOKEN_BUCKETS[-1] + 5)], SHORT)]
+    fast += [run(decoder, [r])[0] for r in requests[1:]]
+    assert padded == [7, 3, 2]  # the next turn fed 3 tokens into its parked row; the long prompt ran unpadded
+    eager = [run(EagerBatchDecoder(model, prefixes.get, max_batch=1), [r])[0] for r in requests]
+    assert fast == eager
+
+
 def test_more_than_64_rows_as_evaluation_asks_step_together_each_as_alone():
     """Evaluation's decoder holds up to 256 short rows: 70 rows step in the 128 bucket, each equal to the eager
     decoder's row."""
