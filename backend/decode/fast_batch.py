@@ -462,7 +462,7 @@ class BatchFastDecoder:
         dev = self.device
         # query t of row b sees slots [0, P_b + start_b + t]
         mask = torch.arange(width, device=dev)[None, None, :] <= first_slot[:, None, None] + torch.arange(T, device=dev)[None, :, None]
-        x = self.embedding[ids]
+        x = self.embedding.index_select(0, ids)
         H, G, D = self.heads, self.groups, self.head_dim
         with decoding_attention():
             for i, lw in enumerate(self.layers):
@@ -489,8 +489,9 @@ class BatchFastDecoder:
         else:
             keys = self.k_cache[layer, :, :, :width].index_select(0, slot_rows)
             values = self.v_cache[layer, :, :, :width].index_select(0, slot_rows)
-        per_group = self.heads // self.groups
-        return keys.repeat_interleave(per_group, dim=1), values.repeat_interleave(per_group, dim=1)
+        B, G, W, D = keys.shape
+        heads = (B, G, self.heads // G, W, D)  # each group's keys once for each of its query heads, one copy
+        return keys[:, :, None].expand(heads).reshape(B, -1, W, D), values[:, :, None].expand(heads).reshape(B, -1, W, D)
 
     def _prefill_indices(self, rows: list[_Row], new: list[list[int]], T: int) -> tuple:
         """Where a prefill's tokens come from and go, made on the host and sent in one copy (indexing with masks
