@@ -27,6 +27,7 @@ and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widene
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -152,10 +153,12 @@ class BatchFastDecoder:
         self.use_graphs = cuda if use_graphs is None else use_graphs
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.sampler = BatchSampler(self.max_batch, cfg.padded_vocab_size, self.device, self.use_graphs, self._pool)
-        # one-row prompts from graphs (prompt_graphs True without CUDA graphs: padded as in them, run eagerly)
-        padded = self.use_graphs if prompt_graphs is None else prompt_graphs
+        # one-row prompts from graphs (prompt_graphs True without CUDA graphs: padded as in them, run eagerly);
+        # GLMCHAT_PROMPT_GRAPHS=0 turns them off, for an A/B in one benchmark process
+        if prompt_graphs is None:
+            prompt_graphs = self.use_graphs and os.environ.get("GLMCHAT_PROMPT_GRAPHS", "1") != "0"
         self._prompt_graphs = PromptGraphs(self._prompt_math, self.device, self._pool, self.slots,
-                                           capture=self.use_graphs) if padded else None
+                                           capture=self.use_graphs) if prompt_graphs else None
 
     def _size_cache(self, cfg, context_length, max_batch, share) -> tuple[int, int]:
         """Context per row and rows, from the model's seq_length and the memory free now."""
