@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8_linear import widen_block
+from .int8_linear import grad_input_in_blocks, linear_in_blocks
 
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # per layer, as the release
 
@@ -52,30 +52,15 @@ def widen_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
-    """x [..., K] @ W.T + bias, W widened from ``packed`` a block of output rows at a time (one ``F.linear`` a
-    block; at most ``int8_linear.WIDEN_CHUNK_BYTES`` of widened weight alive at once)."""
-    N, K = packed.shape[0], packed.shape[1] * 2
-    rows = widen_block(N, K, x.element_size())
-    if rows == N:
-        return F.linear(x, widen_int4(packed, scale, x.dtype), bias)
-    out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
-    for n0 in range(0, N, rows):
-        n = slice(n0, n0 + rows)
-        out[..., n] = F.linear(x, widen_int4(packed[n], scale[n], x.dtype), None if bias is None else bias[n])
-    return out
+    """x [..., K] @ W.T + bias, W widened from ``packed`` a block of output rows at a time."""
+    return linear_in_blocks(x, packed.shape[0], lambda rows: widen_int4(packed[rows], scale[rows], x.dtype), bias)
 
 
 def packed_grad_input(grad_out: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """dx [..., K] = grad_out [..., N] @ W, W widened a block of input columns at a time (each column of dx
-    summed whole in one matmul)."""
-    N, K = packed.shape[0], packed.shape[1] * 2
-    cols = widen_block(K, N, grad_out.element_size())  # a multiple of 128 or all K: a whole number of bytes
-    if cols == K:
-        return grad_out @ widen_int4(packed, scale, grad_out.dtype)
-    out = torch.empty(*grad_out.shape[:-1], K, device=grad_out.device, dtype=grad_out.dtype)
-    for k0 in range(0, K, cols):
-        out[..., k0:k0 + cols] = grad_out @ widen_int4(packed[:, k0 // 2:(k0 + cols) // 2], scale, grad_out.dtype)
-    return out
+    """dx [..., K] = grad_out [..., N] @ W, W widened a block of input columns at a time (blocks of an even
+    number of columns: whole bytes of ``packed``)."""
+    return grad_input_in_blocks(grad_out, packed.shape[1] * 2,
+                                lambda cols: widen_int4(packed[:, cols.start // 2:cols.stop // 2], scale, grad_out.dtype))
 
 
 class _PackedInt4Linear(torch.autograd.Function):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -584,33 +584,43 @@ def _widen(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return torch.mul(q, scale[:, None], out=out)
 
 
-def widened_linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
-    """x [M, K] @ (q * scale).T + bias through ``F.linear``, the weight widened to x's dtype a block of output
-    rows at a time. The widened weight is rounded once, as bitsandbytes' dequantized weight is."""
-    N, K = lw.weight.shape
-    rows = widen_block(N, K, x.element_size())
-    if rows == N:
-        return F.linear(x, _widen(lw.weight, lw.scale, x.dtype), lw.bias)
-    out = torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype)
-    for n0 in range(0, N, rows):
-        n = slice(n0, n0 + rows)
-        w = _widen(lw.weight[n], lw.scale[n], x.dtype)
-        out[:, n] = F.linear(x, w, None if lw.bias is None else lw.bias[n])
+def linear_in_blocks(x: torch.Tensor, n: int, widen: Callable[[slice], torch.Tensor], bias=None) -> torch.Tensor:
+    """x [..., K] @ W.T + bias through ``F.linear``, W [n, K] given a block of output rows at a time by
+    ``widen(rows)`` (at most WIDEN_CHUNK_BYTES of it alive at once): stored weights, int8 or packed 4-bit, read by
+    cuBLAS without a whole widened copy."""
+    rows = widen_block(n, x.shape[-1], x.element_size())
+    if rows == n:
+        return F.linear(x, widen(slice(0, n)), bias)
+    out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
+    for n0 in range(0, n, rows):
+        block = slice(n0, n0 + rows)
+        out[..., block] = F.linear(x, widen(block), None if bias is None else bias[block])
     return out
+
+
+def grad_input_in_blocks(grad_out: torch.Tensor, k: int, widen_cols: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """dx [..., k] = grad_out [..., N] @ W, W [N, k] given a block of input columns at a time by
+    ``widen_cols(cols)`` (a multiple of 128 columns, or all): each column of dx summed whole in one matmul."""
+    cols = widen_block(k, grad_out.shape[-1], grad_out.element_size())
+    if cols == k:
+        return grad_out @ widen_cols(slice(0, k))
+    out = torch.empty(*grad_out.shape[:-1], k, device=grad_out.device, dtype=grad_out.dtype)
+    for k0 in range(0, k, cols):
+        block = slice(k0, k0 + cols)
+        out[..., block] = grad_out @ widen_cols(block)
+    return out
+
+
+def widened_linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
+    """x [M, K] @ (q * scale).T + bias, the int8 weight widened to x's dtype a block of output rows at a time and
+    rounded once, as bitsandbytes' dequantized weight is."""
+    return linear_in_blocks(x, lw.weight.shape[0], lambda rows: _widen(lw.weight[rows], lw.scale[rows], x.dtype), lw.bias)
 
 
 def widened_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """dx [M, K] = grad_out [M, N] @ (q * scale) through cuBLAS, the weight widened a block of input columns at
-    a time (a block's columns of dx each summed whole, none split over blocks)."""
-    N, K = weight.shape
-    cols = widen_block(K, N, grad_out.element_size())
-    if cols == K:
-        return grad_out @ _widen(weight, scale, grad_out.dtype)
-    out = torch.empty(grad_out.shape[0], K, device=grad_out.device, dtype=grad_out.dtype)
-    for k0 in range(0, K, cols):
-        k = slice(k0, k0 + cols)
-        out[:, k] = grad_out @ _widen(weight[:, k], scale, grad_out.dtype)
-    return out
+    a time."""
+    return grad_input_in_blocks(grad_out, weight.shape[1], lambda cols: _widen(weight[:, cols], scale, grad_out.dtype))
 
 
 def linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:

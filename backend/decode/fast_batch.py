@@ -487,8 +487,8 @@ class BatchFastDecoder:
         device), each query head's group spelled out [B, H, width, D]: with a mask, SDPA's memory-efficient kernel
         takes no grouped keys (enable_gqa), and its math fallback writes every score to memory."""
         if one_slot is not None:  # a view of the row's slots, no gather
-            slot = one_slot
-            keys, values = self.k_cache[layer, slot:slot + 1, :, :width], self.v_cache[layer, slot:slot + 1, :, :width]
+            rows = slice(one_slot, one_slot + 1)
+            keys, values = self.k_cache[layer, rows, :, :width], self.v_cache[layer, rows, :, :width]
         else:
             keys = self.k_cache[layer, :, :, :width].index_select(0, slot_rows)
             values = self.v_cache[layer, :, :, :width].index_select(0, slot_rows)
