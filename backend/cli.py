@@ -88,6 +88,8 @@ def _load_engine(args: Namespace):
         )
     if _large_on_cpu(engine):
         print("glmchat: no GPU found, running on the CPU (slow for a 6B model).", file=sys.stderr)
+    for notice in engine.info.notices:
+        print(f"glmchat: {notice}", file=sys.stderr)
     adapters = engine.adapters()
     if adapters:
         explicit = getattr(args, "adapter", None) or []

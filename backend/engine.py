@@ -55,12 +55,15 @@ class ChatEngine:
         self.registry = AdapterRegistry(self.model.config, loaded.device, loaded.dtype)
         self._active: Optional[str] = None
         self._lock = threading.RLock()  # registry changes; replies never hold it
-        self.decoder = make_batch_decoder(self.model, engine, self.registry.prefix_kv, max_batch=max_batch)
+        with warnings.catch_warnings(record=True) as said:  # the decoder's choices, for every front end to show
+            warnings.simplefilter("always")
+            self.decoder = make_batch_decoder(self.model, engine, self.registry.prefix_kv, max_batch=max_batch)
         self.batcher = Batcher(self.decoder, max_queue=max_queue)
         kind = "eager" if type(self.decoder).__name__ == "EagerBatchDecoder" else "fast"
         self.info = ModelInfo(name or str(loaded.directory), loaded.precision, str(loaded.device), kind,
                               family=loaded.family.family, variant=loaded.family.variant,
-                              context_length=self.decoder.context_length, max_batch=self.decoder.max_batch)
+                              context_length=self.decoder.context_length, max_batch=self.decoder.max_batch,
+                              notices=tuple(dict.fromkeys(str(w.message) for w in said if issubclass(w.category, UserWarning))))
 
     def close(self) -> None:
         """Stop the decoding thread (replies still running end as cancelled)."""

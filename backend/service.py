@@ -58,6 +58,8 @@ class ModelInfo:
     variant: str = "chatglm2-6b"  # e.g. "chatglm2-6b-32k", "chatglm3-6b-base", "chatglm2-6b-int4"
     context_length: int = 8192  # prompt + reply tokens one request may use
     max_batch: int = 1  # rows decoded together
+    # what the engine chose that the user should hear of once, e.g. a smaller cache because GPU memory is short
+    notices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

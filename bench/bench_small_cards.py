@@ -77,7 +77,7 @@ def run(args) -> dict:
                 info = engine.register_adapter(result.last_checkpoint, "trained")
                 engine.switch_adapter(info.name)
                 out["chat_after"] = reply_stats(engine, params)
-            notices = sorted({str(w.message) for w in caught})
+            notices = sorted({str(w.message) for w in caught} | set(engine.info.notices))
         out["ok"] = True
     except torch.cuda.OutOfMemoryError as err:
         out.update(ok=False, failed_at=stage, error=f"OOM: {str(err).splitlines()[0]}")

@@ -240,3 +240,27 @@ def test_streamed_text_never_shows_half_a_character(engine):
     text = ReplyText(tok, [tok.eos_token_id], stop=["的"])
     deltas = [text.add(t) for t in byte_ids]
     assert deltas == ["", "", "好", "", "", ""] and text.hit_stop and text.finish() == ""
+
+
+def test_what_the_decoder_chose_at_load_is_in_the_models_notices(model_dir, monkeypatch, capsys):
+    """A decoder that had to choose for the user (a smaller cache: GPU memory is short) says so with a warning while
+    it is made; the engine keeps it in ModelInfo.notices, which the app, the server and --prompt show once."""
+    import warnings
+
+    from backend import engine as engine_module
+    from backend.cli import run_once
+    from tui.__main__ import parse_args
+
+    made = engine_module.make_batch_decoder
+    notice = "GPU memory is short: the fast decoder keeps 2048 tokens of context per reply."
+
+    def short_of_memory(*args, **kwargs):
+        warnings.warn(notice, stacklevel=2)
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "make_batch_decoder", short_of_memory)
+    engine = ChatEngine.load(str(model_dir), quantization="none", engine="eager", device="cpu")
+    assert engine.info.notices == (notice,)
+    engine.close()
+    assert run_once(parse_args(["--model", str(model_dir), "--prompt", "你好", "--max-new-tokens", "2"])) == 0
+    assert f"glmchat: {notice}" in capsys.readouterr().err

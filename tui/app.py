@@ -135,6 +135,8 @@ class GLMChatApp(App[None]):
             self._restore_adapters(remembered)
         await self._reopen_last()
         self.chat.model_ready()
+        for notice in self.model_info.notices:  # e.g. a smaller cache: memory was short
+            self.notify(notice, title="Model loaded", severity="warning", timeout=15)
 
     async def _reopen_last(self) -> None:
         """glmchat reopens the conversation that was open when it quit; ctrl+n starts a fresh one."""

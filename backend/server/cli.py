@@ -117,5 +117,7 @@ def main(argv: Optional[Sequence[str]] = None,
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
     names = ", ".join(card.id for card in app.state.server.cards())
+    for notice in backend.info.notices:
+        print(f"glmchat serve: {notice}", file=sys.stderr, flush=True)
     print(f"glmchat serve: http://{host}:{port}/v1 serving {names}", file=sys.stderr, flush=True)
     return run(app, sock, drain_s=args.drain_seconds)

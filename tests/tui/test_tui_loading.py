@@ -122,3 +122,16 @@ async def test_a_config_of_the_wrong_shape_is_a_notice_not_a_traceback(tmp_path)
         text = str(app.screen.query_one("#load-error").render())
         assert "config.json holds a list where a JSON object" in text and "download the model again" in text
         assert "Traceback" not in text and "Unexpected error" not in text
+
+
+async def test_what_the_engine_chose_at_load_is_a_notice():
+    """The engine says what it chose for the user (a smaller cache when GPU memory is short) in ModelInfo.notices;
+    the app shows each as a notice once the model is up (a warning printed to stderr would be lost under the TUI)."""
+    from backend.service import ModelInfo
+
+    notice = "GPU memory is short: the fast decoder keeps 10255 tokens of context per reply."
+    info = ModelInfo("fake/chatglm2-6b", "4bit", "cuda:0", "fast", notices=(notice,))
+    app = GLMChatApp(parse_args([]), loader=lambda args, progress: FakeBackend(info=info))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.backend is not None and not app.chat.prompt.disabled, what="the load")
+        await wait_until(pilot, lambda: [n.message for n in app._notifications] == [notice], what="the notice")
