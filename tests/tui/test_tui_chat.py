@@ -160,3 +160,30 @@ async def test_backend_error_during_a_reply_is_shown_not_raised(checkpoints):
         view = replies(app)[0]
         assert view.has_class("-error") and "No adapter named ghost" in str(view.query_one(".reply-header").render())
         assert app.chat.conversation.history() == [] and app.chat.conversation.id is None, "not saved"
+
+
+async def test_a_slow_first_token_counts_the_wait_in_the_reply_header(monkeypatch):
+    """A first reply on a GPU whose kernels were never tuned waits tens of seconds: the header counts the wait
+    instead of a silent "writing…", and says why on a GPU; the count goes once text arrives."""
+    from backend.service import ModelInfo
+    from tui.__main__ import parse_args
+    from tui.app import GLMChatApp
+    from tui.widgets import reply as reply_module
+
+    from fake_backend import FakeBackend
+
+    monkeypatch.setattr(reply_module, "WAIT_SHOWN_AFTER_S", 1)
+    info = ModelInfo("fake/chatglm2-6b", "4bit", "cuda:0", "fast")
+    app = GLMChatApp(parse_args([]), loader=lambda args, progress: FakeBackend(info=info, token_delay=2.5))
+    async with running(app) as pilot:
+        app.params.max_new_tokens = 2
+        app.chat.prompt.value = "你好"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: replies(app), what="the reply view")
+        view = replies(app)[-1]
+        await wait_until(pilot, lambda: "waiting for the first token" in str(view._header.render()), timeout=5,
+                         what="the wait count")
+        assert "tunes its kernels" in str(view._header.render())
+        await wait_until(pilot, lambda: view.text, timeout=10, what="the first token")
+        await wait_until(pilot, lambda: "writing…" in str(view._header.render()), timeout=2, what="the count to go")
+        await wait_until(pilot, lambda: app.chat.generation is None, timeout=10, what="the reply's end")

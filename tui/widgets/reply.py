@@ -14,8 +14,12 @@ from textual.widgets.markdown import MarkdownStream
 
 from ..conversation import ReplyRecord, Turn
 
-FLUSH_S = 0.1  # how often a streaming reply is redrawn (10 fps keeps the UI thread mostly idle)
 from ..export import adapter_label
+
+FLUSH_S = 0.1  # how often a streaming reply is redrawn (10 fps keeps the UI thread mostly idle)
+# A reply with no text after this many seconds counts the wait in its header: a first reply on a GPU model the
+# kernels were never tuned for waits tens of seconds (once), and a silent "writing…" looks like a hang.
+WAIT_SHOWN_AFTER_S = 3.0
 
 
 class ReplyView(Vertical, can_focus=True):
@@ -30,12 +34,27 @@ class ReplyView(Vertical, can_focus=True):
         self._stream: Optional[MarkdownStream] = None
         self._pending = ""  # tokens not yet shown
         self._flush_timer: Optional[Timer] = None
+        self._waited_s = 0  # whole seconds without any text, shown once past WAIT_SHOWN_AFTER_S
         self._body = Markdown(self.text, classes="reply-body")
         self._header = Static(self._header_text(), classes="reply-header")
 
     def compose(self) -> ComposeResult:
         yield self._header
         yield self._body
+
+    def on_mount(self) -> None:
+        if self.writing:
+            self._wait_timer = self.set_interval(1.0, self._count_wait)
+
+    def _count_wait(self) -> None:
+        if self.text or not self.writing:
+            self._wait_timer.stop()
+            self._waited_s = 0
+            self._header.update(self._header_text())
+            return
+        self._waited_s += 1
+        if self._waited_s >= WAIT_SHOWN_AFTER_S:
+            self._header.update(self._header_text())
 
     @property
     def writing(self) -> bool:
@@ -86,6 +105,8 @@ class ReplyView(Vertical, can_focus=True):
         record = self.record
         if self.error is not None:
             parts.append((f"  ✗ {self.error}", "bold $text-error"))
+        elif record is None and self._waited_s >= WAIT_SHOWN_AFTER_S and not self.text:
+            parts.append((f"  waiting for the first token · {self._waited_s} s{self._wait_hint()}", "italic $text-muted"))
         elif record is None:
             parts.append(("  writing…", "italic $text-muted"))
         else:
@@ -94,6 +115,12 @@ class ReplyView(Vertical, can_focus=True):
             if record.new_tokens:
                 parts.append((f"  {record.new_tokens} tokens · {record.tokens_per_s:.1f} tok/s", "$text-muted"))
         return Content.assemble(*parts)
+
+
+    def _wait_hint(self) -> str:
+        info = getattr(self.app, "model_info", None)
+        on_gpu = info is not None and str(info.device).startswith("cuda")
+        return " (a first reply on this GPU tunes its kernels, once)" if on_gpu else ""
 
 
 class TurnView(Vertical):
