@@ -8,6 +8,9 @@ sends a fixed number of requests (``--rounds`` x the concurrency, at least 8) an
     python bench/bench_serve.py --random-6b /tmp/glm6b --quantization 8bit      # full-size random weights
     python bench/bench_serve.py --model tests-tiny-dir --concurrency 1,2 --max-tokens 8   # a CPU smoke run
 
+``--trace FILE`` runs the server through ``bench/serve_traced.py``: its decoder's steps (prompt rounds
+included) are written to FILE with wall-clock times, which ``--out``'s per-request send times share.
+
 ``--random-6b DIR`` writes full-size ChatGLM2-6B random weights there first (bench_load.make, with the
 release's config.json and tokenizer.model from ../shared/reference/chatglm2 when present), unless DIR
 already holds them. Random weights rarely emit eos, so every reply runs to ``--max-tokens``.
@@ -62,7 +65,9 @@ def make_random_6b(directory: Path) -> Path:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tui", "serve", "--model", str(args.model), "--host", "127.0.0.1",
+    # with --trace, through bench/serve_traced.py: the same server, its decoder's steps timed
+    launcher = [str(ROOT / "bench" / "serve_traced.py"), "--trace-out", str(args.trace)] if args.trace else ["-m", "tui"]
+    command = [sys.executable, *launcher, "serve", "--model", str(args.model), "--host", "127.0.0.1",
                "--port", str(port), "--max-batch", str(max(args.levels)), "--max-queue", str(max(args.levels) * 2),
                "--model-name", "bench"]
     if args.quantization:
@@ -89,7 +94,7 @@ def wait_up(url: str, process: subprocess.Popen, timeout: float) -> None:
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, seed: int) -> dict:
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0.8, "top_p": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
-    sent = time.perf_counter()
+    sent, sent_wall = time.perf_counter(), time.time()
     first = None
     tokens = 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -106,7 +111,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, s
                 first = time.perf_counter()
     done = time.perf_counter()
     first = first or done
-    return {"sent_s": sent, "ttft_s": first - sent, "tokens": tokens, "seconds": done - sent,
+    return {"sent_s": sent, "sent_wall": sent_wall, "ttft_s": first - sent, "tokens": tokens, "seconds": done - sent,
             "stream_tok_s": (tokens - 1) / (done - first) if tokens > 1 and done > first else 0.0}
 
 
@@ -133,8 +138,8 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int) -> d
             "burst_ttft_p50_ms": percentile(burst, 50), "burst_ttft_max_ms": percentile(burst, 100),
             "joining_ttft_p50_ms": percentile(joining, 50), "joining_ttft_max_ms": percentile(joining, 100),
             "stream_tok_s_median": round(statistics.median(r["stream_tok_s"] for r in ok), 1) if ok else 0.0,
-            "per_request": [{"sent_ms": round((r["sent_s"] - start) * 1000, 1), "ttft_ms": round(r["ttft_s"] * 1000, 1),
-                             "tokens": r["tokens"]} for r in ok]}
+            "per_request": [{"sent_ms": round((r["sent_s"] - start) * 1000, 1), "sent_wall": round(r["sent_wall"], 6),
+                             "ttft_ms": round(r["ttft_s"] * 1000, 1), "tokens": r["tokens"]} for r in ok]}
 
 
 def percentile(values: list, p: float) -> float:
@@ -156,6 +161,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--trace", type=Path, metavar="FILE",
+                        help="time the server's decoder steps (bench/serve_traced.py) and write them here as JSON lines")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.concurrency.split(",")]
     if args.random_6b:

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 class StepTrace:
     """Every ``decoder.step()`` of one decoder, timed, with a stack sampler on the thread that calls it."""
 
-    def __init__(self, decoder, interval_s: float = 0.002):
+    def __init__(self, decoder, interval_s: float = 0.002, sample: bool = True):
+        """``sample`` False: steps and compiles only (no sampler thread taking the GIL every ``interval_s``)."""
         self.decoder, self.interval = decoder, interval_s
         self.steps: list = []  # (start, end, running rows, prompts, prompt tokens)
         self.samples: list = []  # (time, frames top-down as "file:line func")
@@ -37,7 +38,8 @@ class StepTrace:
         self._stop = threading.Event()
         self._original = decoder.step
         decoder.step = self._step
-        threading.Thread(target=self._sample, daemon=True).start()
+        if sample:
+            threading.Thread(target=self._sample, daemon=True).start()
         self._hook_compiles()
 
     def close(self) -> None:
