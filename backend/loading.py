@@ -287,31 +287,7 @@ def load_model(
         replace_with_int4(model, dtype_)
     elif quant != "none":
         replace_linears(model, quant, dtype_)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    pending = {k for k in expected if ".prefix_encoder." not in k}
-
-    files = weight_files(path)
-    verb = {"8bit": "quantizing to 8-bit", "4bit": "quantizing to 4-bit", "int4": "loading 4-bit", "none": "loading"}[quant]
-    for i, file in enumerate(files, 1):
-        report(LoadProgress("quantizing" if quant != "none" else "weights", i - 1, len(files), f"shard {i}/{len(files)}: {verb} {file.name}"))
-        for key, tensor in read_tensors(file):
-            if _IGNORED_KEYS.search(key) or ".prefix_encoder." in key:
-                continue
-            if (key.endswith(".weight_scale") or tensor.dtype == torch.int8) and not is_int4_release(config):
-                raise BackendError(f"{file} holds the int4 release's packed weights but {path}/config.json lacks \"quantization_bit\": 4; use the release's config.json.")
-            if key not in expected:
-                raise BackendError(f"{file} holds tensor '{key}', which ChatGLM2 does not have: this is not a ChatGLM2 checkpoint.")
-            if tuple(tensor.shape) != expected[key] and key in pending and not _is_quantized_shape(model, key):
-                raise BackendError(
-                    f"{file}: tensor '{key}' has shape {tuple(tensor.shape)} but config.json implies {expected[key]}; "
-                    "the weights and config.json come from different models."
-                )
-            _place(model, key, tensor, device_, dtype_)
-            pending.discard(key)
-        report(LoadProgress("quantizing" if quant != "none" else "weights", i, len(files), f"shard {i}/{len(files)} done"))
-    if pending:
-        first = sorted(pending)[0]
-        raise BackendError(f"the weights in {path} lack {len(pending)} tensor(s) (first: '{first}'); the download is incomplete.")
+    _read_weights(model, path, quant, is_int4_release(config), device_, dtype_, report)
 
     if model.transformer.prefix_encoder is not None:  # the base has none: start it like the original (random)
         with torch.device(device_):
@@ -322,6 +298,36 @@ def load_model(
     model.quantization = quant
     report(LoadProgress("ready", 1, 1, f"{path.name} loaded ({quant if quant != 'none' else str(dtype_).replace('torch.', '')}) on {device_}"))
     return LoadedModel(model, tokenizer, path, device_, dtype_, quant, family)
+
+
+def _read_weights(model: nn.Module, path: Path, quant: str, int4_release: bool, device_, dtype_, report) -> None:
+    """Every shard's tensors into ``model`` (on the meta device until placed), each checked against the config:
+    a tensor ChatGLM2 lacks, a shape from another model or missing tensors are one sentence each."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    pending = {k for k in expected if ".prefix_encoder." not in k}
+    files = weight_files(path)
+    verb = {"8bit": "quantizing to 8-bit", "4bit": "quantizing to 4-bit", "int4": "loading 4-bit", "none": "loading"}[quant]
+    stage = "quantizing" if quant != "none" else "weights"
+    for i, file in enumerate(files, 1):
+        report(LoadProgress(stage, i - 1, len(files), f"shard {i}/{len(files)}: {verb} {file.name}"))
+        for key, tensor in read_tensors(file):
+            if _IGNORED_KEYS.search(key) or ".prefix_encoder." in key:
+                continue
+            if (key.endswith(".weight_scale") or tensor.dtype == torch.int8) and not int4_release:
+                raise BackendError(f"{file} holds the int4 release's packed weights but {path}/config.json lacks \"quantization_bit\": 4; use the release's config.json.")
+            if key not in expected:
+                raise BackendError(f"{file} holds tensor '{key}', which ChatGLM2 does not have: this is not a ChatGLM2 checkpoint.")
+            if tuple(tensor.shape) != expected[key] and key in pending and not _is_quantized_shape(model, key):
+                raise BackendError(
+                    f"{file}: tensor '{key}' has shape {tuple(tensor.shape)} but config.json implies {expected[key]}; "
+                    "the weights and config.json come from different models."
+                )
+            _place(model, key, tensor, device_, dtype_)
+            pending.discard(key)
+        report(LoadProgress(stage, i, len(files), f"shard {i}/{len(files)} done"))
+    if pending:
+        first = sorted(pending)[0]
+        raise BackendError(f"the weights in {path} lack {len(pending)} tensor(s) (first: '{first}'); the download is incomplete.")
 
 
 def _is_quantized_shape(model: nn.Module, key: str) -> bool:
