@@ -88,6 +88,14 @@ class _Layer:
 
 
 
+def _weights_and_activations(weights: str, quantized: bool, model_dtype: torch.dtype) -> tuple[str, torch.dtype]:
+    """(weight mode, activation dtype): "same" keeps int8 for a quantized model, else the model's dtype; the
+    activations take the model's dtype, or the weights' when half weights were asked for."""
+    mode = ("int8" if quantized else _DTYPE_MODE.get(model_dtype, "fp32")) if weights == "same" else weights
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode, model_dtype)
+    return mode, dtype if dtype.is_floating_point else torch.float16
+
+
 class FastDecoder(PrefillGraphs, DecodeStepGraph, DeviceSampler):
     """Batch-1 decoding over a static cache; on CUDA each token is one CUDA-graph replay."""
 
@@ -123,15 +131,8 @@ class FastDecoder(PrefillGraphs, DecodeStepGraph, DeviceSampler):
         self.gemv_configs = dict(gemv_configs or {})  # "qkv" | "dense" | "fc1" | "fc2" | "output" -> GemvConfig
         self.prefetch = prefetch  # None: as each config says
         quantized = any(is_quantized_module(m) for m in tr.encoder.modules())
-        if weights == "same":
-            mode = "int8" if quantized else _DTYPE_MODE.get(emb.dtype, "fp32")
-        else:
-            mode = weights
-        # activations: the model's dtype, or the weights' when half weights were asked for
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode, emb.dtype)
-        if not self.dtype.is_floating_point:
-            self.dtype = torch.float16
-        self.mode = mode
+        self.mode, self.dtype = _weights_and_activations(weights, quantized, emb.dtype)
+        mode = self.mode
         with torch.no_grad():
             self.embedding = emb.detach().to(self.dtype)
             self.layers = [_Layer(b, mode, self.dtype) for b in tr.encoder.layers]
