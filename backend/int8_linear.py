@@ -565,7 +565,7 @@ WIDEN_MIN_ROWS = int(os.environ.get("GLMCHAT_WIDEN_MIN_ROWS", "1024"))
 WIDEN_CHUNK_BYTES = 64 << 20  # the widened slice alive at once (a small card trains beside it)
 
 
-def widen_block(total: int, other: int, itemsize: int) -> int:
+def _widen_block(total: int, other: int, itemsize: int) -> int:
     """Rows (or columns) of a widened block: within WIDEN_CHUNK_BYTES, a multiple of 128 unless the whole
     (cuBLAS slows down several times on a block whose size is not a multiple of 8: 2450 rows of fc2 did)."""
     fit = WIDEN_CHUNK_BYTES // max(1, other * itemsize)
@@ -588,7 +588,7 @@ def linear_in_blocks(x: torch.Tensor, n: int, widen: Callable[[slice], torch.Ten
     """x [..., K] @ W.T + bias through ``F.linear``, W [n, K] given a block of output rows at a time by
     ``widen(rows)`` (at most WIDEN_CHUNK_BYTES of it alive at once): stored weights, int8 or packed 4-bit, read by
     cuBLAS without a whole widened copy."""
-    rows = widen_block(n, x.shape[-1], x.element_size())
+    rows = _widen_block(n, x.shape[-1], x.element_size())
     if rows == n:
         return F.linear(x, widen(slice(0, n)), bias)
     out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
@@ -601,7 +601,7 @@ def linear_in_blocks(x: torch.Tensor, n: int, widen: Callable[[slice], torch.Ten
 def grad_input_in_blocks(grad_out: torch.Tensor, k: int, widen_cols: Callable[[slice], torch.Tensor]) -> torch.Tensor:
     """dx [..., k] = grad_out [..., N] @ W, W [N, k] given a block of input columns at a time by
     ``widen_cols(cols)`` (a multiple of 128 columns, or all): each column of dx summed whole in one matmul."""
-    cols = widen_block(k, grad_out.shape[-1], grad_out.element_size())
+    cols = _widen_block(k, grad_out.shape[-1], grad_out.element_size())
     if cols == k:
         return grad_out @ widen_cols(slice(0, k))
     out = torch.empty(*grad_out.shape[:-1], k, device=grad_out.device, dtype=grad_out.dtype)

@@ -99,6 +99,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
+def keys_per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped keys or values [B, G, W, D] -> [B, heads, W, D], each group's once for each of its query heads (one
+    copy). With a mask, SDPA's memory-efficient kernel takes no grouped keys (enable_gqa), and its math fallback
+    writes every [T, W] score to memory."""
+    B, G, W, D = x.shape
+    return x[:, :, None].expand(B, G, heads // G, W, D).reshape(B, heads, W, D)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [b, s, heads, d]: rotate interleaved pairs (x[2i], x[2i+1]) of the first 2*cos.size(-1) dims."""
     rot = cos.shape[-1] * 2

@@ -40,11 +40,11 @@ from ..device_sampling import on_device
 from ..generation import logits_processors
 from ..int8_linear import MATMUL_MID_ROWS, WIDEN_MIN_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
-from ..modeling import decoding_attention, rope_settings
+from ..modeling import decoding_attention, keys_per_head, rope_settings
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
-from .prompt_graphs import PromptGraphs
+from .prompt_graphs import PromptGraphs, prompt_inputs
 from .staged_copy import StagedCopy
 from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
@@ -484,31 +484,18 @@ class BatchFastDecoder:
 
     def _prompt_keys(self, layer: int, one_slot: Optional[int], slot_rows: torch.Tensor, width: int) -> tuple:
         """Each prompt row's first ``width`` slots of keys and values (``slot_rows``: the rows' cache rows on the
-        device), each query head's group spelled out [B, H, width, D]: with a mask, SDPA's memory-efficient kernel
-        takes no grouped keys (enable_gqa), and its math fallback writes every score to memory."""
+        device), spelled out per query head [B, H, width, D] (``modeling.keys_per_head``)."""
         if one_slot is not None:  # a view of the row's slots, no gather
             rows = slice(one_slot, one_slot + 1)
             keys, values = self.k_cache[layer, rows, :, :width], self.v_cache[layer, rows, :, :width]
         else:
             keys = self.k_cache[layer, :, :, :width].index_select(0, slot_rows)
             values = self.v_cache[layer, :, :, :width].index_select(0, slot_rows)
-        B, G, W, D = keys.shape
-        heads = (B, G, self.heads // G, W, D)  # each group's keys once for each of its query heads, one copy
-        return keys[:, :, None].expand(heads).reshape(B, -1, W, D), values[:, :, None].expand(heads).reshape(B, -1, W, D)
+        return keys_per_head(keys, self.heads), keys_per_head(values, self.heads)
 
     def _prefill_indices(self, rows: list[_Row], new: list[list[int]], T: int) -> tuple:
-        """Where a prefill's tokens come from and go, made on the host and sent in one copy (indexing with masks
-        on the device would wait for the GPU once a layer): the ids [B * T] (padding: id 0); each token's
-        position (padding: -1, written nowhere), its row's prefix length and cache row [B * T]; each row's first
-        new slot [B]; the flat index of each row's last real token [B]; each row's cache row [B]."""
-        ids, pos, prefix, cache_rows, first_slot, last = [], [], [], [], [], []
-        for b, (row, n) in enumerate(zip(rows, new)):
-            ids += n + [0] * (T - len(n))
-            pos += list(range(row.cached, row.cached + len(n))) + [-1] * (T - len(n))
-            prefix += [row.prefix_len] * T
-            cache_rows += [row.slot] * T
-            first_slot.append(row.prefix_len + row.cached)
-            last.append(b * T + len(n) - 1)
-        flat = torch.tensor(ids + pos + prefix + cache_rows + first_slot + last + [r.slot for r in rows], dtype=torch.long)
+        """``prompt_graphs.prompt_inputs`` made on the host and sent in one copy (indexing with masks on the device
+        would wait for the GPU once a layer), split into its seven tensors."""
+        flat = torch.tensor(prompt_inputs(rows, new, T), dtype=torch.long)
         flat = flat.pin_memory() if self.device.type == "cuda" else flat
-        return flat.to(self.device, non_blocking=True).split([len(ids)] * 4 + [len(rows)] * 3)
+        return flat.to(self.device, non_blocking=True).split([len(rows) * T] * 4 + [len(rows)] * 3)

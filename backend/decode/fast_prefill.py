@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..int8_linear import linear
-from ..modeling import attention, rotary_cos_sin
+from ..modeling import attention, keys_per_head, rotary_cos_sin
 
 # Prompts padded on the right to a bucket, one CUDA graph per (bucket, key window) (see ``_prefill``).
 PREFILL_MIN_BUCKET = 16
@@ -127,15 +127,13 @@ class PrefillGraphs:
         keys, values = self.k_cache[i, :, :KW], self.v_cache[i, :, :KW]  # [g, KW, d]
         if mask is None:  # causal from slot 0: as _forward_torch (flash attention on CUDA)
             return attention(q, keys[None], values[None], causal=True, gqa=True)
-        h, (g, _, d) = self.num_heads, keys.shape
+        h = self.num_heads
         if h * q.shape[2] * KW * 4 <= PREFILL_MATH_ATTN_BYTES:  # as _forward_torch: the math kernel, small scores
             return attention(q, keys[None], values[None], mask, gqa=True)
         # a mask with enable_gqa falls back to the math kernel, whose [h, T, KW] float32 scores would stay
         # reserved in the graph pool; with the groups' keys repeated per head, memory-efficient attention
         # takes the mask
-        keys = keys[:, None].expand(g, h // g, KW, d).reshape(1, h, KW, d)
-        values = values[:, None].expand(g, h // g, KW, d).reshape(1, h, KW, d)
-        return attention(q, keys, values, mask)
+        return attention(q, keys_per_head(keys[None], h), keys_per_head(values[None], h), mask)
 
     def _capture_prefill(self, key: tuple[int, int, bool]) -> "torch.cuda.CUDAGraph":
         """Capture the padded prompt for ``key``; the input in _pf_in is already set (and the result replayed)."""

@@ -34,9 +34,25 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def prompt_inputs(rows: list, new: list[list[int]], T: int) -> list[int]:
+    """The batched decoder's prompt inputs, flat, for rows' new tokens right-padded to T: the ids [B * T] (padding:
+    id 0); each token's position (padding: -1, written nowhere), its row's prefix length and cache row [B * T];
+    each row's first new slot [B]; the flat index of each row's last real token [B]; each row's cache row [B]."""
+    ids, pos, prefix, cache_rows, first_slot, last = [], [], [], [], [], []
+    for b, (row, n) in enumerate(zip(rows, new)):
+        ids += n + [0] * (T - len(n))
+        pos += list(range(row.cached, row.cached + len(n))) + [-1] * (T - len(n))
+        prefix += [row.prefix_len] * T
+        cache_rows += [row.slot] * T
+        first_slot.append(row.prefix_len + row.cached)
+        last.append(b * T + len(n) - 1)
+    return ids + pos + prefix + cache_rows + first_slot + last + [row.slot for row in rows]
+
+
 class PromptGraphs:
     """``math(inputs, batch, tokens, window)`` is the decoder's prompt math (last-token logits [batch, V]) over
-    ``inputs`` = (ids, positions, prefix lengths, cache rows [tokens]; first new slot, last token, cache row [1]).
+    ``inputs`` = ``prompt_inputs``' seven tensors for one row (ids, positions, prefix lengths, cache rows [tokens];
+    first new slot, last token, cache row [1]).
     ``capture`` False (no CUDA): the same padded math runs eagerly, so CPU tests check the padding and masks."""
 
     def __init__(self, math: Callable, device: torch.device, pool, slots: int, capture: bool):
@@ -83,10 +99,8 @@ class PromptGraphs:
         return window if window <= MAX_WINDOW else None
 
     def _stage(self, row, new: list[int]) -> None:
-        n, k = TOKEN_BUCKETS[-1], len(new)
-        values = (new + [0] * (n - k) + list(range(row.cached, row.cached + k)) + [-1] * (n - k)
-                  + [row.prefix_len] * n + [row.slot] * n + [row.prefix_len + row.cached, k - 1, row.slot])
-        self._inputs.host.copy_(torch.tensor(values, dtype=torch.long))
+        """The row's inputs padded to the largest bucket; a smaller bucket's graph reads the first of each."""
+        self._inputs.host.copy_(torch.tensor(prompt_inputs([row], [new], TOKEN_BUCKETS[-1]), dtype=torch.long))
         self._inputs.send()
 
     def _views(self, tokens: int) -> tuple:

@@ -68,9 +68,13 @@ class TrainingScreen(Screen):
         self.mode: Optional[str] = None  # "train" (in-process) | "follow" while a run is followed
         self._cancel: Optional[threading.Event] = None
 
+    @property
+    def _server(self) -> Optional[str]:
+        """The glmchat server the app talks to (None: the model is in this process); a run must start there."""
+        return getattr(getattr(self.app, "args", None), "server", None)
+
     def compose(self) -> ComposeResult:
-        args = getattr(self.app, "args", None)
-        server = getattr(args, "server", None)  # the model is on a glmchat server: a run must start there
+        args, server = getattr(self.app, "args", None), self._server
         yield Static(Content.styled("Training · P-Tuning v2", "bold"), id="training-title")
         with TabbedContent(initial="new-run", id="training-tabs"):
             with TabPane("Monitor", id="monitor"):
@@ -110,7 +114,7 @@ class TrainingScreen(Screen):
         if action == "stop_training":
             return self.mode is not None
         if action == "start_training":  # not against a server: its model is not in this process
-            return not getattr(getattr(self.app, "args", None), "server", None)
+            return not self._server
         return True
 
     def action_close(self) -> None:
