@@ -107,7 +107,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
         size, silent = self.vocab_size, self._silent_ids  # (a property: once, not once an id)
         kept = [i for i in map(int, ids) if 0 <= i < size and i not in silent]
-        text = self.convert_tokens_to_string(self.convert_ids_to_tokens(kept))
+        # (kept ids are all SentencePiece's: sp decodes them as it would their pieces, without a Python call an id;
+        # a streamed reply decodes a window every token, for every reply at once on a server)
+        text = self.sp_model.decode(kept)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text

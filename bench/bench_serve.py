@@ -19,7 +19,8 @@ Per level: aggregate tok/s = completion tokens of all requests / wall time of th
 from sending a request to its first content chunk (queueing included), also apart for the burst (the
 level's first `concurrency` requests, sent together) and the requests that join running ones (each sent as
 an earlier reply ends), and per request in ``--out``; per-stream tok/s = a request's tokens after the
-first / the time after the first.
+first / the time after the first. A level's streams are spread over client processes (``--clients``, by default
+one per 16 streams), so that the client's own event loop does not hold requests back.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -40,6 +42,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "chatglm2"
+STREAMS_PER_CLIENT = 16
 PROMPTS = ["类型#上衣*材质#牛仔布*颜色#白色*风格#简约", "类型#裙*颜色#红色*风格#复古", "介绍一下你自己",
            "写一段关于秋天的短文", "Hello, who are you?", "类型#裤*材质#棉*风格#休闲"]
 
@@ -94,7 +97,7 @@ def wait_up(url: str, process: subprocess.Popen, timeout: float) -> None:
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, seed: int) -> dict:
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0.8, "top_p": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
-    sent, sent_wall = time.perf_counter(), time.time()
+    sent, sent_wall = time.perf_counter(), time.time()  # (perf_counter: durations; time: across processes)
     first = None
     tokens = 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -111,35 +114,59 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, s
                 first = time.perf_counter()
     done = time.perf_counter()
     first = first or done
-    return {"sent_s": sent, "sent_wall": sent_wall, "ttft_s": first - sent, "tokens": tokens, "seconds": done - sent,
+    return {"sent_wall": sent_wall, "ttft_s": first - sent, "tokens": tokens, "seconds": done - sent,
             "stream_tok_s": (tokens - 1) / (done - first) if tokens > 1 and done > first else 0.0}
 
 
-async def level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+async def _client(url: str, concurrency: int, indices: list, max_tokens: int, start_at: float) -> list:
+    """One client process's share of a level: ``indices`` requests, ``concurrency`` at a time, from ``start_at``
+    (wall clock, shared by the level's processes). Each result says whether it was in the burst."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
-        async def gated(i: int) -> dict:
+        async def gated(k: int, i: int) -> dict:
             async with gate:
-                return await one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens, seed=i)
+                result = await one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens, seed=i)
+            return {**result, "burst": k < concurrency, "done_wall": time.time()}
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(gated(i) for i in range(requests)))
-        wall = time.perf_counter() - start
-    ok = [r for r in results if "error" not in r]
+        return await asyncio.gather(*(gated(k, i) for k, i in enumerate(indices)))
+
+
+def _client_process(job: tuple) -> list:
+    return asyncio.run(_client(*job))
+
+
+def level(url: str, concurrency: int, requests: int, max_tokens: int, clients: int = 1) -> dict:
+    """``concurrency`` streams at a time, ``requests`` in all, sent from ``clients`` processes: one Python client
+    parses every stream's events in one event loop, and at 64 streams that loop, not the server, set when the
+    next requests went out (bench/NOTES.md, run 13)."""
+    clients = max(1, min(clients, concurrency))
+    start_at = time.time() + (1.0 if clients > 1 else 0.0)  # the processes start together
+    jobs = [(url, len(range(c, concurrency, clients)), list(range(c, requests, clients)), max_tokens, start_at)
+            for c in range(clients)]
+    if clients == 1:
+        results = _client_process(jobs[0])
+    else:
+        with multiprocessing.get_context("spawn").Pool(clients) as pool:
+            results = [r for part in pool.map(_client_process, jobs) for r in part]
+    ok = sorted((r for r in results if "error" not in r), key=lambda r: r["sent_wall"])
+    wall = max((r["done_wall"] for r in ok), default=start_at) - start_at
     ttfts = [r["ttft_s"] * 1000 for r in ok]
     # the first `concurrency` requests go out together (a burst); each later one as an earlier reply ends
-    burst, joining = ttfts[:concurrency], ttfts[concurrency:]
-    return {"concurrency": concurrency, "requests": requests, "errors": [r["error"] for r in results if "error" in r],
+    burst = [r["ttft_s"] * 1000 for r in ok if r["burst"]]
+    joining = [r["ttft_s"] * 1000 for r in ok if not r["burst"]]
+    return {"concurrency": concurrency, "requests": requests, "clients": clients,
+            "errors": [r["error"] for r in results if "error" in r],
             "tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 3),
             "aggregate_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1),
             "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
             "burst_ttft_p50_ms": percentile(burst, 50), "burst_ttft_max_ms": percentile(burst, 100),
             "joining_ttft_p50_ms": percentile(joining, 50), "joining_ttft_max_ms": percentile(joining, 100),
             "stream_tok_s_median": round(statistics.median(r["stream_tok_s"] for r in ok), 1) if ok else 0.0,
-            "per_request": [{"sent_ms": round((r["sent_s"] - start) * 1000, 1), "sent_wall": round(r["sent_wall"], 6),
-                             "ttft_ms": round(r["ttft_s"] * 1000, 1), "tokens": r["tokens"]} for r in ok]}
+            "per_request": [{"sent_ms": round((r["sent_wall"] - start_at) * 1000, 1), "sent_wall": round(r["sent_wall"], 6),
+                             "ttft_ms": round(r["ttft_s"] * 1000, 1), "tokens": r["tokens"], "burst": r["burst"]}
+                            for r in ok]}
 
 
 def percentile(values: list, p: float) -> float:
@@ -159,6 +186,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2,
                         help="requests per level = rounds x concurrency, at least 8 (default 2)")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--clients", type=int, default=None, metavar="N",
+                        help=f"client processes a level's streams are spread over (default: one per {STREAMS_PER_CLIENT})")
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--trace", type=Path, metavar="FILE",
@@ -177,12 +206,13 @@ def main() -> int:
     server = start_server(args, port)
     try:
         wait_up(url, server, args.startup_timeout)
-        asyncio.run(level(url, 1, 1, min(8, args.max_tokens)))  # warm-up: first-use compilation and captures
+        level(url, 1, 1, min(8, args.max_tokens))  # warm-up: first-use compilation and captures
         rows = []
         for concurrency in args.levels:
             # at least 8 requests a level: the one-stream level, which the others are compared with, is not
             # then one or two replies' luck
-            row = asyncio.run(level(url, concurrency, max(8, concurrency * args.rounds), args.max_tokens))
+            clients = args.clients or -(-concurrency // STREAMS_PER_CLIENT)
+            row = level(url, concurrency, max(8, concurrency * args.rounds), args.max_tokens, clients)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "per_request"}), flush=True)
     finally:

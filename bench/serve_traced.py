@@ -5,7 +5,9 @@ the server through this, so a level's TTFT tail can be laid against the prompt r
     python bench/serve_traced.py --trace-out FILE serve-args...   (the arguments of ``glmchat serve``)
 
 Each line: the step's start and end as wall-clock seconds (``time.time()``, comparable with the client's), the
-rows it decoded, the prompts it prefilled and their tokens; then one line per Triton compile.
+rows it decoded, the prompts it prefilled and their tokens; then one line per Triton compile, then when each
+request reached the decoder (``submitted``: the server's thread) and became a row (``admitted``: the decoding
+thread).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def write_trace(trace, path: Path) -> None:
         for start, seconds, kernel in trace.compiles:
             out.write(json.dumps({"compile_start": round(wall + start, 6), "seconds": round(seconds, 4),
                                   "kernel": kernel}) + "\n")
+        for what in ("submitted", "admitted"):
+            for at in getattr(trace, what):
+                out.write(json.dumps({what: round(wall + at, 6)}) + "\n")
 
 
 def main(argv: list[str]) -> int:

@@ -34,20 +34,26 @@ class StepTrace:
         self.steps: list = []  # (start, end, running rows, prompts, prompt tokens)
         self.samples: list = []  # (time, frames top-down as "file:line func")
         self.compiles: list = []  # (start, seconds, kernel)
+        self.submitted: list = []  # when each request reached the decoder's check (the submitting thread)
+        self.admitted: list = []  # when each request became a decoder row (the decoding thread, before its step)
         self._thread_id = None
         self._stop = threading.Event()
         self._original = decoder.step
         decoder.step = self._step
+        self._check, self._add = decoder.check, decoder.add
+        decoder.check = lambda request: self.submitted.append(time.perf_counter()) or self._check(request)
+        decoder.add = lambda row, request: self.admitted.append(time.perf_counter()) or self._add(row, request)
         if sample:
             threading.Thread(target=self._sample, daemon=True).start()
         self._hook_compiles()
 
     def close(self) -> None:
         self._stop.set()
-        self.decoder.step = self._original
+        self.decoder.step, self.decoder.check, self.decoder.add = self._original, self._check, self._add
 
     def clear(self) -> None:
-        self.steps.clear(), self.samples.clear(), self.compiles.clear()
+        for log in (self.steps, self.samples, self.compiles, self.submitted, self.admitted):
+            log.clear()
 
     def _step(self):
         self._thread_id = threading.get_ident()

@@ -300,3 +300,36 @@ def test_streams_read_on_an_event_loop_get_the_same_tokens_without_a_thread_each
     for r, tokens in zip(requests, results):
         assert tokens == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)
 
+
+
+def test_a_steps_tokens_reach_the_event_loop_in_one_wake_up(model, prefixes):
+    """Four rows read on one loop: each step wakes the loop once for all its rows' tokens, not once a token."""
+    import asyncio
+
+    dec = decoder(model, prefixes, max_batch=4)
+    steps = []
+    step = dec.step
+    dec.step = lambda: steps.append(1) or step()
+    batcher = Batcher(dec)
+    requests = [DecodeRequest(p, GREEDY, a) for p, a in zip(PROMPTS, [None, "a", "b", None])]
+    wake_ups = []
+
+    async def read(stream):
+        return [t async for t in stream]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        call = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wake_ups.append(1) or call(*a)
+        streams = [batcher.submit(r, loop=loop) for r in requests]
+        return await asyncio.gather(*(read(s) for s in streams))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    tokens = sum(len(t) for t in results)
+    assert tokens > 2 * len(steps)  # several rows a step
+    assert len(wake_ups) <= len(steps)  # tokens and ends of one step: one call
+    for r, got in zip(requests, results):
+        assert got == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)

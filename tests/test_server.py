@@ -466,3 +466,19 @@ def test_text_events_from_the_template_equal_pydantic_dumps(fmt_name):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))
         stamp = re.compile(r'"created":\d+')
         assert stamp.sub("", events(text)) == stamp.sub("", _event(fmt.delta(text))), repr(text)
+
+
+def test_the_server_runs_with_a_short_gil_switch_interval(monkeypatch):
+    """The event loop shares the GIL with the decoding thread: while serving, CPython's 5 ms switch interval is
+    0.5 ms (at 64 streams on the H200 the 5 ms interval held new requests back: bench/NOTES.md, run 13)."""
+    import uvicorn
+
+    from backend.server import runner
+
+    seen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.append(sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    with runner.bind("127.0.0.1", 0) as sock:
+        assert runner.run(object(), sock) == 0
+    assert seen == [pytest.approx(runner.GIL_SWITCH_MS / 1000)] and runner.GIL_SWITCH_MS <= 1
+    assert sys.getswitchinterval() == before

@@ -180,6 +180,18 @@ def test_decode_drops_specials_with_and_without_skip(tiny):
     assert tiny.convert_ids_to_tokens([n + 1, 2]) == ["[gMASK]", "</s>"]
 
 
+def test_decode_of_any_ids_is_the_original_piece_join(tiny):
+    """The original decodes ids as pieces joined by SentencePiece (specials and <unk>/<s>/</s> silent); ids of
+    byte pieces, spaces, partial characters and the padded vocabulary rows included."""
+    sp, n = tiny.sp_model, tiny.sp_model.vocab_size()
+    silent = {0, 1, 2, *range(n, n + 5)}
+    rng = random.Random(0)
+    for _ in range(2000):
+        ids = [rng.randrange(-1, n + 8) for _ in range(rng.randrange(1, 10))]
+        pieces = [sp.id_to_piece(i) for i in ids if 0 <= i < n and i not in silent]
+        assert tiny.decode(ids) == sp.decode_pieces(pieces), ids
+
+
 def test_save_and_load_round_trip(tiny, tmp_path):
     saved = tiny.save_pretrained(tmp_path / "tok")
     assert str(tmp_path / "tok" / "tokenizer.model") in saved

@@ -195,6 +195,9 @@ class BatchFastDecoder:
                     lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=split_k)
                     lw.dense(x, residual=x, split_k=split_k)
             self._warm_replies()
+            if self._prompt_graphs is not None:
+                self._prompt_graphs.capture_all()
+                self._slot_adapter[0] = object()  # the captures wrote keys over whatever prefix row 0 held
             for bucket in BUCKETS:
                 if bucket <= self.max_batch and self.use_graphs and bucket not in self._graphs:
                     self._capture(bucket)

@@ -13,12 +13,14 @@ the slots past the row's end are masked out of every real query's keys.
 
 Several rows at once, prompts over the largest bucket and windows over ``MAX_WINDOW`` run eagerly: long prompts
 are bound by the GPU anyway, and the bounds keep the graphs' shared memory pool small on a small card. Graphs
-are captured on a bucket's first use (the warm-up run before the capture writes the same keys the replay will).
+are captured at the decoder's warm-up, or else on a key's first use (the warm-up run before the capture writes
+the same keys the replay will).
 """
 
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -28,6 +30,7 @@ from .staged_copy import StagedCopy
 TOKEN_BUCKETS = (16, 32, 64, 128)
 MIN_WINDOW = 256
 MAX_WINDOW = 2048  # slots: keys and values spelled out per head at 2048 slots are 17 MB each in the pool
+WINDOWS = tuple(MIN_WINDOW << i for i in range((MAX_WINDOW // MIN_WINDOW).bit_length()))  # 256 ... 2048
 
 
 def _next_pow2(n: int) -> int:
@@ -67,9 +70,24 @@ class PromptGraphs:
 
     def logits(self, row, new: list[int]) -> torch.Tensor:
         """The row's last-token logits [1, V] (a graph's output: read it before the next prompt)."""
-        tokens = next(b for b in TOKEN_BUCKETS if b >= len(new))
-        window = self._window(row)
         self._stage(row, new)
+        return self._run(next(b for b in TOKEN_BUCKETS if b >= len(new)), self._window(row))
+
+    def capture_all(self) -> None:
+        """Every (token bucket, key window) graph now, for a decoder's warm-up: otherwise the first prompt that
+        reaches a wider window pays the capture in its first token (~40 ms on the H200: bench/NOTES.md, run 13).
+        The prompts captured here write keys to cache row 0, which the warm-up leaves unused."""
+        if not self.capture:
+            return
+        scratch = SimpleNamespace(slot=0, prefix_len=0, cached=0)
+        for tokens in TOKEN_BUCKETS:
+            self._stage(scratch, list(range(tokens)))
+            for window in sorted({min(w, self.slots) for w in WINDOWS}):
+                if not self.off:
+                    self._run(tokens, window)
+
+    def _run(self, tokens: int, window: int) -> torch.Tensor:
+        """The staged prompt through the (tokens, window) graph, captured on its first use."""
         run = lambda: self._math(self._views(tokens), 1, tokens, window)  # noqa: E731
         if not self.capture:
             return run()

@@ -7,12 +7,19 @@ seconds (uvicorn's graceful shutdown), cancels what is left (which frees the row
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import socket
+import sys
 
 from ..service import BackendError
 
 DRAIN_S = 5.0
+# The event loop shares the GIL with the decoding thread. Each time the loop waits on its sockets, the decoding
+# thread takes the GIL, and CPython asks for it back only after the switch interval (5 ms by default). A new
+# request needs a few loop turns, so at 64 streams on the H200 each took ~12 ms to reach the decoder and the
+# last of a wave ~500 ms (bench/NOTES.md, run 13). GLMCHAT_GIL_SWITCH_MS overrides it, for measuring.
+GIL_SWITCH_MS = 0.5
 
 
 def is_loopback(host: str) -> bool:
@@ -52,10 +59,13 @@ def run(app, sock: socket.socket, drain_s: float = DRAIN_S, log_level: str = "in
     config = uvicorn.Config(app, timeout_graceful_shutdown=drain_s, log_level=log_level, lifespan="off")
     server = uvicorn.Server(config)
     previous = signal.signal(signal.SIGTERM, _drained)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(float(os.environ.get("GLMCHAT_GIL_SWITCH_MS", GIL_SWITCH_MS)) / 1e3)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C, raised again by uvicorn after the drain
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.setswitchinterval(switch)
     return 0
