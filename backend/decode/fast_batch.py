@@ -45,7 +45,7 @@ from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
 from .prompt_graphs import PromptGraphs, prompt_inputs
-from .staged_copy import StagedCopy
+from .staged_copy import ReadBack, StagedCopy
 from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
 from ..gpu_memory import free_bytes
@@ -95,12 +95,18 @@ class _Parked:
     cached_ids: list = field(default_factory=list)
 
 
+def _picked_on_host(row: _Row) -> bool:
+    """Whether the row's token is drawn on the host (a repetition penalty, or a sampler seeded on the host), not
+    read from the step's picks."""
+    return row.device_seed is None and not (row.request.params.greedy and not row.penalty)
+
+
 class BatchFastDecoder:
     """The decoder protocol (``backend.decode.protocol.Decoder``) on the fast path, CUDA and Triton."""
 
     def __init__(self, model, prefix_of: Callable, max_batch: Optional[int] = None,
                  context_length: Optional[int] = None, cache_share: float = 0.6, use_graphs: Optional[bool] = None,
-                 prompt_graphs: Optional[bool] = None):
+                 prompt_graphs: Optional[bool] = None, decode_ahead: Optional[bool] = None):
         cfg = model.config
         tr = model.transformer
         emb = tr.embedding.word_embeddings.weight
@@ -146,7 +152,13 @@ class BatchFastDecoder:
         self._pending: list[_Row] = []
         self._parked: OrderedDict[int, _Parked] = OrderedDict()  # cache row -> finished row's tokens, oldest first
         self._failed: list = []
-        self._queued: Optional[tuple] = None  # (rows, logits, greedy picks) of the decode step on the GPU now
+        self._queued: Optional[tuple] = None  # (rows, logits, picks, their read-back) of the decode step on the GPU now
+        self._readback = ReadBack(self.max_batch, self.device)
+        # the next decode step fed from the last one's picks on the device (``_queue_ahead``);
+        # GLMCHAT_DECODE_AHEAD=0 turns it off, for an A/B in one benchmark process
+        if decode_ahead is None:
+            decode_ahead = os.environ.get("GLMCHAT_DECODE_AHEAD", "1") != "0"
+        self.decode_ahead = decode_ahead
         self._workspaces: dict = {}
         self._graphs: dict = {}
         self._graph_out: dict = {}  # bucket -> (logits, greedy picks) written by its graph
@@ -319,15 +331,18 @@ class BatchFastDecoder:
 
     @torch.inference_mode()
     def step(self) -> list[RowToken]:
-        """The queued decode step's tokens, then the new rows' first ones; then the next decode step is queued, so
-        that the GPU runs it while the caller hands these tokens out (the step reads only the tokens picked here)."""
+        """The queued decode step's tokens, then the new rows' first ones. The next decode step is queued before
+        the queued one is read where it can be fed on the device (``_queue_ahead``), else after; either way the
+        GPU runs it while the caller hands these tokens out."""
         if self._queued is None and self._rows:
             self._queue_decode()
+        ahead = self._queue_ahead()
         out = self._finish_decode() if self._queued is not None else []
+        self._queued = ahead
         pending, self._pending = self._pending, []
         if pending:
             out += self._start(pending)
-        if self._rows:
+        if self._rows and self._queued is None:
             self._queue_decode()
         return out
 
@@ -372,39 +387,59 @@ class BatchFastDecoder:
                                                 [r.prefix_len for r in rows]])
         self._step_in.send()
         top = max(slots) + 1
-        bucket = min(next((b for b in BUCKETS if b >= top), MAX_ROWS), self.max_batch)
+        self._queued = self._launch(rows, min(next((b for b in BUCKETS if b >= top), MAX_ROWS), self.max_batch))
+
+    def _queue_ahead(self) -> Optional[tuple]:
+        """The step after the queued one, fed on the device (the queued step's picks as tokens, each running
+        position + 1) and launched before the host reads the queued step: then the GPU does not wait for the host
+        between steps. Only while the same rows run, none waits to join and every row's token is picked on the
+        device. A row that the queued step ends gets one step more, whose token is dropped (its keys land past
+        what the row keeps). None where it cannot."""
+        if self._queued is None or self._pending or not self.decode_ahead:
+            return None
+        rows, _, picks, _ = self._queued
+        if len(rows) != len(self._rows) or any(self._rows.get(r.id) is not r or _picked_on_host(r) for r in rows):
+            return None
+        bucket = picks.shape[0]
+        self.tokens[:bucket].copy_(picks)
+        self.positions[:bucket] += self.positions[:bucket] >= 0  # idle rows stay at -1
+        return self._launch(rows, bucket)
+
+    def _launch(self, rows: list[_Row], bucket: int) -> tuple:
+        """Rows [0, bucket)'s decode step on the inputs in place, then its picks' read-back."""
         self.sampler.upload()
         logits, picks = self._run_step(bucket)
         if any(r.device_seed is not None for r in rows):
             picks = self.sampler.tokens(bucket, logits, picks, self.positions)
-        self._queued = (rows, logits, picks)
+        return rows, logits, picks, self._readback.take(picks)
 
     def _finish_decode(self) -> list[RowToken]:
         """The queued step's tokens for its rows that still run (a row dropped meanwhile gets none)."""
-        rows, logits, picks = self._queued
+        rows, logits, picks, taken = self._queued
         self._queued = None
         rows = [r for r in rows if self._rows.get(r.id) is r]
-        out = self._pick(rows, logits, picks, [r.slot for r in rows], drawn=True) if rows else []
+        out = self._pick(rows, logits, picks, [r.slot for r in rows], drawn=True, taken=taken) if rows else []
         for row, token in zip(rows, out):
             row.cached = len(row.tokens) - 1
             if token.finish is not None:
                 self._free(self._rows.pop(row.id), park=True)
         return out
 
-    def _pick(self, rows: list[_Row], logits: torch.Tensor, picks: torch.Tensor, index: list[int], drawn: bool) -> list[RowToken]:
+    def _pick(self, rows: list[_Row], logits: torch.Tensor, picks: torch.Tensor, index: list[int], drawn: bool,
+              taken=None) -> list[RowToken]:
         """Each row's next token, read back in one transfer: greedy rows from ``picks`` (the argmax of every logits
         row), sampled rows without a repetition penalty from ``picks`` too when ``drawn`` (the step's sampler graph
         drew them), else drawn together here (``BatchSampler.draw``), the others through their own processors and
-        generator on the host. Row i's logits are ``logits[index[i]]``."""
+        generator on the host. Row i's logits are ``logits[index[i]]``; ``taken``: ``picks`` already on its way
+        to the host (``ReadBack.take``)."""
         sampled = [(row, i) for row, i in zip(rows, index) if row.device_seed is not None]
         if sampled and not drawn:
             where = torch.tensor([i for _, i in sampled], device=self.device)
             tokens = self.sampler.draw(logits.index_select(0, where), [r.slot for r, _ in sampled],
                                        [len(r.tokens) - 1 for r, _ in sampled])
             picks = picks.index_put((where,), tokens)
-        on_host = lambda row: row.device_seed is None and not (row.request.params.greedy and not row.penalty)  # noqa: E731
-        tokens = picks.tolist() if any(not on_host(row) for row in rows) else None
-        return [self._take(row, logits[i:i + 1], None if on_host(row) else tokens[i]) for row, i in zip(rows, index)]
+        tokens = (taken or picks).tolist() if any(not _picked_on_host(row) for row in rows) else None
+        return [self._take(row, logits[i:i + 1], None if _picked_on_host(row) else tokens[i]) for row, i in zip(rows, index)]
 
     def _take(self, row: _Row, logits: torch.Tensor, token: Optional[int] = None) -> RowToken:
         return next_token(row, logits, self.device, token)

@@ -189,3 +189,45 @@ def test_int8_rows_through_the_gemv_or_the_matmul_equal_the_packed_kernels():
         assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4), m
         res = torch.randn(m, 24)
         assert torch.allclose(lin(x, residual=res), quant_linear(x, lin.q, residual=res), rtol=1e-4, atol=1e-4), m
+
+
+def test_steps_fed_on_the_device_give_the_tokens_of_host_fed_steps():
+    """While the same rows run, none waits to join and every token is picked on the device, the next step is
+    launched from the last one's picks before the host reads them (decode-ahead). Rows that end at different
+    steps (their length, a stop token), greedy and sampled on the device, and a row dropped while a step ahead is
+    queued: the same tokens as host-fed steps give, and most steps went ahead."""
+    model, prefixes = make_model()
+    alone = run(BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False),
+                [DecodeRequest([8, 8, 2, 6], SamplingParams(temperature=0.0, max_new_tokens=12))])[0]
+    stop = next(t for i, t in enumerate(alone) if i >= 3 and t not in alone[:i])  # a stop mid-reply
+    requests = [
+        DecodeRequest([5, 7, 9, 11], SamplingParams(temperature=0.0, max_new_tokens=10)),
+        DecodeRequest([3, 4], SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=9), adapter="ad", seed=3),
+        DecodeRequest([1, 30, 31], SamplingParams(temperature=0.0, max_new_tokens=4)),
+        DecodeRequest([8, 8, 2, 6], SamplingParams(temperature=0.0, max_new_tokens=12), stop_token_ids=frozenset({stop})),
+        DecodeRequest([9, 9, 9], SamplingParams(temperature=0.0, max_new_tokens=12)),  # dropped after 5 steps
+    ]
+
+    def tokens(decode_ahead: bool) -> tuple[dict, int]:
+        decoder = BatchFastDecoder(model, prefixes.get, max_batch=8, use_graphs=False, decode_ahead=decode_ahead)
+        went_ahead = []
+        queue_ahead = decoder._queue_ahead
+        decoder._queue_ahead = lambda: (lambda queued: went_ahead.append(queued is not None) or queued)(queue_ahead())
+        out = {i: [] for i in range(len(requests))}
+        for i, r in enumerate(requests):
+            decoder.add(i, r)
+        for steps in range(100):
+            if not decoder.rows:
+                break
+            if steps == 5:
+                decoder.drop(4)
+            for t in decoder.step():
+                out[t.row].append(t.token)
+        return out, sum(went_ahead)
+
+    ahead, went = tokens(True)
+    host_fed, none = tokens(False)
+    assert ahead == host_fed and none == 0 and went >= 6, went
+    assert len(ahead[2]) == 4 and ahead[3] == alone[: alone.index(stop) + 1] and len(ahead[0]) == 10
+    eager = run(EagerBatchDecoder(model, prefixes.get, max_batch=4), [requests[0], requests[2], requests[3]])
+    assert [ahead[0], ahead[2], ahead[3]] == [eager[0], eager[1], eager[2]]
