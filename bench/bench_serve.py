@@ -139,8 +139,8 @@ def _client_process(job: tuple) -> list:
 
 def level(url: str, concurrency: int, requests: int, max_tokens: int, clients: int = 1) -> dict:
     """``concurrency`` streams at a time, ``requests`` in all, sent from ``clients`` processes: one Python client
-    parses every stream's events in one event loop, and at 64 streams that loop, not the server, set when the
-    next requests went out (bench/NOTES.md, run 13)."""
+    parses every stream's events in one event loop, and at 64 streams the server's trace suggested that loop, not
+    the server, held the next requests back (bench/NOTES.md, run 13; not yet measured with several)."""
     clients = max(1, min(clients, concurrency))
     start_at = time.time() + (1.0 if clients > 1 else 0.0)  # the processes start together
     jobs = [(url, len(range(c, concurrency, clients)), list(range(c, requests, clients)), max_tokens, start_at)

@@ -116,7 +116,6 @@ class ReplyView(Vertical, can_focus=True):
                 parts.append((f"  {record.new_tokens} tokens · {record.tokens_per_s:.1f} tok/s", "$text-muted"))
         return Content.assemble(*parts)
 
-
     def _wait_hint(self) -> str:
         info = getattr(self.app, "model_info", None)
         on_gpu = info is not None and str(info.device).startswith("cuda")
