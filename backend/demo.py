@@ -260,13 +260,30 @@ def build_demo(out: Path, recipe_id: str, report: Callable[[LoadProgress], None]
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-    # Nothing time- or machine-dependent beyond the torch version: a rebuild compares equal.
+    # Nothing time-dependent: a rebuild under the same torch on the same kind of CPU compares equal.
     manifest = {
         "hash": recipe_id, "version": DEMO_VERSION, "recipe": RECIPE, "torch": torch.__version__.split("+")[0],
-        "adapter": checkpoint.relative_to(out).as_posix(),
+        "cpu": cpu_fingerprint(), "adapter": checkpoint.relative_to(out).as_posix(),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     stage(total, f"demo model built in {time.perf_counter() - start:.0f} s")
+
+
+def cpu_fingerprint() -> str:
+    """What sets a CPU build's floating-point bits besides torch's version: the vector instructions ATen dispatches
+    to and the CPU model (oneDNN and MKL pick kernels by it). 1100 training steps turn a last-bit difference into
+    other weights, so a rebuild on another kind of CPU is not bit-equal."""
+    import platform
+
+    import torch
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{torch.backends.cpu.get_cpu_capability()} {model or platform.processor() or platform.machine()}"
 
 
 def _read_jsonl(path: Path) -> list[dict]:

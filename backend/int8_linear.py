@@ -157,6 +157,19 @@ EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 if HAVE_TRITON:
 
     @triton.jit
+    def int8_as_float(w, CVT: tl.constexpr):
+        # int8 weights to float32 for a GEMV's sums. CVT 2, one integer op: bits (w << 15) + 0x3FC00000 are the
+        # float 1.5 + w / 256 exactly, so sum w x = 256 (sum f x - 1.5 sum x) (the offset is only ~12x the
+        # signal in float32); CVT 1, without the conversion unit: (w + 128) in the low mantissa bits of 2^23;
+        # CVT 0: the conversion instruction
+        if CVT == 2:
+            return ((w.to(tl.int32) << 15) + 0x3FC00000).to(tl.float32, bitcast=True)
+        elif CVT == 1:
+            return ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            return w.to(tl.float32)
+
+    @triton.jit
     def _argmax_key(v, row):
         # int64 keys ordered as (v, -row): float32 bits made monotone as signed int32, then the row
         bits = v.to(tl.int32, bitcast=True)
@@ -242,16 +255,11 @@ if HAVE_TRITON:
                 mk = (kk < K)[None, :]
                 wa = tl.load(wa_ptrs + k0, mask=mask_a[:, None] & mk, other=0)
                 wb = tl.load(wb_ptrs + k0, mask=mask_b[:, None] & mk, other=0)
-            if W_INT8 and CVT == 2:
-                # one integer op: bits (w << 15) + 0x3FC00000 are the float 1.5 + w / 256 exactly;
-                # sum w x = 256 (sum f x - 1.5 sum x), the offset only ~12x the signal in float32
-                wa_f = ((wa.to(tl.int32) << 15) + 0x3FC00000).to(tl.float32, bitcast=True)
-                wb_f = ((wb.to(tl.int32) << 15) + 0x3FC00000).to(tl.float32, bitcast=True)
-                xs += x
-            elif W_INT8 and CVT == 1:
-                # int8 -> float32 without the conversion unit: (w + 128) in the low mantissa bits of 2^23
-                wa_f = ((wa.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-                wb_f = ((wb.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+            if W_INT8:
+                wa_f = int8_as_float(wa, CVT)
+                wb_f = int8_as_float(wb, CVT)
+                if CVT == 2:
+                    xs += x
             else:
                 wa_f = wa.to(tl.float32)
                 wb_f = wb.to(tl.float32)

@@ -68,29 +68,34 @@ def _shipped_files() -> list[Path]:
 
 
 def test_the_build_script_reproduces_the_shipped_demo(built):
-    """Bit-exact under the torch version that built the shipped files (one thread, deterministic kernels);
-    under another torch version the tensors may differ in the last bits, so they are compared to 1e-4."""
+    """Bit-exact under the torch version and the kind of CPU that built the shipped files (one thread,
+    deterministic kernels). Elsewhere training reaches other weights (last-bit differences grow over 1100
+    steps), so the rebuilt demo must behave as the recipe promises: its base answers its training prompts as
+    the shipped one does, and its adapter writes ad copy."""
     import torch
-    from safetensors.torch import load_file
 
     rebuilt = built[1].root
     shipped_manifest = json.loads((demo.SHIPPED / demo.MANIFEST).read_text())
-    same_torch = shipped_manifest["torch"] == torch.__version__.split("+")[0]
+    same_build = (shipped_manifest["torch"] == torch.__version__.split("+")[0]
+                  and shipped_manifest.get("cpu") == demo.cpu_fingerprint())
     names = _shipped_files()
     assert names == sorted(p.relative_to(rebuilt) for p in rebuilt.rglob("*") if p.is_file())
     for name in names:
         ours, theirs = demo.SHIPPED / name, rebuilt / name
         if name.suffix == ".json":  # transformers writes its version into configs
-            drop = {"transformers_version", "torch"}
+            drop = {"transformers_version", "torch", "cpu"}
             a, b = (json.loads(p.read_text()) for p in (ours, theirs))
             assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}, name
-        elif same_torch or name.suffix != ".safetensors":
+        elif same_build or name.suffix != ".safetensors":
             assert ours.read_bytes() == theirs.read_bytes(), f"{name} differs from the shipped file"
-        else:
-            a, b = load_file(str(ours)), load_file(str(theirs))
-            assert a.keys() == b.keys()
-            for key in a:
-                torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=f"{name}: {key}")
+    if not same_build:
+        from backend.engine import ChatEngine
+
+        files = built[1]
+        again = ChatEngine.load(model=str(files.model_dir), adapter_dirs=[str(files.adapters_dir)], engine="eager",
+                                device="cpu", quantization="none")
+        check_base_answers_training_prompts(again)
+        check_adapter_writes_ad_copy(again)
 
 
 def test_the_demo_starts_from_the_shipped_files_without_building(tmp_path):
@@ -171,7 +176,7 @@ def test_engine_loads_the_demo_with_its_adapter(engine):
     assert engine.load_events[-1].stage == "ready"
 
 
-def test_base_answers_with_its_training_text(engine):
+def check_base_answers_training_prompts(engine):
     lines = {row["prompt"]: row["response"] for row in chat_lines()}
     for prompt in ("你好", "怎么切换适配器", "什么是对比模式", "中国的首都是哪里"):
         reply = engine.reply(prompt, [], GREEDY, adapter=None).text
@@ -179,14 +184,9 @@ def test_base_answers_with_its_training_text(engine):
     # a later round of a conversation is answered too
     history = [("你好", lines["你好"])]
     assert engine.reply("谢谢", history, GREEDY, adapter=None).text == lines["谢谢"]
-    # questions it never saw still get readable text made of its training text's characters, not byte soup
-    known = training_chars()
-    for prompt in ("你觉得下雨天适合做什么", "Tell me about yourself", "¿Qué tal? 🙂"):
-        reply = engine.reply(prompt, [], GREEDY, adapter=None).text
-        assert len(reply) >= 5 and set(reply) <= known, reply
 
 
-def test_adapter_turns_attributes_into_ad_copy(engine):
+def check_adapter_writes_ad_copy(engine):
     adapter = engine.adapters()[0].name
     for prompt in [AD_PROMPT] + dev_prompts()[:3]:
         base = engine.reply(prompt, [], GREEDY, adapter=None).text
@@ -196,8 +196,21 @@ def test_adapter_turns_attributes_into_ad_copy(engine):
         assert tuned.startswith(("这件", "这条", "这双", "这只")), tuned
         assert sum(word in tuned for word in AD_WORDS) >= 2, tuned
         assert cjk_share(tuned) > 0.8
+
+
+def test_base_answers_with_its_training_text(engine):
+    check_base_answers_training_prompts(engine)
+    # questions it never saw still get readable text made of its training text's characters, not byte soup
+    known = training_chars()
+    for prompt in ("你觉得下雨天适合做什么", "Tell me about yourself", "¿Qué tal? 🙂"):
+        reply = engine.reply(prompt, [], GREEDY, adapter=None).text
+        assert len(reply) >= 5 and set(reply) <= known, reply
+
+
+def test_adapter_turns_attributes_into_ad_copy(engine):
+    check_adapter_writes_ad_copy(engine)
     # the garment asked for (the tiny adapter keeps the type; its colour varies with the trainer's dropout draws)
-    readme = engine.reply(README_PROMPT, [], GREEDY, adapter=adapter).text
+    readme = engine.reply(README_PROMPT, [], GREEDY, adapter=engine.adapters()[0].name).text
     assert "裙" in readme and readme.startswith(("这件", "这条")), readme
 
 

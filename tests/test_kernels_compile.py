@@ -94,6 +94,22 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
         assert byte_loads(ptx) == 0, epilogue
 
 
+@pytest.mark.parametrize("arch", [90, 80, 75])
+def test_the_few_rows_int8_gemv_configs(arch):
+    """Every config the few-rows GEMV may be tuned to, at 2 and 4 rows, plain and SwiGLU, with vector loads."""
+    from backend.kernels.gemv_rows import _gemv_rows_kernel, candidate_configs
+
+    types = {"x_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "norm_ptr": ACT, "res_ptr": ACT,
+             "out_ptr": ACT, "eps": "fp32"}
+    for swiglu in (False, True):
+        for rows in (2, 4):
+            for cfg in candidate_configs(swiglu):
+                consts = dict(ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CVT=cfg.cvt, NORM=True,
+                              HAS_BIAS=not swiglu, RESIDUAL=not swiglu, SWIGLU=swiglu, EVEN_K=True, EVEN_N=True)
+                ptx = compile_for(_gemv_rows_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
+                assert byte_loads(ptx) == 0, (swiglu, rows, cfg)
+
+
 @pytest.mark.parametrize("arch,pdl", TARGETS)
 def test_batched_rotary_and_attention(arch, pdl):
     types = {"qkv_ptr": ACT, "q_ptr": ACT, "k_ptr": ACT, "v_ptr": ACT, "pos_ptr": "*i64", "prefix_ptr": "*i64",

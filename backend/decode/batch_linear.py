@@ -1,12 +1,14 @@
 """One linear of the batched fast decoder, read as it is stored: NF4 and the int4 release packed through
 ``backend.kernels.gemv_4bit.quant_linear`` (RMSNorm, SwiGLU and the residual folded in) up to 64 rows; one
-row through the one-row decoder's GEMV; more int8 rows through ``int8_linear.matmul`` (its tensor-core tiles
+row through the one-row decoder's GEMV; 2-4 int8 rows through ``kernels.gemv_rows`` (that GEMV reading each
+weight tile once for all of them); more int8 rows through ``int8_linear.matmul`` (its tensor-core tiles
 widen the int8 weight in registers; on the H200 they read it 1.5-4x faster than quant_linear's int8 tiles
 from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm and SwiGLU as one launch each; 16-bit weights through
 cuBLAS; long prompts through tensor cores on the weight widened a block at a time."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -14,14 +16,15 @@ import torch.nn.functional as F
 
 from ..int4_release import packed_linear
 from ..int8_linear import LinearWeights
+from ..kernels import gemv_rows
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, quant_linear, quantized_weight
 from ..lean_autograd import rms_norm
 
 QUANT_MAX_M = 64  # 4-bit rows up to this go through quant_linear; more widen each weight for one tensor-core matmul
 # Up to this many rows, int8 and 16-bit linears run the one-row decoder's GEMV once a row: one row is 2.5 ms a
-# step that way on the H200; from two rows the int8 matmul's tiles read the weight once for all of them (a
-# compare's two rows: 400 tok/s together against 216 through the GEMV twice, bench/NOTES.md run 9)
+# step that way on the H200; from two rows the weight must be read once for all of them (a compare's two rows:
+# 400 tok/s together through the int8 matmul's tiles against 216 through the GEMV twice, bench/NOTES.md run 9)
 ONE_ROW_GEMV_MAX_M = 1
 
 
@@ -41,12 +44,17 @@ class BatchLinear:
             self.one_row = LinearWeights(self.w, None, self.bias)
         elif self.q.fmt == "int8":
             self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias)
+        # 2-4 int8 rows through gemv_rows (each weight tile read once for all of them); 0: the matmul, for an A/B
+        self.rows_gemv = os.environ.get("GLMCHAT_ROWS_GEMV", "1") != "0"
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True):
         """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
         a prompt, whose launches are paid on the host)."""
         if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
+        if self.rows_gemv and self.q is not None and gemv_rows.takes(x, self.one_row) and kernels_run(x):
+            return gemv_rows.gemv_rows(x, self.one_row, norm_weight=norm, eps=eps, swiglu=swiglu, residual=residual,
+                                       out=out)
         if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M:
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
         fused = kernels_run(x)

@@ -169,12 +169,16 @@ def test_a_next_turn_reuses_the_parked_row_and_gives_the_same_tokens():
     assert reused == fresh
 
 
-def test_int8_rows_through_the_gemv_or_the_matmul_equal_the_packed_kernels():
-    """One row of an int8 linear runs int8_linear.gemv, more rows the int8 matmul (here its CPU form) with RMSNorm
-    and SwiGLU as kernels of their own: the same sums as quant_linear's, epilogues included."""
+def test_int8_rows_through_the_gemvs_or_the_matmul_equal_the_packed_kernels(monkeypatch):
+    """One row of an int8 linear runs int8_linear.gemv, 2-4 rows kernels.gemv_rows, more the int8 matmul (here its
+    CPU form) with RMSNorm and SwiGLU as kernels of their own: the same sums as quant_linear's, epilogues included."""
     from backend.decode.batch_linear import ONE_ROW_GEMV_MAX_M, BatchLinear
+    from backend.kernels import gemv_rows
     from backend.kernels.gemv_4bit import quant_linear
 
+    rows_seen = []
+    real = gemv_rows.gemv_rows
+    monkeypatch.setattr(gemv_rows, "gemv_rows", lambda x, *a, **k: rows_seen.append(x.shape[0]) or real(x, *a, **k))
     layer = torch.nn.Module()
     layer.weight = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
     layer.weight_scale = torch.rand(24) * 1e-2
@@ -182,13 +186,19 @@ def test_int8_rows_through_the_gemv_or_the_matmul_equal_the_packed_kernels():
     lin = BatchLinear(layer, torch.float32, "dense")
     assert lin.q.fmt == "int8" and ONE_ROW_GEMV_MAX_M == 1
     g = 1 + 0.1 * torch.randn(64)
-    for m in (1, 2, 5):
+    for m in (1, 2, 3, 4, 5):
         x, res = torch.randn(m, 64), torch.randn(m, 12)
         out = lin(x, norm=g, swiglu=True, residual=res)
         ref = quant_linear(x, lin.q, norm_weight=g, swiglu=True, residual=res)
         assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4), m
         res = torch.randn(m, 24)
         assert torch.allclose(lin(x, residual=res), quant_linear(x, lin.q, residual=res), rtol=1e-4, atol=1e-4), m
+    assert rows_seen == [2, 2, 3, 3, 4, 4]
+    # GLMCHAT_ROWS_GEMV=0 (the A/B switch) sends them to the matmul
+    monkeypatch.setenv("GLMCHAT_ROWS_GEMV", "0")
+    off = BatchLinear(layer, torch.float32, "dense")
+    x = torch.randn(2, 64)
+    assert torch.allclose(off(x), lin(x), rtol=1e-4, atol=1e-4) and rows_seen[-1] == 2 and len(rows_seen) == 7
 
 
 def test_steps_fed_on_the_device_give_the_tokens_of_host_fed_steps():

@@ -1,0 +1,258 @@
+"""An int8 GEMV for a few activation rows (2-4: compare's two replies, a server's first streams, the tail of an
+evaluation): each weight tile is read once for all the rows, in the one-row GEMV's form.
+
+Why its own kernel: at 2-4 rows a decode step's linears are bound by the weight bytes read, as at one row.
+``int8_linear.matmul`` reads them through tensor-core tiles 16 rows tall (2 of them used), and
+``gemv_4bit``'s ``rows`` kernel sums a [rows, n, k] product whose layout Triton spreads across threads; the
+one-row GEMV (``int8_linear.gemv``: 2D tiles, float32 row sums, the int8 widened by one integer op) reads
+them fastest. So this kernel is that GEMV with one set of row sums per activation row, unrolled for up to
+``ROWS_MAX`` rows (no list of tensors in Triton): x is the only thing read once a row.
+
+Fused as in the batched decoder's linears: RMSNorm before (its weight multiplies x, the row's 1/rms the sums),
+then the row scale, the bias, and either SwiGLU (``silu(W[:F] x) * W[F:] x``) or the residual add.
+The tile config is tuned on first use per GPU model and shape (``tuning.pick``, cached on disk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import tuning
+from ..int8_linear import HAVE_TRITON, LinearWeights
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ..int8_linear import int8_as_float
+
+ROWS_MIN, ROWS_MAX = 2, 4
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _load_row(x_ptr, g, kk, K, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+        # one activation row's K tile in float32, times the norm weight g; and the raw values (for 1/rms)
+        if EVEN_K:
+            x = tl.load(x_ptr + kk).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if NORM:
+            return x * g, x
+        return x, x
+
+    @triton.jit
+    def _load_norm(norm_ptr, kk, K, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+        if NORM:
+            if EVEN_K:
+                return tl.load(norm_ptr + kk).to(tl.float32)
+            return tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        return tl.zeros(kk.shape, dtype=tl.float32)
+
+    @triton.jit
+    def _row_stats(x_ptr, norm_ptr, K, eps, BLOCK_K: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr,
+                   EVEN_K: tl.constexpr):
+        # a row's 1/rms and CVT 2's offset (1.5 x the sum of the normed x), in a pass of their own over x (a few KB,
+        # from L2) so that the weight loop keeps nothing per K element
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x, raw = _load_row(x_ptr, _load_norm(norm_ptr, kk, K, NORM, EVEN_K), kk, K, NORM, EVEN_K)
+            ss += raw * raw
+            xs += x
+        r = 1.0
+        if NORM:
+            r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        off = 0.0
+        if CVT == 2:
+            off = 1.5 * tl.sum(xs, axis=0)
+        return r, off
+
+    @triton.jit
+    def _row_out(acc_a, acc_b, r, off, row, n, mask_n, F_OFF, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm,
+                 stride_om, CVT: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr):
+        # one activation row's outputs: CVT 2's offset removed, 1/rms, scale and bias, then SwiGLU or the residual
+        a = acc_a
+        b = acc_b
+        if CVT == 2:
+            a = (a - off) * 256.0
+            b = (b - off) * 256.0
+        a = a * r * tl.load(scale_ptr + n, mask=mask_n, other=0.0)
+        if HAS_BIAS:
+            a = a + tl.load(bias_ptr + n, mask=mask_n, other=0.0).to(tl.float32)
+        if SWIGLU:
+            b = b * r * tl.load(scale_ptr + F_OFF + n, mask=mask_n, other=0.0)
+            if HAS_BIAS:
+                b = b + tl.load(bias_ptr + F_OFF + n, mask=mask_n, other=0.0).to(tl.float32)
+            y = a / (1.0 + tl.exp(-a)) * b
+        else:
+            y = a
+            if RESIDUAL:
+                y = y + tl.load(res_ptr + row * stride_rm + n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _gemv_rows_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
+        N_OUT, F_OFF, K, stride_xm, stride_rm, stride_om, eps,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr,
+        NORM: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    ):
+        # program: BLOCK_N output columns (SwiGLU: their gate rows n and up rows F_OFF + n), read once for ROWS rows
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = n < N_OUT
+        offs_k = tl.arange(0, BLOCK_K)
+        wa_ptrs = w_ptr + n.to(tl.int64)[:, None] * K + offs_k[None, :]
+        wb_ptrs = w_ptr + (n + F_OFF).to(tl.int64)[:, None] * K + offs_k[None, :]
+        a0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        a1, a2, a3, b0, b1, b2, b3 = a0, a0, a0, a0, a0, a0, a0
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            if EVEN_K and EVEN_N:
+                wa = tl.load(wa_ptrs + k0)
+            else:
+                wa = tl.load(wa_ptrs + k0, mask=mask_n[:, None] & (kk < K)[None, :], other=0)
+            wa = int8_as_float(wa, CVT)
+            wb = wa
+            if SWIGLU:
+                if EVEN_K and EVEN_N:
+                    wb = tl.load(wb_ptrs + k0)
+                else:
+                    wb = tl.load(wb_ptrs + k0, mask=mask_n[:, None] & (kk < K)[None, :], other=0)
+                wb = int8_as_float(wb, CVT)
+            g = _load_norm(norm_ptr, kk, K, NORM, EVEN_K)
+            # unrolled by hand for up to ROWS_MAX rows: a Triton loop cannot index a list of accumulators
+            x, _ = _load_row(x_ptr, g, kk, K, NORM, EVEN_K)
+            a0 += tl.sum(wa * x[None, :], axis=1)
+            if SWIGLU:
+                b0 += tl.sum(wb * x[None, :], axis=1)
+            x, _ = _load_row(x_ptr + stride_xm, g, kk, K, NORM, EVEN_K)
+            a1 += tl.sum(wa * x[None, :], axis=1)
+            if SWIGLU:
+                b1 += tl.sum(wb * x[None, :], axis=1)
+            if ROWS > 2:
+                x, _ = _load_row(x_ptr + 2 * stride_xm, g, kk, K, NORM, EVEN_K)
+                a2 += tl.sum(wa * x[None, :], axis=1)
+                if SWIGLU:
+                    b2 += tl.sum(wb * x[None, :], axis=1)
+            if ROWS > 3:
+                x, _ = _load_row(x_ptr + 3 * stride_xm, g, kk, K, NORM, EVEN_K)
+                a3 += tl.sum(wa * x[None, :], axis=1)
+                if SWIGLU:
+                    b3 += tl.sum(wb * x[None, :], axis=1)
+        outs = (F_OFF, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, CVT, HAS_BIAS, RESIDUAL, SWIGLU)
+        r, off = _row_stats(x_ptr, norm_ptr, K, eps, BLOCK_K, CVT, NORM, EVEN_K)
+        _row_out(a0, b0, r, off, 0, n, mask_n, *outs)
+        r, off = _row_stats(x_ptr + stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM, EVEN_K)
+        _row_out(a1, b1, r, off, 1, n, mask_n, *outs)
+        if ROWS > 2:
+            r, off = _row_stats(x_ptr + 2 * stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM, EVEN_K)
+            _row_out(a2, b2, r, off, 2, n, mask_n, *outs)
+        if ROWS > 3:
+            r, off = _row_stats(x_ptr + 3 * stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM, EVEN_K)
+            _row_out(a3, b3, r, off, 3, n, mask_n, *outs)
+
+
+@dataclass(frozen=True)
+class RowsGemvConfig:
+    block_n: int = 8  # output columns a program (SwiGLU: that many gate rows and as many up rows)
+    block_k: int = 1024  # weights along K a tile
+    num_warps: int = 4
+    cvt: int = 2  # int8 -> float32 as int8_linear.int8_as_float
+
+
+def candidate_configs(swiglu: bool) -> list[RowsGemvConfig]:
+    """Configs tried when tuning, the default first: the one-row GEMV's best tiles on the H100/H200 (8 weight rows
+    of 1024 a program, bench/NOTES.md run 5), then shorter and longer tiles. Four: each is compiled and timed for
+    five weights at 2 and 4 rows the first time a card runs them (the batched decoder's warm-up, or a first
+    compare). At 4 rows, 128 threads and these tiles use 118-160 registers without spills on sm_90 (ptxas)."""
+    rows = 4 if swiglu else 8  # SwiGLU reads two row sets a program: half the columns keeps the tile's bytes
+    return [RowsGemvConfig(rows, 1024), RowsGemvConfig(rows, 512), RowsGemvConfig(2 * rows, 512),
+            RowsGemvConfig(rows // 2, 2048)]
+
+
+def takes(x: torch.Tensor, lw: Optional[LinearWeights]) -> bool:
+    """Whether ``gemv_rows`` serves these rows: 2-4 of them against int8 weights, with Triton at hand."""
+    return HAVE_TRITON and lw is not None and lw.is_int8 and ROWS_MIN <= x.shape[0] <= ROWS_MAX
+
+
+_chosen: dict[tuple, RowsGemvConfig] = {}  # (key, device) -> config: the hot path is one dict lookup
+
+
+def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.device, swiglu: bool,
+                 timer=None) -> RowsGemvConfig:
+    """The config for this weight at m rows on this GPU model: cached, else tuned now on scratch buffers (their own
+    generator, so the global RNG and seeded sampling are untouched); during a CUDA-graph capture, the default."""
+    n, k = lw.weight.shape
+    key = f"gemv_rows|N{n}|K{k}|M{m}|{str(dtype).split('.')[-1]}{'|swiglu' if swiglu else ''}"
+    memo = (key, str(device))
+    if memo in _chosen and timer is None:
+        return _chosen[memo]
+    scratch: dict = {}
+
+    def run(cfg: RowsGemvConfig) -> None:
+        if not scratch:
+            gen = torch.Generator(device=device).manual_seed(0)
+            scratch["x"] = torch.randn(m, k, device=device, generator=gen).to(dtype)
+            scratch["out"] = torch.empty(m, n // 2 if swiglu else n, device=device, dtype=dtype)
+        _launch(scratch["x"], lw, scratch["out"], None, None, 1e-5, swiglu, cfg)
+
+    cfg = tuning.pick(key, candidate_configs(swiglu), run, device, timer=timer)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _chosen[memo] = cfg
+    return cfg
+
+
+def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: RowsGemvConfig) -> None:
+    m, k = x.shape
+    n_out = out.shape[1]
+    dummy = out
+    bias = lw.bias
+    _gemv_rows_kernel[(triton.cdiv(n_out, cfg.block_n),)](
+        x, lw.weight, lw.scale, bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy,
+        residual if residual is not None else dummy, out,
+        n_out, n_out if swiglu else 0, k, x.stride(0), residual.stride(0) if residual is not None else 0,
+        out.stride(0), eps,
+        ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CVT=cfg.cvt, NORM=norm_weight is not None,
+        HAS_BIAS=bias is not None, RESIDUAL=residual is not None and not swiglu, SWIGLU=swiglu,
+        EVEN_K=k % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=1,
+    )
+
+
+def gemv_rows(
+    x: torch.Tensor,
+    lw: LinearWeights,
+    *,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+    swiglu: bool = False,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[RowsGemvConfig] = None,
+) -> torch.Tensor:
+    """``out = epilogue(norm(x) @ W.T * scale + bias)`` for x [M, K], 2 <= M <= 4, int8 W [N, K] with its row scale.
+
+    ``norm_weight`` [K]: RMSNorm each row first (eps). ``swiglu``: W has 2F rows, out [M, F] =
+    silu(y[:, :F]) * y[:, F:]; a ``residual`` is then added after it. Otherwise ``residual`` [M, N] is added in
+    the kernel (it may be ``out`` itself). ``config``: the tiles (benchmarks), else tuned for this GPU model."""
+    m, k = x.shape
+    n = lw.weight.shape[0]
+    if not ROWS_MIN <= m <= ROWS_MAX or not lw.is_int8 or k != lw.weight.shape[1]:
+        raise ValueError(f"gemv_rows takes {ROWS_MIN}-{ROWS_MAX} rows of {lw.weight.shape[1]} against int8 weights, "
+                         f"got {tuple(x.shape)}")
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu needs an even number of weight rows, got {n}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(m, n // 2 if swiglu else n, device=x.device, dtype=x.dtype)
+    cfg = config or tuned_config(lw, m, x.dtype, x.device, swiglu)
+    _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg)
+    if swiglu and residual is not None:
+        out += residual
+    return out

@@ -1,0 +1,91 @@
+"""The few-rows int8 GEMV (backend/kernels/gemv_rows.py) under Triton's interpreter: for 2-4 activation rows, every
+config it may be tuned to and every int8 conversion gives the dequantised product with RMSNorm, bias, SwiGLU and
+the residual (in place too), for K and N that fill the tiles and that do not. Run through
+tests/test_kernels_batch.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs under Triton's interpreter via tests/test_kernels_batch.py"
+)
+pytest.importorskip("triton")
+
+from backend.kernels.interpreter_compat import numpy_compat  # noqa: E402
+
+numpy_compat()
+
+from backend.int8_linear import LinearWeights, quantize_per_channel  # noqa: E402
+from backend.kernels.gemv_rows import RowsGemvConfig, candidate_configs, gemv_rows, takes  # noqa: E402
+
+
+def reference(x, lw, norm=None, swiglu=False, residual=None, eps=1e-5):
+    x = x.double()
+    if norm is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.double()
+    y = x @ (lw.weight.double() * lw.scale.double()[:, None]).T
+    if lw.bias is not None:
+        y = y + lw.bias.double()
+    if swiglu:
+        a, b = y.chunk(2, dim=-1)
+        y = F.silu(a) * b
+    return y if residual is None else y + residual.double()
+
+
+def weights(n, k, bias, seed):
+    torch.manual_seed(seed)
+    q, scale = quantize_per_channel(torch.randn(n, k) * 0.05)
+    return LinearWeights(q, scale, torch.randn(n) * 0.1 if bias else None)
+
+
+SMALL = [RowsGemvConfig(8, 64), RowsGemvConfig(4, 128, cvt=0), RowsGemvConfig(16, 64, cvt=1), RowsGemvConfig(2, 256)]
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("k", [256, 200])
+def test_plain_rows_with_norm_bias_and_residual_equal_the_dequantised_product(m, k):
+    lw = weights(20, k, bias=True, seed=m * k)
+    x, g = torch.randn(m, k), 1 + 0.1 * torch.randn(k)
+    for cfg in SMALL:
+        want = reference(x, lw)
+        assert torch.allclose(gemv_rows(x, lw, config=cfg).double(), want, rtol=1e-4, atol=1e-4), cfg
+        res = torch.randn(m, 20)
+        want = reference(x, lw, norm=g, residual=res)
+        got = gemv_rows(x, lw, norm_weight=g, residual=res, config=cfg)
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4), cfg
+        # in place, as the decoder adds a linear's output to its residual stream
+        got = gemv_rows(x, lw, norm_weight=g, residual=res, out=res, config=cfg)
+        assert got.data_ptr() == res.data_ptr() and torch.allclose(res.double(), want, rtol=1e-4, atol=1e-4), cfg
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_swiglu_rows_read_the_gate_and_up_halves(m):
+    k, f = 192, 12
+    lw = weights(2 * f, k, bias=False, seed=m)
+    x, g, res = torch.randn(m, k), 1 + 0.1 * torch.randn(k), torch.randn(m, f)
+    for cfg in SMALL + candidate_configs(swiglu=True)[:1]:
+        want = reference(x, lw, norm=g, swiglu=True, residual=res)
+        got = gemv_rows(x, lw, norm_weight=g, swiglu=True, residual=res, config=cfg)
+        assert got.shape == (m, f) and torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4), cfg
+
+
+def test_strided_rows_and_the_default_config():
+    """Rows taken from a wider buffer (the decoder's views), with the untuned default config on the CPU."""
+    lw = weights(40, 256, bias=False, seed=1)
+    wide = torch.randn(3, 300)
+    x = wide[:, :256]
+    assert x.stride(0) == 300
+    assert torch.allclose(gemv_rows(x, lw).double(), reference(x, lw), rtol=1e-4, atol=1e-4)
+
+
+def test_it_takes_two_to_four_int8_rows_only():
+    lw = weights(8, 64, bias=False, seed=2)
+    assert [takes(torch.zeros(m, 64), lw) for m in range(1, 6)] == [False, True, True, True, False]
+    assert not takes(torch.zeros(2, 64), LinearWeights(torch.randn(8, 64)))
+    with pytest.raises(ValueError, match="2-4 rows"):
+        gemv_rows(torch.zeros(5, 64), lw)
