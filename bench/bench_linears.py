@@ -5,6 +5,7 @@ batched decoder (``quant_linear``) against the Triton matmul for the decode rows
 
     PYTHONPATH=. python bench/bench_linears.py > linears.jsonl
     PYTHONPATH=. python bench/bench_linears.py --decode-graphs > decode_graphs.jsonl  # decode rows, in CUDA graphs
+    PYTHONPATH=. python bench/bench_linears.py --few-rows > few_rows.jsonl  # 1, 2 and 4 rows: the GEMVs, the matmul
 
 One JSON line per (shape, rows): microseconds of each path and the TFLOP/s it reaches. A kernel timed alone
 (back to back with itself) is a guide for the threshold, not a user figure: the recipe and evaluation runs
@@ -142,6 +143,41 @@ def decode_rows_in_graphs(rows=(2, 8, 64)) -> None:
                   flush=True)
 
 
+def few_rows_in_graphs(rows=(1, 2, 4)) -> None:
+    """For compare's two rows and a server's first streams: ``gemv_rows`` with each config it may be tuned to,
+    the one-row GEMV once a row, and the matmul (``matmul_config``), inside CUDA graphs over 8 weight copies;
+    fc1 with SwiGLU as the decoder calls it. The % is of the copy bandwidth measured here."""
+    from backend.int8_linear import default_gemv_config, gemv, matmul_config
+    from backend.kernels.gemv_rows import candidate_configs, gemv_rows
+    from bench_engine import copy_bandwidth
+
+    bandwidth = copy_bandwidth()  # bytes read + written a second by a large copy, as bench_engine's bound
+    for name, N, K in SHAPES:
+        swiglu = name == "fc1"
+        copies = [LinearWeights(*quantize_per_channel(torch.randn(N, K, device="cuda") * 0.02), None) for _ in range(8)]
+        for m in rows:
+            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
+            out = torch.empty(m, N // 2 if swiglu else N, device="cuda", dtype=torch.float16)
+            one = default_gemv_config(name, True)
+            paths = {"gemv_once_a_row": lambda lw: [gemv(x[i], lw, out[i], swiglu=swiglu, config=one) for i in range(m)]}
+            if m > 1:
+                paths["matmul " + str(matmul_config(m, N, K))] = lambda lw: matmul(x, lw)
+            for cfg in candidate_configs(swiglu) if m > 1 else ():
+                paths[f"gemv_rows {cfg.block_n}x{cfg.block_k}"] = lambda lw, cfg=cfg: gemv_rows(
+                    x, lw, swiglu=swiglu, out=out, config=cfg)
+            us = {}
+            for path, call in paths.items():
+                try:
+                    us[path] = round(graph_us([lambda lw=lw: call(lw) for lw in copies]), 1)
+                except Exception as err:  # noqa: BLE001 - a config this card cannot run
+                    us[path] = str(err)[:60]
+            timed_ok = {p: t for p, t in us.items() if isinstance(t, float)}
+            best = min(timed_ok, key=timed_ok.get)
+            pct = round(100 * N * K / (timed_ok[best] * 1e-6) / bandwidth, 1)
+            print(json.dumps({"what": "few_rows_graph", "shape": name, "rows": m, "us": us, "best": best,
+                              "best_pct_of_copy_bound": pct}), flush=True)
+
+
 def main() -> None:
     torch.manual_seed(0)
     lws = {}
@@ -151,6 +187,9 @@ def main() -> None:
     print(json.dumps({"what": "device", "name": torch.cuda.get_device_name()}), flush=True)
     if "--decode-graphs" in sys.argv:  # only the decode rows, timed inside CUDA graphs
         decode_rows_in_graphs()
+        return
+    if "--few-rows" in sys.argv:
+        few_rows_in_graphs()
         return
     training_rows(lws)
     decode_rows(lws)

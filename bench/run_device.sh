@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The device figures of BENCHMARKS.md, through the entry points users run, one section per device call
-# (each fits the 10-minute limit). On the GPU machine (run tool, carry ".whl" and ".carry", where .carry
-# holds ../shared/reference/chatglm2/tokenizer.model and ../shared/reference/advertisegen/dev.json):
+# (each fits the 10-minute limit). On the GPU machine (run tool, carry ".whl" and ".carry", both made here by
+# bench/prepare_carry.sh: wheels, and the tokenizer and dev set from ../shared/reference):
 #
 #   bash bench/run_device.sh decode   # fast-batch GPU checks; ChatEngine decode: 8-bit (batched and one-row),
 #                                     # NF4, the int4 release, bf16 (bench_engine.py)
 #   bash bench/run_device.sh serving  # train_cli.py eval on 1070 examples; glmchat serve under 1/8/64 streams
 #   bash bench/run_device.sh cards    # small cards under memory caps; the train.sh recipe, 60 steps of each variant
 #   bash bench/run_device.sh recipe   # the whole train.sh recipe (3000 steps, ~7.5 min on an H200)
-#   bash bench/run_device.sh linears  # int8 linears: Triton against cuBLAS on the widened weight, tile configs
+#   bash bench/run_device.sh linears  # int8 linears at 1-4 rows (the GEMVs, the matmul) in graphs; Triton against
+#                                     # cuBLAS on the widened weight, tile configs
 #   bash bench/run_device.sh profile  # where a batched step's time goes at 1/2/8/64 rows (profile_batch_step.py)
+#   bash bench/run_device.sh ab-decode  # A/B in one call: decode-ahead on/off, the few-rows GEMV on/off
+#   bash bench/run_device.sh ab-serve   # serve with 4 client processes and 1; eval twice; --prompt by stages
 #
 # .whl holds the packages the GPU image lacks (bitsandbytes with only its CUDA 13 library, jieba, datasets,
 # dill, multiprocess, fastapi, starlette, pydantic, pydantic-core, annotated-types, typing-inspection,
@@ -35,7 +38,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in serving|profile|recipe|linears) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in serving|profile|recipe|linears|ab-decode|ab-serve) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -85,8 +88,40 @@ recipe)
   stamp "recipe"; cut -c1-900 "$OUT/recipe_full.jsonl"
   ;;
 linears)
+  timeout 120 python3 bench/bench_linears.py --few-rows > "$OUT/few_rows.jsonl" 2> "$OUT/few_rows.err"
+  stamp "few rows"; cut -c1-400 "$OUT/few_rows.jsonl"; tail -n 3 "$OUT/few_rows.err"
   timeout 300 python3 bench/bench_linears.py > "$OUT/linears.jsonl" 2> "$OUT/linears.err"
   stamp "linears"; tail -n 3 "$OUT/linears.err"
+  ;;
+ab-decode)
+  # within one call (figures from different machines differ by more than these changes): decode-ahead and the
+  # few-rows GEMV each on and off; check_fast_batch first (its greedy rows go through both, in graphs)
+  timeout 120 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-160
+  engine ahead1 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
+  GLMCHAT_DECODE_AHEAD=0 engine ahead0 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
+  GLMCHAT_ROWS_GEMV=0 engine rows0 --model /tmp/glm6b --quantization 8bit --rows 2
+  for f in ahead1 ahead0 rows0; do echo "$f:"; grep -a '"chat"\|"compare"\|"batch"' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
+  ;;
+ab-serve)
+  # the server's 64 streams with the client in 4 processes and in 1; evaluation twice (cold, then warm Triton
+  # cache); `glmchat --prompt` stage by stage (image packages lack .pyc: keep them under /tmp as an install would)
+  export PYTHONPYCACHEPREFIX=/tmp/pyc
+  for clients in 4 1; do
+    timeout 120 python3 bench/bench_serve.py --model /tmp/glm6b --quantization 8bit --concurrency 1,64 --clients $clients \
+        --out "$OUT/serve_c$clients.json" > "$OUT/serve_c$clients.log" 2>&1
+    stamp "serve, $clients client processes"; tail -n 2 "$OUT/serve_c$clients.log"
+  done
+  for run in 1 2; do
+    s=$(date +%s)
+    timeout 120 python3 train_cli.py eval --model /tmp/glm6b --quantization 8bit --validation-file "$DEV" \
+        --prompt-column content --response-column summary --max-target-length 128 --output-dir /tmp/eval \
+        > "$OUT/eval$run.log" 2>&1
+    echo "{\"what\": \"eval\", \"run\": $run, \"rc\": $?, \"seconds\": $(( $(date +%s) - s ))}" | tee -a "$OUT/eval.jsonl"
+  done
+  P=(--model /tmp/glm6b --quantization 8bit --prompt "类型#裙*颜色#红色*风格#复古" --max-new-tokens 128)
+  for run in 1 2; do
+    T0=$(date +%s.%N) timeout 120 python3 bench/probe_prompt.py "${P[@]}" 2>&1 >/dev/null | grep -a "^mark" | tee "$OUT/prompt$run.txt"
+  done
   ;;
 profile)
   timeout 300 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 1,2,8,64 \
@@ -94,7 +129,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|profile" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|profile|ab-decode|ab-serve" >&2
   exit 2
   ;;
 esac
