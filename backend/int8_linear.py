@@ -520,14 +520,21 @@ def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: torch.Te
                        **({"launch_pdl": True} if pdl else {}))
 
 
-def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, split_k: bool = True) -> torch.Tensor:
+def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, split_k: bool = True,
+           swap: Optional[bool] = None) -> torch.Tensor:
     """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
     from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight. ``config``: (BLOCK_M, BLOCK_N,
     BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks); ``split_k`` False: one launch
-    (no K splits) where launches cost host time."""
+    (no K splits) where launches cost host time. ``swap``: int8 decode rows through ``kernels.matmul_swapped``
+    (the weight as the tensor cores' first operand); None: whichever this card ran faster on first use."""
     M, K = x.shape
     if lw.is_int8 and M >= WIDEN_MIN_ROWS and config is None:
         return widened_linear(x, lw)
+    if swap is not False and lw.is_int8:
+        from .kernels import matmul_swapped as swapped
+
+        if swap or (config is None and swapped.prefers_swapped(x, lw, split_k)):
+            return swapped.matmul_swapped(x, lw, config, split_k)
     N = lw.weight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()

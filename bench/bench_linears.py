@@ -79,7 +79,7 @@ def decode_rows(lws: dict) -> None:
         for m in DECODE_ROWS + (192,):
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
             row = {"what": "decode_linear", "shape": name, "rows": m, "config": matmul_config(m, N, K),
-                   "matmul_us": round(timed(lambda: matmul(x, lw)) * 1e3, 1)}
+                   "matmul_us": round(timed(lambda: matmul(x, lw, swap=False)) * 1e3, 1)}
             if m <= 64:
                 row["quant_linear_us"] = round(timed(lambda: quant_linear(x, q, None)) * 1e3, 1)
             grid = {}
@@ -112,10 +112,12 @@ def graph_us(calls: list, reps: int = 20) -> float:
     return 1e3 * replay_ms(graph, reps) / len(calls)
 
 
-def decode_rows_in_graphs(rows=(2, 8, 64)) -> None:
+def decode_rows_in_graphs(rows=(8, 16, 64)) -> None:
     """The decode rows' matmul configs timed inside CUDA graphs over 8 copies of each weight (more than the L2
-    holds): ``matmul_config``'s choice against a grid with K splits (to choose the K splits of ``matmul_config``)."""
+    holds): ``matmul_config``'s choice against a grid with K splits (to choose the K splits of ``matmul_config``),
+    and the swapped form at ``matmul_config``'s tiles."""
     from backend.int8_linear import matmul_config
+    from backend.kernels.matmul_swapped import matmul_swapped
 
     for name, N, K in SHAPES:
         copies = [LinearWeights(*quantize_per_channel(torch.randn(N, K, device="cuda") * 0.02), None) for _ in range(8)]
@@ -130,16 +132,22 @@ def decode_rows_in_graphs(rows=(2, 8, 64)) -> None:
                         for split in (1, 2, 4, 8):
                             config = (bm, bn, bk, warps, stages, split)
                             try:
-                                grid[config] = round(graph_us([lambda lw=lw: matmul(x, lw, config) for lw in copies]), 1)
+                                grid[config] = round(graph_us([lambda lw=lw: matmul(x, lw, config, swap=False)
+                                                               for lw in copies]), 1)
                             except Exception as err:  # noqa: BLE001 - a config that does not fit shared memory
                                 grid[config] = str(err)[:40]
             timings = {c: t for c, t in grid.items() if isinstance(t, float)}
             best = min(timings, key=timings.get)
-            now = timings.get(chosen) or round(graph_us([lambda lw=lw: matmul(x, lw) for lw in copies]), 1)
+            now = timings.get(chosen) or round(graph_us([lambda lw=lw: matmul(x, lw, swap=False) for lw in copies]), 1)
             unsplit = min(t for c, t in timings.items() if c[-1] == 1)
+            # the swapped form (the weight as wgmma's register operand) at matmul_config's tiles, split and not
+            swapped = {split_k: round(graph_us([lambda lw=lw: matmul_swapped(x, lw, split_k=split_k) for lw in copies]), 1)
+                       for split_k in (True, False)}
             print(json.dumps({"what": "decode_linear_graph", "shape": name, "rows": m, "config": chosen, "us": now,
                               "best_config": best, "best_us": timings[best], "best_unsplit_us": unsplit,
-                              "tb_s": round(N * K / now / 1e6, 2), "best_tb_s": round(N * K / timings[best] / 1e6, 2)}),
+                              "swapped_us": swapped[True], "swapped_unsplit_us": swapped[False],
+                              "tb_s": round(N * K / now / 1e6, 2), "best_tb_s": round(N * K / timings[best] / 1e6, 2),
+                              "swapped_tb_s": round(N * K / swapped[True] / 1e6, 2)}),
                   flush=True)
 
 
@@ -161,7 +169,8 @@ def few_rows_in_graphs(rows=(1, 2, 4)) -> None:
             one = default_gemv_config(name, True)
             paths = {"gemv_once_a_row": lambda lw: [gemv(x[i], lw, out[i], swiglu=swiglu, config=one) for i in range(m)]}
             if m > 1:
-                paths["matmul " + str(matmul_config(m, N, K))] = lambda lw: matmul(x, lw)
+                paths["matmul " + str(matmul_config(m, N, K))] = lambda lw: matmul(x, lw, swap=False)
+                paths["matmul_swapped"] = lambda lw: matmul(x, lw, swap=True)
             for cfg in candidate_configs(swiglu) if m > 1 else ():
                 paths[f"gemv_rows {cfg.block_n}x{cfg.block_k}"] = lambda lw, cfg=cfg: gemv_rows(
                     x, lw, swiglu=swiglu, out=out, config=cfg)

@@ -11,7 +11,7 @@
 #   bash bench/run_device.sh linears  # int8 linears at 1-4 rows (the GEMVs, the matmul) in graphs; Triton against
 #                                     # cuBLAS on the widened weight, tile configs
 #   bash bench/run_device.sh profile  # where a batched step's time goes at 1/2/8/64 rows (profile_batch_step.py)
-#   bash bench/run_device.sh ab-decode  # A/B in one call: decode-ahead on/off, the few-rows GEMV on/off
+#   bash bench/run_device.sh ab-decode  # A/B in one call: decode-ahead, the few-rows GEMV, the swapped matmul
 #   bash bench/run_device.sh ab-serve   # serve with 4 client processes and 1; eval twice; --prompt by stages
 #
 # .whl holds the packages the GPU image lacks (bitsandbytes with only its CUDA 13 library, jieba, datasets,
@@ -94,13 +94,15 @@ linears)
   stamp "linears"; tail -n 3 "$OUT/linears.err"
   ;;
 ab-decode)
-  # within one call (figures from different machines differ by more than these changes): decode-ahead and the
-  # few-rows GEMV each on and off; check_fast_batch first (its greedy rows go through both, in graphs)
+  # within one call (figures from different machines differ by more than these changes): decode-ahead, the
+  # few-rows GEMV and the swapped int8 matmul each on and off; check_fast_batch first (its greedy rows go through
+  # all three, in graphs)
   timeout 120 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-160
   engine ahead1 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
   GLMCHAT_DECODE_AHEAD=0 engine ahead0 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
   GLMCHAT_ROWS_GEMV=0 engine rows0 --model /tmp/glm6b --quantization 8bit --rows 2
-  for f in ahead1 ahead0 rows0; do echo "$f:"; grep -a '"chat"\|"compare"\|"batch"' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
+  GLMCHAT_MATMUL_SWAP=0 engine swap0 --model /tmp/glm6b --quantization 8bit --rows 64
+  for f in ahead1 ahead0 rows0 swap0; do echo "$f:"; grep -a '"chat"\|"compare"\|"batch"' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
   ;;
 ab-serve)
   # the server's 64 streams with the client in 4 processes and in 1; evaluation twice (cold, then warm Triton

@@ -110,6 +110,25 @@ def test_the_few_rows_int8_gemv_configs(arch):
                 assert byte_loads(ptx) == 0, (swiglu, rows, cfg)
 
 
+@pytest.mark.parametrize("arch", [90, 80, 75])
+def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
+    """The swapped matmul at every decode-row tile ``matmul_config`` gives, split and not: it compiles and fits, reads
+    int8 by vector loads, and on Hopper hands wgmma the widened weight as its register operand (the point of
+    swapping: the unswapped kernel stores each widened tile to shared memory for wgmma's second operand)."""
+    from backend.int8_linear import matmul_config
+    from backend.kernels.matmul_swapped import _matmul_swapped_kernel
+
+    types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT}
+    configs = {matmul_config(m, n, k) for m in (5, 8, 16, 32, 64) for n, k in SHAPES}
+    configs |= {c[:-1] + (1,) for c in configs}
+    for bm, bn, bk, warps, stages, split in sorted(configs):
+        consts = {"HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
+        ptx = compile_for(_matmul_swapped_kernel, types, consts, arch, warps=warps, stages=stages)
+        assert byte_loads(ptx) == 0, (bm, bn, bk)
+        if arch == 90:  # wgmma.mma_async ... {accumulators}, {A registers}, B descriptor
+            assert re.search(r"wgmma\.mma_async[^;]*\{[^}]*\},\s*\{%r", ptx), (bm, bn, bk)
+
+
 @pytest.mark.parametrize("arch,pdl", TARGETS)
 def test_batched_rotary_and_attention(arch, pdl):
     types = {"qkv_ptr": ACT, "q_ptr": ACT, "k_ptr": ACT, "v_ptr": ACT, "pos_ptr": "*i64", "prefix_ptr": "*i64",
