@@ -90,6 +90,8 @@ recipe)
 linears)
   timeout 120 python3 bench/bench_linears.py --few-rows > "$OUT/few_rows.jsonl" 2> "$OUT/few_rows.err"
   stamp "few rows"; cut -c1-400 "$OUT/few_rows.jsonl"; tail -n 3 "$OUT/few_rows.err"
+  timeout 200 python3 bench/bench_linears.py --decode-graphs > "$OUT/decode_graphs.jsonl" 2> "$OUT/decode_graphs.err"
+  stamp "decode rows in graphs"; cut -c1-400 "$OUT/decode_graphs.jsonl"; tail -n 3 "$OUT/decode_graphs.err"
   timeout 300 python3 bench/bench_linears.py > "$OUT/linears.jsonl" 2> "$OUT/linears.err"
   stamp "linears"; tail -n 3 "$OUT/linears.err"
   ;;

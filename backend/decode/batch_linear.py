@@ -53,10 +53,18 @@ class BatchLinear:
         if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.rows_gemv and self.q is not None and gemv_rows.takes(x, self.one_row) and kernels_run(x):
-            return gemv_rows.gemv_rows(x, self.one_row, norm_weight=norm, eps=eps, swiglu=swiglu, residual=residual,
-                                       out=out)
+            # the few-rows GEMV unless this card ran the matmul path faster for these rows (timed on first use)
+            config = gemv_rows.tuned_config(self.one_row, x.shape[0], x.dtype, x.device, swiglu, norm is not None,
+                                            other=lambda xs: self._matmul_path(xs, norm, eps, swiglu, None, None, split_k))
+            if config is not None:
+                return gemv_rows.gemv_rows(x, self.one_row, norm_weight=norm, eps=eps, swiglu=swiglu,
+                                           residual=residual, out=out, config=config)
         if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M:
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
+        return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
+
+    def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k):
+        """RMSNorm, the wide matmul, SwiGLU and the residual as launches of their own (many rows, or no kernels)."""
         fused = kernels_run(x)
         if norm is not None:
             x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)

@@ -10,13 +10,14 @@ them fastest. So this kernel is that GEMV with one set of row sums per activatio
 
 Fused as in the batched decoder's linears: RMSNorm before (its weight multiplies x, the row's 1/rms the sums),
 then the row scale, the bias, and either SwiGLU (``silu(W[:F] x) * W[F:] x``) or the residual add.
-The tile config is tuned on first use per GPU model and shape (``tuning.pick``, cached on disk).
+The tile config is tuned on first use per GPU model and shape (``tuning.pick``, cached on disk), against the
+caller's matmul path for the same rows: a card where that path is faster keeps it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -164,6 +165,7 @@ class RowsGemvConfig:
     block_k: int = 1024  # weights along K a tile
     num_warps: int = 4
     cvt: int = 2  # int8 -> float32 as int8_linear.int8_as_float
+    kernel: str = "gemv"  # or "other": the caller's other path (the int8 matmul) ran faster on this card
 
 
 def candidate_configs(swiglu: bool) -> list[RowsGemvConfig]:
@@ -181,28 +183,39 @@ def takes(x: torch.Tensor, lw: Optional[LinearWeights]) -> bool:
     return HAVE_TRITON and lw is not None and lw.is_int8 and ROWS_MIN <= x.shape[0] <= ROWS_MAX
 
 
-_chosen: dict[tuple, RowsGemvConfig] = {}  # (key, device) -> config: the hot path is one dict lookup
+_chosen: dict[tuple, Optional[RowsGemvConfig]] = {}  # the hot path is one dict lookup
 
 
 def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.device, swiglu: bool,
-                 timer=None) -> RowsGemvConfig:
-    """The config for this weight at m rows on this GPU model: cached, else tuned now on scratch buffers (their own
-    generator, so the global RNG and seeded sampling are untouched); during a CUDA-graph capture, the default."""
-    n, k = lw.weight.shape
-    key = f"gemv_rows|N{n}|K{k}|M{m}|{str(dtype).split('.')[-1]}{'|swiglu' if swiglu else ''}"
-    memo = (key, str(device))
+                 norm: bool = False, other: Optional[Callable[[torch.Tensor], object]] = None,
+                 timer=None) -> Optional[RowsGemvConfig]:
+    """The config for this weight at m rows on this GPU model: cached, else tuned now on scratch rows (their own
+    generator, so the global RNG and seeded sampling are untouched); during a CUDA-graph capture, the default.
+    ``other(x)``: the caller's other path for the same rows, timed among the candidates; None when it won (the
+    caller takes it). ``norm``: the linear applies RMSNorm first (timed with it, as it runs)."""
+    memo = (lw.weight.shape, m, dtype, swiglu, norm, other is not None, device)
     if memo in _chosen and timer is None:
         return _chosen[memo]
+    n, k = lw.weight.shape
+    key = (f"gemv_rows|N{n}|K{k}|M{m}|{str(dtype).split('.')[-1]}{'|swiglu' if swiglu else ''}{'|norm' if norm else ''}"
+           f"{'|vs_matmul' if other is not None else ''}")
     scratch: dict = {}
 
     def run(cfg: RowsGemvConfig) -> None:
         if not scratch:
             gen = torch.Generator(device=device).manual_seed(0)
             scratch["x"] = torch.randn(m, k, device=device, generator=gen).to(dtype)
+            scratch["g"] = torch.ones(k, device=device, dtype=dtype) if norm else None
             scratch["out"] = torch.empty(m, n // 2 if swiglu else n, device=device, dtype=dtype)
-        _launch(scratch["x"], lw, scratch["out"], None, None, 1e-5, swiglu, cfg)
+        if cfg.kernel == "other":
+            other(scratch["x"])
+        else:
+            _launch(scratch["x"], lw, scratch["out"], scratch["g"], None, 1e-5, swiglu, cfg)
 
-    cfg = tuning.pick(key, candidate_configs(swiglu), run, device, timer=timer)
+    candidates = candidate_configs(swiglu) + ([RowsGemvConfig(kernel="other")] if other is not None else [])
+    cfg: Optional[RowsGemvConfig] = tuning.pick(key, candidates, run, device, timer=timer)
+    if cfg.kernel == "other":
+        cfg = None
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _chosen[memo] = cfg
     return cfg
@@ -251,7 +264,7 @@ def gemv_rows(
         x = x.contiguous()
     if out is None:
         out = torch.empty(m, n // 2 if swiglu else n, device=x.device, dtype=x.dtype)
-    cfg = config or tuned_config(lw, m, x.dtype, x.device, swiglu)
+    cfg = config or tuned_config(lw, m, x.dtype, x.device, swiglu, norm_weight is not None) or RowsGemvConfig()
     _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg)
     if swiglu and residual is not None:
         out += residual

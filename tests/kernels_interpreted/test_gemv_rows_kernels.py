@@ -89,3 +89,31 @@ def test_it_takes_two_to_four_int8_rows_only():
     assert not takes(torch.zeros(2, 64), LinearWeights(torch.randn(8, 64)))
     with pytest.raises(ValueError, match="2-4 rows"):
         gemv_rows(torch.zeros(5, 64), lw)
+
+
+def test_the_callers_matmul_path_is_kept_where_it_timed_faster(tmp_path, monkeypatch):
+    """Tuning times the caller's other path (the int8 matmul) among the GEMV's configs: None when it won, so the
+    caller keeps it on that card; a GEMV config when the GEMV won. Each outcome is cached on disk."""
+    from backend.kernels import gemv_rows as G
+
+    monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path))
+    lw = weights(16, 64, bias=False, seed=3)
+    ran = []
+
+    def other(x):
+        ran.append(x.shape)
+
+    def timer_favouring(other_wins: bool):
+        def timer(fn):
+            before = len(ran)
+            fn()
+            return 1.0 if (len(ran) > before) == other_wins else 2.0
+        return timer
+
+    cpu = torch.device("cpu")
+    assert G.tuned_config(lw, 2, torch.float32, cpu, False, other=other, timer=timer_favouring(True)) is None
+    assert ran and ran[-1] == (2, 64)
+    cfg = G.tuned_config(lw, 3, torch.float32, cpu, True, norm=True, other=other, timer=timer_favouring(False))
+    assert cfg is not None and cfg.kernel == "gemv"
+    cached = sorted(p.name for p in (tmp_path / "kernel-tuning").iterdir())
+    assert cached == ["cpu.json"] and "vs_matmul" in (tmp_path / "kernel-tuning" / "cpu.json").read_text()
