@@ -8,8 +8,9 @@
 #   bash bench/run_device.sh serving  # train_cli.py eval on 1070 examples; glmchat serve under 1/8/64 streams
 #   bash bench/run_device.sh cards    # small cards under memory caps; the train.sh recipe, 60 steps of each variant
 #   bash bench/run_device.sh recipe   # the whole train.sh recipe (3000 steps, ~7.5 min on an H200)
-#   bash bench/run_device.sh linears  # int8 linears at 1-4 rows (the GEMVs, the matmul) in graphs; Triton against
-#                                     # cuBLAS on the widened weight, tile configs
+#   bash bench/run_device.sh linears  # int8 linears at 1-4 rows (both GEMVs, both matmul forms) and the decode
+#                                     # rows' matmul grid, in CUDA graphs
+#   bash bench/run_device.sh linears-train  # int8 linears at training rows: Triton against cuBLAS on the widened weight
 #   bash bench/run_device.sh profile  # where a batched step's time goes at 1/2/8/64 rows (profile_batch_step.py)
 #   bash bench/run_device.sh ab-decode  # A/B in one call: decode-ahead, the few-rows GEMV, the swapped matmul
 #   bash bench/run_device.sh ab-serve   # serve with 4 client processes and 1; eval twice; --prompt by stages
@@ -38,7 +39,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in serving|profile|recipe|linears|ab-decode|ab-serve) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-serve) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -92,6 +93,8 @@ linears)
   stamp "few rows"; cut -c1-400 "$OUT/few_rows.jsonl"; tail -n 3 "$OUT/few_rows.err"
   timeout 200 python3 bench/bench_linears.py --decode-graphs > "$OUT/decode_graphs.jsonl" 2> "$OUT/decode_graphs.err"
   stamp "decode rows in graphs"; cut -c1-400 "$OUT/decode_graphs.jsonl"; tail -n 3 "$OUT/decode_graphs.err"
+  ;;
+linears-train)
   timeout 300 python3 bench/bench_linears.py > "$OUT/linears.jsonl" 2> "$OUT/linears.err"
   stamp "linears"; tail -n 3 "$OUT/linears.err"
   ;;
@@ -133,7 +136,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|profile|ab-decode|ab-serve" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|ab-decode|ab-serve" >&2
   exit 2
   ;;
 esac
