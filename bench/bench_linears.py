@@ -6,6 +6,7 @@ batched decoder (``quant_linear``) against the Triton matmul for the decode rows
     PYTHONPATH=. python bench/bench_linears.py > linears.jsonl
     PYTHONPATH=. python bench/bench_linears.py --decode-graphs > decode_graphs.jsonl  # decode rows, in CUDA graphs
     PYTHONPATH=. python bench/bench_linears.py --few-rows > few_rows.jsonl  # 1, 2 and 4 rows: the GEMVs, the matmul
+    PYTHONPATH=. python bench/bench_linears.py --swapped > swapped.jsonl  # 8-256 rows: the matmul, unswapped and swapped
 
 One JSON line per (shape, rows): microseconds of each path and the TFLOP/s it reaches. A kernel timed alone
 (back to back with itself) is a guide for the threshold, not a user figure: the recipe and evaluation runs
@@ -112,12 +113,10 @@ def graph_us(calls: list, reps: int = 20) -> float:
     return 1e3 * replay_ms(graph, reps) / len(calls)
 
 
-def decode_rows_in_graphs(rows=(8, 16, 64)) -> None:
+def decode_rows_in_graphs(rows=(2, 8, 64)) -> None:
     """The decode rows' matmul configs timed inside CUDA graphs over 8 copies of each weight (more than the L2
-    holds): ``matmul_config``'s choice against a grid with K splits (to choose the K splits of ``matmul_config``),
-    and the swapped form at ``matmul_config``'s tiles."""
+    holds): ``matmul_config``'s choice against a grid with K splits (to choose the K splits of ``matmul_config``)."""
     from backend.int8_linear import matmul_config
-    from backend.kernels.matmul_swapped import matmul_swapped
 
     for name, N, K in SHAPES:
         copies = [LinearWeights(*quantize_per_channel(torch.randn(N, K, device="cuda") * 0.02), None) for _ in range(8)]
@@ -140,15 +139,31 @@ def decode_rows_in_graphs(rows=(8, 16, 64)) -> None:
             best = min(timings, key=timings.get)
             now = timings.get(chosen) or round(graph_us([lambda lw=lw: matmul(x, lw, swap=False) for lw in copies]), 1)
             unsplit = min(t for c, t in timings.items() if c[-1] == 1)
-            # the swapped form (the weight as wgmma's register operand) at matmul_config's tiles, split and not
-            swapped = {split_k: round(graph_us([lambda lw=lw: matmul_swapped(x, lw, split_k=split_k) for lw in copies]), 1)
-                       for split_k in (True, False)}
             print(json.dumps({"what": "decode_linear_graph", "shape": name, "rows": m, "config": chosen, "us": now,
                               "best_config": best, "best_us": timings[best], "best_unsplit_us": unsplit,
-                              "swapped_us": swapped[True], "swapped_unsplit_us": swapped[False],
-                              "tb_s": round(N * K / now / 1e6, 2), "best_tb_s": round(N * K / timings[best] / 1e6, 2),
-                              "swapped_tb_s": round(N * K / swapped[True] / 1e6, 2)}),
+                              "tb_s": round(N * K / now / 1e6, 2), "best_tb_s": round(N * K / timings[best] / 1e6, 2)}),
                   flush=True)
+
+
+def swapped_in_graphs(rows=(8, 16, 64, 128, 256)) -> None:
+    """The int8 matmul against its swapped form (the weight as wgmma's register operand), both at ``matmul_config``'s
+    tiles, K split as a decode step and unsplit as a prompt, inside CUDA graphs over 8 weight copies: what each card
+    decides on first use (``matmul_swapped.prefers_swapped``), here for every shape and row bucket at once."""
+    from backend.kernels.matmul_swapped import matmul_swapped
+
+    for name, N, K in SHAPES:
+        copies = [LinearWeights(*quantize_per_channel(torch.randn(N, K, device="cuda") * 0.02), None) for _ in range(8)]
+        for m in rows:
+            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
+            row = {"what": "swapped_graph", "shape": name, "rows": m}
+            for split_k in (True, False):
+                plain = graph_us([lambda lw=lw: matmul(x, lw, split_k=split_k, swap=False) for lw in copies])
+                swapped = graph_us([lambda lw=lw: matmul_swapped(x, lw, split_k=split_k) for lw in copies])
+                tag = "split" if split_k else "one_launch"
+                row.update({f"{tag}_us": round(plain, 1), f"{tag}_swapped_us": round(swapped, 1),
+                            f"{tag}_swapped_tb_s": round(N * K / swapped / 1e6, 2),
+                            f"{tag}_swapped_tflops": round(2 * m * N * K / swapped / 1e6, 1)})
+            print(json.dumps(row), flush=True)
 
 
 def few_rows_in_graphs(rows=(1, 2, 4)) -> None:
@@ -199,6 +214,9 @@ def main() -> None:
         return
     if "--few-rows" in sys.argv:
         few_rows_in_graphs()
+        return
+    if "--swapped" in sys.argv:
+        swapped_in_graphs()
         return
     training_rows(lws)
     decode_rows(lws)

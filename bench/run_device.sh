@@ -91,6 +91,8 @@ recipe)
 linears)
   timeout 120 python3 bench/bench_linears.py --few-rows > "$OUT/few_rows.jsonl" 2> "$OUT/few_rows.err"
   stamp "few rows"; cut -c1-400 "$OUT/few_rows.jsonl"; tail -n 3 "$OUT/few_rows.err"
+  timeout 150 python3 bench/bench_linears.py --swapped > "$OUT/swapped.jsonl" 2> "$OUT/swapped.err"
+  stamp "swapped matmul"; cut -c1-400 "$OUT/swapped.jsonl"; tail -n 3 "$OUT/swapped.err"
   timeout 200 python3 bench/bench_linears.py --decode-graphs > "$OUT/decode_graphs.jsonl" 2> "$OUT/decode_graphs.err"
   stamp "decode rows in graphs"; cut -c1-400 "$OUT/decode_graphs.jsonl"; tail -n 3 "$OUT/decode_graphs.err"
   ;;

@@ -112,14 +112,14 @@ def test_the_few_rows_int8_gemv_configs(arch):
 
 @pytest.mark.parametrize("arch", [90, 80, 75])
 def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
-    """The swapped matmul at every decode-row tile ``matmul_config`` gives, split and not: it compiles and fits, reads
+    """The swapped matmul at every tile ``matmul_config`` gives up to 256 rows, split and not: it compiles and fits, reads
     int8 by vector loads, and on Hopper hands wgmma the widened weight as its register operand (the point of
     swapping: the unswapped kernel stores each widened tile to shared memory for wgmma's second operand)."""
     from backend.int8_linear import matmul_config
     from backend.kernels.matmul_swapped import _matmul_swapped_kernel
 
     types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT}
-    configs = {matmul_config(m, n, k) for m in (5, 8, 16, 32, 64) for n, k in SHAPES}
+    configs = {matmul_config(m, n, k) for m in (5, 8, 16, 32, 64, 128, 256) for n, k in SHAPES}
     configs |= {c[:-1] + (1,) for c in configs}
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}

@@ -4,7 +4,8 @@ first operand.
 Why: ``int8_linear.matmul`` computes ``X @ W.T``, the widened weight as the second operand. On Hopper, wgmma
 reads its second operand only from shared memory, so every int8 tile goes global -> shared -> registers (widened)
 -> shared again -> wgmma (PTX of the sm_90 build: 12 shared stores in the loop), and at 5-64 rows the linears ran
-at 0.9-1.6 TB/s on the H200 (bench/NOTES.md run 11), a third of what the weight bytes allow. wgmma's first operand
+at 0.9-1.6 TB/s on the H200 (bench/NOTES.md run 11), a third of what the weight bytes allow; at 128-256 rows
+(evaluation) the same shared-memory round trip sits in a compute-bound loop. wgmma's first operand
 may come from registers: with the weight there, it is widened in registers and fed straight in (no shared store
 of it), and the activation rows become wgmma's N (16-64: ``m64n16k16`` at 16 rows, no rows computed for nothing
 beyond the 16). This is the mixed-input layout of Marlin and Machete; Triton emits it for this form.
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import tuning
-from ..int8_linear import HAVE_TRITON, MATMUL_SMALL_ROWS, LinearWeights, matmul_config
+from ..int8_linear import HAVE_TRITON, MATMUL_MID_ROWS, LinearWeights, matmul_config
 
 if HAVE_TRITON:
     import triton
@@ -114,9 +115,10 @@ _chosen: dict[tuple, bool] = {}  # (N, K, row bucket, dtype, split_k, device) ->
 def prefers_swapped(x: torch.Tensor, lw: LinearWeights, split_k: bool, timer=None) -> bool:
     """Whether this card runs the swapped matmul faster for these rows of this int8 weight: decided on first use
     (outside CUDA-graph capture) by timing both on scratch rows of the row bucket, cached on disk per GPU model.
-    Only decode rows (up to MATMUL_SMALL_ROWS) on CUDA are considered; elsewhere the unswapped kernel runs."""
+    Only the Triton tiles' rows (decode steps, evaluation's 128 and 256 rows, short prompts: up to
+    MATMUL_MID_ROWS) on CUDA are considered; elsewhere the unswapped kernel runs."""
     M, K = x.shape
-    if not (HAVE_TRITON and lw.is_int8 and x.is_cuda and 1 < M <= MATMUL_SMALL_ROWS) or not SWAP_ALLOWED:
+    if not (HAVE_TRITON and lw.is_int8 and x.is_cuda and 1 < M <= MATMUL_MID_ROWS) or not SWAP_ALLOWED:
         return False
     N = lw.weight.shape[0]
     bucket = max(16, triton.next_power_of_2(M))
