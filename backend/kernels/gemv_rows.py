@@ -57,20 +57,21 @@ if HAVE_TRITON:
     def _row_stats(x_ptr, norm_ptr, K, eps, BLOCK_K: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr,
                    EVEN_K: tl.constexpr):
         # a row's 1/rms and CVT 2's offset (1.5 x the sum of the normed x), in a pass of their own over x (a few KB,
-        # from L2) so that the weight loop keeps nothing per K element
-        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            x, raw = _load_row(x_ptr, _load_norm(norm_ptr, kk, K, NORM, EVEN_K), kk, K, NORM, EVEN_K)
-            ss += raw * raw
-            xs += x
+        # mostly from L1/L2) so that the weight loop keeps nothing per K element; no pass when neither is needed
         r = 1.0
-        if NORM:
-            r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
         off = 0.0
-        if CVT == 2:
-            off = 1.5 * tl.sum(xs, axis=0)
+        if NORM or CVT == 2:
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                x, raw = _load_row(x_ptr, _load_norm(norm_ptr, kk, K, NORM, EVEN_K), kk, K, NORM, EVEN_K)
+                ss += raw * raw
+                xs += x
+            if NORM:
+                r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            if CVT == 2:
+                off = 1.5 * tl.sum(xs, axis=0)
         return r, off
 
     @triton.jit
@@ -170,12 +171,13 @@ class RowsGemvConfig:
 
 def candidate_configs(swiglu: bool) -> list[RowsGemvConfig]:
     """Configs tried when tuning, the default first: the one-row GEMV's best tiles on the H100/H200 (8 weight rows
-    of 1024 a program, bench/NOTES.md run 5), then shorter and longer tiles. Four: each is compiled and timed for
-    five weights at 2 and 4 rows the first time a card runs them (the batched decoder's warm-up, or a first
-    compare). At 4 rows, 128 threads and these tiles use 118-160 registers without spills on sm_90 (ptxas)."""
+    of 1024 a program, bench/NOTES.md run 5), then shorter and longer tiles, and the plain int8 conversion (which
+    needs no offset, so a linear without RMSNorm makes no second pass over x). Five: each is compiled and timed
+    for five weights at 2 and 4 rows the first time a card runs them (the batched decoder's warm-up, or a first
+    compare). At 4 rows, 128 threads and these tiles use 118-168 registers without spills on sm_90 (ptxas)."""
     rows = 4 if swiglu else 8  # SwiGLU reads two row sets a program: half the columns keeps the tile's bytes
     return [RowsGemvConfig(rows, 1024), RowsGemvConfig(rows, 512), RowsGemvConfig(2 * rows, 512),
-            RowsGemvConfig(rows // 2, 2048)]
+            RowsGemvConfig(rows // 2, 2048), RowsGemvConfig(rows, 1024, cvt=0)]
 
 
 def takes(x: torch.Tensor, lw: Optional[LinearWeights]) -> bool:
