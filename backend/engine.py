@@ -10,9 +10,11 @@ turn feeds only its new tokens; the CUDA fast decoder keeps its last conversatio
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -44,6 +46,13 @@ from .service import (
 )
 
 ACTIVE = object()  # "the active adapter", as the default of stream_reply's adapter argument
+logger = logging.getLogger("glmchat.engine")
+
+
+def _log_warm_up_failure(done: Future) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        logger.warning("the decoder's warm-up failed (%s); graphs will be captured as replies need them",
+                       done.exception())
 
 
 class ChatEngine:
@@ -68,6 +77,22 @@ class ChatEngine:
     def close(self) -> None:
         """Stop the decoding thread (replies still running end as cancelled)."""
         self.batcher.close()
+
+    def warm_up(self, wait: bool = True) -> Optional[Future]:
+        """Tune the GPU kernels and capture the decode graphs now, not in the first replies (the fast decoder; the
+        eager one has nothing to warm: None). Tuning is cached on disk per GPU model, so a card pays it once.
+        ``wait`` False: on the decoding thread in the background, ahead of replies asked meanwhile (they wait for
+        it); a failure there is logged and leaves the decoder to capture lazily, as without a warm-up. Not in the
+        background where the cache already had to shrink to fit: there every megabyte is left to the replies."""
+        warm = getattr(self.decoder, "warm_up", None)
+        if warm is None or (not wait and getattr(self.decoder, "memory_short", False)):
+            return None
+        done = self.batcher.run_when_idle(warm)
+        if wait:
+            done.result()
+        else:
+            done.add_done_callback(_log_warm_up_failure)
+        return done
 
     # ------------------------------------------------------------ loading
 

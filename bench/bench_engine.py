@@ -147,8 +147,7 @@ def main() -> None:
     emit(what="load", seconds=round(time.perf_counter() - start, 1), gpu_after_load_gb=round(loaded_gb, 2),
          engine=engine.info.engine, decoder=type(engine.decoder).__name__, max_batch=engine.info.max_batch)
     start = time.perf_counter()
-    if hasattr(engine.decoder, "warm_up"):
-        engine.decoder.warm_up()
+    engine.warm_up()  # as the app (in the background) and the server do
     emit(what="first_run_tuning", seconds=round(time.perf_counter() - start, 1))
     adapter = engine.register_adapter(make_adapter(Path("/tmp/bench_adapter/checkpoint-1"), engine.model.config), "ad")
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)

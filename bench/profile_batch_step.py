@@ -177,7 +177,7 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     engine = ChatEngine.load(args.model, quantization=args.quantization, engine="fast", max_batch=max(rows))
     t0 = time.perf_counter()
-    engine.decoder.warm_up()
+    engine.warm_up()
     emit(what="warm_up", seconds=round(time.perf_counter() - t0, 1), decoder=type(engine.decoder).__name__)
     with engine.batcher.step_lock:  # the batcher thread idles; the decoder is driven from here
         with torch.inference_mode():

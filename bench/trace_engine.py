@@ -146,8 +146,7 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     engine = ChatEngine.load(args.model, quantization=args.quantization, max_batch=max(rows))
     t0 = time.perf_counter()
-    if hasattr(engine.decoder, "warm_up"):
-        engine.decoder.warm_up()
+    engine.warm_up()  # as the app (in the background) and the server do
     emit(what="warm_up", seconds=round(time.perf_counter() - t0, 1))
     trace = StepTrace(engine.decoder)
     q64 = query_of(engine.tokenizer, 64)

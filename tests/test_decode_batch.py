@@ -333,3 +333,45 @@ def test_a_steps_tokens_reach_the_event_loop_in_one_wake_up(model, prefixes):
     assert len(wake_ups) <= len(steps)  # tokens and ends of one step: one call
     for r, got in zip(requests, results):
         assert got == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)
+
+
+def test_a_job_run_when_idle_waits_for_running_rows_and_goes_before_waiting_requests(model, prefixes):
+    """The app's background warm-up: it runs on the decoding thread once no row runs, a request asked meanwhile
+    waits for it (and is then served as usual), its exception comes back on the future, and close cancels jobs
+    that never ran."""
+    dec = decoder(model, prefixes, max_batch=2)
+    batcher = Batcher(dec, name="decoder-under-test")
+    seen, release = [], threading.Event()
+
+    def job():
+        seen.append((threading.current_thread().name, dec.rows))
+        release.wait(10)
+        return "warm"
+
+    try:
+        running = batcher.submit(DecodeRequest(PROMPTS[0], GREEDY))
+        first = next(iter(running))  # a row runs: the job must wait for it
+        done = batcher.run_when_idle(job)
+        asked = batcher.submit(DecodeRequest(PROMPTS[2], GREEDY))  # behind the job, though a row is free
+        rest = list(running)
+        assert [first] + rest == single_stream(model, None, PROMPTS[0], GREEDY)
+        for _ in range(200):
+            if seen:
+                break
+            threading.Event().wait(0.01)
+        assert seen == [("decoder-under-test", 0)]  # on the decoding thread, with no row in the decoder
+        assert not done.done() and dec.rows == 0  # the asked request waits while the job runs
+        release.set()
+        assert done.result(10) == "warm"
+        assert list(asked) == single_stream(model, None, PROMPTS[2], GREEDY)
+
+        def broken():
+            raise RuntimeError("out of memory")
+
+        failed = batcher.run_when_idle(broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            failed.result(10)
+        assert list(batcher.submit(DecodeRequest(PROMPTS[2], GREEDY))) == single_stream(model, None, PROMPTS[2], GREEDY)
+    finally:
+        batcher.close()
+    assert batcher.run_when_idle(job).cancelled()  # after close: nothing runs

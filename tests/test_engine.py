@@ -264,3 +264,31 @@ def test_what_the_decoder_chose_at_load_is_in_the_models_notices(model_dir, monk
     engine.close()
     assert run_once(parse_args(["--model", str(model_dir), "--prompt", "你好", "--max-new-tokens", "2"])) == 0
     assert f"glmchat: {notice}" in capsys.readouterr().err
+
+
+def test_warm_up_runs_the_decoders_on_its_thread_or_in_the_background(engine, caplog):
+    """The eager decoder has nothing to warm (None); a decoder with ``warm_up`` gets it on the decoding thread,
+    waited for or not; a background failure is logged and replies go on; a cache that had to shrink for memory
+    gets no background warm-up."""
+    assert engine.warm_up() is None and engine.warm_up(wait=False) is None
+    threads = []
+    engine.decoder.warm_up = lambda: threads.append(threading.current_thread() is engine.batcher._thread)
+    assert engine.warm_up().done() and threads == [True]
+    assert engine.warm_up(wait=False).result(10) is None and threads == [True, True]
+
+    def failing():
+        raise RuntimeError("CUDA out of memory")
+
+    engine.decoder.warm_up = failing
+    with caplog.at_level("WARNING", logger="glmchat.engine"):
+        done = engine.warm_up(wait=False)
+        assert isinstance(done.exception(10), RuntimeError)
+        for _ in range(200):  # the future's callbacks run just after its waiters wake
+            if "warm-up failed" in caplog.text:
+                break
+            threading.Event().wait(0.01)
+    assert "warm-up failed (CUDA out of memory)" in caplog.text
+    assert engine.reply("你好", [], GREEDY).new_tokens > 0
+    engine.decoder.memory_short = True
+    assert engine.warm_up(wait=False) is None
+    engine.close()

@@ -40,7 +40,7 @@ def load_backend(args: Namespace, progress: ProgressCallback) -> ChatBackend:
         return RemoteBackend.connect(args.server, api_key=args.api_key, progress=progress)
     from backend.engine import ChatEngine  # heavy (torch): only now, in the loading thread
 
-    return ChatEngine.load(
+    engine = ChatEngine.load(
         model=args.model or (None if args.demo else DEFAULT_MODEL),
         quantization=args.quantization,  # None: the engine's default (8-bit on a GPU)
         adapters=list(args.adapter or []),
@@ -50,6 +50,9 @@ def load_backend(args: Namespace, progress: ProgressCallback) -> ChatBackend:
         engine=args.engine or "auto",
         dtype=getattr(args, "dtype", None),
     )
+    # the GPU decoder's tuning and graph captures while the user types, not in the first chat and compare
+    engine.warm_up(wait=False)
+    return engine
 
 
 class GLMChatApp(App[None]):

@@ -5,7 +5,8 @@ is taken and the waiting queue is full, ``BackendError`` when the request can ne
 thread admits waiting requests first come, first served while the decoder has a free row and
 the memory for it (a request that does not fit waits at the head of the queue; one that could
 not fit even alone is refused at submit), steps the decoder, and hands each token to its stream.
-A cancelled stream's row is freed before the next step.
+A cancelled stream's row is freed before the next step. ``run_when_idle`` runs a job on the thread while no
+row runs (the decoder's warm-up, in the background of an app that just loaded), ahead of waiting requests.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import itertools
 import queue
 import threading
 from collections import deque
-from typing import AsyncIterator, Iterator, Optional, Sequence
+from concurrent.futures import Future
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence
 
 from ..service import BusyError
 from .protocol import FINISH_CANCELLED, DecodeRequest, Decoder
@@ -125,6 +127,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._waiting: deque[TokenStream] = deque()
         self._running: dict[int, TokenStream] = {}
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self._ids = itertools.count()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -148,6 +151,18 @@ class Batcher:
             self._cond.notify()
         return stream
 
+    def run_when_idle(self, job: Callable[[], object]) -> Future:
+        """Run ``job`` on the decoding thread as soon as no row runs, before admitting waiting requests (they wait
+        for it); its result or exception comes back through the future."""
+        done: Future = Future()
+        with self._cond:
+            if self._closed:
+                done.cancel()
+                return done
+            self._jobs.append((job, done))
+            self._cond.notify()
+        return done
+
     def close(self) -> None:
         """Stop the thread; waiting and running streams end as cancelled."""
         with self._cond:
@@ -166,7 +181,12 @@ class Batcher:
                 if self._closed:
                     break
                 self._drop_cancelled()
-                self._admit()
+                job = self._jobs.popleft() if self._jobs and not self._running else None
+                if not self._jobs and job is None:  # a pending job: the running rows finish, no new one starts
+                    self._admit()
+            if job is not None:
+                self._run_job(*job)
+                continue
             if not self._running:
                 continue
             with self.step_lock:
@@ -188,9 +208,22 @@ class Batcher:
             handoff.send()
         for stream in list(self._waiting) + list(self._running.values()):
             stream._end(FINISH_CANCELLED)
+        for _, done in self._jobs:
+            done.cancel()
+
+    def _run_job(self, job: Callable[[], object], done: Future) -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            with self.step_lock:
+                result = job()
+        except BaseException as exc:  # noqa: BLE001 - the caller's future carries it
+            done.set_exception(exc)
+        else:
+            done.set_result(result)
 
     def _has_work(self) -> bool:
-        return bool(self._running) or bool(self._waiting)
+        return bool(self._running) or bool(self._waiting) or bool(self._jobs)
 
     def _drop_cancelled(self) -> None:
         for row, stream in list(self._running.items()):

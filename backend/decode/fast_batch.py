@@ -134,6 +134,7 @@ class BatchFastDecoder:
             self.final_ln = tr.encoder.final_layernorm.weight.detach()
             self.output = BatchLinear(tr.output_layer, self.dtype, "output")
         self.slot_bytes = cfg.num_layers * 2 * self.groups * self.head_dim * self.dtype.itemsize
+        self.memory_short = False  # set by _size_cache when the context had to shrink to fit
         self.context_length, self.max_batch = self._size_cache(cfg, context_length, max_batch, cache_share)
         self.slots = PREFIX_SLOTS + self.context_length
         shape = (cfg.num_layers, self.max_batch, self.groups, self.slots, self.head_dim)
@@ -185,6 +186,7 @@ class BatchFastDecoder:
             context = max(512, int(budget // (2 * self.slot_bytes)) - PREFIX_SLOTS)
             context = min(context, cfg.seq_length)
             warnings.warn(f"GPU memory is short: the fast decoder keeps {context} tokens of context per reply.", stacklevel=3)
+            self.memory_short = True
             fit = int(budget // row_bytes(context))
         if fit < 1:
             raise BackendError("the GPU has no memory left for the decoder's cache; load a smaller precision (--quantization 4bit).")
@@ -241,9 +243,14 @@ class BatchFastDecoder:
         out = {-1 - i: [] for i in range(len(requests))}
         for row, request in zip(out, requests):
             self.add(row, request)
-        while self.rows:
-            for token in self.step():
-                out[token.row].append(token.token)
+        try:
+            while self.rows:
+                for token in self.step():
+                    out[token.row].append(token.token)
+        except BaseException:  # (a warm-up that failed, out of memory say, leaves no row behind)
+            for row in out:
+                self.drop(row)
+            raise
         return list(out.values())
 
     # -- protocol: admission ------------------------------------------------------------------

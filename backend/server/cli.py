@@ -81,11 +81,10 @@ def load_engine(args: argparse.Namespace, progress: Callable[[LoadProgress], Non
         engine = ChatEngine.load(model=args.model, quantization=args.quantization, adapters=args.adapter,
                                  adapter_dirs=args.adapters, demo=args.demo, engine=args.engine or "auto", progress=progress,
                                  dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue)
-    warm_up = getattr(engine.decoder, "warm_up", None)
-    if warm_up is not None:  # before the first client: no request waits for a kernel tuning or a graph capture
+    if hasattr(engine.decoder, "warm_up"):  # before the first client: no request waits for a tuning or a capture
         progress(LoadProgress("warm-up", 0, 1, "tuning the GPU kernels and capturing the decode graphs "
                                                 "(the first start on a card tunes; later starts read the cache)"))
-        warm_up()
+        engine.warm_up()
     return engine
 
 

@@ -241,3 +241,26 @@ def test_steps_fed_on_the_device_give_the_tokens_of_host_fed_steps():
     assert len(ahead[2]) == 4 and ahead[3] == alone[: alone.index(stop) + 1] and len(ahead[0]) == 10
     eager = run(EagerBatchDecoder(model, prefixes.get, max_batch=4), [requests[0], requests[2], requests[3]])
     assert [ahead[0], ahead[2], ahead[3]] == [eager[0], eager[1], eager[2]]
+
+
+def test_a_warm_up_that_fails_midway_leaves_no_row_behind(monkeypatch):
+    """The app warms the decoder in the background; if that fails (out of memory, say) in the middle of its replies,
+    their rows are gone and a real request decodes as on a fresh decoder."""
+    model, prefixes = make_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=4, use_graphs=False)
+    real_step, steps = decoder.step, []
+
+    def failing_step():
+        steps.append(1)
+        if len(steps) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real_step()
+
+    monkeypatch.setattr(decoder, "step", failing_step)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        decoder.warm_up()
+    monkeypatch.setattr(decoder, "step", real_step)
+    assert decoder.rows == 0
+    request = DecodeRequest([5, 7, 9, 11], GREEDY, adapter="ad")
+    fresh = run(BatchFastDecoder(model, prefixes.get, max_batch=4, use_graphs=False), [request])
+    assert run(decoder, [request]) == fresh

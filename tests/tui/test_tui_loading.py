@@ -46,19 +46,28 @@ def _engine_module(load) -> types.ModuleType:
     return module
 
 
-def test_load_backend_maps_the_command_line(monkeypatch):
-    seen = {}
+class _LoadedEngine:
+    def __init__(self):
+        self.warm_ups = []
+
+    def warm_up(self, wait=True):
+        self.warm_ups.append(wait)
+
+
+def test_load_backend_maps_the_command_line_and_warms_the_decoder_in_the_background(monkeypatch):
+    seen, loaded = {}, _LoadedEngine()
 
     def load(model, quantization, adapters, adapter_dirs, progress, demo=False, engine="eager", dtype=None):
         seen.update(model=model, quantization=quantization, adapters=adapters, adapter_dirs=adapter_dirs,
                     demo=demo, engine=engine, dtype=dtype)
-        return "engine"
+        return loaded
 
     monkeypatch.setitem(sys.modules, "backend.engine", _engine_module(load))
     args = parse_args(["--quantization", "none", "--adapter", "a", "--adapters", "d", "--engine", "fast", "--dtype", "fp16"])
-    assert load_backend(args, lambda p: None) == "engine"
+    assert load_backend(args, lambda p: None) is loaded
     assert seen == dict(model="THUDM/chatglm2-6b", quantization="none", adapters=["a"], adapter_dirs=["d"],
                         demo=False, engine="fast", dtype="fp16")
+    assert loaded.warm_ups == [False]  # not waited for: the app is ready while the GPU decoder warms up
 
     load_backend(parse_args(["--demo", "--quantization", "8bit"]), lambda p: None)
     assert seen == dict(model=None, quantization="8bit", adapters=[], adapter_dirs=[], demo=True, engine="auto", dtype=None)
