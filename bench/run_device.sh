@@ -13,7 +13,8 @@
 #   bash bench/run_device.sh linears-train  # int8 linears at training rows: Triton against cuBLAS on the widened weight
 #   bash bench/run_device.sh profile  # where a batched step's time goes at 1/2/8/64 rows (profile_batch_step.py)
 #   bash bench/run_device.sh ab-decode  # A/B in one call: decode-ahead, the few-rows GEMV, the swapped matmul
-#   bash bench/run_device.sh ab-serve   # serve with 4 client processes and 1; eval twice; --prompt by stages
+#   bash bench/run_device.sh ab-check   # GPU checks (greedy rows against eager); eval twice; --prompt by stages
+#   bash bench/run_device.sh ab-serve   # the server at 64 streams with 4 client processes and with 1
 #
 # .whl holds the packages the GPU image lacks (bitsandbytes with only its CUDA 13 library, jieba, datasets,
 # dill, multiprocess, fastapi, starlette, pydantic, pydantic-core, annotated-types, typing-inspection,
@@ -39,7 +40,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-serve) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -101,25 +102,22 @@ linears-train)
   stamp "linears"; tail -n 3 "$OUT/linears.err"
   ;;
 ab-decode)
-  # within one call (figures from different machines differ by more than these changes): decode-ahead, the
-  # few-rows GEMV and the swapped int8 matmul each on and off; check_fast_batch first (its greedy rows go through
-  # all three, in graphs)
-  timeout 120 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-160
+  # within one call (figures from different machines differ by more than these changes, and a machine idle for
+  # 30 s is given back): decode-ahead, the few-rows GEMV and the swapped int8 matmul each on and off. The first
+  # run tunes this card's kernels (cached in GLMCHAT_CACHE_DIR for the runs after it: ~2 min more the first time)
   engine ahead1 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
   GLMCHAT_DECODE_AHEAD=0 engine ahead0 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
   GLMCHAT_ROWS_GEMV=0 engine rows0 --model /tmp/glm6b --quantization 8bit --rows 2
   GLMCHAT_MATMUL_SWAP=0 engine swap0 --model /tmp/glm6b --quantization 8bit --rows 64
-  for f in ahead1 ahead0 rows0 swap0; do echo "$f:"; grep -a '"chat"\|"compare"\|"batch"' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
+  for f in ahead1 ahead0 rows0 swap0; do echo "$f:"; grep -a '"chat"\|"compare"\|"batch"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
   ;;
-ab-serve)
-  # the server's 64 streams with the client in 4 processes and in 1; evaluation twice (cold, then warm Triton
-  # cache); `glmchat --prompt` stage by stage (image packages lack .pyc: keep them under /tmp as an install would)
+ab-check)
+  # the GPU checks (greedy rows against eager, through decode-ahead, the few-rows GEMV and the swapped matmul, in
+  # graphs); evaluation twice (cold, then warm Triton cache); `glmchat --prompt` stage by stage (the image's
+  # packages lack .pyc: they are kept under /tmp, as an install would keep them)
+  timeout 120 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-160
+  stamp "check_fast_batch"
   export PYTHONPYCACHEPREFIX=/tmp/pyc
-  for clients in 4 1; do
-    timeout 120 python3 bench/bench_serve.py --model /tmp/glm6b --quantization 8bit --concurrency 1,64 --clients $clients \
-        --out "$OUT/serve_c$clients.json" > "$OUT/serve_c$clients.log" 2>&1
-    stamp "serve, $clients client processes"; tail -n 2 "$OUT/serve_c$clients.log"
-  done
   for run in 1 2; do
     s=$(date +%s)
     timeout 120 python3 train_cli.py eval --model /tmp/glm6b --quantization 8bit --validation-file "$DEV" \
@@ -132,13 +130,21 @@ ab-serve)
     T0=$(date +%s.%N) timeout 120 python3 bench/probe_prompt.py "${P[@]}" 2>&1 >/dev/null | grep -a "^mark" | tee "$OUT/prompt$run.txt"
   done
   ;;
+ab-serve)
+  # the server's 64 streams with the client in 4 processes and in 1 (is the TTFT tail the client's?)
+  for clients in 4 1; do
+    timeout 150 python3 bench/bench_serve.py --model /tmp/glm6b --quantization 8bit --concurrency 1,64 --clients $clients \
+        --out "$OUT/serve_c$clients.json" > "$OUT/serve_c$clients.log" 2>&1
+    stamp "serve, $clients client processes"; tail -n 2 "$OUT/serve_c$clients.log"
+  done
+  ;;
 profile)
   timeout 300 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 1,2,8,64 \
       > "$OUT/profile_8bit.jsonl" 2> "$OUT/profile_8bit.err"
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|ab-decode|ab-serve" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|ab-decode|ab-check|ab-serve" >&2
   exit 2
   ;;
 esac
