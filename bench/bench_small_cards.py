@@ -2,8 +2,8 @@
 
     python bench/bench_small_cards.py --model DIR --quantization 4bit --cap-gib 6 [--dtype fp16]
 
-Everything goes through the entry points users run (``ChatEngine.load``, ``stream_reply``,
-``train``, ``register_adapter``), in one process whose CUDA allocator is capped with
+Everything goes through the entry points users run (``ChatEngine.load``, the app's background
+``warm_up``, ``stream_reply``, ``train``, ``register_adapter``), in one process whose CUDA allocator is capped with
 ``torch.cuda.set_per_process_memory_fraction``, as a 6/8/12/16 GiB card would cap it. Prints one
 JSON line: whether every stage fitted, the engine chosen, tokens/s before and after training,
 the peak memory and the notices the engine gave. ``bench/run_device.sh`` runs one process per row.
@@ -60,6 +60,12 @@ def run(args) -> dict:
             out["load_s"] = round(time.perf_counter() - start, 1)
             out["engine"] = engine.info.engine
             out["gpu_after_load_gb"] = round(torch.cuda.memory_allocated() / 1e9, 2)
+            stage = "warm-up"  # as the app starts it after loading (tui.app.load_backend); its first chat waits for it
+            start = time.perf_counter()
+            warming = engine.warm_up(wait=False)
+            if warming is not None:
+                warming.result()
+            out["warm_up"] = {"ran": warming is not None, "s": round(time.perf_counter() - start, 1)}
             params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
             stage = "chat"
             out["chat_before"] = reply_stats(engine, params)
