@@ -63,9 +63,9 @@ def run(args) -> dict:
             stage = "warm-up"  # as the app starts it after loading (tui.app.load_backend); its first chat waits for it
             start = time.perf_counter()
             warming = engine.warm_up(wait=False)
-            if warming is not None:
-                warming.result()
-            out["warm_up"] = {"ran": warming is not None, "s": round(time.perf_counter() - start, 1)}
+            failed = warming.exception() if warming is not None else None  # the app logs it and goes on: so do we
+            out["warm_up"] = {"ran": warming is not None, "s": round(time.perf_counter() - start, 1),
+                              "error": None if failed is None else f"{type(failed).__name__}: {str(failed)[:200]}"}
             params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
             stage = "chat"
             out["chat_before"] = reply_stats(engine, params)
