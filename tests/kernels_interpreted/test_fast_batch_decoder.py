@@ -199,6 +199,12 @@ def test_int8_rows_through_the_gemvs_or_the_matmul_equal_the_packed_kernels(monk
     off = BatchLinear(layer, torch.float32, "dense")
     x = torch.randn(2, 64)
     assert torch.allclose(off(x), lin(x), rtol=1e-4, atol=1e-4) and rows_seen[-1] == 2 and len(rows_seen) == 7
+    # so does a card whose tuning timed the matmul path faster (tuned_config None), for the same sums
+    monkeypatch.setattr(gemv_rows, "tuned_config", lambda *a, **k: None)
+    x, res = torch.randn(3, 64), torch.randn(3, 12)
+    want = quant_linear(x, lin.q, norm_weight=g, swiglu=True, residual=res)
+    assert torch.allclose(lin(x, norm=g, swiglu=True, residual=res), want, rtol=1e-4, atol=1e-4)
+    assert len(rows_seen) == 7
 
 
 def test_steps_fed_on_the_device_give_the_tokens_of_host_fed_steps():
