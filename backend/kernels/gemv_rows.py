@@ -4,9 +4,11 @@ evaluation): each weight tile is read once for all the rows, in the one-row GEMV
 Why its own kernel: at 2-4 rows a decode step's linears are bound by the weight bytes read, as at one row.
 ``int8_linear.matmul`` reads them through tensor-core tiles 16 rows tall (2 of them used), and
 ``gemv_4bit``'s ``rows`` kernel sums a [rows, n, k] product whose layout Triton spreads across threads; the
-one-row GEMV (``int8_linear.gemv``: 2D tiles, float32 row sums, the int8 widened by one integer op) reads
-them fastest. So this kernel is that GEMV with one set of row sums per activation row, unrolled for up to
-``ROWS_MAX`` rows (no list of tensors in Triton): x is the only thing read once a row.
+one-row GEMV (``int8_linear.gemv``: 2D tiles, float32 row sums, the int8 widened by one integer op) is the
+fastest reader of these weights measured so far (a step of 2.53 ms at one row against 3.51 ms at two rows
+through the matmul, bench/NOTES.md run 11). So this kernel is that GEMV with one set of row sums per
+activation row, unrolled for up to ``ROWS_MAX`` rows (no list of tensors in Triton): only x is read once a
+row (twice where RMSNorm or the widening's offset needs its sums).
 
 Fused as in the batched decoder's linears: RMSNorm before (its weight multiplies x, the row's 1/rms the sums),
 then the row scale, the bias, and either SwiGLU (``silu(W[:F] x) * W[F:] x``) or the residual add.
