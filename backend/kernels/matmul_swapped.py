@@ -4,11 +4,12 @@ first operand.
 Why: ``int8_linear.matmul`` computes ``X @ W.T``, the widened weight as the second operand. On Hopper, wgmma
 reads its second operand only from shared memory, so every int8 tile goes global -> shared -> registers (widened)
 -> shared again -> wgmma (PTX of the sm_90 build: 12 shared stores in the loop), and at 5-64 rows the linears ran
-at 0.9-1.6 TB/s on the H200 (bench/NOTES.md run 11), a third of what the weight bytes allow; at 128-256 rows
-(evaluation) the same shared-memory round trip sits in a compute-bound loop. wgmma's first operand
+at 0.9-1.6 TB/s on the H200 (bench/NOTES.md run 11), a fifth to a third of what the weight bytes allow; at
+128-256 rows (evaluation) the same shared-memory round trip sits in a compute-bound loop. wgmma's first operand
 may come from registers: with the weight there, it is widened in registers and fed straight in (no shared store
 of it), and the activation rows become wgmma's N (16-64: ``m64n16k16`` at 16 rows, no rows computed for nothing
-beyond the 16). This is the mixed-input layout of Marlin and Machete; Triton emits it for this form.
+beyond the 16). Machete (vLLM's mixed-input GEMM for Hopper) swaps its operands for the same reason; Triton
+emits this form for it (the compile test checks the PTX).
 
 Whether it beats the unswapped kernel on a card is decided there: ``prefers_swapped`` times both on first use per
 GPU model, shape and row bucket (``tuning.pick``, cached on disk), so no card is handed a blind default.
