@@ -352,7 +352,7 @@ if HAVE_TRITON:
         a_ptr, w_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_cm,
         W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        SPLIT_K: tl.constexpr = 1,
+        SPLIT_K: tl.constexpr = 1, SWAP_AB: tl.constexpr = False,
     ):
         # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
         # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials c[s, M, N] (stride_cm
@@ -374,7 +374,10 @@ if HAVE_TRITON:
         w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
         mm = rm < M
         mn = rn < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SWAP_AB:  # acc.T = w @ a.T: the widened weight is the dot's first operand (kernels/matmul_swapped.py)
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, tl.minimum(k_part, K - k_first), BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs + k0, mask=mm[:, None], other=0.0)
@@ -383,7 +386,12 @@ if HAVE_TRITON:
                 mk = (k0 + rk < K)[None, :]
                 a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk, other=0.0)
                 w = tl.load(w_ptrs + k0, mask=mn[:, None] & mk, other=0)
-            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+            if SWAP_AB:
+                acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        if SWAP_AB:
+            acc = tl.trans(acc)
         if SPLIT_K > 1:
             part = c_ptr + tl.program_id(1).to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
             tl.store(part, acc, mask=mm[:, None] & mn[None, :])
@@ -525,16 +533,16 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
     """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
     from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight. ``config``: (BLOCK_M, BLOCK_N,
     BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks); ``split_k`` False: one launch
-    (no K splits) where launches cost host time. ``swap``: int8 decode rows through ``kernels.matmul_swapped``
-    (the weight as the tensor cores' first operand); None: whichever this card ran faster on first use."""
+    (no K splits) where launches cost host time. ``swap``: int8 weights as the tensor cores' first operand
+    (``kernels.matmul_swapped`` says why); None: whichever this card ran faster on first use (decode rows)."""
     M, K = x.shape
     if lw.is_int8 and M >= WIDEN_MIN_ROWS and config is None:
         return widened_linear(x, lw)
-    if swap is not False and lw.is_int8:
-        from .kernels import matmul_swapped as swapped
+    if swap is None:
+        from .kernels.matmul_swapped import prefers_swapped
 
-        if swap or (config is None and swapped.prefers_swapped(x, lw, split_k)):
-            return swapped.matmul_swapped(x, lw, config, split_k)
+        swap = config is None and prefers_swapped(x, lw, split_k)
+    swap = swap and lw.is_int8
     N = lw.weight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -549,7 +557,8 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
     _matmul_kernel[grid](
         x, lw.weight, scale, bias, target, M, N, K, x.stride(0), out.stride(0),
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, SWAP_AB=bool(swap), num_warps=warps,
+        num_stages=stages,
     )
     if split > 1:
         _split_sum_kernel[(M, triton.cdiv(N, 1024))](target, scale, bias, out, M, N, out.stride(0), SPLIT_K=split,

@@ -149,8 +149,6 @@ def swapped_in_graphs(rows=(8, 16, 64, 128, 256)) -> None:
     """The int8 matmul against its swapped form (the weight as wgmma's register operand), both at ``matmul_config``'s
     tiles, K split as a decode step and unsplit as a prompt, inside CUDA graphs over 8 weight copies: what each card
     decides on first use (``matmul_swapped.prefers_swapped``), here for every shape and row bucket at once."""
-    from backend.kernels.matmul_swapped import matmul_swapped
-
     for name, N, K in SHAPES:
         copies = [LinearWeights(*quantize_per_channel(torch.randn(N, K, device="cuda") * 0.02), None) for _ in range(8)]
         for m in rows:
@@ -158,7 +156,7 @@ def swapped_in_graphs(rows=(8, 16, 64, 128, 256)) -> None:
             row = {"what": "swapped_graph", "shape": name, "rows": m}
             for split_k in (True, False):
                 plain = graph_us([lambda lw=lw: matmul(x, lw, split_k=split_k, swap=False) for lw in copies])
-                swapped = graph_us([lambda lw=lw: matmul_swapped(x, lw, split_k=split_k) for lw in copies])
+                swapped = graph_us([lambda lw=lw: matmul(x, lw, split_k=split_k, swap=True) for lw in copies])
                 tag = "split" if split_k else "one_launch"
                 row.update({f"{tag}_us": round(plain, 1), f"{tag}_swapped_us": round(swapped, 1),
                             f"{tag}_swapped_tb_s": round(N * K / swapped / 1e6, 2),

@@ -115,15 +115,15 @@ def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
     """The swapped matmul at every tile ``matmul_config`` gives up to 256 rows, split and not: it compiles and fits, reads
     int8 by vector loads, and on Hopper hands wgmma the widened weight as its register operand (the point of
     swapping: the unswapped kernel stores each widened tile to shared memory for wgmma's second operand)."""
-    from backend.int8_linear import matmul_config
-    from backend.kernels.matmul_swapped import _matmul_swapped_kernel
+    from backend.int8_linear import _matmul_kernel, matmul_config
 
     types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT}
     configs = {matmul_config(m, n, k) for m in (5, 8, 16, 32, 64, 128, 256) for n, k in SHAPES}
     configs |= {c[:-1] + (1,) for c in configs}
     for bm, bn, bk, warps, stages, split in sorted(configs):
-        consts = {"HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
-        ptx = compile_for(_matmul_swapped_kernel, types, consts, arch, warps=warps, stages=stages)
+        consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": True}
+        ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
         if arch == 90:  # wgmma.mma_async ... {accumulators}, {A registers}, B descriptor
             assert re.search(r"wgmma\.mma_async[^;]*\{[^}]*\},\s*\{%r", ptx), (bm, bn, bk)
@@ -157,7 +157,7 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
     configs |= {c[:-1] + (1,) for c in configs}  # and prompts run the same tiles unsplit
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                  "GROUP_M": 8, "SPLIT_K": split}
+                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
     for split in sorted({c[-1] for c in configs} - {1}):

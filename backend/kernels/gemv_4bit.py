@@ -668,7 +668,7 @@ def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.d
         _launch(scratch["x"], w, scratch["out"], None, None, None, 1e-5, swiglu, cfg, pdl)  # pdl: same compile
 
     cfg = tuning.pick(key, candidate_configs(w.fmt, bucket, swiglu), run, device, timer=timer)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if not tuning.capturing(device):
         _chosen[memo] = cfg  # (during a capture the default stands in; tuned at the next call outside one)
     return cfg
 

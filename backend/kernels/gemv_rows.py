@@ -220,7 +220,7 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
     cfg: Optional[RowsGemvConfig] = tuning.pick(key, candidates, run, device, timer=timer)
     if cfg.kernel == "other":
         cfg = None
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if not tuning.capturing(device):
         _chosen[memo] = cfg
     return cfg
 

@@ -1,5 +1,5 @@
-"""The int8 matmul for decode rows with its operands swapped: ``C.T = W @ X.T``, the weight as the tensor cores'
-first operand.
+"""When the int8 matmul runs with its operands swapped (``int8_linear.matmul(swap=True)``, the kernel's
+``SWAP_AB``): ``C.T = W @ X.T``, the weight as the tensor cores' first operand.
 
 Why: ``int8_linear.matmul`` computes ``X @ W.T``, the widened weight as the second operand. On Hopper, wgmma
 reads its second operand only from shared memory, so every int8 tile goes global -> shared -> registers (widened)
@@ -24,83 +24,10 @@ from typing import Optional
 import torch
 
 from . import tuning
-from ..int8_linear import HAVE_TRITON, MATMUL_MID_ROWS, LinearWeights, matmul_config
+from ..int8_linear import HAVE_TRITON, MATMUL_MID_ROWS, LinearWeights, matmul
 
 if HAVE_TRITON:
     import triton
-    import triton.language as tl
-
-    from ..int8_linear import _split_sum_kernel
-
-    @triton.jit(do_not_specialize=["M"])
-    def _matmul_swapped_kernel(
-        a_ptr, w_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_cm,
-        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
-    ):
-        # acc[n, m] = sum_k w[n, k] x[m, k] for BLOCK_N weight rows and BLOCK_M activation rows; c[m, n] =
-        # acc[n, m] * scale[n] (+ bias[n]). SPLIT_K > 1: program (pid, s) sums the s-th K part into float32
-        # partials [s, M, N], added in order by int8_linear._split_sum_kernel (as the unswapped matmul's)
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        pid_m = pid % num_m
-        pid_n = pid // num_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_part = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        k_first = tl.program_id(1) * k_part
-        rk = k_first + tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
-        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
-        mm = rm < M
-        mn = rn < N
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, tl.minimum(k_part, K - k_first), BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs + k0, mask=mm[:, None], other=0.0)
-                w = tl.load(w_ptrs + k0, mask=mn[:, None], other=0)
-            else:
-                mk = (k0 + rk < K)[None, :]
-                a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk, other=0.0)
-                w = tl.load(w_ptrs + k0, mask=mn[:, None] & mk, other=0)
-            acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
-        if SPLIT_K > 1:
-            part = c_ptr + tl.program_id(1).to(tl.int64) * M * N + rm.to(tl.int64)[None, :] * N + rn[:, None]
-            tl.store(part, acc, mask=mn[:, None] & mm[None, :])
-            return
-        acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)[:, None]
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[:, None]
-        c_ptrs = c_ptr + rm.to(tl.int64)[None, :] * stride_cm + rn[:, None]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mn[:, None] & mm[None, :])
-
-
-def matmul_swapped(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None,
-                   split_k: bool = True) -> torch.Tensor:
-    """x [M, K] @ (int8 W [N, K] * scale).T (+ bias) -> [M, N] in x's dtype, the weight as the first operand.
-    ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, K splits), else ``matmul_config``'s tiles (BLOCK_M
-    then counts activation rows, BLOCK_N weight rows: 64 a warpgroup); ``split_k`` False: one launch."""
-    M, K = x.shape
-    N = lw.weight.shape[0]
-    if not lw.is_int8:
-        raise ValueError("the swapped matmul reads int8 weights with their row scale")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bm, bn, bk, warps, stages, split = config or matmul_config(M, N, K)
-    split = split if split_k else 1
-    bias = lw.bias if lw.bias is not None else out
-    target = out if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
-    _matmul_swapped_kernel[grid](
-        x, lw.weight, lw.scale, bias, target, M, N, K, x.stride(0), out.stride(0),
-        HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-        num_warps=warps, num_stages=stages,
-    )
-    if split > 1:
-        _split_sum_kernel[(M, triton.cdiv(N, 1024))](target, lw.scale, bias, out, M, N, out.stride(0), SPLIT_K=split,
-                                                     W_INT8=True, HAS_BIAS=lw.bias is not None, BLOCK_N=1024)
-    return out
 
 
 @dataclass(frozen=True)
@@ -127,18 +54,13 @@ def prefers_swapped(x: torch.Tensor, lw: LinearWeights, split_k: bool, timer=Non
     if memo in _chosen and timer is None:
         return _chosen[memo]
     key = f"int8_matmul_form|N{N}|K{K}|M{bucket}|{str(x.dtype).split('.')[-1]}|{'split' if split_k else 'one'}"
-    from ..int8_linear import matmul
-
     scratch = torch.randn(bucket, K, device=x.device, generator=torch.Generator(device=x.device).manual_seed(0))
     scratch = scratch.to(x.dtype)
 
     def run(form: MatmulForm) -> None:
-        if form.swapped:
-            matmul_swapped(scratch, lw, split_k=split_k)
-        else:
-            matmul(scratch, lw, split_k=split_k, swap=False)
+        matmul(scratch, lw, split_k=split_k, swap=form.swapped)
 
     form = tuning.pick(key, [MatmulForm(False), MatmulForm(True)], run, x.device, timer=timer)
-    if not torch.cuda.is_current_stream_capturing():
+    if not tuning.capturing(x.device):
         _chosen[memo] = form.swapped
     return form.swapped

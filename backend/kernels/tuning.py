@@ -81,7 +81,8 @@ def cuda_timer(fn: Callable[[], None]) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def _capturing(device: torch.device) -> bool:
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on this thread: a pick made then is the default, not to be kept."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
@@ -109,7 +110,7 @@ def pick(
             pass
     if timer is None and device.type != "cuda":
         return candidates[0]
-    if not tuning_enabled() or _capturing(device) or len(candidates) == 1:
+    if not tuning_enabled() or capturing(device) or len(candidates) == 1:
         return candidates[0]
     timer = timer or cuda_timer
     best, best_ms, failed = None, float("inf"), []

@@ -1,4 +1,5 @@
-"""The swapped int8 matmul (backend/kernels/matmul_swapped.py: the weight as the tensor cores' first operand) under
+"""The swapped int8 matmul (int8_linear.matmul(swap=True), kernels/matmul_swapped.py: the weight as the tensor cores'
+first operand) under
 Triton's interpreter: for decode rows (a few, 16, 64 and a partial tile), K a multiple of the block or not, any
 number of K splits, with and without bias, it gives the dequantised product, as the unswapped matmul does. Run
 through tests/test_kernels_batch.py."""
@@ -20,7 +21,7 @@ from backend.kernels.interpreter_compat import numpy_compat  # noqa: E402
 numpy_compat()
 
 from backend.int8_linear import LinearWeights, matmul, quantize_per_channel  # noqa: E402
-from backend.kernels.matmul_swapped import matmul_swapped, prefers_swapped  # noqa: E402
+from backend.kernels.matmul_swapped import prefers_swapped  # noqa: E402
 
 
 @pytest.mark.parametrize("m", [3, 16, 21])
@@ -33,11 +34,10 @@ def test_swapped_tiles_give_the_dequantised_product(m, k, bias):
     x = torch.randn(m, k)
     want = x.double() @ (q.double() * scale.double()[:, None]).T + (lw.bias.double() if bias else 0)
     for split in (1, 2, 8):
-        got = matmul_swapped(x, lw, (16, 64, 64, 4, 1, split))
+        got = matmul(x, lw, (16, 64, 64, 4, 1, split), swap=True)
         assert got.shape == (m, n) and torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5), split
-    # the wrapper's own tiles, with and without K splits, and through int8_linear.matmul(swap=True)
+    # matmul_config's own tiles, with and without K splits
     for split_k in (True, False):
-        assert torch.allclose(matmul_swapped(x, lw, split_k=split_k).double(), want, rtol=1e-4, atol=1e-5)
         assert torch.allclose(matmul(x, lw, split_k=split_k, swap=True).double(), want, rtol=1e-4, atol=1e-5)
 
 
