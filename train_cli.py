@@ -603,7 +603,7 @@ def cmd_compare(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = ChatEngine.load(model=args.model, quantization=_quantization(args), adapters=[args.checkpoint],
-                                 engine="eager", device=device)
+                                 device=device, max_batch=min(COMPARE_MAX_ROWS, 2 * len(prompts)))
     tuned = engine.adapters()[0].name
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     table = Table(title=f"{args.model}: base vs {tuned}", show_lines=True, expand=True)
@@ -612,12 +612,33 @@ def cmd_compare(args) -> int:
     table.add_column(tuned, ratio=2, overflow="fold")
     console = Console()
     with console.status("generating...") if console.is_terminal else _nullcontext():
-        for prompt in prompts:
-            base = engine.reply(prompt, [], params, adapter=None, seed=args.seed)
-            after = engine.reply(prompt, [], params, adapter=tuned, seed=args.seed)
-            table.add_row(prompt, base.text, after.text)
+        replies = compare_replies(engine, prompts, params, tuned, args.seed)
+    for prompt, (base, after) in zip(prompts, replies):
+        table.add_row(prompt, base, after)
     console.print(table)
+    engine.close()
     return 0
+
+
+COMPARE_MAX_ROWS = 16  # rows decoded together by `compare`: 8 prompts' base and tuned replies
+
+
+def compare_replies(engine, prompts: list[str], params, tuned: str, seed: int) -> list[tuple[str, str]]:
+    """Each prompt's (base, tuned) reply texts: the two as one batch of two rows (``ChatEngine.compare``), and as
+    many prompts at once as the engine holds rows for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backend.service import ReplyDone
+
+    def pair(prompt: str) -> tuple[str, str]:
+        texts = ["", ""]
+        for event in engine.compare(prompt, [], params, adapters=[None, tuned], seed=seed):
+            if isinstance(event, ReplyDone):
+                texts[event.stream] = event.reply.text
+        return texts[0], texts[1]
+
+    with ThreadPoolExecutor(max_workers=max(1, engine.info.max_batch // 2)) as pool:
+        return list(pool.map(pair, prompts))
 
 
 class _nullcontext:

@@ -111,7 +111,7 @@ class ChatEngine:
         max_queue: int = 64,
         dtype: Optional[str] = None,
     ) -> "ChatEngine":
-        """``max_batch``: replies decoded together (default: the decoder's; the fast decoder takes one at a time);
+        """``max_batch``: replies decoded together (default: the decoder's; two on the fast decoder, a chat and a compare);
         ``max_queue``: requests that may wait beyond them before ``BusyError``."""
         report = progress or (lambda p: None)
         adapters, adapter_dirs = list(adapters), list(adapter_dirs)

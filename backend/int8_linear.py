@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .kernels.rotary import round_mode
+
 try:
     import triton
     import triton.language as tl
@@ -155,6 +157,7 @@ def linear_torch(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
 EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 
 if HAVE_TRITON:
+    from .kernels.rotary import rope_cos_sin
 
     @triton.jit
     def int8_as_float(w, CVT: tl.constexpr):
@@ -177,9 +180,10 @@ if HAVE_TRITON:
         return (ordered << 32) | (4294967296 - 1 - row.to(tl.int64))
 
     @triton.jit
-    def _pick_kernel(best_ptr, next_ptr, in_ptr, BAD_TOKEN: tl.constexpr, PDL: tl.constexpr):
+    def _pick_kernel(best_ptr, next_ptr, in_ptr, BAD_TOKEN: tl.constexpr, PDL: tl.constexpr, FEED: tl.constexpr):
         # after the output GEMV with ARGMAX: the next token (BAD_TOKEN if any logit was not finite) into
-        # next_ptr and in_ptr[0], position and cache slot in_ptr[1:3] advanced, the keys reset
+        # next_ptr; FEED (the one-row decoder): also into in_ptr[0], position and cache slot in_ptr[1:3]
+        # advanced; the keys reset
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -187,19 +191,20 @@ if HAVE_TRITON:
         row = 4294967296 - 1 - (key - ((key >> 32) << 32))  # the low 32 bits hold 2^32 - 1 - row
         tok = tl.where(tl.load(best_ptr + 1) > 0, BAD_TOKEN, row)
         tl.store(next_ptr, tok)
-        tl.store(in_ptr, tok)
-        tl.store(in_ptr + 1, tl.load(in_ptr + 1) + 1)
-        tl.store(in_ptr + 2, tl.load(in_ptr + 2) + 1)
+        if FEED:
+            tl.store(in_ptr, tok)
+            tl.store(in_ptr + 1, tl.load(in_ptr + 1) + 1)
+            tl.store(in_ptr + 2, tl.load(in_ptr + 2) + 1)
         tl.store(best_ptr, -(2**63))
         tl.store(best_ptr + 1, 0)
 
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
-        k_cache_ptr, v_cache_ptr, pos_ptr, best_ptr,
+        k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr,
         N, N_PAIRS, K, ROW_STEP, B_OFF, eps,
-        Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t,
-        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROPE_LOG2_BASE: tl.constexpr,
+        Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t, pos_divisor,
+        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROPE_ROUND: tl.constexpr, SLOT_FROM_PREFIX: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
         W_INT8: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
         RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_P: tl.constexpr,
@@ -311,14 +316,20 @@ if HAVE_TRITON:
             y = a / (1.0 + tl.exp(-a)) * b
             tl.store(out_ptr + p, y.to(out_ptr.dtype.element_ty), mask=mask_a)
         else:  # rotary on q and k (interleaved pairs of the first 2*ROT_PAIRS dims), then q out, k/v to the cache
-            pos = tl.load(pos_ptr).to(tl.float32)
-            slot = tl.load(pos_ptr + 1)
+            # the sums rounded to the output dtype first, as a rotary kernel after the linear would read them
+            a = a.to(out_ptr.dtype.element_ty).to(tl.float32)
+            b = b.to(out_ptr.dtype.element_ty).to(tl.float32)
+            pos = tl.load(pos_ptr).to(tl.int64)
+            if SLOT_FROM_PREFIX:  # the batched decoder's row: its prefix slots, then its tokens
+                slot = tl.load(prefix_ptr).to(tl.int64) + pos
+            else:  # the one-row decoder keeps the slot beside the position
+                slot = tl.load(pos_ptr + 1).to(tl.int64)
+            active = pos >= 0
+            slot = tl.maximum(slot, 0)
             d = row_a % HEAD_DIM
-            i = (d // 2).to(tl.float32)
-            theta = tl.exp2(-(2.0 * i / (2 * ROT_PAIRS)) * ROPE_LOG2_BASE)
-            angle = pos * theta
-            c = tl.cos(angle)
-            s = tl.sin(angle)
+            i = d // 2
+            freq = tl.load(inv_freq_ptr + i, mask=i < ROT_PAIRS, other=0.0)
+            c, s = rope_cos_sin(pos, freq, pos_divisor, ROPE_ROUND)
             rot = (d < 2 * ROT_PAIRS) & (row_a < Q_ROWS + KV_ROWS)
             a_r = tl.where(rot, a * c - b * s, a)
             b_r = tl.where(rot, b * c + a * s, b)
@@ -326,8 +337,9 @@ if HAVE_TRITON:
             tl.store(out_ptr + row_a, a_r.to(out_ptr.dtype.element_ty), mask=mask_a & is_q)
             tl.store(out_ptr + row_b, b_r.to(out_ptr.dtype.element_ty), mask=mask_a & is_q)
             kv = row_a - Q_ROWS
-            is_k = (kv >= 0) & (kv < KV_ROWS)
-            is_v = kv >= KV_ROWS
+            kv_end = tl.where(active, KV_ROWS, 0)  # an idle row writes no key or value
+            is_k = (kv >= 0) & (kv < kv_end)
+            is_v = (kv >= KV_ROWS) & (kv < KV_ROWS + kv_end)
             kv = tl.where(is_v, kv - KV_ROWS, kv)
             kv = tl.where(kv < 0, 0, kv)
             dst = (kv // HEAD_DIM) * cache_stride_g + slot * cache_stride_t + kv % HEAD_DIM
@@ -433,6 +445,8 @@ class GemvConfig:
 
 # Measured on an H100 inside the captured step (bench/explore_gemv.py, bench/NOTES.md run 5): a GEMV's time
 # alone does not predict its time in the step, where the kernels overlap and the prologues/epilogues do more.
+# The defaults: the batched decoder's one-row step runs the same descent on each card at its first warm-up
+# (decode/one_row_tuning.py) and keeps that card's winners.
 DEFAULT_GEMV = {
     "int8": {
         "qkv": GemvConfig(block_p=4, block_k=1024, row_sum=True),
@@ -473,8 +487,11 @@ def gemv(
 
     ``norm_weight``: RMSNorm x first (eps). ``residual``: out = residual + W x (may be ``out``).
     ``swiglu``: W has 2F rows, out [F] = silu(W[:F] x) * W[F:] x. ``rope``: dict with q_rows,
-    kv_rows, head_dim, rot_pairs, k_cache/v_cache ([g, S, d] views), pos (int64 [pos, slot]
-    on the device); out receives q, the cache receives k and v at ``slot``. ``pdl``: launch as a
+    kv_rows, head_dim, inv_freq (float32 [rotary pairs], ``kernels.attention_batch.rotary_inv_freq``),
+    k_cache/v_cache ([g, S, d] views) and pos on the device: int64 [pos, slot], or [pos] with ``prefix``
+    (int [1], the slot is prefix + pos; pos < 0 writes no key or value); optional divisor (rope_ratio) and
+    angle_dtype (fp16/bf16: angles rounded as ChatGLM2's original, ``kernels.rotary``). out receives q
+    (rotated), the cache receives k and v at the slot. ``pdl``: launch as a
     programmatic dependent of the previous kernel (Hopper), loading weights before waiting for it.
     ``argmax``: int64 [2] from ``new_argmax_state`` (plain epilogue only): the greedy pick of ``out`` is
     folded into it, for ``pick_token`` to read.
@@ -491,20 +508,21 @@ def gemv(
     if argmax is not None and epilogue != EPI_PLAIN:
         raise ValueError("argmax goes with the plain epilogue (the output layer)")
     if rope is not None:
-        kc, vc, pos = rope["k_cache"], rope["v_cache"], rope["pos"]
-        rope_args = (rope["q_rows"], rope["kv_rows"], kc.stride(0), kc.stride(1))
-        head_dim, rot_pairs = rope["head_dim"], rope["rot_pairs"]
+        kc, vc, pos, inv_freq = rope["k_cache"], rope["v_cache"], rope["pos"], rope["inv_freq"]
+        prefix = rope.get("prefix")
+        rope_args = (rope["q_rows"], rope["kv_rows"], kc.stride(0), kc.stride(1), float(rope.get("divisor", 1.0)))
+        head_dim, rot_pairs, rounding = rope["head_dim"], inv_freq.numel(), round_mode(rope.get("angle_dtype"))
     else:
-        kc = vc = pos = dummy
-        rope_args = (0, 0, 0, 0)
-        head_dim, rot_pairs = 2, 1
+        kc = vc = pos = inv_freq = prefix = dummy
+        rope_args = (0, 0, 0, 0, 1.0)
+        head_dim, rot_pairs, rounding = 2, 1, 0
     grid = (triton.cdiv(n_pairs, cfg.block_p),)
     _gemv_kernel[grid](
         x, w, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
         norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
-        kc, vc, pos, argmax if argmax is not None else dummy,
+        kc, vc, pos, prefix if prefix is not None else dummy, inv_freq, argmax if argmax is not None else dummy,
         N, n_pairs, K, row_step, b_off, eps, *rope_args,
-        HEAD_DIM=head_dim, ROT_PAIRS=rot_pairs, ROPE_LOG2_BASE=13.287712379549449,  # log2(10000)
+        HEAD_DIM=head_dim, ROT_PAIRS=rot_pairs, ROPE_ROUND=rounding, SLOT_FROM_PREFIX=prefix is not None,
         BLOCK_P=cfg.block_p, BLOCK_K=cfg.block_k,
         W_INT8=lw.is_int8, CVT=cfg.cvt, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None,
         RESIDUAL=residual is not None, EPILOGUE=epilogue,
@@ -520,12 +538,13 @@ def new_argmax_state(device) -> torch.Tensor:
     return torch.tensor([-(2**63), 0], dtype=torch.int64, device=device)
 
 
-def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: torch.Tensor, bad_token: int,
+def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: Optional[torch.Tensor], bad_token: int,
                pdl: bool = False) -> None:
-    """After ``gemv(argmax=...)``: next_token and step_in[0] = the greedy token (``bad_token`` where a logit
-    was nan or inf, as the original's guard does), step_in[1:3] (position, cache slot) + 1, the state reset."""
-    _pick_kernel[(1,)](argmax, next_token, step_in, BAD_TOKEN=bad_token, PDL=pdl, num_warps=1,
-                       **({"launch_pdl": True} if pdl else {}))
+    """After ``gemv(argmax=...)``: next_token = the greedy token (``bad_token`` where a logit was nan or inf, as
+    the original's guard does), the state reset; with ``step_in`` (the one-row decoder's [token, position, slot])
+    also step_in[0] = that token and step_in[1:3] + 1."""
+    _pick_kernel[(1,)](argmax, next_token, step_in if step_in is not None else next_token, BAD_TOKEN=bad_token,
+                       PDL=pdl, FEED=step_in is not None, num_warps=1, **({"launch_pdl": True} if pdl else {}))
 
 
 def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, split_k: bool = True,

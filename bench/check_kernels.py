@@ -24,6 +24,7 @@ from backend.int8_linear import (  # noqa: E402
 )
 from backend.generation import logits_processors  # noqa: E402
 from backend.modeling import apply_rotary, rotary_cos_sin  # noqa: E402
+from backend.kernels.attention_batch import rotary_inv_freq  # noqa: E402
 
 FAILS: list[str] = []
 
@@ -111,7 +112,8 @@ def check_rope(device, dtype, heads, groups, d, K, int8, pos=37, P=5):
     q = torch.full((heads * d,), float("nan"), device=device, dtype=dtype)
     posd = torch.tensor([pos, P + pos], device=device)
     gemv(x, lw, q, norm_weight=g, eps=1e-5, rope=dict(q_rows=heads * d, kv_rows=groups * d, head_dim=d,
-                                                      rot_pairs=d // 4, pos=posd, k_cache=kc, v_cache=vc))
+                                                      inv_freq=rotary_inv_freq(d // 2, device), pos=posd, k_cache=kc,
+                                                      v_cache=vc))
     xd = x.double()
     y = wref @ (xd * torch.rsqrt(xd.pow(2).mean() + 1e-5) * g.double()) + lw.bias.double()
     qr, kr, vr = y.split([heads * d, groups * d, groups * d])

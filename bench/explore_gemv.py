@@ -66,7 +66,7 @@ def torch_tail_step(dec: FastDecoder) -> None:
     cfg, pdl = dec._gemv_config, dec.pdl
     torch.index_select(dec.embedding, 0, dec._in[:1], out=dec._x.view(1, -1))
     pos = dec._in[1:]
-    rope_common = dict(q_rows=h * d, kv_rows=g * d, head_dim=d, rot_pairs=dec.rotary_dim // 2, pos=pos)
+    rope_common = dict(q_rows=h * d, kv_rows=g * d, head_dim=d, inv_freq=dec.inv_freq, pos=pos)
     for lw, kc, vc in zip(dec.layers, dec.k_cache, dec.v_cache):
         gemv(dec._x, lw.qkv, dec._q, norm_weight=lw.ln1, eps=dec.eps,
              rope=dict(rope_common, k_cache=kc, v_cache=vc), config=cfg("qkv", lw.qkv), pdl=pdl)

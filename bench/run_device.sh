@@ -15,6 +15,8 @@
 #   bash bench/run_device.sh ab-decode  # A/B in one call: decode-ahead, the few-rows GEMV, the swapped matmul
 #   bash bench/run_device.sh ab-check   # GPU checks (greedy rows against eager); eval twice; --prompt by stages
 #   bash bench/run_device.sh ab-serve   # the server at 64 streams with 4 client processes and with 1
+#   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
+#                                       # older one-row decoder, bf16
 #
 # .whl holds the packages the GPU image lacks (bitsandbytes with only its CUDA 13 library, jieba, datasets,
 # dill, multiprocess, fastapi, starlette, pydantic, pydantic-core, annotated-types, typing-inspection,
@@ -40,7 +42,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -111,6 +113,16 @@ ab-decode)
   GLMCHAT_MATMUL_SWAP=0 engine swap0 --model /tmp/glm6b --quantization 8bit --rows 64
   for f in ahead1 ahead0 rows0 swap0; do echo "$f:"; grep -a '"chat"\|"compare"\|"batch"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
   ;;
+ab-chat)
+  # the app's and --prompt's engine holds two rows (a chat's reply; a compare's columns in one batch): --rows 1,2
+  # gives bench_engine that engine. One call: the one-row step's fusions (decode/one_row_step.py) on and off, the
+  # older one-row decoder (engine serial, what the app ran before), and bf16 (its >= 90% target)
+  engine fused1 --model /tmp/glm6b --quantization 8bit --rows 1,2
+  GLMCHAT_ONE_ROW_FUSED=0 engine fused0 --model /tmp/glm6b --quantization 8bit --rows 1,2
+  engine serial --model /tmp/glm6b --quantization 8bit --rows 1 --engine serial
+  engine bf16 --model /tmp/glm6b --quantization none --rows 1,2
+  for f in fused1 fused0 serial bf16; do echo "$f:"; grep -a '"chat"\|"compare"\|"adapter_switch"\|"ttft_1600"' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-220; done
+  ;;
 ab-check)
   # the GPU checks (greedy rows against eager, through decode-ahead, the few-rows GEMV and the swapped matmul, in
   # graphs); evaluation twice (cold, then warm Triton cache); `glmchat --prompt` stage by stage (the image's
@@ -144,7 +156,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|ab-decode|ab-check|ab-serve" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|ab-decode|ab-check|ab-serve|ab-chat" >&2
   exit 2
   ;;
 esac

@@ -85,11 +85,17 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
         ptx = compile_for(Q._rows_int8_kernel, QUANT_TYPES, dict(SWIGLU=True, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk), arch, stages=1)
         assert byte_loads(ptx) == 0, (rows, bn, bk)
     types = {"x_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "norm_ptr": ACT, "res_ptr": ACT,
-             "out_ptr": ACT, "k_cache_ptr": ACT, "v_cache_ptr": ACT, "pos_ptr": "*i64", "best_ptr": "*i64", "eps": "fp32"}
-    for epilogue, row_sum in ((0, True), (1, False)):  # plain (+ residual) and SwiGLU, as the batched decoder calls them
-        consts = dict(HEAD_DIM=2, ROT_PAIRS=1, ROPE_LOG2_BASE=13.287712379549449, BLOCK_P=4, BLOCK_K=1024, W_INT8=True,
-                      CVT=2, NORM=True, HAS_BIAS=epilogue == 0, RESIDUAL=epilogue == 0, EPILOGUE=epilogue, EVEN_K=True,
-                      EVEN_P=True, PREFETCH=False, PDL=pdl, ROW_SUM=row_sum, ARGMAX=False)
+             "out_ptr": ACT, "k_cache_ptr": ACT, "v_cache_ptr": ACT, "pos_ptr": "*i64", "prefix_ptr": "*i64",
+             "inv_freq_ptr": "*fp32", "best_ptr": "*i64", "eps": "fp32", "pos_divisor": "fp32"}
+    # plain (+ residual, or the folded greedy pick), SwiGLU, and rotary + the cache write with fp16's angle rounding,
+    # as the batched decoder's one-row step calls them
+    for epilogue, row_sum, argmax in ((0, True, False), (0, True, True), (1, False, False), (2, True, False)):
+        rope = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True) if epilogue == 2 else \
+            dict(HEAD_DIM=2, ROT_PAIRS=1, ROPE_ROUND=0, SLOT_FROM_PREFIX=False)
+        consts = dict(rope, BLOCK_P=4, BLOCK_K=1024, W_INT8=True,
+                      CVT=2, NORM=True, HAS_BIAS=epilogue != 1, RESIDUAL=epilogue == 0 and not argmax,
+                      EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=False, PDL=pdl, ROW_SUM=row_sum,
+                      ARGMAX=argmax)
         ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
         assert byte_loads(ptx) == 0, epilogue
 

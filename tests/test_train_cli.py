@@ -255,6 +255,25 @@ def test_compare_prints_base_and_tuned_side_by_side(tiny_dir, train_file, tmp_pa
         assert prompt in stdout
 
 
+def test_compare_decodes_both_replies_of_several_prompts_together_as_separate_replies_give_them(tiny_dir, tmp_path):
+    """`compare` runs each prompt's base and tuned replies as one batch of two, several prompts at once: the texts are
+    those of separate replies with the same seed, greedy and sampled."""
+    from backend.configuration import ChatGLMConfig
+    from backend.engine import ChatEngine
+    from backend.service import SamplingParams
+    from test_adapters import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ad" / "checkpoint-1", config=ChatGLMConfig.from_pretrained(str(tiny_dir)))
+    engine = ChatEngine.load(model=str(tiny_dir), quantization="none", adapters=[str(ckpt)], device="cpu", max_batch=6)
+    tuned = engine.adapters()[0].name
+    prompts = ["类型#上衣", "你好", "类型#裙*颜色#红色"]
+    for params in (SamplingParams(temperature=0.0, max_new_tokens=6), SamplingParams(temperature=0.9, top_p=0.8, max_new_tokens=6)):
+        together = train_cli.compare_replies(engine, prompts, params, tuned, seed=7)
+        alone = [tuple(engine.reply(p, [], params, adapter=a, seed=7).text for a in (None, tuned)) for p in prompts]
+        assert together == alone
+    engine.close()
+
+
 def test_compare_bad_input(tiny_dir, tmp_path, capsys):
     code, _, err = run_main(["compare", "--model", tiny_dir, "--checkpoint", tmp_path / "none", "--prompt", "x"], capsys)
     assert code == 2

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..int4_release import packed_linear
-from ..int8_linear import LinearWeights
+from ..int8_linear import LinearWeights, default_gemv_config, gemv
 from ..kernels import gemv_rows
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, quant_linear, quantized_weight
@@ -46,6 +46,7 @@ class BatchLinear:
             self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias)
         # 2-4 int8 rows through gemv_rows (each weight tile read once for all of them); 0: the matmul, for an A/B
         self.rows_gemv = os.environ.get("GLMCHAT_ROWS_GEMV", "1") != "0"
+        self.row_config = default_gemv_config(kind, self.q is not None)  # the one-row GEMV's tiles
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True):
         """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
@@ -82,18 +83,21 @@ class BatchLinear:
     def _one_row(self, x, norm, eps, swiglu, residual, out):
         """Each activation row (up to ONE_ROW_GEMV_MAX_M) through the one-row decoder's GEMV (int8_linear.gemv)
         and its tuned tiles: a tensor-core tile computes 16 rows to use one (bench/NOTES.md, run 8)."""
-        from ..int8_linear import default_gemv_config, gemv
-
         n = self.one_row.weight.shape[0] // (2 if swiglu else 1)
         y = out if out is not None else torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
-        config = default_gemv_config(self.kind, self.q is not None)
         for i in range(x.shape[0]):
             res = None if residual is None or swiglu else residual[i]  # (the GEMV's SwiGLU epilogue adds none)
-            gemv(x[i].contiguous(), self.one_row, y[i], norm_weight=norm, eps=eps, swiglu=swiglu, residual=res,
-                 config=config)
+            self.gemv_row(x[i].contiguous(), y[i], norm=norm, eps=eps, swiglu=swiglu, residual=res)
         if swiglu and residual is not None:
             y += residual
         return y
+
+    def gemv_row(self, x, out, *, norm=None, eps=1e-5, swiglu=False, residual=None, rope=None, argmax=None,
+                 pdl=False):
+        """One activation row x [K] into out through the one-row GEMV (int8 or 16-bit weights) with its epilogues:
+        ``int8_linear.gemv``'s rotary + cache write (``rope``), folded greedy pick (``argmax``) and ``pdl``."""
+        return gemv(x, self.one_row, out, norm_weight=norm, eps=eps, swiglu=swiglu, residual=residual, rope=rope,
+                    argmax=argmax, pdl=pdl, config=self.row_config)
 
     def _wide(self, x: torch.Tensor, split_k: bool = True) -> torch.Tensor:
         """x @ W.T + b for many rows: tensor cores on the weight (int8 widened in registers, or a block at a time for

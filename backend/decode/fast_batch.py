@@ -44,6 +44,8 @@ from ..modeling import decoding_attention, keys_per_head, rope_settings
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
+from . import one_row_step, one_row_tuning
+from .one_row_step import BAD_TOKEN
 from .prompt_graphs import PromptGraphs, prompt_inputs
 from .staged_copy import ReadBack, StagedCopy
 from .eager import common_prefix_length
@@ -57,10 +59,12 @@ DEFAULT_ROWS = 64
 MAX_ROWS = 256
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFIX_SLOTS = 256  # reserved before each row's context for an adapter prefix
+
+
 def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
-    """argmax per row [B], or token 5 where a row's logits hold nan/inf (the original chat's guard)."""
+    """argmax per row [B], or BAD_TOKEN where a row's logits hold nan/inf (the original chat's guard)."""
     bad = ~torch.isfinite(logits).all(dim=-1)
-    return torch.where(bad, torch.full_like(bad, 5, dtype=torch.long), logits.argmax(-1))
+    return torch.where(bad, torch.full_like(bad, BAD_TOKEN, dtype=torch.long), logits.argmax(-1))
 
 
 @dataclass
@@ -172,6 +176,15 @@ class BatchFastDecoder:
             prompt_graphs = self.use_graphs and os.environ.get("GLMCHAT_PROMPT_GRAPHS", "1") != "0"
         self._prompt_graphs = PromptGraphs(self._prompt_math, self.device, self._pool, self.slots,
                                            capture=self.use_graphs) if prompt_graphs else None
+        # one row's decode step with the one-row decoder's fusions (decode/one_row_step.py), where its GEMV applies;
+        # programmatic dependent launch from Hopper on, in graphs
+        self._one_row = None
+        if one_row_step.fused_one_row_enabled() and one_row_step.applies(self):
+            pdl = self.use_graphs and torch.cuda.get_device_capability(self.device)[0] >= 9
+            self._one_row = one_row_step.OneRowStep(self, pdl)
+            tuned = one_row_tuning.cached(self) if cuda else None  # this card's tiles, tuned by an earlier warm-up
+            if tuned:
+                one_row_tuning.apply(self, tuned)
 
     def _size_cache(self, cfg, context_length, max_batch, share) -> tuple[int, int]:
         """Context per row and rows, from the model's seq_length and the memory free now."""
@@ -209,6 +222,8 @@ class BatchFastDecoder:
                     lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=split_k)
                     lw.dense(x, residual=x, split_k=split_k)
             self._warm_replies()
+            if self._one_row is not None and self.use_graphs and one_row_tuning.cached(self) is None:
+                self.tune_one_row(one_row_tuning.graph_timer(self, self._one_row))
             if self._prompt_graphs is not None:
                 self._prompt_graphs.capture_all()
                 self._slot_adapter[0] = object()  # the captures wrote keys over whatever prefix row 0 held
@@ -237,6 +252,27 @@ class BatchFastDecoder:
         for slot in list(self._parked):
             del self._parked[slot]
             self._slot_adapter[slot] = object()  # whatever prefix it held is gone
+
+    def tune_one_row(self, measure) -> None:
+        """The one-row step's GEMV tiles for this card (``one_row_tuning``, on first use per GPU model), timed on row
+        0 at position 64 of this idle decoder (a short chat's keys to attend to); its cache row is overwritten, and
+        bucket 1 is captured again after.
+        A failure keeps the default tiles."""
+        if self.rows or not one_row_tuning.tuning.tuning_enabled():
+            return
+        self._host_in[:, 0] = torch.tensor([BAD_TOKEN, min(64, self.slots - 1), 0])  # (any token: timing only)
+        self._step_in.send()
+        try:
+            one_row_tuning.tune(self, measure)
+        except Exception as exc:  # noqa: BLE001 - tuning is an optimisation: replies go on with the defaults
+            warnings.warn(f"tuning the one-row decode step failed ({type(exc).__name__}: {exc}); it keeps its default tiles.")
+            one_row_tuning.apply(self, one_row_tuning.defaults(self))
+        finally:
+            self._host_in[1, 0] = -1
+            self._step_in.send()
+            self._slot_adapter[0] = object()
+            self._parked.pop(0, None)
+            self._graphs.pop(1, None)
 
     def _run_alone(self, requests: list) -> list[list[int]]:
         """Each request's tokens, decoded to the end as rows -1, -2, ... of this otherwise idle decoder."""
@@ -467,12 +503,21 @@ class BatchFastDecoder:
 
         # the warm-up step (which tunes the kernels' configs for this bucket) writes the same keys/values the replay
         # will; the capture runs nothing
-        graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
+        try:
+            graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
+        except Exception:
+            if bucket != 1 or self._one_row is None or not self._one_row.pdl:
+                raise
+            torch.cuda.synchronize(self.device)  # a driver or runtime without PDL in graphs: the plain launches
+            self._one_row.pdl = False
+            graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
         self._graphs[bucket] = graph
         return graph
 
     def _step_math(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for rows [0, bucket): logits [bucket, V] and each row's greedy pick [bucket]."""
+        if bucket == 1 and self._one_row is not None:
+            return self._one_row()
         ws = self._workspaces.get(bucket)
         if ws is None:
             ws = self._workspaces[bucket] = attention_workspace(bucket, self.heads, self.groups, self.head_dim, self.device)

@@ -37,6 +37,7 @@ from .. import device_sampling
 from ..decoding import common_prefix_length
 from ..generation import logits_processors
 from ..int8_linear import HAVE_TRITON, is_quantized_module, linear, linear_weights
+from ..kernels.attention_batch import rotary_inv_freq
 from ..lean_autograd import rms_norm
 from ..modeling import Rope, apply_rotary, attention, rope_settings, rotary_cos_sin
 from ..service import SamplingParams
@@ -127,6 +128,7 @@ class FastDecoder(PrefillGraphs, DecodeStepGraph, DeviceSampler):
         self.eps = cfg.layernorm_epsilon
         self.rotary_dim = cfg.kv_channels // 2
         self.rope = rope_settings(cfg)  # the torch paths; the fused kernels assume the plain one (plain_rope)
+        self.inv_freq = rotary_inv_freq(self.rotary_dim, self.device)  # the QKV GEMV's rotary epilogue
         self.max_seq_len = max_seq_len
         self.gemv_configs = dict(gemv_configs or {})  # "qkv" | "dense" | "fc1" | "fc2" | "output" -> GemvConfig
         self.prefetch = prefetch  # None: as each config says

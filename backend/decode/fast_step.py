@@ -126,7 +126,7 @@ class DecodeStepGraph:
         cfg, pdl = self._gemv_config, self.pdl
         torch.index_select(self.embedding, 0, self._in[:1], out=self._x.view(1, -1))
         pos = self._in[1:]
-        rope_common = dict(q_rows=h * d, kv_rows=g * d, head_dim=d, rot_pairs=self.rotary_dim // 2, pos=pos)
+        rope_common = dict(q_rows=h * d, kv_rows=g * d, head_dim=d, inv_freq=self.inv_freq, pos=pos)
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]
             gemv(self._x, lw.qkv, self._q, norm_weight=lw.ln1, eps=self.eps,

@@ -4,8 +4,10 @@ A decoder is stepped by one thread (``backend.decode.batcher.Batcher`` owns it):
 row, ``step`` prefills the rows added since the last step (each gets its first token) and decodes
 one token for every other running row, ``drop`` frees a row at once (cancel). A row that finishes
 (a stop token, its ``max_new_tokens``, or the context) is freed by the step that finishes it.
-Implementations: ``backend.decode.eager.EagerBatchDecoder`` (torch, any device, any batch) and
-``backend.decode.fast.SerialFastDecoder`` (the CUDA fast path, one row at a time).
+Implementations: ``backend.decode.fast_batch.BatchFastDecoder`` (CUDA and Triton: chat, compare, evaluation,
+the server), ``backend.decode.eager.EagerBatchDecoder`` (torch, any device, any batch) and
+``backend.decode.fast.SerialFastDecoder`` (the older one-row CUDA decoder, one row at a time: benchmarks'
+A/B only, ``engine="serial"``).
 """
 
 from __future__ import annotations

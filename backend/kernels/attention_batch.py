@@ -41,11 +41,14 @@ except ImportError:
     tl = None
     HAVE_TRITON = False
 
+from .rotary import round_mode
+
 BLOCK_T = 64  # slots a loop step of the split kernel; with 8 warps: no register spills at head_dim 128 (sm_90,
 # ptxas), where 4 warps spill 488 bytes (as the batch-1 decoder's split kernel does)
 
 
 if HAVE_TRITON:
+    from .rotary import rope_cos_sin
 
     @triton.jit
     def _rope_cache_batch_kernel(
@@ -55,8 +58,7 @@ if HAVE_TRITON:
         CACHE_ROWS: tl.constexpr = False,
     ):
         # program (row b, head hd of q | k | v): rotary on q and k heads, q out, k and v to the row's slot;
-        # ROUND 1 (fp16) / 2 (bf16): the position, its quotient, the angle and cos/sin rounded to that dtype
-        # as ChatGLM2's original builds its rotary cache in the model dtype; CACHE_ROWS: row b writes to cache
+        # ROUND: kernels.rotary.rope_cos_sin's rounding to the model dtype (ChatGLM2); CACHE_ROWS: row b writes to cache
         # row cache_row_ptr[b] (a prompt's tokens, several to one cache row), else to cache row b (a decode step)
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
             tl.extra.cuda.gdc_launch_dependents()
@@ -72,18 +74,7 @@ if HAVE_TRITON:
         x0 = tl.load(src).to(tl.float32)
         x1 = tl.load(src + 1).to(tl.float32)
         freq = tl.load(inv_freq_ptr + i, mask=i < ROT_PAIRS, other=0.0)
-        if ROUND == 0:
-            angle = (pos.to(tl.float32) / divisor) * freq
-            c = tl.cos(angle)
-            s = tl.sin(angle)
-        else:
-            half = tl.float16 if ROUND == 1 else tl.bfloat16
-            p = pos.to(tl.float32).to(half).to(tl.float32)
-            if divisor != 1.0:
-                p = (p / divisor).to(half).to(tl.float32)
-            angle = (p * freq).to(half).to(tl.float32)
-            c = tl.cos(angle).to(half).to(tl.float32)
-            s = tl.sin(angle).to(half).to(tl.float32)
+        c, s = rope_cos_sin(pos, freq, divisor, ROUND)
         rot = (i < ROT_PAIRS) & (hd < H + G)
         y0 = tl.where(rot, x0 * c - x1 * s, x0)
         y1 = tl.where(rot, x1 * c + x0 * s, x1)
@@ -230,7 +221,7 @@ def rope_cache_write(
         qkv, q_out, k_cache, v_cache, positions, prefix_lens, inv_freq, float(position_divisor),
         positions if cache_rows is None else cache_rows,
         qkv.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H, G, HEAD_DIM=D, ROT_PAIRS=inv_freq.numel(), PDL=pdl, ROUND={torch.float16: 1, torch.bfloat16: 2}.get(angle_dtype, 0),
+        H, G, HEAD_DIM=D, ROT_PAIRS=inv_freq.numel(), PDL=pdl, ROUND=round_mode(angle_dtype),
         CACHE_ROWS=cache_rows is not None, num_warps=1, **_pdl_launch(pdl),
     )
     return q_out

@@ -1,0 +1,79 @@
+"""The batched fast decoder's decode step for one row (bucket 1: a chat's reply), with the one-row decoder's fusions.
+
+The general step (``BatchFastDecoder._step_math``) runs, a layer, the QKV GEMV, a rotary + cache-write kernel, the
+split attention and its combine, then dense, up and down; after the output GEMV, torch's isfinite/all/argmax/where
+pick the greedy token. For one row this step
+- rotates q and k and writes k and v to the row's cache slots in the QKV GEMV's epilogue (no rotary kernel);
+- folds the greedy pick into the output GEMV (an atomic max of (value, -row) keys, then one 1-thread kernel);
+- launches its kernels as programmatic dependents on Hopper and later, so each one's launch overlaps the tail of
+  the one before.
+That is what the older one-row decoder (``decode/fast_step.py``) does and the general step did not: on the H200
+the general step's row took 2.54 ms, ~0.1 ms of it the rotary kernel and the pick's torch kernels, plus a launch
+boundary each (bench/NOTES.md runs 8 and 16).
+
+The math is the general step's: the GEMV rounds q, k and v to the model dtype before rotating them, as the rotary
+kernel reads them, and takes its angles from the same table and rounding (``kernels.rotary``), so a row's tokens
+do not depend on which of the two steps ran it. ``GLMCHAT_ONE_ROW_FUSED=0`` runs one row through the general step,
+for an A/B in one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..int8_linear import new_argmax_state, pick_token
+from ..kernels.attention_batch import attention_workspace, decode_attention
+from ..kernels.gemv_4bit import kernels_run
+
+BAD_TOKEN = 5  # the original chat's token where a logit is nan or inf (as fast_batch.greedy_pick)
+
+
+def fused_one_row_enabled() -> bool:
+    return os.environ.get("GLMCHAT_ONE_ROW_FUSED", "1") != "0"
+
+
+def applies(decoder) -> bool:
+    """Whether every linear has one-row GEMV weights (int8 or 16-bit; 4-bit rows go through their own kernels) and the
+    kernels run here (CUDA, or Triton's interpreter in the CPU tests)."""
+    linears = [decoder.output] + [lin for lw in decoder.layers for lin in (lw.qkv, lw.dense, lw.up, lw.down)]
+    return all(lin.one_row is not None for lin in linears) and kernels_run(decoder.embedding[:1])
+
+
+class OneRowStep:
+    """Row 0's decode step over the decoder's cache and step inputs; returns (logits [1, V], greedy pick [1])."""
+
+    def __init__(self, decoder, pdl: bool):
+        self.dec = decoder
+        self.pdl = pdl
+        dev, dt = decoder.device, decoder.dtype
+        hidden = decoder.embedding.shape[1]
+        self.x = torch.empty(1, hidden, device=dev, dtype=dt)
+        self.qkv = torch.empty(1, decoder.layers[0].qkv.one_row.weight.shape[0], device=dev, dtype=dt)
+        self.attn = torch.empty(1, decoder.heads * decoder.head_dim, device=dev, dtype=dt)
+        self.mlp = torch.empty(1, decoder.layers[0].down.one_row.weight.shape[1], device=dev, dtype=dt)
+        self.logits = torch.empty(1, decoder.output.one_row.weight.shape[0], device=dev, dtype=dt)
+        self.picks = torch.zeros(1, device=dev, dtype=torch.long)
+        self.argmax = new_argmax_state(dev)
+        self.workspace = attention_workspace(1, decoder.heads, decoder.groups, decoder.head_dim, dev)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dec, pdl = self.dec, self.pdl
+        H, D = dec.heads, dec.head_dim
+        pos, plen = dec.positions[:1], dec.prefix_lens[:1]
+        torch.index_select(dec.embedding, 0, dec.tokens[:1], out=self.x)
+        x, mlp, q = self.x[0], self.mlp[0], self.qkv[:, : H * D].view(1, H, D)
+        rope = dict(q_rows=H * D, kv_rows=dec.groups * D, head_dim=D, inv_freq=dec.inv_freq, pos=pos, prefix=plen,
+                    divisor=dec.rope.position_divisor, angle_dtype=dec.angle_dtype)
+        for i, lw in enumerate(dec.layers):
+            kc, vc = dec.k_cache[i, :1], dec.v_cache[i, :1]
+            lw.qkv.gemv_row(x, self.qkv[0], norm=lw.ln1, eps=dec.eps, rope=dict(rope, k_cache=kc[0], v_cache=vc[0]),
+                            pdl=pdl)
+            decode_attention(q, kc, vc, pos, plen, out=self.attn, workspace=self.workspace, pdl=pdl)
+            lw.dense.gemv_row(self.attn[0], x, residual=x, pdl=pdl)
+            lw.up.gemv_row(x, mlp, norm=lw.ln2, eps=dec.eps, swiglu=True, pdl=pdl)
+            lw.down.gemv_row(mlp, x, residual=x, pdl=pdl)
+        dec.output.gemv_row(x, self.logits[0], norm=dec.final_ln, eps=dec.eps, argmax=self.argmax, pdl=pdl)
+        pick_token(self.argmax, self.picks, None, bad_token=BAD_TOKEN, pdl=pdl)
+        return self.logits, self.picks

@@ -1,0 +1,150 @@
+"""The one-row step's GEMV tiles, tuned on the card at hand inside the captured step, cached per GPU model.
+
+A GEMV timed alone ranks tiles differently from the same GEMV inside the step, where each launch overlaps the tail
+of the kernel before it and the prologues and epilogues do more: on the H100, coordinate descent over the captured
+step found a step 12% faster than the tiles that won one kernel at a time (bench/NOTES.md run 5,
+bench/explore_gemv.py). ``int8_linear.DEFAULT_GEMV`` holds that H100 descent's result; this runs the same descent
+on any card the first time it decodes a row: for each linear kind in turn, each candidate tile's step graph is timed
+against the best so far's, interleaved, and kept when faster by more than ``KEEP_GAIN``. The winners go to
+``kernels.tuning``'s file for this GPU model, so later starts (and ``glmchat --prompt``, which does not warm up)
+read them. ``GLMCHAT_KERNEL_TUNING=0`` keeps the defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import asdict
+from typing import Callable, Optional
+
+import torch
+
+from ..int8_linear import GemvConfig, default_gemv_config
+from ..kernels import tuning
+
+log = logging.getLogger("glmchat.tuning")
+
+KEEP_GAIN = 0.003  # a candidate must beat the best step by this share (run 5: timing noise in graphs ~0.1%)
+ROUNDS, REPLAYS = 3, 20  # a comparison: medians of ROUNDS alternating timings of REPLAYS replays each
+KINDS = ("output", "fc1", "fc2", "qkv", "dense")  # the biggest weights first
+
+
+def _c(bp, bk, w=4, cvt=2, rs=False, pf=False) -> GemvConfig:
+    return GemvConfig(block_p=bp, block_k=bk, num_warps=w, cvt=cvt, row_sum=rs, prefetch=pf)
+
+
+# around the H100 descent's winners, and a few further away (bench/explore_gemv.py's sets); each kind's default is
+# timed first and is the one to beat
+CANDIDATES = {
+    "int8": {
+        "output": [_c(16, 1024, 8, rs=True), _c(8, 512, rs=True), _c(4, 1024, rs=True)],
+        "fc1": [_c(8, 2048, rs=True), _c(4, 4096, 8, rs=True), _c(4, 1024, rs=True), _c(2, 2048, cvt=0, rs=True)],
+        "fc2": [_c(4, 1024, cvt=0, pf=True), _c(2, 1024, cvt=2, pf=True), _c(2, 512, cvt=0, pf=True), _c(4, 1024, rs=True)],
+        "qkv": [_c(8, 512, rs=True), _c(2, 1024, rs=True), _c(4, 1024, cvt=0, rs=True)],
+        "dense": [_c(4, 512, rs=True), _c(2, 1024, cvt=2, pf=True), _c(1, 1024)],
+    },
+    "float": {
+        "output": [_c(4, 1024, rs=True), _c(16, 1024, 8, rs=True), _c(8, 512, rs=True)],
+        "fc1": [_c(2, 1024, rs=True), _c(4, 1024, rs=True), _c(2, 2048, rs=True)],
+        "fc2": [_c(2, 1024, rs=True), _c(1, 1024, pf=True), _c(1, 512)],
+        "qkv": [_c(2, 1024, rs=True), _c(4, 512, rs=True), _c(1, 1024, pf=True)],
+        "dense": [_c(4, 1024, rs=True), _c(1, 512), _c(1, 1024, pf=True)],
+    },
+}
+
+
+def _linears(decoder) -> dict[str, list]:
+    by_kind = {"output": [decoder.output]}
+    for lw in decoder.layers:
+        for kind, lin in (("qkv", lw.qkv), ("dense", lw.dense), ("fc1", lw.up), ("fc2", lw.down)):
+            by_kind.setdefault(kind, []).append(lin)
+    return by_kind
+
+
+def _weights_kind(decoder) -> str:
+    return "int8" if decoder.output.q is not None or decoder.layers[0].qkv.q is not None else "float"
+
+
+def tuning_key(decoder) -> str:
+    """The step's shape and weight kind: tiles tuned for one model size hold for that size only."""
+    lw = decoder.layers[0]
+    shape = "x".join(str(s) for s in (len(decoder.layers), *lw.qkv.one_row.weight.shape, *lw.down.one_row.weight.shape,
+                                     decoder.output.one_row.weight.shape[0]))
+    return f"one_row_step:{_weights_kind(decoder)}:{str(decoder.dtype).replace('torch.', '')}:{shape}"
+
+
+def apply(decoder, configs: dict[str, GemvConfig]) -> None:
+    """Every linear of each kind in ``configs`` runs that tile from the next capture on."""
+    for kind, lins in _linears(decoder).items():
+        if kind in configs:
+            for lin in lins:
+                lin.row_config = configs[kind]
+
+
+def defaults(decoder) -> dict[str, GemvConfig]:
+    int8 = _weights_kind(decoder) == "int8"
+    return {kind: default_gemv_config(kind, int8) for kind in KINDS}
+
+
+def cached(decoder) -> Optional[dict[str, GemvConfig]]:
+    fields = tuning.lookup(tuning.cache_file(decoder.device), tuning_key(decoder))
+    try:
+        return {kind: GemvConfig(**f) for kind, f in fields.items()} if fields else None
+    except TypeError:  # written by an older GemvConfig: tune again
+        return None
+
+
+def descend(start: dict[str, GemvConfig], candidates: dict[str, list], measure: Callable[[dict], Callable[[], float]],
+            keep_gain: float = KEEP_GAIN, rounds: int = ROUNDS) -> dict[str, GemvConfig]:
+    """Coordinate descent from ``start``: ``measure(configs)`` builds that step (a graph) and returns a function
+    timing it once (ms). Each candidate of each kind against the best so far, alternately ``rounds`` times, kept when
+    its median is faster by more than ``keep_gain``. A candidate that fails to build is skipped."""
+    best, best_run = dict(start), measure(start)
+    for kind, cands in candidates.items():
+        for cand in cands:
+            if cand == best.get(kind):
+                continue
+            trial = dict(best, **{kind: cand})
+            try:
+                run = measure(trial)
+                times = [(run(), best_run()) for _ in range(rounds)]
+            except Exception as exc:  # noqa: BLE001 - out of resources on this card: not a candidate here
+                log.info("one-row tuning: %s %s failed: %s", kind, cand, exc)
+                continue
+            t_cand, t_best = (statistics.median(t) for t in zip(*times))
+            if t_cand < t_best * (1 - keep_gain):
+                best, best_run = trial, run
+    return best
+
+
+def graph_timer(decoder, step: Callable) -> Callable[[dict], Callable[[], float]]:
+    """``descend``'s ``measure`` on CUDA: the step captured with those tiles, timed over REPLAYS replays by CUDA
+    events (no host time in it)."""
+    from ..cuda_streams import warm_and_capture
+
+    def measure(configs: dict) -> Callable[[], float]:
+        apply(decoder, configs)
+        graph, _ = warm_and_capture(step, decoder.device, decoder._pool)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def time_once() -> float:
+            start.record()
+            for _ in range(REPLAYS):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / REPLAYS
+
+        return time_once
+
+    return measure
+
+
+def tune(decoder, measure: Callable[[dict], Callable[[], float]]) -> dict[str, GemvConfig]:
+    """The descent for this decoder's weights, the winners applied and stored for later starts on this GPU model."""
+    best = descend(defaults(decoder), {k: CANDIDATES[_weights_kind(decoder)][k] for k in KINDS}, measure)
+    apply(decoder, best)
+    tuning.store(tuning.cache_file(decoder.device), tuning_key(decoder), {k: asdict(c) for k, c in best.items()})
+    changed = {k: c for k, c in best.items() if c != defaults(decoder)[k]}
+    log.info("one-row step tuned on %s: %s", decoder.device, changed or "the defaults")
+    return best

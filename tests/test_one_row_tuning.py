@@ -1,0 +1,49 @@
+"""The one-row step's tile descent (backend/decode/one_row_tuning.py) on a cost model: it finds each kind's fastest
+tile, keeps the default within the noise margin, and skips a tile that fails on the card."""
+
+from __future__ import annotations
+
+import itertools
+
+from backend.decode import one_row_tuning as T
+from backend.int8_linear import GemvConfig
+
+
+def _measure(costs: dict, failing=(), noise=0.0):
+    """A step whose time is the sum of its tiles' costs (with alternating noise); ``failing`` tiles do not build."""
+    flip = itertools.cycle((noise, -noise))
+
+    def measure(configs):
+        if any(c in failing for c in configs.values()):
+            raise RuntimeError("out of resources: shared memory")
+        total = sum(costs[k].get(c, 1.0) for k, c in configs.items())
+        return lambda: total * (1 + next(flip))
+    return measure
+
+
+def test_the_descent_keeps_each_kinds_fastest_tile_and_skips_tiles_that_fail():
+    a, b, c = GemvConfig(block_p=2), GemvConfig(block_p=4), GemvConfig(block_p=8)
+    start = {"fc1": a, "qkv": a}
+    costs = {"fc1": {a: 1.0, b: 0.8, c: 0.9}, "qkv": {a: 0.5, b: 0.3, c: 0.4}}
+    measure = _measure(costs)
+    best = T.descend(start, {"fc1": [b, c], "qkv": [c, b]}, measure, rounds=3)
+    assert best == {"fc1": b, "qkv": b}
+    measure = _measure(costs, failing=(b,))
+    assert T.descend(start, {"fc1": [b, c], "qkv": [c, b]}, measure) == {"fc1": c, "qkv": c}
+
+
+def test_a_tile_within_the_noise_margin_does_not_replace_the_default():
+    a, b = GemvConfig(block_p=2), GemvConfig(block_p=4)
+    costs = {"fc2": {a: 1.0, b: 0.999}}  # 0.1% faster: below KEEP_GAIN
+    measure = _measure(costs, noise=0.0005)
+    assert T.descend({"fc2": a}, {"fc2": [b]}, measure) == {"fc2": a}
+
+
+def test_every_kind_has_candidates_for_both_weight_kinds_and_defaults_are_not_repeated():
+    from backend.int8_linear import DEFAULT_GEMV
+
+    for weights, table in (("int8", "int8"), ("float", "float")):
+        assert set(T.CANDIDATES[weights]) == set(T.KINDS)
+        for kind in T.KINDS:
+            cands = T.CANDIDATES[weights][kind]
+            assert DEFAULT_GEMV[table][kind] not in cands and len(set(cands)) == len(cands)
