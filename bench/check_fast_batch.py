@@ -94,6 +94,30 @@ def long_context_check() -> None:
           f"{tokens['fast'][:6]}...")
 
 
+def one_row_checks(model, prefixes, eager: dict) -> None:
+    """A chat's row alone (bucket 1) takes decode/one_row_step.py's step in a graph: rotary and the cache write in
+    the QKV GEMV, the greedy pick in the output GEMV, PDL on Hopper, this card's tuned tiles once a warm-up ran.
+    Its greedy tokens against eager, and the general step's (GLMCHAT_ONE_ROW_FUSED=0's) logits against it."""
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=1)
+    decoder.warm_up()  # tunes the one-row tiles on a new card, as the app's background warm-up does
+    alone = [run_alone(decoder, r) for r in requests()]
+    same = sum(a == b for a, b in zip(alone, eager.values()))
+    pdl = decoder._one_row_step is not None and decoder._one_row_step.pdl
+    check(f"fp32 greedy rows one at a time through the one-row step (pdl={pdl}) equal eager", same == len(eager),
+          f"{same}/{len(eager)} rows")
+    general = BatchFastDecoder(model, prefixes.get, max_batch=1)
+    general._one_row_step = None
+    logits = []
+    for dec in (decoder, general):
+        captured = []
+        take = dec._take
+        dec._take = lambda row, lg, *a: captured.append(lg.float()) or take(row, lg, *a)
+        run_alone(dec, requests()[1])
+        logits.append(torch.cat(captured))
+    err = ((logits[0] - logits[1]).abs().max() / logits[1].abs().max()).item()
+    check("fp32 one-row step logits against the general step's", err < 1e-4, f"max relative difference {err:.1e}")
+
+
 def main() -> None:
     if "--long" in sys.argv:
         long_context_check()
@@ -104,6 +128,7 @@ def main() -> None:
         fast = run(BatchFastDecoder(model, prefixes.get, max_batch=8, use_graphs=graphs), requests())
         same = sum(a == b for a, b in zip(fast.values(), eager.values()))
         check(f"fp32 greedy rows equal eager (graphs={graphs})", same == len(eager), f"{same}/{len(eager)} rows")
+    one_row_checks(model, prefixes, eager)
     sampled = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.8, top_p=0.8, top_k=(0, 20)[i % 2],
                                                           max_new_tokens=24), r.adapter, seed=i) for i, r in enumerate(requests())]
     together = run(BatchFastDecoder(model, prefixes.get, max_batch=8), sampled + requests())

@@ -375,3 +375,28 @@ def test_a_job_run_when_idle_waits_for_running_rows_and_goes_before_waiting_requ
     finally:
         batcher.close()
     assert batcher.run_when_idle(job).cancelled()  # after close: nothing runs
+
+
+def test_a_card_short_of_memory_gets_two_shorter_rows_in_half_the_cache_budget(monkeypatch):
+    """The app's fast decoder holds two rows (a chat, a compare). Where the model's whole context does not fit in its
+    share of the free memory (a 6 GiB card), each row gets a shorter context and the two take half that share, as
+    the one row measured beside training did; the choice is said once."""
+    import types
+    import warnings
+
+    from backend.decode import fast_batch
+
+    gib = 2**30
+    monkeypatch.setattr(fast_batch, "free_bytes", lambda device: 2.2 * gib)
+    fake = types.SimpleNamespace(device=torch.device("cuda"), slot_bytes=28 * 2 * 2 * 128 * 2, memory_short=False)
+    cfg = types.SimpleNamespace(seq_length=32768)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        context, rows = fast_batch.BatchFastDecoder._size_cache(fake, cfg, 32768, 2, 0.25)
+    budget = 2.2 * gib * 0.25
+    assert rows == 2 and fake.memory_short and 4096 < context < 32768
+    assert rows * (fast_batch.PREFIX_SLOTS + context) * fake.slot_bytes <= budget / 2
+    assert [str(w.message) for w in said] == [f"GPU memory is short: the fast decoder keeps {context} tokens of context per reply."]
+    monkeypatch.setattr(fast_batch, "free_bytes", lambda device: 40 * gib)  # a big card: the whole context, no notice
+    fake.memory_short = False
+    assert fast_batch.BatchFastDecoder._size_cache(fake, cfg, 32768, 2, 0.25) == (32768, 2) and not fake.memory_short

@@ -178,10 +178,10 @@ class BatchFastDecoder:
                                            capture=self.use_graphs) if prompt_graphs else None
         # one row's decode step with the one-row decoder's fusions (decode/one_row_step.py), where its GEMV applies;
         # programmatic dependent launch from Hopper on, in graphs
-        self._one_row = None
+        self._one_row_step = None
         if one_row_step.fused_one_row_enabled() and one_row_step.applies(self):
             pdl = self.use_graphs and torch.cuda.get_device_capability(self.device)[0] >= 9
-            self._one_row = one_row_step.OneRowStep(self, pdl)
+            self._one_row_step = one_row_step.OneRowStep(self, pdl)
             tuned = one_row_tuning.cached(self) if cuda else None  # this card's tiles, tuned by an earlier warm-up
             if tuned:
                 one_row_tuning.apply(self, tuned)
@@ -195,8 +195,10 @@ class BatchFastDecoder:
         budget = free_bytes(self.device) * share
         row_bytes = lambda c: (PREFIX_SLOTS + c) * self.slot_bytes  # noqa: E731
         fit = int(budget // row_bytes(context))
-        if fit < min(rows, 2):  # short of memory: a shorter context first, so that compare still fits
-            context = max(512, int(budget // (2 * self.slot_bytes)) - PREFIX_SLOTS)
+        if fit < min(rows, 2):
+            # short of memory: a shorter context, two rows (a compare) in half the budget, the other half left free
+            # (on a 6 GiB card the app trains beside the chat: measured so with one such row, bench/NOTES.md run 12)
+            context = max(512, int(budget // (4 * self.slot_bytes)) - PREFIX_SLOTS)
             context = min(context, cfg.seq_length)
             warnings.warn(f"GPU memory is short: the fast decoder keeps {context} tokens of context per reply.", stacklevel=3)
             self.memory_short = True
@@ -222,8 +224,8 @@ class BatchFastDecoder:
                     lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=split_k)
                     lw.dense(x, residual=x, split_k=split_k)
             self._warm_replies()
-            if self._one_row is not None and self.use_graphs and one_row_tuning.cached(self) is None:
-                self.tune_one_row(one_row_tuning.graph_timer(self, self._one_row))
+            if self._one_row_step is not None and self.use_graphs and one_row_tuning.cached(self) is None:
+                self.tune_one_row(one_row_tuning.graph_timer(self, self._one_row_step))
             if self._prompt_graphs is not None:
                 self._prompt_graphs.capture_all()
                 self._slot_adapter[0] = object()  # the captures wrote keys over whatever prefix row 0 held
@@ -256,10 +258,11 @@ class BatchFastDecoder:
     def tune_one_row(self, measure) -> None:
         """The one-row step's GEMV tiles for this card (``one_row_tuning``, on first use per GPU model), timed on row
         0 at position 64 of this idle decoder (a short chat's keys to attend to); its cache row is overwritten, and
-        bucket 1 is captured again after.
-        A failure keeps the default tiles."""
+        bucket 1 is captured again after. A failure keeps the default tiles."""
         if self.rows or not one_row_tuning.tuning.tuning_enabled():
             return
+        if self.use_graphs and 1 not in self._graphs:
+            self._capture(1)  # settles whether this runtime captures PDL launches, before the candidates' graphs
         self._host_in[:, 0] = torch.tensor([BAD_TOKEN, min(64, self.slots - 1), 0])  # (any token: timing only)
         self._step_in.send()
         try:
@@ -506,18 +509,18 @@ class BatchFastDecoder:
         try:
             graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
         except Exception:
-            if bucket != 1 or self._one_row is None or not self._one_row.pdl:
+            if bucket != 1 or self._one_row_step is None or not self._one_row_step.pdl:
                 raise
             torch.cuda.synchronize(self.device)  # a driver or runtime without PDL in graphs: the plain launches
-            self._one_row.pdl = False
+            self._one_row_step.pdl = False
             graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
         self._graphs[bucket] = graph
         return graph
 
     def _step_math(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for rows [0, bucket): logits [bucket, V] and each row's greedy pick [bucket]."""
-        if bucket == 1 and self._one_row is not None:
-            return self._one_row()
+        if bucket == 1 and self._one_row_step is not None:
+            return self._one_row_step()
         ws = self._workspaces.get(bucket)
         if ws is None:
             ws = self._workspaces[bucket] = attention_workspace(bucket, self.heads, self.groups, self.head_dim, self.device)
