@@ -47,3 +47,23 @@ def test_every_kind_has_candidates_for_both_weight_kinds_and_defaults_are_not_re
         for kind in T.KINDS:
             cands = T.CANDIDATES[weights][kind]
             assert DEFAULT_GEMV[table][kind] not in cands and len(set(cands)) == len(cands)
+
+
+def test_an_8bit_models_output_layer_keeps_the_16_bit_tiles_and_candidates():
+    """An 8-bit model's layers are int8 but its output layer stays 16-bit (loading.SKIP_QUANTIZATION): each kind
+    starts from, and is tuned among, the tiles of its own weights; the cache key names both."""
+    import types
+
+    import torch
+
+    from backend.int8_linear import DEFAULT_GEMV
+
+    def lin(int8: bool, shape):
+        return types.SimpleNamespace(q=object() if int8 else None, one_row=types.SimpleNamespace(weight=torch.empty(shape)))
+
+    layer = types.SimpleNamespace(qkv=lin(True, (48, 32)), dense=lin(True, (32, 32)), up=lin(True, (128, 32)),
+                                  down=lin(True, (32, 64)))
+    decoder = types.SimpleNamespace(layers=[layer, layer], output=lin(False, (100, 32)), dtype=torch.float16)
+    start = T.defaults(decoder)
+    assert start["output"] == DEFAULT_GEMV["float"]["output"] and start["fc2"] == DEFAULT_GEMV["int8"]["fc2"]
+    assert T.tuning_key(decoder) == "one_row_step:int8-float:float16:2x48x32x32x64x100"

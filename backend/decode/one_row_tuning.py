@@ -61,16 +61,18 @@ def _linears(decoder) -> dict[str, list]:
     return by_kind
 
 
-def _weights_kind(decoder) -> str:
-    return "int8" if decoder.output.q is not None or decoder.layers[0].qkv.q is not None else "float"
+def _weights(decoder) -> dict[str, str]:
+    """Each kind's weights, "int8" or "float" (an 8-bit model keeps its output layer in 16 bits)."""
+    return {kind: "int8" if lins[0].q is not None else "float" for kind, lins in _linears(decoder).items()}
 
 
 def tuning_key(decoder) -> str:
-    """The step's shape and weight kind: tiles tuned for one model size hold for that size only."""
+    """The step's shapes and weights: tiles tuned for one model size and precision hold for those only."""
     lw = decoder.layers[0]
     shape = "x".join(str(s) for s in (len(decoder.layers), *lw.qkv.one_row.weight.shape, *lw.down.one_row.weight.shape,
                                      decoder.output.one_row.weight.shape[0]))
-    return f"one_row_step:{_weights_kind(decoder)}:{str(decoder.dtype).replace('torch.', '')}:{shape}"
+    weights = _weights(decoder)
+    return f"one_row_step:{weights['qkv']}-{weights['output']}:{str(decoder.dtype).replace('torch.', '')}:{shape}"
 
 
 def apply(decoder, configs: dict[str, GemvConfig]) -> None:
@@ -82,8 +84,7 @@ def apply(decoder, configs: dict[str, GemvConfig]) -> None:
 
 
 def defaults(decoder) -> dict[str, GemvConfig]:
-    int8 = _weights_kind(decoder) == "int8"
-    return {kind: default_gemv_config(kind, int8) for kind in KINDS}
+    return {kind: default_gemv_config(kind, w == "int8") for kind, w in _weights(decoder).items()}
 
 
 def cached(decoder) -> Optional[dict[str, GemvConfig]]:
@@ -142,7 +143,8 @@ def graph_timer(decoder, step: Callable) -> Callable[[dict], Callable[[], float]
 
 def tune(decoder, measure: Callable[[dict], Callable[[], float]]) -> dict[str, GemvConfig]:
     """The descent for this decoder's weights, the winners applied and stored for later starts on this GPU model."""
-    best = descend(defaults(decoder), {k: CANDIDATES[_weights_kind(decoder)][k] for k in KINDS}, measure)
+    weights = _weights(decoder)
+    best = descend(defaults(decoder), {k: CANDIDATES[weights[k]][k] for k in KINDS}, measure)
     apply(decoder, best)
     tuning.store(tuning.cache_file(decoder.device), tuning_key(decoder), {k: asdict(c) for k, c in best.items()})
     changed = {k: c for k, c in best.items() if c != defaults(decoder)[k]}
