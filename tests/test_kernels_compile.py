@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from backend.int8_linear import _gemv_kernel  # noqa: E402
+from backend.int8_linear import _gemv_kernel, _pick_kernel  # noqa: E402
 from backend.kernels import attention_batch as A  # noqa: E402
 from backend.kernels import gemv_4bit as Q  # noqa: E402
 
@@ -98,6 +98,9 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
                       ARGMAX=argmax)
         ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
         assert byte_loads(ptx) == 0, epilogue
+    pick = {"best_ptr": "*i64", "next_ptr": "*i64", "in_ptr": "*i64"}
+    for feed in (False, True):  # the batched decoder's pick (its own positions), the one-row decoder's (fed back)
+        compile_for(_pick_kernel, pick, dict(BAD_TOKEN=5, PDL=pdl, FEED=feed), arch, warps=1, stages=1)
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])
