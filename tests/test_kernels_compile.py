@@ -172,3 +172,24 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
     for split in sorted({c[-1] for c in configs} - {1}):
         compile_for(_split_sum_kernel, {"part_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT},
                     {"SPLIT_K": split, "W_INT8": True, "HAS_BIAS": False, "BLOCK_N": 1024}, arch)
+
+
+def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_vector_loads():
+    """decode/one_row_tuning.py's int8 candidates, each with its linear's epilogue (the QKV's rotary, fc1's SwiGLU,
+    dense/fc2's residual, the output's folded pick), as the one-row step launches them on an H100/H200."""
+    from backend.decode.one_row_tuning import CANDIDATES
+
+    types = {"x_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "norm_ptr": ACT, "res_ptr": ACT,
+             "out_ptr": ACT, "k_cache_ptr": ACT, "v_cache_ptr": ACT, "pos_ptr": "*i64", "prefix_ptr": "*i64",
+             "inv_freq_ptr": "*fp32", "best_ptr": "*i64", "eps": "fp32", "pos_divisor": "fp32"}
+    epilogues = {"qkv": (2, True, False, False), "dense": (0, False, True, False), "fc1": (1, True, False, False),
+                 "fc2": (0, False, True, False), "output": (0, True, False, True)}  # (epilogue, norm, residual, argmax)
+    for kind, cands in CANDIDATES["int8"].items():
+        epilogue, norm, residual, argmax = epilogues[kind]
+        for cfg in cands:
+            consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=cfg.block_p,
+                          BLOCK_K=cfg.block_k, W_INT8=True, CVT=cfg.cvt, NORM=norm, HAS_BIAS=kind == "qkv",
+                          RESIDUAL=residual, EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=cfg.prefetch,
+                          PDL=True, ROW_SUM=cfg.row_sum, ARGMAX=argmax)
+            ptx = compile_for(_gemv_kernel, types, consts, 90, warps=cfg.num_warps, stages=cfg.num_stages)
+            assert byte_loads(ptx) == 0, (kind, cfg)

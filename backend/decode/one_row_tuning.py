@@ -4,7 +4,8 @@ A GEMV timed alone ranks tiles differently from the same GEMV inside the step, w
 of the kernel before it and the prologues and epilogues do more: on the H100, coordinate descent over the captured
 step found a step 12% faster than the tiles that won one kernel at a time (bench/NOTES.md run 5,
 bench/explore_gemv.py). ``int8_linear.DEFAULT_GEMV`` holds that H100 descent's result; this runs the same descent
-on any card the first time it decodes a row: for each linear kind in turn, each candidate tile's step graph is timed
+on any card at its first warm-up (the app's, in the background; the server's, before it listens): for each linear
+kind in turn, each candidate tile's step graph is timed
 against the best so far's, interleaved, and kept when faster by more than ``KEEP_GAIN``. The winners go to
 ``kernels.tuning``'s file for this GPU model, so later starts (and ``glmchat --prompt``, which does not warm up)
 read them. ``GLMCHAT_KERNEL_TUNING=0`` keeps the defaults.
