@@ -400,3 +400,22 @@ def test_a_card_short_of_memory_gets_two_shorter_rows_in_half_the_cache_budget(m
     monkeypatch.setattr(fast_batch, "free_bytes", lambda device: 40 * gib)  # a big card: the whole context, no notice
     fake.memory_short = False
     assert fast_batch.BatchFastDecoder._size_cache(fake, cfg, 32768, 2, 0.25) == (32768, 2) and not fake.memory_short
+
+
+def test_every_caller_on_a_gpu_gets_the_batched_fast_decoder_with_two_rows_for_a_chat(monkeypatch):
+    """What the app and --prompt run (ChatEngine without max_batch): the batched fast decoder holding two rows, a
+    chat's reply or a compare's two columns in one batch, with the model's whole context; a server's or evaluation's
+    rows at FAST_CACHE_SLOTS; the older one-row decoder only when asked for ("serial")."""
+    import backend.decode as decode
+    from backend.decode import fast_batch
+
+    made = []
+    monkeypatch.setattr(fast_batch, "BatchFastDecoder", lambda model, prefix_of, **kw: made.append(kw) or kw)
+    model = tiny_model()
+    decode.make_batch_decoder(model, "fast")
+    decode.make_batch_decoder(model, "fast", max_batch=16)
+    seq = model.config.seq_length
+    assert made[0] == dict(max_batch=decode.CHAT_ROWS, context_length=seq, cache_share=decode.CHAT_CACHE_SHARE)
+    assert made[1] == dict(max_batch=16, context_length=min(seq, decode.FAST_CACHE_SLOTS))
+    assert decode.CHAT_ROWS == 2
+    assert type(decode.make_batch_decoder(model, "auto")).__name__ == "EagerBatchDecoder"  # no GPU here
