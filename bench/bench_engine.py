@@ -11,11 +11,13 @@ the command, the date and, for decode speed, the % of the bound: the bytes one s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -148,7 +150,7 @@ def main() -> None:
          engine=engine.info.engine, decoder=type(engine.decoder).__name__, max_batch=engine.info.max_batch)
     start = time.perf_counter()
     engine.warm_up()  # as the app (in the background) and the server do
-    emit(what="first_run_tuning", seconds=round(time.perf_counter() - start, 1))
+    emit(what="first_run_tuning", seconds=round(time.perf_counter() - start, 1), one_row_step=one_row_step(engine.decoder))
     adapter = engine.register_adapter(make_adapter(Path("/tmp/bench_adapter/checkpoint-1"), engine.model.config), "ad")
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
     q64, q1600 = query_of(engine.tokenizer, 64), query_of(engine.tokenizer, 1600)
@@ -169,6 +171,20 @@ def main() -> None:
         queries = [q64[: len(q64) - (i % 7)] + str(i) for i in range(n)]
         emit(what="batch", **concurrent(engine, queries, greedy))
     engine.close()
+
+
+def one_row_step(decoder) -> Optional[dict]:
+    """How the decoder runs one row: the fused step (decode/one_row_step.py) with or without PDL and the tiles this
+    card tuned for it, or the general step (None: not the batched fast decoder)."""
+    if not hasattr(decoder, "_one_row_step"):
+        return None
+    step = decoder._one_row_step
+    if step is None:
+        return {"fused": False}
+    from backend.decode import one_row_tuning
+
+    tiles = {kind: dataclasses.asdict(lins[0].row_config) for kind, lins in one_row_tuning.linears_by_kind(decoder).items()}
+    return {"fused": True, "pdl": step.pdl, "tiles": tiles}
 
 
 def compare_rate(engine, query: str, params, adapter: str) -> dict:

@@ -54,7 +54,8 @@ CANDIDATES = {
 }
 
 
-def _linears(decoder) -> dict[str, list]:
+def linears_by_kind(decoder) -> dict[str, list]:
+    """The decoder's BatchLinears by the kind whose tile they share: output, qkv, dense, fc1, fc2."""
     by_kind = {"output": [decoder.output]}
     for lw in decoder.layers:
         for kind, lin in (("qkv", lw.qkv), ("dense", lw.dense), ("fc1", lw.up), ("fc2", lw.down)):
@@ -64,7 +65,7 @@ def _linears(decoder) -> dict[str, list]:
 
 def _weights(decoder) -> dict[str, str]:
     """Each kind's weights, "int8" or "float" (an 8-bit model keeps its output layer in 16 bits)."""
-    return {kind: "int8" if lins[0].q is not None else "float" for kind, lins in _linears(decoder).items()}
+    return {kind: "int8" if lins[0].q is not None else "float" for kind, lins in linears_by_kind(decoder).items()}
 
 
 def tuning_key(decoder) -> str:
@@ -78,7 +79,7 @@ def tuning_key(decoder) -> str:
 
 def apply(decoder, configs: dict[str, GemvConfig]) -> None:
     """Every linear of each kind in ``configs`` runs that tile from the next capture on."""
-    for kind, lins in _linears(decoder).items():
+    for kind, lins in linears_by_kind(decoder).items():
         if kind in configs:
             for lin in lins:
                 lin.row_config = configs[kind]

@@ -373,6 +373,6 @@ def test_tuning_the_one_row_step_runs_every_candidate_tile_to_the_same_step_and_
     assert decoder.output.row_config == T.defaults(decoder)["output"]
     assert int(decoder.positions[0]) == -1 and 0 not in decoder._parked
     stored = T.cached(decoder)  # (the CPU's tuning file here; a GPU model's on a GPU)
-    assert stored == {k: lin[0].row_config for k, lin in T._linears(decoder).items()}
+    assert stored == {k: lin[0].row_config for k, lin in T.linears_by_kind(decoder).items()}
     request = DecodeRequest([5, 7, 9, 11], SamplingParams(temperature=0.0, max_new_tokens=2), adapter="ad")
     assert run(decoder, [request]) == run(EagerBatchDecoder(model, prefixes.get, max_batch=2), [request])
