@@ -21,14 +21,17 @@ from transformers.generation.logits_process import (
 from .service import SamplingParams
 
 
+INVALID_SCORE_TOKEN = 5  # the original chat()'s token for a step whose scores hold nan/inf
+
+
 class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """The original chat()'s guard: a step whose scores hold nan/inf emits token 5 instead of crashing.
+    """The original chat()'s guard: a step whose scores hold nan/inf emits INVALID_SCORE_TOKEN instead of crashing.
 
     Without a host branch (no sync), so the fast decoder can replay it inside a CUDA graph."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         invalid = torch.zeros_like(scores)
-        invalid[..., 5] = 5e4
+        invalid[..., INVALID_SCORE_TOKEN] = 5e4
         return torch.where(torch.isfinite(scores).all(), scores, invalid)
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..device_sampling import on_device
-from ..generation import logits_processors
+from ..generation import INVALID_SCORE_TOKEN, logits_processors
 from ..int8_linear import MATMUL_MID_ROWS, WIDEN_MIN_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
 from ..modeling import decoding_attention, keys_per_head, rope_settings
@@ -45,7 +45,6 @@ from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
 from . import one_row_step, one_row_tuning
-from .one_row_step import BAD_TOKEN
 from .prompt_graphs import PromptGraphs, prompt_inputs
 from .staged_copy import ReadBack, StagedCopy
 from .eager import common_prefix_length
@@ -62,9 +61,9 @@ PREFIX_SLOTS = 256  # reserved before each row's context for an adapter prefix
 
 
 def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
-    """argmax per row [B], or BAD_TOKEN where a row's logits hold nan/inf (the original chat's guard)."""
+    """argmax per row [B], or INVALID_SCORE_TOKEN where a row's logits hold nan/inf (the original chat's guard)."""
     bad = ~torch.isfinite(logits).all(dim=-1)
-    return torch.where(bad, torch.full_like(bad, BAD_TOKEN, dtype=torch.long), logits.argmax(-1))
+    return torch.where(bad, torch.full_like(bad, INVALID_SCORE_TOKEN, dtype=torch.long), logits.argmax(-1))
 
 
 @dataclass
@@ -263,7 +262,7 @@ class BatchFastDecoder:
             return
         if self.use_graphs and 1 not in self._graphs:
             self._capture(1)  # settles whether this runtime captures PDL launches, before the candidates' graphs
-        self._host_in[:, 0] = torch.tensor([BAD_TOKEN, min(64, self.slots - 1), 0])  # (any token: timing only)
+        self._host_in[:, 0] = torch.tensor([INVALID_SCORE_TOKEN, min(64, self.slots - 1), 0])  # (any token: timing only)
         self._step_in.send()
         try:
             one_row_tuning.tune(self, measure)

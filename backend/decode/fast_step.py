@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from ..cuda_streams import warmup_stream
+from ..generation import INVALID_SCORE_TOKEN
 from ..int8_linear import HAVE_TRITON, default_gemv_config, gemv, new_argmax_state, pick_token
 
 if HAVE_TRITON:
@@ -63,7 +64,8 @@ class DecodeStepGraph:
             return
         tok, pos = int(self._in[0]), int(self._in[1])  # the same step in torch (CPU, or shapes the kernels skip)
         logits = self._forward_torch([tok], pos)[0]
-        nxt = 5 if not bool(torch.isfinite(logits).all()) else int(logits.argmax())  # the original's nan/inf guard
+        finite = bool(torch.isfinite(logits).all())  # the original's nan/inf guard
+        nxt = int(logits.argmax()) if finite else INVALID_SCORE_TOKEN
         self._host_tok[k % 2] = nxt
         self._in[0] = nxt
         self._in[1:] += 1
@@ -138,8 +140,9 @@ class DecodeStepGraph:
             gemv(self._mlp, lw.fc2, self._x, residual=self._x, config=cfg("fc2", lw.fc2), pdl=pdl)
         gemv(self._x, self.output, self._logits, norm_weight=self.final_ln, eps=self.eps,
              config=cfg("output", self.output), pdl=pdl, argmax=self._argmax)
-        # the greedy token, or 5 where a logit is nan/inf (the original's guard), fed to the next replay
-        pick_token(self._argmax, self._next_token, self._in, bad_token=5, pdl=pdl)
+        # the greedy token, or INVALID_SCORE_TOKEN where a logit is nan/inf (the original's guard), fed to the next
+        # replay
+        pick_token(self._argmax, self._next_token, self._in, bad_token=INVALID_SCORE_TOKEN, pdl=pdl)
 
     def _gemv_config(self, kind: str, lw):
         cfg = self.gemv_configs.get(kind) or default_gemv_config(kind, lw.is_int8)

@@ -23,11 +23,10 @@ import os
 
 import torch
 
+from ..generation import INVALID_SCORE_TOKEN
 from ..int8_linear import new_argmax_state, pick_token
 from ..kernels.attention_batch import attention_workspace, decode_attention
 from ..kernels.gemv_4bit import kernels_run
-
-BAD_TOKEN = 5  # the original chat's token where a logit is nan or inf (as fast_batch.greedy_pick)
 
 
 def fused_one_row_enabled() -> bool:
@@ -75,5 +74,5 @@ class OneRowStep:
             lw.up.gemv_row(x, mlp, norm=lw.ln2, eps=dec.eps, swiglu=True, pdl=pdl)
             lw.down.gemv_row(mlp, x, residual=x, pdl=pdl)
         dec.output.gemv_row(x, self.logits[0], norm=dec.final_ln, eps=dec.eps, argmax=self.argmax, pdl=pdl)
-        pick_token(self.argmax, self.picks, None, bad_token=BAD_TOKEN, pdl=pdl)
+        pick_token(self.argmax, self.picks, None, bad_token=INVALID_SCORE_TOKEN, pdl=pdl)
         return self.logits, self.picks

@@ -145,10 +145,10 @@ def graph_timer(decoder, step: Callable) -> Callable[[dict], Callable[[], float]
 
 def tune(decoder, measure: Callable[[dict], Callable[[], float]]) -> dict[str, GemvConfig]:
     """The descent for this decoder's weights, the winners applied and stored for later starts on this GPU model."""
-    weights = _weights(decoder)
-    best = descend(defaults(decoder), {k: CANDIDATES[weights[k]][k] for k in KINDS}, measure)
+    weights, start = _weights(decoder), defaults(decoder)
+    best = descend(start, {k: CANDIDATES[weights[k]][k] for k in KINDS}, measure)
     apply(decoder, best)
     tuning.store(tuning.cache_file(decoder.device), tuning_key(decoder), {k: asdict(c) for k, c in best.items()})
-    changed = {k: c for k, c in best.items() if c != defaults(decoder)[k]}
+    changed = {k: c for k, c in best.items() if c != start[k]}
     log.info("one-row step tuned on %s: %s", decoder.device, changed or "the defaults")
     return best

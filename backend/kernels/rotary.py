@@ -3,6 +3,8 @@ batched decoder's rotary + cache-write kernel and by the one-row GEMV's rotary e
 
 from __future__ import annotations
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -35,6 +37,4 @@ if HAVE_TRITON:
 
 def round_mode(angle_dtype) -> int:
     """``rope_cos_sin``'s ROUND for an angle dtype: None (float32) 0, fp16 1, bf16 2."""
-    import torch
-
     return {torch.float16: 1, torch.bfloat16: 2}.get(angle_dtype, 0)
