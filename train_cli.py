@@ -14,6 +14,7 @@ A mistake in the input prints one line on stderr and exits with status 2; Ctrl-C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -611,7 +612,7 @@ def cmd_compare(args) -> int:
     table.add_column("base", ratio=2, overflow="fold")
     table.add_column(tuned, ratio=2, overflow="fold")
     console = Console()
-    with console.status("generating...") if console.is_terminal else _nullcontext():
+    with console.status("generating...") if console.is_terminal else contextlib.nullcontext():
         replies = compare_replies(engine, prompts, params, tuned, args.seed)
     for prompt, (base, after) in zip(prompts, replies):
         table.add_row(prompt, base, after)
@@ -639,14 +640,6 @@ def compare_replies(engine, prompts: list[str], params, tuned: str, seed: int) -
 
     with ThreadPoolExecutor(max_workers=max(1, engine.info.max_batch // 2)) as pool:
         return list(pool.map(pair, prompts))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------- entry point

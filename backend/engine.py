@@ -10,6 +10,7 @@ turn feeds only its new tokens; the CUDA fast decoder keeps its last conversatio
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -82,11 +83,14 @@ class ChatEngine:
         """Tune the GPU kernels and capture the decode graphs now, not in the first replies (the fast decoder; the
         eager one has nothing to warm: None). Tuning is cached on disk per GPU model, so a card pays it once.
         ``wait`` False: on the decoding thread in the background, ahead of replies asked meanwhile (they wait for
-        it); a failure there is logged and leaves the decoder to capture lazily, as without a warm-up. Not in the
-        background where the cache already had to shrink to fit: there every megabyte is left to the replies."""
+        it); a failure there is logged and leaves the decoder to capture lazily, as without a warm-up. Where the
+        cache already had to shrink to fit, the background warm-up only tunes (no graphs, no replies): every
+        megabyte is left to the replies."""
         warm = getattr(self.decoder, "warm_up", None)
-        if warm is None or (not wait and getattr(self.decoder, "memory_short", False)):
+        if warm is None:
             return None
+        if not wait and getattr(self.decoder, "memory_short", False):
+            warm = functools.partial(warm, captures=False)
         done = self.batcher.run_when_idle(warm)
         if wait:
             done.result()

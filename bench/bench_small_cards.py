@@ -63,6 +63,7 @@ def run(args) -> dict:
             stage = "warm-up"  # as the app starts it after loading (tui.app.load_backend); its first chat waits for it
             start = time.perf_counter()
             warming = engine.warm_up(wait=False)
+            # a user types the first message meanwhile: its time is the warm-up's, not the first reply's
             failed = warming.exception() if warming is not None else None  # the app logs it and goes on: so do we
             out["warm_up"] = {"ran": warming is not None, "s": round(time.perf_counter() - start, 1),
                               "error": None if failed is None else f"{type(failed).__name__}: {str(failed)[:200]}"}
@@ -83,6 +84,7 @@ def run(args) -> dict:
                 info = engine.register_adapter(result.last_checkpoint, "trained")
                 engine.switch_adapter(info.name)
                 out["chat_after"] = reply_stats(engine, params)
+                out["chat_again"] = reply_stats(engine, params)  # the adapter's second reply: nothing first-use left
             notices = sorted({str(w.message) for w in caught} | set(engine.info.notices))
         out["ok"] = True
     except torch.cuda.OutOfMemoryError as err:

@@ -68,6 +68,22 @@ def run_alone(decoder, request) -> list:
     return out
 
 
+def logits_decoder(model, prefix_of, max_batch: int) -> BatchFastDecoder:
+    """A batched fast decoder whose steps' logits can be read: without the step ahead, whose graph replay writes
+    over the queued step's logits (its tokens are read back first). ``ahead_check`` covers the step ahead."""
+    return BatchFastDecoder(model, prefix_of, max_batch=max_batch, decode_ahead=False)
+
+
+def ahead_check(name: str, model, prefix_of, max_batch: int) -> None:
+    """Greedy tokens with the next step fed on the device and queued ahead (what users run) equal those of steps
+    fed from the host one at a time: the same kernels on the same inputs, so equal in any dtype."""
+    tokens = [run(BatchFastDecoder(model, prefix_of, max_batch=max_batch, decode_ahead=ahead), requests())
+              for ahead in (True, False)]
+    same = sum(a == b for a, b in zip(tokens[0].values(), tokens[1].values()))
+    check(f"{name} greedy rows with the step ahead equal steps fed from the host", same == len(tokens[1]),
+          f"{same}/{len(tokens[1])} rows")
+
+
 def check(name: str, ok: bool, detail: str = "") -> None:
     print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
     if not ok:
@@ -102,16 +118,19 @@ def one_row_checks(model, prefixes, eager: dict) -> None:
     decoder.warm_up()  # tunes the one-row tiles on a new card, as the app's background warm-up does
     alone = [run_alone(decoder, r) for r in requests()]
     same = sum(a == b for a, b in zip(alone, eager.values()))
-    pdl = decoder._one_row_step is not None and decoder._one_row_step.pdl
+    if decoder._one_row_step is None:  # GLMCHAT_ONE_ROW_FUSED=0, or no GEMV for these weights
+        return
+    pdl = decoder._one_row_step.pdl
     check(f"fp32 greedy rows one at a time through the one-row step (pdl={pdl}) equal eager", same == len(eager),
           f"{same}/{len(eager)} rows")
-    general = BatchFastDecoder(model, prefixes.get, max_batch=1)
+    fused = BatchFastDecoder(model, prefixes.get, max_batch=1, decode_ahead=False)  # logits: see logits_decoder
+    general = BatchFastDecoder(model, prefixes.get, max_batch=1, decode_ahead=False)
     general._one_row_step = None
     logits = []
-    for dec in (decoder, general):
+    for dec in (fused, general):
         captured = []
         take = dec._take
-        dec._take = lambda row, lg, *a: captured.append(lg.float()) or take(row, lg, *a)
+        dec._take = lambda row, lg, *a: captured.append(lg.float().clone()) or take(row, lg, *a)
         run_alone(dec, requests()[1])
         logits.append(torch.cat(captured))
     err = ((logits[0] - logits[1]).abs().max() / logits[1].abs().max()).item()
@@ -138,14 +157,15 @@ def main() -> None:
     model, prefixes = model_and_prefixes(torch.bfloat16)
     logits = {}
     for name, dec in (("eager", EagerBatchDecoder(model, prefixes.get, max_batch=4)),
-                      ("fast", BatchFastDecoder(model, prefixes.get, max_batch=4))):
+                      ("fast", logits_decoder(model, prefixes.get, max_batch=4))):
         captured = []
         take = dec._take
-        dec._take = lambda row, lg, *a: captured.append(lg.float()) or take(row, lg, *a)
+        dec._take = lambda row, lg, *a: captured.append(lg.float().clone()) or take(row, lg, *a)
         run(dec, requests())
         logits[name] = torch.cat(captured[:8])
     err = ((logits["fast"] - logits["eager"]).norm() / logits["eager"].norm()).item()
     check("bf16 logits of the first steps agree with eager", err < 2e-2, f"relative error {err:.2e}")
+    ahead_check("bf16", model, prefixes.get, 4)
     model, prefixes = model_and_prefixes(torch.float32)
     many = requests() * 50  # 200 rows: the 256-row bucket evaluation uses
     eager = run(EagerBatchDecoder(model, prefixes.get, max_batch=256), many)
@@ -178,11 +198,13 @@ def quantized_logits_error(quantization: str, copies: int = 1) -> float:
         loaded = load_model(tmp, quantization=quantization)
     captured, tokens = {}, {}
     reqs = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=3)) for r in requests()] * copies
+    if copies == 1:
+        ahead_check(quantization, loaded.model, lambda a: None, 4)
     for name, dec in (("eager", EagerBatchDecoder(loaded.model, lambda a: None, max_batch=4 * copies)),
-                      ("fast", BatchFastDecoder(loaded.model, lambda a: None, max_batch=4 * copies))):
+                      ("fast", logits_decoder(loaded.model, lambda a: None, max_batch=4 * copies))):
         rows = captured[name] = {}
         take = dec._take
-        dec._take = lambda row, lg, *a, rows=rows, take=take: rows.setdefault(row.id, []).append(lg.float()) or take(row, lg, *a)
+        dec._take = lambda row, lg, *a, rows=rows, take=take: rows.setdefault(row.id, []).append(lg.float().clone()) or take(row, lg, *a)
         tokens[name] = run(dec, reqs)
     pairs = [(captured["fast"][i][k], captured["eager"][i][k]) for i in tokens["eager"] for k in range(3)
              if tokens["fast"][i][:k] == tokens["eager"][i][:k]]

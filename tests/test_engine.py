@@ -269,10 +269,10 @@ def test_what_the_decoder_chose_at_load_is_in_the_models_notices(model_dir, monk
 def test_warm_up_runs_the_decoders_on_its_thread_or_in_the_background(engine, caplog):
     """The eager decoder has nothing to warm (None); a decoder with ``warm_up`` gets it on the decoding thread,
     waited for or not; a background failure is logged and replies go on; a cache that had to shrink for memory
-    gets no background warm-up."""
+    is warmed in the background without captures (tuning only)."""
     assert engine.warm_up() is None and engine.warm_up(wait=False) is None
     threads = []
-    engine.decoder.warm_up = lambda: threads.append(threading.current_thread() is engine.batcher._thread)
+    engine.decoder.warm_up = lambda captures=True: threads.append(threading.current_thread() is engine.batcher._thread)
     assert engine.warm_up().done() and threads == [True]
     assert engine.warm_up(wait=False).result(10) is None and threads == [True, True]
 
@@ -290,5 +290,9 @@ def test_warm_up_runs_the_decoders_on_its_thread_or_in_the_background(engine, ca
     assert "warm-up failed (CUDA out of memory)" in caplog.text
     assert engine.reply("你好", [], GREEDY).new_tokens > 0
     engine.decoder.memory_short = True
-    assert engine.warm_up(wait=False) is None
+    kinds = []
+    engine.decoder.warm_up = lambda captures=True: kinds.append(captures)
+    engine.warm_up(wait=False).result(10)
+    engine.warm_up()
+    assert kinds == [False, True]  # waited for (the server, before its first client): the whole warm-up
     engine.close()

@@ -206,22 +206,27 @@ class BatchFastDecoder:
             raise BackendError("the GPU has no memory left for the decoder's cache; load a smaller precision (--quantization 4bit).")
         return context, max(1, min(rows, fit))
 
-    def warm_up(self) -> None:
+    def warm_up(self, captures: bool = True) -> None:
         """Tune the kernels for every row count and capture every bucket's graph now, not at a first reply
-        (tuning results are cached on disk per GPU model, so only the first run on a card pays it)."""
+        (tuning results are cached on disk per GPU model, so only the first run on a card pays it). Without
+        ``captures`` (a cache that had to shrink for memory): only the tuning at the rows of decode steps and short
+        prompts, whose temporaries are a few rows wide, and nothing is kept; a first reply on a 6 GiB card waited
+        37 s for that tuning (bench/NOTES.md, run 17)."""
         from ..kernels.gemv_4bit import M_BUCKETS
 
         with torch.inference_mode():
             # prompts of up to 64 tokens and decode steps run at these row counts (decode steps split K, prompts do
             # not: both); then each tile config of the int8 matmul (up to 256 rows, beyond) and the weights widened
             # for cuBLAS (long prompts)
-            for m in M_BUCKETS + (QUANT_MAX_M + 1, MATMUL_MID_ROWS + 1, WIDEN_MIN_ROWS):
+            for m in M_BUCKETS + ((QUANT_MAX_M + 1, MATMUL_MID_ROWS + 1, WIDEN_MIN_ROWS) if captures else ()):
                 x = torch.randn(m, self.embedding.shape[1], device=self.device, dtype=self.dtype)
                 lw = self.layers[0]
                 for split_k in (True, False) if m <= QUANT_MAX_M else (True,):
                     lw.qkv(x, norm=lw.ln1, eps=self.eps, split_k=split_k)
                     lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=split_k)
                     lw.dense(x, residual=x, split_k=split_k)
+            if not captures:
+                return
             self._warm_replies()
             if self._one_row_step is not None and self.use_graphs and one_row_tuning.cached(self) is None:
                 self.tune_one_row(one_row_tuning.graph_timer(self, self._one_row_step))
@@ -382,7 +387,9 @@ class BatchFastDecoder:
         if self._queued is None and self._rows:
             self._queue_decode()
         ahead = self._queue_ahead()
-        out = self._finish_decode() if self._queued is not None else []
+        # a graph's replay writes the same logits buffer: once the step ahead is queued, the queued step's logits
+        # are gone (its tokens are already on their way to the host), so its rows get none
+        out = self._finish_decode(logits_kept=ahead is None or not self.use_graphs) if self._queued is not None else []
         self._queued = ahead
         pending, self._pending = self._pending, []
         if pending:
@@ -458,10 +465,13 @@ class BatchFastDecoder:
             picks = self.sampler.tokens(bucket, logits, picks, self.positions)
         return rows, logits, picks, self._readback.take(picks)
 
-    def _finish_decode(self) -> list[RowToken]:
-        """The queued step's tokens for its rows that still run (a row dropped meanwhile gets none)."""
+    def _finish_decode(self, logits_kept: bool = True) -> list[RowToken]:
+        """The queued step's tokens for its rows that still run (a row dropped meanwhile gets none). Without
+        ``logits_kept`` (a step ahead overwrote them) every row's token was picked on the device."""
         rows, logits, picks, taken = self._queued
         self._queued = None
+        if not logits_kept:
+            logits = None
         rows = [r for r in rows if self._rows.get(r.id) is r]
         out = self._pick(rows, logits, picks, [r.slot for r in rows], drawn=True, taken=taken) if rows else []
         for row, token in zip(rows, out):
@@ -484,9 +494,10 @@ class BatchFastDecoder:
                                        [len(r.tokens) - 1 for r, _ in sampled])
             picks = picks.index_put((where,), tokens)
         tokens = (taken or picks).tolist() if any(not _picked_on_host(row) for row in rows) else None
-        return [self._take(row, logits[i:i + 1], None if _picked_on_host(row) else tokens[i]) for row, i in zip(rows, index)]
+        return [self._take(row, None if logits is None else logits[i:i + 1], None if _picked_on_host(row) else tokens[i])
+                for row, i in zip(rows, index)]
 
-    def _take(self, row: _Row, logits: torch.Tensor, token: Optional[int] = None) -> RowToken:
+    def _take(self, row: _Row, logits: Optional[torch.Tensor], token: Optional[int] = None) -> RowToken:
         return next_token(row, logits, self.device, token)
 
     # -- the decode step ----------------------------------------------------------------------

@@ -249,6 +249,37 @@ def test_steps_fed_on_the_device_give_the_tokens_of_host_fed_steps():
     assert [ahead[0], ahead[2], ahead[3]] == [eager[0], eager[1], eager[2]]
 
 
+def test_a_step_whose_logits_a_replay_ahead_overwrote_hands_out_none_and_the_others_the_right_ones():
+    """In CUDA graphs every replay of a bucket writes the same logits buffer, so once the step ahead is queued the
+    queued step's logits are the next step's (on the GPU, check_fast_batch.py found bf16 "logits" 70% off). Such
+    steps hand their rows no logits; the steps that keep theirs hand out the logits of host-fed steps."""
+    model, prefixes = make_model()
+    requests = [DecodeRequest([5, 7, 9, 11], GREEDY), DecodeRequest([3, 4], GREEDY, adapter="ad")]
+
+    def logits_seen(decode_ahead: bool) -> list:
+        decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False, decode_ahead=decode_ahead)
+        buffers = {}
+
+        def replay(bucket):  # as a captured graph: one output buffer a bucket, written over by every replay
+            logits, picks = decoder._step_math(bucket)
+            kept = buffers.setdefault(bucket, (torch.empty_like(logits), torch.empty_like(picks)))
+            kept[0].copy_(logits), kept[1].copy_(picks)
+            return kept
+
+        decoder.use_graphs, decoder._run_step = True, replay
+        seen = []
+        take = decoder._take
+        decoder._take = lambda row, lg, *a: seen.append((row.id, None if lg is None else lg.clone())) or take(row, lg, *a)
+        run(decoder, requests)
+        return seen
+
+    ahead, host_fed = logits_seen(True), logits_seen(False)
+    assert [r for r, _ in ahead] == [r for r, _ in host_fed]
+    assert any(lg is None for _, lg in ahead) and all(lg is not None for _, lg in host_fed)
+    kept = [(a, b) for (_, a), (_, b) in zip(ahead, host_fed) if a is not None]
+    assert len(kept) >= 2 and all(torch.equal(a, b) for a, b in kept)
+
+
 def test_a_warm_up_that_fails_midway_leaves_no_row_behind(monkeypatch):
     """The app warms the decoder in the background; if that fails (out of memory, say) in the middle of its replies,
     their rows are gone and a real request decodes as on a fresh decoder."""
@@ -270,6 +301,22 @@ def test_a_warm_up_that_fails_midway_leaves_no_row_behind(monkeypatch):
     request = DecodeRequest([5, 7, 9, 11], GREEDY, adapter="ad")
     fresh = run(BatchFastDecoder(model, prefixes.get, max_batch=4, use_graphs=False), [request])
     assert run(decoder, [request]) == fresh
+
+
+def test_a_warm_up_without_captures_tunes_the_few_row_linears_only(monkeypatch):
+    """Where memory is short the engine's background warm-up only tunes: linears at up to 64 rows (decode steps and
+    short prompts), no replies, no graphs, nothing left in the cache."""
+    from backend.decode import batch_linear
+
+    model, prefixes = make_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False)
+    rows = []
+    call = batch_linear.BatchLinear.__call__
+    monkeypatch.setattr(batch_linear.BatchLinear, "__call__", lambda self, x, **kw: rows.append(x.shape[0]) or call(self, x, **kw))
+    monkeypatch.setattr(decoder, "_warm_replies", lambda: pytest.fail("no replies without captures"))
+    decoder.warm_up(captures=False)
+    assert rows and max(rows) <= batch_linear.QUANT_MAX_M and 1 in rows
+    assert decoder.rows == 0 and not decoder._parked and not decoder._graphs
 
 
 def test_one_row_through_the_fused_step_equals_the_general_step_token_for_token():
