@@ -1,0 +1,1 @@
+export PYTHONPATH=.:/tmp/site GLMCHAT_CACHE_DIR=/tmp/glmcache PYTHONUNBUFFERED=1; GLMCHAT_ONE_ROW_FUSED=0 timeout 120 python3 bench/check_fast_batch.py 2>&1 | grep -a "^ok\|FAIL\|Error" | cut -c1-200; date; bash bench/run_device.sh ab-chat; date

@@ -1,0 +1,1 @@
+bash bench/run_device.sh ab-serve; date
