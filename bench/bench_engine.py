@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--engine", default="auto")
     parser.add_argument("--rows", default="1,2,8,64")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs of each --rows level (a 64-row level takes ~1.5 s: one run is within run-to-run noise of an A/B)")
     args = parser.parse_args()
     common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quantization": args.quantization}
@@ -169,7 +171,8 @@ def main() -> None:
     emit(what="compare", **compare_rate(engine, q64, greedy, adapter.name))
     for n in rows:
         queries = [q64[: len(q64) - (i % 7)] + str(i) for i in range(n)]
-        emit(what="batch", **concurrent(engine, queries, greedy))
+        for run in range(1, args.repeat + 1):
+            emit(what="batch", run=run, **concurrent(engine, queries, greedy))
     engine.close()
 
 
