@@ -6,7 +6,9 @@
 #   bash bench/run_device.sh decode   # fast-batch GPU checks; ChatEngine decode: 8-bit (batched and one-row),
 #                                     # NF4, the int4 release, bf16 (bench_engine.py)
 #   bash bench/run_device.sh serving  # train_cli.py eval on 1070 examples; glmchat serve under 1/8/64 streams
-#   bash bench/run_device.sh cards    # small cards under memory caps; the train.sh recipe, 60 steps of each variant
+#   bash bench/run_device.sh cards    # small cards under memory caps: NF4 and the int4 release in 6 GiB, 8-bit in 10
+#   bash bench/run_device.sh train-variants  # the 32k-context check; the train.sh recipe, 60 steps of each variant
+#   bash bench/run_device.sh profile-4bit    # where a 4-bit step's time goes at 1 and 2 rows (NF4, the int4 release)
 #   bash bench/run_device.sh recipe   # the whole train.sh recipe (3000 steps, ~7.5 min on an H200)
 #   bash bench/run_device.sh linears  # int8 linears at 1-4 rows (both GEMVs, both matmul forms) and the decode
 #                                     # rows' matmul grid, in CUDA graphs
@@ -43,7 +45,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -80,12 +82,24 @@ serving)
   stamp "serve"; tail -n 6 "$OUT/serve.log"
   ;;
 cards)
-  python3 bench/check_fast_batch.py --long 2>&1 | grep -v Warn | tail -n 2 | tee "$OUT/check_long.log"
+  # ~2 min a row on a cold tuning cache (the NF4 row's background warm-up alone took 61 s in run 17)
   small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
+  ;;
+train-variants)
+  python3 bench/check_fast_batch.py --long 2>&1 | grep -v Warn | tail -n 2 | tee "$OUT/check_long.log"
   timeout 300 python3 bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 60 > "$OUT/train.jsonl" 2> "$OUT/train.err"
   stamp "train"; tail -n 4 "$OUT/train.jsonl"
+  ;;
+profile-4bit)
+  # where a 4-bit step's ~10 ms goes at one and two rows (NF4, then the int4 release), before any gemv_4bit change
+  timeout 200 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 4bit --rows 1,2 \
+      > "$OUT/profile_nf4.jsonl" 2> "$OUT/profile_nf4.err"
+  stamp "profile nf4"; cut -c1-300 "$OUT/profile_nf4.jsonl"
+  timeout 200 python3 bench/profile_batch_step.py --model /tmp/glm6b-int4 --rows 1,2 \
+      > "$OUT/profile_int4.jsonl" 2> "$OUT/profile_int4.err"
+  stamp "profile int4"; cut -c1-300 "$OUT/profile_int4.jsonl"
   ;;
 recipe)
   timeout 560 python3 bench/bench_train.py /tmp/glm6b 8bit --recipe-only --max-steps 3000 --variants default \
@@ -145,7 +159,7 @@ ab-check)
   # the GPU checks (greedy rows against eager, through decode-ahead, the few-rows GEMV and the swapped matmul, in
   # graphs); evaluation twice (cold, then warm Triton cache); `glmchat --prompt` stage by stage (the image's
   # packages lack .pyc: they are kept under /tmp, as an install would keep them)
-  timeout 120 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-160
+  timeout 240 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-160
   stamp "check_fast_batch"
   export PYTHONPYCACHEPREFIX=/tmp/pyc
   for run in 1 2; do
@@ -174,7 +188,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead" >&2
   exit 2
   ;;
 esac
