@@ -118,13 +118,11 @@ def one_row_checks(model, prefixes, eager: dict) -> None:
     decoder.warm_up()  # tunes the one-row tiles on a new card, as the app's background warm-up does
     alone = [run_alone(decoder, r) for r in requests()]
     same = sum(a == b for a, b in zip(alone, eager.values()))
-    if decoder._one_row_step is None:  # GLMCHAT_ONE_ROW_FUSED=0, or no GEMV for these weights
+    step = "the general step" if decoder._one_row_step is None else f"the one-row step (pdl={decoder._one_row_step.pdl})"
+    check(f"fp32 greedy rows one at a time through {step} equal eager", same == len(eager), f"{same}/{len(eager)} rows")
+    if decoder._one_row_step is None:  # GLMCHAT_ONE_ROW_FUSED=0: no fused step to hold against the general one
         return
-    pdl = decoder._one_row_step.pdl
-    check(f"fp32 greedy rows one at a time through the one-row step (pdl={pdl}) equal eager", same == len(eager),
-          f"{same}/{len(eager)} rows")
-    fused = BatchFastDecoder(model, prefixes.get, max_batch=1, decode_ahead=False)  # logits: see logits_decoder
-    general = BatchFastDecoder(model, prefixes.get, max_batch=1, decode_ahead=False)
+    fused, general = logits_decoder(model, prefixes.get, 1), logits_decoder(model, prefixes.get, 1)
     general._one_row_step = None
     logits = []
     for dec in (fused, general):
