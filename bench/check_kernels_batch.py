@@ -15,7 +15,8 @@ per-row int8) and M = 1, 2, 8, 64 activation rows (bf16):
   ``int8_linear.gemv`` (int8, M = 1) and ``int8_linear.matmul`` (int8, M >= 2);
 then the batched rotary + cache write and decode attention (32 heads, 2 groups, head_dim 128) for 1, 8 and
 64 rows of mixed lengths and prefixes, checked against torch and timed over the K/V bytes they read.
-A short table comes last. ``--small`` runs tiny shapes without timing (under ``TRITON_INTERPRET=1`` on a
+A short table comes last. ``--candidates`` also times every config the tuner chooses among (4-bit, M = 1
+and 2: the GEMV kernels side by side). ``--small`` runs tiny shapes without timing (under ``TRITON_INTERPRET=1`` on a
 CPU: the script's own check).
 """
 
@@ -43,6 +44,7 @@ SHAPES_6B = {"qkv": (4608, 4096), "dense": (4096, 4096), "fc1": (27392, 4096), "
              "output": (65024, 4096)}
 SHAPES_SMALL = {"qkv": (48, 64), "fc1": (40, 128), "fc2": (40, 200), "output": (130, 64)}
 FAILS: list[str] = []
+CANDIDATES = False  # --candidates
 ROWS: list[tuple] = []  # the table
 
 
@@ -172,8 +174,8 @@ def baseline_ms(baseline, x, timing: bool) -> float:
         return float("nan")
 
 
-def run_linears(device, dtype, shapes, ms, timing: bool, peak: float) -> None:
-    for fmt in ("nf4", "int4", "int8"):
+def run_linears(device, dtype, shapes, ms, timing: bool, peak: float, formats=("nf4", "int4", "int8")) -> None:
+    for fmt in formats:
         for name, (n, k) in shapes.items():
             guarded(f"{fmt} {name}", run_linear, device, dtype, fmt, name, n, k, ms, timing, peak)
             if device.type == "cuda":
@@ -212,6 +214,23 @@ def run_linear(device, dtype, fmt, name, n, k, ms, timing: bool, peak: float) ->
             if timing:
                 print(f"     {t * 1e3:8.1f} us  {by / (t * 1e-3) / 1e9:7.0f} GB/s  "
                       f"{100 * by / (t * 1e-3) / peak:5.1f}% of peak", flush=True)
+            if CANDIDATES and timing and fmt != "int8" and m <= 2:
+                time_candidates(x, qw, bias, fused, f"{fmt} {name} M={m}", by, peak)
+
+
+def time_candidates(x, qw, bias, fused, what: str, by: int, peak: float) -> None:
+    """--candidates: every config the tuner chooses among for this linear, each checked and timed."""
+    ref = Q.quant_linear(x, qw, bias, config=Q.candidate_configs(qw.fmt, x.shape[0], fused["swiglu"])[0], **fused)
+    for cfg in Q.candidate_configs(qw.fmt, Q.m_bucket(x.shape[0]), fused["swiglu"]):
+        desc = f"{cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} bm{cfg.block_m} w{cfg.num_warps} lut{cfg.lut}"
+        try:
+            out = Q.quant_linear(x, qw, bias, config=cfg, **fused)
+            t = bench_ms(lambda: Q.quant_linear(x, qw, bias, out=out, config=cfg, **fused), True)
+        except Exception as exc:  # noqa: BLE001 - a config this card cannot run is a row, not a failure
+            print(f"cand {what:22s} {desc:40s} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            continue
+        print(f"cand {what:22s} {desc:40s} {t * 1e3:8.1f} us {by / (t * 1e-3) / 1e9:6.0f} GB/s "
+              f"{100 * by / (t * 1e-3) / peak:5.1f}%  vs default {rel(out, ref.float()):.1e}", flush=True)
 
 
 # -- attention -----------------------------------------------------------------------------------
@@ -291,7 +310,14 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="tiny shapes, no timing (the Triton interpreter on a CPU)")
     ap.add_argument("--peak-tbs", type=float, default=4.3, help="bandwidth for the %% column, TB/s (default 4.3)")
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 8, 64], help="activation rows to check and time")
+    ap.add_argument("--formats", nargs="+", default=["nf4", "int4", "int8"], choices=["nf4", "int4", "int8"],
+                    help="weight formats to check (default all)")
+    ap.add_argument("--no-attention", action="store_true", help="skip the attention kernels")
+    ap.add_argument("--candidates", action="store_true",
+                    help="also time every tile config the tuner chooses among (4-bit, M = 1 and 2)")
     args = ap.parse_args()
+    global CANDIDATES
+    CANDIDATES = args.candidates
     started = time.time()
     peak = args.peak_tbs * 1e12
     cuda = torch.cuda.is_available() and not args.small
@@ -304,8 +330,9 @@ def main() -> int:
         print(f"tuning cache: {tuning.cache_file(device)} (tuning {'on' if tuning.tuning_enabled() else 'off'})")
         print(f"copy bandwidth (read + write) {copy_bandwidth(device) / 1e12:.2f} TB/s; % column against "
               f"{args.peak_tbs} TB/s")
-        run_linears(device, torch.bfloat16, SHAPES_6B, args.m, True, peak)
-        run_attention(device, torch.bfloat16, 32, 2, 128, 4096, (1, 8, 64), True)
+        run_linears(device, torch.bfloat16, SHAPES_6B, args.m, True, peak, args.formats)
+        if not args.no_attention:
+            run_attention(device, torch.bfloat16, 32, 2, 128, 4096, (1, 8, 64), True)
     else:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("no GPU: run with --small under TRITON_INTERPRET=1 (or on a CUDA machine)")

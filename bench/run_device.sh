@@ -17,6 +17,8 @@
 #   bash bench/run_device.sh ab-decode  # A/B in one call: decode-ahead, the few-rows GEMV, the swapped matmul
 #   bash bench/run_device.sh ab-check   # GPU checks (greedy rows against eager); eval twice; --prompt by stages
 #   bash bench/run_device.sh ab-serve   # the server at 64 streams with 4 client processes and with 1
+#   bash bench/run_device.sh ab-4bit    # 4-bit GEMVs side by side (every tile config, 1 and 2 rows); NF4 and int4
+#                                       # chat/compare with the words GEMV, NF4 without it
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
 #                                       # older one-row decoder, bf16
@@ -128,6 +130,18 @@ ab-decode)
   GLMCHAT_MATMUL_SWAP=0 engine swap0 --model /tmp/glm6b --quantization 8bit --rows 64
   for f in ahead1 ahead0 rows0 swap0; do echo "$f:"; grep -a '"chat"\|"compare"\|"batch"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
   ;;
+ab-4bit)
+  # the words GEMV (backend/kernels/quant_words.py) against the earlier 4-bit GEMV: every tile config of each
+  # linear timed side by side at one and two rows, then ChatEngine (chat and compare) with the tuner free to
+  # pick it, NF4 and the int4 release; NF4 again without it (GLMCHAT_WORDS_GEMV=0, tuned into its own cache)
+  timeout 240 python3 bench/check_kernels_batch.py --formats nf4 int4 --m 1 2 --no-attention --candidates \
+      > "$OUT/kernels_4bit.log" 2>&1
+  stamp "kernels"; grep -a "^cand\|FAIL\|failed;\|PASSED" "$OUT/kernels_4bit.log" | cut -c1-150 | head -200
+  engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
+  engine int4 --model /tmp/glm6b-int4 --rows 1,2
+  GLMCHAT_WORDS_GEMV=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
+  for f in nf4 int4 nf4old; do echo "$f:"; grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
+  ;;
 ab-ahead)
   # decode-ahead at many rows (run 17: -7% at 64 rows in one run; evaluation 19.4 s against 14.3-15.9 before it):
   # evaluation and 64 `ChatEngine` replies with the step ahead on and off, alternating, in one call
@@ -188,7 +202,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit" >&2
   exit 2
   ;;
 esac

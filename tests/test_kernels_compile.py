@@ -193,3 +193,34 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
                           PDL=True, ROW_SUM=cfg.row_sum, ARGMAX=argmax)
             ptx = compile_for(_gemv_kernel, types, consts, 90, warps=cfg.num_warps, stages=cfg.num_stages)
             assert byte_loads(ptx) == 0, (kind, cfg)
+
+
+def loop_bodies(ptx: str) -> list[str]:
+    """The PTX of each loop: its basic blocks, as the compiler's block comments name them (the header's label,
+    and every block marked "in Loop: Header=..."), wherever the block layout put them."""
+    blocks = re.split(r"^(?=\$L__BB\d+_\d+:)", ptx, flags=re.M)
+    label = lambda b: re.match(r"\$L__(BB\d+_\d+):", b)  # noqa: E731
+    headers = {h for b in blocks for h in re.findall(r"in Loop: Header=(BB\d+_\d+)", b.split("\n", 1)[0])}
+    return ["".join(b for b in blocks if label(b) and (label(b).group(1) == h or f"Header={h} " in b.split("\n", 1)[0]))
+            for h in sorted(headers)]
+
+
+@pytest.mark.parametrize("arch,pdl", TARGETS)
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, fmt):
+    """quant_words' reason to exist: no shared-memory round trip (bar.sync) inside the K loop, at one row and two,
+    with SwiGLU, for each tile the tuner may pick; it compiles for every card we support (fp16 rows on Turing)."""
+    from backend.kernels import quant_words as W
+
+    act = "*fp16" if arch == 75 else "*bf16"
+    types = dict(QUANT_TYPES, x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
+                 res_ptr=act, out_ptr=act)
+    for cfg in {c for rows in (1, 2) for c in Q._words_configs(rows, fmt)}:
+        for swiglu in (False, True):
+            consts = dict(FMT=Q._FMT_ID[fmt], LUT=cfg.lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 8, BS2=256,
+                          HAS_SCALE=fmt == "int4", SWIGLU=swiglu, X_KIND=2 if arch == 75 else 1, ROWS=cfg.block_m,
+                          BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n, BLOCK_W=cfg.block_k // 8,
+                          PDL=pdl)
+            ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
+            loops = loop_bodies(ptx)
+            assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu)

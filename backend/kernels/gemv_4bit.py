@@ -522,8 +522,9 @@ if HAVE_TRITON:
 
 @dataclass(frozen=True)
 class QuantLinearConfig:
-    kernel: str = "gemv"  # "gemv" (a row a program column, float32 row sums), "mm" (tl.dot tiles) or
-    # "rows" (int8: every activation row, up to block_m, against weight rows read once; float32 sums)
+    kernel: str = "gemv"  # "gemv" (a row a program column, float32 row sums), "mm" (tl.dot tiles),
+    # "rows" (int8: every activation row, up to block_m, against weight rows read once; float32 sums) or
+    # "words" (4-bit, quant_words.py: the weight read as 32-bit words, block_m = 1 or 2 rows a program)
     block_n: int = 8
     block_k: int = 512  # weights (not bytes) along K a tile
     block_m: int = 16  # mm only
@@ -569,11 +570,26 @@ def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinea
         gemv += [QuantLinearConfig("gemv", 8, 512, 16, 4, 1, 1), QuantLinearConfig("gemv", 8, 512, 16, 4, 1, 2, False)]
     if m == 1:  # bigger tiles too: more bytes in flight a thread (Triton does not pipeline these loops)
         chosen = gemv + [QuantLinearConfig("gemv", bn, bk, 16, 8, 1, 2) for bn, bk in ((16, 1024), (8, 2048))]
+        chosen += _words_configs(1, fmt)
     elif m <= 4:
-        chosen = gemv[:4] + mm
+        chosen = gemv[:4] + _words_configs(2, fmt) + mm
     else:
         chosen = mm + gemv[:4] if m <= 8 else mm
     return _halved(chosen) if swiglu else chosen
+
+
+def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
+    """quant_words' tiles: (output rows, weights along K, warps); NF4 with the 16-entry table, and one with
+    the byte-pair table (one gather a byte, but over 16 cache lines) for the tuner to compare."""
+    tiles = ((16, 512, 4), (8, 1024, 4), (16, 1024, 4), (32, 512, 4), (32, 512, 8), (8, 512, 4), (4, 1024, 4))
+    if rows == 2:
+        tiles = tiles[:3] + ((32, 512, 8),)
+    if os.environ.get("GLMCHAT_WORDS_GEMV", "1") == "0":  # A/B switch for bench/ (not a user setting)
+        return []
+    configs = [QuantLinearConfig("words", bn, bk, rows, w, 1, 1) for bn, bk, w in tiles]
+    if fmt == "nf4":
+        configs.append(QuantLinearConfig("words", 16, 512, rows, 4, 1, 2))
+    return configs
 
 
 def _halved(configs: list[QuantLinearConfig]) -> list[QuantLinearConfig]:
@@ -609,7 +625,13 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float,
     args = (x, w.data, absmax, code, lut, code2, absmax2, w.offset, w.scale if w.scale is not None else dummy,
             bias_arg, norm_arg, res, out)
     flags = (int(bias is not None), int(residual is not None), int(norm_weight is not None))
-    if cfg.kernel == "rows":
+    if cfg.kernel == "words":
+        from . import quant_words  # (imports this module: imported on first use)
+
+        if not quant_words.usable(x, w, norm_weight):
+            raise ValueError("the words kernel needs K % 8 == 0, aligned weights and 16-bit rows of even stride")
+        quant_words.launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl, lut, dummy)
+    elif cfg.kernel == "rows":
         if w.fmt != "int8" or M > cfg.block_m:
             raise ValueError(f"the rows kernel takes int8 weights and at most block_m={cfg.block_m} rows")
         _rows_int8_kernel[(triton.cdiv(n_out, cfg.block_n),)](
@@ -713,8 +735,16 @@ def quant_linear(
     if out is None:
         out = torch.empty(x.shape[0], w.n // 2 if swiglu else w.n, device=x.device, dtype=x.dtype)
     cfg = config or tuned_config(w, 16 if batch_invariant else x.shape[0], x.dtype, x.device, swiglu=swiglu, pdl=pdl)
+    if cfg.kernel == "words" and config is None and not _words_usable(x, w, norm_weight):
+        cfg = candidate_configs(w.fmt, m_bucket(x.shape[0]), swiglu)[0]  # tuned on aligned buffers; this one is not
     _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl)
     return out
+
+
+def _words_usable(x: torch.Tensor, w: QuantizedWeight, norm_weight) -> bool:
+    from . import quant_words
+
+    return quant_words.usable(x, w, norm_weight)
 
 
 def kernels_run(x: torch.Tensor) -> bool:

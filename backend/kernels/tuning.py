@@ -1,7 +1,7 @@
 """Kernel tile configs tuned on first use per GPU model and shape, cached on disk.
 
 A kernel wrapper asks ``pick(kernel, key, candidates, run, device)``: the cached winner for this GPU
-model and key, else (outside CUDA-graph capture, with tuning on) each candidate timed with
+model and key (if it was picked from the same candidates), else (outside CUDA-graph capture, with tuning on) each candidate timed with
 ``triton.testing.do_bench`` on scratch buffers and the fastest one stored, else the first candidate
 (the hand-picked default). The cache is one JSON file per GPU model under
 ``<user cache dir>/kernel-tuning/`` (``backend.demo.cache_root``: $GLMCHAT_CACHE_DIR overrides), so a
@@ -11,6 +11,7 @@ card is tuned once, not on every start, and configs come from the card at hand i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -102,8 +103,9 @@ def pick(
         raise ValueError("no candidate configs")
     cls = type(candidates[0])
     path = cache_file(device)
-    fields = lookup(path, key)
-    if fields is not None:
+    among = candidates_digest(candidates)
+    fields = dict(lookup(path, key) or {})
+    if fields.pop("_among", None) == among:  # a winner stands for the candidates it was picked from only
         try:
             return cls(**fields)
         except TypeError:  # written by an older config class: tune again
@@ -128,5 +130,10 @@ def pick(
                       + "; ".join(failed))
     if best is None:
         return candidates[0]
-    store(path, key, asdict(best))
+    store(path, key, {**asdict(best), "_among": among})
     return best
+
+
+def candidates_digest(candidates: Sequence) -> str:
+    """A short hash of a candidate list: a cached pick is tuned again once a kernel gains or loses candidates."""
+    return hashlib.sha1(repr(list(candidates)).encode()).hexdigest()[:12]

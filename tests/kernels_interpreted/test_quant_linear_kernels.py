@@ -34,6 +34,9 @@ MM = Q.QuantLinearConfig("mm", block_n=16, block_k=64, block_m=16)
 MM_SPLIT2 = Q.QuantLinearConfig("mm", block_n=16, block_k=64, block_m=16, split_k=2)
 MM_SPLIT3 = Q.QuantLinearConfig("mm", block_n=16, block_k=64, block_m=16, split_k=3)
 ROWS4 = Q.QuantLinearConfig("rows", block_n=4, block_k=64, block_m=4)
+WORDS1 = Q.QuantLinearConfig("words", block_n=8, block_k=64, block_m=1, lut=1)
+WORDS2 = Q.QuantLinearConfig("words", block_n=4, block_k=128, block_m=2, lut=1)
+WORDS_PAIRS = Q.QuantLinearConfig("words", block_n=8, block_k=64, block_m=1, lut=2)
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -60,7 +63,8 @@ def test_nf4_equals_bitsandbytes_dequantize_then_matmul(n, k, nested):
     w = Q.nf4_weight(data, state)
     assert torch.equal(w.dequantize(), ref_w)  # the layout as bitsandbytes reads it
     # (the interpreter runs a program at a time: GEMV programs per activation row cost, so small M for them)
-    for m, cfg in ((1, GEMV_LUT2), (3, GEMV_LUT2), (1, GEMV_LUT1), (1, GEMV_PER_WEIGHT), (3, MM), (17, MM)):
+    for m, cfg in ((1, GEMV_LUT2), (3, GEMV_LUT2), (1, GEMV_LUT1), (1, GEMV_PER_WEIGHT), (3, MM), (17, MM),
+                   (1, WORDS1), (1, WORDS_PAIRS), (2, WORDS2), (3, WORDS2)):
         x = torch.randn(m, k)
         assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, (m, cfg)
 
@@ -70,8 +74,8 @@ def test_nf4_nested_absmax_over_several_second_level_blocks():
     assert state.state2.absmax.numel() == 2
     w = Q.nf4_weight(data, state)
     x = torch.randn(2, 256)
-    assert rel(run(x, w, GEMV_LUT2), x @ ref_w.T) < 1e-5
-    assert rel(run(x, w, MM), x @ ref_w.T) < 1e-5
+    for cfg in (GEMV_LUT2, MM, WORDS2):
+        assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, cfg
 
 
 def test_nf4_half_activations_and_half_weights():
@@ -80,7 +84,7 @@ def test_nf4_half_activations_and_half_weights():
     w = Q.nf4_weight(data, state)
     x = torch.randn(5, 192).to(torch.float16)
     ref = x.float() @ ref_w.float().T
-    for cfg in (GEMV_LUT2, MM):
+    for cfg in (GEMV_LUT2, MM, WORDS1, WORDS2):
         out = run(x, w, cfg)
         assert out.dtype == torch.float16
         assert rel(out, ref) < 2e-3
@@ -102,7 +106,7 @@ def test_int4_release_layout_and_kernels(n, k):
     ref_w = q.float() * scale.float()[:, None]
     assert torch.equal(w.dequantize(), ref_w)  # even column in the high nibble, both signed
     assert (q < 0).any() and (q > 0).any()  # both signs exercised
-    for m, cfg in ((1, GEMV_LUT2), (2, GEMV_LUT2), (4, MM), (17, MM)):
+    for m, cfg in ((1, GEMV_LUT2), (2, GEMV_LUT2), (4, MM), (17, MM), (1, WORDS1), (3, WORDS2)):
         x = torch.randn(m, k)
         assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, (m, cfg)
 
@@ -128,7 +132,7 @@ def test_nf4_bias_residual_on_strided_rows():
     big = torch.randn(3, 400)
     x = big[:, 8:200]  # row stride 400: a view of a wider buffer
     bias, res = torch.randn(24), torch.randn(3, 24)
-    for cfg in (GEMV_LUT2, MM):
+    for cfg in (GEMV_LUT2, MM, WORDS1, WORDS2):
         out = run(x, w, cfg, bias=bias, residual=res)
         assert rel(out, x @ ref_w.T + bias + res) < 1e-5
 
@@ -165,12 +169,20 @@ def test_tuning_picks_a_winner_caches_it_on_disk_and_reuses_it(tmp_path, monkeyp
     saved = json.loads(files[0].read_text())
     (key, fields), = saved["configs"].items()
     assert "nf4n" in key and "N16" in key and "K128" in key and "M1" in key
+    assert fields.pop("_among") == tuning.candidates_digest(Q.candidate_configs("nf4", 1))
     assert Q.QuantLinearConfig(**fields) == cfg
     monkeypatch.setattr(tuning, "_loaded", {})  # a new process: read from disk, nothing timed
     assert Q.tuned_config(w, 1, torch.float32, torch.device("cpu"), timer=timer) == cfg
     assert len(calls) == len(Q.candidate_configs("nf4", 1))
     x = torch.randn(1, 128)
     assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5
+    monkeypatch.setattr(tuning, "_loaded", {})
+    monkeypatch.setattr(Q, "_chosen", {})
+    fewer = Q.candidate_configs("nf4", 1)[:2]  # the kernel's candidates changed since: tuned again
+    monkeypatch.setattr(Q, "candidate_configs", lambda *a, **k: fewer)
+    timed_before = len(calls)
+    assert Q.tuned_config(w, 1, torch.float32, torch.device("cpu"), timer=timer) in fewer
+    assert len(calls) == timed_before + 2
 
 
 def reference_norm_swiglu(x, ref_w, g, bias, res, eps=1e-5):
@@ -194,7 +206,11 @@ def test_fused_rmsnorm_prologue_and_swiglu_epilogue(fmt):
         q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-3
         w, ref_w = Q.int8_weight(q, s), q.float() * s[:, None]
     g, bias = 1 + 0.1 * torch.randn(k), torch.randn(n) * 0.1
-    configs = [(3, MM), (17, MM), (3, MM_SPLIT2), (17, MM_SPLIT3)] + ([(3, ROWS4), (1, ROWS4)] if fmt == "int8" else [(1, GEMV_LUT2), (2, GEMV_LUT2), (1, GEMV_PER_WEIGHT)])
+    configs = [(3, MM), (17, MM), (3, MM_SPLIT2), (17, MM_SPLIT3)]
+    if fmt == "int8":
+        configs += [(3, ROWS4), (1, ROWS4)]
+    else:
+        configs += [(1, GEMV_LUT2), (2, GEMV_LUT2), (1, GEMV_PER_WEIGHT), (1, WORDS1), (2, WORDS2), (3, WORDS2)]
     for m, cfg in configs:
         x, res = torch.randn(m, k) * 3, torch.randn(m, n // 2)
         out = torch.full((m, n // 2), float("nan"))
@@ -271,3 +287,35 @@ def test_quantized_weight_of_layers_as_loaded():
     by_width.in_features = 16  # the int8 release: one byte a column
     assert Q.quantized_weight(by_width).fmt == "int8"
     assert Q.quantized_weight(torch.nn.Linear(4, 4)) is None
+
+
+def test_words_kernel_reads_bf16_activations_as_int32_pairs():
+    """bf16 rows reach the words kernel as int32 pairs widened by shifts (the interpreter has no bf16 tensors:
+    the kernel never loads one, and a float32 output stands in for the bf16 one)."""
+    from backend.kernels import quant_words
+
+    data, state, ref_w = bnb_nf4(24, 192, nested=True)
+    w = Q.nf4_weight(data, state)
+    x = torch.randn(3, 200).to(torch.bfloat16)[:, :192]  # row stride 200: even, as the kernel needs
+    assert quant_words.usable(x, w, None)
+    for cfg in (WORDS1, WORDS2):
+        out = torch.full((3, 24), float("nan"))
+        quant_words.launch(x, w, out, None, None, None, 1e-5, False, cfg, False, out, out)
+        assert rel(out, x.float() @ ref_w.T) < 1e-5, cfg
+
+
+def test_words_kernel_refuses_what_it_cannot_read_and_tuned_calls_fall_back():
+    from backend.kernels import quant_words
+
+    data, state, ref_w = bnb_nf4(24, 192, nested=False, dtype=torch.float16)
+    w = Q.nf4_weight(data, state)
+    odd = torch.randn(2, 193).to(torch.float16)[:, 1:]  # odd row stride: no int32 pairs
+    assert not quant_words.usable(odd, w, None)
+    with pytest.raises(ValueError, match="words kernel"):
+        run(odd, w, WORDS1)
+    Q._chosen[(f"quant_linear|nf4|bs64|N24|K192|M2|float16", "cpu")] = WORDS2  # as if tuned to it
+    try:
+        out = Q.quant_linear(odd, w)  # tuned to the words kernel, taken by the default for this call
+    finally:
+        Q._chosen.clear()
+    assert rel(out, odd.float() @ ref_w.float().T) < 2e-3

@@ -1,0 +1,242 @@
+"""A 4-bit GEMV for one or two activation rows that reads the packed weight as 32-bit words (``quant_linear``'s
+"words" kernel; configs, tuning and the fused prologue/epilogues are ``gemv_4bit``'s).
+
+Why a second 4-bit GEMV: at one row a linear is a pass over its weight, so its time is the bytes read and the
+instructions spent on each byte. ``gemv_4bit``'s "gemv" kernel splits each tile into even and odd columns
+and reduces it per 64-weight block; Triton lowers those reshapes, the stride-2 activation loads and the
+per-tile reductions through shared memory with barriers inside the K loop (PTX of the sm_90 build: four
+``bar.sync`` an iteration), and on the H200 it read NF4 weights at 6-16% of the copy bandwidth.
+
+Here every tensor of the loop is one [BLOCK_N, BLOCK_W] tile of words (8 weights a word), so Triton keeps one
+register layout throughout: no barrier until the final row sums. A word's 8 weights pair with 8
+activations read as 4 int32s, each two 16-bit activations (the even column in the low half, matching the
+high nibble of its byte), widened to float32 by bit shifts (bf16) or a conversion (fp16). NF4 codes come
+from the 16-entry table (64 bytes: one cache line, so a warp's 32 lookups are one L1 transaction; the
+256-entry byte-pair table spans 16 lines), the int4 release's by arithmetic shifts. Each word's sum is
+scaled by its block's absmax (nested absmax decoded per word); the row scale (int4) and the epilogue come
+after the loop. With two rows the decoded weights serve both: the table lookups, the largest cost per
+weight, are done once for the pair (compare's batch of two).
+
+Needs K % 8 == 0, a 4-byte aligned weight, and 16-bit activations with an even row stride (or float32,
+the tests' dtype, read directly); ``usable`` says whether a call qualifies, else ``quant_linear`` takes the
+default config.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gemv_4bit import HAVE_TRITON, QuantizedWeight
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .gemv_4bit import _epilogue
+
+X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight) -> bool:
+    """Whether the words kernel can take this call (alignment, dtype and shape; see the module docstring)."""
+    if w.fmt not in ("nf4", "int4") or w.k % 8 or w.data.data_ptr() % 4 or w.n * w.k >= 2**31:
+        return False
+    if w.fmt == "nf4" and w.blocksize % 8:
+        return False
+    if x.dtype == torch.float32:
+        return True
+    if x.dtype not in X_KIND or x.stride(0) % 2 or x.data_ptr() % 4:
+        return False
+    return norm_weight is None or (norm_weight.dtype == x.dtype and norm_weight.data_ptr() % 4 == 0)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _halves(p, X_KIND: tl.constexpr):
+        # an int32 holding two 16-bit activations: (low half, high half) as float32
+        if X_KIND == 1:  # bf16 is the top half of a float32
+            lo = (p << 16).to(tl.float32, bitcast=True)
+            hi = (p & -65536).to(tl.float32, bitcast=True)
+        else:
+            lo = p.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _round(v, X_KIND: tl.constexpr):
+        # float32 v rounded to the activation dtype (the norm's product, as the other kernels round it)
+        if X_KIND == 1:
+            v = v.to(tl.bfloat16).to(tl.float32)
+        elif X_KIND == 2:
+            v = v.to(tl.float16).to(tl.float32)
+        return v
+
+    @triton.jit
+    def _x_pair(x_ptr, norm_ptr, pair, mask, norm, X_KIND: tl.constexpr):
+        # activations 2 * pair and 2 * pair + 1 (x_ptr: int32 view of 16-bit x, or float32 x), times the
+        # norm weight when norm
+        if X_KIND == 0:
+            xe = tl.load(x_ptr + 2 * pair, mask=mask, other=0.0)
+            xo = tl.load(x_ptr + 2 * pair + 1, mask=mask, other=0.0)
+            if norm:
+                xe = xe * tl.load(norm_ptr + 2 * pair, mask=mask, other=0.0)
+                xo = xo * tl.load(norm_ptr + 2 * pair + 1, mask=mask, other=0.0)
+        else:
+            xe, xo = _halves(tl.load(x_ptr + pair, mask=mask, other=0), X_KIND)
+            if norm:
+                ge, go = _halves(tl.load(norm_ptr + pair, mask=mask, other=0), X_KIND)
+                xe = _round(xe * ge, X_KIND)
+                xo = _round(xo * go, X_KIND)
+        return xe, xo
+
+    @triton.jit
+    def _byte_values(words, i: tl.constexpr, code_ptr, lut_ptr, FMT: tl.constexpr, LUT: tl.constexpr):
+        # the two weights of byte i of each word: (high nibble = even column, low nibble = odd column)
+        if FMT == 1:  # int4 release: signed nibbles, sign kept by arithmetic shifts
+            ev = ((words << (24 - 8 * i)) >> 28).to(tl.float32)
+            od = ((words << (28 - 8 * i)) >> 28).to(tl.float32)
+        elif LUT == 2:  # a gather per byte from the byte-pair table (int64: low word = the even column)
+            pair = tl.load(lut_ptr + ((words >> (8 * i)) & 255))
+            ev = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            od = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        else:
+            ev = tl.load(code_ptr + ((words >> (8 * i + 4)) & 15))
+            od = tl.load(code_ptr + ((words >> (8 * i)) & 15))
+        return ev, od
+
+    @triton.jit
+    def _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mask, NESTED: tl.constexpr,
+                     BS2: tl.constexpr):
+        # float32 absmax of blocks blk; nested: code2[q] * absmax2[blk // BS2] + offset, as bitsandbytes decodes it
+        if NESTED:
+            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            a = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BS2, mask=mask, other=0.0) + offset
+        else:
+            a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        return a
+
+    @triton.jit
+    def _sum_squares(x_ptr, stride_xm, m, K, X_KIND: tl.constexpr):
+        # sum of x[m]^2 (for the fused RMSNorm): a pass over the row, which is tiny next to the weight
+        offs = tl.arange(0, 1024)
+        ss = tl.zeros([1024], dtype=tl.float32)
+        for k0 in range(0, K // 2, 1024):
+            xe, xo = _x_pair(x_ptr + m * stride_xm, x_ptr, k0 + offs, k0 + offs < K // 2, 0, X_KIND)
+            ss += xe * xe + xo * xo
+        return tl.sum(ss, axis=0)
+
+    @triton.jit(do_not_specialize=["has_bias", "residual", "norm", "M"])
+    def _gemv_words_kernel(
+        x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
+        scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
+        has_bias, residual, norm,
+        FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+        HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, X_KIND: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr,
+    ):
+        # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
+        # stride_xm in x_ptr's elements (int32 pairs for 16-bit x). SWIGLU: 2N weight rows, as gemv_4bit's
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        pid_n = tl.program_id(0)
+        m0 = tl.program_id(1) * ROWS
+        m1 = tl.minimum(m0 + 1, M - 1)  # ROWS == 2 with an odd M: the last pair repeats its row, stored once
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        rows = tl.where(mask_n, rn, 0)
+        KW = K // 8
+        wi = tl.arange(0, BLOCK_W)
+        zero = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)  # x pointers as tiles: one layout for the whole loop
+        acc0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        acc0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        acc1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        for k0 in range(0, KW, BLOCK_W):
+            kw = k0 + wi
+            mk = (kw < KW)[None, :]
+            words = tl.load(w_ptr + rows[:, None] * KW + kw[None, :], mask=mk, other=0)
+            if SWIGLU:
+                words_b = tl.load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mask=mk, other=0)
+            p0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            p1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            p0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            p1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            for i in tl.static_range(4):
+                pair = 4 * kw[None, :] + i + zero
+                xe, xo = _x_pair(x_ptr + m0 * stride_xm, norm_ptr, pair, mk, norm, X_KIND)
+                ev, od = _byte_values(words, i, code_ptr, lut_ptr, FMT, LUT)
+                p0 = tl.fma(od, xo, tl.fma(ev, xe, p0))
+                if ROWS == 2:
+                    ye, yo = _x_pair(x_ptr + m1 * stride_xm, norm_ptr, pair, mk, norm, X_KIND)
+                    p1 = tl.fma(od, yo, tl.fma(ev, ye, p1))
+                if SWIGLU:
+                    ev, od = _byte_values(words_b, i, code_ptr, lut_ptr, FMT, LUT)
+                    p0_b = tl.fma(od, xo, tl.fma(ev, xe, p0_b))
+                    if ROWS == 2:
+                        p1_b = tl.fma(od, yo, tl.fma(ev, ye, p1_b))
+            if FMT == 0:  # NF4: each word's sum times its block's absmax (a word never straddles blocks)
+                blk = (rows[:, None] * K + 8 * kw[None, :]) // BS
+                a = _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mk, NESTED, BS2)
+                acc0 = tl.fma(p0, a, acc0)
+                acc1 = tl.fma(p1, a, acc1)
+                if SWIGLU:
+                    blk = ((rows + N)[:, None] * K + 8 * kw[None, :]) // BS
+                    a = _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mk, NESTED, BS2)
+                    acc0_b = tl.fma(p0_b, a, acc0_b)
+                    acc1_b = tl.fma(p1_b, a, acc1_b)
+            else:
+                acc0 += p0
+                acc1 += p1
+                acc0_b += p0_b
+                acc1_b += p1_b
+        _finish_row(acc0, acc0_b, x_ptr, m0, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
+                    bias_ptr, res_ptr, out_ptr, has_bias, residual, norm, HAS_SCALE, SWIGLU, X_KIND)
+        if ROWS == 2:
+            if m0 + 1 < M:
+                _finish_row(acc1, acc1_b, x_ptr, m1, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om,
+                            scale_ptr, bias_ptr, res_ptr, out_ptr, has_bias, residual, norm, HAS_SCALE, SWIGLU,
+                            X_KIND)
+
+    @triton.jit
+    def _finish_row(acc, acc_b, x_ptr, m, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
+                    bias_ptr, res_ptr, out_ptr, has_bias, residual, norm, HAS_SCALE: tl.constexpr,
+                    SWIGLU: tl.constexpr, X_KIND: tl.constexpr):
+        # row m's sums [BLOCK_N, BLOCK_W] -> the shared epilogue (norm factor, scale, bias, SwiGLU, residual)
+        a = tl.sum(acc, axis=1)
+        b = tl.sum(acc_b, axis=1)
+        r = tl.full([1], 1.0, dtype=tl.float32)
+        if norm:
+            r = r * tl.rsqrt(_sum_squares(x_ptr, stride_xm, m, K, X_KIND) / K + eps)
+        rm = tl.zeros([1], dtype=tl.int64) + m
+        _epilogue(a[None, :], b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
+
+
+def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool, cfg, pdl: bool,
+           lut, dummy) -> None:
+    """Run the words kernel for ``gemv_4bit._launch`` (cfg.block_m rows a program: 1 or 2)."""
+    M = x.shape[0]
+    n_out = w.n // 2 if swiglu else w.n
+    kind = X_KIND[x.dtype]
+    x_arg = x if kind == 0 else x.view(torch.int32)
+    stride_xm = x.stride(0) if kind == 0 else x.stride(0) // 2
+    norm_arg = norm_weight if norm_weight is not None else dummy
+    if kind and norm_weight is not None:
+        norm_arg = norm_weight.view(torch.int32)
+    nf4 = w.fmt == "nf4"
+    words = w.data.reshape(-1).view(torch.int32)
+    res = residual if residual is not None else dummy
+    rows = max(1, min(2, cfg.block_m))
+    grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, rows))
+    _gemv_words_kernel[grid](
+        x_arg, words, w.absmax if nf4 else dummy, w.code if nf4 else dummy, lut, w.code2 if w.nested else dummy,
+        w.absmax2 if w.nested else dummy, w.offset, w.scale if w.scale is not None else dummy,
+        bias if bias is not None else dummy, norm_arg, res, out, M, n_out, w.k, eps, stride_xm, res.stride(0),
+        out.stride(0), int(bias is not None), int(residual is not None), int(norm_weight is not None),
+        FMT=0 if nf4 else 1, LUT=cfg.lut, NESTED=w.nested, BS=w.blocksize if nf4 else 8, BS2=w.blocksize2,
+        HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind, ROWS=rows, BLOCK_N=cfg.block_n,
+        BLOCK_W=cfg.block_k // 8, PDL=pdl, num_warps=cfg.num_warps, num_stages=1,
+        **({"launch_pdl": True} if pdl else {}),
+    )
