@@ -580,15 +580,19 @@ def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinea
 
 def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
     """quant_words' tiles: (output rows, weights along K, warps); NF4 with the 16-entry table, and one with
-    the byte-pair table (one gather a byte, but over 16 cache lines) for the tuner to compare."""
-    tiles = ((16, 512, 4), (8, 1024, 4), (16, 1024, 4), (32, 512, 4), (32, 512, 8), (8, 512, 4), (4, 1024, 4))
+    the byte-pair table (one gather a byte, but over 16 cache lines) for the tuner to compare.
+    A one-row linear is a few microseconds of reads: the whole weight is about one wave of the GPU's threads
+    (a 4608 x 4096 weight is ~9 words a thread), so the tiles run from a few weight rows a program (many
+    programs, a short K loop) to 16 (activations reused across the rows a thread holds)."""
+    tiles = ((4, 1024, 4), (2, 1024, 4), (4, 2048, 4), (2, 2048, 4), (8, 1024, 4), (8, 512, 4), (16, 512, 4),
+             (4, 512, 2), (2, 512, 2))
     if rows == 2:
-        tiles = tiles[:3] + ((32, 512, 8),)
+        tiles = ((4, 1024, 4), (2, 1024, 4), (4, 2048, 4), (8, 1024, 4), (16, 512, 4))
     if os.environ.get("GLMCHAT_WORDS_GEMV", "1") == "0":  # A/B switch for bench/ (not a user setting)
         return []
     configs = [QuantLinearConfig("words", bn, bk, rows, w, 1, 1) for bn, bk, w in tiles]
     if fmt == "nf4":
-        configs.append(QuantLinearConfig("words", 16, 512, rows, 4, 1, 2))
+        configs.append(QuantLinearConfig("words", 4, 1024, rows, 4, 1, 2))
     return configs
 
 
