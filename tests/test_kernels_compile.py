@@ -216,11 +216,11 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
     types = dict(QUANT_TYPES, x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
                  res_ptr=act, out_ptr=act)
     for cfg in {c for rows in (1, 2) for c in Q._words_configs(rows, fmt)}:
-        for swiglu in (False, True):
+        for swiglu, even_k in ((False, True), (True, False)):  # (fc1 has the norm and SwiGLU; fc2's K has a tail)
             consts = dict(FMT=Q._FMT_ID[fmt], LUT=cfg.lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 8, BS2=256,
                           HAS_SCALE=fmt == "int4", SWIGLU=swiglu, X_KIND=2 if arch == 75 else 1, ROWS=cfg.block_m,
                           BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n, BLOCK_W=cfg.block_k // 8,
-                          PDL=pdl)
+                          NORM=swiglu, EVEN_K=even_k, PDL=pdl)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)
             assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu)

@@ -53,6 +53,15 @@ def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight) -> bool:
 if HAVE_TRITON:
 
     @triton.jit
+    def _load(ptr, mask, other):
+        # a load, unpredicated when mask is None (whole tiles: EVEN_K)
+        if mask is None:
+            v = tl.load(ptr)
+        else:
+            v = tl.load(ptr, mask=mask, other=other)
+        return v
+
+    @triton.jit
     def _halves(p, X_KIND: tl.constexpr):
         # an int32 holding two 16-bit activations: (low half, high half) as float32
         if X_KIND == 1:  # bf16 is the top half of a float32
@@ -73,19 +82,19 @@ if HAVE_TRITON:
         return v
 
     @triton.jit
-    def _x_pair(x_ptr, norm_ptr, pair, mask, norm, X_KIND: tl.constexpr):
+    def _x_pair(x_ptr, norm_ptr, pair, mask, NORM: tl.constexpr, X_KIND: tl.constexpr):
         # activations 2 * pair and 2 * pair + 1 (x_ptr: int32 view of 16-bit x, or float32 x), times the
         # norm weight when norm
         if X_KIND == 0:
-            xe = tl.load(x_ptr + 2 * pair, mask=mask, other=0.0)
-            xo = tl.load(x_ptr + 2 * pair + 1, mask=mask, other=0.0)
-            if norm:
-                xe = xe * tl.load(norm_ptr + 2 * pair, mask=mask, other=0.0)
-                xo = xo * tl.load(norm_ptr + 2 * pair + 1, mask=mask, other=0.0)
+            xe = _load(x_ptr + 2 * pair, mask, 0.0)
+            xo = _load(x_ptr + 2 * pair + 1, mask, 0.0)
+            if NORM:
+                xe = xe * _load(norm_ptr + 2 * pair, mask, 0.0)
+                xo = xo * _load(norm_ptr + 2 * pair + 1, mask, 0.0)
         else:
-            xe, xo = _halves(tl.load(x_ptr + pair, mask=mask, other=0), X_KIND)
-            if norm:
-                ge, go = _halves(tl.load(norm_ptr + pair, mask=mask, other=0), X_KIND)
+            xe, xo = _halves(_load(x_ptr + pair, mask, 0), X_KIND)
+            if NORM:
+                ge, go = _halves(_load(norm_ptr + pair, mask, 0), X_KIND)
                 xe = _round(xe * ge, X_KIND)
                 xo = _round(xo * go, X_KIND)
         return xe, xo
@@ -110,10 +119,10 @@ if HAVE_TRITON:
                      BS2: tl.constexpr):
         # float32 absmax of blocks blk; nested: code2[q] * absmax2[blk // BS2] + offset, as bitsandbytes decodes it
         if NESTED:
-            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            a = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BS2, mask=mask, other=0.0) + offset
+            q = _load(absmax_ptr + blk, mask, 0).to(tl.int32)
+            a = tl.load(code2_ptr + q) * _load(absmax2_ptr + blk // BS2, mask, 0.0) + offset
         else:
-            a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+            a = _load(absmax_ptr + blk, mask, 0.0)
         return a
 
     @triton.jit
@@ -122,18 +131,19 @@ if HAVE_TRITON:
         offs = tl.arange(0, 1024)
         ss = tl.zeros([1024], dtype=tl.float32)
         for k0 in range(0, K // 2, 1024):
-            xe, xo = _x_pair(x_ptr + m * stride_xm, x_ptr, k0 + offs, k0 + offs < K // 2, 0, X_KIND)
+            xe, xo = _x_pair(x_ptr + m * stride_xm, x_ptr, k0 + offs, k0 + offs < K // 2, False, X_KIND)
             ss += xe * xe + xo * xo
         return tl.sum(ss, axis=0)
 
-    @triton.jit(do_not_specialize=["has_bias", "residual", "norm", "M"])
+    # norm is compile-time here (NORM): inside the K loop a runtime flag costs predicated work on every word
+    @triton.jit(do_not_specialize=["has_bias", "residual", "M"])
     def _gemv_words_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
         scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
-        has_bias, residual, norm,
-        FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-        HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, X_KIND: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr,
+        has_bias, residual,
+        NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
+        BS2: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, X_KIND: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
         # stride_xm in x_ptr's elements (int32 pairs for 16-bit x). SWIGLU: 2N weight rows, as gemv_4bit's
@@ -155,21 +165,23 @@ if HAVE_TRITON:
         acc1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         for k0 in range(0, KW, BLOCK_W):
             kw = k0 + wi
-            mk = (kw < KW)[None, :]
-            words = tl.load(w_ptr + rows[:, None] * KW + kw[None, :], mask=mk, other=0)
+            mk = None  # EVEN_K: whole tiles, no predicates (and loads of one address merge, e.g. a block's absmax)
+            if not EVEN_K:
+                mk = (kw < KW)[None, :]
+            words = _load(w_ptr + rows[:, None] * KW + kw[None, :], mk, 0)
             if SWIGLU:
-                words_b = tl.load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mask=mk, other=0)
+                words_b = _load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mk, 0)
             p0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             p1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             p0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             p1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             for i in tl.static_range(4):
                 pair = 4 * kw[None, :] + i + zero
-                xe, xo = _x_pair(x_ptr + m0 * stride_xm, norm_ptr, pair, mk, norm, X_KIND)
+                xe, xo = _x_pair(x_ptr + m0 * stride_xm, norm_ptr, pair, mk, NORM, X_KIND)
                 ev, od = _byte_values(words, i, code_ptr, lut_ptr, FMT, LUT)
                 p0 = tl.fma(od, xo, tl.fma(ev, xe, p0))
                 if ROWS == 2:
-                    ye, yo = _x_pair(x_ptr + m1 * stride_xm, norm_ptr, pair, mk, norm, X_KIND)
+                    ye, yo = _x_pair(x_ptr + m1 * stride_xm, norm_ptr, pair, mk, NORM, X_KIND)
                     p1 = tl.fma(od, yo, tl.fma(ev, ye, p1))
                 if SWIGLU:
                     ev, od = _byte_values(words_b, i, code_ptr, lut_ptr, FMT, LUT)
@@ -192,22 +204,22 @@ if HAVE_TRITON:
                 acc0_b += p0_b
                 acc1_b += p1_b
         _finish_row(acc0, acc0_b, x_ptr, m0, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
-                    bias_ptr, res_ptr, out_ptr, has_bias, residual, norm, HAS_SCALE, SWIGLU, X_KIND)
+                    bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM, HAS_SCALE, SWIGLU, X_KIND)
         if ROWS == 2:
             if m0 + 1 < M:
                 _finish_row(acc1, acc1_b, x_ptr, m1, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om,
-                            scale_ptr, bias_ptr, res_ptr, out_ptr, has_bias, residual, norm, HAS_SCALE, SWIGLU,
+                            scale_ptr, bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM, HAS_SCALE, SWIGLU,
                             X_KIND)
 
     @triton.jit
     def _finish_row(acc, acc_b, x_ptr, m, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
-                    bias_ptr, res_ptr, out_ptr, has_bias, residual, norm, HAS_SCALE: tl.constexpr,
+                    bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
                     SWIGLU: tl.constexpr, X_KIND: tl.constexpr):
         # row m's sums [BLOCK_N, BLOCK_W] -> the shared epilogue (norm factor, scale, bias, SwiGLU, residual)
         a = tl.sum(acc, axis=1)
         b = tl.sum(acc_b, axis=1)
         r = tl.full([1], 1.0, dtype=tl.float32)
-        if norm:
+        if NORM:
             r = r * tl.rsqrt(_sum_squares(x_ptr, stride_xm, m, K, X_KIND) / K + eps)
         rm = tl.zeros([1], dtype=tl.int64) + m
         _epilogue(a[None, :], b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
@@ -234,9 +246,8 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         x_arg, words, w.absmax if nf4 else dummy, w.code if nf4 else dummy, lut, w.code2 if w.nested else dummy,
         w.absmax2 if w.nested else dummy, w.offset, w.scale if w.scale is not None else dummy,
         bias if bias is not None else dummy, norm_arg, res, out, M, n_out, w.k, eps, stride_xm, res.stride(0),
-        out.stride(0), int(bias is not None), int(residual is not None), int(norm_weight is not None),
-        FMT=0 if nf4 else 1, LUT=cfg.lut, NESTED=w.nested, BS=w.blocksize if nf4 else 8, BS2=w.blocksize2,
+        out.stride(0), int(bias is not None), int(residual is not None), NORM=norm_weight is not None, FMT=0 if nf4 else 1, LUT=cfg.lut, NESTED=w.nested, BS=w.blocksize if nf4 else 8, BS2=w.blocksize2,
         HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind, ROWS=rows, BLOCK_N=cfg.block_n,
-        BLOCK_W=cfg.block_k // 8, PDL=pdl, num_warps=cfg.num_warps, num_stages=1,
+        BLOCK_W=cfg.block_k // 8, EVEN_K=w.k % cfg.block_k == 0, PDL=pdl, num_warps=cfg.num_warps, num_stages=1,
         **({"launch_pdl": True} if pdl else {}),
     )
