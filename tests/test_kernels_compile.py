@@ -196,13 +196,16 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
 
 
 def loop_bodies(ptx: str) -> list[str]:
-    """The PTX of each loop: its basic blocks, as the compiler's block comments name them (the header's label,
-    and every block marked "in Loop: Header=..."), wherever the block layout put them."""
+    """The PTX of each loop: the text from a label to a branch back to it, plus the blocks the compiler's comments
+    place in that loop ("in Loop: Header=...": a rotated loop's latch may sit before its header)."""
     blocks = re.split(r"^(?=\$L__BB\d+_\d+:)", ptx, flags=re.M)
-    label = lambda b: re.match(r"\$L__(BB\d+_\d+):", b)  # noqa: E731
-    headers = {h for b in blocks for h in re.findall(r"in Loop: Header=(BB\d+_\d+)", b.split("\n", 1)[0])}
-    return ["".join(b for b in blocks if label(b) and (label(b).group(1) == h or f"Header={h} " in b.split("\n", 1)[0]))
-            for h in sorted(headers)]
+    bodies = []
+    for m in re.finditer(r"^\$L__(BB\d+_\d+):", ptx, re.M):
+        back = list(re.finditer(rf"\bbra(\.uni)?\s+\$L__{m.group(1)};", ptx[m.end():]))
+        if back:
+            in_loop = [b for b in blocks if f"Header={m.group(1)} " in b.split("\n", 1)[0]]
+            bodies.append(ptx[m.start(): m.end() + back[-1].end()] + "".join(in_loop))
+    return bodies
 
 
 @pytest.mark.parametrize("arch,pdl", TARGETS)
