@@ -423,3 +423,47 @@ def test_tuning_the_one_row_step_runs_every_candidate_tile_to_the_same_step_and_
     assert stored == {k: lin[0].row_config for k, lin in T.linears_by_kind(decoder).items()}
     request = DecodeRequest([5, 7, 9, 11], SamplingParams(temperature=0.0, max_new_tokens=2), adapter="ad")
     assert run(decoder, [request]) == run(EagerBatchDecoder(model, prefixes.get, max_batch=2), [request])
+
+
+def int4_release_model():
+    """The tiny model with its layers' linears packed as the chatglm2-6b-int4 release stores them."""
+    from backend.int4_release import QUANTIZED_LINEARS, Int4Linear, pack_int4
+
+    model, prefixes = make_model()
+    for layer in model.transformer.encoder.layers:
+        for parent in (layer.self_attention, layer.mlp):
+            for name in QUANTIZED_LINEARS:
+                dense = getattr(parent, name, None)
+                if dense is None:
+                    continue
+                packed = Int4Linear(dense.in_features, dense.out_features, dense.bias is not None, torch.float32)
+                packed.weight, scale = pack_int4(dense.weight.detach())
+                packed.weight_scale = scale.float()
+                if dense.bias is not None:
+                    packed.bias.data.copy_(dense.bias.detach())
+                setattr(parent, name, packed)
+    return model, prefixes
+
+
+@pytest.mark.parametrize("words", [False, True])
+def test_int4_release_rows_equal_the_eager_decoder_through_either_4bit_gemv(words, monkeypatch):
+    """The packed weights through quant_linear, one row and a compare's two: the earlier GEMV (the default config)
+    or quant_words' (put first, as a tuner picking it would), the eager decoder's tokens either way."""
+    from backend.kernels import gemv_4bit as Q
+
+    monkeypatch.setattr(Q, "_chosen", {})  # (picks memoised by an earlier test)
+    if words:
+        real = Q.candidate_configs
+        monkeypatch.setattr(Q, "candidate_configs", lambda fmt, m, swiglu=False: (
+            [c for c in real(fmt, m, swiglu) if c.kernel == "words"] + real(fmt, m, swiglu)))
+    launched = []
+    real_launch = Q._launch
+    monkeypatch.setattr(Q, "_launch", lambda x, w, out, *a: launched.append(a[-2].kernel) or real_launch(x, w, out, *a))
+    model, prefixes = int4_release_model()
+    requests = [DecodeRequest([5, 7, 9, 11], GREEDY), DecodeRequest([3, 4], GREEDY, adapter="ad")]
+    eager = run(EagerBatchDecoder(model, prefixes.get, max_batch=2), requests)
+    fast = run(BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False), requests)
+    assert fast == eager
+    alone = run(BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False), requests[:1])
+    assert alone[0] == eager[0]
+    assert ("words" in launched) == words

@@ -135,6 +135,9 @@ def test_nf4_bias_residual_on_strided_rows():
     for cfg in (GEMV_LUT2, MM, WORDS1, WORDS2):
         out = run(x, w, cfg, bias=bias, residual=res)
         assert rel(out, x @ ref_w.T + bias + res) < 1e-5
+        in_place = res.clone()  # as the decoder adds dense's and fc2's output to the residual stream
+        Q.quant_linear(x, w, bias, residual=in_place, out=in_place, config=cfg)
+        assert rel(in_place, x @ ref_w.T + bias + res) < 1e-5, cfg
 
 
 def test_bad_shapes_say_what_is_wrong():
