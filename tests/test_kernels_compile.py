@@ -208,8 +208,18 @@ def loop_bodies(ptx: str) -> list[str]:
     return bodies
 
 
+def words_configs(fmt: str) -> set:
+    """Every words-kernel config a tuner may pick: quant_linear's (4-bit, 1 and 2 rows), gemv_rows' (int8)."""
+    if fmt != "int8":
+        return {c for rows in (1, 2) for c in Q._words_configs(rows, fmt)}
+    from backend.kernels.gemv_rows import candidate_configs
+
+    return {Q.QuantLinearConfig("words", c.block_n, c.block_k, 2, c.num_warps, 1, cvt=min(c.cvt, 1))
+            for c in candidate_configs(False) + candidate_configs(True) if c.kernel == "words"}
+
+
 @pytest.mark.parametrize("arch,pdl", TARGETS)
-@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
 def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, fmt):
     """quant_words' reason to exist: no shared-memory round trip (bar.sync) inside the K loop, at one row and two,
     with SwiGLU, for each tile the tuner may pick; it compiles for every card we support (fp16 rows on Turing)."""
@@ -218,11 +228,12 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
     act = "*fp16" if arch == 75 else "*bf16"
     types = dict(QUANT_TYPES, x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
                  res_ptr=act, out_ptr=act)
-    for cfg in {c for rows in (1, 2) for c in Q._words_configs(rows, fmt)}:
+    for cfg in words_configs(fmt):
         for swiglu, even_k in ((False, True), (True, False)):  # (fc1 has the norm and SwiGLU; fc2's K has a tail)
             consts = dict(FMT=Q._FMT_ID[fmt], LUT=cfg.lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 8, BS2=256,
-                          HAS_SCALE=fmt == "int4", SWIGLU=swiglu, X_KIND=2 if arch == 75 else 1, ROWS=cfg.block_m,
-                          BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n, BLOCK_W=cfg.block_k // 8,
+                          HAS_SCALE=fmt != "nf4", SWIGLU=swiglu, X_KIND=2 if arch == 75 else 1, ROWS=cfg.block_m,
+                          BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n,
+                          BLOCK_W=cfg.block_k // (4 if fmt == "int8" else 8), CVT=cfg.cvt if fmt == "int8" else 0,
                           NORM=swiglu, EVEN_K=even_k, PDL=pdl)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)

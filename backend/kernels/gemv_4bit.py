@@ -533,6 +533,7 @@ class QuantLinearConfig:
     lut: int = 2  # nf4: 1 = a gather per nibble, 2 = a gather per byte from the pair table
     block_sum: bool = True  # gemv, nf4 with whole blocks: absmax applied to per-block sums (else per weight)
     split_k: int = 1  # mm only: K in this many parts, each its own program (more programs for a short N)
+    cvt: int = 1  # words, int8: 1 = int8 to float32 by an exponent trick, 0 = by the conversion instruction
 
 
 def m_bucket(m: int) -> int:

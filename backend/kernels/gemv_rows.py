@@ -18,12 +18,14 @@ caller's matmul path for the same rows: a card where that path is faster keeps i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from . import tuning
+from . import quant_words, tuning
+from .gemv_4bit import QuantLinearConfig, int8_weight
 from ..int8_linear import HAVE_TRITON, LinearWeights
 
 if HAVE_TRITON:
@@ -168,7 +170,8 @@ class RowsGemvConfig:
     block_k: int = 1024  # weights along K a tile
     num_warps: int = 4
     cvt: int = 2  # int8 -> float32 as int8_linear.int8_as_float
-    kernel: str = "gemv"  # or "other": the caller's other path (the int8 matmul) ran faster on this card
+    kernel: str = "gemv"  # "words": kernels.quant_words (the weight as 32-bit words, row sums kept in registers
+    # until the K loop ends: no barrier inside it); "other": the caller's other path (the int8 matmul) ran faster
 
 
 def candidate_configs(swiglu: bool) -> list[RowsGemvConfig]:
@@ -176,10 +179,14 @@ def candidate_configs(swiglu: bool) -> list[RowsGemvConfig]:
     of 1024 a program, bench/NOTES.md run 5), then shorter and longer tiles, and the plain int8 conversion (which
     needs no offset, so a linear without RMSNorm makes no second pass over x). Five: each is compiled and timed
     for five weights at 2 and 4 rows the first time a card runs them (the batched decoder's warm-up, or a first
-    compare). At 4 rows, 128 threads and these tiles use 118-168 registers without spills on sm_90 (ptxas)."""
+    compare). At 4 rows, 128 threads and these tiles use 118-168 registers without spills on sm_90 (ptxas).
+    Then quant_words' tiles (two rows a program; 3-4 rows as two pairs), unless ``GLMCHAT_WORDS_GEMV=0`` (A/B)."""
     rows = 4 if swiglu else 8  # SwiGLU reads two row sets a program: half the columns keeps the tile's bytes
-    return [RowsGemvConfig(rows, 1024), RowsGemvConfig(rows, 512), RowsGemvConfig(2 * rows, 512),
+    gemv = [RowsGemvConfig(rows, 1024), RowsGemvConfig(rows, 512), RowsGemvConfig(2 * rows, 512),
             RowsGemvConfig(rows // 2, 2048), RowsGemvConfig(rows, 1024, cvt=0)]
+    words = [RowsGemvConfig(bn, bk, cvt=cvt, kernel="words") for bn, bk, cvt in
+             ((4, 1024, 1), (2, 1024, 1), (8, 512, 1), (4, 2048, 1), (4, 1024, 0))]
+    return gemv + (words if os.environ.get("GLMCHAT_WORDS_GEMV", "1") != "0" else [])
 
 
 def takes(x: torch.Tensor, lw: Optional[LinearWeights]) -> bool:
@@ -230,6 +237,14 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
     n_out = out.shape[1]
     dummy = out
     bias = lw.bias
+    if cfg.kernel == "words":
+        qw = int8_weight(lw.weight, lw.scale)
+        if not quant_words.usable(x, qw, norm_weight):
+            raise ValueError("the words kernel needs K % 4 == 0, an aligned weight and 16-bit rows of even stride")
+        words = QuantLinearConfig("words", cfg.block_n, cfg.block_k, 2, cfg.num_warps, 1, cvt=min(cfg.cvt, 1))
+        quant_words.launch(x, qw, out, bias, None if swiglu else residual, norm_weight, eps, swiglu, words, False,
+                           dummy, dummy)
+        return
     _gemv_rows_kernel[(triton.cdiv(n_out, cfg.block_n),)](
         x, lw.weight, lw.scale, bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy,
         residual if residual is not None else dummy, out,
@@ -269,6 +284,9 @@ def gemv_rows(
     if out is None:
         out = torch.empty(m, n // 2 if swiglu else n, device=x.device, dtype=x.dtype)
     cfg = config or tuned_config(lw, m, x.dtype, x.device, swiglu, norm_weight is not None) or RowsGemvConfig()
+    if cfg.kernel == "words" and config is None and not quant_words.usable(x, int8_weight(lw.weight, lw.scale),
+                                                                          norm_weight):
+        cfg = RowsGemvConfig()  # tuned on aligned scratch rows; these are not
     _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg)
     if swiglu and residual is not None:
         out += residual

@@ -1,32 +1,35 @@
-"""A 4-bit GEMV for one or two activation rows that reads the packed weight as 32-bit words (``quant_linear``'s
-"words" kernel; configs, tuning and the fused prologue/epilogues are ``gemv_4bit``'s).
+"""A GEMV for one or two activation rows that reads a packed weight (NF4, the int4 release, per-row int8) as 32-bit
+words: ``quant_linear``'s "words" kernel (configs, tuning and the fused prologue/epilogues are ``gemv_4bit``'s),
+and a candidate of ``gemv_rows`` for compare's two int8 rows.
 
-Why a second 4-bit GEMV: at one row a linear is a pass over its weight, so its time is the bytes read and the
+Why another GEMV: at one or two rows a linear is a pass over its weight, so its time is the bytes read and the
 instructions spent on each byte. ``gemv_4bit``'s "gemv" kernel splits each tile into even and odd columns
-and reduces it per 64-weight block; Triton lowers those reshapes, the stride-2 activation loads and the
-per-tile reductions through shared memory with barriers inside the K loop (PTX of the sm_90 build: four
-``bar.sync`` an iteration), and on the H200 it read NF4 weights at 6-16% of the copy bandwidth.
+and reduces it per 64-weight block, and ``gemv_rows`` sums each tile per row: Triton lowers those reshapes,
+the activation loads and the per-tile reductions through shared memory, with barriers inside the K loop
+(sm_90 PTX: 8 ``bar.sync`` an iteration in the 4-bit GEMV, 12-16 in ``gemv_rows`` at two rows); on the
+H200 the 4-bit GEMV read NF4 weights at 6-16% of the copy bandwidth.
 
-Here every tensor of the loop is one [BLOCK_N, BLOCK_W] tile of words (8 weights a word), so Triton keeps one
-register layout throughout: no barrier until the final row sums. A word's 8 weights pair with 8
-activations read as 4 int32s, each two 16-bit activations (the even column in the low half, matching the
-high nibble of its byte), widened to float32 by bit shifts (bf16) or a conversion (fp16). NF4 codes come
-from the 16-entry table (64 bytes: one cache line, so a warp's 32 lookups are one L1 transaction; the
-256-entry byte-pair table spans 16 lines), the int4 release's by arithmetic shifts. Each word's sum is
-scaled by its block's absmax (nested absmax decoded per word); the row scale (int4) and the epilogue come
-after the loop. With two rows the decoded weights serve both: the table lookups, the largest cost per
-weight, are done once for the pair (compare's batch of two).
+Here every tensor of the loop is one [BLOCK_N, BLOCK_W] tile of words (8 weights a word at 4 bits, 4 at
+int8), float32 partial sums stay in that tile until the loop ends, and the activations are loaded through
+pointers of the tile's shape, so Triton keeps one register layout throughout: no barrier until the final
+row sums. The activations are read as int32 pairs of 16-bit values (the even column in the low half,
+matching the high nibble of a 4-bit byte, or the lower int8 byte), widened to float32 by bit shifts (bf16)
+or a conversion (fp16). NF4 codes come from the 16-entry table (64 bytes: one cache line, so a warp's 32
+lookups are one L1 transaction; the 256-entry byte-pair table spans 16 lines), int4 and int8 values by
+arithmetic shifts. An NF4 word's sum is scaled by its block's absmax (nested absmax decoded per word); the
+row scale (int4, int8) and the epilogue come after the loop. With two rows the decoded weights serve both
+(compare's batch of two).
 
-Needs K % 8 == 0, a 4-byte aligned weight, and 16-bit activations with an even row stride (or float32,
-the tests' dtype, read directly); ``usable`` says whether a call qualifies, else ``quant_linear`` takes the
-default config.
+Needs K a multiple of the weights a word, a 4-byte aligned weight, and 16-bit activations with an even row
+stride (or float32, the tests' dtype, read directly); ``usable`` says whether a call qualifies, else the
+caller takes its default kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .gemv_4bit import HAVE_TRITON, QuantizedWeight
+from .gemv_4bit import _FMT_ID, HAVE_TRITON, QuantizedWeight
 
 if HAVE_TRITON:
     import triton
@@ -39,7 +42,7 @@ X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight) -> bool:
     """Whether the words kernel can take this call (alignment, dtype and shape; see the module docstring)."""
-    if w.fmt not in ("nf4", "int4") or w.k % 8 or w.data.data_ptr() % 4 or w.n * w.k >= 2**31:
+    if w.k % (4 if w.fmt == "int8" else 8) or w.data.data_ptr() % 4 or w.n * w.k >= 2**31:
         return False
     if w.fmt == "nf4" and w.blocksize % 8:
         return False
@@ -100,9 +103,19 @@ if HAVE_TRITON:
         return xe, xo
 
     @triton.jit
-    def _byte_values(words, i: tl.constexpr, code_ptr, lut_ptr, FMT: tl.constexpr, LUT: tl.constexpr):
-        # the two weights of byte i of each word: (high nibble = even column, low nibble = odd column)
-        if FMT == 1:  # int4 release: signed nibbles, sign kept by arithmetic shifts
+    def _pair_weights(words, i: tl.constexpr, code_ptr, lut_ptr, FMT: tl.constexpr, LUT: tl.constexpr,
+                      CVT: tl.constexpr):
+        # the two weights of each word that pair with activation pair i: 4-bit, byte i's high nibble (the even
+        # column) and low nibble; int8, bytes 2i and 2i + 1
+        if FMT == 2 and CVT == 1:  # byte b + 128 in the low mantissa bits of 2^23, minus 2^23 + 128: exact, and
+            # no conversion instruction (sm_90 converts a byte at a quarter of the FMA rate, about the rate int8
+            # weights arrive at); the xor sets 0x4B000000 and flips the byte's sign bit in one logic op
+            ev = (((words >> (16 * i)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            od = (((words >> (16 * i + 8)) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        elif FMT == 2:  # the conversion instruction (fewer instructions; the tuner times both)
+            ev = ((words << (24 - 16 * i)) >> 24).to(tl.float32)
+            od = ((words << (16 - 16 * i)) >> 24).to(tl.float32)
+        elif FMT == 1:  # int4 release: signed nibbles
             ev = ((words << (24 - 8 * i)) >> 28).to(tl.float32)
             od = ((words << (28 - 8 * i)) >> 28).to(tl.float32)
         elif LUT == 2:  # a gather per byte from the byte-pair table (int64: low word = the even column)
@@ -141,8 +154,9 @@ if HAVE_TRITON:
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
         scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
         has_bias, residual,
-        NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
-        BS2: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, X_KIND: tl.constexpr, ROWS: tl.constexpr,
+        NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, CVT: tl.constexpr, NESTED: tl.constexpr,
+        BS: tl.constexpr, BS2: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, X_KIND: tl.constexpr,
+        ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
@@ -156,7 +170,8 @@ if HAVE_TRITON:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = rn < N
         rows = tl.where(mask_n, rn, 0)
-        KW = K // 8
+        PAIRS: tl.constexpr = 2 if FMT == 2 else 4  # activation pairs a word: 4 int8 or 8 4-bit weights
+        KW = K // (2 * PAIRS)
         wi = tl.arange(0, BLOCK_W)
         zero = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)  # x pointers as tiles: one layout for the whole loop
         acc0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
@@ -175,16 +190,16 @@ if HAVE_TRITON:
             p1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             p0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             p1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            for i in tl.static_range(4):
-                pair = 4 * kw[None, :] + i + zero
+            for i in tl.static_range(PAIRS):
+                pair = PAIRS * kw[None, :] + i + zero
                 xe, xo = _x_pair(x_ptr + m0 * stride_xm, norm_ptr, pair, mk, NORM, X_KIND)
-                ev, od = _byte_values(words, i, code_ptr, lut_ptr, FMT, LUT)
+                ev, od = _pair_weights(words, i, code_ptr, lut_ptr, FMT, LUT, CVT)
                 p0 = tl.fma(od, xo, tl.fma(ev, xe, p0))
                 if ROWS == 2:
                     ye, yo = _x_pair(x_ptr + m1 * stride_xm, norm_ptr, pair, mk, NORM, X_KIND)
                     p1 = tl.fma(od, yo, tl.fma(ev, ye, p1))
                 if SWIGLU:
-                    ev, od = _byte_values(words_b, i, code_ptr, lut_ptr, FMT, LUT)
+                    ev, od = _pair_weights(words_b, i, code_ptr, lut_ptr, FMT, LUT, CVT)
                     p0_b = tl.fma(od, xo, tl.fma(ev, xe, p0_b))
                     if ROWS == 2:
                         p1_b = tl.fma(od, yo, tl.fma(ev, ye, p1_b))
@@ -238,16 +253,18 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
     if kind and norm_weight is not None:
         norm_arg = norm_weight.view(torch.int32)
     nf4 = w.fmt == "nf4"
-    words = w.data.reshape(-1).view(torch.int32)
     res = residual if residual is not None else dummy
     rows = max(1, min(2, cfg.block_m))
+    per_word = 4 if w.fmt == "int8" else 8  # weights a 32-bit word
     grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, rows))
     _gemv_words_kernel[grid](
-        x_arg, words, w.absmax if nf4 else dummy, w.code if nf4 else dummy, lut, w.code2 if w.nested else dummy,
-        w.absmax2 if w.nested else dummy, w.offset, w.scale if w.scale is not None else dummy,
-        bias if bias is not None else dummy, norm_arg, res, out, M, n_out, w.k, eps, stride_xm, res.stride(0),
-        out.stride(0), int(bias is not None), int(residual is not None), NORM=norm_weight is not None, FMT=0 if nf4 else 1, LUT=cfg.lut, NESTED=w.nested, BS=w.blocksize if nf4 else 8, BS2=w.blocksize2,
-        HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind, ROWS=rows, BLOCK_N=cfg.block_n,
-        BLOCK_W=cfg.block_k // 8, EVEN_K=w.k % cfg.block_k == 0, PDL=pdl, num_warps=cfg.num_warps, num_stages=1,
-        **({"launch_pdl": True} if pdl else {}),
+        x_arg, w.data.reshape(-1).view(torch.int32), w.absmax if nf4 else dummy, w.code if nf4 else dummy, lut,
+        w.code2 if w.nested else dummy, w.absmax2 if w.nested else dummy, w.offset,
+        w.scale if w.scale is not None else dummy, bias if bias is not None else dummy, norm_arg, res, out,
+        M, n_out, w.k, eps, stride_xm, res.stride(0), out.stride(0), int(bias is not None), int(residual is not None),
+        NORM=norm_weight is not None, FMT=_FMT_ID[w.fmt], LUT=cfg.lut, CVT=cfg.cvt if w.fmt == "int8" else 0,
+        NESTED=w.nested,
+        BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
+        ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // per_word, EVEN_K=w.k % cfg.block_k == 0, PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )

@@ -1,5 +1,5 @@
 """The few-rows int8 GEMV (backend/kernels/gemv_rows.py) under Triton's interpreter: for 2-4 activation rows, every
-config it may be tuned to and every int8 conversion gives the dequantised product with RMSNorm, bias, SwiGLU and
+config it may be tuned to (its own kernel's and quant_words') and every int8 conversion gives the dequantised product with RMSNorm, bias, SwiGLU and
 the residual (in place too), for K and N that fill the tiles and that do not. Run through
 tests/test_kernels_batch.py."""
 
@@ -43,7 +43,9 @@ def weights(n, k, bias, seed):
     return LinearWeights(q, scale, torch.randn(n) * 0.1 if bias else None)
 
 
-SMALL = [RowsGemvConfig(8, 64), RowsGemvConfig(4, 128, cvt=0), RowsGemvConfig(16, 64, cvt=1), RowsGemvConfig(2, 256)]
+SMALL = [RowsGemvConfig(8, 64), RowsGemvConfig(4, 128, cvt=0), RowsGemvConfig(16, 64, cvt=1), RowsGemvConfig(2, 256),
+         RowsGemvConfig(4, 64, kernel="words"), RowsGemvConfig(2, 128, kernel="words"),
+         RowsGemvConfig(4, 64, cvt=0, kernel="words")]
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
@@ -68,7 +70,8 @@ def test_swiglu_rows_read_the_gate_and_up_halves(m):
     k, f = 192, 12
     lw = weights(2 * f, k, bias=False, seed=m)
     x, g, res = torch.randn(m, k), 1 + 0.1 * torch.randn(k), torch.randn(m, f)
-    for cfg in SMALL + candidate_configs(swiglu=True)[:1]:
+    words = [c for c in candidate_configs(swiglu=True) if c.kernel == "words"][:1]
+    for cfg in SMALL + candidate_configs(swiglu=True)[:1] + words:
         want = reference(x, lw, norm=g, swiglu=True, residual=res)
         got = gemv_rows(x, lw, norm_weight=g, swiglu=True, residual=res, config=cfg)
         assert got.shape == (m, f) and torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4), cfg
@@ -117,3 +120,16 @@ def test_the_callers_matmul_path_is_kept_where_it_timed_faster(tmp_path, monkeyp
     assert cfg is not None and cfg.kernel == "gemv"
     cached = sorted(p.name for p in (tmp_path / "kernel-tuning").iterdir())
     assert cached == ["cpu.json"] and "vs_matmul" in (tmp_path / "kernel-tuning" / "cpu.json").read_text()
+
+
+def test_half_rows_of_odd_stride_fall_back_from_a_tuned_words_config(monkeypatch):
+    """The words kernel reads 16-bit rows as int32 pairs: rows it cannot read take the default kernel instead."""
+    from backend.kernels import gemv_rows as G
+
+    lw = weights(16, 128, bias=False, seed=3)
+    monkeypatch.setattr(G, "tuned_config", lambda *a, **k: RowsGemvConfig(4, 64, kernel="words"))
+    x = torch.randn(2, 129).half()[:, 1:]  # row stride 129
+    want = reference(x.float(), lw)
+    assert torch.allclose(gemv_rows(x, lw).double(), want, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="words kernel"):
+        gemv_rows(x, lw, config=RowsGemvConfig(4, 64, kernel="words"))
