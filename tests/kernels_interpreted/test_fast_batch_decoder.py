@@ -205,6 +205,13 @@ def test_int8_rows_through_the_gemvs_or_the_matmul_equal_the_packed_kernels(monk
     want = quant_linear(x, lin.q, norm_weight=g, swiglu=True, residual=res)
     assert torch.allclose(lin(x, norm=g, swiglu=True, residual=res), want, rtol=1e-4, atol=1e-4)
     assert len(rows_seen) == 7
+    # and a card that tuned gemv_rows to quant_words' kernel: the same sums, residual added after SwiGLU
+    monkeypatch.setattr(gemv_rows, "tuned_config", lambda *a, **k: gemv_rows.RowsGemvConfig(4, 32, kernel="words"))
+    for m in (2, 3):
+        x, res = torch.randn(m, 64), torch.randn(m, 12)
+        want = quant_linear(x, lin.q, norm_weight=g, swiglu=True, residual=res)
+        assert torch.allclose(lin(x, norm=g, swiglu=True, residual=res), want, rtol=1e-4, atol=1e-4), m
+    assert len(rows_seen) == 9
 
 
 def test_steps_fed_on_the_device_give_the_tokens_of_host_fed_steps():
