@@ -14,7 +14,7 @@
 #                                     # rows' matmul grid, in CUDA graphs
 #   bash bench/run_device.sh linears-train  # int8 linears at training rows: Triton against cuBLAS on the widened weight
 #   bash bench/run_device.sh profile  # where a batched step's time goes at 1/2/8/64 rows (profile_batch_step.py)
-#   bash bench/run_device.sh ab-decode  # A/B in one call: decode-ahead, the few-rows GEMV, the swapped matmul
+#   bash bench/run_device.sh ab-decode  # A/B in one call: the few-rows GEMV, its words tiles, the swapped matmul
 #   bash bench/run_device.sh ab-check   # GPU checks (greedy rows against eager); eval twice; --prompt by stages
 #   bash bench/run_device.sh ab-serve   # the server at 64 streams with 4 client processes and with 1
 #   bash bench/run_device.sh ab-4bit    # 4-bit GEMVs side by side (every tile config, 1 and 2 rows); NF4 and int4
@@ -122,13 +122,14 @@ linears-train)
   ;;
 ab-decode)
   # within one call (figures from different machines differ by more than these changes, and a machine idle for
-  # 30 s is given back): decode-ahead, the few-rows GEMV and the swapped int8 matmul each on and off. The first
-  # run tunes this card's kernels (cached in GLMCHAT_CACHE_DIR for the runs after it: ~2 min more the first time)
-  engine ahead1 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
-  GLMCHAT_DECODE_AHEAD=0 engine ahead0 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
+  # 30 s is given back): the few-rows GEMV (and the words kernel among its tiles) and the swapped int8 matmul each
+  # on and off (decode-ahead: ab-ahead). The first run tunes this card's kernels (cached in GLMCHAT_CACHE_DIR for
+  # the runs after it: ~2 min more the first time); words0 tunes into a cache of its own
+  engine all1 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
   GLMCHAT_ROWS_GEMV=0 engine rows0 --model /tmp/glm6b --quantization 8bit --rows 2
+  GLMCHAT_WORDS_GEMV=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-nowords engine words0 --model /tmp/glm6b --quantization 8bit --rows 2
   GLMCHAT_MATMUL_SWAP=0 engine swap0 --model /tmp/glm6b --quantization 8bit --rows 64
-  for f in ahead1 ahead0 rows0 swap0; do echo "$f:"; grep -a '"chat"\|"compare"\|"batch"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
+  for f in all1 rows0 words0 swap0; do echo "$f:"; grep -a '"chat"\|"compare"\|"batch"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
   ;;
 ab-4bit)
   # the words GEMV (backend/kernels/quant_words.py) against the earlier 4-bit GEMV: every tile config of each
