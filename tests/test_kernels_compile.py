@@ -231,7 +231,8 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
     for cfg in words_configs(fmt):
         for swiglu, even_k in ((False, True), (True, False)):  # (fc1 has the norm and SwiGLU; fc2's K has a tail)
             consts = dict(FMT=Q._FMT_ID[fmt], LUT=cfg.lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 8, BS2=256,
-                          HAS_SCALE=fmt != "nf4", SWIGLU=swiglu, X_KIND=2 if arch == 75 else 1, ROWS=cfg.block_m,
+                          BLOCKED=even_k, HAS_SCALE=fmt != "nf4", SWIGLU=swiglu, X_KIND=2 if arch == 75 else 1,
+                          ROWS=cfg.block_m,
                           BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n,
                           BLOCK_W=cfg.block_k // (4 if fmt == "int8" else 8), CVT=cfg.cvt if fmt == "int8" else 0,
                           NORM=swiglu, EVEN_K=even_k, PDL=pdl)

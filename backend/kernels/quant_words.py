@@ -155,8 +155,8 @@ if HAVE_TRITON:
         scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
         has_bias, residual,
         NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, CVT: tl.constexpr, NESTED: tl.constexpr,
-        BS: tl.constexpr, BS2: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, X_KIND: tl.constexpr,
-        ROWS: tl.constexpr,
+        BS: tl.constexpr, BS2: tl.constexpr, BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+        X_KIND: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
@@ -204,12 +204,19 @@ if HAVE_TRITON:
                     if ROWS == 2:
                         p1_b = tl.fma(od, yo, tl.fma(ev, ye, p1_b))
             if FMT == 0:  # NF4: each word's sum times its block's absmax (a word never straddles blocks)
-                blk = (rows[:, None] * K + 8 * kw[None, :]) // BS
+                if BLOCKED:  # rows hold whole blocks: the same index for a thread's words of one block, whose
+                    # loads then merge (sm_90: 6 absmax loads for 4 words instead of 12)
+                    blk = rows[:, None] * (K // BS) + kw[None, :] // (BS // 8)
+                else:
+                    blk = (rows[:, None] * K + 8 * kw[None, :]) // BS
                 a = _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mk, NESTED, BS2)
                 acc0 = tl.fma(p0, a, acc0)
                 acc1 = tl.fma(p1, a, acc1)
                 if SWIGLU:
-                    blk = ((rows + N)[:, None] * K + 8 * kw[None, :]) // BS
+                    if BLOCKED:
+                        blk = blk + N * (K // BS)
+                    else:
+                        blk = ((rows + N)[:, None] * K + 8 * kw[None, :]) // BS
                     a = _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mk, NESTED, BS2)
                     acc0_b = tl.fma(p0_b, a, acc0_b)
                     acc1_b = tl.fma(p1_b, a, acc1_b)
@@ -264,7 +271,8 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         M, n_out, w.k, eps, stride_xm, res.stride(0), out.stride(0), int(bias is not None), int(residual is not None),
         NORM=norm_weight is not None, FMT=_FMT_ID[w.fmt], LUT=cfg.lut, CVT=cfg.cvt if w.fmt == "int8" else 0,
         NESTED=w.nested,
-        BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
+        BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, BLOCKED=w.k % (w.blocksize if nf4 else 8) == 0,
+        HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
         ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // per_word, EVEN_K=w.k % cfg.block_k == 0, PDL=pdl,
         num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )

@@ -1,7 +1,7 @@
 """The few-rows int8 GEMV (backend/kernels/gemv_rows.py) under Triton's interpreter: for 2-4 activation rows, every
-config it may be tuned to (its own kernel's and quant_words') and every int8 conversion gives the dequantised product with RMSNorm, bias, SwiGLU and
-the residual (in place too), for K and N that fill the tiles and that do not. Run through
-tests/test_kernels_batch.py."""
+config it may be tuned to (its own kernel's and quant_words') and every int8 conversion gives the dequantised
+product with RMSNorm, bias, SwiGLU and the residual (in place too), for K and N that fill the tiles and that do
+not. Run through tests/test_kernels_batch.py."""
 
 from __future__ import annotations
 
