@@ -199,6 +199,36 @@ if HAVE_TRITON:
         tl.store(best_ptr + 1, 0)
 
     @triton.jit
+    def _x_tile(x_ptr, norm_ptr, kk, K, BLOCK_P: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+        # x[kk] (times norm[kk]) as a [BLOCK_P, BLOCK_K] tile of equal rows (a thread's rows share its loads)
+        ptrs = kk[None, :] + tl.zeros([BLOCK_P, 1], dtype=tl.int32)
+        if EVEN_K:
+            x = tl.load(x_ptr + ptrs).to(tl.float32)
+            if NORM:
+                x = x * tl.load(norm_ptr + ptrs).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + ptrs, mask=ptrs < K, other=0.0).to(tl.float32)
+            if NORM:
+                x = x * tl.load(norm_ptr + ptrs, mask=ptrs < K, other=0.0).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _x_sums(x_ptr, norm_ptr, K, BLOCK_K: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+        # [BLOCK_K] partial sums of x^2 (for RMSNorm) and of x times the norm weight (CVT 2's offset), as the
+        # GEMV loop accumulates them without X_TILE
+        offs_k = tl.arange(0, BLOCK_K)
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if NORM:
+                ss += x * x
+                x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            xs += x
+        return ss, xs
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
         k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr,
@@ -209,6 +239,7 @@ if HAVE_TRITON:
         W_INT8: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
         RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_P: tl.constexpr,
         PREFETCH: tl.constexpr, PDL: tl.constexpr, ROW_SUM: tl.constexpr, ARGMAX: tl.constexpr,
+        X_TILE: tl.constexpr = False,
     ):
         # out rows a = p * ROW_STEP and b = a + B_OFF for the BLOCK_P pairs p of this program
         pid = tl.program_id(0)
@@ -237,16 +268,23 @@ if HAVE_TRITON:
             tl.extra.cuda.gdc_wait()  # x, residual, cache, position: written by earlier kernels
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
-            if EVEN_K:
-                x = tl.load(x_ptr + kk).to(tl.float32)
+            if X_TILE:  # x (times the norm weight) through pointers of the weight tile's shape: loaded in the
+                # tile's register layout, where x[None, :] is converted through shared memory (barriers) each tile
+                x = _x_tile(x_ptr, norm_ptr, kk, K, BLOCK_P, NORM, EVEN_K)
             else:
-                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            if NORM:
-                ss += x * x
                 if EVEN_K:
-                    x = x * tl.load(norm_ptr + kk).to(tl.float32)
+                    x = tl.load(x_ptr + kk).to(tl.float32)
                 else:
-                    x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                if NORM:
+                    ss += x * x
+                    if EVEN_K:
+                        x = x * tl.load(norm_ptr + kk).to(tl.float32)
+                    else:
+                        x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                if W_INT8 and CVT == 2:
+                    xs += x
+                x = x[None, :]
             if PREFETCH:  # this tile was loaded one iteration ago; ask for the next one now
                 wa = wa_n
                 wb = wb_n
@@ -263,17 +301,17 @@ if HAVE_TRITON:
             if W_INT8:
                 wa_f = int8_as_float(wa, CVT)
                 wb_f = int8_as_float(wb, CVT)
-                if CVT == 2:
-                    xs += x
             else:
                 wa_f = wa.to(tl.float32)
                 wb_f = wb.to(tl.float32)
             if ROW_SUM:
-                acc_a += tl.sum(wa_f * x[None, :], axis=1)
-                acc_b += tl.sum(wb_f * x[None, :], axis=1)
+                acc_a += tl.sum(wa_f * x, axis=1)
+                acc_b += tl.sum(wb_f * x, axis=1)
             else:
-                acc_a += wa_f * x[None, :]
-                acc_b += wb_f * x[None, :]
+                acc_a += wa_f * x
+                acc_b += wb_f * x
+        if X_TILE and (NORM or (W_INT8 and CVT == 2)):  # the sums over x the loop left out, in a pass of their own
+            ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM, EVEN_K)
         if ROW_SUM:
             a = acc_a
             b = acc_b
@@ -441,6 +479,8 @@ class GemvConfig:
     cvt: int = 2  # int8 -> float32: 0 conversion instruction; 1 w + 2^23 trick (4 ops); 2 1.5 + w/256 (1 op)
     prefetch: bool = False  # load the next weight tile before using this one (by hand: Triton does not for non-dot loops)
     row_sum: bool = False  # reduce each tile to one float32 per row (fewer registers, bigger tiles)
+    x_tile: bool = False  # x loaded in the weight tile's layout (no shared-memory conversion in the loop), its
+    # sums for RMSNorm and CVT 2 in a pass of their own
 
 
 # Measured on an H100 inside the captured step (bench/explore_gemv.py, bench/NOTES.md run 5): a GEMV's time
@@ -527,7 +567,7 @@ def gemv(
         W_INT8=lw.is_int8, CVT=cfg.cvt, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None,
         RESIDUAL=residual is not None, EPILOGUE=epilogue,
         EVEN_K=K % cfg.block_k == 0, EVEN_P=n_pairs % cfg.block_p == 0 and (swiglu or N % 2 == 0),
-        PREFETCH=cfg.prefetch, PDL=pdl, ROW_SUM=cfg.row_sum, ARGMAX=argmax is not None,
+        PREFETCH=cfg.prefetch, PDL=pdl, ROW_SUM=cfg.row_sum, ARGMAX=argmax is not None, X_TILE=cfg.x_tile,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -176,7 +176,8 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
 
 def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_vector_loads():
     """decode/one_row_tuning.py's int8 candidates, each with its linear's epilogue (the QKV's rotary, fc1's SwiGLU,
-    dense/fc2's residual, the output's folded pick), as the one-row step launches them on an H100/H200."""
+    dense/fc2's residual, the output's folded pick), as the one-row step launches them on an H100/H200; those that
+    load x in the weight tile's layout (x_tile, without per-tile row sums) have no barrier in their K loop."""
     from backend.decode.one_row_tuning import CANDIDATES
 
     types = {"x_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "norm_ptr": ACT, "res_ptr": ACT,
@@ -190,9 +191,11 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
             consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=cfg.block_p,
                           BLOCK_K=cfg.block_k, W_INT8=True, CVT=cfg.cvt, NORM=norm, HAS_BIAS=kind == "qkv",
                           RESIDUAL=residual, EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=cfg.prefetch,
-                          PDL=True, ROW_SUM=cfg.row_sum, ARGMAX=argmax)
+                          PDL=True, ROW_SUM=cfg.row_sum, ARGMAX=argmax, X_TILE=cfg.x_tile)
             ptx = compile_for(_gemv_kernel, types, consts, 90, warps=cfg.num_warps, stages=cfg.num_stages)
             assert byte_loads(ptx) == 0, (kind, cfg)
+            if cfg.x_tile and not cfg.row_sum:
+                assert not any("bar.sync" in body for body in loop_bodies(ptx)), (kind, cfg)
 
 
 def loop_bodies(ptx: str) -> list[str]:

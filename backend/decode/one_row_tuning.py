@@ -30,26 +30,31 @@ ROUNDS, REPLAYS = 3, 20  # a comparison: medians of ROUNDS alternating timings o
 KINDS = ("output", "fc1", "fc2", "qkv", "dense")  # the biggest weights first
 
 
-def _c(bp, bk, w=4, cvt=2, rs=False, pf=False) -> GemvConfig:
-    return GemvConfig(block_p=bp, block_k=bk, num_warps=w, cvt=cvt, row_sum=rs, prefetch=pf)
+def _c(bp, bk, w=4, cvt=2, rs=False, pf=False, xt=False) -> GemvConfig:
+    return GemvConfig(block_p=bp, block_k=bk, num_warps=w, cvt=cvt, row_sum=rs, prefetch=pf, x_tile=xt)
 
 
 # around the H100 descent's winners, and a few further away (bench/explore_gemv.py's sets); each kind's default is
-# timed first and is the one to beat
+# timed first and is the one to beat. Last, tiles that load x in the weight tile's layout (x_tile: no barrier in
+# the K loop, sm_90 PTX; x read once a thread row instead of once a program)
 CANDIDATES = {
     "int8": {
-        "output": [_c(16, 1024, 8, rs=True), _c(8, 512, rs=True), _c(4, 1024, rs=True)],
-        "fc1": [_c(8, 2048, rs=True), _c(4, 4096, 8, rs=True), _c(4, 1024, rs=True), _c(2, 2048, cvt=0, rs=True)],
-        "fc2": [_c(4, 1024, cvt=0, pf=True), _c(2, 1024, cvt=2, pf=True), _c(2, 512, cvt=0, pf=True), _c(4, 1024, rs=True)],
-        "qkv": [_c(8, 512, rs=True), _c(2, 1024, rs=True), _c(4, 1024, cvt=0, rs=True)],
-        "dense": [_c(4, 512, rs=True), _c(2, 1024, cvt=2, pf=True), _c(1, 1024)],
+        "output": [_c(16, 1024, 8, rs=True), _c(8, 512, rs=True), _c(4, 1024, rs=True), _c(4, 512, xt=True)],
+        "fc1": [_c(8, 2048, rs=True), _c(4, 4096, 8, rs=True), _c(4, 1024, rs=True), _c(2, 2048, cvt=0, rs=True),
+                _c(4, 1024, xt=True), _c(2, 1024, xt=True)],
+        "fc2": [_c(4, 1024, cvt=0, pf=True), _c(2, 1024, cvt=2, pf=True), _c(2, 512, cvt=0, pf=True), _c(4, 1024, rs=True),
+                _c(2, 1024, cvt=0, pf=True, xt=True), _c(4, 1024, cvt=0, pf=True, xt=True)],
+        "qkv": [_c(8, 512, rs=True), _c(2, 1024, rs=True), _c(4, 1024, cvt=0, rs=True), _c(2, 1024, xt=True),
+                _c(4, 512, xt=True)],
+        "dense": [_c(4, 512, rs=True), _c(2, 1024, cvt=2, pf=True), _c(1, 1024), _c(2, 1024, cvt=1, xt=True),
+                  _c(2, 512, cvt=1, xt=True)],
     },
     "float": {
-        "output": [_c(4, 1024, rs=True), _c(16, 1024, 8, rs=True), _c(8, 512, rs=True)],
-        "fc1": [_c(2, 1024, rs=True), _c(4, 1024, rs=True), _c(2, 2048, rs=True)],
-        "fc2": [_c(2, 1024, rs=True), _c(1, 1024, pf=True), _c(1, 512)],
-        "qkv": [_c(2, 1024, rs=True), _c(4, 512, rs=True), _c(1, 1024, pf=True)],
-        "dense": [_c(4, 1024, rs=True), _c(1, 512), _c(1, 1024, pf=True)],
+        "output": [_c(4, 1024, rs=True), _c(16, 1024, 8, rs=True), _c(8, 512, rs=True), _c(2, 1024, xt=True)],
+        "fc1": [_c(2, 1024, rs=True), _c(4, 1024, rs=True), _c(2, 2048, rs=True), _c(2, 1024, xt=True)],
+        "fc2": [_c(2, 1024, rs=True), _c(1, 1024, pf=True), _c(1, 512), _c(1, 1024, pf=True, xt=True)],
+        "qkv": [_c(2, 1024, rs=True), _c(4, 512, rs=True), _c(1, 1024, pf=True), _c(2, 1024, xt=True)],
+        "dense": [_c(4, 1024, rs=True), _c(1, 512), _c(1, 1024, pf=True), _c(1, 1024, pf=True, xt=True)],
     },
 }
 
@@ -89,8 +94,17 @@ def defaults(decoder) -> dict[str, GemvConfig]:
     return {kind: default_gemv_config(kind, w == "int8") for kind, w in _weights(decoder).items()}
 
 
+def candidates_for(decoder) -> dict[str, list]:
+    """Each kind's candidate tiles for this decoder's weights (int8 or 16-bit), in descent order."""
+    weights = _weights(decoder)
+    return {k: CANDIDATES[weights[k]][k] for k in KINDS}
+
+
 def cached(decoder) -> Optional[dict[str, GemvConfig]]:
-    fields = tuning.lookup(tuning.cache_file(decoder.device), tuning_key(decoder))
+    """This card's winners for this step, if they were picked from today's candidates (else: tune again)."""
+    fields = dict(tuning.lookup(tuning.cache_file(decoder.device), tuning_key(decoder)) or {})
+    if fields.pop("_among", None) != tuning.candidates_digest(candidates_for(decoder).items()):
+        return None
     try:
         return {kind: GemvConfig(**f) for kind, f in fields.items()} if fields else None
     except TypeError:  # written by an older GemvConfig: tune again
@@ -145,10 +159,12 @@ def graph_timer(decoder, step: Callable) -> Callable[[dict], Callable[[], float]
 
 def tune(decoder, measure: Callable[[dict], Callable[[], float]]) -> dict[str, GemvConfig]:
     """The descent for this decoder's weights, the winners applied and stored for later starts on this GPU model."""
-    weights, start = _weights(decoder), defaults(decoder)
-    best = descend(start, {k: CANDIDATES[weights[k]][k] for k in KINDS}, measure)
+    start, candidates = defaults(decoder), candidates_for(decoder)
+    best = descend(start, candidates, measure)
     apply(decoder, best)
-    tuning.store(tuning.cache_file(decoder.device), tuning_key(decoder), {k: asdict(c) for k, c in best.items()})
+    winners = {k: asdict(c) for k, c in best.items()}
+    tuning.store(tuning.cache_file(decoder.device), tuning_key(decoder),
+                 {**winners, "_among": tuning.candidates_digest(candidates.items())})
     changed = {k: c for k, c in best.items() if c != start[k]}
     log.info("one-row step tuned on %s: %s", decoder.device, changed or "the defaults")
     return best
