@@ -238,8 +238,7 @@ if HAVE_TRITON:
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
         W_INT8: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
         RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_P: tl.constexpr,
-        PREFETCH: tl.constexpr, PDL: tl.constexpr, ROW_SUM: tl.constexpr, ARGMAX: tl.constexpr,
-        X_TILE: tl.constexpr = False,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr, ROW_SUM: tl.constexpr, ARGMAX: tl.constexpr, X_TILE: tl.constexpr,
     ):
         # out rows a = p * ROW_STEP and b = a + B_OFF for the BLOCK_P pairs p of this program
         pid = tl.program_id(0)

@@ -89,13 +89,14 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
              "inv_freq_ptr": "*fp32", "best_ptr": "*i64", "eps": "fp32", "pos_divisor": "fp32"}
     # plain (+ residual, or the folded greedy pick), SwiGLU, and rotary + the cache write with fp16's angle rounding,
     # as the batched decoder's one-row step calls them
-    for epilogue, row_sum, argmax in ((0, True, False), (0, True, True), (1, False, False), (2, True, False)):
+    for epilogue, row_sum, argmax, x_tile in ((0, True, False, False), (0, True, True, False), (1, False, False, False),
+                                              (2, True, False, False), (1, False, False, True), (2, False, False, True)):
         rope = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True) if epilogue == 2 else \
             dict(HEAD_DIM=2, ROT_PAIRS=1, ROPE_ROUND=0, SLOT_FROM_PREFIX=False)
         consts = dict(rope, BLOCK_P=4, BLOCK_K=1024, W_INT8=True,
                       CVT=2, NORM=True, HAS_BIAS=epilogue != 1, RESIDUAL=epilogue == 0 and not argmax,
                       EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=False, PDL=pdl, ROW_SUM=row_sum,
-                      ARGMAX=argmax)
+                      ARGMAX=argmax, X_TILE=x_tile)
         ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
         assert byte_loads(ptx) == 0, epilogue
     pick = {"best_ptr": "*i64", "next_ptr": "*i64", "in_ptr": "*i64"}

@@ -172,8 +172,12 @@ if HAVE_TRITON:
         rows = tl.where(mask_n, rn, 0)
         PAIRS: tl.constexpr = 2 if FMT == 2 else 4  # activation pairs a word: 4 int8 or 8 4-bit weights
         KW = K // (2 * PAIRS)
-        wi = tl.arange(0, BLOCK_W)
-        zero = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)  # x pointers as tiles: one layout for the whole loop
+        # one register layout for every tile of the loop: the weight's pointers look no more contiguous than the
+        # activations' (stride 2-4 words), so Triton does not give the weight loads a vector layout of their own
+        # and convert between the two each iteration (Triton 3.6 did: 16 bar.sync an iteration); the words are
+        # still read coalesced, 32 consecutive words a warp
+        wi = tl.max_contiguous(tl.arange(0, BLOCK_W), 1)
+        zero = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)  # x pointers as tiles
         acc0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
