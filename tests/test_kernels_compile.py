@@ -5,6 +5,10 @@ Triton's interpreter (tests/kernels_interpreted) checks what the kernels compute
 compiler sees: that each variant the tuner may pick lowers to PTX and SASS, fits the card's shared memory,
 and reads int8 weights with vector loads (Triton specialises pointers and dimensions divisible by 16, as the
 real shapes are; a byte-wide load of a weight would cost most of the bandwidth).
+
+Register layouts differ between Triton releases (a loop without barriers under one may get them under another):
+run it with the GPU machine's Triton too, e.g. ``pip install --target /tmp/tri36 --no-deps triton==3.6.0`` and
+``PYTHONPATH=/tmp/tri36 python -m pytest tests/test_kernels_compile.py`` (torch 2.11's Triton, as the device has).
 """
 
 from __future__ import annotations
