@@ -524,7 +524,8 @@ if HAVE_TRITON:
 class QuantLinearConfig:
     kernel: str = "gemv"  # "gemv" (a row a program column, float32 row sums), "mm" (tl.dot tiles),
     # "rows" (int8: every activation row, up to block_m, against weight rows read once; float32 sums) or
-    # "words" (4-bit, quant_words.py: the weight read as 32-bit words, block_m = 1 or 2 rows a program)
+    # "words" (quant_words.py: the weight read as 32-bit words, block_m = 1 or 2 rows a program; 4-bit here,
+    # int8 through gemv_rows)
     block_n: int = 8
     block_k: int = 512  # weights (not bytes) along K a tile
     block_m: int = 16  # mm only
@@ -585,12 +586,12 @@ def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
     A one-row linear is a few microseconds of reads: the whole weight is about one wave of the GPU's threads
     (a 4608 x 4096 weight is ~9 words a thread), so the tiles run from a few weight rows a program (many
     programs, a short K loop) to 16 (activations reused across the rows a thread holds)."""
+    if os.environ.get("GLMCHAT_WORDS_GEMV", "1") == "0":  # A/B switch for bench/ (not a user setting)
+        return []
     tiles = ((4, 1024, 4), (2, 1024, 4), (4, 2048, 4), (2, 2048, 4), (8, 1024, 4), (8, 512, 4), (16, 512, 4),
              (4, 512, 2), (2, 512, 2))
     if rows == 2:
         tiles = ((4, 1024, 4), (2, 1024, 4), (4, 2048, 4), (8, 1024, 4), (16, 512, 4))
-    if os.environ.get("GLMCHAT_WORDS_GEMV", "1") == "0":  # A/B switch for bench/ (not a user setting)
-        return []
     configs = [QuantLinearConfig("words", bn, bk, rows, w, 1, 1) for bn, bk, w in tiles]
     if fmt == "nf4":
         configs.append(QuantLinearConfig("words", 4, 1024, rows, 4, 1, 2))
@@ -631,11 +632,7 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float,
             bias_arg, norm_arg, res, out)
     flags = (int(bias is not None), int(residual is not None), int(norm_weight is not None))
     if cfg.kernel == "words":
-        from . import quant_words  # (imports this module: imported on first use)
-
-        if not quant_words.usable(x, w, norm_weight):
-            raise ValueError("the words kernel needs K % 8 == 0, aligned weights and 16-bit rows of even stride")
-        quant_words.launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl, lut, dummy)
+        _quant_words().launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl, lut, dummy)
     elif cfg.kernel == "rows":
         if w.fmt != "int8" or M > cfg.block_m:
             raise ValueError(f"the rows kernel takes int8 weights and at most block_m={cfg.block_m} rows")
@@ -740,16 +737,17 @@ def quant_linear(
     if out is None:
         out = torch.empty(x.shape[0], w.n // 2 if swiglu else w.n, device=x.device, dtype=x.dtype)
     cfg = config or tuned_config(w, 16 if batch_invariant else x.shape[0], x.dtype, x.device, swiglu=swiglu, pdl=pdl)
-    if cfg.kernel == "words" and config is None and not _words_usable(x, w, norm_weight):
+    if cfg.kernel == "words" and config is None and not _quant_words().usable(x, w, norm_weight):
         cfg = candidate_configs(w.fmt, m_bucket(x.shape[0]), swiglu)[0]  # tuned on aligned buffers; this one is not
     _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl)
     return out
 
 
-def _words_usable(x: torch.Tensor, w: QuantizedWeight, norm_weight) -> bool:
+def _quant_words():
+    """``kernels.quant_words``, imported on first use (it imports this module)."""
     from . import quant_words
 
-    return quant_words.usable(x, w, norm_weight)
+    return quant_words
 
 
 def kernels_run(x: torch.Tensor) -> bool:

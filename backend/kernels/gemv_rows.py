@@ -239,8 +239,6 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
     bias = lw.bias
     if cfg.kernel == "words":
         qw = int8_weight(lw.weight, lw.scale)
-        if not quant_words.usable(x, qw, norm_weight):
-            raise ValueError("the words kernel needs K % 4 == 0, an aligned weight and 16-bit rows of even stride")
         words = QuantLinearConfig("words", cfg.block_n, cfg.block_k, 2, cfg.num_warps, 1, cvt=min(cfg.cvt, 1))
         quant_words.launch(x, qw, out, bias, None if swiglu else residual, norm_weight, eps, swiglu, words, False,
                            dummy, dummy)

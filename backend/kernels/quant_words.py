@@ -254,7 +254,10 @@ if HAVE_TRITON:
 
 def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool, cfg, pdl: bool,
            lut, dummy) -> None:
-    """Run the words kernel for ``gemv_4bit._launch`` (cfg.block_m rows a program: 1 or 2)."""
+    """Run the words kernel (cfg: a ``gemv_4bit.QuantLinearConfig``, block_m rows a program: 1 or 2)."""
+    if not usable(x, w, norm_weight):
+        raise ValueError("the words kernel cannot read these: it needs K a multiple of the weights a word holds, "
+                         "an aligned weight and 16-bit rows of even stride")
     M = x.shape[0]
     n_out = w.n // 2 if swiglu else w.n
     kind = X_KIND[x.dtype]
