@@ -50,7 +50,8 @@ def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight) -> bool:
         return True
     if x.dtype not in X_KIND or x.stride(0) % 2 or x.data_ptr() % 4:
         return False
-    return norm_weight is None or (norm_weight.dtype == x.dtype and norm_weight.data_ptr() % 4 == 0)
+    return norm_weight is None or (norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
+                                   and norm_weight.data_ptr() % 4 == 0)
 
 
 if HAVE_TRITON:
