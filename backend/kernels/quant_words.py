@@ -209,8 +209,8 @@ if HAVE_TRITON:
                     if ROWS == 2:
                         p1_b = tl.fma(od, yo, tl.fma(ev, ye, p1_b))
             if FMT == 0:  # NF4: each word's sum times its block's absmax (a word never straddles blocks)
-                if BLOCKED:  # rows hold whole blocks: the same index for a thread's words of one block, whose
-                    # loads then merge (sm_90: 6 absmax loads for 4 words instead of 12)
+                if BLOCKED:  # rows hold whole blocks: the index from row and column, without dividing a row-major
+                    # element offset (fewer integer ops a word)
                     blk = rows[:, None] * (K // BS) + kw[None, :] // (BS // 8)
                 else:
                     blk = (rows[:, None] * K + 8 * kw[None, :]) // BS
