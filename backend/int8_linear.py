@@ -213,9 +213,9 @@ if HAVE_TRITON:
         return x
 
     @triton.jit
-    def _x_sums(x_ptr, norm_ptr, K, BLOCK_K: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+    def _x_sums(x_ptr, norm_ptr, K, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
         # [BLOCK_K] partial sums of x^2 (for RMSNorm) and of x times the norm weight (CVT 2's offset), as the
-        # GEMV loop accumulates them without X_TILE
+        # GEMV loop accumulates them without X_TILE: a pass of its own over x (a few KB, mostly from L1/L2)
         offs_k = tl.arange(0, BLOCK_K)
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         xs = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -310,7 +310,7 @@ if HAVE_TRITON:
                 acc_a += wa_f * x
                 acc_b += wb_f * x
         if X_TILE and (NORM or (W_INT8 and CVT == 2)):  # the sums over x the loop left out, in a pass of their own
-            ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM, EVEN_K)
+            ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
         if ROW_SUM:
             a = acc_a
             b = acc_b

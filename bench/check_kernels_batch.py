@@ -220,8 +220,9 @@ def run_linear(device, dtype, fmt, name, n, k, ms, timing: bool, peak: float) ->
 
 def time_candidates(x, qw, bias, fused, what: str, by: int, peak: float) -> None:
     """--candidates: every config the tuner chooses among for this linear, each checked and timed."""
-    ref = Q.quant_linear(x, qw, bias, config=Q.candidate_configs(qw.fmt, x.shape[0], fused["swiglu"])[0], **fused)
-    for cfg in Q.candidate_configs(qw.fmt, Q.m_bucket(x.shape[0]), fused["swiglu"]):
+    candidates = Q.candidate_configs(qw.fmt, Q.m_bucket(x.shape[0]), fused["swiglu"])
+    ref = Q.quant_linear(x, qw, bias, config=candidates[0], **fused)  # the default, to compare each against
+    for cfg in candidates:
         desc = f"{cfg.kernel} bn{cfg.block_n} bk{cfg.block_k} bm{cfg.block_m} w{cfg.num_warps} lut{cfg.lut}"
         try:
             out = Q.quant_linear(x, qw, bias, config=cfg, **fused)

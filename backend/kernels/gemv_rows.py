@@ -25,14 +25,14 @@ from typing import Callable, Optional
 import torch
 
 from . import quant_words, tuning
-from .gemv_4bit import QuantLinearConfig, int8_weight
+from .gemv_4bit import QuantizedWeight, QuantLinearConfig, int8_weight
 from ..int8_linear import HAVE_TRITON, LinearWeights
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ..int8_linear import int8_as_float
+    from ..int8_linear import _x_sums, int8_as_float
 
 ROWS_MIN, ROWS_MAX = 2, 4
 
@@ -40,14 +40,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _load_row(x_ptr, g, kk, K, NORM: tl.constexpr, EVEN_K: tl.constexpr):
-        # one activation row's K tile in float32, times the norm weight g; and the raw values (for 1/rms)
+        # one activation row's K tile in float32, times the norm weight g
         if EVEN_K:
             x = tl.load(x_ptr + kk).to(tl.float32)
         else:
             x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         if NORM:
-            return x * g, x
-        return x, x
+            x = x * g
+        return x
 
     @triton.jit
     def _load_norm(norm_ptr, kk, K, NORM: tl.constexpr, EVEN_K: tl.constexpr):
@@ -58,20 +58,13 @@ if HAVE_TRITON:
         return tl.zeros(kk.shape, dtype=tl.float32)
 
     @triton.jit
-    def _row_stats(x_ptr, norm_ptr, K, eps, BLOCK_K: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr,
-                   EVEN_K: tl.constexpr):
+    def _row_stats(x_ptr, norm_ptr, K, eps, BLOCK_K: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr):
         # a row's 1/rms and CVT 2's offset (1.5 x the sum of the normed x), in a pass of their own over x (a few KB,
         # mostly from L1/L2) so that the weight loop keeps nothing per K element; no pass when neither is needed
         r = 1.0
         off = 0.0
         if NORM or CVT == 2:
-            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-            xs = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                x, raw = _load_row(x_ptr, _load_norm(norm_ptr, kk, K, NORM, EVEN_K), kk, K, NORM, EVEN_K)
-                ss += raw * raw
-                xs += x
+            ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
             if NORM:
                 r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
             if CVT == 2:
@@ -133,34 +126,34 @@ if HAVE_TRITON:
                 wb = int8_as_float(wb, CVT)
             g = _load_norm(norm_ptr, kk, K, NORM, EVEN_K)
             # unrolled by hand for up to ROWS_MAX rows: a Triton loop cannot index a list of accumulators
-            x, _ = _load_row(x_ptr, g, kk, K, NORM, EVEN_K)
+            x = _load_row(x_ptr, g, kk, K, NORM, EVEN_K)
             a0 += tl.sum(wa * x[None, :], axis=1)
             if SWIGLU:
                 b0 += tl.sum(wb * x[None, :], axis=1)
-            x, _ = _load_row(x_ptr + stride_xm, g, kk, K, NORM, EVEN_K)
+            x = _load_row(x_ptr + stride_xm, g, kk, K, NORM, EVEN_K)
             a1 += tl.sum(wa * x[None, :], axis=1)
             if SWIGLU:
                 b1 += tl.sum(wb * x[None, :], axis=1)
             if ROWS > 2:
-                x, _ = _load_row(x_ptr + 2 * stride_xm, g, kk, K, NORM, EVEN_K)
+                x = _load_row(x_ptr + 2 * stride_xm, g, kk, K, NORM, EVEN_K)
                 a2 += tl.sum(wa * x[None, :], axis=1)
                 if SWIGLU:
                     b2 += tl.sum(wb * x[None, :], axis=1)
             if ROWS > 3:
-                x, _ = _load_row(x_ptr + 3 * stride_xm, g, kk, K, NORM, EVEN_K)
+                x = _load_row(x_ptr + 3 * stride_xm, g, kk, K, NORM, EVEN_K)
                 a3 += tl.sum(wa * x[None, :], axis=1)
                 if SWIGLU:
                     b3 += tl.sum(wb * x[None, :], axis=1)
         outs = (F_OFF, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, CVT, HAS_BIAS, RESIDUAL, SWIGLU)
-        r, off = _row_stats(x_ptr, norm_ptr, K, eps, BLOCK_K, CVT, NORM, EVEN_K)
+        r, off = _row_stats(x_ptr, norm_ptr, K, eps, BLOCK_K, CVT, NORM)
         _row_out(a0, b0, r, off, 0, n, mask_n, *outs)
-        r, off = _row_stats(x_ptr + stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM, EVEN_K)
+        r, off = _row_stats(x_ptr + stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM)
         _row_out(a1, b1, r, off, 1, n, mask_n, *outs)
         if ROWS > 2:
-            r, off = _row_stats(x_ptr + 2 * stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM, EVEN_K)
+            r, off = _row_stats(x_ptr + 2 * stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM)
             _row_out(a2, b2, r, off, 2, n, mask_n, *outs)
         if ROWS > 3:
-            r, off = _row_stats(x_ptr + 3 * stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM, EVEN_K)
+            r, off = _row_stats(x_ptr + 3 * stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM)
             _row_out(a3, b3, r, off, 3, n, mask_n, *outs)
 
 
@@ -232,13 +225,15 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
     return cfg
 
 
-def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: RowsGemvConfig) -> None:
+def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: RowsGemvConfig,
+            qw: Optional[QuantizedWeight] = None) -> None:
+    """qw: the words kernel's view of lw (``gemv_4bit.int8_weight``), if the caller already made it."""
     m, k = x.shape
     n_out = out.shape[1]
     dummy = out
     bias = lw.bias
     if cfg.kernel == "words":
-        qw = int8_weight(lw.weight, lw.scale)
+        qw = qw or int8_weight(lw.weight, lw.scale)
         words = QuantLinearConfig("words", cfg.block_n, cfg.block_k, 2, cfg.num_warps, 1, cvt=min(cfg.cvt, 1))
         quant_words.launch(x, qw, out, bias, None if swiglu else residual, norm_weight, eps, swiglu, words, False,
                            dummy, dummy)
@@ -282,10 +277,10 @@ def gemv_rows(
     if out is None:
         out = torch.empty(m, n // 2 if swiglu else n, device=x.device, dtype=x.dtype)
     cfg = config or tuned_config(lw, m, x.dtype, x.device, swiglu, norm_weight is not None) or RowsGemvConfig()
-    if cfg.kernel == "words" and config is None and not quant_words.usable(x, int8_weight(lw.weight, lw.scale),
-                                                                          norm_weight):
+    qw = int8_weight(lw.weight, lw.scale) if cfg.kernel == "words" else None
+    if qw is not None and config is None and not quant_words.usable(x, qw, norm_weight):
         cfg = RowsGemvConfig()  # tuned on aligned scratch rows; these are not
-    _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg)
+    _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw)
     if swiglu and residual is not None:
         out += residual
     return out

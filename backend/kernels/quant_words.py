@@ -185,7 +185,7 @@ if HAVE_TRITON:
         acc1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         for k0 in range(0, KW, BLOCK_W):
             kw = k0 + wi
-            mk = None  # EVEN_K: whole tiles, no predicates (and loads of one address merge, e.g. a block's absmax)
+            mk = None  # EVEN_K: whole tiles, no predicates
             if not EVEN_K:
                 mk = (kw < KW)[None, :]
             words = _load(w_ptr + rows[:, None] * KW + kw[None, :], mk, 0)
