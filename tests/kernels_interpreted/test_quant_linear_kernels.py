@@ -307,7 +307,7 @@ def test_words_kernel_reads_bf16_activations_as_int32_pairs():
         assert rel(out, x.float() @ ref_w.T) < 1e-5, cfg
 
 
-def test_words_kernel_refuses_what_it_cannot_read_and_tuned_calls_fall_back():
+def test_words_kernel_refuses_what_it_cannot_read_and_tuned_calls_fall_back(monkeypatch):
     from backend.kernels import quant_words
 
     data, state, ref_w = bnb_nf4(24, 192, nested=False, dtype=torch.float16)
@@ -316,9 +316,6 @@ def test_words_kernel_refuses_what_it_cannot_read_and_tuned_calls_fall_back():
     assert not quant_words.usable(odd, w, None)
     with pytest.raises(ValueError, match="words kernel"):
         run(odd, w, WORDS1)
-    Q._chosen[(f"quant_linear|nf4|bs64|N24|K192|M2|float16", "cpu")] = WORDS2  # as if tuned to it
-    try:
-        out = Q.quant_linear(odd, w)  # tuned to the words kernel, taken by the default for this call
-    finally:
-        Q._chosen.clear()
+    monkeypatch.setitem(Q._chosen, ("quant_linear|nf4|bs64|N24|K192|M2|float16", "cpu"), WORDS2)  # as if tuned to it
+    out = Q.quant_linear(odd, w)  # tuned to the words kernel, taken by the default for this call
     assert rel(out, odd.float() @ ref_w.float().T) < 2e-3
