@@ -41,7 +41,8 @@ def check_inputs(args: Namespace) -> None:
 
 def _large_on_cpu(engine) -> bool:
     """The CPU notice is for a 6B model; the demo and other small models are quick on a CPU."""
-    return engine.info.device == "cpu" and sum(p.numel() for p in engine.model.parameters()) > 500_000_000
+    weights = [*engine.model.parameters(), *engine.model.buffers()]  # int8 and packed 4-bit weights are buffers
+    return engine.info.device == "cpu" and sum(t.numel() for t in weights) > 500_000_000
 
 
 class LoadBar:

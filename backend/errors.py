@@ -63,8 +63,8 @@ def is_out_of_memory(err: BaseException) -> bool:
 def _missing_package(err: ImportError) -> Optional[Problem]:
     missing = err.name or ""
     if "bitsandbytes" in f"{missing} {err}":
-        return Problem("8-bit and 4-bit loading need bitsandbytes, which is not installed.",
-                       "Install it (pip install bitsandbytes), or pass --quantization none.")
+        return Problem("4-bit (NF4) loading needs bitsandbytes, which is not installed.",
+                       "Install it (pip install bitsandbytes), or pass --quantization 8bit or none.")
     if not isinstance(err, ModuleNotFoundError) or not missing:
         return None  # a broken import inside an installed package: a bug
     if missing.split(".")[0] in ("backend", "tui"):

@@ -1,4 +1,5 @@
-"""Loading a ChatGLM2 model directory (or hub id) shard by shard, optionally quantized with bitsandbytes.
+"""Loading a ChatGLM2 model directory (or hub id) shard by shard, optionally quantized: 8-bit is ChatGLM2's
+own weight-only int8 (``int8_layer.Int8Linear``), 4-bit is bitsandbytes' NF4.
 
 The model is built on the meta device and each shard's tensors are moved (and, for 8/4-bit,
 quantized) one at a time, so host memory never holds more than one shard: a 6B model loads
@@ -26,6 +27,7 @@ from .configuration import ChatGLMConfig, read_config_file
 from .families import Family, check_supported_config, detect_family
 from .local_files import local_model_dir
 from .int4_release import is_int4_release, replace_with_int4
+from .int8_layer import Int8Linear
 from .modeling import ChatGLMForConditionalGeneration
 from .json_files import describe, read_json_object
 from .registry import register_auto_classes
@@ -184,7 +186,8 @@ def pick_device(device: Optional[str] = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device, quantization: str, dtype: Optional[str | torch.dtype] = None) -> torch.dtype:
-    """bf16 on a GPU that has it; fp16 under 8-bit, whose int8 matmul takes fp16 inputs; float32 on the CPU."""
+    """bf16 on a GPU that has it; fp16 under 8-bit, as the original runs its int8 weights (``.half().quantize(8)``);
+    float32 on the CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype:
@@ -206,16 +209,16 @@ def pick_quantization(quantization: Optional[str], device: torch.device) -> str:
 
 
 def _quantized_linear(linear: nn.Linear, quantization: str, dtype: torch.dtype) -> nn.Module:
+    if quantization == "8bit":
+        return Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, device="meta")
     import bitsandbytes as bnb
 
     kw = dict(bias=linear.bias is not None, device="meta")
-    if quantization == "8bit":
-        return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_fp16_weights=False, threshold=6.0, **kw)
     return bnb.nn.Linear4bit(linear.in_features, linear.out_features, compute_dtype=dtype, quant_type="nf4", **kw)
 
 
 def replace_linears(model: nn.Module, quantization: str, dtype: torch.dtype) -> None:
-    """Swap every nn.Linear outside SKIP_QUANTIZATION for its bitsandbytes version (still empty)."""
+    """Swap every nn.Linear outside SKIP_QUANTIZATION for its quantized version (still empty)."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -224,16 +227,16 @@ def replace_linears(model: nn.Module, quantization: str, dtype: torch.dtype) -> 
 
 
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-    """Put one checkpoint tensor into the meta model; bitsandbytes quantizes weights as they move."""
+    """Put one checkpoint tensor into the meta model; quantized layers quantize their weight as it moves."""
     module_name, param_name = key.rsplit(".", 1)
     module = model.get_submodule(module_name)
+    if param_name == "weight" and isinstance(module, Int8Linear):
+        module.quantize_from(tensor.to(device))
+        return
     if param_name == "weight" and type(module).__module__.startswith("bitsandbytes"):
         import bitsandbytes as bnb
 
-        if isinstance(module, bnb.nn.Linear8bitLt):
-            module.weight = bnb.nn.Int8Params(tensor.to(dtype), requires_grad=False, has_fp16_weights=False).to(device)
-        else:
-            module.weight = bnb.nn.Params4bit(tensor.to(dtype), requires_grad=False, quant_type="nf4").to(device)
+        module.weight = bnb.nn.Params4bit(tensor.to(dtype), requires_grad=False, quant_type="nf4").to(device)
         return
     set_module_tensor_to_device(model, key, device, value=tensor, dtype=dtype)
 

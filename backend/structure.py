@@ -30,11 +30,13 @@ class Component:
     label: str
     parameters: int = 0
     bytes: int = 0
-    kinds: set = None  # how its weights are stored: "fp16", "int8 (LLM.int8)", "nf4", ...
+    kinds: set = None  # how its weights are stored: "fp16", "int8 (weight-only, a scale per row)", "nf4", ...
 
 
 def _kind(module: nn.Module, tensor: torch.Tensor) -> str:
     kind = type(module).__name__
+    if kind == "Int8Linear":
+        return "int8 (weight-only, a scale per row)"
     if kind == "Linear8bitLt":
         return "int8 (bitsandbytes LLM.int8)"
     if kind == "Linear4bit":

@@ -25,7 +25,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.int8_linear import LinearWeights, matmul, quantize_per_channel, widened_grad_input, widened_linear  # noqa: E402
-from backend.int8_training import grad_input_triton  # noqa: E402
+from backend.int8_layer import grad_input_triton  # noqa: E402
 from check_grad_kernel import SHAPES, replay_ms, timed  # noqa: E402
 
 TRAIN_ROWS = (192, 512, 768, 1024, 1536, 2048, 3088)

@@ -92,6 +92,18 @@ def recipe(model_dir: str, max_steps: int, variants=("default", "16-recompute", 
         emit(**recipe_run(model_dir, variant, max_steps), device=device)
 
 
+def bitsandbytes_8bit(model_dir: str):
+    """The 8-bit model of the original stack: transformers' BitsAndBytesConfig (LLM.int8, threshold 6.0)."""
+    import torch
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    import backend
+
+    backend.register()
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    return AutoModel.from_pretrained(model_dir, quantization_config=config, dtype=torch.float16, device_map="cuda")
+
+
 def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples: int = 1070, step_only: bool = False,
          no_eval: bool = False, max_steps: int = 40) -> None:
     if quantization == "8bit" and not step_only:
@@ -115,9 +127,10 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
-    # bitsandbytes' own 8-bit matmuls first (eager, keeping every activation, as the original), then
-    # our weight-only int8 (which training then keeps): CUDA graphs, with and without recomputing the
-    # MLP up-projection in the backward (the default), and with whole-layer gradient checkpointing.
+    # bitsandbytes' own 8-bit matmuls first (the model as transformers' BitsAndBytesConfig loads it; eager,
+    # keeping every activation, as the original), then our weight-only int8 (what `load_model` builds): CUDA
+    # graphs, with and without recomputing the MLP up-projection in the backward (the default), and with
+    # whole-layer gradient checkpointing.
     configs = [  # (weight-only int8, CUDA graphs, gradient checkpointing, MLP recompute)
         (False, False, False, False),
         (True, True, False, False),
@@ -127,10 +140,12 @@ def main(model_dir: str, quantization: str, eval_batch: int = 128, eval_examples
     if quantization != "8bit":  # weight-only int8 applies to 8-bit bases only
         configs = [(False, True, False, False), (False, True, False, True), (False, True, True, False)]
     for weight_only, graphs, checkpointing, recompute in configs:
-        bench = benchmark_step(model, batch_size=1, seq_len=192, pre_seq_len=128, steps=10,
-                               gradient_checkpointing=checkpointing, weight_only_int8=weight_only, cuda_graphs=graphs,
-                               recompute_mlp=recompute)
+        baseline = quantization == "8bit" and not weight_only
+        bench = benchmark_step(bitsandbytes_8bit(model_dir) if baseline else model, batch_size=1, seq_len=192,
+                               pre_seq_len=128, steps=10, gradient_checkpointing=checkpointing,
+                               weight_only_int8=weight_only, cuda_graphs=graphs, recompute_mlp=recompute)
         emit(what="ptuning_step", quantization=quantization,
+             note="peak includes glmchat's 8-bit model, loaded beside it" if baseline else None,
              int8_kernels=("weight-only" if weight_only else "bitsandbytes") if quantization == "8bit" else None,
              cuda_graphs=graphs, gradient_checkpointing=checkpointing, recompute_mlp=recompute,
              ms_per_step=round(bench.ms_per_step, 1), peak_gpu_gb=bench.peak_gpu_gb and round(bench.peak_gpu_gb, 2),

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.int8_linear import quantize_per_channel  # noqa: E402
-from backend.int8_training import grad_input_torch, grad_input_triton  # noqa: E402
+from backend.int8_layer import grad_input_torch, grad_input_triton  # noqa: E402
 
 # (name, N = out_features, K = in_features) of the four linears of a layer
 SHAPES = [("qkv", 4608, 4096), ("dense", 4096, 4096), ("fc1", 27392, 4096), ("fc2", 4096, 13696)]

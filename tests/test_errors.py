@@ -25,7 +25,7 @@ def _json_error() -> json.JSONDecodeError:
     (BackendError("no model directory at /nope; pass --model a directory."), ["no model directory at /nope"]),
     (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), ["The GPU ran out of memory", "--quantization"]),
     (RuntimeError("CUDA error: out of memory"), ["The GPU ran out of memory"]),
-    (ModuleNotFoundError("No module named 'bitsandbytes'", name="bitsandbytes"), ["bitsandbytes", "--quantization none"]),
+    (ModuleNotFoundError("No module named 'bitsandbytes'", name="bitsandbytes"), ["4-bit (NF4) loading needs bitsandbytes", "--quantization 8bit or none"]),
     (ImportError("Using `bitsandbytes` 8-bit quantization requires bitsandbytes"), ["pip install bitsandbytes"]),
     (ModuleNotFoundError("No module named 'sentencepiece'", name="sentencepiece"), ["'sentencepiece' is not installed"]),
     (OSError(errno.ENOSPC, "No space left on device", "/runs/adgen/checkpoint-30"),

@@ -43,3 +43,20 @@ def test_first_screen_modules_import_without_torch(module):
 def test_the_model_classes_still_come_from_backend():
     """``from backend import ChatGLMConfig`` keeps working; it is the import that brings transformers in."""
     assert "transformers" in _heavy_after_importing("backend.configuration")
+
+
+def test_an_8bit_load_and_reply_do_not_import_bitsandbytes(tmp_path):
+    """bitsandbytes compiles its ops with torch.compile when imported (seconds before the first token); 8-bit
+    is our own weight-only int8, so only 4-bit loading may import it."""
+    from helpers_tiny import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    code = (
+        "import sys; from backend.engine import ChatEngine; from backend.service import SamplingParams; "
+        f"e = ChatEngine.load(model={str(model_dir)!r}, quantization='8bit', device='cpu'); "
+        "list(e.stream_reply('hi', [], SamplingParams(temperature=0, max_new_tokens=3))); "
+        "print(e.info.precision, 'bitsandbytes' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["8bit", "False"]

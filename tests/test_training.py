@@ -429,7 +429,6 @@ def test_eval_during_training_reports_metrics(loaded, train_file, tmp_path):
 
 
 def test_8bit_base_trains_without_nan(tiny_dir, train_file, tmp_path):
-    pytest.importorskip("bitsandbytes")
     q = load_model(tiny_dir, quantization="8bit", device="cpu")
     events = []
     train_prefix(q.model, q.tokenizer, request(tmp_path, train_file, max_steps=2, save_steps=0), progress=events.append)

@@ -1,6 +1,6 @@
 """The batched fast decoder: up to 256 rows over one static cache, each decode step one CUDA-graph replay.
 
-Weights stay as loaded: int8 rows (bitsandbytes 8-bit, or our training's Int8Linear), NF4
+Weights stay as loaded: int8 rows (the 8-bit model's Int8Linear, or bitsandbytes 8-bit layers), NF4
 (bitsandbytes 4-bit) and the int4 release are read packed (``batch_linear.BatchLinear``: RMSNorm, SwiGLU
 and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widened or copied at load.
 
@@ -18,8 +18,9 @@ and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widene
   matmul tiles or the weight widened a block at a time for a tensor-core matmul. A short prompt's
   time is mostly host-side launches: one row's prompt of up to 128 tokens replays a CUDA graph
   (``prompt_graphs``), and each op a layer counts for the rest.
-  It is written here rather than through ``modeling.py``'s modules because a bitsandbytes 8-bit
-  model's modules run LLM.int8's outlier decomposition (10x slower), not the weight-only rows.
+  It is written here rather than through ``modeling.py``'s modules so that every row's prompt and
+  cache slots go through one pass, and a bitsandbytes 8-bit model (loaded through transformers) is read
+  as weight-only rows instead of through LLM.int8's outlier decomposition (10x slower).
 - A finished row stays parked with its cache for a later request of the same adapter whose
   prompt begins with its tokens (a chat's next turn feeds only the new tokens), until its row is
   needed.

@@ -170,7 +170,7 @@ def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
 def quantized_weight(module) -> Optional[QuantizedWeight]:
     """The packed weight of a quantized linear layer, shared as stored; None for a float layer.
 
-    bitsandbytes ``Linear4bit`` (NF4) -> "nf4"; bitsandbytes ``Linear8bitLt`` and ``int8_training.Int8Linear``
+    bitsandbytes ``Linear4bit`` (NF4) -> "nf4"; bitsandbytes ``Linear8bitLt`` and ``int8_layer.Int8Linear``
     -> "int8" (through ``int8_linear.linear_weights``, which shares their rows); a layer with an int8
     ``weight`` and a ``weight_scale`` (the chatglm2-6b-int4 release's QuantizedLinear) -> "int4" when the
     weight holds half the input columns (``in_features`` or ``weight_bit_width`` say which), else "int8"

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..cuda_streams import warmup_stream
-from ..int8_training import use_weight_only_int8
+from ..int8_layer import use_weight_only_int8
 from ..lean_autograd import causal_lm_loss
 from ..modeling import PrefixEncoder, split_prefix
 from .checkpoints import prefix_config

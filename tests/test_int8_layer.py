@@ -1,5 +1,6 @@
-"""Weight-only int8 linears for training over an 8-bit base: same function as the dequantised
-weights, forward and input gradient, sharing bitsandbytes' int8 storage."""
+"""The 8-bit model's weight-only int8 linears: what ``load_model`` builds, and what bitsandbytes 8-bit layers
+(a model loaded through transformers' ``BitsAndBytesConfig``) are swapped for before training, over the same
+int8 storage. Same function as the dequantised weights, forward and input gradient."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from backend.int8_training import Int8Linear, use_weight_only_int8
+from backend.int8_layer import Int8Linear, use_weight_only_int8
 from backend.loading import load_model
 from backend.modeling import split_prefix
 from helpers_tiny import make_tiny_model_dir
@@ -26,22 +27,27 @@ def dequantised_copy(model):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Int8Linear):
                 lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                lin.weight.data = child.qweight.float() * child.scale[:, None]
+                lin.weight.data = child.weight.float() * child.scale[:, None]
                 if child.bias is not None:
                     lin.bias.data = child.bias.float()
                 setattr(module, child_name, lin)
     return ref
 
 
-def test_swap_shares_storage_and_matches_dequantised_weights(tiny_dir):
-    model = load_model(tiny_dir, quantization="8bit", device="cpu").model
-    cb = model.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight.CB
-    assert use_weight_only_int8(model) == 2 * 4  # 4 linears a layer, output layer kept 16-bit
-    assert use_weight_only_int8(model) == 0
-    layer = model.transformer.encoder.layers[0].mlp.dense_h_to_4h
-    assert isinstance(layer, Int8Linear) and layer.qweight.data_ptr() == cb.data_ptr()
-    ref = dequantised_copy(model)
+def bitsandbytes_8bit_model(tiny_dir):
+    """The model as transformers' BitsAndBytesConfig loads it (the seed snippet), on the CPU."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModel, BitsAndBytesConfig
 
+    import backend
+
+    backend.register()
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    return AutoModel.from_pretrained(tiny_dir, quantization_config=config).requires_grad_(False)
+
+
+def assert_same_function_as_dequantised(model):
+    ref = dequantised_copy(model)
     torch.manual_seed(0)
     ids = torch.randint(3, 300, (2, 12))
     cfg = model.config
@@ -58,16 +64,49 @@ def test_swap_shares_storage_and_matches_dequantised_weights(tiny_dir):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_8bit_load_builds_int8_layers_that_match_their_dequantised_weights(tiny_dir):
+    loaded = load_model(tiny_dir, quantization="8bit", device="cpu")
+    model = loaded.model
+    layer = model.transformer.encoder.layers[0].self_attention.query_key_value
+    assert isinstance(layer, Int8Linear) and layer.weight.dtype == torch.int8 and layer.bias is not None
+    assert isinstance(model.transformer.output_layer, torch.nn.Linear)  # kept 16-bit, like the seed's 8-bit
+    assert use_weight_only_int8(model) == 0  # nothing left to swap
+    assert_same_function_as_dequantised(model)
+
+
+def test_8bit_load_quantizes_each_row_to_127_steps_of_its_absmax(tiny_dir):
+    from safetensors.torch import load_file
+
+    model = load_model(tiny_dir, quantization="8bit", device="cpu").model
+    stored = load_file(str(tiny_dir / "model.safetensors"))["transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"].float()
+    layer = model.transformer.encoder.layers[1].mlp.dense_4h_to_h
+    absmax = stored.abs().amax(dim=1)
+    torch.testing.assert_close(layer.scale, absmax / 127)
+    assert torch.equal(layer.weight.abs().amax(dim=1), torch.full_like(absmax, 127, dtype=torch.int8))
+    back = layer.weight.float() * layer.scale[:, None]
+    assert torch.all((back - stored).abs() <= layer.scale[:, None] / 2 + 1e-6)  # rounded to the nearest step
+
+
+def test_swap_shares_bitsandbytes_storage_and_matches_dequantised_weights(tiny_dir):
+    model = bitsandbytes_8bit_model(tiny_dir)
+    cb = model.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight.CB
+    assert use_weight_only_int8(model) == 2 * 4  # 4 linears a layer, output layer kept 16-bit
+    assert use_weight_only_int8(model) == 0
+    layer = model.transformer.encoder.layers[0].mlp.dense_h_to_4h
+    assert isinstance(layer, Int8Linear) and layer.weight.data_ptr() == cb.data_ptr()
+    assert_same_function_as_dequantised(model)
+
+
 def test_fast_decoder_built_after_the_swap_shares_the_int8_rows(tiny_dir):
     from backend.decoding import EagerDecoder
     from backend.fast_decode import FastDecoder
     from backend.service import SamplingParams
 
-    model = load_model(tiny_dir, quantization="8bit", device="cpu").model
+    model = bitsandbytes_8bit_model(tiny_dir)
     use_weight_only_int8(model)
     decoder = FastDecoder(model)
     assert decoder.mode == "int8"
-    qweight = model.transformer.encoder.layers[1].mlp.dense_4h_to_h.qweight
+    qweight = model.transformer.encoder.layers[1].mlp.dense_4h_to_h.weight
     assert any(lw.weight.data_ptr() == qweight.data_ptr() for lw in vars(decoder.layers[1]).values() if hasattr(lw, "weight"))
     greedy = SamplingParams(temperature=0, max_new_tokens=10)
     ids = list(range(5, 20))
@@ -77,7 +116,7 @@ def test_fast_decoder_built_after_the_swap_shares_the_int8_rows(tiny_dir):
 _KERNEL_CHECK = r"""
 import torch
 from backend.int8_linear import quantize_per_channel
-from backend.int8_training import grad_input_torch, grad_input_triton
+from backend.int8_layer import grad_input_torch, grad_input_triton
 
 torch.manual_seed(0)
 # (M, N, K): one output tile with the sum over N split, several tiles with ragged edges, one split
@@ -135,7 +174,7 @@ def test_int8_layer_switches_to_the_widened_path_at_widen_min_rows():
     from backend.int8_linear import LinearWeights, quantize_per_channel
 
     q, scale = quantize_per_channel(torch.randn(4608, 4096, device="cuda"))
-    layer = Int8Linear(LinearWeights(q, scale, torch.randn(4608, device="cuda", dtype=torch.bfloat16)))
+    layer = Int8Linear.from_weights(LinearWeights(q, scale, torch.randn(4608, device="cuda", dtype=torch.bfloat16)))
     w = q.float() * scale[:, None]
     for rows in (int8_linear.WIDEN_MIN_ROWS - 1, int8_linear.WIDEN_MIN_ROWS):
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -1,13 +1,19 @@
-"""Weight-only int8 linears for P-Tuning over an 8-bit base, forward and backward.
+"""The 8-bit model's linears: weight-only int8 with a scale per output row, forward and backward.
 
-bitsandbytes' LLM.int8 quantises the activations too and splits out outlier columns on every
-call, which makes a P-Tuning step slow (the original stack: ~175 ms at 192 tokens on an H100).
-The base is frozen, so only the input gradient is needed: ``dx = dy @ W``. These layers keep the
-int8 rows and per-row scales bitsandbytes already holds (shared storage, no fp16 copy kept) and
-multiply through Triton kernels that widen the int8 weights in registers: ``int8_linear``'s
-matmul forward, ``_grad_input_kernel`` here backward; from ``int8_linear.WIDEN_MIN_ROWS`` tokens a
-micro-batch (compute-bound) both go through cuBLAS on the weight widened a block at a time. On the CPU
-both are torch math (the backward widens a few thousand weight rows at a time).
+This is ChatGLM2's own 8-bit scheme (the original ``quantize(8)``, which ptuning's ``--quantization_bit 8``
+runs): ``loading`` quantizes each checkpoint weight into an ``Int8Linear`` as it reads it. Only the weights are
+int8; the activations keep the compute dtype. bitsandbytes is not used for 8-bit: its LLM.int8 matmul also
+quantises the activations and splits out outlier columns on every call (a P-Tuning step took ~175 ms at 192
+tokens on an H100 that way), and importing it costs seconds (it compiles its ops with ``torch.compile``) for
+what is here a few lines of quantization. Models loaded through transformers' ``BitsAndBytesConfig`` keep
+their ``Linear8bitLt`` layers; ``use_weight_only_int8`` swaps them for ``Int8Linear`` over the same int8 storage
+before training.
+
+The base is frozen, so only the input gradient is needed: ``dx = dy @ W``. Both directions multiply through
+Triton kernels that widen the int8 weights in registers: ``int8_linear``'s matmul forward,
+``_grad_input_kernel`` here backward; from ``int8_linear.WIDEN_MIN_ROWS`` tokens (compute-bound) both go
+through cuBLAS on the weight widened a block at a time. On the CPU both are torch math (the backward widens a
+few thousand weight rows at a time).
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import torch
 from torch import nn
 
 from . import int8_linear
-from .int8_linear import HAVE_TRITON, LinearWeights, is_quantized_module, linear, linear_weights, widened_grad_input
+from .int8_linear import (
+    HAVE_TRITON, LinearWeights, is_quantized_module, linear, linear_weights, quantize_per_channel, widened_grad_input,
+)
 
 if HAVE_TRITON:
     import triton
@@ -121,33 +129,58 @@ class _WeightOnlyInt8(torch.autograd.Function):
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (q * scale)^T + bias`` with q int8 [N, K] and scale [N]; frozen."""
+    """``y = x @ (weight * scale)^T + bias`` with ``weight`` int8 [N, K] and ``scale`` float32 [N]; frozen.
 
-    def __init__(self, weights: LinearWeights):
+    ``weight`` and ``bias`` carry the checkpoint's names, so the loader's checks of names and shapes hold as
+    for ``nn.Linear``; ``scale`` is derived from the weight, not stored in checkpoints."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
-        self.out_features, self.in_features = weights.weight.shape
-        self.register_buffer("qweight", weights.weight, persistent=False)
-        self.register_buffer("scale", weights.scale.float(), persistent=False)
-        self.register_buffer("bias", weights.bias, persistent=False)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device), persistent=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_weights(cls, weights: LinearWeights) -> "Int8Linear":
+        """A layer over ``weights``' int8 rows and scales as they are (shared, not copied)."""
+        out_features, in_features = weights.weight.shape
+        bias = weights.bias
+        layer = cls(in_features, out_features, bias is not None, bias.dtype if bias is not None else torch.float16, "meta")
+        layer.weight, layer.scale = weights.weight, weights.scale.float()
+        if bias is not None:
+            layer.bias = nn.Parameter(bias, requires_grad=False)
+        return layer
+
+    def quantize_from(self, weight: torch.Tensor) -> None:
+        """Set the int8 rows and scales from a float weight [N, K] (on the device the layer is to live on)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} for a {self.in_features} -> {self.out_features} layer")
+        self.weight, self.scale = quantize_per_channel(weight)
 
     def linear_weights(self) -> LinearWeights:
-        return LinearWeights(self.qweight, self.scale, self.bias)
+        return LinearWeights(self.weight, self.scale, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return _WeightOnlyInt8.apply(x, self.qweight, self.scale, bias)
+        return _WeightOnlyInt8.apply(x, self.weight, self.scale, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8 (a scale per row)"
 
 
 def use_weight_only_int8(model: nn.Module) -> int:
-    """Swap every bitsandbytes 8-bit linear of ``model`` for an Int8Linear over the same int8 storage.
+    """Swap every bitsandbytes 8-bit linear of ``model`` (a model loaded through transformers' ``BitsAndBytesConfig``)
+    for an Int8Linear over the same int8 storage.
 
-    Returns how many were swapped (0 when there are none, e.g. a 16-bit or 4-bit base, or a second call).
+    Returns how many were swapped (0 when there are none: a 16-bit or 4-bit base, an 8-bit one ``loading`` built,
+    or a second call).
     """
     swapped = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if is_quantized_module(child) == "int8" and not isinstance(child, Int8Linear):
                 dtype = child.bias.dtype if child.bias is not None else torch.float16
-                setattr(module, child_name, Int8Linear(linear_weights(child, "int8", dtype)))
+                setattr(module, child_name, Int8Linear.from_weights(linear_weights(child, "int8", dtype)))
                 swapped += 1
     return swapped
