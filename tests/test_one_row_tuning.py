@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+import torch
+
 from backend.decode import one_row_tuning as T
 from backend.int8_linear import GemvConfig
 
@@ -67,3 +70,29 @@ def test_an_8bit_models_output_layer_keeps_the_16_bit_tiles_and_candidates():
     start = T.defaults(decoder)
     assert start["output"] == DEFAULT_GEMV["float"]["output"] and start["fc2"] == DEFAULT_GEMV["int8"]["fc2"]
     assert T.tuning_key(decoder) == "one_row_step:int8-float:float16:2x48x32x32x64x100"
+
+
+def test_a_faster_tile_whose_step_is_wrong_is_not_kept(caplog):
+    a, b, c = GemvConfig(block_p=2), GemvConfig(block_p=4), GemvConfig(block_p=8)
+    costs = {"fc1": {a: 1.0, b: 0.5, c: 0.8}}
+    timed = _measure(costs)
+
+    def measure(configs):
+        if configs["fc1"] == b:  # what graph_timer raises when the step's logits are off the default's
+            raise T.WrongResult("logits off the default tiles' by 1.4")
+        return timed(configs)
+
+    with caplog.at_level("WARNING", logger="glmchat.tuning"):
+        assert T.descend({"fc1": a}, {"fc1": [b, c]}, measure) == {"fc1": c}
+    assert "computes a different step" in caplog.text and "off the default tiles' by 1.4" in caplog.text
+
+
+def test_each_step_is_checked_against_the_first_steps_logits():
+    reference = []
+    logits = torch.linspace(-3, 3, 100)
+    T.check_step(reference, logits)  # the default tiles' step: the reference
+    T.check_step(reference, logits * 1.01)  # another summation order: within STEP_AGREEMENT
+    with pytest.raises(T.WrongResult, match="off the default tiles' by 2"):
+        T.check_step(reference, -logits)
+    with pytest.raises(T.WrongResult, match="inf"):
+        T.check_step(reference, logits * float("nan"))

@@ -6,7 +6,8 @@ step found a step 12% faster than the tiles that won one kernel at a time (bench
 bench/explore_gemv.py). ``int8_linear.DEFAULT_GEMV`` holds that H100 descent's result; this runs the same descent
 on any card at its first warm-up (the app's, in the background; the server's, before it listens): for each linear
 kind in turn, each candidate tile's step graph is timed
-against the best so far's, interleaved, and kept when faster by more than ``KEEP_GAIN``. The winners go to
+against the best so far's, interleaved, and kept when faster by more than ``KEEP_GAIN`` and when its logits are the
+default tiles' (``tuning.agrees``: a tile a compiler or card gets wrong never wins). The winners go to
 ``kernels.tuning``'s file for this GPU model, so later starts (and ``glmchat --prompt``, which does not warm up)
 read them. ``GLMCHAT_KERNEL_TUNING=0`` keeps the defaults.
 """
@@ -28,6 +29,9 @@ log = logging.getLogger("glmchat.tuning")
 KEEP_GAIN = 0.003  # a candidate must beat the best step by this share (run 5: timing noise in graphs ~0.1%)
 ROUNDS, REPLAYS = 3, 20  # a comparison: medians of ROUNDS alternating timings of REPLAYS replays each
 KINDS = ("output", "fc1", "fc2", "qkv", "dense")  # the biggest weights first
+# a whole step's logits may differ from the default tiles' by this share: every linear's summation order changes,
+# and random weights amplify it (bench/NOTES.md run 4: rounding order alone, 1.3e-2); wrong tiles give ~1
+STEP_AGREEMENT = 0.1
 
 
 def _c(bp, bk, w=4, cvt=2, rs=False, pf=False, xt=False) -> GemvConfig:
@@ -111,11 +115,16 @@ def cached(decoder) -> Optional[dict[str, GemvConfig]]:
         return None
 
 
+class WrongResult(RuntimeError):
+    """A candidate's step gives other logits than the default tiles' step."""
+
+
 def descend(start: dict[str, GemvConfig], candidates: dict[str, list], measure: Callable[[dict], Callable[[], float]],
             keep_gain: float = KEEP_GAIN, rounds: int = ROUNDS) -> dict[str, GemvConfig]:
     """Coordinate descent from ``start``: ``measure(configs)`` builds that step (a graph) and returns a function
     timing it once (ms). Each candidate of each kind against the best so far, alternately ``rounds`` times, kept when
-    its median is faster by more than ``keep_gain``. A candidate that fails to build is skipped."""
+    its median is faster by more than ``keep_gain``. A candidate that fails to build, or whose step ``measure``
+    finds wrong (``WrongResult``), is skipped."""
     best, best_run = dict(start), measure(start)
     for kind, cands in candidates.items():
         for cand in cands:
@@ -125,6 +134,9 @@ def descend(start: dict[str, GemvConfig], candidates: dict[str, list], measure: 
             try:
                 run = measure(trial)
                 times = [(run(), best_run()) for _ in range(rounds)]
+            except WrongResult as exc:
+                log.warning("one-row tuning: %s %s computes a different step on this card, not used: %s", kind, cand, exc)
+                continue
             except Exception as exc:  # noqa: BLE001 - out of resources on this card: not a candidate here
                 log.info("one-row tuning: %s %s failed: %s", kind, cand, exc)
                 continue
@@ -134,14 +146,27 @@ def descend(start: dict[str, GemvConfig], candidates: dict[str, list], measure: 
     return best
 
 
+def check_step(reference: list, logits: torch.Tensor) -> None:
+    """The first step's logits become ``reference``; a later step's off them raises ``WrongResult``."""
+    if not reference:
+        reference.append(logits.detach().clone())
+    elif not tuning.agrees(logits, reference[0], STEP_AGREEMENT):
+        raise WrongResult(f"logits off the default tiles' by {tuning.difference(logits, reference[0]):.2g}")
+
+
 def graph_timer(decoder, step: Callable) -> Callable[[dict], Callable[[], float]]:
     """``descend``'s ``measure`` on CUDA: the step captured with those tiles, timed over REPLAYS replays by CUDA
-    events (no host time in it)."""
+    events (no host time in it). Each step's logits are checked against the first one measured (the defaults):
+    every replay writes the same cache slot, so steps differ only by their tiles' rounding."""
     from ..cuda_streams import warm_and_capture
+
+    reference: list[torch.Tensor] = []
 
     def measure(configs: dict) -> Callable[[], float]:
         apply(decoder, configs)
-        graph, _ = warm_and_capture(step, decoder.device, decoder._pool)
+        graph, outputs = warm_and_capture(step, decoder.device, decoder._pool)
+        graph.replay()
+        check_step(reference, outputs[0])
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
         def time_once() -> float:

@@ -684,12 +684,13 @@ def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.d
         return _chosen[memo]
     scratch: dict = {}
 
-    def run(cfg: QuantLinearConfig) -> None:
+    def run(cfg: QuantLinearConfig) -> torch.Tensor:
         if not scratch:
             gen = torch.Generator(device=device).manual_seed(0)
             scratch["x"] = torch.randn(bucket, w.k, device=device, generator=gen).to(dtype)
             scratch["out"] = torch.empty(bucket, w.n // 2 if swiglu else w.n, device=device, dtype=dtype)
         _launch(scratch["x"], w, scratch["out"], None, None, None, 1e-5, swiglu, cfg, pdl)  # pdl: same compile
+        return scratch["out"]
 
     cfg = tuning.pick(key, candidate_configs(w.fmt, bucket, swiglu), run, device, timer=timer)
     if not tuning.capturing(device):

@@ -205,16 +205,17 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
            f"{'|vs_matmul' if other is not None else ''}")
     scratch: dict = {}
 
-    def run(cfg: RowsGemvConfig) -> None:
+    def run(cfg: RowsGemvConfig) -> Optional[torch.Tensor]:
         if not scratch:
             gen = torch.Generator(device=device).manual_seed(0)
             scratch["x"] = torch.randn(m, k, device=device, generator=gen).to(dtype)
             scratch["g"] = torch.ones(k, device=device, dtype=dtype) if norm else None
             scratch["out"] = torch.empty(m, n // 2 if swiglu else n, device=device, dtype=dtype)
-        if cfg.kernel == "other":
+        if cfg.kernel == "other":  # (its RMSNorm is the layer's own, not the scratch one: its output is not compared)
             other(scratch["x"])
-        else:
-            _launch(scratch["x"], lw, scratch["out"], scratch["g"], None, 1e-5, swiglu, cfg)
+            return None
+        _launch(scratch["x"], lw, scratch["out"], scratch["g"], None, 1e-5, swiglu, cfg)
+        return scratch["out"]
 
     candidates = candidate_configs(swiglu) + ([RowsGemvConfig(kernel="other")] if other is not None else [])
     cfg: Optional[RowsGemvConfig] = tuning.pick(key, candidates, run, device, timer=timer)

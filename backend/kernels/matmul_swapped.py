@@ -57,8 +57,8 @@ def prefers_swapped(x: torch.Tensor, lw: LinearWeights, split_k: bool, timer=Non
     scratch = torch.randn(bucket, K, device=x.device, generator=torch.Generator(device=x.device).manual_seed(0))
     scratch = scratch.to(x.dtype)
 
-    def run(form: MatmulForm) -> None:
-        matmul(scratch, lw, split_k=split_k, swap=form.swapped)
+    def run(form: MatmulForm) -> torch.Tensor:
+        return matmul(scratch, lw, split_k=split_k, swap=form.swapped)
 
     form = tuning.pick(key, [MatmulForm(False), MatmulForm(True)], run, x.device, timer=timer)
     if not tuning.capturing(x.device):

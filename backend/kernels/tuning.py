@@ -3,7 +3,9 @@
 A kernel wrapper asks ``pick(kernel, key, candidates, run, device)``: the cached winner for this GPU
 model and key (if it was picked from the same candidates), else (outside CUDA-graph capture, with tuning on) each candidate timed with
 ``triton.testing.do_bench`` on scratch buffers and the fastest one stored, else the first candidate
-(the hand-picked default). The cache is one JSON file per GPU model under
+(the hand-picked default). A candidate whose output on the scratch buffers is not the default's, rounding
+apart, is never picked and is reported: speed is measured on the card, but correctness was only checked by
+Triton's interpreter and our tests, and a kernel a compiler version or card gets wrong must not win. The cache is one JSON file per GPU model under
 ``<user cache dir>/kernel-tuning/`` (``backend.demo.cache_root``: $GLMCHAT_CACHE_DIR overrides), so a
 card is tuned once, not on every start, and configs come from the card at hand instead of H100 constants.
 ``GLMCHAT_KERNEL_TUNING=0`` turns tuning off (defaults or what is cached are used).
@@ -25,8 +27,12 @@ import torch
 
 C = TypeVar("C")
 
-# bump when a kernel changes in a way that makes old timings meaningless
-TUNING_VERSION = 2
+# bump when a kernel changes in a way that makes old timings meaningless, or old picks untrustworthy (3: picks are
+# checked against the default's output; those made before were not)
+TUNING_VERSION = 3
+# a candidate's output may differ from the default's by this share (norm of the difference over the default's
+# norm): different summation orders rounded to 16 bits differ by ~1e-3, a kernel that computes something else by ~1
+AGREEMENT = 2e-2
 
 _lock = threading.Lock()
 _loaded: dict[Path, dict] = {}  # cache file -> {key: config fields}
@@ -90,14 +96,15 @@ def capturing(device: torch.device) -> bool:
 def pick(
     key: str,
     candidates: Sequence[C],
-    run: Callable[[C], None],
+    run: Callable[[C], Optional[torch.Tensor]],
     device: torch.device,
     timer: Optional[Callable[[Callable[[], None]], float]] = None,
 ) -> C:
     """The config to use for ``key`` (kernel, shape and dtype) on ``device``: cached, tuned now, or the default.
 
-    ``candidates[0]`` is the default; ``run(config)`` launches the kernel once on scratch buffers. A
-    candidate that fails to compile or launch (too many registers or shared memory on this card) is skipped.
+    ``candidates[0]`` is the default; ``run(config)`` launches the kernel once on scratch buffers and may return
+    its output, which every other candidate's must then match (``agrees``). A candidate that fails to compile
+    or launch (too many registers or shared memory on this card), or gives another result, is skipped.
     ``timer`` defaults to ``cuda_timer``; on a CPU nothing is tuned unless a timer is given (tests)."""
     if not candidates:
         raise ValueError("no candidate configs")
@@ -114,11 +121,26 @@ def pick(
         return candidates[0]
     if not tuning_enabled() or capturing(device) or len(candidates) == 1:
         return candidates[0]
-    timer = timer or cuda_timer
-    best, best_ms, failed = None, float("inf"), []
+    best = _fastest(key, candidates, run, timer or cuda_timer)
+    if best is None:
+        return candidates[0]
+    store(path, key, {**asdict(best), "_among": among})
+    return best
+
+
+def _fastest(key: str, candidates: Sequence[C], run: Callable[[C], Optional[torch.Tensor]],
+             timer: Callable[[Callable[[], None]], float]) -> Optional[C]:
+    """The fastest candidate that runs and agrees with the first one that ran (None if none ran)."""
+    best, best_ms, failed, wrong, reference = None, float("inf"), [], [], None
     for cfg in candidates:
         try:
-            run(cfg)  # compile outside the timing
+            out = run(cfg)  # compile outside the timing
+            if isinstance(out, torch.Tensor):
+                if reference is None:
+                    reference = out.detach().clone()
+                elif not agrees(out, reference):
+                    wrong.append(f"{cfg} (off by {difference(out, reference):.2g})")
+                    continue
             ms = timer(lambda: run(cfg))
         except Exception as exc:  # noqa: BLE001 - out of resources / unsupported on this card: not a candidate here
             failed.append(f"{cfg}: {type(exc).__name__}: {str(exc)[:200]}")
@@ -128,10 +150,28 @@ def pick(
     if failed:
         warnings.warn(f"kernel tuning for {key}: {len(failed)} of {len(candidates)} configs failed: "
                       + "; ".join(failed))
-    if best is None:
-        return candidates[0]
-    store(path, key, {**asdict(best), "_among": among})
+    if wrong:
+        warnings.warn(f"kernel tuning for {key}: {len(wrong)} of {len(candidates)} configs compute a different "
+                      f"result from the default on this card and are not used: " + "; ".join(wrong))
     return best
+
+
+def difference(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """Norm of the difference over the reference's norm (inf where ``out`` is not finite and the reference is)."""
+    a, b = out.detach().float(), reference.detach().float()
+    if a.shape != b.shape:
+        return float("inf")
+    if not torch.isfinite(a).all():
+        return 0.0 if not torch.isfinite(b).all() else float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def agrees(out: torch.Tensor, reference: torch.Tensor, tolerance: float = AGREEMENT) -> bool:
+    """Whether a candidate's output is the reference's, rounding apart. A reference that is not finite (scratch
+    data a kernel overflows on) judges nothing: any output agrees."""
+    if not torch.isfinite(reference.detach()).all():
+        return True
+    return difference(out, reference) <= tolerance
 
 
 def candidates_digest(candidates: Sequence) -> str:

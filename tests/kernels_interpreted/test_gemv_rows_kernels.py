@@ -122,6 +122,31 @@ def test_the_callers_matmul_path_is_kept_where_it_timed_faster(tmp_path, monkeyp
     assert cached == ["cpu.json"] and "vs_matmul" in (tmp_path / "kernel-tuning" / "cpu.json").read_text()
 
 
+def test_a_config_that_computes_another_result_on_the_card_is_never_picked(tmp_path, monkeypatch):
+    """Tuning compares each config's output with the default config's: a config a compiler gets wrong (here the words
+    kernel, its output negated after it runs) is left out even where it times fastest, and the user is told."""
+    from backend.kernels import gemv_rows as G
+
+    monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path))
+    lw = weights(16, 64, bias=False, seed=3)
+    launched, real_launch = [], G._launch
+
+    def miscompiled(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw=None):
+        real_launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw)
+        launched.append(cfg)
+        if cfg.kernel == "words":
+            out.neg_()
+
+    def timer(fn):
+        fn()
+        return 1.0 if launched[-1].kernel == "words" else 2.0  # the broken config is the fastest
+
+    monkeypatch.setattr(G, "_launch", miscompiled)
+    with pytest.warns(UserWarning, match="compute a different result from the default"):
+        cfg = G.tuned_config(lw, 2, torch.float32, torch.device("cpu"), False, timer=timer)
+    assert any(c.kernel == "words" for c in launched) and cfg.kernel == "gemv"
+
+
 def test_half_rows_of_odd_stride_fall_back_from_a_tuned_words_config(monkeypatch):
     """The words kernel reads 16-bit rows as int32 pairs: rows it cannot read take the default kernel instead."""
     from backend.kernels import gemv_rows as G
