@@ -41,5 +41,8 @@ def __getattr__(name: str):
 
 # bitsandbytes logs this on every 8-bit matmul of a non-fp16 model; the cast is expected.
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda r: "inputs will be cast" not in r.getMessage())
+# and this when it imports on a CPU with AVX512-BF16 and the `kernels` package (a transformers dependency) but no
+# hub access: it falls back to its own 4-bit CPU kernel, and glmchat works offline.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
 
 __all__ = ["BackendError", "register", *_LAZY]

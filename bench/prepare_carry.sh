@@ -4,10 +4,25 @@
 #   .whl/    the packages the GPU image lacks (Python 3.12 wheels; bitsandbytes cut down to its CUDA 13 library)
 #   .carry/  the release tokenizer and the AdvertiseGen dev set from ../shared (never committed)
 # Usage: bash bench/prepare_carry.sh        (then: du -sh .whl .carry; the run tool takes 64 MiB a call)
+#        bash bench/prepare_carry.sh newest (.whl-newest: for run_device.sh prompt-newest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared/reference}
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo /.carry/ >> .git/info/exclude
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
+
+if [ "${1:-}" = newest ]; then
+  # `bash bench/prepare_carry.sh newest`: .whl-newest/ for run_device.sh prompt-newest, the newest transformers with
+  # what it needs beyond the GPU image (a newer hub and tokenizers, kernels; numpy is there), and platformdirs
+  grep -qx '/.whl-newest/' .git/info/exclude 2>/dev/null || echo /.whl-newest/ >> .git/info/exclude
+  rm -rf .whl-newest && mkdir -p .whl-newest
+  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \
+    -d .whl-newest transformers platformdirs
+  rm -f .whl-newest/numpy-*.whl
+  du -sh .whl-newest
+  exit 0
+fi
 
 mkdir -p .carry
 cp "$SHARED/chatglm2/tokenizer.model" .carry/tokenizer.model
@@ -20,9 +35,7 @@ PACKAGES=(bitsandbytes jieba datasets dill multiprocess fastapi starlette pydant
 rm -rf .whl && mkdir -p .whl
 for name in "${PACKAGES[@]}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-    --platform any -d .whl "$name" 2>/dev/null || python3 -m pip download -q --no-deps --no-binary=:none: -d .whl "$name"
+    "${PLATFORMS[@]}" -d .whl "$name" 2>/dev/null || python3 -m pip download -q --no-deps --no-binary=:none: -d .whl "$name"
 done
 # rouge-chinese and jieba ship source only: build them into wheels (pure Python)
 for sdist in .whl/*.tar.gz; do

@@ -22,6 +22,8 @@
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
 #                                       # older one-row decoder, bf16
+#   bash bench/run_device.sh prompt-newest  # `glmchat --prompt` on the newest transformers (a README install) and on
+#                                           # the image's 5.17 (carry .whl-newest and .carry, not .whl)
 #
 # .whl holds the packages the GPU image lacks (bitsandbytes with only its CUDA 13 library, jieba, datasets,
 # dill, multiprocess, fastapi, starlette, pydantic, pydantic-core, annotated-types, typing-inspection,
@@ -47,7 +49,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -197,13 +199,32 @@ ab-serve)
     stamp "serve, $clients client processes"; tail -n 2 "$OUT/serve_c$clients.log"
   done
   ;;
+prompt-newest)
+  # `glmchat --prompt` (8-bit, a 128-token reply) wall time as a README install runs it: the newest transformers
+  # (with the hub and tokenizers it needs: .whl-newest, made by `bash bench/prepare_carry.sh newest`; carry
+  # [".whl-newest", ".carry"] only, as .whl and .whl-newest together pass the 64 MiB) against the image's 5.17,
+  # twice each (the first builds the .pyc files an install would have), stage by stage (probe_prompt.py)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-newest .whl-newest/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-newest/platformdirs-*.whl
+  export PYTHONPYCACHEPREFIX=/tmp/pyc
+  P=(--model /tmp/glm6b --quantization 8bit --prompt "类型#裙*颜色#红色*风格#复古" --max-new-tokens 128)
+  for stack in newest image newest image; do
+    path=.:/tmp/site; [ $stack = newest ] && path=.:/tmp/site-newest:/tmp/site
+    s=$(date +%s.%N)
+    PYTHONPATH=$path T0=$s timeout 150 python3 bench/probe_prompt.py "${P[@]}" 2>&1 >/dev/null | grep -a "^mark" > "$OUT/prompt_$stack.txt"
+    e=$(date +%s.%N)
+    v=$(PYTHONPATH=$path python3 -c "import transformers; print(transformers.__version__)")
+    echo "{\"what\": \"glmchat --prompt\", \"transformers\": \"$v\", \"seconds\": $(python3 -c "print(round($e - $s, 2))")}" | tee -a "$OUT/prompt.jsonl"
+    tail -n 3 "$OUT/prompt_$stack.txt"
+  done
+  ;;
 profile)
   timeout 300 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 1,2,8,64 \
       > "$OUT/profile_8bit.jsonl" 2> "$OUT/profile_8bit.err"
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|prompt-newest" >&2
   exit 2
   ;;
 esac
