@@ -305,16 +305,15 @@ def _distributed(args) -> tuple[int, int, Optional[str]]:
 
 
 def _load(args, device: Optional[str], quiet: bool = False):
-    import torch
-
+    from backend.cli import CPU_NOTICE, large_on_cpu
     from backend.loading import load_model
 
-    if not quiet and device is None and not torch.cuda.is_available():
-        _say("no GPU found, running on the CPU (slow for a 6B model).")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = load_model(args.model, quantization=_quantization(args), device=device, dtype=_dtype(args, device))
     if not quiet:
+        if device is None and large_on_cpu(loaded.model, loaded.device):
+            _say(CPU_NOTICE)
         _say(f"loaded {args.model} ({loaded.precision}) on {loaded.device}")
     return loaded
 
@@ -596,15 +595,15 @@ def cmd_compare(args) -> int:
 
     prompts = _read_prompts(args)
     read_prefix_checkpoint(args.checkpoint)  # fails fast, before the model loads
-    import torch
+    from backend.cli import CPU_NOTICE, large_on_cpu
 
     device = args.device
-    if device is None and not torch.cuda.is_available():
-        _say("no GPU found, running on the CPU (slow for a 6B model).")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = ChatEngine.load(model=args.model, quantization=_quantization(args), adapters=[args.checkpoint],
                                  device=device, max_batch=min(COMPARE_MAX_ROWS, 2 * len(prompts)))
+    if device is None and large_on_cpu(engine.model, engine.info.device):
+        _say(CPU_NOTICE)
     tuned = engine.adapters()[0].name
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     table = Table(title=f"{args.model}: base vs {tuned}", show_lines=True, expand=True)

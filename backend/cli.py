@@ -39,10 +39,13 @@ def check_inputs(args: Namespace) -> None:
     check_adapter_paths(getattr(args, "adapter", None) or [], _as_list(getattr(args, "adapters", None)))
 
 
-def _large_on_cpu(engine) -> bool:
-    """The CPU notice is for a 6B model; the demo and other small models are quick on a CPU."""
-    weights = [*engine.model.parameters(), *engine.model.buffers()]  # int8 and packed 4-bit weights are buffers
-    return engine.info.device == "cpu" and sum(t.numel() for t in weights) > 500_000_000
+CPU_NOTICE = "no GPU found, running on the CPU (slow for a 6B model)."
+
+
+def large_on_cpu(model, device) -> bool:
+    """Whether the CPU notice applies: it is for a 6B model; the demo and other small models are quick on a CPU."""
+    weights = [*model.parameters(), *model.buffers()]  # int8 and packed 4-bit weights are buffers
+    return str(device) == "cpu" and sum(t.numel() for t in weights) > 500_000_000
 
 
 class LoadBar:
@@ -87,8 +90,8 @@ def _load_engine(args: Namespace):
             dtype=getattr(args, "dtype", None),
             progress=bar if isinstance(bar, LoadBar) else None,
         )
-    if _large_on_cpu(engine):
-        print("glmchat: no GPU found, running on the CPU (slow for a 6B model).", file=sys.stderr)
+    if large_on_cpu(engine.model, engine.info.device):
+        print(f"glmchat: {CPU_NOTICE}", file=sys.stderr)
     for notice in engine.info.notices:
         print(f"glmchat: {notice}", file=sys.stderr)
     adapters = engine.adapters()

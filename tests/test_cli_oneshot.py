@@ -208,3 +208,17 @@ def test_load_progress_shows_on_a_terminal(model_dir):
     os.close(leader)
     assert proc.returncode == 0 and out.strip()
     assert b"loading" in seen and b"ready" in seen, seen[-500:]  # the bar, drawn and then cleared
+
+
+def test_the_cpu_notice_is_for_a_large_model_only_int8_buffers_counted():
+    import torch
+
+    from backend.cli import large_on_cpu
+    from backend.int8_layer import Int8Linear
+
+    with torch.device("meta"):  # sizes only: nothing allocated
+        dense = torch.nn.Linear(32768, 16384, bias=False)  # 537 M weights
+        int8 = Int8Linear(32768, 16384, bias=False, dtype=torch.float16)  # the same, as an 8-bit model holds them
+    assert large_on_cpu(dense, "cpu") and large_on_cpu(int8, "cpu")
+    assert not large_on_cpu(dense, "cuda:0")
+    assert not large_on_cpu(torch.nn.Linear(128, 128), "cpu")  # the demo model's size
