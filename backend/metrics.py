@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -23,7 +24,9 @@ _jieba = None
 def _segment(text: str) -> list[str]:
     global _jieba
     if _jieba is None:
-        import jieba
+        with warnings.catch_warnings():  # jieba 0.42's own SyntaxWarnings and pkg_resources notice on Python 3.12
+            warnings.simplefilter("ignore")
+            import jieba
 
         jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict ..." lines on stderr
         _jieba = jieba
