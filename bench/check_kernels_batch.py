@@ -9,7 +9,7 @@ per-row int8) and M = 1, 2, 8, 64 activation rows (bf16):
   (W unpacked by torch; NF4 also against bitsandbytes' own ``dequantize_4bit``), outputs poisoned first;
 - tunes the tile config on first use (cached per GPU model in the user cache dir, see
   ``backend/kernels/tuning.py``; a second run reads the cache), then times it with
-  ``triton.testing.do_bench`` (median) and prints GB/s over the bytes moved (packed weight + scales +
+  ``kernels.tuning.cuda_timer`` (median GPU time, as the tuner measures) and prints GB/s over the bytes moved (packed weight + scales +
   activations in + out) and the % of ``--peak-tbs`` (4.3 TB/s: H200 HBM3e as measured by copies);
 - baselines in the same run (the plain linear, nothing fused): bitsandbytes' ``matmul_4bit`` (NF4),
   ``int8_linear.gemv`` (int8, M = 1) and ``int8_linear.matmul`` (int8, M >= 2);
@@ -63,11 +63,12 @@ def check(name: str, err: float, tol: float) -> bool:
 
 
 def bench_ms(fn, timing: bool) -> float:
+    """GPU milliseconds as the tuner times them (one call captured in a graph, L2 flushed before each replay)."""
     if not timing:
         return float("nan")
-    import triton.testing
+    from backend.kernels.tuning import cuda_timer
 
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return cuda_timer(fn)
 
 
 def copy_bandwidth(device) -> float:
