@@ -56,6 +56,16 @@ def _log_warm_up_failure(done: Future) -> None:
                        done.exception())
 
 
+_BACKEND_DIR = Path(__file__).resolve().parent
+
+
+def own_notices(said) -> tuple:
+    """The decoder's own choices (our UserWarnings), once each: a library's deprecation notice raised while the
+    decoder is built (torch.jit's, say) is not for the user."""
+    ours = (w for w in said if issubclass(w.category, UserWarning) and Path(w.filename).resolve().is_relative_to(_BACKEND_DIR))
+    return tuple(dict.fromkeys(str(w.message) for w in ours))
+
+
 class ChatEngine:
     def __init__(self, loaded: LoadedModel, engine: str = "auto", name: Optional[str] = None,
                  max_batch: Optional[int] = None, max_queue: int = 64):
@@ -73,7 +83,7 @@ class ChatEngine:
         self.info = ModelInfo(name or str(loaded.directory), loaded.precision, str(loaded.device), kind,
                               family=loaded.family.family, variant=loaded.family.variant,
                               context_length=self.decoder.context_length, max_batch=self.decoder.max_batch,
-                              notices=tuple(dict.fromkeys(str(w.message) for w in said if issubclass(w.category, UserWarning))))
+                              notices=own_notices(said))
 
     def close(self) -> None:
         """Stop the decoding thread (replies still running end as cancelled)."""

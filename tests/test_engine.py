@@ -296,3 +296,21 @@ def test_warm_up_runs_the_decoders_on_its_thread_or_in_the_background(engine, ca
     engine.warm_up()
     assert kinds == [False, True]  # waited for (the server, before its first client): the whole warm-up
     engine.close()
+
+
+def test_only_our_own_warnings_become_notices():
+    """The app shows ``info.notices``; a library's deprecation warning raised while the decoder is built is not one."""
+    import warnings
+    from pathlib import Path
+
+    import backend
+    from backend.engine import own_notices
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        warnings.warn_explicit("GPU memory is short: the fast decoder keeps 8304 tokens", UserWarning,
+                               str(Path(backend.__file__).parent / "decode" / "fast_batch.py"), 203)
+        warnings.warn_explicit("`torch.jit.script_method` is deprecated.", UserWarning, "/usr/lib/torch/jit/_script.py", 1)
+        warnings.warn_explicit("GPU memory is short: the fast decoder keeps 8304 tokens", UserWarning,
+                               str(Path(backend.__file__).parent / "decode" / "fast_batch.py"), 203)
+    assert own_notices(said) == ("GPU memory is short: the fast decoder keeps 8304 tokens",)
