@@ -581,8 +581,9 @@ def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinea
 
 
 def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
-    """quant_words' tiles: (output rows, weights along K, warps); NF4 with the 16-entry table, and one with
-    the byte-pair table (one gather a byte, but over 16 cache lines) for the tuner to compare.
+    """quant_words' tiles: (output rows, weights along K, warps); NF4 with the 16-entry table, and with the
+    byte-pair table (one gather a byte, but over 16 cache lines) at the tile shapes that won on the H100 by GPU
+    time (two weight rows a program, bench/NOTES.md run 20), where loads, not arithmetic, fill the loop.
     A one-row linear is a few microseconds of reads: the whole weight is about one wave of the GPU's threads
     (a 4608 x 4096 weight is ~9 words a thread), so the tiles run from a few weight rows a program (many
     programs, a short K loop) to 16 (activations reused across the rows a thread holds)."""
@@ -594,7 +595,8 @@ def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
         tiles = ((4, 1024, 4), (2, 1024, 4), (4, 2048, 4), (8, 1024, 4), (16, 512, 4))
     configs = [QuantLinearConfig("words", bn, bk, rows, w, 1, 1) for bn, bk, w in tiles]
     if fmt == "nf4":
-        configs.append(QuantLinearConfig("words", 4, 1024, rows, 4, 1, 2))
+        pair_tiles = ((4, 1024, 4), (2, 1024, 4), (2, 2048, 4)) if rows == 1 else ((4, 1024, 4), (2, 1024, 4))
+        configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 2) for bn, bk, w in pair_tiles]
     return configs
 
 
