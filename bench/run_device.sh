@@ -19,6 +19,8 @@
 #   bash bench/run_device.sh ab-serve   # the server at 64 streams with 4 client processes and with 1
 #   bash bench/run_device.sh ab-4bit    # 4-bit GEMVs side by side (every tile config, 1 and 2 rows); NF4 and int4
 #                                       # chat/compare with the words GEMV, NF4 without it
+#   bash bench/run_device.sh ab-table   # NF4 with the register-table words GEMV and without (then ab-table2: the
+#                                       # int4 release with it, the GPU checks, each NF4 candidate timed)
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
 #                                       # older one-row decoder, bf16
@@ -49,7 +51,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -145,6 +147,30 @@ ab-4bit)
   GLMCHAT_WORDS_GEMV=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
   for f in nf4 int4 nf4old; do echo "$f:"; grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
   ;;
+ab-table|ab-table2)
+  # nibble_table's register-table words GEMV (lut 3: the 4-bit code in registers, products two at a time).
+  # ab-table: NF4 chat/compare with it, then without it (GLMCHAT_NIBBLE_TABLE=0, its own cache: carry an
+  # earlier call's tuning of the same card in .carry/kernel-tuning and only the changed keys tune), where the
+  # step's time goes. ab-table2: the int4 release with it, the GPU checks' 4-bit lines, each NF4 candidate timed
+  if [ "$1" = ab-table ]; then
+    mkdir -p /tmp/glmcache-old; [ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning /tmp/glmcache-old/
+    engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
+    GLMCHAT_NIBBLE_TABLE=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
+    for f in nf4 nf4old; do echo "$f:"; grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
+    grep -a -i "different result\|failed" "$OUT/engine_nf4.err" | head -3 | cut -c1-400
+    timeout 90 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 4bit --rows 1 > "$OUT/profile_nf4.jsonl" 2> "$OUT/profile_nf4.err"
+    stamp "profile"; grep -a '"decoder"\|"kernels"' "$OUT/profile_nf4.jsonl" | cut -c150-600
+  else
+    engine int4 --model /tmp/glm6b-int4 --rows 1,2
+    grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_int4.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
+    grep -a -i "different result\|failed" "$OUT/engine_int4.err" | head -3 | cut -c1-400
+    timeout 200 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1
+    stamp "check_fast_batch"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-160
+    timeout 150 python3 bench/check_kernels_batch.py --formats nf4 --m 1 2 --no-attention --candidates \
+        > "$OUT/kernels_nf4.log" 2>&1
+    stamp "kernels"; grep -a "^cand\|FAIL\|failed;\|PASSED" "$OUT/kernels_nf4.log" | cut -c1-150 | head -120
+  fi
+  ;;
 ab-ahead)
   # decode-ahead at many rows (run 17: -7% at 64 rows in one run; evaluation 19.4 s against 14.3-15.9 before it):
   # evaluation and 64 `ChatEngine` replies with the step ahead on and off, alternating, in one call
@@ -224,7 +250,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|prompt-newest" >&2
   exit 2
   ;;
 esac

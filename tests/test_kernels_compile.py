@@ -32,7 +32,7 @@ QUANT_TYPES = {"x_ptr": ACT, "w_ptr": "*i8", "absmax_ptr": "*fp32", "code_ptr": 
                "norm_ptr": ACT, "res_ptr": ACT, "out_ptr": ACT, "eps": "fp32", "part_ptr": "*fp32", "ss_ptr": "*fp32"}
 # runtime integers Triton does not specialise (do_not_specialize), or small counts that are not multiples of 16
 NOT_ALIGNED = {"M", "has_bias", "residual", "norm", "G", "HPG", "NUM_SPLITS", "H", "divisor", "sm_scale", "N_PAIRS",
-               "ROW_STEP", "B_OFF", "Q_ROWS", "KV_ROWS"}
+               "ROW_STEP", "B_OFF", "Q_ROWS", "KV_ROWS", "t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"}
 
 
 def compile_for(fn, types: dict, consts: dict, arch: int, warps: int = 4, stages: int = 3):

@@ -36,13 +36,17 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
+    from .nibble_table import packed_dot, packed_dot2, packed_mul
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight) -> bool:
-    """Whether the words kernel can take this call (alignment, dtype and shape; see the module docstring)."""
+def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight, lut: int = 1) -> bool:
+    """Whether the words kernel can take this call (alignment, dtype and shape; see the module docstring).
+    lut 3 (nibble_table's register table: inline PTX) needs a 4-bit weight, 16-bit rows and a GPU."""
     if w.k % (4 if w.fmt == "int8" else 8) or w.data.data_ptr() % 4 or w.n * w.k >= 2**31:
+        return False
+    if lut == 3 and (w.fmt == "int8" or x.dtype not in w.table_registers or not x.is_cuda):
         return False
     if w.fmt == "nf4" and w.blocksize % 8:
         return False
@@ -134,7 +138,8 @@ if HAVE_TRITON:
         # float32 absmax of blocks blk; nested: code2[q] * absmax2[blk // BS2] + offset, as bitsandbytes decodes it
         if NESTED:
             q = _load(absmax_ptr + blk, mask, 0).to(tl.int32)
-            a = tl.load(code2_ptr + q) * _load(absmax2_ptr + blk // BS2, mask, 0.0) + offset
+            # blk >= 0: unsigned, the division by a power of two is one shift (signed takes three)
+            a = tl.load(code2_ptr + q) * _load(absmax2_ptr + (blk.to(tl.uint32) // BS2).to(tl.int32), mask, 0.0) + offset
         else:
             a = _load(absmax_ptr + blk, mask, 0.0)
         return a
@@ -149,12 +154,74 @@ if HAVE_TRITON:
             ss += xe * xe + xo * xo
         return tl.sum(ss, axis=0)
 
+    @triton.jit
+    def _word_sums(words, words_b, x_ptr, norm_ptr, code_ptr, lut_ptr, m0, m1, stride_xm, kw, zero, mk,
+                   NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, CVT: tl.constexpr, X_KIND: tl.constexpr,
+                   ROWS: tl.constexpr, SWIGLU: tl.constexpr, PAIRS: tl.constexpr):
+        # each word's weights times its activations, in float32: (row m0, row m1, and the same for words_b)
+        p0 = tl.zeros(words.shape, dtype=tl.float32)
+        p1 = tl.zeros(words.shape, dtype=tl.float32)
+        p0_b = tl.zeros(words.shape, dtype=tl.float32)
+        p1_b = tl.zeros(words.shape, dtype=tl.float32)
+        for i in tl.static_range(PAIRS):
+            pair = PAIRS * kw[None, :] + i + zero
+            xe, xo = _x_pair(x_ptr + m0 * stride_xm, norm_ptr, pair, mk, NORM, X_KIND)
+            ev, od = _pair_weights(words, i, code_ptr, lut_ptr, FMT, LUT, CVT)
+            p0 = tl.fma(od, xo, tl.fma(ev, xe, p0))
+            if ROWS == 2:
+                ye, yo = _x_pair(x_ptr + m1 * stride_xm, norm_ptr, pair, mk, NORM, X_KIND)
+                p1 = tl.fma(od, yo, tl.fma(ev, ye, p1))
+            if SWIGLU:
+                ev, od = _pair_weights(words_b, i, code_ptr, lut_ptr, FMT, LUT, CVT)
+                p0_b = tl.fma(od, xo, tl.fma(ev, xe, p0_b))
+                if ROWS == 2:
+                    p1_b = tl.fma(od, yo, tl.fma(ev, ye, p1_b))
+        return p0, p1, p0_b, p1_b
+
+    @triton.jit
+    def _x_packed(x_ptr, norm_ptr, pair, mk, NORM: tl.constexpr, X_KIND: tl.constexpr):
+        # activation pair as loaded (int32: two 16-bit values), times the norm weight's pair when norm
+        x = _load(x_ptr + pair, mk, 0)
+        if NORM:
+            x = packed_mul(x, _load(norm_ptr + pair, mk, 0), X_KIND == 1)
+        return x
+
+    @triton.jit
+    def _packed_word_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk, t0, t1, t2, t3, t4, t5,
+                          t6, t7, NORM: tl.constexpr, X_KIND: tl.constexpr, ROWS: tl.constexpr, SWIGLU: tl.constexpr):
+        # _word_sums through nibble_table: 4-bit words, 16-bit activations (X_KIND 1 or 2)
+        BF16: tl.constexpr = X_KIND == 1
+        base = 4 * kw[None, :] + zero
+        xr = x_ptr + m0 * stride_xm
+        x0 = _x_packed(xr, norm_ptr, base, mk, NORM, X_KIND)
+        x1 = _x_packed(xr, norm_ptr, base + 1, mk, NORM, X_KIND)
+        x2 = _x_packed(xr, norm_ptr, base + 2, mk, NORM, X_KIND)
+        x3 = _x_packed(xr, norm_ptr, base + 3, mk, NORM, X_KIND)
+        p1 = tl.zeros(words.shape, dtype=tl.float32)
+        p0_b = tl.zeros(words.shape, dtype=tl.float32)
+        p1_b = tl.zeros(words.shape, dtype=tl.float32)
+        if ROWS == 2:
+            yr = x_ptr + m1 * stride_xm
+            y0 = _x_packed(yr, norm_ptr, base, mk, NORM, X_KIND)
+            y1 = _x_packed(yr, norm_ptr, base + 1, mk, NORM, X_KIND)
+            y2 = _x_packed(yr, norm_ptr, base + 2, mk, NORM, X_KIND)
+            y3 = _x_packed(yr, norm_ptr, base + 3, mk, NORM, X_KIND)
+            p0, p1 = packed_dot2(words, x0, x1, x2, x3, y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
+            if SWIGLU:
+                p0_b, p1_b = packed_dot2(words_b, x0, x1, x2, x3, y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, t6, t7,
+                                         BF16)
+        else:
+            p0 = packed_dot(words, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
+            if SWIGLU:
+                p0_b = packed_dot(words_b, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
+        return p0, p1, p0_b, p1_b
+
     # norm is compile-time here (NORM): inside the K loop a runtime flag costs predicated work on every word
-    @triton.jit(do_not_specialize=["has_bias", "residual", "M"])
+    @triton.jit(do_not_specialize=["has_bias", "residual", "M", "t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"])
     def _gemv_words_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
         scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_rm, stride_om,
-        has_bias, residual,
+        has_bias, residual, t0, t1, t2, t3, t4, t5, t6, t7,
         NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, CVT: tl.constexpr, NESTED: tl.constexpr,
         BS: tl.constexpr, BS2: tl.constexpr, BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         X_KIND: tl.constexpr, ROWS: tl.constexpr,
@@ -189,29 +256,19 @@ if HAVE_TRITON:
             if not EVEN_K:
                 mk = (kw < KW)[None, :]
             words = _load(w_ptr + rows[:, None] * KW + kw[None, :], mk, 0)
+            words_b = words
             if SWIGLU:
                 words_b = _load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mk, 0)
-            p0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            p1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            p0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            p1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            for i in tl.static_range(PAIRS):
-                pair = PAIRS * kw[None, :] + i + zero
-                xe, xo = _x_pair(x_ptr + m0 * stride_xm, norm_ptr, pair, mk, NORM, X_KIND)
-                ev, od = _pair_weights(words, i, code_ptr, lut_ptr, FMT, LUT, CVT)
-                p0 = tl.fma(od, xo, tl.fma(ev, xe, p0))
-                if ROWS == 2:
-                    ye, yo = _x_pair(x_ptr + m1 * stride_xm, norm_ptr, pair, mk, NORM, X_KIND)
-                    p1 = tl.fma(od, yo, tl.fma(ev, ye, p1))
-                if SWIGLU:
-                    ev, od = _pair_weights(words_b, i, code_ptr, lut_ptr, FMT, LUT, CVT)
-                    p0_b = tl.fma(od, xo, tl.fma(ev, xe, p0_b))
-                    if ROWS == 2:
-                        p1_b = tl.fma(od, yo, tl.fma(ev, ye, p1_b))
+            if LUT == 3:  # 4-bit, 16-bit rows: the register table and packed products (nibble_table.py)
+                p0, p1, p0_b, p1_b = _packed_word_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero,
+                                                       mk, t0, t1, t2, t3, t4, t5, t6, t7, NORM, X_KIND, ROWS, SWIGLU)
+            else:
+                p0, p1, p0_b, p1_b = _word_sums(words, words_b, x_ptr, norm_ptr, code_ptr, lut_ptr, m0, m1, stride_xm,
+                                                kw, zero, mk, NORM, FMT, LUT, CVT, X_KIND, ROWS, SWIGLU, PAIRS)
             if FMT == 0:  # NF4: each word's sum times its block's absmax (a word never straddles blocks)
                 if BLOCKED:  # rows hold whole blocks: the index from row and column, without dividing a row-major
                     # element offset (fewer integer ops a word)
-                    blk = rows[:, None] * (K // BS) + kw[None, :] // (BS // 8)
+                    blk = rows[:, None] * (K // BS) + (kw.to(tl.uint32) // (BS // 8)).to(tl.int32)[None, :]
                 else:
                     blk = (rows[:, None] * K + 8 * kw[None, :]) // BS
                 a = _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mk, NESTED, BS2)
@@ -256,9 +313,9 @@ if HAVE_TRITON:
 def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool, cfg, pdl: bool,
            lut, dummy) -> None:
     """Run the words kernel (cfg: a ``gemv_4bit.QuantLinearConfig``, block_m rows a program: 1 or 2)."""
-    if not usable(x, w, norm_weight):
+    if not usable(x, w, norm_weight, cfg.lut):
         raise ValueError("the words kernel cannot read these: it needs K a multiple of the weights a word holds, "
-                         "an aligned weight and 16-bit rows of even stride")
+                         "an aligned weight and 16-bit rows of even stride (16-bit rows on a GPU for lut 3)")
     M = x.shape[0]
     n_out = w.n // 2 if swiglu else w.n
     kind = X_KIND[x.dtype]
@@ -271,12 +328,14 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
     res = residual if residual is not None else dummy
     rows = max(1, min(2, cfg.block_m))
     per_word = 4 if w.fmt == "int8" else 8  # weights a 32-bit word
+    table = w.table_registers.get(x.dtype, (0,) * 8) if cfg.lut == 3 else (0,) * 8
     grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, rows))
     _gemv_words_kernel[grid](
         x_arg, w.data.reshape(-1).view(torch.int32), w.absmax if nf4 else dummy, w.code if nf4 else dummy, lut,
         w.code2 if w.nested else dummy, w.absmax2 if w.nested else dummy, w.offset,
         w.scale if w.scale is not None else dummy, bias if bias is not None else dummy, norm_arg, res, out,
         M, n_out, w.k, eps, stride_xm, res.stride(0), out.stride(0), int(bias is not None), int(residual is not None),
+        *table,
         NORM=norm_weight is not None, FMT=_FMT_ID[w.fmt], LUT=cfg.lut, CVT=cfg.cvt if w.fmt == "int8" else 0,
         NESTED=w.nested,
         BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, BLOCKED=w.k % (w.blocksize if nf4 else 8) == 0,

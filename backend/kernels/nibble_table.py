@@ -1,0 +1,139 @@
+"""4-bit codes decoded from a 16-entry table held in registers, and their products taken two at a time.
+
+Why: the words kernel (``quant_words``) spends most of a 4-bit weight's instructions on decoding it: a nibble
+shifted out, a 64-bit table address, an L1 load, then a float32 FMA, about 5 a weight before the activations.
+On an H200 the NF4 weights of one token arrive at ~10 weights a cycle an SM, which leaves ~12 issue slots a
+weight at best, so that path caps NF4 at a fraction of the bandwidth (bench/NOTES.md run 20: 29% on an H100).
+Here the table lives in 8 registers (the 16 codes' low bytes in 4, their high bytes in 4, as 16-bit values:
+bf16 or fp16, the activations' type) and ``prmt`` (byte permute) looks up 4 nibbles at once, so a word of 8
+weights decodes in 16 permutes and 4 selector ops, and the products are ``fma.rn.{bf16x2,f16x2}``: two weights
+an instruction, against the activations as loaded (two 16-bit values a 32-bit word, no widening). About 3.5
+instructions a weight in all, instead of ~5 plus the activations' widening. No Triton operation lowers to a
+byte permute of a register table (Triton's gathers go through shared memory), hence inline PTX.
+
+Rounding: each word's eight products are summed in the 16-bit type (two lanes of four), then widened to
+float32 and scaled by the block's absmax in float32 by the caller. The codes are rounded to the 16-bit type
+first (as ``dequantize_4bit`` to bf16 rounds the scaled weight). The tuner checks each candidate's output
+against its float32 default, so a card or compiler where this disagrees never picks it.
+
+Works for any 16-entry code (NF4, FP4, the int4 release's signed nibbles); nibble order as stored: byte i of a
+word holds the even column in its high nibble.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+INT4_CODE = [float(v) for v in range(8)] + [float(v) for v in range(-8, 0)]  # signed nibble -> value
+
+# prmt selectors: bytes {P_H, P_L} (P_L = low bytes of the 4 looked-up codes, P_H = high bytes; byte k is
+# nibble k's code) -> two 16-bit pairs, the even column (the byte's high nibble, odd nibble k) in the low lane
+_PAIR_SELECTORS = ("0x4051", "0x6273")
+
+
+def byte_planes(code, dtype: torch.dtype) -> tuple[int, ...]:
+    """The 8 table registers for 16 code values rounded to ``dtype`` (bf16 or fp16), as signed int32: low bytes
+    of codes 0-3, 4-7, 8-11, 12-15, then their high bytes (byte k of a register holds code 4r + k's byte)."""
+    values = torch.as_tensor(code, dtype=torch.float32).detach().cpu().reshape(-1)
+    if values.numel() != 16:
+        raise ValueError(f"a 4-bit code has 16 values, this one {values.numel()}")
+    bits = values.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    planes = []
+    for shift in (0, 8):
+        plane = (bits >> shift) & 0xFF
+        for r in range(4):
+            word = sum(int(plane[4 * r + k]) << (8 * k) for k in range(4))
+            planes.append(word - (1 << 32) if word >= 1 << 31 else word)
+    return tuple(planes)
+
+
+def dot_asm(rows: int, bf16: bool) -> str:
+    """PTX for one word: outputs ``$0`` (and ``$1`` at two rows), float32 sums of its 8 weights times the
+    row's 8 activations; inputs the word, 4 activation pairs a row, then the 8 table registers."""
+    kind = "bf16x2" if bf16 else "f16x2"
+    word = f"${rows}"
+    x = [[f"${rows + 1 + 4 * r + i}" for i in range(4)] for r in range(rows)]
+    t = [f"${rows + 1 + 4 * rows + i}" for i in range(8)]
+    lines = [
+        "{",
+        ".reg .b32 s0, s1, c0, c1, t, a, b, pl, ph, nz, w0, w1, w2, w3, acc0, acc1;",
+        ".reg .b16 lo, hi;",
+        ".reg .f32 fa, fb;",
+        # selectors: nibble bits 0-2 index a table half; bit 3 (moved to bit 2, over byte k's own index k)
+        # picks which half's byte k is kept
+        f"and.b32 s0, {word}, 0x77777777;",
+        "shr.u32 s1, s0, 16;",
+        f"shr.u32 t, {word}, 1;",
+        "lop3.b32 c0, t, 0x4444, 0x3210, 0xEA;",
+        f"shr.u32 t, {word}, 17;",
+        "lop3.b32 c1, t, 0x4444, 0x3210, 0xEA;",
+    ]
+    for half in (0, 1):
+        for plane, regs in (("pl", t[:4]), ("ph", t[4:])):
+            lines += [f"prmt.b32 a, {regs[0]}, {regs[1]}, s{half};", f"prmt.b32 b, {regs[2]}, {regs[3]}, s{half};",
+                      f"prmt.b32 {plane}, a, b, c{half};"]
+        lines += [f"prmt.b32 w{2 * half + i}, pl, ph, {sel};" for i, sel in enumerate(_PAIR_SELECTORS)]
+    lines.append("mov.b32 nz, 0x80008000;")  # -0.0 twice: x * w + (-0) is the product, rounded once
+    for r in range(rows):
+        lines.append(f"fma.rn.{kind} acc{r}, w0, {x[r][0]}, nz;")
+        lines += [f"fma.rn.{kind} acc{r}, w{i}, {x[r][i]}, acc{r};" for i in (1, 2, 3)]
+        if bf16:  # a bf16 is the top half of a float32
+            lines += [f"shl.b32 t, acc{r}, 16;", f"and.b32 a, acc{r}, 0xFFFF0000;", "mov.b32 fa, t;", "mov.b32 fb, a;"]
+        else:
+            lines += [f"mov.b32 {{lo, hi}}, acc{r};", "cvt.f32.f16 fa, lo;", "cvt.f32.f16 fb, hi;"]
+        lines.append(f"add.f32 ${r}, fa, fb;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def mul_asm(bf16: bool) -> str:
+    """PTX: ``$0`` = the two 16-bit products of ``$1`` and ``$2`` (two values each), each rounded once, as the
+    other kernels round the norm weight's product (float32 product, exact for 16-bit inputs, then rounded)."""
+    kind = "bf16x2" if bf16 else "f16x2"
+    return "{\n.reg .b32 nz;\nmov.b32 nz, 0x80008000;\n" + f"fma.rn.{kind} $0, $1, $2, nz;\n" + "}"
+
+
+if triton is not None:
+    _DOT1_BF16 = tl.constexpr(dot_asm(1, True))
+    _DOT1_F16 = tl.constexpr(dot_asm(1, False))
+    _DOT2_BF16 = tl.constexpr(dot_asm(2, True))
+    _DOT2_F16 = tl.constexpr(dot_asm(2, False))
+    _MUL_BF16 = tl.constexpr(mul_asm(True))
+    _MUL_F16 = tl.constexpr(mul_asm(False))
+
+    @triton.jit
+    def packed_mul(x, g, BF16: tl.constexpr):
+        # int32 tiles of 16-bit pairs: x * g per lane, rounded to the 16-bit type
+        if BF16:
+            y = tl.inline_asm_elementwise(_MUL_BF16, "=r,r,r", [x, g], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            y = tl.inline_asm_elementwise(_MUL_F16, "=r,r,r", [x, g], dtype=tl.int32, is_pure=True, pack=1)
+        return y
+
+    @triton.jit
+    def packed_dot(words, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7, BF16: tl.constexpr):
+        # float32 [tile]: each word's 8 weights (table t0..t7) times activation pairs x0..x3 (int32 tiles)
+        args = [words, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7]
+        if BF16:
+            s = tl.inline_asm_elementwise(_DOT1_BF16, "=f" + ",r" * 13, args, dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            s = tl.inline_asm_elementwise(_DOT1_F16, "=f" + ",r" * 13, args, dtype=tl.float32, is_pure=True, pack=1)
+        return s
+
+    @triton.jit
+    def packed_dot2(words, x0, x1, x2, x3, y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, t6, t7, BF16: tl.constexpr):
+        # packed_dot for two activation rows (x, y) sharing each word's decoded weights: (row x sums, row y sums)
+        args = [words, x0, x1, x2, x3, y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, t6, t7]
+        if BF16:
+            s, u = tl.inline_asm_elementwise(_DOT2_BF16, "=f,=f" + ",r" * 17, args, dtype=(tl.float32, tl.float32),
+                                             is_pure=True, pack=1)
+        else:
+            s, u = tl.inline_asm_elementwise(_DOT2_F16, "=f,=f" + ",r" * 17, args, dtype=(tl.float32, tl.float32),
+                                             is_pure=True, pack=1)
+        return s, u

@@ -1,0 +1,138 @@
+"""nibble_table's PTX, run by a small emulator of the instructions it uses (no GPU here; Triton's interpreter
+cannot run inline assembly): the register table decodes every nibble of a word to its code, in the stored order
+(the byte's high nibble is the even column), and the word's sum is its eight products.
+
+The GPU side is checked where it runs: the tuner compares a register-table candidate's output with its float32
+default before it may pick it, and bench/check_fast_batch.py compares 4-bit logits with the eager model."""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+import torch
+
+from backend.kernels import nibble_table as NT
+
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def _halves(v: int, dtype) -> list[float]:
+    return torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16).view(dtype).float().tolist()
+
+
+def _pack(a: float, b: float, dtype) -> int:
+    lo, hi = (int(v) & 0xFFFF for v in torch.tensor([a, b], dtype=torch.float64).to(dtype).view(torch.int16).tolist())
+    return lo | hi << 16
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    source = (b << 32 | a).to_bytes(8, "little")
+    out = 0
+    for k in range(4):
+        sel = (c >> 4 * k) & 15
+        byte = source[sel & 7]
+        if sel & 8:  # sign-replicate mode: the emulated code must never use it
+            raise AssertionError("prmt selector with bit 3 set")
+        out |= byte << 8 * k
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    out = 0
+    for bit in range(32):
+        index = ((a >> bit) & 1) << 2 | ((b >> bit) & 1) << 1 | ((c >> bit) & 1)
+        out |= ((lut >> index) & 1) << bit
+    return out
+
+
+def run_ptx(text: str, operands: dict[str, int]) -> dict[str, object]:
+    """Execute the instructions nibble_table emits; registers hold 32-bit ints (f32 registers: floats)."""
+    regs: dict[str, object] = dict(operands)
+    val = lambda t: regs[t] if t in regs else int(t, 0)  # noqa: E731
+    f32 = lambda v: v if isinstance(v, float) else struct.unpack("<f", struct.pack("<I", v))[0]  # noqa: E731
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith("//"):
+            continue
+        op, args = line.split(None, 1)
+        args = [a.strip() for a in re.split(r",(?![^{]*})", args)]
+        dst = args[0]
+        src = [val(a) for a in args[1:] if not a.startswith("{")]
+        if op == "and.b32":
+            regs[dst] = src[0] & src[1]
+        elif op == "shr.u32":
+            regs[dst] = src[0] >> src[1]
+        elif op == "shl.b32":
+            regs[dst] = (src[0] << src[1]) & 0xFFFFFFFF
+        elif op == "lop3.b32":
+            regs[dst] = _lop3(*src)
+        elif op == "prmt.b32":
+            regs[dst] = _prmt(*src)
+        elif op == "mov.b32" and dst.startswith("{"):
+            lo, hi = dst.strip("{}").replace(" ", "").split(",")
+            regs[lo], regs[hi] = val(args[1]) & 0xFFFF, val(args[1]) >> 16
+        elif op == "mov.b32":
+            regs[dst] = src[0]
+        elif op.startswith("fma.rn."):
+            dtype = torch.bfloat16 if "bf16" in op else torch.float16
+            a, b, c = (_halves(v, dtype) for v in src)
+            regs[dst] = _pack(*(x * y + z for x, y, z in zip(a, b, c)), dtype)
+        elif op == "cvt.f32.f16":
+            regs[dst] = _halves(src[0], torch.float16)[0]
+        elif op == "add.f32":
+            regs[dst] = f32(src[0]) + f32(src[1])
+        else:
+            raise AssertionError(f"the emulator does not know {op}")
+    return regs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("code", [NF4, NT.INT4_CODE], ids=["nf4", "int4"])
+def test_each_nibble_decodes_to_its_code_in_stored_order(dtype, code):
+    planes = NT.byte_planes(code, dtype)
+    rounded = torch.tensor(code).to(dtype).float().tolist()
+    g = torch.Generator().manual_seed(0)
+    for word in [0x01234567, 0x89ABCDEF, 0xFEDCBA98] + torch.randint(0, 2**31, (20,), generator=g).tolist():
+        # activation pair p = columns (2p, 2p + 1) of the word: one-hot pairs read each weight back
+        for p in range(4):
+            for lane, column in ((0, 2 * p), (1, 2 * p + 1)):
+                xs = [0] * 4
+                xs[p] = _pack(1.0 if lane == 0 else 0.0, 1.0 if lane == 1 else 0.0, dtype)
+                operands = {"$1": word, **{f"${2 + i}": xs[i] for i in range(4)},
+                            **{f"${6 + i}": planes[i] & 0xFFFFFFFF for i in range(8)}}
+                got = run_ptx(NT.dot_asm(1, dtype == torch.bfloat16), operands)["$0"]
+                byte = (word >> 8 * (column // 2)) & 0xFF
+                nibble = byte >> 4 if column % 2 == 0 else byte & 15
+                assert got == rounded[nibble], (hex(word), column)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_words_sum_is_its_eight_products_for_each_of_two_rows(dtype):
+    planes = NT.byte_planes(NF4, dtype)
+    g = torch.Generator().manual_seed(1)
+    word = 0x9C3F0A65
+    codes = [NF4[(word >> 8 * (c // 2) + (4 if c % 2 == 0 else 0)) & 15] for c in range(8)]
+    rows = torch.randn(2, 8, generator=g).to(dtype).float()
+    pairs = [[_pack(float(r[2 * p]), float(r[2 * p + 1]), dtype) for p in range(4)] for r in rows]
+    operands = {"$2": word, **{f"${3 + i}": pairs[0][i] for i in range(4)}, **{f"${7 + i}": pairs[1][i] for i in range(4)},
+                **{f"${11 + i}": planes[i] & 0xFFFFFFFF for i in range(8)}}
+    regs = run_ptx(NT.dot_asm(2, dtype == torch.bfloat16), operands)
+    for r, out in enumerate(("$0", "$1")):
+        expected = sum(c * float(x) for c, x in zip(codes, rows[r]))
+        assert regs[out] == pytest.approx(expected, rel=2e-2, abs=2e-2)
+
+
+def test_the_norm_product_is_rounded_once_as_the_other_kernels_round_it():
+    for dtype in (torch.bfloat16, torch.float16):
+        x, gain = torch.randn(2).to(dtype), torch.randn(2).to(dtype)
+        regs = run_ptx(NT.mul_asm(dtype == torch.bfloat16), {"$1": _pack(*x.tolist(), dtype), "$2": _pack(*gain.tolist(), dtype)})
+        assert _halves(regs["$0"], dtype) == (x.float() * gain.float()).to(dtype).float().tolist()
+
+
+def test_a_code_of_the_wrong_length_is_refused():
+    with pytest.raises(ValueError, match="16 values"):
+        NT.byte_planes([0.0] * 8, torch.float16)
