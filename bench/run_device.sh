@@ -19,8 +19,8 @@
 #   bash bench/run_device.sh ab-serve   # the server at 64 streams with 4 client processes and with 1
 #   bash bench/run_device.sh ab-4bit    # 4-bit GEMVs side by side (every tile config, 1 and 2 rows); NF4 and int4
 #                                       # chat/compare with the words GEMV, NF4 without it
-#   bash bench/run_device.sh ab-table   # NF4 with the register-table words GEMV and without (then ab-table2: the
-#                                       # int4 release with it, the GPU checks, each NF4 candidate timed)
+#   bash bench/run_device.sh ab-table   # NF4 with the register-table words GEMV and without (then ab-table2: 8-bit
+#                                       # with packed fp16 products and without, the int4 release, the GPU checks)
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
 #                                       # older one-row decoder, bf16
@@ -148,27 +148,28 @@ ab-4bit)
   for f in nf4 int4 nf4old; do echo "$f:"; grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
   ;;
 ab-table|ab-table2)
-  # nibble_table's register-table words GEMV (lut 3: the 4-bit code in registers, products two at a time).
-  # ab-table: NF4 chat/compare with it, then without it (GLMCHAT_NIBBLE_TABLE=0, its own cache: carry an
+  # packed_products's register-table words GEMV (lut 3: the 4-bit code in registers, products two at a time).
+  # ab-table: NF4 chat/compare with it, then without it (GLMCHAT_PACKED_PRODUCTS=0, its own cache: carry an
   # earlier call's tuning of the same card in .carry/kernel-tuning and only the changed keys tune), where the
-  # step's time goes. ab-table2: the int4 release with it, the GPU checks' 4-bit lines, each NF4 candidate timed
+  # step's time goes. ab-table2: 8-bit chat and compare with the packed fp16 int8 products and without, the int4
+  # release with the table, the GPU checks
   if [ "$1" = ab-table ]; then
     mkdir -p /tmp/glmcache-old; [ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning /tmp/glmcache-old/
     engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
-    GLMCHAT_NIBBLE_TABLE=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
+    GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
     for f in nf4 nf4old; do echo "$f:"; grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
     grep -a -i "different result\|failed" "$OUT/engine_nf4.err" | head -3 | cut -c1-400
     timeout 90 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 4bit --rows 1 > "$OUT/profile_nf4.jsonl" 2> "$OUT/profile_nf4.err"
     stamp "profile"; grep -a '"decoder"\|"kernels"' "$OUT/profile_nf4.jsonl" | cut -c150-600
   else
+    mkdir -p /tmp/glmcache-old; [ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning /tmp/glmcache-old/
+    engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2
+    GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine int8old --model /tmp/glm6b --quantization 8bit --rows 1,2
     engine int4 --model /tmp/glm6b-int4 --rows 1,2
-    grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_int4.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
-    grep -a -i "different result\|failed" "$OUT/engine_int4.err" | head -3 | cut -c1-400
-    timeout 200 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1
+    for f in int8 int8old int4; do echo "$f:"; grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
+    grep -a -i "different result\|failed" "$OUT"/engine_int*.err | head -3 | cut -c1-400
+    timeout 150 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1
     stamp "check_fast_batch"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-160
-    timeout 150 python3 bench/check_kernels_batch.py --formats nf4 --m 1 2 --no-attention --candidates \
-        > "$OUT/kernels_nf4.log" 2>&1
-    stamp "kernels"; grep -a "^cand\|FAIL\|failed;\|PASSED" "$OUT/kernels_nf4.log" | cut -c1-150 | head -120
   fi
   ;;
 ab-ahead)

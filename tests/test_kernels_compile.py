@@ -222,7 +222,8 @@ def words_configs(fmt: str) -> set:
         return {c for rows in (1, 2) for c in Q._words_configs(rows, fmt)}
     from backend.kernels.gemv_rows import candidate_configs
 
-    return {Q.QuantLinearConfig("words", c.block_n, c.block_k, 2, c.num_warps, 1, cvt=min(c.cvt, 1))
+    return {Q.QuantLinearConfig("words", c.block_n, c.block_k, 2, c.num_warps, 1,
+                                cvt=c.cvt if c.cvt == 3 else min(c.cvt, 1))
             for c in candidate_configs(False) + candidate_configs(True) if c.kernel == "words"}
 
 
@@ -237,12 +238,16 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
     types = dict(QUANT_TYPES, x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
                  res_ptr=act, out_ptr=act)
     for cfg in words_configs(fmt):
+        wide = fmt == "int8" and cfg.cvt == 3  # int8 read as 64-bit words against fp16 rows
+        types["w_ptr"] = "*i64" if wide else "*i32"
         for swiglu, even_k in ((False, True), (True, False)):  # (fc1 has the norm and SwiGLU; fc2's K has a tail)
             consts = dict(FMT=Q._FMT_ID[fmt], LUT=cfg.lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 8, BS2=256,
-                          BLOCKED=even_k, HAS_SCALE=fmt != "nf4", SWIGLU=swiglu, X_KIND=2 if arch == 75 else 1,
+                          BLOCKED=even_k, HAS_SCALE=fmt != "nf4", SWIGLU=swiglu,
+                          X_KIND=2 if arch == 75 or cfg.cvt == 3 else 1,
                           ROWS=cfg.block_m,
                           BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n,
-                          BLOCK_W=cfg.block_k // (4 if fmt == "int8" else 8), CVT=cfg.cvt if fmt == "int8" else 0,
+                          BLOCK_W=cfg.block_k // (4 if fmt == "int8" and not wide else 8),
+                          CVT=cfg.cvt if fmt == "int8" else 0,
                           NORM=swiglu, EVEN_K=even_k, PDL=pdl)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)

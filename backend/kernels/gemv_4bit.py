@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from . import nibble_table, tuning
+from . import packed_products, tuning
 
 try:
     import triton
@@ -86,7 +86,7 @@ class QuantizedWeight:
     blocksize2: int = 256
     offset: float = 0.0  # nested nf4: added to the decoded absmax
     _pair_table: Optional[torch.Tensor] = field(default=None, repr=False)
-    # 4-bit: the code as nibble_table's 8 table registers, per 16-bit activation dtype (built with the weight,
+    # 4-bit: the code as packed_products's 8 table registers, per 16-bit activation dtype (built with the weight,
     # on the host: never inside a CUDA graph capture)
     table_registers: dict = field(default_factory=dict, repr=False)
 
@@ -161,13 +161,13 @@ def int4_release_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> Qua
         )
     n, half = weight.shape
     w = QuantizedWeight("int4", weight.contiguous(), int(n), int(half) * 2, scale=weight_scale)
-    w.table_registers = _table_registers(nibble_table.INT4_CODE)
+    w.table_registers = _table_registers(packed_products.INT4_CODE)
     return w
 
 
 def _table_registers(code) -> dict:
-    """nibble_table's registers for a 16-value code, for bf16 and fp16 activations."""
-    return {dtype: nibble_table.byte_planes(code, dtype) for dtype in (torch.bfloat16, torch.float16)}
+    """packed_products's registers for a 16-value code, for bf16 and fp16 activations."""
+    return {dtype: packed_products.byte_planes(code, dtype) for dtype in (torch.bfloat16, torch.float16)}
 
 
 def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
@@ -543,7 +543,7 @@ class QuantLinearConfig:
     num_warps: int = 4
     num_stages: int = 1
     lut: int = 2  # nf4: 1 = a gather per nibble, 2 = a gather per byte from the pair table; words, 4-bit:
-    # 3 = the code in registers, products two at a time in the rows' 16-bit type (nibble_table.py)
+    # 3 = the code in registers, products two at a time in the rows' 16-bit type (packed_products.py)
     block_sum: bool = True  # gemv, nf4 with whole blocks: absmax applied to per-block sums (else per weight)
     split_k: int = 1  # mm only: K in this many parts, each its own program (more programs for a short N)
     cvt: int = 1  # words, int8: 1 = int8 to float32 by an exponent trick, 0 = by the conversion instruction
@@ -609,18 +609,12 @@ def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
     if fmt == "nf4":
         pair_tiles = ((4, 1024, 4), (2, 1024, 4), (2, 2048, 4)) if rows == 1 else ((4, 1024, 4), (2, 1024, 4))
         configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 2) for bn, bk, w in pair_tiles]
-    if fmt != "int8" and _register_table_on():  # nibble_table: inline PTX, which the interpreter cannot run
+    if fmt != "int8" and packed_products.tried():
         table_tiles = ((2, 1024, 4), (2, 2048, 4), (4, 1024, 4), (4, 2048, 4), (8, 1024, 4), (2, 4096, 8))
         if rows == 2:
             table_tiles = ((2, 1024, 4), (4, 1024, 4), (2, 2048, 4))
         configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 3) for bn, bk, w in table_tiles]
     return configs
-
-
-def _register_table_on() -> bool:
-    """Whether the words kernel's register-table candidates (lut 3) are tried: on a GPU, unless bench/ turns
-    them off for an A/B (``GLMCHAT_NIBBLE_TABLE=0``, not a user setting)."""
-    return os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("GLMCHAT_NIBBLE_TABLE", "1") != "0"
 
 
 def _halved(configs: list[QuantLinearConfig]) -> list[QuantLinearConfig]:
@@ -718,7 +712,7 @@ def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.d
         return scratch["out"]
 
     candidates = candidate_configs(w.fmt, bucket, swiglu)
-    if dtype not in w.table_registers:  # the register table's products are 16-bit (nibble_table)
+    if dtype not in w.table_registers:  # the register table's products are 16-bit (packed_products)
         candidates = [c for c in candidates if c.lut != 3]
     cfg = tuning.pick(key, candidates, run, device, timer=timer)
     if not tuning.capturing(device):

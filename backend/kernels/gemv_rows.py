@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import quant_words, tuning
+from . import packed_products, quant_words, tuning
 from .gemv_4bit import QuantizedWeight, QuantLinearConfig, int8_weight
 from ..int8_linear import HAVE_TRITON, LinearWeights
 
@@ -162,7 +162,8 @@ class RowsGemvConfig:
     block_n: int = 8  # output columns a program (SwiGLU: that many gate rows and as many up rows)
     block_k: int = 1024  # weights along K a tile
     num_warps: int = 4
-    cvt: int = 2  # int8 -> float32 as int8_linear.int8_as_float
+    cvt: int = 2  # int8 -> float32 as int8_linear.int8_as_float; words: quant_words' cvt (3: fp16 pairs,
+    # packed_products.int8_dot)
     kernel: str = "gemv"  # "words": kernels.quant_words (the weight as 32-bit words, row sums kept in registers
     # until the K loop ends: no barrier inside it); "other": the caller's other path (the int8 matmul) ran faster
 
@@ -173,13 +174,19 @@ def candidate_configs(swiglu: bool) -> list[RowsGemvConfig]:
     needs no offset, so a linear without RMSNorm makes no second pass over x). Five: each is compiled and timed
     for five weights at 2 and 4 rows the first time a card runs them (the batched decoder's warm-up, or a first
     compare). At 4 rows, 128 threads and these tiles use 118-168 registers without spills on sm_90 (ptxas).
-    Then quant_words' tiles (two rows a program; 3-4 rows as two pairs), unless ``GLMCHAT_WORDS_GEMV=0`` (A/B)."""
+    Then quant_words' tiles (two rows a program; 3-4 rows as two pairs), unless ``GLMCHAT_WORDS_GEMV=0`` (A/B),
+    with its packed fp16 products (cvt 3: fp16 rows on a GPU; ``tuned_config`` drops them for other rows)."""
     rows = 4 if swiglu else 8  # SwiGLU reads two row sets a program: half the columns keeps the tile's bytes
     gemv = [RowsGemvConfig(rows, 1024), RowsGemvConfig(rows, 512), RowsGemvConfig(2 * rows, 512),
             RowsGemvConfig(rows // 2, 2048), RowsGemvConfig(rows, 1024, cvt=0)]
     words = [RowsGemvConfig(bn, bk, cvt=cvt, kernel="words") for bn, bk, cvt in
              ((4, 1024, 1), (2, 1024, 1), (8, 512, 1), (4, 2048, 1), (4, 1024, 0))]
-    return gemv + (words if os.environ.get("GLMCHAT_WORDS_GEMV", "1") != "0" else [])
+    if os.environ.get("GLMCHAT_WORDS_GEMV", "1") == "0":
+        return gemv
+    if packed_products.tried():
+        tiles = ((4, 1024), (2, 1024), (8, 1024), (4, 2048))
+        words += [RowsGemvConfig(bn, bk, cvt=3, kernel="words") for bn, bk in tiles]
+    return gemv + words
 
 
 def takes(x: torch.Tensor, lw: Optional[LinearWeights]) -> bool:
@@ -218,6 +225,8 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
         return scratch["out"]
 
     candidates = candidate_configs(swiglu) + ([RowsGemvConfig(kernel="other")] if other is not None else [])
+    if dtype != torch.float16:  # packed fp16 products (packed_products.int8_dot)
+        candidates = [c for c in candidates if not (c.kernel == "words" and c.cvt == 3)]
     cfg: Optional[RowsGemvConfig] = tuning.pick(key, candidates, run, device, timer=timer)
     if cfg.kernel == "other":
         cfg = None
@@ -235,7 +244,8 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
     bias = lw.bias
     if cfg.kernel == "words":
         qw = qw or int8_weight(lw.weight, lw.scale)
-        words = QuantLinearConfig("words", cfg.block_n, cfg.block_k, 2, cfg.num_warps, 1, cvt=min(cfg.cvt, 1))
+        words = QuantLinearConfig("words", cfg.block_n, cfg.block_k, 2, cfg.num_warps, 1,
+                                  cvt=3 if cfg.cvt == 3 else min(cfg.cvt, 1))
         quant_words.launch(x, qw, out, bias, None if swiglu else residual, norm_weight, eps, swiglu, words, False,
                            dummy, dummy)
         return
@@ -279,7 +289,7 @@ def gemv_rows(
         out = torch.empty(m, n // 2 if swiglu else n, device=x.device, dtype=x.dtype)
     cfg = config or tuned_config(lw, m, x.dtype, x.device, swiglu, norm_weight is not None) or RowsGemvConfig()
     qw = int8_weight(lw.weight, lw.scale) if cfg.kernel == "words" else None
-    if qw is not None and config is None and not quant_words.usable(x, qw, norm_weight):
+    if qw is not None and config is None and not quant_words.usable(x, qw, norm_weight, cvt=cfg.cvt):
         cfg = RowsGemvConfig()  # tuned on aligned scratch rows; these are not
     _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw)
     if swiglu and residual is not None:

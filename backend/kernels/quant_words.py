@@ -36,17 +36,21 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
-    from .nibble_table import packed_dot, packed_dot2, packed_mul
+    from .packed_products import int8_dot, int8_dot2, packed_dot, packed_dot2, packed_mul
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight, lut: int = 1) -> bool:
+def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight, lut: int = 1, cvt: int = 1) -> bool:
     """Whether the words kernel can take this call (alignment, dtype and shape; see the module docstring).
-    lut 3 (nibble_table's register table: inline PTX) needs a 4-bit weight, 16-bit rows and a GPU."""
+    Packed products (packed_products.py, inline PTX: a GPU): lut 3 needs a 4-bit weight and 16-bit rows; int8
+    with cvt 3 needs fp16 rows and 8-byte aligned rows of weights."""
     if w.k % (4 if w.fmt == "int8" else 8) or w.data.data_ptr() % 4 or w.n * w.k >= 2**31:
         return False
-    if lut == 3 and (w.fmt == "int8" or x.dtype not in w.table_registers or not x.is_cuda):
+    if lut == 3 and w.fmt != "int8" and (x.dtype not in w.table_registers or not x.is_cuda):
+        return False
+    if w.fmt == "int8" and cvt == 3 and (x.dtype != torch.float16 or not x.is_cuda or w.k % 8
+                                         or w.data.data_ptr() % 8):
         return False
     if w.fmt == "nf4" and w.blocksize % 8:
         return False
@@ -139,7 +143,8 @@ if HAVE_TRITON:
         if NESTED:
             q = _load(absmax_ptr + blk, mask, 0).to(tl.int32)
             # blk >= 0: unsigned, the division by a power of two is one shift (signed takes three)
-            a = tl.load(code2_ptr + q) * _load(absmax2_ptr + (blk.to(tl.uint32) // BS2).to(tl.int32), mask, 0.0) + offset
+            a2 = _load(absmax2_ptr + (blk.to(tl.uint32) // BS2).to(tl.int32), mask, 0.0)
+            a = tl.load(code2_ptr + q) * a2 + offset
         else:
             a = _load(absmax_ptr + blk, mask, 0.0)
         return a
@@ -189,7 +194,7 @@ if HAVE_TRITON:
     @triton.jit
     def _packed_word_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk, t0, t1, t2, t3, t4, t5,
                           t6, t7, NORM: tl.constexpr, X_KIND: tl.constexpr, ROWS: tl.constexpr, SWIGLU: tl.constexpr):
-        # _word_sums through nibble_table: 4-bit words, 16-bit activations (X_KIND 1 or 2)
+        # _word_sums through packed_products: 4-bit words, 16-bit activations (X_KIND 1 or 2)
         BF16: tl.constexpr = X_KIND == 1
         base = 4 * kw[None, :] + zero
         xr = x_ptr + m0 * stride_xm
@@ -216,6 +221,36 @@ if HAVE_TRITON:
                 p0_b = packed_dot(words_b, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
         return p0, p1, p0_b, p1_b
 
+    @triton.jit
+    def _int8_wide_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk, NORM: tl.constexpr,
+                        ROWS: tl.constexpr, SWIGLU: tl.constexpr):
+        # _word_sums for int8 read as 64-bit words (8 weights) against fp16 rows: packed_products.int8_dot
+        base = 4 * kw[None, :] + zero
+        xr = x_ptr + m0 * stride_xm
+        x0 = _x_packed(xr, norm_ptr, base, mk, NORM, 2)
+        x1 = _x_packed(xr, norm_ptr, base + 1, mk, NORM, 2)
+        x2 = _x_packed(xr, norm_ptr, base + 2, mk, NORM, 2)
+        x3 = _x_packed(xr, norm_ptr, base + 3, mk, NORM, 2)
+        lo, hi = words.to(tl.int32), (words >> 32).to(tl.int32)
+        lo_b, hi_b = words_b.to(tl.int32), (words_b >> 32).to(tl.int32)
+        p1 = tl.zeros(words.shape, dtype=tl.float32)
+        p0_b = tl.zeros(words.shape, dtype=tl.float32)
+        p1_b = tl.zeros(words.shape, dtype=tl.float32)
+        if ROWS == 2:
+            yr = x_ptr + m1 * stride_xm
+            y0 = _x_packed(yr, norm_ptr, base, mk, NORM, 2)
+            y1 = _x_packed(yr, norm_ptr, base + 1, mk, NORM, 2)
+            y2 = _x_packed(yr, norm_ptr, base + 2, mk, NORM, 2)
+            y3 = _x_packed(yr, norm_ptr, base + 3, mk, NORM, 2)
+            p0, p1 = int8_dot2(lo, hi, x0, x1, x2, x3, y0, y1, y2, y3)
+            if SWIGLU:
+                p0_b, p1_b = int8_dot2(lo_b, hi_b, x0, x1, x2, x3, y0, y1, y2, y3)
+        else:
+            p0 = int8_dot(lo, hi, x0, x1, x2, x3)
+            if SWIGLU:
+                p0_b = int8_dot(lo_b, hi_b, x0, x1, x2, x3)
+        return p0, p1, p0_b, p1_b
+
     # norm is compile-time here (NORM): inside the K loop a runtime flag costs predicated work on every word
     @triton.jit(do_not_specialize=["has_bias", "residual", "M", "t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"])
     def _gemv_words_kernel(
@@ -238,7 +273,8 @@ if HAVE_TRITON:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = rn < N
         rows = tl.where(mask_n, rn, 0)
-        PAIRS: tl.constexpr = 2 if FMT == 2 else 4  # activation pairs a word: 4 int8 or 8 4-bit weights
+        WIDE: tl.constexpr = FMT == 2 and CVT == 3  # int8 as 64-bit words (packed_products.int8_dot)
+        PAIRS: tl.constexpr = 2 if FMT == 2 and not WIDE else 4  # activation pairs a word: 4 int8, 8 4-bit or wide
         KW = K // (2 * PAIRS)
         # one register layout for every tile of the loop: the weight's pointers look no more contiguous than the
         # activations' (stride 2-4 words), so Triton does not give the weight loads a vector layout of their own
@@ -259,7 +295,10 @@ if HAVE_TRITON:
             words_b = words
             if SWIGLU:
                 words_b = _load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mk, 0)
-            if LUT == 3:  # 4-bit, 16-bit rows: the register table and packed products (nibble_table.py)
+            if WIDE:
+                p0, p1, p0_b, p1_b = _int8_wide_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk,
+                                                     NORM, ROWS, SWIGLU)
+            elif LUT == 3 and FMT != 2:  # 4-bit, 16-bit rows: the register table and packed products
                 p0, p1, p0_b, p1_b = _packed_word_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero,
                                                        mk, t0, t1, t2, t3, t4, t5, t6, t7, NORM, X_KIND, ROWS, SWIGLU)
             else:
@@ -287,6 +326,8 @@ if HAVE_TRITON:
                 acc1 += p1
                 acc0_b += p0_b
                 acc1_b += p1_b
+        if WIDE:  # int8_dot's sums are 1/128 of the products'
+            acc0, acc1, acc0_b, acc1_b = acc0 * 128.0, acc1 * 128.0, acc0_b * 128.0, acc1_b * 128.0
         _finish_row(acc0, acc0_b, x_ptr, m0, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
                     bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM, HAS_SCALE, SWIGLU, X_KIND)
         if ROWS == 2:
@@ -313,7 +354,7 @@ if HAVE_TRITON:
 def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool, cfg, pdl: bool,
            lut, dummy) -> None:
     """Run the words kernel (cfg: a ``gemv_4bit.QuantLinearConfig``, block_m rows a program: 1 or 2)."""
-    if not usable(x, w, norm_weight, cfg.lut):
+    if not usable(x, w, norm_weight, cfg.lut, cfg.cvt):
         raise ValueError("the words kernel cannot read these: it needs K a multiple of the weights a word holds, "
                          "an aligned weight and 16-bit rows of even stride (16-bit rows on a GPU for lut 3)")
     M = x.shape[0]
@@ -327,11 +368,13 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
     nf4 = w.fmt == "nf4"
     res = residual if residual is not None else dummy
     rows = max(1, min(2, cfg.block_m))
-    per_word = 4 if w.fmt == "int8" else 8  # weights a 32-bit word
+    wide = w.fmt == "int8" and cfg.cvt == 3
+    per_word = 4 if w.fmt == "int8" and not wide else 8  # weights a word (32-bit; 64-bit when wide)
     table = w.table_registers.get(x.dtype, (0,) * 8) if cfg.lut == 3 else (0,) * 8
     grid = (triton.cdiv(n_out, cfg.block_n), triton.cdiv(M, rows))
+    words = w.data.reshape(-1).view(torch.int64 if wide else torch.int32)
     _gemv_words_kernel[grid](
-        x_arg, w.data.reshape(-1).view(torch.int32), w.absmax if nf4 else dummy, w.code if nf4 else dummy, lut,
+        x_arg, words, w.absmax if nf4 else dummy, w.code if nf4 else dummy, lut,
         w.code2 if w.nested else dummy, w.absmax2 if w.nested else dummy, w.offset,
         w.scale if w.scale is not None else dummy, bias if bias is not None else dummy, norm_arg, res, out,
         M, n_out, w.k, eps, stride_xm, res.stride(0), out.stride(0), int(bias is not None), int(residual is not None),

@@ -1,4 +1,8 @@
-"""4-bit codes decoded from a 16-entry table held in registers, and their products taken two at a time.
+"""Products of quantized weights and 16-bit activations taken two at a time (``fma.rn.{bf16x2,f16x2}``), the
+weights decoded in registers: 4-bit codes from a 16-entry table (any 4-bit code), int8 bytes by an exponent
+trick (fp16 rows). Inline PTX for the words kernel (``quant_words``).
+
+4-bit codes.
 
 Why: the words kernel (``quant_words``) spends most of a 4-bit weight's instructions on decoding it: a nibble
 shifted out, a 64-bit table address, an L1 load, then a float32 FMA, about 5 a weight before the activations.
@@ -18,9 +22,16 @@ against its float32 default, so a card or compiler where this disagrees never pi
 
 Works for any 16-entry code (NF4, FP4, the int4 release's signed nibbles); nibble order as stored: byte i of a
 word holds the even column in its high nibble.
+
+int8 (fp16 rows only). A byte u placed under the fp16 exponent of 8.0 (bits 0x48uu) is 8 + u/128, exactly; with
+u = b xor 0x80 (the signed byte b offset by 128) and 9 subtracted, it is b/128, exactly. So two weights take a
+permute and a packed add, and the words' sums come out 1/128 of the row's (the caller multiplies once after
+its K loop). bf16 has 7 mantissa bits: a byte does not fit, so bf16 rows keep the float32 path.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -29,6 +40,12 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs
     triton = None
+
+def tried() -> bool:
+    """Whether the tuners try these kernels: on a GPU (Triton's interpreter cannot run inline PTX), unless bench/
+    turns them off for an A/B (``GLMCHAT_PACKED_PRODUCTS=0``, not a user setting)."""
+    return os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("GLMCHAT_PACKED_PRODUCTS", "1") != "0"
+
 
 INT4_CODE = [float(v) for v in range(8)] + [float(v) for v in range(-8, 0)]  # signed nibble -> value
 
@@ -53,6 +70,31 @@ def byte_planes(code, dtype: torch.dtype) -> tuple[int, ...]:
     return tuple(planes)
 
 
+def _widened_sums(rows: int, bf16: bool) -> list[str]:
+    # each row's packed sum (acc0, acc1) -> float32 outputs $0, $1
+    lines = []
+    for r in range(rows):
+        if bf16:  # a bf16 is the top half of a float32
+            lines += [f"shl.b32 t, acc{r}, 16;", f"and.b32 a, acc{r}, 0xFFFF0000;", "mov.b32 fa, t;", "mov.b32 fb, a;"]
+        else:
+            lines += [f"mov.b32 {{lo, hi}}, acc{r};", "cvt.f32.f16 fa, lo;", "cvt.f32.f16 fb, hi;"]
+        lines.append(f"add.f32 ${r}, fa, fb;")
+    return lines
+
+
+def _products(rows: int, kind: str, x: list[list[str]]) -> list[str]:
+    # acc_r = sum over the four weight pairs w0..w3 of w_i * x[r][i], lane by lane
+    lines = ["mov.b32 nz, 0x80008000;"]  # -0.0 twice: x * w + (-0) is the product, rounded once
+    for r in range(rows):
+        lines.append(f"fma.rn.{kind} acc{r}, w0, {x[r][0]}, nz;")
+        lines += [f"fma.rn.{kind} acc{r}, w{i}, {x[r][i]}, acc{r};" for i in (1, 2, 3)]
+    return lines
+
+
+_DECLARE = [".reg .b32 s0, s1, c0, c1, t, a, b, pl, ph, nz, w0, w1, w2, w3, acc0, acc1;", ".reg .b16 lo, hi;",
+            ".reg .f32 fa, fb;"]
+
+
 def dot_asm(rows: int, bf16: bool) -> str:
     """PTX for one word: outputs ``$0`` (and ``$1`` at two rows), float32 sums of its 8 weights times the
     row's 8 activations; inputs the word, 4 activation pairs a row, then the 8 table registers."""
@@ -62,9 +104,7 @@ def dot_asm(rows: int, bf16: bool) -> str:
     t = [f"${rows + 1 + 4 * rows + i}" for i in range(8)]
     lines = [
         "{",
-        ".reg .b32 s0, s1, c0, c1, t, a, b, pl, ph, nz, w0, w1, w2, w3, acc0, acc1;",
-        ".reg .b16 lo, hi;",
-        ".reg .f32 fa, fb;",
+        *_DECLARE,
         # selectors: nibble bits 0-2 index a table half; bit 3 (moved to bit 2, over byte k's own index k)
         # picks which half's byte k is kept
         f"and.b32 s0, {word}, 0x77777777;",
@@ -79,16 +119,21 @@ def dot_asm(rows: int, bf16: bool) -> str:
             lines += [f"prmt.b32 a, {regs[0]}, {regs[1]}, s{half};", f"prmt.b32 b, {regs[2]}, {regs[3]}, s{half};",
                       f"prmt.b32 {plane}, a, b, c{half};"]
         lines += [f"prmt.b32 w{2 * half + i}, pl, ph, {sel};" for i, sel in enumerate(_PAIR_SELECTORS)]
-    lines.append("mov.b32 nz, 0x80008000;")  # -0.0 twice: x * w + (-0) is the product, rounded once
-    for r in range(rows):
-        lines.append(f"fma.rn.{kind} acc{r}, w0, {x[r][0]}, nz;")
-        lines += [f"fma.rn.{kind} acc{r}, w{i}, {x[r][i]}, acc{r};" for i in (1, 2, 3)]
-        if bf16:  # a bf16 is the top half of a float32
-            lines += [f"shl.b32 t, acc{r}, 16;", f"and.b32 a, acc{r}, 0xFFFF0000;", "mov.b32 fa, t;", "mov.b32 fb, a;"]
-        else:
-            lines += [f"mov.b32 {{lo, hi}}, acc{r};", "cvt.f32.f16 fa, lo;", "cvt.f32.f16 fb, hi;"]
-        lines.append(f"add.f32 ${r}, fa, fb;")
-    lines.append("}")
+    lines += _products(rows, kind, x) + _widened_sums(rows, bf16) + ["}"]
+    return "\n".join(lines)
+
+
+def int8_dot_asm(rows: int) -> str:
+    """PTX for 8 int8 weights (two words, ``$rows`` and the next) against each row's 4 fp16 activation pairs:
+    float32 outputs ``$0`` (``$1``), 1/128 of the sums. Then the 4 rows' pairs."""
+    lo, hi = f"${rows}", f"${rows + 1}"
+    x = [[f"${rows + 2 + 4 * r + i}" for i in range(4)] for r in range(rows)]
+    lines = ["{", *_DECLARE, "mov.b32 b, 0x48484848;", "mov.b32 c0, 0xC880C880;"]  # c0: -9.0 twice
+    for half, word in enumerate((lo, hi)):
+        lines.append(f"xor.b32 a, {word}, 0x80808080;")
+        for i, sel in enumerate(("0x4140", "0x4342")):
+            lines += [f"prmt.b32 t, a, b, {sel};", f"add.rn.f16x2 w{2 * half + i}, t, c0;"]
+    lines += _products(rows, "f16x2", x) + _widened_sums(rows, False) + ["}"]
     return "\n".join(lines)
 
 
@@ -104,6 +149,8 @@ if triton is not None:
     _DOT1_F16 = tl.constexpr(dot_asm(1, False))
     _DOT2_BF16 = tl.constexpr(dot_asm(2, True))
     _DOT2_F16 = tl.constexpr(dot_asm(2, False))
+    _INT8_DOT1 = tl.constexpr(int8_dot_asm(1))
+    _INT8_DOT2 = tl.constexpr(int8_dot_asm(2))
     _MUL_BF16 = tl.constexpr(mul_asm(True))
     _MUL_F16 = tl.constexpr(mul_asm(False))
 
@@ -137,3 +184,15 @@ if triton is not None:
             s, u = tl.inline_asm_elementwise(_DOT2_F16, "=f,=f" + ",r" * 17, args, dtype=(tl.float32, tl.float32),
                                              is_pure=True, pack=1)
         return s, u
+
+    @triton.jit
+    def int8_dot(lo, hi, x0, x1, x2, x3):
+        # float32 [tile]: 1/128 of 8 int8 weights (words lo, hi: columns 0-3, 4-7) times fp16 pairs x0..x3
+        return tl.inline_asm_elementwise(_INT8_DOT1, "=f" + ",r" * 6, [lo, hi, x0, x1, x2, x3], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def int8_dot2(lo, hi, x0, x1, x2, x3, y0, y1, y2, y3):
+        # int8_dot for two rows (x, y) sharing the widened weights
+        return tl.inline_asm_elementwise(_INT8_DOT2, "=f,=f" + ",r" * 10, [lo, hi, x0, x1, x2, x3, y0, y1, y2, y3],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=1)

@@ -1,4 +1,4 @@
-"""nibble_table's PTX, run by a small emulator of the instructions it uses (no GPU here; Triton's interpreter
+"""packed_products's PTX, run by a small emulator of the instructions it uses (no GPU here; Triton's interpreter
 cannot run inline assembly): the register table decodes every nibble of a word to its code, in the stored order
 (the byte's high nibble is the even column), and the word's sum is its eight products.
 
@@ -13,7 +13,7 @@ import struct
 import pytest
 import torch
 
-from backend.kernels import nibble_table as NT
+from backend.kernels import packed_products as PP
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -50,7 +50,7 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
 
 
 def run_ptx(text: str, operands: dict[str, int]) -> dict[str, object]:
-    """Execute the instructions nibble_table emits; registers hold 32-bit ints (f32 registers: floats)."""
+    """Execute the instructions packed_products emits; registers hold 32-bit ints (f32 registers: floats)."""
     regs: dict[str, object] = dict(operands)
     val = lambda t: regs[t] if t in regs else int(t, 0)  # noqa: E731
     f32 = lambda v: v if isinstance(v, float) else struct.unpack("<f", struct.pack("<I", v))[0]  # noqa: E731
@@ -64,6 +64,8 @@ def run_ptx(text: str, operands: dict[str, int]) -> dict[str, object]:
         src = [val(a) for a in args[1:] if not a.startswith("{")]
         if op == "and.b32":
             regs[dst] = src[0] & src[1]
+        elif op == "xor.b32":
+            regs[dst] = src[0] ^ src[1]
         elif op == "shr.u32":
             regs[dst] = src[0] >> src[1]
         elif op == "shl.b32":
@@ -77,6 +79,9 @@ def run_ptx(text: str, operands: dict[str, int]) -> dict[str, object]:
             regs[lo], regs[hi] = val(args[1]) & 0xFFFF, val(args[1]) >> 16
         elif op == "mov.b32":
             regs[dst] = src[0]
+        elif op == "add.rn.f16x2":
+            a, b = (_halves(v, torch.float16) for v in src)
+            regs[dst] = _pack(*(x + y for x, y in zip(a, b)), torch.float16)
         elif op.startswith("fma.rn."):
             dtype = torch.bfloat16 if "bf16" in op else torch.float16
             a, b, c = (_halves(v, dtype) for v in src)
@@ -91,9 +96,9 @@ def run_ptx(text: str, operands: dict[str, int]) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("code", [NF4, NT.INT4_CODE], ids=["nf4", "int4"])
+@pytest.mark.parametrize("code", [NF4, PP.INT4_CODE], ids=["nf4", "int4"])
 def test_each_nibble_decodes_to_its_code_in_stored_order(dtype, code):
-    planes = NT.byte_planes(code, dtype)
+    planes = PP.byte_planes(code, dtype)
     rounded = torch.tensor(code).to(dtype).float().tolist()
     g = torch.Generator().manual_seed(0)
     for word in [0x01234567, 0x89ABCDEF, 0xFEDCBA98] + torch.randint(0, 2**31, (20,), generator=g).tolist():
@@ -104,7 +109,7 @@ def test_each_nibble_decodes_to_its_code_in_stored_order(dtype, code):
                 xs[p] = _pack(1.0 if lane == 0 else 0.0, 1.0 if lane == 1 else 0.0, dtype)
                 operands = {"$1": word, **{f"${2 + i}": xs[i] for i in range(4)},
                             **{f"${6 + i}": planes[i] & 0xFFFFFFFF for i in range(8)}}
-                got = run_ptx(NT.dot_asm(1, dtype == torch.bfloat16), operands)["$0"]
+                got = run_ptx(PP.dot_asm(1, dtype == torch.bfloat16), operands)["$0"]
                 byte = (word >> 8 * (column // 2)) & 0xFF
                 nibble = byte >> 4 if column % 2 == 0 else byte & 15
                 assert got == rounded[nibble], (hex(word), column)
@@ -112,15 +117,15 @@ def test_each_nibble_decodes_to_its_code_in_stored_order(dtype, code):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_words_sum_is_its_eight_products_for_each_of_two_rows(dtype):
-    planes = NT.byte_planes(NF4, dtype)
+    planes = PP.byte_planes(NF4, dtype)
     g = torch.Generator().manual_seed(1)
     word = 0x9C3F0A65
     codes = [NF4[(word >> 8 * (c // 2) + (4 if c % 2 == 0 else 0)) & 15] for c in range(8)]
     rows = torch.randn(2, 8, generator=g).to(dtype).float()
     pairs = [[_pack(float(r[2 * p]), float(r[2 * p + 1]), dtype) for p in range(4)] for r in rows]
-    operands = {"$2": word, **{f"${3 + i}": pairs[0][i] for i in range(4)}, **{f"${7 + i}": pairs[1][i] for i in range(4)},
-                **{f"${11 + i}": planes[i] & 0xFFFFFFFF for i in range(8)}}
-    regs = run_ptx(NT.dot_asm(2, dtype == torch.bfloat16), operands)
+    operands = {"$2": word, **{f"${3 + i}": pairs[0][i] for i in range(4)},
+                **{f"${7 + i}": pairs[1][i] for i in range(4)}, **{f"${11 + i}": planes[i] & 0xFFFFFFFF for i in range(8)}}
+    regs = run_ptx(PP.dot_asm(2, dtype == torch.bfloat16), operands)
     for r, out in enumerate(("$0", "$1")):
         expected = sum(c * float(x) for c, x in zip(codes, rows[r]))
         assert regs[out] == pytest.approx(expected, rel=2e-2, abs=2e-2)
@@ -129,10 +134,39 @@ def test_a_words_sum_is_its_eight_products_for_each_of_two_rows(dtype):
 def test_the_norm_product_is_rounded_once_as_the_other_kernels_round_it():
     for dtype in (torch.bfloat16, torch.float16):
         x, gain = torch.randn(2).to(dtype), torch.randn(2).to(dtype)
-        regs = run_ptx(NT.mul_asm(dtype == torch.bfloat16), {"$1": _pack(*x.tolist(), dtype), "$2": _pack(*gain.tolist(), dtype)})
+        operands = {"$1": _pack(*x.tolist(), dtype), "$2": _pack(*gain.tolist(), dtype)}
+        regs = run_ptx(PP.mul_asm(dtype == torch.bfloat16), operands)
         assert _halves(regs["$0"], dtype) == (x.float() * gain.float()).to(dtype).float().tolist()
+
+
+def _int8_words(values: list[int]) -> tuple[int, int]:
+    raw = bytes(v & 0xFF for v in values)
+    return int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+
+
+def test_int8_bytes_widen_to_exactly_a_128th_in_column_order():
+    for values in ([-128, -127, -1, 0, 1, 63, 126, 127], [5, -7, 100, -100, 42, -42, 0, -128]):
+        lo, hi = _int8_words(values)
+        for column in range(8):
+            xs = [0] * 4
+            xs[column // 2] = _pack(1.0 if column % 2 == 0 else 0.0, 1.0 if column % 2 else 0.0, torch.float16)
+            regs = run_ptx(PP.int8_dot_asm(1), {"$1": lo, "$2": hi, **{f"${3 + i}": xs[i] for i in range(4)}})
+            assert regs["$0"] == values[column] / 128, (values, column)
+
+
+def test_int8_sums_of_two_rows_are_their_products_over_128():
+    g = torch.Generator().manual_seed(2)
+    values = torch.randint(-128, 128, (8,), generator=g).tolist()
+    rows = torch.randn(2, 8, generator=g).half().float()
+    pairs = [[_pack(float(r[2 * p]), float(r[2 * p + 1]), torch.float16) for p in range(4)] for r in rows]
+    lo, hi = _int8_words(values)
+    regs = run_ptx(PP.int8_dot_asm(2), {"$2": lo, "$3": hi, **{f"${4 + i}": pairs[0][i] for i in range(4)},
+                                        **{f"${8 + i}": pairs[1][i] for i in range(4)}})
+    for r, out in enumerate(("$0", "$1")):
+        expected = sum(v * float(x) for v, x in zip(values, rows[r])) / 128
+        assert regs[out] == pytest.approx(expected, rel=2e-2, abs=2e-3)
 
 
 def test_a_code_of_the_wrong_length_is_refused():
     with pytest.raises(ValueError, match="16 values"):
-        NT.byte_planes([0.0] * 8, torch.float16)
+        PP.byte_planes([0.0] * 8, torch.float16)
