@@ -22,7 +22,7 @@ Without CUDA (or Triton) the same functions run as plain torch math.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -165,6 +165,7 @@ def linear_torch(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
 EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 
 if HAVE_TRITON:
+    from .kernels.packed_products import int8_dot, load_pairs
     from .kernels.rotary import rope_cos_sin
 
     @triton.jit
@@ -237,6 +238,42 @@ if HAVE_TRITON:
         return ss, xs
 
     @triton.jit
+    def _wide_sums(x_ptr, norm_ptr, w_ptr, row_a, row_b, mask_a, mask_b, K, BLOCK_P: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
+        # CVT 3: rows a and b times fp16 x (times the norm weight), int8 read as 64-bit words of 8 weights and
+        # multiplied two at a time in fp16 (kernels/packed_products.py); x through pointers of the word tile's
+        # shape, so the loop keeps one register layout. EVEN: whole tiles, every row in range
+        BLOCK_W: tl.constexpr = BLOCK_K // 8
+        KW = K // 8
+        wi = tl.max_contiguous(tl.arange(0, BLOCK_W), 1)  # (as quant_words: one layout for words and x)
+        words_ptr = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        pairs_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        norm_pairs = norm_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        zero = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.int32)
+        ra = row_a.to(tl.int64)[:, None] * KW
+        rb = row_b.to(tl.int64)[:, None] * KW
+        acc_a = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.float32)
+        for k0 in range(0, KW, BLOCK_W):
+            kw = k0 + wi
+            if EVEN:
+                wa = tl.load(words_ptr + ra + kw[None, :])
+                wb = tl.load(words_ptr + rb + kw[None, :])
+                mk = None
+            else:
+                mk = (kw < KW)[None, :] & (zero == 0)
+                wa = tl.load(words_ptr + ra + kw[None, :], mask=mask_a[:, None] & mk, other=0)
+                wb = tl.load(words_ptr + rb + kw[None, :], mask=mask_b[:, None] & mk, other=0)
+            base = 4 * kw[None, :] + zero
+            x0 = load_pairs(pairs_ptr, norm_pairs, base, mk, NORM, False)
+            x1 = load_pairs(pairs_ptr, norm_pairs, base + 1, mk, NORM, False)
+            x2 = load_pairs(pairs_ptr, norm_pairs, base + 2, mk, NORM, False)
+            x3 = load_pairs(pairs_ptr, norm_pairs, base + 3, mk, NORM, False)
+            acc_a += int8_dot(wa.to(tl.int32), (wa >> 32).to(tl.int32), x0, x1, x2, x3)
+            acc_b += int8_dot(wb.to(tl.int32), (wb >> 32).to(tl.int32), x0, x1, x2, x3)
+        return tl.sum(acc_a, axis=1) * 128.0, tl.sum(acc_b, axis=1) * 128.0  # int8_dot's sums are 1/128
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
         k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr,
@@ -255,80 +292,89 @@ if HAVE_TRITON:
         row_b = row_a + B_OFF
         mask_a = p < N_PAIRS
         mask_b = mask_a & (row_b < N)
-        offs_k = tl.arange(0, BLOCK_K)
-        wa_ptrs = w_ptr + row_a.to(tl.int64)[:, None] * K + offs_k[None, :]
-        wb_ptrs = w_ptr + row_b.to(tl.int64)[:, None] * K + offs_k[None, :]
-        if ROW_SUM:  # one float32 per row: registers for more bytes in flight, a reduction per tile
-            acc_a = tl.zeros([BLOCK_P], dtype=tl.float32)
-            acc_b = tl.zeros([BLOCK_P], dtype=tl.float32)
-        else:  # a float32 per weight of the tile, summed once at the end
-            acc_a = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-            acc_b = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum of x, for the offset of CVT 2
-        if PDL:  # programmatic dependent launch: the next kernel may start; weights do not depend on the last one
-            tl.extra.cuda.gdc_launch_dependents()
-        if PREFETCH:  # first weight tile before anything that waits on the previous kernel
-            wa_n = tl.load(wa_ptrs, mask=mask_a[:, None] & (offs_k < K)[None, :], other=0)
-            wb_n = tl.load(wb_ptrs, mask=mask_b[:, None] & (offs_k < K)[None, :], other=0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # x, residual, cache, position: written by earlier kernels
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            if X_TILE:  # x (times the norm weight) through pointers of the weight tile's shape: loaded in the
-                # tile's register layout, where x[None, :] is converted through shared memory (barriers) each tile
-                x = _x_tile(x_ptr, norm_ptr, kk, K, BLOCK_P, NORM, EVEN_K)
-            else:
-                if EVEN_K:
-                    x = tl.load(x_ptr + kk).to(tl.float32)
-                else:
-                    x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                if NORM:
-                    ss += x * x
-                    if EVEN_K:
-                        x = x * tl.load(norm_ptr + kk).to(tl.float32)
-                    else:
-                        x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                if W_INT8 and CVT == 2:
-                    xs += x
-                x = x[None, :]
-            if PREFETCH:  # this tile was loaded one iteration ago; ask for the next one now
-                wa = wa_n
-                wb = wb_n
-                nxt = (kk + BLOCK_K < K)[None, :]
-                wa_n = tl.load(wa_ptrs + k0 + BLOCK_K, mask=mask_a[:, None] & nxt, other=0)
-                wb_n = tl.load(wb_ptrs + k0 + BLOCK_K, mask=mask_b[:, None] & nxt, other=0)
-            elif EVEN_K and EVEN_P:
-                wa = tl.load(wa_ptrs + k0)
-                wb = tl.load(wb_ptrs + k0)
-            else:
-                mk = (kk < K)[None, :]
-                wa = tl.load(wa_ptrs + k0, mask=mask_a[:, None] & mk, other=0)
-                wb = tl.load(wb_ptrs + k0, mask=mask_b[:, None] & mk, other=0)
-            if W_INT8:
-                wa_f = int8_as_float(wa, CVT)
-                wb_f = int8_as_float(wb, CVT)
-            else:
-                wa_f = wa.to(tl.float32)
-                wb_f = wb.to(tl.float32)
-            if ROW_SUM:
-                acc_a += tl.sum(wa_f * x, axis=1)
-                acc_b += tl.sum(wb_f * x, axis=1)
-            else:
-                acc_a += wa_f * x
-                acc_b += wb_f * x
-        if X_TILE and (NORM or (W_INT8 and CVT == 2)):  # the sums over x the loop left out, in a pass of their own
-            ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
-        if ROW_SUM:
-            a = acc_a
-            b = acc_b
+        if CVT == 3:  # int8 against fp16 x, products two at a time (_wide_sums)
+            if PDL:
+                tl.extra.cuda.gdc_launch_dependents()
+                tl.extra.cuda.gdc_wait()
+            a, b = _wide_sums(x_ptr, norm_ptr, w_ptr, row_a, row_b, mask_a, mask_b, K, BLOCK_P, BLOCK_K, NORM,
+                              EVEN_K and EVEN_P)
+            if NORM:
+                ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
         else:
-            a = tl.sum(acc_a, axis=1)
-            b = tl.sum(acc_b, axis=1)
-        if W_INT8 and CVT == 2:
-            x_sum = 1.5 * tl.sum(xs, axis=0)
-            a = (a - x_sum) * 256.0
-            b = (b - x_sum) * 256.0
+            offs_k = tl.arange(0, BLOCK_K)
+            wa_ptrs = w_ptr + row_a.to(tl.int64)[:, None] * K + offs_k[None, :]
+            wb_ptrs = w_ptr + row_b.to(tl.int64)[:, None] * K + offs_k[None, :]
+            if ROW_SUM:  # one float32 per row: registers for more bytes in flight, a reduction per tile
+                acc_a = tl.zeros([BLOCK_P], dtype=tl.float32)
+                acc_b = tl.zeros([BLOCK_P], dtype=tl.float32)
+            else:  # a float32 per weight of the tile, summed once at the end
+                acc_a = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+                acc_b = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum of x, for the offset of CVT 2
+            if PDL:  # programmatic dependent launch: the next kernel may start; weights do not depend on the last one
+                tl.extra.cuda.gdc_launch_dependents()
+            if PREFETCH:  # first weight tile before anything that waits on the previous kernel
+                wa_n = tl.load(wa_ptrs, mask=mask_a[:, None] & (offs_k < K)[None, :], other=0)
+                wb_n = tl.load(wb_ptrs, mask=mask_b[:, None] & (offs_k < K)[None, :], other=0)
+            if PDL:
+                tl.extra.cuda.gdc_wait()  # x, residual, cache, position: written by earlier kernels
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                if X_TILE:  # x (times the norm weight) through pointers of the weight tile's shape: loaded in the
+                    # tile's register layout, where x[None, :] is converted through shared memory (barriers) each tile
+                    x = _x_tile(x_ptr, norm_ptr, kk, K, BLOCK_P, NORM, EVEN_K)
+                else:
+                    if EVEN_K:
+                        x = tl.load(x_ptr + kk).to(tl.float32)
+                    else:
+                        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    if NORM:
+                        ss += x * x
+                        if EVEN_K:
+                            x = x * tl.load(norm_ptr + kk).to(tl.float32)
+                        else:
+                            x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    if W_INT8 and CVT == 2:
+                        xs += x
+                    x = x[None, :]
+                if PREFETCH:  # this tile was loaded one iteration ago; ask for the next one now
+                    wa = wa_n
+                    wb = wb_n
+                    nxt = (kk + BLOCK_K < K)[None, :]
+                    wa_n = tl.load(wa_ptrs + k0 + BLOCK_K, mask=mask_a[:, None] & nxt, other=0)
+                    wb_n = tl.load(wb_ptrs + k0 + BLOCK_K, mask=mask_b[:, None] & nxt, other=0)
+                elif EVEN_K and EVEN_P:
+                    wa = tl.load(wa_ptrs + k0)
+                    wb = tl.load(wb_ptrs + k0)
+                else:
+                    mk = (kk < K)[None, :]
+                    wa = tl.load(wa_ptrs + k0, mask=mask_a[:, None] & mk, other=0)
+                    wb = tl.load(wb_ptrs + k0, mask=mask_b[:, None] & mk, other=0)
+                if W_INT8:
+                    wa_f = int8_as_float(wa, CVT)
+                    wb_f = int8_as_float(wb, CVT)
+                else:
+                    wa_f = wa.to(tl.float32)
+                    wb_f = wb.to(tl.float32)
+                if ROW_SUM:
+                    acc_a += tl.sum(wa_f * x, axis=1)
+                    acc_b += tl.sum(wb_f * x, axis=1)
+                else:
+                    acc_a += wa_f * x
+                    acc_b += wb_f * x
+            if X_TILE and (NORM or (W_INT8 and CVT == 2)):  # the sums over x the loop left out, in a pass of their own
+                ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
+            if ROW_SUM:
+                a = acc_a
+                b = acc_b
+            else:
+                a = tl.sum(acc_a, axis=1)
+                b = tl.sum(acc_b, axis=1)
+            if W_INT8 and CVT == 2:
+                x_sum = 1.5 * tl.sum(xs, axis=0)
+                a = (a - x_sum) * 256.0
+                b = (b - x_sum) * 256.0
         if NORM:  # RMSNorm is a per-token scalar: applied to the sums, the norm weight went into x
             r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
             a = a * r
@@ -483,7 +529,8 @@ class GemvConfig:
     block_k: int = 1024
     num_warps: int = 4
     num_stages: int = 1
-    cvt: int = 2  # int8 -> float32: 0 conversion instruction; 1 w + 2^23 trick (4 ops); 2 1.5 + w/256 (1 op)
+    cvt: int = 2  # int8 -> float32: 0 conversion instruction; 1 w + 2^23 trick (4 ops); 2 1.5 + w/256 (1 op);
+    # 3 int8 to fp16 two at a time, products two at a time in fp16 (fp16 x: kernels/packed_products.py)
     prefetch: bool = False  # load the next weight tile before using this one (by hand: Triton does not for non-dot loops)
     row_sum: bool = False  # reduce each tile to one float32 per row (fewer registers, bigger tiles)
     x_tile: bool = False  # x loaded in the weight tile's layout (no shared-memory conversion in the loop), its
@@ -546,6 +593,8 @@ def gemv(
     w = lw.weight
     N, K = w.shape
     cfg = config or GemvConfig()
+    if cfg.cvt == 3 and not takes_packed(x, lw, norm_weight):
+        cfg = replace(cfg, cvt=2)
     if swiglu:
         n_pairs, row_step, b_off = N // 2, 1, N // 2
     else:
@@ -578,6 +627,14 @@ def gemv(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return out
+
+
+def takes_packed(x: torch.Tensor, lw: LinearWeights, norm_weight: Optional[torch.Tensor]) -> bool:
+    """Whether ``gemv`` can run CVT 3 for these: int8 rows of 8-byte multiples, fp16 x (and norm weight), aligned."""
+    w = lw.weight
+    return (lw.is_int8 and x.dtype == torch.float16 and w.shape[1] % 8 == 0 and w.data_ptr() % 8 == 0
+            and x.data_ptr() % 4 == 0 and (norm_weight is None or (norm_weight.dtype == torch.float16
+                                                                   and norm_weight.data_ptr() % 4 == 0)))
 
 
 def new_argmax_state(device) -> torch.Tensor:

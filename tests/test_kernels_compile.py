@@ -183,7 +183,7 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
     """decode/one_row_tuning.py's int8 candidates, each with its linear's epilogue (the QKV's rotary, fc1's SwiGLU,
     dense/fc2's residual, the output's folded pick), as the one-row step launches them on an H100/H200; those that
     load x in the weight tile's layout (x_tile, without per-tile row sums) have no barrier in their K loop."""
-    from backend.decode.one_row_tuning import CANDIDATES
+    from backend.decode.one_row_tuning import CANDIDATES, PACKED_INT8, _c
 
     types = {"x_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "norm_ptr": ACT, "res_ptr": ACT,
              "out_ptr": ACT, "k_cache_ptr": ACT, "v_cache_ptr": ACT, "pos_ptr": "*i64", "prefix_ptr": "*i64",
@@ -192,7 +192,7 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
                  "fc2": (0, False, True, False), "output": (0, True, False, True)}  # (epilogue, norm, residual, argmax)
     for kind, cands in CANDIDATES["int8"].items():
         epilogue, norm, residual, argmax = epilogues[kind]
-        for cfg in cands:
+        for cfg in cands + [_c(bp, bk, cvt=3) for bp, bk in PACKED_INT8]:  # (fp16 x: cvt 3's packed products)
             consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=cfg.block_p,
                           BLOCK_K=cfg.block_k, W_INT8=True, CVT=cfg.cvt, NORM=norm, HAS_BIAS=kind == "qkv",
                           RESIDUAL=residual, EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=cfg.prefetch,

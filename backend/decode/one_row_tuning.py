@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from ..int8_linear import GemvConfig, default_gemv_config
-from ..kernels import tuning
+from ..kernels import packed_products, tuning
 
 log = logging.getLogger("glmchat.tuning")
 
@@ -98,10 +98,16 @@ def defaults(decoder) -> dict[str, GemvConfig]:
     return {kind: default_gemv_config(kind, w == "int8") for kind, w in _weights(decoder).items()}
 
 
+# int8 against fp16 x (the 8-bit default), products two at a time (int8_linear's CVT 3), last: (row pairs, K tile)
+PACKED_INT8 = ((4, 1024), (2, 1024), (8, 1024), (4, 2048))
+
+
 def candidates_for(decoder) -> dict[str, list]:
     """Each kind's candidate tiles for this decoder's weights (int8 or 16-bit), in descent order."""
     weights = _weights(decoder)
-    return {k: CANDIDATES[weights[k]][k] for k in KINDS}
+    packed = decoder.dtype == torch.float16 and packed_products.tried()
+    return {k: CANDIDATES[weights[k]][k] + ([_c(bp, bk, cvt=3) for bp, bk in PACKED_INT8]
+                                             if packed and weights[k] == "int8" else []) for k in KINDS}
 
 
 def cached(decoder) -> Optional[dict[str, GemvConfig]]:

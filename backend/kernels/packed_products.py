@@ -186,6 +186,22 @@ if triton is not None:
         return s, u
 
     @triton.jit
+    def load_pairs(pairs_ptr, norm_pairs_ptr, pair, mask, NORM: tl.constexpr, BF16: tl.constexpr):
+        # int32 tile of 16-bit activation pairs (mask None: unpredicated), times the norm weight's pairs when
+        # norm (rounded once, as packed_mul)
+        if mask is None:
+            x = tl.load(pairs_ptr + pair)
+        else:
+            x = tl.load(pairs_ptr + pair, mask=mask, other=0)
+        if NORM:
+            if mask is None:
+                g = tl.load(norm_pairs_ptr + pair)
+            else:
+                g = tl.load(norm_pairs_ptr + pair, mask=mask, other=0)
+            x = packed_mul(x, g, BF16)
+        return x
+
+    @triton.jit
     def int8_dot(lo, hi, x0, x1, x2, x3):
         # float32 [tile]: 1/128 of 8 int8 weights (words lo, hi: columns 0-3, 4-7) times fp16 pairs x0..x3
         return tl.inline_asm_elementwise(_INT8_DOT1, "=f" + ",r" * 6, [lo, hi, x0, x1, x2, x3], dtype=tl.float32,

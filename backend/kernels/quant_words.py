@@ -36,7 +36,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
-    from .packed_products import int8_dot, int8_dot2, packed_dot, packed_dot2, packed_mul
+    from .packed_products import int8_dot, int8_dot2, load_pairs, packed_dot, packed_dot2
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -184,33 +184,25 @@ if HAVE_TRITON:
         return p0, p1, p0_b, p1_b
 
     @triton.jit
-    def _x_packed(x_ptr, norm_ptr, pair, mk, NORM: tl.constexpr, X_KIND: tl.constexpr):
-        # activation pair as loaded (int32: two 16-bit values), times the norm weight's pair when norm
-        x = _load(x_ptr + pair, mk, 0)
-        if NORM:
-            x = packed_mul(x, _load(norm_ptr + pair, mk, 0), X_KIND == 1)
-        return x
-
-    @triton.jit
     def _packed_word_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk, t0, t1, t2, t3, t4, t5,
                           t6, t7, NORM: tl.constexpr, X_KIND: tl.constexpr, ROWS: tl.constexpr, SWIGLU: tl.constexpr):
         # _word_sums through packed_products: 4-bit words, 16-bit activations (X_KIND 1 or 2)
         BF16: tl.constexpr = X_KIND == 1
         base = 4 * kw[None, :] + zero
         xr = x_ptr + m0 * stride_xm
-        x0 = _x_packed(xr, norm_ptr, base, mk, NORM, X_KIND)
-        x1 = _x_packed(xr, norm_ptr, base + 1, mk, NORM, X_KIND)
-        x2 = _x_packed(xr, norm_ptr, base + 2, mk, NORM, X_KIND)
-        x3 = _x_packed(xr, norm_ptr, base + 3, mk, NORM, X_KIND)
+        x0 = load_pairs(xr, norm_ptr, base, mk, NORM, X_KIND == 1)
+        x1 = load_pairs(xr, norm_ptr, base + 1, mk, NORM, X_KIND == 1)
+        x2 = load_pairs(xr, norm_ptr, base + 2, mk, NORM, X_KIND == 1)
+        x3 = load_pairs(xr, norm_ptr, base + 3, mk, NORM, X_KIND == 1)
         p1 = tl.zeros(words.shape, dtype=tl.float32)
         p0_b = tl.zeros(words.shape, dtype=tl.float32)
         p1_b = tl.zeros(words.shape, dtype=tl.float32)
         if ROWS == 2:
             yr = x_ptr + m1 * stride_xm
-            y0 = _x_packed(yr, norm_ptr, base, mk, NORM, X_KIND)
-            y1 = _x_packed(yr, norm_ptr, base + 1, mk, NORM, X_KIND)
-            y2 = _x_packed(yr, norm_ptr, base + 2, mk, NORM, X_KIND)
-            y3 = _x_packed(yr, norm_ptr, base + 3, mk, NORM, X_KIND)
+            y0 = load_pairs(yr, norm_ptr, base, mk, NORM, X_KIND == 1)
+            y1 = load_pairs(yr, norm_ptr, base + 1, mk, NORM, X_KIND == 1)
+            y2 = load_pairs(yr, norm_ptr, base + 2, mk, NORM, X_KIND == 1)
+            y3 = load_pairs(yr, norm_ptr, base + 3, mk, NORM, X_KIND == 1)
             p0, p1 = packed_dot2(words, x0, x1, x2, x3, y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
             if SWIGLU:
                 p0_b, p1_b = packed_dot2(words_b, x0, x1, x2, x3, y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, t6, t7,
@@ -227,10 +219,10 @@ if HAVE_TRITON:
         # _word_sums for int8 read as 64-bit words (8 weights) against fp16 rows: packed_products.int8_dot
         base = 4 * kw[None, :] + zero
         xr = x_ptr + m0 * stride_xm
-        x0 = _x_packed(xr, norm_ptr, base, mk, NORM, 2)
-        x1 = _x_packed(xr, norm_ptr, base + 1, mk, NORM, 2)
-        x2 = _x_packed(xr, norm_ptr, base + 2, mk, NORM, 2)
-        x3 = _x_packed(xr, norm_ptr, base + 3, mk, NORM, 2)
+        x0 = load_pairs(xr, norm_ptr, base, mk, NORM, False)
+        x1 = load_pairs(xr, norm_ptr, base + 1, mk, NORM, False)
+        x2 = load_pairs(xr, norm_ptr, base + 2, mk, NORM, False)
+        x3 = load_pairs(xr, norm_ptr, base + 3, mk, NORM, False)
         lo, hi = words.to(tl.int32), (words >> 32).to(tl.int32)
         lo_b, hi_b = words_b.to(tl.int32), (words_b >> 32).to(tl.int32)
         p1 = tl.zeros(words.shape, dtype=tl.float32)
@@ -238,10 +230,10 @@ if HAVE_TRITON:
         p1_b = tl.zeros(words.shape, dtype=tl.float32)
         if ROWS == 2:
             yr = x_ptr + m1 * stride_xm
-            y0 = _x_packed(yr, norm_ptr, base, mk, NORM, 2)
-            y1 = _x_packed(yr, norm_ptr, base + 1, mk, NORM, 2)
-            y2 = _x_packed(yr, norm_ptr, base + 2, mk, NORM, 2)
-            y3 = _x_packed(yr, norm_ptr, base + 3, mk, NORM, 2)
+            y0 = load_pairs(yr, norm_ptr, base, mk, NORM, False)
+            y1 = load_pairs(yr, norm_ptr, base + 1, mk, NORM, False)
+            y2 = load_pairs(yr, norm_ptr, base + 2, mk, NORM, False)
+            y3 = load_pairs(yr, norm_ptr, base + 3, mk, NORM, False)
             p0, p1 = int8_dot2(lo, hi, x0, x1, x2, x3, y0, y1, y2, y3)
             if SWIGLU:
                 p0_b, p1_b = int8_dot2(lo_b, hi_b, x0, x1, x2, x3, y0, y1, y2, y3)
