@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .kernels import packed_products
 from .kernels.rotary import round_mode
 
 try:
@@ -165,7 +166,7 @@ def linear_torch(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
 EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 
 if HAVE_TRITON:
-    from .kernels.packed_products import int8_dot, load_pairs
+    from .kernels.packed_products import int8_dot, load_pairs, widen_int8_f16
     from .kernels.rotary import rope_cos_sin
 
     @triton.jit
@@ -455,7 +456,7 @@ if HAVE_TRITON:
         a_ptr, w_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_cm,
         W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        SPLIT_K: tl.constexpr = 1, SWAP_AB: tl.constexpr = False,
+        SPLIT_K: tl.constexpr = 1, SWAP_AB: tl.constexpr = False, WIDEN: tl.constexpr = 0,
     ):
         # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
         # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials c[s, M, N] (stride_cm
@@ -489,10 +490,14 @@ if HAVE_TRITON:
                 mk = (k0 + rk < K)[None, :]
                 a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk, other=0.0)
                 w = tl.load(w_ptrs + k0, mask=mn[:, None] & mk, other=0)
-            if SWAP_AB:
-                acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
+            if WIDEN == 1:  # int8 to fp16 by the exponent trick (packed_products.widen_int8_asm): exact
+                wide = widen_int8_f16(w)
             else:
-                acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+                wide = w.to(a.dtype)
+            if SWAP_AB:
+                acc = tl.dot(wide, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(wide), acc)
         if SWAP_AB:
             acc = tl.trans(acc)
         if SPLIT_K > 1:
@@ -681,7 +686,7 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
         x, lw.weight, scale, bias, target, M, N, K, x.stride(0), out.stride(0),
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, SWAP_AB=bool(swap), num_warps=warps,
-        num_stages=stages,
+        num_stages=stages, WIDEN=int(lw.is_int8 and x.dtype == torch.float16 and packed_products.tried()),
     )
     if split > 1:
         _split_sum_kernel[(M, triton.cdiv(N, 1024))](target, scale, bias, out, M, N, out.stride(0), SPLIT_K=split,

@@ -136,7 +136,7 @@ def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
     configs |= {c[:-1] + (1,) for c in configs}
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": True}
+                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": True, "WIDEN": 1}  # (fp16 rows: widened by PTX)
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
         if arch == 90:  # wgmma.mma_async ... {accumulators}, {A registers}, B descriptor
@@ -171,7 +171,7 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
     configs |= {c[:-1] + (1,) for c in configs}  # and prompts run the same tiles unsplit
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False}
+                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
     for split in sorted({c[-1] for c in configs} - {1}):

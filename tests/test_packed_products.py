@@ -167,6 +167,15 @@ def test_int8_sums_of_two_rows_are_their_products_over_128():
         assert regs[out] == pytest.approx(expected, rel=2e-2, abs=2e-3)
 
 
+def test_the_matmul_widens_every_int8_byte_to_its_exact_fp16_value():
+    for value in range(-128, 128):
+        for lane in range(4):
+            packed = (value & 0xFF) << 8 * lane | (0x5A << 8 * ((lane + 1) % 4))  # a neighbour byte beside it
+            regs = run_ptx(PP.widen_int8_asm(), {"$2": packed})
+            halves = _halves(regs["$0"], torch.float16) + _halves(regs["$1"], torch.float16)
+            assert halves[lane] == value and halves[(lane + 1) % 4] == 0x5A, (value, lane)
+
+
 def test_a_code_of_the_wrong_length_is_refused():
     with pytest.raises(ValueError, match="16 values"):
         PP.byte_planes([0.0] * 8, torch.float16)
