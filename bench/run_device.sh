@@ -21,6 +21,7 @@
 #                                       # chat/compare with the words GEMV, NF4 without it
 #   bash bench/run_device.sh ab-table   # NF4 with the register-table words GEMV and without (then ab-table2: 8-bit
 #                                       # with packed fp16 products and without, the int4 release, the GPU checks)
+#   bash bench/run_device.sh ab-packed  # ab-table and ab-table2's 8-bit and NF4 runs in one call, then the GPU checks
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
 #                                       # older one-row decoder, bf16
@@ -51,7 +52,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -175,6 +176,23 @@ ab-table|ab-table2)
     stamp "check_fast_batch"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-160
   fi
   ;;
+ab-packed)
+  # ab-table and ab-table2 in one call, for a session with one call's device time: the packed products on, for
+  # 8-bit (one row, compare, 64 rows) and NF4 (one row, compare), and off where an earlier call's tuning of this
+  # card was carried (.carry/kernel-tuning: the off runs then tune nothing); the GPU checks last
+  card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
+  mkdir -p /tmp/glmcache-old; [ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning /tmp/glmcache-old/
+  old=; [ -f "/tmp/glmcache-old/kernel-tuning/$card.json" ] && old=1
+  engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
+  [ -n "$old" ] && GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine int8old --model /tmp/glm6b --quantization 8bit --rows 1,2,64
+  ENGINE_TIMEOUT=240 engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
+  [ -n "$old" ] && GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
+  for f in int8 int8old nf4 nf4old; do [ -f "$OUT/engine_$f.jsonl" ] || continue; echo "$f:"
+    grep -a '"chat"\|"compare"\|"batch"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-170; done
+  grep -a -i "different result\|failed\|Error" "$OUT"/engine_*.err | head -4 | cut -c1-300
+  timeout $(( 570 - $(date +%s) + START )) python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
+  ;;
 ab-ahead)
   # decode-ahead at many rows (run 17: -7% at 64 rows in one run; evaluation 19.4 s against 14.3-15.9 before it):
   # evaluation and 64 `ChatEngine` replies with the step ahead on and off, alternating, in one call
@@ -254,7 +272,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|prompt-newest" >&2
   exit 2
   ;;
 esac
