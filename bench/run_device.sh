@@ -179,10 +179,12 @@ ab-table|ab-table2)
 ab-packed)
   # ab-table and ab-table2 in one call, for a session with one call's device time: the packed products on, for
   # 8-bit (one row, compare, 64 rows) and NF4 (one row, compare), and off where an earlier call's tuning of this
-  # card was carried (.carry/kernel-tuning: the off runs then tune nothing); the GPU checks last
+  # card was carried (.carry/kernel-tuning: the off runs then tune nothing); the GPU checks' quantized lines first
   card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
   mkdir -p /tmp/glmcache-old; [ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning /tmp/glmcache-old/
   old=; [ -f "/tmp/glmcache-old/kernel-tuning/$card.json" ] && old=1
+  timeout 150 python3 bench/check_fast_batch.py --quantized > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch --quantized"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
   engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
   [ -n "$old" ] && GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine int8old --model /tmp/glm6b --quantization 8bit --rows 1,2,64
   ENGINE_TIMEOUT=240 engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
@@ -190,8 +192,6 @@ ab-packed)
   for f in int8 int8old nf4 nf4old; do [ -f "$OUT/engine_$f.jsonl" ] || continue; echo "$f:"
     grep -a '"chat"\|"compare"\|"batch"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-170; done
   grep -a -i "different result\|failed\|Error" "$OUT"/engine_*.err | head -4 | cut -c1-300
-  timeout $(( 570 - $(date +%s) + START )) python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1
-  stamp "check_fast_batch"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 ab-ahead)
   # decode-ahead at many rows (run 17: -7% at 64 rows in one run; evaluation 19.4 s against 14.3-15.9 before it):
