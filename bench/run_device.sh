@@ -19,8 +19,8 @@
 #   bash bench/run_device.sh ab-serve   # the server at 64 streams with 4 client processes and with 1
 #   bash bench/run_device.sh ab-4bit    # 4-bit GEMVs side by side (every tile config, 1 and 2 rows); NF4 and int4
 #                                       # chat/compare with the words GEMV, NF4 without it
-#   bash bench/run_device.sh ab-table   # NF4 with the register-table words GEMV and without (then ab-table2: 8-bit
-#                                       # with packed fp16 products and without, the int4 release, the GPU checks)
+#   bash bench/run_device.sh ab-table   # NF4 with the register-table words GEMV and without, where its time goes
+#   bash bench/run_device.sh ab-table2  # 8-bit with packed fp16 products and without, the int4 release, GPU checks
 #   bash bench/run_device.sh ab-packed  # ab-table and ab-table2's 8-bit and NF4 runs in one call, then the GPU checks
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
