@@ -140,7 +140,7 @@ def main() -> None:
         long_context_check()
         return
     if "--quantized" in sys.argv:  # only the 8-bit and 4-bit lines (the kernels reading packed weights)
-        quantized_checks()
+        quantized_checks(("4bit",) if "4bit" in sys.argv else ("8bit", "4bit"))  # `--quantized 4bit`: NF4's only
         return
     model, prefixes = model_and_prefixes(torch.float32)
     eager = run(EagerBatchDecoder(model, prefixes.get, max_batch=8), requests())
@@ -177,8 +177,8 @@ def main() -> None:
     print("all fast-batch checks passed")
 
 
-def quantized_checks() -> None:
-    for quantization in ("8bit", "4bit"):
+def quantized_checks(quantizations=("8bit", "4bit")) -> None:
+    for quantization in quantizations:
         for copies in (1, 50):
             err = quantized_logits_error(quantization, copies)
             # the eager layers (Int8Linear's matmul for 8-bit, bitsandbytes' for NF4) against the batched step's

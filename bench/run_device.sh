@@ -22,6 +22,7 @@
 #   bash bench/run_device.sh ab-table   # NF4 with the register-table words GEMV and without, where its time goes
 #   bash bench/run_device.sh ab-table2  # 8-bit with packed fp16 products and without, the int4 release, GPU checks
 #   bash bench/run_device.sh ab-packed  # ab-table and ab-table2's 8-bit and NF4 runs in one call, then the GPU checks
+#   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
 #                                       # older one-row decoder, bf16
@@ -52,7 +53,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-4bit-rows|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -193,6 +194,17 @@ ab-packed)
     grep -a '"chat"\|"compare"\|"batch"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-170; done
   grep -a -i "different result\|failed\|Error" "$OUT"/engine_*.err | head -4 | cut -c1-300
   ;;
+ab-4bit-rows)
+  # 4-bit at 16-256 rows (batch_linear.WIDEN_4BIT_MIN_M): the GPU checks' NF4 lines (200 rows go through the widened
+  # weight), quant_linear against the widened weight linear by linear (ab_4bit_rows.py), NF4 chat and 64 rows as the
+  # tuner picks
+  timeout 100 python3 bench/check_fast_batch.py --quantized 4bit > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch --quantized 4bit"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
+  timeout 100 python3 bench/ab_4bit_rows.py --rows 16,64,256 > "$OUT/ab_4bit_rows.jsonl" 2> "$OUT/ab_4bit_rows.err"
+  stamp "ab_4bit_rows"; sed 's/.*"linear"/"linear"/' "$OUT/ab_4bit_rows.jsonl"; tail -n 3 "$OUT/ab_4bit_rows.err"
+  ENGINE_TIMEOUT=120 engine nf4 --model /tmp/glm6b --quantization 4bit --rows 64
+  grep -a '"chat"\|"compare"\|"batch"\|ttft_1600\|tuning' "$OUT/engine_nf4.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-170
+  ;;
 ab-ahead)
   # decode-ahead at many rows (run 17: -7% at 64 rows in one run; evaluation 19.4 s against 14.3-15.9 before it):
   # evaluation and 64 `ChatEngine` replies with the step ahead on and off, alternating, in one call
@@ -272,7 +284,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

@@ -252,3 +252,16 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)
             assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu)
+
+
+@pytest.mark.parametrize("arch", [90, 80, 75])
+@pytest.mark.parametrize("fmt,nested", [(0, True), (0, False), (1, False)])
+def test_widen_4bit_kernel_compiles(arch, fmt, nested):
+    """kernels/widen_4bit.py: NF4 (nested absmax or not) and the int4 release widened to fp16 for cuBLAS."""
+    from backend.kernels.widen_4bit import BLOCK_K, BLOCK_N, _widen_4bit_kernel
+
+    types = {**QUANT_TYPES, "w_ptr": "*u8" if fmt == 0 else "*i8", "absmax_ptr": "*u8" if nested else "*fp32",
+             "scale_ptr": "*fp16", "out_ptr": ACT}
+    compile_for(_widen_4bit_kernel, types, dict(FMT=fmt, NESTED=nested, BS=64 if fmt == 0 else 2, BS2=256,
+                                                BLOCKED=fmt == 0, HAS_SCALE=fmt == 1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
+                arch, warps=4, stages=1)

@@ -4,21 +4,24 @@ row through the one-row decoder's GEMV; 2-4 int8 rows through ``kernels.gemv_row
 weight tile once for all of them); more int8 rows through ``int8_linear.matmul`` (its tensor-core tiles
 widen the int8 weight in registers; on the H200 they read it 1.5-4x faster than quant_linear's int8 tiles
 from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm and SwiGLU as one launch each; 16-bit weights through
-cuBLAS; long prompts through tensor cores on the weight widened a block at a time."""
+cuBLAS; long prompts through tensor cores on the weight widened a block at a time. From 16 4-bit rows, whichever
+of quant_linear and the widened weight for cuBLAS (``kernels.widen_4bit``) ran faster on this card (timed on
+first use, like a kernel's tiles)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..int4_release import packed_linear
 from ..int8_linear import LinearWeights, default_gemv_config, gemv
-from ..kernels import gemv_rows
+from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
-from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, quant_linear, quantized_weight
+from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, m_bucket, quant_linear, quantized_weight
+from ..kernels.widen_4bit import widened_linear
 from ..lean_autograd import rms_norm
 
 QUANT_MAX_M = 64  # 4-bit rows up to this go through quant_linear; more widen each weight for one tensor-core matmul
@@ -26,6 +29,17 @@ QUANT_MAX_M = 64  # 4-bit rows up to this go through quant_linear; more widen ea
 # step that way on the H200; from two rows the weight must be read once for all of them (a compare's two rows:
 # 400 tok/s together through the int8 matmul's tiles against 216 through the GEMV twice, bench/NOTES.md run 9)
 ONE_ROW_GEMV_MAX_M = 1
+# From this many 4-bit rows (quant_linear's tensor-core tiles) the widened weight through cuBLAS is timed against
+# them: those tiles decode every weight inside the matmul, which can cost more than writing and reading a 16-bit
+# block (NF4's 64-token prompt took 48.9 ms on the H100 through them, its 1600-token one 53.7: run 22)
+WIDEN_4BIT_MIN_M = 16
+
+
+@dataclass
+class FourBitRows:
+    """How a 4-bit linear takes a bucket of rows: quant_linear's kernels, or the weight widened for cuBLAS."""
+
+    path: str = "kernel"  # "kernel" | "widened"
 
 
 class BatchLinear:
@@ -47,6 +61,7 @@ class BatchLinear:
         # 2-4 int8 rows through gemv_rows (each weight tile read once for all of them); 0: the matmul, for an A/B
         self.rows_gemv = os.environ.get("GLMCHAT_ROWS_GEMV", "1") != "0"
         self.row_config = default_gemv_config(kind, self.q is not None)  # the one-row GEMV's tiles
+        self._paths: dict = {}  # (row bucket, dtype, device) -> FourBitRows.path, once tuned
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True):
         """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
@@ -60,9 +75,43 @@ class BatchLinear:
             if config is not None:
                 return gemv_rows.gemv_rows(x, self.one_row, norm_weight=norm, eps=eps, swiglu=swiglu,
                                            residual=residual, out=out, config=config)
-        if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M:
+        if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x):
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
         return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
+
+    def _widen_4bit(self, x: torch.Tensor) -> bool:
+        """Whether these 4-bit rows go through the widened weight: from WIDEN_4BIT_MIN_M rows, where it ran faster
+        than quant_linear on this card for the rows' bucket (tuned on first use outside a graph capture and cached
+        per GPU model; during a capture, and before tuning, quant_linear). GLMCHAT_4BIT_ROWS=kernel|widened fixes
+        the path (benchmarks' A/B)."""
+        m = x.shape[0]
+        if m < WIDEN_4BIT_MIN_M or not kernels_run(x):
+            return False
+        forced = os.environ.get("GLMCHAT_4BIT_ROWS")
+        if forced in ("kernel", "widened"):
+            return forced == "widened"
+        memo = (m_bucket(m), x.dtype, x.device)
+        if memo not in self._paths:
+            path = self._tuned_4bit_path(memo[0], x.dtype, x.device)
+            if tuning.capturing(x.device):
+                return path.path == "widened"
+            self._paths[memo] = path.path
+        return self._paths[memo] == "widened"
+
+    def _tuned_4bit_path(self, bucket: int, dtype: torch.dtype, device: torch.device) -> FourBitRows:
+        q = self.q
+        key = f"4bit_rows|{q.fmt}{'n' if q.nested else ''}|N{q.n}|K{q.k}|M{bucket}|{str(dtype).split('.')[-1]}"
+        scratch: dict = {}
+
+        def run(choice: FourBitRows) -> torch.Tensor:
+            if not scratch:  # its own generator: tuning leaves the global RNG (seeded sampling) alone
+                gen = torch.Generator(device=device).manual_seed(0)
+                scratch["x"] = torch.randn(bucket, q.k, device=device, generator=gen).to(dtype)
+            if choice.path == "widened":
+                return widened_linear(scratch["x"], q, self.bias)
+            return quant_linear(scratch["x"], q, self.bias)
+
+        return tuning.pick(key, [FourBitRows("kernel"), FourBitRows("widened")], run, device)
 
     def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k):
         """RMSNorm, the wide matmul, SwiGLU and the residual as launches of their own (many rows, or no kernels)."""
@@ -101,19 +150,14 @@ class BatchLinear:
 
     def _wide(self, x: torch.Tensor, split_k: bool = True) -> torch.Tensor:
         """x @ W.T + b for many rows: tensor cores on the weight (int8 widened in registers, or a block at a time for
-        cuBLAS from WIDEN_MIN_ROWS; int4 a block at a time; NF4 one whole linear at a time, by bitsandbytes)."""
+        cuBLAS from WIDEN_MIN_ROWS; 4-bit a block at a time for cuBLAS)."""
         if self.q is None:
             return F.linear(x, self.w, self.bias)
         if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers (or blocks for cuBLAS from 1024 rows)
             from ..int8_linear import matmul
 
             return matmul(x, self.one_row, split_k=split_k)
-        if self.q.fmt == "nf4" and x.is_cuda:
-            import bitsandbytes.functional as bnbf
-
-            w = bnbf.dequantize_4bit(self.module.weight.data, self.module.weight.quant_state).to(x.dtype)
-            return F.linear(x, w, self.bias)
-        if self.q.fmt == "int4":
-            return packed_linear(x, self.q.data, self.q.scale, self.bias)
+        if self.q.fmt in ("nf4", "int4"):
+            return widened_linear(x, self.q, self.bias)
         return F.linear(x, self.q.dequantize(x.dtype), self.bias)
 

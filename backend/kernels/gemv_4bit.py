@@ -109,19 +109,21 @@ class QuantizedWeight:
         blocks = torch.arange(self.absmax.numel(), device=self.absmax.device)
         return self.code2[self.absmax.long()] * self.absmax2[blocks // self.blocksize2] + self.offset
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[N, K] in ``dtype``: the reference the kernels are checked against (and the torch fallback)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """[N, K] (or the step-1 slice ``rows`` of it) in ``dtype``: the reference the kernels are checked against
+        (and the torch fallback)."""
+        start, stop, _ = rows.indices(self.n)
         if self.fmt == "int8":
-            return (self.data.float() * self.scale.float()[:, None]).to(dtype)
+            return (self.data[start:stop].float() * self.scale[start:stop].float()[:, None]).to(dtype)
         if self.fmt == "int4":
-            b = self.data.to(torch.int32)
-            q = torch.stack((b >> 4, (b << 28) >> 28), dim=-1).reshape(self.n, self.k)
-            return (q.float() * self.scale.float()[:, None]).to(dtype)
-        b = self.data.reshape(-1).to(torch.int64)
-        codes = torch.stack((b >> 4, b & 15), dim=-1).reshape(-1)[: self.n * self.k]
-        blocks = torch.arange(self.n * self.k, device=b.device) // self.blocksize
-        w = self.code.float()[codes] * self.absmax_float()[blocks]
-        return w.reshape(self.n, self.k).to(dtype)
+            b = self.data[start:stop].to(torch.int32)
+            q = torch.stack((b >> 4, (b << 28) >> 28), dim=-1).reshape(stop - start, self.k)
+            return (q.float() * self.scale[start:stop].float()[:, None]).to(dtype)
+        e = torch.arange(start * self.k, stop * self.k, device=self.data.device)  # elements, row-major
+        b = self.data.reshape(-1)[e // 2].to(torch.int64)
+        codes = torch.where(e % 2 == 0, b >> 4, b & 15)
+        w = self.code.float()[codes] * self.absmax_float()[e // self.blocksize]
+        return w.reshape(stop - start, self.k).to(dtype)
 
 
 def nf4_weight(data: torch.Tensor, quant_state) -> QuantizedWeight:

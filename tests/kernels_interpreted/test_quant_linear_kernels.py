@@ -319,3 +319,67 @@ def test_words_kernel_refuses_what_it_cannot_read_and_tuned_calls_fall_back(monk
     monkeypatch.setitem(Q._chosen, ("quant_linear|nf4|bs64|N24|K192|M2|float16", "cpu"), WORDS2)  # as if tuned to it
     out = Q.quant_linear(odd, w)  # tuned to the words kernel, taken by the default for this call
     assert rel(out, odd.float() @ ref_w.float().T) < 2e-3
+
+
+@pytest.mark.parametrize("fmt,n,k,nested", [("nf4", 40, 192, False), ("nf4", 40, 320, True), ("nf4", 21, 200, False),
+                                            ("int4", 260, 200, False)])
+def test_widened_blocks_equal_the_dequantized_weight_and_feed_cublas(fmt, n, k, nested, monkeypatch):
+    """kernels/widen_4bit.py: any block of rows widened by the kernel is bit for bit the reference's (the
+    layout read independently: bitsandbytes' dequantize for NF4, the release's packing rule for int4), and
+    widened_linear in blocks of a few rows is x @ W.T + bias."""
+    from backend import int8_linear
+    from backend.kernels.widen_4bit import widen_rows, widened_linear
+
+    if fmt == "nf4":
+        data, state, ref_w = bnb_nf4(n, k, nested)
+        w = Q.nf4_weight(data, state)
+    else:
+        packed, scale, q = pack_int4_release(torch.randn(n, k) * 0.02)
+        w, ref_w = Q.int4_release_weight(packed, scale), q.float() * scale.float()[:, None]
+    for rows in (slice(0, n), slice(3, 20), slice(n - 1, n)):
+        for dtype in (torch.float32, torch.float16):  # (the interpreter has no bfloat16)
+            got = widen_rows(w, rows, dtype, like=torch.empty(0))
+            assert torch.equal(got, ref_w[rows].to(dtype)), (rows, dtype)
+            assert torch.equal(w.dequantize(dtype, rows), ref_w[rows].to(dtype))  # the CPU fallback's rows too
+    monkeypatch.setattr(int8_linear, "WIDEN_CHUNK_BYTES", 8 * k * 4)  # blocks of 128 rows (the least): 260 -> 3
+    x, bias = torch.randn(5, k), torch.randn(n)
+    assert rel(widened_linear(x, w, bias), x @ ref_w.T + bias) < 1e-6
+
+
+def test_four_bit_rows_take_the_path_that_ran_faster(tmp_path, monkeypatch):
+    """From WIDEN_4BIT_MIN_M rows a 4-bit BatchLinear times quant_linear against the widened weight once per
+    row bucket (cached on disk with the kernels' tiles) and runs the faster; both give x @ W.T."""
+    from types import SimpleNamespace
+
+    from backend.decode import batch_linear
+
+    monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_loaded", {})
+    data, state, ref_w = bnb_nf4(24, 192, nested=False)
+    layer = SimpleNamespace(weight=SimpleNamespace(data=data, quant_state=state), bias=None)
+    monkeypatch.setattr(batch_linear, "quantized_weight", lambda module: Q.nf4_weight(data, state))
+    lin = batch_linear.BatchLinear(layer, torch.float32, "dense")
+    timed = []
+
+    def widened_is_faster(key, candidates, run, device, timer=None):
+        if not key.startswith("4bit_rows|"):  # quant_linear's own tiles: the default
+            return candidates[0]
+        timed.append(key)
+        outs = [run(c) for c in candidates]
+        assert rel(outs[0], outs[1]) < 1e-5  # the two paths agree
+        return candidates[1]
+
+    monkeypatch.setattr(tuning, "pick", widened_is_faster)
+    calls = []
+    monkeypatch.setattr(batch_linear, "widened_linear", lambda x, w, b: calls.append(x.shape[0]) or x @ ref_w.T)
+    x = torch.randn(batch_linear.WIDEN_4BIT_MIN_M, 192)
+    assert rel(lin(x), x @ ref_w.T) < 1e-5
+    assert len(timed) == 1 and "M16" in timed[0] and batch_linear.WIDEN_4BIT_MIN_M in calls
+    lin(x)
+    assert len(timed) == 1  # once per bucket
+    calls.clear()
+    lin(x[:3])  # few rows: quant_linear, nothing timed
+    assert not calls and len(timed) == 1
+    monkeypatch.setenv("GLMCHAT_4BIT_ROWS", "kernel")  # a benchmark's A/B
+    lin(x)
+    assert not calls
