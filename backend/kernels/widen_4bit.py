@@ -41,11 +41,9 @@ if HAVE_TRITON:
             s = tl.load(scale_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[:, None]
             ev = ev * s
             od = od * s
-        col = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-        at = out_ptr + r.to(tl.int64)[:, None] * K + col[None, :]
-        mask = mask_n[:, None] & (col < K)[None, :]
-        tl.store(at, ev.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(at + 1, od.to(out_ptr.dtype.element_ty), mask=mask & (col + 1 < K)[None, :])
+        col = k0 + tl.arange(0, BLOCK_K)  # even and odd columns interleaved back: one contiguous store a row
+        w = tl.interleave(ev, od).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * K + col[None, :], w, mask=mask_n[:, None] & (col < K)[None, :])
 
 
 BLOCK_N, BLOCK_K = 16, 256
