@@ -552,7 +552,30 @@ def main() -> int:
     results: dict = {}
     info: dict = {"copy_bandwidth_tb_s": round(copy_bw / 1e12, 3)}
 
-    # -- bf16 model: eager, fast bf16, fast int8 quantised from it (variants, errors, adapter switch) --
+    model, fb, fi = bf16_model_rows(ids64, ids1024, results, info, copy_bw)
+    adapter_switch_rows(model, fb, fi, ids64, info)
+    profile_step(fi)
+    profile_prefill(fi, ids64)
+    if args.sweep:
+        best_i = sweep_gemv(fi, int8_configs(), "int8")
+        best_f = sweep_gemv(fb, float_configs(), "bf16")
+        info["gemv_best"] = {"int8": {k: vars(c) for k, c in best_i.items()},
+                             "bf16": {k: vars(c) for k, c in best_f.items()}}
+    del fi
+    free()
+    other_init_errors(model, fb, ids64, info)
+    del fb, model
+    free()
+    info["resident_gb_before_8bit_rows"] = round(torch.cuda.memory_allocated() / 1e9, 2)  # should be ~0
+    if not args.no_bnb:
+        bitsandbytes_rows(ids64, ids1024, results, info, copy_bw)
+    write_results(out, device, date, command, results, info)
+    return 0
+
+
+def bf16_model_rows(ids64, ids1024, results: dict, info: dict, copy_bw: float):
+    """The bf16 model: eager, fast bf16, fast int8 quantised from it (variants, logits errors). Returns the model
+    and the two fast decoders."""
     model = build_model(torch.bfloat16)
     mb = lambda dec: weight_bytes_model(model)  # noqa: E731
     eager_dec, eager_tokens = measure("bf16 eager", lambda: EagerDecoder(model), results, ids64, ids1024, mb, copy_bw)
@@ -591,8 +614,12 @@ def main() -> int:
     say("logits relative error (64-token prompt + 32 forced steps), init N(0, 0.02):")
     for k, v in errs.items():
         say(f"  {k:44s} {v if isinstance(v, str) else f'{v:.2e}'}")
+    return model, fb, fi
 
-    # adapter switch: two random prefixes of 128 slots, no recapture
+
+def adapter_switch_rows(model, fb, fi, ids64, info: dict) -> None:
+    """Two random prefixes of 128 slots switched into the int8 decoder (no recapture), then greedy with a prefix
+    against the eager model."""
     P = 128
     g = torch.Generator(device="cuda").manual_seed(3)
     pa = [torch.randn(1, 2, P, 128, device="cuda", generator=g).to(torch.bfloat16) for _ in range(56)]
@@ -607,7 +634,7 @@ def main() -> int:
         times.append((time.perf_counter() - t0) * 1e3)
     info["adapter_switch_ms"] = round(statistics.median(times), 3)
     info["ttft_ms_64_with_prefix128"] = round(ttft_ms(fi, ids64), 1)
-    prefill_compare(fi, f"{fi_name}, prefix 128", {"64": ids64}, info)  # the masked key window [0, 256)
+    prefill_compare(fi, "fast int8 (bf16 act), prefix 128", {"64": ids64}, info)  # the masked key window [0, 256)
     list(fi.generate(ids64, SamplingParams(temperature=0, max_new_tokens=8), eos_token_ids=[]))
     info["graph_captures_after_switches"] = fi.graph_captures
     say(f"adapter switch (P=128, set_prefix): {info['adapter_switch_ms']:.3f} ms median; graph captures "
@@ -620,19 +647,11 @@ def main() -> int:
     say(f"with prefix: greedy fast bf16 = eager bf16 for {agreement(tf, te)}/16 tokens")
     fb.set_prefix(None)
     fi.set_prefix(None)
-    del pa, pb
-    profile_step(fi)
-    profile_prefill(fi, ids64)
 
-    if args.sweep:
-        best_i = sweep_gemv(fi, int8_configs(), "int8")
-        best_f = sweep_gemv(fb, float_configs(), "bf16")
-        info["gemv_best"] = {"int8": {k: vars(c) for k, c in best_i.items()},
-                             "bf16": {k: vars(c) for k, c in best_f.items()}}
 
-    # a better-conditioned random model: residual-branch outputs scaled by 1/sqrt(2 L) (GPT-2's init)
-    del fi
-    free()
+def other_init_errors(model, fb, ids64, info: dict) -> None:
+    """The logits errors again on better-conditioned random models."""
+    # residual-branch outputs scaled by 1/sqrt(2 L) (GPT-2's init)
     with torch.no_grad():
         for b in model.transformer.encoder.layers:
             b.self_attention.dense.weight.mul_((2 * 28) ** -0.5)
@@ -647,38 +666,33 @@ def main() -> int:
                 m.reset_parameters()
     logits_errors_again(model, fb, ids64, info, "logits_rel_err_torch_init",
                         "PyTorch default init (Linear U(+-1/sqrt(in)), Embedding N(0, 1))")
-    del fb, model
+
+
+def bitsandbytes_rows(ids64, ids1024, results: dict, info: dict, copy_bw: float) -> None:
+    """8-bit and 4-bit bitsandbytes models (fp16 activations, as the original stack runs them)."""
+    try:
+        import bitsandbytes  # noqa: F401 - the rows need it
+    except ImportError as exc:
+        say(f"bitsandbytes rows skipped: {exc}")
+        return
+    model = build_model(torch.bfloat16).half()
+    to_bitsandbytes(model, "int8", threshold=6.0)
+    mb = lambda dec: weight_bytes_model(model)  # noqa: E731
+    measure("bnb int8 t=6.0 eager", lambda: EagerDecoder(model), results, ids64, ids1024, mb, copy_bw)
+    set_bnb_threshold(model, 0.0)
+    measure("bnb int8 t=0 eager", lambda: EagerDecoder(model), results, ids64, ids1024, mb, copy_bw)
+    dec, _ = measure("fast int8", lambda: FastDecoder(model, weights="same"), results, ids64, ids1024,
+                     weight_bytes_fast, copy_bw, decode_reps=3, extra={"note": "8-bit model, int8 rows shared"})
+    profile_prefill(dec, ids64)
+    prefill_compare(dec, "fast int8", {"64": ids64, "1024": ids1024}, info)
+    dec = model = None  # (freed before the 4-bit model is built)
     free()
-    info["resident_gb_before_8bit_rows"] = round(torch.cuda.memory_allocated() / 1e9, 2)  # should be ~0
-
-    # -- 8-bit and 4-bit models (fp16 activations, as the original stack runs them) --
-    if not args.no_bnb:
-        try:
-            import bitsandbytes  # noqa: F401
-
-            model = build_model(torch.bfloat16).half()
-            to_bitsandbytes(model, "int8", threshold=6.0)
-            mb = lambda dec: weight_bytes_model(model)  # noqa: E731
-            measure("bnb int8 t=6.0 eager", lambda: EagerDecoder(model), results, ids64, ids1024, mb, copy_bw)
-            set_bnb_threshold(model, 0.0)
-            measure("bnb int8 t=0 eager", lambda: EagerDecoder(model), results, ids64, ids1024, mb, copy_bw)
-            dec, _ = measure("fast int8", lambda: FastDecoder(model, weights="same"), results, ids64, ids1024,
-                             weight_bytes_fast, copy_bw, decode_reps=3, extra={"note": "8-bit model, int8 rows shared"})
-            profile_prefill(dec, ids64)
-            prefill_compare(dec, "fast int8", {"64": ids64, "1024": ids1024}, info)
-            del dec, model
-            free()
-            model = build_model(torch.bfloat16).half()
-            to_bitsandbytes(model, "4bit")
-            mb = lambda dec: weight_bytes_model(model)  # noqa: E731
-            measure("bnb 4-bit nf4 eager", lambda: EagerDecoder(model), results, ids64, ids1024, mb, copy_bw)
-            del model
-            free()
-        except ImportError as exc:
-            say(f"bitsandbytes rows skipped: {exc}")
-
-    write_results(out, device, date, command, results, info)
-    return 0
+    model = build_model(torch.bfloat16).half()
+    to_bitsandbytes(model, "4bit")
+    mb = lambda dec: weight_bytes_model(model)  # noqa: E731
+    measure("bnb 4-bit nf4 eager", lambda: EagerDecoder(model), results, ids64, ids1024, mb, copy_bw)
+    model = None
+    free()
 
 
 ORDER = ["bf16 eager", "bnb int8 t=6.0 eager", "bnb int8 t=0 eager", "bnb 4-bit nf4 eager", "fast bf16",
