@@ -75,11 +75,11 @@ class BatchLinear:
             if config is not None:
                 return gemv_rows.gemv_rows(x, self.one_row, norm_weight=norm, eps=eps, swiglu=swiglu,
                                            residual=residual, out=out, config=config)
-        if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x):
+        if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
         return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
 
-    def _widen_4bit(self, x: torch.Tensor) -> bool:
+    def _widen_4bit(self, x: torch.Tensor, swiglu: bool) -> bool:
         """Whether these 4-bit rows go through the widened weight: from WIDEN_4BIT_MIN_M rows, where it ran faster
         than quant_linear on this card for the rows' bucket (tuned on first use outside a graph capture and cached
         per GPU model; during a capture, and before tuning, quant_linear). GLMCHAT_4BIT_ROWS=kernel|widened fixes
@@ -90,17 +90,20 @@ class BatchLinear:
         forced = os.environ.get("GLMCHAT_4BIT_ROWS")
         if forced in ("kernel", "widened"):
             return forced == "widened"
-        memo = (m_bucket(m), x.dtype, x.device)
+        memo = (m_bucket(m), x.dtype, x.device, swiglu)
         if memo not in self._paths:
-            path = self._tuned_4bit_path(memo[0], x.dtype, x.device)
+            path = self._tuned_4bit_path(memo[0], x.dtype, x.device, swiglu)
             if tuning.capturing(x.device):
                 return path.path == "widened"
             self._paths[memo] = path.path
         return self._paths[memo] == "widened"
 
-    def _tuned_4bit_path(self, bucket: int, dtype: torch.dtype, device: torch.device) -> FourBitRows:
+    def _tuned_4bit_path(self, bucket: int, dtype: torch.dtype, device: torch.device, swiglu: bool) -> FourBitRows:
+        """Both paths timed as the layer runs them (SwiGLU fused, or a launch of its own after cuBLAS), so the
+        kernel path reads quant_linear's tiles tuned for the decoder's own calls."""
         q = self.q
-        key = f"4bit_rows|{q.fmt}{'n' if q.nested else ''}|N{q.n}|K{q.k}|M{bucket}|{str(dtype).split('.')[-1]}"
+        key = (f"4bit_rows|{q.fmt}{'n' if q.nested else ''}|N{q.n}|K{q.k}|M{bucket}|{str(dtype).split('.')[-1]}"
+               f"{'|swiglu' if swiglu else ''}")
         scratch: dict = {}
 
         def run(choice: FourBitRows) -> torch.Tensor:
@@ -108,8 +111,9 @@ class BatchLinear:
                 gen = torch.Generator(device=device).manual_seed(0)
                 scratch["x"] = torch.randn(bucket, q.k, device=device, generator=gen).to(dtype)
             if choice.path == "widened":
-                return widened_linear(scratch["x"], q, self.bias)
-            return quant_linear(scratch["x"], q, self.bias)
+                y = widened_linear(scratch["x"], q, self.bias)
+                return swiglu_rows(y) if swiglu else y
+            return quant_linear(scratch["x"], q, self.bias, swiglu=swiglu)
 
         return tuning.pick(key, [FourBitRows("kernel"), FourBitRows("widened")], run, device)
 

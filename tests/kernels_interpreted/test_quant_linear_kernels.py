@@ -380,6 +380,11 @@ def test_four_bit_rows_take_the_path_that_ran_faster(tmp_path, monkeypatch):
     calls.clear()
     lin(x[:3])  # few rows: quant_linear, nothing timed
     assert not calls and len(timed) == 1
+    y = x @ ref_w.T
+    swiglu = torch.nn.functional.silu(y[:, :12]) * y[:, 12:]
+    assert rel(lin(x, swiglu=True), swiglu) < 1e-5  # fc1: timed with SwiGLU (fused, or after cuBLAS), its own key
+    assert len(timed) == 2 and timed[1].endswith("|swiglu")
+    calls.clear()
     monkeypatch.setenv("GLMCHAT_4BIT_ROWS", "kernel")  # a benchmark's A/B
     lin(x)
     assert not calls
