@@ -31,7 +31,7 @@ QUANT_MAX_M = 64  # 4-bit rows up to this go through quant_linear; more widen ea
 ONE_ROW_GEMV_MAX_M = 1
 # From this many 4-bit rows (quant_linear's tensor-core tiles) the widened weight through cuBLAS is timed against
 # them: those tiles decode every weight inside the matmul, which can cost more than writing and reading a 16-bit
-# block (NF4's 64-token prompt took 48.9 ms on the H100 through them, its 1600-token one 53.7: run 22)
+# block (NF4's 64-token prompt took 48.9 ms on the H100 through them, its 1600-token one 53.7 widened: bench/NOTES.md runs 21-22)
 WIDEN_4BIT_MIN_M = 16
 
 
@@ -61,7 +61,7 @@ class BatchLinear:
         # 2-4 int8 rows through gemv_rows (each weight tile read once for all of them); 0: the matmul, for an A/B
         self.rows_gemv = os.environ.get("GLMCHAT_ROWS_GEMV", "1") != "0"
         self.row_config = default_gemv_config(kind, self.q is not None)  # the one-row GEMV's tiles
-        self._paths: dict = {}  # (row bucket, dtype, device) -> FourBitRows.path, once tuned
+        self._paths: dict = {}  # (row bucket, dtype, device, swiglu) -> FourBitRows.path, once tuned
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True):
         """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
