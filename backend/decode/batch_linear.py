@@ -31,7 +31,8 @@ QUANT_MAX_M = 64  # 4-bit rows up to this go through quant_linear; more widen ea
 ONE_ROW_GEMV_MAX_M = 1
 # From this many 4-bit rows (quant_linear's tensor-core tiles) the widened weight through cuBLAS is timed against
 # them: those tiles decode every weight inside the matmul, which can cost more than writing and reading a 16-bit
-# block (NF4's 64-token prompt took 48.9 ms on the H100 through them, its 1600-token one 53.7 widened: bench/NOTES.md runs 21-22)
+# block (on the H100 NF4's 64-token prompt took 48.9 ms through them, its 1600-token one 53.7 ms widened:
+# bench/NOTES.md runs 21-22)
 WIDEN_4BIT_MIN_M = 16
 
 
@@ -75,8 +76,10 @@ class BatchLinear:
             if config is not None:
                 return gemv_rows.gemv_rows(x, self.one_row, norm_weight=norm, eps=eps, swiglu=swiglu,
                                            residual=residual, out=out, config=config)
-        if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
-            return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu, out=out)
+        four_bit = self.q is not None and self.q.fmt != "int8"
+        if four_bit and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
+            return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu,
+                                out=out)
         return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
 
     def _widen_4bit(self, x: torch.Tensor, swiglu: bool) -> bool:

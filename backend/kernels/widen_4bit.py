@@ -49,7 +49,8 @@ if HAVE_TRITON:
 BLOCK_N, BLOCK_K = 16, 256
 
 
-def widen_rows(w: QuantizedWeight, rows: slice, dtype: torch.dtype, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+def widen_rows(w: QuantizedWeight, rows: slice, dtype: torch.dtype,
+               like: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rows ``rows`` (a step-1 slice) of the 4-bit weight as [rows, K] in ``dtype``: ``w.dequantize(dtype)[rows]``
     without widening the rest. ``like``: a tensor on the device the kernels run for (default: the weight's)."""
     if w.fmt not in ("nf4", "int4"):
