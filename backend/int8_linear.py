@@ -166,7 +166,7 @@ def linear_torch(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
 EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 
 if HAVE_TRITON:
-    from .kernels.packed_products import int8_dot, load_pairs, widen_int8_f16
+    from .kernels.packed_products import int8_words_sums, widen_int8_f16
     from .kernels.rotary import rope_cos_sin
 
     @triton.jit
@@ -265,13 +265,10 @@ if HAVE_TRITON:
                 mk = (kw < KW)[None, :] & (zero == 0)
                 wa = tl.load(words_ptr + ra + kw[None, :], mask=mask_a[:, None] & mk, other=0)
                 wb = tl.load(words_ptr + rb + kw[None, :], mask=mask_b[:, None] & mk, other=0)
-            base = 4 * kw[None, :] + zero
-            x0 = load_pairs(pairs_ptr, norm_pairs, base, mk, NORM, False)
-            x1 = load_pairs(pairs_ptr, norm_pairs, base + 1, mk, NORM, False)
-            x2 = load_pairs(pairs_ptr, norm_pairs, base + 2, mk, NORM, False)
-            x3 = load_pairs(pairs_ptr, norm_pairs, base + 3, mk, NORM, False)
-            acc_a += int8_dot(wa.to(tl.int32), (wa >> 32).to(tl.int32), x0, x1, x2, x3)
-            acc_b += int8_dot(wb.to(tl.int32), (wb >> 32).to(tl.int32), x0, x1, x2, x3)
+            # rows a and b are the two weight sets of one activation row
+            p_a, _, p_b, _ = int8_words_sums(wa, wb, pairs_ptr, norm_pairs, 0, 0, 0, kw, zero, mk, NORM, 1, True)
+            acc_a += p_a
+            acc_b += p_b
         return tl.sum(acc_a, axis=1) * 128.0, tl.sum(acc_b, axis=1) * 128.0  # int8_dot's sums are 1/128
 
     @triton.jit

@@ -41,6 +41,7 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
+
 def tried() -> bool:
     """Whether the tuners try these kernels: on a GPU (Triton's interpreter cannot run inline PTX), unless bench/
     turns them off for an A/B (``GLMCHAT_PACKED_PRODUCTS=0``, not a user setting)."""
@@ -221,6 +222,39 @@ if triton is not None:
         # int8_dot for two rows (x, y) sharing the widened weights
         return tl.inline_asm_elementwise(_INT8_DOT2, "=f,=f" + ",r" * 10, [lo, hi, x0, x1, x2, x3, y0, y1, y2, y3],
                                          dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+    @triton.jit
+    def int8_words_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk, NORM: tl.constexpr,
+                        ROWS: tl.constexpr, TWO_SETS: tl.constexpr):
+        # int8 weights read as 64-bit words (8 weights, word tile [rows, kw]) against fp16 rows m0 (and m1 at
+        # ROWS 2) of x, 16-bit pairs at x_ptr: (row m0 x words, row m1 x words, row m0 x words_b, row m1 x
+        # words_b), each 1/128 of the sums (int8_dot); words_b (a second set of weight rows: SwiGLU's up half, or
+        # the one-row GEMV's second row) only when TWO_SETS
+        base = 4 * kw[None, :] + zero
+        xr = x_ptr + m0 * stride_xm
+        x0 = load_pairs(xr, norm_ptr, base, mk, NORM, False)
+        x1 = load_pairs(xr, norm_ptr, base + 1, mk, NORM, False)
+        x2 = load_pairs(xr, norm_ptr, base + 2, mk, NORM, False)
+        x3 = load_pairs(xr, norm_ptr, base + 3, mk, NORM, False)
+        lo, hi = words.to(tl.int32), (words >> 32).to(tl.int32)
+        lo_b, hi_b = words_b.to(tl.int32), (words_b >> 32).to(tl.int32)
+        p1 = tl.zeros(words.shape, dtype=tl.float32)
+        p0_b = tl.zeros(words.shape, dtype=tl.float32)
+        p1_b = tl.zeros(words.shape, dtype=tl.float32)
+        if ROWS == 2:
+            yr = x_ptr + m1 * stride_xm
+            y0 = load_pairs(yr, norm_ptr, base, mk, NORM, False)
+            y1 = load_pairs(yr, norm_ptr, base + 1, mk, NORM, False)
+            y2 = load_pairs(yr, norm_ptr, base + 2, mk, NORM, False)
+            y3 = load_pairs(yr, norm_ptr, base + 3, mk, NORM, False)
+            p0, p1 = int8_dot2(lo, hi, x0, x1, x2, x3, y0, y1, y2, y3)
+            if TWO_SETS:
+                p0_b, p1_b = int8_dot2(lo_b, hi_b, x0, x1, x2, x3, y0, y1, y2, y3)
+        else:
+            p0 = int8_dot(lo, hi, x0, x1, x2, x3)
+            if TWO_SETS:
+                p0_b = int8_dot(lo_b, hi_b, x0, x1, x2, x3)
+        return p0, p1, p0_b, p1_b
 
     @triton.jit
     def widen_int8_f16(w):

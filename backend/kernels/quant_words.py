@@ -36,7 +36,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
-    from .packed_products import int8_dot, int8_dot2, load_pairs, packed_dot, packed_dot2
+    from .packed_products import int8_words_sums, load_pairs, packed_dot, packed_dot2
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -213,36 +213,6 @@ if HAVE_TRITON:
                 p0_b = packed_dot(words_b, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
         return p0, p1, p0_b, p1_b
 
-    @triton.jit
-    def _int8_wide_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk, NORM: tl.constexpr,
-                        ROWS: tl.constexpr, SWIGLU: tl.constexpr):
-        # _word_sums for int8 read as 64-bit words (8 weights) against fp16 rows: packed_products.int8_dot
-        base = 4 * kw[None, :] + zero
-        xr = x_ptr + m0 * stride_xm
-        x0 = load_pairs(xr, norm_ptr, base, mk, NORM, False)
-        x1 = load_pairs(xr, norm_ptr, base + 1, mk, NORM, False)
-        x2 = load_pairs(xr, norm_ptr, base + 2, mk, NORM, False)
-        x3 = load_pairs(xr, norm_ptr, base + 3, mk, NORM, False)
-        lo, hi = words.to(tl.int32), (words >> 32).to(tl.int32)
-        lo_b, hi_b = words_b.to(tl.int32), (words_b >> 32).to(tl.int32)
-        p1 = tl.zeros(words.shape, dtype=tl.float32)
-        p0_b = tl.zeros(words.shape, dtype=tl.float32)
-        p1_b = tl.zeros(words.shape, dtype=tl.float32)
-        if ROWS == 2:
-            yr = x_ptr + m1 * stride_xm
-            y0 = load_pairs(yr, norm_ptr, base, mk, NORM, False)
-            y1 = load_pairs(yr, norm_ptr, base + 1, mk, NORM, False)
-            y2 = load_pairs(yr, norm_ptr, base + 2, mk, NORM, False)
-            y3 = load_pairs(yr, norm_ptr, base + 3, mk, NORM, False)
-            p0, p1 = int8_dot2(lo, hi, x0, x1, x2, x3, y0, y1, y2, y3)
-            if SWIGLU:
-                p0_b, p1_b = int8_dot2(lo_b, hi_b, x0, x1, x2, x3, y0, y1, y2, y3)
-        else:
-            p0 = int8_dot(lo, hi, x0, x1, x2, x3)
-            if SWIGLU:
-                p0_b = int8_dot(lo_b, hi_b, x0, x1, x2, x3)
-        return p0, p1, p0_b, p1_b
-
     # norm is compile-time here (NORM): inside the K loop a runtime flag costs predicated work on every word
     @triton.jit(do_not_specialize=["has_bias", "residual", "M", "t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"])
     def _gemv_words_kernel(
@@ -288,7 +258,7 @@ if HAVE_TRITON:
             if SWIGLU:
                 words_b = _load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mk, 0)
             if WIDE:
-                p0, p1, p0_b, p1_b = _int8_wide_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk,
+                p0, p1, p0_b, p1_b = int8_words_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk,
                                                      NORM, ROWS, SWIGLU)
             elif LUT == 3 and FMT != 2:  # 4-bit, 16-bit rows: the register table and packed products
                 p0, p1, p0_b, p1_b = _packed_word_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero,
