@@ -62,6 +62,12 @@ engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engin
   stamp "engine $name: $(wc -l < "$OUT/engine_$name.jsonl") lines"
 }
 
+carried_tuning() {  # an earlier call's tuning (.carry/kernel-tuning) as /tmp/glmcache-old, the "off" runs' cache;
+  # true when it holds this card's file (those runs then tune nothing)
+  mkdir -p /tmp/glmcache-old; [ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning /tmp/glmcache-old/
+  [ -f "/tmp/glmcache-old/kernel-tuning/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-').json" ]
+}
+
 small_card() {  # NAME ARGS...: bench_small_cards.py under a cap
   local name=$1; shift
   timeout 240 python3 bench/bench_small_cards.py "$@" 2> "$OUT/small_$name.err" | tee -a "$OUT/small_cards.jsonl"
@@ -156,18 +162,16 @@ ab-table|ab-table2)
   # step's time goes. ab-table2: 8-bit chat and compare with the packed fp16 int8 products and without, the int4
   # release with the table, the GPU checks
   if [ "$1" = ab-table ]; then
-    mkdir -p /tmp/glmcache-old; [ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning /tmp/glmcache-old/
+    carried_tuning; old=$?
     ENGINE_TIMEOUT=270 engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
     # without the packed products: only where an earlier call's tuning of this card spares the first-run tuning
-    card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
-    [ -f "/tmp/glmcache-old/kernel-tuning/$card.json" ] && \
-      GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
+    [ "$old" = 0 ] && GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
     for f in nf4 nf4old; do echo "$f:"; grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200; done
     grep -a -i "different result\|failed" "$OUT/engine_nf4.err" | head -3 | cut -c1-400
     timeout 90 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 4bit --rows 1 > "$OUT/profile_nf4.jsonl" 2> "$OUT/profile_nf4.err"
     stamp "profile"; grep -a '"decoder"\|"kernels"' "$OUT/profile_nf4.jsonl" | cut -c150-600
   else
-    mkdir -p /tmp/glmcache-old; [ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning /tmp/glmcache-old/
+    carried_tuning
     engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
     GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine int8old --model /tmp/glm6b --quantization 8bit --rows 1,2,64
     engine int4 --model /tmp/glm6b-int4 --rows 1,2
@@ -181,15 +185,13 @@ ab-packed)
   # ab-table and ab-table2 in one call, for a session with one call's device time: the packed products on, for
   # 8-bit (one row, compare, 64 rows) and NF4 (one row, compare), and off where an earlier call's tuning of this
   # card was carried (.carry/kernel-tuning: the off runs then tune nothing); the GPU checks' quantized lines first
-  card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
-  mkdir -p /tmp/glmcache-old; [ -d .carry/kernel-tuning ] && cp -r .carry/kernel-tuning /tmp/glmcache-old/
-  old=; [ -f "/tmp/glmcache-old/kernel-tuning/$card.json" ] && old=1
+  carried_tuning; old=$?
   timeout 150 python3 bench/check_fast_batch.py --quantized > "$OUT/check_fast_batch.log" 2>&1
   stamp "check_fast_batch --quantized"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
   engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2,64
-  [ -n "$old" ] && GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine int8old --model /tmp/glm6b --quantization 8bit --rows 1,2,64
+  [ "$old" = 0 ] && GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine int8old --model /tmp/glm6b --quantization 8bit --rows 1,2,64
   ENGINE_TIMEOUT=240 engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
-  [ -n "$old" ] && GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
+  [ "$old" = 0 ] && GLMCHAT_PACKED_PRODUCTS=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old engine nf4old --model /tmp/glm6b --quantization 4bit --rows 1,2
   for f in int8 int8old nf4 nf4old; do [ -f "$OUT/engine_$f.jsonl" ] || continue; echo "$f:"
     grep -a '"chat"\|"compare"\|"batch"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-170; done
   grep -a -i "different result\|failed\|Error" "$OUT"/engine_*.err | head -4 | cut -c1-300
