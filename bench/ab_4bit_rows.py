@@ -46,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="16,32,64,256")
     args = parser.parse_args()
+    import bitsandbytes.functional as bnbf
+
     dtype, card = torch.bfloat16, torch.cuda.get_device_name()
     for kind, (n, k) in SHAPES.items():
         layer = nf4_linear(n, k, dtype)
@@ -61,8 +63,6 @@ def main() -> None:
             if m <= 64:
                 kernel_ms, kernel = time_path(lin, "kernel", x, kw)
                 row.update(kernel_ms=round(kernel_ms, 4), agree=float(f"{difference(widened, kernel):.2g}"))
-            import bitsandbytes.functional as bnbf
-
             w = layer.weight
             bnb_ms = cuda_timer(lambda: F.linear(x, bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)))
             row.update(widened_ms=round(widened_ms, 4), bnb_dequant_ms=round(bnb_ms, 4),
