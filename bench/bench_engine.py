@@ -80,11 +80,11 @@ def timed_reply(engine, query: str, params, **kw) -> dict:
             "prompt_tokens": reply.prompt_tokens, "decode_tok_s": round((reply.new_tokens - 1) / decode_s, 1)}
 
 
-def query_of(tokenizer, tokens: int) -> str:
-    """A query whose chat prompt is about ``tokens`` long."""
-    text = QUERY
+def query_of(tokenizer, tokens: int, base: str = QUERY) -> str:
+    """A query whose chat prompt is about ``tokens`` long, ``base`` repeated."""
+    text = base
     while len(tokenizer.encode(tokenizer.build_prompt(text, []))) < tokens:
-        text += QUERY
+        text += base
     while len(tokenizer.encode(tokenizer.build_prompt(text, []))) > tokens and len(text) > 1:
         text = text[:-1]
     return text
@@ -165,7 +165,12 @@ def main() -> None:
              pct_of_bound=round(100 * r["decode_tok_s"] / bound, 1) if bound else None)
     emit(what="memory", gpu_peak_above_load_gb=round(torch.cuda.max_memory_allocated() / 1e9 - loaded_gb, 2))
     timed_reply(engine, q1600, SamplingParams(temperature=0.0, max_new_tokens=4))
+    # the next turn of that conversation: all but a few tokens found in the finished row's cache
     emit(what="ttft_1600", **timed_reply(engine, q1600 + "。", SamplingParams(temperature=0.0, max_new_tokens=4)))
+    # a pasted document: 1600 tokens that no cached row begins with (past the chat template), every one computed
+    for n, base in enumerate((QUERY[::-1], QUERY[1:] + QUERY[0])):
+        emit(what="ttft_1600_cold", run=n + 1,
+             **timed_reply(engine, query_of(engine.tokenizer, 1600, base), SamplingParams(temperature=0.0, max_new_tokens=4)))
     timed_reply(engine, q64, greedy, adapter=adapter.name)  # first use of the adapter
     emit(what="adapter_switch", **timed_reply(engine, q64 + "！", greedy, adapter=adapter.name))
     emit(what="compare", **compare_rate(engine, q64, greedy, adapter.name))

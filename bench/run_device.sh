@@ -22,6 +22,7 @@
 #   bash bench/run_device.sh ab-table   # NF4 with the register-table words GEMV and without, where its time goes
 #   bash bench/run_device.sh ab-table2  # 8-bit with packed fp16 products and without, the int4 release, GPU checks
 #   bash bench/run_device.sh ab-packed  # ab-table and ab-table2's 8-bit and NF4 runs in one call, then the GPU checks
+#   bash bench/run_device.sh long-prompt  # a cold 1600-token prompt profiled (8-bit, NF4); the 8-bit table; eval x2
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
@@ -53,7 +54,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-4bit-rows|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-4bit-rows|long-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -280,13 +281,32 @@ prompt-newest)
     tail -n 3 "$OUT/prompt_$stack.txt"
   done
   ;;
+long-prompt)
+  # a cold 1600-token prompt (a pasted document, nothing cached) stage by stage, 8-bit and NF4
+  # (profile_long_prompt.py); then the 8-bit table as the app runs it (bench_engine.py: chat, compare, 64 rows,
+  # the warm and cold 1600-token prompts) and evaluation twice (cold, then warm Triton cache)
+  for q in 8bit 4bit; do
+    timeout 150 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization $q > "$OUT/long_$q.jsonl" 2> "$OUT/long_$q.err"
+    stamp "long prompt $q"; cut -c1-1500 "$OUT/long_$q.jsonl" | sed 's/.*"what"/"what"/'; tail -n 2 "$OUT/long_$q.err"
+  done
+  ENGINE_TIMEOUT=200 engine 8bit --model /tmp/glm6b --quantization 8bit --rows 1,2,64
+  grep -a '"chat"\|"compare"\|"batch"\|ttft_1600\|tuning' "$OUT/engine_8bit.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
+  for run in 1 2; do
+    s=$(date +%s)
+    timeout 120 python3 train_cli.py eval --model /tmp/glm6b --quantization 8bit --validation-file "$DEV" \
+        --prompt-column content --response-column summary --max-target-length 128 --output-dir /tmp/eval \
+        > "$OUT/eval$run.log" 2>&1
+    echo "{\"what\": \"eval\", \"run\": $run, \"rc\": $?, \"seconds\": $(( $(date +%s) - s ))}" | tee -a "$OUT/eval.jsonl"
+    grep -a "seconds\|examples" "$OUT/eval$run.log" | tail -n 2
+  done
+  ;;
 profile)
   timeout 300 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 1,2,8,64 \
       > "$OUT/profile_8bit.jsonl" 2> "$OUT/profile_8bit.err"
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|prompt-newest" >&2
   exit 2
   ;;
 esac
