@@ -734,16 +734,17 @@ def _widen(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 def linear_in_blocks(x: torch.Tensor, n: int, widen: Callable[[slice], torch.Tensor], bias=None) -> torch.Tensor:
-    """x [..., K] @ W.T + bias through ``F.linear``, W [n, K] given a block of output rows at a time by
-    ``widen(rows)`` (at most WIDEN_CHUNK_BYTES of it alive at once): stored weights, int8 or packed 4-bit, read by
-    cuBLAS without a whole widened copy."""
+    """x [..., K] @ W.T + bias through cuBLAS, W [n, K] given a block of output rows at a time by ``widen(rows)``
+    (at most WIDEN_CHUNK_BYTES of it alive at once): stored weights, int8 or packed 4-bit, read by cuBLAS without a
+    whole widened copy."""
     rows = _widen_block(n, x.shape[-1], x.element_size())
     if rows == n:
         return F.linear(x, widen(slice(0, n)), bias)
     out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
+    flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, n)
     for n0 in range(0, n, rows):
         block = slice(n0, n0 + rows)
-        out[..., block] = F.linear(x, widen(block), None if bias is None else bias[block])
+        _product_into(flat_out[:, block], flat_x, widen(block).t(), None if bias is None else bias[block])
     return out
 
 
@@ -754,10 +755,23 @@ def grad_input_in_blocks(grad_out: torch.Tensor, k: int, widen_cols: Callable[[s
     if cols == k:
         return grad_out @ widen_cols(slice(0, k))
     out = torch.empty(*grad_out.shape[:-1], k, device=grad_out.device, dtype=grad_out.dtype)
+    flat_grad, flat_out = grad_out.reshape(-1, grad_out.shape[-1]), out.view(-1, k)
     for k0 in range(0, k, cols):
         block = slice(k0, k0 + cols)
-        out[..., block] = grad_out @ widen_cols(block)
+        _product_into(flat_out[:, block], flat_grad, widen_cols(block))
     return out
+
+
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+    """out = a @ b (+ bias), written by cuBLAS straight into ``out``, a block of columns of a wider result (rows
+    strided): assigning a product to the block instead costs a copy of it, 4 of a cold 1600-token prompt's 53 ms
+    on the H100 (bench/NOTES.md, run 23). Under autograd (out= records no graph) the product is copied in."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        out.copy_(a @ b if bias is None else torch.addmm(bias, a, b))
+    elif bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
 
 
 def widened_linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -97,6 +98,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     with decoding_attention():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def causal_to_end(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """q [B, H, T, D], the last T of W slots, against grouped keys and values [B, G, W, D]: query t sees slots
+    [0, W - T + t] (the prefix, earlier turns and its prompt up to itself), with no mask tensor. A mask sends SDPA
+    to its masked kernels: 11 of a cold 1600-token prompt's 53 ms on the H100, where causal flash attention takes
+    ~1 (bench/NOTES.md, run 23). Flash attention (Ampere and later, 16-bit) reads the grouped keys as they are;
+    the memory-efficient kernel (older cards) takes the causal offset but not groups, so they are spelled out."""
+    T, W, heads = q.shape[2], keys.shape[2], q.shape[1]
+    if q.is_cuda and not (q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)):
+        keys, values = keys_per_head(keys, heads), keys_per_head(values, heads)
+    gqa = keys.shape[1] != heads
+    if T == W:
+        return attention(q, keys, values, causal=True, gqa=gqa)
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, W), enable_gqa=gqa)
+    with decoding_attention():
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, W), enable_gqa=gqa)
 
 
 def keys_per_head(x: torch.Tensor, heads: int) -> torch.Tensor:

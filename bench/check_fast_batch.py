@@ -135,9 +135,33 @@ def one_row_checks(model, prefixes, eager: dict) -> None:
     check("fp32 one-row step logits against the general step's", err < 1e-4, f"max relative difference {err:.1e}")
 
 
+def one_row_prompt_check(model, prefixes) -> None:
+    """bf16 rows alone past the prompt graphs' buckets (a pasted document): a 300-token prompt after an adapter's
+    prefix, then a next turn of 150 tokens over its cached slots, attended causally to the end of the row's slots
+    by flash attention with grouped keys (modeling.causal_to_end). First-token logits against eager."""
+    first = requests()[2]
+    turn2 = DecodeRequest(first.prompt_ids + list(range(100, 250)), GREEDY, adapter=first.adapter)
+    logits = {}
+    for name, dec in (("eager", EagerBatchDecoder(model, prefixes.get, max_batch=1)),
+                      ("fast", logits_decoder(model, prefixes.get, 1))):
+        captured = []
+        take = dec._take
+        dec._take = lambda row, lg, *a: captured.append(lg.float().clone()) or take(row, lg, *a)
+        run_alone(dec, first)
+        n = len(captured)
+        run_alone(dec, turn2)
+        logits[name] = torch.cat([captured[0], captured[n]])
+    err = ((logits["fast"] - logits["eager"]).norm() / logits["eager"].norm()).item()
+    check("bf16 one row's long prompt and next turn (no mask): first-token logits agree with eager", err < 2e-2,
+          f"relative error {err:.2e}")
+
+
 def main() -> None:
     if "--long" in sys.argv:
         long_context_check()
+        return
+    if "--one-row-prompt" in sys.argv:
+        one_row_prompt_check(*model_and_prefixes(torch.bfloat16))
         return
     if "--quantized" in sys.argv:  # only the 8-bit and 4-bit lines (the kernels reading packed weights)
         quantized_checks(("4bit",) if "4bit" in sys.argv else ("8bit", "4bit"))  # `--quantized 4bit`: NF4's only
@@ -166,6 +190,7 @@ def main() -> None:
         logits[name] = torch.cat(captured[:8])
     err = ((logits["fast"] - logits["eager"]).norm() / logits["eager"].norm()).item()
     check("bf16 logits of the first steps agree with eager", err < 2e-2, f"relative error {err:.2e}")
+    one_row_prompt_check(model, prefixes)
     ahead_check("bf16", model, prefixes.get, 4)
     model, prefixes = model_and_prefixes(torch.float32)
     many = requests() * 50  # 200 rows: the 256-row bucket evaluation uses

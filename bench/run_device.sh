@@ -282,23 +282,26 @@ prompt-newest)
   done
   ;;
 long-prompt)
-  # a cold 1600-token prompt (a pasted document, nothing cached) stage by stage, 8-bit and NF4
-  # (profile_long_prompt.py); then the 8-bit table as the app runs it (bench_engine.py: chat, compare, 64 rows,
-  # the warm and cold 1600-token prompts) and evaluation twice (cold, then warm Triton cache)
+  # a cold 1600-token prompt (a pasted document, nothing cached): the GPU check of one row's unmasked prompt, the
+  # prompt stage by stage for 8-bit and NF4 (profile_long_prompt.py), the 8-bit table as the app runs it
+  # (bench_engine.py: chat, compare, the warm and cold 1600-token prompts), evaluation, and the one- and two-row
+  # steps' kernels (compare's two rows against chat's one)
+  timeout 60 python3 bench/check_fast_batch.py --one-row-prompt 2>&1 | grep -a "^ok\|FAIL\|Error" | tee "$OUT/check.log"
   for q in 8bit 4bit; do
-    timeout 150 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization $q > "$OUT/long_$q.jsonl" 2> "$OUT/long_$q.err"
-    stamp "long prompt $q"; cut -c1-1500 "$OUT/long_$q.jsonl" | sed 's/.*"what"/"what"/'; tail -n 2 "$OUT/long_$q.err"
+    timeout 150 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization $q > "$OUT/long_$q.jsonl" 2> /tmp/long_$q.err
+    stamp "long prompt $q"; cut -c1-1500 "$OUT/long_$q.jsonl" | sed 's/.*"what"/"what"/'; tail -n 2 /tmp/long_$q.err
   done
-  ENGINE_TIMEOUT=200 engine 8bit --model /tmp/glm6b --quantization 8bit --rows 1,2,64
+  ENGINE_TIMEOUT=200 engine 8bit --model /tmp/glm6b --quantization 8bit --rows 1,2
+  rm -f "$OUT/engine_8bit.err"
   grep -a '"chat"\|"compare"\|"batch"\|ttft_1600\|tuning' "$OUT/engine_8bit.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
-  for run in 1 2; do
-    s=$(date +%s)
-    timeout 120 python3 train_cli.py eval --model /tmp/glm6b --quantization 8bit --validation-file "$DEV" \
-        --prompt-column content --response-column summary --max-target-length 128 --output-dir /tmp/eval \
-        > "$OUT/eval$run.log" 2>&1
-    echo "{\"what\": \"eval\", \"run\": $run, \"rc\": $?, \"seconds\": $(( $(date +%s) - s ))}" | tee -a "$OUT/eval.jsonl"
-    grep -a "seconds\|examples" "$OUT/eval$run.log" | tail -n 2
-  done
+  s=$(date +%s)
+  timeout 120 python3 train_cli.py eval --model /tmp/glm6b --quantization 8bit --validation-file "$DEV" \
+      --prompt-column content --response-column summary --max-target-length 128 --output-dir /tmp/eval \
+      > /tmp/eval.log 2>&1
+  echo "{\"what\": \"eval\", \"rc\": $?, \"seconds\": $(( $(date +%s) - s )), \"inside\": \"$(grep -a -o '[0-9]* examples, [0-9.]* s' /tmp/eval.log)\"}" | tee "$OUT/eval.json"
+  [ "${PROFILE_STEPS:-1}" = 1 ] && timeout 150 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit \
+      --rows 1,2 > "$OUT/profile_steps.jsonl" 2> /tmp/profile.err
+  grep -a '"kernels"' "$OUT/profile_steps.jsonl" | cut -c1-1200
   ;;
 profile)
   timeout 300 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 1,2,8,64 \

@@ -419,3 +419,14 @@ def test_every_caller_on_a_gpu_gets_the_batched_fast_decoder_with_two_rows_for_a
     assert made[1] == dict(max_batch=16, context_length=min(seq, decode.FAST_CACHE_SLOTS))
     assert decode.CHAT_ROWS == 2
     assert type(decode.make_batch_decoder(model, "auto")).__name__ == "EagerBatchDecoder"  # no GPU here
+
+
+def test_causal_to_end_equals_the_explicit_mask():
+    from backend.modeling import causal_to_end
+
+    g = torch.Generator().manual_seed(0)
+    for T, W in ((6, 6), (5, 13)):
+        q, k, v = (torch.randn(1, n, s, 16, generator=g) for n, s in ((8, T), (2, W), (2, W)))
+        mask = torch.arange(W)[None, :] <= (W - T + torch.arange(T))[:, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(causal_to_end(q, k, v), expected)

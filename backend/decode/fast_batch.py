@@ -41,7 +41,7 @@ from ..device_sampling import on_device
 from ..generation import INVALID_SCORE_TOKEN, logits_processors
 from ..int8_linear import MATMUL_MID_ROWS, WIDEN_MIN_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
-from ..modeling import decoding_attention, keys_per_head, rope_settings
+from ..modeling import causal_to_end, decoding_attention, keys_per_head, rope_settings
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
@@ -567,8 +567,9 @@ class BatchFastDecoder:
         ``one_slot``: the one row's cache row, known on the host (its keys are then a view, not a gather)."""
         ids, token_pos, token_prefix, token_rows, first_slot, last, slot_rows = inputs
         dev = self.device
-        # query t of row b sees slots [0, P_b + start_b + t]
-        mask = torch.arange(width, device=dev)[None, None, :] <= first_slot[:, None, None] + torch.arange(T, device=dev)[None, :, None]
+        mask = None  # query t of row b sees slots [0, P_b + start_b + t]: one unpadded row needs no mask
+        if one_slot is None:
+            mask = torch.arange(width, device=dev)[None, None, :] <= first_slot[:, None, None] + torch.arange(T, device=dev)[None, :, None]
         x = self.embedding.index_select(0, ids)
         H, G, D = self.heads, self.groups, self.head_dim
         with decoding_attention():
@@ -579,23 +580,24 @@ class BatchFastDecoder:
                 q = rope_cache_write(qkv, self.k_cache[i], self.v_cache[i], token_pos, token_prefix,
                                      num_heads=H, num_groups=G, inv_freq=self.inv_freq, cache_rows=token_rows,
                                      position_divisor=self.rope.position_divisor, angle_dtype=self.angle_dtype)
-                keys, values = self._prompt_keys(i, one_slot, slot_rows, width)
-                attn = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), keys, values,
-                                                      attn_mask=mask[:, None])  # [B, H, T, D]
+                attn = self._prompt_attention(q.view(B, T, H, D).transpose(1, 2), i, one_slot, slot_rows, width, mask)
                 x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x, split_k=False)
                 x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=False)
         return self.output(x.index_select(0, last), norm=self.final_ln, eps=self.eps)
 
-    def _prompt_keys(self, layer: int, one_slot: Optional[int], slot_rows: torch.Tensor, width: int) -> tuple:
-        """Each prompt row's first ``width`` slots of keys and values (``slot_rows``: the rows' cache rows on the
-        device), spelled out per query head [B, H, width, D] (``modeling.keys_per_head``)."""
+    def _prompt_attention(self, q: torch.Tensor, layer: int, one_slot: Optional[int], slot_rows: torch.Tensor,
+                          width: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """q [B, H, T, D] against each prompt row's first ``width`` slots (``slot_rows``: the rows' cache rows on
+        the device). One unpadded row (``one_slot``, its cache row) ends at slot ``width``, so its queries are
+        causal to the end of its slots (``modeling.causal_to_end``: flash attention, no mask); padded rows
+        (several prompts, or a graph's bucket) take ``mask`` [B, T, width] over keys spelled out per head."""
         if one_slot is not None:  # a view of the row's slots, no gather
             rows = slice(one_slot, one_slot + 1)
-            keys, values = self.k_cache[layer, rows, :, :width], self.v_cache[layer, rows, :, :width]
-        else:
-            keys = self.k_cache[layer, :, :, :width].index_select(0, slot_rows)
-            values = self.v_cache[layer, :, :, :width].index_select(0, slot_rows)
-        return keys_per_head(keys, self.heads), keys_per_head(values, self.heads)
+            return causal_to_end(q, self.k_cache[layer, rows, :, :width], self.v_cache[layer, rows, :, :width])
+        keys = self.k_cache[layer, :, :, :width].index_select(0, slot_rows)
+        values = self.v_cache[layer, :, :, :width].index_select(0, slot_rows)
+        return F.scaled_dot_product_attention(q, keys_per_head(keys, self.heads), keys_per_head(values, self.heads),
+                                              attn_mask=mask[:, None])  # [B, H, T, D]
 
     def _prefill_indices(self, rows: list[_Row], new: list[list[int]], T: int) -> tuple:
         """``prompt_graphs.prompt_inputs`` made on the host and sent in one copy (indexing with masks on the device

@@ -90,6 +90,21 @@ def test_one_row_prompts_padded_as_in_their_graphs_give_the_eager_tokens(monkeyp
     assert fast == eager
 
 
+
+def test_unpadded_one_row_prompts_attend_causally_to_the_end_of_their_slots():
+    """Without prompt graphs (a long pasted prompt takes this path on a GPU) one row's prompt is attended causally
+    to the end of its slots with no mask (modeling.causal_to_end): a first turn, its next turn over the cached
+    tokens, and an adapter's prompt after its prefix slots give the eager decoder's tokens."""
+    SHORT = SamplingParams(temperature=0.0, max_new_tokens=3)
+    model, prefixes = make_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False, prompt_graphs=False)
+    first = DecodeRequest([5, 7, 9, 11, 40, 41, 42], SHORT)
+    fast = [run(decoder, [first])[0]]
+    requests = [first, DecodeRequest(first.prompt_ids + fast[0] + [12, 13], SHORT),
+                DecodeRequest([3, 4, 50, 51, 52], SHORT, adapter="ad")]
+    fast += [run(decoder, [r])[0] for r in requests[1:]]
+    assert fast == [run(EagerBatchDecoder(model, prefixes.get, max_batch=1), [r])[0] for r in requests]
+
 def test_more_than_64_rows_as_evaluation_asks_step_together_each_as_alone():
     """Evaluation's decoder holds up to 256 short rows: 70 rows step in the 128 bucket, each equal to the eager
     decoder's row."""
