@@ -2,10 +2,12 @@
 
     python bench/profile_long_prompt.py --model DIR --quantization 8bit [--tokens 1600]
 
-Through ``ChatEngine.stream_reply`` as the app runs it, after the engine's warm-up: three cold prompts timed
-(each begins with text no earlier prompt began with, so every token is computed), then one more under
-torch.profiler, whose CUDA kernels are summed by name (ms per prompt) next to the reply's wall time. The
-linears' floating-point work (2 x weights x tokens) over that time is the prompt's achieved TFLOP/s.
+Through ``ChatEngine.stream_reply`` as the app runs it, after the engine's warm-up: cold prompts (each begins
+with text no earlier prompt began with, so every token is computed) timed in three conditions, three each: after
+a second with the GPU idle, right after GPU work (clocks up), and that with the collector's heap frozen
+(``gc.freeze``); the collector's pauses inside each are summed. Then one more under torch.profiler: its CUDA
+kernels summed by name (ms per prompt) and the GPU's idle gaps, each with the host operation running then. The
+linears' floating-point work (2 x weights x tokens) over the wall time is the prompt's achieved TFLOP/s.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 # distinct openings: no prompt shares more than the chat template with an earlier one
-OPENINGS = ("北京的秋天", "请总结下文", "一段说明书", "会议的记录", "旅行的日记", "天气预报员")
+OPENINGS = "甲乙丙丁戊己庚辛壬癸"
 
 
 def linear_weights(decoder) -> int:
@@ -41,6 +43,50 @@ def kernel_sums(prof, top: int = 16) -> list:
             rows.append((t, e.count, e.key[:80]))
     rows.sort(reverse=True)
     return [{"ms": round(t / 1e3, 2), "calls": c, "kernel": k} for t, c, k in rows[:top]]
+
+
+class CollectorPauses:
+    """The garbage collector's pauses (start, end, generation), from gc.callbacks."""
+
+    def __init__(self):
+        import gc
+
+        self.spans, self._start = [], None
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase, info) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.spans.append((self._start, time.perf_counter(), info["generation"]))
+
+    def since(self, mark: int) -> dict:
+        spans = self.spans[mark:]
+        return {"gc_ms": round(1e3 * sum(e - s for s, e, _ in spans), 1), "gc_gen2": sum(g == 2 for *_, g in spans)}
+
+
+def gpu_gaps(prof, top: int = 6) -> dict:
+    """The GPU's idle time between the profiled prompt's kernels, and its longest gaps, each with the innermost host
+    operations running at its middle (what the GPU waited for)."""
+    from torch.autograd import DeviceType
+
+    events = list(prof.events())
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    gaps, end = [], kernels[0][1] if kernels else 0
+    for start, stop in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, end, start))
+        end = max(end, stop)
+    gaps.sort(reverse=True)
+    named = []
+    for length, start, stop in gaps[:top]:
+        mid = (start + stop) / 2
+        running = sorted((e for e in host if e.time_range.start <= mid <= e.time_range.end),
+                         key=lambda e: e.time_range.end - e.time_range.start)
+        named.append({"ms": round(length / 1e3, 2), "host": [e.name[:60] for e in running[:3]]})
+    return {"gpu_busy_ms": round(sum(b - a for a, b in kernels) / 1e3, 1), "gpu_idle_ms": round(sum(g[0] for g in gaps) / 1e3, 1),
+            "longest_gaps": named}
 
 
 def main() -> None:
@@ -64,14 +110,29 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=1)
     flops = 2 * linear_weights(engine.decoder) * args.tokens
     queries = [query_of(engine.tokenizer, args.tokens, opening + QUERY) for opening in OPENINGS]
+    pauses = CollectorPauses()
+    spin = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    conditions = {"idle": lambda: time.sleep(1.0),
+                  "busy": lambda: [spin @ spin for _ in range(1000)] and torch.cuda.synchronize(),
+                  "frozen": lambda: [spin @ spin for _ in range(1000)] and torch.cuda.synchronize()}
+    import gc
+
+    gc.unfreeze()
     for n, q in enumerate(queries[:-1]):
+        condition = ("idle", "busy", "frozen")[n // 3]
+        if condition == "frozen" and n % 3 == 0:
+            gc.collect()
+            gc.freeze()
+        conditions[condition]()
+        mark = len(pauses.spans)
         r = timed_reply(engine, q, params)
-        emit(what="cold_prompt", run=n + 1, first_token_ms=r["first_token_ms"], prompt_tokens=r["prompt_tokens"],
-             linears_tflops=round(flops / (r["first_token_ms"] / 1e3) / 1e12, 1))
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        emit(what="cold_prompt", condition=condition, first_token_ms=r["first_token_ms"], prompt_tokens=r["prompt_tokens"],
+             linears_tflops=round(flops / (r["first_token_ms"] / 1e3) / 1e12, 1), **pauses.since(mark))
+    conditions["busy"]()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         r = timed_reply(engine, queries[-1], params)
         torch.cuda.synchronize()
-    emit(what="cold_prompt_profiled", first_token_ms=r["first_token_ms"], kernels=kernel_sums(prof))
+    emit(what="cold_prompt_profiled", first_token_ms=r["first_token_ms"], **gpu_gaps(prof), kernels=kernel_sums(prof))
     engine.close()
 
 
