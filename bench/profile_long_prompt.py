@@ -89,6 +89,44 @@ def gpu_gaps(prof, top: int = 6) -> dict:
             "longest_gaps": named}
 
 
+def host_profile(engine, queries: list, emit) -> None:
+    """Cold prompts driven on this thread (the batcher idle): the decoder's steps that run each, wall time against
+    GPU time (CUDA events on the stream they launch on), and for the last one cProfile's functions by own time
+    (where the host spends a prompt the GPU waits for)."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    from backend.decode.protocol import DecodeRequest
+    from backend.service import SamplingParams
+
+    decoder, params = engine.decoder, SamplingParams(temperature=0.0, max_new_tokens=1)
+    profiler = cProfile.Profile()
+    with engine.batcher.step_lock, torch.inference_mode():
+        for n, query in enumerate(queries):
+            last = n == len(queries) - 1
+            decoder.add(50_000 + n, DecodeRequest(engine.prompt_ids(query, []), params))
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            if last:
+                profiler.enable()
+            while decoder.rows:
+                decoder.step()
+            if last:
+                profiler.disable()
+            end.record()
+            end.synchronize()
+            emit(what="host_prompt", run=n + 1, cprofiled=last, wall_ms=round(1e3 * (time.perf_counter() - t0), 1),
+                 gpu_ms=round(start.elapsed_time(end), 1))
+    stats = pstats.Stats(profiler).stats
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:22]
+    emit(what="host_functions", top=[{"fn": f"{k[0].split('/')[-1]}:{k[1]}:{k[2]}", "calls": v[1],
+                                      "own_ms": round(1e3 * v[2], 2), "cum_ms": round(1e3 * v[3], 2)} for k, v in top])
+
+
 def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -101,6 +139,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--tokens", type=int, default=1600)
+    parser.add_argument("--host", action="store_true", help="only host_profile's prompts, driven on this thread")
     args = parser.parse_args()
     common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quantization": args.quantization}
@@ -110,6 +149,10 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=1)
     flops = 2 * linear_weights(engine.decoder) * args.tokens
     queries = [query_of(engine.tokenizer, args.tokens, opening + QUERY) for opening in OPENINGS]
+    if args.host:
+        host_profile(engine, queries[:4], emit)
+        engine.close()
+        return
     pauses = CollectorPauses()
     spin = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
     conditions = {"idle": lambda: time.sleep(1.0),

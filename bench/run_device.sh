@@ -284,7 +284,7 @@ prompt-newest)
   ;;
 cold-prompt)
   # the cold 1600-token prompt alone (8-bit): idle GPU, busy GPU, frozen collector; the profiled one's GPU gaps
-  timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit > "$OUT/cold_8bit.jsonl" 2> /tmp/cold.err
+  timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit ${COLD_ARGS:-} > "$OUT/cold_8bit.jsonl" 2> /tmp/cold.err
   stamp "cold prompt"; cut -c1-2500 "$OUT/cold_8bit.jsonl" | sed 's/.*"what"/"what"/'; tail -n 3 /tmp/cold.err
   ;;
 long-prompt)
