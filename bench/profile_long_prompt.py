@@ -3,11 +3,11 @@
     python bench/profile_long_prompt.py --model DIR --quantization 8bit [--tokens 1600]
 
 Through ``ChatEngine.stream_reply`` as the app runs it, after the engine's warm-up: cold prompts (each begins
-with text no earlier prompt began with, so every token is computed) timed in three conditions, three each: after
-a second with the GPU idle, right after GPU work (clocks up), and that with the collector's heap frozen
-(``gc.freeze``); the collector's pauses inside each are summed. Then one more under torch.profiler: its CUDA
-kernels summed by name (ms per prompt) and the GPU's idle gaps, each with the host operation running then. The
-linears' floating-point work (2 x weights x tokens) over the wall time is the prompt's achieved TFLOP/s.
+with text no earlier prompt began with, so every token is computed) timed three after a second with the GPU idle
+and three right after GPU work (clocks up), the garbage collector's pauses inside each summed; three driven on
+this thread (``host_profile``: no batcher thread, wall against GPU time, the last under cProfile). Then one more
+under torch.profiler: its CUDA kernels summed by name (ms per prompt) and the GPU's idle gaps. The linears'
+floating-point work (2 x weights x tokens) over the wall time is the prompt's achieved TFLOP/s.
 """
 
 from __future__ import annotations
@@ -139,41 +139,32 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--tokens", type=int, default=1600)
-    parser.add_argument("--host", action="store_true", help="only host_profile's prompts, driven on this thread")
     args = parser.parse_args()
     common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quantization": args.quantization}
     emit = lambda **kw: print(json.dumps({**common, **kw}), flush=True)  # noqa: E731
     engine = ChatEngine.load(args.model, quantization=args.quantization, max_batch=2)
-    engine.warm_up()
+    start = time.perf_counter()
+    engine.warm_up()  # as the app (in the background) and the server do; it ends with a long prompt
+    emit(what="warm_up", seconds=round(time.perf_counter() - start, 1))
     params = SamplingParams(temperature=0.0, max_new_tokens=1)
     flops = 2 * linear_weights(engine.decoder) * args.tokens
     queries = [query_of(engine.tokenizer, args.tokens, opening + QUERY) for opening in OPENINGS]
-    if args.host:
-        host_profile(engine, queries[:4], emit)
-        engine.close()
-        return
     pauses = CollectorPauses()
     spin = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
-    conditions = {"idle": lambda: time.sleep(1.0),
-                  "busy": lambda: [spin @ spin for _ in range(1000)] and torch.cuda.synchronize(),
-                  "frozen": lambda: [spin @ spin for _ in range(1000)] and torch.cuda.synchronize()}
-    import gc
-
-    gc.unfreeze()
-    for n, q in enumerate(queries[:-1]):
-        condition = ("idle", "busy", "frozen")[n // 3]
-        if condition == "frozen" and n % 3 == 0:
-            gc.collect()
-            gc.freeze()
-        conditions[condition]()
+    before = {"idle": lambda: time.sleep(1.0),  # clocks down, as when a user pastes after reading
+              "busy": lambda: [spin @ spin for _ in range(1000)] and torch.cuda.synchronize()}
+    for n, q in enumerate(queries[:6]):
+        condition = ("idle", "busy")[n // 3]
+        before[condition]()
         mark = len(pauses.spans)
         r = timed_reply(engine, q, params)
         emit(what="cold_prompt", condition=condition, first_token_ms=r["first_token_ms"], prompt_tokens=r["prompt_tokens"],
              linears_tflops=round(flops / (r["first_token_ms"] / 1e3) / 1e12, 1), **pauses.since(mark))
-    conditions["busy"]()
+    host_profile(engine, queries[6:9], emit)
+    before["busy"]()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        r = timed_reply(engine, queries[-1], params)
+        r = timed_reply(engine, queries[9], params)
         torch.cuda.synchronize()
     emit(what="cold_prompt_profiled", first_token_ms=r["first_token_ms"], **gpu_gaps(prof), kernels=kernel_sums(prof))
     engine.close()

@@ -23,7 +23,7 @@
 #   bash bench/run_device.sh ab-table2  # 8-bit with packed fp16 products and without, the int4 release, GPU checks
 #   bash bench/run_device.sh ab-packed  # ab-table and ab-table2's 8-bit and NF4 runs in one call, then the GPU checks
 #   bash bench/run_device.sh long-prompt  # a cold 1600-token prompt profiled (8-bit, NF4); the 8-bit table; eval x2
-#   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, collector frozen
+#   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
@@ -283,8 +283,8 @@ prompt-newest)
   done
   ;;
 cold-prompt)
-  # the cold 1600-token prompt alone (8-bit): idle GPU, busy GPU, frozen collector; the profiled one's GPU gaps
-  timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit ${COLD_ARGS:-} > "$OUT/cold_8bit.jsonl" 2> /tmp/cold.err
+  # the cold 1600-token prompt alone (8-bit): after an idle GPU, a busy one, driven on the main thread; profiled
+  timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit > "$OUT/cold_8bit.jsonl" 2> /tmp/cold.err
   stamp "cold prompt"; cut -c1-2500 "$OUT/cold_8bit.jsonl" | sed 's/.*"what"/"what"/'; tail -n 3 /tmp/cold.err
   ;;
 long-prompt)

@@ -46,7 +46,7 @@ from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
 from . import one_row_step, one_row_tuning
-from .prompt_graphs import PromptGraphs, prompt_inputs
+from .prompt_graphs import TOKEN_BUCKETS, PromptGraphs, prompt_inputs
 from .staged_copy import ReadBack, StagedCopy
 from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
@@ -59,6 +59,7 @@ DEFAULT_ROWS = 64
 MAX_ROWS = 256
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFIX_SLOTS = 256  # reserved before each row's context for an adapter prefix
+LONG_WARM_TOKENS = 1600  # the warm-up's long prompt (``_warm_long_prompt``)
 
 
 def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
@@ -256,9 +257,25 @@ class BatchFastDecoder:
                  DecodeRequest(prompt[:-1] + [8], penalised, seed=0)]
         replies = self._run_alone(first[: self.max_batch])
         self._run_alone([DecodeRequest(prompt + replies[0] + [11], greedy)])
+        self._warm_long_prompt()
         for slot in list(self._parked):
             del self._parked[slot]
             self._slot_adapter[slot] = object()  # whatever prefix it held is gone
+
+    def _warm_long_prompt(self) -> None:
+        """A pasted document's prompt (LONG_WARM_TOKENS, unpadded: the weights widened for cuBLAS, causal flash
+        attention) and a next turn of it over its cached slots: the kernels those load on first use cost the first
+        long prompt of a process 50-90 ms more than the next (a 1600-token one on the H100: 94-131 ms, then 40-52;
+        bench/NOTES.md, run 23)."""
+        tokens = min(LONG_WARM_TOKENS, self.slots // 2)
+        if self.device.type != "cuda" or tokens <= WIDEN_MIN_ROWS:  # nothing to load, or such prompts never come
+            return
+        vocab = self.embedding.shape[0]
+        ids = lambda n, first: [(first + i) % vocab for i in range(n)]  # noqa: E731
+        one = SamplingParams(temperature=0.0, max_new_tokens=1)
+        prompt = ids(tokens, 10)
+        reply = self._run_alone([DecodeRequest(prompt, one)])[0]
+        self._run_alone([DecodeRequest(prompt + reply + ids(TOKEN_BUCKETS[-1] + 8, 20), one)])
 
     def tune_one_row(self, measure) -> None:
         """The one-row step's GEMV tiles for this card (``one_row_tuning``, on first use per GPU model), timed on row
