@@ -257,7 +257,8 @@ class BatchFastDecoder:
                  DecodeRequest(prompt[:-1] + [8], penalised, seed=0)]
         replies = self._run_alone(first[: self.max_batch])
         self._run_alone([DecodeRequest(prompt + replies[0] + [11], greedy)])
-        self._warm_long_prompt()
+        if self.device.type == "cuda":  # (the kernels to load are CUDA's)
+            self._warm_long_prompt()
         for slot in list(self._parked):
             del self._parked[slot]
             self._slot_adapter[slot] = object()  # whatever prefix it held is gone
@@ -268,7 +269,7 @@ class BatchFastDecoder:
         long prompt of a process 50-90 ms more than the next (a 1600-token one on the H100: 94-131 ms, then 40-52;
         bench/NOTES.md, run 23)."""
         tokens = min(LONG_WARM_TOKENS, self.slots // 2)
-        if self.device.type != "cuda" or tokens <= WIDEN_MIN_ROWS:  # nothing to load, or such prompts never come
+        if tokens <= WIDEN_MIN_ROWS:  # a short context: such prompts never come
             return
         vocab = self.embedding.shape[0]
         ids = lambda n, first: [(first + i) % vocab for i in range(n)]  # noqa: E731

@@ -105,6 +105,24 @@ def test_unpadded_one_row_prompts_attend_causally_to_the_end_of_their_slots():
     fast += [run(decoder, [r])[0] for r in requests[1:]]
     assert fast == [run(EagerBatchDecoder(model, prefixes.get, max_batch=1), [r])[0] for r in requests]
 
+
+def test_the_warm_ups_long_prompt_runs_unpadded_then_as_a_next_turn_and_leaves_no_row(monkeypatch):
+    """The warm-up's pasted-document prompt (shortened here) takes the unmasked one-row path twice: from slot 0, and
+    as a next turn past the prompt graphs' buckets over its cached slots; no row is left running."""
+    from backend.decode import fast_batch, prompt_graphs
+
+    monkeypatch.setattr(fast_batch, "LONG_WARM_TOKENS", 40)
+    monkeypatch.setattr(fast_batch, "WIDEN_MIN_ROWS", 16)
+    model, prefixes = make_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False)
+    fed, math = [], decoder._prompt_math
+    decoder._prompt_math = lambda inputs, B, T, width, one_slot=None: fed.append((T, width, one_slot)) or math(inputs, B, T, width, one_slot)
+    decoder._warm_long_prompt()
+    assert decoder.rows == 0
+    (t1, w1, slot1), (t2, w2, slot2) = fed
+    assert (t1, w1) == (40, 40) and slot1 is not None
+    assert t2 > prompt_graphs.TOKEN_BUCKETS[-1] and w2 == 40 + t2 and slot2 == slot1
+
 def test_more_than_64_rows_as_evaluation_asks_step_together_each_as_alone():
     """Evaluation's decoder holds up to 256 short rows: 70 rows step in the 128 bucket, each equal to the eager
     decoder's row."""
