@@ -103,8 +103,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 def causal_to_end(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """q [B, H, T, D], the last T of W slots, against grouped keys and values [B, G, W, D]: query t sees slots
     [0, W - T + t] (the prefix, earlier turns and its prompt up to itself), with no mask tensor. A mask sends SDPA
-    to its masked kernels: 11 of a cold 1600-token prompt's 53 ms on the H100, where causal flash attention takes
-    ~1 (bench/NOTES.md, run 23). Flash attention (Ampere and later, 16-bit) reads the grouped keys as they are;
+    to its masked kernels: 11.3 ms of a cold 1600-token prompt's GPU time on the H100, where causal flash attention
+    takes 4.0 (bench/NOTES.md, run 23). Flash attention (Ampere and later, 16-bit) reads the grouped keys as they are;
     the memory-efficient kernel (older cards) takes the causal offset but not groups, so they are spelled out."""
     T, W, heads = q.shape[2], keys.shape[2], q.shape[1]
     if q.is_cuda and not (q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)):

@@ -275,8 +275,23 @@ class BatchFastDecoder:
         ids = lambda n, first: [(first + i) % vocab for i in range(n)]  # noqa: E731
         one = SamplingParams(temperature=0.0, max_new_tokens=1)
         prompt = ids(tokens, 10)
-        reply = self._run_alone([DecodeRequest(prompt, one)])[0]
-        self._run_alone([DecodeRequest(prompt + reply + ids(TOKEN_BUCKETS[-1] + 8, 20), one)])
+        # a card that cannot hold such a prompt's temporaries now skips it (running out of memory fails the row, not
+        # the call): the captures still come, and a long prompt later gets the decoder's sentence
+        short = False
+        try:
+            reply = self._run_alone([DecodeRequest(prompt, one)])[0]
+            if reply:  # (no token: the prompt failed its row)
+                self._run_alone([DecodeRequest(prompt + reply + ids(TOKEN_BUCKETS[-1] + 8, 20), one)])
+        except torch.OutOfMemoryError:
+            short = True
+        if self._forget_warm_up_failures() or short:
+            torch.cuda.empty_cache()
+
+    def _forget_warm_up_failures(self) -> bool:
+        """Whether a warm-up row (ids < 0, ``_run_alone``'s) failed; their failures are not any caller's to read."""
+        ours = [f for f in self._failed if f[0] < 0]
+        self._failed = [f for f in self._failed if f[0] >= 0]
+        return bool(ours)
 
     def tune_one_row(self, measure) -> None:
         """The one-row step's GEMV tiles for this card (``one_row_tuning``, on first use per GPU model), timed on row
