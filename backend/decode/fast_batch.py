@@ -60,6 +60,11 @@ MAX_ROWS = 256
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFIX_SLOTS = 256  # reserved before each row's context for an adapter prefix
 LONG_WARM_TOKENS = 1600  # the warm-up's long prompt (``_warm_long_prompt``)
+# Up to this many short prompts arriving together (a compare's two, a server's few joining requests) replay the
+# one-row prompt graphs one after the other: a 64-token chat's first token takes ~7 ms that way, where two rows'
+# eager prompt (~30 launches a layer from Python) gave first tokens at 14-42 ms on the H100 (bench/NOTES.md, run
+# 23); more rows go eagerly as one batch, whose host time is shared by all of them
+GRAPHED_PROMPT_ROWS = 3
 
 
 def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
@@ -585,11 +590,15 @@ class BatchFastDecoder:
     # -- prompts --------------------------------------------------------------------------------
 
     def _prefill(self, rows: list[_Row]) -> torch.Tensor:
-        """The new tokens of each row, right-padded into one batch: last-token logits [len(rows), V]. One row of
-        a short prompt replays a graph (``prompt_graphs``)."""
+        """The new tokens of each row, right-padded into one batch: last-token logits [len(rows), V]. Up to
+        GRAPHED_PROMPT_ROWS short prompts replay a graph each (``prompt_graphs``)."""
         new = [row.tokens[row.cached:] for row in rows]
-        if self._prompt_graphs is not None and self._prompt_graphs.takes(rows, new):
-            return self._prompt_graphs.logits(rows[0], new[0])
+        graphs = self._prompt_graphs
+        if graphs is not None and len(rows) <= GRAPHED_PROMPT_ROWS and all(graphs.takes([r], [n]) for r, n in zip(rows, new)):
+            if len(rows) == 1:
+                return graphs.logits(rows[0], new[0])
+            # each row's graph writes one output buffer: a copy of it, queued before the next row's replay
+            return torch.cat([graphs.logits(row, n).clone() for row, n in zip(rows, new)])
         T = max(len(n) for n in new)
         width = max(row.prefix_len + len(row.tokens) for row in rows)  # slots any row attends to
         return self._prompt_math(self._prefill_indices(rows, new, T), len(rows), T, width,

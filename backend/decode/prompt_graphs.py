@@ -11,7 +11,8 @@ position (-1 for padding, which writes nothing), prefix length and cache row, th
 real token and its cache row. Padding comes after the real tokens, so causally it changes nothing for them, and
 the slots past the row's end are masked out of every real query's keys.
 
-Several rows at once, prompts over the largest bucket and windows over ``MAX_WINDOW`` run eagerly: long prompts
+A few rows arriving together replay a graph each (``fast_batch.GRAPHED_PROMPT_ROWS``); more rows at once,
+prompts over the largest bucket and windows over ``MAX_WINDOW`` run eagerly: long prompts
 are bound by the GPU anyway, and the bounds keep the graphs' shared memory pool small on a small card. Graphs
 are captured at the decoder's warm-up, or else on a key's first use (the warm-up run before the capture writes
 the same keys the replay will).

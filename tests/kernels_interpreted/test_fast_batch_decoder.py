@@ -91,6 +91,31 @@ def test_one_row_prompts_padded_as_in_their_graphs_give_the_eager_tokens(monkeyp
 
 
 
+
+def test_a_few_prompts_arriving_together_replay_a_graph_each_and_give_the_eager_tokens(monkeypatch):
+    """A compare's two prompts (different adapters) and three at once each take the one-row prompt graph, padded as
+    in it, instead of one eager batch; four go as a batch. Tokens equal the eager decoder's."""
+    from backend.decode import fast_batch, prompt_graphs
+
+    monkeypatch.setattr(prompt_graphs, "TOKEN_BUCKETS", (4, 8))  # small buckets: the interpreter is slow
+    SHORT = SamplingParams(temperature=0.0, max_new_tokens=3)
+    model, prefixes = make_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=4, use_graphs=False, prompt_graphs=True)
+    graphed = []
+    logits = decoder._prompt_graphs.logits
+    decoder._prompt_graphs.logits = lambda row, new: graphed.append(len(new)) or logits(row, new)
+    prompts = [[5, 7, 9, 11, 40], [3, 4], [8, 8, 2, 6, 1, 30, 31], [12, 13, 14]]
+    groups = [[DecodeRequest(prompts[0], SHORT), DecodeRequest(prompts[0], SHORT, adapter="ad")],
+              [DecodeRequest(p, SHORT, adapter=("ad", None)[i % 2]) for i, p in enumerate(prompts[:3])],
+              [DecodeRequest(p, SHORT) for p in prompts]]
+    assert fast_batch.GRAPHED_PROMPT_ROWS == 3
+    # (the second group's first row finds the first group's adapter row parked: one token fed)
+    for requests, expected in zip(groups, ([5, 5], [1, 2, 7], [])):
+        graphed.clear()
+        fast = run(decoder, requests)
+        assert graphed == expected
+        assert fast == run(EagerBatchDecoder(model, prefixes.get, max_batch=4), requests)
+
 def test_unpadded_one_row_prompts_attend_causally_to_the_end_of_their_slots():
     """Without prompt graphs (a long pasted prompt takes this path on a GPU) one row's prompt is attended causally
     to the end of its slots with no mask (modeling.causal_to_end): a first turn, its next turn over the cached
