@@ -112,10 +112,7 @@ def causal_to_end(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> 
     gqa = keys.shape[1] != heads
     if T == W:
         return attention(q, keys, values, causal=True, gqa=gqa)
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, W), enable_gqa=gqa)
-    with decoding_attention():
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, W), enable_gqa=gqa)
+    return attention(q, keys, values, causal_lower_right(T, W), gqa=gqa)
 
 
 def keys_per_head(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -64,20 +64,30 @@ def test_greedy_rows_equal_the_eager_decoder_with_adapters_and_a_row_joining_lat
     assert alone[0] == fast[1]
 
 
+SHORT = SamplingParams(temperature=0.0, max_new_tokens=3)
+
+
+def graphed_decoder(monkeypatch, max_batch: int):
+    """(model, prefixes, a decoder whose one-row prompts run padded as in their graphs, eagerly, with small token
+    buckets, and the list of each such prompt's fed tokens)."""
+    from backend.decode import prompt_graphs
+
+    monkeypatch.setattr(prompt_graphs, "TOKEN_BUCKETS", (4, 8))  # small buckets: the interpreter is slow
+    model, prefixes = make_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=max_batch, use_graphs=False, prompt_graphs=True)
+    fed = []
+    logits = decoder._prompt_graphs.logits
+    decoder._prompt_graphs.logits = lambda row, new: fed.append(len(new)) or logits(row, new)
+    return model, prefixes, decoder, fed
+
 def test_one_row_prompts_padded_as_in_their_graphs_give_the_eager_tokens(monkeypatch):
     """A one-row prompt replays a CUDA graph padded to a token bucket and a key window (decode.prompt_graphs); run
     eagerly with the same padding here: a first turn, an adapter's prompt after its prefix slots, a next turn fed
     into a parked row and a prompt past the largest bucket give the eager decoder's tokens."""
     from backend.decode import prompt_graphs
 
-    monkeypatch.setattr(prompt_graphs, "TOKEN_BUCKETS", (4, 8))  # small buckets: the interpreter is slow
+    model, prefixes, decoder, padded = graphed_decoder(monkeypatch, max_batch=2)
     TOKEN_BUCKETS = prompt_graphs.TOKEN_BUCKETS
-    SHORT = SamplingParams(temperature=0.0, max_new_tokens=3)
-    model, prefixes = make_model()
-    decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False, prompt_graphs=True)
-    padded = []
-    logits = decoder._prompt_graphs.logits
-    decoder._prompt_graphs.logits = lambda row, new: padded.append(len(new)) or logits(row, new)
     first = DecodeRequest([5, 7, 9, 11, 40, 41, 42], SHORT)
     requests = [first]
     fast = [run(decoder, [first])[0]]
@@ -90,20 +100,12 @@ def test_one_row_prompts_padded_as_in_their_graphs_give_the_eager_tokens(monkeyp
     assert fast == eager
 
 
-
-
 def test_a_few_prompts_arriving_together_replay_a_graph_each_and_give_the_eager_tokens(monkeypatch):
     """A compare's two prompts (different adapters) and three at once each take the one-row prompt graph, padded as
     in it, instead of one eager batch; four go as a batch. Tokens equal the eager decoder's."""
-    from backend.decode import fast_batch, prompt_graphs
+    from backend.decode import fast_batch
 
-    monkeypatch.setattr(prompt_graphs, "TOKEN_BUCKETS", (4, 8))  # small buckets: the interpreter is slow
-    SHORT = SamplingParams(temperature=0.0, max_new_tokens=3)
-    model, prefixes = make_model()
-    decoder = BatchFastDecoder(model, prefixes.get, max_batch=4, use_graphs=False, prompt_graphs=True)
-    graphed = []
-    logits = decoder._prompt_graphs.logits
-    decoder._prompt_graphs.logits = lambda row, new: graphed.append(len(new)) or logits(row, new)
+    model, prefixes, decoder, graphed = graphed_decoder(monkeypatch, max_batch=4)
     prompts = [[5, 7, 9, 11, 40], [3, 4], [8, 8, 2, 6, 1, 30, 31], [12, 13, 14]]
     groups = [[DecodeRequest(prompts[0], SHORT), DecodeRequest(prompts[0], SHORT, adapter="ad")],
               [DecodeRequest(p, SHORT, adapter=("ad", None)[i % 2]) for i, p in enumerate(prompts[:3])],
@@ -116,11 +118,11 @@ def test_a_few_prompts_arriving_together_replay_a_graph_each_and_give_the_eager_
         assert graphed == expected
         assert fast == run(EagerBatchDecoder(model, prefixes.get, max_batch=4), requests)
 
+
 def test_unpadded_one_row_prompts_attend_causally_to_the_end_of_their_slots():
     """Without prompt graphs (a long pasted prompt takes this path on a GPU) one row's prompt is attended causally
     to the end of its slots with no mask (modeling.causal_to_end): a first turn, its next turn over the cached
     tokens, and an adapter's prompt after its prefix slots give the eager decoder's tokens."""
-    SHORT = SamplingParams(temperature=0.0, max_new_tokens=3)
     model, prefixes = make_model()
     decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False, prompt_graphs=False)
     first = DecodeRequest([5, 7, 9, 11, 40, 41, 42], SHORT)
