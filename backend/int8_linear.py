@@ -454,10 +454,15 @@ if HAVE_TRITON:
         W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         SPLIT_K: tl.constexpr = 1, SWAP_AB: tl.constexpr = False, WIDEN: tl.constexpr = 0,
+        norm_ptr=None, sq_ptr=None, res_ptr=None, stride_rm=0, eps=1e-5,
+        NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
     ):
         # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
         # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials c[s, M, N] (stride_cm
-        # is N), which _split_sum_kernel adds in order: more programs when few rows leave the SMs idle
+        # is N), which _split_sum_kernel adds in order: more programs when few rows leave the SMs idle.
+        # NORM: RMSNorm of a first, folded in: each A tile times the norm weight, the rows' sums of squares
+        # gathered from the same tiles (split: their partials in sq[s, M], written by the first column of
+        # programs), 1/rms applied to the float32 sum. RESIDUAL: res[M, N] (it may be c) added after the bias.
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -479,6 +484,7 @@ if HAVE_TRITON:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, tl.minimum(k_part, K - k_first), BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs + k0, mask=mm[:, None], other=0.0)
@@ -487,6 +493,11 @@ if HAVE_TRITON:
                 mk = (k0 + rk < K)[None, :]
                 a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk, other=0.0)
                 w = tl.load(w_ptrs + k0, mask=mn[:, None] & mk, other=0)
+            if NORM:
+                af = a.to(tl.float32)
+                sq += tl.sum(af * af, axis=1)
+                g = tl.load(norm_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+                a = (af * g[None, :]).to(a.dtype)
             if WIDEN == 1:  # int8 to fp16 by the exponent trick (packed_products.widen_int8_asm): exact
                 wide = widen_int8_f16(w)
             else:
@@ -500,28 +511,47 @@ if HAVE_TRITON:
         if SPLIT_K > 1:
             part = c_ptr + tl.program_id(1).to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
             tl.store(part, acc, mask=mm[:, None] & mn[None, :])
+            if NORM:
+                if pid_n == 0:
+                    tl.store(sq_ptr + tl.program_id(1) * M + rm, sq, mask=mm)
             return
+        if NORM:
+            acc = acc * tl.rsqrt(sq / K + eps)[:, None]
         if W_INT8:
             acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)[None, :]
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        if RESIDUAL:
+            res = tl.load(res_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :], mask=mm[:, None] & mn[None, :],
+                          other=0.0)
+            acc = acc + res.to(tl.float32)
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
     @triton.jit(do_not_specialize=["M"])
     def _split_sum_kernel(part_ptr, scale_ptr, bias_ptr, c_ptr, M, N, stride_cm, SPLIT_K: tl.constexpr,
-                          W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-        # c[m, n] = (sum over s of part[s, m, n], in order) * scale[n] (+ bias[n]): the split matmul's epilogue
+                          W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          sq_ptr=None, res_ptr=None, stride_rm=0, K=1, eps=1e-5,
+                          NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False):
+        # c[m, n] = (sum over s of part[s, m, n], in order) * scale[n] (+ bias[n]): the split matmul's epilogue,
+        # with the folded RMSNorm's 1/rms (from its partial sums of squares) and the residual as _matmul_kernel's
         m = tl.program_id(0).to(tl.int64)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = rn < N
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for s in range(SPLIT_K):
             acc += tl.load(part_ptr + (s * M + m) * N + rn, mask=mn, other=0.0)
+        if NORM:
+            sq = 0.0
+            for s in range(SPLIT_K):
+                sq += tl.load(sq_ptr + s * M + m)
+            acc = acc * tl.rsqrt(sq / K + eps)
         if W_INT8:
             acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            acc = acc + tl.load(res_ptr + m * stride_rm + rn, mask=mn, other=0.0).to(tl.float32)
         tl.store(c_ptr + m * stride_cm + rn, acc.to(c_ptr.dtype.element_ty), mask=mn)
 
 
@@ -654,15 +684,19 @@ def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: Optional
 
 
 def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, split_k: bool = True,
-           swap: Optional[bool] = None) -> torch.Tensor:
+           swap: Optional[bool] = None, *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5,
+           residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
     from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight. ``config``: (BLOCK_M, BLOCK_N,
     BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks); ``split_k`` False: one launch
     (no K splits) where launches cost host time. ``swap``: int8 weights as the tensor cores' first operand
-    (``kernels.matmul_swapped`` says why); None: whichever this card ran faster on first use (decode rows)."""
+    (``kernels.matmul_swapped`` says why); None: whichever this card ran faster on first use (decode rows).
+    ``norm_weight``: RMSNorm each row of x first (eps), and ``residual`` [M, N]: added to the product, both
+    inside the kernel (a decode step's launches are fewer: each is a few microseconds of a ~3 ms step);
+    ``out`` [M, N] receives the result (it may be the residual)."""
     M, K = x.shape
     if lw.is_int8 and M >= WIDEN_MIN_ROWS and config is None:
-        return widened_linear(x, lw)
+        return _epilogue_outside(x, lw, norm_weight, eps, residual, out)
     if swap is None:
         from .kernels.matmul_swapped import prefers_swapped
 
@@ -671,24 +705,47 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
     N = lw.weight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    elif out.data_ptr() == x.data_ptr():
+        raise ValueError("matmul's out must not be its input x: other programs still read the rows it writes")
     bm, bn, bk, warps, stages, split = config or matmul_config(M, N, K)
     split = split if split_k else 1
     scale = lw.scale if lw.is_int8 else out
     bias = lw.bias if lw.bias is not None else out
     # a split's float32 partials [split, M, N] (a few MB at decode rows), summed in order by _split_sum_kernel
     target = out if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+    sq = torch.empty(split, M, device=x.device, dtype=torch.float32) if norm_weight is not None and split > 1 else out
+    folded = dict(sq_ptr=sq, res_ptr=residual if residual is not None else out,
+                  stride_rm=residual.stride(0) if residual is not None else 0, eps=eps,
+                  NORM=norm_weight is not None, RESIDUAL=residual is not None)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
     _matmul_kernel[grid](
         x, lw.weight, scale, bias, target, M, N, K, x.stride(0), out.stride(0),
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, SWAP_AB=bool(swap), num_warps=warps,
         num_stages=stages, WIDEN=int(lw.is_int8 and x.dtype == torch.float16 and packed_products.tried()),
+        norm_ptr=norm_weight if norm_weight is not None else out,
+        **(folded if split == 1 else dict(folded, RESIDUAL=False)),  # (split: the sum adds the residual)
     )
     if split > 1:
         _split_sum_kernel[(M, triton.cdiv(N, 1024))](target, scale, bias, out, M, N, out.stride(0), SPLIT_K=split,
-                                                     W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, BLOCK_N=1024)
+                                                     W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, BLOCK_N=1024,
+                                                     K=K, **folded)
     return out
+
+
+def _epilogue_outside(x, lw: LinearWeights, norm_weight, eps, residual, out) -> torch.Tensor:
+    """``matmul``'s RMSNorm and residual as launches of their own around cuBLAS on the widened weight (prompts of
+    WIDEN_MIN_ROWS rows and more: compute-bound, where two more launches cost nothing that shows)."""
+    if norm_weight is not None:
+        from .kernels.decode_kernels import rms_norm_rows
+
+        x = rms_norm_rows(x, norm_weight, eps)
+    y = widened_linear(x, lw)
+    if residual is not None:
+        return torch.add(y, residual, out=out) if out is not None else y + residual
+    return y if out is None else out.copy_(y)
 
 
 MATMUL_SMALL_ROWS = 64  # up to here (decode rows, short prompts), tiles as tall as the rows

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..int8_linear import LinearWeights, default_gemv_config, gemv
+from ..int8_linear import MATMUL_SMALL_ROWS, LinearWeights, default_gemv_config, gemv
 from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, m_bucket, quant_linear, quantized_weight
@@ -121,8 +121,18 @@ class BatchLinear:
         return tuning.pick(key, [FourBitRows("kernel"), FourBitRows("widened")], run, device)
 
     def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k):
-        """RMSNorm, the wide matmul, SwiGLU and the residual as launches of their own (many rows, or no kernels)."""
+        """RMSNorm, the wide matmul, SwiGLU and the residual as launches of their own (many rows, or no kernels);
+        up to MATMUL_SMALL_ROWS int8 rows (decode steps, short prompts), RMSNorm and the residual inside the
+        int8 matmul's launches (two launches fewer a layer: at two rows they were ~4% of a step, bench/NOTES.md
+        run 25)."""
         fused = kernels_run(x)
+        if self._folds_into_matmul(x):
+            from ..int8_linear import matmul
+
+            if not swiglu:
+                return matmul(x, self.one_row, split_k=split_k, norm_weight=norm, eps=eps, residual=residual, out=out)
+            y = matmul(x, self.one_row, split_k=split_k, norm_weight=norm, eps=eps)
+            return self._after_product(swiglu_rows(y), residual, out)
         if norm is not None:
             x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
         y = self._wide(x, split_k)
@@ -132,6 +142,16 @@ class BatchLinear:
             else:
                 a, b = y.chunk(2, dim=-1)
                 y = F.silu(a) * b
+        return self._after_product(y, residual, out)
+
+    def _folds_into_matmul(self, x: torch.Tensor) -> bool:
+        """Whether these rows go through the int8 matmul with RMSNorm and the residual inside its launches: CUDA
+        decode rows (a prompt's rows would normalise each A tile again in every column of programs)."""
+        return (self.q is not None and self.q.fmt == "int8" and x.is_cuda and x.shape[0] <= MATMUL_SMALL_ROWS
+                and kernels_run(x))
+
+    @staticmethod
+    def _after_product(y: torch.Tensor, residual, out) -> torch.Tensor:
         if residual is not None:
             return y + residual if out is None else torch.add(y, residual, out=out)
         return y if out is None else out.copy_(y)
