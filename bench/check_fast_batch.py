@@ -164,7 +164,8 @@ def main() -> None:
         one_row_prompt_check(*model_and_prefixes(torch.bfloat16))
         return
     if "--quantized" in sys.argv:  # only the 8-bit and 4-bit lines (the kernels reading packed weights)
-        quantized_checks(("4bit",) if "4bit" in sys.argv else ("8bit", "4bit"))  # `--quantized 4bit`: NF4's only
+        only = [q for q in ("8bit", "4bit") if q in sys.argv]  # `--quantized 4bit`: NF4's lines only
+        quantized_checks(tuple(only) or ("8bit", "4bit"))
         return
     model, prefixes = model_and_prefixes(torch.float32)
     eager = run(EagerBatchDecoder(model, prefixes.get, max_batch=8), requests())
@@ -204,7 +205,8 @@ def main() -> None:
 
 def quantized_checks(quantizations=("8bit", "4bit")) -> None:
     for quantization in quantizations:
-        for copies in (1, 50):
+        for copies in (1, 4, 50):  # 4 rows (the few-rows GEMVs), 16 (the int8 matmul with RMSNorm and the
+            # residual inside its launches), 200 (the matmul's own)
             err = quantized_logits_error(quantization, copies)
             # the eager layers (Int8Linear's matmul for 8-bit, bitsandbytes' for NF4) against the batched step's
             # kernels reading the same packed weights: rounding apart

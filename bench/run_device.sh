@@ -23,6 +23,8 @@
 #   bash bench/run_device.sh ab-table2  # 8-bit with packed fp16 products and without, the int4 release, GPU checks
 #   bash bench/run_device.sh ab-packed  # ab-table and ab-table2's 8-bit and NF4 runs in one call, then the GPU checks
 #   bash bench/run_device.sh long-prompt  # a cold 1600-token prompt profiled (8-bit, NF4); the 8-bit table; eval
+#   bash bench/run_device.sh fused-steps  # int8 decode rows with RMSNorm and the residual in the matmul: checks, the
+#                                         # 8-bit table, the two-row step's kernels, eval, the cold long prompt
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
@@ -55,7 +57,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-4bit-rows|long-prompt|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-4bit-rows|long-prompt|fused-steps|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -282,6 +284,27 @@ prompt-newest)
     tail -n 3 "$OUT/prompt_$stack.txt"
   done
   ;;
+fused-steps)
+  # run 25: the int8 matmul with RMSNorm and the residual inside its launches (compare's two rows, evaluation's
+  # 64), and run 24's warm-up long prompt and graphed compare prompts: GPU checks, the 8-bit table as the app runs
+  # it, the two-row step's kernels, evaluation, the cold long prompt profiled
+  timeout 150 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check.log" 2>&1
+  timeout 60 python3 bench/check_fast_batch.py --one-row-prompt >> "$OUT/check.log" 2>&1
+  stamp "checks"; grep -a "^ok\|FAIL\|Error" "$OUT/check.log" | cut -c1-160
+  ENGINE_TIMEOUT=200 engine 8bit --model /tmp/glm6b --quantization 8bit --rows 1,2
+  rm -f "$OUT/engine_8bit.err"
+  grep -a '"chat"\|"compare"\|ttft_1600\|tuning' "$OUT/engine_8bit.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-260
+  timeout 100 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 1,2 \
+      > "$OUT/profile_steps.jsonl" 2> /tmp/profile.err
+  stamp "steps"; grep -a '"kernels"' "$OUT/profile_steps.jsonl" | cut -c1-900
+  s=$(date +%s)
+  timeout 90 python3 train_cli.py eval --model /tmp/glm6b --quantization 8bit --validation-file "$DEV" \
+      --prompt-column content --response-column summary --max-target-length 128 --output-dir /tmp/eval \
+      > /tmp/eval.log 2>&1
+  echo "{\"what\": \"eval\", \"rc\": $?, \"seconds\": $(( $(date +%s) - s )), \"inside\": \"$(grep -a -o '[0-9]* examples, [0-9.]* s' /tmp/eval.log)\"}" | tee "$OUT/eval.json"
+  timeout 100 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit > "$OUT/long_8bit.jsonl" 2> /tmp/long.err
+  stamp "long prompt"; cut -c1-1200 "$OUT/long_8bit.jsonl" | sed 's/.*"what"/"what"/'; tail -n 2 /tmp/long.err
+  ;;
 cold-prompt)
   # the cold 1600-token prompt alone (8-bit): after an idle GPU, a busy one, driven on the main thread; profiled
   timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit > "$OUT/cold_8bit.jsonl" 2> /tmp/cold.err
@@ -315,7 +338,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|prompt-newest" >&2
   exit 2
   ;;
 esac
