@@ -313,15 +313,10 @@ class ChatEngine:
     ) -> Iterator[ReplyEvent]:
         """The same prompt answered by two adapters (default: base vs active) in one batch, as streams 0 and 1."""
         pair = [self._adapter(a) for a in (list(adapters) or [None, self._active])]
-        streams = []
-        try:
-            for a in pair:
-                ids = self.prompt_ids(query, history, a, system)  # an adapter's source prefix makes its prompt its own
-                streams.append(self._submit(ids, params, a, seed, cancel, self.tokenizer.chat_stop_ids()))
-        except BaseException:
-            for stream in streams:
-                stream.cancel()
-            raise
+        stop = frozenset(self.tokenizer.chat_stop_ids())
+        # an adapter's source prefix makes its prompt its own; both queued at once: their prompts run in one pass
+        requests = [DecodeRequest(self.prompt_ids(query, history, a, system), params, a, seed, stop) for a in pair]
+        streams = self.batcher.submit_together(requests, cancel)
         replies = [_ReplyBuilder(self.tokenizer, s, (), i) for i, s in enumerate(streams)]
         for i, token in merge_streams(streams):
             yield from replies[i].on_end() if token is None else replies[i].on_token(token)

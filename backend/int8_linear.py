@@ -15,7 +15,7 @@ Two Triton kernels do the arithmetic on CUDA:
   before a tensor-core ``tl.dot``; the row scale is applied to the float32 sum.
 From ``WIDEN_MIN_ROWS`` rows up (long prompts, training micro-batches) the matmul is compute-bound and
 cuBLAS beats the Triton tiles, so ``widened_linear`` widens the weight a chunk of rows at a time
-(``(q * scale)`` in the activation dtype, at most ``WIDEN_CHUNK_BYTES`` alive) for ``F.linear``.
+(``(q * scale)`` in the activation dtype, at most ``widen_chunk_bytes`` alive) for ``F.linear``.
 Without CUDA (or Triton) the same functions run as plain torch math.
 """
 
@@ -454,15 +454,12 @@ if HAVE_TRITON:
         W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         SPLIT_K: tl.constexpr = 1, SWAP_AB: tl.constexpr = False, WIDEN: tl.constexpr = 0,
-        norm_ptr=None, sq_ptr=None, res_ptr=None, stride_rm=0, eps=1e-5,
-        NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+        res_ptr=None, stride_rm=0, RESIDUAL: tl.constexpr = False,
     ):
         # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
         # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials c[s, M, N] (stride_cm
         # is N), which _split_sum_kernel adds in order: more programs when few rows leave the SMs idle.
-        # NORM: RMSNorm of a first, folded in: each A tile times the norm weight, the rows' sums of squares
-        # gathered from the same tiles (split: their partials in sq[s, M], written by the first column of
-        # programs), 1/rms applied to the float32 sum. RESIDUAL: res[M, N] (it may be c) added after the bias.
+        # RESIDUAL: res[M, N] (it may be c) added after the bias (split: by _split_sum_kernel).
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -484,7 +481,6 @@ if HAVE_TRITON:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, tl.minimum(k_part, K - k_first), BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs + k0, mask=mm[:, None], other=0.0)
@@ -493,11 +489,6 @@ if HAVE_TRITON:
                 mk = (k0 + rk < K)[None, :]
                 a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk, other=0.0)
                 w = tl.load(w_ptrs + k0, mask=mn[:, None] & mk, other=0)
-            if NORM:
-                af = a.to(tl.float32)
-                sq += tl.sum(af * af, axis=1)
-                g = tl.load(norm_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-                a = (af * g[None, :]).to(a.dtype)
             if WIDEN == 1:  # int8 to fp16 by the exponent trick (packed_products.widen_int8_asm): exact
                 wide = widen_int8_f16(w)
             else:
@@ -511,12 +502,7 @@ if HAVE_TRITON:
         if SPLIT_K > 1:
             part = c_ptr + tl.program_id(1).to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
             tl.store(part, acc, mask=mm[:, None] & mn[None, :])
-            if NORM:
-                if pid_n == 0:
-                    tl.store(sq_ptr + tl.program_id(1) * M + rm, sq, mask=mm)
             return
-        if NORM:
-            acc = acc * tl.rsqrt(sq / K + eps)[:, None]
         if W_INT8:
             acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)[None, :]
         if HAS_BIAS:
@@ -531,21 +517,15 @@ if HAVE_TRITON:
     @triton.jit(do_not_specialize=["M"])
     def _split_sum_kernel(part_ptr, scale_ptr, bias_ptr, c_ptr, M, N, stride_cm, SPLIT_K: tl.constexpr,
                           W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          sq_ptr=None, res_ptr=None, stride_rm=0, K=1, eps=1e-5,
-                          NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False):
-        # c[m, n] = (sum over s of part[s, m, n], in order) * scale[n] (+ bias[n]): the split matmul's epilogue,
-        # with the folded RMSNorm's 1/rms (from its partial sums of squares) and the residual as _matmul_kernel's
+                          res_ptr=None, stride_rm=0, RESIDUAL: tl.constexpr = False):
+        # c[m, n] = (sum over s of part[s, m, n], in order) * scale[n] (+ bias[n]) (+ res[m, n]): the split
+        # matmul's epilogue
         m = tl.program_id(0).to(tl.int64)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = rn < N
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for s in range(SPLIT_K):
             acc += tl.load(part_ptr + (s * M + m) * N + rn, mask=mn, other=0.0)
-        if NORM:
-            sq = 0.0
-            for s in range(SPLIT_K):
-                sq += tl.load(sq_ptr + s * M + m)
-            acc = acc * tl.rsqrt(sq / K + eps)
         if W_INT8:
             acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)
         if HAS_BIAS:
@@ -684,19 +664,18 @@ def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: Optional
 
 
 def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, split_k: bool = True,
-           swap: Optional[bool] = None, *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5,
-           residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+           swap: Optional[bool] = None, *, residual: Optional[torch.Tensor] = None,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
     from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight. ``config``: (BLOCK_M, BLOCK_N,
     BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks); ``split_k`` False: one launch
     (no K splits) where launches cost host time. ``swap``: int8 weights as the tensor cores' first operand
     (``kernels.matmul_swapped`` says why); None: whichever this card ran faster on first use (decode rows).
-    ``norm_weight``: RMSNorm each row of x first (eps), and ``residual`` [M, N]: added to the product, both
-    inside the kernel (a decode step's launches are fewer: each is a few microseconds of a ~3 ms step);
-    ``out`` [M, N] receives the result (it may be the residual)."""
+    ``residual`` [M, N]: added inside the kernel's epilogue (a decode step's add is a launch of its own
+    otherwise); ``out`` [M, N] receives the result (it may be the residual, not x)."""
     M, K = x.shape
     if lw.is_int8 and M >= WIDEN_MIN_ROWS and config is None:
-        return _epilogue_outside(x, lw, norm_weight, eps, residual, out)
+        return widened_linear(x, lw, residual, out)
     if swap is None:
         from .kernels.matmul_swapped import prefers_swapped
 
@@ -715,37 +694,21 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
     bias = lw.bias if lw.bias is not None else out
     # a split's float32 partials [split, M, N] (a few MB at decode rows), summed in order by _split_sum_kernel
     target = out if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
-    sq = torch.empty(split, M, device=x.device, dtype=torch.float32) if norm_weight is not None and split > 1 else out
-    folded = dict(sq_ptr=sq, res_ptr=residual if residual is not None else out,
-                  stride_rm=residual.stride(0) if residual is not None else 0, eps=eps,
-                  NORM=norm_weight is not None, RESIDUAL=residual is not None)
+    res = dict(res_ptr=residual if residual is not None else out,
+               stride_rm=residual.stride(0) if residual is not None else 0, RESIDUAL=residual is not None)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
     _matmul_kernel[grid](
         x, lw.weight, scale, bias, target, M, N, K, x.stride(0), out.stride(0),
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, SWAP_AB=bool(swap), num_warps=warps,
         num_stages=stages, WIDEN=int(lw.is_int8 and x.dtype == torch.float16 and packed_products.tried()),
-        norm_ptr=norm_weight if norm_weight is not None else out,
-        **(folded if split == 1 else dict(folded, RESIDUAL=False)),  # (split: the sum adds the residual)
+        **(res if split == 1 else {}),  # (split: the sum adds the residual)
     )
     if split > 1:
         _split_sum_kernel[(M, triton.cdiv(N, 1024))](target, scale, bias, out, M, N, out.stride(0), SPLIT_K=split,
                                                      W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, BLOCK_N=1024,
-                                                     K=K, **folded)
+                                                     **res)
     return out
-
-
-def _epilogue_outside(x, lw: LinearWeights, norm_weight, eps, residual, out) -> torch.Tensor:
-    """``matmul``'s RMSNorm and residual as launches of their own around cuBLAS on the widened weight (prompts of
-    WIDEN_MIN_ROWS rows and more: compute-bound, where two more launches cost nothing that shows)."""
-    if norm_weight is not None:
-        from .kernels.decode_kernels import rms_norm_rows
-
-        x = rms_norm_rows(x, norm_weight, eps)
-    y = widened_linear(x, lw)
-    if residual is not None:
-        return torch.add(y, residual, out=out) if out is not None else y + residual
-    return y if out is None else out.copy_(y)
 
 
 MATMUL_SMALL_ROWS = 64  # up to here (decode rows, short prompts), tiles as tall as the rows
@@ -769,12 +732,29 @@ def matmul_config(M: int, N: int, K: int = 4096) -> tuple:
 # repaid when the matmul is compute-bound (bench/NOTES.md, run 9); GLMCHAT_WIDEN_MIN_ROWS moves it for benchmarks.
 WIDEN_MIN_ROWS = int(os.environ.get("GLMCHAT_WIDEN_MIN_ROWS", "1024"))
 WIDEN_CHUNK_BYTES = 64 << 20  # the widened slice alive at once (a small card trains beside it)
+# ... and on a card that gives this process 32 GiB or more: fc1 of a 6B layer (224 MB in 16 bits) in one block,
+# fc2 in one: half the launches of a long prompt, whose host time the GPU waited for (a cold 1600-token prompt
+# left the H100 idle 8 ms of its 45 between launches, bench/NOTES.md run 25)
+WIDE_CARD_CHUNK_BYTES = 256 << 20
+WIDE_CARD_BYTES = 32 << 30
 
 
-def _widen_block(total: int, other: int, itemsize: int) -> int:
-    """Rows (or columns) of a widened block: within WIDEN_CHUNK_BYTES, a multiple of 128 unless the whole
+def widen_chunk_bytes(device: torch.device) -> int:
+    """The widened block's size limit on this device: ``WIDE_CARD_CHUNK_BYTES`` where the process may use
+    ``WIDE_CARD_BYTES`` of a GPU (its memory fraction counted: a small card's cap on a big one gets the small
+    card's blocks), else ``WIDEN_CHUNK_BYTES``."""
+    if device.type != "cuda":
+        return WIDEN_CHUNK_BYTES
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(index)
+    allowed = torch.cuda.get_device_properties(index).total_memory * fraction
+    return WIDE_CARD_CHUNK_BYTES if allowed >= WIDE_CARD_BYTES else WIDEN_CHUNK_BYTES
+
+
+def _widen_block(total: int, other: int, itemsize: int, device: torch.device) -> int:
+    """Rows (or columns) of a widened block: within ``widen_chunk_bytes``, a multiple of 128 unless the whole
     (cuBLAS slows down several times on a block whose size is not a multiple of 8: 2450 rows of fc2 did)."""
-    fit = WIDEN_CHUNK_BYTES // max(1, other * itemsize)
+    fit = widen_chunk_bytes(device) // max(1, other * itemsize)
     return total if fit >= total else max(128, fit // 128 * 128)
 
 
@@ -790,25 +770,34 @@ def _widen(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return torch.mul(q, scale[:, None], out=out)
 
 
-def linear_in_blocks(x: torch.Tensor, n: int, widen: Callable[[slice], torch.Tensor], bias=None) -> torch.Tensor:
-    """x [..., K] @ W.T + bias through cuBLAS, W [n, K] given a block of output rows at a time by ``widen(rows)``
-    (at most WIDEN_CHUNK_BYTES of it alive at once): stored weights, int8 or packed 4-bit, read by cuBLAS without a
-    whole widened copy."""
-    rows = _widen_block(n, x.shape[-1], x.element_size())
-    if rows == n:
-        return F.linear(x, widen(slice(0, n)), bias)
-    out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
+def linear_in_blocks(x: torch.Tensor, n: int, widen: Callable[[slice], torch.Tensor], bias=None,
+                     residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] @ W.T + bias (+ residual) through cuBLAS, W [n, K] given a block of output rows at a time by
+    ``widen(rows)`` (at most ``widen_chunk_bytes`` of it alive at once): stored weights, int8 or packed 4-bit,
+    read by cuBLAS without a whole widened copy. ``out`` receives the result; where it is the residual itself,
+    cuBLAS adds each block's product into it (no add of its own: 56 launches of a long prompt)."""
+    rows = _widen_block(n, x.shape[-1], x.element_size(), x.device)
+    in_place = residual is not None and out is not None and out.data_ptr() == residual.data_ptr() and bias is None
+    if rows == n and not in_place:
+        y = F.linear(x, widen(slice(0, n)), bias)
+        if residual is not None:
+            return y + residual if out is None else torch.add(y, residual, out=out)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
     flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, n)
     for n0 in range(0, n, rows):
         block = slice(n0, n0 + rows)
-        _product_into(flat_out[:, block], flat_x, widen(block).t(), None if bias is None else bias[block])
+        _product_into(flat_out[:, block], flat_x, widen(block).t(), None if bias is None else bias[block], in_place)
+    if residual is not None and not in_place:
+        out += residual
     return out
 
 
 def grad_input_in_blocks(grad_out: torch.Tensor, k: int, widen_cols: Callable[[slice], torch.Tensor]) -> torch.Tensor:
     """dx [..., k] = grad_out [..., N] @ W, W [N, k] given a block of input columns at a time by
     ``widen_cols(cols)`` (a multiple of 128 columns, or all): each column of dx summed whole in one matmul."""
-    cols = _widen_block(k, grad_out.shape[-1], grad_out.element_size())
+    cols = _widen_block(k, grad_out.shape[-1], grad_out.element_size(), grad_out.device)
     if cols == k:
         return grad_out @ widen_cols(slice(0, k))
     out = torch.empty(*grad_out.shape[:-1], k, device=grad_out.device, dtype=grad_out.dtype)
@@ -819,22 +808,29 @@ def grad_input_in_blocks(grad_out: torch.Tensor, k: int, widen_cols: Callable[[s
     return out
 
 
-def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
-    """out = a @ b (+ bias), written by cuBLAS straight into ``out``, a block of columns of a wider result (rows
-    strided): assigning a product to the block instead costs a copy of it, 4 of a cold 1600-token prompt's 53 ms
-    on the H100 (bench/NOTES.md, run 23). Under autograd (out= records no graph) the product is copied in."""
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  accumulate: bool = False) -> None:
+    """out = a @ b (+ bias), or out += a @ b (``accumulate``), written by cuBLAS straight into ``out``, a block
+    of columns of a wider result (rows strided): assigning a product to the block instead costs a copy of it, 4 of
+    a cold 1600-token prompt's 53 ms on the H100 (bench/NOTES.md, run 23). Under autograd (out= records no graph)
+    the product is copied in."""
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        out.copy_(a @ b if bias is None else torch.addmm(bias, a, b))
+        product = a @ b if bias is None else torch.addmm(bias, a, b)
+        out.add_(product) if accumulate else out.copy_(product)
+    elif accumulate:
+        torch.addmm(out, a, b, out=out)
     elif bias is None:
         torch.mm(a, b, out=out)
     else:
         torch.addmm(bias, a, b, out=out)
 
 
-def widened_linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
-    """x [M, K] @ (q * scale).T + bias, the int8 weight widened to x's dtype a block of output rows at a time and
-    rounded once, as bitsandbytes' dequantized weight is."""
-    return linear_in_blocks(x, lw.weight.shape[0], lambda rows: _widen(lw.weight[rows], lw.scale[rows], x.dtype), lw.bias)
+def widened_linear(x: torch.Tensor, lw: LinearWeights, residual: Optional[torch.Tensor] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] @ (q * scale).T + bias (+ residual, into out: ``linear_in_blocks``), the int8 weight widened to
+    x's dtype a block of output rows at a time and rounded once, as bitsandbytes' dequantized weight is."""
+    return linear_in_blocks(x, lw.weight.shape[0], lambda rows: _widen(lw.weight[rows], lw.scale[rows], x.dtype),
+                            lw.bias, residual, out)
 
 
 def widened_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -212,12 +212,19 @@ def quantized_checks(quantizations=("8bit", "4bit")) -> None:
             # kernels reading the same packed weights: rounding apart
             check(f"{quantization} logits of {4 * copies} rows (prompt + 2 steps) agree with eager",
                   err < 5e-2, f"relative error {err:.2e}")
+        # one row's 1100-token prompt: the weight widened for cuBLAS, which adds dense's and fc2's products into
+        # the residual stream in place
+        g = torch.Generator().manual_seed(2)
+        long = [DecodeRequest(torch.randint(10, 2000, (1100,), generator=g).tolist(), GREEDY)]
+        err = quantized_logits_error(quantization, reqs=long)
+        check(f"{quantization} logits of one row's 1100-token prompt (+ 2 steps) agree with eager", err < 5e-2,
+              f"relative error {err:.2e}")
 
 
-def quantized_logits_error(quantization: str, copies: int = 1) -> float:
+def quantized_logits_error(quantization: str, copies: int = 1, reqs: list | None = None) -> float:
     """Save the small model, load it 8-bit or 4-bit as users do, and compare the batched fast decoder's
-    logits (prompt and two steps of ``4 * copies`` rows in one batch) with the eager decoder's (the model's own
-    quantized modules); a step's logits count where both picked the same tokens before."""
+    logits (prompt and two steps of ``4 * copies`` rows in one batch, or of ``reqs``) with the eager decoder's (the
+    model's own quantized modules); a step's logits count where both picked the same tokens before."""
     import tempfile
 
     from backend.loading import load_model
@@ -230,15 +237,17 @@ def quantized_logits_error(quantization: str, copies: int = 1) -> float:
         ChatGLMTokenizer(vocab_file=str(make_tokenizer_file(Path(tmp) / "_sp"))).save_pretrained(tmp)
         loaded = load_model(tmp, quantization=quantization)
     captured, tokens = {}, {}
-    reqs = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=3)) for r in requests()] * copies
-    if copies == 1:
-        ahead_check(quantization, loaded.model, lambda a: None, 4)
-    for name, dec in (("eager", EagerBatchDecoder(loaded.model, lambda a: None, max_batch=4 * copies)),
-                      ("fast", logits_decoder(loaded.model, lambda a: None, max_batch=4 * copies))):
+    if reqs is None:
+        reqs = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=3)) for r in requests()] * copies
+        if copies == 1:
+            ahead_check(quantization, loaded.model, lambda a: None, 4)
+    reqs = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=3)) for r in reqs]
+    for name, dec in (("eager", EagerBatchDecoder(loaded.model, lambda a: None, max_batch=len(reqs))),
+                      ("fast", logits_decoder(loaded.model, lambda a: None, max_batch=len(reqs)))):
         rows = captured[name] = {}
         take = dec._take
         dec._take = lambda row, lg, *a, rows=rows, take=take: rows.setdefault(row.id, []).append(lg.float().clone()) or take(row, lg, *a)
-        tokens[name] = run(dec, reqs)
+        tokens[name] = run(dec, reqs) if len(reqs) > 1 else {0: run_alone(dec, reqs[0])}
     pairs = [(captured["fast"][i][k], captured["eager"][i][k]) for i in tokens["eager"] for k in range(3)
              if tokens["fast"][i][:k] == tokens["eager"][i][:k]]
     fast, eager = torch.cat([a.flatten() for a, _ in pairs]), torch.cat([b.flatten() for _, b in pairs])

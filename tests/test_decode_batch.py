@@ -168,6 +168,33 @@ def test_batcher_streams_concurrent_requests_as_rows_of_one_batch(model, prefixe
     assert max(seen_rows) > 1  # they really were decoded together
 
 
+def test_requests_submitted_together_start_in_one_step(model, prefixes):
+    """A compare's two columns: queued at once, admitted in one round, so their prompts run in one pass (submitted
+    one after the other, the thread could start the first before the second arrived); all queued or none."""
+    dec = decoder(model, prefixes, max_batch=2)
+    first_prompts = []
+    step = dec.step
+
+    def watching():
+        if not first_prompts:
+            first_prompts.append(dec.rows)
+        return step()
+
+    dec.step = watching
+    batcher = Batcher(dec, max_queue=0)
+    try:
+        with pytest.raises(BusyError, match="try again"):
+            batcher.submit_together([DecodeRequest(p, GREEDY) for p in PROMPTS[:3]])
+        requests = [DecodeRequest(PROMPTS[0], GREEDY), DecodeRequest(PROMPTS[1], GREEDY, "a")]
+        streams = batcher.submit_together(requests)
+        results = [list(s) for s in streams]
+    finally:
+        batcher.close()
+    assert first_prompts == [2]
+    for got, r in zip(results, requests):
+        assert got == single_stream(model, prefixes[r.adapter], r.prompt_ids, GREEDY)
+
+
 def test_cancel_frees_the_row_and_the_queue_is_bounded(model, prefixes):
     dec = decoder(model, prefixes, max_batch=1)
     batcher = Batcher(dec, max_queue=1)

@@ -166,6 +166,48 @@ def test_widened_linear_and_grad_input_equal_the_dequantised_weight(monkeypatch,
     torch.testing.assert_close(widened_grad_input(dy, q, scale), dy @ w, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 128 * 260 * 2])
+def test_the_widened_product_adds_into_the_residual_in_place(monkeypatch, chunk_bytes):
+    """A long prompt's dense and fc2: out is the residual stream, and cuBLAS adds each block's product into it (no
+    add of its own); with another out, or none, the residual is added after; the caller's residual is untouched."""
+    from backend import int8_linear
+    from backend.int8_linear import LinearWeights, quantize_per_channel, widened_linear
+
+    monkeypatch.setattr(int8_linear, "WIDEN_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(1)
+    q, scale = quantize_per_channel(torch.randn(300, 260, generator=g))
+    x = torch.randn(7, 260, generator=g)
+    residual = torch.randn(7, 300, generator=g)
+    lw = LinearWeights(q, scale, None)
+    want = x @ (q.float() * scale[:, None]).T + residual
+    stream = residual.clone()
+    got = widened_linear(x, lw, stream, out=stream)
+    assert got.data_ptr() == stream.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    kept = residual.clone()
+    torch.testing.assert_close(widened_linear(x, lw, residual), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(widened_linear(x, lw, residual, out=torch.empty(7, 300)), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(residual, kept)
+
+
+def test_big_cards_widen_bigger_blocks_unless_capped(monkeypatch):
+    """On a GPU this process may use 32 GiB of, a whole 6B fc1 widens in one block (half a long prompt's launches);
+    a small card, or a small card's memory cap on a big one, keeps the small blocks; the CPU keeps them too."""
+    from types import SimpleNamespace
+
+    from backend import int8_linear
+
+    gib = 1 << 30
+    for total, fraction, want in ((80 * gib, 1.0, int8_linear.WIDE_CARD_CHUNK_BYTES),
+                                  (80 * gib, 6 / 80, int8_linear.WIDEN_CHUNK_BYTES),
+                                  (16 * gib, 1.0, int8_linear.WIDEN_CHUNK_BYTES)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, t=total: SimpleNamespace(total_memory=t))
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i, f=fraction: f, raising=False)
+        assert int8_linear.widen_chunk_bytes(torch.device("cuda", 0)) == want
+    assert int8_linear.widen_chunk_bytes(torch.device("cpu")) == int8_linear.WIDEN_CHUNK_BYTES
+    assert int8_linear._widen_block(27392, 4096, 2, torch.device("cpu")) == 8192  # fc1 in 64 MB blocks on the CPU
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton/cuBLAS choice is made on CUDA only")
 def test_int8_layer_switches_to_the_widened_path_at_widen_min_rows():
     """Below WIDEN_MIN_ROWS tokens the Triton kernels, from it cuBLAS on the widened weight: both close to the

@@ -131,15 +131,13 @@ def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
     swapping: the unswapped kernel stores each widened tile to shared memory for wgmma's second operand)."""
     from backend.int8_linear import _matmul_kernel, matmul_config
 
-    types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT, "norm_ptr": ACT,
-             "sq_ptr": "*fp32", "res_ptr": ACT, "eps": "fp32"}
+    types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT, "res_ptr": ACT}
     configs = {matmul_config(m, n, k) for m in (5, 8, 16, 32, 64, 128, 256) for n, k in SHAPES}
     configs |= {c[:-1] + (1,) for c in configs}
     for bm, bn, bk, warps, stages, split in sorted(configs):
-        folded = bm <= 64  # (decode rows fold RMSNorm and the residual in)
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                   "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": True, "WIDEN": 1,  # (fp16 rows: widened by PTX)
-                  "NORM": folded, "RESIDUAL": folded}
+                  "RESIDUAL": split == 1}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
         if arch == 90:  # wgmma.mma_async ... {accumulators}, {A registers}, B descriptor
@@ -168,23 +166,21 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
     ptx = compile_for(_widen_kernel, {"q_ptr": "*i8", "scale_ptr": "*fp32", "out_ptr": ACT}, {"BLOCK_N": 32, "BLOCK_K": 256}, arch)
     assert byte_loads(ptx) == 0
 
-    types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT, "norm_ptr": ACT,
-             "sq_ptr": "*fp32", "res_ptr": ACT, "eps": "fp32"}
+    types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT, "res_ptr": ACT}
     configs = {matmul_config(m, n, k) for m in (2, 3, 16, 32, 64, 128, 256, 512) for n, k in SHAPES}
     assert {c[-1] for c in configs} != {1}  # some decode rows split K
     configs |= {c[:-1] + (1,) for c in configs}  # and prompts run the same tiles unsplit
     for bm, bn, bk, warps, stages, split in sorted(configs):
-        folded = bm <= 64  # decode rows: RMSNorm and the residual inside the launches (BatchLinear._matmul_path)
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "NORM": folded, "RESIDUAL": folded}
+                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": split == 1}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
     for split in sorted({c[-1] for c in configs} - {1}):
-        for folded in (False, True):
+        for residual in (False, True):
             compile_for(_split_sum_kernel, {"part_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT,
-                                            "sq_ptr": "*fp32", "res_ptr": ACT, "eps": "fp32"},
-                        {"SPLIT_K": split, "W_INT8": True, "HAS_BIAS": False, "BLOCK_N": 1024, "NORM": folded,
-                         "RESIDUAL": folded}, arch)
+                                            "res_ptr": ACT},
+                        {"SPLIT_K": split, "W_INT8": True, "HAS_BIAS": False, "BLOCK_N": 1024, "RESIDUAL": residual},
+                        arch)
 
 
 def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_vector_loads():

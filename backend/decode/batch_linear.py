@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..int8_linear import MATMUL_SMALL_ROWS, LinearWeights, default_gemv_config, gemv
+from ..int8_linear import LinearWeights, default_gemv_config, gemv
 from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, m_bucket, quant_linear, quantized_weight
@@ -121,34 +121,20 @@ class BatchLinear:
         return tuning.pick(key, [FourBitRows("kernel"), FourBitRows("widened")], run, device)
 
     def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k):
-        """RMSNorm, the wide matmul, SwiGLU and the residual as launches of their own (many rows, or no kernels);
-        up to MATMUL_SMALL_ROWS int8 rows (decode steps, short prompts), RMSNorm and the residual inside the
-        int8 matmul's launches (two launches fewer a layer: at two rows they were ~4% of a step, bench/NOTES.md
-        run 25)."""
+        """RMSNorm, the wide matmul and SwiGLU as launches of their own (many rows, or no kernels); the residual
+        inside the product's launches where it follows it directly (``_wide``)."""
         fused = kernels_run(x)
-        if self._folds_into_matmul(x):
-            from ..int8_linear import matmul
-
-            if not swiglu:
-                return matmul(x, self.one_row, split_k=split_k, norm_weight=norm, eps=eps, residual=residual, out=out)
-            y = matmul(x, self.one_row, split_k=split_k, norm_weight=norm, eps=eps)
-            return self._after_product(swiglu_rows(y), residual, out)
         if norm is not None:
             x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
+        if not swiglu:
+            return self._wide(x, split_k, residual, out)
         y = self._wide(x, split_k)
-        if swiglu:
-            if fused:
-                y = swiglu_rows(y)
-            else:
-                a, b = y.chunk(2, dim=-1)
-                y = F.silu(a) * b
+        if fused:
+            y = swiglu_rows(y)
+        else:
+            a, b = y.chunk(2, dim=-1)
+            y = F.silu(a) * b
         return self._after_product(y, residual, out)
-
-    def _folds_into_matmul(self, x: torch.Tensor) -> bool:
-        """Whether these rows go through the int8 matmul with RMSNorm and the residual inside its launches: CUDA
-        decode rows (a prompt's rows would normalise each A tile again in every column of programs)."""
-        return (self.q is not None and self.q.fmt == "int8" and x.is_cuda and x.shape[0] <= MATMUL_SMALL_ROWS
-                and kernels_run(x))
 
     @staticmethod
     def _after_product(y: torch.Tensor, residual, out) -> torch.Tensor:
@@ -175,16 +161,18 @@ class BatchLinear:
         return gemv(x, self.one_row, out, norm_weight=norm, eps=eps, swiglu=swiglu, residual=residual, rope=rope,
                     argmax=argmax, pdl=pdl, config=self.row_config)
 
-    def _wide(self, x: torch.Tensor, split_k: bool = True) -> torch.Tensor:
-        """x @ W.T + b for many rows: tensor cores on the weight (int8 widened in registers, or a block at a time for
-        cuBLAS from WIDEN_MIN_ROWS; 4-bit a block at a time for cuBLAS)."""
+    def _wide(self, x: torch.Tensor, split_k: bool = True, residual=None, out=None) -> torch.Tensor:
+        """x @ W.T + b (+ residual, into out) for many rows: tensor cores on the weight (int8 widened in registers,
+        the residual added in the matmul's epilogue; or a block at a time for cuBLAS from WIDEN_MIN_ROWS, and
+        4-bit a block at a time, cuBLAS adding into the residual when it is ``out``)."""
         if self.q is None:
-            return F.linear(x, self.w, self.bias)
-        if self.q.fmt == "int8" and x.is_cuda:  # int8 tiles widened in registers (or blocks for cuBLAS from 1024 rows)
+            y = F.linear(x, self.w, self.bias)
+        elif self.q.fmt == "int8" and x.is_cuda:
             from ..int8_linear import matmul
 
-            return matmul(x, self.one_row, split_k=split_k)
-        if self.q.fmt in ("nf4", "int4"):
-            return widened_linear(x, self.q, self.bias)
-        return F.linear(x, self.q.dequantize(x.dtype), self.bias)
-
+            return matmul(x, self.one_row, split_k=split_k, residual=residual, out=out)
+        elif self.q.fmt in ("nf4", "int4"):
+            return widened_linear(x, self.q, self.bias, residual, out)
+        else:
+            y = F.linear(x, self.q.dequantize(x.dtype), self.bias)
+        return self._after_product(y, residual, out)

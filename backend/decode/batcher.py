@@ -141,15 +141,22 @@ class Batcher:
                loop: Optional[asyncio.AbstractEventLoop] = None) -> TokenStream:
         """A stream of the request's new tokens; ``cancel`` (set from any thread) frees its row at the next step;
         ``loop``: the stream is read with ``async for`` on that event loop."""
-        self.decoder.check(request)  # a request that can never run: its BackendError, at once
+        return self.submit_together([request], cancel, loop)[0]
+
+    def submit_together(self, requests: Sequence[DecodeRequest], cancel: Optional[threading.Event] = None,
+                        loop: Optional[asyncio.AbstractEventLoop] = None) -> list[TokenStream]:
+        """``submit`` for requests that start together (a compare's columns): queued at once, so the thread admits
+        them in one round and their prompts run in one pass; all are queued or none."""
+        for request in requests:
+            self.decoder.check(request)  # a request that can never run: its BackendError, at once
         with self._cond:
             # the waiting list holds new requests until the thread admits them: free rows count as room too
-            if len(self._waiting) + len(self._running) >= self.decoder.max_batch + self.max_queue:
+            if len(self._waiting) + len(self._running) + len(requests) > self.decoder.max_batch + self.max_queue:
                 raise BusyError(f"all {self.decoder.max_batch} decoding rows are busy and {self.max_queue} requests wait; try again shortly.")
-            stream = TokenStream(self, next(self._ids), request, cancel, loop)
-            self._waiting.append(stream)
+            streams = [TokenStream(self, next(self._ids), request, cancel, loop) for request in requests]
+            self._waiting.extend(streams)
             self._cond.notify()
-        return stream
+        return streams
 
     def run_when_idle(self, job: Callable[[], object]) -> Future:
         """Run ``job`` on the decoding thread as soon as no row runs, before admitting waiting requests (they wait

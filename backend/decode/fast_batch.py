@@ -623,8 +623,10 @@ class BatchFastDecoder:
                                      num_heads=H, num_groups=G, inv_freq=self.inv_freq, cache_rows=token_rows,
                                      position_divisor=self.rope.position_divisor, angle_dtype=self.angle_dtype)
                 attn = self._prompt_attention(q.view(B, T, H, D).transpose(1, 2), i, one_slot, slot_rows, width, mask)
-                x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x, split_k=False)
-                x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=False)
+                # the residual stream added in place (out=x: this pass's own tensor), by cuBLAS itself for a long
+                # prompt's widened blocks
+                x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x, out=x, split_k=False)
+                x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, out=x, split_k=False)
         return self.output(x.index_select(0, last), norm=self.final_ln, eps=self.eps)
 
     def _prompt_attention(self, q: torch.Tensor, layer: int, one_slot: Optional[int], slot_rows: torch.Tensor,
