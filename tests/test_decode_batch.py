@@ -474,3 +474,40 @@ def test_the_warm_ups_long_prompt_skips_quietly_on_a_card_short_of_memory(monkey
     monkeypatch.setattr(decoder, "_prefill", short_of_memory)
     decoder._warm_long_prompt()
     assert decoder.rows == 0 and decoder.failed() == []
+
+
+def test_a_long_prompt_widens_ahead_only_where_each_weight_widens_whole_on_a_gpu(monkeypatch):
+    """``widen_ahead.WidenAhead`` (a side stream widening the next weights while a GEMM runs) is made for a CUDA
+    prompt of WIDEN_MIN_ROWS rows or more whose int8/4-bit weights each fit one widened block; not for short
+    prompts, 16-bit weights, the CPU, or with GLMCHAT_WIDEN_AHEAD=0. Each weight it hands over is the one the
+    widened path makes (the packed weight rounded once to 16 bits)."""
+    from types import SimpleNamespace
+
+    from backend.decode import widen_ahead
+    from backend.decode.batch_linear import BatchLinear
+    from backend.int8_linear import WIDEN_MIN_ROWS, quantize_per_channel
+
+    q, scale = quantize_per_channel(torch.randn(48, 32))
+    lin = BatchLinear.__new__(BatchLinear)  # (only its weight matters here)
+    lin.q = SimpleNamespace(fmt="int8", data=q, scale=scale, n=48, k=32)
+    assert lin.widens() and lin.widened_bytes(torch.bfloat16) == 48 * 32 * 2
+    torch.testing.assert_close(lin.widened_weight(torch.float32), q.float() * scale[:, None])
+    sixteen = BatchLinear.__new__(BatchLinear)
+    sixteen.q = None
+    assert not sixteen.widens()
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(widen_ahead, "widen_chunk_bytes", lambda device: widen_ahead.WIDE_CARD_CHUNK_BYTES)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    made = []
+    monkeypatch.setattr(widen_ahead.WidenAhead, "__init__", lambda self, *a: made.append(a))
+    assert widen_ahead.WidenAhead.for_prompt([lin], WIDEN_MIN_ROWS, torch.bfloat16, cuda) is not None
+    assert widen_ahead.WidenAhead.for_prompt([lin], WIDEN_MIN_ROWS - 1, torch.bfloat16, cuda) is None
+    assert widen_ahead.WidenAhead.for_prompt([lin, sixteen], WIDEN_MIN_ROWS, torch.bfloat16, cuda) is None
+    assert widen_ahead.WidenAhead.for_prompt([lin], WIDEN_MIN_ROWS, torch.bfloat16, torch.device("cpu")) is None
+    monkeypatch.setenv("GLMCHAT_WIDEN_AHEAD", "0")
+    assert widen_ahead.WidenAhead.for_prompt([lin], WIDEN_MIN_ROWS, torch.bfloat16, cuda) is None
+    monkeypatch.delenv("GLMCHAT_WIDEN_AHEAD")
+    monkeypatch.setattr(widen_ahead, "widen_chunk_bytes", lambda device: 64 << 20)  # a smaller card's blocks
+    assert widen_ahead.WidenAhead.for_prompt([lin], WIDEN_MIN_ROWS, torch.bfloat16, cuda) is None
+    assert len(made) == 1
