@@ -758,7 +758,7 @@ def _widen_block(total: int, other: int, itemsize: int, device: torch.device) ->
     return total if fit >= total else max(128, fit // 128 * 128)
 
 
-def widen_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _widen(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(q * scale) in ``dtype``, the product in float32 and rounded once; q [N, K] may be a column slice.
     On CUDA one Triton pass (torch's mixed int8 x float32 multiply ran at ~0.6 TB/s on the H200)."""
     out = torch.empty(q.shape, device=q.device, dtype=dtype)
@@ -829,14 +829,14 @@ def widened_linear(x: torch.Tensor, lw: LinearWeights, residual: Optional[torch.
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [M, K] @ (q * scale).T + bias (+ residual, into out: ``linear_in_blocks``), the int8 weight widened to
     x's dtype a block of output rows at a time and rounded once, as bitsandbytes' dequantized weight is."""
-    return linear_in_blocks(x, lw.weight.shape[0], lambda rows: widen_int8(lw.weight[rows], lw.scale[rows], x.dtype),
+    return linear_in_blocks(x, lw.weight.shape[0], lambda rows: _widen(lw.weight[rows], lw.scale[rows], x.dtype),
                             lw.bias, residual, out)
 
 
 def widened_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """dx [M, K] = grad_out [M, N] @ (q * scale) through cuBLAS, the weight widened a block of input columns at
     a time."""
-    return grad_input_in_blocks(grad_out, weight.shape[1], lambda cols: widen_int8(weight[:, cols], scale, grad_out.dtype))
+    return grad_input_in_blocks(grad_out, weight.shape[1], lambda cols: _widen(weight[:, cols], scale, grad_out.dtype))
 
 
 def linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:

@@ -25,7 +25,6 @@
 #   bash bench/run_device.sh long-prompt  # a cold 1600-token prompt profiled (8-bit, NF4); the 8-bit table; eval
 #   bash bench/run_device.sh fused-steps  # int8 decode rows with RMSNorm and the residual in the matmul: checks, the
 #                                         # 8-bit table, the two-row step's kernels, eval, the cold long prompt
-#   bash bench/run_device.sh widen-ahead  # a long prompt's weights widened ahead on a side stream, on and off
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
@@ -58,7 +57,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-4bit-rows|long-prompt|fused-steps|widen-ahead|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-4bit-rows|long-prompt|fused-steps|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -306,23 +305,6 @@ fused-steps)
   timeout 100 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit > "$OUT/long_8bit.jsonl" 2> /tmp/long.err
   stamp "long prompt"; cut -c1-1200 "$OUT/long_8bit.jsonl" | sed 's/.*"what"/"what"/'; tail -n 2 /tmp/long.err
   ;;
-widen-ahead)
-  # run 26: a long prompt's weights widened ahead on a side stream (backend/decode/widen_ahead.py), on and off in
-  # turn (8-bit, NF4); the GPU checks (the 1100-token prompt lines take that path); the 8-bit table
-  timeout 200 python3 bench/check_fast_batch.py --quantized > "$OUT/check.log" 2>&1
-  stamp "checks"; grep -a "^ok\|FAIL\|Error" "$OUT/check.log" | cut -c1-160
-  for q in 8bit 4bit; do
-    for ahead in on off; do
-      GLMCHAT_WIDEN_AHEAD=$([ $ahead = on ] && echo 1 || echo 0) timeout 100 python3 bench/profile_long_prompt.py \
-          --model /tmp/glm6b --quantization $q > "$OUT/long_${q}_$ahead.jsonl" 2> /tmp/long.err
-      stamp "long prompt $q ahead $ahead"; grep -a '"cold_prompt"\|host_prompt\|profiled' "$OUT/long_${q}_$ahead.jsonl" \
-          | sed 's/.*"what"/"what"/' | cut -c1-420; tail -n 2 /tmp/long.err
-    done
-  done
-  ENGINE_TIMEOUT=150 engine 8bit --model /tmp/glm6b --quantization 8bit --rows 1,2
-  rm -f "$OUT/engine_8bit.err"
-  grep -a '"chat"\|"compare"\|ttft_1600' "$OUT/engine_8bit.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-260
-  ;;
 cold-prompt)
   # the cold 1600-token prompt alone (8-bit): after an idle GPU, a busy one, driven on the main thread; profiled
   timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit > "$OUT/cold_8bit.jsonl" 2> /tmp/cold.err
@@ -356,7 +338,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|widen-ahead|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|prompt-newest" >&2
   exit 2
   ;;
 esac

@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..int8_linear import LinearWeights, default_gemv_config, gemv, linear_in_blocks, widen_int8
+from ..int8_linear import LinearWeights, default_gemv_config, gemv
 from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, m_bucket, quant_linear, quantized_weight
-from ..kernels.widen_4bit import widen_rows, widened_linear
+from ..kernels.widen_4bit import widened_linear
 from ..lean_autograd import rms_norm
 
 QUANT_MAX_M = 64  # 4-bit rows up to this go through quant_linear; more widen each weight for one tensor-core matmul
@@ -64,10 +64,9 @@ class BatchLinear:
         self.row_config = default_gemv_config(kind, self.q is not None)  # the one-row GEMV's tiles
         self._paths: dict = {}  # (row bucket, dtype, device, swiglu) -> FourBitRows.path, once tuned
 
-    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True, ahead=None):
+    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True):
         """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
-        a prompt, whose launches are paid on the host). ``ahead``: a long prompt's ``widen_ahead.WidenAhead``,
-        which may hold this weight already widened."""
+        a prompt, whose launches are paid on the host)."""
         if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.rows_gemv and self.q is not None and gemv_rows.takes(x, self.one_row) and kernels_run(x):
@@ -81,20 +80,7 @@ class BatchLinear:
         if four_bit and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu,
                                 out=out)
-        return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k, ahead)
-
-    def widens(self) -> bool:
-        """Whether many rows multiply by this weight widened to 16 bits (int8 or 4-bit), not as stored."""
-        return self.q is not None and self.q.fmt in ("int8", "nf4", "int4")
-
-    def widened_bytes(self, dtype: torch.dtype) -> int:
-        return self.q.n * self.q.k * torch.empty((), dtype=dtype).element_size()
-
-    def widened_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The whole weight widened to ``dtype`` [N, K] as the widened paths make it (rounded once)."""
-        if self.q.fmt == "int8":
-            return widen_int8(self.q.data, self.q.scale, dtype)
-        return widen_rows(self.q, slice(0, self.q.n), dtype)
+        return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
 
     def _widen_4bit(self, x: torch.Tensor, swiglu: bool) -> bool:
         """Whether these 4-bit rows go through the widened weight: from WIDEN_4BIT_MIN_M rows, where it ran faster
@@ -134,15 +120,15 @@ class BatchLinear:
 
         return tuning.pick(key, [FourBitRows("kernel"), FourBitRows("widened")], run, device)
 
-    def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k, ahead=None):
+    def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k):
         """RMSNorm, the wide matmul and SwiGLU as launches of their own (many rows, or no kernels); the residual
         inside the product's launches where it follows it directly (``_wide``)."""
         fused = kernels_run(x)
         if norm is not None:
             x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
         if not swiglu:
-            return self._wide(x, split_k, residual, out, ahead)
-        y = self._wide(x, split_k, ahead=ahead)
+            return self._wide(x, split_k, residual, out)
+        y = self._wide(x, split_k)
         if fused:
             y = swiglu_rows(y)
         else:
@@ -175,13 +161,10 @@ class BatchLinear:
         return gemv(x, self.one_row, out, norm_weight=norm, eps=eps, swiglu=swiglu, residual=residual, rope=rope,
                     argmax=argmax, pdl=pdl, config=self.row_config)
 
-    def _wide(self, x: torch.Tensor, split_k: bool = True, residual=None, out=None, ahead=None) -> torch.Tensor:
+    def _wide(self, x: torch.Tensor, split_k: bool = True, residual=None, out=None) -> torch.Tensor:
         """x @ W.T + b (+ residual, into out) for many rows: tensor cores on the weight (int8 widened in registers,
         the residual added in the matmul's epilogue; or a block at a time for cuBLAS from WIDEN_MIN_ROWS, and
-        4-bit a block at a time, cuBLAS adding into the residual when it is ``out``; or widened ahead)."""
-        widened = ahead.weight(self) if ahead is not None else None
-        if widened is not None:
-            return linear_in_blocks(x, self.q.n, widened, self.bias, residual, out)
+        4-bit a block at a time, cuBLAS adding into the residual when it is ``out``)."""
         if self.q is None:
             y = F.linear(x, self.w, self.bias)
         elif self.q.fmt == "int8" and x.is_cuda:

@@ -48,7 +48,6 @@ from .batch_sampler import BatchSampler
 from . import one_row_step, one_row_tuning
 from .prompt_graphs import TOKEN_BUCKETS, PromptGraphs, prompt_inputs
 from .staged_copy import ReadBack, StagedCopy
-from .widen_ahead import WidenAhead
 from .eager import common_prefix_length
 from .protocol import DecodeRequest, RowToken, next_token
 from ..gpu_memory import free_bytes
@@ -615,12 +614,9 @@ class BatchFastDecoder:
             mask = torch.arange(width, device=dev)[None, None, :] <= first_slot[:, None, None] + torch.arange(T, device=dev)[None, :, None]
         x = self.embedding.index_select(0, ids)
         H, G, D = self.heads, self.groups, self.head_dim
-        # a long prompt's weights widened for cuBLAS on a side stream, each while an earlier linear's GEMM runs
-        linears = [lin for lw in self.layers for lin in (lw.qkv, lw.dense, lw.up, lw.down)]
-        ahead = WidenAhead.for_prompt(linears, B * T, self.dtype, dev)
         with decoding_attention():
             for i, lw in enumerate(self.layers):
-                qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps, split_k=False, ahead=ahead)
+                qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps, split_k=False)
                 # rotary on queries and keys, keys and values into each token's cache row and slot: the decode
                 # step's kernel, one launch a layer (a prompt's time is mostly its launches)
                 q = rope_cache_write(qkv, self.k_cache[i], self.v_cache[i], token_pos, token_prefix,
@@ -629,9 +625,8 @@ class BatchFastDecoder:
                 attn = self._prompt_attention(q.view(B, T, H, D).transpose(1, 2), i, one_slot, slot_rows, width, mask)
                 # the residual stream added in place (out=x: this pass's own tensor), by cuBLAS itself for a long
                 # prompt's widened blocks
-                x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x, out=x, split_k=False, ahead=ahead)
-                h = lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True, split_k=False, ahead=ahead)
-                x = lw.down(h, residual=x, out=x, split_k=False, ahead=ahead)
+                x = lw.dense(attn.transpose(1, 2).reshape(B * T, H * D), residual=x, out=x, split_k=False)
+                x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, out=x, split_k=False)
         return self.output(x.index_select(0, last), norm=self.final_ln, eps=self.eps)
 
     def _prompt_attention(self, q: torch.Tensor, layer: int, one_slot: Optional[int], slot_rows: torch.Tensor,
