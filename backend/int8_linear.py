@@ -448,18 +448,47 @@ if HAVE_TRITON:
         w = q.to(tl.float32) * s[:, None]
         tl.store(out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _weight_tile_dot(a, w, acc, WIDEN: tl.constexpr, SWAP_AB: tl.constexpr):
+        # acc + a @ w.T for one K tile of int8 (or 16-bit) weight rows, widened in registers
+        if WIDEN == 1:  # int8 to fp16 by the exponent trick (packed_products.widen_int8_asm): exact
+            wide = widen_int8_f16(w)
+        else:
+            wide = w.to(a.dtype)
+        if SWAP_AB:
+            acc = tl.dot(wide, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(wide), acc)
+        return acc
+
+    @triton.jit
+    def _up_half(up, scale_ptr, bias_ptr, rn, mn, W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SWAP_AB: tl.constexpr):
+        # SwiGLU's up half [BLOCK_M, BLOCK_N] from its float32 sums (transposed when swapped), scaled, with bias
+        if SWAP_AB:
+            u = tl.trans(up)
+        else:
+            u = up
+        if W_INT8:
+            u = u * tl.load(scale_ptr + rn, mask=mn, other=0.0)[None, :]
+        if HAS_BIAS:
+            u = u + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        return u
+
     @triton.jit(do_not_specialize=["M"])  # a prompt's length: no new compile for each M % 16
     def _matmul_kernel(
         a_ptr, w_ptr, scale_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_cm,
         W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         SPLIT_K: tl.constexpr = 1, SWAP_AB: tl.constexpr = False, WIDEN: tl.constexpr = 0,
-        res_ptr=None, stride_rm=0, RESIDUAL: tl.constexpr = False,
+        res_ptr=None, stride_rm=0, RESIDUAL: tl.constexpr = False, F_OFF=0, SWIGLU: tl.constexpr = False,
     ):
         # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
         # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials c[s, M, N] (stride_cm
         # is N), which _split_sum_kernel adds in order: more programs when few rows leave the SMs idle.
         # RESIDUAL: res[M, N] (it may be c) added after the bias (split: by _split_sum_kernel).
+        # SWIGLU (no split): c[M, N] = silu(gate) * up, gate from weight rows n and up from rows F_OFF + n, both
+        # summed by the same program (ChatGLM2's dense_h_to_4h without its [M, 2N] output and a launch of its own)
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -475,12 +504,14 @@ if HAVE_TRITON:
         rk = k_first + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
         w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
+        up_ptrs = w_ptr + (rn + F_OFF).to(tl.int64)[:, None] * K + rk[None, :]
         mm = rm < M
         mn = rn < N
         if SWAP_AB:  # acc.T = w @ a.T: the widened weight is the dot's first operand (kernels/matmul_swapped.py)
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = acc  # (SwiGLU's up half)
         for k0 in range(0, tl.minimum(k_part, K - k_first), BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs + k0, mask=mm[:, None], other=0.0)
@@ -489,14 +520,13 @@ if HAVE_TRITON:
                 mk = (k0 + rk < K)[None, :]
                 a = tl.load(a_ptrs + k0, mask=mm[:, None] & mk, other=0.0)
                 w = tl.load(w_ptrs + k0, mask=mn[:, None] & mk, other=0)
-            if WIDEN == 1:  # int8 to fp16 by the exponent trick (packed_products.widen_int8_asm): exact
-                wide = widen_int8_f16(w)
-            else:
-                wide = w.to(a.dtype)
-            if SWAP_AB:
-                acc = tl.dot(wide, tl.trans(a), acc)
-            else:
-                acc = tl.dot(a, tl.trans(wide), acc)
+            acc = _weight_tile_dot(a, w, acc, WIDEN, SWAP_AB)
+            if SWIGLU:
+                if EVEN_K:
+                    wu = tl.load(up_ptrs + k0, mask=mn[:, None], other=0)
+                else:
+                    wu = tl.load(up_ptrs + k0, mask=mn[:, None] & (k0 + rk < K)[None, :], other=0)
+                up = _weight_tile_dot(a, wu, up, WIDEN, SWAP_AB)
         if SWAP_AB:
             acc = tl.trans(acc)
         if SPLIT_K > 1:
@@ -507,6 +537,9 @@ if HAVE_TRITON:
             acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)[None, :]
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc = acc / (1.0 + tl.exp(-acc)) * _up_half(up, scale_ptr + F_OFF, bias_ptr + F_OFF, rn, mn, W_INT8,
+                                                         HAS_BIAS, SWAP_AB)
         if RESIDUAL:
             res = tl.load(res_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :], mask=mm[:, None] & mn[None, :],
                           other=0.0)
@@ -665,31 +698,43 @@ def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: Optional
 
 def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, split_k: bool = True,
            swap: Optional[bool] = None, *, residual: Optional[torch.Tensor] = None,
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+           out: Optional[torch.Tensor] = None, swiglu: bool = False) -> torch.Tensor:
     """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
     from ``WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight. ``config``: (BLOCK_M, BLOCK_N,
     BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks); ``split_k`` False: one launch
     (no K splits) where launches cost host time. ``swap``: int8 weights as the tensor cores' first operand
     (``kernels.matmul_swapped`` says why); None: whichever this card ran faster on first use (decode rows).
     ``residual`` [M, N]: added inside the kernel's epilogue (a decode step's add is a launch of its own
-    otherwise); ``out`` [M, N] receives the result (it may be the residual, not x)."""
+    otherwise); ``out`` [M, N] receives the result (it may be the residual, not x). ``swiglu``: W has 2F rows and
+    the result is silu(y[:, :F]) * y[:, F:] [M, F], made in the epilogue (each program sums both halves' rows,
+    half as many columns of each: the same weight bytes a program as without; no K splits)."""
     M, K = x.shape
     if lw.is_int8 and M >= WIDEN_MIN_ROWS and config is None:
-        return widened_linear(x, lw, residual, out)
+        y = widened_linear(x, lw, None if swiglu else residual, None if swiglu else out)
+        if not swiglu:
+            return y
+        from .kernels.decode_kernels import swiglu_rows
+
+        y = swiglu_rows(y)
+        return y if residual is None else torch.add(y, residual, out=out)
     if swap is None:
         from .kernels.matmul_swapped import prefers_swapped
 
-        swap = config is None and prefers_swapped(x, lw, split_k)
+        # (SwiGLU's halved tiles are too short for a swapped wgmma: unswapped, as every card's decode rows of fc1
+        # timed so far)
+        swap = config is None and not swiglu and prefers_swapped(x, lw, split_k)
     swap = swap and lw.is_int8
-    N = lw.weight.shape[0]
+    N = lw.weight.shape[0] // (2 if swiglu else 1)
     if x.stride(1) != 1:
         x = x.contiguous()
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     elif out.data_ptr() == x.data_ptr():
         raise ValueError("matmul's out must not be its input x: other programs still read the rows it writes")
-    bm, bn, bk, warps, stages, split = config or matmul_config(M, N, K)
-    split = split if split_k else 1
+    bm, bn, bk, warps, stages, split = config or matmul_config(M, lw.weight.shape[0], K)
+    split = split if split_k and not swiglu else 1
+    if swiglu and config is None and not swap:
+        bn = max(16, bn // 2)
     scale = lw.scale if lw.is_int8 else out
     bias = lw.bias if lw.bias is not None else out
     # a split's float32 partials [split, M, N] (a few MB at decode rows), summed in order by _split_sum_kernel
@@ -702,6 +747,7 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, SWAP_AB=bool(swap), num_warps=warps,
         num_stages=stages, WIDEN=int(lw.is_int8 and x.dtype == torch.float16 and packed_products.tried()),
+        F_OFF=N if swiglu else 0, SWIGLU=swiglu,
         **(res if split == 1 else {}),  # (split: the sum adds the residual)
     )
     if split > 1:

@@ -137,7 +137,7 @@ def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                   "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": True, "WIDEN": 1,  # (fp16 rows: widened by PTX)
-                  "RESIDUAL": split == 1}
+                  "RESIDUAL": split == 1, "SWIGLU": False}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
         if arch == 90:  # wgmma.mma_async ... {accumulators}, {A registers}, B descriptor
@@ -172,9 +172,15 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
     configs |= {c[:-1] + (1,) for c in configs}  # and prompts run the same tiles unsplit
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": split == 1}
+                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": split == 1, "SWIGLU": False}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
+    for m in (2, 3, 16, 32, 64):  # decode rows' fc1: SwiGLU in the epilogue, each half's tile half as wide
+        bm, bn, bk, warps, stages, _ = matmul_config(m, 27392, 4096)
+        consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": max(16, bn // 2),
+                  "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": False,
+                  "SWIGLU": True}
+        assert byte_loads(compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)) == 0
     for split in sorted({c[-1] for c in configs} - {1}):
         for residual in (False, True):
             compile_for(_split_sum_kernel, {"part_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT,

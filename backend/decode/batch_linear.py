@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..int8_linear import LinearWeights, default_gemv_config, gemv
+from ..int8_linear import MATMUL_SMALL_ROWS, LinearWeights, default_gemv_config, gemv
 from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, m_bucket, quant_linear, quantized_weight
@@ -128,6 +128,11 @@ class BatchLinear:
             x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
         if not swiglu:
             return self._wide(x, split_k, residual, out)
+        if self.q is not None and self.q.fmt == "int8" and x.is_cuda and x.shape[0] <= MATMUL_SMALL_ROWS:
+            from ..int8_linear import matmul
+
+            # decode rows: SwiGLU in the matmul's epilogue (a launch a layer fewer, and no [rows, 2F] product)
+            return matmul(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out)
         y = self._wide(x, split_k)
         if fused:
             y = swiglu_rows(y)

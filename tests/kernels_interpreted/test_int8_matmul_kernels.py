@@ -68,3 +68,25 @@ def test_the_matmul_refuses_to_write_over_its_input():
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match="must not be its input"):
         matmul(x, LinearWeights(q, scale, None), (16, 32, 64, 4, 1, 1), out=x[:, :8])
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("K", [256, 300])
+def test_swiglu_is_made_in_the_matmuls_epilogue(swap, K):
+    """fc1 at decode rows: silu(x W[:F].T) * x W[F:].T from one launch, each program summing both halves' rows,
+    with bias and the residual after it, equal to the dequantised product's SwiGLU; K splits are not taken."""
+    torch.manual_seed(K)
+    F_, M = 24, 3
+    q, scale = quantize_per_channel(torch.randn(2 * F_, K) * 0.05)
+    b = torch.randn(2 * F_)
+    lw = LinearWeights(q, scale, b)
+    x = torch.randn(M, K)
+    y = x.double() @ (q.double() * scale.double()[:, None]).T + b.double()
+    want = torch.nn.functional.silu(y[:, :F_]) * y[:, F_:]
+    for config in ((16, 16, 64, 4, 1, 1), (16, 32, 64, 4, 1, 3)):  # (a split asked for: one launch all the same)
+        got = matmul(x, lw, config, swap=swap, swiglu=True)
+        assert got.shape == (M, F_)
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5), config
+    residual = torch.randn(M, F_)
+    got = matmul(x, lw, swap=swap, swiglu=True, residual=residual)  # matmul_config's tiles, halved
+    assert torch.allclose(got.double(), want + residual.double(), rtol=1e-4, atol=1e-5)
