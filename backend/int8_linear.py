@@ -11,8 +11,9 @@ Two Triton kernels do the arithmetic on CUDA:
   the bias, the residual add, SwiGLU (``silu(a) * b`` of the two halves of ``dense_h_to_4h``) or
   the interleaved rotary embedding with the key/value cache write (``query_key_value``).
   Rows are handled in two sets (a, b): row pairs (2p, 2p+1) for rotary, (p, p + F) for SwiGLU.
-- ``matmul``: the prompt (M > 1), int8 weights widened to the activation dtype in registers
-  before a tensor-core ``tl.dot``; the row scale is applied to the float32 sum.
+- ``matmul``: several rows (M > 1: decode steps of a batch, prompts), int8 weights widened to the
+  activation dtype in registers before a tensor-core ``tl.dot``; the row scale is applied to the
+  float32 sum, and the epilogue may add the residual or make SwiGLU (one program sums both halves).
 From ``WIDEN_MIN_ROWS`` rows up (long prompts, training micro-batches) the matmul is compute-bound and
 cuBLAS beats the Triton tiles, so ``widened_linear`` widens the weight a chunk of rows at a time
 (``(q * scale)`` in the activation dtype, at most ``widen_chunk_bytes`` alive) for ``F.linear``.

@@ -3,8 +3,9 @@
 row through the one-row decoder's GEMV; 2-4 int8 rows through ``kernels.gemv_rows`` (that GEMV reading each
 weight tile once for all of them); more int8 rows through ``int8_linear.matmul`` (its tensor-core tiles
 widen the int8 weight in registers; on the H200 they read it 1.5-4x faster than quant_linear's int8 tiles
-from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm and SwiGLU as one launch each; 16-bit weights through
-cuBLAS; long prompts through tensor cores on the weight widened a block at a time. From 16 4-bit rows, whichever
+from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm as a launch of its own and the residual, and up to 64 rows
+SwiGLU, in its epilogue (bench/NOTES.md runs 25-27); 16-bit weights through cuBLAS; long prompts through tensor
+cores on the weight widened a block at a time, cuBLAS adding into the residual stream. From 16 4-bit rows, whichever
 of quant_linear and the widened weight for cuBLAS (``kernels.widen_4bit``) ran faster on this card (timed on
 first use, like a kernel's tiles)."""
 
@@ -122,16 +123,16 @@ class BatchLinear:
 
     def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k):
         """RMSNorm, the wide matmul and SwiGLU as launches of their own (many rows, or no kernels); the residual
-        inside the product's launches where it follows it directly (``_wide``)."""
+        inside the product's launches where it follows it directly (``_wide``), and at up to MATMUL_SMALL_ROWS
+        int8 rows (decode steps) SwiGLU too: a launch a layer fewer and no [rows, 2F] product."""
         fused = kernels_run(x)
         if norm is not None:
             x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
         if not swiglu:
             return self._wide(x, split_k, residual, out)
-        if self.q is not None and self.q.fmt == "int8" and x.is_cuda and x.shape[0] <= MATMUL_SMALL_ROWS:
+        if self._int8_matmul(x) and x.shape[0] <= MATMUL_SMALL_ROWS:
             from ..int8_linear import matmul
 
-            # decode rows: SwiGLU in the matmul's epilogue (a launch a layer fewer, and no [rows, 2F] product)
             return matmul(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out)
         y = self._wide(x, split_k)
         if fused:
@@ -140,6 +141,10 @@ class BatchLinear:
             a, b = y.chunk(2, dim=-1)
             y = F.silu(a) * b
         return self._after_product(y, residual, out)
+
+    def _int8_matmul(self, x: torch.Tensor) -> bool:
+        """Whether many rows go through ``int8_linear.matmul`` (int8 weights on CUDA)."""
+        return self.q is not None and self.q.fmt == "int8" and x.is_cuda
 
     @staticmethod
     def _after_product(y: torch.Tensor, residual, out) -> torch.Tensor:
@@ -172,7 +177,7 @@ class BatchLinear:
         4-bit a block at a time, cuBLAS adding into the residual when it is ``out``)."""
         if self.q is None:
             y = F.linear(x, self.w, self.bias)
-        elif self.q.fmt == "int8" and x.is_cuda:
+        elif self._int8_matmul(x):
             from ..int8_linear import matmul
 
             return matmul(x, self.one_row, split_k=split_k, residual=residual, out=out)
