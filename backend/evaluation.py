@@ -81,15 +81,13 @@ def generate_all(
     adapter = EVAL_ADAPTER if prefix_kv is not None else None
     outputs: list[list[int]] = [[] for _ in prompts]
     try:
-        requests = {}
+        streams = {}
         for i, prompt in enumerate(prompts):
             budget = max_length - len(prompt)
             if budget > 0:
-                requests[i] = DecodeRequest(list(prompt), dataclasses.replace(params, max_new_tokens=budget), adapter,
-                                            seeds[i] if seeds is not None else None, stops)
-        # queued at once: the first rows' prompts run in one pass, not in whatever groups the decoding thread
-        # found queued while this loop was still submitting
-        streams = dict(zip(requests, batcher.submit_together(list(requests.values()), cancel)))
+                request = DecodeRequest(list(prompt), dataclasses.replace(params, max_new_tokens=budget), adapter,
+                                        seeds[i] if seeds is not None else None, stops)
+                streams[i] = batcher.submit(request, cancel)
         for done, (i, stream) in enumerate(streams.items(), 1):
             outputs[i] = [t for t in stream if t not in stops]
             if on_output is not None and not (cancel is not None and cancel.is_set()):
