@@ -175,7 +175,7 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
                   "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": split == 1, "SWIGLU": False}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
-    for m in (2, 3, 16, 32, 64):  # decode rows' fc1: SwiGLU in the epilogue, each half's tile half as wide
+    for m in (2, 3, 16):  # a few decode rows' fc1: SwiGLU in the epilogue, each half's tile half as wide
         bm, bn, bk, warps, stages, _ = matmul_config(m, 27392, 4096)
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": max(16, bn // 2),
                   "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": False,

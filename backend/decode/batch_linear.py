@@ -3,7 +3,7 @@
 row through the one-row decoder's GEMV; 2-4 int8 rows through ``kernels.gemv_rows`` (that GEMV reading each
 weight tile once for all of them); more int8 rows through ``int8_linear.matmul`` (its tensor-core tiles
 widen the int8 weight in registers; on the H200 they read it 1.5-4x faster than quant_linear's int8 tiles
-from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm as a launch of its own and the residual, and up to 64 rows
+from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm as a launch of its own and the residual, and up to 16 rows
 SwiGLU, in its epilogue (bench/NOTES.md runs 25-27); 16-bit weights through cuBLAS; long prompts through tensor
 cores on the weight widened a block at a time, cuBLAS adding into the residual stream. From 16 4-bit rows, whichever
 of quant_linear and the widened weight for cuBLAS (``kernels.widen_4bit``) ran faster on this card (timed on
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..int8_linear import MATMUL_SMALL_ROWS, LinearWeights, default_gemv_config, gemv
+from ..int8_linear import LinearWeights, default_gemv_config, gemv
 from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, m_bucket, quant_linear, quantized_weight
@@ -35,6 +35,11 @@ ONE_ROW_GEMV_MAX_M = 1
 # block (on the H100 NF4's 64-token prompt took 48.9 ms through them, its 1600-token one 53.7 ms widened:
 # bench/NOTES.md runs 21-22)
 WIDEN_4BIT_MIN_M = 16
+# Up to this many int8 rows (one 16-row tile: a compare's two, a server's few) fc1's SwiGLU is made in the int8
+# matmul's epilogue: compare went from 1.79x to 1.82x one reply on the H100 (bench/NOTES.md run 27). Not beyond:
+# at 64 rows the halved tiles are unmeasured against the separate launch (64 replies ran 6,400-7,200 tok/s on a
+# slower machine with them, 8,300-8,400 on another without); GLMCHAT_SWIGLU_IN_MATMUL_M moves it for that A/B
+SWIGLU_IN_MATMUL_M = int(os.environ.get("GLMCHAT_SWIGLU_IN_MATMUL_M", "16"))
 
 
 @dataclass
@@ -123,14 +128,14 @@ class BatchLinear:
 
     def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k):
         """RMSNorm, the wide matmul and SwiGLU as launches of their own (many rows, or no kernels); the residual
-        inside the product's launches where it follows it directly (``_wide``), and at up to MATMUL_SMALL_ROWS
-        int8 rows (decode steps) SwiGLU too: a launch a layer fewer and no [rows, 2F] product."""
+        inside the product's launches where it follows it directly (``_wide``), and at up to SWIGLU_IN_MATMUL_M
+        int8 rows SwiGLU too: a launch a layer fewer and no [rows, 2F] product."""
         fused = kernels_run(x)
         if norm is not None:
             x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
         if not swiglu:
             return self._wide(x, split_k, residual, out)
-        if self._int8_matmul(x) and x.shape[0] <= MATMUL_SMALL_ROWS:
+        if self._int8_matmul(x) and x.shape[0] <= SWIGLU_IN_MATMUL_M:
             from ..int8_linear import matmul
 
             return matmul(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out)

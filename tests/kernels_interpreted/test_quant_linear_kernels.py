@@ -371,7 +371,11 @@ def test_four_bit_rows_take_the_path_that_ran_faster(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tuning, "pick", widened_is_faster)
     calls = []
-    monkeypatch.setattr(batch_linear, "widened_linear", lambda x, w, b: calls.append(x.shape[0]) or x @ ref_w.T)
+    def widened(x, w, b, residual=None, out=None):  # (no residual or out in these calls)
+        calls.append(x.shape[0])
+        return x @ ref_w.T
+
+    monkeypatch.setattr(batch_linear, "widened_linear", widened)
     x = torch.randn(batch_linear.WIDEN_4BIT_MIN_M, 192)
     assert rel(lin(x), x @ ref_w.T) < 1e-5
     assert len(timed) == 1 and "M16" in timed[0] and batch_linear.WIDEN_4BIT_MIN_M in calls
