@@ -824,7 +824,7 @@ def linear_in_blocks(x: torch.Tensor, n: int, widen: Callable[[slice], torch.Ten
     read by cuBLAS without a whole widened copy. ``out`` receives the result; where it is the residual itself,
     cuBLAS adds each block's product into it (no add of its own: 56 launches of a long prompt)."""
     rows = _widen_block(n, x.shape[-1], x.element_size(), x.device)
-    in_place = residual is not None and out is not None and out.data_ptr() == residual.data_ptr() and bias is None
+    in_place = residual is not None and out is not None and out.data_ptr() == residual.data_ptr()
     if rows == n and not in_place:
         y = F.linear(x, widen(slice(0, n)), bias)
         if residual is not None:
@@ -866,6 +866,8 @@ def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Opt
         out.add_(product) if accumulate else out.copy_(product)
     elif accumulate:
         torch.addmm(out, a, b, out=out)
+        if bias is not None:
+            out += bias
     elif bias is None:
         torch.mm(a, b, out=out)
     else:
