@@ -711,13 +711,11 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
     half as many columns of each: the same weight bytes a program as without; no K splits)."""
     M, K = x.shape
     if lw.is_int8 and M >= WIDEN_MIN_ROWS and config is None:
-        y = widened_linear(x, lw, None if swiglu else residual, None if swiglu else out)
         if not swiglu:
-            return y
+            return widened_linear(x, lw, residual, out)
         from .kernels.decode_kernels import swiglu_rows
 
-        y = swiglu_rows(y)
-        return y if residual is None else torch.add(y, residual, out=out)
+        return add_into(swiglu_rows(widened_linear(x, lw)), residual, out)
     if swap is None:
         from .kernels.matmul_swapped import prefers_swapped
 
@@ -826,10 +824,7 @@ def linear_in_blocks(x: torch.Tensor, n: int, widen: Callable[[slice], torch.Ten
     rows = _widen_block(n, x.shape[-1], x.element_size(), x.device)
     in_place = residual is not None and out is not None and out.data_ptr() == residual.data_ptr()
     if rows == n and not in_place:
-        y = F.linear(x, widen(slice(0, n)), bias)
-        if residual is not None:
-            return y + residual if out is None else torch.add(y, residual, out=out)
-        return y if out is None else out.copy_(y)
+        return add_into(F.linear(x, widen(slice(0, n)), bias), residual, out)
     if out is None:
         out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
     flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, n)
@@ -839,6 +834,15 @@ def linear_in_blocks(x: torch.Tensor, n: int, widen: Callable[[slice], torch.Ten
     if residual is not None and not in_place:
         out += residual
     return out
+
+
+def add_into(y: torch.Tensor, residual: Optional[torch.Tensor] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y (+ residual), written into ``out`` when one is given (it may be the residual): a product's epilogue
+    where no kernel made it."""
+    if residual is not None:
+        return y + residual if out is None else torch.add(y, residual, out=out)
+    return y if out is None else out.copy_(y)
 
 
 def grad_input_in_blocks(grad_out: torch.Tensor, k: int, widen_cols: Callable[[slice], torch.Tensor]) -> torch.Tensor:

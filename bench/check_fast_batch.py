@@ -205,8 +205,8 @@ def main() -> None:
 
 def quantized_checks(quantizations=("8bit", "4bit")) -> None:
     for quantization in quantizations:
-        for copies in (1, 4, 50):  # 4 rows (the few-rows GEMVs), 16 (the int8 matmul with RMSNorm and the
-            # residual inside its launches), 200 (the matmul's own)
+        for copies in (1, 4, 50):  # 4 rows (the few-rows GEMVs), 16 (the int8 matmul with the residual and
+            # SwiGLU in its epilogue), 200 (the matmul's own)
             err = quantized_logits_error(quantization, copies)
             # the eager layers (Int8Linear's matmul for 8-bit, bitsandbytes' for NF4) against the batched step's
             # kernels reading the same packed weights: rounding apart
@@ -238,7 +238,7 @@ def quantized_logits_error(quantization: str, copies: int = 1, reqs: list | None
         loaded = load_model(tmp, quantization=quantization)
     captured, tokens = {}, {}
     if reqs is None:
-        reqs = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=3)) for r in requests()] * copies
+        reqs = requests() * copies
         if copies == 1:
             ahead_check(quantization, loaded.model, lambda a: None, 4)
     reqs = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=3)) for r in reqs]

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..int8_linear import LinearWeights, default_gemv_config, gemv
+from ..int8_linear import LinearWeights, add_into, default_gemv_config, gemv
 from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, m_bucket, quant_linear, quantized_weight
@@ -145,17 +145,11 @@ class BatchLinear:
         else:
             a, b = y.chunk(2, dim=-1)
             y = F.silu(a) * b
-        return self._after_product(y, residual, out)
+        return add_into(y, residual, out)
 
     def _int8_matmul(self, x: torch.Tensor) -> bool:
         """Whether many rows go through ``int8_linear.matmul`` (int8 weights on CUDA)."""
         return self.q is not None and self.q.fmt == "int8" and x.is_cuda
-
-    @staticmethod
-    def _after_product(y: torch.Tensor, residual, out) -> torch.Tensor:
-        if residual is not None:
-            return y + residual if out is None else torch.add(y, residual, out=out)
-        return y if out is None else out.copy_(y)
 
     def _one_row(self, x, norm, eps, swiglu, residual, out):
         """Each activation row (up to ONE_ROW_GEMV_MAX_M) through the one-row decoder's GEMV (int8_linear.gemv)
@@ -190,4 +184,4 @@ class BatchLinear:
             return widened_linear(x, self.q, self.bias, residual, out)
         else:
             y = F.linear(x, self.q.dequantize(x.dtype), self.bias)
-        return self._after_product(y, residual, out)
+        return add_into(y, residual, out)
