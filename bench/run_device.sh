@@ -27,6 +27,8 @@
 #   bash bench/run_device.sh long-prompt  # a cold 1600-token prompt profiled (8-bit, NF4); the 8-bit table; eval
 #   bash bench/run_device.sh fused-steps  # int8 decode rows with RMSNorm and the residual in the matmul: checks, the
 #                                         # 8-bit table, the two-row step's kernels, eval, the cold long prompt
+#   bash bench/run_device.sh ab-l2      # each GEMV program's weight slice prefetched into L2, on and off in turn:
+#                                       # one-row chat (8-bit, NF4) through ChatEngine
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
@@ -59,7 +61,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-4bit-rows|long-prompt|fused-steps|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-4bit-rows|long-prompt|fused-steps|ab-l2|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -106,6 +108,20 @@ cards)
   small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
+  ;;
+ab-l2)
+  # kernels/l2_prefetch.py: one-row chat with GLMCHAT_L2_PREFETCH on and off in turn, 8-bit then NF4 (the first
+  # run tunes whatever this card has not, with the prefetch on)
+  for q in 8bit 4bit; do
+    for l2 in 1 0 1 0; do
+      GLMCHAT_L2_PREFETCH=$l2 ENGINE_TIMEOUT=200 engine "${q}_l2_$l2" --model /tmp/glm6b --quantization $q --rows 1 \
+          --repeat 1
+      cat "$OUT/engine_${q}_l2_$l2.jsonl" >> "$OUT/engine_${q}_l2_${l2}_all.jsonl"
+      grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_${q}_l2_$l2.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
+      tail -n 3 "$OUT/engine_${q}_l2_$l2.err"
+      rm -f "$OUT/engine_${q}_l2_$l2.jsonl" "$OUT/engine_${q}_l2_$l2.err"
+    done
+  done
   ;;
 eval-rows)
   # evaluation (requests queued together) and 64 concurrent replies, 8-bit

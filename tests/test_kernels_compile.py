@@ -97,12 +97,14 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
                                               (2, True, False, False), (1, False, False, True), (2, False, False, True)):
         rope = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True) if epilogue == 2 else \
             dict(HEAD_DIM=2, ROT_PAIRS=1, ROPE_ROUND=0, SLOT_FROM_PREFIX=False)
-        consts = dict(rope, BLOCK_P=4, BLOCK_K=1024, W_INT8=True,
-                      CVT=2, NORM=True, HAS_BIAS=epilogue != 1, RESIDUAL=epilogue == 0 and not argmax,
-                      EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=False, PDL=pdl, ROW_SUM=row_sum,
-                      ARGMAX=argmax, X_TILE=x_tile)
-        ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
-        assert byte_loads(ptx) == 0, epilogue
+        for l2 in (False, True):
+            consts = dict(rope, BLOCK_P=4, BLOCK_K=1024, W_INT8=True,
+                          CVT=2, NORM=True, HAS_BIAS=epilogue != 1, RESIDUAL=epilogue == 0 and not argmax,
+                          EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=False, PDL=pdl, ROW_SUM=row_sum,
+                          ARGMAX=argmax, X_TILE=x_tile, PREFETCH_L2=l2)
+            ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
+            assert byte_loads(ptx) == 0, epilogue
+            assert ("prefetch.global.L2" in ptx) == l2, (epilogue, l2)
     pick = {"best_ptr": "*i64", "next_ptr": "*i64", "in_ptr": "*i64"}
     for feed in (False, True):  # the batched decoder's pick (its own positions), the one-row decoder's (fed back)
         compile_for(_pick_kernel, pick, dict(BAD_TOKEN=5, PDL=pdl, FEED=feed), arch, warps=1, stages=1)
@@ -206,7 +208,7 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
             consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=cfg.block_p,
                           BLOCK_K=cfg.block_k, W_INT8=True, CVT=cfg.cvt, NORM=norm, HAS_BIAS=kind == "qkv",
                           RESIDUAL=residual, EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=cfg.prefetch,
-                          PDL=True, ROW_SUM=cfg.row_sum, ARGMAX=argmax, X_TILE=cfg.x_tile)
+                          PDL=True, ROW_SUM=cfg.row_sum, ARGMAX=argmax, X_TILE=cfg.x_tile, PREFETCH_L2=True)
             ptx = compile_for(_gemv_kernel, types, consts, 90, warps=cfg.num_warps, stages=cfg.num_stages)
             assert byte_loads(ptx) == 0, (kind, cfg)
             if cfg.x_tile and not cfg.row_sum:
@@ -258,10 +260,11 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
                           BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n,
                           BLOCK_W=cfg.block_k // (4 if fmt == "int8" and not wide else 8),
                           CVT=cfg.cvt if fmt == "int8" else 0,
-                          NORM=swiglu, EVEN_K=even_k, PDL=pdl)
+                          NORM=swiglu, EVEN_K=even_k, PDL=pdl, PREFETCH_L2=swiglu)  # (each setting once)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)
             assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu)
+            assert ("prefetch.global.L2" in ptx) == swiglu, (cfg, swiglu)
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from . import l2_prefetch
 from .gemv_4bit import _FMT_ID, HAVE_TRITON, QuantizedWeight
 
 if HAVE_TRITON:
@@ -36,6 +37,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
+    from .l2_prefetch import prefetch_bytes
     from .packed_products import int8_words_sums, load_pairs, packed_dot, packed_dot2
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -223,13 +225,18 @@ if HAVE_TRITON:
         BS: tl.constexpr, BS2: tl.constexpr, BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         X_KIND: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH_L2: tl.constexpr,
     ):
         # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
         # stride_xm in x_ptr's elements (int32 pairs for 16-bit x). SWIGLU: 2N weight rows, as gemv_4bit's
-        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         pid_n = tl.program_id(0)
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
+            tl.extra.cuda.gdc_launch_dependents()
+        if PREFETCH_L2:  # the weight rows this program reads, before waiting on the kernel ahead (l2_prefetch.py)
+            if tl.program_id(1) == 0:  # (programs of further activation rows read the same weights)
+                _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT, CVT, NESTED, BS, SWIGLU, BLOCK_N)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         m0 = tl.program_id(1) * ROWS
         m1 = tl.minimum(m0 + 1, M - 1)  # ROWS == 2 with an odd M: the last pair repeats its row, stored once
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -299,6 +306,24 @@ if HAVE_TRITON:
                             X_KIND)
 
     @triton.jit
+    def _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT: tl.constexpr, CVT: tl.constexpr, NESTED: tl.constexpr,
+                        BS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+        # rows [first, first + BLOCK_N) of the weight (and the same rows N further for SwiGLU's up half), with
+        # their NF4 block scales
+        first = pid_n.to(tl.int64) * BLOCK_N
+        rows = tl.minimum(N - first, BLOCK_N)
+        row_bytes = K if FMT == 2 else K // 2  # int8, or two 4-bit weights a byte
+        prefetch_bytes(w_ptr, first * row_bytes, rows * row_bytes, 128)
+        if SWIGLU:
+            prefetch_bytes(w_ptr, (first + N) * row_bytes, rows * row_bytes, 128)
+        if FMT == 0:  # NF4: the absmax of the same rows' blocks (a byte each when nested, else a float32)
+            SCALE_BYTES: tl.constexpr = 1 if NESTED else 4
+            prefetch_bytes(absmax_ptr, first * K // BS * SCALE_BYTES, (rows * K + BS - 1) // BS * SCALE_BYTES, 128)
+            if SWIGLU:
+                prefetch_bytes(absmax_ptr, (first + N) * K // BS * SCALE_BYTES, (rows * K + BS - 1) // BS * SCALE_BYTES,
+                               128)
+
+    @triton.jit
     def _finish_row(acc, acc_b, x_ptr, m, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
                     bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
                     SWIGLU: tl.constexpr, X_KIND: tl.constexpr):
@@ -346,5 +371,6 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, BLOCKED=w.k % (w.blocksize if nf4 else 8) == 0,
         HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
         ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // per_word, EVEN_K=w.k % cfg.block_k == 0, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
+        PREFETCH_L2=l2_prefetch.wanted(x.device), num_warps=cfg.num_warps, num_stages=1,
+        **({"launch_pdl": True} if pdl else {}),
     )
