@@ -9,11 +9,12 @@ kernel ahead of it, puts the whole slice in flight at once: the loop's loads the
 the way, and a program placed on an SM while the kernel ahead drains starts pulling its bytes in then. The
 slices of a wave of programs (tens of KB an SM) fit the L2 many times over.
 
-``prefetch.global.L2`` exists on every CUDA GPU we support (sm_75 and later), is a hint (no register written,
-no fault reported), and is not in Triton's language, hence inline PTX. Triton's CPU interpreter cannot run
+``prefetch.global.L2`` exists on every CUDA GPU we support (sm_75 and later), is a hint (it writes no memory and
+reports no fault), and is not in Triton's language, hence inline PTX. Triton's CPU interpreter cannot run
 inline PTX, so the kernels take it as a compile-time switch that is off there.
 
-``GLMCHAT_L2_PREFETCH=0`` turns it off (for an A/B in one call); on by default on CUDA.
+Off unless ``GLMCHAT_L2_PREFETCH=1``: it has not been timed on a GPU yet (``bash bench/run_device.sh ab-l2``
+runs the A/B; bench/NOTES.md run 29), and what users run by default is what was measured.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs without Triton
     HAVE_TRITON = False
 
-LINE = 128  # bytes a prefetch asks for (an L2 line)
-
-
 def wanted(device) -> bool:
-    """Whether the GEMVs on ``device`` prefetch their slices (CUDA only: the interpreter has no inline PTX)."""
+    """Whether the GEMVs on ``device`` prefetch their slices (CUDA only, when asked: the interpreter has no inline
+    PTX)."""
     if getattr(device, "type", None) != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return os.environ.get("GLMCHAT_L2_PREFETCH", "1") != "0"
+    return os.environ.get("GLMCHAT_L2_PREFETCH", "0") == "1"
 
 
 if HAVE_TRITON:
