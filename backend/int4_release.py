@@ -14,7 +14,6 @@ train on the release at all.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .int8_linear import grad_input_in_blocks, linear_in_blocks

@@ -10,7 +10,7 @@ their ``Linear8bitLt`` layers; ``use_weight_only_int8`` swaps them for ``Int8Lin
 before training.
 
 The base is frozen, so only the input gradient is needed: ``dx = dy @ W``. Both directions multiply through
-Triton kernels that widen the int8 weights in registers: ``int8_linear``'s matmul forward,
+Triton kernels that widen the int8 weights in registers: ``kernels.int8_matmul``'s matmul forward,
 ``_grad_input_kernel`` here backward; from ``int8_linear.WIDEN_MIN_ROWS`` tokens (compute-bound) both go
 through cuBLAS on the weight widened a block at a time. On the CPU both are torch math (the backward widens a
 few thousand weight rows at a time).

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
 from backend.decoding import EagerDecoder, common_prefix_length  # noqa: E402
 from backend.fast_decode import FastDecoder  # noqa: E402
-from backend.int8_linear import GemvConfig, LinearWeights, gemv  # noqa: E402
+from backend.int8_linear import LinearWeights  # noqa: E402
+from backend.kernels.int8_gemv import GemvConfig, gemv  # noqa: E402
 from backend.kv_cache import KVCache  # noqa: E402
 from backend.service import SamplingParams  # noqa: E402
 

@@ -24,7 +24,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.int8_linear import LinearWeights, matmul, quantize_per_channel, widened_grad_input, widened_linear  # noqa: E402
+from backend.int8_linear import LinearWeights, quantize_per_channel, widened_grad_input, widened_linear  # noqa: E402
+from backend.kernels.int8_matmul import matmul  # noqa: E402
 from backend.int8_layer import grad_input_triton  # noqa: E402
 from check_grad_kernel import SHAPES, replay_ms, timed  # noqa: E402
 
@@ -71,7 +72,7 @@ def training_rows(lws: dict) -> None:
 def decode_rows(lws: dict) -> None:
     """Each decode row count: quant_linear (int8, up to 64 rows), the matmul at its chosen config, and the best of
     a small grid of matmul configs (to choose ``matmul_config``)."""
-    from backend.int8_linear import matmul_config
+    from backend.kernels.int8_matmul import matmul_config
     from backend.kernels.gemv_4bit import QuantizedWeight, quant_linear
 
     for name, N, K in SHAPES:
@@ -116,7 +117,7 @@ def graph_us(calls: list, reps: int = 20) -> float:
 def decode_rows_in_graphs(rows=(2, 8, 64)) -> None:
     """The decode rows' matmul configs timed inside CUDA graphs over 8 copies of each weight (more than the L2
     holds): ``matmul_config``'s choice against a grid with K splits (to choose the K splits of ``matmul_config``)."""
-    from backend.int8_linear import matmul_config
+    from backend.kernels.int8_matmul import matmul_config
 
     for name, N, K in SHAPES:
         copies = [LinearWeights(*quantize_per_channel(torch.randn(N, K, device="cuda") * 0.02), None) for _ in range(8)]
@@ -168,7 +169,8 @@ def few_rows_in_graphs(rows=(1, 2, 4)) -> None:
     """For compare's two rows and a server's first streams: ``gemv_rows`` with each config it may be tuned to,
     the one-row GEMV once a row, and the matmul (``matmul_config``), inside CUDA graphs over 8 weight copies;
     fc1 with SwiGLU as the decoder calls it. The % is of the copy bandwidth measured here."""
-    from backend.int8_linear import default_gemv_config, gemv, matmul_config
+    from backend.kernels.int8_gemv import default_gemv_config, gemv
+    from backend.kernels.int8_matmul import matmul_config
     from backend.kernels.gemv_rows import candidate_configs, gemv_rows
     from bench_engine import copy_bandwidth
 

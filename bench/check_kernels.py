@@ -19,9 +19,9 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(_
 
 from backend import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
 from backend.fast_decode import FastDecoder  # noqa: E402
-from backend.int8_linear import (  # noqa: E402
-    GemvConfig, LinearWeights, gemv, matmul, new_argmax_state, pick_token, quantize_per_channel,
-)
+from backend.int8_linear import LinearWeights, quantize_per_channel  # noqa: E402
+from backend.kernels.int8_gemv import GemvConfig, gemv, new_argmax_state, pick_token  # noqa: E402
+from backend.kernels.int8_matmul import matmul  # noqa: E402
 from backend.generation import logits_processors  # noqa: E402
 from backend.modeling import apply_rotary, rotary_cos_sin  # noqa: E402
 from backend.kernels.attention_batch import rotary_inv_freq  # noqa: E402

@@ -12,7 +12,7 @@ per-row int8) and M = 1, 2, 8, 64 activation rows (bf16):
   ``kernels.tuning.cuda_timer`` (median GPU time, as the tuner measures) and prints GB/s over the bytes moved (packed weight + scales +
   activations in + out) and the % of ``--peak-tbs`` (4.3 TB/s: H200 HBM3e as measured by copies);
 - baselines in the same run (the plain linear, nothing fused): bitsandbytes' ``matmul_4bit`` (NF4),
-  ``int8_linear.gemv`` (int8, M = 1) and ``int8_linear.matmul`` (int8, M >= 2);
+  ``int8_gemv.gemv`` (int8, M = 1) and ``int8_matmul.matmul`` (int8, M >= 2);
 then the batched rotary + cache write and decode attention (32 heads, 2 groups, head_dim 128) for 1, 8 and
 64 rows of mixed lengths and prefixes, checked against torch and timed over the K/V bytes they read.
 A short table comes last. ``--candidates`` also times every config the tuner chooses among (4-bit, M = 1
@@ -117,7 +117,8 @@ def _bnb_matmul_4bit(x, data, state):
 
 
 def _int8_baseline(x, lw):
-    from backend.int8_linear import gemv, matmul
+    from backend.kernels.int8_gemv import gemv
+    from backend.kernels.int8_matmul import matmul
 
     if x.shape[0] == 1:
         out = torch.empty(lw.weight.shape[0], device=x.device, dtype=x.dtype)
@@ -193,9 +194,9 @@ def run_linear(device, dtype, fmt, name, n, k, ms, timing: bool, peak: float) ->
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype)
             by_io = x.numel() * x.element_size() + m * n_out * x.element_size() * (2 if var.get("residual") else 1)
-            if fmt == "int8" and m == 1:  # M = 1 int8 stays int8_linear.gemv's (fused epilogues): its time only
+            if fmt == "int8" and m == 1:  # M = 1 int8 stays int8_gemv.gemv's (fused epilogues): its time only
                 t = baseline_ms(baseline, x, timing)
-                ROWS.append((fmt, name, m, "int8_linear.gemv, plain", t, weight_bytes(qw) + by_io,
+                ROWS.append((fmt, name, m, "int8_gemv.gemv, plain", t, weight_bytes(qw) + by_io,
                              float("nan"), None, None))
                 continue
             res = torch.randn(m, n_out, device=device, dtype=dtype) if var.get("residual") else None

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_decode as bd  # noqa: E402
 from backend.fast_decode import FastDecoder  # noqa: E402
-from backend.int8_linear import DEFAULT_GEMV, GemvConfig, gemv  # noqa: E402
+from backend.kernels.int8_gemv import DEFAULT_GEMV, GemvConfig, gemv  # noqa: E402
 
 
 def C(bp, bk, w=4, cvt=2, rs=False, pf=False):

@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from backend.int8_linear import _gemv_kernel, _pick_kernel  # noqa: E402
+from backend.kernels.int8_gemv import _gemv_kernel, _pick_kernel  # noqa: E402
 from backend.kernels import attention_batch as A  # noqa: E402
 from backend.kernels import gemv_4bit as Q  # noqa: E402
 
@@ -131,7 +131,7 @@ def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
     """The swapped matmul at every tile ``matmul_config`` gives up to 256 rows, split and not: it compiles and fits, reads
     int8 by vector loads, and on Hopper hands wgmma the widened weight as its register operand (the point of
     swapping: the unswapped kernel stores each widened tile to shared memory for wgmma's second operand)."""
-    from backend.int8_linear import _matmul_kernel, matmul_config
+    from backend.kernels.int8_matmul import _matmul_kernel, matmul_config
 
     types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT, "res_ptr": ACT}
     configs = {matmul_config(m, n, k) for m in (5, 8, 16, 32, 64, 128, 256) for n, k in SHAPES}
@@ -163,7 +163,8 @@ def test_batched_rotary_and_attention(arch, pdl):
 def test_the_int8_matmul_configs_fit_each_card(arch):
     """Every tile config the int8 matmul picks (decode rows, 128/256 rows, prompts and training) compiles and fits
     the card's shared memory, with int8 weights read by vector loads; so does the widening for cuBLAS."""
-    from backend.int8_linear import _matmul_kernel, _split_sum_kernel, _widen_kernel, matmul_config
+    from backend.kernels.int8_matmul import _matmul_kernel, _split_sum_kernel, matmul_config
+    from backend.kernels.widen_int8 import _widen_kernel
 
     ptx = compile_for(_widen_kernel, {"q_ptr": "*i8", "scale_ptr": "*fp32", "out_ptr": ACT}, {"BLOCK_N": 32, "BLOCK_K": 256}, arch)
     assert byte_loads(ptx) == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backend.decode import one_row_tuning as T
-from backend.int8_linear import GemvConfig
+from backend.kernels.int8_gemv import GemvConfig
 
 
 def _measure(costs: dict, failing=(), noise=0.0):
@@ -43,7 +43,7 @@ def test_a_tile_within_the_noise_margin_does_not_replace_the_default():
 
 
 def test_every_kind_has_candidates_for_both_weight_kinds_and_defaults_are_not_repeated():
-    from backend.int8_linear import DEFAULT_GEMV
+    from backend.kernels.int8_gemv import DEFAULT_GEMV
 
     for weights, table in (("int8", "int8"), ("float", "float")):
         assert set(T.CANDIDATES[weights]) == set(T.KINDS)
@@ -59,7 +59,7 @@ def test_an_8bit_models_output_layer_keeps_the_16_bit_tiles_and_candidates():
 
     import torch
 
-    from backend.int8_linear import DEFAULT_GEMV
+    from backend.kernels.int8_gemv import DEFAULT_GEMV
 
     def lin(int8: bool, shape):
         return types.SimpleNamespace(q=object() if int8 else None, one_row=types.SimpleNamespace(weight=torch.empty(shape)))

@@ -1,7 +1,7 @@
 """One linear of the batched fast decoder, read as it is stored: NF4 and the int4 release packed through
 ``backend.kernels.gemv_4bit.quant_linear`` (RMSNorm, SwiGLU and the residual folded in) up to 64 rows; one
 row through the one-row decoder's GEMV; 2-4 int8 rows through ``kernels.gemv_rows`` (that GEMV reading each
-weight tile once for all of them); more int8 rows through ``int8_linear.matmul`` (its tensor-core tiles
+weight tile once for all of them); more int8 rows through ``int8_matmul.matmul`` (its tensor-core tiles
 widen the int8 weight in registers; on the H200 they read it 1.5-4x faster than quant_linear's int8 tiles
 from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm as a launch of its own and the residual, and up to 16 rows
 SwiGLU, in its epilogue (bench/NOTES.md runs 25-27); 16-bit weights through cuBLAS; long prompts through tensor
@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..int8_linear import LinearWeights, add_into, default_gemv_config, gemv
+from ..int8_linear import LinearWeights, add_into
+from ..kernels.int8_gemv import default_gemv_config, gemv
 from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
 from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, m_bucket, quant_linear, quantized_weight
@@ -136,7 +137,7 @@ class BatchLinear:
         if not swiglu:
             return self._wide(x, split_k, residual, out)
         if self._int8_matmul(x) and x.shape[0] <= SWIGLU_IN_MATMUL_M:
-            from ..int8_linear import matmul
+            from ..kernels.int8_matmul import matmul
 
             return matmul(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out)
         y = self._wide(x, split_k)
@@ -148,11 +149,11 @@ class BatchLinear:
         return add_into(y, residual, out)
 
     def _int8_matmul(self, x: torch.Tensor) -> bool:
-        """Whether many rows go through ``int8_linear.matmul`` (int8 weights on CUDA)."""
+        """Whether many rows go through ``int8_matmul.matmul`` (int8 weights on CUDA)."""
         return self.q is not None and self.q.fmt == "int8" and x.is_cuda
 
     def _one_row(self, x, norm, eps, swiglu, residual, out):
-        """Each activation row (up to ONE_ROW_GEMV_MAX_M) through the one-row decoder's GEMV (int8_linear.gemv)
+        """Each activation row (up to ONE_ROW_GEMV_MAX_M) through the one-row decoder's GEMV (int8_gemv.gemv)
         and its tuned tiles: a tensor-core tile computes 16 rows to use one (bench/NOTES.md, run 8)."""
         n = self.one_row.weight.shape[0] // (2 if swiglu else 1)
         y = out if out is not None else torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
@@ -166,7 +167,7 @@ class BatchLinear:
     def gemv_row(self, x, out, *, norm=None, eps=1e-5, swiglu=False, residual=None, rope=None, argmax=None,
                  pdl=False):
         """One activation row x [K] into out through the one-row GEMV (int8 or 16-bit weights) with its epilogues:
-        ``int8_linear.gemv``'s rotary + cache write (``rope``), folded greedy pick (``argmax``) and ``pdl``."""
+        ``int8_gemv.gemv``'s rotary + cache write (``rope``), folded greedy pick (``argmax``) and ``pdl``."""
         return gemv(x, self.one_row, out, norm_weight=norm, eps=eps, swiglu=swiglu, residual=residual, rope=rope,
                     argmax=argmax, pdl=pdl, config=self.row_config)
 
@@ -177,7 +178,7 @@ class BatchLinear:
         if self.q is None:
             y = F.linear(x, self.w, self.bias)
         elif self._int8_matmul(x):
-            from ..int8_linear import matmul
+            from ..kernels.int8_matmul import matmul
 
             return matmul(x, self.one_row, split_k=split_k, residual=residual, out=out)
         elif self.q.fmt in ("nf4", "int4"):

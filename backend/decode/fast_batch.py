@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from ..device_sampling import on_device
 from ..generation import INVALID_SCORE_TOKEN, logits_processors
-from ..int8_linear import MATMUL_MID_ROWS, WIDEN_MIN_ROWS
+from ..int8_linear import WIDEN_MIN_ROWS
+from ..kernels.int8_matmul import MATMUL_MID_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
 from ..modeling import causal_to_end, decoding_attention, keys_per_head, rope_settings
 from ..service import BackendError, SamplingParams

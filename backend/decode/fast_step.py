@@ -12,7 +12,8 @@ import torch
 
 from ..cuda_streams import warmup_stream
 from ..generation import INVALID_SCORE_TOKEN
-from ..int8_linear import HAVE_TRITON, default_gemv_config, gemv, new_argmax_state, pick_token
+from ..int8_linear import HAVE_TRITON
+from ..kernels.int8_gemv import default_gemv_config, gemv, new_argmax_state, pick_token
 
 if HAVE_TRITON:
     import triton

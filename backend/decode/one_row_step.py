@@ -24,7 +24,7 @@ import os
 import torch
 
 from ..generation import INVALID_SCORE_TOKEN
-from ..int8_linear import new_argmax_state, pick_token
+from ..kernels.int8_gemv import new_argmax_state, pick_token
 from ..kernels.attention_batch import attention_workspace, decode_attention
 from ..kernels.gemv_4bit import kernels_run
 

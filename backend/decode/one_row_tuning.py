@@ -3,7 +3,7 @@
 A GEMV timed alone ranks tiles differently from the same GEMV inside the step, where each launch overlaps the tail
 of the kernel before it and the prologues and epilogues do more: on the H100, coordinate descent over the captured
 step found a step 12% faster than the tiles that won one kernel at a time (bench/NOTES.md run 5,
-bench/explore_gemv.py). ``int8_linear.DEFAULT_GEMV`` holds that H100 descent's result; this runs the same descent
+bench/explore_gemv.py). ``int8_gemv.DEFAULT_GEMV`` holds that H100 descent's result; this runs the same descent
 on any card at its first warm-up (the app's, in the background; the server's, before it listens): for each linear
 kind in turn, each candidate tile's step graph is timed
 against the best so far's, interleaved, and kept when faster by more than ``KEEP_GAIN`` and when its logits are the
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..int8_linear import GemvConfig, default_gemv_config
+from ..kernels.int8_gemv import GemvConfig, default_gemv_config
 from ..kernels import packed_products, tuning
 
 log = logging.getLogger("glmchat.tuning")
@@ -98,7 +98,7 @@ def defaults(decoder) -> dict[str, GemvConfig]:
     return {kind: default_gemv_config(kind, w == "int8") for kind, w in _weights(decoder).items()}
 
 
-# int8 against fp16 x (the 8-bit default), products two at a time (int8_linear's CVT 3), last: (row pairs, K tile)
+# int8 against fp16 x (the 8-bit default), products two at a time (int8_gemv's CVT 3), last: (row pairs, K tile)
 PACKED_INT8 = ((4, 1024), (2, 1024), (8, 1024), (4, 2048))
 
 

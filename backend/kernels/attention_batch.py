@@ -175,7 +175,7 @@ if HAVE_TRITON:
 
 
 def _pdl_launch(pdl: bool) -> dict:
-    """Launch options of a programmatic dependent launch (Hopper and later), as int8_linear.gemv does."""
+    """Launch options of a programmatic dependent launch (Hopper and later), as int8_gemv.gemv does."""
     return {"launch_pdl": True} if pdl else {}
 
 

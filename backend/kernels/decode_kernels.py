@@ -1,7 +1,6 @@
-"""The fast decoder's own Triton kernels (moved unchanged from backend/fast_decode.py): split attention
-for one decode step and its combine, and the prompt's elementwise stages (RMSNorm, rotary + cache write,
-SwiGLU, with ``rms_norm_rows``/``swiglu_rows`` for the batched decoder's int8 rows too). The GEMV kernels
-they run beside live in backend/int8_linear.py."""
+"""The fast decoder's own Triton kernels: split attention for one decode step and its combine, and the prompt's
+elementwise stages (RMSNorm, rotary + cache write, SwiGLU, with ``rms_norm_rows``/``swiglu_rows`` for the
+batched decoder's int8 rows too). The GEMV and matmul they run beside are ``int8_gemv`` and ``int8_matmul``."""
 
 from __future__ import annotations
 

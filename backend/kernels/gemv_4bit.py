@@ -17,14 +17,14 @@ loaded layer. Weight formats:
 - ``int4``: the official chatglm2-6b-int4 release: ``weight`` int8 [N, K/2], byte j of row n holds
   columns 2j (high nibble) and 2j+1 (low nibble), both signed 4-bit; ``weight_scale`` fp16 [N] per row.
 - ``int8``: per-row int8 [N, K] with a float32 scale per row (``int8_linear.LinearWeights``), for
-  M = 2..64 (M = 1 has ``int8_linear.gemv`` with its fused prologues and epilogues).
+  M = 2..64 (M = 1 has ``int8_gemv.gemv`` with its fused prologues and epilogues).
 
 Why hand-written: at M <= 64 a linear reads its weight once and does almost no arithmetic, so its time
 is the bytes read. No library kernel reads bitsandbytes NF4 (or the int4 release) for small M at that
 bandwidth: bitsandbytes' own 4-bit inference kernel (``gemv_4bit``) takes a single row, and for more rows
 ``matmul_4bit`` writes the whole weight out in 16-bit and reads it back for a cuBLAS matmul (about 9x the
 bytes of the packed weight); the int4 release ships CUDA kernels compiled for sm_61..sm_89 only.
-``int8_linear.matmul`` has fixed tiles (64 output rows a program): too few programs for a 4608-row weight
+``int8_matmul.matmul`` has fixed tiles (64 output rows a program): too few programs for a 4608-row weight
 at M = 2..64 on a 132-SM card.
 
 Two kernels, the config (tiles, warps, NF4 table form) chosen per GPU model, shape and M bucket by

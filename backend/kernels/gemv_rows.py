@@ -2,9 +2,9 @@
 evaluation): each weight tile is read once for all the rows, in the one-row GEMV's form.
 
 Why its own kernel: at 2-4 rows a decode step's linears are bound by the weight bytes read, as at one row.
-``int8_linear.matmul`` reads them through tensor-core tiles 16 rows tall (2 of them used), and
+``int8_matmul.matmul`` reads them through tensor-core tiles 16 rows tall (2 of them used), and
 ``gemv_4bit``'s ``rows`` kernel sums a [rows, n, k] product whose layout Triton spreads across threads; the
-one-row GEMV (``int8_linear.gemv``: 2D tiles, float32 row sums, the int8 widened by one integer op) is the
+one-row GEMV (``int8_gemv.gemv``: 2D tiles, float32 row sums, the int8 widened by one integer op) is the
 fastest reader of these weights measured so far (a step of 2.53 ms at one row against 3.51 ms at two rows
 through the matmul, bench/NOTES.md run 11). So this kernel is that GEMV with one set of row sums per
 activation row, unrolled for up to ``ROWS_MAX`` rows (no list of tensors in Triton): only x is read once a
@@ -32,7 +32,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ..int8_linear import _x_sums, int8_as_float
+    from .int8_gemv import _x_sums, int8_as_float
 
 ROWS_MIN, ROWS_MAX = 2, 4
 
@@ -162,7 +162,7 @@ class RowsGemvConfig:
     block_n: int = 8  # output columns a program (SwiGLU: that many gate rows and as many up rows)
     block_k: int = 1024  # weights along K a tile
     num_warps: int = 4
-    cvt: int = 2  # int8 -> float32 as int8_linear.int8_as_float; words: quant_words' cvt (3: fp16 pairs,
+    cvt: int = 2  # int8 -> float32 as int8_gemv.int8_as_float; words: quant_words' cvt (3: fp16 pairs,
     # packed_products.int8_dot)
     kernel: str = "gemv"  # "words": kernels.quant_words (the weight as 32-bit words, row sums kept in registers
     # until the K loop ends: no barrier inside it); "other": the caller's other path (the int8 matmul) ran faster

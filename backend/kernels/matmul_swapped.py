@@ -1,7 +1,7 @@
-"""When the int8 matmul runs with its operands swapped (``int8_linear.matmul(swap=True)``, the kernel's
+"""When the int8 matmul runs with its operands swapped (``int8_matmul.matmul(swap=True)``, the kernel's
 ``SWAP_AB``): ``C.T = W @ X.T``, the weight as the tensor cores' first operand.
 
-Why: ``int8_linear.matmul`` computes ``X @ W.T``, the widened weight as the second operand. On Hopper, wgmma
+Why: ``int8_matmul.matmul`` computes ``X @ W.T``, the widened weight as the second operand. On Hopper, wgmma
 reads its second operand only from shared memory, so every int8 tile goes global -> shared -> registers (widened)
 -> shared again -> wgmma (PTX of the sm_90 build: 12 shared stores in the loop), and at 5-64 rows the linears ran
 at 0.9-1.6 TB/s on the H200 (bench/NOTES.md run 11), a fifth to a third of what the weight bytes allow; at
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from . import tuning
-from ..int8_linear import HAVE_TRITON, MATMUL_MID_ROWS, LinearWeights, matmul
+from ..int8_linear import HAVE_TRITON, LinearWeights
+from .int8_matmul import MATMUL_MID_ROWS, matmul
 
 if HAVE_TRITON:
     import triton

@@ -230,7 +230,7 @@ def test_a_next_turn_reuses_the_parked_row_and_gives_the_same_tokens():
 
 
 def test_int8_rows_through_the_gemvs_or_the_matmul_equal_the_packed_kernels(monkeypatch):
-    """One row of an int8 linear runs int8_linear.gemv, 2-4 rows kernels.gemv_rows, more the int8 matmul (here its
+    """One row of an int8 linear runs int8_gemv.gemv, 2-4 rows kernels.gemv_rows, more the int8 matmul (here its
     CPU form) with RMSNorm and SwiGLU as kernels of their own: the same sums as quant_linear's, epilogues included."""
     from backend.decode.batch_linear import ONE_ROW_GEMV_MAX_M, BatchLinear
     from backend.kernels import gemv_rows
@@ -427,10 +427,11 @@ def test_the_fused_step_writes_no_key_for_an_idle_row():
 
 @pytest.mark.parametrize("dtype,divisor", [(torch.float16, 1.0), (torch.float16, 2.0), (torch.float32, 2.0)])
 def test_the_gemv_rotary_epilogue_equals_the_rotary_kernel_after_the_linear(dtype, divisor):
-    """The QKV GEMV's rotary + cache write (int8_linear.gemv(rope=...)) against the plain GEMV followed by
+    """The QKV GEMV's rotary + cache write (int8_gemv.gemv(rope=...)) against the plain GEMV followed by
     kernels.attention_batch.rope_cache_write, in fp16 with ChatGLM2's angle rounding and with 32k's rope_ratio: the
     same q and the same keys and values in the row's slot after its prefix, bit for bit."""
-    from backend.int8_linear import LinearWeights, gemv, quantize_per_channel
+    from backend.int8_linear import LinearWeights, quantize_per_channel
+    from backend.kernels.int8_gemv import gemv
     from backend.kernels import attention_batch as A
 
     torch.manual_seed(1)

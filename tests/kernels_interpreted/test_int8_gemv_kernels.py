@@ -1,4 +1,4 @@
-"""The one-row GEMV (backend/int8_linear.gemv) under Triton's interpreter: the tiles that load x in the weight
+"""The one-row GEMV (backend/kernels/int8_gemv.gemv) under Triton's interpreter: the tiles that load x in the weight
 tile's layout (``x_tile``: their RMSNorm and CVT-2 sums in a pass of their own) give the same outputs as the
 default tiles, for each int8 conversion, with RMSNorm, the residual in place, SwiGLU and a K tail. Run through
 tests/test_kernels_batch.py."""
@@ -19,7 +19,8 @@ from backend.kernels.interpreter_compat import numpy_compat  # noqa: E402
 
 numpy_compat()
 
-from backend.int8_linear import GemvConfig, LinearWeights, gemv, quantize_per_channel  # noqa: E402
+from backend.int8_linear import LinearWeights, quantize_per_channel  # noqa: E402
+from backend.kernels.int8_gemv import GemvConfig, gemv  # noqa: E402
 
 
 def reference(x, lw, norm=None, residual=None, swiglu=False, eps=1e-5):

@@ -1,4 +1,4 @@
-"""The int8 matmul's split-K path (backend/int8_linear.py: _matmul_kernel with SPLIT_K, _split_sum_kernel) under
+"""The int8 matmul's split-K path (backend/kernels/int8_matmul.py: _matmul_kernel with SPLIT_K, _split_sum_kernel) under
 Triton's interpreter: any number of K splits (one longer than the weight's K blocks included) gives the
 dequantised product, with bias, for K a multiple of the block or not. Run through tests/test_kernels_batch.py."""
 
@@ -18,7 +18,8 @@ from backend.kernels.interpreter_compat import numpy_compat  # noqa: E402
 
 numpy_compat()
 
-from backend.int8_linear import LinearWeights, matmul, quantize_per_channel  # noqa: E402
+from backend.int8_linear import LinearWeights, quantize_per_channel  # noqa: E402
+from backend.kernels.int8_matmul import matmul  # noqa: E402
 
 
 @pytest.mark.parametrize("K", [256, 300])

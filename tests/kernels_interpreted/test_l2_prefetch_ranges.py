@@ -21,8 +21,9 @@ from backend.kernels.interpreter_compat import numpy_compat  # noqa: E402
 
 numpy_compat()
 
-import backend.int8_linear as L  # noqa: E402
+from backend.int8_linear import LinearWeights, quantize_per_channel  # noqa: E402
 from backend.kernels import gemv_4bit as Q  # noqa: E402
+from backend.kernels import int8_gemv as G  # noqa: E402
 from backend.kernels import l2_prefetch  # noqa: E402
 from backend.kernels import quant_words as W  # noqa: E402
 
@@ -41,7 +42,7 @@ def asked(monkeypatch):
             ranges.append((_int(ptr) + _int(start), _int(ptr) + _int(start) + _int(count)))
 
     monkeypatch.setattr(l2_prefetch, "wanted", lambda device: True)
-    monkeypatch.setattr(L, "prefetch_bytes", record)
+    monkeypatch.setattr(G, "prefetch_bytes", record)
     monkeypatch.setattr(W, "prefetch_bytes", record)
     return ranges
 
@@ -62,10 +63,10 @@ def covered(ranges, t: torch.Tensor) -> list:
 @pytest.mark.parametrize("n,swiglu", [(48, False), (50, False), (48, True)])
 def test_one_row_int8_gemv_asks_for_its_whole_weight(asked, n, swiglu):
     torch.manual_seed(n)
-    q, scale = L.quantize_per_channel(torch.randn(n, 64) * 0.05)
-    lw = L.LinearWeights(q, scale, None)
+    q, scale = quantize_per_channel(torch.randn(n, 64) * 0.05)
+    lw = LinearWeights(q, scale, None)
     out = torch.empty(n // 2 if swiglu else n)
-    L.gemv(torch.randn(64), lw, out, swiglu=swiglu, config=L.GemvConfig(block_p=4, block_k=64))
+    G.gemv(torch.randn(64), lw, out, swiglu=swiglu, config=G.GemvConfig(block_p=4, block_k=64))
     assert covered(asked, q) == []
 
 

@@ -1,4 +1,4 @@
-"""The swapped int8 matmul (int8_linear.matmul(swap=True), kernels/matmul_swapped.py: the weight as the tensor cores'
+"""The swapped int8 matmul (int8_matmul.matmul(swap=True), kernels/matmul_swapped.py: the weight as the tensor cores'
 first operand) under
 Triton's interpreter: for decode rows (a few, 16, 64 and a partial tile), K a multiple of the block or not, any
 number of K splits, with and without bias, it gives the dequantised product, as the unswapped matmul does. Run
@@ -20,7 +20,8 @@ from backend.kernels.interpreter_compat import numpy_compat  # noqa: E402
 
 numpy_compat()
 
-from backend.int8_linear import LinearWeights, matmul, quantize_per_channel  # noqa: E402
+from backend.int8_linear import LinearWeights, quantize_per_channel  # noqa: E402
+from backend.kernels.int8_matmul import matmul  # noqa: E402
 from backend.kernels.matmul_swapped import prefers_swapped  # noqa: E402
 
 

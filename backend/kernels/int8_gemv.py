@@ -1,0 +1,451 @@
+"""The one-row GEMV for int8 (or 16-bit) weights: the decode step of one token, ``gemv``.
+
+Each program reads a few whole weight rows and fuses what sits around the linear in ChatGLM2: the RMSNorm before
+it (prologue), and after it the bias, the residual add, SwiGLU (``silu(a) * b`` of the two halves of
+``dense_h_to_4h``), the interleaved rotary embedding with the key/value cache write (``query_key_value``), or
+the greedy pick folded into the output layer (``argmax``, read by ``pick_token``). Rows are handled in two sets
+(a, b): row pairs (2p, 2p+1) for rotary, (p, p + F) for SwiGLU. Tile shapes and the int8 conversion are chosen
+per card inside the captured step (``decode/one_row_tuning.py``); ``DEFAULT_GEMV`` holds an H100's.
+
+The weights come as ``int8_linear.LinearWeights``; the torch math of the same linear is ``int8_linear.linear_torch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from . import l2_prefetch
+from .rotary import round_mode
+
+if TYPE_CHECKING:
+    from ..int8_linear import LinearWeights
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - CPU-only installs without Triton
+    HAVE_TRITON = False
+
+EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
+
+if HAVE_TRITON:
+    from .l2_prefetch import prefetch_bytes
+    from .packed_products import int8_words_sums
+    from .rotary import rope_cos_sin
+
+    @triton.jit
+    def int8_as_float(w, CVT: tl.constexpr):
+        # int8 weights to float32 for a GEMV's sums. CVT 2, one integer op: bits (w << 15) + 0x3FC00000 are the
+        # float 1.5 + w / 256 exactly, so sum w x = 256 (sum f x - 1.5 sum x) (the offset is only ~12x the
+        # signal in float32); CVT 1, without the conversion unit: (w + 128) in the low mantissa bits of 2^23;
+        # CVT 0: the conversion instruction
+        if CVT == 2:
+            return ((w.to(tl.int32) << 15) + 0x3FC00000).to(tl.float32, bitcast=True)
+        elif CVT == 1:
+            return ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            return w.to(tl.float32)
+
+    @triton.jit
+    def _argmax_key(v, row):
+        # int64 keys ordered as (v, -row): float32 bits made monotone as signed int32, then the row
+        bits = v.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+        return (ordered << 32) | (4294967296 - 1 - row.to(tl.int64))
+
+    @triton.jit
+    def _pick_kernel(best_ptr, next_ptr, in_ptr, BAD_TOKEN: tl.constexpr, PDL: tl.constexpr, FEED: tl.constexpr):
+        # after the output GEMV with ARGMAX: the next token (BAD_TOKEN if any logit was not finite) into
+        # next_ptr; FEED (the one-row decoder): also into in_ptr[0], position and cache slot in_ptr[1:3]
+        # advanced; the keys reset
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        key = tl.load(best_ptr)
+        row = 4294967296 - 1 - (key - ((key >> 32) << 32))  # the low 32 bits hold 2^32 - 1 - row
+        tok = tl.where(tl.load(best_ptr + 1) > 0, BAD_TOKEN, row)
+        tl.store(next_ptr, tok)
+        if FEED:
+            tl.store(in_ptr, tok)
+            tl.store(in_ptr + 1, tl.load(in_ptr + 1) + 1)
+            tl.store(in_ptr + 2, tl.load(in_ptr + 2) + 1)
+        tl.store(best_ptr, -(2**63))
+        tl.store(best_ptr + 1, 0)
+
+    @triton.jit
+    def _x_tile(x_ptr, norm_ptr, kk, K, BLOCK_P: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+        # x[kk] (times norm[kk]) as a [BLOCK_P, BLOCK_K] tile of equal rows (a thread's rows share its loads)
+        ptrs = kk[None, :] + tl.zeros([BLOCK_P, 1], dtype=tl.int32)
+        if EVEN_K:
+            x = tl.load(x_ptr + ptrs).to(tl.float32)
+            if NORM:
+                x = x * tl.load(norm_ptr + ptrs).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + ptrs, mask=ptrs < K, other=0.0).to(tl.float32)
+            if NORM:
+                x = x * tl.load(norm_ptr + ptrs, mask=ptrs < K, other=0.0).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _x_sums(x_ptr, norm_ptr, K, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+        # [BLOCK_K] partial sums of x^2 (for RMSNorm) and of x times the norm weight (CVT 2's offset), as the
+        # GEMV loop accumulates them without X_TILE: a pass of its own over x (a few KB, mostly from L1/L2)
+        offs_k = tl.arange(0, BLOCK_K)
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if NORM:
+                ss += x * x
+                x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            xs += x
+        return ss, xs
+
+    @triton.jit
+    def _wide_sums(x_ptr, norm_ptr, w_ptr, row_a, row_b, mask_a, mask_b, K, BLOCK_P: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
+        # CVT 3: rows a and b times fp16 x (times the norm weight), int8 read as 64-bit words of 8 weights and
+        # multiplied two at a time in fp16 (kernels/packed_products.py); x through pointers of the word tile's
+        # shape, so the loop keeps one register layout. EVEN: whole tiles, every row in range
+        BLOCK_W: tl.constexpr = BLOCK_K // 8
+        KW = K // 8
+        wi = tl.max_contiguous(tl.arange(0, BLOCK_W), 1)  # (as quant_words: one layout for words and x)
+        words_ptr = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        pairs_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        norm_pairs = norm_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        zero = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.int32)
+        ra = row_a.to(tl.int64)[:, None] * KW
+        rb = row_b.to(tl.int64)[:, None] * KW
+        acc_a = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.float32)
+        for k0 in range(0, KW, BLOCK_W):
+            kw = k0 + wi
+            if EVEN:
+                wa = tl.load(words_ptr + ra + kw[None, :])
+                wb = tl.load(words_ptr + rb + kw[None, :])
+                mk = None
+            else:
+                mk = (kw < KW)[None, :] & (zero == 0)
+                wa = tl.load(words_ptr + ra + kw[None, :], mask=mask_a[:, None] & mk, other=0)
+                wb = tl.load(words_ptr + rb + kw[None, :], mask=mask_b[:, None] & mk, other=0)
+            # rows a and b are the two weight sets of one activation row
+            p_a, _, p_b, _ = int8_words_sums(wa, wb, pairs_ptr, norm_pairs, 0, 0, 0, kw, zero, mk, NORM, 1, True)
+            acc_a += p_a
+            acc_b += p_b
+        return tl.sum(acc_a, axis=1) * 128.0, tl.sum(acc_b, axis=1) * 128.0  # int8_dot's sums are 1/128
+
+    @triton.jit
+    def _prefetch_weight_rows(w_ptr, pid, N, N_PAIRS, K, ROW_STEP, B_OFF, BLOCK_P: tl.constexpr,
+                              ELEM: tl.constexpr):
+        # this program's weight rows into L2 (kernels/l2_prefetch.py): 2 * BLOCK_P consecutive rows (plain), or
+        # BLOCK_P rows and the BLOCK_P rows B_OFF further (SwiGLU's gate and up halves)
+        first = pid.to(tl.int64) * BLOCK_P * ROW_STEP
+        end = tl.minimum(first + BLOCK_P * ROW_STEP, tl.minimum(N_PAIRS * ROW_STEP, N))
+        row_bytes = K * ELEM
+        prefetch_bytes(w_ptr, first * row_bytes, (end - first) * row_bytes, 128)
+        if B_OFF > 1:
+            prefetch_bytes(w_ptr, (first + B_OFF) * row_bytes, (end - first) * row_bytes, 128)
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
+        k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr,
+        N, N_PAIRS, K, ROW_STEP, B_OFF, eps,
+        Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t, pos_divisor,
+        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROPE_ROUND: tl.constexpr, SLOT_FROM_PREFIX: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+        W_INT8: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+        RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_P: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr, ROW_SUM: tl.constexpr, ARGMAX: tl.constexpr, X_TILE: tl.constexpr,
+        PREFETCH_L2: tl.constexpr,
+    ):
+        # out rows a = p * ROW_STEP and b = a + B_OFF for the BLOCK_P pairs p of this program
+        pid = tl.program_id(0)
+        p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        row_a = p * ROW_STEP
+        row_b = row_a + B_OFF
+        mask_a = p < N_PAIRS
+        mask_b = mask_a & (row_b < N)
+        if PDL:  # programmatic dependent launch: the next kernel may start; weights do not depend on the last one
+            tl.extra.cuda.gdc_launch_dependents()
+        if PREFETCH_L2:  # the program's whole weight slice asked for before waiting on the kernel ahead
+            _prefetch_weight_rows(w_ptr, pid, N, N_PAIRS, K, ROW_STEP, B_OFF, BLOCK_P, 1 if W_INT8 else 2)
+        if CVT == 3:  # int8 against fp16 x, products two at a time (_wide_sums)
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+            a, b = _wide_sums(x_ptr, norm_ptr, w_ptr, row_a, row_b, mask_a, mask_b, K, BLOCK_P, BLOCK_K, NORM,
+                              EVEN_K and EVEN_P)
+            if NORM:
+                ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
+        else:
+            offs_k = tl.arange(0, BLOCK_K)
+            wa_ptrs = w_ptr + row_a.to(tl.int64)[:, None] * K + offs_k[None, :]
+            wb_ptrs = w_ptr + row_b.to(tl.int64)[:, None] * K + offs_k[None, :]
+            if ROW_SUM:  # one float32 per row: registers for more bytes in flight, a reduction per tile
+                acc_a = tl.zeros([BLOCK_P], dtype=tl.float32)
+                acc_b = tl.zeros([BLOCK_P], dtype=tl.float32)
+            else:  # a float32 per weight of the tile, summed once at the end
+                acc_a = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+                acc_b = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum of x, for the offset of CVT 2
+            if PREFETCH:  # first weight tile before anything that waits on the previous kernel
+                wa_n = tl.load(wa_ptrs, mask=mask_a[:, None] & (offs_k < K)[None, :], other=0)
+                wb_n = tl.load(wb_ptrs, mask=mask_b[:, None] & (offs_k < K)[None, :], other=0)
+            if PDL:
+                tl.extra.cuda.gdc_wait()  # x, residual, cache, position: written by earlier kernels
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                if X_TILE:  # x (times the norm weight) through pointers of the weight tile's shape: loaded in the
+                    # tile's register layout, where x[None, :] is converted through shared memory (barriers) each tile
+                    x = _x_tile(x_ptr, norm_ptr, kk, K, BLOCK_P, NORM, EVEN_K)
+                else:
+                    if EVEN_K:
+                        x = tl.load(x_ptr + kk).to(tl.float32)
+                    else:
+                        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    if NORM:
+                        ss += x * x
+                        if EVEN_K:
+                            x = x * tl.load(norm_ptr + kk).to(tl.float32)
+                        else:
+                            x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    if W_INT8 and CVT == 2:
+                        xs += x
+                    x = x[None, :]
+                if PREFETCH:  # this tile was loaded one iteration ago; ask for the next one now
+                    wa = wa_n
+                    wb = wb_n
+                    nxt = (kk + BLOCK_K < K)[None, :]
+                    wa_n = tl.load(wa_ptrs + k0 + BLOCK_K, mask=mask_a[:, None] & nxt, other=0)
+                    wb_n = tl.load(wb_ptrs + k0 + BLOCK_K, mask=mask_b[:, None] & nxt, other=0)
+                elif EVEN_K and EVEN_P:
+                    wa = tl.load(wa_ptrs + k0)
+                    wb = tl.load(wb_ptrs + k0)
+                else:
+                    mk = (kk < K)[None, :]
+                    wa = tl.load(wa_ptrs + k0, mask=mask_a[:, None] & mk, other=0)
+                    wb = tl.load(wb_ptrs + k0, mask=mask_b[:, None] & mk, other=0)
+                if W_INT8:
+                    wa_f = int8_as_float(wa, CVT)
+                    wb_f = int8_as_float(wb, CVT)
+                else:
+                    wa_f = wa.to(tl.float32)
+                    wb_f = wb.to(tl.float32)
+                if ROW_SUM:
+                    acc_a += tl.sum(wa_f * x, axis=1)
+                    acc_b += tl.sum(wb_f * x, axis=1)
+                else:
+                    acc_a += wa_f * x
+                    acc_b += wb_f * x
+            if X_TILE and (NORM or (W_INT8 and CVT == 2)):  # the sums over x the loop left out, in a pass of their own
+                ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
+            if ROW_SUM:
+                a = acc_a
+                b = acc_b
+            else:
+                a = tl.sum(acc_a, axis=1)
+                b = tl.sum(acc_b, axis=1)
+            if W_INT8 and CVT == 2:
+                x_sum = 1.5 * tl.sum(xs, axis=0)
+                a = (a - x_sum) * 256.0
+                b = (b - x_sum) * 256.0
+        if NORM:  # RMSNorm is a per-token scalar: applied to the sums, the norm weight went into x
+            r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            a = a * r
+            b = b * r
+        if W_INT8:
+            a = a * tl.load(scale_ptr + row_a, mask=mask_a, other=0.0)
+            b = b * tl.load(scale_ptr + row_b, mask=mask_b, other=0.0)
+        if HAS_BIAS:
+            a = a + tl.load(bias_ptr + row_a, mask=mask_a, other=0.0).to(tl.float32)
+            b = b + tl.load(bias_ptr + row_b, mask=mask_b, other=0.0).to(tl.float32)
+        if EPILOGUE == 0:  # plain: rows a and b, optionally added to a residual (in place is fine)
+            if RESIDUAL:
+                a = a + tl.load(res_ptr + row_a, mask=mask_a, other=0.0).to(tl.float32)
+                b = b + tl.load(res_ptr + row_b, mask=mask_b, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row_a, a.to(out_ptr.dtype.element_ty), mask=mask_a)
+            tl.store(out_ptr + row_b, b.to(out_ptr.dtype.element_ty), mask=mask_b)
+            if ARGMAX:  # greedy pick over all programs: atomic max of (value, -row) keys; any non-finite flagged
+                a_s = a.to(out_ptr.dtype.element_ty).to(tl.float32)  # the stored values
+                b_s = b.to(out_ptr.dtype.element_ty).to(tl.float32)
+                # false for nan and +-inf (not "x - x == 0": the compiler fuses a product's x*y - x*y into
+                # an FMA, which leaves the product's rounding error)
+                ok_a = tl.abs(a_s) < float("inf")
+                ok_b = tl.abs(b_s) < float("inf")
+                bad = tl.max(((mask_a & ~ok_a) | (mask_b & ~ok_b)).to(tl.int64), axis=0)
+                best = tl.maximum(tl.max(tl.where(mask_a & ok_a, _argmax_key(a_s, row_a), -(2**63)), axis=0),
+                                  tl.max(tl.where(mask_b & ok_b, _argmax_key(b_s, row_b), -(2**63)), axis=0))
+                tl.atomic_max(best_ptr, best)
+                tl.atomic_max(best_ptr + 1, bad, mask=bad > 0)
+        elif EPILOGUE == 1:  # SwiGLU: out[p] = silu(a) * b with b = row p + F
+            y = a / (1.0 + tl.exp(-a)) * b
+            tl.store(out_ptr + p, y.to(out_ptr.dtype.element_ty), mask=mask_a)
+        else:  # rotary on q and k (interleaved pairs of the first 2*ROT_PAIRS dims), then q out, k/v to the cache
+            # the sums rounded to the output dtype first, as a rotary kernel after the linear would read them
+            a = a.to(out_ptr.dtype.element_ty).to(tl.float32)
+            b = b.to(out_ptr.dtype.element_ty).to(tl.float32)
+            pos = tl.load(pos_ptr).to(tl.int64)
+            if SLOT_FROM_PREFIX:  # the batched decoder's row: its prefix slots, then its tokens
+                slot = tl.load(prefix_ptr).to(tl.int64) + pos
+            else:  # the one-row decoder keeps the slot beside the position
+                slot = tl.load(pos_ptr + 1).to(tl.int64)
+            active = pos >= 0
+            slot = tl.maximum(slot, 0)
+            d = row_a % HEAD_DIM
+            i = d // 2
+            freq = tl.load(inv_freq_ptr + i, mask=i < ROT_PAIRS, other=0.0)
+            c, s = rope_cos_sin(pos, freq, pos_divisor, ROPE_ROUND)
+            rot = (d < 2 * ROT_PAIRS) & (row_a < Q_ROWS + KV_ROWS)
+            a_r = tl.where(rot, a * c - b * s, a)
+            b_r = tl.where(rot, b * c + a * s, b)
+            is_q = row_a < Q_ROWS
+            tl.store(out_ptr + row_a, a_r.to(out_ptr.dtype.element_ty), mask=mask_a & is_q)
+            tl.store(out_ptr + row_b, b_r.to(out_ptr.dtype.element_ty), mask=mask_a & is_q)
+            kv = row_a - Q_ROWS
+            kv_end = tl.where(active, KV_ROWS, 0)  # an idle row writes no key or value
+            is_k = (kv >= 0) & (kv < kv_end)
+            is_v = (kv >= KV_ROWS) & (kv < KV_ROWS + kv_end)
+            kv = tl.where(is_v, kv - KV_ROWS, kv)
+            kv = tl.where(kv < 0, 0, kv)
+            dst = (kv // HEAD_DIM) * cache_stride_g + slot * cache_stride_t + kv % HEAD_DIM
+            tl.store(k_cache_ptr + dst, a_r.to(k_cache_ptr.dtype.element_ty), mask=mask_a & is_k)
+            tl.store(k_cache_ptr + dst + 1, b_r.to(k_cache_ptr.dtype.element_ty), mask=mask_a & is_k)
+            tl.store(v_cache_ptr + dst, a_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
+            tl.store(v_cache_ptr + dst + 1, b_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_p: int = 4  # row pairs per program (2 * block_p weight rows)
+    block_k: int = 1024
+    num_warps: int = 4
+    num_stages: int = 1
+    cvt: int = 2  # int8 -> float32: 0 conversion instruction; 1 w + 2^23 trick (4 ops); 2 1.5 + w/256 (1 op);
+    # 3 int8 to fp16 two at a time, products two at a time in fp16 (fp16 x: kernels/packed_products.py)
+    prefetch: bool = False  # load the next weight tile before using this one (by hand: Triton does not for non-dot loops)
+    row_sum: bool = False  # reduce each tile to one float32 per row (fewer registers, bigger tiles)
+    x_tile: bool = False  # x loaded in the weight tile's layout (no shared-memory conversion in the loop), its
+    # sums for RMSNorm and CVT 2 in a pass of their own
+
+
+# Measured on an H100 inside the captured step (bench/explore_gemv.py, bench/NOTES.md run 5): a GEMV's time
+# alone does not predict its time in the step, where the kernels overlap and the prologues/epilogues do more.
+# The defaults: the batched decoder's one-row step runs the same descent on each card at its first warm-up
+# (decode/one_row_tuning.py) and keeps that card's winners.
+DEFAULT_GEMV = {
+    "int8": {
+        "qkv": GemvConfig(block_p=4, block_k=1024, row_sum=True),
+        "dense": GemvConfig(block_p=2, block_k=1024, cvt=1),
+        "fc1": GemvConfig(block_p=4, block_k=2048, row_sum=True),
+        "fc2": GemvConfig(block_p=2, block_k=1024, cvt=0, prefetch=True),
+        "output": GemvConfig(block_p=8, block_k=1024, row_sum=True),
+    },
+    "float": {
+        "qkv": GemvConfig(block_p=1, block_k=1024),
+        "dense": GemvConfig(block_p=2, block_k=1024, row_sum=True),
+        "fc1": GemvConfig(block_p=1, block_k=1024),
+        "fc2": GemvConfig(block_p=1, block_k=1024, num_warps=8),
+        "output": GemvConfig(block_p=8, block_k=1024, row_sum=True),
+    },
+}
+
+
+def default_gemv_config(kind: str, int8: bool) -> GemvConfig:
+    return DEFAULT_GEMV["int8" if int8 else "float"].get(kind, GemvConfig())
+
+
+def gemv(
+    x: torch.Tensor,
+    lw: LinearWeights,
+    out: torch.Tensor,
+    *,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+    swiglu: bool = False,
+    rope: Optional[dict] = None,
+    config: Optional[GemvConfig] = None,
+    pdl: bool = False,
+    argmax: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One token through a linear on CUDA: ``out = epilogue(W @ norm(x))``; x [K] contiguous.
+
+    ``norm_weight``: RMSNorm x first (eps). ``residual``: out = residual + W x (may be ``out``).
+    ``swiglu``: W has 2F rows, out [F] = silu(W[:F] x) * W[F:] x. ``rope``: dict with q_rows,
+    kv_rows, head_dim, inv_freq (float32 [rotary pairs], ``kernels.attention_batch.rotary_inv_freq``),
+    k_cache/v_cache ([g, S, d] views) and pos on the device: int64 [pos, slot], or [pos] with ``prefix``
+    (int [1], the slot is prefix + pos; pos < 0 writes no key or value); optional divisor (rope_ratio) and
+    angle_dtype (fp16/bf16: angles rounded as ChatGLM2's original, ``kernels.rotary``). out receives q
+    (rotated), the cache receives k and v at the slot. ``pdl``: launch as a
+    programmatic dependent of the previous kernel (Hopper), loading weights before waiting for it.
+    ``argmax``: int64 [2] from ``new_argmax_state`` (plain epilogue only): the greedy pick of ``out`` is
+    folded into it, for ``pick_token`` to read.
+    """
+    w = lw.weight
+    N, K = w.shape
+    cfg = config or GemvConfig()
+    if cfg.cvt == 3 and not takes_packed(x, lw, norm_weight):
+        cfg = replace(cfg, cvt=2)
+    if swiglu:
+        n_pairs, row_step, b_off = N // 2, 1, N // 2
+    else:
+        n_pairs, row_step, b_off = (N + 1) // 2, 2, 1
+    epilogue = EPI_SWIGLU if swiglu else (EPI_ROPE if rope is not None else EPI_PLAIN)
+    dummy = out
+    if argmax is not None and epilogue != EPI_PLAIN:
+        raise ValueError("argmax goes with the plain epilogue (the output layer)")
+    if rope is not None:
+        kc, vc, pos, inv_freq = rope["k_cache"], rope["v_cache"], rope["pos"], rope["inv_freq"]
+        prefix = rope.get("prefix")
+        rope_args = (rope["q_rows"], rope["kv_rows"], kc.stride(0), kc.stride(1), float(rope.get("divisor", 1.0)))
+        head_dim, rot_pairs, rounding = rope["head_dim"], inv_freq.numel(), round_mode(rope.get("angle_dtype"))
+    else:
+        kc = vc = pos = inv_freq = prefix = dummy
+        rope_args = (0, 0, 0, 0, 1.0)
+        head_dim, rot_pairs, rounding = 2, 1, 0
+    grid = (triton.cdiv(n_pairs, cfg.block_p),)
+    _gemv_kernel[grid](
+        x, w, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
+        norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
+        kc, vc, pos, prefix if prefix is not None else dummy, inv_freq, argmax if argmax is not None else dummy,
+        N, n_pairs, K, row_step, b_off, eps, *rope_args,
+        HEAD_DIM=head_dim, ROT_PAIRS=rot_pairs, ROPE_ROUND=rounding, SLOT_FROM_PREFIX=prefix is not None,
+        BLOCK_P=cfg.block_p, BLOCK_K=cfg.block_k,
+        W_INT8=lw.is_int8, CVT=cfg.cvt, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None,
+        RESIDUAL=residual is not None, EPILOGUE=epilogue,
+        EVEN_K=K % cfg.block_k == 0, EVEN_P=n_pairs % cfg.block_p == 0 and (swiglu or N % 2 == 0),
+        PREFETCH=cfg.prefetch, PDL=pdl, ROW_SUM=cfg.row_sum, ARGMAX=argmax is not None, X_TILE=cfg.x_tile,
+        PREFETCH_L2=l2_prefetch.wanted(x.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+def takes_packed(x: torch.Tensor, lw: LinearWeights, norm_weight: Optional[torch.Tensor]) -> bool:
+    """Whether ``gemv`` can run CVT 3 for these: int8 rows of 8-byte multiples, fp16 x (and norm weight), aligned."""
+    w = lw.weight
+    return (lw.is_int8 and x.dtype == torch.float16 and w.shape[1] % 8 == 0 and w.data_ptr() % 8 == 0
+            and x.data_ptr() % 4 == 0 and (norm_weight is None or (norm_weight.dtype == torch.float16
+                                                                   and norm_weight.data_ptr() % 4 == 0)))
+
+
+def new_argmax_state(device) -> torch.Tensor:
+    """The best (value, row) key and the non-finite flag that ``gemv(argmax=...)`` folds into."""
+    return torch.tensor([-(2**63), 0], dtype=torch.int64, device=device)
+
+
+def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: Optional[torch.Tensor], bad_token: int,
+               pdl: bool = False) -> None:
+    """After ``gemv(argmax=...)``: next_token = the greedy token (``bad_token`` where a logit was nan or inf, as
+    the original's guard does), the state reset; with ``step_in`` (the one-row decoder's [token, position, slot])
+    also step_in[0] = that token and step_in[1:3] + 1."""
+    _pick_kernel[(1,)](argmax, next_token, step_in if step_in is not None else next_token, BAD_TOKEN=bad_token,
+                       PDL=pdl, FEED=step_in is not None, num_warps=1, **({"launch_pdl": True} if pdl else {}))
+
