@@ -29,6 +29,8 @@
 #                                         # 8-bit table, the two-row step's kernels, eval, the cold long prompt
 #   bash bench/run_device.sh ab-l2      # each GEMV program's weight slice prefetched into L2, on and off in turn:
 #                                       # one-row chat (8-bit, NF4) through ChatEngine
+#   bash bench/run_device.sh ab-swiglu64  # 64 concurrent 8-bit replies with fc1's SwiGLU in the matmul's epilogue
+#                                         # up to 16 rows (the default) and up to 64, in turn
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
@@ -61,7 +63,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-4bit-rows|long-prompt|fused-steps|ab-l2|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-4bit-rows|long-prompt|fused-steps|ab-l2|ab-swiglu64|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -121,6 +123,16 @@ ab-l2)
       tail -n 3 "$OUT/engine_${q}_l2_$l2.err"
       rm -f "$OUT/engine_${q}_l2_$l2.jsonl" "$OUT/engine_${q}_l2_$l2.err"
     done
+  done
+  ;;
+ab-swiglu64)
+  # run 28's open question: does SwiGLU in the int8 matmul's epilogue help or hurt at 64 rows? One machine, in turn
+  for m in 16 64 16 64; do
+    GLMCHAT_SWIGLU_IN_MATMUL_M=$m ENGINE_TIMEOUT=120 engine "64_swiglu_$m" --model /tmp/glm6b --quantization 8bit \
+        --rows 64 --repeat 2
+    cat "$OUT/engine_64_swiglu_$m.jsonl" >> "$OUT/engine_64_swiglu_${m}_all.jsonl"
+    grep -a '"batch"' "$OUT/engine_64_swiglu_$m.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
+    rm -f "$OUT/engine_64_swiglu_$m.jsonl" "$OUT/engine_64_swiglu_$m.err"
   done
   ;;
 eval-rows)
