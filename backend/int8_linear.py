@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .kernels.int8_matmul import matmul
 from .kernels.widen_int8 import HAVE_TRITON, widen_int8
 
 
@@ -252,12 +253,24 @@ def widened_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale: torc
     return grad_input_in_blocks(grad_out, weight.shape[1], lambda cols: widen_int8(weight[:, cols], scale, grad_out.dtype))
 
 
-def linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
-    """x [..., K] -> [..., N]: int8 weights through the Triton matmul on CUDA, else torch."""
-    if lw.is_int8 and HAVE_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        from .kernels.int8_matmul import matmul  # (that module routes long inputs back to widened_linear here)
+def linear_rows(x: torch.Tensor, lw: LinearWeights, *, split_k: bool = True, residual: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None, swiglu: bool = False) -> torch.Tensor:
+    """x [M, K] (M > 1, CUDA) through int8 (or 16-bit) weights: up to ``WIDEN_MIN_ROWS`` int8 rows the Triton
+    matmul (``kernels.int8_matmul.matmul``, its arguments), from there cuBLAS on the weight widened a block at a
+    time (compute-bound)."""
+    if not (lw.is_int8 and x.shape[0] >= WIDEN_MIN_ROWS):
+        return matmul(x, lw, split_k=split_k, residual=residual, out=out, swiglu=swiglu)
+    if not swiglu:
+        return widened_linear(x, lw, residual, out)
+    from .kernels.decode_kernels import swiglu_rows
 
+    return add_into(swiglu_rows(widened_linear(x, lw)), residual, out)
+
+
+def linear(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
+    """x [..., K] -> [..., N]: int8 weights through the Triton matmul or cuBLAS on CUDA, else torch."""
+    if lw.is_int8 and HAVE_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
         shape = x.shape
-        return matmul(x.reshape(-1, shape[-1]), lw).view(*shape[:-1], -1)
+        return linear_rows(x.reshape(-1, shape[-1]), lw).view(*shape[:-1], -1)
     return linear_torch(x, lw)
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..int8_linear import LinearWeights, add_into
+from ..int8_linear import LinearWeights, add_into, linear_rows
 from ..kernels.int8_gemv import default_gemv_config, gemv
 from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
@@ -137,9 +137,7 @@ class BatchLinear:
         if not swiglu:
             return self._wide(x, split_k, residual, out)
         if self._int8_matmul(x) and x.shape[0] <= SWIGLU_IN_MATMUL_M:
-            from ..kernels.int8_matmul import matmul
-
-            return matmul(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out)
+            return linear_rows(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out)
         y = self._wide(x, split_k)
         if fused:
             y = swiglu_rows(y)
@@ -149,7 +147,7 @@ class BatchLinear:
         return add_into(y, residual, out)
 
     def _int8_matmul(self, x: torch.Tensor) -> bool:
-        """Whether many rows go through ``int8_matmul.matmul`` (int8 weights on CUDA)."""
+        """Whether many rows go through ``int8_linear.linear_rows`` (int8 weights on CUDA)."""
         return self.q is not None and self.q.fmt == "int8" and x.is_cuda
 
     def _one_row(self, x, norm, eps, swiglu, residual, out):
@@ -178,9 +176,7 @@ class BatchLinear:
         if self.q is None:
             y = F.linear(x, self.w, self.bias)
         elif self._int8_matmul(x):
-            from ..kernels.int8_matmul import matmul
-
-            return matmul(x, self.one_row, split_k=split_k, residual=residual, out=out)
+            return linear_rows(x, self.one_row, split_k=split_k, residual=residual, out=out)
         elif self.q.fmt in ("nf4", "int4"):
             return widened_linear(x, self.q, self.bias, residual, out)
         else:

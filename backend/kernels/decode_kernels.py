@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from ..int8_linear import HAVE_TRITON
-
-if HAVE_TRITON:
+try:
     import triton
     import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - CPU-only installs without Triton
+    HAVE_TRITON = False
 
 if HAVE_TRITON:
 

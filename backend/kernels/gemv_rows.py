@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from . import packed_products, quant_words, tuning
-from .gemv_4bit import QuantizedWeight, QuantLinearConfig, int8_weight
-from ..int8_linear import HAVE_TRITON, LinearWeights
+from .gemv_4bit import HAVE_TRITON, QuantizedWeight, QuantLinearConfig, int8_weight
+
+if TYPE_CHECKING:
+    from ..int8_linear import LinearWeights
 
 if HAVE_TRITON:
     import triton

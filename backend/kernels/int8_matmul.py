@@ -4,8 +4,8 @@ Int8 weights are widened to the activation dtype in registers before a tensor-co
 an exact exponent trick, ``packed_products.widen_int8_f16``); the row scale is applied to the float32 sum, and
 the epilogue may add the bias and the residual or make SwiGLU (one program sums both halves). Few rows leave
 most SMs idle, so K is split among programs whose float32 partials ``_split_sum_kernel`` adds in order. From
-``int8_linear.WIDEN_MIN_ROWS`` rows the product is compute-bound and cuBLAS on the widened weight wins
-(``int8_linear.widened_linear``), which ``matmul`` hands such calls to.
+``int8_linear.WIDEN_MIN_ROWS`` rows the product is compute-bound and cuBLAS on the widened weight wins:
+``int8_linear.linear_rows`` chooses between the two.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .. import int8_linear
 from . import packed_products
 
 if TYPE_CHECKING:
@@ -155,9 +154,8 @@ if HAVE_TRITON:
 def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, split_k: bool = True,
            swap: Optional[bool] = None, *, residual: Optional[torch.Tensor] = None,
            out: Optional[torch.Tensor] = None, swiglu: bool = False) -> torch.Tensor:
-    """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights), or
-    from ``int8_linear.WIDEN_MIN_ROWS`` int8 rows up through cuBLAS on the widened weight. ``config``: (BLOCK_M, BLOCK_N,
-    BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks); ``split_k`` False: one launch
+    """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights; many rows
+    are cuBLAS's: ``int8_linear.linear_rows``). ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks); ``split_k`` False: one launch
     (no K splits) where launches cost host time. ``swap``: int8 weights as the tensor cores' first operand
     (``kernels.matmul_swapped`` says why); None: whichever this card ran faster on first use (decode rows).
     ``residual`` [M, N]: added inside the kernel's epilogue (a decode step's add is a launch of its own
@@ -165,12 +163,6 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
     the result is silu(y[:, :F]) * y[:, F:] [M, F], made in the epilogue (each program sums both halves' rows,
     half as many columns of each: the same weight bytes a program as without; no K splits)."""
     M, K = x.shape
-    if lw.is_int8 and M >= int8_linear.WIDEN_MIN_ROWS and config is None:
-        if not swiglu:
-            return int8_linear.widened_linear(x, lw, residual, out)
-        from .decode_kernels import swiglu_rows
-
-        return int8_linear.add_into(swiglu_rows(int8_linear.widened_linear(x, lw)), residual, out)
     if swap is None:
         from .matmul_swapped import prefers_swapped
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import tuning
-from ..int8_linear import HAVE_TRITON, LinearWeights
-from .int8_matmul import MATMUL_MID_ROWS, matmul
+from .int8_matmul import HAVE_TRITON, MATMUL_MID_ROWS, matmul
+
+if TYPE_CHECKING:
+    from ..int8_linear import LinearWeights
 
 if HAVE_TRITON:
     import triton
