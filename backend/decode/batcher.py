@@ -12,7 +12,6 @@ row runs (the decoder's warm-up, in the background of an app that just loaded), 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import queue
 import threading
@@ -288,13 +287,3 @@ def merge_streams(streams: Sequence[TokenStream]) -> Iterator[tuple[int, Optiona
         for stream in streams:
             if stream.finish_reason is None:
                 stream.cancel()
-
-
-@contextlib.contextmanager
-def cancelling(stream: TokenStream):
-    """Cancel the stream when the reader stops early (an exception, or a generator closed)."""
-    try:
-        yield stream
-    finally:
-        if stream.finish_reason is None:
-            stream.cancel()
