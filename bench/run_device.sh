@@ -112,11 +112,15 @@ cards)
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
   ;;
 ab-l2)
-  # kernels/l2_prefetch.py: one-row chat with GLMCHAT_L2_PREFETCH on and off in turn, 8-bit then NF4 (the first
-  # run tunes whatever this card has not, with the prefetch on)
-  for q in 8bit 4bit; do
+  # kernels/l2_prefetch.py: the quantized GPU checks with the prefetch on (it must change no output), then one-row
+  # chat with GLMCHAT_L2_PREFETCH on and off in turn, NF4 then 8-bit (the first run tunes whatever this card has
+  # not, with the prefetch on); runs stop starting once 8 minutes have gone, to fit the call
+  GLMCHAT_L2_PREFETCH=1 timeout 150 python3 bench/check_fast_batch.py --quantized > "$OUT/check.log" 2>&1
+  stamp "checks"; grep -a "^ok\|FAIL\|Error" "$OUT/check.log" | cut -c1-160
+  for q in 4bit 8bit; do
     for l2 in 1 0 1 0; do
-      GLMCHAT_L2_PREFETCH=$l2 ENGINE_TIMEOUT=200 engine "${q}_l2_$l2" --model /tmp/glm6b --quantization $q --rows 1 \
+      [ $(( $(date +%s) - START )) -gt 480 ] && break 2
+      GLMCHAT_L2_PREFETCH=$l2 ENGINE_TIMEOUT=150 engine "${q}_l2_$l2" --model /tmp/glm6b --quantization $q --rows 1 \
           --repeat 1
       cat "$OUT/engine_${q}_l2_$l2.jsonl" >> "$OUT/engine_${q}_l2_${l2}_all.jsonl"
       grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_${q}_l2_$l2.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
