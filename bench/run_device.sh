@@ -27,8 +27,9 @@
 #   bash bench/run_device.sh long-prompt  # a cold 1600-token prompt profiled (8-bit, NF4); the 8-bit table; eval
 #   bash bench/run_device.sh fused-steps  # int8 decode rows with RMSNorm and the residual in the matmul: checks, the
 #                                         # 8-bit table, the two-row step's kernels, eval, the cold long prompt
-#   bash bench/run_device.sh ab-l2      # each GEMV program's weight slice prefetched into L2, on and off in turn:
-#                                       # one-row chat (8-bit, NF4) through ChatEngine
+#   bash bench/run_device.sh ab-l2      # run 29's prefetches (each GEMV program's slice asked of L2; the words
+#                                       # kernel's next tile in registers), on and off in turn: one-row chat
+#                                       # (NF4, 8-bit) through ChatEngine
 #   bash bench/run_device.sh ab-swiglu64  # 64 concurrent 8-bit replies with fc1's SwiGLU in the matmul's epilogue
 #                                         # up to 16 rows (the default) and up to 64, in turn
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
@@ -112,21 +113,23 @@ cards)
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
   ;;
 ab-l2)
-  # kernels/l2_prefetch.py: the quantized GPU checks with the prefetch on (it must change no output), then one-row
-  # chat with GLMCHAT_L2_PREFETCH on and off in turn, NF4 then 8-bit (the first run tunes whatever this card has
-  # not, with the prefetch on); runs stop starting once 8 minutes have gone, to fit the call
-  GLMCHAT_L2_PREFETCH=1 timeout 150 python3 bench/check_fast_batch.py --quantized > "$OUT/check.log" 2>&1
+  # run 29: each GEMV program's weight slice asked of L2 (GLMCHAT_L2_PREFETCH) and the words kernel's next tile
+  # loaded before this one is used (GLMCHAT_WORDS_PIPELINE): the quantized GPU checks with both on (they must change
+  # no output), then one-row chat through ChatEngine, NF4 with each setting (L2, pipeline) in turn, then 8-bit with
+  # the prefetch on and off (its one-row GEMV has no words loop); the first run tunes whatever this card has not;
+  # runs stop starting once 8 minutes have gone, to fit the call
+  GLMCHAT_L2_PREFETCH=1 GLMCHAT_WORDS_PIPELINE=1 timeout 150 python3 bench/check_fast_batch.py --quantized \
+      > "$OUT/check.log" 2>&1
   stamp "checks"; grep -a "^ok\|FAIL\|Error" "$OUT/check.log" | cut -c1-160
-  for q in 4bit 8bit; do
-    for l2 in 1 0 1 0; do
-      [ $(( $(date +%s) - START )) -gt 480 ] && break 2
-      GLMCHAT_L2_PREFETCH=$l2 ENGINE_TIMEOUT=150 engine "${q}_l2_$l2" --model /tmp/glm6b --quantization $q --rows 1 \
-          --repeat 1
-      cat "$OUT/engine_${q}_l2_$l2.jsonl" >> "$OUT/engine_${q}_l2_${l2}_all.jsonl"
-      grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_${q}_l2_$l2.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
-      tail -n 3 "$OUT/engine_${q}_l2_$l2.err"
-      rm -f "$OUT/engine_${q}_l2_$l2.jsonl" "$OUT/engine_${q}_l2_$l2.err"
-    done
+  for run in 4bit:00 4bit:10 4bit:01 4bit:11 8bit:00 8bit:10 4bit:00 4bit:11 8bit:00 8bit:10; do
+    [ $(( $(date +%s) - START )) -gt 480 ] && break
+    q=${run%%:*}; v=${run##*:}
+    GLMCHAT_L2_PREFETCH=${v:0:1} GLMCHAT_WORDS_PIPELINE=${v:1:1} ENGINE_TIMEOUT=150 engine "${q}_$v" \
+        --model /tmp/glm6b --quantization $q --rows 1 --repeat 1
+    cat "$OUT/engine_${q}_$v.jsonl" >> "$OUT/engine_${q}_${v}_all.jsonl"
+    grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_${q}_$v.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
+    tail -n 3 "$OUT/engine_${q}_$v.err"
+    rm -f "$OUT/engine_${q}_$v.jsonl" "$OUT/engine_${q}_$v.err"
   done
   ;;
 ab-swiglu64)

@@ -253,7 +253,10 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
     for cfg in words_configs(fmt):
         wide = fmt == "int8" and cfg.cvt == 3  # int8 read as 64-bit words against fp16 rows
         types["w_ptr"] = "*i64" if wide else "*i32"
-        for swiglu, even_k in ((False, True), (True, False)):  # (fc1 has the norm and SwiGLU; fc2's K has a tail)
+        # (fc1 has the norm and SwiGLU; fc2's K has a tail), as users run them, and with the two prefetches on trial
+        # (the next tile's words in registers, the slice asked of L2)
+        for swiglu, even_k, pipeline, l2 in ((False, True, False, False), (False, True, True, False),
+                                             (True, False, True, True)):
             consts = dict(FMT=Q._FMT_ID[fmt], LUT=cfg.lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 8, BS2=256,
                           BLOCKED=even_k, HAS_SCALE=fmt != "nf4", SWIGLU=swiglu,
                           X_KIND=2 if arch == 75 or cfg.cvt == 3 else 1,
@@ -261,11 +264,11 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
                           BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n,
                           BLOCK_W=cfg.block_k // (4 if fmt == "int8" and not wide else 8),
                           CVT=cfg.cvt if fmt == "int8" else 0,
-                          NORM=swiglu, EVEN_K=even_k, PDL=pdl, PREFETCH_L2=swiglu)  # (each setting once)
+                          NORM=swiglu, EVEN_K=even_k, PDL=pdl, PREFETCH_L2=l2, PIPELINE=pipeline)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)
-            assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu)
-            assert ("prefetch.global.L2" in ptx) == swiglu, (cfg, swiglu)
+            assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu, pipeline)
+            assert ("prefetch.global.L2" in ptx) == l2, (cfg, swiglu)
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])

@@ -27,6 +27,8 @@ caller takes its default kernel.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import l2_prefetch
@@ -62,6 +64,13 @@ def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight, lut: int = 1, cvt: 
         return False
     return norm_weight is None or (norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
                                    and norm_weight.data_ptr() % 4 == 0)
+
+
+def pipelined() -> bool:
+    """Whether the K loop asks for the next tile's words before it uses its own (registers double-buffered:
+    Triton's pipeliner does not take loads that feed no ``tl.dot``). For an A/B on the GPU, as
+    ``l2_prefetch``: off unless ``GLMCHAT_WORDS_PIPELINE=1`` until it has been timed (bench/NOTES.md run 29)."""
+    return os.environ.get("GLMCHAT_WORDS_PIPELINE", "0") == "1"
 
 
 if HAVE_TRITON:
@@ -225,7 +234,7 @@ if HAVE_TRITON:
         BS: tl.constexpr, BS2: tl.constexpr, BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         X_KIND: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-        PREFETCH_L2: tl.constexpr,
+        PREFETCH_L2: tl.constexpr, PIPELINE: tl.constexpr,
     ):
         # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
         # stride_xm in x_ptr's elements (int32 pairs for 16-bit x). SWIGLU: 2N weight rows, as gemv_4bit's
@@ -255,15 +264,18 @@ if HAVE_TRITON:
         acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        if PIPELINE:  # the first tile's words now; each step then asks for the next tile's before using its own
+            words_n, words_b_n = _tile_words(w_ptr, rows, N, KW, wi, SWIGLU, EVEN_K)
         for k0 in range(0, KW, BLOCK_W):
             kw = k0 + wi
             mk = None  # EVEN_K: whole tiles, no predicates
             if not EVEN_K:
                 mk = (kw < KW)[None, :]
-            words = _load(w_ptr + rows[:, None] * KW + kw[None, :], mk, 0)
-            words_b = words
-            if SWIGLU:
-                words_b = _load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mk, 0)
+            if PIPELINE:
+                words, words_b = words_n, words_b_n
+                words_n, words_b_n = _tile_words(w_ptr, rows, N, KW, kw + BLOCK_W, SWIGLU, False)
+            else:
+                words, words_b = _tile_words(w_ptr, rows, N, KW, kw, SWIGLU, EVEN_K)
             if WIDE:
                 p0, p1, p0_b, p1_b = int8_words_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk,
                                                      NORM, ROWS, SWIGLU)
@@ -304,6 +316,18 @@ if HAVE_TRITON:
                 _finish_row(acc1, acc1_b, x_ptr, m1, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om,
                             scale_ptr, bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM, HAS_SCALE, SWIGLU,
                             X_KIND)
+
+    @triton.jit
+    def _tile_words(w_ptr, rows, N, KW, kw, SWIGLU: tl.constexpr, EVEN: tl.constexpr):
+        # words kw of the program's rows, and of the rows N further (SwiGLU's up half); words past KW read as 0
+        mk = None
+        if not EVEN:
+            mk = (kw < KW)[None, :]
+        words = _load(w_ptr + rows[:, None] * KW + kw[None, :], mk, 0)
+        words_b = words
+        if SWIGLU:
+            words_b = _load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mk, 0)
+        return words, words_b
 
     @triton.jit
     def _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT: tl.constexpr, CVT: tl.constexpr, NESTED: tl.constexpr,
@@ -371,6 +395,6 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, BLOCKED=w.k % (w.blocksize if nf4 else 8) == 0,
         HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
         ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // per_word, EVEN_K=w.k % cfg.block_k == 0, PDL=pdl,
-        PREFETCH_L2=l2_prefetch.wanted(x.device), num_warps=cfg.num_warps, num_stages=1,
+        PREFETCH_L2=l2_prefetch.wanted(x.device), PIPELINE=pipelined(), num_warps=cfg.num_warps, num_stages=1,
         **({"launch_pdl": True} if pdl else {}),
     )

@@ -292,6 +292,29 @@ def test_quantized_weight_of_layers_as_loaded():
     assert Q.quantized_weight(torch.nn.Linear(4, 4)) is None
 
 
+@pytest.mark.parametrize("fmt,k", [("nf4", 192), ("nf4", 200), ("int4", 200), ("int8", 200)])
+def test_words_kernel_with_the_next_tile_in_registers_equals_the_reference(fmt, k, monkeypatch):
+    """GLMCHAT_WORDS_PIPELINE=1 (the next K step's words loaded before this step's are used): the same sums, with a
+    K tail (the last step asks for no words), SwiGLU's two halves and one or two rows a program."""
+    monkeypatch.setenv("GLMCHAT_WORDS_PIPELINE", "1")
+    n = 24
+    if fmt == "nf4":
+        data, state, ref_w = bnb_nf4(n, k, nested=k % 64 == 0)
+        w = Q.nf4_weight(data, state)
+    elif fmt == "int4":
+        packed, scale, q = pack_int4_release(torch.randn(n, k) * 0.02)
+        w, ref_w = Q.int4_release_weight(packed, scale), q.float() * scale.float()[:, None]
+    else:
+        q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-3
+        w, ref_w = Q.int8_weight(q, s), q.float() * s[:, None]
+    g, res = 1 + 0.1 * torch.randn(k), torch.randn(2, n // 2)
+    for m, cfg in ((1, WORDS1), (2, WORDS2)):
+        x = torch.randn(m, k)
+        assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, (m, cfg)
+        out = torch.full((m, n // 2), float("nan"))
+        Q.quant_linear(x, w, residual=res[:m], norm_weight=g, swiglu=True, out=out, config=cfg)
+        assert rel(out, reference_norm_swiglu(x, ref_w, g, torch.zeros(n), res[:m])) < 1e-5, (m, cfg)
+
 def test_words_kernel_reads_bf16_activations_as_int32_pairs():
     """bf16 rows reach the words kernel as int32 pairs widened by shifts (the interpreter has no bf16 tensors:
     the kernel never loads one, and a float32 output stands in for the bf16 one)."""
