@@ -244,8 +244,6 @@ if HAVE_TRITON:
         if PREFETCH_L2:  # the weight rows this program reads, before waiting on the kernel ahead (l2_prefetch.py)
             if tl.program_id(1) == 0:  # (programs of further activation rows read the same weights)
                 _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT, CVT, NESTED, BS, SWIGLU, BLOCK_N)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         m0 = tl.program_id(1) * ROWS
         m1 = tl.minimum(m0 + 1, M - 1)  # ROWS == 2 with an odd M: the last pair repeats its row, stored once
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -264,8 +262,11 @@ if HAVE_TRITON:
         acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        if PIPELINE:  # the first tile's words now; each step then asks for the next tile's before using its own
+        if PIPELINE:  # the first tile's words now (weights: no need to wait for the kernel ahead); each step then
+            # asks for the next tile's before using its own
             words_n, words_b_n = _tile_words(w_ptr, rows, N, KW, wi, SWIGLU, EVEN_K)
+        if PDL:  # x, the residual: written by the kernels ahead
+            tl.extra.cuda.gdc_wait()
         for k0 in range(0, KW, BLOCK_W):
             kw = k0 + wi
             mk = None  # EVEN_K: whole tiles, no predicates
