@@ -14,16 +14,13 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
+from .kernels import HAVE_TRITON
 from .kernels.gemv_4bit import kernels_run
 from .service import SamplingParams
 
-try:
+if HAVE_TRITON:  # (CPU-only installs: torch draws the noise)
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs: torch draws the noise
-    HAVE_TRITON = False
 
 _TINY = 2.0**-30  # the smallest Exp(1) draw kept: p / E stays finite
 

@@ -31,15 +31,11 @@ from typing import Optional
 
 import torch
 
-try:
+from . import HAVE_TRITON
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:
-    triton = None
-    tl = None
-    HAVE_TRITON = False
 
 from .rotary import round_mode
 

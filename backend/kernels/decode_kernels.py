@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import torch
 
-try:
+from . import HAVE_TRITON
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - CPU-only installs without Triton
-    HAVE_TRITON = False
 
 if HAVE_TRITON:
 

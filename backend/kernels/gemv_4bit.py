@@ -54,15 +54,11 @@ import torch
 
 from . import packed_products, tuning
 
-try:
+from . import HAVE_TRITON
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs: quant_linear_torch is the only path
-    triton = None
-    tl = None
-    HAVE_TRITON = False
 
 FORMATS = ("nf4", "int4", "int8")
 _FMT_ID = {"nf4": 0, "int4": 1, "int8": 2}

@@ -23,13 +23,11 @@ from .rotary import round_mode
 if TYPE_CHECKING:
     from ..int8_linear import LinearWeights
 
-try:
+from . import HAVE_TRITON
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - CPU-only installs without Triton
-    HAVE_TRITON = False
 
 EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 

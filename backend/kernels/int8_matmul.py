@@ -19,13 +19,11 @@ from . import packed_products
 if TYPE_CHECKING:
     from ..int8_linear import LinearWeights
 
-try:
+from . import HAVE_TRITON
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - CPU-only installs without Triton
-    HAVE_TRITON = False
 
 if HAVE_TRITON:
     from .packed_products import widen_int8_f16

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import os
 
-try:
+from . import HAVE_TRITON
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - CPU-only installs without Triton
-    HAVE_TRITON = False
 
 def wanted(device) -> bool:
     """Whether the GEMVs on ``device`` prefetch their slices (CUDA only, when asked: the interpreter has no inline

@@ -35,11 +35,11 @@ import os
 
 import torch
 
-try:
+from . import HAVE_TRITON
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
 
 
 def tried() -> bool:
@@ -153,7 +153,7 @@ def mul_asm(bf16: bool) -> str:
     return "{\n.reg .b32 nz;\nmov.b32 nz, 0x80008000;\n" + f"fma.rn.{kind} $0, $1, $2, nz;\n" + "}"
 
 
-if triton is not None:
+if HAVE_TRITON:
     _DOT1_BF16 = tl.constexpr(dot_asm(1, True))
     _DOT1_F16 = tl.constexpr(dot_asm(1, False))
     _DOT2_BF16 = tl.constexpr(dot_asm(2, True))

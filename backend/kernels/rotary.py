@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import torch
 
-try:
+from . import HAVE_TRITON
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
 
 if HAVE_TRITON:
 
