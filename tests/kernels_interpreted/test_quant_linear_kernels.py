@@ -188,6 +188,19 @@ def test_tuning_picks_a_winner_caches_it_on_disk_and_reuses_it(tmp_path, monkeyp
     assert len(calls) == timed_before + 2
 
 
+def random_weight(fmt: str, n: int, k: int, nested: bool):
+    """A random [n, k] weight packed as ``fmt`` (nf4 with nested absmax or not, the int4 release, int8) and its
+    unpacked float32 values, made independently of the kernels."""
+    if fmt == "nf4":
+        data, state, ref_w = bnb_nf4(n, k, nested=nested)
+        return Q.nf4_weight(data, state), ref_w
+    if fmt == "int4":
+        packed, scale, q = pack_int4_release(torch.randn(n, k) * 0.02)
+        return Q.int4_release_weight(packed, scale), q.float() * scale.float()[:, None]
+    q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-3
+    return Q.int8_weight(q, s), q.float() * s[:, None]
+
+
 def reference_norm_swiglu(x, ref_w, g, bias, res, eps=1e-5):
     xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
     y = xn @ ref_w.T + bias
@@ -199,15 +212,7 @@ def reference_norm_swiglu(x, ref_w, g, bias, res, eps=1e-5):
 def test_fused_rmsnorm_prologue_and_swiglu_epilogue(fmt):
     """dense_h_to_4h as the decoder runs it: RMSNorm of each row, 2F weight rows, silu(a) * b (+ residual)."""
     n, k = 40, 192  # F = 20 output columns
-    if fmt == "nf4":
-        data, state, ref_w = bnb_nf4(n, k, nested=True)
-        w = Q.nf4_weight(data, state)
-    elif fmt == "int4":
-        packed, scale, q = pack_int4_release(torch.randn(n, k) * 0.02)
-        w, ref_w = Q.int4_release_weight(packed, scale), q.float() * scale.float()[:, None]
-    else:
-        q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-3
-        w, ref_w = Q.int8_weight(q, s), q.float() * s[:, None]
+    w, ref_w = random_weight(fmt, n, k, nested=True)
     g, bias = 1 + 0.1 * torch.randn(k), torch.randn(n) * 0.1
     configs = [(3, MM), (17, MM), (3, MM_SPLIT2), (17, MM_SPLIT3)]
     if fmt == "int8":
@@ -298,15 +303,7 @@ def test_words_kernel_with_the_next_tile_in_registers_equals_the_reference(fmt, 
     K tail (the last step asks for no words), SwiGLU's two halves and one or two rows a program."""
     monkeypatch.setenv("GLMCHAT_WORDS_PIPELINE", "1")
     n = 24
-    if fmt == "nf4":
-        data, state, ref_w = bnb_nf4(n, k, nested=k % 64 == 0)
-        w = Q.nf4_weight(data, state)
-    elif fmt == "int4":
-        packed, scale, q = pack_int4_release(torch.randn(n, k) * 0.02)
-        w, ref_w = Q.int4_release_weight(packed, scale), q.float() * scale.float()[:, None]
-    else:
-        q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-3
-        w, ref_w = Q.int8_weight(q, s), q.float() * s[:, None]
+    w, ref_w = random_weight(fmt, n, k, nested=k % 64 == 0)
     g, res = 1 + 0.1 * torch.randn(k), torch.randn(2, n // 2)
     for m, cfg in ((1, WORDS1), (2, WORDS2)):
         x = torch.randn(m, k)
@@ -314,6 +311,7 @@ def test_words_kernel_with_the_next_tile_in_registers_equals_the_reference(fmt, 
         out = torch.full((m, n // 2), float("nan"))
         Q.quant_linear(x, w, residual=res[:m], norm_weight=g, swiglu=True, out=out, config=cfg)
         assert rel(out, reference_norm_swiglu(x, ref_w, g, torch.zeros(n), res[:m])) < 1e-5, (m, cfg)
+
 
 def test_words_kernel_reads_bf16_activations_as_int32_pairs():
     """bf16 rows reach the words kernel as int32 pairs widened by shifts (the interpreter has no bf16 tensors:
