@@ -243,7 +243,7 @@ if HAVE_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
         if PREFETCH_L2:  # the weight rows this program reads, before waiting on the kernel ahead (l2_prefetch.py)
             if tl.program_id(1) == 0:  # (programs of further activation rows read the same weights)
-                _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT, CVT, NESTED, BS, SWIGLU, BLOCK_N)
+                _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT, NESTED, BS, SWIGLU, BLOCK_N)
         m0 = tl.program_id(1) * ROWS
         m1 = tl.minimum(m0 + 1, M - 1)  # ROWS == 2 with an odd M: the last pair repeats its row, stored once
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -331,22 +331,27 @@ if HAVE_TRITON:
         return words, words_b
 
     @triton.jit
-    def _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT: tl.constexpr, CVT: tl.constexpr, NESTED: tl.constexpr,
-                        BS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
-        # rows [first, first + BLOCK_N) of the weight (and the same rows N further for SwiGLU's up half), with
-        # their NF4 block scales
+    def _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
+                        SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+        # rows [first, first + BLOCK_N) of the weight, and the same rows N further for SwiGLU's up half
         first = pid_n.to(tl.int64) * BLOCK_N
         rows = tl.minimum(N - first, BLOCK_N)
+        _prefetch_rows(w_ptr, absmax_ptr, first, rows, K, FMT, NESTED, BS)
+        if SWIGLU:
+            _prefetch_rows(w_ptr, absmax_ptr, first + N, rows, K, FMT, NESTED, BS)
+
+    @triton.jit
+    def _prefetch_rows(w_ptr, absmax_ptr, first, rows, K, FMT: tl.constexpr, NESTED: tl.constexpr,
+                       BS: tl.constexpr):
+        # weight rows [first, first + rows) and, for NF4, the blocks of scales their weights fall in (blocks may
+        # straddle rows when K is not a multiple of BS; a byte each when nested, else a float32)
         row_bytes = K if FMT == 2 else K // 2  # int8, or two 4-bit weights a byte
         prefetch_bytes(w_ptr, first * row_bytes, rows * row_bytes, 128)
-        if SWIGLU:
-            prefetch_bytes(w_ptr, (first + N) * row_bytes, rows * row_bytes, 128)
-        if FMT == 0:  # NF4: the absmax of the same rows' blocks (a byte each when nested, else a float32)
+        if FMT == 0:
             SCALE_BYTES: tl.constexpr = 1 if NESTED else 4
-            prefetch_bytes(absmax_ptr, first * K // BS * SCALE_BYTES, (rows * K + BS - 1) // BS * SCALE_BYTES, 128)
-            if SWIGLU:
-                prefetch_bytes(absmax_ptr, (first + N) * K // BS * SCALE_BYTES, (rows * K + BS - 1) // BS * SCALE_BYTES,
-                               128)
+            first_block = first * K // BS
+            end_block = ((first + rows) * K + BS - 1) // BS
+            prefetch_bytes(absmax_ptr, first_block * SCALE_BYTES, (end_block - first_block) * SCALE_BYTES, 128)
 
     @triton.jit
     def _finish_row(acc, acc_b, x_ptr, m, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,

@@ -70,13 +70,15 @@ def test_one_row_int8_gemv_asks_for_its_whole_weight(asked, n, swiglu):
     assert covered(asked, q) == []
 
 
-@pytest.mark.parametrize("n,swiglu", [(24, False), (20, True)])
-def test_words_gemv_asks_for_its_nf4_weight_and_block_scales(asked, n, swiglu):
+# whole blocks a row (nested scales), and blocks across rows (K = 216: float32 scales; two rows a program, so
+# programs start and end inside blocks, a block of scales shared by two programs)
+@pytest.mark.parametrize("n,k,swiglu", [(24, 128, False), (20, 128, True), (20, 216, False), (20, 216, True)])
+def test_words_gemv_asks_for_its_nf4_weight_and_block_scales(asked, n, k, swiglu):
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    data, state = bnbf.quantize_4bit(torch.randn(n, 128) * 0.02, blocksize=64, quant_type="nf4",
-                                     compress_statistics=True)
+    data, state = bnbf.quantize_4bit(torch.randn(n, k) * 0.02, blocksize=64, quant_type="nf4",
+                                     compress_statistics=k % 64 == 0)
     w = Q.nf4_weight(data, state)
-    x = torch.randn(1, 128)
-    Q.quant_linear(x, w, swiglu=swiglu, config=Q.QuantLinearConfig("words", block_n=8, block_k=64, block_m=1, lut=1))
+    x = torch.randn(1, k)
+    Q.quant_linear(x, w, swiglu=swiglu, config=Q.QuantLinearConfig("words", block_n=2, block_k=64, block_m=1, lut=1))
     rest = covered(asked, w.data)
     assert covered(rest, w.absmax) == []
