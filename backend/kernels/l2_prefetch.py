@@ -27,6 +27,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+
 def wanted(device) -> bool:
     """Whether the GEMVs on ``device`` prefetch their slices (CUDA only, when asked: the interpreter has no inline
     PTX)."""
