@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .kernels.decode_kernels import swiglu_rows
 from .kernels.int8_matmul import matmul
 from .kernels.widen_int8 import HAVE_TRITON, widen_int8
 
@@ -262,8 +263,6 @@ def linear_rows(x: torch.Tensor, lw: LinearWeights, *, split_k: bool = True, res
         return matmul(x, lw, split_k=split_k, residual=residual, out=out, swiglu=swiglu)
     if not swiglu:
         return widened_linear(x, lw, residual, out)
-    from .kernels.decode_kernels import swiglu_rows
-
     return add_into(swiglu_rows(widened_linear(x, lw)), residual, out)
 
 
