@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from .service import BackendError, LoadProgress
+from .user_cache import cache_root
 
 DEMO_VERSION = 1
 
@@ -92,17 +93,6 @@ class DemoFiles:
 
 
 # ----------------------------------------------------------------------------------- cache paths
-
-
-def cache_root(cache_dir: Union[str, Path, None] = None) -> Path:
-    """Where demo builds live: ``cache_dir``, else $GLMCHAT_CACHE_DIR, else the user cache dir."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("GLMCHAT_CACHE_DIR"):
-        return Path(os.environ["GLMCHAT_CACHE_DIR"]).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("glmchat"))
 
 
 def recipe_hash() -> str:

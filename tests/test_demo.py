@@ -297,10 +297,13 @@ def test_a_changed_recipe_builds_elsewhere(tmp_path, monkeypatch):
 
 def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path / "env"))
-    assert demo.cache_root() == tmp_path / "env"
-    assert demo.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    from backend.user_cache import cache_root
+
+    assert cache_root() == tmp_path / "env"
+    assert cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert demo.demo_dir().parent == tmp_path / "env"
     monkeypatch.delenv("GLMCHAT_CACHE_DIR")
-    assert demo.cache_root().name == "glmchat"
+    assert cache_root().name == "glmchat"
 
 
 def test_adapter_writes_ad_copy_after_an_earlier_chat_turn_too(engine):

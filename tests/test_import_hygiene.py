@@ -60,3 +60,35 @@ def test_an_8bit_load_and_reply_do_not_import_bitsandbytes(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["8bit", "False"]
+
+
+# what backend/kernels/ may import from the rest of backend at run time: leaves that import nothing of backend
+KERNEL_LEAVES = {"cuda_streams", "user_cache"}
+
+
+def _runtime_imports_above(path: Path, level: int = 2) -> list[str]:
+    """Modules of backend outside ``path``'s package that it imports when run, relative imports counted from
+    ``level`` dots (2 for backend/kernels/, 1 for backend/); imports under TYPE_CHECKING are for annotations only
+    and do not count."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and id(node) not in typing_only and node.level >= level:
+            found.append(node.module or ", ".join(alias.name for alias in node.names))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("backend."):
+            if not node.module.startswith("backend.kernels") and id(node) not in typing_only:
+                found.append(node.module.split(".", 1)[1])
+    return found
+
+
+def test_kernels_import_nothing_above_them():
+    """The kernels are the lowest floor (docs/architecture.md): they may use the leaf plumbing, never the
+    modules that build on them (a cycle waiting to happen, and a kernel that cannot be read alone)."""
+    for path in sorted((ROOT / "backend" / "kernels").glob("*.py")):
+        above = [m for m in _runtime_imports_above(path) if m.split(".")[0] not in KERNEL_LEAVES]
+        assert above == [], f"{path.name} imports {above} from above backend/kernels"
+    assert all(_runtime_imports_above(ROOT / "backend" / f"{leaf}.py", level=1) == [] for leaf in KERNEL_LEAVES)

@@ -18,12 +18,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..int8_linear import LinearWeights, add_into, linear_rows
+from ..int8_linear import LinearWeights, add_into, is_quantized_module, linear_in_blocks, linear_rows, linear_weights
 from ..kernels.int8_gemv import default_gemv_config, gemv
 from ..kernels import gemv_rows, tuning
 from ..kernels.decode_kernels import rms_norm_rows, swiglu_rows
-from ..kernels.gemv_4bit import QuantizedWeight, kernels_run, m_bucket, quant_linear, quantized_weight
-from ..kernels.widen_4bit import widened_linear
+from ..kernels.gemv_4bit import (QuantizedWeight, int4_release_weight, int8_weight, kernels_run, m_bucket,
+                                 params4bit_weight, quant_linear)
+from ..kernels.widen_4bit import widen_rows
 from ..lean_autograd import rms_norm
 
 QUANT_MAX_M = 64  # 4-bit rows up to this go through quant_linear; more widen each weight for one tensor-core matmul
@@ -41,6 +42,40 @@ WIDEN_4BIT_MIN_M = 16
 # at 64 rows the halved tiles are unmeasured against the separate launch (64 replies ran 6,400-7,200 tok/s on a
 # slower machine with them, 8,300-8,400 on another without); GLMCHAT_SWIGLU_IN_MATMUL_M moves it for that A/B
 SWIGLU_IN_MATMUL_M = int(os.environ.get("GLMCHAT_SWIGLU_IN_MATMUL_M", "16"))
+
+
+def quantized_weight(module) -> Optional[QuantizedWeight]:
+    """The packed weight of a quantized linear layer, shared as stored; None for a float layer.
+
+    bitsandbytes ``Linear4bit`` (NF4) -> "nf4"; bitsandbytes ``Linear8bitLt`` and ``int8_layer.Int8Linear``
+    -> "int8" (through ``int8_linear.linear_weights``, which shares their rows); a layer with an int8
+    ``weight`` and a ``weight_scale`` (the chatglm2-6b-int4 release's QuantizedLinear) -> "int4" when the
+    weight holds half the input columns (``in_features`` or ``weight_bit_width`` say which), else "int8"
+    (the int8 release's layout). The bias stays the layer's own."""
+    scale = getattr(module, "weight_scale", None)
+    weight = getattr(module, "weight", None)
+    if scale is not None and weight is not None and weight.dtype == torch.int8:  # the int4 / int8 releases
+        in_features = getattr(module, "in_features", None)
+        bits = getattr(module, "weight_bit_width", None)
+        if bits == 8 or (bits is None and in_features == weight.shape[1]):
+            return int8_weight(weight, scale)
+        if in_features is not None and in_features != 2 * weight.shape[1]:
+            raise ValueError(f"int4 weight {tuple(weight.shape)} does not hold {in_features} input columns")
+        return int4_release_weight(weight, scale)
+    kind = is_quantized_module(module)
+    if kind == "4bit":
+        return params4bit_weight(module.weight)
+    if kind == "int8":
+        lw = linear_weights(module, "int8", torch.float32)
+        return int8_weight(lw.weight, lw.scale)
+    return None
+
+
+def widened_4bit_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                        residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] @ W.T + bias (+ residual, into out) through cuBLAS, W widened to x's dtype a block of output
+    rows at a time (``int8_linear.linear_in_blocks``, ``kernels.widen_4bit.widen_rows``)."""
+    return linear_in_blocks(x, w.n, lambda rows: widen_rows(w, rows, x.dtype, like=x), bias, residual, out)
 
 
 @dataclass
@@ -121,7 +156,7 @@ class BatchLinear:
                 gen = torch.Generator(device=device).manual_seed(0)
                 scratch["x"] = torch.randn(bucket, q.k, device=device, generator=gen).to(dtype)
             if choice.path == "widened":
-                y = widened_linear(scratch["x"], q, self.bias)
+                y = widened_4bit_linear(scratch["x"], q, self.bias)
                 return swiglu_rows(y) if swiglu else y
             return quant_linear(scratch["x"], q, self.bias, swiglu=swiglu)
 
@@ -178,7 +213,7 @@ class BatchLinear:
         elif self._int8_matmul(x):
             return linear_rows(x, self.one_row, split_k=split_k, residual=residual, out=out)
         elif self.q.fmt in ("nf4", "int4"):
-            return widened_linear(x, self.q, self.bias, residual, out)
+            return widened_4bit_linear(x, self.q, self.bias, residual, out)
         else:
             y = F.linear(x, self.q.dequantize(x.dtype), self.bias)
         return add_into(y, residual, out)

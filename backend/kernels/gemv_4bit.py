@@ -5,7 +5,7 @@ straight from the packed weights, never widening W in memory, with what sits aro
 ChatGLM2 layer fused in: the RMSNorm before it (prologue: the norm weight multiplies x, the row's 1/rms the
 sums), the bias, SwiGLU (``silu(a) * b`` of the two halves of dense_h_to_4h's rows) and the residual add.
 Norm, bias and residual are runtime flags of one compiled kernel (fewer compiles on first use); SwiGLU is a
-compile-time variant (two row sets a program). ``quantized_weight(layer)`` takes the packed form from a
+compile-time variant (two row sets a program). ``decode.batch_linear.quantized_weight(layer)`` takes the packed form from a
 loaded layer. Weight formats:
 
 - ``nf4``: bitsandbytes ``Params4bit`` data as stored: uint8, two 4-bit codes a byte over the
@@ -174,35 +174,6 @@ def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
         raise ValueError(f"int8 weight must be int8 [out, in], got {weight.dtype} {tuple(weight.shape)}")
     n, k = weight.shape
     return QuantizedWeight("int8", weight.contiguous(), int(n), int(k), scale=scale.float().contiguous())
-
-
-def quantized_weight(module) -> Optional[QuantizedWeight]:
-    """The packed weight of a quantized linear layer, shared as stored; None for a float layer.
-
-    bitsandbytes ``Linear4bit`` (NF4) -> "nf4"; bitsandbytes ``Linear8bitLt`` and ``int8_layer.Int8Linear``
-    -> "int8" (through ``int8_linear.linear_weights``, which shares their rows); a layer with an int8
-    ``weight`` and a ``weight_scale`` (the chatglm2-6b-int4 release's QuantizedLinear) -> "int4" when the
-    weight holds half the input columns (``in_features`` or ``weight_bit_width`` say which), else "int8"
-    (the int8 release's layout). The bias stays the layer's own."""
-    from ..int8_linear import is_quantized_module, linear_weights
-
-    scale = getattr(module, "weight_scale", None)
-    weight = getattr(module, "weight", None)
-    if scale is not None and weight is not None and weight.dtype == torch.int8:  # the int4 / int8 releases
-        in_features = getattr(module, "in_features", None)
-        bits = getattr(module, "weight_bit_width", None)
-        if bits == 8 or (bits is None and in_features == weight.shape[1]):
-            return int8_weight(weight, scale)
-        if in_features is not None and in_features != 2 * weight.shape[1]:
-            raise ValueError(f"int4 weight {tuple(weight.shape)} does not hold {in_features} input columns")
-        return int4_release_weight(weight, scale)
-    kind = is_quantized_module(module)
-    if kind == "4bit":
-        return params4bit_weight(module.weight)
-    if kind == "int8":
-        lw = linear_weights(module, "int8", torch.float32)
-        return int8_weight(lw.weight, lw.scale)
-    return None
 
 
 def quant_linear_torch(x: torch.Tensor, w: QuantizedWeight, bias=None, residual=None, *,

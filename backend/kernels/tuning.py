@@ -6,7 +6,7 @@ scratch buffers (``cuda_timer``: GPU time, in a CUDA graph, L2 flushed) and the 
 (the hand-picked default). A candidate whose output on the scratch buffers is not the default's, rounding
 apart, is never picked and is reported: speed is measured on the card, but correctness was only checked by
 Triton's interpreter and our tests, and a kernel a compiler version or card gets wrong must not win. The cache is one JSON file per GPU model under
-``<user cache dir>/kernel-tuning/`` (``backend.demo.cache_root``: $GLMCHAT_CACHE_DIR overrides), so a
+``<user cache dir>/kernel-tuning/`` (``backend.user_cache.cache_root``: $GLMCHAT_CACHE_DIR overrides), so a
 card is tuned once, not on every start, and configs come from the card at hand instead of H100 constants.
 ``GLMCHAT_KERNEL_TUNING=0`` turns tuning off (defaults or what is cached are used).
 """
@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
+
+from ..cuda_streams import warm_and_capture
+from ..user_cache import cache_root
 
 C = TypeVar("C")
 
@@ -45,8 +48,6 @@ def tuning_enabled() -> bool:
 
 def cache_file(device: torch.device) -> Path:
     """The JSON file holding the tuned configs of this device's GPU model."""
-    from ..demo import cache_root  # the one place that knows the user cache dir
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") or "gpu"
     return cache_root() / "kernel-tuning" / f"{slug}.json"
@@ -92,8 +93,6 @@ def cuda_timer(fn: Callable[[], None], device: Optional[torch.device] = None) ->
     GEMV of 4096 x 4096 takes a few us; bench/NOTES.md run 20), and ranks configs by noise. The flush (twice the
     L2, ~30 us) outlasts the host's graph launch, so the GPU never waits for the host inside a timed window.
     An ``fn`` that cannot be captured is timed as launched."""
-    from ..cuda_streams import warm_and_capture
-
     device = device or torch.device("cuda", torch.cuda.current_device())
     try:
         graph, _ = warm_and_capture(fn, device, None)

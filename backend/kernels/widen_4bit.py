@@ -2,8 +2,9 @@
 
 Where many rows share a linear (a long prompt, an evaluation's 128-256 rows, and at 16-64 rows where the tuner
 finds it faster than ``quant_linear``'s tensor-core tiles, which decode every weight in registers inside the
-matmul), the weight is widened into a 16-bit block and multiplied by cuBLAS. Blocks of at most
-``int8_linear.widen_chunk_bytes`` (``linear_in_blocks``) keep the transient copy small on a small card, and the
+matmul), the weight is widened into a 16-bit block and multiplied by cuBLAS (``decode.batch_linear`` hands
+``widen_rows`` to ``int8_linear.linear_in_blocks``). Blocks of at most ``int8_linear.widen_chunk_bytes`` keep the
+transient copy small on a small card, and the
 same Triton decode as the kernels' (``gemv_4bit._dequant_4bit``: float32 products rounded once) makes the values
 exactly ``QuantizedWeight.dequantize``'s. Why not bitsandbytes' ``dequantize_4bit``: it widens a whole weight
 (224 MB for fc1 in bf16) and reads NF4 only; the int4 release needs the same for its own layout.
@@ -15,7 +16,6 @@ from typing import Optional
 
 import torch
 
-from ..int8_linear import linear_in_blocks
 from .gemv_4bit import HAVE_TRITON, QuantizedWeight, kernels_run
 
 if HAVE_TRITON:
@@ -69,10 +69,3 @@ def widen_rows(w: QuantizedWeight, rows: slice, dtype: torch.dtype,
         stop - start, w.k, FMT=0 if nf4 else 1, NESTED=w.nested, BS=w.blocksize if nf4 else 2, BS2=w.blocksize2,
         BLOCKED=blocked, HAS_SCALE=w.scale is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
     return out
-
-
-def widened_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None,
-                   residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [..., K] @ W.T + bias (+ residual, into out) through cuBLAS, W widened to x's dtype a block of output
-    rows at a time (``int8_linear.linear_in_blocks``)."""
-    return linear_in_blocks(x, w.n, lambda rows: widen_rows(w, rows, x.dtype, like=x), bias, residual, out)

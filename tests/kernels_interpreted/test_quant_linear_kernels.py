@@ -274,10 +274,12 @@ def test_batch_invariant_rows_do_not_depend_on_the_batch(fmt, tmp_path, monkeypa
 
 def test_quantized_weight_of_layers_as_loaded():
     """bitsandbytes Linear4bit (quantised on the CPU), an int4-release layer, a float layer."""
+    from backend.decode.batch_linear import quantized_weight
+
     bnb = pytest.importorskip("bitsandbytes")
     layer = bnb.nn.Linear4bit(64, 32, bias=True, quant_type="nf4", compute_dtype=torch.float32)
     layer.weight = bnb.nn.Params4bit(torch.randn(32, 64) * 0.02, requires_grad=False, quant_type="nf4")._quantize("cpu")
-    w = Q.quantized_weight(layer)
+    w = quantized_weight(layer)
     assert (w.fmt, w.n, w.k, w.nested) == ("nf4", 32, 64, True)
     assert w.data.data_ptr() == layer.weight.data.data_ptr()  # shared, not copied
     ref = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
@@ -287,14 +289,14 @@ def test_quantized_weight_of_layers_as_loaded():
     packed, scale, q = pack_int4_release(torch.randn(8, 32) * 0.02)
     release = torch.nn.Module()
     release.weight, release.weight_scale, release.weight_bit_width = packed, scale, 4
-    w4 = Q.quantized_weight(release)
+    w4 = quantized_weight(release)
     assert w4.fmt == "int4" and torch.equal(w4.dequantize(), q.float() * scale.float()[:, None])
     by_width = torch.nn.Module()  # as backend's Int4Linear: in_features tells 4-bit (half the columns stored)
     by_width.weight, by_width.weight_scale, by_width.in_features = packed, scale, 32
-    assert Q.quantized_weight(by_width).fmt == "int4"
+    assert quantized_weight(by_width).fmt == "int4"
     by_width.in_features = 16  # the int8 release: one byte a column
-    assert Q.quantized_weight(by_width).fmt == "int8"
-    assert Q.quantized_weight(torch.nn.Linear(4, 4)) is None
+    assert quantized_weight(by_width).fmt == "int8"
+    assert quantized_weight(torch.nn.Linear(4, 4)) is None
 
 
 @pytest.mark.parametrize("fmt,k", [("nf4", 192), ("nf4", 200), ("int4", 200), ("int8", 200)])
@@ -347,9 +349,10 @@ def test_words_kernel_refuses_what_it_cannot_read_and_tuned_calls_fall_back(monk
 def test_widened_blocks_equal_the_dequantized_weight_and_feed_cublas(fmt, n, k, nested, monkeypatch):
     """kernels/widen_4bit.py: any block of rows widened by the kernel is bit for bit the reference's (the
     layout read independently: bitsandbytes' dequantize for NF4, the release's packing rule for int4), and
-    widened_linear in blocks of a few rows is x @ W.T + bias."""
+    widened_4bit_linear in blocks of a few rows is x @ W.T + bias."""
     from backend import int8_linear
-    from backend.kernels.widen_4bit import widen_rows, widened_linear
+    from backend.decode.batch_linear import widened_4bit_linear
+    from backend.kernels.widen_4bit import widen_rows
 
     if fmt == "nf4":
         data, state, ref_w = bnb_nf4(n, k, nested)
@@ -364,7 +367,7 @@ def test_widened_blocks_equal_the_dequantized_weight_and_feed_cublas(fmt, n, k, 
             assert torch.equal(w.dequantize(dtype, rows), ref_w[rows].to(dtype))  # the CPU fallback's rows too
     monkeypatch.setattr(int8_linear, "WIDEN_CHUNK_BYTES", 8 * k * 4)  # blocks of 128 rows (the least): 260 -> 3
     x, bias = torch.randn(5, k), torch.randn(n)
-    assert rel(widened_linear(x, w, bias), x @ ref_w.T + bias) < 1e-6
+    assert rel(widened_4bit_linear(x, w, bias), x @ ref_w.T + bias) < 1e-6
 
 
 def test_four_bit_rows_take_the_path_that_ran_faster(tmp_path, monkeypatch):
@@ -396,7 +399,7 @@ def test_four_bit_rows_take_the_path_that_ran_faster(tmp_path, monkeypatch):
         calls.append(x.shape[0])
         return x @ ref_w.T
 
-    monkeypatch.setattr(batch_linear, "widened_linear", widened)
+    monkeypatch.setattr(batch_linear, "widened_4bit_linear", widened)
     x = torch.randn(batch_linear.WIDEN_4BIT_MIN_M, 192)
     assert rel(lin(x), x @ ref_w.T) < 1e-5
     assert len(timed) == 1 and "M16" in timed[0] and batch_linear.WIDEN_4BIT_MIN_M in calls
