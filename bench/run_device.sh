@@ -114,15 +114,18 @@ cards)
   ;;
 ab-l2)
   # run 29: each GEMV program's weight slice asked of L2 (GLMCHAT_L2_PREFETCH) and the words kernel's next tile
-  # loaded before this one is used (GLMCHAT_WORDS_PIPELINE): the quantized GPU checks with both on (they must change
-  # no output), then one-row chat through ChatEngine, NF4 with each setting (L2, pipeline) in turn, then 8-bit with
-  # the prefetch on and off (its one-row GEMV has no words loop); the first run tunes whatever this card has not;
-  # runs stop starting once 8 minutes have gone, to fit the call
-  GLMCHAT_L2_PREFETCH=1 GLMCHAT_WORDS_PIPELINE=1 timeout 150 python3 bench/check_fast_batch.py --quantized \
-      > "$OUT/check.log" 2>&1
-  stamp "checks"; grep -a "^ok\|FAIL\|Error" "$OUT/check.log" | cut -c1-160
-  for run in 4bit:00 4bit:10 4bit:01 4bit:11 8bit:00 8bit:10 4bit:00 4bit:11 8bit:00 8bit:10; do
-    [ $(( $(date +%s) - START )) -gt 480 ] && break
+  # loaded before this one is used (GLMCHAT_WORDS_PIPELINE): one-row chat through ChatEngine, NF4 and 8-bit with
+  # both off and on first (the pairs that decide), then the quantized GPU checks with both on (they must change no
+  # output), then each setting alone and repeats; the first run tunes whatever this card has not; runs stop
+  # starting once AB_STOP_S seconds (default 480) have gone, to fit the call
+  for run in 4bit:00 4bit:11 8bit:00 8bit:10 checks 4bit:10 4bit:01 4bit:00 4bit:11 8bit:00 8bit:10; do
+    [ $(( $(date +%s) - START )) -gt "${AB_STOP_S:-480}" ] && break
+    if [ $run = checks ]; then
+      GLMCHAT_L2_PREFETCH=1 GLMCHAT_WORDS_PIPELINE=1 timeout 150 python3 bench/check_fast_batch.py --quantized \
+          > "$OUT/check.log" 2>&1
+      stamp "checks"; grep -a "^ok\|FAIL\|Error" "$OUT/check.log" | cut -c1-160
+      continue
+    fi
     q=${run%%:*}; v=${run##*:}
     GLMCHAT_L2_PREFETCH=${v:0:1} GLMCHAT_WORDS_PIPELINE=${v:1:1} ENGINE_TIMEOUT=150 engine "${q}_$v" \
         --model /tmp/glm6b --quantization $q --rows 1 --repeat 1
