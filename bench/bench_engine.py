@@ -145,7 +145,8 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     rows = [int(r) for r in args.rows.split(",")]
     start = time.perf_counter()
-    engine = ChatEngine.load(args.model, quantization=args.quantization, engine=args.engine, max_batch=max(rows))
+    # (at least the compare's two rows: with one, its columns run one after the other and its ratios mean nothing)
+    engine = ChatEngine.load(args.model, quantization=args.quantization, engine=args.engine, max_batch=max(rows + [2]))
     torch.cuda.synchronize()
     loaded_gb = torch.cuda.memory_allocated() / 1e9
     emit(what="load", seconds=round(time.perf_counter() - start, 1), gpu_after_load_gb=round(loaded_gb, 2),

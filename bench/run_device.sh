@@ -27,9 +27,6 @@
 #   bash bench/run_device.sh long-prompt  # a cold 1600-token prompt profiled (8-bit, NF4); the 8-bit table; eval
 #   bash bench/run_device.sh fused-steps  # int8 decode rows with RMSNorm and the residual in the matmul: checks, the
 #                                         # 8-bit table, the two-row step's kernels, eval, the cold long prompt
-#   bash bench/run_device.sh ab-l2      # run 29's prefetches (each GEMV program's slice asked of L2; the words
-#                                       # kernel's next tile in registers), on and off in turn: one-row chat
-#                                       # (NF4, 8-bit) through ChatEngine
 #   bash bench/run_device.sh ab-swiglu64  # 64 concurrent 8-bit replies with fc1's SwiGLU in the matmul's epilogue
 #                                         # up to 16 rows (the default) and up to 64, in turn
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
@@ -64,7 +61,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-4bit-rows|long-prompt|fused-steps|ab-l2|ab-swiglu64|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-4bit-rows|long-prompt|fused-steps|ab-swiglu64|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -111,29 +108,6 @@ cards)
   small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
-  ;;
-ab-l2)
-  # run 29: each GEMV program's weight slice asked of L2 (GLMCHAT_L2_PREFETCH) and the words kernel's next tile
-  # loaded before this one is used (GLMCHAT_WORDS_PIPELINE): one-row chat through ChatEngine, NF4 and 8-bit with
-  # both off and on first (the pairs that decide), then the quantized GPU checks with both on (they must change no
-  # output), then each setting alone and repeats; the first run tunes whatever this card has not; runs stop
-  # starting once AB_STOP_S seconds (default 480) have gone, to fit the call
-  for run in 4bit:00 4bit:11 8bit:00 8bit:10 checks 4bit:10 4bit:01 4bit:00 4bit:11 8bit:00 8bit:10; do
-    [ $(( $(date +%s) - START )) -gt "${AB_STOP_S:-480}" ] && break
-    if [ $run = checks ]; then
-      GLMCHAT_L2_PREFETCH=1 GLMCHAT_WORDS_PIPELINE=1 timeout 150 python3 bench/check_fast_batch.py --quantized \
-          > "$OUT/check.log" 2>&1
-      stamp "checks"; grep -a "^ok\|FAIL\|Error" "$OUT/check.log" | cut -c1-160
-      continue
-    fi
-    q=${run%%:*}; v=${run##*:}
-    GLMCHAT_L2_PREFETCH=${v:0:1} GLMCHAT_WORDS_PIPELINE=${v:1:1} ENGINE_TIMEOUT=150 engine "${q}_$v" \
-        --model /tmp/glm6b --quantization $q --rows 1 --repeat 1
-    cat "$OUT/engine_${q}_$v.jsonl" >> "$OUT/engine_${q}_${v}_all.jsonl"
-    grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_${q}_$v.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
-    tail -n 3 "$OUT/engine_${q}_$v.err"
-    rm -f "$OUT/engine_${q}_$v.jsonl" "$OUT/engine_${q}_$v.err"
-  done
   ;;
 ab-swiglu64)
   # run 28's open question: does SwiGLU in the int8 matmul's epilogue help or hurt at 64 rows? One machine, in turn
@@ -392,7 +366,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|ab-l2|ab-swiglu64|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|ab-swiglu64|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

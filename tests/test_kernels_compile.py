@@ -97,14 +97,12 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
                                               (2, True, False, False), (1, False, False, True), (2, False, False, True)):
         rope = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True) if epilogue == 2 else \
             dict(HEAD_DIM=2, ROT_PAIRS=1, ROPE_ROUND=0, SLOT_FROM_PREFIX=False)
-        for l2 in (False, True):
-            consts = dict(rope, BLOCK_P=4, BLOCK_K=1024, W_INT8=True,
-                          CVT=2, NORM=True, HAS_BIAS=epilogue != 1, RESIDUAL=epilogue == 0 and not argmax,
-                          EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=False, PDL=pdl, ROW_SUM=row_sum,
-                          ARGMAX=argmax, X_TILE=x_tile, PREFETCH_L2=l2)
-            ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
-            assert byte_loads(ptx) == 0, epilogue
-            assert ("prefetch.global.L2" in ptx) == l2, (epilogue, l2)
+        consts = dict(rope, BLOCK_P=4, BLOCK_K=1024, W_INT8=True,
+                      CVT=2, NORM=True, HAS_BIAS=epilogue != 1, RESIDUAL=epilogue == 0 and not argmax,
+                      EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=False, PDL=pdl, ROW_SUM=row_sum,
+                      ARGMAX=argmax, X_TILE=x_tile)
+        ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
+        assert byte_loads(ptx) == 0, epilogue
     pick = {"best_ptr": "*i64", "next_ptr": "*i64", "in_ptr": "*i64"}
     for feed in (False, True):  # the batched decoder's pick (its own positions), the one-row decoder's (fed back)
         compile_for(_pick_kernel, pick, dict(BAD_TOKEN=5, PDL=pdl, FEED=feed), arch, warps=1, stages=1)
@@ -209,7 +207,7 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
             consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=cfg.block_p,
                           BLOCK_K=cfg.block_k, W_INT8=True, CVT=cfg.cvt, NORM=norm, HAS_BIAS=kind == "qkv",
                           RESIDUAL=residual, EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=cfg.prefetch,
-                          PDL=True, ROW_SUM=cfg.row_sum, ARGMAX=argmax, X_TILE=cfg.x_tile, PREFETCH_L2=True)
+                          PDL=True, ROW_SUM=cfg.row_sum, ARGMAX=argmax, X_TILE=cfg.x_tile)
             ptx = compile_for(_gemv_kernel, types, consts, 90, warps=cfg.num_warps, stages=cfg.num_stages)
             assert byte_loads(ptx) == 0, (kind, cfg)
             if cfg.x_tile and not cfg.row_sum:
@@ -253,10 +251,7 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
     for cfg in words_configs(fmt):
         wide = fmt == "int8" and cfg.cvt == 3  # int8 read as 64-bit words against fp16 rows
         types["w_ptr"] = "*i64" if wide else "*i32"
-        # (fc1 has the norm and SwiGLU; fc2's K has a tail), as users run them, and with the two prefetches on trial
-        # (the next tile's words in registers, the slice asked of L2)
-        for swiglu, even_k, pipeline, l2 in ((False, True, False, False), (False, True, True, False),
-                                             (True, False, True, True)):
+        for swiglu, even_k in ((False, True), (True, False)):  # (fc1 has the norm and SwiGLU; fc2's K has a tail)
             consts = dict(FMT=Q._FMT_ID[fmt], LUT=cfg.lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 8, BS2=256,
                           BLOCKED=even_k, HAS_SCALE=fmt != "nf4", SWIGLU=swiglu,
                           X_KIND=2 if arch == 75 or cfg.cvt == 3 else 1,
@@ -264,11 +259,10 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
                           BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n,
                           BLOCK_W=cfg.block_k // (4 if fmt == "int8" and not wide else 8),
                           CVT=cfg.cvt if fmt == "int8" else 0,
-                          NORM=swiglu, EVEN_K=even_k, PDL=pdl, PREFETCH_L2=l2, PIPELINE=pipeline)
+                          NORM=swiglu, EVEN_K=even_k, PDL=pdl)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)
-            assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu, pipeline)
-            assert ("prefetch.global.L2" in ptx) == l2, (cfg, swiglu)
+            assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu)
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from . import l2_prefetch
 from .rotary import round_mode
 
 if TYPE_CHECKING:
@@ -32,7 +31,6 @@ if HAVE_TRITON:
 EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 
 if HAVE_TRITON:
-    from .l2_prefetch import prefetch_bytes
     from .packed_products import int8_words_sums
     from .rotary import rope_cos_sin
 
@@ -139,18 +137,6 @@ if HAVE_TRITON:
         return tl.sum(acc_a, axis=1) * 128.0, tl.sum(acc_b, axis=1) * 128.0  # int8_dot's sums are 1/128
 
     @triton.jit
-    def _prefetch_weight_rows(w_ptr, pid, N, N_PAIRS, K, ROW_STEP, B_OFF, BLOCK_P: tl.constexpr,
-                              ELEM: tl.constexpr):
-        # this program's weight rows into L2 (kernels/l2_prefetch.py): 2 * BLOCK_P consecutive rows (plain), or
-        # BLOCK_P rows and the BLOCK_P rows B_OFF further (SwiGLU's gate and up halves)
-        first = pid.to(tl.int64) * BLOCK_P * ROW_STEP
-        end = tl.minimum(first + BLOCK_P * ROW_STEP, tl.minimum(N_PAIRS * ROW_STEP, N))
-        row_bytes = K * ELEM
-        prefetch_bytes(w_ptr, first * row_bytes, (end - first) * row_bytes, 128)
-        if B_OFF > 1:
-            prefetch_bytes(w_ptr, (first + B_OFF) * row_bytes, (end - first) * row_bytes, 128)
-
-    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
         k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr,
@@ -161,7 +147,6 @@ if HAVE_TRITON:
         W_INT8: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
         RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_P: tl.constexpr,
         PREFETCH: tl.constexpr, PDL: tl.constexpr, ROW_SUM: tl.constexpr, ARGMAX: tl.constexpr, X_TILE: tl.constexpr,
-        PREFETCH_L2: tl.constexpr,
     ):
         # out rows a = p * ROW_STEP and b = a + B_OFF for the BLOCK_P pairs p of this program
         pid = tl.program_id(0)
@@ -172,8 +157,6 @@ if HAVE_TRITON:
         mask_b = mask_a & (row_b < N)
         if PDL:  # programmatic dependent launch: the next kernel may start; weights do not depend on the last one
             tl.extra.cuda.gdc_launch_dependents()
-        if PREFETCH_L2:  # the program's whole weight slice asked for before waiting on the kernel ahead
-            _prefetch_weight_rows(w_ptr, pid, N, N_PAIRS, K, ROW_STEP, B_OFF, BLOCK_P, 1 if W_INT8 else 2)
         if CVT == 3:  # int8 against fp16 x, products two at a time (_wide_sums)
             if PDL:
                 tl.extra.cuda.gdc_wait()
@@ -420,7 +403,7 @@ def gemv(
         RESIDUAL=residual is not None, EPILOGUE=epilogue,
         EVEN_K=K % cfg.block_k == 0, EVEN_P=n_pairs % cfg.block_p == 0 and (swiglu or N % 2 == 0),
         PREFETCH=cfg.prefetch, PDL=pdl, ROW_SUM=cfg.row_sum, ARGMAX=argmax is not None, X_TILE=cfg.x_tile,
-        PREFETCH_L2=l2_prefetch.wanted(x.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
     return out

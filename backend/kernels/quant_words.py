@@ -27,11 +27,9 @@ caller takes its default kernel.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-from . import l2_prefetch
 from .gemv_4bit import _FMT_ID, HAVE_TRITON, QuantizedWeight
 
 if HAVE_TRITON:
@@ -39,7 +37,6 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
-    from .l2_prefetch import prefetch_bytes
     from .packed_products import int8_words_sums, load_pairs, packed_dot, packed_dot2
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -64,13 +61,6 @@ def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight, lut: int = 1, cvt: 
         return False
     return norm_weight is None or (norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
                                    and norm_weight.data_ptr() % 4 == 0)
-
-
-def pipelined() -> bool:
-    """Whether the K loop asks for the next tile's words before it uses its own (registers double-buffered:
-    Triton's pipeliner does not take loads that feed no ``tl.dot``). For an A/B on the GPU, as
-    ``l2_prefetch``: off unless ``GLMCHAT_WORDS_PIPELINE=1`` until it has been timed (bench/NOTES.md run 29)."""
-    return os.environ.get("GLMCHAT_WORDS_PIPELINE", "0") == "1"
 
 
 if HAVE_TRITON:
@@ -234,16 +224,12 @@ if HAVE_TRITON:
         BS: tl.constexpr, BS2: tl.constexpr, BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         X_KIND: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-        PREFETCH_L2: tl.constexpr, PIPELINE: tl.constexpr,
     ):
         # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
         # stride_xm in x_ptr's elements (int32 pairs for 16-bit x). SWIGLU: 2N weight rows, as gemv_4bit's
         pid_n = tl.program_id(0)
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
             tl.extra.cuda.gdc_launch_dependents()
-        if PREFETCH_L2:  # the weight rows this program reads, before waiting on the kernel ahead (l2_prefetch.py)
-            if tl.program_id(1) == 0:  # (programs of further activation rows read the same weights)
-                _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT, NESTED, BS, SWIGLU, BLOCK_N)
         m0 = tl.program_id(1) * ROWS
         m1 = tl.minimum(m0 + 1, M - 1)  # ROWS == 2 with an odd M: the last pair repeats its row, stored once
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -262,9 +248,6 @@ if HAVE_TRITON:
         acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        if PIPELINE:  # the first tile's words now (weights: no need to wait for the kernel ahead); each step then
-            # asks for the next tile's before using its own
-            words_n, words_b_n = _tile_words(w_ptr, rows, N, KW, wi, SWIGLU, EVEN_K)
         if PDL:  # x, the residual: written by the kernels ahead
             tl.extra.cuda.gdc_wait()
         for k0 in range(0, KW, BLOCK_W):
@@ -272,11 +255,7 @@ if HAVE_TRITON:
             mk = None  # EVEN_K: whole tiles, no predicates
             if not EVEN_K:
                 mk = (kw < KW)[None, :]
-            if PIPELINE:
-                words, words_b = words_n, words_b_n
-                words_n, words_b_n = _tile_words(w_ptr, rows, N, KW, kw + BLOCK_W, SWIGLU, False)
-            else:
-                words, words_b = _tile_words(w_ptr, rows, N, KW, kw, SWIGLU, EVEN_K)
+            words, words_b = _tile_words(w_ptr, rows, N, KW, kw, SWIGLU, EVEN_K)
             if WIDE:
                 p0, p1, p0_b, p1_b = int8_words_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk,
                                                      NORM, ROWS, SWIGLU)
@@ -331,29 +310,6 @@ if HAVE_TRITON:
         return words, words_b
 
     @triton.jit
-    def _prefetch_slice(w_ptr, absmax_ptr, pid_n, N, K, FMT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
-                        SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
-        # rows [first, first + BLOCK_N) of the weight, and the same rows N further for SwiGLU's up half
-        first = pid_n.to(tl.int64) * BLOCK_N
-        rows = tl.minimum(N - first, BLOCK_N)
-        _prefetch_rows(w_ptr, absmax_ptr, first, rows, K, FMT, NESTED, BS)
-        if SWIGLU:
-            _prefetch_rows(w_ptr, absmax_ptr, first + N, rows, K, FMT, NESTED, BS)
-
-    @triton.jit
-    def _prefetch_rows(w_ptr, absmax_ptr, first, rows, K, FMT: tl.constexpr, NESTED: tl.constexpr,
-                       BS: tl.constexpr):
-        # weight rows [first, first + rows) and, for NF4, the blocks of scales their weights fall in (blocks may
-        # straddle rows when K is not a multiple of BS; a byte each when nested, else a float32)
-        row_bytes = K if FMT == 2 else K // 2  # int8, or two 4-bit weights a byte
-        prefetch_bytes(w_ptr, first * row_bytes, rows * row_bytes, 128)
-        if FMT == 0:
-            SCALE_BYTES: tl.constexpr = 1 if NESTED else 4
-            first_block = first * K // BS
-            end_block = ((first + rows) * K + BS - 1) // BS
-            prefetch_bytes(absmax_ptr, first_block * SCALE_BYTES, (end_block - first_block) * SCALE_BYTES, 128)
-
-    @triton.jit
     def _finish_row(acc, acc_b, x_ptr, m, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
                     bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
                     SWIGLU: tl.constexpr, X_KIND: tl.constexpr):
@@ -401,6 +357,6 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, BLOCKED=w.k % (w.blocksize if nf4 else 8) == 0,
         HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
         ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // per_word, EVEN_K=w.k % cfg.block_k == 0, PDL=pdl,
-        PREFETCH_L2=l2_prefetch.wanted(x.device), PIPELINE=pipelined(), num_warps=cfg.num_warps, num_stages=1,
+        num_warps=cfg.num_warps, num_stages=1,
         **({"launch_pdl": True} if pdl else {}),
     )

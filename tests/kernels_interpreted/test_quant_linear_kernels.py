@@ -300,10 +300,9 @@ def test_quantized_weight_of_layers_as_loaded():
 
 
 @pytest.mark.parametrize("fmt,k", [("nf4", 192), ("nf4", 200), ("int4", 200), ("int8", 200)])
-def test_words_kernel_with_the_next_tile_in_registers_equals_the_reference(fmt, k, monkeypatch):
-    """GLMCHAT_WORDS_PIPELINE=1 (the next K step's words loaded before this step's are used): the same sums, with a
-    K tail (the last step asks for no words), SwiGLU's two halves and one or two rows a program."""
-    monkeypatch.setenv("GLMCHAT_WORDS_PIPELINE", "1")
+def test_words_kernel_with_norm_swiglu_and_a_k_tail_equals_the_reference(fmt, k):
+    """The words kernel as fc1 and fc2 call it, for each weight format: a K tail (masked words), the norm and
+    SwiGLU's two halves in one program, one or two rows a program."""
     n = 24
     w, ref_w = random_weight(fmt, n, k, nested=k % 64 == 0)
     g, res = 1 + 0.1 * torch.randn(k), torch.randn(2, n // 2)
