@@ -12,8 +12,6 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-if HAVE_TRITON:
-
     @triton.jit
     def _attn_split_kernel(
         q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,

@@ -5,8 +5,8 @@ straight from the packed weights, never widening W in memory, with what sits aro
 ChatGLM2 layer fused in: the RMSNorm before it (prologue: the norm weight multiplies x, the row's 1/rms the
 sums), the bias, SwiGLU (``silu(a) * b`` of the two halves of dense_h_to_4h's rows) and the residual add.
 Norm, bias and residual are runtime flags of one compiled kernel (fewer compiles on first use); SwiGLU is a
-compile-time variant (two row sets a program). ``decode.batch_linear.quantized_weight(layer)`` takes the packed form from a
-loaded layer. Weight formats:
+compile-time variant (two row sets a program). ``decode.batch_linear.quantized_weight(layer)`` takes the
+packed form from a loaded layer. Weight formats:
 
 - ``nf4``: bitsandbytes ``Params4bit`` data as stored: uint8, two 4-bit codes a byte over the
   row-major flattened weight [N, K] (element e = n*K + k in byte e // 2, even e in the high nibble),

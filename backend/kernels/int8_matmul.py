@@ -24,8 +24,6 @@ from . import HAVE_TRITON
 if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-if HAVE_TRITON:
     from .packed_products import widen_int8_f16
 
     @triton.jit

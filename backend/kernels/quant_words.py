@@ -27,7 +27,6 @@ caller takes its default kernel.
 
 from __future__ import annotations
 
-
 import torch
 
 from .gemv_4bit import _FMT_ID, HAVE_TRITON, QuantizedWeight
@@ -255,7 +254,7 @@ if HAVE_TRITON:
             mk = None  # EVEN_K: whole tiles, no predicates
             if not EVEN_K:
                 mk = (kw < KW)[None, :]
-            words, words_b = _tile_words(w_ptr, rows, N, KW, kw, SWIGLU, EVEN_K)
+            words, words_b = _tile_words(w_ptr, rows, N, KW, kw, mk, SWIGLU)
             if WIDE:
                 p0, p1, p0_b, p1_b = int8_words_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk,
                                                      NORM, ROWS, SWIGLU)
@@ -298,11 +297,8 @@ if HAVE_TRITON:
                             X_KIND)
 
     @triton.jit
-    def _tile_words(w_ptr, rows, N, KW, kw, SWIGLU: tl.constexpr, EVEN: tl.constexpr):
-        # words kw of the program's rows, and of the rows N further (SwiGLU's up half); words past KW read as 0
-        mk = None
-        if not EVEN:
-            mk = (kw < KW)[None, :]
+    def _tile_words(w_ptr, rows, N, KW, kw, mk, SWIGLU: tl.constexpr):
+        # words kw of the program's rows, and of the rows N further (SwiGLU's up half); where mk is False, 0
         words = _load(w_ptr + rows[:, None] * KW + kw[None, :], mk, 0)
         words_b = words
         if SWIGLU:

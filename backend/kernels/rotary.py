@@ -11,8 +11,6 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-if HAVE_TRITON:
-
     @triton.jit
     def rope_cos_sin(pos, freq, divisor, ROUND: tl.constexpr):
         # cos and sin (float32) of the angle (pos / divisor) * freq for an integer position. ROUND 0: float32

@@ -4,10 +4,10 @@ Where many rows share a linear (a long prompt, an evaluation's 128-256 rows, and
 finds it faster than ``quant_linear``'s tensor-core tiles, which decode every weight in registers inside the
 matmul), the weight is widened into a 16-bit block and multiplied by cuBLAS (``decode.batch_linear`` hands
 ``widen_rows`` to ``int8_linear.linear_in_blocks``). Blocks of at most ``int8_linear.widen_chunk_bytes`` keep the
-transient copy small on a small card, and the
-same Triton decode as the kernels' (``gemv_4bit._dequant_4bit``: float32 products rounded once) makes the values
-exactly ``QuantizedWeight.dequantize``'s. Why not bitsandbytes' ``dequantize_4bit``: it widens a whole weight
-(224 MB for fc1 in bf16) and reads NF4 only; the int4 release needs the same for its own layout.
+transient copy small on a small card, and the same Triton decode as the kernels' (``gemv_4bit._dequant_4bit``:
+float32 products rounded once) makes the values exactly ``QuantizedWeight.dequantize``'s. Why not bitsandbytes'
+``dequantize_4bit``: it widens a whole weight (224 MB for fc1 in bf16) and reads NF4 only; the int4 release needs
+the same for its own layout.
 """
 
 from __future__ import annotations

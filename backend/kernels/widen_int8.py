@@ -12,8 +12,6 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-if HAVE_TRITON:
-
     @triton.jit
     def _widen_kernel(q_ptr, scale_ptr, out_ptr, N, K, stride_qn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # out[N, K] (contiguous) = q[N, K] (row stride stride_qn) * scale[N, None], the product in float32
