@@ -29,6 +29,8 @@
 #                                         # 8-bit table, the two-row step's kernels, eval, the cold long prompt
 #   bash bench/run_device.sh ab-swiglu64  # 64 concurrent 8-bit replies with fc1's SwiGLU in the matmul's epilogue
 #                                         # up to 16 rows (the default) and up to 64, in turn
+#   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
+#                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
@@ -61,7 +63,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-4bit-rows|long-prompt|fused-steps|ab-swiglu64|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|ab-swiglu64|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -108,6 +110,16 @@ cards)
   small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
+  ;;
+nf4-one-row)
+  # is bitsandbytes' own fused 4-bit kernel (0.50: SIMT below 8 rows, nested absmax inside) faster than ours at
+  # one row? Then where each spends its time (ncu: warp stall reasons, memory throughput, occupancy)
+  timeout 240 python3 bench/ab_nf4_one_row.py > "$OUT/ab_nf4_one_row.jsonl" 2> "$OUT/ab_nf4_one_row.err"
+  stamp "a/b"; cut -c1-330 "$OUT/ab_nf4_one_row.jsonl"; tail -n 3 "$OUT/ab_nf4_one_row.err"
+  timeout 240 ncu --clock-control none --profile-from-start off --set full --import-source no \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \
+      python3 bench/ab_nf4_one_row.py --profile > "$OUT/ncu_nf4.txt" 2>&1
+  stamp "ncu rc $?"; grep -a -E "^  [_a-zA-Z].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|L1/TEX Hit|stall|Stall" "$OUT/ncu_nf4.txt" | cut -c1-160 | head -150
   ;;
 ab-swiglu64)
   # run 28's open question: does SwiGLU in the int8 matmul's epilogue help or hurt at 64 rows? One machine, in turn
