@@ -40,6 +40,7 @@ from backend.fast_decode import FastDecoder  # noqa: E402
 from backend.int8_linear import LinearWeights  # noqa: E402
 from backend.kernels.int8_gemv import GemvConfig, gemv  # noqa: E402
 from backend.kv_cache import KVCache  # noqa: E402
+from bench_engine import copy_bandwidth  # noqa: E402
 from backend.service import SamplingParams  # noqa: E402
 
 # ChatGLM2-6B's config.json (docs/chatglm2.md): the bench must not read files outside the repo.
@@ -195,25 +196,6 @@ def weight_bytes_fast(dec: FastDecoder) -> int:
         total += sum(lw_bytes(x) for x in (lw.qkv, lw.dense, lw.fc1, lw.fc2))
         total += (lw.ln1.numel() + lw.ln2.numel()) * lw.ln1.element_size()
     return total
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (median of 10)."""
-    n = 2 * 1024**3
-    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        sync()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    free()
-    return 2 * n / statistics.median(times)
 
 
 def measure(name: str, make, results: dict, ids64, ids1024, bytes_fn, copy_bw, decode_reps=1, extra=None):

@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT))
 QUERY = "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞"
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a large device-to-device copy (the memory-bound ceiling)."""
+def copy_bandwidth(device="cuda") -> float:
+    """Bytes read + written per second by a large device-to-device copy (the memory-bound ceiling; every bench/
+    script's bound comes from this one)."""
     import torch
 
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)

@@ -39,6 +39,7 @@ numpy_compat()
 from backend.kernels import attention_batch as A  # noqa: E402
 from backend.kernels import gemv_4bit as Q  # noqa: E402
 from backend.kernels import tuning  # noqa: E402
+from bench_engine import copy_bandwidth  # noqa: E402
 
 SHAPES_6B = {"qkv": (4608, 4096), "dense": (4096, 4096), "fc1": (27392, 4096), "fc2": (4096, 13696),
              "output": (65024, 4096)}
@@ -69,14 +70,6 @@ def bench_ms(fn, timing: bool) -> float:
     from backend.kernels.tuning import cuda_timer
 
     return cuda_timer(fn)
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write counted), for context."""
-    a = torch.empty(1 << 29, dtype=torch.int16, device=device)
-    b = torch.empty_like(a)
-    ms = bench_ms(lambda: b.copy_(a), True)
-    return 2 * a.numel() * 2 / (ms * 1e-3)
 
 
 # -- weights -------------------------------------------------------------------------------------
