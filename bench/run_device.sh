@@ -31,6 +31,9 @@
 #                                         # up to 16 rows (the default) and up to 64, in turn
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
+#   bash bench/run_device.sh eval-swiglu  # train_cli.py eval with fc1's SwiGLU in the int8 matmul up to 64 rows (the
+#                                         # default) and up to 256 (evaluation's rows), alternating; the GPU checks;
+#                                         # the 8-bit table (chat, compare, long prompts)
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
@@ -63,7 +66,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|ab-swiglu64|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in eval-swiglu|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|ab-swiglu64|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -110,6 +113,22 @@ cards)
   small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
+  ;;
+eval-swiglu)
+  # evaluation's 128-256 rows with SwiGLU in the int8 matmul's epilogue and without; the first process pays
+  # Triton's compilation (its time is not compared)
+  for m in 64 256 64 256; do
+    s=$(date +%s)
+    GLMCHAT_SWIGLU_IN_MATMUL_M=$m timeout 90 python3 train_cli.py eval --model /tmp/glm6b --quantization 8bit \
+        --validation-file "$DEV" --prompt-column content --response-column summary --max-target-length 128 \
+        --output-dir /tmp/eval > /tmp/eval.log 2>&1
+    echo "{\"what\": \"eval\", \"swiglu_in_matmul_m\": $m, \"rc\": $?, \"seconds\": $(( $(date +%s) - s )), \"inside\": \"$(grep -a -o '[0-9]* examples, [0-9.]* s' /tmp/eval.log)\"}" | tee -a "$OUT/eval_swiglu.jsonl"
+  done
+  timeout 150 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check.log" 2>&1
+  stamp "checks"; grep -a "^ok\|FAIL\|Error" "$OUT/check.log" | cut -c1-160
+  ENGINE_TIMEOUT=200 engine 8bit --model /tmp/glm6b --quantization 8bit --rows 1,2,64
+  rm -f "$OUT/engine_8bit.err"
+  grep -a '"chat"\|"compare"\|"batch"\|ttft_1600\|tuning' "$OUT/engine_8bit.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-260
   ;;
 nf4-one-row)
   # is bitsandbytes' own fused 4-bit kernel (0.50: SIMT below 8 rows, nested absmax inside) faster than ours at

@@ -37,11 +37,11 @@ ONE_ROW_GEMV_MAX_M = 1
 # block (on the H100 NF4's 64-token prompt took 48.9 ms through them, its 1600-token one 53.7 ms widened:
 # bench/NOTES.md runs 21-22)
 WIDEN_4BIT_MIN_M = 16
-# Up to this many int8 rows (one 16-row tile: a compare's two, a server's few) fc1's SwiGLU is made in the int8
-# matmul's epilogue: compare went from 1.79x to 1.82x one reply on the H100 (bench/NOTES.md run 27). Not beyond:
-# at 64 rows the halved tiles are unmeasured against the separate launch (64 replies ran 6,400-7,200 tok/s on a
-# slower machine with them, 8,300-8,400 on another without); GLMCHAT_SWIGLU_IN_MATMUL_M moves it for that A/B
-SWIGLU_IN_MATMUL_M = int(os.environ.get("GLMCHAT_SWIGLU_IN_MATMUL_M", "16"))
+# Up to this many int8 rows (a decode step's buckets: compare's two, a server's 64) fc1's SwiGLU is made in the
+# int8 matmul's epilogue: compare went from 1.79x to 1.82x one reply on the H100 (bench/NOTES.md run 27), and 64
+# replies from 8,620-10,380 to 9,380-11,180 tok/s (run 30, one machine, alternating). Evaluation's 128-256 rows
+# take the separate launch; GLMCHAT_SWIGLU_IN_MATMUL_M moves the limit for their A/B
+SWIGLU_IN_MATMUL_M = int(os.environ.get("GLMCHAT_SWIGLU_IN_MATMUL_M", "64"))
 
 
 def quantized_weight(module) -> Optional[QuantizedWeight]:
