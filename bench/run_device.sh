@@ -27,13 +27,8 @@
 #   bash bench/run_device.sh long-prompt  # a cold 1600-token prompt profiled (8-bit, NF4); the 8-bit table; eval
 #   bash bench/run_device.sh fused-steps  # int8 decode rows with RMSNorm and the residual in the matmul: checks, the
 #                                         # 8-bit table, the two-row step's kernels, eval, the cold long prompt
-#   bash bench/run_device.sh ab-swiglu64  # 64 concurrent 8-bit replies with fc1's SwiGLU in the matmul's epilogue
-#                                         # up to 16 rows (the default) and up to 64, in turn
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
-#   bash bench/run_device.sh eval-swiglu  # train_cli.py eval with fc1's SwiGLU in the int8 matmul up to 64 rows (the
-#                                         # default) and up to 256 (evaluation's rows), alternating; the GPU checks;
-#                                         # the 8-bit table (chat, compare, long prompts)
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
@@ -66,7 +61,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in eval-swiglu|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|ab-swiglu64|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -114,22 +109,6 @@ cards)
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
   ;;
-eval-swiglu)
-  # evaluation's 128-256 rows with SwiGLU in the int8 matmul's epilogue and without; the first process pays
-  # Triton's compilation (its time is not compared)
-  for m in 64 256 64 256; do
-    s=$(date +%s)
-    GLMCHAT_SWIGLU_IN_MATMUL_M=$m timeout 90 python3 train_cli.py eval --model /tmp/glm6b --quantization 8bit \
-        --validation-file "$DEV" --prompt-column content --response-column summary --max-target-length 128 \
-        --output-dir /tmp/eval > /tmp/eval.log 2>&1
-    echo "{\"what\": \"eval\", \"swiglu_in_matmul_m\": $m, \"rc\": $?, \"seconds\": $(( $(date +%s) - s )), \"inside\": \"$(grep -a -o '[0-9]* examples, [0-9.]* s' /tmp/eval.log)\"}" | tee -a "$OUT/eval_swiglu.jsonl"
-  done
-  timeout 150 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check.log" 2>&1
-  stamp "checks"; grep -a "^ok\|FAIL\|Error" "$OUT/check.log" | cut -c1-160
-  ENGINE_TIMEOUT=200 engine 8bit --model /tmp/glm6b --quantization 8bit --rows 1,2,64
-  rm -f "$OUT/engine_8bit.err"
-  grep -a '"chat"\|"compare"\|"batch"\|ttft_1600\|tuning' "$OUT/engine_8bit.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-260
-  ;;
 nf4-one-row)
   # is bitsandbytes' own fused 4-bit kernel (0.50: SIMT below 8 rows, nested absmax inside) faster than ours at
   # one row? Then where each spends its time (ncu: warp stall reasons, memory throughput, occupancy)
@@ -139,16 +118,6 @@ nf4-one-row)
       --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \
       python3 bench/ab_nf4_one_row.py --profile > "$OUT/ncu_nf4.txt" 2>&1
   stamp "ncu rc $?"; grep -a -E "^  [_a-zA-Z].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|L1/TEX Hit|stall|Stall" "$OUT/ncu_nf4.txt" | cut -c1-160 | head -150
-  ;;
-ab-swiglu64)
-  # run 28's open question: does SwiGLU in the int8 matmul's epilogue help or hurt at 64 rows? One machine, in turn
-  for m in 16 64 16 64; do
-    GLMCHAT_SWIGLU_IN_MATMUL_M=$m ENGINE_TIMEOUT=120 engine "64_swiglu_$m" --model /tmp/glm6b --quantization 8bit \
-        --rows 64 --repeat 2
-    cat "$OUT/engine_64_swiglu_$m.jsonl" >> "$OUT/engine_64_swiglu_${m}_all.jsonl"
-    grep -a '"batch"' "$OUT/engine_64_swiglu_$m.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
-    rm -f "$OUT/engine_64_swiglu_$m.jsonl" "$OUT/engine_64_swiglu_$m.err"
-  done
   ;;
 eval-rows)
   # evaluation (requests queued together) and 64 concurrent replies, 8-bit
@@ -397,7 +366,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|ab-swiglu64|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

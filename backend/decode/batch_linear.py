@@ -39,9 +39,9 @@ ONE_ROW_GEMV_MAX_M = 1
 WIDEN_4BIT_MIN_M = 16
 # Up to this many int8 rows (a decode step's buckets: compare's two, a server's 64) fc1's SwiGLU is made in the
 # int8 matmul's epilogue: compare went from 1.79x to 1.82x one reply on the H100 (bench/NOTES.md run 27), and 64
-# replies from 8,620-10,380 to 9,380-11,180 tok/s (run 30, one machine, alternating). Evaluation's 128-256 rows
-# take the separate launch; GLMCHAT_SWIGLU_IN_MATMUL_M moves the limit for their A/B
-SWIGLU_IN_MATMUL_M = int(os.environ.get("GLMCHAT_SWIGLU_IN_MATMUL_M", "64"))
+# replies from 8,620-10,380 to 9,380-11,180 tok/s (run 31, one machine, alternating). Evaluation's 128-256 rows
+# keep the separate launch: 1070 examples in 12.2 s that way, 13.7-14.2 s with it (run 32)
+SWIGLU_IN_MATMUL_M = 64
 
 
 def quantized_weight(module) -> Optional[QuantizedWeight]:
