@@ -49,11 +49,9 @@ def call_kwargs(kind: str, m: int, n: int, k: int, dtype: torch.dtype) -> dict:
 
 def bnb_call(layer, x, *, norm=None, swiglu=False, residual=None):
     """The same linear through bitsandbytes' kernel, what sits around it as launches of their own."""
-    import bitsandbytes as bnb
-
     if norm is not None:
         x = rms_norm_rows(x, norm, 1e-5)
-    y = bnb.matmul_4bit(x, layer.weight.t(), layer.weight.quant_state)
+    y = bnb_bare(layer, x)
     if swiglu:
         y = swiglu_rows(y)
     if residual is not None:
@@ -67,10 +65,15 @@ def bnb_bare(layer, x):
     return bnb.matmul_4bit(x, layer.weight.t(), layer.weight.quant_state)
 
 
-def per_linear(rows: list[int], dtype: torch.dtype, bandwidth: float, card: str) -> None:
+def each_linear(dtype: torch.dtype):
+    """(kind, n, k, the bitsandbytes layer, our BatchLinear of it) for each of a layer's four linears."""
     for kind, (n, k) in SHAPES.items():
         layer = nf4_linear(n, k, dtype)
-        lin = BatchLinear(layer, dtype, kind)
+        yield kind, n, k, layer, BatchLinear(layer, dtype, kind)
+
+
+def per_linear(rows: list[int], dtype: torch.dtype, bandwidth: float, card: str) -> None:
+    for kind, n, k, layer, lin in each_linear(dtype):
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             kw = call_kwargs(kind, m, n, k, dtype)
@@ -86,15 +89,13 @@ def per_linear(rows: list[int], dtype: torch.dtype, bandwidth: float, card: str)
             print(json.dumps(row), flush=True)
 
 
-
 def chained(layers: int, m: int, dtype: torch.dtype, bandwidth: float, card: str) -> None:
     """``layers`` x (qkv, dense, fc1, fc2) back to back in one graph, ours and bitsandbytes', as a step runs them."""
     stack = []
     for _ in range(layers):
-        for kind, (n, k) in SHAPES.items():
-            layer = nf4_linear(n, k, dtype)
-            stack.append((kind, layer, BatchLinear(layer, dtype, kind), call_kwargs(kind, m, n, k, dtype)))
-    xs = {k: torch.randn(m, k, device="cuda", dtype=dtype) for k in {4096, 13696}}
+        for kind, n, k, layer, lin in each_linear(dtype):
+            stack.append((kind, layer, lin, call_kwargs(kind, m, n, k, dtype)))
+    xs = {k: torch.randn(m, k, device="cuda", dtype=dtype) for k in {lin.q.k for _, _, lin, _ in stack}}
     for _, _, lin, kw in stack:
         lin(xs[lin.q.k], **kw)  # tune every shape first
 
@@ -117,9 +118,7 @@ def chained(layers: int, m: int, dtype: torch.dtype, bandwidth: float, card: str
 def profiled(dtype: torch.dtype) -> None:
     """Each linear tuned first, then called once by each path inside cudaProfilerStart/Stop, so that ncu
     (``--profile-from-start off``) sees only the kernels a step runs, not the tuner's candidates."""
-    for kind, (n, k) in SHAPES.items():
-        layer = nf4_linear(n, k, dtype)
-        lin = BatchLinear(layer, dtype, kind)
+    for kind, n, k, layer, lin in each_linear(dtype):
         x = torch.randn(1, k, device="cuda", dtype=dtype)
         kw = call_kwargs(kind, 1, n, k, dtype)
         lin(x, **kw)
@@ -143,9 +142,9 @@ def main() -> None:
     import bitsandbytes
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    card, bandwidth = torch.cuda.get_device_name(), copy_bandwidth()  # as bench_engine's bound counts it
     if args.profile:
         return profiled(dtype)
+    card, bandwidth = torch.cuda.get_device_name(), copy_bandwidth()  # as bench_engine's bound counts it
     print(json.dumps({"card": card, "bitsandbytes": bitsandbytes.__version__, "copy_gbs": round(bandwidth / 1e9)}))
     per_linear([int(r) for r in args.rows.split(",")], dtype, bandwidth, card)
     if args.chain:
