@@ -27,6 +27,8 @@
 #   bash bench/run_device.sh long-prompt  # a cold 1600-token prompt profiled (8-bit, NF4); the 8-bit table; eval
 #   bash bench/run_device.sh fused-steps  # int8 decode rows with RMSNorm and the residual in the matmul: checks, the
 #                                         # 8-bit table, the two-row step's kernels, eval, the cold long prompt
+#   bash bench/run_device.sh nf4-words  # the words GEMV with K compiled in: NF4 linears at 1-2 rows against
+#                                       # bitsandbytes', ChatEngine NF4 and int4 at 1-2 rows, the 4-bit GPU checks
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
@@ -108,6 +110,18 @@ cards)
   small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   small_card int4-6gib-fp16 --model /tmp/glm6b-int4 --cap-gib 6
   small_card 8bit-10gib --model /tmp/glm6b --quantization 8bit --cap-gib 10
+  ;;
+nf4-words)
+  # the words GEMV with K a compile-time constant (rows at immediate offsets): each NF4 linear at 1 and 2 rows
+  # against bitsandbytes' kernel in the same run and 8 layers chained, then what users get (ChatEngine: NF4 and the
+  # int4 release, chat and compare), then the 4-bit GPU checks (greedy rows against eager)
+  timeout 200 python3 bench/ab_nf4_one_row.py --rows 1,2 > "$OUT/ab_nf4_one_row.jsonl" 2> "$OUT/ab_nf4_one_row.err"
+  stamp "a/b"; cut -c1-330 "$OUT/ab_nf4_one_row.jsonl"; tail -n 3 "$OUT/ab_nf4_one_row.err"
+  engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
+  engine int4 --model /tmp/glm6b-int4 --rows 1,2
+  for f in nf4 int4; do echo "$f:"; grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_$f.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-220; done
+  timeout 120 python3 bench/check_fast_batch.py --quantized 4bit > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch --quantized 4bit"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 nf4-one-row)
   # is bitsandbytes' own fused 4-bit kernel (0.50: SIMT below 8 rows, nested absmax inside) faster than ours at
