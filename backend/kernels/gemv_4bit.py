@@ -579,12 +579,10 @@ def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
         pair_tiles = ((4, 1024, 4), (2, 1024, 4), (2, 2048, 4)) if rows == 1 else ((4, 1024, 4), (2, 1024, 4))
         configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 2) for bn, bk, w in pair_tiles]
     if fmt != "int8" and packed_products.tried():
-        # the last three: a 4096-wide row's whole K in one step, all of a thread's loads issued at once (qkv
-        # and dense are then one wave of programs, 32 words a thread at 8 x 4096 x 4 warps: 80 registers)
         table_tiles = ((2, 1024, 4), (2, 2048, 4), (4, 1024, 4), (4, 2048, 4), (8, 1024, 4), (2, 4096, 8),
-                       (8, 2048, 4), (16, 1024, 4), (16, 2048, 8), (8, 4096, 4), (8, 4096, 8), (4, 4096, 8))
+                       (8, 2048, 4), (16, 1024, 4), (16, 2048, 8))
         if rows == 2:
-            table_tiles = ((2, 1024, 4), (4, 1024, 4), (2, 2048, 4), (4, 4096, 4))
+            table_tiles = ((2, 1024, 4), (4, 1024, 4), (2, 2048, 4))
         configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 3) for bn, bk, w in table_tiles]
     return configs
 
