@@ -20,6 +20,9 @@ arithmetic shifts. An NF4 word's sum is scaled by its block's absmax (nested abs
 row scale (int4, int8) and the epilogue come after the loop. With two rows the decoded weights serve both
 (compare's batch of two).
 
+K is a compile-time constant (one compiled kernel per K: a model has a few): with it a thread's rows sit at constant
+distances and load at immediate offsets from one address (bench/NOTES.md run 33).
+
 Needs K a multiple of the weights a word, a 4-byte aligned weight, and 16-bit activations with an even row
 stride (or float32, the tests' dtype, read directly); ``usable`` says whether a call qualifies, else the
 caller takes its default kernel.
