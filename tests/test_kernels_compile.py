@@ -259,7 +259,7 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
                           BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n,
                           BLOCK_W=cfg.block_k // (4 if fmt == "int8" and not wide else 8),
                           CVT=cfg.cvt if fmt == "int8" else 0,
-                          NORM=swiglu, EVEN_K=even_k, EVEN_N=True, PDL=pdl,
+                          NORM=swiglu, EVEN_K=even_k, EVEN_N=even_k, PDL=pdl,  # (clamped rows with the tail)
                           # K is a compile-time constant: long enough that the K loop stays a loop
                           K=32 * cfg.block_k if even_k else 32 * cfg.block_k + 64)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
