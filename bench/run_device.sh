@@ -31,6 +31,8 @@
 #                                       # bitsandbytes', ChatEngine NF4 and int4 at 1-2 rows, the 4-bit GPU checks
 #   bash bench/run_device.sh quantized-check  # after a change to a kernel reading packed weights: the 8-bit and
 #                                             # 4-bit GPU checks, 8-bit chat and compare (ChatEngine)
+#   bash bench/run_device.sh ablate   # one row's captured step with each part left out (attention, each linear kind,
+#                                     # the pick) and its attention at 1-16 splits: 8-bit, bf16, NF4
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
@@ -65,7 +67,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in quantized-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in quantized-check|ablate|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -132,6 +134,14 @@ quantized-check)
   stamp "check_fast_batch --quantized"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
   engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2
   grep -a '"chat"\|"compare"\|tuning' "$OUT/engine_int8.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-220
+  ;;
+ablate)
+  # where one row's step goes, part by part (bench/ablate_one_row_step.py), for each precision the app decodes
+  for q in 8bit none 4bit; do
+    timeout 200 python3 bench/ablate_one_row_step.py --model /tmp/glm6b $([ $q = none ] || echo --quantization $q) \
+        > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
+    stamp "ablate $q rc $?"; sed 's/.*"quantization"/"q"/' "$OUT/ablate_$q.jsonl" | cut -c1-260; tail -n 2 "$OUT/ablate_$q.err"
+  done
   ;;
 nf4-one-row)
   # is bitsandbytes' own fused 4-bit kernel (0.50: SIMT below 8 rows, nested absmax inside) faster than ours at
@@ -390,7 +400,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

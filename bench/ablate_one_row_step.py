@@ -1,0 +1,155 @@
+"""Where one row's captured decode step spends its time: each part's cost inside the step, found by leaving it out.
+
+    python bench/ablate_one_row_step.py --model DIR [--quantization 8bit|4bit] [--context 128,1024]
+
+The engine is loaded and warmed up as a user's is (``ChatEngine.load``, ``warm_up``: this card's tuned tiles); then
+row 0 of its decoder is put at each context length and its step (``_step_math(1)``: the fused one-row step where it
+applies, else the general step) is captured whole and with one part left out at a time: the attention (split and
+combine kernels), the rotary kernel (general step only), each linear kind across the layers, the greedy pick. The
+full step's time less an ablated step's is that part's cost in the step, launch boundary included: a kernel timed
+alone does not show how its start overlaps the one before (programmatic dependent launch) or what its neighbours
+leave in L2. Then the attention with 1 to 16 splits a (row, group). Ablated graphs compute wrong tokens; only their
+times are read. One JSON line per figure, with the card, the command and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+PARTS = ("attention", "rotary", "qkv", "dense", "fc1", "fc2", "output", "pick")
+
+
+def step_ms(decoder, reps: int = 3) -> float:
+    """Median over ``reps`` timings of 50 replays of row 0's step, captured as the decoder captures it."""
+    import torch
+    from check_grad_kernel import replay_ms
+
+    from backend.cuda_streams import warm_and_capture
+
+    graph, _ = warm_and_capture(lambda: decoder._step_math(1), decoder.device, None)
+    times = [replay_ms(graph, 50) for _ in range(reps)]
+    del graph
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def left_out(part: str):
+    """Run the step with ``part`` replaced by nothing (a cached output of the real call, made before the capture)."""
+    from backend.decode import batch_linear, fast_batch, one_row_step
+
+    saved = []
+
+    def patch(owner, name, fake):
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, fake)
+
+    cache: dict = {}
+
+    def skipping(real, key_of):
+        def fake(*args, **kw):
+            key = key_of(*args, **kw)
+            if key is None:
+                return real(*args, **kw)
+            if key not in cache:  # the warm-up run, outside the capture
+                cache[key] = real(*args, **kw)
+            return kw.get("out") if kw.get("out") is not None else cache[key]
+        return fake
+
+    if part == "attention":
+        for owner in (one_row_step, fast_batch):
+            patch(owner, "decode_attention", skipping(owner.decode_attention, lambda *a, **k: "attention"))
+    elif part == "rotary":
+        patch(fast_batch, "rope_cache_write", skipping(fast_batch.rope_cache_write, lambda *a, **k: "rotary"))
+    elif part == "pick":
+        patch(one_row_step, "pick_token", lambda *a, **k: None)
+        patch(fast_batch, "greedy_pick", skipping(fast_batch.greedy_pick, lambda *a, **k: "pick"))
+    else:
+        cls = batch_linear.BatchLinear
+        mine = lambda lin, *a, **k: ("linear", id(lin)) if lin.kind == part else None  # noqa: E731
+        patch(cls, "__call__", skipping(cls.__call__, mine))
+        patch(cls, "gemv_row", skipping(cls.gemv_row, mine))
+    try:
+        yield
+    finally:
+        for owner, name, real in reversed(saved):
+            setattr(owner, name, real)
+
+
+def use_splits(decoder, splits: int) -> None:
+    from backend.kernels.attention_batch import attention_workspace
+
+    ws = attention_workspace(1, decoder.heads, decoder.groups, decoder.head_dim, decoder.device, num_splits=splits)
+    if decoder._one_row_step is not None:
+        decoder._one_row_step.workspace = ws
+    decoder._workspaces[1] = ws
+
+
+def place_row(decoder, context: int) -> None:
+    """Row 0 decodes the token at position ``context - 1`` of the base model; every other row idles."""
+    decoder.positions.fill_(-1)
+    decoder.positions[0] = context - 1
+    decoder.prefix_lens.zero_()
+    decoder.tokens.fill_(min(100, decoder.embedding.shape[0] - 1))
+
+
+def main() -> None:
+    import torch
+
+    from backend.engine import ChatEngine
+    from bench_engine import copy_bandwidth, linear_bytes, step_bytes
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--context", default="128,1024")
+    parser.add_argument("--splits", default="1,2,4,8,16")
+    args = parser.parse_args()
+    common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quantization": args.quantization}
+    emit = lambda **kw: print(json.dumps({**common, **kw}), flush=True)  # noqa: E731
+    bandwidth = copy_bandwidth()
+    engine = ChatEngine.load(args.model, quantization=args.quantization, engine="fast", max_batch=2)
+    engine.warm_up()
+    dec = engine.decoder
+    bound_ms = 1e3 * step_bytes(dec) / bandwidth
+    kinds = {"qkv": dec.layers[0].qkv, "dense": dec.layers[0].dense, "fc1": dec.layers[0].up, "fc2": dec.layers[0].down}
+    part_bytes = {k: len(dec.layers) * linear_bytes(lin) for k, lin in kinds.items()}
+    part_bytes["output"] = linear_bytes(dec.output)
+    emit(what="setup", fused_step=dec._one_row_step is not None, bound_ms=round(bound_ms, 3),
+         bandwidth_tb_s=round(bandwidth / 1e12, 2), splits=dec._workspaces.get(1, None) and dec._workspaces[1].num_splits)
+    with engine.batcher.step_lock, torch.inference_mode():
+        for context in [int(c) for c in args.context.split(",")]:
+            place_row(dec, context)
+            full = step_ms(dec)
+            emit(what="step", context=context, ms=round(full, 4), pct_of_bound=round(100 * bound_ms / full, 1))
+            for part in PARTS:
+                if part == "rotary" and dec._one_row_step is not None:
+                    continue
+                with left_out(part):
+                    ms = step_ms(dec)
+                cost = full - ms
+                extra = {}
+                if part in part_bytes and cost > 0:
+                    extra = dict(bytes_gb=round(part_bytes[part] / 1e9, 3),
+                                 in_step_tb_s=round(part_bytes[part] / (cost * 1e-3) / 1e12, 2),
+                                 pct_of_bound=round(100 * part_bytes[part] / bandwidth / (cost * 1e-3), 1))
+                emit(what="left_out", context=context, part=part, step_ms=round(ms, 4), cost_ms=round(cost, 4), **extra)
+            for splits in [int(s) for s in args.splits.split(",")]:
+                use_splits(dec, splits)
+                emit(what="splits", context=context, splits=splits, ms=round(step_ms(dec), 4))
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
