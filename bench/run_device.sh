@@ -138,7 +138,7 @@ quantized-check)
 ablate)
   # where one row's step goes, part by part (bench/ablate_one_row_step.py), for each precision the app decodes
   for q in 8bit none 4bit; do
-    timeout 200 python3 bench/ablate_one_row_step.py --model /tmp/glm6b $([ $q = none ] || echo --quantization $q) \
+    timeout 200 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q \
         > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
     stamp "ablate $q rc $?"; sed 's/.*"quantization"/"q"/' "$OUT/ablate_$q.jsonl" | cut -c1-260; tail -n 2 "$OUT/ablate_$q.err"
   done

@@ -72,6 +72,27 @@ def test_an_8bit_models_output_layer_keeps_the_16_bit_tiles_and_candidates():
     assert T.tuning_key(decoder) == "one_row_step:int8-float:float16:2x48x32x32x64x100"
 
 
+def test_a_4bit_models_step_tunes_its_16_bit_output_layer_only():
+    """4-bit layers (NF4, the int4 release) keep quant_linear's own tuned configs in the one-row step: only the
+    output layer, 16-bit in every 4-bit checkpoint, is tuned among the one-row GEMV's tiles."""
+    import types
+
+    import torch
+
+    from backend.kernels.int8_gemv import DEFAULT_GEMV
+
+    def four_bit(n, k):
+        return types.SimpleNamespace(q=types.SimpleNamespace(fmt="nf4", n=n, k=k), one_row=None)
+
+    layer = types.SimpleNamespace(qkv=four_bit(48, 32), dense=four_bit(32, 32), up=four_bit(128, 32),
+                                  down=four_bit(32, 64))
+    output = types.SimpleNamespace(q=None, one_row=types.SimpleNamespace(weight=torch.empty(100, 32)))
+    decoder = types.SimpleNamespace(layers=[layer, layer], output=output, dtype=torch.bfloat16)
+    assert T.defaults(decoder) == {"output": DEFAULT_GEMV["float"]["output"]}
+    assert list(T.candidates_for(decoder)) == ["output"]
+    assert T.tuning_key(decoder) == "one_row_step:nf4-float:bfloat16:2x48x32x32x64x100"
+
+
 def test_a_faster_tile_whose_step_is_wrong_is_not_kept(caplog):
     a, b, c = GemvConfig(block_p=2), GemvConfig(block_p=4), GemvConfig(block_p=8)
     costs = {"fc1": {a: 1.0, b: 0.5, c: 0.8}}

@@ -106,9 +106,10 @@ class BatchLinear:
         self.row_config = default_gemv_config(kind, self.q is not None)  # the one-row GEMV's tiles
         self._paths: dict = {}  # (row bucket, dtype, device, swiglu) -> FourBitRows.path, once tuned
 
-    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True):
+    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True, pdl=False):
         """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
-        a prompt, whose launches are paid on the host)."""
+        a prompt, whose launches are paid on the host); ``pdl``: 4-bit rows through ``quant_linear`` launch as
+        programmatic dependents (one row's step, ``one_row_step``)."""
         if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.rows_gemv and self.q is not None and gemv_rows.takes(x, self.one_row) and kernels_run(x):
@@ -121,7 +122,7 @@ class BatchLinear:
         four_bit = self.q is not None and self.q.fmt != "int8"
         if four_bit and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu,
-                                out=out)
+                                out=out, pdl=pdl)
         return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
 
     def _widen_4bit(self, x: torch.Tensor, swiglu: bool) -> bool:

@@ -7,6 +7,9 @@ pick the greedy token. For one row this step
 - folds the greedy pick into the output GEMV (an atomic max of (value, -row) keys, then one 1-thread kernel);
 - launches its kernels as programmatic dependents on Hopper and later, so each one's launch overlaps the tail of
   the one before.
+4-bit layers (NF4, the int4 release) keep their own GEMV (``quant_linear``, tuned per card) and the rotary kernel,
+launched as programmatic dependents too; the pick is folded into the output GEMV, which is 16-bit in every
+4-bit checkpoint.
 That is what the older one-row decoder (``decode/fast_step.py``) does and the general step did not: on the H200
 the general step's row took 2.54 ms, ~0.1 ms of it the rotary kernel and the pick's torch kernels, plus a launch
 boundary each (bench/NOTES.md runs 8 and 16).
@@ -25,7 +28,7 @@ import torch
 
 from ..generation import INVALID_SCORE_TOKEN
 from ..kernels.int8_gemv import new_argmax_state, pick_token
-from ..kernels.attention_batch import attention_workspace, decode_attention
+from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
 from ..kernels.gemv_4bit import kernels_run
 
 
@@ -34,10 +37,12 @@ def fused_one_row_enabled() -> bool:
 
 
 def applies(decoder) -> bool:
-    """Whether every linear has one-row GEMV weights (int8 or 16-bit; 4-bit rows go through their own kernels) and the
-    kernels run here (CUDA, or Triton's interpreter in the CPU tests)."""
-    linears = [decoder.output] + [lin for lw in decoder.layers for lin in (lw.qkv, lw.dense, lw.up, lw.down)]
-    return all(lin.one_row is not None for lin in linears) and kernels_run(decoder.embedding[:1])
+    """Whether the output layer has one-row GEMV weights (16-bit or int8: the pick is folded into it), every other
+    linear has them or is 4-bit (``quant_linear``), and the kernels run here (CUDA, or Triton's interpreter in the
+    CPU tests)."""
+    layers = [lin for lw in decoder.layers for lin in (lw.qkv, lw.dense, lw.up, lw.down)]
+    return (decoder.output.one_row is not None and all(lin.one_row is not None or lin.q is not None for lin in layers)
+            and kernels_run(decoder.embedding[:1]))
 
 
 class OneRowStep:
@@ -49,9 +54,11 @@ class OneRowStep:
         dev, dt = decoder.device, decoder.dtype
         hidden = decoder.embedding.shape[1]
         self.x = torch.empty(1, hidden, device=dev, dtype=dt)
-        self.qkv = torch.empty(1, decoder.layers[0].qkv.one_row.weight.shape[0], device=dev, dtype=dt)
+        qkv_rows = (decoder.heads + 2 * decoder.groups) * decoder.head_dim
+        self.qkv = torch.empty(1, qkv_rows, device=dev, dtype=dt)
         self.attn = torch.empty(1, decoder.heads * decoder.head_dim, device=dev, dtype=dt)
-        self.mlp = torch.empty(1, decoder.layers[0].down.one_row.weight.shape[1], device=dev, dtype=dt)
+        down = decoder.layers[0].down
+        self.mlp = torch.empty(1, down.q.k if down.one_row is None else down.one_row.weight.shape[1], device=dev, dtype=dt)
         self.logits = torch.empty(1, decoder.output.one_row.weight.shape[0], device=dev, dtype=dt)
         self.picks = torch.zeros(1, device=dev, dtype=torch.long)
         self.argmax = new_argmax_state(dev)
@@ -62,17 +69,35 @@ class OneRowStep:
         H, D = dec.heads, dec.head_dim
         pos, plen = dec.positions[:1], dec.prefix_lens[:1]
         torch.index_select(dec.embedding, 0, dec.tokens[:1], out=self.x)
-        x, mlp, q = self.x[0], self.mlp[0], self.qkv[:, : H * D].view(1, H, D)
-        rope = dict(q_rows=H * D, kv_rows=dec.groups * D, head_dim=D, inv_freq=dec.inv_freq, pos=pos, prefix=plen,
-                    divisor=dec.rope.position_divisor, angle_dtype=dec.angle_dtype)
+        q = self.qkv[:, : H * D].view(1, H, D)
         for i, lw in enumerate(dec.layers):
             kc, vc = dec.k_cache[i, :1], dec.v_cache[i, :1]
-            lw.qkv.gemv_row(x, self.qkv[0], norm=lw.ln1, eps=dec.eps, rope=dict(rope, k_cache=kc[0], v_cache=vc[0]),
-                            pdl=pdl)
+            self._qkv(lw, kc, vc, q)
             decode_attention(q, kc, vc, pos, plen, out=self.attn, workspace=self.workspace, pdl=pdl)
-            lw.dense.gemv_row(self.attn[0], x, residual=x, pdl=pdl)
-            lw.up.gemv_row(x, mlp, norm=lw.ln2, eps=dec.eps, swiglu=True, pdl=pdl)
-            lw.down.gemv_row(mlp, x, residual=x, pdl=pdl)
-        dec.output.gemv_row(x, self.logits[0], norm=dec.final_ln, eps=dec.eps, argmax=self.argmax, pdl=pdl)
+            self._linear(lw.dense, self.attn, self.x, residual=self.x)
+            self._linear(lw.up, self.x, self.mlp, norm=lw.ln2, swiglu=True)
+            self._linear(lw.down, self.mlp, self.x, residual=self.x)
+        dec.output.gemv_row(self.x[0], self.logits[0], norm=dec.final_ln, eps=dec.eps, argmax=self.argmax, pdl=pdl)
         pick_token(self.argmax, self.picks, None, bad_token=INVALID_SCORE_TOKEN, pdl=pdl)
         return self.logits, self.picks
+
+    def _qkv(self, lw, kc, vc, q) -> None:
+        """QKV, rotary, and k and v into the row's cache slot: in the GEMV's epilogue, or (4-bit) a kernel after it."""
+        dec = self.dec
+        pos, plen = dec.positions[:1], dec.prefix_lens[:1]
+        if lw.qkv.one_row is not None:
+            rope = dict(q_rows=dec.heads * dec.head_dim, kv_rows=dec.groups * dec.head_dim, head_dim=dec.head_dim,
+                        inv_freq=dec.inv_freq, pos=pos, prefix=plen, divisor=dec.rope.position_divisor,
+                        angle_dtype=dec.angle_dtype, k_cache=kc[0], v_cache=vc[0])
+            lw.qkv.gemv_row(self.x[0], self.qkv[0], norm=lw.ln1, eps=dec.eps, rope=rope, pdl=self.pdl)
+            return
+        lw.qkv(self.x, norm=lw.ln1, eps=dec.eps, out=self.qkv, pdl=self.pdl)
+        rope_cache_write(self.qkv, kc, vc, pos, plen, num_heads=dec.heads, num_groups=dec.groups, inv_freq=dec.inv_freq,
+                         position_divisor=dec.rope.position_divisor, q_out=q, angle_dtype=dec.angle_dtype, pdl=self.pdl)
+
+    def _linear(self, lin, x, out, **epilogue) -> None:
+        """x [1, K] into out [1, N] through the one-row GEMV, or for 4-bit weights through ``quant_linear``."""
+        if lin.one_row is not None:
+            lin.gemv_row(x[0], out[0], eps=self.dec.eps, pdl=self.pdl, **epilogue)
+        else:
+            lin(x, eps=self.dec.eps, out=out, pdl=self.pdl, **epilogue)

@@ -64,26 +64,33 @@ CANDIDATES = {
 
 
 def linears_by_kind(decoder) -> dict[str, list]:
-    """The decoder's BatchLinears by the kind whose tile they share: output, qkv, dense, fc1, fc2."""
+    """The decoder's BatchLinears by the kind whose tile they share: output, qkv, dense, fc1, fc2; only kinds read
+    through the one-row GEMV (4-bit layers keep ``quant_linear``'s own tuned configs)."""
     by_kind = {"output": [decoder.output]}
     for lw in decoder.layers:
         for kind, lin in (("qkv", lw.qkv), ("dense", lw.dense), ("fc1", lw.up), ("fc2", lw.down)):
             by_kind.setdefault(kind, []).append(lin)
-    return by_kind
+    return {kind: lins for kind, lins in by_kind.items() if lins[0].one_row is not None}
 
 
 def _weights(decoder) -> dict[str, str]:
-    """Each kind's weights, "int8" or "float" (an 8-bit model keeps its output layer in 16 bits)."""
+    """Each tuned kind's weights, "int8" or "float" (an 8-bit model keeps its output layer in 16 bits)."""
     return {kind: "int8" if lins[0].q is not None else "float" for kind, lins in linears_by_kind(decoder).items()}
+
+
+def _label_and_shape(lin) -> tuple[str, tuple]:
+    if lin.one_row is not None:
+        return ("int8" if lin.q is not None else "float"), tuple(lin.one_row.weight.shape)
+    return lin.q.fmt, (lin.q.n, lin.q.k)
 
 
 def tuning_key(decoder) -> str:
     """The step's shapes and weights: tiles tuned for one model size and precision hold for those only."""
     lw = decoder.layers[0]
-    shape = "x".join(str(s) for s in (len(decoder.layers), *lw.qkv.one_row.weight.shape, *lw.down.one_row.weight.shape,
-                                     decoder.output.one_row.weight.shape[0]))
-    weights = _weights(decoder)
-    return f"one_row_step:{weights['qkv']}-{weights['output']}:{str(decoder.dtype).replace('torch.', '')}:{shape}"
+    (qkv_label, qkv_shape), (_, down_shape) = _label_and_shape(lw.qkv), _label_and_shape(lw.down)
+    out_label, out_shape = _label_and_shape(decoder.output)
+    shape = "x".join(str(s) for s in (len(decoder.layers), *qkv_shape, *down_shape, out_shape[0]))
+    return f"one_row_step:{qkv_label}-{out_label}:{str(decoder.dtype).replace('torch.', '')}:{shape}"
 
 
 def apply(decoder, configs: dict[str, GemvConfig]) -> None:
@@ -107,7 +114,7 @@ def candidates_for(decoder) -> dict[str, list]:
     weights = _weights(decoder)
     packed = decoder.dtype == torch.float16 and packed_products.tried()
     return {k: CANDIDATES[weights[k]][k] + ([_c(bp, bk, cvt=3) for bp, bk in PACKED_INT8]
-                                             if packed and weights[k] == "int8" else []) for k in KINDS}
+                                             if packed and weights[k] == "int8" else []) for k in KINDS if k in weights}
 
 
 def cached(decoder) -> Optional[dict[str, GemvConfig]]:

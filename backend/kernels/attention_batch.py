@@ -15,8 +15,10 @@ decoded; negative = an idle row: nothing written, zeros out) and ``prefix_lens[r
   (``position_divisor`` = the config's rope_ratio: positional interpolation of chatglm2-6b-32k).
 - ``decode_attention``: each row's H query heads against its slots [0, P_r + p] (the prefix, the earlier
   tokens and this one); multi-query: the H / G heads of a group share its keys and go through one tl.dot.
-  Split over slots (split-K: ``num_splits`` chunks a (row, group), each with its own running max and sum),
-  then a combine kernel per (row, head) merges the chunks; chunks beyond a row's length exit at once.
+  Split over slots (split-K: ``num_splits`` chunks a (row, group), each with its own running max and sum); the
+  last program of a (row, group) to finish, told by a counter, merges the chunks that held slots in chunk order,
+  so the result does not depend on which program came last. One launch a layer: a second kernel to merge cost
+  one row's step ~1-2 us a layer more, and short rows (one or two chunks) merge little.
 
 Why hand-written: library decode attention (flash-attn's kv-cache kernel, SDPA) takes per-row lengths from
 host-side shapes or a separate API, not a device tensor per row inside a captured graph, and does not read
@@ -39,7 +41,7 @@ if HAVE_TRITON:
 
 from .rotary import round_mode
 
-BLOCK_T = 64  # slots a loop step of the split kernel; with 8 warps: no register spills at head_dim 128 (sm_90,
+BLOCK_T = 64  # slots a loop step of the attention kernel; with 8 warps: no register spills at head_dim 128 (sm_90,
 # ptxas), where 4 warps spill 488 bytes (as the batch-1 decoder's split kernel does)
 
 
@@ -90,28 +92,14 @@ if HAVE_TRITON:
                 tl.store(v_ptr + off + 1, y1.to(v_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _attn_batch_split_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr,
-        stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, sm_scale, G, HPG, NUM_SPLITS,
-        HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    ):
-        # program (row r, group g, split s): the group's HPG query heads against the split's slots
-        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        r = tl.program_id(0).to(tl.int64)
-        g = tl.program_id(1)
-        s = tl.program_id(2)
-        pos = tl.load(pos_ptr + r)
-        length = tl.where(pos >= 0, tl.load(prefix_ptr + r) + pos + 1, 0)
-        chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_T) * BLOCK_T
-        start = s * chunk
-        end = tl.minimum(start + chunk, length)
+    def _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, stride_qb, stride_qh, stride_kr, stride_kg, stride_kt,
+                       sm_scale, HPG, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                       IEEE: tl.constexpr):
+        # the group's HPG query heads against slots [start, end): running max m, sum l, unnormalised output acc
         h = tl.arange(0, HPG_PAD)
         d = tl.arange(0, HEAD_DIM)
-        mh = h < HPG
         q_rows = r * stride_qb + (g * HPG + h).to(tl.int64) * stride_qh
-        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=mh[:, None], other=0.0)
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=(h < HPG)[:, None], other=0.0)
         m_i = tl.full([HPG_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([HPG_PAD], tl.float32)
         acc = tl.zeros([HPG_PAD, HEAD_DIM], tl.float32)
@@ -137,37 +125,80 @@ if HAVE_TRITON:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        part = ((r * G + g) * NUM_SPLITS + s) * HPG_PAD + h
-        tl.store(m_ptr + part, m_i)
-        tl.store(l_ptr + part, l_i)
-        tl.store(o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc)
+        return m_i, l_i, acc
 
     @triton.jit
-    def _attn_batch_combine_kernel(
-        o_ptr, m_ptr, l_ptr, out_ptr, stride_ob, H, G, HPG, NUM_SPLITS,
-        HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
+    def _merge_splits(o_ptr, m_ptr, l_ptr, first, n_active, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      HPG_PAD: tl.constexpr):
+        # [HPG_PAD, HEAD_DIM]: the first n_active splits' partial results (part indices first + s * HPG_PAD + h)
+        # merged by their running maxima, in split order; read past L1 (.cg): other programs wrote them
+        h = tl.arange(0, HPG_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        mx = tl.full([HPG_PAD], float("-inf"), tl.float32)
+        for s in tl.static_range(SPLITS):
+            live = h < tl.where(s < n_active, HPG_PAD, 0)  # (a tensor mask: the interpreter takes no scalar one)
+            m = tl.load(m_ptr + first + s * HPG_PAD + h, mask=live, other=float("-inf"), cache_modifier=".cg")
+            mx = tl.maximum(mx, m)
+        mx = tl.where(mx > float("-inf"), mx, 0.0)  # an empty row: no -inf - -inf
+        den = tl.zeros([HPG_PAD], tl.float32)
+        acc = tl.zeros([HPG_PAD, HEAD_DIM], tl.float32)
+        for s in tl.static_range(SPLITS):
+            live = h < tl.where(s < n_active, HPG_PAD, 0)
+            part = first + s * HPG_PAD + h
+            m = tl.load(m_ptr + part, mask=live, other=float("-inf"), cache_modifier=".cg")
+            w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)
+            den += w * tl.load(l_ptr + part, mask=live, other=0.0, cache_modifier=".cg")
+            o = tl.load(o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0,
+                        cache_modifier=".cg")
+            acc += w[:, None] * o
+        return acc / tl.where(den > 0, den, 1.0)[:, None]
+
+    @triton.jit
+    def _attn_batch_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
+        stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, stride_ob, sm_scale, G, HPG,
+        SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
-        # program (row r, head): the splits' partial sums merged by their running maxima; an empty row -> 0
+        # program (row r, group g, split s): the group's query heads against the split's slots; the last of a (row,
+        # group)'s programs to finish merges the splits that held slots and writes the heads' outputs (one kernel:
+        # no second launch a layer, and short rows merge one or two splits)
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         r = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
-        g = head // HPG
-        h = head % HPG
-        s = tl.arange(0, SPLITS_PAD)
-        ms = s < NUM_SPLITS
+        g = tl.program_id(1)
+        s = tl.program_id(2)
+        pos = tl.load(pos_ptr + r)
+        length = tl.where(pos >= 0, tl.load(prefix_ptr + r) + pos + 1, 0)
+        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
+        n_active = tl.cdiv(length, tl.maximum(chunk, 1))  # splits s < n_active hold slots
+        start = s * chunk
+        end = tl.minimum(start + chunk, length)
+        h = tl.arange(0, HPG_PAD)
         d = tl.arange(0, HEAD_DIM)
-        part = ((r * G + g) * NUM_SPLITS + s) * HPG_PAD + h
-        m = tl.load(m_ptr + part, mask=ms, other=float("-inf"))
-        l = tl.load(l_ptr + part, mask=ms, other=0.0)
-        mx = tl.max(m, axis=0)
-        mx = tl.where(mx > float("-inf"), mx, 0.0)  # an empty row: no -inf - -inf
-        w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)
-        o = tl.load(o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=ms[:, None], other=0.0)
-        den = tl.sum(w * l, axis=0)
-        out = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
-        tl.store(out_ptr + r * stride_ob + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+        out_rows = out_ptr + r * stride_ob + (g * HPG + h)[:, None] * HEAD_DIM + d[None, :]
+        if SPLITS == 1:
+            m_i, l_i, acc = _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, stride_qb, stride_qh, stride_kr,
+                                           stride_kg, stride_kt, sm_scale, HPG, HEAD_DIM, HPG_PAD, BLOCK_T, IEEE)
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=(h < HPG)[:, None])
+        else:
+            first = (r * G + g) * SPLITS * HPG_PAD
+            if s < n_active:  # an empty split writes nothing: the merge reads only splits that held slots
+                m_i, l_i, acc = _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, stride_qb, stride_qh,
+                                               stride_kr, stride_kg, stride_kt, sm_scale, HPG, HEAD_DIM, HPG_PAD,
+                                               BLOCK_T, IEEE)
+                part = first + s * HPG_PAD + h
+                tl.store(m_ptr + part, m_i)
+                tl.store(l_ptr + part, l_i)
+                tl.store(o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc)
+            tl.debug_barrier()  # every thread's partials issued before the release below
+            arrived = tl.atomic_add(count_ptr + r * G + g, 1, sem="acq_rel")
+            if arrived == SPLITS - 1:  # the last program here: the others' partials are visible (acquire)
+                out = _merge_splits(o_ptr, m_ptr, l_ptr, first, n_active, SPLITS, HEAD_DIM, HPG_PAD)
+                tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=(h < HPG)[:, None])
+                tl.store(count_ptr + r * G + g, 0)  # ready for the next layer and step
 
 
 def _pdl_launch(pdl: bool) -> dict:
@@ -225,11 +256,13 @@ def rope_cache_write(
 
 @dataclass
 class AttentionWorkspace:
-    """The split kernel's partial results: float32 o [B, G, splits, HPG_PAD, D], m and l [B, G, splits, HPG_PAD]."""
+    """The splits' partial results, float32 o [B, G, splits, HPG_PAD, D], m and l [B, G, splits, HPG_PAD], and the
+    programs of each (row, group) that have finished, int32 [B, G] (zero between launches)."""
 
     o: torch.Tensor
     m: torch.Tensor
     l: torch.Tensor
+    finished: torch.Tensor
     num_splits: int
     hpg_pad: int
 
@@ -250,7 +283,8 @@ def attention_workspace(batch: int, num_heads: int, num_groups: int, head_dim: i
     parts = (batch, num_groups, splits, hpg_pad)
     f32 = dict(device=device, dtype=torch.float32)
     return AttentionWorkspace(torch.empty(*parts, head_dim, **f32), torch.empty(*parts, **f32),
-                              torch.empty(*parts, **f32), splits, hpg_pad)
+                              torch.empty(*parts, **f32), torch.zeros(batch, num_groups, device=device, dtype=torch.int32),
+                              splits, hpg_pad)
 
 
 def decode_attention(
@@ -277,16 +311,11 @@ def decode_attention(
     if out is None:
         out = torch.empty(B, H * D, device=q.device, dtype=q.dtype)
     hpg = H // G
-    _attn_batch_split_kernel[(B, G, ws.num_splits)](
-        q, k_cache, v_cache, positions, prefix_lens, ws.o, ws.m, ws.l,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        sm_scale or 1.0 / math.sqrt(D), G, hpg, ws.num_splits,
-        HEAD_DIM=D, HPG_PAD=ws.hpg_pad, BLOCK_T=BLOCK_T, IEEE=q.dtype == torch.float32, PDL=pdl, num_warps=8,
-        **_pdl_launch(pdl),
-    )
-    _attn_batch_combine_kernel[(B, H)](
-        ws.o, ws.m, ws.l, out, out.stride(0), H, G, hpg, ws.num_splits,
-        HEAD_DIM=D, HPG_PAD=ws.hpg_pad, SPLITS_PAD=triton.next_power_of_2(ws.num_splits), PDL=pdl, num_warps=4,
-        **_pdl_launch(pdl),
+    _attn_batch_kernel[(B, G, ws.num_splits)](
+        q, k_cache, v_cache, positions, prefix_lens, ws.o, ws.m, ws.l, ws.finished, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+        sm_scale or 1.0 / math.sqrt(D), G, hpg,
+        SPLITS=ws.num_splits, HEAD_DIM=D, HPG_PAD=ws.hpg_pad, BLOCK_T=BLOCK_T, IEEE=q.dtype == torch.float32, PDL=pdl,
+        num_warps=8, **_pdl_launch(pdl),
     )
     return out

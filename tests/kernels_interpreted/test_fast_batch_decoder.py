@@ -386,12 +386,14 @@ def test_a_warm_up_without_captures_tunes_the_few_row_linears_only(monkeypatch):
     assert decoder.rows == 0 and not decoder._parked and not decoder._graphs
 
 
-def test_one_row_through_the_fused_step_equals_the_general_step_token_for_token():
-    """A chat's row (bucket 1) takes decode/one_row_step.py's step: rotary and the cache write in the QKV GEMV, the
-    greedy pick folded into the output GEMV. With an adapter's prefix, a next turn into the parked row, and a sampled
-    reply, it gives the general step's tokens, logits and cache, bit for bit (the eager decoder's tokens: the test
-    above, whose one-row decoder takes this step)."""
-    model, prefixes = make_model()
+@pytest.mark.parametrize("weights", ["float", "int4"])
+def test_one_row_through_the_fused_step_equals_the_general_step_token_for_token(weights):
+    """A chat's row (bucket 1) takes decode/one_row_step.py's step: rotary and the cache write in the QKV GEMV (4-bit
+    layers: quant_linear, then the rotary kernel), the greedy pick folded into the output GEMV. With an adapter's
+    prefix, a next turn into the parked row, and a sampled reply, it gives the general step's tokens, logits and
+    cache, bit for bit (the eager decoder's tokens: the tests above and below, whose one-row decoders take this
+    step)."""
+    model, prefixes = make_model() if weights == "float" else int4_release_model()
     short = SamplingParams(temperature=0.0, max_new_tokens=3)
     first = DecodeRequest([5, 7, 9, 11], short, adapter="ad")
     sampled = DecodeRequest([6, 1, 30], SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=3), seed=3)
