@@ -33,6 +33,9 @@
 #                                             # 4-bit GPU checks, 8-bit chat and compare (ChatEngine)
 #   bash bench/run_device.sh ablate   # one row's captured step with each part left out (attention, each linear kind,
 #                                     # the pick) and its attention at 1-16 splits: 8-bit, bf16, NF4
+#   bash bench/run_device.sh step-check  # after a change to one row's step: the GPU checks (bf16, 8-bit, 4-bit), then
+#                                       # ablate's parts for each precision
+#   bash bench/run_device.sh chat-table  # ChatEngine chat and compare: 8-bit, NF4, the int4 release; bf16 chat
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
@@ -67,7 +70,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in quantized-check|ablate|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -141,6 +144,24 @@ ablate)
     timeout 200 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q \
         > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
     stamp "ablate $q rc $?"; sed 's/.*"quantization"/"q"/' "$OUT/ablate_$q.jsonl" | cut -c1-260; tail -n 2 "$OUT/ablate_$q.err"
+  done
+  ;;
+step-check)
+  timeout 280 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1  # every check, quantized included
+  stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
+  for q in 8bit none 4bit; do
+    timeout 120 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q --splits 16 \
+        > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
+    stamp "ablate $q rc $?"; grep -a '"step"\|attention\|rotary\|pick' "$OUT/ablate_$q.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-200
+    tail -n 2 "$OUT/ablate_$q.err"
+  done
+  ;;
+chat-table)
+  for spec in "int8 --quantization 8bit --rows 1,2" "nf4 --quantization 4bit --rows 1,2" "int4 --model /tmp/glm6b-int4 --rows 1,2" \
+              "bf16 --quantization none --rows 1 --repeat 1"; do
+    set -- $spec; name=$1; shift
+    case " $* " in *" --model "*) engine "$name" "$@" ;; *) engine "$name" --model /tmp/glm6b "$@" ;; esac
+    grep -a '"chat"\|"compare"\|ttft_1600_cold\|adapter_switch' "$OUT/engine_$name.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-230
   done
   ;;
 nf4-one-row)
@@ -400,7 +421,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|step-check|chat-table|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac
