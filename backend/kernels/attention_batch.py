@@ -156,11 +156,24 @@ if HAVE_TRITON:
         return acc / tl.where(den > 0, den, 1.0)[:, None]
 
     @triton.jit
-    def _attend(q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, r, g, s,
-                stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, stride_ob, sm_scale, G, HPG,
-                SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                IEEE: tl.constexpr, PDL: tl.constexpr):
-        # split s of (row r, group g); with several splits the last to finish merges them
+    def _attn_batch_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, warm_ptr, warm_bytes,
+        stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, stride_ob, sm_scale, G, HPG,
+        SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr, WARM: tl.constexpr = False,
+    ):
+        # program (row r, group g, split s): the group's query heads against the split's slots; the last of a (row,
+        # group)'s programs to finish merges the splits that held slots and writes the heads' outputs (one kernel:
+        # no second launch a layer, and short rows merge one or two splits). WARM: first, a share of the next
+        # linear's weight into L2 (kernels/l2_warm.py), before waiting on the kernel ahead
+        r = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        s = tl.program_id(2)
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
+            tl.extra.cuda.gdc_launch_dependents()
+        if WARM:
+            prefetch_share(warm_ptr, warm_bytes, (r * G + g) * SPLITS + s, tl.num_programs(0) * G * SPLITS,
+                           LINES=256)
         if PDL:  # q and the cache: written by the kernels ahead
             tl.extra.cuda.gdc_wait()
         pos = tl.load(pos_ptr + r)
@@ -193,34 +206,6 @@ if HAVE_TRITON:
                 out = _merge_splits(o_ptr, m_ptr, l_ptr, first, n_active, SPLITS, HEAD_DIM, HPG_PAD)
                 tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=(h < HPG)[:, None])
                 tl.store(count_ptr + r * G + g, 0)  # ready for the next layer and step
-
-    @triton.jit
-    def _attn_batch_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, warm_ptr, warm_bytes,
-        stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, stride_ob, sm_scale, G, HPG,
-        SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr, WARM: tl.constexpr = False,
-    ):
-        # program (row r, group g, split s < SPLITS): the group's query heads against the split's slots; the last of a
-        # (row, group)'s programs to finish merges the splits that held slots and writes the heads' outputs (one
-        # kernel: no second launch a layer, and short rows merge one or two splits). WARM: programs s >= SPLITS
-        # only ask L2 for a share of the next linear's weight (kernels/l2_warm.py), spread over every SM
-        r = tl.program_id(0).to(tl.int64)
-        g = tl.program_id(1)
-        s = tl.program_id(2)
-        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
-            tl.extra.cuda.gdc_launch_dependents()
-        args = (q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, r, g, s,
-                stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, stride_ob, sm_scale, G, HPG)
-        if WARM:
-            warmers = tl.num_programs(2) - SPLITS
-            if s >= SPLITS:
-                prefetch_share(warm_ptr, warm_bytes, (r * G + g) * warmers + s - SPLITS, tl.num_programs(0) * G * warmers,
-                               LINES=256)
-            else:
-                _attend(*args, SPLITS, HEAD_DIM, HPG_PAD, BLOCK_T, IEEE, PDL)
-        else:
-            _attend(*args, SPLITS, HEAD_DIM, HPG_PAD, BLOCK_T, IEEE, PDL)
 
 
 def _pdl_launch(pdl: bool) -> dict:
@@ -336,8 +321,7 @@ def decode_attention(
         out = torch.empty(B, H * D, device=q.device, dtype=q.dtype)
     hpg = H // G
     warm = warm if warm is not None and l2_warm.wanted(q) else None
-    warmers = l2_warm.programs(q.device, B * G) if warm is not None else 0
-    _attn_batch_kernel[(B, G, ws.num_splits + warmers)](
+    _attn_batch_kernel[(B, G, ws.num_splits)](
         q, k_cache, v_cache, positions, prefix_lens, ws.o, ws.m, ws.l, ws.finished, out,
         warm if warm is not None else out, 0 if warm is None else warm.numel() * warm.element_size(),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),

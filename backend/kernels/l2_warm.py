@@ -3,9 +3,8 @@
 Why: one row's decode step is a pass over the weights with a few latency-bound kernels in between. While a layer's
 attention runs (4-7 us a layer on an H100, bench/ablate_one_row_step.py), the memory is idle, and the dense GEMV after
 it then starts its 16 MB (int8) from DRAM, which at that size runs at ~62% of the bandwidth (its ramp and tail). The
-attention kernel has programs of its own, two an SM, that only ask L2 for a share of the dense weight and exit, so
-the bytes stream in while the attention computes and the GEMV finds them in L2. (Asked by the attention's own 32
-programs instead, the requests queued on 32 SMs and the step got slower: bench/NOTES.md run 36.)
+attention's programs ask L2 for the dense weight first thing, before they wait for the kernel ahead, so the bytes
+stream in while the attention computes and the GEMV finds them in L2.
 
 Not the same as asking for a GEMV's own slice as it starts (bench/NOTES.md run 29, reverted: every line requested
 twice, in a kernel that was already streaming): here the requests fill a window in which nothing streams.
@@ -30,12 +29,6 @@ if HAVE_TRITON:
 def wanted(t: torch.Tensor) -> bool:
     """Whether kernels on t's device may warm L2 (CUDA, not the interpreter; ``GLMCHAT_L2_WARM=0`` turns it off)."""
     return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("GLMCHAT_L2_WARM", "1") != "0"
-
-
-def programs(device: torch.device, others: int) -> int:
-    """Warming programs beside ``others`` programs along one grid axis: about two an SM in all."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return -(-2 * sms // max(1, others))
 
 
 if HAVE_TRITON:
