@@ -133,13 +133,6 @@ def main() -> None:
             place_row(dec, context)
             full = step_ms(dec)
             emit(what="step", context=context, ms=round(full, 4), pct_of_bound=round(100 * bound_ms / full, 1))
-            step = dec._one_row_step
-            if step is not None:  # the step without its attention warming L2 with the dense weight (l2_warm.py)
-                step.warm_dense = False
-                cold = step_ms(dec)
-                step.warm_dense = True
-                emit(what="variant", context=context, name="dense_not_warmed", ms=round(cold, 4),
-                     gain_ms=round(cold - full, 4))
             for part in PARTS:
                 if part == "rotary" and dec._one_row_step is not None:
                     continue

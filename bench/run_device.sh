@@ -152,7 +152,7 @@ step-check)
   for q in 8bit none 4bit; do
     timeout 120 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q --splits 16 \
         > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
-    stamp "ablate $q rc $?"; grep -a '"step"\|variant\|attention\|rotary\|pick' "$OUT/ablate_$q.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-200
+    stamp "ablate $q rc $?"; grep -a '"step"\|attention\|rotary\|pick' "$OUT/ablate_$q.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-200
     tail -n 2 "$OUT/ablate_$q.err"
   done
   ;;

@@ -148,18 +148,15 @@ def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
 def test_batched_rotary_and_attention(arch, pdl):
     types = {"qkv_ptr": ACT, "q_ptr": ACT, "k_ptr": ACT, "v_ptr": ACT, "pos_ptr": "*i64", "prefix_ptr": "*i64",
              "inv_freq_ptr": "*fp32", "divisor": "fp32", "o_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
-             "out_ptr": ACT, "sm_scale": "fp32", "cache_row_ptr": "*i64", "count_ptr": "*i32", "warm_ptr": "*i8",
-             "warm_bytes": "i64"}
+             "out_ptr": ACT, "sm_scale": "fp32", "cache_row_ptr": "*i64", "count_ptr": "*i32"}
     for rounding, cache_rows in ((0, False), (1, False), (1, True)):  # a decode step; a prompt (its tokens' rows)
         compile_for(A._rope_cache_batch_kernel, types,
                     dict(HEAD_DIM=128, ROT_PAIRS=32, PDL=pdl, ROUND=rounding, CACHE_ROWS=cache_rows), arch, warps=1, stages=1)
-    for splits, warm in ((1, False), (2, False), (16, False), (16, True)):  # one chunk writes its heads itself;
-        # several: the last program merges them; warm: the next linear's weight asked of L2 first (inline PTX)
-        consts = dict(SPLITS=splits, HEAD_DIM=128, HPG_PAD=16, BLOCK_T=A.BLOCK_T, IEEE=False, PDL=pdl, WARM=warm)
+    for splits in (1, 2, 16):  # one chunk writes its heads itself; several: the last program merges them
+        consts = dict(SPLITS=splits, HEAD_DIM=128, HPG_PAD=16, BLOCK_T=A.BLOCK_T, IEEE=False, PDL=pdl)
         ptx = compile_for(A._attn_batch_kernel, types, consts, arch, warps=8, stages=1)
         if splits > 1:  # the counter: a release/acquire atomic at GPU scope after a barrier
             assert re.search(r"atom\.global\.gpu\.acq_rel\.add|atom\.acq_rel\.gpu\.global\.add", ptx)
-        assert ("prefetch.global.L2" in ptx) == warm
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])

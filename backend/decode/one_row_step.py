@@ -5,7 +5,6 @@ split attention and its combine, then dense, up and down; after the output GEMV,
 pick the greedy token. For one row this step
 - rotates q and k and writes k and v to the row's cache slots in the QKV GEMV's epilogue (no rotary kernel);
 - folds the greedy pick into the output GEMV (an atomic max of (value, -row) keys, then one 1-thread kernel);
-- has the attention kernel bring the dense weight into L2 while it runs (``kernels/l2_warm.py``);
 - launches its kernels as programmatic dependents on Hopper and later, so each one's launch overlaps the tail of
   the one before.
 4-bit layers (NF4, the int4 release) keep their own GEMV (``quant_linear``, tuned per card) and the rotary kernel,
@@ -64,10 +63,6 @@ class OneRowStep:
         self.picks = torch.zeros(1, device=dev, dtype=torch.long)
         self.argmax = new_argmax_state(dev)
         self.workspace = attention_workspace(1, decoder.heads, decoder.groups, decoder.head_dim, dev)
-        # each layer's dense weight as stored (int8 rows, 16-bit, or packed 4-bit), for the attention to warm L2 with
-        self.dense_weights = [lw.dense.one_row.weight if lw.dense.one_row is not None else lw.dense.q.data
-                              for lw in decoder.layers]
-        self.warm_dense = True
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         dec, pdl = self.dec, self.pdl
@@ -78,8 +73,7 @@ class OneRowStep:
         for i, lw in enumerate(dec.layers):
             kc, vc = dec.k_cache[i, :1], dec.v_cache[i, :1]
             self._qkv(lw, kc, vc, q)
-            decode_attention(q, kc, vc, pos, plen, out=self.attn, workspace=self.workspace, pdl=pdl,
-                             warm=self.dense_weights[i] if self.warm_dense else None)
+            decode_attention(q, kc, vc, pos, plen, out=self.attn, workspace=self.workspace, pdl=pdl)
             self._linear(lw.dense, self.attn, self.x, residual=self.x)
             self._linear(lw.up, self.x, self.mlp, norm=lw.ln2, swiglu=True)
             self._linear(lw.down, self.mlp, self.x, residual=self.x)

@@ -39,7 +39,6 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-from . import l2_warm
 from .rotary import round_mode
 
 BLOCK_T = 64  # slots a loop step of the attention kernel; with 8 warps: no register spills at head_dim 128 (sm_90,
@@ -47,7 +46,6 @@ BLOCK_T = 64  # slots a loop step of the attention kernel; with 8 warps: no regi
 
 
 if HAVE_TRITON:
-    from .l2_warm import prefetch_share
     from .rotary import rope_cos_sin
 
     @triton.jit
@@ -157,25 +155,20 @@ if HAVE_TRITON:
 
     @triton.jit
     def _attn_batch_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, warm_ptr, warm_bytes,
+        q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
         stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, stride_ob, sm_scale, G, HPG,
         SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr, WARM: tl.constexpr = False,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (row r, group g, split s): the group's query heads against the split's slots; the last of a (row,
         # group)'s programs to finish merges the splits that held slots and writes the heads' outputs (one kernel:
-        # no second launch a layer, and short rows merge one or two splits). WARM: first, a share of the next
-        # linear's weight into L2 (kernels/l2_warm.py), before waiting on the kernel ahead
+        # no second launch a layer, and short rows merge one or two splits)
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         r = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
-        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
-            tl.extra.cuda.gdc_launch_dependents()
-        if WARM:
-            prefetch_share(warm_ptr, warm_bytes, (r * G + g) * SPLITS + s, tl.num_programs(0) * G * SPLITS,
-                           LINES=256)
-        if PDL:  # q and the cache: written by the kernels ahead
-            tl.extra.cuda.gdc_wait()
         pos = tl.load(pos_ptr + r)
         length = tl.where(pos >= 0, tl.load(prefix_ptr + r) + pos + 1, 0)
         chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
@@ -305,13 +298,11 @@ def decode_attention(
     workspace: Optional[AttentionWorkspace] = None,
     sm_scale: Optional[float] = None,
     pdl: bool = False,
-    warm: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One decode token a row: q [B, H, D] against each row's slots [0, prefix_lens[b] + positions[b]].
 
     k_cache/v_cache [B, G, slots, D] (one layer, after ``rope_cache_write``); returns out [B, H * D] in q's
-    dtype (idle rows, positions[b] < 0, get zeros). ``warm``: a tensor (the next linear's weight) the kernel asks
-    L2 for while it runs, where ``l2_warm.wanted``."""
+    dtype (idle rows, positions[b] < 0, get zeros)."""
     B, H, D = q.shape
     G = k_cache.shape[1]
     if H % G or k_cache.shape[0] != B or k_cache.shape[-1] != D or q.stride(-1) != 1 or k_cache.stride(-1) != 1:
@@ -320,13 +311,11 @@ def decode_attention(
     if out is None:
         out = torch.empty(B, H * D, device=q.device, dtype=q.dtype)
     hpg = H // G
-    warm = warm if warm is not None and l2_warm.wanted(q) else None
     _attn_batch_kernel[(B, G, ws.num_splits)](
         q, k_cache, v_cache, positions, prefix_lens, ws.o, ws.m, ws.l, ws.finished, out,
-        warm if warm is not None else out, 0 if warm is None else warm.numel() * warm.element_size(),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         sm_scale or 1.0 / math.sqrt(D), G, hpg,
         SPLITS=ws.num_splits, HEAD_DIM=D, HPG_PAD=ws.hpg_pad, BLOCK_T=BLOCK_T, IEEE=q.dtype == torch.float32, PDL=pdl,
-        WARM=warm is not None, num_warps=8, **_pdl_launch(pdl),
+        num_warps=8, **_pdl_launch(pdl),
     )
     return out
