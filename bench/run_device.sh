@@ -8,6 +8,7 @@
 #   bash bench/run_device.sh serving  # train_cli.py eval on 1070 examples; glmchat serve under 1/8/64 streams
 #   bash bench/run_device.sh cards    # small cards under memory caps: NF4 and the int4 release in 6 GiB, 8-bit in 10
 #   bash bench/run_device.sh card-8bit  # the 8-bit row of cards alone
+#   bash bench/run_device.sh card-nf4   # the NF4 row of cards alone
 #   bash bench/run_device.sh eval-rows  # train_cli.py eval and 64 concurrent replies, 8-bit
 #   bash bench/run_device.sh train-variants  # the 32k-context check; the train.sh recipe, 60 steps of each variant
 #   bash bench/run_device.sh profile-4bit    # where a 4-bit step's time goes at 1 and 2 rows (NF4, the int4 release)
@@ -70,7 +71,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -183,6 +184,10 @@ eval-rows)
   echo "{\"what\": \"eval\", \"rc\": $?, \"seconds\": $(( $(date +%s) - s )), \"inside\": \"$(grep -a -o '[0-9]* examples, [0-9.]* s' /tmp/eval.log)\"}" | tee "$OUT/eval.json"
   ENGINE_TIMEOUT=100 engine 8bit64 --model /tmp/glm6b --quantization 8bit --rows 64
   grep -a '"batch"' "$OUT/engine_8bit64.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-260
+  ;;
+card-nf4)
+  # the NF4 row of `cards` alone (a change to the 4-bit step: load, fast chat, 20 training steps, chat under 6 GiB)
+  small_card nf4-6gib --model /tmp/glm6b --quantization 4bit --cap-gib 6
   ;;
 card-8bit)
   # the 8-bit row of `cards` alone (a change to the int8 kernels: load, fast chat, 20 training steps, chat under 10 GiB)
@@ -421,7 +426,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|step-check|chat-table|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|step-check|chat-table|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac
