@@ -218,8 +218,9 @@ class BatchFastDecoder:
         """Tune the kernels for every row count and capture every bucket's graph now, not at a first reply
         (tuning results are cached on disk per GPU model, so only the first run on a card pays it). Without
         ``captures`` (a cache that had to shrink for memory): only the tuning at the rows of decode steps and short
-        prompts, whose temporaries are a few rows wide, and nothing is kept; a first reply on a 6 GiB card waited
-        37 s for that tuning (bench/NOTES.md, run 17)."""
+        prompts, whose temporaries are a few rows wide, and one row's step run once outside a graph (idle: it writes
+        no key) so that its kernels compile now; nothing is kept. A first reply on a 6 GiB card waited 37 s for that
+        tuning (bench/NOTES.md, run 17), and 8.9 s for those compiles (run 37)."""
         from ..kernels.gemv_4bit import M_BUCKETS
 
         with torch.inference_mode():
@@ -234,6 +235,8 @@ class BatchFastDecoder:
                     lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x, split_k=split_k)
                     lw.dense(x, residual=x, split_k=split_k)
             if not captures:
+                if self._one_row_step is not None and not self.rows:
+                    self._one_row_step()
                 return
             self._warm_replies()
             if self._one_row_step is not None and self.use_graphs and one_row_tuning.cached(self) is None:

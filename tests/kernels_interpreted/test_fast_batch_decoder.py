@@ -372,7 +372,8 @@ def test_a_warm_up_that_fails_midway_leaves_no_row_behind(monkeypatch):
 
 def test_a_warm_up_without_captures_tunes_the_few_row_linears_only(monkeypatch):
     """Where memory is short the engine's background warm-up only tunes: linears at up to 64 rows (decode steps and
-    short prompts), no replies, no graphs, nothing left in the cache."""
+    short prompts), one row's step once (its kernels compiled) with no key written, no replies, no graphs, nothing
+    left in the cache."""
     from backend.decode import batch_linear
 
     model, prefixes = make_model()
@@ -381,9 +382,14 @@ def test_a_warm_up_without_captures_tunes_the_few_row_linears_only(monkeypatch):
     call = batch_linear.BatchLinear.__call__
     monkeypatch.setattr(batch_linear.BatchLinear, "__call__", lambda self, x, **kw: rows.append(x.shape[0]) or call(self, x, **kw))
     monkeypatch.setattr(decoder, "_warm_replies", lambda: pytest.fail("no replies without captures"))
+    steps = []
+    one_row = type(decoder._one_row_step).__call__
+    monkeypatch.setattr(type(decoder._one_row_step), "__call__", lambda step: steps.append(1) or one_row(step))
+    keys = decoder.k_cache.clone()
     decoder.warm_up(captures=False)
     assert rows and max(rows) <= batch_linear.QUANT_MAX_M and 1 in rows
     assert decoder.rows == 0 and not decoder._parked and not decoder._graphs
+    assert steps == [1] and torch.equal(decoder.k_cache, keys)
 
 
 @pytest.mark.parametrize("weights", ["float", "int4"])
