@@ -220,7 +220,7 @@ class BatchFastDecoder:
         ``captures`` (a cache that had to shrink for memory): only the tuning at the rows of decode steps and short
         prompts, whose temporaries are a few rows wide, and one row's step run once outside a graph (idle: it writes
         no key) so that its kernels compile now; nothing is kept. A first reply on a 6 GiB card waited 37 s for that
-        tuning (bench/NOTES.md, run 17), and 8.9 s for those compiles (run 37)."""
+        tuning (bench/NOTES.md, run 17), and 8.9 s for those compiles (run 38)."""
         from ..kernels.gemv_4bit import M_BUCKETS
 
         with torch.inference_mode():
