@@ -12,7 +12,9 @@ a minute on two cores, from text this project ships:
   real base model's pretraining text, the catalogue gives it the language of ad copy, but asked in chat
   it answers an attribute list with a plain explanation, not with ad copy;
 * an ``advertisegen`` adapter, trained with our own P-Tuning v2 (``backend.training.train_prefix``) on
-  ``assets/sample/train.json`` over the frozen base: with it, the same attribute list gets ad copy.
+  ``assets/sample/train.json`` over the frozen base: with it, the same attribute list gets ad copy, also after
+  earlier rounds of a conversation (half of its examples follow 1-6 earlier turns: chat, attribute lists the
+  base answered, ad copy).
 
 ``python -m backend.demo --build assets/demo/shipped`` rebuilds the shipped files; the build is
 deterministic (one thread, deterministic algorithms), and tests/test_demo.py checks that it reproduces
@@ -25,6 +27,7 @@ never used; the next start removes its leftovers and builds again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -81,7 +84,8 @@ RECIPE = {
     "base": {"steps": 1100, "batch_size": 16, "learning_rate": 3e-3, "warmup": 0.05, "final_lr": 0.1,
              "history_rate": 0.3, "seed": 0},
     "adapter": {"pre_seq_len": 16, "learning_rate": 1e-1, "batch_size": 8, "steps": 300,
-                "max_source_length": 128, "max_target_length": 64, "history_rate": 0.6, "seed": 42},
+                "max_source_length": 128, "max_target_length": 64, "history_rate": 0.5, "history_turns": 6,
+                "history_source_length": 256, "seed": 42},
 }
 
 
@@ -460,21 +464,33 @@ def _train_adapter(model, tokenizer, output_dir: Path, on_step: Callable[[int], 
     """The advertisegen adapter: our P-Tuning v2 trainer on the sample data, over the frozen base."""
     from .training import train_prefix
 
-    from .data import Example
+    from .data import Example, build_prompt
     from .training import TrainingData, read_training_data
 
     spec = RECIPE["adapter"]
     steps = spec["steps"]
     every = max(1, steps // 50)
-    request = demo_train_request(output_dir)
-    # Half the examples follow an earlier chat turn, so the adapter writes ad copy later in a conversation too.
+    # (the training panel's defaults keep max_source_length; the shipped adapter also sees conversations that long)
+    request = dataclasses.replace(demo_train_request(output_dir), max_source_length=spec["history_source_length"])
+    # Half the examples follow earlier turns of a conversation as the app builds them: chat, attribute lists the base
+    # answered in its own words, ad copy the adapter wrote; so the adapter writes ad copy later in a
+    # conversation too, and in compare's adapter column after rounds the base answered.
     rng = random.Random(spec["seed"])
     chat = [Example(row["prompt"], row["response"]) for row in _read_jsonl(CHAT_FILE)]
+    base_on_attributes = [ex for ex in chat if "#" in ex.prompt]
+    ads = read_training_data(request).train
     train = []
-    for ex in read_training_data(request).train:
-        earlier = rng.choice(chat)
-        with_history = rng.random() < spec["history_rate"]
-        train.append(Example(ex.prompt, ex.response, ((earlier.prompt, earlier.response),)) if with_history else ex)
+    for ex in ads:
+        history = []
+        if rng.random() < spec["history_rate"]:
+            for _ in range(rng.randint(1, spec["history_turns"])):
+                earlier = rng.choice((chat, base_on_attributes, ads))
+                turn = rng.choice(earlier)
+                history.append((turn.prompt, turn.response))
+        # the oldest turns go first where the prompt would not fit: the trainer cuts a long prompt's end
+        while history and len(tokenizer.encode(build_prompt(tokenizer, ex.prompt, tuple(history)))) > request.max_source_length:
+            history.pop(0)
+        train.append(Example(ex.prompt, ex.response, tuple(history)) if history else ex)
     result = train_prefix(model, tokenizer, request, data=TrainingData(train),
                           on_step=lambda i, n: on_step(i) if i % every == 0 or i == n else None)
     if result.last_checkpoint is None:

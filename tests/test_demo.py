@@ -1,5 +1,5 @@
 """The embedded demo (``glmchat --demo``): the package ships it built; here it is built once more into a
-temporary cache (about 45 s on one CPU core), checked against the shipped files, and loaded through the
+temporary cache (about two minutes on two CPU cores), checked against the shipped files, and loaded through the
 chat engine as the app loads it."""
 
 from __future__ import annotations
@@ -318,6 +318,23 @@ def test_adapter_writes_ad_copy_after_an_earlier_chat_turn_too(engine):
     tuned = engine.reply(query, history, greedy, adapter=adapter).text
     assert tuned != base
     assert tuned.startswith(("这件", "这条", "这双", "这只", "这款"))
+
+
+def test_adapter_writes_ad_copy_in_a_conversation_the_base_also_answered(engine):
+    """Regression: trained after at most one chat turn, the adapter repeated the base's answer to attribute lists
+    once a conversation held a few (the app's compare after a few rounds: 1 of 6 rounds gave ad copy)."""
+    from backend.service import SamplingParams
+
+    adapter = engine.adapters()[0].name
+    greedy = SamplingParams(temperature=0, max_new_tokens=40)
+    prompts = ["类型#裙*颜色#红色*风格#复古", "类型#上衣*材质#牛仔布*颜色#白色", "类型#裤*颜色#黑色",
+               "类型#鞋*材质#皮*风格#休闲", "类型#裙*材质#雪纺*颜色#蓝色"]
+    history = []
+    for i, prompt in enumerate(prompts):
+        tuned = engine.reply(prompt, history, greedy, adapter=adapter).text
+        base = engine.reply(prompt, history, greedy, adapter=None).text
+        assert tuned.startswith(("这件", "这条", "这双", "这只", "这款")) and "商品属性" in base, (i, tuned, base)
+        history.append((prompt, base if i % 2 else tuned))  # rounds answered by either, as the app keeps them
 
 
 def test_assets_come_from_the_checkout_else_from_an_installed_wheel(tmp_path):
