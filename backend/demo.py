@@ -2,7 +2,7 @@
 
 ``glmchat --demo`` needs no download, no GPU and no wait: the package carries the built demo (about 5 MB
 of safetensors in ``assets/demo/shipped``), which this module's recipe trains, on the CPU and in about
-a minute on two cores, from text this project ships:
+two minutes on two cores, from text this project ships:
 
 * a SentencePiece BPE tokenizer (byte fallback, so any input encodes) on ``assets/demo/chat.json``
   and ``assets/sample/*.json``;
@@ -184,7 +184,7 @@ def ensure_demo(
     shipped: Optional[Path] = SHIPPED,
 ) -> DemoFiles:
     """The demo model and adapters directory: the shipped build when it matches the recipe and the data
-    files, else one built on the first call (about a minute on 2 CPU cores) and read from the cache
+    files, else one built on the first call (about two minutes on 2 CPU cores) and read from the cache
     afterwards. ``progress`` gets ``LoadProgress("demo", i, n, message)`` events."""
     report = progress or (lambda p: None)
     if shipped is not None and is_complete(shipped, recipe_hash()):
@@ -238,7 +238,7 @@ def build_demo(out: Path, recipe_id: str, report: Callable[[LoadProgress], None]
     files = _files(out)
     try:
         files.model_dir.mkdir(parents=True)
-        stage(0, "building the demo model: its recipe or text changed (about a minute)")
+        stage(0, "building the demo model: its recipe or text changed (about two minutes)")
         tokenizer = _train_tokenizer(files.model_dir, out / "_sp")
         stage(1, f"training demo model step 0/{base_steps}")
         with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
