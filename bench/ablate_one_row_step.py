@@ -4,8 +4,8 @@
 
 The engine is loaded and warmed up as a user's is (``ChatEngine.load``, ``warm_up``: this card's tuned tiles); then
 row 0 of its decoder is put at each context length and its step (``_step_math(1)``: the fused one-row step where it
-applies, else the general step) is captured whole and with one part left out at a time: the attention (split and
-combine kernels), the rotary kernel (general step only), each linear kind across the layers, the greedy pick. The
+applies, else the general step) is captured whole and with one part left out at a time: the attention (one kernel a
+layer), the rotary kernel (general step only), each linear kind across the layers, the greedy pick. The
 full step's time less an ablated step's is that part's cost in the step, launch boundary included: a kernel timed
 alone does not show how its start overlaps the one before (programmatic dependent launch) or what its neighbours
 leave in L2. Then the attention with 1 to 16 splits a (row, group). Ablated graphs compute wrong tokens; only their
@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +105,8 @@ def main() -> None:
     import torch
 
     from backend.engine import ChatEngine
-    from bench_engine import copy_bandwidth, linear_bytes, step_bytes
+    from backend.kernels.attention_batch import attention_workspace
+    from bench_engine import copy_bandwidth, json_lines, linear_bytes, step_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -115,9 +114,7 @@ def main() -> None:
     parser.add_argument("--context", default="128,1024")
     parser.add_argument("--splits", default="1,2,4,8,16")
     args = parser.parse_args()
-    common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quantization": args.quantization}
-    emit = lambda **kw: print(json.dumps({**common, **kw}), flush=True)  # noqa: E731
+    emit = json_lines(quantization=args.quantization)
     bandwidth = copy_bandwidth()
     engine = ChatEngine.load(args.model, quantization=args.quantization, engine="fast", max_batch=2)
     engine.warm_up()
@@ -126,8 +123,11 @@ def main() -> None:
     kinds = {"qkv": dec.layers[0].qkv, "dense": dec.layers[0].dense, "fc1": dec.layers[0].up, "fc2": dec.layers[0].down}
     part_bytes = {k: len(dec.layers) * linear_bytes(lin) for k, lin in kinds.items()}
     part_bytes["output"] = linear_bytes(dec.output)
-    emit(what="setup", fused_step=dec._one_row_step is not None, bound_ms=round(bound_ms, 3),
-         bandwidth_tb_s=round(bandwidth / 1e12, 2), splits=dec._workspaces.get(1, None) and dec._workspaces[1].num_splits)
+    step = dec._one_row_step
+    splits = (step.workspace if step is not None else attention_workspace(1, dec.heads, dec.groups, dec.head_dim,
+                                                                           dec.device)).num_splits
+    emit(what="setup", fused_step=step is not None, bound_ms=round(bound_ms, 3),
+         bandwidth_tb_s=round(bandwidth / 1e12, 2), splits=splits)
     with engine.batcher.step_lock, torch.inference_mode():
         for context in [int(c) for c in args.context.split(",")]:
             place_row(dec, context)

@@ -25,6 +25,17 @@ sys.path.insert(0, str(ROOT))
 QUERY = "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞"
 
 
+def json_lines(**fields):
+    """``emit(**figure)``: prints one JSON line with the card, the command, the date, ``fields`` and the figure (the
+    record every bench/ script writes)."""
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    common = {"card": card, "command": "python " + " ".join(sys.argv),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **fields}
+    return lambda **kw: print(json.dumps({**common, **kw}), flush=True)
+
+
 def copy_bandwidth(device="cuda") -> float:
     """Bytes read + written per second by a large device-to-device copy (the memory-bound ceiling; every bench/
     script's bound comes from this one)."""
@@ -140,9 +151,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs of each --rows level (a 64-row level takes ~1.5 s: one run is within run-to-run noise of an A/B)")
     args = parser.parse_args()
-    common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quantization": args.quantization}
-    emit = lambda **kw: print(json.dumps({**common, **kw}), flush=True)  # noqa: E731
+    emit = json_lines(quantization=args.quantization)
     bandwidth = copy_bandwidth()
     rows = [int(r) for r in args.rows.split(",")]
     start = time.perf_counter()

@@ -11,7 +11,6 @@ prompt (prefill) of 64-token rows and of one 1600-token prompt. One JSON line pe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -163,7 +162,7 @@ def main() -> None:
     import torch
 
     from backend.engine import ChatEngine
-    from bench_engine import concurrent, query_of
+    from bench_engine import concurrent, json_lines, query_of
     from backend.service import SamplingParams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -171,9 +170,7 @@ def main() -> None:
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--rows", default="1,8,64")
     args = parser.parse_args()
-    common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    emit = lambda **kw: print(json.dumps({**common, **kw}), flush=True)  # noqa: E731
+    emit = json_lines()
     rows = [int(r) for r in args.rows.split(",")]
     engine = ChatEngine.load(args.model, quantization=args.quantization, engine="fast", max_batch=max(rows))
     t0 = time.perf_counter()

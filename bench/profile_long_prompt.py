@@ -13,7 +13,6 @@ floating-point work (2 x weights x tokens) over the wall time is the prompt's ac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -125,16 +124,14 @@ def main() -> None:
 
     from backend.engine import ChatEngine
     from backend.service import SamplingParams
-    from bench_engine import QUERY, query_of, timed_reply
+    from bench_engine import QUERY, json_lines, query_of, timed_reply
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--tokens", type=int, default=1600)
     args = parser.parse_args()
-    common = {"card": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quantization": args.quantization}
-    emit = lambda **kw: print(json.dumps({**common, **kw}), flush=True)  # noqa: E731
+    emit = json_lines(quantization=args.quantization)
     engine = ChatEngine.load(args.model, quantization=args.quantization, max_batch=2)
     start = time.perf_counter()
     engine.warm_up()  # as the app (in the background) and the server do; it ends with a long prompt

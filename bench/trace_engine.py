@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import sys
 import threading
@@ -127,11 +126,9 @@ class StepTrace:
 
 
 def main() -> None:
-    import torch
-
     from backend.engine import ChatEngine
     from backend.service import SamplingParams
-    from bench_engine import concurrent, query_of
+    from bench_engine import concurrent, json_lines, query_of
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -140,9 +137,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
-    common = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "command": "python " + " ".join(sys.argv),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    emit = lambda **kw: print(json.dumps({**common, **kw}), flush=True)  # noqa: E731
+    emit = json_lines()
     rows = [int(r) for r in args.rows.split(",")]
     engine = ChatEngine.load(args.model, quantization=args.quantization, max_batch=max(rows))
     t0 = time.perf_counter()
