@@ -72,7 +72,7 @@ class OneRowStep:
         q = self.qkv[:, : H * D].view(1, H, D)
         for i, lw in enumerate(dec.layers):
             kc, vc = dec.k_cache[i, :1], dec.v_cache[i, :1]
-            self._qkv(lw, kc, vc, q)
+            self._qkv(lw, kc, vc, q, pos, plen)
             decode_attention(q, kc, vc, pos, plen, out=self.attn, workspace=self.workspace, pdl=pdl)
             self._linear(lw.dense, self.attn, self.x, residual=self.x)
             self._linear(lw.up, self.x, self.mlp, norm=lw.ln2, swiglu=True)
@@ -81,10 +81,9 @@ class OneRowStep:
         pick_token(self.argmax, self.picks, None, bad_token=INVALID_SCORE_TOKEN, pdl=pdl)
         return self.logits, self.picks
 
-    def _qkv(self, lw, kc, vc, q) -> None:
+    def _qkv(self, lw, kc, vc, q, pos, plen) -> None:
         """QKV, rotary, and k and v into the row's cache slot: in the GEMV's epilogue, or (4-bit) a kernel after it."""
         dec = self.dec
-        pos, plen = dec.positions[:1], dec.prefix_lens[:1]
         if lw.qkv.one_row is not None:
             rope = dict(q_rows=dec.heads * dec.head_dim, kv_rows=dec.groups * dec.head_dim, head_dim=dec.head_dim,
                         inv_freq=dec.inv_freq, pos=pos, prefix=plen, divisor=dec.rope.position_divisor,

@@ -73,15 +73,16 @@ def linears_by_kind(decoder) -> dict[str, list]:
     return {kind: lins for kind, lins in by_kind.items() if lins[0].one_row is not None}
 
 
-def _weights(decoder) -> dict[str, str]:
-    """Each tuned kind's weights, "int8" or "float" (an 8-bit model keeps its output layer in 16 bits)."""
-    return {kind: "int8" if lins[0].q is not None else "float" for kind, lins in linears_by_kind(decoder).items()}
-
-
 def _label_and_shape(lin) -> tuple[str, tuple]:
+    """A linear's weights, "int8" or "float" when read through the one-row GEMV, else the 4-bit format; its shape."""
     if lin.one_row is not None:
         return ("int8" if lin.q is not None else "float"), tuple(lin.one_row.weight.shape)
     return lin.q.fmt, (lin.q.n, lin.q.k)
+
+
+def _weights(decoder) -> dict[str, str]:
+    """Each tuned kind's weights, "int8" or "float" (an 8-bit model keeps its output layer in 16 bits)."""
+    return {kind: _label_and_shape(lins[0])[0] for kind, lins in linears_by_kind(decoder).items()}
 
 
 def tuning_key(decoder) -> str:
