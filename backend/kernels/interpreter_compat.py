@@ -22,4 +22,23 @@ def numpy_compat() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
     interpreter._patch_lang_tensor = patched
+    _row_independent_dot(interpreter)
     _patched = True
+
+
+def _row_independent_dot(interpreter) -> None:
+    """A float ``tl.dot`` whose rows do not depend on the tile's other rows, as on a GPU. The interpreter calls
+    ``np.matmul`` in float32, and OpenBLAS's kernel for some CPUs (Haswell's, on AMD EPYC) rounds a row differently
+    by its place in the micro-tile, so a batch-invariant kernel's rows changed with the batch under the interpreter
+    only. In float64, then rounded once to the accumulator's type, a row's sum is the same wherever it sits."""
+    import numpy as np
+
+    real = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if not np.issubdtype(d.data.dtype, np.floating) or a.dtype.primitive_bitwidth == 8:
+            return real(self, a, b, d, input_precision, max_num_imprecise_acc)
+        exact = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64))
+        return interpreter.TensorHandle(exact.astype(d.data.dtype) + d.data, d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
