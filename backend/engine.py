@@ -94,8 +94,8 @@ class ChatEngine:
         eager one has nothing to warm: None). Tuning is cached on disk per GPU model, so a card pays it once.
         ``wait`` False: on the decoding thread in the background, ahead of replies asked meanwhile (they wait for
         it); a failure there is logged and leaves the decoder to capture lazily, as without a warm-up. Where the
-        cache already had to shrink to fit, the background warm-up only tunes (no graphs, no replies): every
-        megabyte is left to the replies."""
+        cache already had to shrink to fit, the background warm-up tunes and runs a chat's replies one row at a time
+        (no compare's graphs, no long prompt): the rest of the memory is left to the replies."""
         warm = getattr(self.decoder, "warm_up", None)
         if warm is None:
             return None

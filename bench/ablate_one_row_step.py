@@ -104,6 +104,7 @@ def place_row(decoder, context: int) -> None:
 def main() -> None:
     import torch
 
+    from backend import kernels
     from backend.engine import ChatEngine
     from backend.kernels.attention_batch import attention_workspace
     from bench_engine import copy_bandwidth, json_lines, linear_bytes, step_bytes
@@ -126,6 +127,7 @@ def main() -> None:
     step = dec._one_row_step
     splits = (step.workspace if step is not None else attention_workspace(1, dec.heads, dec.groups, dec.head_dim,
                                                                            dec.device)).num_splits
+    emit(what="tiles", one_row={k: str(lin.row_config) for k, lin in dict(kinds, output=dec.output).items()})
     emit(what="setup", fused_step=step is not None, bound_ms=round(bound_ms, 3),
          bandwidth_tb_s=round(bandwidth / 1e12, 2), splits=splits)
     with engine.batcher.step_lock, torch.inference_mode():
@@ -133,6 +135,11 @@ def main() -> None:
             place_row(dec, context)
             full = step_ms(dec)
             emit(what="step", context=context, ms=round(full, 4), pct_of_bound=round(100 * bound_ms / full, 1))
+            for name, wide, values in (("x_pass_per_tile", False, 64), ("x_pass_32_a_thread", True, 32)):
+                kernels.WIDE_X_PASS, kernels.X_PASS_VALUES_A_THREAD = wide, values  # the fused norm's x pass
+                ms = step_ms(dec)
+                emit(what="variant", context=context, name=name, ms=round(ms, 4), gain_ms=round(ms - full, 4))
+            kernels.WIDE_X_PASS, kernels.X_PASS_VALUES_A_THREAD = True, 64
             for part in PARTS:
                 if part == "rotary" and dec._one_row_step is not None:
                     continue

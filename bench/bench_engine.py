@@ -202,7 +202,8 @@ def one_row_step(decoder) -> Optional[dict]:
         return {"fused": False}
     from backend.decode import one_row_tuning
 
-    tiles = {kind: dataclasses.asdict(lins[0].row_config) for kind, lins in one_row_tuning.linears_by_kind(decoder).items()}
+    tiles = {kind: dataclasses.asdict(lins[0].row_config) if lins[0].row_config is not None else None  # (None: 4-bit
+             for kind, lins in one_row_tuning.linears_by_kind(decoder).items()}  # weights on quant_linear's own pick)
     return {"fused": True, "pdl": step.pdl, "tiles": tiles}
 
 

@@ -103,7 +103,9 @@ class BatchLinear:
             self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias)
         # 2-4 int8 rows through gemv_rows (each weight tile read once for all of them); 0: the matmul, for an A/B
         self.rows_gemv = os.environ.get("GLMCHAT_ROWS_GEMV", "1") != "0"
-        self.row_config = default_gemv_config(kind, self.q is not None)  # the one-row GEMV's tiles
+        # one row's tiles, tuned inside the one-row step (decode/one_row_tuning.py): the one-row GEMV's for int8 and
+        # 16-bit weights; for 4-bit ones quant_linear's config (None: the one its own tuner picked for one row)
+        self.row_config = default_gemv_config(kind, self.q is not None) if self.one_row is not None else None
         self._paths: dict = {}  # (row bucket, dtype, device, swiglu) -> FourBitRows.path, once tuned
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True, pdl=False):
@@ -122,7 +124,7 @@ class BatchLinear:
         four_bit = self.q is not None and self.q.fmt != "int8"
         if four_bit and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu,
-                                out=out, pdl=pdl)
+                                out=out, pdl=pdl, config=self.row_config if x.shape[0] == 1 else None)
         return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
 
     def _widen_4bit(self, x: torch.Tensor, swiglu: bool) -> bool:

@@ -218,9 +218,10 @@ class BatchFastDecoder:
         """Tune the kernels for every row count and capture every bucket's graph now, not at a first reply
         (tuning results are cached on disk per GPU model, so only the first run on a card pays it). Without
         ``captures`` (a cache that had to shrink for memory): only the tuning at the rows of decode steps and short
-        prompts, whose temporaries are a few rows wide, and one row's step run once outside a graph (idle: it writes
-        no key) so that its kernels compile now; nothing is kept. A first reply on a 6 GiB card waited 37 s for that
-        tuning (bench/NOTES.md, run 17), and 8.9 s for those compiles (run 38)."""
+        prompts, whose temporaries are a few rows wide, one row's step run once outside a graph (idle: it writes
+        no key) so that its kernels compile now, and a chat's replies one row at a time (``_warm_replies``: no other
+        bucket's graph, no long prompt); nothing is kept. A first reply on a 6 GiB card waited 37 s for that tuning
+        (bench/NOTES.md, run 17), 8.9 s for those compiles (run 38), and a next turn 122 ms for its own (run 41)."""
         from ..kernels.gemv_4bit import M_BUCKETS
 
         with torch.inference_mode():
@@ -237,6 +238,7 @@ class BatchFastDecoder:
             if not captures:
                 if self._one_row_step is not None and not self.rows:
                     self._one_row_step()
+                self._warm_replies(one_row=True)
                 return
             self._warm_replies()
             if self._one_row_step is not None and self.use_graphs and one_row_tuning.cached(self) is None:
@@ -250,12 +252,13 @@ class BatchFastDecoder:
                 if bucket <= min(self.max_batch, DEFAULT_ROWS) and self.use_graphs:  # (evaluation's rows are greedy)
                     self.sampler.capture(bucket, *self._graph_out[bucket], self.positions)
 
-    def _warm_replies(self) -> None:
+    def _warm_replies(self, one_row: bool = False) -> None:
         """Three short replies to 65-token prompts in three rows (greedy, sampled on the device, sampled with a
         repetition penalty on the host), then a next turn of the first that feeds its parked row one token: the
         first of each kind of kernel a chat, a compare and the samplers use loads or compiles now, not in a user's
         first reply (on the H200 first replies took 0.5-0.9 s longer than the next ones, 87 ms to the first token
-        with this warm-up: bench/NOTES.md, runs 8 and 9). Nothing of it is kept."""
+        with this warm-up: bench/NOTES.md, runs 8 and 9). Nothing of it is kept. ``one_row`` (memory short): a
+        chat's kinds only, greedy and sampled on the device, one row at a time, and no long prompt."""
         if self.rows:  # (made for a decoder that runs nothing yet: the rows it uses are overwritten)
             return
         prompt = list(range(10, 11 + QUANT_MAX_M))
@@ -264,9 +267,12 @@ class BatchFastDecoder:
         penalised = SamplingParams(temperature=0.8, top_p=0.8, repetition_penalty=1.1, max_new_tokens=2)
         first = [DecodeRequest(prompt, greedy), DecodeRequest(prompt[:-1] + [7], sampled, seed=0),
                  DecodeRequest(prompt[:-1] + [8], penalised, seed=0)]
-        replies = self._run_alone(first[: self.max_batch])
+        if one_row:
+            replies = [self._run_alone([request])[0] for request in first[:2]]
+        else:
+            replies = self._run_alone(first[: self.max_batch])
         self._run_alone([DecodeRequest(prompt + replies[0] + [11], greedy)])
-        if self.device.type == "cuda":  # (the kernels to load are CUDA's)
+        if self.device.type == "cuda" and not one_row:  # (the kernels to load are CUDA's)
             self._warm_long_prompt()
         for slot in list(self._parked):
             del self._parked[slot]

@@ -10,6 +10,10 @@ against the best so far's, interleaved, and kept when faster by more than ``KEEP
 default tiles' (``tuning.agrees``: a tile a compiler or card gets wrong never wins). The winners go to
 ``kernels.tuning``'s file for this GPU model, so later starts (and ``glmchat --prompt``, which does not warm up)
 read them. ``GLMCHAT_KERNEL_TUNING=0`` keeps the defaults.
+
+4-bit layers (NF4, the int4 release) are tuned the same way among ``quant_linear``'s one-row tiles (its words
+kernel), starting from the tile its own tuner picked timing each linear alone: on an H100 that tuner took a
+two-warp tile for NF4's fc1 that made the step 0.19 ms slower than the tile before it (bench/NOTES.md run 39).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..kernels.gemv_4bit import QuantLinearConfig, candidate_configs
 from ..kernels.int8_gemv import GemvConfig, default_gemv_config
 from ..kernels import packed_products, tuning
 
@@ -64,13 +69,12 @@ CANDIDATES = {
 
 
 def linears_by_kind(decoder) -> dict[str, list]:
-    """The decoder's BatchLinears by the kind whose tile they share: output, qkv, dense, fc1, fc2; only kinds read
-    through the one-row GEMV (4-bit layers keep ``quant_linear``'s own tuned configs)."""
+    """The decoder's BatchLinears by the kind whose tile they share: output, qkv, dense, fc1, fc2."""
     by_kind = {"output": [decoder.output]}
     for lw in decoder.layers:
         for kind, lin in (("qkv", lw.qkv), ("dense", lw.dense), ("fc1", lw.up), ("fc2", lw.down)):
             by_kind.setdefault(kind, []).append(lin)
-    return {kind: lins for kind, lins in by_kind.items() if lins[0].one_row is not None}
+    return by_kind
 
 
 def _label_and_shape(lin) -> tuple[str, tuple]:
@@ -102,20 +106,37 @@ def apply(decoder, configs: dict[str, GemvConfig]) -> None:
                 lin.row_config = configs[kind]
 
 
-def defaults(decoder) -> dict[str, GemvConfig]:
-    return {kind: default_gemv_config(kind, w == "int8") for kind, w in _weights(decoder).items()}
+def defaults(decoder) -> dict[str, Optional[GemvConfig]]:
+    """Each kind's starting tile: the one-row GEMV's default, or None for 4-bit weights (quant_linear's own pick)."""
+    return {kind: default_gemv_config(kind, w == "int8") if w in ("int8", "float") else None
+            for kind, w in _weights(decoder).items()}
 
 
-# int8 against fp16 x (the 8-bit default), products two at a time (int8_gemv's CVT 3), last: (row pairs, K tile)
-PACKED_INT8 = ((4, 1024), (2, 1024), (8, 1024), (4, 2048))
+# int8 against fp16 x (the 8-bit default), products two at a time (int8_gemv's CVT 3), last: (row pairs, K tile,
+# warps); programs of one or two warps reduce their rows within a warp (no shared memory, no barrier)
+PACKED_INT8 = ((4, 1024, 4), (2, 1024, 4), (8, 1024, 4), (4, 2048, 4), (2, 1024, 2), (2, 2048, 2), (1, 1024, 1))
 
 
 def candidates_for(decoder) -> dict[str, list]:
-    """Each kind's candidate tiles for this decoder's weights (int8 or 16-bit), in descent order."""
-    weights = _weights(decoder)
+    """Each kind's candidate tiles for this decoder's weights (int8, 16-bit or 4-bit), in descent order."""
+    weights, by_kind = _weights(decoder), linears_by_kind(decoder)
     packed = decoder.dtype == torch.float16 and packed_products.tried()
-    return {k: CANDIDATES[weights[k]][k] + ([_c(bp, bk, cvt=3) for bp, bk in PACKED_INT8]
-                                             if packed and weights[k] == "int8" else []) for k in KINDS if k in weights}
+    out = {}
+    for k in KINDS:
+        if weights[k] in CANDIDATES:
+            out[k] = CANDIDATES[weights[k]][k] + ([_c(bp, bk, w, cvt=3) for bp, bk, w in PACKED_INT8]
+                                                  if packed and weights[k] == "int8" else [])
+        else:
+            out[k] = four_bit_candidates(by_kind[k][0].q, decoder.dtype, swiglu=k == "fc1")
+    return out
+
+
+def four_bit_candidates(q, dtype: torch.dtype, swiglu: bool) -> list[QuantLinearConfig]:
+    """quant_linear's words tiles at one row, those with the register table where these rows have one (16-bit
+    rows on a GPU), else the others: the tiles its own tuner tries, less the older GEMV's (slower at one row on every
+    card measured, bench/NOTES.md runs 18-20)."""
+    table = dtype in q.table_registers and packed_products.tried()
+    return [c for c in candidate_configs(q.fmt, 1, swiglu) if c.kernel == "words" and (c.lut == 3) == table]
 
 
 def cached(decoder) -> Optional[dict[str, GemvConfig]]:
@@ -124,8 +145,9 @@ def cached(decoder) -> Optional[dict[str, GemvConfig]]:
     if fields.pop("_among", None) != tuning.candidates_digest(candidates_for(decoder).items()):
         return None
     try:
-        return {kind: GemvConfig(**f) for kind, f in fields.items()} if fields else None
-    except TypeError:  # written by an older GemvConfig: tune again
+        return {kind: QuantLinearConfig(**f) if "kernel" in f else GemvConfig(**f)
+                for kind, f in fields.items()} if fields else None
+    except TypeError:  # written by an older config class: tune again
         return None
 
 
@@ -201,7 +223,7 @@ def tune(decoder, measure: Callable[[dict], Callable[[], float]]) -> dict[str, G
     start, candidates = defaults(decoder), candidates_for(decoder)
     best = descend(start, candidates, measure)
     apply(decoder, best)
-    winners = {k: asdict(c) for k, c in best.items()}
+    winners = {k: asdict(c) for k, c in best.items() if c is not None}  # (None: quant_linear's own pick)
     tuning.store(tuning.cache_file(decoder.device), tuning_key(decoder),
                  {**winners, "_among": tuning.candidates_digest(candidates.items())})
     changed = {k: c for k, c in best.items() if c != start[k]}

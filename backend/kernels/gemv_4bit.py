@@ -579,8 +579,11 @@ def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
         pair_tiles = ((4, 1024, 4), (2, 1024, 4), (2, 2048, 4)) if rows == 1 else ((4, 1024, 4), (2, 1024, 4))
         configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 2) for bn, bk, w in pair_tiles]
     if fmt != "int8" and packed_products.tried():
+        # last, programs of one or two warps: the row sums and the norm's sum of squares reduce within a warp
+        # (shuffles, no shared memory or barrier at the end of every program), and more programs fit an SM
         table_tiles = ((2, 1024, 4), (2, 2048, 4), (4, 1024, 4), (4, 2048, 4), (8, 1024, 4), (2, 4096, 8),
-                       (8, 2048, 4), (16, 1024, 4), (16, 2048, 8))
+                       (8, 2048, 4), (16, 1024, 4), (16, 2048, 8), (2, 1024, 1), (4, 1024, 1), (2, 2048, 2),
+                       (4, 1024, 2))
         if rows == 2:
             table_tiles = ((2, 1024, 4), (4, 1024, 4), (2, 2048, 4))
         configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 3) for bn, bk, w in table_tiles]

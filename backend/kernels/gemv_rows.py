@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from . import packed_products, quant_words, tuning
+from . import packed_products, quant_words, tuning, x_pass_width
 from .gemv_4bit import HAVE_TRITON, QuantizedWeight, QuantLinearConfig, int8_weight
 
 if TYPE_CHECKING:
@@ -60,13 +60,14 @@ if HAVE_TRITON:
         return tl.zeros(kk.shape, dtype=tl.float32)
 
     @triton.jit
-    def _row_stats(x_ptr, norm_ptr, K, eps, BLOCK_K: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr):
+    def _row_stats(x_ptr, norm_ptr, K, eps, X_PASS: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr):
         # a row's 1/rms and CVT 2's offset (1.5 x the sum of the normed x), in a pass of their own over x (a few KB,
-        # mostly from L1/L2) so that the weight loop keeps nothing per K element; no pass when neither is needed
+        # mostly from L1/L2; X_PASS wide, kernels.x_pass_width) so that the weight loop keeps nothing per K element;
+        # no pass when neither is needed
         r = 1.0
         off = 0.0
         if NORM or CVT == 2:
-            ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
+            ss, xs = _x_sums(x_ptr, norm_ptr, K, X_PASS, NORM)
             if NORM:
                 r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
             if CVT == 2:
@@ -102,7 +103,7 @@ if HAVE_TRITON:
         N_OUT, F_OFF, K, stride_xm, stride_rm, stride_om, eps,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr,
         NORM: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
-        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, X_PASS: tl.constexpr,
     ):
         # program: BLOCK_N output columns (SwiGLU: their gate rows n and up rows F_OFF + n), read once for ROWS rows
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,15 +148,15 @@ if HAVE_TRITON:
                 if SWIGLU:
                     b3 += tl.sum(wb * x[None, :], axis=1)
         outs = (F_OFF, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, CVT, HAS_BIAS, RESIDUAL, SWIGLU)
-        r, off = _row_stats(x_ptr, norm_ptr, K, eps, BLOCK_K, CVT, NORM)
+        r, off = _row_stats(x_ptr, norm_ptr, K, eps, X_PASS, CVT, NORM)
         _row_out(a0, b0, r, off, 0, n, mask_n, *outs)
-        r, off = _row_stats(x_ptr + stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM)
+        r, off = _row_stats(x_ptr + stride_xm, norm_ptr, K, eps, X_PASS, CVT, NORM)
         _row_out(a1, b1, r, off, 1, n, mask_n, *outs)
         if ROWS > 2:
-            r, off = _row_stats(x_ptr + 2 * stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM)
+            r, off = _row_stats(x_ptr + 2 * stride_xm, norm_ptr, K, eps, X_PASS, CVT, NORM)
             _row_out(a2, b2, r, off, 2, n, mask_n, *outs)
         if ROWS > 3:
-            r, off = _row_stats(x_ptr + 3 * stride_xm, norm_ptr, K, eps, BLOCK_K, CVT, NORM)
+            r, off = _row_stats(x_ptr + 3 * stride_xm, norm_ptr, K, eps, X_PASS, CVT, NORM)
             _row_out(a3, b3, r, off, 3, n, mask_n, *outs)
 
 
@@ -258,7 +259,8 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
         out.stride(0), eps,
         ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CVT=cfg.cvt, NORM=norm_weight is not None,
         HAS_BIAS=bias is not None, RESIDUAL=residual is not None and not swiglu, SWIGLU=swiglu,
-        EVEN_K=k % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=1,
+        EVEN_K=k % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0,
+        X_PASS=x_pass_width(k, cfg.block_k, 32 * cfg.num_warps), num_warps=cfg.num_warps, num_stages=1,
     )
 
 

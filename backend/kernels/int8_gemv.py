@@ -22,7 +22,7 @@ from .rotary import round_mode
 if TYPE_CHECKING:
     from ..int8_linear import LinearWeights
 
-from . import HAVE_TRITON
+from . import HAVE_TRITON, x_pass_width
 
 if HAVE_TRITON:
     import triton
@@ -90,7 +90,8 @@ if HAVE_TRITON:
     @triton.jit
     def _x_sums(x_ptr, norm_ptr, K, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
         # [BLOCK_K] partial sums of x^2 (for RMSNorm) and of x times the norm weight (CVT 2's offset), as the
-        # GEMV loop accumulates them without X_TILE: a pass of its own over x (a few KB, mostly from L1/L2)
+        # GEMV loop accumulates them without X_TILE: a pass of its own over x (a few KB, mostly from L1/L2;
+        # BLOCK_K here is kernels.x_pass_width's)
         offs_k = tl.arange(0, BLOCK_K)
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         xs = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -147,6 +148,7 @@ if HAVE_TRITON:
         W_INT8: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
         RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_P: tl.constexpr,
         PREFETCH: tl.constexpr, PDL: tl.constexpr, ROW_SUM: tl.constexpr, ARGMAX: tl.constexpr, X_TILE: tl.constexpr,
+        X_PASS: tl.constexpr,
     ):
         # out rows a = p * ROW_STEP and b = a + B_OFF for the BLOCK_P pairs p of this program
         pid = tl.program_id(0)
@@ -163,7 +165,7 @@ if HAVE_TRITON:
             a, b = _wide_sums(x_ptr, norm_ptr, w_ptr, row_a, row_b, mask_a, mask_b, K, BLOCK_P, BLOCK_K, NORM,
                               EVEN_K and EVEN_P)
             if NORM:
-                ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
+                ss, xs = _x_sums(x_ptr, norm_ptr, K, X_PASS, NORM)
         else:
             offs_k = tl.arange(0, BLOCK_K)
             wa_ptrs = w_ptr + row_a.to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -226,7 +228,7 @@ if HAVE_TRITON:
                     acc_a += wa_f * x
                     acc_b += wb_f * x
             if X_TILE and (NORM or (W_INT8 and CVT == 2)):  # the sums over x the loop left out, in a pass of their own
-                ss, xs = _x_sums(x_ptr, norm_ptr, K, BLOCK_K, NORM)
+                ss, xs = _x_sums(x_ptr, norm_ptr, K, X_PASS, NORM)
             if ROW_SUM:
                 a = acc_a
                 b = acc_b
@@ -403,6 +405,7 @@ def gemv(
         RESIDUAL=residual is not None, EPILOGUE=epilogue,
         EVEN_K=K % cfg.block_k == 0, EVEN_P=n_pairs % cfg.block_p == 0 and (swiglu or N % 2 == 0),
         PREFETCH=cfg.prefetch, PDL=pdl, ROW_SUM=cfg.row_sum, ARGMAX=argmax is not None, X_TILE=cfg.x_tile,
+        X_PASS=x_pass_width(K, cfg.block_k, 32 * cfg.num_warps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )

@@ -370,10 +370,11 @@ def test_a_warm_up_that_fails_midway_leaves_no_row_behind(monkeypatch):
     assert run(decoder, [request]) == fresh
 
 
-def test_a_warm_up_without_captures_tunes_the_few_row_linears_only(monkeypatch):
-    """Where memory is short the engine's background warm-up only tunes: linears at up to 64 rows (decode steps and
-    short prompts), one row's step once (its kernels compiled) with no key written, no replies, no graphs, nothing
-    left in the cache."""
+def test_a_warm_up_without_captures_tunes_the_few_row_linears_and_runs_a_chats_replies_one_row_at_a_time(monkeypatch):
+    """Where memory is short the engine's background warm-up tunes linears at up to 64 rows (decode steps and short
+    prompts), runs one row's step once (its kernels compiled), then a chat's replies (greedy, sampled on the device)
+    and a next turn into a parked row, one row at a time: no step of two rows or more, no long prompt, nothing left
+    running or parked, and a reply after it gives the eager decoder's tokens."""
     from backend.decode import batch_linear
 
     model, prefixes = make_model()
@@ -381,15 +382,18 @@ def test_a_warm_up_without_captures_tunes_the_few_row_linears_only(monkeypatch):
     rows = []
     call = batch_linear.BatchLinear.__call__
     monkeypatch.setattr(batch_linear.BatchLinear, "__call__", lambda self, x, **kw: rows.append(x.shape[0]) or call(self, x, **kw))
-    monkeypatch.setattr(decoder, "_warm_replies", lambda: pytest.fail("no replies without captures"))
-    steps = []
+    monkeypatch.setattr(decoder, "_warm_long_prompt", lambda: pytest.fail("no long prompt where memory is short"))
+    steps, buckets = [], []
     one_row = type(decoder._one_row_step).__call__
     monkeypatch.setattr(type(decoder._one_row_step), "__call__", lambda step: steps.append(1) or one_row(step))
-    keys = decoder.k_cache.clone()
+    step_math = decoder._step_math
+    monkeypatch.setattr(decoder, "_step_math", lambda bucket: buckets.append(bucket) or step_math(bucket))
     decoder.warm_up(captures=False)
     assert rows and max(rows) <= batch_linear.QUANT_MAX_M and 1 in rows
     assert decoder.rows == 0 and not decoder._parked and not decoder._graphs
-    assert steps == [1] and torch.equal(decoder.k_cache, keys)
+    assert len(steps) > 1 and set(buckets) == {1}  # the warm-up's own step run, then the replies' steps
+    request = DecodeRequest([5, 7, 9, 11], SamplingParams(temperature=0.0, max_new_tokens=3), adapter="ad")
+    assert run(decoder, [request]) == run(EagerBatchDecoder(model, prefixes.get, max_batch=2), [request])
 
 
 @pytest.mark.parametrize("weights", ["float", "int4"])
@@ -543,3 +547,31 @@ def test_int4_release_rows_equal_the_eager_decoder_through_either_4bit_gemv(word
     alone = run(BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False), requests[:1])
     assert alone[0] == eager[0]
     assert ("words" in launched) == words
+
+
+def test_tuning_a_4bit_models_one_row_step_runs_every_words_tile_to_the_same_step(monkeypatch, tmp_path):
+    """The int4 release's layers in the one-row descent: each of quant_linear's one-row words tiles, run inside the
+    step, gives the step that quant_linear's own pick gives; the kept tile is applied, and a reply after tuning gives
+    the eager decoder's tokens."""
+    from backend.decode import one_row_tuning as T
+
+    monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path))
+    model, prefixes = int4_release_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False)
+    candidates = T.candidates_for(decoder)
+    assert all(candidates[k] for k in ("qkv", "dense", "fc1", "fc2"))
+    logits_seen = []
+    faster = candidates["fc2"][0]
+
+    def measure(configs):
+        T.apply(decoder, configs)
+        logits_seen.append(decoder._one_row_step()[0].clone())
+        cost = 1.0 - 0.01 * (configs["fc2"] == faster)
+        return lambda: cost
+
+    decoder.tune_one_row(measure)
+    assert len(logits_seen) == 1 + sum(len(v) for v in candidates.values())
+    assert all(torch.allclose(x, logits_seen[0], rtol=1e-4, atol=1e-4) for x in logits_seen)
+    assert decoder.layers[0].down.row_config == faster and decoder.layers[0].qkv.row_config is None
+    request = DecodeRequest([5, 7, 9, 11], SamplingParams(temperature=0.0, max_new_tokens=2), adapter="ad")
+    assert run(decoder, [request]) == run(EagerBatchDecoder(model, prefixes.get, max_batch=2), [request])
