@@ -21,13 +21,16 @@ from __future__ import annotations
 import logging
 import statistics
 from dataclasses import asdict
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from ..kernels.gemv_4bit import QuantLinearConfig, candidate_configs
 from ..kernels.int8_gemv import GemvConfig, default_gemv_config
 from ..kernels import packed_products, tuning
+
+# a kind's tile: the one-row GEMV's (int8, 16-bit), quant_linear's (4-bit), or None (4-bit: quant_linear's own pick)
+Tile = Optional[Union[GemvConfig, QuantLinearConfig]]
 
 log = logging.getLogger("glmchat.tuning")
 
@@ -98,7 +101,7 @@ def tuning_key(decoder) -> str:
     return f"one_row_step:{qkv_label}-{out_label}:{str(decoder.dtype).replace('torch.', '')}:{shape}"
 
 
-def apply(decoder, configs: dict[str, GemvConfig]) -> None:
+def apply(decoder, configs: dict[str, Tile]) -> None:
     """Every linear of each kind in ``configs`` runs that tile from the next capture on."""
     for kind, lins in linears_by_kind(decoder).items():
         if kind in configs:
@@ -106,7 +109,7 @@ def apply(decoder, configs: dict[str, GemvConfig]) -> None:
                 lin.row_config = configs[kind]
 
 
-def defaults(decoder) -> dict[str, Optional[GemvConfig]]:
+def defaults(decoder) -> dict[str, Tile]:
     """Each kind's starting tile: the one-row GEMV's default, or None for 4-bit weights (quant_linear's own pick)."""
     return {kind: default_gemv_config(kind, w == "int8") if w in ("int8", "float") else None
             for kind, w in _weights(decoder).items()}
@@ -139,7 +142,7 @@ def four_bit_candidates(q, dtype: torch.dtype, swiglu: bool) -> list[QuantLinear
     return [c for c in candidate_configs(q.fmt, 1, swiglu) if c.kernel == "words" and (c.lut == 3) == table]
 
 
-def cached(decoder) -> Optional[dict[str, GemvConfig]]:
+def cached(decoder) -> Optional[dict[str, Tile]]:
     """This card's winners for this step, if they were picked from today's candidates (else: tune again)."""
     fields = dict(tuning.lookup(tuning.cache_file(decoder.device), tuning_key(decoder)) or {})
     if fields.pop("_among", None) != tuning.candidates_digest(candidates_for(decoder).items()):
@@ -155,8 +158,8 @@ class WrongResult(RuntimeError):
     """A candidate's step gives other logits than the default tiles' step."""
 
 
-def descend(start: dict[str, GemvConfig], candidates: dict[str, list], measure: Callable[[dict], Callable[[], float]],
-            keep_gain: float = KEEP_GAIN, rounds: int = ROUNDS) -> dict[str, GemvConfig]:
+def descend(start: dict[str, Tile], candidates: dict[str, list], measure: Callable[[dict], Callable[[], float]],
+            keep_gain: float = KEEP_GAIN, rounds: int = ROUNDS) -> dict[str, Tile]:
     """Coordinate descent from ``start``: ``measure(configs)`` builds that step (a graph) and returns a function
     timing it once (ms). Each candidate of each kind against the best so far, alternately ``rounds`` times, kept when
     its median is faster by more than ``keep_gain``. A candidate that fails to build, or whose step ``measure``
@@ -218,7 +221,7 @@ def graph_timer(decoder, step: Callable) -> Callable[[dict], Callable[[], float]
     return measure
 
 
-def tune(decoder, measure: Callable[[dict], Callable[[], float]]) -> dict[str, GemvConfig]:
+def tune(decoder, measure: Callable[[dict], Callable[[], float]]) -> dict[str, Tile]:
     """The descent for this decoder's weights, the winners applied and stored for later starts on this GPU model."""
     start, candidates = defaults(decoder), candidates_for(decoder)
     best = descend(start, candidates, measure)
