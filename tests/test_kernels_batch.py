@@ -11,14 +11,20 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.timeout(1500)  # one test for the whole interpreted suite: over the per-test 600 s of pyproject.toml
-def test_batch_kernels_under_the_triton_interpreter():
+# one subprocess a file, each with its own time limit: in one process they took over 23 minutes on a 2-core machine
+# (the interpreter runs every kernel's Python for every element; a decoder test takes 1-4 minutes)
+HERE = Path(__file__).resolve().parent / "kernels_interpreted"
+FILES = sorted(p.name for p in HERE.glob("test_*.py"))
+
+
+@pytest.mark.timeout(1500)  # over the per-test 600 s of pyproject.toml
+@pytest.mark.parametrize("name", FILES)
+def test_batch_kernels_under_the_triton_interpreter(name):
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
+    root = HERE.parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests" / "kernels_interpreted")],
-        # ~8 minutes on a 2-core machine: the interpreter runs every kernel's Python for every element
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / name)],
         cwd=root, env=env, capture_output=True, text=True, timeout=1400,
     )
     tail = done.stdout[-4000:] + done.stderr[-2000:]

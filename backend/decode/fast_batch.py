@@ -258,10 +258,11 @@ class BatchFastDecoder:
         first of each kind of kernel a chat, a compare and the samplers use loads or compiles now, not in a user's
         first reply (on the H200 first replies took 0.5-0.9 s longer than the next ones, 87 ms to the first token
         with this warm-up: bench/NOTES.md, runs 8 and 9). Nothing of it is kept. ``one_row`` (memory short): a
-        chat's kinds only, greedy and sampled on the device, one row at a time, and no long prompt."""
+        chat's kinds only, greedy and sampled on the device, one row at a time, 32-token prompts, no long prompt."""
         if self.rows:  # (made for a decoder that runs nothing yet: the rows it uses are overwritten)
             return
-        prompt = list(range(10, 11 + QUANT_MAX_M))
+        # 65 tokens: a prompt past QUANT_MAX_M rows takes the wide path; where memory is short, 32 (its temporaries)
+        prompt = list(range(10, 11 + (QUANT_MAX_M // 2 - 1 if one_row else QUANT_MAX_M)))
         greedy = SamplingParams(temperature=0.0, max_new_tokens=2)
         sampled = SamplingParams(temperature=0.8, top_p=0.8, top_k=40, max_new_tokens=2)
         penalised = SamplingParams(temperature=0.8, top_p=0.8, repetition_penalty=1.1, max_new_tokens=2)
