@@ -135,11 +135,12 @@ def main() -> None:
             place_row(dec, context)
             full = step_ms(dec)
             emit(what="step", context=context, ms=round(full, 4), pct_of_bound=round(100 * bound_ms / full, 1))
+            as_loaded = kernels.WIDE_X_PASS, kernels.X_PASS_VALUES_A_THREAD
             for name, wide, values in (("x_pass_per_tile", False, 64), ("x_pass_32_a_thread", True, 32)):
                 kernels.WIDE_X_PASS, kernels.X_PASS_VALUES_A_THREAD = wide, values  # the fused norm's x pass
                 ms = step_ms(dec)
                 emit(what="variant", context=context, name=name, ms=round(ms, 4), gain_ms=round(ms - full, 4))
-            kernels.WIDE_X_PASS, kernels.X_PASS_VALUES_A_THREAD = True, 64
+            kernels.WIDE_X_PASS, kernels.X_PASS_VALUES_A_THREAD = as_loaded
             for part in PARTS:
                 if part == "rotary" and dec._one_row_step is not None:
                     continue

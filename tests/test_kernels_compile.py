@@ -101,7 +101,7 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
         consts = dict(rope, BLOCK_P=4, BLOCK_K=1024, W_INT8=True,
                       CVT=2, NORM=True, HAS_BIAS=epilogue != 1, RESIDUAL=epilogue == 0 and not argmax,
                       EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=False, PDL=pdl, ROW_SUM=row_sum,
-                      ARGMAX=argmax, X_TILE=x_tile, X_PASS=x_pass_width(4096, 1024, 128))
+                      ARGMAX=argmax, X_TILE=x_tile, X_PASS=x_pass_width(4096, 1024, 4))
         ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
         assert byte_loads(ptx) == 0, epilogue
     pick = {"best_ptr": "*i64", "next_ptr": "*i64", "in_ptr": "*i64"}
@@ -121,7 +121,7 @@ def test_the_few_rows_int8_gemv_configs(arch):
             for cfg in candidate_configs(swiglu):
                 consts = dict(ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CVT=cfg.cvt, NORM=True,
                               HAS_BIAS=not swiglu, RESIDUAL=not swiglu, SWIGLU=swiglu, EVEN_K=True, EVEN_N=True,
-                              X_PASS=x_pass_width(4096, cfg.block_k, 32 * cfg.num_warps))  # as _launch passes it
+                              X_PASS=x_pass_width(4096, cfg.block_k, cfg.num_warps))  # as _launch passes it
                 ptx = compile_for(_gemv_rows_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
                 assert byte_loads(ptx) == 0, (swiglu, rows, cfg)
 
@@ -212,7 +212,7 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
                           BLOCK_K=cfg.block_k, W_INT8=True, CVT=cfg.cvt, NORM=norm, HAS_BIAS=kind == "qkv",
                           RESIDUAL=residual, EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=cfg.prefetch,
                           PDL=True, ROW_SUM=cfg.row_sum, ARGMAX=argmax, X_TILE=cfg.x_tile,
-                          X_PASS=x_pass_width(4096, cfg.block_k, 32 * cfg.num_warps))  # as gemv() launches it
+                          X_PASS=x_pass_width(4096, cfg.block_k, cfg.num_warps))  # as gemv() launches it
             ptx = compile_for(_gemv_kernel, types, consts, 90, warps=cfg.num_warps, stages=cfg.num_stages)
             assert byte_loads(ptx) == 0, (kind, cfg)
             if cfg.x_tile and not cfg.row_sum:

@@ -262,7 +262,7 @@ class BatchFastDecoder:
         if self.rows:  # (made for a decoder that runs nothing yet: the rows it uses are overwritten)
             return
         # 65 tokens: a prompt past QUANT_MAX_M rows takes the wide path; where memory is short, 32 (its temporaries)
-        prompt = list(range(10, 11 + (QUANT_MAX_M // 2 - 1 if one_row else QUANT_MAX_M)))
+        prompt = list(range(10, 10 + (QUANT_MAX_M // 2 if one_row else QUANT_MAX_M + 1)))
         greedy = SamplingParams(temperature=0.0, max_new_tokens=2)
         sampled = SamplingParams(temperature=0.8, top_p=0.8, top_k=40, max_new_tokens=2)
         penalised = SamplingParams(temperature=0.8, top_p=0.8, repetition_penalty=1.1, max_new_tokens=2)

@@ -22,10 +22,11 @@ WIDE_X_PASS = os.environ.get("GLMCHAT_WIDE_X_PASS", "1") != "0"
 X_PASS_VALUES_A_THREAD = 64
 
 
-def x_pass_width(elements: int, tile: int, threads: int) -> int:
-    """The tile width of that pass over a row of ``elements`` by ``threads`` threads, for int8_gemv and gemv_rows
-    (quant_words keeps its own: NF4's step did not gain, bench/NOTES.md run 40); their ``tile`` when not widened."""
+def x_pass_width(elements: int, tile: int, num_warps: int) -> int:
+    """The tile width of that pass over a row of ``elements`` by a program of ``num_warps`` warps, for int8_gemv and
+    gemv_rows (quant_words keeps its own: NF4's step did not gain, bench/NOTES.md run 40); their ``tile`` when not
+    widened."""
     if not WIDE_X_PASS:
         return tile
-    cap = X_PASS_VALUES_A_THREAD * threads
+    cap = X_PASS_VALUES_A_THREAD * 32 * num_warps
     return max(tile, min(cap, 1 << max(0, elements - 1).bit_length()))

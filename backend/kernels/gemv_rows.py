@@ -260,7 +260,7 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
         ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CVT=cfg.cvt, NORM=norm_weight is not None,
         HAS_BIAS=bias is not None, RESIDUAL=residual is not None and not swiglu, SWIGLU=swiglu,
         EVEN_K=k % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0,
-        X_PASS=x_pass_width(k, cfg.block_k, 32 * cfg.num_warps), num_warps=cfg.num_warps, num_stages=1,
+        X_PASS=x_pass_width(k, cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps, num_stages=1,
     )
 
 

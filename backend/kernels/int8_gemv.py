@@ -405,7 +405,7 @@ def gemv(
         RESIDUAL=residual is not None, EPILOGUE=epilogue,
         EVEN_K=K % cfg.block_k == 0, EVEN_P=n_pairs % cfg.block_p == 0 and (swiglu or N % 2 == 0),
         PREFETCH=cfg.prefetch, PDL=pdl, ROW_SUM=cfg.row_sum, ARGMAX=argmax is not None, X_TILE=cfg.x_tile,
-        X_PASS=x_pass_width(K, cfg.block_k, 32 * cfg.num_warps),
+        X_PASS=x_pass_width(K, cfg.block_k, cfg.num_warps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
