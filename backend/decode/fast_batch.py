@@ -42,11 +42,13 @@ from ..generation import INVALID_SCORE_TOKEN, logits_processors
 from ..int8_linear import WIDEN_MIN_ROWS
 from ..kernels.int8_matmul import MATMUL_MID_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
+from ..kernels.gemv_4bit import kernels_run
+from ..kernels.greedy_rows import greedy_rows, greedy_rows_torch
 from ..modeling import causal_to_end, decoding_attention, keys_per_head, rope_settings
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
-from . import one_row_step, one_row_tuning
+from . import one_row_step, one_row_tuning, step_tuning, two_row_tuning
 from .prompt_graphs import TOKEN_BUCKETS, PromptGraphs, prompt_inputs
 from .staged_copy import ReadBack, StagedCopy
 from .eager import common_prefix_length
@@ -70,8 +72,9 @@ GRAPHED_PROMPT_ROWS = 3
 
 def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
     """argmax per row [B], or INVALID_SCORE_TOKEN where a row's logits hold nan/inf (the original chat's guard)."""
-    bad = ~torch.isfinite(logits).all(dim=-1)
-    return torch.where(bad, torch.full_like(bad, INVALID_SCORE_TOKEN, dtype=torch.long), logits.argmax(-1))
+    if kernels_run(logits):
+        return greedy_rows(logits, INVALID_SCORE_TOKEN)
+    return greedy_rows_torch(logits, INVALID_SCORE_TOKEN)
 
 
 @dataclass
@@ -192,6 +195,9 @@ class BatchFastDecoder:
             tuned = one_row_tuning.cached(self) if cuda else None  # this card's tiles, tuned by an earlier warm-up
             if tuned:
                 one_row_tuning.apply(self, tuned)
+        tuned = two_row_tuning.cached(self) if cuda and self.max_batch >= 2 else None
+        if tuned:
+            two_row_tuning.apply(self, tuned)
 
     def _size_cache(self, cfg, context_length, max_batch, share) -> tuple[int, int]:
         """Context per row and rows, from the model's seq_length and the memory free now."""
@@ -242,7 +248,12 @@ class BatchFastDecoder:
                 return
             self._warm_replies()
             if self._one_row_step is not None and self.use_graphs and one_row_tuning.cached(self) is None:
-                self.tune_one_row(one_row_tuning.graph_timer(self, self._one_row_step))
+                self.tune_one_row(step_tuning.graph_timer(self, self._one_row_step,
+                                                          lambda configs: one_row_tuning.apply(self, configs)))
+            if (self.max_batch >= 2 and self.use_graphs and two_row_tuning.applies(self)
+                    and two_row_tuning.cached(self) is None):
+                self.tune_two_rows(step_tuning.graph_timer(self, lambda: self._step_math(2),
+                                                           lambda configs: two_row_tuning.apply(self, configs)))
             if self._prompt_graphs is not None:
                 self._prompt_graphs.capture_all()
                 self._slot_adapter[0] = object()  # the captures wrote keys over whatever prefix row 0 held
@@ -310,26 +321,39 @@ class BatchFastDecoder:
         return bool(ours)
 
     def tune_one_row(self, measure) -> None:
-        """The one-row step's GEMV tiles for this card (``one_row_tuning``, on first use per GPU model), timed on row
-        0 at position 64 of this idle decoder (a short chat's keys to attend to); its cache row is overwritten, and
-        bucket 1 is captured again after. A failure keeps the default tiles."""
-        if self.rows or not one_row_tuning.tuning.tuning_enabled():
+        """The one-row step's GEMV tiles for this card (``one_row_tuning``, on first use per GPU model); a failure
+        keeps the default tiles."""
+        self._tune_step(1, lambda: one_row_tuning.tune(self, measure),
+                        lambda: one_row_tuning.apply(self, one_row_tuning.defaults(self)))
+
+    def tune_two_rows(self, measure) -> None:
+        """Compare's two-row kernels for this card (``two_row_tuning``, on first use per GPU model); a failure keeps
+        the picks made timing each linear alone."""
+        self._tune_step(2, lambda: two_row_tuning.tune(self, measure),
+                        lambda: two_row_tuning.apply(self, dict.fromkeys(two_row_tuning.KINDS)))
+
+    def _tune_step(self, bucket: int, tune: Callable[[], object], untuned: Callable[[], None]) -> None:
+        """``tune`` timed on rows [0, bucket) at position 64 of this idle decoder (a short chat's keys to attend
+        to); their cache rows are overwritten, and the bucket is captured again after. A failure runs ``untuned``."""
+        if self.rows or not step_tuning.tuning.tuning_enabled():
             return
-        if self.use_graphs and 1 not in self._graphs:
+        if self.use_graphs and bucket == 1 and 1 not in self._graphs:
             self._capture(1)  # settles whether this runtime captures PDL launches, before the candidates' graphs
-        self._host_in[:, 0] = torch.tensor([INVALID_SCORE_TOKEN, min(64, self.slots - 1), 0])  # (any token: timing only)
+        self._host_in[:, :bucket] = torch.tensor([[INVALID_SCORE_TOKEN], [min(64, self.slots - 1)], [0]])  # (any token)
         self._step_in.send()
         try:
-            one_row_tuning.tune(self, measure)
+            tune()
         except Exception as exc:  # noqa: BLE001 - tuning is an optimisation: replies go on with the defaults
-            warnings.warn(f"tuning the one-row decode step failed ({type(exc).__name__}: {exc}); it keeps its default tiles.")
-            one_row_tuning.apply(self, one_row_tuning.defaults(self))
+            warnings.warn(f"tuning the {bucket}-row decode step failed ({type(exc).__name__}: {exc}); it keeps its "
+                          "untuned kernels.")
+            untuned()
         finally:
-            self._host_in[1, 0] = -1
+            self._host_in[1, :bucket] = -1
             self._step_in.send()
-            self._slot_adapter[0] = object()
-            self._parked.pop(0, None)
-            self._graphs.pop(1, None)
+            for slot in range(bucket):
+                self._slot_adapter[slot] = object()
+                self._parked.pop(slot, None)
+            self._graphs.pop(bucket, None)
 
     def _run_alone(self, requests: list) -> list[list[int]]:
         """Each request's tokens, decoded to the end as rows -1, -2, ... of this otherwise idle decoder."""

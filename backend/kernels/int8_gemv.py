@@ -31,6 +31,7 @@ if HAVE_TRITON:
 EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 
 if HAVE_TRITON:
+    from .greedy_rows import argmax_key
     from .packed_products import int8_words_sums
     from .rotary import rope_cos_sin
 
@@ -46,13 +47,6 @@ if HAVE_TRITON:
             return ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
         else:
             return w.to(tl.float32)
-
-    @triton.jit
-    def _argmax_key(v, row):
-        # int64 keys ordered as (v, -row): float32 bits made monotone as signed int32, then the row
-        bits = v.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-        return (ordered << 32) | (4294967296 - 1 - row.to(tl.int64))
 
     @triton.jit
     def _pick_kernel(best_ptr, next_ptr, in_ptr, BAD_TOKEN: tl.constexpr, PDL: tl.constexpr, FEED: tl.constexpr):
@@ -263,8 +257,8 @@ if HAVE_TRITON:
                 ok_a = tl.abs(a_s) < float("inf")
                 ok_b = tl.abs(b_s) < float("inf")
                 bad = tl.max(((mask_a & ~ok_a) | (mask_b & ~ok_b)).to(tl.int64), axis=0)
-                best = tl.maximum(tl.max(tl.where(mask_a & ok_a, _argmax_key(a_s, row_a), -(2**63)), axis=0),
-                                  tl.max(tl.where(mask_b & ok_b, _argmax_key(b_s, row_b), -(2**63)), axis=0))
+                best = tl.maximum(tl.max(tl.where(mask_a & ok_a, argmax_key(a_s, row_a), -(2**63)), axis=0),
+                                  tl.max(tl.where(mask_b & ok_b, argmax_key(b_s, row_b), -(2**63)), axis=0))
                 tl.atomic_max(best_ptr, best)
                 tl.atomic_max(best_ptr + 1, bad, mask=bad > 0)
         elif EPILOGUE == 1:  # SwiGLU: out[p] = silu(a) * b with b = row p + F
