@@ -195,13 +195,23 @@ for f in glob.glob('/tmp/glmcache-alone/kernel-tuning/*.json'):
     GLMCHAT_CACHE_DIR=/tmp/glmcache-alone GLMCHAT_KERNEL_TUNING=0 engine "$name-alone" "$@"
     grep -a '"chat"\|"compare"' "$OUT/engine_$name-alone.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-300
   }
+  # then the general step's kernels as programmatic dependents (GLMCHAT_ROWS_PDL=1), its GPU checks; PROFILE=1: the
+  # two-row step's kernels; TWO_ROWS_NF4=1: NF4's two rows tuned against alone, with and without PDL
   compare_ab int8 --model /tmp/glm6b --quantization 8bit --rows 1,2
-  timeout 150 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 2 \
-      > "$OUT/profile_2rows.jsonl" 2> "$OUT/profile_2rows.err"
-  stamp "profile rc $?"; grep -a '"decoder"\|"kernels"' "$OUT/profile_2rows.jsonl" | cut -c1-1500
-  timeout 200 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
-  stamp "check_fast_batch --quantized 8bit"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
-  [ -n "${TWO_ROWS_NF4:-}" ] && compare_ab nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
+  GLMCHAT_ROWS_PDL=1 engine int8-pdl --model /tmp/glm6b --quantization 8bit --rows 1,2
+  grep -a '"chat"\|"compare"' "$OUT/engine_int8-pdl.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-300
+  GLMCHAT_ROWS_PDL=1 timeout 200 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch --quantized 8bit (PDL)"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
+  if [ -n "${PROFILE:-}" ]; then
+    timeout 150 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 2 \
+        > "$OUT/profile_2rows.jsonl" 2> "$OUT/profile_2rows.err"
+    stamp "profile rc $?"; grep -a '"decoder"\|"kernels"' "$OUT/profile_2rows.jsonl" | cut -c1-1500
+  fi
+  if [ -n "${TWO_ROWS_NF4:-}" ]; then
+    compare_ab nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
+    GLMCHAT_ROWS_PDL=1 engine nf4-pdl --model /tmp/glm6b --quantization 4bit --rows 1,2
+    grep -a '"chat"\|"compare"' "$OUT/engine_nf4-pdl.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-300
+  fi
   ;;
 chat-table)
   for spec in "int8 --quantization 8bit --rows 1,2" "nf4 --quantization 4bit --rows 1,2" "int4 --model /tmp/glm6b-int4 --rows 1,2" \

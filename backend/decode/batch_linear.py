@@ -114,22 +114,22 @@ class BatchLinear:
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True, pdl=False):
         """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
-        a prompt, whose launches are paid on the host); ``pdl``: 4-bit rows through ``quant_linear`` launch as
-        programmatic dependents (one row's step, ``one_row_step``)."""
+        a prompt, whose launches are paid on the host); ``pdl``: the Triton kernels launch as programmatic
+        dependents (a decode step's graph on Hopper; cuBLAS's launches stay plain)."""
         if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.rows_gemv and self.q is not None and gemv_rows.takes(x, self.one_row) and kernels_run(x):
             config = self._few_rows_tile(x, norm, eps, swiglu, split_k)
             if config is not None and config.kernel != "other":
                 return gemv_rows.gemv_rows(x, self.one_row, norm_weight=norm, eps=eps, swiglu=swiglu,
-                                           residual=residual, out=out, config=config)
+                                           residual=residual, out=out, config=config, pdl=pdl)
         four_bit = self.q is not None and self.q.fmt != "int8"
         if four_bit and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
             m = x.shape[0]
             config = self.row_config if m == 1 else self.two_rows if m == 2 else None
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu,
                                 out=out, pdl=pdl, config=config)
-        return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
+        return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k, pdl)
 
     def _few_rows_tile(self, x, norm, eps, swiglu, split_k):
         """gemv_rows' tile for these int8 rows, or None / a tile of kernel "other" for the matmul path: two rows'
@@ -177,18 +177,18 @@ class BatchLinear:
 
         return tuning.pick(key, [FourBitRows("kernel"), FourBitRows("widened")], run, device)
 
-    def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k):
+    def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k, pdl=False):
         """RMSNorm, the wide matmul and SwiGLU as launches of their own (many rows, or no kernels); the residual
         inside the product's launches where it follows it directly (``_wide``), and at up to SWIGLU_IN_MATMUL_M
         int8 rows SwiGLU too: a launch a layer fewer and no [rows, 2F] product."""
         fused = kernels_run(x)
         if norm is not None:
-            x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
+            x = rms_norm_rows(x, norm, eps, pdl=pdl) if fused else rms_norm(x, norm, eps)
         if not swiglu:
-            return self._wide(x, split_k, residual, out)
+            return self._wide(x, split_k, residual, out, pdl)
         if self._int8_matmul(x) and x.shape[0] <= SWIGLU_IN_MATMUL_M:
-            return linear_rows(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out)
-        y = self._wide(x, split_k)
+            return linear_rows(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out, pdl=pdl)
+        y = self._wide(x, split_k, pdl=pdl)
         if fused:
             y = swiglu_rows(y)
         else:
@@ -219,14 +219,14 @@ class BatchLinear:
         return gemv(x, self.one_row, out, norm_weight=norm, eps=eps, swiglu=swiglu, residual=residual, rope=rope,
                     argmax=argmax, pdl=pdl, config=self.row_config)
 
-    def _wide(self, x: torch.Tensor, split_k: bool = True, residual=None, out=None) -> torch.Tensor:
+    def _wide(self, x: torch.Tensor, split_k: bool = True, residual=None, out=None, pdl=False) -> torch.Tensor:
         """x @ W.T + b (+ residual, into out) for many rows: tensor cores on the weight (int8 widened in registers,
         the residual added in the matmul's epilogue; or a block at a time for cuBLAS from WIDEN_MIN_ROWS, and
         4-bit a block at a time, cuBLAS adding into the residual when it is ``out``)."""
         if self.q is None:
             y = F.linear(x, self.w, self.bias)
         elif self._int8_matmul(x):
-            return linear_rows(x, self.one_row, split_k=split_k, residual=residual, out=out)
+            return linear_rows(x, self.one_row, split_k=split_k, residual=residual, out=out, pdl=pdl)
         elif self.q.fmt in ("nf4", "int4"):
             return widened_4bit_linear(x, self.q, self.bias, residual, out)
         else:

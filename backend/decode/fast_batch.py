@@ -70,10 +70,10 @@ LONG_WARM_TOKENS = 1600  # the warm-up's long prompt (``_warm_long_prompt``)
 GRAPHED_PROMPT_ROWS = 3
 
 
-def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+def greedy_pick(logits: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """argmax per row [B], or INVALID_SCORE_TOKEN where a row's logits hold nan/inf (the original chat's guard)."""
     if kernels_run(logits):
-        return greedy_rows(logits, INVALID_SCORE_TOKEN)
+        return greedy_rows(logits, INVALID_SCORE_TOKEN, pdl)
     return greedy_rows_torch(logits, INVALID_SCORE_TOKEN)
 
 
@@ -189,9 +189,11 @@ class BatchFastDecoder:
         # one row's decode step with the one-row decoder's fusions (decode/one_row_step.py), where its GEMV applies;
         # programmatic dependent launch from Hopper on, in graphs
         self._one_row_step = None
+        hopper = self.use_graphs and torch.cuda.get_device_capability(self.device)[0] >= 9
+        # the general step's Triton kernels as programmatic dependents too (GLMCHAT_ROWS_PDL=1; A/B in bench/)
+        self.rows_pdl = hopper and os.environ.get("GLMCHAT_ROWS_PDL", "0") == "1"
         if one_row_step.fused_one_row_enabled() and one_row_step.applies(self):
-            pdl = self.use_graphs and torch.cuda.get_device_capability(self.device)[0] >= 9
-            self._one_row_step = one_row_step.OneRowStep(self, pdl)
+            self._one_row_step = one_row_step.OneRowStep(self, hopper)
             tuned = one_row_tuning.cached(self) if cuda else None  # this card's tiles, tuned by an earlier warm-up
             if tuned:
                 one_row_tuning.apply(self, tuned)
@@ -593,10 +595,14 @@ class BatchFastDecoder:
         try:
             graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
         except Exception:
-            if bucket != 1 or self._one_row_step is None or not self._one_row_step.pdl:
+            one_row = bucket == 1 and self._one_row_step is not None
+            if not (self._one_row_step.pdl if one_row else self.rows_pdl):
                 raise
             torch.cuda.synchronize(self.device)  # a driver or runtime without PDL in graphs: the plain launches
-            self._one_row_step.pdl = False
+            if one_row:
+                self._one_row_step.pdl = False
+            else:
+                self.rows_pdl = False
             graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
         self._graphs[bucket] = graph
         return graph
@@ -609,18 +615,19 @@ class BatchFastDecoder:
         if ws is None:
             ws = self._workspaces[bucket] = attention_workspace(bucket, self.heads, self.groups, self.head_dim, self.device)
         pos, plen = self.positions[:bucket], self.prefix_lens[:bucket]
+        pdl = self.rows_pdl
         x = self.embedding.index_select(0, self.tokens[:bucket])  # [B, h]
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i, :bucket], self.v_cache[i, :bucket]
-            qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps)
+            qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps, pdl=pdl)
             q = rope_cache_write(qkv, kc, vc, pos, plen, num_heads=self.heads, num_groups=self.groups,
                                  inv_freq=self.inv_freq, position_divisor=self.rope.position_divisor,
-                                 angle_dtype=self.angle_dtype)
-            attn = decode_attention(q, kc, vc, pos, plen, workspace=ws)
-            x = lw.dense(attn, residual=x)
-            x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
-        logits = self.output(x, norm=self.final_ln, eps=self.eps)
-        return logits, greedy_pick(logits)
+                                 angle_dtype=self.angle_dtype, pdl=pdl)
+            attn = decode_attention(q, kc, vc, pos, plen, workspace=ws, pdl=pdl)
+            x = lw.dense(attn, residual=x, pdl=pdl)
+            x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True, pdl=pdl), residual=x, pdl=pdl)
+        logits = self.output(x, norm=self.final_ln, eps=self.eps, pdl=pdl)
+        return logits, greedy_pick(logits, pdl)
 
     # -- prompts --------------------------------------------------------------------------------
 
