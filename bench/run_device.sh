@@ -180,37 +180,34 @@ x-pass)
   stamp "check_fast_batch --quantized rc $?"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 two-rows)
-  # the engine tunes compare's two rows in their step at its warm-up (decode/two_row_tuning.py); then the same with
-  # those tiles struck from a copy of the cache and tuning off: the picks made timing each linear alone, every
-  # other tile the same
-  compare_ab() {  # NAME ARGS...
+  # the engine tunes compare's two rows in their step at its warm-up (decode/two_row_tuning.py); the 8-bit GPU
+  # checks on what it picked; the general step's kernels as programmatic dependents (GLMCHAT_ROWS_PDL=1); then the
+  # picks made alone: the tuned tiles struck from a copy of the cache, tuning off, every other tile the same.
+  # PROFILE=1: the two-row step's kernels; TWO_ROWS_NF4=1: NF4 the same way
+  show() { grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_$1.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-600; }
+  alone() {  # NAME ARGS...: the picks made alone
     local name=$1; shift
-    engine "$name" "$@"
-    grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_$name.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-600
     rm -rf /tmp/glmcache-alone; cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-alone
-    python3 -c "import json,sys,glob
+    python3 -c "import json,glob
 for f in glob.glob('/tmp/glmcache-alone/kernel-tuning/*.json'):
     d=json.load(open(f)); d['configs']={k:v for k,v in d['configs'].items() if not k.startswith('two_row_step:')}
     json.dump(d,open(f,'w'))"
-    GLMCHAT_CACHE_DIR=/tmp/glmcache-alone GLMCHAT_KERNEL_TUNING=0 engine "$name-alone" "$@"
-    grep -a '"chat"\|"compare"' "$OUT/engine_$name-alone.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-300
+    GLMCHAT_CACHE_DIR=/tmp/glmcache-alone GLMCHAT_KERNEL_TUNING=0 engine "$name-alone" "$@"; show "$name-alone"
   }
-  # then the general step's kernels as programmatic dependents (GLMCHAT_ROWS_PDL=1), its GPU checks; PROFILE=1: the
-  # two-row step's kernels; TWO_ROWS_NF4=1: NF4's two rows tuned against alone, with and without PDL
-  compare_ab int8 --model /tmp/glm6b --quantization 8bit --rows 1,2
-  GLMCHAT_ROWS_PDL=1 engine int8-pdl --model /tmp/glm6b --quantization 8bit --rows 1,2
-  grep -a '"chat"\|"compare"' "$OUT/engine_int8-pdl.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-300
-  GLMCHAT_ROWS_PDL=1 timeout 200 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
-  stamp "check_fast_batch --quantized 8bit (PDL)"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
+  engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2; show int8
+  timeout 200 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch --quantized 8bit"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
+  GLMCHAT_ROWS_PDL=1 engine int8-pdl --model /tmp/glm6b --quantization 8bit --rows 1,2; show int8-pdl
+  alone int8 --model /tmp/glm6b --quantization 8bit --rows 1,2
   if [ -n "${PROFILE:-}" ]; then
     timeout 150 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 2 \
         > "$OUT/profile_2rows.jsonl" 2> "$OUT/profile_2rows.err"
     stamp "profile rc $?"; grep -a '"decoder"\|"kernels"' "$OUT/profile_2rows.jsonl" | cut -c1-1500
   fi
   if [ -n "${TWO_ROWS_NF4:-}" ]; then
-    compare_ab nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
-    GLMCHAT_ROWS_PDL=1 engine nf4-pdl --model /tmp/glm6b --quantization 4bit --rows 1,2
-    grep -a '"chat"\|"compare"' "$OUT/engine_nf4-pdl.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-300
+    engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2; show nf4
+    GLMCHAT_ROWS_PDL=1 engine nf4-pdl --model /tmp/glm6b --quantization 4bit --rows 1,2; show nf4-pdl
+    alone nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
   fi
   ;;
 chat-table)
