@@ -255,12 +255,12 @@ def widened_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, scale: torc
 
 
 def linear_rows(x: torch.Tensor, lw: LinearWeights, *, split_k: bool = True, residual: Optional[torch.Tensor] = None,
-                out: Optional[torch.Tensor] = None, swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
+                out: Optional[torch.Tensor] = None, swiglu: bool = False) -> torch.Tensor:
     """x [M, K] (M > 1, CUDA) through int8 (or 16-bit) weights: up to ``WIDEN_MIN_ROWS`` int8 rows the Triton
     matmul (``kernels.int8_matmul.matmul``, its arguments), from there cuBLAS on the weight widened a block at a
     time (compute-bound)."""
     if not (lw.is_int8 and x.shape[0] >= WIDEN_MIN_ROWS):
-        return matmul(x, lw, split_k=split_k, residual=residual, out=out, swiglu=swiglu, pdl=pdl)
+        return matmul(x, lw, split_k=split_k, residual=residual, out=out, swiglu=swiglu)
     if not swiglu:
         return widened_linear(x, lw, residual, out)
     return add_into(swiglu_rows(widened_linear(x, lw)), residual, out)

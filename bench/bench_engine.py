@@ -184,7 +184,7 @@ def main() -> None:
              **timed_reply(engine, query_of(engine.tokenizer, 1600, base), SamplingParams(temperature=0.0, max_new_tokens=4)))
     timed_reply(engine, q64, greedy, adapter=adapter.name)  # first use of the adapter
     emit(what="adapter_switch", **timed_reply(engine, q64 + "！", greedy, adapter=adapter.name))
-    emit(what="compare", **compare_rate(engine, q64, greedy, adapter.name), two_row_tiles=two_row_tiles(engine.decoder))
+    emit(what="compare", **compare_rate(engine, q64, greedy, adapter.name))
     for n in rows:
         queries = [q64[: len(q64) - (i % 7)] + str(i) for i in range(n)]
         for run in range(1, args.repeat + 1):
@@ -205,18 +205,6 @@ def one_row_step(decoder) -> Optional[dict]:
     tiles = {kind: dataclasses.asdict(lins[0].row_config) if lins[0].row_config is not None else None  # (None: 4-bit
              for kind, lins in one_row_tuning.linears_by_kind(decoder).items()}  # weights on quant_linear's own pick)
     return {"fused": True, "pdl": step.pdl, "tiles": tiles}
-
-
-def two_row_tiles(decoder) -> Optional[dict]:
-    """Each quantized kind's kernel at two rows as tuned in the two-row step (decode/two_row_tuning.py); None where
-    it runs the pick made timing it alone, or for a decoder without that step."""
-    if not hasattr(decoder, "_one_row_step"):
-        return None
-    from backend.decode import one_row_tuning, two_row_tuning
-
-    by_kind = one_row_tuning.linears_by_kind(decoder)
-    return {kind: dataclasses.asdict(by_kind[kind][0].two_rows) if by_kind[kind][0].two_rows is not None else None
-            for kind in two_row_tuning.KINDS}
 
 
 def compare_rate(engine, query: str, params, adapter: str) -> dict:

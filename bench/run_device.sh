@@ -38,8 +38,6 @@
 #                                       # ablate's parts for each precision
 #   bash bench/run_device.sh x-pass   # the fused norm's x pass in one tile against one a K tile (ablate's variant
 #                                     # line), one- and two-warp tiles tuned in; the quantized GPU checks
-#   bash bench/run_device.sh two-rows   # compare's two rows tuned in their step, against the picks made alone (8-bit,
-#                                       # then NF4 with TWO_ROWS_NF4=1); the two-row step's kernels; the 8-bit checks
 #   bash bench/run_device.sh chat-table  # ChatEngine chat and compare: 8-bit, NF4, the int4 release; bf16 chat
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
@@ -75,7 +73,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in two-rows|quantized-check|ablate|step-check|x-pass|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in quantized-check|ablate|step-check|x-pass|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -178,37 +176,6 @@ x-pass)
   done
   timeout 200 python3 bench/check_fast_batch.py --quantized > "$OUT/check_fast_batch.log" 2>&1
   stamp "check_fast_batch --quantized rc $?"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
-  ;;
-two-rows)
-  # the engine tunes compare's two rows in their step at its warm-up (decode/two_row_tuning.py); the 8-bit GPU
-  # checks on what it picked; the general step's kernels as programmatic dependents (GLMCHAT_ROWS_PDL=1); then the
-  # picks made alone: the tuned tiles struck from a copy of the cache, tuning off, every other tile the same.
-  # PROFILE=1: the two-row step's kernels; TWO_ROWS_NF4=1: NF4 the same way
-  show() { grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_$1.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-600; }
-  alone() {  # NAME ARGS...: the picks made alone
-    local name=$1; shift
-    rm -rf /tmp/glmcache-alone; cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-alone
-    python3 -c "import json,glob
-for f in glob.glob('/tmp/glmcache-alone/kernel-tuning/*.json'):
-    d=json.load(open(f)); d['configs']={k:v for k,v in d['configs'].items() if not k.startswith('two_row_step:')}
-    json.dump(d,open(f,'w'))"
-    GLMCHAT_CACHE_DIR=/tmp/glmcache-alone GLMCHAT_KERNEL_TUNING=0 engine "$name-alone" "$@"; show "$name-alone"
-  }
-  engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2; show int8
-  timeout 200 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
-  stamp "check_fast_batch --quantized 8bit"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
-  GLMCHAT_ROWS_PDL=1 engine int8-pdl --model /tmp/glm6b --quantization 8bit --rows 1,2; show int8-pdl
-  alone int8 --model /tmp/glm6b --quantization 8bit --rows 1,2
-  if [ -n "${PROFILE:-}" ]; then
-    timeout 150 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 2 \
-        > "$OUT/profile_2rows.jsonl" 2> "$OUT/profile_2rows.err"
-    stamp "profile rc $?"; grep -a '"decoder"\|"kernels"' "$OUT/profile_2rows.jsonl" | cut -c1-1500
-  fi
-  if [ -n "${TWO_ROWS_NF4:-}" ]; then
-    engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2; show nf4
-    GLMCHAT_ROWS_PDL=1 engine nf4-pdl --model /tmp/glm6b --quantization 4bit --rows 1,2; show nf4-pdl
-    alone nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2
-  fi
   ;;
 chat-table)
   for spec in "int8 --quantization 8bit --rows 1,2" "nf4 --quantization 4bit --rows 1,2" "int4 --model /tmp/glm6b-int4 --rows 1,2" \
@@ -479,7 +446,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|nf4-words|two-rows|quantized-check|ablate|step-check|x-pass|chat-table|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|step-check|x-pass|chat-table|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

@@ -109,10 +109,9 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
         compile_for(_pick_kernel, pick, dict(BAD_TOKEN=5, PDL=pdl, FEED=feed), arch, warps=1, stages=1)
 
 
-@pytest.mark.parametrize("arch,pdl", TARGETS)
-def test_the_few_rows_int8_gemv_configs(arch, pdl):
-    """Every config the few-rows GEMV may be tuned to, at 2 and 4 rows, plain and SwiGLU, with vector loads (and on
-    Hopper as a programmatic dependent, as a decode step's graph launches it)."""
+@pytest.mark.parametrize("arch", [90, 80, 75])
+def test_the_few_rows_int8_gemv_configs(arch):
+    """Every config the few-rows GEMV may be tuned to, at 2 and 4 rows, plain and SwiGLU, with vector loads."""
     from backend.kernels.gemv_rows import _gemv_rows_kernel, candidate_configs
 
     types = {"x_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "norm_ptr": ACT, "res_ptr": ACT,
@@ -122,7 +121,7 @@ def test_the_few_rows_int8_gemv_configs(arch, pdl):
             for cfg in candidate_configs(swiglu):
                 consts = dict(ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CVT=cfg.cvt, NORM=True,
                               HAS_BIAS=not swiglu, RESIDUAL=not swiglu, SWIGLU=swiglu, EVEN_K=True, EVEN_N=True,
-                              X_PASS=x_pass_width(4096, cfg.block_k, cfg.num_warps), PDL=pdl)  # as _launch
+                              X_PASS=x_pass_width(4096, cfg.block_k, cfg.num_warps))  # as _launch passes it
                 ptx = compile_for(_gemv_rows_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
                 assert byte_loads(ptx) == 0, (swiglu, rows, cfg)
 
@@ -140,7 +139,7 @@ def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                   "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": True, "WIDEN": 1,  # (fp16 rows: widened by PTX)
-                  "RESIDUAL": split == 1, "SWIGLU": False, "PDL": False}
+                  "RESIDUAL": split == 1, "SWIGLU": False}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
         if arch == 90:  # wgmma.mma_async ... {accumulators}, {A registers}, B descriptor
@@ -178,42 +177,21 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
     configs |= {c[:-1] + (1,) for c in configs}  # and prompts run the same tiles unsplit
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": split == 1, "SWIGLU": False,
-                  "PDL": False}
+                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": split == 1, "SWIGLU": False}
         ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
     for m in (2, 3, 16):  # a few decode rows' fc1: SwiGLU in the epilogue, each half's tile half as wide
         bm, bn, bk, warps, stages, _ = matmul_config(m, 27392, 4096)
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": max(16, bn // 2),
                   "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": False,
-                  "SWIGLU": True, "PDL": False}
+                  "SWIGLU": True}
         assert byte_loads(compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)) == 0
     for split in sorted({c[-1] for c in configs} - {1}):
         for residual in (False, True):
             compile_for(_split_sum_kernel, {"part_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT,
                                             "res_ptr": ACT},
-                        {"SPLIT_K": split, "W_INT8": True, "HAS_BIAS": False, "BLOCK_N": 1024, "RESIDUAL": residual,
-                         "PDL": arch == 90}, arch)
-    for m in (2, 4, 64):  # a decode step's rows on Hopper: each launch a programmatic dependent
-        bm, bn, bk, warps, stages, split = matmul_config(m, 4608, 4096)
-        consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": split == 1,
-                  "SWIGLU": False, "PDL": arch == 90}
-        compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
-
-
-@pytest.mark.parametrize("arch,pdl", TARGETS)
-def test_the_decode_steps_norm_and_greedy_pick(arch, pdl):
-    """RMSNorm's launch (the matmul path's) and the batched greedy pick's two, plain and as programmatic dependents."""
-    from backend.kernels.decode_kernels import _rmsnorm_kernel
-    from backend.kernels.greedy_rows import BLOCK, _row_pick_kernel, _tile_best_kernel
-
-    compile_for(_rmsnorm_kernel, {"x_ptr": ACT, "w_ptr": ACT, "out_ptr": ACT, "eps": "fp32"},
-                {"BLOCK": 4096, "PDL": pdl}, arch, warps=8, stages=1)
-    compile_for(_tile_best_kernel, {"logits_ptr": ACT, "key_ptr": "*i64", "bad_ptr": "*i32"},
-                {"BLOCK": BLOCK, "PDL": pdl}, arch, stages=1)
-    compile_for(_row_pick_kernel, {"key_ptr": "*i64", "bad_ptr": "*i32", "out_ptr": "*i64"},
-                {"BAD_TOKEN": 5, "TILES_POW2": 32, "PDL": pdl}, arch, warps=1, stages=1)
+                        {"SPLIT_K": split, "W_INT8": True, "HAS_BIAS": False, "BLOCK_N": 1024, "RESIDUAL": residual},
+                        arch)
 
 
 def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_vector_loads():

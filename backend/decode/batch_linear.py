@@ -106,38 +106,26 @@ class BatchLinear:
         # one row's tiles, tuned inside the one-row step (decode/one_row_tuning.py): the one-row GEMV's for int8 and
         # 16-bit weights; for 4-bit ones quant_linear's config (None: the one its own tuner picked for one row)
         self.row_config = default_gemv_config(kind, self.q is not None) if self.one_row is not None else None
-        # two rows' kernel (a compare), tuned inside the captured two-row step (decode/two_row_tuning.py): for int8
-        # weights gemv_rows' tile or two_row_tuning.OTHER (the matmul path), for 4-bit ones quant_linear's config;
-        # None: the pick made timing this linear alone
-        self.two_rows = None
         self._paths: dict = {}  # (row bucket, dtype, device, swiglu) -> FourBitRows.path, once tuned
 
     def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True, pdl=False):
         """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
-        a prompt, whose launches are paid on the host); ``pdl``: the Triton kernels launch as programmatic
-        dependents (a decode step's graph on Hopper; cuBLAS's launches stay plain)."""
+        a prompt, whose launches are paid on the host); ``pdl``: 4-bit rows through ``quant_linear`` launch as
+        programmatic dependents (one row's step, ``one_row_step``)."""
         if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
         if self.rows_gemv and self.q is not None and gemv_rows.takes(x, self.one_row) and kernels_run(x):
-            config = self._few_rows_tile(x, norm, eps, swiglu, split_k)
-            if config is not None and config.kernel != "other":
+            # the few-rows GEMV unless this card ran the matmul path faster for these rows (timed on first use)
+            config = gemv_rows.tuned_config(self.one_row, x.shape[0], x.dtype, x.device, swiglu, norm is not None,
+                                            other=lambda xs: self._matmul_path(xs, norm, eps, swiglu, None, None, split_k))
+            if config is not None:
                 return gemv_rows.gemv_rows(x, self.one_row, norm_weight=norm, eps=eps, swiglu=swiglu,
-                                           residual=residual, out=out, config=config, pdl=pdl)
+                                           residual=residual, out=out, config=config)
         four_bit = self.q is not None and self.q.fmt != "int8"
         if four_bit and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
-            m = x.shape[0]
-            config = self.row_config if m == 1 else self.two_rows if m == 2 else None
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu,
-                                out=out, pdl=pdl, config=config)
-        return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k, pdl)
-
-    def _few_rows_tile(self, x, norm, eps, swiglu, split_k):
-        """gemv_rows' tile for these int8 rows, or None / a tile of kernel "other" for the matmul path: two rows'
-        as tuned in their step, else as timed alone on first use (against the matmul path for the same rows)."""
-        if x.shape[0] == 2 and self.two_rows is not None:
-            return self.two_rows
-        return gemv_rows.tuned_config(self.one_row, x.shape[0], x.dtype, x.device, swiglu, norm is not None,
-                                      other=lambda xs: self._matmul_path(xs, norm, eps, swiglu, None, None, split_k))
+                                out=out, pdl=pdl, config=self.row_config if x.shape[0] == 1 else None)
+        return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
 
     def _widen_4bit(self, x: torch.Tensor, swiglu: bool) -> bool:
         """Whether these 4-bit rows go through the widened weight: from WIDEN_4BIT_MIN_M rows, where it ran faster
@@ -177,18 +165,18 @@ class BatchLinear:
 
         return tuning.pick(key, [FourBitRows("kernel"), FourBitRows("widened")], run, device)
 
-    def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k, pdl=False):
+    def _matmul_path(self, x, norm, eps, swiglu, residual, out, split_k):
         """RMSNorm, the wide matmul and SwiGLU as launches of their own (many rows, or no kernels); the residual
         inside the product's launches where it follows it directly (``_wide``), and at up to SWIGLU_IN_MATMUL_M
         int8 rows SwiGLU too: a launch a layer fewer and no [rows, 2F] product."""
         fused = kernels_run(x)
         if norm is not None:
-            x = rms_norm_rows(x, norm, eps, pdl=pdl) if fused else rms_norm(x, norm, eps)
+            x = rms_norm_rows(x, norm, eps) if fused else rms_norm(x, norm, eps)
         if not swiglu:
-            return self._wide(x, split_k, residual, out, pdl)
+            return self._wide(x, split_k, residual, out)
         if self._int8_matmul(x) and x.shape[0] <= SWIGLU_IN_MATMUL_M:
-            return linear_rows(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out, pdl=pdl)
-        y = self._wide(x, split_k, pdl=pdl)
+            return linear_rows(x, self.one_row, split_k=split_k, swiglu=True, residual=residual, out=out)
+        y = self._wide(x, split_k)
         if fused:
             y = swiglu_rows(y)
         else:
@@ -219,14 +207,14 @@ class BatchLinear:
         return gemv(x, self.one_row, out, norm_weight=norm, eps=eps, swiglu=swiglu, residual=residual, rope=rope,
                     argmax=argmax, pdl=pdl, config=self.row_config)
 
-    def _wide(self, x: torch.Tensor, split_k: bool = True, residual=None, out=None, pdl=False) -> torch.Tensor:
+    def _wide(self, x: torch.Tensor, split_k: bool = True, residual=None, out=None) -> torch.Tensor:
         """x @ W.T + b (+ residual, into out) for many rows: tensor cores on the weight (int8 widened in registers,
         the residual added in the matmul's epilogue; or a block at a time for cuBLAS from WIDEN_MIN_ROWS, and
         4-bit a block at a time, cuBLAS adding into the residual when it is ``out``)."""
         if self.q is None:
             y = F.linear(x, self.w, self.bias)
         elif self._int8_matmul(x):
-            return linear_rows(x, self.one_row, split_k=split_k, residual=residual, out=out, pdl=pdl)
+            return linear_rows(x, self.one_row, split_k=split_k, residual=residual, out=out)
         elif self.q.fmt in ("nf4", "int4"):
             return widened_4bit_linear(x, self.q, self.bias, residual, out)
         else:

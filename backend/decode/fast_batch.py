@@ -48,7 +48,7 @@ from ..modeling import causal_to_end, decoding_attention, keys_per_head, rope_se
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
-from . import one_row_step, one_row_tuning, step_tuning, two_row_tuning
+from . import one_row_step, one_row_tuning, step_tuning
 from .prompt_graphs import TOKEN_BUCKETS, PromptGraphs, prompt_inputs
 from .staged_copy import ReadBack, StagedCopy
 from .eager import common_prefix_length
@@ -70,10 +70,10 @@ LONG_WARM_TOKENS = 1600  # the warm-up's long prompt (``_warm_long_prompt``)
 GRAPHED_PROMPT_ROWS = 3
 
 
-def greedy_pick(logits: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
     """argmax per row [B], or INVALID_SCORE_TOKEN where a row's logits hold nan/inf (the original chat's guard)."""
     if kernels_run(logits):
-        return greedy_rows(logits, INVALID_SCORE_TOKEN, pdl)
+        return greedy_rows(logits, INVALID_SCORE_TOKEN)
     return greedy_rows_torch(logits, INVALID_SCORE_TOKEN)
 
 
@@ -189,17 +189,12 @@ class BatchFastDecoder:
         # one row's decode step with the one-row decoder's fusions (decode/one_row_step.py), where its GEMV applies;
         # programmatic dependent launch from Hopper on, in graphs
         self._one_row_step = None
-        hopper = self.use_graphs and torch.cuda.get_device_capability(self.device)[0] >= 9
-        # the general step's Triton kernels as programmatic dependents too (GLMCHAT_ROWS_PDL=1; A/B in bench/)
-        self.rows_pdl = hopper and os.environ.get("GLMCHAT_ROWS_PDL", "0") == "1"
         if one_row_step.fused_one_row_enabled() and one_row_step.applies(self):
-            self._one_row_step = one_row_step.OneRowStep(self, hopper)
+            pdl = self.use_graphs and torch.cuda.get_device_capability(self.device)[0] >= 9
+            self._one_row_step = one_row_step.OneRowStep(self, pdl)
             tuned = one_row_tuning.cached(self) if cuda else None  # this card's tiles, tuned by an earlier warm-up
             if tuned:
                 one_row_tuning.apply(self, tuned)
-        tuned = two_row_tuning.cached(self) if cuda and self.max_batch >= 2 else None
-        if tuned:
-            two_row_tuning.apply(self, tuned)
 
     def _size_cache(self, cfg, context_length, max_batch, share) -> tuple[int, int]:
         """Context per row and rows, from the model's seq_length and the memory free now."""
@@ -252,10 +247,6 @@ class BatchFastDecoder:
             if self._one_row_step is not None and self.use_graphs and one_row_tuning.cached(self) is None:
                 self.tune_one_row(step_tuning.graph_timer(self, self._one_row_step,
                                                           lambda configs: one_row_tuning.apply(self, configs)))
-            if (self.max_batch >= 2 and self.use_graphs and two_row_tuning.applies(self)
-                    and two_row_tuning.cached(self) is None):
-                self.tune_two_rows(step_tuning.graph_timer(self, lambda: self._step_math(2),
-                                                           lambda configs: two_row_tuning.apply(self, configs)))
             if self._prompt_graphs is not None:
                 self._prompt_graphs.capture_all()
                 self._slot_adapter[0] = object()  # the captures wrote keys over whatever prefix row 0 held
@@ -323,39 +314,26 @@ class BatchFastDecoder:
         return bool(ours)
 
     def tune_one_row(self, measure) -> None:
-        """The one-row step's GEMV tiles for this card (``one_row_tuning``, on first use per GPU model); a failure
-        keeps the default tiles."""
-        self._tune_step(1, lambda: one_row_tuning.tune(self, measure),
-                        lambda: one_row_tuning.apply(self, one_row_tuning.defaults(self)))
-
-    def tune_two_rows(self, measure) -> None:
-        """Compare's two-row kernels for this card (``two_row_tuning``, on first use per GPU model); a failure keeps
-        the picks made timing each linear alone."""
-        self._tune_step(2, lambda: two_row_tuning.tune(self, measure),
-                        lambda: two_row_tuning.apply(self, dict.fromkeys(two_row_tuning.KINDS)))
-
-    def _tune_step(self, bucket: int, tune: Callable[[], object], untuned: Callable[[], None]) -> None:
-        """``tune`` timed on rows [0, bucket) at position 64 of this idle decoder (a short chat's keys to attend
-        to); their cache rows are overwritten, and the bucket is captured again after. A failure runs ``untuned``."""
+        """The one-row step's GEMV tiles for this card (``one_row_tuning``, on first use per GPU model), timed on row
+        0 at position 64 of this idle decoder (a short chat's keys to attend to); its cache row is overwritten, and
+        bucket 1 is captured again after. A failure keeps the default tiles."""
         if self.rows or not step_tuning.tuning.tuning_enabled():
             return
-        if self.use_graphs and bucket == 1 and 1 not in self._graphs:
+        if self.use_graphs and 1 not in self._graphs:
             self._capture(1)  # settles whether this runtime captures PDL launches, before the candidates' graphs
-        self._host_in[:, :bucket] = torch.tensor([[INVALID_SCORE_TOKEN], [min(64, self.slots - 1)], [0]])  # (any token)
+        self._host_in[:, 0] = torch.tensor([INVALID_SCORE_TOKEN, min(64, self.slots - 1), 0])  # (any token: timing only)
         self._step_in.send()
         try:
-            tune()
+            one_row_tuning.tune(self, measure)
         except Exception as exc:  # noqa: BLE001 - tuning is an optimisation: replies go on with the defaults
-            warnings.warn(f"tuning the {bucket}-row decode step failed ({type(exc).__name__}: {exc}); it keeps its "
-                          "untuned kernels.")
-            untuned()
+            warnings.warn(f"tuning the one-row decode step failed ({type(exc).__name__}: {exc}); it keeps its default tiles.")
+            one_row_tuning.apply(self, one_row_tuning.defaults(self))
         finally:
-            self._host_in[1, :bucket] = -1
+            self._host_in[1, 0] = -1
             self._step_in.send()
-            for slot in range(bucket):
-                self._slot_adapter[slot] = object()
-                self._parked.pop(slot, None)
-            self._graphs.pop(bucket, None)
+            self._slot_adapter[0] = object()
+            self._parked.pop(0, None)
+            self._graphs.pop(1, None)
 
     def _run_alone(self, requests: list) -> list[list[int]]:
         """Each request's tokens, decoded to the end as rows -1, -2, ... of this otherwise idle decoder."""
@@ -595,14 +573,10 @@ class BatchFastDecoder:
         try:
             graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
         except Exception:
-            one_row = bucket == 1 and self._one_row_step is not None
-            if not (self._one_row_step.pdl if one_row else self.rows_pdl):
+            if bucket != 1 or self._one_row_step is None or not self._one_row_step.pdl:
                 raise
             torch.cuda.synchronize(self.device)  # a driver or runtime without PDL in graphs: the plain launches
-            if one_row:
-                self._one_row_step.pdl = False
-            else:
-                self.rows_pdl = False
+            self._one_row_step.pdl = False
             graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
         self._graphs[bucket] = graph
         return graph
@@ -615,19 +589,18 @@ class BatchFastDecoder:
         if ws is None:
             ws = self._workspaces[bucket] = attention_workspace(bucket, self.heads, self.groups, self.head_dim, self.device)
         pos, plen = self.positions[:bucket], self.prefix_lens[:bucket]
-        pdl = self.rows_pdl
         x = self.embedding.index_select(0, self.tokens[:bucket])  # [B, h]
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i, :bucket], self.v_cache[i, :bucket]
-            qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps, pdl=pdl)
+            qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps)
             q = rope_cache_write(qkv, kc, vc, pos, plen, num_heads=self.heads, num_groups=self.groups,
                                  inv_freq=self.inv_freq, position_divisor=self.rope.position_divisor,
-                                 angle_dtype=self.angle_dtype, pdl=pdl)
-            attn = decode_attention(q, kc, vc, pos, plen, workspace=ws, pdl=pdl)
-            x = lw.dense(attn, residual=x, pdl=pdl)
-            x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True, pdl=pdl), residual=x, pdl=pdl)
-        logits = self.output(x, norm=self.final_ln, eps=self.eps, pdl=pdl)
-        return logits, greedy_pick(logits, pdl)
+                                 angle_dtype=self.angle_dtype)
+            attn = decode_attention(q, kc, vc, pos, plen, workspace=ws)
+            x = lw.dense(attn, residual=x)
+            x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
+        logits = self.output(x, norm=self.final_ln, eps=self.eps)
+        return logits, greedy_pick(logits)
 
     # -- prompts --------------------------------------------------------------------------------
 

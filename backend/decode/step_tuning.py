@@ -3,8 +3,8 @@
 A kernel timed alone ranks tiles differently from the same kernel inside the step, where each launch overlaps the
 tail of the kernel before it and the prologues and epilogues do more: on the H100, the descent over the captured
 one-row step found a step 12% faster than the tiles that won one kernel at a time (bench/NOTES.md run 5), and a
-4-bit tile picked alone made that step 0.19 ms slower (run 39). So each step whose tiles matter is described by a
-``StepTiles`` (one_row_tuning: one row's step; two_row_tuning: compare's two rows) and tuned here: for each linear
+4-bit tile picked alone made that step 0.19 ms slower (run 39). So a step whose tiles matter is described by a
+``StepTiles`` (one_row_tuning: one row's step) and tuned here: for each linear
 kind in turn, each candidate tile's step graph is timed against the best so far's, interleaved, and kept when
 faster by more than ``KEEP_GAIN`` and when its logits are the starting tiles' (``tuning.agrees``: a tile a
 compiler or card gets wrong never wins). The winners go to ``kernels.tuning``'s file for this GPU model, tagged
@@ -35,7 +35,7 @@ STEP_AGREEMENT = 0.1
 class StepTiles:
     """What the descent needs to know about one step's tiles."""
 
-    name: str  # for the log: "one-row", "two-row"
+    name: str  # for the log: "one-row"
     key: str  # the tuning file's key: the step's shapes and weights (tiles hold for those only)
     start: dict  # each kind's starting tile; None: the kernel's own pick, tuned alone
     candidates: dict  # each kind's candidate tiles, in descent order

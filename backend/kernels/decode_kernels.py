@@ -88,10 +88,7 @@ if HAVE_TRITON:
     # -- the prompt on CUDA: the torch math's elementwise stages, one launch each ------------------
 
     @triton.jit
-    def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        if PDL:  # programmatic dependent launch (Hopper, a decode step's graph): x is the kernel ahead's
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+    def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < K
@@ -147,14 +144,12 @@ if HAVE_TRITON:
         tl.store(out_ptr + row * F_DIM + offs, (a / (1.0 + tl.exp(-a)) * b).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
-    """RMSNorm of each row of x [..., K] in one launch: the float32 math of ``modeling.RMSNorm``. ``pdl``: launched
-    as a programmatic dependent (Hopper, a decode step's graph)."""
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of x [..., K] in one launch: the float32 math of ``modeling.RMSNorm``."""
     x = x.contiguous()
     out = torch.empty_like(x)
     K = x.shape[-1]
-    _rmsnorm_kernel[(x.numel() // K,)](x, weight, out, K, eps, BLOCK=triton.next_power_of_2(K), PDL=pdl, num_warps=8,
-                                       **({"launch_pdl": True} if pdl else {}))
+    _rmsnorm_kernel[(x.numel() // K,)](x, weight, out, K, eps, BLOCK=triton.next_power_of_2(K), num_warps=8)
     return out
 
 

@@ -103,12 +103,9 @@ if HAVE_TRITON:
         N_OUT, F_OFF, K, stride_xm, stride_rm, stride_om, eps,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr,
         NORM: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
-        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, X_PASS: tl.constexpr, PDL: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, X_PASS: tl.constexpr,
     ):
         # program: BLOCK_N output columns (SwiGLU: their gate rows n and up rows F_OFF + n), read once for ROWS rows
-        if PDL:  # programmatic dependent launch (Hopper): the next kernel may launch; x was written by the one ahead
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = n < N_OUT
         offs_k = tl.arange(0, BLOCK_K)
@@ -242,9 +239,8 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
 
 
 def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: RowsGemvConfig,
-            qw: Optional[QuantizedWeight] = None, pdl: bool = False) -> None:
-    """qw: the words kernel's view of lw (``gemv_4bit.int8_weight``), if the caller already made it; pdl: launched
-    as a programmatic dependent (a decode step's graph on Hopper)."""
+            qw: Optional[QuantizedWeight] = None) -> None:
+    """qw: the words kernel's view of lw (``gemv_4bit.int8_weight``), if the caller already made it."""
     m, k = x.shape
     n_out = out.shape[1]
     dummy = out
@@ -253,7 +249,7 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
         qw = qw or int8_weight(lw.weight, lw.scale)
         words = QuantLinearConfig("words", cfg.block_n, cfg.block_k, 2, cfg.num_warps, 1,
                                   cvt=3 if cfg.cvt == 3 else min(cfg.cvt, 1))
-        quant_words.launch(x, qw, out, bias, None if swiglu else residual, norm_weight, eps, swiglu, words, pdl,
+        quant_words.launch(x, qw, out, bias, None if swiglu else residual, norm_weight, eps, swiglu, words, False,
                            dummy, dummy)
         return
     _gemv_rows_kernel[(triton.cdiv(n_out, cfg.block_n),)](
@@ -264,8 +260,7 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
         ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CVT=cfg.cvt, NORM=norm_weight is not None,
         HAS_BIAS=bias is not None, RESIDUAL=residual is not None and not swiglu, SWIGLU=swiglu,
         EVEN_K=k % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0,
-        X_PASS=x_pass_width(k, cfg.block_k, cfg.num_warps), PDL=pdl, num_warps=cfg.num_warps, num_stages=1,
-        **({"launch_pdl": True} if pdl else {}),
+        X_PASS=x_pass_width(k, cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps, num_stages=1,
     )
 
 
@@ -279,14 +274,12 @@ def gemv_rows(
     swiglu: bool = False,
     out: Optional[torch.Tensor] = None,
     config: Optional[RowsGemvConfig] = None,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """``out = epilogue(norm(x) @ W.T * scale + bias)`` for x [M, K], 2 <= M <= 4, int8 W [N, K] with its row scale.
 
     ``norm_weight`` [K]: RMSNorm each row first (eps). ``swiglu``: W has 2F rows, out [M, F] =
     silu(y[:, :F]) * y[:, F:]; a ``residual`` is then added after it. Otherwise ``residual`` [M, N] is added in
-    the kernel (it may be ``out`` itself). ``config``: the tiles (benchmarks), else tuned for this GPU model.
-    ``pdl``: launch as a programmatic dependent (Hopper, a decode step's graph)."""
+    the kernel (it may be ``out`` itself). ``config``: the tiles (benchmarks), else tuned for this GPU model."""
     m, k = x.shape
     n = lw.weight.shape[0]
     if not ROWS_MIN <= m <= ROWS_MAX or not lw.is_int8 or k != lw.weight.shape[1]:
@@ -302,7 +295,7 @@ def gemv_rows(
     qw = int8_weight(lw.weight, lw.scale) if cfg.kernel == "words" else None
     if qw is not None and config is None and not quant_words.usable(x, qw, norm_weight, cvt=cfg.cvt):
         cfg = RowsGemvConfig()  # tuned on aligned scratch rows; these are not
-    _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw, pdl)
+    _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw)
     if swiglu and residual is not None:
         out += residual
     return out

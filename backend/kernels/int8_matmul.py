@@ -60,7 +60,6 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         SPLIT_K: tl.constexpr = 1, SWAP_AB: tl.constexpr = False, WIDEN: tl.constexpr = 0,
         res_ptr=None, stride_rm=0, RESIDUAL: tl.constexpr = False, F_OFF=0, SWIGLU: tl.constexpr = False,
-        PDL: tl.constexpr = False,
     ):
         # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
         # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials c[s, M, N] (stride_cm
@@ -68,10 +67,6 @@ if HAVE_TRITON:
         # RESIDUAL: res[M, N] (it may be c) added after the bias (split: by _split_sum_kernel).
         # SWIGLU (no split): c[M, N] = silu(gate) * up, gate from weight rows n and up from rows F_OFF + n, both
         # summed by the same program (ChatGLM2's dense_h_to_4h without its [M, 2N] output and a launch of its own)
-        # PDL: launched as a programmatic dependent (Hopper, a decode step's graph): a is the kernel ahead's
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -133,12 +128,9 @@ if HAVE_TRITON:
     @triton.jit(do_not_specialize=["M"])
     def _split_sum_kernel(part_ptr, scale_ptr, bias_ptr, c_ptr, M, N, stride_cm, SPLIT_K: tl.constexpr,
                           W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          res_ptr=None, stride_rm=0, RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False):
+                          res_ptr=None, stride_rm=0, RESIDUAL: tl.constexpr = False):
         # c[m, n] = (sum over s of part[s, m, n], in order) * scale[n] (+ bias[n]) (+ res[m, n]): the split
         # matmul's epilogue
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         m = tl.program_id(0).to(tl.int64)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = rn < N
@@ -157,7 +149,7 @@ if HAVE_TRITON:
 
 def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, split_k: bool = True,
            swap: Optional[bool] = None, *, residual: Optional[torch.Tensor] = None,
-           out: Optional[torch.Tensor] = None, swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
+           out: Optional[torch.Tensor] = None, swiglu: bool = False) -> torch.Tensor:
     """x [M, K] (M > 1, CUDA) -> [M, N] in x's dtype through the Triton kernel (int8 or float weights; many rows
     are cuBLAS's: ``int8_linear.linear_rows``). ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, K splits) in place of ``matmul_config``'s (benchmarks); ``split_k`` False: one launch
     (no K splits) where launches cost host time. ``swap``: int8 weights as the tensor cores' first operand
@@ -165,8 +157,7 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
     ``residual`` [M, N]: added inside the kernel's epilogue (a decode step's add is a launch of its own
     otherwise); ``out`` [M, N] receives the result (it may be the residual, not x). ``swiglu``: W has 2F rows and
     the result is silu(y[:, :F]) * y[:, F:] [M, F], made in the epilogue (each program sums both halves' rows,
-    half as many columns of each: the same weight bytes a program as without; no K splits). ``pdl``: each launch
-    a programmatic dependent (Hopper, a decode step's graph)."""
+    half as many columns of each: the same weight bytes a program as without; no K splits)."""
     M, K = x.shape
     if swap is None:
         from .matmul_swapped import prefers_swapped
@@ -193,19 +184,18 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
     res = dict(res_ptr=residual if residual is not None else out,
                stride_rm=residual.stride(0) if residual is not None else 0, RESIDUAL=residual is not None)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
-    launch = {"launch_pdl": True} if pdl else {}
     _matmul_kernel[grid](
         x, lw.weight, scale, bias, target, M, N, K, x.stride(0), out.stride(0),
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, SWAP_AB=bool(swap), num_warps=warps,
         num_stages=stages, WIDEN=int(lw.is_int8 and x.dtype == torch.float16 and packed_products.tried()),
-        F_OFF=N if swiglu else 0, SWIGLU=swiglu, PDL=pdl, **launch,
+        F_OFF=N if swiglu else 0, SWIGLU=swiglu,
         **(res if split == 1 else {}),  # (split: the sum adds the residual)
     )
     if split > 1:
         _split_sum_kernel[(M, triton.cdiv(N, 1024))](target, scale, bias, out, M, N, out.stride(0), SPLIT_K=split,
                                                      W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, BLOCK_N=1024,
-                                                     PDL=pdl, **launch, **res)
+                                                     **res)
     return out
 
 

@@ -53,24 +53,3 @@ def int4_release_model():
                     packed.bias.data.copy_(dense.bias.detach())
                 setattr(parent, name, packed)
     return model, prefixes
-
-
-def int8_model():
-    """The tiny model with its layers' linears in int8 (``int8_layer.Int8Linear``: a scale per row), as an 8-bit
-    load keeps them."""
-    from backend.int4_release import QUANTIZED_LINEARS
-    from backend.int8_layer import Int8Linear
-
-    model, prefixes = make_model()
-    for layer in model.transformer.encoder.layers:
-        for parent in (layer.self_attention, layer.mlp):
-            for name in QUANTIZED_LINEARS:
-                dense = getattr(parent, name, None)
-                if dense is None:
-                    continue
-                packed = Int8Linear(dense.in_features, dense.out_features, dense.bias is not None, torch.float32)
-                packed.quantize_from(dense.weight.detach())
-                if dense.bias is not None:
-                    packed.bias.data.copy_(dense.bias.detach())
-                setattr(parent, name, packed)
-    return model, prefixes
