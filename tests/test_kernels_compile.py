@@ -283,3 +283,14 @@ def test_widen_4bit_kernel_compiles(arch, fmt, nested):
     compile_for(_widen_4bit_kernel, types, dict(FMT=fmt, NESTED=nested, BS=64 if fmt == 0 else 2, BS2=256,
                                                 BLOCKED=fmt == 0, HAS_SCALE=fmt == 1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
                 arch, warps=4, stages=1)
+
+
+@pytest.mark.parametrize("arch", [90, 80, 75])
+def test_the_batched_greedy_pick(arch):
+    """The batched step's greedy pick: a program a tile of logits, then one a row (kernels/greedy_rows.py)."""
+    from backend.kernels.greedy_rows import BLOCK, _row_pick_kernel, _tile_best_kernel
+
+    compile_for(_tile_best_kernel, {"logits_ptr": ACT, "key_ptr": "*i64", "bad_ptr": "*i32"}, {"BLOCK": BLOCK}, arch,
+                stages=1)
+    compile_for(_row_pick_kernel, {"key_ptr": "*i64", "bad_ptr": "*i32", "out_ptr": "*i64"},
+                {"BAD_TOKEN": 5, "TILES_POW2": 32}, arch, warps=1, stages=1)
