@@ -1,11 +1,45 @@
-"""The one-row step's tiles (backend/decode/one_row_tuning.py): each kind's start and candidates for the weights
-at hand, the cache key, and the winners stored and read back (the descent itself: tests/test_step_tuning.py)."""
+"""The one-row step's tile descent (backend/decode/one_row_tuning.py) on a cost model: it finds each kind's fastest
+tile, keeps the default within the noise margin, and skips a tile that fails on the card."""
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
 from backend.decode import one_row_tuning as T
+from backend.kernels.int8_gemv import GemvConfig
+
+
+def _measure(costs: dict, failing=(), noise=0.0):
+    """A step whose time is the sum of its tiles' costs (with alternating noise); ``failing`` tiles do not build."""
+    flip = itertools.cycle((noise, -noise))
+
+    def measure(configs):
+        if any(c in failing for c in configs.values()):
+            raise RuntimeError("out of resources: shared memory")
+        total = sum(costs[k].get(c, 1.0) for k, c in configs.items())
+        return lambda: total * (1 + next(flip))
+    return measure
+
+
+def test_the_descent_keeps_each_kinds_fastest_tile_and_skips_tiles_that_fail():
+    a, b, c = GemvConfig(block_p=2), GemvConfig(block_p=4), GemvConfig(block_p=8)
+    start = {"fc1": a, "qkv": a}
+    costs = {"fc1": {a: 1.0, b: 0.8, c: 0.9}, "qkv": {a: 0.5, b: 0.3, c: 0.4}}
+    measure = _measure(costs)
+    best = T.descend(start, {"fc1": [b, c], "qkv": [c, b]}, measure, rounds=3)
+    assert best == {"fc1": b, "qkv": b}
+    measure = _measure(costs, failing=(b,))
+    assert T.descend(start, {"fc1": [b, c], "qkv": [c, b]}, measure) == {"fc1": c, "qkv": c}
+
+
+def test_a_tile_within_the_noise_margin_does_not_replace_the_default():
+    a, b = GemvConfig(block_p=2), GemvConfig(block_p=4)
+    costs = {"fc2": {a: 1.0, b: 0.999}}  # 0.1% faster: below KEEP_GAIN
+    measure = _measure(costs, noise=0.0005)
+    assert T.descend({"fc2": a}, {"fc2": [b]}, measure) == {"fc2": a}
 
 
 def test_every_kind_has_candidates_for_both_weight_kinds_and_defaults_are_not_repeated():
@@ -87,3 +121,29 @@ def test_a_4bit_step_keeps_the_tiles_that_beat_quant_linears_pick_and_a_new_deco
     again = _four_bit_decoder()
     T.apply(again, T.cached(again))
     assert again.layers[0].up.row_config == faster and again.layers[0].qkv.row_config is None
+
+
+def test_a_faster_tile_whose_step_is_wrong_is_not_kept(caplog):
+    a, b, c = GemvConfig(block_p=2), GemvConfig(block_p=4), GemvConfig(block_p=8)
+    costs = {"fc1": {a: 1.0, b: 0.5, c: 0.8}}
+    timed = _measure(costs)
+
+    def measure(configs):
+        if configs["fc1"] == b:  # what graph_timer raises when the step's logits are off the default's
+            raise T.WrongResult("logits off the default tiles' by 1.4")
+        return timed(configs)
+
+    with caplog.at_level("WARNING", logger="glmchat.tuning"):
+        assert T.descend({"fc1": a}, {"fc1": [b, c]}, measure) == {"fc1": c}
+    assert "computes a different step" in caplog.text and "off the default tiles' by 1.4" in caplog.text
+
+
+def test_each_step_is_checked_against_the_first_steps_logits():
+    reference = []
+    logits = torch.linspace(-3, 3, 100)
+    T.check_step(reference, logits)  # the default tiles' step: the reference
+    T.check_step(reference, logits * 1.01)  # another summation order: within STEP_AGREEMENT
+    with pytest.raises(T.WrongResult, match="off the default tiles' by 2"):
+        T.check_step(reference, -logits)
+    with pytest.raises(T.WrongResult, match="inf"):
+        T.check_step(reference, logits * float("nan"))

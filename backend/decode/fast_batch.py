@@ -48,7 +48,7 @@ from ..modeling import causal_to_end, decoding_attention, keys_per_head, rope_se
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
 from .batch_sampler import BatchSampler
-from . import one_row_step, one_row_tuning, step_tuning
+from . import one_row_step, one_row_tuning
 from .prompt_graphs import TOKEN_BUCKETS, PromptGraphs, prompt_inputs
 from .staged_copy import ReadBack, StagedCopy
 from .eager import common_prefix_length
@@ -245,8 +245,7 @@ class BatchFastDecoder:
                 return
             self._warm_replies()
             if self._one_row_step is not None and self.use_graphs and one_row_tuning.cached(self) is None:
-                self.tune_one_row(step_tuning.graph_timer(self, self._one_row_step,
-                                                          lambda configs: one_row_tuning.apply(self, configs)))
+                self.tune_one_row(one_row_tuning.graph_timer(self, self._one_row_step))
             if self._prompt_graphs is not None:
                 self._prompt_graphs.capture_all()
                 self._slot_adapter[0] = object()  # the captures wrote keys over whatever prefix row 0 held
@@ -317,7 +316,7 @@ class BatchFastDecoder:
         """The one-row step's GEMV tiles for this card (``one_row_tuning``, on first use per GPU model), timed on row
         0 at position 64 of this idle decoder (a short chat's keys to attend to); its cache row is overwritten, and
         bucket 1 is captured again after. A failure keeps the default tiles."""
-        if self.rows or not step_tuning.tuning.tuning_enabled():
+        if self.rows or not one_row_tuning.tuning.tuning_enabled():
             return
         if self.use_graphs and 1 not in self._graphs:
             self._capture(1)  # settles whether this runtime captures PDL launches, before the candidates' graphs

@@ -1,10 +1,15 @@
-"""The one-row step's GEMV tiles, tuned on the card at hand inside the captured step (``step_tuning``), cached
-per GPU model.
+"""The one-row step's GEMV tiles, tuned on the card at hand inside the captured step, cached per GPU model.
 
-``int8_gemv.DEFAULT_GEMV`` holds the H100 descent's result (bench/NOTES.md run 5, bench/explore_gemv.py); this runs
-the same descent on any card at its first warm-up (the app's, in the background; the server's, before it listens)
-among the candidates below. The winners go to ``kernels.tuning``'s file for this GPU model, so later starts (and
-``glmchat --prompt``, which does not warm up) read them. ``GLMCHAT_KERNEL_TUNING=0`` keeps the defaults.
+A GEMV timed alone ranks tiles differently from the same GEMV inside the step, where each launch overlaps the tail
+of the kernel before it and the prologues and epilogues do more: on the H100, coordinate descent over the captured
+step found a step 12% faster than the tiles that won one kernel at a time (bench/NOTES.md run 5,
+bench/explore_gemv.py). ``int8_gemv.DEFAULT_GEMV`` holds that H100 descent's result; this runs the same descent
+on any card at its first warm-up (the app's, in the background; the server's, before it listens): for each linear
+kind in turn, each candidate tile's step graph is timed
+against the best so far's, interleaved, and kept when faster by more than ``KEEP_GAIN`` and when its logits are the
+default tiles' (``tuning.agrees``: a tile a compiler or card gets wrong never wins). The winners go to
+``kernels.tuning``'s file for this GPU model, so later starts (and ``glmchat --prompt``, which does not warm up)
+read them. ``GLMCHAT_KERNEL_TUNING=0`` keeps the defaults.
 
 4-bit layers (NF4, the int4 release) are tuned the same way among ``quant_linear``'s one-row tiles (its words
 kernel), starting from the tile its own tuner picked timing each linear alone: on an H100 that tuner took a
@@ -13,19 +18,28 @@ two-warp tile for NF4's fc1 that made the step 0.19 ms slower than the tile befo
 
 from __future__ import annotations
 
+import logging
+import statistics
+from dataclasses import asdict
 from typing import Callable, Optional, Union
 
 import torch
 
 from ..kernels.gemv_4bit import QuantLinearConfig, candidate_configs
 from ..kernels.int8_gemv import GemvConfig, default_gemv_config
-from ..kernels import packed_products
-from . import step_tuning
+from ..kernels import packed_products, tuning
 
 # a kind's tile: the one-row GEMV's (int8, 16-bit), quant_linear's (4-bit), or None (4-bit: quant_linear's own pick)
 Tile = Optional[Union[GemvConfig, QuantLinearConfig]]
 
+log = logging.getLogger("glmchat.tuning")
+
+KEEP_GAIN = 0.003  # a candidate must beat the best step by this share (run 5: timing noise in graphs ~0.1%)
+ROUNDS, REPLAYS = 3, 20  # a comparison: medians of ROUNDS alternating timings of REPLAYS replays each
 KINDS = ("output", "fc1", "fc2", "qkv", "dense")  # the biggest weights first
+# a whole step's logits may differ from the default tiles' by this share: every linear's summation order changes,
+# and random weights amplify it (bench/NOTES.md run 4: rounding order alone, 1.3e-2); wrong tiles give ~1
+STEP_AGREEMENT = 0.1
 
 
 def _c(bp, bk, w=4, cvt=2, rs=False, pf=False, xt=False) -> GemvConfig:
@@ -78,13 +92,13 @@ def _weights(decoder) -> dict[str, str]:
     return {kind: _label_and_shape(lins[0])[0] for kind, lins in linears_by_kind(decoder).items()}
 
 
-def tuning_key(decoder, step: str = "one_row_step") -> str:
+def tuning_key(decoder) -> str:
     """The step's shapes and weights: tiles tuned for one model size and precision hold for those only."""
     lw = decoder.layers[0]
     (qkv_label, qkv_shape), (_, down_shape) = _label_and_shape(lw.qkv), _label_and_shape(lw.down)
     out_label, out_shape = _label_and_shape(decoder.output)
     shape = "x".join(str(s) for s in (len(decoder.layers), *qkv_shape, *down_shape, out_shape[0]))
-    return f"{step}:{qkv_label}-{out_label}:{str(decoder.dtype).replace('torch.', '')}:{shape}"
+    return f"one_row_step:{qkv_label}-{out_label}:{str(decoder.dtype).replace('torch.', '')}:{shape}"
 
 
 def apply(decoder, configs: dict[str, Tile]) -> None:
@@ -128,21 +142,93 @@ def four_bit_candidates(q, dtype: torch.dtype, swiglu: bool) -> list[QuantLinear
     return [c for c in candidate_configs(q.fmt, 1, swiglu) if c.kernel == "words" and (c.lut == 3) == table]
 
 
-def step_tiles(decoder) -> step_tuning.StepTiles:
-    """The one-row step's tiles as the descent reads them."""
-    return step_tuning.StepTiles("one-row", tuning_key(decoder), defaults(decoder), candidates_for(decoder),
-                                 lambda configs: apply(decoder, configs), _parse)
-
-
-def _parse(kind: str, fields: dict) -> Tile:
-    return QuantLinearConfig(**fields) if "kernel" in fields else GemvConfig(**fields)
-
-
 def cached(decoder) -> Optional[dict[str, Tile]]:
     """This card's winners for this step, if they were picked from today's candidates (else: tune again)."""
-    return step_tuning.cached(step_tiles(decoder), decoder.device)
+    fields = dict(tuning.lookup(tuning.cache_file(decoder.device), tuning_key(decoder)) or {})
+    if fields.pop("_among", None) != tuning.candidates_digest(candidates_for(decoder).items()):
+        return None
+    try:
+        return {kind: QuantLinearConfig(**f) if "kernel" in f else GemvConfig(**f)
+                for kind, f in fields.items()} if fields else None
+    except TypeError:  # written by an older config class: tune again
+        return None
+
+
+class WrongResult(RuntimeError):
+    """A candidate's step gives other logits than the default tiles' step."""
+
+
+def descend(start: dict[str, Tile], candidates: dict[str, list], measure: Callable[[dict], Callable[[], float]],
+            keep_gain: float = KEEP_GAIN, rounds: int = ROUNDS) -> dict[str, Tile]:
+    """Coordinate descent from ``start``: ``measure(configs)`` builds that step (a graph) and returns a function
+    timing it once (ms). Each candidate of each kind against the best so far, alternately ``rounds`` times, kept when
+    its median is faster by more than ``keep_gain``. A candidate that fails to build, or whose step ``measure``
+    finds wrong (``WrongResult``), is skipped."""
+    best, best_run = dict(start), measure(start)
+    for kind, cands in candidates.items():
+        for cand in cands:
+            if cand == best.get(kind):
+                continue
+            trial = dict(best, **{kind: cand})
+            try:
+                run = measure(trial)
+                times = [(run(), best_run()) for _ in range(rounds)]
+            except WrongResult as exc:
+                log.warning("one-row tuning: %s %s computes a different step on this card, not used: %s", kind, cand, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - out of resources on this card: not a candidate here
+                log.info("one-row tuning: %s %s failed: %s", kind, cand, exc)
+                continue
+            t_cand, t_best = (statistics.median(t) for t in zip(*times))
+            if t_cand < t_best * (1 - keep_gain):
+                best, best_run = trial, run
+    return best
+
+
+def check_step(reference: list, logits: torch.Tensor) -> None:
+    """The first step's logits become ``reference``; a later step's off them raises ``WrongResult``."""
+    if not reference:
+        reference.append(logits.detach().clone())
+    elif not tuning.agrees(logits, reference[0], STEP_AGREEMENT):
+        raise WrongResult(f"logits off the default tiles' by {tuning.difference(logits, reference[0]):.2g}")
+
+
+def graph_timer(decoder, step: Callable) -> Callable[[dict], Callable[[], float]]:
+    """``descend``'s ``measure`` on CUDA: the step captured with those tiles, timed over REPLAYS replays by CUDA
+    events (no host time in it). Each step's logits are checked against the first one measured (the defaults):
+    every replay writes the same cache slot, so steps differ only by their tiles' rounding."""
+    from ..cuda_streams import warm_and_capture
+
+    reference: list[torch.Tensor] = []
+
+    def measure(configs: dict) -> Callable[[], float]:
+        apply(decoder, configs)
+        graph, outputs = warm_and_capture(step, decoder.device, decoder._pool)
+        graph.replay()
+        check_step(reference, outputs[0])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def time_once() -> float:
+            start.record()
+            for _ in range(REPLAYS):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / REPLAYS
+
+        return time_once
+
+    return measure
 
 
 def tune(decoder, measure: Callable[[dict], Callable[[], float]]) -> dict[str, Tile]:
     """The descent for this decoder's weights, the winners applied and stored for later starts on this GPU model."""
-    return step_tuning.tune(step_tiles(decoder), decoder.device, measure)
+    start, candidates = defaults(decoder), candidates_for(decoder)
+    best = descend(start, candidates, measure)
+    apply(decoder, best)
+    winners = {k: asdict(c) for k, c in best.items() if c is not None}  # (None: quant_linear's own pick)
+    tuning.store(tuning.cache_file(decoder.device), tuning_key(decoder),
+                 {**winners, "_among": tuning.candidates_digest(candidates.items())})
+    changed = {k: c for k, c in best.items() if c != start[k]}
+    log.info("one-row step tuned on %s: %s", decoder.device, changed or "the defaults")
+    return best
