@@ -34,7 +34,7 @@ def step_ms(decoder, reps: int = 3) -> float:
 
     from backend.cuda_streams import warm_and_capture
 
-    graph, _ = warm_and_capture(lambda: decoder._step_math(1), decoder.device, None)
+    graph, _ = warm_and_capture(lambda: decoder._step_math(1, feed=False), decoder.device, None)
     times = [replay_ms(graph, 50) for _ in range(reps)]
     del graph
     torch.cuda.synchronize()

@@ -21,17 +21,26 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def timing_graph(decoder, bucket: int):
+    """The bucket's step captured as the decoder captures it, but not feeding itself from its last picks (so every
+    replay runs the same positions: the decoder's own graph would move each running row on by one a replay)."""
+    from backend.cuda_streams import warm_and_capture
+
+    graph, _ = warm_and_capture(lambda: decoder._step_math(bucket, feed=False), decoder.device, decoder._pool)
+    return graph
+
+
 def captured_step_ms(decoder, bucket: int, n: int = 50) -> float:
     from check_grad_kernel import replay_ms
 
-    return replay_ms(decoder._graphs.get(bucket) or decoder._capture(bucket), n)
+    return replay_ms(timing_graph(decoder, bucket), n)
 
 
 def kernel_table(decoder, bucket: int, top: int = 14) -> list:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    graph = decoder._graphs.get(bucket) or decoder._capture(bucket)
+    graph = timing_graph(decoder, bucket)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             graph.replay()

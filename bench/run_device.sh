@@ -39,6 +39,8 @@
 #   bash bench/run_device.sh x-pass   # the fused norm's x pass in one tile against one a K tile (ablate's variant
 #                                     # line), one- and two-warp tiles tuned in; the quantized GPU checks
 #   bash bench/run_device.sh chat-table  # ChatEngine chat and compare: 8-bit, NF4, the int4 release; bf16 chat
+#   bash bench/run_device.sh feed-bf16   # bf16's few rows through gemv_rows and the step ahead fed by its own first
+#                                        # launch, each against before in the same call (bf16, 8-bit); GPU checks
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
@@ -73,7 +75,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in quantized-check|ablate|step-check|x-pass|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in feed-bf16|quantized-check|ablate|step-check|x-pass|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -184,6 +186,20 @@ chat-table)
     case " $* " in *" --model "*) engine "$name" "$@" ;; *) engine "$name" --model /tmp/glm6b "$@" ;; esac
     grep -a '"chat"\|"compare"\|ttft_1600_cold\|adapter_switch' "$OUT/engine_$name.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-230
   done
+  ;;
+feed-bf16)
+  # ChatEngine chat and compare with this tree's defaults, then as before (GLMCHAT_FEED_IN_STEP=0: the step ahead
+  # fed by torch launches between the replays; for bf16 also GLMCHAT_ROWS_GEMV=0: two rows through cuBLAS with
+  # RMSNorm, SwiGLU and the residual as launches of their own); then every GPU check (fp32, bf16, 8-bit, NF4)
+  show() { grep -a '"chat"\|"compare"' "$OUT/engine_$1.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-230; }
+  engine bf16 --model /tmp/glm6b --quantization none --rows 1,2 --repeat 1; show bf16
+  (export GLMCHAT_FEED_IN_STEP=0 GLMCHAT_ROWS_GEMV=0
+   engine bf16-before --model /tmp/glm6b --quantization none --rows 1,2 --repeat 1); show bf16-before
+  engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1; show int8
+  (export GLMCHAT_FEED_IN_STEP=0; engine int8-before --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1)
+  show int8-before
+  timeout 240 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 nf4-one-row)
   # is bitsandbytes' own fused 4-bit kernel (0.50: SIMT below 8 rows, nested absmax inside) faster than ours at

@@ -104,26 +104,32 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
                       ARGMAX=argmax, X_TILE=x_tile, X_PASS=x_pass_width(4096, 1024, 4))
         ptx = compile_for(_gemv_kernel, types, consts, arch, stages=1)
         assert byte_loads(ptx) == 0, epilogue
-    pick = {"best_ptr": "*i64", "next_ptr": "*i64", "in_ptr": "*i64"}
-    for feed in (False, True):  # the batched decoder's pick (its own positions), the one-row decoder's (fed back)
-        compile_for(_pick_kernel, pick, dict(BAD_TOKEN=5, PDL=pdl, FEED=feed), arch, warps=1, stages=1)
+    pick = {"best_ptr": "*i64", "next_ptr": "*i64", "in_ptr": "*i64", "flag_ptr": "*i64"}
+    # the batched decoder's pick (its positions fed by the next step), the one-row decoder's (fed back)
+    for feed, flag in ((False, True), (True, False)):
+        compile_for(_pick_kernel, pick, dict(BAD_TOKEN=5, PDL=pdl, FEED=feed, FLAG=flag), arch, warps=1, stages=1)
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])
-def test_the_few_rows_int8_gemv_configs(arch):
-    """Every config the few-rows GEMV may be tuned to, at 2 and 4 rows, plain and SwiGLU, with vector loads."""
+def test_the_few_rows_gemv_configs(arch):
+    """Every config the few-rows GEMV may be tuned to, at 2 and 4 rows, plain and SwiGLU, int8 weights (with vector
+    loads) and 16-bit ones (bf16, fp16 on Turing)."""
     from backend.kernels.gemv_rows import _gemv_rows_kernel, candidate_configs
 
-    types = {"x_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "norm_ptr": ACT, "res_ptr": ACT,
-             "out_ptr": ACT, "eps": "fp32"}
-    for swiglu in (False, True):
-        for rows in (2, 4):
-            for cfg in candidate_configs(swiglu):
-                consts = dict(ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CVT=cfg.cvt, NORM=True,
-                              HAS_BIAS=not swiglu, RESIDUAL=not swiglu, SWIGLU=swiglu, EVEN_K=True, EVEN_N=True,
-                              X_PASS=x_pass_width(4096, cfg.block_k, cfg.num_warps))  # as _launch passes it
-                ptx = compile_for(_gemv_rows_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
-                assert byte_loads(ptx) == 0, (swiglu, rows, cfg)
+    half = "*fp16" if arch == 75 else "*bf16"
+    for int8 in (True, False):
+        act = ACT if int8 else half
+        types = {"x_ptr": act, "w_ptr": "*i8" if int8 else half, "scale_ptr": "*fp32" if int8 else act, "bias_ptr": act,
+                 "norm_ptr": act, "res_ptr": act, "out_ptr": act, "eps": "fp32"}
+        for swiglu in (False, True):
+            for rows in (2, 4):
+                for cfg in candidate_configs(swiglu, int8):
+                    consts = dict(ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_INT8=int8,
+                                  CVT=cfg.cvt if int8 else 0, NORM=True, HAS_BIAS=not swiglu, RESIDUAL=not swiglu,
+                                  SWIGLU=swiglu, EVEN_K=True, EVEN_N=True,
+                                  X_PASS=x_pass_width(4096, cfg.block_k, cfg.num_warps))  # as _launch passes it
+                    ptx = compile_for(_gemv_rows_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
+                    assert byte_loads(ptx) == 0, (swiglu, rows, cfg)
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])
@@ -292,5 +298,16 @@ def test_the_batched_greedy_pick(arch):
 
     compile_for(_tile_best_kernel, {"logits_ptr": ACT, "key_ptr": "*i64", "bad_ptr": "*i32"}, {"BLOCK": BLOCK}, arch,
                 stages=1)
-    compile_for(_row_pick_kernel, {"key_ptr": "*i64", "bad_ptr": "*i32", "out_ptr": "*i64"},
-                {"BAD_TOKEN": 5, "TILES_POW2": 32}, arch, warps=1, stages=1)
+    for flag in (False, True):  # a prompt's pick; a decode step's, which lets the next step feed itself
+        compile_for(_row_pick_kernel, {"key_ptr": "*i64", "bad_ptr": "*i32", "out_ptr": "*i64", "flag_ptr": "*i64"},
+                    {"BAD_TOKEN": 5, "TILES_POW2": 32, "FLAG": flag}, arch, warps=1, stages=1)
+
+
+@pytest.mark.parametrize("arch", [90, 80, 75])
+def test_the_step_feed(arch):
+    """A batched step's first launch: its rows' tokens fed from the last picks or the host, and their embeddings."""
+    from backend.kernels.step_feed import BLOCK, _feed_embed_kernel
+
+    half = "*fp16" if arch == 75 else "*bf16"
+    compile_for(_feed_embed_kernel, {"flag_ptr": "*i64", "picks_ptr": "*i64", "tokens_ptr": "*i64", "pos_ptr": "*i64",
+                                     "emb_ptr": half, "x_ptr": half}, {"BLOCK": BLOCK}, arch, stages=1)

@@ -1,10 +1,10 @@
 """One linear of the batched fast decoder, read as it is stored: NF4 and the int4 release packed through
 ``backend.kernels.gemv_4bit.quant_linear`` (RMSNorm, SwiGLU and the residual folded in) up to 64 rows; one
-row through the one-row decoder's GEMV; 2-4 int8 rows through ``kernels.gemv_rows`` (that GEMV reading each
-weight tile once for all of them); more int8 rows through ``int8_matmul.matmul`` (its tensor-core tiles
+row through the one-row decoder's GEMV; 2-4 int8 or 16-bit rows through ``kernels.gemv_rows`` (that GEMV reading
+each weight tile once for all of them) where it ran faster than the other path on this card; more int8 rows through ``int8_matmul.matmul`` (its tensor-core tiles
 widen the int8 weight in registers; on the H200 they read it 1.5-4x faster than quant_linear's int8 tiles
 from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm as a launch of its own and the residual, and up to 16 rows
-SwiGLU, in its epilogue (bench/NOTES.md runs 25-27); 16-bit weights through cuBLAS; long prompts through tensor
+SwiGLU, in its epilogue (bench/NOTES.md runs 25-27); more 16-bit rows through cuBLAS; long prompts through tensor
 cores on the weight widened a block at a time, cuBLAS adding into the residual stream. From 16 4-bit rows, whichever
 of quant_linear and the widened weight for cuBLAS (``kernels.widen_4bit``) ran faster on this card (timed on
 first use, like a kernel's tiles)."""
@@ -101,7 +101,8 @@ class BatchLinear:
             self.one_row = LinearWeights(self.w, None, self.bias)
         elif self.q.fmt == "int8":
             self.one_row = LinearWeights(self.q.data, self.q.scale, self.bias)
-        # 2-4 int8 rows through gemv_rows (each weight tile read once for all of them); 0: the matmul, for an A/B
+        # 2-4 int8 or 16-bit rows through gemv_rows (each weight tile read once for all of them); 0: the matmul or
+        # cuBLAS, for an A/B
         self.rows_gemv = os.environ.get("GLMCHAT_ROWS_GEMV", "1") != "0"
         # one row's tiles, tuned inside the one-row step (decode/one_row_tuning.py): the one-row GEMV's for int8 and
         # 16-bit weights; for 4-bit ones quant_linear's config (None: the one its own tuner picked for one row)
@@ -114,7 +115,7 @@ class BatchLinear:
         programmatic dependents (one row's step, ``one_row_step``)."""
         if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
             return self._one_row(x, norm, eps, swiglu, residual, out)
-        if self.rows_gemv and self.q is not None and gemv_rows.takes(x, self.one_row) and kernels_run(x):
+        if self.rows_gemv and gemv_rows.takes(x, self.one_row) and kernels_run(x):
             # the few-rows GEMV unless this card ran the matmul path faster for these rows (timed on first use)
             config = gemv_rows.tuned_config(self.one_row, x.shape[0], x.dtype, x.device, swiglu, norm is not None,
                                             other=lambda xs: self._matmul_path(xs, norm, eps, swiglu, None, None, split_k))

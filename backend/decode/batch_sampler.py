@@ -49,8 +49,8 @@ class BatchSampler:
         self._dirty = False
 
     def tokens(self, bucket: int, logits: torch.Tensor, greedy: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rows [0, bucket)'s next tokens: drawn for the rows that sample here, ``greedy`` for the others.
-        ``logits``, ``greedy`` and ``positions``: the step graph's buffers (the same every replay)."""
+        """Rows [0, bucket)'s next tokens, written over ``greedy``: drawn for the rows that sample here, ``greedy``
+        for the others. ``logits``, ``greedy`` and ``positions``: the step graph's buffers (the same every replay)."""
         if not self.use_graphs:
             return self._math(bucket, logits, greedy, positions)
         graph = self._graphs.get(bucket)
@@ -74,7 +74,8 @@ class BatchSampler:
     def _math(self, bucket, logits, greedy, positions) -> torch.Tensor:
         f, l = self._floats.device[:, :bucket], self._longs.device[:, :bucket]
         drawn = draw_rows(logits.float(), f[0], l[0], f[1], l[1], positions[:bucket].clamp(min=0))
-        return torch.where(l[2] > 0, drawn, greedy)
+        # into the step's picks: the next step may feed itself from them (kernels.step_feed)
+        return greedy.copy_(torch.where(l[2] > 0, drawn, greedy))
 
     def _capture(self, bucket, logits, greedy, positions):
         from ..cuda_streams import warm_and_capture

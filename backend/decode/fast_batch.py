@@ -44,6 +44,7 @@ from ..kernels.int8_matmul import MATMUL_MID_ROWS
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
 from ..kernels.gemv_4bit import kernels_run
 from ..kernels.greedy_rows import greedy_rows, greedy_rows_torch
+from ..kernels.step_feed import feed_and_embed
 from ..modeling import causal_to_end, decoding_attention, keys_per_head, rope_settings
 from ..service import BackendError, SamplingParams
 from .batch_linear import QUANT_MAX_M, BatchLinear
@@ -70,11 +71,12 @@ LONG_WARM_TOKENS = 1600  # the warm-up's long prompt (``_warm_long_prompt``)
 GRAPHED_PROMPT_ROWS = 3
 
 
-def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
-    """argmax per row [B], or INVALID_SCORE_TOKEN where a row's logits hold nan/inf (the original chat's guard)."""
-    if kernels_run(logits):
-        return greedy_rows(logits, INVALID_SCORE_TOKEN)
-    return greedy_rows_torch(logits, INVALID_SCORE_TOKEN)
+def greedy_pick(logits: torch.Tensor, out: Optional[torch.Tensor] = None,
+                fed_flag: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """argmax per row [B], or INVALID_SCORE_TOKEN where a row's logits hold nan/inf (the original chat's guard);
+    into ``out`` if given, then ``fed_flag`` set (a decode step's picks, which the next step may feed itself)."""
+    pick = greedy_rows if kernels_run(logits) else greedy_rows_torch
+    return pick(logits, INVALID_SCORE_TOKEN, out=out, fed_flag=fed_flag)
 
 
 @dataclass
@@ -155,13 +157,17 @@ class BatchFastDecoder:
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         # step inputs, read by every graph: the token, position (-1 idle) and prefix length of each row,
-        # set on the host and copied over in one transfer a step (a row dropped meanwhile changes the host side)
+        # set on the host and copied over in one transfer a step (a row dropped meanwhile changes the host side),
+        # and the fed flag ([3, 0]): 0 as sent, 1 once a step has picked its tokens into fed_picks; a step that
+        # finds it set feeds itself from them (kernels.step_feed: a step queued ahead, ``_queue_ahead``)
         cuda = self.device.type == "cuda"
-        host_in = torch.zeros(3, self.max_batch, dtype=torch.long)
+        host_in = torch.zeros(4, self.max_batch, dtype=torch.long)
         host_in[1] = -1
         self._step_in = StagedCopy(host_in, self.device)
         self._host_in = self._step_in.host
-        self.tokens, self.positions, self.prefix_lens = self._step_in.device
+        self.tokens, self.positions, self.prefix_lens, flags = self._step_in.device
+        self._fed_flag = flags[:1]
+        self.fed_picks = torch.zeros(self.max_batch, device=self.device, dtype=torch.long)  # each step's tokens
         self._slot_adapter: list = [object()] * self.max_batch  # whose prefix each cache row holds
         self._rows: dict[int, _Row] = {}  # running rows by id
         self._pending: list[_Row] = []
@@ -174,6 +180,9 @@ class BatchFastDecoder:
         if decode_ahead is None:
             decode_ahead = os.environ.get("GLMCHAT_DECODE_AHEAD", "1") != "0"
         self.decode_ahead = decode_ahead
+        # the step ahead fed by its own first launch (kernels.step_feed); GLMCHAT_FEED_IN_STEP=0 feeds it by torch
+        # launches between the replays instead, as before (an A/B in one benchmark process)
+        self.feed_in_step = os.environ.get("GLMCHAT_FEED_IN_STEP", "1") != "0"
         self._workspaces: dict = {}
         self._graphs: dict = {}
         self._graph_out: dict = {}  # bucket -> (logits, greedy picks) written by its graph
@@ -320,8 +329,8 @@ class BatchFastDecoder:
             return
         if self.use_graphs and 1 not in self._graphs:
             self._capture(1)  # settles whether this runtime captures PDL launches, before the candidates' graphs
-        self._host_in[:, 0] = torch.tensor([INVALID_SCORE_TOKEN, min(64, self.slots - 1), 0])  # (any token: timing only)
-        self._step_in.send()
+        self._host_in[:3, 0] = torch.tensor([INVALID_SCORE_TOKEN, min(64, self.slots - 1), 0])  # (any token: timing only)
+        self._send_step_inputs()
         try:
             one_row_tuning.tune(self, measure)
         except Exception as exc:  # noqa: BLE001 - tuning is an optimisation: replies go on with the defaults
@@ -329,7 +338,7 @@ class BatchFastDecoder:
             one_row_tuning.apply(self, one_row_tuning.defaults(self))
         finally:
             self._host_in[1, 0] = -1
-            self._step_in.send()
+            self._send_step_inputs()
             self._slot_adapter[0] = object()
             self._parked.pop(0, None)
             self._graphs.pop(1, None)
@@ -488,26 +497,33 @@ class BatchFastDecoder:
         """Launch one decode step for the running rows (a graph replay: nothing waits for it here)."""
         rows = list(self._rows.values())
         slots = [r.slot for r in rows]
-        self._host_in[:, slots] = torch.tensor([[r.tokens[-1] for r in rows], [len(r.tokens) - 1 for r in rows],
+        self._host_in[:3, slots] = torch.tensor([[r.tokens[-1] for r in rows], [len(r.tokens) - 1 for r in rows],
                                                 [r.prefix_len for r in rows]])
-        self._step_in.send()
+        self._send_step_inputs()
         top = max(slots) + 1
         self._queued = self._launch(rows, min(next((b for b in BUCKETS if b >= top), MAX_ROWS), self.max_batch))
 
+    def _send_step_inputs(self) -> None:
+        """The host's step inputs to the device, the fed flag cleared: the next step runs them as sent. (On the CPU
+        the device's inputs are the host's own tensor, which a step feeding itself writes.)"""
+        self._host_in[3, 0] = 0
+        self._step_in.send()
+
     def _queue_ahead(self) -> Optional[tuple]:
         """The step after the queued one, fed on the device (the queued step's picks as tokens, each running
-        position + 1) and launched before the host reads the queued step: then the GPU does not wait for the host
-        between steps. Only while the same rows run, none waits to join and every row's token is picked on the
-        device. A row that the queued step ends gets one step more, whose token is dropped (its keys land past
-        what the row keeps). None where it cannot."""
+        position + 1: the step's first launch does it, ``kernels.step_feed``) and launched before the host reads
+        the queued step: then the GPU does not wait for the host between steps. Only while the same rows run, none
+        waits to join and every row's token is picked on the device. A row that the queued step ends gets one step
+        more, whose token is dropped (its keys land past what the row keeps). None where it cannot."""
         if self._queued is None or self._pending or not self.decode_ahead:
             return None
         rows, _, picks, _ = self._queued
         if len(rows) != len(self._rows) or any(self._rows.get(r.id) is not r or _picked_on_host(r) for r in rows):
             return None
         bucket = picks.shape[0]
-        self.tokens[:bucket].copy_(picks)
-        self.positions[:bucket] += self.positions[:bucket] >= 0  # idle rows stay at -1
+        if not self.feed_in_step:
+            self.tokens[:bucket].copy_(picks)
+            self.positions[:bucket] += self.positions[:bucket] >= 0  # idle rows stay at -1
         return self._launch(rows, bucket)
 
     def _launch(self, rows: list[_Row], bucket: int) -> tuple:
@@ -557,7 +573,7 @@ class BatchFastDecoder:
 
     def _run_step(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graphs:
-            return self._step_math(bucket)
+            return self._step_math(bucket, feed=self.feed_in_step)
         graph = self._graphs.get(bucket)
         if graph is None:
             graph = self._capture(bucket)
@@ -568,27 +584,37 @@ class BatchFastDecoder:
         from ..cuda_streams import warm_and_capture
 
         # the warm-up step (which tunes the kernels' configs for this bucket) writes the same keys/values the replay
-        # will; the capture runs nothing
+        # will; the capture runs nothing. Neither feeds itself: the replay that follows runs the inputs as they are
+        self._fed_flag.zero_()
+        step = lambda: self._step_math(bucket, feed=self.feed_in_step)  # noqa: E731
         try:
-            graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
+            graph, self._graph_out[bucket] = warm_and_capture(step, self.device, self._pool)
         except Exception:
             if bucket != 1 or self._one_row_step is None or not self._one_row_step.pdl:
                 raise
             torch.cuda.synchronize(self.device)  # a driver or runtime without PDL in graphs: the plain launches
             self._one_row_step.pdl = False
-            graph, self._graph_out[bucket] = warm_and_capture(lambda: self._step_math(bucket), self.device, self._pool)
+            self._fed_flag.zero_()
+            graph, self._graph_out[bucket] = warm_and_capture(step, self.device, self._pool)
+        self._fed_flag.zero_()
         self._graphs[bucket] = graph
         return graph
 
-    def _step_math(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for rows [0, bucket): logits [bucket, V] and each row's greedy pick [bucket]."""
+    def _step_math(self, bucket: int, feed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for rows [0, bucket): logits [bucket, V] and each row's greedy pick [bucket] (in fed_picks).
+        ``feed``: fed from the last step's picks where the fed flag is set (a decode step; not a step replayed for
+        timing, which must run the same inputs every time)."""
         if bucket == 1 and self._one_row_step is not None:
-            return self._one_row_step()
+            return self._one_row_step(feed=feed)
         ws = self._workspaces.get(bucket)
         if ws is None:
             ws = self._workspaces[bucket] = attention_workspace(bucket, self.heads, self.groups, self.head_dim, self.device)
         pos, plen = self.positions[:bucket], self.prefix_lens[:bucket]
-        x = self.embedding.index_select(0, self.tokens[:bucket])  # [B, h]
+        x = torch.empty(bucket, self.embedding.shape[1], device=self.device, dtype=self.embedding.dtype)
+        if feed:
+            feed_and_embed(self._fed_flag, self.fed_picks, self.tokens, self.positions, self.embedding, x)
+        else:
+            torch.index_select(self.embedding, 0, self.tokens[:bucket], out=x)
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i, :bucket], self.v_cache[i, :bucket]
             qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps)
@@ -599,7 +625,7 @@ class BatchFastDecoder:
             x = lw.dense(attn, residual=x)
             x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
         logits = self.output(x, norm=self.final_ln, eps=self.eps)
-        return logits, greedy_pick(logits)
+        return logits, greedy_pick(logits, out=self.fed_picks[:bucket], fed_flag=self._fed_flag)
 
     # -- prompts --------------------------------------------------------------------------------
 

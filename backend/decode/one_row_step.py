@@ -30,6 +30,7 @@ from ..generation import INVALID_SCORE_TOKEN
 from ..kernels.int8_gemv import new_argmax_state, pick_token
 from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
 from ..kernels.gemv_4bit import kernels_run
+from ..kernels.step_feed import feed_and_embed
 
 
 def fused_one_row_enabled() -> bool:
@@ -60,15 +61,20 @@ class OneRowStep:
         down = decoder.layers[0].down
         self.mlp = torch.empty(1, down.q.k if down.one_row is None else down.one_row.weight.shape[1], device=dev, dtype=dt)
         self.logits = torch.empty(1, decoder.output.one_row.weight.shape[0], device=dev, dtype=dt)
-        self.picks = torch.zeros(1, device=dev, dtype=torch.long)
+        self.picks = decoder.fed_picks[:1]  # (where the general step's picks go too: the next step may feed from them)
         self.argmax = new_argmax_state(dev)
         self.workspace = attention_workspace(1, decoder.heads, decoder.groups, decoder.head_dim, dev)
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, feed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``feed``: the decoder's step, fed from the last step's pick where the decoder's fed flag is set
+        (``kernels.step_feed``), which it then sets; without, the inputs as they are (tuning replays the step)."""
         dec, pdl = self.dec, self.pdl
         H, D = dec.heads, dec.head_dim
         pos, plen = dec.positions[:1], dec.prefix_lens[:1]
-        torch.index_select(dec.embedding, 0, dec.tokens[:1], out=self.x)
+        if feed:
+            feed_and_embed(dec._fed_flag, dec.fed_picks, dec.tokens, dec.positions, dec.embedding, self.x)
+        else:
+            torch.index_select(dec.embedding, 0, dec.tokens[:1], out=self.x)
         q = self.qkv[:, : H * D].view(1, H, D)
         for i, lw in enumerate(dec.layers):
             kc, vc = dec.k_cache[i, :1], dec.v_cache[i, :1]
@@ -78,7 +84,8 @@ class OneRowStep:
             self._linear(lw.up, self.x, self.mlp, norm=lw.ln2, swiglu=True)
             self._linear(lw.down, self.mlp, self.x, residual=self.x)
         dec.output.gemv_row(self.x[0], self.logits[0], norm=dec.final_ln, eps=dec.eps, argmax=self.argmax, pdl=pdl)
-        pick_token(self.argmax, self.picks, None, bad_token=INVALID_SCORE_TOKEN, pdl=pdl)
+        pick_token(self.argmax, self.picks, None, bad_token=INVALID_SCORE_TOKEN, pdl=pdl,
+                   fed_flag=dec._fed_flag if feed else None)
         return self.logits, self.picks
 
     def _qkv(self, lw, kc, vc, q, pos, plen) -> None:

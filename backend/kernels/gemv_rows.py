@@ -1,5 +1,6 @@
-"""An int8 GEMV for a few activation rows (2-4: compare's two replies, a server's first streams, the tail of an
-evaluation): each weight tile is read once for all the rows, in the one-row GEMV's form.
+"""A GEMV for a few activation rows (2-4: compare's two replies, a server's first streams, the tail of an
+evaluation) against int8 or 16-bit weights: each weight tile is read once for all the rows, in the one-row GEMV's
+form.
 
 Why its own kernel: at 2-4 rows a decode step's linears are bound by the weight bytes read, as at one row.
 ``int8_matmul.matmul`` reads them through tensor-core tiles 16 rows tall (2 of them used), and
@@ -11,9 +12,11 @@ activation row, unrolled for up to ``ROWS_MAX`` rows (no list of tensors in Trit
 row (twice where RMSNorm or the widening's offset needs its sums).
 
 Fused as in the batched decoder's linears: RMSNorm before (its weight multiplies x, the row's 1/rms the sums),
-then the row scale, the bias, and either SwiGLU (``silu(W[:F] x) * W[F:] x``) or the residual add.
+then the row scale (int8), the bias, and either SwiGLU (``silu(W[:F] x) * W[F:] x``) or the residual add.
 The tile config is tuned on first use per GPU model and shape (``tuning.pick``, cached on disk), against the
-caller's matmul path for the same rows: a card where that path is faster keeps it.
+caller's matmul path for the same rows: a card where that path is faster keeps it. For 16-bit weights that path
+is cuBLAS with RMSNorm, SwiGLU and the residual as launches of their own (a bf16 compare's two rows: 1.77x one
+reply on the H100, bench/NOTES.md run 41); here they are folded in as for int8.
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ if HAVE_TRITON:
         return tl.zeros(kk.shape, dtype=tl.float32)
 
     @triton.jit
+    def _as_float(w, W_INT8: tl.constexpr, CVT: tl.constexpr):
+        if W_INT8:
+            return int8_as_float(w, CVT)
+        return w.to(tl.float32)
+
+    @triton.jit
     def _row_stats(x_ptr, norm_ptr, K, eps, X_PASS: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr):
         # a row's 1/rms and CVT 2's offset (1.5 x the sum of the normed x), in a pass of their own over x (a few KB,
         # mostly from L1/L2; X_PASS wide, kernels.x_pass_width) so that the weight loop keeps nothing per K element;
@@ -76,18 +85,24 @@ if HAVE_TRITON:
 
     @triton.jit
     def _row_out(acc_a, acc_b, r, off, row, n, mask_n, F_OFF, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm,
-                 stride_om, CVT: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr):
-        # one activation row's outputs: CVT 2's offset removed, 1/rms, scale and bias, then SwiGLU or the residual
+                 stride_om, W_INT8: tl.constexpr, CVT: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                 SWIGLU: tl.constexpr):
+        # one activation row's outputs: CVT 2's offset removed, 1/rms, scale (int8) and bias, then SwiGLU or the
+        # residual
         a = acc_a
         b = acc_b
         if CVT == 2:
             a = (a - off) * 256.0
             b = (b - off) * 256.0
-        a = a * r * tl.load(scale_ptr + n, mask=mask_n, other=0.0)
+        a = a * r
+        if W_INT8:
+            a = a * tl.load(scale_ptr + n, mask=mask_n, other=0.0)
         if HAS_BIAS:
             a = a + tl.load(bias_ptr + n, mask=mask_n, other=0.0).to(tl.float32)
         if SWIGLU:
-            b = b * r * tl.load(scale_ptr + F_OFF + n, mask=mask_n, other=0.0)
+            b = b * r
+            if W_INT8:
+                b = b * tl.load(scale_ptr + F_OFF + n, mask=mask_n, other=0.0)
             if HAS_BIAS:
                 b = b + tl.load(bias_ptr + F_OFF + n, mask=mask_n, other=0.0).to(tl.float32)
             y = a / (1.0 + tl.exp(-a)) * b
@@ -101,7 +116,7 @@ if HAVE_TRITON:
     def _gemv_rows_kernel(
         x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
         N_OUT, F_OFF, K, stride_xm, stride_rm, stride_om, eps,
-        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CVT: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_INT8: tl.constexpr, CVT: tl.constexpr,
         NORM: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, X_PASS: tl.constexpr,
     ):
@@ -119,14 +134,14 @@ if HAVE_TRITON:
                 wa = tl.load(wa_ptrs + k0)
             else:
                 wa = tl.load(wa_ptrs + k0, mask=mask_n[:, None] & (kk < K)[None, :], other=0)
-            wa = int8_as_float(wa, CVT)
+            wa = _as_float(wa, W_INT8, CVT)
             wb = wa
             if SWIGLU:
                 if EVEN_K and EVEN_N:
                     wb = tl.load(wb_ptrs + k0)
                 else:
                     wb = tl.load(wb_ptrs + k0, mask=mask_n[:, None] & (kk < K)[None, :], other=0)
-                wb = int8_as_float(wb, CVT)
+                wb = _as_float(wb, W_INT8, CVT)
             g = _load_norm(norm_ptr, kk, K, NORM, EVEN_K)
             # unrolled by hand for up to ROWS_MAX rows: a Triton loop cannot index a list of accumulators
             x = _load_row(x_ptr, g, kk, K, NORM, EVEN_K)
@@ -147,7 +162,8 @@ if HAVE_TRITON:
                 a3 += tl.sum(wa * x[None, :], axis=1)
                 if SWIGLU:
                     b3 += tl.sum(wb * x[None, :], axis=1)
-        outs = (F_OFF, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, CVT, HAS_BIAS, RESIDUAL, SWIGLU)
+        outs = (F_OFF, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, W_INT8, CVT, HAS_BIAS, RESIDUAL,
+                SWIGLU)
         r, off = _row_stats(x_ptr, norm_ptr, K, eps, X_PASS, CVT, NORM)
         _row_out(a0, b0, r, off, 0, n, mask_n, *outs)
         r, off = _row_stats(x_ptr + stride_xm, norm_ptr, K, eps, X_PASS, CVT, NORM)
@@ -171,15 +187,22 @@ class RowsGemvConfig:
     # until the K loop ends: no barrier inside it); "other": the caller's other path (the int8 matmul) ran faster
 
 
-def candidate_configs(swiglu: bool) -> list[RowsGemvConfig]:
+def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
     """Configs tried when tuning, the default first: the one-row GEMV's best tiles on the H100/H200 (8 weight rows
     of 1024 a program, bench/NOTES.md run 5), then shorter and longer tiles, and the plain int8 conversion (which
     needs no offset, so a linear without RMSNorm makes no second pass over x). Five: each is compiled and timed
     for five weights at 2 and 4 rows the first time a card runs them (the batched decoder's warm-up, or a first
     compare). At 4 rows, 128 threads and these tiles use 118-168 registers without spills on sm_90 (ptxas).
     Then quant_words' tiles (two rows a program; 3-4 rows as two pairs), unless ``GLMCHAT_WORDS_GEMV=0`` (A/B),
-    with its packed fp16 products (cvt 3: fp16 rows on a GPU; ``tuned_config`` drops them for other rows)."""
+    with its packed fp16 products (cvt 3: fp16 rows on a GPU; ``tuned_config`` drops them for other rows).
+    16-bit weights (not ``int8``): the one-row 16-bit GEMV's tiles as tuned on the H100 (2-4 weight rows of 1024,
+    fc2's of 512; 16 for the output layer), in this kernel's columns; no words kernel (it reads int8)."""
     rows = 4 if swiglu else 8  # SwiGLU reads two row sets a program: half the columns keeps the tile's bytes
+    if not int8:  # twice the bytes a weight: half the rows of the int8 tiles
+        rows //= 2
+        return [RowsGemvConfig(rows, 1024, cvt=0), RowsGemvConfig(rows // 2, 1024, cvt=0),
+                RowsGemvConfig(rows // 2, 512, cvt=0), RowsGemvConfig(2 * rows, 512, cvt=0),
+                RowsGemvConfig(4 * rows, 1024, cvt=0)]
     gemv = [RowsGemvConfig(rows, 1024), RowsGemvConfig(rows, 512), RowsGemvConfig(2 * rows, 512),
             RowsGemvConfig(rows // 2, 2048), RowsGemvConfig(rows, 1024, cvt=0)]
     words = [RowsGemvConfig(bn, bk, cvt=cvt, kernel="words") for bn, bk, cvt in
@@ -193,8 +216,9 @@ def candidate_configs(swiglu: bool) -> list[RowsGemvConfig]:
 
 
 def takes(x: torch.Tensor, lw: Optional[LinearWeights]) -> bool:
-    """Whether ``gemv_rows`` serves these rows: 2-4 of them against int8 weights, with Triton at hand."""
-    return HAVE_TRITON and lw is not None and lw.is_int8 and ROWS_MIN <= x.shape[0] <= ROWS_MAX
+    """Whether ``gemv_rows`` serves these rows: 2-4 of them against int8 or floating weights, with Triton at hand."""
+    return (HAVE_TRITON and lw is not None and (lw.is_int8 or lw.weight.is_floating_point())
+            and ROWS_MIN <= x.shape[0] <= ROWS_MAX)
 
 
 _chosen: dict[tuple, Optional[RowsGemvConfig]] = {}  # the hot path is one dict lookup
@@ -207,12 +231,13 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
     generator, so the global RNG and seeded sampling are untouched); during a CUDA-graph capture, the default.
     ``other(x)``: the caller's other path for the same rows, timed among the candidates; None when it won (the
     caller takes it). ``norm``: the linear applies RMSNorm first (timed with it, as it runs)."""
-    memo = (lw.weight.shape, m, dtype, swiglu, norm, other is not None, device)
+    memo = (lw.weight.shape, lw.weight.dtype, m, dtype, swiglu, norm, other is not None, device)
     if memo in _chosen and timer is None:
         return _chosen[memo]
     n, k = lw.weight.shape
-    key = (f"gemv_rows|N{n}|K{k}|M{m}|{str(dtype).split('.')[-1]}{'|swiglu' if swiglu else ''}{'|norm' if norm else ''}"
-           f"{'|vs_matmul' if other is not None else ''}")
+    weight = "" if lw.is_int8 else f"|w{str(lw.weight.dtype).split('.')[-1]}"  # (int8 keys as cards cached them)
+    key = (f"gemv_rows|N{n}|K{k}|M{m}|{str(dtype).split('.')[-1]}{weight}{'|swiglu' if swiglu else ''}"
+           f"{'|norm' if norm else ''}{'|vs_matmul' if other is not None else ''}")
     scratch: dict = {}
 
     def run(cfg: RowsGemvConfig) -> Optional[torch.Tensor]:
@@ -227,7 +252,8 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
         _launch(scratch["x"], lw, scratch["out"], scratch["g"], None, 1e-5, swiglu, cfg)
         return scratch["out"]
 
-    candidates = candidate_configs(swiglu) + ([RowsGemvConfig(kernel="other")] if other is not None else [])
+    candidates = (candidate_configs(swiglu, lw.is_int8)
+                  + ([RowsGemvConfig(kernel="other")] if other is not None else []))
     if dtype != torch.float16:  # packed fp16 products (packed_products.int8_dot)
         candidates = [c for c in candidates if not (c.kernel == "words" and c.cvt == 3)]
     cfg: Optional[RowsGemvConfig] = tuning.pick(key, candidates, run, device, timer=timer)
@@ -246,6 +272,8 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
     dummy = out
     bias = lw.bias
     if cfg.kernel == "words":
+        if not lw.is_int8:
+            raise ValueError("the words kernel reads int8 weights; 16-bit ones take a gemv config")
         qw = qw or int8_weight(lw.weight, lw.scale)
         words = QuantLinearConfig("words", cfg.block_n, cfg.block_k, 2, cfg.num_warps, 1,
                                   cvt=3 if cfg.cvt == 3 else min(cfg.cvt, 1))
@@ -253,11 +281,12 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
                            dummy, dummy)
         return
     _gemv_rows_kernel[(triton.cdiv(n_out, cfg.block_n),)](
-        x, lw.weight, lw.scale, bias if bias is not None else dummy, norm_weight if norm_weight is not None else dummy,
-        residual if residual is not None else dummy, out,
+        x, lw.weight, lw.scale if lw.is_int8 else dummy, bias if bias is not None else dummy,
+        norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
         n_out, n_out if swiglu else 0, k, x.stride(0), residual.stride(0) if residual is not None else 0,
         out.stride(0), eps,
-        ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CVT=cfg.cvt, NORM=norm_weight is not None,
+        ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_INT8=lw.is_int8, CVT=cfg.cvt if lw.is_int8 else 0,
+        NORM=norm_weight is not None,
         HAS_BIAS=bias is not None, RESIDUAL=residual is not None and not swiglu, SWIGLU=swiglu,
         EVEN_K=k % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0,
         X_PASS=x_pass_width(k, cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps, num_stages=1,
@@ -275,24 +304,26 @@ def gemv_rows(
     out: Optional[torch.Tensor] = None,
     config: Optional[RowsGemvConfig] = None,
 ) -> torch.Tensor:
-    """``out = epilogue(norm(x) @ W.T * scale + bias)`` for x [M, K], 2 <= M <= 4, int8 W [N, K] with its row scale.
+    """``out = epilogue(norm(x) @ W.T * scale + bias)`` for x [M, K], 2 <= M <= 4, int8 W [N, K] with its row scale
+    or a floating W (no scale).
 
     ``norm_weight`` [K]: RMSNorm each row first (eps). ``swiglu``: W has 2F rows, out [M, F] =
     silu(y[:, :F]) * y[:, F:]; a ``residual`` is then added after it. Otherwise ``residual`` [M, N] is added in
     the kernel (it may be ``out`` itself). ``config``: the tiles (benchmarks), else tuned for this GPU model."""
     m, k = x.shape
     n = lw.weight.shape[0]
-    if not ROWS_MIN <= m <= ROWS_MAX or not lw.is_int8 or k != lw.weight.shape[1]:
-        raise ValueError(f"gemv_rows takes {ROWS_MIN}-{ROWS_MAX} rows of {lw.weight.shape[1]} against int8 weights, "
-                         f"got {tuple(x.shape)}")
+    if not takes(x, lw) or k != lw.weight.shape[1]:
+        raise ValueError(f"gemv_rows takes {ROWS_MIN}-{ROWS_MAX} rows of {lw.weight.shape[1]} against int8 or floating "
+                         f"weights, got {tuple(x.shape)}")
     if swiglu and n % 2:
         raise ValueError(f"swiglu needs an even number of weight rows, got {n}")
     if x.stride(1) != 1:
         x = x.contiguous()
     if out is None:
         out = torch.empty(m, n // 2 if swiglu else n, device=x.device, dtype=x.dtype)
-    cfg = config or tuned_config(lw, m, x.dtype, x.device, swiglu, norm_weight is not None) or RowsGemvConfig()
-    qw = int8_weight(lw.weight, lw.scale) if cfg.kernel == "words" else None
+    cfg = (config or tuned_config(lw, m, x.dtype, x.device, swiglu, norm_weight is not None)
+           or candidate_configs(swiglu, lw.is_int8)[0])
+    qw = int8_weight(lw.weight, lw.scale) if cfg.kernel == "words" and lw.is_int8 else None
     if qw is not None and config is None and not quant_words.usable(x, qw, norm_weight, cvt=cfg.cvt):
         cfg = RowsGemvConfig()  # tuned on aligned scratch rows; these are not
     _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw)

@@ -12,6 +12,8 @@ One row's step folds the same keys into its output GEMV instead (``int8_gemv``'s
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import HAVE_TRITON
@@ -45,7 +47,8 @@ if HAVE_TRITON:
         tl.store(bad_ptr + row * TILES + tile, bad)
 
     @triton.jit
-    def _row_pick_kernel(key_ptr, bad_ptr, out_ptr, TILES, BAD_TOKEN: tl.constexpr, TILES_POW2: tl.constexpr):
+    def _row_pick_kernel(key_ptr, bad_ptr, out_ptr, flag_ptr, TILES, BAD_TOKEN: tl.constexpr, TILES_POW2: tl.constexpr,
+                         FLAG: tl.constexpr):
         row = tl.program_id(0)
         t = tl.arange(0, TILES_POW2)
         mask = t < TILES
@@ -53,24 +56,33 @@ if HAVE_TRITON:
         bad = tl.max(tl.load(bad_ptr + row * TILES + t, mask=mask, other=0), axis=0)
         index = 4294967296 - 1 - (key - ((key >> 32) << 32))  # the low 32 bits hold 2^32 - 1 - index
         tl.store(out_ptr + row, tl.where(bad > 0, BAD_TOKEN, index))
+        if FLAG:  # (every row's program writes the same 1)
+            tl.store(flag_ptr, 1)
 
 
-def greedy_rows(logits: torch.Tensor, bad_token: int) -> torch.Tensor:
-    """Each row's argmax [B] (int64) of ``logits`` [B, V], or ``bad_token`` where the row holds nan or inf."""
+def greedy_rows(logits: torch.Tensor, bad_token: int, out: Optional[torch.Tensor] = None,
+                fed_flag: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each row's argmax [B] (int64) of ``logits`` [B, V], or ``bad_token`` where the row holds nan or inf; into
+    ``out`` if given. ``fed_flag``: set to 1 after (a decode step's: kernels.step_feed)."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     tiles = triton.cdiv(vocab, BLOCK)
     keys = torch.empty(rows, tiles, dtype=torch.int64, device=logits.device)
     bad = torch.empty(rows, tiles, dtype=torch.int32, device=logits.device)
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     _tile_best_kernel[(rows, tiles)](logits, keys, bad, vocab, logits.stride(0), tiles, BLOCK=BLOCK, num_warps=4)
-    _row_pick_kernel[(rows,)](keys, bad, out, tiles, BAD_TOKEN=bad_token, TILES_POW2=triton.next_power_of_2(tiles),
-                              num_warps=1)
+    _row_pick_kernel[(rows,)](keys, bad, out, fed_flag if fed_flag is not None else out, tiles, BAD_TOKEN=bad_token,
+                              TILES_POW2=triton.next_power_of_2(tiles), FLAG=fed_flag is not None, num_warps=1)
     return out
 
 
-def greedy_rows_torch(logits: torch.Tensor, bad_token: int) -> torch.Tensor:
+def greedy_rows_torch(logits: torch.Tensor, bad_token: int, out: Optional[torch.Tensor] = None,
+                      fed_flag: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same in torch (the CPU path)."""
     bad = ~torch.isfinite(logits).all(dim=-1)
-    return torch.where(bad, torch.full_like(bad, bad_token, dtype=torch.long), logits.argmax(-1))
+    picks = torch.where(bad, torch.full_like(bad, bad_token, dtype=torch.long), logits.argmax(-1))
+    if fed_flag is not None:
+        fed_flag.fill_(1)
+    return picks if out is None else out.copy_(picks)

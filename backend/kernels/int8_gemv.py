@@ -49,10 +49,12 @@ if HAVE_TRITON:
             return w.to(tl.float32)
 
     @triton.jit
-    def _pick_kernel(best_ptr, next_ptr, in_ptr, BAD_TOKEN: tl.constexpr, PDL: tl.constexpr, FEED: tl.constexpr):
+    def _pick_kernel(best_ptr, next_ptr, in_ptr, flag_ptr, BAD_TOKEN: tl.constexpr, PDL: tl.constexpr,
+                     FEED: tl.constexpr, FLAG: tl.constexpr):
         # after the output GEMV with ARGMAX: the next token (BAD_TOKEN if any logit was not finite) into
         # next_ptr; FEED (the one-row decoder): also into in_ptr[0], position and cache slot in_ptr[1:3]
-        # advanced; the keys reset
+        # advanced; FLAG (the batched decoder): flag_ptr set, the next step may feed itself (kernels.step_feed);
+        # the keys reset
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -64,6 +66,8 @@ if HAVE_TRITON:
             tl.store(in_ptr, tok)
             tl.store(in_ptr + 1, tl.load(in_ptr + 1) + 1)
             tl.store(in_ptr + 2, tl.load(in_ptr + 2) + 1)
+        if FLAG:
+            tl.store(flag_ptr, 1)
         tl.store(best_ptr, -(2**63))
         tl.store(best_ptr + 1, 0)
 
@@ -420,10 +424,12 @@ def new_argmax_state(device) -> torch.Tensor:
 
 
 def pick_token(argmax: torch.Tensor, next_token: torch.Tensor, step_in: Optional[torch.Tensor], bad_token: int,
-               pdl: bool = False) -> None:
+               pdl: bool = False, fed_flag: Optional[torch.Tensor] = None) -> None:
     """After ``gemv(argmax=...)``: next_token = the greedy token (``bad_token`` where a logit was nan or inf, as
     the original's guard does), the state reset; with ``step_in`` (the one-row decoder's [token, position, slot])
-    also step_in[0] = that token and step_in[1:3] + 1."""
-    _pick_kernel[(1,)](argmax, next_token, step_in if step_in is not None else next_token, BAD_TOKEN=bad_token,
-                       PDL=pdl, FEED=step_in is not None, num_warps=1, **({"launch_pdl": True} if pdl else {}))
+    also step_in[0] = that token and step_in[1:3] + 1; with ``fed_flag`` (the batched decoder's) that set to 1."""
+    _pick_kernel[(1,)](argmax, next_token, step_in if step_in is not None else next_token,
+                       fed_flag if fed_flag is not None else next_token, BAD_TOKEN=bad_token, PDL=pdl,
+                       FEED=step_in is not None, FLAG=fed_flag is not None, num_warps=1,
+                       **({"launch_pdl": True} if pdl else {}))
 

@@ -179,9 +179,9 @@ def test_a_warm_up_without_captures_tunes_the_few_row_linears_and_runs_a_chats_r
     monkeypatch.setattr(decoder, "_warm_long_prompt", lambda: pytest.fail("no long prompt where memory is short"))
     steps, buckets = [], []
     one_row = type(decoder._one_row_step).__call__
-    monkeypatch.setattr(type(decoder._one_row_step), "__call__", lambda step: steps.append(1) or one_row(step))
+    monkeypatch.setattr(type(decoder._one_row_step), "__call__", lambda step, **kw: steps.append(1) or one_row(step, **kw))
     step_math = decoder._step_math
-    monkeypatch.setattr(decoder, "_step_math", lambda bucket: buckets.append(bucket) or step_math(bucket))
+    monkeypatch.setattr(decoder, "_step_math", lambda bucket, **kw: buckets.append(bucket) or step_math(bucket, **kw))
     decoder.warm_up(captures=False)
     assert rows and max(rows) <= batch_linear.QUANT_MAX_M and 1 in rows
     assert decoder.rows == 0 and not decoder._parked and not decoder._graphs

@@ -1,7 +1,8 @@
-"""The few-rows int8 GEMV (backend/kernels/gemv_rows.py) under Triton's interpreter: for 2-4 activation rows, every
+"""The few-rows GEMV (backend/kernels/gemv_rows.py) under Triton's interpreter: for 2-4 activation rows, every
 config it may be tuned to (its own kernel's and quant_words') and every int8 conversion gives the dequantised
 product with RMSNorm, bias, SwiGLU and the residual (in place too), for K and N that fill the tiles and that do
-not. Run through tests/test_kernels_batch.py."""
+not; 16-bit (here fp16 and fp32) weights give their product through every 16-bit config. Run through
+tests/test_kernels_batch.py."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def reference(x, lw, norm=None, swiglu=False, residual=None, eps=1e-5):
     x = x.double()
     if norm is not None:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.double()
-    y = x @ (lw.weight.double() * lw.scale.double()[:, None]).T
+    w = lw.weight.double() if lw.scale is None else lw.weight.double() * lw.scale.double()[:, None]
+    y = x @ w.T
     if lw.bias is not None:
         y = y + lw.bias.double()
     if swiglu:
@@ -77,6 +79,27 @@ def test_swiglu_rows_read_the_gate_and_up_halves(m):
         assert got.shape == (m, f) and torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4), cfg
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_16_bit_weights_give_their_product_through_every_16_bit_config(dtype, swiglu):
+    """A bf16/fp16 model's compare rows: no scale, no int8 conversion, the same epilogues; every tile the tuner may
+    pick for 16-bit weights (scaled down to this K), and K tails."""
+    for k in (256, 200):
+        torch.manual_seed(k)
+        n = 24
+        lw = LinearWeights((torch.randn(n, k) * 0.05).to(dtype), None, None if swiglu else (torch.randn(n) * 0.1).to(dtype))
+        configs = [RowsGemvConfig(c.block_n, c.block_k // 8, cvt=c.cvt) for c in candidate_configs(swiglu, int8=False)]
+        for m in (2, 3):
+            x, g = torch.randn(m, k).to(dtype), (1 + 0.1 * torch.randn(k)).to(dtype)
+            res = torch.randn(m, n // 2 if swiglu else n).to(dtype)
+            want = reference(x.float(), LinearWeights(lw.weight.float(), None, None if lw.bias is None else lw.bias.float()),
+                             norm=g.float(), swiglu=swiglu, residual=res.float())
+            tol = 1e-4 if dtype == torch.float32 else 2e-3
+            for cfg in configs:
+                got = gemv_rows(x, lw, norm_weight=g, swiglu=swiglu, residual=res, config=cfg)
+                assert got.dtype == dtype and torch.allclose(got.double(), want, rtol=tol, atol=tol), (k, m, cfg)
+
+
 def test_strided_rows_and_the_default_config():
     """Rows taken from a wider buffer (the decoder's views), with the untuned default config on the CPU."""
     lw = weights(40, 256, bias=False, seed=1)
@@ -86,12 +109,15 @@ def test_strided_rows_and_the_default_config():
     assert torch.allclose(gemv_rows(x, lw).double(), reference(x, lw), rtol=1e-4, atol=1e-4)
 
 
-def test_it_takes_two_to_four_int8_rows_only():
+def test_it_takes_two_to_four_int8_or_floating_rows_only():
     lw = weights(8, 64, bias=False, seed=2)
     assert [takes(torch.zeros(m, 64), lw) for m in range(1, 6)] == [False, True, True, True, False]
-    assert not takes(torch.zeros(2, 64), LinearWeights(torch.randn(8, 64)))
+    assert takes(torch.zeros(2, 64), LinearWeights(torch.randn(8, 64).half()))
+    assert not takes(torch.zeros(2, 64), None)  # (a 4-bit layer has no such weights)
     with pytest.raises(ValueError, match="2-4 rows"):
         gemv_rows(torch.zeros(5, 64), lw)
+    with pytest.raises(ValueError, match="words kernel reads int8"):
+        gemv_rows(torch.zeros(2, 64), LinearWeights(torch.randn(8, 64)), config=RowsGemvConfig(4, 64, kernel="words"))
 
 
 def test_the_callers_matmul_path_is_kept_where_it_timed_faster(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def test_one_row_through_the_fused_step_equals_the_general_step_token_for_token(
         out.append(run(decoder, [DecodeRequest(first.prompt_ids + out[0] + [9], short, adapter="ad")])[0])  # parked row
         out.append(run(decoder, [sampled])[0])
         decoder.tokens[0], decoder.positions[0], decoder.prefix_lens[0] = 4, 7, 3
-        logits, picks = decoder._step_math(1)
+        logits, picks = decoder._step_math(1, feed=False)  # (these inputs, not the last step's pick)
         return out, logits.clone(), picks.clone(), decoder.k_cache.clone(), decoder.v_cache.clone()
 
     fused, general = replies(True), replies(False)
