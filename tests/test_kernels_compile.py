@@ -126,7 +126,7 @@ def test_the_few_rows_gemv_configs(arch):
                 for cfg in candidate_configs(swiglu, int8):
                     consts = dict(ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_INT8=int8,
                                   CVT=cfg.cvt if int8 else 0, NORM=True, HAS_BIAS=not swiglu, RESIDUAL=not swiglu,
-                                  SWIGLU=swiglu, EVEN_K=True, EVEN_N=True,
+                                  SWIGLU=swiglu, EVEN_K=True, EVEN_N=True, TILE_ACC=cfg.kernel == "gemv_acc",
                                   X_PASS=x_pass_width(4096, cfg.block_k, cfg.num_warps))  # as _launch passes it
                     ptx = compile_for(_gemv_rows_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
                     assert byte_loads(ptx) == 0, (swiglu, rows, cfg)

@@ -1,8 +1,8 @@
 """The batched fast decoder's decode step for one row (bucket 1: a chat's reply), with the one-row decoder's fusions.
 
 The general step (``BatchFastDecoder._step_math``) runs, a layer, the QKV GEMV, a rotary + cache-write kernel, the
-split attention and its combine, then dense, up and down; after the output GEMV, torch's isfinite/all/argmax/where
-pick the greedy token. For one row this step
+split attention and its combine, then dense, up and down; after the output GEMV, the batched greedy pick
+(``kernels.greedy_rows``, two launches). For one row this step
 - rotates q and k and writes k and v to the row's cache slots in the QKV GEMV's epilogue (no rotary kernel);
 - folds the greedy pick into the output GEMV (an atomic max of (value, -row) keys, then one 1-thread kernel);
 - launches its kernels as programmatic dependents on Hopper and later, so each one's launch overlaps the tail of

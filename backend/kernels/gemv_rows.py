@@ -69,6 +69,22 @@ if HAVE_TRITON:
         return w.to(tl.float32)
 
     @triton.jit
+    def _accumulate(acc, w, x, TILE_ACC: tl.constexpr):
+        # TILE_ACC: a float32 per weight of the tile, summed once after the K loop (no reduction across threads
+        # inside it); else each tile reduced to a sum per weight row
+        if TILE_ACC:  # (both branches spelled out: Triton compiles what follows a constexpr branch's return too)
+            acc = acc + w * x[None, :]
+        else:
+            acc = acc + tl.sum(w * x[None, :], axis=1)
+        return acc
+
+    @triton.jit
+    def _row_sums(acc, TILE_ACC: tl.constexpr):
+        if TILE_ACC:
+            acc = tl.sum(acc, axis=1)
+        return acc
+
+    @triton.jit
     def _row_stats(x_ptr, norm_ptr, K, eps, X_PASS: tl.constexpr, CVT: tl.constexpr, NORM: tl.constexpr):
         # a row's 1/rms and CVT 2's offset (1.5 x the sum of the normed x), in a pass of their own over x (a few KB,
         # mostly from L1/L2; X_PASS wide, kernels.x_pass_width) so that the weight loop keeps nothing per K element;
@@ -118,7 +134,7 @@ if HAVE_TRITON:
         N_OUT, F_OFF, K, stride_xm, stride_rm, stride_om, eps,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_INT8: tl.constexpr, CVT: tl.constexpr,
         NORM: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
-        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, X_PASS: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, X_PASS: tl.constexpr, TILE_ACC: tl.constexpr,
     ):
         # program: BLOCK_N output columns (SwiGLU: their gate rows n and up rows F_OFF + n), read once for ROWS rows
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,7 +142,10 @@ if HAVE_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         wa_ptrs = w_ptr + n.to(tl.int64)[:, None] * K + offs_k[None, :]
         wb_ptrs = w_ptr + (n + F_OFF).to(tl.int64)[:, None] * K + offs_k[None, :]
-        a0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if TILE_ACC:
+            a0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        else:
+            a0 = tl.zeros([BLOCK_N], dtype=tl.float32)
         a1, a2, a3, b0, b1, b2, b3 = a0, a0, a0, a0, a0, a0, a0
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
@@ -145,23 +164,27 @@ if HAVE_TRITON:
             g = _load_norm(norm_ptr, kk, K, NORM, EVEN_K)
             # unrolled by hand for up to ROWS_MAX rows: a Triton loop cannot index a list of accumulators
             x = _load_row(x_ptr, g, kk, K, NORM, EVEN_K)
-            a0 += tl.sum(wa * x[None, :], axis=1)
+            a0 = _accumulate(a0, wa, x, TILE_ACC)
             if SWIGLU:
-                b0 += tl.sum(wb * x[None, :], axis=1)
+                b0 = _accumulate(b0, wb, x, TILE_ACC)
             x = _load_row(x_ptr + stride_xm, g, kk, K, NORM, EVEN_K)
-            a1 += tl.sum(wa * x[None, :], axis=1)
+            a1 = _accumulate(a1, wa, x, TILE_ACC)
             if SWIGLU:
-                b1 += tl.sum(wb * x[None, :], axis=1)
+                b1 = _accumulate(b1, wb, x, TILE_ACC)
             if ROWS > 2:
                 x = _load_row(x_ptr + 2 * stride_xm, g, kk, K, NORM, EVEN_K)
-                a2 += tl.sum(wa * x[None, :], axis=1)
+                a2 = _accumulate(a2, wa, x, TILE_ACC)
                 if SWIGLU:
-                    b2 += tl.sum(wb * x[None, :], axis=1)
+                    b2 = _accumulate(b2, wb, x, TILE_ACC)
             if ROWS > 3:
                 x = _load_row(x_ptr + 3 * stride_xm, g, kk, K, NORM, EVEN_K)
-                a3 += tl.sum(wa * x[None, :], axis=1)
+                a3 = _accumulate(a3, wa, x, TILE_ACC)
                 if SWIGLU:
-                    b3 += tl.sum(wb * x[None, :], axis=1)
+                    b3 = _accumulate(b3, wb, x, TILE_ACC)
+        a0, a1, a2, a3 = (_row_sums(a0, TILE_ACC), _row_sums(a1, TILE_ACC), _row_sums(a2, TILE_ACC),
+                          _row_sums(a3, TILE_ACC))
+        b0, b1, b2, b3 = (_row_sums(b0, TILE_ACC), _row_sums(b1, TILE_ACC), _row_sums(b2, TILE_ACC),
+                          _row_sums(b3, TILE_ACC))
         outs = (F_OFF, scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om, W_INT8, CVT, HAS_BIAS, RESIDUAL,
                 SWIGLU)
         r, off = _row_stats(x_ptr, norm_ptr, K, eps, X_PASS, CVT, NORM)
@@ -184,7 +207,9 @@ class RowsGemvConfig:
     cvt: int = 2  # int8 -> float32 as int8_gemv.int8_as_float; words: quant_words' cvt (3: fp16 pairs,
     # packed_products.int8_dot)
     kernel: str = "gemv"  # "words": kernels.quant_words (the weight as 32-bit words, row sums kept in registers
-    # until the K loop ends: no barrier inside it); "other": the caller's other path (the int8 matmul) ran faster
+    # until the K loop ends: no barrier inside it); "gemv_acc": this kernel with a float32 per weight of the tile,
+    # summed after the K loop (16-bit weights: the one-row GEMV's fc1 and fc2 tiles do that); "other": the caller's
+    # other path (the int8 matmul, or cuBLAS) ran faster
 
 
 def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
@@ -196,13 +221,15 @@ def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
     Then quant_words' tiles (two rows a program; 3-4 rows as two pairs), unless ``GLMCHAT_WORDS_GEMV=0`` (A/B),
     with its packed fp16 products (cvt 3: fp16 rows on a GPU; ``tuned_config`` drops them for other rows).
     16-bit weights (not ``int8``): the one-row 16-bit GEMV's tiles as tuned on the H100 (2-4 weight rows of 1024,
-    fc2's of 512; 16 for the output layer), in this kernel's columns; no words kernel (it reads int8)."""
+    fc2's of 512, summed after the K loop for fc1 and fc2; 16 for the output layer), in this kernel's columns; no
+    words kernel (it reads int8)."""
     rows = 4 if swiglu else 8  # SwiGLU reads two row sets a program: half the columns keeps the tile's bytes
     if not int8:  # twice the bytes a weight: half the rows of the int8 tiles
         rows //= 2
         return [RowsGemvConfig(rows, 1024, cvt=0), RowsGemvConfig(rows // 2, 1024, cvt=0),
                 RowsGemvConfig(rows // 2, 512, cvt=0), RowsGemvConfig(2 * rows, 512, cvt=0),
-                RowsGemvConfig(4 * rows, 1024, cvt=0)]
+                RowsGemvConfig(4 * rows, 1024, cvt=0), RowsGemvConfig(rows // 2, 1024, cvt=0, kernel="gemv_acc"),
+                RowsGemvConfig(rows // 2, 512, cvt=0, kernel="gemv_acc")]
     gemv = [RowsGemvConfig(rows, 1024), RowsGemvConfig(rows, 512), RowsGemvConfig(2 * rows, 512),
             RowsGemvConfig(rows // 2, 2048), RowsGemvConfig(rows, 1024, cvt=0)]
     words = [RowsGemvConfig(bn, bk, cvt=cvt, kernel="words") for bn, bk, cvt in
@@ -289,7 +316,8 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
         NORM=norm_weight is not None,
         HAS_BIAS=bias is not None, RESIDUAL=residual is not None and not swiglu, SWIGLU=swiglu,
         EVEN_K=k % cfg.block_k == 0, EVEN_N=n_out % cfg.block_n == 0,
-        X_PASS=x_pass_width(k, cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps, num_stages=1,
+        X_PASS=x_pass_width(k, cfg.block_k, cfg.num_warps), TILE_ACC=cfg.kernel == "gemv_acc",
+        num_warps=cfg.num_warps, num_stages=1,
     )
 
 
