@@ -68,6 +68,39 @@ def test_int8_rows_through_the_gemvs_or_the_matmul_equal_the_packed_kernels(monk
     assert len(rows_seen) == 9
 
 
+def test_16_bit_rows_through_the_gemvs_or_cublas_give_the_layers_product(monkeypatch):
+    """A bf16/fp16 model's linear (here fp32): one row through int8_gemv.gemv, 2-4 rows through kernels.gemv_rows with
+    RMSNorm, SwiGLU and the residual folded in, unless the card timed the cuBLAS path faster; more rows through
+    cuBLAS: the same product either way."""
+    import torch.nn.functional as F
+
+    from backend.decode.batch_linear import BatchLinear
+    from backend.kernels import gemv_rows
+
+    rows_seen = []
+    real = gemv_rows.gemv_rows
+    monkeypatch.setattr(gemv_rows, "gemv_rows", lambda x, *a, **k: rows_seen.append(x.shape[0]) or real(x, *a, **k))
+    layer = torch.nn.Linear(64, 24, bias=False)
+    lin = BatchLinear(layer, torch.float32, "fc1")
+    assert lin.q is None and lin.one_row is not None
+    g = 1 + 0.1 * torch.randn(64)
+
+    def want(x, res):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+        a, b = F.linear(h, layer.weight).chunk(2, dim=-1)
+        return F.silu(a) * b + res
+
+    with torch.no_grad():
+        for m in (1, 2, 3, 4, 5):
+            x, res = torch.randn(m, 64), torch.randn(m, 12)
+            assert torch.allclose(lin(x, norm=g, swiglu=True, residual=res), want(x, res), rtol=1e-4, atol=1e-4), m
+        assert rows_seen == [2, 3, 4]
+        monkeypatch.setattr(gemv_rows, "tuned_config", lambda *a, **k: None)  # cuBLAS timed faster on this card
+        x, res = torch.randn(2, 64), torch.randn(2, 12)
+        assert torch.allclose(lin(x, norm=g, swiglu=True, residual=res), want(x, res), rtol=1e-4, atol=1e-4)
+        assert rows_seen == [2, 3, 4]
+
+
 def test_steps_fed_on_the_device_give_the_tokens_of_host_fed_steps():
     """While the same rows run, none waits to join and every token is picked on the device, the next step is
     launched from the last one's picks before the host reads them (decode-ahead). Rows that end at different
