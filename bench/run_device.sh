@@ -41,6 +41,8 @@
 #   bash bench/run_device.sh chat-table  # ChatEngine chat and compare: 8-bit, NF4, the int4 release; bf16 chat
 #   bash bench/run_device.sh feed-bf16   # bf16's few rows through gemv_rows and the step ahead fed by its own first
 #                                        # launch, each against before in the same call (bf16, 8-bit); GPU checks
+#   bash bench/run_device.sh rows-acc    # 8-bit chat and compare with gemv_rows' tiles summed after the K loop among
+#                                        # the candidates (tuned at the warm-up), the picks; the 8-bit GPU checks
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
@@ -75,7 +77,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in feed-bf16|quantized-check|ablate|step-check|x-pass|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in feed-bf16|rows-acc|quantized-check|ablate|step-check|x-pass|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -199,6 +201,13 @@ feed-bf16)
   (export GLMCHAT_FEED_IN_STEP=0; engine int8-before --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1)
   show int8-before
   timeout 240 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
+  ;;
+rows-acc)
+  engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1
+  grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_int8.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
+  python3 -c "import json,glob; [print(k, {a: b for a, b in v.items() if a != '_among'}) for f in glob.glob('$GLMCHAT_CACHE_DIR/kernel-tuning/*.json') for k, v in json.load(open(f))['configs'].items() if k.startswith('gemv_rows') and '|w' not in k]"
+  timeout 150 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
   stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 nf4-one-row)

@@ -47,6 +47,7 @@ def weights(n, k, bias, seed):
 
 
 SMALL = [RowsGemvConfig(8, 64), RowsGemvConfig(4, 128, cvt=0), RowsGemvConfig(16, 64, cvt=1), RowsGemvConfig(2, 256),
+         RowsGemvConfig(4, 64, kernel="gemv_acc"), RowsGemvConfig(2, 128, cvt=1, kernel="gemv_acc"),
          RowsGemvConfig(4, 64, kernel="words"), RowsGemvConfig(2, 128, kernel="words"),
          RowsGemvConfig(4, 64, cvt=0, kernel="words")]
 
