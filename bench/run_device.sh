@@ -41,8 +41,9 @@
 #   bash bench/run_device.sh chat-table  # ChatEngine chat and compare: 8-bit, NF4, the int4 release; bf16 chat
 #   bash bench/run_device.sh feed-bf16   # bf16's few rows through gemv_rows and the step ahead fed by its own first
 #                                        # launch, each against before in the same call (bf16, 8-bit); GPU checks
-#   bash bench/run_device.sh rows-acc    # 8-bit chat and compare with gemv_rows' tiles summed after the K loop among
-#                                        # the candidates (tuned at the warm-up), the picks; the 8-bit GPU checks
+#   bash bench/run_device.sh rows-acc    # 8-bit chat and compare with gemv_rows' int8 tiles summed after the K loop
+#                                        # among the candidates (GLMCHAT_ROWS_ACC=1, tuned at the warm-up), then
+#                                        # without; the picks; the 8-bit GPU checks with them
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread
@@ -204,8 +205,12 @@ feed-bf16)
   stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 rows-acc)
+  export GLMCHAT_ROWS_ACC=1
   engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1
   grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_int8.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
+  (GLMCHAT_ROWS_ACC=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old; carried_tuning; export GLMCHAT_ROWS_ACC GLMCHAT_CACHE_DIR
+   engine int8-without --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1)
+  grep -a '"chat"\|"compare"' "$OUT/engine_int8-without.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
   python3 -c "import json,glob; [print(k, {a: b for a, b in v.items() if a != '_among'}) for f in glob.glob('$GLMCHAT_CACHE_DIR/kernel-tuning/*.json') for k, v in json.load(open(f))['configs'].items() if k.startswith('gemv_rows') and '|w' not in k]"
   timeout 150 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
   stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150

@@ -111,10 +111,12 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])
-def test_the_few_rows_gemv_configs(arch):
+def test_the_few_rows_gemv_configs(arch, monkeypatch):
     """Every config the few-rows GEMV may be tuned to, at 2 and 4 rows, plain and SwiGLU, int8 weights (with vector
-    loads) and 16-bit ones (bf16, fp16 on Turing)."""
+    loads; the A/B's tiles summed after the K loop too) and 16-bit ones (bf16, fp16 on Turing)."""
     from backend.kernels.gemv_rows import _gemv_rows_kernel, candidate_configs
+
+    monkeypatch.setenv("GLMCHAT_ROWS_ACC", "1")
 
     half = "*fp16" if arch == 75 else "*bf16"
     for int8 in (True, False):
