@@ -44,7 +44,7 @@ def feed_and_embed(flag: torch.Tensor, picks: torch.Tensor, tokens: torch.Tensor
     """Rows [0, B) of the step (B = out.shape[0]): where ``flag`` is set, tokens[:B] = picks[:B] and each running
     row's position + 1; then out = the tokens' embeddings. ``tokens``, ``positions`` and ``picks``: [>= B] int64."""
     rows, hidden = out.shape
-    if kernels_run(out):
+    if kernels_run(out) and embedding.stride(1) == 1 and out.stride(1) == 1:
         grid = (rows, triton.cdiv(hidden, BLOCK))
         _feed_embed_kernel[grid](flag, picks, tokens, positions, embedding, out, hidden, embedding.stride(0),
                                  out.stride(0), BLOCK=BLOCK, num_warps=4)
