@@ -9,7 +9,8 @@ and the residual folded in); 16-bit weights go through cuBLAS. Nothing is widene
   row's position and P_r live in device tensors, so one graph per batch bucket (1, 2, 4, ... 256
   rows) serves every mix of lengths and adapters: an adapter switch is a copy into the row's
   prefix slots, never a capture.
-- Step: embedding, then per layer QKV (norm folded), rotary + cache write, split attention over
+- Step: the rows' tokens (fed from the last step's picks when it runs ahead of the host: ``kernels.step_feed``)
+  and their embeddings, then per layer QKV (norm folded), rotary + cache write, split attention over
   each row's slots, dense + residual, up-projection + SwiGLU (norm folded), down + residual; the
   final norm and output linear give [rows, V] logits. Idle rows (position -1) write nothing.
 - Prompt (prefill): the rows that joined since the last step, right-padded into one batch: the
