@@ -1,10 +1,11 @@
 """One linear of the batched fast decoder, read as it is stored: NF4 and the int4 release packed through
 ``backend.kernels.gemv_4bit.quant_linear`` (RMSNorm, SwiGLU and the residual folded in) up to 64 rows; one
 row through the one-row decoder's GEMV; 2-4 int8 or 16-bit rows through ``kernels.gemv_rows`` (that GEMV reading
-each weight tile once for all of them) where it ran faster than the other path on this card; more int8 rows through ``int8_matmul.matmul`` (its tensor-core tiles
-widen the int8 weight in registers; on the H200 they read it 1.5-4x faster than quant_linear's int8 tiles
-from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm as a launch of its own and the residual, and up to 16 rows
-SwiGLU, in its epilogue (bench/NOTES.md runs 25-27); more 16-bit rows through cuBLAS; long prompts through tensor
+each weight tile once for all of them) where it ran faster than the other path on this card; more int8 rows
+through ``int8_matmul.matmul`` (its tensor-core tiles widen the int8 weight in registers; on the H200 they read it
+1.5-4x faster than quant_linear's int8 tiles from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm as a launch of
+its own and the residual, and up to 16 rows SwiGLU, in its epilogue (bench/NOTES.md runs 25-27); more 16-bit rows
+through cuBLAS; long prompts through tensor
 cores on the weight widened a block at a time, cuBLAS adding into the residual stream. From 16 4-bit rows, whichever
 of quant_linear and the widened weight for cuBLAS (``kernels.widen_4bit``) ran faster on this card (timed on
 first use, like a kernel's tiles)."""

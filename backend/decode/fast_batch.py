@@ -585,18 +585,20 @@ class BatchFastDecoder:
         from ..cuda_streams import warm_and_capture
 
         # the warm-up step (which tunes the kernels' configs for this bucket) writes the same keys/values the replay
-        # will; the capture runs nothing. Neither feeds itself: the replay that follows runs the inputs as they are
-        self._fed_flag.zero_()
-        step = lambda: self._step_math(bucket, feed=self.feed_in_step)  # noqa: E731
+        # will; the capture runs nothing. Neither feeds itself (the fed flag cleared before), and the warm-up's pick
+        # sets the flag, cleared again after: the replay that follows runs the inputs as they are
+        def capture():
+            self._fed_flag.zero_()
+            return warm_and_capture(lambda: self._step_math(bucket, feed=self.feed_in_step), self.device, self._pool)
+
         try:
-            graph, self._graph_out[bucket] = warm_and_capture(step, self.device, self._pool)
+            graph, self._graph_out[bucket] = capture()
         except Exception:
             if bucket != 1 or self._one_row_step is None or not self._one_row_step.pdl:
                 raise
             torch.cuda.synchronize(self.device)  # a driver or runtime without PDL in graphs: the plain launches
             self._one_row_step.pdl = False
-            self._fed_flag.zero_()
-            graph, self._graph_out[bucket] = warm_and_capture(step, self.device, self._pool)
+            graph, self._graph_out[bucket] = capture()
         self._fed_flag.zero_()
         self._graphs[bucket] = graph
         return graph
