@@ -8,11 +8,17 @@ and three right after GPU work (clocks up), the garbage collector's pauses insid
 this thread (``host_profile``: no batcher thread, wall against GPU time, the last under cProfile). Then one more
 under torch.profiler: its CUDA kernels summed by name (ms per prompt) and the GPU's idle gaps. The linears'
 floating-point work (2 x weights x tokens) over the wall time is the prompt's achieved TFLOP/s.
+
+Each cold prompt's line also says what it did for the first time in the process (``first_uses``): Triton kernels
+compiled or loaded for a new specialization, and memory segments the caching allocator asked CUDA for. With
+``--profile-first N`` the first N cold prompts (the slow ones of a process: ~47 ms against ~40 after) each run
+under torch.profiler instead, their GPU busy and idle time and the CUDA runtime calls of every thread reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -62,6 +68,53 @@ class CollectorPauses:
     def since(self, mark: int) -> dict:
         spans = self.spans[mark:]
         return {"gc_ms": round(1e3 * sum(e - s for s, e, _ in spans), 1), "gc_gen2": sum(g == 2 for *_, g in spans)}
+
+
+def triton_variants() -> dict:
+    """Compiled specializations of every Triton kernel in the process, by kernel name."""
+    import gc
+
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return {}
+    counts = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, JITFunction):
+            caches = getattr(obj, "device_caches", None) or {}
+            n = sum(len(entry[0]) for entry in caches.values())
+            if n:
+                counts[obj.__name__] = counts.get(obj.__name__, 0) + n
+    return counts
+
+
+class FirstUses:
+    """What a prompt did for the first time in the process: new Triton specializations (by kernel) and new memory
+    segments from cudaMalloc (``torch.cuda.memory_stats``)."""
+
+    def __init__(self):
+        self.mark()
+
+    def mark(self) -> None:
+        import torch
+
+        self._variants, self._segments = triton_variants(), torch.cuda.memory_stats().get("segment.all.allocated", 0)
+
+    def since(self) -> dict:
+        import torch
+
+        variants = triton_variants()
+        new = {k: v - self._variants.get(k, 0) for k, v in variants.items() if v > self._variants.get(k, 0)}
+        out = {"new_triton_variants": new,
+               "new_segments": torch.cuda.memory_stats().get("segment.all.allocated", 0) - self._segments}
+        self.mark()
+        return out
+
+
+def runtime_calls(prof, top: int = 10) -> list:
+    """The CUDA runtime and driver calls under ``prof`` (every thread's), by total host time."""
+    rows = [(e.cpu_time_total, e.count, e.key) for e in prof.key_averages() if e.key.startswith(("cuda", "cu"))]
+    return [{"ms": round(t / 1e3, 2), "calls": c, "call": k[:60]} for t, c, k in sorted(rows, reverse=True)[:top]]
 
 
 def gpu_gaps(prof, top: int = 6) -> dict:
@@ -130,6 +183,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--tokens", type=int, default=1600)
+    parser.add_argument("--profile-first", type=int, default=0,
+                        help="run this many of the first cold prompts under torch.profiler (CUDA runtime calls, GPU gaps)")
     args = parser.parse_args()
     emit = json_lines(quantization=args.quantization)
     engine = ChatEngine.load(args.model, quantization=args.quantization, max_batch=2)
@@ -139,17 +194,21 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=1)
     flops = 2 * linear_weights(engine.decoder) * args.tokens
     queries = [query_of(engine.tokenizer, args.tokens, opening + QUERY) for opening in OPENINGS]
-    pauses = CollectorPauses()
+    pauses, first_uses = CollectorPauses(), FirstUses()
     spin = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
     before = {"idle": lambda: time.sleep(1.0),  # clocks down, as when a user pastes after reading
               "busy": lambda: [spin @ spin for _ in range(1000)] and torch.cuda.synchronize()}
     for n, q in enumerate(queries[:6]):
         condition = ("idle", "busy")[n // 3]
         before[condition]()
-        mark = len(pauses.spans)
-        r = timed_reply(engine, q, params)
+        mark, profiled = len(pauses.spans), n < args.profile_first
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if profiled else contextlib.nullcontext() as prof:
+            r = timed_reply(engine, q, params)
+            torch.cuda.synchronize()
+        seen = {"runtime_calls": runtime_calls(prof), **gpu_gaps(prof)} if profiled else {}
         emit(what="cold_prompt", condition=condition, first_token_ms=r["first_token_ms"], prompt_tokens=r["prompt_tokens"],
-             linears_tflops=round(flops / (r["first_token_ms"] / 1e3) / 1e12, 1), **pauses.since(mark))
+             linears_tflops=round(flops / (r["first_token_ms"] / 1e3) / 1e12, 1), profiled=profiled,
+             **pauses.since(mark), **first_uses.since(), **seen)
     host_profile(engine, queries[6:9], emit)
     before["busy"]()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
