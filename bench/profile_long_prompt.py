@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 # distinct openings: no prompt shares more than the chat template with an earlier one
 OPENINGS = "甲乙丙丁戊己庚辛壬癸"
+EXTRA_OPENINGS = "子丑寅卯辰巳午未申酉戌亥"
 
 
 def linear_weights(decoder) -> int:
@@ -185,6 +186,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1600)
     parser.add_argument("--profile-first", type=int, default=0,
                         help="run this many of the first cold prompts under torch.profiler (CUDA runtime calls, GPU gaps)")
+    parser.add_argument("--extra-warm", type=int, default=0,
+                        help="cold prompts run (and reported) after the warm-up, before the measured ones: do the first "
+                             "measured ones then take as long as the later ones?")
     args = parser.parse_args()
     emit = json_lines(quantization=args.quantization)
     engine = ChatEngine.load(args.model, quantization=args.quantization, max_batch=2)
@@ -194,6 +198,9 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=1)
     flops = 2 * linear_weights(engine.decoder) * args.tokens
     queries = [query_of(engine.tokenizer, args.tokens, opening + QUERY) for opening in OPENINGS]
+    for k in range(args.extra_warm):
+        r = timed_reply(engine, query_of(engine.tokenizer, args.tokens, EXTRA_OPENINGS[k % len(EXTRA_OPENINGS)] + QUERY), params)
+        emit(what="extra_warm", run=k + 1, first_token_ms=r["first_token_ms"])
     pauses, first_uses = CollectorPauses(), FirstUses()
     spin = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
     before = {"idle": lambda: time.sleep(1.0),  # clocks down, as when a user pastes after reading

@@ -47,7 +47,8 @@
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread;
-#                                         # what each does for the first time; the first three profiled
+#                                         # what each does for the first time; the first three profiled;
+#                                         # the same after two extra cold prompts
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
@@ -452,6 +453,11 @@ cold-prompt)
   timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit --profile-first 3 \
       > "$OUT/cold_8bit_profiled.jsonl" 2> /tmp/cold.err
   stamp "cold prompt, first three profiled"; grep -a '"cold_prompt"' "$OUT/cold_8bit_profiled.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-1500
+  tail -n 3 /tmp/cold.err
+  # (and after two more cold prompts than the warm-up runs: are the first measured ones then as fast as the rest?)
+  timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit --extra-warm 2 \
+      > "$OUT/cold_8bit_extra.jsonl" 2> /tmp/cold.err
+  stamp "cold prompt after two extra"; grep -a '"extra_warm"\|"cold_prompt"' "$OUT/cold_8bit_extra.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-300
   tail -n 3 /tmp/cold.err
   ;;
 long-prompt)
