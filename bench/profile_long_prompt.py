@@ -118,6 +118,27 @@ def runtime_calls(prof, top: int = 10) -> list:
     return [{"ms": round(t / 1e3, 2), "calls": c, "call": k[:60]} for t, c, k in sorted(rows, reverse=True)[:top]]
 
 
+def gap_sources(prof, longer_than_ms: float = 1.0, top: int = 4) -> list:
+    """For each GPU idle gap longer than ``longer_than_ms``: the kernels on either side and the host events (every
+    thread's operators and CUDA calls) that overlap it most, by overlap."""
+    from torch.autograd import DeviceType
+
+    events = list(prof.events())
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA)
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    out, end, last = [], kernels[0][1] if kernels else 0, kernels[0][2] if kernels else ""
+    for start, stop, name in kernels[1:]:
+        if start - end > longer_than_ms * 1e3:
+            overlap = sorted(((min(stop_h, start) - max(start_h, end), e.name, e.thread)
+                              for e in host for start_h, stop_h in [(e.time_range.start, e.time_range.end)]
+                              if min(stop_h, start) > max(start_h, end)), reverse=True)[:top]
+            out.append({"gap_ms": round((start - end) / 1e3, 2), "after": last[:50], "before": name[:50],
+                        "host": [{"ms": round(o / 1e3, 2), "op": n[:60], "thread": t} for o, n, t in overlap]})
+        if stop > end:
+            end, last = stop, name
+    return out
+
+
 def gpu_gaps(prof, top: int = 6) -> dict:
     """The GPU's busy and idle time between the profiled prompt's first and last kernels, and its longest idle gaps
     (the host's side of them is ``host_profile``'s: torch.profiler records no host operations of the batcher's
@@ -186,6 +207,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1600)
     parser.add_argument("--profile-first", type=int, default=0,
                         help="run this many of the first cold prompts under torch.profiler (CUDA runtime calls, GPU gaps)")
+    parser.add_argument("--lengths", type=lambda v: [int(t) for t in v.split(",") if t], default=[],
+                        help="cold prompts of these token counts after the first six (e.g. 1200,1200,2000,2000)")
     parser.add_argument("--extra-warm", type=int, default=0,
                         help="cold prompts run (and reported) after the warm-up, before the measured ones: do the first "
                              "measured ones then take as long as the later ones?")
@@ -203,8 +226,9 @@ def main() -> None:
         emit(what="extra_warm", run=k + 1, first_token_ms=r["first_token_ms"])
     pauses, first_uses = CollectorPauses(), FirstUses()
     spin = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    spin_out = torch.empty_like(spin)
     before = {"idle": lambda: time.sleep(1.0),  # clocks down, as when a user pastes after reading
-              "busy": lambda: [spin @ spin for _ in range(1000)] and torch.cuda.synchronize()}
+              "busy": lambda: [torch.mm(spin, spin, out=spin_out) for _ in range(1000)] and torch.cuda.synchronize()}
     for n, q in enumerate(queries[:6]):
         condition = ("idle", "busy")[n // 3]
         before[condition]()
@@ -212,10 +236,15 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if profiled else contextlib.nullcontext() as prof:
             r = timed_reply(engine, q, params)
             torch.cuda.synchronize()
-        seen = {"runtime_calls": runtime_calls(prof), **gpu_gaps(prof)} if profiled else {}
+        seen = {"runtime_calls": runtime_calls(prof), **gpu_gaps(prof), "gaps": gap_sources(prof)} if profiled else {}
         emit(what="cold_prompt", condition=condition, first_token_ms=r["first_token_ms"], prompt_tokens=r["prompt_tokens"],
              linears_tflops=round(flops / (r["first_token_ms"] / 1e3) / 1e12, 1), profiled=profiled,
              **pauses.since(mark), **first_uses.since(), **seen)
+    for n, tokens in enumerate(args.lengths):  # other lengths than the warm-up's: each twice, GPU idle before
+        time.sleep(1.0)
+        r = timed_reply(engine, query_of(engine.tokenizer, tokens, EXTRA_OPENINGS[-1 - n] + QUERY), params)
+        emit(what="cold_prompt_length", first_token_ms=r["first_token_ms"], prompt_tokens=r["prompt_tokens"],
+             **first_uses.since())
     host_profile(engine, queries[6:9], emit)
     before["busy"]()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -46,9 +46,8 @@
 #                                        # without; the picks; the 8-bit GPU checks with them
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
-#   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, on the main thread;
-#                                         # what each does for the first time; the first three profiled;
-#                                         # the same after two extra cold prompts
+#   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, other lengths, on the
+#                                         # main thread; then without the warm-up's pasted documents, profiled
 #   bash bench/run_device.sh ab-4bit-rows  # 4-bit at 16-256 rows: quant_linear against the widened weight
 #   bash bench/run_device.sh ab-ahead   # decode-ahead on and off at many rows: evaluation twice each, 64 replies x4
 #   bash bench/run_device.sh ab-chat    # the app's engine (two rows): the one-row step's fusions on and off, the
@@ -446,19 +445,16 @@ fused-steps)
   stamp "long prompt"; cut -c1-1200 "$OUT/long_8bit.jsonl" | sed 's/.*"what"/"what"/'; tail -n 2 /tmp/long.err
   ;;
 cold-prompt)
-  # the cold 1600-token prompt alone (8-bit): after an idle GPU, a busy one, driven on the main thread; profiled
-  # (then again with the first three under torch.profiler: what the first prompts of a process wait for)
-  timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit > "$OUT/cold_8bit.jsonl" 2> /tmp/cold.err
-  stamp "cold prompt"; cut -c1-2500 "$OUT/cold_8bit.jsonl" | sed 's/.*"what"/"what"/'; tail -n 3 /tmp/cold.err
-  timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit --profile-first 3 \
-      > "$OUT/cold_8bit_profiled.jsonl" 2> /tmp/cold.err
-  stamp "cold prompt, first three profiled"; grep -a '"cold_prompt"' "$OUT/cold_8bit_profiled.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-1500
-  tail -n 3 /tmp/cold.err
-  # (and after two more cold prompts than the warm-up runs: are the first measured ones then as fast as the rest?)
-  timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit --extra-warm 2 \
-      > "$OUT/cold_8bit_extra.jsonl" 2> /tmp/cold.err
-  stamp "cold prompt after two extra"; grep -a '"extra_warm"\|"cold_prompt"' "$OUT/cold_8bit_extra.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-300
-  tail -n 3 /tmp/cold.err
+  # the cold 1600-token prompt (8-bit) after this tree's warm-up: GPU idle or busy, other lengths, on the main
+  # thread, profiled; then without the warm-up's pasted documents (GLMCHAT_WARM_PASTED_DOCUMENTS=0), the first
+  # three under torch.profiler: where their GPU gaps go
+  timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit --lengths 1200,1200,2000,2000 \
+      > "$OUT/cold_8bit.jsonl" 2> /tmp/cold.err
+  stamp "cold prompt"; cut -c1-2500 "$OUT/cold_8bit.jsonl" | sed 's/.*"what"/"what"/' | grep -v host_functions; tail -n 3 /tmp/cold.err
+  GLMCHAT_WARM_PASTED_DOCUMENTS=0 timeout 200 python3 bench/profile_long_prompt.py --model /tmp/glm6b --quantization 8bit \
+      --profile-first 3 > "$OUT/cold_8bit_before.jsonl" 2> /tmp/cold.err
+  stamp "cold prompt without the pasted documents, first three profiled"
+  grep -a '"cold_prompt"' "$OUT/cold_8bit_before.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-3000; tail -n 3 /tmp/cold.err
   ;;
 long-prompt)
   # a cold 1600-token prompt (a pasted document, nothing cached): the GPU check of one row's unmasked prompt, the

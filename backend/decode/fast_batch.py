@@ -65,6 +65,8 @@ MAX_ROWS = 256
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFIX_SLOTS = 256  # reserved before each row's context for an adapter prefix
 LONG_WARM_TOKENS = 1600  # the warm-up's long prompt (``_warm_long_prompt``)
+# pasted documents the warm-up runs after its captures (``_warm_pasted_documents``); 0 for bench/'s A/B
+WARM_PASTED_DOCUMENTS = int(os.environ.get("GLMCHAT_WARM_PASTED_DOCUMENTS", "2"))
 # Up to this many short prompts arriving together (a compare's two, a server's few joining requests) replay the
 # one-row prompt graphs one after the other: a 64-token chat's first token takes ~7 ms that way, where two rows'
 # eager prompt (~30 launches a layer from Python) gave first tokens at 14-42 ms on the H100 (bench/NOTES.md, run
@@ -264,6 +266,8 @@ class BatchFastDecoder:
                     self._capture(bucket)
                 if bucket <= min(self.max_batch, DEFAULT_ROWS) and self.use_graphs:  # (evaluation's rows are greedy)
                     self.sampler.capture(bucket, *self._graph_out[bucket], self.positions)
+            if self.device.type == "cuda":
+                self._warm_pasted_documents()
 
     def _warm_replies(self, one_row: bool = False) -> None:
         """Three short replies to 65-token prompts in three rows (greedy, sampled on the device, sampled with a
@@ -300,21 +304,44 @@ class BatchFastDecoder:
         tokens = min(LONG_WARM_TOKENS, self.slots // 2)
         if tokens <= WIDEN_MIN_ROWS:  # a short context: such prompts never come
             return
+        prompt = self._warm_ids(tokens, 10)
+        reply = self._warm_prompts([prompt])
+        if reply:  # (no token: the prompt failed its row)
+            self._warm_prompts([prompt + reply + self._warm_ids(TOKEN_BUCKETS[-1] + 8, 20)])
+
+    def _warm_pasted_documents(self) -> None:
+        """``WARM_PASTED_DOCUMENTS`` long prompts after the captures, as a user's pasted documents come: each begins
+        as the last one did (a chat template's few tokens, found in its parked row) and goes on with other text.
+        After the warm-up, the first two such prompts of a process took ~48 ms to the first token on an H200 where
+        the next took ~37.5, with nothing compiled, no new Triton specialization and 1-3 new memory segments between
+        them; in each the GPU sat idle ~4 ms three times (bench/NOTES.md, run 47). Run here, they are not a user's."""
+        tokens = min(LONG_WARM_TOKENS, self.slots // 2)
+        if tokens <= WIDEN_MIN_ROWS or WARM_PASTED_DOCUMENTS < 1:
+            return
+        head = self._warm_ids(4, 10)
+        self._warm_prompts([head + self._warm_ids(tokens - 4, 1000 + 7919 * k) for k in range(WARM_PASTED_DOCUMENTS)])
+        for slot in list(self._parked):
+            del self._parked[slot]
+
+    def _warm_ids(self, n: int, first: int) -> list[int]:
+        """n consecutive token ids from ``first`` (modulo the vocabulary): a warm-up prompt's text."""
         vocab = self.embedding.shape[0]
-        ids = lambda n, first: [(first + i) % vocab for i in range(n)]  # noqa: E731
-        one = SamplingParams(temperature=0.0, max_new_tokens=1)
-        prompt = ids(tokens, 10)
-        # a card that cannot hold such a prompt's temporaries now skips it (running out of memory fails the row, not
-        # the call): the captures still come, and a long prompt later gets the decoder's sentence
-        short = False
+        return [(first + i) % vocab for i in range(n)]
+
+    def _warm_prompts(self, prompts: list[list[int]]) -> list[int]:
+        """Run the prompts one after the other, a token each; the last one's token, or none where a prompt failed.
+        A card that cannot hold such a prompt's temporaries skips the rest (running out of memory fails the row, not
+        the call): the captures still come, and a long prompt later gets the decoder's sentence."""
+        reply, one = [], SamplingParams(temperature=0.0, max_new_tokens=1)
         try:
-            reply = self._run_alone([DecodeRequest(prompt, one)])[0]
-            if reply:  # (no token: the prompt failed its row)
-                self._run_alone([DecodeRequest(prompt + reply + ids(TOKEN_BUCKETS[-1] + 8, 20), one)])
+            for prompt in prompts:
+                reply = self._run_alone([DecodeRequest(prompt, one)])[0]
         except torch.OutOfMemoryError:
-            short = True
-        if self._forget_warm_up_failures() or short:
+            reply = []
+        if self._forget_warm_up_failures() or not reply:
             torch.cuda.empty_cache()
+            return []
+        return reply
 
     def _forget_warm_up_failures(self) -> bool:
         """Whether a warm-up row (ids < 0, ``_run_alone``'s) failed; their failures are not any caller's to read."""

@@ -125,3 +125,23 @@ def test_the_warm_ups_long_prompt_runs_unpadded_then_as_a_next_turn_and_leaves_n
     (t1, w1, slot1), (t2, w2, slot2) = fed
     assert (t1, w1) == (40, 40) and slot1 is not None
     assert t2 > prompt_graphs.TOKEN_BUCKETS[-1] and w2 == 40 + t2 and slot2 == slot1
+
+
+def test_the_warm_up_runs_two_pasted_documents_as_a_user_sends_them(monkeypatch):
+    """After its captures the warm-up runs two long prompts (shortened here) as a user's pasted documents come (the
+    first two of a process were ~10 ms slower than the rest): the first from slot 0, the second over the first's
+    few shared opening tokens; nothing stays parked or failed. With none asked for, none run."""
+    from backend.decode import fast_batch
+
+    monkeypatch.setattr(fast_batch, "LONG_WARM_TOKENS", 40)
+    monkeypatch.setattr(fast_batch, "WIDEN_MIN_ROWS", 16)
+    model, prefixes = make_model()
+    decoder = BatchFastDecoder(model, prefixes.get, max_batch=2, use_graphs=False)
+    fed, math = [], decoder._prompt_math
+    decoder._prompt_math = lambda inputs, B, T, width, one_slot=None: fed.append((T, width)) or math(inputs, B, T, width, one_slot)
+    decoder._warm_pasted_documents()
+    assert fed == [(40, 40), (36, 40)]
+    assert decoder.rows == 0 and decoder.failed() == [] and not decoder._parked
+    monkeypatch.setattr(fast_batch, "WARM_PASTED_DOCUMENTS", 0)
+    decoder._warm_pasted_documents()
+    assert len(fed) == 2
