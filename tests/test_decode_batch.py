@@ -459,18 +459,24 @@ def test_causal_to_end_equals_the_explicit_mask():
         torch.testing.assert_close(causal_to_end(q, k, v), expected)
 
 
-def test_the_warm_ups_long_prompt_skips_quietly_on_a_card_short_of_memory(monkeypatch):
+def test_the_warm_ups_long_prompts_skip_quietly_on_a_card_short_of_memory(monkeypatch):
     """A long prompt that runs out of memory in the warm-up fails its row, not the warm-up: nothing is left for a
-    caller to read as a failure, no row stays, and the decoder takes requests after."""
+    caller to read as a failure, no row stays, the long prompts after it are not tried, and the decoder takes
+    requests after."""
     from backend.decode import fast_batch
 
     monkeypatch.setattr(fast_batch, "LONG_WARM_TOKENS", 40)
     monkeypatch.setattr(fast_batch, "WIDEN_MIN_ROWS", 16)
     decoder = fast_batch.BatchFastDecoder(tiny_model(), lambda name: None, max_batch=2, use_graphs=False)
 
+    tried = []
+
     def short_of_memory(rows):
+        tried.append(len(rows[0].tokens))
         raise torch.OutOfMemoryError("CUDA out of memory (test)")
 
     monkeypatch.setattr(decoder, "_prefill", short_of_memory)
     decoder._warm_long_prompt()
     assert decoder.rows == 0 and decoder.failed() == []
+    decoder._warm_pasted_documents()  # the first fails its row: the second is not tried
+    assert tried == [40, 40] and decoder.rows == 0 and decoder.failed() == [] and not decoder._parked

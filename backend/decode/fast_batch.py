@@ -306,7 +306,7 @@ class BatchFastDecoder:
             return
         prompt = self._warm_ids(tokens, 10)
         reply = self._warm_prompts([prompt])
-        if reply:  # (no token: the prompt failed its row)
+        if reply:
             self._warm_prompts([prompt + reply + self._warm_ids(TOKEN_BUCKETS[-1] + 8, 20)])
 
     def _warm_pasted_documents(self) -> None:
@@ -330,12 +330,14 @@ class BatchFastDecoder:
 
     def _warm_prompts(self, prompts: list[list[int]]) -> list[int]:
         """Run the prompts one after the other, a token each; the last one's token, or none where a prompt failed.
-        A card that cannot hold such a prompt's temporaries skips the rest (running out of memory fails the row, not
-        the call): the captures still come, and a long prompt later gets the decoder's sentence."""
+        A card that cannot hold such a prompt's temporaries stops at the first that fails (running out of memory
+        fails the row, not the call): the captures still come, and a long prompt later gets the decoder's sentence."""
         reply, one = [], SamplingParams(temperature=0.0, max_new_tokens=1)
         try:
             for prompt in prompts:
                 reply = self._run_alone([DecodeRequest(prompt, one)])[0]
+                if not reply:  # (no token: the prompt failed its row)
+                    break
         except torch.OutOfMemoryError:
             reply = []
         if self._forget_warm_up_failures() or not reply:
