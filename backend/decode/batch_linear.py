@@ -5,10 +5,9 @@ each weight tile once for all of them) where it ran faster than the other path o
 through ``int8_matmul.matmul`` (its tensor-core tiles widen the int8 weight in registers; on the H200 they read it
 1.5-4x faster than quant_linear's int8 tiles from 4 to 64 rows, bench/NOTES.md run 9) with RMSNorm as a launch of
 its own and the residual, and up to 16 rows SwiGLU, in its epilogue (bench/NOTES.md runs 25-27); more 16-bit rows
-through cuBLAS; long prompts through tensor
-cores on the weight widened a block at a time, cuBLAS adding into the residual stream. From 16 4-bit rows, whichever
-of quant_linear and the widened weight for cuBLAS (``kernels.widen_4bit``) ran faster on this card (timed on
-first use, like a kernel's tiles)."""
+through cuBLAS; long prompts through tensor cores on the weight widened a block at a time, cuBLAS adding into the
+residual stream. From 16 4-bit rows, whichever of quant_linear and the widened weight for cuBLAS
+(``kernels.widen_4bit``) ran faster on this card (timed on first use, like a kernel's tiles)."""
 
 from __future__ import annotations
 

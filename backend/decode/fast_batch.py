@@ -292,17 +292,27 @@ class BatchFastDecoder:
         self._run_alone([DecodeRequest(prompt + replies[0] + [11], greedy)])
         if self.device.type == "cuda" and not one_row:  # (the kernels to load are CUDA's)
             self._warm_long_prompt()
+        self._forget_parked_rows()
+
+    def _forget_parked_rows(self) -> None:
+        """Drop the warm-up's parked rows: their tokens are nobody's, and whatever prefix a row held is gone (graph
+        captures write keys over the rows)."""
         for slot in list(self._parked):
             del self._parked[slot]
-            self._slot_adapter[slot] = object()  # whatever prefix it held is gone
+            self._slot_adapter[slot] = object()
+
+    def _long_warm_tokens(self) -> int:
+        """The warm-up's long prompts' length, or 0 where the context is too short for such prompts to come."""
+        tokens = min(LONG_WARM_TOKENS, self.slots // 2)
+        return tokens if tokens > WIDEN_MIN_ROWS else 0
 
     def _warm_long_prompt(self) -> None:
         """A pasted document's prompt (LONG_WARM_TOKENS, unpadded: the weights widened for cuBLAS, causal flash
         attention) and a next turn of it over its cached slots: the kernels those load on first use cost the first
         long prompt of a process 50-90 ms more than the next (a 1600-token one on the H100: 94-131 ms, then 40-52;
         bench/NOTES.md, run 23)."""
-        tokens = min(LONG_WARM_TOKENS, self.slots // 2)
-        if tokens <= WIDEN_MIN_ROWS:  # a short context: such prompts never come
+        tokens = self._long_warm_tokens()
+        if not tokens:
             return
         prompt = self._warm_ids(tokens, 10)
         reply = self._warm_prompts([prompt])
@@ -315,13 +325,12 @@ class BatchFastDecoder:
         After the warm-up, the first two such prompts of a process took ~48 ms to the first token on an H200 where
         the next took ~37.5, with nothing compiled, no new Triton specialization and 1-3 new memory segments between
         them; in each the GPU sat idle ~4 ms three times (bench/NOTES.md, run 47). Run here, they are not a user's."""
-        tokens = min(LONG_WARM_TOKENS, self.slots // 2)
-        if tokens <= WIDEN_MIN_ROWS or WARM_PASTED_DOCUMENTS < 1:
+        tokens = self._long_warm_tokens()
+        if not tokens or WARM_PASTED_DOCUMENTS < 1:
             return
         head = self._warm_ids(4, 10)
         self._warm_prompts([head + self._warm_ids(tokens - 4, 1000 + 7919 * k) for k in range(WARM_PASTED_DOCUMENTS)])
-        for slot in list(self._parked):
-            del self._parked[slot]
+        self._forget_parked_rows()
 
     def _warm_ids(self, n: int, first: int) -> list[int]:
         """n consecutive token ids from ``first`` (modulo the vocabulary): a warm-up prompt's text."""
