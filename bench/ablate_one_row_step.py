@@ -8,7 +8,8 @@ applies, else the general step) is captured whole and with one part left out at 
 layer), the rotary kernel (general step only), each linear kind across the layers, the greedy pick. The
 full step's time less an ablated step's is that part's cost in the step, launch boundary included: a kernel timed
 alone does not show how its start overlaps the one before (programmatic dependent launch) or what its neighbours
-leave in L2. Then the attention with 1 to 16 splits a (row, group). Ablated graphs compute wrong tokens; only their
+leave in L2. Variants: the tuned int8 tiles with and without their first weight tile asked for before the wait on
+the kernel ahead (``prefetch``). Then the attention with 1 to 16 splits a (row, group). Ablated graphs compute wrong tokens; only their
 times are read. One JSON line per figure, with the card, the command and the date.
 """
 
@@ -93,6 +94,23 @@ def use_splits(decoder, splits: int) -> None:
     decoder._workspaces[1] = ws
 
 
+def prefetch_variant(decoder, prefetch: bool) -> list[str]:
+    """Every int8 kind's tuned tile with ``prefetch`` set (its first weight tile asked for before the wait on the
+    kernel ahead, then a tile ahead); the kinds changed."""
+    from dataclasses import replace
+
+    from backend.decode import one_row_tuning
+    from backend.kernels.int8_gemv import GemvConfig
+
+    changed = {}
+    for kind, lins in one_row_tuning.linears_by_kind(decoder).items():
+        cfg = lins[0].row_config
+        if isinstance(cfg, GemvConfig) and lins[0].q is not None and cfg.prefetch != prefetch:
+            changed[kind] = replace(cfg, prefetch=prefetch)
+    one_row_tuning.apply(decoder, changed)
+    return sorted(changed)
+
+
 def place_row(decoder, context: int) -> None:
     """Row 0 decodes the token at position ``context - 1`` of the base model; every other row idles."""
     decoder.positions.fill_(-1)
@@ -104,7 +122,7 @@ def place_row(decoder, context: int) -> None:
 def main() -> None:
     import torch
 
-    from backend import kernels
+    from backend.decode import one_row_tuning
     from backend.engine import ChatEngine
     from backend.kernels.attention_batch import attention_workspace
     from bench_engine import copy_bandwidth, json_lines, linear_bytes, step_bytes
@@ -125,6 +143,7 @@ def main() -> None:
     part_bytes = {k: len(dec.layers) * linear_bytes(lin) for k, lin in kinds.items()}
     part_bytes["output"] = linear_bytes(dec.output)
     step = dec._one_row_step
+    tuned = {k: lins[0].row_config for k, lins in one_row_tuning.linears_by_kind(dec).items() if lins[0].row_config}
     splits = (step.workspace if step is not None else attention_workspace(1, dec.heads, dec.groups, dec.head_dim,
                                                                            dec.device)).num_splits
     emit(what="tiles", one_row={k: str(lin.row_config) for k, lin in dict(kinds, output=dec.output).items()})
@@ -135,12 +154,13 @@ def main() -> None:
             place_row(dec, context)
             full = step_ms(dec)
             emit(what="step", context=context, ms=round(full, 4), pct_of_bound=round(100 * bound_ms / full, 1))
-            as_loaded = kernels.WIDE_X_PASS, kernels.X_PASS_VALUES_A_THREAD
-            for name, wide, values in (("x_pass_per_tile", False, 64), ("x_pass_32_a_thread", True, 32)):
-                kernels.WIDE_X_PASS, kernels.X_PASS_VALUES_A_THREAD = wide, values  # the fused norm's x pass
-                ms = step_ms(dec)
-                emit(what="variant", context=context, name=name, ms=round(ms, 4), gain_ms=round(ms - full, 4))
-            kernels.WIDE_X_PASS, kernels.X_PASS_VALUES_A_THREAD = as_loaded
+            for name, prefetch in (("without_prefetch", False), ("with_prefetch", True)):
+                changed = prefetch_variant(dec, prefetch)  # the tuned tiles, each int8 one's first tile early or not
+                if changed:
+                    ms = step_ms(dec)
+                    emit(what="variant", context=context, name=name, kinds=changed, ms=round(ms, 4),
+                         gain_ms=round(ms - full, 4))
+                    one_row_tuning.apply(dec, tuned)
             for part in PARTS:
                 if part == "rotary" and dec._one_row_step is not None:
                     continue

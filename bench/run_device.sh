@@ -33,11 +33,11 @@
 #   bash bench/run_device.sh quantized-check  # after a change to a kernel reading packed weights: the 8-bit and
 #                                             # 4-bit GPU checks, 8-bit chat and compare (ChatEngine)
 #   bash bench/run_device.sh ablate   # one row's captured step with each part left out (attention, each linear kind,
-#                                     # the pick) and its attention at 1-16 splits: 8-bit, bf16, NF4
+#                                     # the pick) and its attention at 1-16 splits: 8-bit, bf16, NF4 (ABLATE_Q: some)
+#   bash bench/run_device.sh prefetch  # int8 one-row tiles that load their first weight tile before the wait on the
+#                                      # kernel ahead: tuned in, the step with and without, 8-bit chat; GPU checks
 #   bash bench/run_device.sh step-check  # after a change to one row's step: the GPU checks (bf16, 8-bit, 4-bit), then
 #                                       # ablate's parts for each precision
-#   bash bench/run_device.sh x-pass   # the fused norm's x pass in one tile against one a K tile (ablate's variant
-#                                     # line), one- and two-warp tiles tuned in; the quantized GPU checks
 #   bash bench/run_device.sh chat-table  # ChatEngine chat and compare: 8-bit, NF4, the int4 release; bf16 chat
 #   bash bench/run_device.sh feed-bf16   # bf16's few rows through gemv_rows and the step ahead fed by its own first
 #                                        # launch, each against before in the same call (bf16, 8-bit); GPU checks
@@ -79,7 +79,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in feed-bf16|rows-acc|quantized-check|ablate|step-check|x-pass|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in prefetch|feed-bf16|rows-acc|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -154,11 +154,24 @@ quantized-check)
   ;;
 ablate)
   # where one row's step goes, part by part (bench/ablate_one_row_step.py), for each precision the app decodes
-  for q in 8bit none 4bit; do
+  for q in ${ABLATE_Q:-8bit none 4bit}; do
     timeout 200 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q \
         > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
     stamp "ablate $q rc $?"; sed 's/.*"quantization"/"q"/' "$OUT/ablate_$q.jsonl" | cut -c1-260; tail -n 2 "$OUT/ablate_$q.err"
   done
+  ;;
+prefetch)
+  # the int8 one-row tiles that ask for their first weight tile before waiting on the kernel ahead (CVT 3 with
+  # prefetch: new tuner candidates, so 8-bit tunes again): the tiles picked, the step with and without (ablate's
+  # variant lines) and each part's cost; ChatEngine's chat and compare; then the 8-bit GPU checks
+  timeout 260 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization 8bit --splits 16 \
+      > "$OUT/ablate_8bit.jsonl" 2> "$OUT/ablate_8bit.err"
+  stamp "ablate 8bit rc $?"; grep -a '"step"\|variant\|tiles\|left_out' "$OUT/ablate_8bit.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-420
+  tail -n 2 "$OUT/ablate_8bit.err"
+  engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1
+  grep -a '"chat"\|"compare"' "$OUT/engine_int8.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
+  timeout 150 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 step-check)
   timeout 280 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1  # every check, quantized included
@@ -169,19 +182,6 @@ step-check)
     stamp "ablate $q rc $?"; grep -a '"step"\|attention\|rotary\|pick' "$OUT/ablate_$q.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-200
     tail -n 2 "$OUT/ablate_$q.err"
   done
-  ;;
-x-pass)
-  # the fused norm's pass over x in one tile, and one- and two-warp GEMV tiles among the candidates (8-bit and NF4
-  # tune again): one row's step with the pass one tile at a time and in one (ablate's variant line), the tiles
-  # picked, each part's cost; then the quantized GPU checks on what was picked
-  for q in 8bit 4bit none; do
-    timeout 200 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q --splits 16 \
-        > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
-    stamp "ablate $q rc $?"; grep -a '"step"\|variant\|tiles\|left_out' "$OUT/ablate_$q.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-420
-    tail -n 2 "$OUT/ablate_$q.err"
-  done
-  timeout 200 python3 bench/check_fast_batch.py --quantized > "$OUT/check_fast_batch.log" 2>&1
-  stamp "check_fast_batch --quantized rc $?"; grep -a "^ok\|FAIL\|Error" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 chat-table)
   for spec in "int8 --quantization 8bit --rows 1,2" "nf4 --quantization 4bit --rows 1,2" "int4 --model /tmp/glm6b-int4 --rows 1,2" \
@@ -484,7 +484,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|step-check|x-pass|chat-table|feed-bf16|rows-acc|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|step-check|chat-table|feed-bf16|rows-acc|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

@@ -215,7 +215,7 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
                  "fc2": (0, False, True, False), "output": (0, True, False, True)}  # (epilogue, norm, residual, argmax)
     for kind, cands in CANDIDATES["int8"].items():
         epilogue, norm, residual, argmax = epilogues[kind]
-        for cfg in cands + [_c(bp, bk, w, cvt=3) for bp, bk, w in PACKED_INT8]:  # (fp16 x: cvt 3's packed products)
+        for cfg in cands + [_c(bp, bk, w, cvt=3, pf=pf) for bp, bk, w, pf in PACKED_INT8]:  # (fp16 x: cvt 3's packed products)
             consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=cfg.block_p,
                           BLOCK_K=cfg.block_k, W_INT8=True, CVT=cfg.cvt, NORM=norm, HAS_BIAS=kind == "qkv",
                           RESIDUAL=residual, EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=cfg.prefetch,

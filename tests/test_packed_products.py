@@ -1,5 +1,5 @@
-"""packed_products's PTX, run by a small emulator of the instructions it uses (no GPU here; Triton's interpreter
-cannot run inline assembly): the register table decodes every nibble of a word to its code, in the stored order
+"""packed_products's PTX, run by a small emulator of the instructions it uses (tests/ptx_emulator.py: no GPU
+here): the register table decodes every nibble of a word to its code, in the stored order
 (the byte's high nibble is the even column), and the word's sum is its eight products.
 
 The GPU side is checked where it runs: the tuner compares a register-table candidate's output with its float32
@@ -7,92 +7,25 @@ default before it may pick it, and bench/check_fast_batch.py compares 4-bit logi
 
 from __future__ import annotations
 
-import re
-import struct
-
 import pytest
 import torch
 
 from backend.kernels import packed_products as PP
+from ptx_emulator import run_ptx
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
 
 
-def _halves(v: int, dtype) -> list[float]:
+def _halves(v, dtype) -> list[float]:
+    v = int(v)
     return torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16).view(dtype).float().tolist()
 
 
 def _pack(a: float, b: float, dtype) -> int:
     lo, hi = (int(v) & 0xFFFF for v in torch.tensor([a, b], dtype=torch.float64).to(dtype).view(torch.int16).tolist())
     return lo | hi << 16
-
-
-def _prmt(a: int, b: int, c: int) -> int:
-    source = (b << 32 | a).to_bytes(8, "little")
-    out = 0
-    for k in range(4):
-        sel = (c >> 4 * k) & 15
-        byte = source[sel & 7]
-        if sel & 8:  # sign-replicate mode: the emulated code must never use it
-            raise AssertionError("prmt selector with bit 3 set")
-        out |= byte << 8 * k
-    return out
-
-
-def _lop3(a: int, b: int, c: int, lut: int) -> int:
-    out = 0
-    for bit in range(32):
-        index = ((a >> bit) & 1) << 2 | ((b >> bit) & 1) << 1 | ((c >> bit) & 1)
-        out |= ((lut >> index) & 1) << bit
-    return out
-
-
-def run_ptx(text: str, operands: dict[str, int]) -> dict[str, object]:
-    """Execute the instructions packed_products emits; registers hold 32-bit ints (f32 registers: floats)."""
-    regs: dict[str, object] = dict(operands)
-    val = lambda t: regs[t] if t in regs else int(t, 0)  # noqa: E731
-    f32 = lambda v: v if isinstance(v, float) else struct.unpack("<f", struct.pack("<I", v))[0]  # noqa: E731
-    for line in text.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line[0] in "{}." or line.startswith("//"):
-            continue
-        op, args = line.split(None, 1)
-        args = [a.strip() for a in re.split(r",(?![^{]*})", args)]
-        dst = args[0]
-        src = [val(a) for a in args[1:] if not a.startswith("{")]
-        if op == "and.b32":
-            regs[dst] = src[0] & src[1]
-        elif op == "xor.b32":
-            regs[dst] = src[0] ^ src[1]
-        elif op == "shr.u32":
-            regs[dst] = src[0] >> src[1]
-        elif op == "shl.b32":
-            regs[dst] = (src[0] << src[1]) & 0xFFFFFFFF
-        elif op == "lop3.b32":
-            regs[dst] = _lop3(*src)
-        elif op == "prmt.b32":
-            regs[dst] = _prmt(*src)
-        elif op == "mov.b32" and dst.startswith("{"):
-            lo, hi = dst.strip("{}").replace(" ", "").split(",")
-            regs[lo], regs[hi] = val(args[1]) & 0xFFFF, val(args[1]) >> 16
-        elif op == "mov.b32":
-            regs[dst] = src[0]
-        elif op == "add.rn.f16x2":
-            a, b = (_halves(v, torch.float16) for v in src)
-            regs[dst] = _pack(*(x + y for x, y in zip(a, b)), torch.float16)
-        elif op.startswith("fma.rn."):
-            dtype = torch.bfloat16 if "bf16" in op else torch.float16
-            a, b, c = (_halves(v, dtype) for v in src)
-            regs[dst] = _pack(*(x * y + z for x, y, z in zip(a, b, c)), dtype)
-        elif op == "cvt.f32.f16":
-            regs[dst] = _halves(src[0], torch.float16)[0]
-        elif op == "add.f32":
-            regs[dst] = f32(src[0]) + f32(src[1])
-        else:
-            raise AssertionError(f"the emulator does not know {op}")
-    return regs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

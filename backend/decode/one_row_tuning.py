@@ -116,8 +116,12 @@ def defaults(decoder) -> dict[str, Tile]:
 
 
 # int8 against fp16 x (the 8-bit default), products two at a time (int8_gemv's CVT 3), last: (row pairs, K tile,
-# warps); programs of one or two warps reduce their rows within a warp (no shared memory, no barrier)
-PACKED_INT8 = ((4, 1024, 4), (2, 1024, 4), (8, 1024, 4), (4, 2048, 4), (2, 1024, 2), (2, 2048, 2), (1, 1024, 1))
+# warps, prefetch); programs of one or two warps reduce their rows within a warp (no shared memory, no barrier).
+# With prefetch a program asks for its first K tile before waiting on the kernel ahead (PDL), so its loads fill
+# that kernel's tail; at 4096 a row's whole K (qkv, dense, fc1) comes before the wait
+PACKED_INT8 = ((4, 1024, 4, False), (2, 1024, 4, False), (8, 1024, 4, False), (4, 2048, 4, False),
+               (2, 1024, 2, False), (2, 2048, 2, False), (1, 1024, 1, False),
+               (2, 1024, 4, True), (2, 2048, 2, True), (4, 1024, 4, True), (2, 4096, 4, True))
 
 
 def candidates_for(decoder) -> dict[str, list]:
@@ -127,7 +131,7 @@ def candidates_for(decoder) -> dict[str, list]:
     out = {}
     for k in KINDS:
         if weights[k] in CANDIDATES:
-            out[k] = CANDIDATES[weights[k]][k] + ([_c(bp, bk, w, cvt=3) for bp, bk, w in PACKED_INT8]
+            out[k] = CANDIDATES[weights[k]][k] + ([_c(bp, bk, w, cvt=3, pf=pf) for bp, bk, w, pf in PACKED_INT8]
                                                   if packed and weights[k] == "int8" else [])
         else:
             out[k] = four_bit_candidates(by_kind[k][0].q, decoder.dtype, swiglu=k == "fc1")

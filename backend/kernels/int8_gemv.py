@@ -103,11 +103,26 @@ if HAVE_TRITON:
         return ss, xs
 
     @triton.jit
+    def _word_tiles(words_ptr, ra, rb, kw, KW, mask_a, mask_b, zero, EVEN: tl.constexpr):
+        # rows a and b's words kw (int64, 8 weights each); past KW or outside the rows: 0 (none when EVEN)
+        if EVEN:
+            wa = tl.load(words_ptr + ra + kw[None, :])
+            wb = tl.load(words_ptr + rb + kw[None, :])
+        else:
+            mk = (kw < KW)[None, :] & (zero == 0)
+            wa = tl.load(words_ptr + ra + kw[None, :], mask=mask_a[:, None] & mk, other=0)
+            wb = tl.load(words_ptr + rb + kw[None, :], mask=mask_b[:, None] & mk, other=0)
+        return wa, wb
+
+    @triton.jit
     def _wide_sums(x_ptr, norm_ptr, w_ptr, row_a, row_b, mask_a, mask_b, K, BLOCK_P: tl.constexpr,
-                   BLOCK_K: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
+                   BLOCK_K: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
+                   PDL: tl.constexpr):
         # CVT 3: rows a and b times fp16 x (times the norm weight), int8 read as 64-bit words of 8 weights and
         # multiplied two at a time in fp16 (kernels/packed_products.py); x through pointers of the word tile's
-        # shape, so the loop keeps one register layout. EVEN: whole tiles, every row in range
+        # shape, so the loop keeps one register layout. EVEN: whole tiles, every row in range. PREFETCH: the
+        # first tile's words are asked for before waiting on the previous kernel (PDL; weights do not depend on
+        # it), and each next tile's before this one's products
         BLOCK_W: tl.constexpr = BLOCK_K // 8
         KW = K // 8
         wi = tl.max_contiguous(tl.arange(0, BLOCK_W), 1)  # (as quant_words: one layout for words and x)
@@ -119,16 +134,19 @@ if HAVE_TRITON:
         rb = row_b.to(tl.int64)[:, None] * KW
         acc_a = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_P, BLOCK_W], dtype=tl.float32)
+        if PREFETCH:
+            wa_n, wb_n = _word_tiles(words_ptr, ra, rb, wi, KW, mask_a, mask_b, zero, False)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x and the residual: written by earlier kernels
         for k0 in range(0, KW, BLOCK_W):
             kw = k0 + wi
-            if EVEN:
-                wa = tl.load(words_ptr + ra + kw[None, :])
-                wb = tl.load(words_ptr + rb + kw[None, :])
-                mk = None
+            if PREFETCH:  # this tile came one iteration ago (or before the wait); ask for the next one now
+                wa = wa_n
+                wb = wb_n
+                wa_n, wb_n = _word_tiles(words_ptr, ra, rb, kw + BLOCK_W, KW, mask_a, mask_b, zero, False)
             else:
-                mk = (kw < KW)[None, :] & (zero == 0)
-                wa = tl.load(words_ptr + ra + kw[None, :], mask=mask_a[:, None] & mk, other=0)
-                wb = tl.load(words_ptr + rb + kw[None, :], mask=mask_b[:, None] & mk, other=0)
+                wa, wb = _word_tiles(words_ptr, ra, rb, kw, KW, mask_a, mask_b, zero, EVEN)
+            mk = None if EVEN else (kw < KW)[None, :] & (zero == 0)
             # rows a and b are the two weight sets of one activation row
             p_a, _, p_b, _ = int8_words_sums(wa, wb, pairs_ptr, norm_pairs, 0, 0, 0, kw, zero, mk, NORM, 1, True)
             acc_a += p_a
@@ -158,10 +176,8 @@ if HAVE_TRITON:
         if PDL:  # programmatic dependent launch: the next kernel may start; weights do not depend on the last one
             tl.extra.cuda.gdc_launch_dependents()
         if CVT == 3:  # int8 against fp16 x, products two at a time (_wide_sums)
-            if PDL:
-                tl.extra.cuda.gdc_wait()
             a, b = _wide_sums(x_ptr, norm_ptr, w_ptr, row_a, row_b, mask_a, mask_b, K, BLOCK_P, BLOCK_K, NORM,
-                              EVEN_K and EVEN_P)
+                              EVEN_K and EVEN_P, PREFETCH, PDL)
             if NORM:
                 ss, xs = _x_sums(x_ptr, norm_ptr, K, X_PASS, NORM)
         else:

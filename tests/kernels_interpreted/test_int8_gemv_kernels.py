@@ -64,3 +64,30 @@ def test_x_tile_gemv_on_16_bit_weights():
     out = torch.full((40,), float("nan"))
     gemv(x, lw, out, norm_weight=g, config=GemvConfig(block_p=4, block_k=64, x_tile=True))
     assert torch.allclose(out.double(), reference(x, lw, norm=g), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [512, 200])
+def test_packed_products_gemv_equals_the_reference_with_and_without_its_first_tile_loaded_early(k):
+    """CVT 3 (int8 widened two at a time, fp16 products; inline PTX run by tests/ptx_emulator.py): with the first
+    weight tile loaded before the wait on the previous kernel and each next one a tile ahead (``prefetch``), and
+    without, for RMSNorm, the residual in place and SwiGLU; K 200 leaves a tail, K 512 is whole tiles."""
+    from ptx_emulator import interpreted_inline_ptx
+
+    torch.manual_seed(k)
+    q, scale = quantize_per_channel(torch.randn(24, k) * 0.05)
+    lw = LinearWeights(q, scale, None)
+    x, g = torch.randn(k).half(), (1 + 0.1 * torch.randn(k)).half()
+    tol = dict(rtol=2e-2, atol=2e-2)  # fp16 products summed in pairs of lanes
+    with interpreted_inline_ptx():
+        for cfg in (GemvConfig(block_p=2, block_k=64, cvt=3), GemvConfig(block_p=2, block_k=64, cvt=3, prefetch=True),
+                    GemvConfig(block_p=4, block_k=512, cvt=3, prefetch=True)):
+            out = torch.full((24,), float("nan"), dtype=torch.float16)
+            gemv(x, lw, out, norm_weight=g, config=cfg)
+            assert torch.allclose(out.double(), reference(x, lw, norm=g), **tol), cfg
+            res = torch.randn(24).half()
+            want = reference(x, lw, residual=res)
+            gemv(x, lw, res, residual=res, config=cfg)
+            assert torch.allclose(res.double(), want, **tol), cfg
+            up = torch.full((12,), float("nan"), dtype=torch.float16)
+            gemv(x, lw, up, norm_weight=g, swiglu=True, config=cfg)
+            assert torch.allclose(up.double(), reference(x, lw, norm=g, swiglu=True), **tol), cfg

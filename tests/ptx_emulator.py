@@ -1,0 +1,158 @@
+"""A small emulator of the PTX instructions ``backend/kernels/packed_products.py`` emits, vectorized over NumPy
+arrays, and a hook that lets Triton's interpreter run that inline assembly through it.
+
+Why: Triton's interpreter cannot run inline assembly, so without this the kernels that multiply packed weights two
+at a time (the int8 GEMV's CVT 3, the words kernel's register table) were checked only on a GPU. With
+``interpreted_inline_ptx`` a CPU test runs those kernels whole, their loops, masks and epilogues included.
+
+Registers hold uint32 arrays (``.f32`` results: float32 arrays). The 16-bit lanes are rounded as the GPU rounds
+them (once a product-and-add, in the lane's type).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import numpy as np
+import torch
+
+_LANE_DTYPES = {"f16x2": torch.float16, "bf16x2": torch.bfloat16}
+
+
+def _u32(v) -> np.ndarray:
+    return np.asarray(v).astype(np.int64).astype(np.uint32)
+
+
+def _halves(v: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low and high 16-bit lanes of uint32 ``v`` as float64 values of ``dtype``."""
+    bits = torch.from_numpy(_u32(v).astype(np.int64))
+    lane = lambda b: (b & 0xFFFF).to(torch.int16).view(dtype).double()  # noqa: E731
+    return lane(bits), lane(bits >> 16)
+
+
+def _pack(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """Two float tensors rounded to ``dtype`` and packed as uint32 (lo in the low lane)."""
+    bits = lambda t: t.to(torch.float32).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF  # noqa: E731
+    return _u32((bits(lo) | bits(hi) << 16).numpy())
+
+
+def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    source = _u32(b).astype(np.uint64) << np.uint64(32) | _u32(a).astype(np.uint64)
+    c = _u32(c)
+    out = np.zeros(np.broadcast(source, c).shape, dtype=np.uint64)
+    for k in range(4):
+        sel = (c >> np.uint32(4 * k)) & np.uint32(15)
+        if np.any(sel & 8):  # sign-replicate mode: the emitted code must never use it
+            raise AssertionError("prmt selector with bit 3 set")
+        byte = (source >> (sel.astype(np.uint64) * np.uint64(8))) & np.uint64(0xFF)
+        out |= byte << np.uint64(8 * k)
+    return out.astype(np.uint32)
+
+
+def _lop3(a: np.ndarray, b: np.ndarray, c: np.ndarray, lut: int) -> np.ndarray:
+    a, b, c = _u32(a), _u32(b), _u32(c)
+    out = np.zeros(np.broadcast(a, b, c).shape, dtype=np.uint32)
+    for index in range(8):
+        if (int(lut) >> index) & 1:
+            term = (a if index & 4 else ~a) & (b if index & 2 else ~b) & (c if index & 1 else ~c)
+            out |= term
+    return out
+
+
+def _f32(v: np.ndarray) -> np.ndarray:
+    return v if v.dtype == np.float32 else _u32(v).view(np.float32)
+
+
+def run_ptx(text: str, operands: dict[str, object]) -> dict[str, np.ndarray]:
+    """Execute the instructions packed_products emits over arrays (operands: ``$n`` -> int or array)."""
+    regs: dict[str, np.ndarray] = {k: (v if isinstance(v, np.ndarray) and v.dtype == np.float32 else _u32(v))
+                                   for k, v in operands.items()}
+
+    def val(t: str) -> np.ndarray:
+        return regs[t] if t in regs else _u32(int(t, 0))
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith("//"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in re.split(r",(?![^{]*})", rest)]
+        dst = args[0]
+        src = [val(a) for a in args[1:] if not a.startswith("{")]
+        if op == "and.b32":
+            regs[dst] = src[0] & src[1]
+        elif op == "xor.b32":
+            regs[dst] = src[0] ^ src[1]
+        elif op == "shr.u32":
+            regs[dst] = src[0] >> src[1]
+        elif op == "shl.b32":
+            regs[dst] = _u32(src[0].astype(np.uint64) << src[1].astype(np.uint64))
+        elif op == "lop3.b32":
+            regs[dst] = _lop3(src[0], src[1], src[2], int(src[3]))
+        elif op == "prmt.b32":
+            regs[dst] = _prmt(*src)
+        elif op == "mov.b32" and dst.startswith("{"):
+            lo, hi = dst.strip("{}").replace(" ", "").split(",")
+            regs[lo], regs[hi] = val(args[1]) & np.uint32(0xFFFF), val(args[1]) >> np.uint32(16)
+        elif op == "mov.b32":
+            regs[dst] = src[0]
+        elif op == "add.rn.f16x2":
+            (a0, a1), (b0, b1) = (_halves(v, torch.float16) for v in src)
+            regs[dst] = _pack(a0 + b0, a1 + b1, torch.float16)
+        elif op.startswith("fma.rn."):
+            dtype = _LANE_DTYPES[op.split(".")[-1]]
+            (a0, a1), (b0, b1), (c0, c1) = (_halves(v, dtype) for v in src)
+            regs[dst] = _pack(a0 * b0 + c0, a1 * b1 + c1, dtype)
+        elif op == "cvt.f32.f16":
+            regs[dst] = _halves(src[0], torch.float16)[0].numpy().astype(np.float32)
+        elif op == "add.f32":
+            regs[dst] = (_f32(src[0]).astype(np.float64) + _f32(src[1])).astype(np.float32)
+        else:
+            raise AssertionError(f"the emulator does not know {op}")
+    return regs
+
+
+class _AsmCall:
+    def __init__(self, results):
+        self.results = results
+
+    def get_result(self, i):
+        return self.results[i]
+
+
+def _inline_asm(self, asm, constraints, values, types, is_pure, pack):
+    """``InterpreterBuilder.create_inline_asm`` for packed_products' assembly: one element an instance (pack 1),
+    32-bit operands; outputs ``=r`` as int32, ``=f`` as float32."""
+    from triton.runtime.interpreter import TensorHandle
+
+    if pack != 1:
+        raise NotImplementedError("the emulated inline assembly takes one element an instance")
+    outputs = [c for c in constraints.split(",") if c.startswith("=")]
+    shape = np.broadcast(*(v.data for v in values)).shape
+    operands = {}
+    for i, v in enumerate(values):
+        data = np.broadcast_to(v.data, shape)
+        operands[f"${len(outputs) + i}"] = data.astype(np.float32) if v.dtype.is_floating() else data.view(
+            np.uint32) if data.dtype.itemsize == 4 else _u32(data)
+    regs = run_ptx(asm, operands)
+    results = []
+    for i, (con, ty) in enumerate(zip(outputs, types)):
+        scalar = ty.scalar if hasattr(ty, "scalar") else ty
+        out = np.broadcast_to(regs[f"${i}"], shape)
+        data = _f32(out).astype(np.float32) if con == "=f" else _u32(out).view(np.int32)
+        results.append(TensorHandle(np.ascontiguousarray(data), scalar))
+    return _AsmCall(results)
+
+
+@contextlib.contextmanager
+def interpreted_inline_ptx():
+    """Within: Triton's interpreter runs packed_products' inline assembly through ``run_ptx``."""
+    from triton.runtime import interpreter
+
+    real = interpreter.InterpreterBuilder.create_inline_asm
+    interpreter.InterpreterBuilder.create_inline_asm = _inline_asm
+    try:
+        yield
+    finally:
+        interpreter.InterpreterBuilder.create_inline_asm = real
