@@ -415,3 +415,29 @@ def test_four_bit_rows_take_the_path_that_ran_faster(tmp_path, monkeypatch):
     monkeypatch.setenv("GLMCHAT_4BIT_ROWS", "kernel")  # a benchmark's A/B
     lin(x)
     assert not calls
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+def test_words_kernel_packed_products_equal_the_reference(fmt, monkeypatch):
+    """The words kernel's products two at a time in fp16 (inline PTX, run by tests/ptx_emulator.py): 4-bit codes
+    looked up in the register table (lut 3), int8 widened two at a time (cvt 3, compare's two int8 rows); one and
+    two rows a program, with the norm, SwiGLU, the residual and a K tail of masked words."""
+    from ptx_emulator import interpreted_inline_ptx
+
+    from backend.kernels import quant_words
+
+    monkeypatch.setattr(quant_words, "usable", lambda *a, **k: True)  # (lut 3 asks for a GPU: the emulator stands in)
+    n, k = 24, 200
+    w, ref_w = random_weight(fmt, n, k, nested=False)
+    g, res = (1 + 0.1 * torch.randn(k)).half(), torch.randn(2, n // 2).half()
+    packed = dict(cvt=3) if fmt == "int8" else dict(lut=3)
+    with interpreted_inline_ptx():
+        for m, cfg in ((1, replace(WORDS1, **packed)), (2, replace(WORDS2, **packed))):
+            x = torch.randn(m, k).half()
+            out = torch.full((m, n), float("nan"), dtype=torch.float16)
+            quant_words.launch(x, w, out, None, None, None, 1e-5, False, cfg, False, out, out)
+            assert rel(out, x.float() @ ref_w.T) < 5e-3, (m, cfg)
+            out = torch.full((m, n // 2), float("nan"), dtype=torch.float16)
+            quant_words.launch(x, w, out, None, res[:m], g, 1e-5, True, cfg, False, out, out)
+            want = reference_norm_swiglu(x.float(), ref_w, g.float(), torch.zeros(n), res[:m].float())
+            assert rel(out, want) < 5e-3, (m, cfg)
