@@ -9,8 +9,8 @@ layer), the rotary kernel (general step only), each linear kind across the layer
 full step's time less an ablated step's is that part's cost in the step, launch boundary included: a kernel timed
 alone does not show how its start overlaps the one before (programmatic dependent launch) or what its neighbours
 leave in L2. Variants: the tuned int8 tiles with and without their first weight tile asked for before the wait on
-the kernel ahead (``prefetch``). Then the attention with 1 to 16 splits a (row, group). Ablated graphs compute wrong tokens; only their
-times are read. One JSON line per figure, with the card, the command and the date.
+the kernel ahead (``prefetch``). Then the attention with 1 to 16 splits a (row, group). Ablated graphs compute wrong
+tokens; only their times are read. One JSON line per figure, with the card, the command and the date.
 """
 
 from __future__ import annotations
