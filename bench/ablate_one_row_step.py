@@ -8,7 +8,7 @@ applies, else the general step) is captured whole and with one part left out at 
 layer), the rotary kernel (general step only), each linear kind across the layers, the greedy pick. The
 full step's time less an ablated step's is that part's cost in the step, launch boundary included: a kernel timed
 alone does not show how its start overlaps the one before (programmatic dependent launch) or what its neighbours
-leave in L2. Variants: the tuned int8 tiles with and without their first weight tile asked for before the wait on
+leave in L2. Variants: the tuned quantized tiles with and without their first weight tile asked for before the wait on
 the kernel ahead (``prefetch``). Then the attention with 1 to 16 splits a (row, group). Ablated graphs compute wrong
 tokens; only their times are read. One JSON line per figure, with the card, the command and the date.
 """
@@ -95,17 +95,20 @@ def use_splits(decoder, splits: int) -> None:
 
 
 def prefetch_variant(decoder, prefetch: bool) -> list[str]:
-    """Every int8 kind's tuned tile with ``prefetch`` set (its first weight tile asked for before the wait on the
-    kernel ahead, then a tile ahead); the kinds changed."""
+    """Every quantized kind's tuned tile (int8 GEMV, 4-bit words kernel) with ``prefetch`` set (its first weight tile
+    asked for before the wait on the kernel ahead); the kinds changed."""
     from dataclasses import replace
 
     from backend.decode import one_row_tuning
+    from backend.kernels.gemv_4bit import QuantLinearConfig
     from backend.kernels.int8_gemv import GemvConfig
 
     changed = {}
     for kind, lins in one_row_tuning.linears_by_kind(decoder).items():
         cfg = lins[0].row_config
-        if isinstance(cfg, GemvConfig) and lins[0].q is not None and cfg.prefetch != prefetch:
+        int8 = isinstance(cfg, GemvConfig) and lins[0].q is not None
+        words = isinstance(cfg, QuantLinearConfig) and cfg.kernel == "words"
+        if (int8 or words) and cfg.prefetch != prefetch:
             changed[kind] = replace(cfg, prefetch=prefetch)
     one_row_tuning.apply(decoder, changed)
     return sorted(changed)

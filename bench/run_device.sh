@@ -34,8 +34,9 @@
 #                                             # 4-bit GPU checks, 8-bit chat and compare (ChatEngine)
 #   bash bench/run_device.sh ablate   # one row's captured step with each part left out (attention, each linear kind,
 #                                     # the pick) and its attention at 1-16 splits: 8-bit, bf16, NF4 (ABLATE_Q: some)
-#   bash bench/run_device.sh prefetch  # int8 one-row tiles that load their first weight tile before the wait on the
-#                                      # kernel ahead: tuned in, the step with and without, 8-bit chat; GPU checks
+#   bash bench/run_device.sh prefetch  # one-row tiles (int8, 4-bit) that load their first weight tile before the
+#                                      # wait on the kernel ahead: tuned in, the step with and without, 8-bit and
+#                                      # NF4 chat; the quantized GPU checks
 #   bash bench/run_device.sh step-check  # after a change to one row's step: the GPU checks (bf16, 8-bit, 4-bit), then
 #                                       # ablate's parts for each precision
 #   bash bench/run_device.sh chat-table  # ChatEngine chat and compare: 8-bit, NF4, the int4 release; bf16 chat
@@ -161,16 +162,20 @@ ablate)
   done
   ;;
 prefetch)
-  # the int8 one-row tiles that ask for their first weight tile before waiting on the kernel ahead (CVT 3 with
-  # prefetch: new tuner candidates, so 8-bit tunes again): the tiles picked, the step with and without (ablate's
-  # variant lines) and each part's cost; ChatEngine's chat and compare; then the 8-bit GPU checks
-  timeout 260 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization 8bit --splits 16 \
-      > "$OUT/ablate_8bit.jsonl" 2> "$OUT/ablate_8bit.err"
-  stamp "ablate 8bit rc $?"; grep -a '"step"\|variant\|tiles\|left_out' "$OUT/ablate_8bit.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-420
-  tail -n 2 "$OUT/ablate_8bit.err"
+  # one-row tiles that ask for their first weight tile before waiting on the kernel ahead (int8 CVT 3 and the 4-bit
+  # words kernel with prefetch: new tuner candidates, so 8-bit and NF4 tune again): the tiles picked, the step with
+  # and without (ablate's variant lines) and each part's cost; ChatEngine's chat and compare; the quantized GPU checks
+  for q in 8bit 4bit; do
+    timeout 240 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q --splits 16 \
+        > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
+    stamp "ablate $q rc $?"; grep -a '"step"\|variant\|tiles\|left_out' "$OUT/ablate_$q.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-420
+    tail -n 2 "$OUT/ablate_$q.err"
+  done
   engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1
   grep -a '"chat"\|"compare"' "$OUT/engine_int8.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
-  timeout 150 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
+  engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2 --repeat 1
+  grep -a '"chat"\|"compare"' "$OUT/engine_nf4.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
+  timeout 200 python3 bench/check_fast_batch.py --quantized > "$OUT/check_fast_batch.log" 2>&1
   stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 step-check)

@@ -14,6 +14,7 @@ run it with the GPU machine's Triton too, e.g. ``pip install --target /tmp/tri36
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -243,7 +244,11 @@ def loop_bodies(ptx: str) -> list[str]:
 def words_configs(fmt: str) -> set:
     """Every words-kernel config a tuner may pick: quant_linear's (4-bit, 1 and 2 rows), gemv_rows' (int8)."""
     if fmt != "int8":
-        return {c for rows in (1, 2) for c in Q._words_configs(rows, fmt)}
+        from backend.decode.one_row_tuning import EARLY_4BIT
+
+        one_row_early = {replace(c, prefetch=True) for c in Q._words_configs(1, fmt)
+                         if (c.block_n, c.block_k, c.num_warps) in EARLY_4BIT}  # (the one-row step's extra tiles)
+        return {c for rows in (1, 2) for c in Q._words_configs(rows, fmt)} | one_row_early
     from backend.kernels.gemv_rows import candidate_configs
 
     return {Q.QuantLinearConfig("words", c.block_n, c.block_k, 2, c.num_warps, 1,
@@ -272,7 +277,8 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
                           BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n,
                           BLOCK_W=cfg.block_k // (4 if fmt == "int8" and not wide else 8),
                           CVT=cfg.cvt if fmt == "int8" else 0,
-                          NORM=swiglu, EVEN_K=even_k, EVEN_N=even_k, PDL=pdl,  # (clamped rows with the tail)
+                          NORM=swiglu, EVEN_K=even_k, EVEN_N=even_k, PDL=pdl, PREFETCH=cfg.prefetch,  # (clamped
+                          # rows with the tail)
                           # K is a compile-time constant: long enough that the K loop stays a loop
                           K=32 * cfg.block_k if even_k else 32 * cfg.block_k + 64)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)

@@ -516,6 +516,7 @@ class QuantLinearConfig:
     block_sum: bool = True  # gemv, nf4 with whole blocks: absmax applied to per-block sums (else per weight)
     split_k: int = 1  # mm only: K in this many parts, each its own program (more programs for a short N)
     cvt: int = 1  # words, int8: 1 = int8 to float32 by an exponent trick, 0 = by the conversion instruction
+    prefetch: bool = False  # words: the first K step's words asked for before the wait on the kernel ahead (PDL)
 
 
 def m_bucket(m: int) -> int:

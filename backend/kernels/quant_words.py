@@ -216,6 +216,34 @@ if HAVE_TRITON:
                 p0_b = packed_dot(words_b, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
         return p0, p1, p0_b, p1_b
 
+    @triton.jit
+    def _k_step(acc0, acc1, acc0_b, acc1_b, words, words_b, a, a_b, x_ptr, norm_ptr, code_ptr, lut_ptr, m0, m1,
+                stride_xm, kw, zero, mk, t0, t1, t2, t3, t4, t5, t6, t7, NORM: tl.constexpr, FMT: tl.constexpr,
+                LUT: tl.constexpr, CVT: tl.constexpr, X_KIND: tl.constexpr, ROWS: tl.constexpr, SWIGLU: tl.constexpr,
+                PAIRS: tl.constexpr, WIDE: tl.constexpr):
+        # one K step of the words kernel: the tile's words (a, a_b: NF4's absmax of each) into the four sums
+        if WIDE:
+            p0, p1, p0_b, p1_b = int8_words_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk,
+                                                 NORM, ROWS, SWIGLU)
+        elif LUT == 3 and FMT != 2:  # 4-bit, 16-bit rows: the register table and packed products
+            p0, p1, p0_b, p1_b = _packed_word_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero,
+                                                   mk, t0, t1, t2, t3, t4, t5, t6, t7, NORM, X_KIND, ROWS, SWIGLU)
+        else:
+            p0, p1, p0_b, p1_b = _word_sums(words, words_b, x_ptr, norm_ptr, code_ptr, lut_ptr, m0, m1, stride_xm,
+                                            kw, zero, mk, NORM, FMT, LUT, CVT, X_KIND, ROWS, SWIGLU, PAIRS)
+        if FMT == 0:
+            acc0 = tl.fma(p0, a, acc0)
+            acc1 = tl.fma(p1, a, acc1)
+            if SWIGLU:
+                acc0_b = tl.fma(p0_b, a_b, acc0_b)
+                acc1_b = tl.fma(p1_b, a_b, acc1_b)
+        else:
+            acc0 += p0
+            acc1 += p1
+            acc0_b += p0_b
+            acc1_b += p1_b
+        return acc0, acc1, acc0_b, acc1_b
+
     # norm is compile-time here (NORM): inside the K loop a runtime flag costs predicated work on every word
     @triton.jit(do_not_specialize=["has_bias", "residual", "M", "t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"])
     def _gemv_words_kernel(
@@ -226,6 +254,7 @@ if HAVE_TRITON:
         BS: tl.constexpr, BS2: tl.constexpr, BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         X_KIND: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH: tl.constexpr = False,
     ):
         # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
         # stride_xm in x_ptr's elements (int32 pairs for 16-bit x). SWIGLU: 2N weight rows, as gemv_4bit's
@@ -254,38 +283,38 @@ if HAVE_TRITON:
         acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        FIRST: tl.constexpr = BLOCK_W * PREFETCH  # where the K loop starts (the first step may be peeled off)
+        if PREFETCH:  # the first K step's words (and absmax) asked for before the wait: the weights do not depend on
+            # the kernels ahead, so these loads fill their tail instead of following it
+            mk0 = None if EVEN_K else (wi < KW)[None, :]
+            words0, words0_b = _tile_words(w_ptr, rows, N, KW, wi, mk0, SWIGLU)
+            a0 = 0.0
+            a0_b = 0.0
+            if FMT == 0:
+                a0, a0_b = _words_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, N, K, wi, mk0, NESTED, BS,
+                                         BS2, BLOCKED, SWIGLU)
         if PDL:  # x, the residual: written by the kernels ahead
             tl.extra.cuda.gdc_wait()
-        for k0 in range(0, KW, BLOCK_W):
+        if PREFETCH:
+            acc0, acc1, acc0_b, acc1_b = _k_step(acc0, acc1, acc0_b, acc1_b, words0, words0_b, a0, a0_b, x_ptr,
+                                                 norm_ptr, code_ptr, lut_ptr, m0, m1, stride_xm, wi, zero, mk0, t0, t1,
+                                                 t2, t3, t4, t5, t6, t7, NORM, FMT, LUT, CVT, X_KIND, ROWS, SWIGLU,
+                                                 PAIRS, WIDE)
+        for k0 in range(FIRST, KW, BLOCK_W):
             kw = k0 + wi
             mk = None  # EVEN_K: whole tiles, no predicates
             if not EVEN_K:
                 mk = (kw < KW)[None, :]
+            a = 0.0
+            a_b = 0.0
             if FMT == 0:  # NF4: each word's block absmax (a word never straddles blocks), asked for before the
                 # products so its loads issue with the words'
                 a, a_b = _words_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, N, K, kw, mk, NESTED, BS, BS2,
                                        BLOCKED, SWIGLU)
             words, words_b = _tile_words(w_ptr, rows, N, KW, kw, mk, SWIGLU)
-            if WIDE:
-                p0, p1, p0_b, p1_b = int8_words_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero, mk,
-                                                     NORM, ROWS, SWIGLU)
-            elif LUT == 3 and FMT != 2:  # 4-bit, 16-bit rows: the register table and packed products
-                p0, p1, p0_b, p1_b = _packed_word_sums(words, words_b, x_ptr, norm_ptr, m0, m1, stride_xm, kw, zero,
-                                                       mk, t0, t1, t2, t3, t4, t5, t6, t7, NORM, X_KIND, ROWS, SWIGLU)
-            else:
-                p0, p1, p0_b, p1_b = _word_sums(words, words_b, x_ptr, norm_ptr, code_ptr, lut_ptr, m0, m1, stride_xm,
-                                                kw, zero, mk, NORM, FMT, LUT, CVT, X_KIND, ROWS, SWIGLU, PAIRS)
-            if FMT == 0:
-                acc0 = tl.fma(p0, a, acc0)
-                acc1 = tl.fma(p1, a, acc1)
-                if SWIGLU:
-                    acc0_b = tl.fma(p0_b, a_b, acc0_b)
-                    acc1_b = tl.fma(p1_b, a_b, acc1_b)
-            else:
-                acc0 += p0
-                acc1 += p1
-                acc0_b += p0_b
-                acc1_b += p1_b
+            acc0, acc1, acc0_b, acc1_b = _k_step(acc0, acc1, acc0_b, acc1_b, words, words_b, a, a_b, x_ptr, norm_ptr,
+                                                 code_ptr, lut_ptr, m0, m1, stride_xm, kw, zero, mk, t0, t1, t2, t3,
+                                                 t4, t5, t6, t7, NORM, FMT, LUT, CVT, X_KIND, ROWS, SWIGLU, PAIRS, WIDE)
         if WIDE:  # int8_dot's sums are 1/128 of the products'
             acc0, acc1, acc0_b, acc1_b = acc0 * 128.0, acc1 * 128.0, acc0_b * 128.0, acc1_b * 128.0
         _finish_row(acc0, acc0_b, x_ptr, m0, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
@@ -373,7 +402,7 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, BLOCKED=w.k % (w.blocksize if nf4 else 8) == 0,
         HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
         ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // per_word, EVEN_K=w.k % cfg.block_k == 0,
-        EVEN_N=n_out % cfg.block_n == 0, PDL=pdl,
+        EVEN_N=n_out % cfg.block_n == 0, PDL=pdl, PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=1,
         **({"launch_pdl": True} if pdl else {}),
     )

@@ -302,11 +302,12 @@ def test_quantized_weight_of_layers_as_loaded():
 @pytest.mark.parametrize("fmt,k", [("nf4", 192), ("nf4", 200), ("int4", 200), ("int8", 200)])
 def test_words_kernel_with_norm_swiglu_and_a_k_tail_equals_the_reference(fmt, k):
     """The words kernel as fc1 and fc2 call it, for each weight format: a K tail (masked words), the norm and
-    SwiGLU's two halves in one program, one or two rows a program."""
+    SwiGLU's two halves in one program, one or two rows a program; with the first K step peeled off the loop and
+    loaded first (``prefetch``: before the wait on the kernel ahead, in the one-row step) and without."""
     n = 24
     w, ref_w = random_weight(fmt, n, k, nested=k % 64 == 0)
     g, res = 1 + 0.1 * torch.randn(k), torch.randn(2, n // 2)
-    for m, cfg in ((1, WORDS1), (2, WORDS2)):
+    for m, cfg in ((1, WORDS1), (2, WORDS2), (1, replace(WORDS1, prefetch=True)), (2, replace(WORDS2, prefetch=True))):
         x = torch.randn(m, k)
         assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, (m, cfg)
         out = torch.full((m, n // 2), float("nan"))
@@ -432,7 +433,8 @@ def test_words_kernel_packed_products_equal_the_reference(fmt, monkeypatch):
     g, res = (1 + 0.1 * torch.randn(k)).half(), torch.randn(2, n // 2).half()
     packed = dict(cvt=3) if fmt == "int8" else dict(lut=3)
     with interpreted_inline_ptx():
-        for m, cfg in ((1, replace(WORDS1, **packed)), (2, replace(WORDS2, **packed))):
+        for m, cfg in ((1, replace(WORDS1, **packed)), (2, replace(WORDS2, **packed)),
+                       (1, replace(WORDS1, prefetch=True, **packed))):
             x = torch.randn(m, k).half()
             out = torch.full((m, n), float("nan"), dtype=torch.float16)
             quant_words.launch(x, w, out, None, None, None, 1e-5, False, cfg, False, out, out)
