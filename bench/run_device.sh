@@ -165,12 +165,14 @@ prefetch)
   # one-row tiles that ask for their first weight tile before waiting on the kernel ahead (int8 CVT 3 and the 4-bit
   # words kernel with prefetch: new tuner candidates, so 8-bit and NF4 tune again): the tiles picked, the step with
   # and without (ablate's variant lines) and each part's cost; ChatEngine's chat and compare; the quantized GPU checks
-  for q in 8bit 4bit; do
+  # (PART=ablate or PART=engine: one half, for two calls on one machine)
+  [ "${PART:-ablate}" = ablate ] && for q in 8bit 4bit; do
     timeout 240 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q --splits 16 \
         > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
     stamp "ablate $q rc $?"; grep -a '"step"\|variant\|tiles\|left_out' "$OUT/ablate_$q.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-420
     tail -n 2 "$OUT/ablate_$q.err"
   done
+  [ "${PART:-engine}" = engine ] || exit 0
   engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1
   grep -a '"chat"\|"compare"' "$OUT/engine_int8.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
   engine nf4 --model /tmp/glm6b --quantization 4bit --rows 1,2 --repeat 1
