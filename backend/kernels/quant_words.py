@@ -21,7 +21,9 @@ row scale (int4, int8) and the epilogue come after the loop. With two rows the d
 (compare's batch of two).
 
 K is a compile-time constant (one compiled kernel per K: a model has a few): with it a thread's rows sit at constant
-distances and load at immediate offsets from one address (bench/NOTES.md run 33).
+distances and load at immediate offsets from one address (bench/NOTES.md run 33). With ``prefetch`` (the one-row
+step's tiles, launched as programmatic dependents) the first K step is peeled off the loop and its words asked for
+before the wait on the kernel ahead.
 
 Needs K a multiple of the weights a word, a 4-byte aligned weight, and 16-bit activations with an even row
 stride (or float32, the tests' dtype, read directly); ``usable`` says whether a call qualifies, else the
