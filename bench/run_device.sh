@@ -166,7 +166,7 @@ prefetch)
   # words kernel with prefetch: new tuner candidates, so 8-bit and NF4 tune again): the tiles picked, the step with
   # and without (ablate's variant lines) and each part's cost; ChatEngine's chat and compare; the quantized GPU checks
   # (PART=ablate or PART=engine: one half, for two calls on one machine)
-  [ "${PART:-ablate}" = ablate ] && for q in 8bit 4bit; do
+  [ "${PART:-ablate}" = ablate ] && for q in ${ABLATE_Q:-8bit 4bit}; do
     timeout 240 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q --splits 16 \
         > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
     stamp "ablate $q rc $?"; grep -a '"step"\|variant\|tiles\|left_out' "$OUT/ablate_$q.jsonl" | sed 's/.*"quantization"/"q"/' | cut -c1-420
