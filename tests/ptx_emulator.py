@@ -121,13 +121,33 @@ class _AsmCall:
         return self.results[i]
 
 
-def _inline_asm(self, asm, constraints, values, types, is_pure, pack):
-    """``InterpreterBuilder.create_inline_asm`` for packed_products' assembly: one element an instance (pack 1),
-    32-bit operands; outputs ``=r`` as int32, ``=f`` as float32."""
+def _widen_bytes(asm, values, types):
+    """pack 4: one int8 operand, four bytes a register (byte j of a group of four consecutive elements in bits
+    8j..8j+7); two output registers of two 16-bit elements each (elements 0-1, then 2-3), as Triton packs them.
+    Which elements form a group does not matter to an elementwise asm, so groups are taken in flattened order."""
     from triton.runtime.interpreter import TensorHandle
 
+    (v,) = values
+    data = np.ascontiguousarray(v.data)
+    if len(types) != 1 or data.dtype.itemsize != 1 or data.size % 4:
+        raise NotImplementedError("the emulator packs four bytes into one register, for one 16-bit result")
+    regs = run_ptx(asm, {"$2": data.reshape(-1, 4).view(np.uint32).reshape(-1)})
+    lanes = [regs["$0"] & np.uint32(0xFFFF), regs["$0"] >> np.uint32(16), regs["$1"] & np.uint32(0xFFFF),
+             regs["$1"] >> np.uint32(16)]
+    bits = np.stack(lanes, axis=1).astype(np.uint16).reshape(data.shape)
+    scalar = types[0].scalar if hasattr(types[0], "scalar") else types[0]
+    return _AsmCall([TensorHandle(bits.view(np.float16), scalar)])
+
+
+def _inline_asm(self, asm, constraints, values, types, is_pure, pack):
+    """``InterpreterBuilder.create_inline_asm`` for packed_products' assembly: one element an instance (pack 1),
+    32-bit operands, outputs ``=r`` as int32 and ``=f`` as float32; or four bytes widened to 16 bits (pack 4)."""
+    from triton.runtime.interpreter import TensorHandle
+
+    if pack == 4:
+        return _widen_bytes(asm, values, types)
     if pack != 1:
-        raise NotImplementedError("the emulated inline assembly takes one element an instance")
+        raise NotImplementedError("the emulated inline assembly takes one element or four bytes an instance")
     outputs = [c for c in constraints.split(",") if c.startswith("=")]
     shape = np.broadcast(*(v.data for v in values)).shape
     operands = {}

@@ -91,3 +91,28 @@ def test_swiglu_is_made_in_the_matmuls_epilogue(swap, K):
     residual = torch.randn(M, F_)
     got = matmul(x, lw, swap=swap, swiglu=True, residual=residual)  # matmul_config's tiles, halved
     assert torch.allclose(got.double(), want + residual.double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_fp16_rows_widen_int8_weights_exactly_in_registers(swap, monkeypatch):
+    """fp16 rows take the int8 weights widened in registers by the exponent trick (WIDEN, inline PTX run by
+    tests/ptx_emulator.py): the same product as the conversion, with the residual and SwiGLU's halves."""
+    from ptx_emulator import interpreted_inline_ptx
+
+    from backend.kernels import packed_products
+
+    monkeypatch.setattr(packed_products, "tried", lambda: True)  # (a GPU's choice: the emulator stands in)
+    torch.manual_seed(5)
+    N, M, K = 40, 3, 256
+    q, scale = quantize_per_channel(torch.randn(N, K) * 0.02)
+    lw = LinearWeights(q, scale, None)
+    x = torch.randn(M, K).half()
+    w = q.double() * scale.double()[:, None]
+    residual = torch.randn(M, N).half()
+    with interpreted_inline_ptx():
+        got = matmul(x, lw, (16, 32, 64, 4, 1, 1), swap=swap, residual=residual)
+        up = matmul(x, lw, (16, 32, 64, 4, 1, 1), swap=swap, swiglu=True)
+    want = x.double() @ w.T
+    assert torch.allclose(got.double(), want + residual.double(), rtol=1e-2, atol=1e-2), swap
+    a, b = want.chunk(2, dim=-1)
+    assert torch.allclose(up.double(), torch.nn.functional.silu(a) * b, rtol=1e-2, atol=1e-2), swap
