@@ -158,7 +158,7 @@ def main() -> None:
             full = step_ms(dec)
             emit(what="step", context=context, ms=round(full, 4), pct_of_bound=round(100 * bound_ms / full, 1))
             for name, prefetch in (("without_prefetch", False), ("with_prefetch", True)):
-                changed = prefetch_variant(dec, prefetch)  # the tuned tiles, each int8 one's first tile early or not
+                changed = prefetch_variant(dec, prefetch)  # the tuned tiles, their first weight tile early or not
                 if changed:
                     ms = step_ms(dec)
                     emit(what="variant", context=context, name=name, kinds=changed, ms=round(ms, 4),

@@ -151,10 +151,9 @@ def _inline_asm(self, asm, constraints, values, types, is_pure, pack):
     outputs = [c for c in constraints.split(",") if c.startswith("=")]
     shape = np.broadcast(*(v.data for v in values)).shape
     operands = {}
-    for i, v in enumerate(values):
+    for i, v in enumerate(values):  # "r" operands: a 32-bit value's bits as they are, a narrower integer widened
         data = np.broadcast_to(v.data, shape)
-        operands[f"${len(outputs) + i}"] = data.astype(np.float32) if v.dtype.is_floating() else data.view(
-            np.uint32) if data.dtype.itemsize == 4 else _u32(data)
+        operands[f"${len(outputs) + i}"] = data.view(np.uint32) if data.dtype.itemsize == 4 else _u32(data)
     regs = run_ptx(asm, operands)
     results = []
     for i, (con, ty) in enumerate(zip(outputs, types)):

@@ -14,7 +14,6 @@ run it with the GPU machine's Triton too, e.g. ``pip install --target /tmp/tri36
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import pytest
 
@@ -216,7 +215,8 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
                  "fc2": (0, False, True, False), "output": (0, True, False, True)}  # (epilogue, norm, residual, argmax)
     for kind, cands in CANDIDATES["int8"].items():
         epilogue, norm, residual, argmax = epilogues[kind]
-        for cfg in cands + [_c(bp, bk, w, cvt=3, pf=pf) for bp, bk, w, pf in PACKED_INT8]:  # (fp16 x: cvt 3's packed products)
+        # (and fp16 x: cvt 3's packed products)
+        for cfg in cands + [_c(bp, bk, w, cvt=3, pf=pf) for bp, bk, w, pf in PACKED_INT8]:
             consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=cfg.block_p,
                           BLOCK_K=cfg.block_k, W_INT8=True, CVT=cfg.cvt, NORM=norm, HAS_BIAS=kind == "qkv",
                           RESIDUAL=residual, EPILOGUE=epilogue, EVEN_K=True, EVEN_P=True, PREFETCH=cfg.prefetch,
@@ -244,10 +244,9 @@ def loop_bodies(ptx: str) -> list[str]:
 def words_configs(fmt: str) -> set:
     """Every words-kernel config a tuner may pick: quant_linear's (4-bit, 1 and 2 rows), gemv_rows' (int8)."""
     if fmt != "int8":
-        from backend.decode.one_row_tuning import EARLY_4BIT
+        from backend.decode.one_row_tuning import early_first_step
 
-        one_row_early = {replace(c, prefetch=True) for c in Q._words_configs(1, fmt)
-                         if (c.block_n, c.block_k, c.num_warps) in EARLY_4BIT}  # (the one-row step's extra tiles)
+        one_row_early = set(early_first_step(Q._words_configs(1, fmt)))  # (the one-row step's extra tiles)
         return {c for rows in (1, 2) for c in Q._words_configs(rows, fmt)} | one_row_early
     from backend.kernels.gemv_rows import candidate_configs
 

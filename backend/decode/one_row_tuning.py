@@ -138,18 +138,23 @@ def candidates_for(decoder) -> dict[str, list]:
     return out
 
 
+# (block_n, block_k, warps) of the words tiles that won a 4-bit one-row step on the H100 and H200
+EARLY_4BIT = {(2, 1024, 4), (4, 1024, 4), (2, 2048, 4), (4, 2048, 4)}
+
+
 def four_bit_candidates(q, dtype: torch.dtype, swiglu: bool) -> list[QuantLinearConfig]:
     """quant_linear's words tiles at one row, those with the register table where these rows have one (16-bit
     rows on a GPU), else the others: the tiles its own tuner tries, less the older GEMV's (slower at one row on every
     card measured, bench/NOTES.md runs 18-20); then the likeliest of them with their first K step early."""
     table = dtype in q.table_registers and packed_products.tried()
     tiles = [c for c in candidate_configs(q.fmt, 1, swiglu) if c.kernel == "words" and (c.lut == 3) == table]
-    return tiles + [replace(c, prefetch=True) for c in tiles if (c.block_n, c.block_k, c.num_warps) in EARLY_4BIT]
+    return tiles + early_first_step(tiles)
 
 
-# the words tiles that won a 4-bit step on the H100 and H200, also with their first K step's words asked for before
-# the wait on the kernel ahead (the step launches its kernels as programmatic dependents)
-EARLY_4BIT = {(2, 1024, 4), (4, 1024, 4), (2, 2048, 4), (4, 2048, 4)}
+def early_first_step(tiles: list[QuantLinearConfig]) -> list[QuantLinearConfig]:
+    """Those of ``tiles`` that won a 4-bit step on the H100 and H200, with their first K step's words asked for
+    before the wait on the kernel ahead (the step launches its kernels as programmatic dependents)."""
+    return [replace(c, prefetch=True) for c in tiles if (c.block_n, c.block_k, c.num_warps) in EARLY_4BIT]
 
 
 def cached(decoder) -> Optional[dict[str, Tile]]:
