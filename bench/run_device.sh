@@ -34,6 +34,8 @@
 #                                             # 4-bit GPU checks, 8-bit chat and compare (ChatEngine)
 #   bash bench/run_device.sh ablate   # one row's captured step with each part left out (attention, each linear kind,
 #                                     # the pick) and its attention at 1-16 splits: 8-bit, bf16, NF4 (ABLATE_Q: some)
+#   bash bench/run_device.sh ab-tree   # a kernel change A/B: 8-bit and NF4 chat and compare (ChatEngine) from an
+#                                      # earlier tree's backend (carried in .carry/before) and this one, alternately
 #   bash bench/run_device.sh prefetch  # one-row tiles (int8, 4-bit) that load their first weight tile before the
 #                                      # wait on the kernel ahead: tuned in, the step with and without, 8-bit and
 #                                      # NF4 chat; the quantized GPU checks
@@ -80,7 +82,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in prefetch|feed-bf16|rows-acc|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-tree|prefetch|feed-bf16|rows-acc|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -159,6 +161,23 @@ ablate)
     timeout 200 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization $q \
         > "$OUT/ablate_$q.jsonl" 2> "$OUT/ablate_$q.err"
     stamp "ablate $q rc $?"; sed 's/.*"quantization"/"q"/' "$OUT/ablate_$q.jsonl" | cut -c1-260; tail -n 2 "$OUT/ablate_$q.err"
+  done
+  ;;
+ab-tree)
+  # a kernel change through ChatEngine: 8-bit and NF4 chat and compare from an earlier tree's backend
+  # (.carry/before/backend: `git archive REV backend | tar -x -C .carry/before`) and from this one, alternately,
+  # ROUNDS times (2), on one tuning (carry this card's in .carry/kernel-tuning with the same candidates, so neither tunes)
+  [ -d .carry/before/backend ] || { echo "carry .carry/before/backend (the earlier tree's)"; exit 2; }
+  OUT=$(cd "$OUT" && pwd); rm -rf /tmp/before && mkdir -p /tmp/before && cp -r bench .carry/before/backend /tmp/before/
+  for round in $(seq "${ROUNDS:-2}"); do
+    for q in 8bit 4bit; do
+      (cd /tmp/before && PYTHONPATH=/tmp/before:/tmp/site engine "before_${q}_$round" --model /tmp/glm6b \
+          --quantization $q --rows 1,2 --repeat 1)
+      engine "after_${q}_$round" --model /tmp/glm6b --quantization $q --rows 1,2 --repeat 1
+    done
+  done
+  for f in "$OUT"/engine_*_[12].jsonl; do
+    grep -a '"chat", "greedy": true\|"compare"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
   done
   ;;
 prefetch)
@@ -491,7 +510,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|prefetch|step-check|chat-table|feed-bf16|rows-acc|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|ab-tree|prefetch|step-check|chat-table|feed-bf16|rows-acc|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

@@ -224,8 +224,10 @@ def test_every_tile_the_one_row_step_may_be_tuned_to_compiles_for_hopper_with_ve
                           X_PASS=x_pass_width(4096, cfg.block_k, cfg.num_warps))  # as gemv() launches it
             ptx = compile_for(_gemv_kernel, types, consts, 90, warps=cfg.num_warps, stages=cfg.num_stages)
             assert byte_loads(ptx) == 0, (kind, cfg)
-            if cfg.x_tile and not cfg.row_sum:
+            if (cfg.x_tile and not cfg.row_sum) or cfg.cvt == 3:
                 assert not any("bar.sync" in body for body in loop_bodies(ptx)), (kind, cfg)
+            if cfg.cvt == 3:  # packed products: a word's four activation pairs in one 16-byte load
+                assert vector_pair_loads(ptx), (kind, cfg)
 
 
 def loop_bodies(ptx: str) -> list[str]:
@@ -239,6 +241,13 @@ def loop_bodies(ptx: str) -> list[str]:
             in_loop = [b for b in blocks if f"Header={m.group(1)} " in b.split("\n", 1)[0]]
             bodies.append(ptx[m.start(): m.end() + back[-1].end()] + "".join(in_loop))
     return bodies
+
+
+def vector_pair_loads(ptx: str) -> bool:
+    """Whether the loop of packed products (the one with byte permutes) loads 32-bit values 16 bytes at a time
+    (``packed_products.word_pairs``: a word's four activation pairs in one load, not four)."""
+    loops = [body for body in loop_bodies(ptx) if "prmt.b32" in body]
+    return bool(loops) and all(re.search(r"ld\.global(\.\w+)*\.v4\.b32", body) for body in loops)
 
 
 def words_configs(fmt: str) -> set:
@@ -283,6 +292,8 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)
             assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu)
+            if cfg.lut == 3 or wide:  # packed products: a word's four activation pairs in one 16-byte load
+                assert vector_pair_loads(ptx), (cfg, swiglu)
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])

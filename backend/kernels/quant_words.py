@@ -14,11 +14,12 @@ int8), float32 partial sums stay in that tile until the loop ends, and the activ
 pointers of the tile's shape, so Triton keeps one register layout throughout: no barrier until the final
 row sums. The activations are read as int32 pairs of 16-bit values (the even column in the low half,
 matching the high nibble of a 4-bit byte, or the lower int8 byte), widened to float32 by bit shifts (bf16)
-or a conversion (fp16). NF4 codes come from the 16-entry table (64 bytes: one cache line, so a warp's 32
-lookups are one L1 transaction; the 256-entry byte-pair table spans 16 lines), int4 and int8 values by
-arithmetic shifts. An NF4 word's sum is scaled by its block's absmax (nested absmax decoded per word); the
-row scale (int4, int8) and the epilogue come after the loop. With two rows the decoded weights serve both
-(compare's batch of two).
+or a conversion (fp16); on the packed-products path a word's four pairs come as one 16-byte load (a
+[rows, words, 4] tile split in registers, ``packed_products.word_pairs``). NF4 codes come from the
+16-entry table (64 bytes: one cache line, so a warp's 32 lookups are one L1 transaction; the 256-entry
+byte-pair table spans 16 lines), int4 and int8 values by arithmetic shifts. An NF4 word's sum is scaled by
+its block's absmax (nested absmax decoded per word); the row scale (int4, int8) and the epilogue come after
+the loop. With two rows the decoded weights serve both (compare's batch of two).
 
 K is a compile-time constant (one compiled kernel per K: a model has a few): with it a thread's rows sit at constant
 distances and load at immediate offsets from one address (bench/NOTES.md run 33). With ``prefetch`` (the one-row
@@ -41,7 +42,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
-    from .packed_products import int8_words_sums, load_pairs, packed_dot, packed_dot2
+    from .packed_products import int8_words_sums, packed_dot, packed_dot2, word_pairs
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -193,21 +194,12 @@ if HAVE_TRITON:
                           t6, t7, NORM: tl.constexpr, X_KIND: tl.constexpr, ROWS: tl.constexpr, SWIGLU: tl.constexpr):
         # _word_sums through packed_products: 4-bit words, 16-bit activations (X_KIND 1 or 2)
         BF16: tl.constexpr = X_KIND == 1
-        base = 4 * kw[None, :] + zero
-        xr = x_ptr + m0 * stride_xm
-        x0 = load_pairs(xr, norm_ptr, base, mk, NORM, X_KIND == 1)
-        x1 = load_pairs(xr, norm_ptr, base + 1, mk, NORM, X_KIND == 1)
-        x2 = load_pairs(xr, norm_ptr, base + 2, mk, NORM, X_KIND == 1)
-        x3 = load_pairs(xr, norm_ptr, base + 3, mk, NORM, X_KIND == 1)
+        x0, x1, x2, x3 = word_pairs(x_ptr + m0 * stride_xm, norm_ptr, kw, zero, mk, NORM, BF16)
         p1 = tl.zeros(words.shape, dtype=tl.float32)
         p0_b = tl.zeros(words.shape, dtype=tl.float32)
         p1_b = tl.zeros(words.shape, dtype=tl.float32)
         if ROWS == 2:
-            yr = x_ptr + m1 * stride_xm
-            y0 = load_pairs(yr, norm_ptr, base, mk, NORM, X_KIND == 1)
-            y1 = load_pairs(yr, norm_ptr, base + 1, mk, NORM, X_KIND == 1)
-            y2 = load_pairs(yr, norm_ptr, base + 2, mk, NORM, X_KIND == 1)
-            y3 = load_pairs(yr, norm_ptr, base + 3, mk, NORM, X_KIND == 1)
+            y0, y1, y2, y3 = word_pairs(x_ptr + m1 * stride_xm, norm_ptr, kw, zero, mk, NORM, BF16)
             p0, p1 = packed_dot2(words, x0, x1, x2, x3, y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
             if SWIGLU:
                 p0_b, p1_b = packed_dot2(words_b, x0, x1, x2, x3, y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, t6, t7,
