@@ -166,11 +166,12 @@ ablate)
 ab-tree)
   # a kernel change through ChatEngine: 8-bit and NF4 chat and compare from an earlier tree's backend
   # (.carry/before/backend: `git archive REV backend | tar -x -C .carry/before`) and from this one, alternately,
-  # ROUNDS times (2), on one tuning (carry this card's in .carry/kernel-tuning with the same candidates, so neither tunes)
+  # ROUNDS times (2; AB_Q: some of 8bit 4bit), on one tuning (carry this card's in .carry/kernel-tuning with the
+  # same candidates, so neither tunes)
   [ -d .carry/before/backend ] || { echo "carry .carry/before/backend (the earlier tree's)"; exit 2; }
   OUT=$(cd "$OUT" && pwd); rm -rf /tmp/before && mkdir -p /tmp/before && cp -r bench .carry/before/backend /tmp/before/
   for round in $(seq "${ROUNDS:-2}"); do
-    for q in 8bit 4bit; do
+    for q in ${AB_Q:-8bit 4bit}; do
       (cd /tmp/before && PYTHONPATH=/tmp/before:/tmp/site engine "before_${q}_$round" --model /tmp/glm6b \
           --quantization $q --rows 1,2 --repeat 1)
       engine "after_${q}_$round" --model /tmp/glm6b --quantization $q --rows 1,2 --repeat 1
