@@ -165,6 +165,15 @@ if HAVE_TRITON:
     _MUL_F16 = tl.constexpr(mul_asm(False))
 
     @triton.jit
+    def masked_load(ptr, mask, other):
+        # a load, unpredicated when mask is None (whole tiles)
+        if mask is None:
+            v = tl.load(ptr)
+        else:
+            v = tl.load(ptr, mask=mask, other=other)
+        return v
+
+    @triton.jit
     def packed_mul(x, g, BF16: tl.constexpr):
         # int32 tiles of 16-bit pairs: x * g per lane, rounded to the 16-bit type
         if BF16:
@@ -205,16 +214,10 @@ if HAVE_TRITON:
         # so the loop keeps the words' layout (no barrier)
         pair = tl.max_contiguous(tl.multiple_of((4 * kw[None, :] + zero)[:, :, None] + tl.arange(0, 4)[None, None, :],
                                                 [1, 1, 4]), [1, 1, 4])
-        if mask is None:
-            x = tl.load(pairs_ptr + pair)
-        else:
-            x = tl.load(pairs_ptr + pair, mask=mask[:, :, None], other=0)
+        mask = None if mask is None else mask[:, :, None]
+        x = masked_load(pairs_ptr + pair, mask, 0)
         if NORM:
-            if mask is None:
-                g = tl.load(norm_pairs_ptr + pair)
-            else:
-                g = tl.load(norm_pairs_ptr + pair, mask=mask[:, :, None], other=0)
-            x = packed_mul(x, g, BF16)
+            x = packed_mul(x, masked_load(norm_pairs_ptr + pair, mask, 0), BF16)
         even, odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], 2, 2)))  # pairs (0, 2) and (1, 3)
         x0, x2 = tl.split(even)
         x1, x3 = tl.split(odd)

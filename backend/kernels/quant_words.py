@@ -42,7 +42,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
-    from .packed_products import int8_words_sums, packed_dot, packed_dot2, word_pairs
+    from .packed_products import int8_words_sums, masked_load, packed_dot, packed_dot2, word_pairs
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -71,15 +71,6 @@ def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight, lut: int = 1, cvt: 
 if HAVE_TRITON:
 
     @triton.jit
-    def _load(ptr, mask, other):
-        # a load, unpredicated when mask is None (whole tiles: EVEN_K)
-        if mask is None:
-            v = tl.load(ptr)
-        else:
-            v = tl.load(ptr, mask=mask, other=other)
-        return v
-
-    @triton.jit
     def _halves(p, X_KIND: tl.constexpr):
         # an int32 holding two 16-bit activations: (low half, high half) as float32
         if X_KIND == 1:  # bf16 is the top half of a float32
@@ -104,15 +95,15 @@ if HAVE_TRITON:
         # activations 2 * pair and 2 * pair + 1 (x_ptr: int32 view of 16-bit x, or float32 x), times the
         # norm weight when norm
         if X_KIND == 0:
-            xe = _load(x_ptr + 2 * pair, mask, 0.0)
-            xo = _load(x_ptr + 2 * pair + 1, mask, 0.0)
+            xe = masked_load(x_ptr + 2 * pair, mask, 0.0)
+            xo = masked_load(x_ptr + 2 * pair + 1, mask, 0.0)
             if NORM:
-                xe = xe * _load(norm_ptr + 2 * pair, mask, 0.0)
-                xo = xo * _load(norm_ptr + 2 * pair + 1, mask, 0.0)
+                xe = xe * masked_load(norm_ptr + 2 * pair, mask, 0.0)
+                xo = xo * masked_load(norm_ptr + 2 * pair + 1, mask, 0.0)
         else:
-            xe, xo = _halves(_load(x_ptr + pair, mask, 0), X_KIND)
+            xe, xo = _halves(masked_load(x_ptr + pair, mask, 0), X_KIND)
             if NORM:
-                ge, go = _halves(_load(norm_ptr + pair, mask, 0), X_KIND)
+                ge, go = _halves(masked_load(norm_ptr + pair, mask, 0), X_KIND)
                 xe = _round(xe * ge, X_KIND)
                 xo = _round(xo * go, X_KIND)
         return xe, xo
@@ -147,12 +138,12 @@ if HAVE_TRITON:
                      BS2: tl.constexpr):
         # float32 absmax of blocks blk; nested: code2[q] * absmax2[blk // BS2] + offset, as bitsandbytes decodes it
         if NESTED:
-            q = _load(absmax_ptr + blk, mask, 0).to(tl.int32)
+            q = masked_load(absmax_ptr + blk, mask, 0).to(tl.int32)
             # blk >= 0: unsigned, the division by a power of two is one shift (signed takes three)
-            a2 = _load(absmax2_ptr + (blk.to(tl.uint32) // BS2).to(tl.int32), mask, 0.0)
+            a2 = masked_load(absmax2_ptr + (blk.to(tl.uint32) // BS2).to(tl.int32), mask, 0.0)
             a = tl.load(code2_ptr + q) * a2 + offset
         else:
-            a = _load(absmax_ptr + blk, mask, 0.0)
+            a = masked_load(absmax_ptr + blk, mask, 0.0)
         return a
 
     @triton.jit
@@ -342,10 +333,10 @@ if HAVE_TRITON:
     @triton.jit
     def _tile_words(w_ptr, rows, N, KW, kw, mk, SWIGLU: tl.constexpr):
         # words kw of the program's rows, and of the rows N further (SwiGLU's up half); where mk is False, 0
-        words = _load(w_ptr + rows[:, None] * KW + kw[None, :], mk, 0)
+        words = masked_load(w_ptr + rows[:, None] * KW + kw[None, :], mk, 0)
         words_b = words
         if SWIGLU:
-            words_b = _load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mk, 0)
+            words_b = masked_load(w_ptr + (rows + N)[:, None] * KW + kw[None, :], mk, 0)
         return words, words_b
 
     @triton.jit
