@@ -44,9 +44,6 @@
 #   bash bench/run_device.sh chat-table  # ChatEngine chat and compare: 8-bit, NF4, the int4 release; bf16 chat
 #   bash bench/run_device.sh feed-bf16   # bf16's few rows through gemv_rows and the step ahead fed by its own first
 #                                        # launch, each against before in the same call (bf16, 8-bit); GPU checks
-#   bash bench/run_device.sh rows-acc    # 8-bit chat and compare with gemv_rows' int8 tiles summed after the K loop
-#                                        # among the candidates (GLMCHAT_ROWS_ACC=1, tuned at the warm-up), then
-#                                        # without; the picks; the 8-bit GPU checks with them
 #   bash bench/run_device.sh nf4-one-row  # NF4 linears at 1-4 rows: ours against bitsandbytes 0.50's fused kernel,
 #                                         # alone and 8 layers back to back; ncu's stall reasons for both at one row
 #   bash bench/run_device.sh cold-prompt  # the cold 1600-token prompt alone: GPU idle or busy, other lengths, on the
@@ -82,7 +79,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-tree|prefetch|feed-bf16|rows-acc|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -230,17 +227,6 @@ feed-bf16)
   (export GLMCHAT_FEED_IN_STEP=0; engine int8-before --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1)
   show int8-before
   timeout 240 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1
-  stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
-  ;;
-rows-acc)
-  export GLMCHAT_ROWS_ACC=1
-  engine int8 --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1
-  grep -a '"chat"\|"compare"\|first_run' "$OUT/engine_int8.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
-  (GLMCHAT_ROWS_ACC=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-old; carried_tuning; export GLMCHAT_ROWS_ACC GLMCHAT_CACHE_DIR
-   engine int8-without --model /tmp/glm6b --quantization 8bit --rows 1,2 --repeat 1)
-  grep -a '"chat"\|"compare"' "$OUT/engine_int8-without.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
-  python3 -c "import json,glob; [print(k, {a: b for a, b in v.items() if a != '_among'}) for f in glob.glob('$GLMCHAT_CACHE_DIR/kernel-tuning/*.json') for k, v in json.load(open(f))['configs'].items() if k.startswith('gemv_rows') and '|w' not in k]"
-  timeout 150 python3 bench/check_fast_batch.py --quantized 8bit > "$OUT/check_fast_batch.log" 2>&1
   stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
   ;;
 nf4-one-row)
@@ -511,7 +497,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|ab-tree|prefetch|step-check|chat-table|feed-bf16|rows-acc|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|ab-tree|prefetch|step-check|chat-table|feed-bf16|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

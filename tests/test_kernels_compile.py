@@ -111,12 +111,10 @@ def test_the_multi_row_and_one_row_int8_gemvs(arch, pdl):
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])
-def test_the_few_rows_gemv_configs(arch, monkeypatch):
+def test_the_few_rows_gemv_configs(arch):
     """Every config the few-rows GEMV may be tuned to, at 2 and 4 rows, plain and SwiGLU, int8 weights (with vector
-    loads; the A/B's tiles summed after the K loop too) and 16-bit ones (bf16, fp16 on Turing)."""
+    loads) and 16-bit ones (bf16, fp16 on Turing)."""
     from backend.kernels.gemv_rows import _gemv_rows_kernel, candidate_configs
-
-    monkeypatch.setenv("GLMCHAT_ROWS_ACC", "1")
 
     half = "*fp16" if arch == 75 else "*bf16"
     for int8 in (True, False):
@@ -277,8 +275,15 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
     for cfg in words_configs(fmt):
         wide = fmt == "int8" and cfg.cvt == 3  # int8 read as 64-bit words against fp16 rows
         types["w_ptr"] = "*i64" if wide else "*i32"
-        for swiglu, even_k in ((False, True), (True, False)):  # (fc1 has the norm and SwiGLU; fc2's K has a tail)
-            consts = dict(FMT=Q._FMT_ID[fmt], LUT=cfg.lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 8, BS2=256,
+        # (fc1 has the norm and SwiGLU; fc2's K has a tail.) Nested NF4's second-level scale: loaded once a row
+        # where each row lies within one group of BS2 blocks (as K = 4096 with bitsandbytes' 256: here groups of
+        # two rows), else once a word (rows across groups, or the tail)
+        passes = ((False, True, 2), (True, False, None)) + (((False, True, 0.5),) if fmt == "nf4" else ())
+        loop_loads = {}
+        for swiglu, even_k, group_rows in passes:
+            k = 32 * cfg.block_k if even_k else 32 * cfg.block_k + 64  # long enough that the K loop stays a loop
+            bs2 = int(group_rows * k // 64) if group_rows else 256
+            consts = dict(FMT=Q._FMT_ID[fmt], LUT=cfg.lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 8, BS2=bs2,
                           BLOCKED=even_k, HAS_SCALE=fmt != "nf4", SWIGLU=swiglu,
                           X_KIND=2 if arch == 75 or cfg.cvt == 3 else 1,
                           ROWS=cfg.block_m,
@@ -287,13 +292,15 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
                           CVT=cfg.cvt if fmt == "int8" else 0,
                           NORM=swiglu, EVEN_K=even_k, EVEN_N=even_k, PDL=pdl, PREFETCH=cfg.prefetch,  # (clamped
                           # rows with the tail)
-                          # K is a compile-time constant: long enough that the K loop stays a loop
-                          K=32 * cfg.block_k if even_k else 32 * cfg.block_k + 64)
+                          ROW_SCALE2=fmt == "nf4" and group_rows == 2, K=k)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)
             assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu)
             if cfg.lut == 3 or wide:  # packed products: a word's four activation pairs in one 16-byte load
                 assert vector_pair_loads(ptx), (cfg, swiglu)
+            loop_loads[group_rows] = sum(body.count("ld.global") for body in loops)
+        if fmt == "nf4":  # the row's second-level scale leaves the loop
+            assert loop_loads[2] < loop_loads[0.5], (cfg, loop_loads)
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])

@@ -215,14 +215,14 @@ class RowsGemvConfig:
 def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
     """Configs tried when tuning, the default first: the one-row GEMV's best tiles on the H100/H200 (8 weight rows
     of 1024 a program, bench/NOTES.md run 5), then shorter and longer tiles, and the plain int8 conversion (which
-    needs no offset, so a linear without RMSNorm makes no second pass over x). With ``GLMCHAT_ROWS_ACC=1`` (an A/B,
-    unmeasured so far) also two half-height tiles summed after the K loop (no reduction across threads inside it:
-    the 8-bit two-row step takes the int8 matmul for qkv, fc1 and fc2 over the per-tile sums, with an RMSNorm
-    launch before qkv and fc1). Each is compiled and timed for five weights at 2 and 4 rows the first time a card
-    runs them (the batched decoder's warm-up, or a first compare). At 4 rows, 128 threads and these tiles use
-    118-168 registers without spills on sm_90 (ptxas).
+    needs no offset, so a linear without RMSNorm makes no second pass over x). (Int8 tiles summed after the K loop
+    were tried and neither the H100 nor the H200 picked one, bench/NOTES.md run 51.) Each is compiled and timed
+    for five weights at 2 and 4 rows the first time a card runs them (the batched decoder's warm-up, or a first
+    compare). At 4 rows, 128 threads and these tiles use 118-168 registers without spills on sm_90 (ptxas).
     Then quant_words' tiles (two rows a program; 3-4 rows as two pairs), unless ``GLMCHAT_WORDS_GEMV=0`` (A/B),
-    with its packed fp16 products (cvt 3: fp16 rows on a GPU; ``tuned_config`` drops them for other rows).
+    with its packed fp16 products (cvt 3: fp16 rows on a GPU; ``tuned_config`` drops them for other rows). (2-warp
+    packed tiles, the one-row step's fastest for fc1 and fc2, lost to the int8 matmul at two rows on the H100: run
+    51.)
     16-bit weights (not ``int8``): the one-row 16-bit GEMV's tiles as tuned on the H100 (2-4 weight rows of 1024,
     fc2's of 512, summed after the K loop for fc1 and fc2; 16 for the output layer), in this kernel's columns; no
     words kernel (it reads int8)."""
@@ -235,8 +235,6 @@ def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
                 RowsGemvConfig(rows // 2, 512, cvt=0, kernel="gemv_acc")]
     gemv = [RowsGemvConfig(rows, 1024), RowsGemvConfig(rows, 512), RowsGemvConfig(2 * rows, 512),
             RowsGemvConfig(rows // 2, 2048), RowsGemvConfig(rows, 1024, cvt=0)]
-    if os.environ.get("GLMCHAT_ROWS_ACC") == "1":  # not measured yet on a GPU: off unless asked (bench/NOTES.md)
-        gemv += [RowsGemvConfig(rows // 2, 1024, kernel="gemv_acc"), RowsGemvConfig(rows // 2, 512, kernel="gemv_acc")]
     words = [RowsGemvConfig(bn, bk, cvt=cvt, kernel="words") for bn, bk, cvt in
              ((4, 1024, 1), (2, 1024, 1), (8, 512, 1), (4, 2048, 1), (4, 1024, 0))]
     if os.environ.get("GLMCHAT_WORDS_GEMV", "1") == "0":

@@ -18,8 +18,9 @@ or a conversion (fp16); on the packed-products path a word's four pairs come as 
 [rows, words, 4] tile split in registers, ``packed_products.word_pairs``). NF4 codes come from the
 16-entry table (64 bytes: one cache line, so a warp's 32 lookups are one L1 transaction; the 256-entry
 byte-pair table spans 16 lines), int4 and int8 values by arithmetic shifts. An NF4 word's sum is scaled by
-its block's absmax (nested absmax decoded per word); the row scale (int4, int8) and the epilogue come after
-the loop. With two rows the decoded weights serve both (compare's batch of two).
+its block's absmax (nested absmax decoded per word; its second-level scale loaded once a row where a row's
+blocks all fall in one group, as at K = 4096); the row scale (int4, int8) and the epilogue come after the loop.
+With two rows the decoded weights serve both (compare's batch of two).
 
 K is a compile-time constant (one compiled kernel per K: a model has a few): with it a thread's rows sit at constant
 distances and load at immediate offsets from one address (bench/NOTES.md run 33). With ``prefetch`` (the one-row
@@ -134,13 +135,16 @@ if HAVE_TRITON:
         return ev, od
 
     @triton.jit
-    def _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mask, NESTED: tl.constexpr,
-                     BS2: tl.constexpr):
+    def _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mask, s2, NESTED: tl.constexpr,
+                     BS2: tl.constexpr, ROW_SCALE2: tl.constexpr):
         # float32 absmax of blocks blk; nested: code2[q] * absmax2[blk // BS2] + offset, as bitsandbytes decodes it
+        # (ROW_SCALE2: absmax2[blk // BS2] is the row's, s2, loaded before the K loop)
         if NESTED:
             q = masked_load(absmax_ptr + blk, mask, 0).to(tl.int32)
-            # blk >= 0: unsigned, the division by a power of two is one shift (signed takes three)
-            a2 = masked_load(absmax2_ptr + (blk.to(tl.uint32) // BS2).to(tl.int32), mask, 0.0)
+            if ROW_SCALE2:
+                a2 = s2
+            else:  # blk >= 0: unsigned, the division by a power of two is one shift (signed takes three)
+                a2 = masked_load(absmax2_ptr + (blk.to(tl.uint32) // BS2).to(tl.int32), mask, 0.0)
             a = tl.load(code2_ptr + q) * a2 + offset
         else:
             a = masked_load(absmax_ptr + blk, mask, 0.0)
@@ -239,7 +243,7 @@ if HAVE_TRITON:
         BS: tl.constexpr, BS2: tl.constexpr, BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         X_KIND: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
-        PREFETCH: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False, ROW_SCALE2: tl.constexpr = False,
     ):
         # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
         # stride_xm in x_ptr's elements (int32 pairs for 16-bit x). SWIGLU: 2N weight rows, as gemv_4bit's
@@ -269,6 +273,8 @@ if HAVE_TRITON:
         acc0_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         acc1_b = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         FIRST: tl.constexpr = BLOCK_W * PREFETCH  # where the K loop starts (the first step may be peeled off)
+        # ROW_SCALE2 (``row_scale2``): the second-level scale is the row's, loaded once here instead of once a word
+        s2, s2_b = _row_scale2(absmax2_ptr, rows, N, K, BS, BS2, ROW_SCALE2, SWIGLU)
         if PREFETCH:  # the first K step's words (and absmax) asked for before the wait: the weights do not depend on
             # the kernels ahead, so these loads fill their tail instead of following it
             mk0 = None if EVEN_K else (wi < KW)[None, :]
@@ -276,8 +282,8 @@ if HAVE_TRITON:
             a0 = 0.0
             a0_b = 0.0
             if FMT == 0:
-                a0, a0_b = _words_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, N, K, wi, mk0, NESTED, BS,
-                                         BS2, BLOCKED, SWIGLU)
+                a0, a0_b = _words_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, N, K, wi, mk0, s2, s2_b,
+                                         NESTED, BS, BS2, BLOCKED, SWIGLU, ROW_SCALE2)
         if PDL:  # x, the residual: written by the kernels ahead
             tl.extra.cuda.gdc_wait()
         if PREFETCH:
@@ -294,8 +300,8 @@ if HAVE_TRITON:
             a_b = 0.0
             if FMT == 0:  # NF4: each word's block absmax (a word never straddles blocks), asked for before the
                 # products so its loads issue with the words'
-                a, a_b = _words_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, N, K, kw, mk, NESTED, BS, BS2,
-                                       BLOCKED, SWIGLU)
+                a, a_b = _words_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, N, K, kw, mk, s2, s2_b,
+                                       NESTED, BS, BS2, BLOCKED, SWIGLU, ROW_SCALE2)
             words, words_b = _tile_words(w_ptr, rows, N, KW, kw, mk, SWIGLU)
             acc0, acc1, acc0_b, acc1_b = _k_step(acc0, acc1, acc0_b, acc1_b, words, words_b, a, a_b, x_ptr, norm_ptr,
                                                  code_ptr, lut_ptr, m0, m1, stride_xm, kw, zero, mk, t0, t1, t2, t3,
@@ -311,24 +317,38 @@ if HAVE_TRITON:
                             X_KIND)
 
     @triton.jit
-    def _words_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, N, K: tl.constexpr, kw, mk,
+    def _words_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, N, K: tl.constexpr, kw, mk, s2, s2_b,
                       NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCKED: tl.constexpr,
-                      SWIGLU: tl.constexpr):
+                      SWIGLU: tl.constexpr, ROW_SCALE2: tl.constexpr):
         # the absmax of each word of the tile [rows, kw], and of the rows N further (SwiGLU's up half; else a)
         if BLOCKED:  # rows hold whole blocks: the index from row and column, without dividing a row-major
             # element offset (fewer integer ops a word)
             blk = rows[:, None] * (K // BS) + (kw.to(tl.uint32) // (BS // 8)).to(tl.int32)[None, :]
         else:
             blk = (rows[:, None] * K + 8 * kw[None, :]) // BS
-        a = _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mk, NESTED, BS2)
+        a = _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mk, s2, NESTED, BS2, ROW_SCALE2)
         a_b = a
         if SWIGLU:
             if BLOCKED:
                 blk = blk + N * (K // BS)
             else:
                 blk = ((rows + N)[:, None] * K + 8 * kw[None, :]) // BS
-            a_b = _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mk, NESTED, BS2)
+            a_b = _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, mk, s2_b, NESTED, BS2, ROW_SCALE2)
         return a, a_b
+
+    @triton.jit
+    def _row_scale2(absmax2_ptr, rows, N, K: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+                    ROW_SCALE2: tl.constexpr, SWIGLU: tl.constexpr):
+        # ROW_SCALE2: the second-level scale of each of the program's rows ([BLOCK_N, 1]) and of the rows N further
+        # (SwiGLU's up half); else unused zeros
+        s2 = 0.0
+        s2_b = 0.0
+        if ROW_SCALE2:
+            s2 = tl.load(absmax2_ptr + ((rows * (K // BS)).to(tl.uint32) // BS2).to(tl.int32)[:, None])
+            s2_b = s2
+            if SWIGLU:
+                s2_b = tl.load(absmax2_ptr + (((rows + N) * (K // BS)).to(tl.uint32) // BS2).to(tl.int32)[:, None])
+        return s2, s2_b
 
     @triton.jit
     def _tile_words(w_ptr, rows, N, KW, kw, mk, SWIGLU: tl.constexpr):
@@ -352,6 +372,13 @@ if HAVE_TRITON:
         rm = tl.zeros([1], dtype=tl.int64) + m
         _epilogue(a[None, :], b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
+
+
+def row_scale2(w: QuantizedWeight) -> bool:
+    """Whether each weight row of nested NF4 lies within one group of ``blocksize2`` blocks (K = 4096 with
+    bitsandbytes' 64 and 256: qkv, dense, fc1), so that a row has one second-level scale."""
+    blocks = w.k // w.blocksize if w.fmt == "nf4" else 0
+    return bool(w.nested and blocks and w.k % w.blocksize == 0 and w.blocksize2 % blocks == 0)
 
 
 def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool, cfg, pdl: bool,
@@ -387,7 +414,7 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, BLOCKED=w.k % (w.blocksize if nf4 else 8) == 0,
         HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
         ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // per_word, EVEN_K=w.k % cfg.block_k == 0,
-        EVEN_N=n_out % cfg.block_n == 0, PDL=pdl, PREFETCH=cfg.prefetch,
+        EVEN_N=n_out % cfg.block_n == 0, PDL=pdl, PREFETCH=cfg.prefetch, ROW_SCALE2=row_scale2(w),
         num_warps=cfg.num_warps, num_stages=1,
         **({"launch_pdl": True} if pdl else {}),
     )

@@ -78,6 +78,28 @@ def test_nf4_nested_absmax_over_several_second_level_blocks():
         assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, cfg
 
 
+def test_words_kernel_takes_a_rows_second_level_scale_once_a_row():
+    """With 4 blocks a row (K = 256) every row lies within one group of 256 blocks, so the words kernel loads each
+    row's second-level scale before its K loop: 160 rows span three groups, and SwiGLU's up rows (80 further) sit
+    in other groups than their gate rows; one and two rows a program, with the first K step peeled off and not."""
+    from backend.kernels.quant_words import row_scale2
+
+    n, k = 160, 256
+    data, state, ref_w = bnb_nf4(n, k, nested=True)
+    assert state.state2.absmax.numel() == 3 and not torch.equal(state.state2.absmax[0], state.state2.absmax[1])
+    w = Q.nf4_weight(data, state)
+    assert row_scale2(w)
+    assert not row_scale2(Q.nf4_weight(*bnb_nf4(24, 192, nested=True)[:2]))  # 3 blocks a row: rows across groups
+    assert not row_scale2(Q.nf4_weight(*bnb_nf4(24, 256, nested=False)[:2]))
+    g, res = 1 + 0.1 * torch.randn(k), torch.randn(2, n // 2)
+    for m, cfg in ((1, WORDS1), (2, WORDS2), (1, replace(WORDS1, prefetch=True))):
+        x = torch.randn(m, k)
+        assert rel(run(x, w, cfg), x @ ref_w.T) < 1e-5, (m, cfg)
+        out = torch.full((m, n // 2), float("nan"))
+        Q.quant_linear(x, w, residual=res[:m], norm_weight=g, swiglu=True, out=out, config=cfg)
+        assert rel(out, reference_norm_swiglu(x, ref_w, g, torch.zeros(n), res[:m])) < 1e-5, (m, cfg)
+
+
 def test_nf4_half_activations_and_half_weights():
     # float16: the interpreter has no bfloat16 (bench/check_kernels_batch.py covers bf16 on the GPU)
     data, state, ref_w = bnb_nf4(24, 192, nested=True, dtype=torch.float16)
