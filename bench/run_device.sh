@@ -174,7 +174,7 @@ ab-tree)
       engine "after_${q}_$round" --model /tmp/glm6b --quantization $q --rows 1,2 --repeat 1
     done
   done
-  for f in "$OUT"/engine_*_[12].jsonl; do
+  for f in "$OUT"/engine_before_*.jsonl "$OUT"/engine_after_*.jsonl; do
     grep -a '"chat", "greedy": true\|"compare"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
   done
   ;;
