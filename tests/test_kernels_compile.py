@@ -266,12 +266,14 @@ def words_configs(fmt: str) -> set:
 @pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
 def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, fmt):
     """quant_words' reason to exist: no shared-memory round trip (bar.sync) inside the K loop, at one row and two,
-    with SwiGLU, for each tile the tuner may pick; it compiles for every card we support (fp16 rows on Turing)."""
+    with SwiGLU, and as a 4-bit QKV with the rotary epilogue, for each tile the tuner may pick; it compiles for every
+    card we support (fp16 rows on Turing)."""
     from backend.kernels import quant_words as W
 
     act = "*fp16" if arch == 75 else "*bf16"
     types = dict(QUANT_TYPES, x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
-                 res_ptr=act, out_ptr=act)
+                 res_ptr=act, out_ptr=act, k_cache_ptr=act, v_cache_ptr=act, pos_ptr="*i64", prefix_ptr="*i64",
+                 inv_freq_ptr="*fp32", pos_divisor="fp32")
     for cfg in words_configs(fmt):
         wide = fmt == "int8" and cfg.cvt == 3  # int8 read as 64-bit words against fp16 rows
         types["w_ptr"] = "*i64" if wide else "*i32"
@@ -290,9 +292,10 @@ def test_the_words_gemv_keeps_one_register_layout_through_its_k_loop(arch, pdl, 
                           BLOCK_N=max(2, cfg.block_n // 2) if swiglu else cfg.block_n,
                           BLOCK_W=cfg.block_k // (4 if fmt == "int8" and not wide else 8),
                           CVT=cfg.cvt if fmt == "int8" else 0,
-                          NORM=swiglu, EVEN_K=even_k, EVEN_N=even_k, PDL=pdl, PREFETCH=cfg.prefetch,  # (clamped
+                          NORM=True, EVEN_K=even_k, EVEN_N=even_k, PDL=pdl, PREFETCH=cfg.prefetch,  # (clamped
                           # rows with the tail)
-                          ROW_SCALE2=fmt == "nf4" and group_rows == 2, K=k)
+                          ROW_SCALE2=fmt == "nf4" and group_rows == 2, K=k,
+                          ROPE=not swiglu, HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1)
             ptx = compile_for(W._gemv_words_kernel, types, consts, arch, warps=cfg.num_warps, stages=1)
             loops = loop_bodies(ptx)
             assert loops and not any("bar.sync" in body for body in loops), (cfg, swiglu)

@@ -71,6 +71,11 @@ def quantized_weight(module) -> Optional[QuantizedWeight]:
     return None
 
 
+def _rotated(qkv: torch.Tensor, rope) -> torch.Tensor:
+    """qkv as it is, or (``rope``) the rotary kernel run after it: the rotated q."""
+    return qkv if rope is None else rope.after(qkv)
+
+
 def widened_4bit_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None,
                         residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., K] @ W.T + bias (+ residual, into out) through cuBLAS, W widened to x's dtype a block of output
@@ -109,24 +114,28 @@ class BatchLinear:
         self.row_config = default_gemv_config(kind, self.q is not None) if self.one_row is not None else None
         self._paths: dict = {}  # (row bucket, dtype, device, swiglu) -> FourBitRows.path, once tuned
 
-    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True, pdl=False):
+    def __call__(self, x, *, norm=None, eps=1e-5, swiglu=False, residual=None, out=None, split_k=True, pdl=False,
+                 rope=None):
         """``split_k``: whether the int8 matmul may split K (a second launch: for a decode step's CUDA graph, not for
         a prompt, whose launches are paid on the host); ``pdl``: 4-bit rows through ``quant_linear`` launch as
-        programmatic dependents (one row's step, ``one_row_step``)."""
+        programmatic dependents (one row's step, ``one_row_step``). ``rope`` (the QKV linear of a decode step: an
+        ``attention_batch.RopeWrite``): q and k rotated, k and v into the rows' cache slots, in the words kernel's
+        epilogue where the rows take it (``quant_linear``, ``gemv_rows``), else by the rotary kernel after; then
+        the rotated q [rows, H, D] is returned."""
         if x.shape[0] <= ONE_ROW_GEMV_MAX_M and self.one_row is not None and kernels_run(x):
-            return self._one_row(x, norm, eps, swiglu, residual, out)
+            return _rotated(self._one_row(x, norm, eps, swiglu, residual, out), rope)
         if self.rows_gemv and gemv_rows.takes(x, self.one_row) and kernels_run(x):
             # the few-rows GEMV unless this card ran the matmul path faster for these rows (timed on first use)
             config = gemv_rows.tuned_config(self.one_row, x.shape[0], x.dtype, x.device, swiglu, norm is not None,
-                                            other=lambda xs: self._matmul_path(xs, norm, eps, swiglu, None, None, split_k))
+                                            other=lambda xs: self._matmul_path(xs, norm, eps, swiglu, None, None, split_k),
+                                            rope=rope)
             if config is not None:
                 return gemv_rows.gemv_rows(x, self.one_row, norm_weight=norm, eps=eps, swiglu=swiglu,
-                                           residual=residual, out=out, config=config)
-        four_bit = self.q is not None and self.q.fmt != "int8"
-        if four_bit and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
+                                           residual=residual, out=out, config=config, rope=rope)
+        if self.q is not None and self.q.fmt != "int8" and x.shape[0] <= QUANT_MAX_M and not self._widen_4bit(x, swiglu):
             return quant_linear(x, self.q, self.bias, residual=residual, norm_weight=norm, eps=eps, swiglu=swiglu,
-                                out=out, pdl=pdl, config=self.row_config if x.shape[0] == 1 else None)
-        return self._matmul_path(x, norm, eps, swiglu, residual, out, split_k)
+                                out=out, pdl=pdl, config=self.row_config if x.shape[0] == 1 else None, rope=rope)
+        return _rotated(self._matmul_path(x, norm, eps, swiglu, residual, out, split_k), rope)
 
     def _widen_4bit(self, x: torch.Tensor, swiglu: bool) -> bool:
         """Whether these 4-bit rows go through the widened weight: from WIDEN_4BIT_MIN_M rows, where it ran faster

@@ -42,7 +42,7 @@ from ..device_sampling import on_device
 from ..generation import INVALID_SCORE_TOKEN, logits_processors
 from ..int8_linear import WIDEN_MIN_ROWS
 from ..kernels.int8_matmul import MATMUL_MID_ROWS
-from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
+from ..kernels.attention_batch import RopeWrite, attention_workspace, decode_attention, rope_cache_write
 from ..kernels.gemv_4bit import kernels_run
 from ..kernels.greedy_rows import greedy_rows, greedy_rows_torch
 from ..kernels.step_feed import feed_and_embed
@@ -658,10 +658,9 @@ class BatchFastDecoder:
             torch.index_select(self.embedding, 0, self.tokens[:bucket], out=x)
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i, :bucket], self.v_cache[i, :bucket]
-            qkv = lw.qkv(x, norm=lw.ln1, eps=self.eps)
-            q = rope_cache_write(qkv, kc, vc, pos, plen, num_heads=self.heads, num_groups=self.groups,
-                                 inv_freq=self.inv_freq, position_divisor=self.rope.position_divisor,
-                                 angle_dtype=self.angle_dtype)
+            q = lw.qkv(x, norm=lw.ln1, eps=self.eps, rope=RopeWrite(kc, vc, pos, plen, self.heads, self.groups,
+                                                                     self.inv_freq, self.rope.position_divisor,
+                                                                     self.angle_dtype))
             attn = decode_attention(q, kc, vc, pos, plen, workspace=ws)
             x = lw.dense(attn, residual=x)
             x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)

@@ -7,9 +7,9 @@ split attention and its combine, then dense, up and down; after the output GEMV,
 - folds the greedy pick into the output GEMV (an atomic max of (value, -row) keys, then one 1-thread kernel);
 - launches its kernels as programmatic dependents on Hopper and later, so each one's launch overlaps the tail of
   the one before.
-4-bit layers (NF4, the int4 release) keep their own GEMV (``quant_linear``, tuned per card) and the rotary kernel,
-launched as programmatic dependents too; the pick is folded into the output GEMV, which is 16-bit in every
-4-bit checkpoint.
+4-bit layers (NF4, the int4 release) keep their own GEMV (``quant_linear``, tuned per card), whose words kernel
+does the rotary and cache write in its epilogue too (the rotary kernel follows the other tiles), launched as
+programmatic dependents too; the pick is folded into the output GEMV, which is 16-bit in every 4-bit checkpoint.
 That is what the older one-row decoder (``decode/fast_step.py``) does and the general step did not: on the H200
 the general step's row took 2.54 ms, ~0.1 ms of it the rotary kernel and the pick's torch kernels, plus a launch
 boundary each (bench/NOTES.md runs 8 and 16).
@@ -28,7 +28,7 @@ import torch
 
 from ..generation import INVALID_SCORE_TOKEN
 from ..kernels.int8_gemv import new_argmax_state, pick_token
-from ..kernels.attention_batch import attention_workspace, decode_attention, rope_cache_write
+from ..kernels.attention_batch import RopeWrite, attention_workspace, decode_attention
 from ..kernels.gemv_4bit import kernels_run
 from ..kernels.step_feed import feed_and_embed
 
@@ -78,7 +78,7 @@ class OneRowStep:
         q = self.qkv[:, : H * D].view(1, H, D)
         for i, lw in enumerate(dec.layers):
             kc, vc = dec.k_cache[i, :1], dec.v_cache[i, :1]
-            self._qkv(lw, kc, vc, q, pos, plen)
+            self._qkv(lw, kc, vc, pos, plen)
             decode_attention(q, kc, vc, pos, plen, out=self.attn, workspace=self.workspace, pdl=pdl)
             self._linear(lw.dense, self.attn, self.x, residual=self.x)
             self._linear(lw.up, self.x, self.mlp, norm=lw.ln2, swiglu=True)
@@ -88,18 +88,16 @@ class OneRowStep:
                    fed_flag=dec._fed_flag if feed else None)
         return self.logits, self.picks
 
-    def _qkv(self, lw, kc, vc, q, pos, plen) -> None:
-        """QKV, rotary, and k and v into the row's cache slot: in the GEMV's epilogue, or (4-bit) a kernel after it."""
+    def _qkv(self, lw, kc, vc, pos, plen) -> None:
+        """QKV, rotary, and k and v into the row's cache slot: in the GEMV's epilogue (int8 and 16-bit), in the 4-bit
+        words kernel's (``quant_linear``), or by the rotary kernel after a 4-bit tile without one."""
         dec = self.dec
+        rope = RopeWrite(kc, vc, pos, plen, dec.heads, dec.groups, dec.inv_freq, dec.rope.position_divisor,
+                         dec.angle_dtype)
         if lw.qkv.one_row is not None:
-            rope = dict(q_rows=dec.heads * dec.head_dim, kv_rows=dec.groups * dec.head_dim, head_dim=dec.head_dim,
-                        inv_freq=dec.inv_freq, pos=pos, prefix=plen, divisor=dec.rope.position_divisor,
-                        angle_dtype=dec.angle_dtype, k_cache=kc[0], v_cache=vc[0])
-            lw.qkv.gemv_row(self.x[0], self.qkv[0], norm=lw.ln1, eps=dec.eps, rope=rope, pdl=self.pdl)
-            return
-        lw.qkv(self.x, norm=lw.ln1, eps=dec.eps, out=self.qkv, pdl=self.pdl)
-        rope_cache_write(self.qkv, kc, vc, pos, plen, num_heads=dec.heads, num_groups=dec.groups, inv_freq=dec.inv_freq,
-                         position_divisor=dec.rope.position_divisor, q_out=q, angle_dtype=dec.angle_dtype, pdl=self.pdl)
+            lw.qkv.gemv_row(self.x[0], self.qkv[0], norm=lw.ln1, eps=dec.eps, rope=rope.gemv_args(), pdl=self.pdl)
+        else:
+            lw.qkv(self.x, norm=lw.ln1, eps=dec.eps, out=self.qkv, pdl=self.pdl, rope=rope)
 
     def _linear(self, lin, x, out, **epilogue) -> None:
         """x [1, K] into out [1, N] through the one-row GEMV, or for 4-bit weights through ``quant_linear``."""

@@ -254,6 +254,45 @@ def rope_cache_write(
     return q_out
 
 
+@dataclass(frozen=True)
+class RopeWrite:
+    """What the rotary + cache write after a QKV linear needs (``rope_cache_write``'s arguments for one layer): given
+    to the linear, whose kernel does it in its epilogue where it has one (``quant_words``' words kernel) and calls
+    ``after`` otherwise. Row b of the linear's rows writes cache row b."""
+
+    k_cache: torch.Tensor  # [B, G, slots, D], one layer
+    v_cache: torch.Tensor
+    positions: torch.Tensor  # int [B] on the device; < 0: an idle row (no key or value written)
+    prefix_lens: torch.Tensor  # int [B]: each row's prefix slots, before its tokens
+    num_heads: int
+    num_groups: int
+    inv_freq: torch.Tensor  # float32 [rotary_dim / 2]
+    position_divisor: float = 1.0
+    angle_dtype: Optional[torch.dtype] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_cache.shape[-1]
+
+    def q_view(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The rotated queries [B, H, D]: the first H * D columns of qkv, where both forms leave them."""
+        return qkv[:, : self.num_heads * self.head_dim].view(qkv.shape[0], self.num_heads, self.head_dim)
+
+    def after(self, qkv: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+        """The rotary kernel after a linear without the epilogue: q rotated in place in qkv; returns ``q_view``."""
+        return rope_cache_write(qkv, self.k_cache, self.v_cache, self.positions, self.prefix_lens,
+                                num_heads=self.num_heads, num_groups=self.num_groups, inv_freq=self.inv_freq,
+                                position_divisor=self.position_divisor, q_out=self.q_view(qkv),
+                                angle_dtype=self.angle_dtype, pdl=pdl)
+
+    def gemv_args(self) -> dict:
+        """The one-row GEMV's ``rope`` (``int8_gemv.gemv``) for row 0."""
+        return dict(q_rows=self.num_heads * self.head_dim, kv_rows=self.num_groups * self.head_dim,
+                    head_dim=self.head_dim, inv_freq=self.inv_freq, pos=self.positions[:1],
+                    prefix=self.prefix_lens[:1], divisor=self.position_divisor, angle_dtype=self.angle_dtype,
+                    k_cache=self.k_cache[0], v_cache=self.v_cache[0])
+
+
 @dataclass
 class AttentionWorkspace:
     """The splits' partial results, float32 o [B, G, splits, HPG_PAD, D], m and l [B, G, splits, HPG_PAD], and the

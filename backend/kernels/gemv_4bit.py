@@ -601,7 +601,7 @@ def _halved(configs: list[QuantLinearConfig]) -> list[QuantLinearConfig]:
 
 
 def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool,
-            cfg: QuantLinearConfig, pdl: bool = False) -> None:
+            cfg: QuantLinearConfig, pdl: bool = False, rope=None) -> None:
     M = x.shape[0]
     n_out = w.n // 2 if swiglu else w.n
     nf4 = w.fmt == "nf4"
@@ -625,7 +625,7 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float,
             bias_arg, norm_arg, res, out)
     flags = (int(bias is not None), int(residual is not None), int(norm_weight is not None))
     if cfg.kernel == "words":
-        _quant_words().launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl, lut, dummy)
+        _quant_words().launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl, lut, dummy, rope=rope)
     elif cfg.kernel == "rows":
         if w.fmt != "int8" or M > cfg.block_m:
             raise ValueError(f"the rows kernel takes int8 weights and at most block_m={cfg.block_m} rows")
@@ -707,6 +707,7 @@ def quant_linear(
     config: Optional[QuantLinearConfig] = None,
     batch_invariant: bool = False,
     pdl: bool = False,
+    rope=None,
 ) -> torch.Tensor:
     """``out = epilogue(norm(x) @ W.T + bias)`` from the packed weight; float32 sums, x's dtype out.
 
@@ -721,11 +722,16 @@ def quant_linear(
     not depend on the batch size, and batch rows equal to single-stream replies). The default picks the
     fastest config per M bucket, whose rounding differs between buckets. ``pdl``: launch as a programmatic
     dependent of the previous kernel (Hopper and later; inside one CUDA graph of kernels that all use it).
+    ``rope`` (an ``attention_batch.RopeWrite``; a QKV weight, kernels only): then q and k are rotated, q left in
+    out's first H * D columns and k and v written to each row's cache slot, in the words kernel's epilogue where
+    the config is one of its tiles, else by the rotary kernel after; returns the rotated q [M, H, D].
     """
     if x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"activations must be [M, {w.k}], got {tuple(x.shape)}")
     if swiglu and w.n % 2:
         raise ValueError(f"swiglu needs an even number of weight rows, got {w.n}")
+    if rope is not None and (residual is not None or swiglu or not kernels_run(x)):
+        raise ValueError("the rotary epilogue is for a QKV linear's kernels: no residual or SwiGLU")
     if not kernels_run(x):
         y = quant_linear_torch(x, w, bias, residual, norm_weight=norm_weight, eps=eps, swiglu=swiglu)
         return y if out is None else out.copy_(y)
@@ -736,8 +742,14 @@ def quant_linear(
     cfg = config or tuned_config(w, 16 if batch_invariant else x.shape[0], x.dtype, x.device, swiglu=swiglu, pdl=pdl)
     if cfg.kernel == "words" and config is None and not _quant_words().usable(x, w, norm_weight, cfg.lut):
         cfg = candidate_configs(w.fmt, m_bucket(x.shape[0]), swiglu)[0]  # tuned on aligned buffers; this one is not
-    _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl)
-    return out
+    if rope is None:
+        _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl)
+        return out
+    if _quant_words().takes_rope(cfg):
+        _launch(x, w, out, bias, None, norm_weight, eps, False, cfg, pdl, rope=rope)
+        return rope.q_view(out)
+    _launch(x, w, out, bias, None, norm_weight, eps, False, cfg, pdl)
+    return rope.after(out, pdl=pdl)
 
 
 def _quant_words():

@@ -22,7 +22,7 @@ reply on the H100, bench/NOTES.md run 41); here they are folded in as for int8.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -256,18 +256,20 @@ _chosen: dict[tuple, Optional[RowsGemvConfig]] = {}  # the hot path is one dict 
 
 def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.device, swiglu: bool,
                  norm: bool = False, other: Optional[Callable[[torch.Tensor], object]] = None,
-                 timer=None) -> Optional[RowsGemvConfig]:
+                 timer=None, rope=None) -> Optional[RowsGemvConfig]:
     """The config for this weight at m rows on this GPU model: cached, else tuned now on scratch rows (their own
     generator, so the global RNG and seeded sampling are untouched); during a CUDA-graph capture, the default.
     ``other(x)``: the caller's other path for the same rows, timed among the candidates; None when it won (the
-    caller takes it). ``norm``: the linear applies RMSNorm first (timed with it, as it runs)."""
-    memo = (lw.weight.shape, lw.weight.dtype, m, dtype, swiglu, norm, other is not None, device)
+    caller takes it). ``norm``: the linear applies RMSNorm first (timed with it, as it runs). ``rope`` (a QKV
+    linear's ``attention_batch.RopeWrite``): each candidate timed with the rotary and cache write as it runs them,
+    in the words kernel's epilogue or as the rotary kernel after (scratch cache rows of the same shape)."""
+    memo = (lw.weight.shape, lw.weight.dtype, m, dtype, swiglu, norm, other is not None, rope is not None, device)
     if memo in _chosen and timer is None:
         return _chosen[memo]
     n, k = lw.weight.shape
     weight = "" if lw.is_int8 else f"|w{str(lw.weight.dtype).split('.')[-1]}"  # (int8 keys as cards cached them)
     key = (f"gemv_rows|N{n}|K{k}|M{m}|{str(dtype).split('.')[-1]}{weight}{'|swiglu' if swiglu else ''}"
-           f"{'|norm' if norm else ''}{'|vs_matmul' if other is not None else ''}")
+           f"{'|norm' if norm else ''}{'|vs_matmul' if other is not None else ''}{'|rope' if rope else ''}")
     scratch: dict = {}
 
     def run(cfg: RowsGemvConfig) -> Optional[torch.Tensor]:
@@ -276,11 +278,13 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
             scratch["x"] = torch.randn(m, k, device=device, generator=gen).to(dtype)
             scratch["g"] = torch.ones(k, device=device, dtype=dtype) if norm else None
             scratch["out"] = torch.empty(m, n // 2 if swiglu else n, device=device, dtype=dtype)
+            scratch["rope"] = rope and scratch_rope(rope, m)
         if cfg.kernel == "other":  # (its RMSNorm is the layer's own, not the scratch one: its output is not compared)
-            other(scratch["x"])
+            y = other(scratch["x"])
+            if rope is not None:
+                scratch["rope"].after(y)
             return None
-        _launch(scratch["x"], lw, scratch["out"], scratch["g"], None, 1e-5, swiglu, cfg)
-        return scratch["out"]
+        return _launch(scratch["x"], lw, scratch["out"], scratch["g"], None, 1e-5, swiglu, cfg, rope=scratch["rope"])
 
     candidates = (candidate_configs(swiglu, lw.is_int8)
                   + ([RowsGemvConfig(kernel="other")] if other is not None else []))
@@ -294,9 +298,18 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
     return cfg
 
 
+def scratch_rope(rope, m: int):
+    """A ``RopeWrite`` like ``rope`` on scratch cache rows for m rows at a few positions (tuning writes there)."""
+    shape = (m, rope.num_groups, 16, rope.head_dim)
+    cache = rope.k_cache.new_zeros(shape)
+    rows = torch.arange(m, device=cache.device)
+    return replace(rope, k_cache=cache, v_cache=cache.clone(), positions=rows + 5, prefix_lens=rows)
+
+
 def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: RowsGemvConfig,
-            qw: Optional[QuantizedWeight] = None) -> None:
-    """qw: the words kernel's view of lw (``gemv_4bit.int8_weight``), if the caller already made it."""
+            qw: Optional[QuantizedWeight] = None, rope=None) -> torch.Tensor:
+    """qw: the words kernel's view of lw (``gemv_4bit.int8_weight``), if the caller already made it. ``rope``: see
+    ``gemv_rows``. Returns out, or with ``rope`` the rotated q."""
     m, k = x.shape
     n_out = out.shape[1]
     dummy = out
@@ -308,8 +321,8 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
         words = QuantLinearConfig("words", cfg.block_n, cfg.block_k, 2, cfg.num_warps, 1,
                                   cvt=3 if cfg.cvt == 3 else min(cfg.cvt, 1))
         quant_words.launch(x, qw, out, bias, None if swiglu else residual, norm_weight, eps, swiglu, words, False,
-                           dummy, dummy)
-        return
+                           dummy, dummy, rope=rope)
+        return out if rope is None else rope.q_view(out)
     _gemv_rows_kernel[(triton.cdiv(n_out, cfg.block_n),)](
         x, lw.weight, lw.scale if lw.is_int8 else dummy, bias if bias is not None else dummy,
         norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
@@ -322,6 +335,7 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
         X_PASS=x_pass_width(k, cfg.block_k, cfg.num_warps), TILE_ACC=cfg.kernel == "gemv_acc",
         num_warps=cfg.num_warps, num_stages=1,
     )
+    return out if rope is None else rope.after(out)
 
 
 def gemv_rows(
@@ -334,13 +348,19 @@ def gemv_rows(
     swiglu: bool = False,
     out: Optional[torch.Tensor] = None,
     config: Optional[RowsGemvConfig] = None,
+    rope=None,
 ) -> torch.Tensor:
     """``out = epilogue(norm(x) @ W.T * scale + bias)`` for x [M, K], 2 <= M <= 4, int8 W [N, K] with its row scale
     or a floating W (no scale).
 
     ``norm_weight`` [K]: RMSNorm each row first (eps). ``swiglu``: W has 2F rows, out [M, F] =
     silu(y[:, :F]) * y[:, F:]; a ``residual`` is then added after it. Otherwise ``residual`` [M, N] is added in
-    the kernel (it may be ``out`` itself). ``config``: the tiles (benchmarks), else tuned for this GPU model."""
+    the kernel (it may be ``out`` itself). ``config``: the tiles (benchmarks), else tuned for this GPU model.
+    ``rope`` (a QKV weight: an ``attention_batch.RopeWrite``): q and k rotated, q left in out's first H * D
+    columns, k and v into each row's cache slot, in the words kernel's epilogue (else by the rotary kernel after);
+    returns the rotated q [M, H, D]."""
+    if rope is not None and (swiglu or residual is not None):
+        raise ValueError("the rotary epilogue is for a QKV linear: no residual or SwiGLU")
     m, k = x.shape
     n = lw.weight.shape[0]
     if not takes(x, lw) or k != lw.weight.shape[1]:
@@ -357,7 +377,7 @@ def gemv_rows(
     qw = int8_weight(lw.weight, lw.scale) if cfg.kernel == "words" and lw.is_int8 else None
     if qw is not None and config is None and not quant_words.usable(x, qw, norm_weight, cvt=cfg.cvt):
         cfg = RowsGemvConfig()  # tuned on aligned scratch rows; these are not
-    _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw)
+    y = _launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw, rope=rope)
     if swiglu and residual is not None:
         out += residual
-    return out
+    return y

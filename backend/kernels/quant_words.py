@@ -20,7 +20,9 @@ or a conversion (fp16); on the packed-products path a word's four pairs come as 
 byte-pair table spans 16 lines), int4 and int8 values by arithmetic shifts. An NF4 word's sum is scaled by
 its block's absmax (nested absmax decoded per word; its second-level scale loaded once a row where a row's
 blocks all fall in one group, as at K = 4096); the row scale (int4, int8) and the epilogue come after the loop.
-With two rows the decoded weights serve both (compare's batch of two).
+With two rows the decoded weights serve both (compare's batch of two). As the QKV linear of a decode step it can
+also rotate q and k and write k and v to each row's cache slot in its epilogue (``rope``): a launch a layer fewer
+than the rotary kernel after it, with the same math and roundings.
 
 K is a compile-time constant (one compiled kernel per K: a model has a few): with it a thread's rows sit at constant
 distances and load at immediate offsets from one address (bench/NOTES.md run 33). With ``prefetch`` (the one-row
@@ -37,12 +39,14 @@ from __future__ import annotations
 import torch
 
 from .gemv_4bit import _FMT_ID, HAVE_TRITON, QuantizedWeight
+from .rotary import round_mode
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .gemv_4bit import _epilogue
+    from .gemv_4bit import _epilogue, _scale_bias
+    from .rotary import rope_cos_sin
     from .packed_products import int8_words_sums, masked_load, packed_dot, packed_dot2, word_pairs
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -239,11 +243,14 @@ if HAVE_TRITON:
         x_ptr, w_ptr, absmax_ptr, code_ptr, lut_ptr, code2_ptr, absmax2_ptr, offset,
         scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, N, K: tl.constexpr, eps, stride_xm, stride_rm, stride_om,
         has_bias, residual, t0, t1, t2, t3, t4, t5, t6, t7,
+        k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, Q_ROWS, KV_ROWS, stride_kr, stride_kg, stride_kt,
+        pos_divisor,
         NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, CVT: tl.constexpr, NESTED: tl.constexpr,
         BS: tl.constexpr, BS2: tl.constexpr, BLOCKED: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         X_KIND: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
-        PREFETCH: tl.constexpr = False, ROW_SCALE2: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False, ROW_SCALE2: tl.constexpr = False, ROPE: tl.constexpr = False,
+        HEAD_DIM: tl.constexpr = 2, ROT_PAIRS: tl.constexpr = 1, ROPE_ROUND: tl.constexpr = 0,
     ):
         # program (n block, row pair): BLOCK_N output columns of activation rows m0 (and m0 + 1 when ROWS == 2).
         # stride_xm in x_ptr's elements (int32 pairs for 16-bit x). SWIGLU: 2N weight rows, as gemv_4bit's
@@ -308,13 +315,16 @@ if HAVE_TRITON:
                                                  t4, t5, t6, t7, NORM, FMT, LUT, CVT, X_KIND, ROWS, SWIGLU, PAIRS, WIDE)
         if WIDE:  # int8_dot's sums are 1/128 of the products'
             acc0, acc1, acc0_b, acc1_b = acc0 * 128.0, acc1 * 128.0, acc0_b * 128.0, acc1_b * 128.0
+        rope = (k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, Q_ROWS, KV_ROWS, stride_kr, stride_kg,
+                stride_kt, pos_divisor)
         _finish_row(acc0, acc0_b, x_ptr, m0, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
-                    bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM, HAS_SCALE, SWIGLU, X_KIND)
+                    bias_ptr, res_ptr, out_ptr, has_bias, residual, rope, NORM, HAS_SCALE, SWIGLU, X_KIND, ROPE,
+                    BLOCK_N, HEAD_DIM, ROT_PAIRS, ROPE_ROUND)
         if ROWS == 2:
             if m0 + 1 < M:
                 _finish_row(acc1, acc1_b, x_ptr, m1, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om,
-                            scale_ptr, bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM, HAS_SCALE, SWIGLU,
-                            X_KIND)
+                            scale_ptr, bias_ptr, res_ptr, out_ptr, has_bias, residual, rope, NORM, HAS_SCALE, SWIGLU,
+                            X_KIND, ROPE, BLOCK_N, HEAD_DIM, ROT_PAIRS, ROPE_ROUND)
 
     @triton.jit
     def _words_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, rows, N, K: tl.constexpr, kw, mk, s2, s2_b,
@@ -361,17 +371,60 @@ if HAVE_TRITON:
 
     @triton.jit
     def _finish_row(acc, acc_b, x_ptr, m, rn, mask_n, N, K, eps, stride_xm, stride_rm, stride_om, scale_ptr,
-                    bias_ptr, res_ptr, out_ptr, has_bias, residual, NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    SWIGLU: tl.constexpr, X_KIND: tl.constexpr):
-        # row m's sums [BLOCK_N, BLOCK_W] -> the shared epilogue (norm factor, scale, bias, SwiGLU, residual)
+                    bias_ptr, res_ptr, out_ptr, has_bias, residual, rope, NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    SWIGLU: tl.constexpr, X_KIND: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROPE_ROUND: tl.constexpr):
+        # row m's sums [BLOCK_N, BLOCK_W] -> the shared epilogue (norm factor, scale, bias, SwiGLU, residual), or
+        # (ROPE) the rotary + cache write
         a = tl.sum(acc, axis=1)
         b = tl.sum(acc_b, axis=1)
         r = tl.full([1], 1.0, dtype=tl.float32)
         if NORM:
             r = r * tl.rsqrt(_sum_squares(x_ptr, stride_xm, m, K, X_KIND) / K + eps)
-        rm = tl.zeros([1], dtype=tl.int64) + m
-        _epilogue(a[None, :], b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
+        if ROPE:
+            a = _scale_bias(a[None, :] * r[:, None], rn, mask_n, scale_ptr, bias_ptr, has_bias, HAS_SCALE)
+            _rope_store(tl.reshape(a, [BLOCK_N]), rn, mask_n, m, out_ptr + m * stride_om, rope, BLOCK_N, HEAD_DIM,
+                        ROT_PAIRS, ROPE_ROUND)
+        else:
+            rm = tl.zeros([1], dtype=tl.int64) + m
+            _epilogue(a[None, :], b[None, :], r, rm, rn, rm >= 0, mask_n, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                      stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
+
+    @triton.jit
+    def _rope_store(y, rn, mask_n, m, out_ptr, rope, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    ROT_PAIRS: tl.constexpr, ROPE_ROUND: tl.constexpr):
+        # y [BLOCK_N]: QKV rows rn of activation row m (an even BLOCK_N from an even row: whole rotary pairs).
+        # Rounded to the output dtype, as the rotary kernel after a plain linear would read them; then rotary on
+        # q and k (interleaved pairs of the first 2 * ROT_PAIRS dims of a head) at row m's position, q into out_ptr,
+        # k and v into row m's cache slot (its prefix, then its tokens): rope_cache_write's math
+        k_ptr, v_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, Q_ROWS, KV_ROWS, stride_kr, stride_kg, stride_kt, divisor = rope
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        ye, yo = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
+        row, _ = tl.split(tl.reshape(rn, [BLOCK_N // 2, 2]))
+        mask, _ = tl.split(tl.reshape(mask_n, [BLOCK_N // 2, 2]))
+        pos = tl.load(pos_ptr + m).to(tl.int64)
+        slot = tl.maximum(tl.load(prefix_ptr + m).to(tl.int64) + pos, 0)
+        d = row % HEAD_DIM
+        i = d // 2
+        freq = tl.load(inv_freq_ptr + i, mask=i < ROT_PAIRS, other=0.0)
+        c, s = rope_cos_sin(pos, freq, divisor, ROPE_ROUND)
+        rot = (d < 2 * ROT_PAIRS) & (row < Q_ROWS + KV_ROWS)
+        ye_r = tl.where(rot, ye * c - yo * s, ye)
+        yo_r = tl.where(rot, yo * c + ye * s, yo)
+        is_q = row < Q_ROWS
+        tl.store(out_ptr + row, ye_r.to(out_ptr.dtype.element_ty), mask=mask & is_q)
+        tl.store(out_ptr + row + 1, yo_r.to(out_ptr.dtype.element_ty), mask=mask & is_q)
+        kv = row - Q_ROWS
+        kv_end = tl.where(pos >= 0, KV_ROWS, 0)  # an idle row writes no key or value
+        is_k = (kv >= 0) & (kv < kv_end)
+        is_v = (kv >= KV_ROWS) & (kv < KV_ROWS + kv_end)
+        kv = tl.where(is_v, kv - KV_ROWS, kv)
+        kv = tl.where(kv < 0, 0, kv)
+        dst = m.to(tl.int64) * stride_kr + (kv // HEAD_DIM) * stride_kg + slot * stride_kt + kv % HEAD_DIM
+        tl.store(k_ptr + dst, ye_r.to(k_ptr.dtype.element_ty), mask=mask & is_k)
+        tl.store(k_ptr + dst + 1, yo_r.to(k_ptr.dtype.element_ty), mask=mask & is_k)
+        tl.store(v_ptr + dst, ye_r.to(v_ptr.dtype.element_ty), mask=mask & is_v)
+        tl.store(v_ptr + dst + 1, yo_r.to(v_ptr.dtype.element_ty), mask=mask & is_v)
 
 
 def row_scale2(w: QuantizedWeight) -> bool:
@@ -381,12 +434,39 @@ def row_scale2(w: QuantizedWeight) -> bool:
     return bool(w.nested and blocks and w.k % w.blocksize == 0 and w.blocksize2 % blocks == 0)
 
 
+def takes_rope(cfg, swiglu: bool = False) -> bool:
+    """Whether the words kernel at this tile can do the rotary + cache write in its epilogue: whole rotary pairs
+    (an even number of output rows a program) and no SwiGLU."""
+    return cfg.kernel == "words" and cfg.block_n % 2 == 0 and not swiglu
+
+
+def _rope_args(rope, x: torch.Tensor, w: QuantizedWeight, dummy) -> tuple[tuple, dict]:
+    """The kernel's rotary arguments and constexprs: ``rope`` (an ``attention_batch.RopeWrite``), or unused ones."""
+    if rope is None:
+        return (dummy, dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 1.0), {}
+    kc = rope.k_cache
+    q_rows, kv_rows = rope.num_heads * rope.head_dim, rope.num_groups * rope.head_dim
+    if (w.n != q_rows + 2 * kv_rows or kc.shape[0] < x.shape[0] or kc.stride(-1) != 1 or kc.shape[-1] % 2
+            or rope.v_cache.stride() != kc.stride()):
+        raise ValueError(f"a QKV weight of {w.n} rows does not match a cache of {tuple(kc.shape)} with "
+                         f"{rope.num_heads} heads")
+    args = (kc, rope.v_cache, rope.positions, rope.prefix_lens, rope.inv_freq, q_rows, kv_rows, kc.stride(0),
+            kc.stride(1), kc.stride(2), float(rope.position_divisor))
+    return args, dict(ROPE=True, HEAD_DIM=rope.head_dim, ROT_PAIRS=rope.inv_freq.numel(),
+                      ROPE_ROUND=round_mode(rope.angle_dtype))
+
+
 def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, swiglu: bool, cfg, pdl: bool,
-           lut, dummy) -> None:
-    """Run the words kernel (cfg: a ``gemv_4bit.QuantLinearConfig``, block_m rows a program: 1 or 2)."""
+           lut, dummy, rope=None) -> None:
+    """Run the words kernel (cfg: a ``gemv_4bit.QuantLinearConfig``, block_m rows a program: 1 or 2). ``rope``
+    (an ``attention_batch.RopeWrite``, where ``takes_rope``): rotary on q and k, q into out's first H * D
+    columns, k and v into each row's cache slot; out's other columns are not written."""
     if not usable(x, w, norm_weight, cfg.lut, cfg.cvt):
         raise ValueError("the words kernel cannot read these: it needs K a multiple of the weights a word holds, "
                          "an aligned weight and 16-bit rows of even stride (16-bit rows on a GPU for lut 3)")
+    if rope is not None and (not takes_rope(cfg, swiglu) or residual is not None):
+        raise ValueError("the rotary epilogue needs an even block_n, and no SwiGLU or residual")
+    rope_args, rope_consts = _rope_args(rope, x, w, dummy)
     M = x.shape[0]
     n_out = w.n // 2 if swiglu else w.n
     kind = X_KIND[x.dtype]
@@ -408,13 +488,13 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         w.code2 if w.nested else dummy, w.absmax2 if w.nested else dummy, w.offset,
         w.scale if w.scale is not None else dummy, bias if bias is not None else dummy, norm_arg, res, out,
         M, n_out, w.k, eps, stride_xm, res.stride(0), out.stride(0), int(bias is not None), int(residual is not None),
-        *table,
+        *table, *rope_args,
         NORM=norm_weight is not None, FMT=_FMT_ID[w.fmt], LUT=cfg.lut, CVT=cfg.cvt if w.fmt == "int8" else 0,
         NESTED=w.nested,
         BS=w.blocksize if nf4 else 8, BS2=w.blocksize2, BLOCKED=w.k % (w.blocksize if nf4 else 8) == 0,
         HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
         ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_k // per_word, EVEN_K=w.k % cfg.block_k == 0,
-        EVEN_N=n_out % cfg.block_n == 0, PDL=pdl, PREFETCH=cfg.prefetch, ROW_SCALE2=row_scale2(w),
+        EVEN_N=n_out % cfg.block_n == 0, PDL=pdl, PREFETCH=cfg.prefetch, ROW_SCALE2=row_scale2(w), **rope_consts,
         num_warps=cfg.num_warps, num_stages=1,
         **({"launch_pdl": True} if pdl else {}),
     )

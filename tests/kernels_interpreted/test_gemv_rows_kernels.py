@@ -160,11 +160,12 @@ def test_a_config_that_computes_another_result_on_the_card_is_never_picked(tmp_p
     lw = weights(16, 64, bias=False, seed=3)
     launched, real_launch = [], G._launch
 
-    def miscompiled(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw=None):
-        real_launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw)
+    def miscompiled(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw=None, rope=None):
+        real_launch(x, lw, out, norm_weight, residual, eps, swiglu, cfg, qw, rope)
         launched.append(cfg)
         if cfg.kernel == "words":
             out.neg_()
+        return out
 
     def timer(fn):
         fn()
@@ -187,3 +188,44 @@ def test_half_rows_of_odd_stride_fall_back_from_a_tuned_words_config(monkeypatch
     assert torch.allclose(gemv_rows(x, lw).double(), want, rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="words kernel"):
         gemv_rows(x, lw, config=RowsGemvConfig(4, 64, kernel="words"))
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_a_qkv_linear_rotates_and_writes_the_cache_in_the_words_kernel_as_the_rotary_kernel_after_it(m, tmp_path,
+                                                                                                     monkeypatch):
+    """compare's QKV through gemv_rows with ``rope``: the words kernel's rotary epilogue (q left in the output, k and
+    v in each row's slot after its prefix, an idle row writing none) equals the plain product followed by the rotary
+    kernel, bit for bit; a config without the epilogue runs the rotary kernel after itself. Tuning times each
+    config with its rotary (a key of its own) and keeps one that agrees."""
+    from backend.kernels import attention_batch as A
+    from backend.kernels import gemv_rows as G
+
+    monkeypatch.setenv("GLMCHAT_CACHE_DIR", str(tmp_path))
+    H, G_, D, S = 4, 2, 16, 24
+    lw = weights((H + 2 * G_) * D, 256, bias=True, seed=m)
+    x, g = torch.randn(m, 256), 1 + 0.1 * torch.randn(256)
+    pos, pre = torch.tensor([9, -1, 2][:m]), torch.tensor([3, 0, 1][:m])
+    inv_freq = A.rotary_inv_freq(D // 2, "cpu")
+
+    def rope():
+        cache = torch.full((m, G_, S, D), 7.0)
+        return A.RopeWrite(cache, cache.clone(), pos, pre, H, G_, inv_freq, 2.0)
+
+    for cfg in SMALL[:1] + [c for c in SMALL if c.kernel == "words"]:
+        want = rope()
+        qkv = gemv_rows(x, lw, norm_weight=g, config=cfg)
+        q_want = A.rope_cache_write(qkv, want.k_cache, want.v_cache, pos, pre, num_heads=H, num_groups=G_,
+                                    inv_freq=inv_freq, position_divisor=2.0)
+        got = rope()
+        q = gemv_rows(x, lw, norm_weight=g, config=cfg, rope=got)
+        assert torch.equal(q, q_want) and torch.equal(got.k_cache, want.k_cache), cfg
+        assert torch.equal(got.v_cache, want.v_cache) and bool((got.k_cache[1] == 7.0).all()), cfg
+
+    def timer(fn):  # the words configs fastest
+        fn()
+        return 1.0 if timed[-1].kernel == "words" else 2.0
+
+    timed, real_launch = [], G._launch
+    monkeypatch.setattr(G, "_launch", lambda *a, **k: timed.append(a[7]) or real_launch(*a, **k))
+    cfg = G.tuned_config(lw, m, torch.float32, torch.device("cpu"), False, norm=True, timer=timer, rope=rope())
+    assert cfg.kernel == "words" and "|rope" in (tmp_path / "kernel-tuning" / "cpu.json").read_text()

@@ -26,7 +26,9 @@ from tests.kernels_interpreted.decoder_models import GREEDY, int4_release_model,
 @pytest.mark.parametrize("words", [False, True])
 def test_int4_release_rows_equal_the_eager_decoder_through_either_4bit_gemv(words, monkeypatch):
     """The packed weights through quant_linear, one row and a compare's two: the earlier GEMV (the default config)
-    or quant_words' (put first, as a tuner picking it would), the eager decoder's tokens either way."""
+    or quant_words' (put first, as a tuner picking it would), the eager decoder's tokens either way. The words
+    kernel rotates q and k and writes the cache in its epilogue: no rotary kernel runs after the QKV linear then."""
+    from backend.kernels import attention_batch as A
     from backend.kernels import gemv_4bit as Q
 
     monkeypatch.setattr(Q, "_chosen", {})  # (picks memoised by an earlier test)
@@ -36,7 +38,10 @@ def test_int4_release_rows_equal_the_eager_decoder_through_either_4bit_gemv(word
             [c for c in real(fmt, m, swiglu) if c.kernel == "words"] + real(fmt, m, swiglu)))
     launched = []
     real_launch = Q._launch
-    monkeypatch.setattr(Q, "_launch", lambda x, w, out, *a: launched.append(a[-2].kernel) or real_launch(x, w, out, *a))
+    monkeypatch.setattr(Q, "_launch", lambda x, w, out, *a, **k: launched.append(a[-2].kernel)
+                        or real_launch(x, w, out, *a, **k))
+    rotary_after, real_after = [], A.RopeWrite.after
+    monkeypatch.setattr(A.RopeWrite, "after", lambda self, *a, **k: rotary_after.append(1) or real_after(self, *a, **k))
     model, prefixes = int4_release_model()
     requests = [DecodeRequest([5, 7, 9, 11], GREEDY), DecodeRequest([3, 4], GREEDY, adapter="ad")]
     eager = run(EagerBatchDecoder(model, prefixes.get, max_batch=2), requests)
@@ -45,6 +50,7 @@ def test_int4_release_rows_equal_the_eager_decoder_through_either_4bit_gemv(word
     alone = run(BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False), requests[:1])
     assert alone[0] == eager[0]
     assert ("words" in launched) == words
+    assert bool(rotary_after) != words
 
 
 def test_tuning_a_4bit_models_one_row_step_runs_every_words_tile_to_the_same_step(monkeypatch, tmp_path):

@@ -465,3 +465,46 @@ def test_words_kernel_packed_products_equal_the_reference(fmt, monkeypatch):
             quant_words.launch(x, w, out, None, res[:m], g, 1e-5, True, cfg, False, out, out)
             want = reference_norm_swiglu(x.float(), ref_w, g.float(), torch.zeros(n), res[:m].float())
             assert rel(out, want) < 5e-3, (m, cfg)
+
+
+@pytest.mark.parametrize("fmt,dtype,divisor", [("nf4", torch.float16, 1.0), ("int4", torch.float16, 1.0),
+                                               ("nf4", torch.float32, 2.0)])
+def test_words_kernel_rotary_epilogue_equals_the_rotary_kernel_after_the_linear(fmt, dtype, divisor):
+    """The QKV linear of a decode step with ``rope``: the words kernel rotates q and k and writes k and v into each
+    row's slot after its prefix in its epilogue; the same q (left in the output's first H * D columns) and the same
+    cache, bit for bit, as the plain kernel followed by the rotary kernel (fp16 with ChatGLM2's angle rounding, and
+    32k's rope_ratio); one and two rows a program, an odd number of rows, the first K step peeled off, an idle row
+    (position -1) that writes no key or value. A tile without the epilogue runs the rotary kernel after itself."""
+    from backend.kernels import attention_batch as A
+
+    H, G, D, S, K = 4, 2, 16, 40, 192
+    N = (H + 2 * G) * D
+    w, _ = random_weight(fmt, N, K, nested=True)
+    bias, g = (torch.randn(N) * 0.1).to(dtype), (1 + 0.1 * torch.randn(K)).to(dtype)
+    inv_freq = A.rotary_inv_freq(D // 2, "cpu").to(dtype).float()
+    angle_dtype = dtype if dtype != torch.float32 else None
+    for m, cfg in ((1, WORDS1), (2, WORDS2), (3, WORDS2), (1, replace(WORDS1, prefetch=True)), (2, WORDS_PAIRS),
+                   (2, GEMV_LUT1)):
+        x = torch.randn(m, K).to(dtype)
+        pos, pre = torch.tensor([11, -1, 3][:m]), torch.tensor([5, 0, 2][:m])
+
+        def cache():
+            return torch.full((m, G, S, D), 7.0, dtype=dtype), torch.full((m, G, S, D), 7.0, dtype=dtype)
+
+        kc, vc = cache()
+        qkv = torch.empty(m, N, dtype=dtype)
+        Q.quant_linear(x, w, bias, norm_weight=g, out=qkv, config=cfg)
+        q_want = A.rope_cache_write(qkv, kc, vc, pos, pre, num_heads=H, num_groups=G, inv_freq=inv_freq,
+                                    position_divisor=divisor, angle_dtype=angle_dtype)
+        kf, vf = cache()
+        rope = A.RopeWrite(kf, vf, pos, pre, H, G, inv_freq, divisor, angle_dtype)
+        out = torch.full((m, N), float("nan"), dtype=dtype)
+        q = Q.quant_linear(x, w, bias, norm_weight=g, out=out, config=cfg, rope=rope)
+        assert q.shape == (m, H, D) and q.data_ptr() == out.data_ptr(), cfg
+        assert torch.equal(q, q_want) and torch.equal(kf, kc) and torch.equal(vf, vc), (m, cfg)
+        assert bool((kf[0, :, 16] != 7.0).all()), "row 0's key was not written to slot 5 + 11"
+        if m > 1:
+            assert bool((kf[1] == 7.0).all()) and bool((vf[1] == 7.0).all()), "the idle row wrote to its cache"
+    with pytest.raises(ValueError, match="does not match a cache"):
+        small = A.RopeWrite(kf[:, :1], vf[:, :1], pos, pre, H, 1, inv_freq)
+        Q.quant_linear(x, w, bias, out=out, config=WORDS1, rope=small)
