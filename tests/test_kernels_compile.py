@@ -36,6 +36,10 @@ NOT_ALIGNED = {"M", "has_bias", "residual", "norm", "G", "HPG", "NUM_SPLITS", "H
                "ROW_STEP", "B_OFF", "Q_ROWS", "KV_ROWS", "t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"}
 
 
+MATMUL_TYPES = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT, "res_ptr": ACT,
+                "part_ptr": "*fp32", "count_ptr": "*i32"}
+
+
 def compile_for(fn, types: dict, consts: dict, arch: int, warps: int = 4, stages: int = 3):
     """Compile ``fn`` for sm_``arch``: pointers and other integers divisible by 16, as the decoder's are."""
     names = fn.arg_names
@@ -139,14 +143,13 @@ def test_the_swapped_int8_matmul_feeds_the_widened_weight_from_registers(arch):
     swapping: the unswapped kernel stores each widened tile to shared memory for wgmma's second operand)."""
     from backend.kernels.int8_matmul import _matmul_kernel, matmul_config
 
-    types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT, "res_ptr": ACT}
     configs = {matmul_config(m, n, k) for m in (5, 8, 16, 32, 64, 128, 256) for n, k in SHAPES}
     configs |= {c[:-1] + (1,) for c in configs}
     for bm, bn, bk, warps, stages, split in sorted(configs):
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                   "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": True, "WIDEN": 1,  # (fp16 rows: widened by PTX)
-                  "RESIDUAL": split == 1, "SWIGLU": False}
-        ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
+                  "RESIDUAL": True, "SWIGLU": False, "LAST_SUMS": split > 1}
+        ptx = compile_for(_matmul_kernel, MATMUL_TYPES, consts, arch, warps=warps, stages=stages)
         assert byte_loads(ptx) == 0, (bm, bn, bk)
         if arch == 90:  # wgmma.mma_async ... {accumulators}, {A registers}, B descriptor
             assert re.search(r"wgmma\.mma_async[^;]*\{[^}]*\},\s*\{%r", ptx), (bm, bn, bk)
@@ -177,15 +180,19 @@ def test_the_int8_matmul_configs_fit_each_card(arch):
     ptx = compile_for(_widen_kernel, {"q_ptr": "*i8", "scale_ptr": "*fp32", "out_ptr": ACT}, {"BLOCK_N": 32, "BLOCK_K": 256}, arch)
     assert byte_loads(ptx) == 0
 
-    types = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "c_ptr": ACT, "res_ptr": ACT}
+    types = MATMUL_TYPES
     configs = {matmul_config(m, n, k) for m in (2, 3, 16, 32, 64, 128, 256, 512) for n, k in SHAPES}
     assert {c[-1] for c in configs} != {1}  # some decode rows split K
     configs |= {c[:-1] + (1,) for c in configs}  # and prompts run the same tiles unsplit
     for bm, bn, bk, warps, stages, split in sorted(configs):
-        consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                  "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": split == 1, "SWIGLU": False}
-        ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
-        assert byte_loads(ptx) == 0, (bm, bn, bk)
+        for last_sums in {split > 1, False}:  # a split's partials added by each tile's last program, or by the sum kernel
+            consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                      "GROUP_M": 8, "SPLIT_K": split, "SWAP_AB": False, "WIDEN": 1, "RESIDUAL": split == 1 or last_sums,
+                      "SWIGLU": False, "LAST_SUMS": last_sums}
+            ptx = compile_for(_matmul_kernel, types, consts, arch, warps=warps, stages=stages)
+            assert byte_loads(ptx) == 0, (bm, bn, bk)
+            if last_sums:  # the tile's counter: a release/acquire atomic at GPU scope after a barrier
+                assert re.search(r"atom\.global\.gpu\.acq_rel\.add|atom\.acq_rel\.gpu\.global\.add", ptx)
     for m in (2, 3, 16):  # a few decode rows' fc1: SwiGLU in the epilogue, each half's tile half as wide
         bm, bn, bk, warps, stages, _ = matmul_config(m, 27392, 4096)
         consts = {"W_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": max(16, bn // 2),

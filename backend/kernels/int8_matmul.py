@@ -3,13 +3,15 @@
 Int8 weights are widened to the activation dtype in registers before a tensor-core ``tl.dot`` (on fp16 rows by
 an exact exponent trick, ``packed_products.widen_int8_f16``); the row scale is applied to the float32 sum, and
 the epilogue may add the bias and the residual or make SwiGLU (one program sums both halves). Few rows leave
-most SMs idle, so K is split among programs whose float32 partials ``_split_sum_kernel`` adds in order. From
+most SMs idle, so K is split among programs whose float32 partials the last program of each output tile adds in
+order (told by a counter; ``_split_sum_kernel`` as a launch of its own where there are no counters). From
 ``int8_linear.WIDEN_MIN_ROWS`` rows the product is compute-bound and cuBLAS on the widened weight wins:
 ``int8_linear.linear_rows`` chooses between the two.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -60,11 +62,13 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         SPLIT_K: tl.constexpr = 1, SWAP_AB: tl.constexpr = False, WIDEN: tl.constexpr = 0,
         res_ptr=None, stride_rm=0, RESIDUAL: tl.constexpr = False, F_OFF=0, SWIGLU: tl.constexpr = False,
+        part_ptr=None, count_ptr=None, LAST_SUMS: tl.constexpr = False,
     ):
         # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
-        # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials c[s, M, N] (stride_cm
-        # is N), which _split_sum_kernel adds in order: more programs when few rows leave the SMs idle.
-        # RESIDUAL: res[M, N] (it may be c) added after the bias (split: by _split_sum_kernel).
+        # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials part[s, M, N], added in
+        # order by _split_sum_kernel (c_ptr is then part_ptr) or (LAST_SUMS) by the tile's last program to finish,
+        # told by its counter (count_ptr[pid], zero between launches): more programs when few rows leave the SMs
+        # idle. RESIDUAL: res[M, N] (it may be c) added after the bias (split: by whoever adds the partials).
         # SWIGLU (no split): c[M, N] = silu(gate) * up, gate from weight rows n and up from rows F_OFF + n, both
         # summed by the same program (ChatGLM2's dense_h_to_4h without its [M, 2N] output and a launch of its own)
         pid = tl.program_id(0)
@@ -107,10 +111,30 @@ if HAVE_TRITON:
                 up = _weight_tile_dot(a, wu, up, WIDEN, SWAP_AB)
         if SWAP_AB:
             acc = tl.trans(acc)
+        mask = mm[:, None] & mn[None, :]
         if SPLIT_K > 1:
-            part = c_ptr + tl.program_id(1).to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
-            tl.store(part, acc, mask=mm[:, None] & mn[None, :])
-            return
+            tile = rm.to(tl.int64)[:, None] * N + rn[None, :]
+            tl.store(part_ptr + tl.program_id(1).to(tl.int64) * M * N + tile, acc, mask=mask)
+            if LAST_SUMS:
+                tl.debug_barrier()  # every thread's partials issued before the release below
+                arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+                if arrived == SPLIT_K - 1:  # the tile's last program: the others' partials are visible (acquire)
+                    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                    for s in tl.static_range(SPLIT_K):  # in order, as _split_sum_kernel adds them
+                        acc += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                    tl.store(count_ptr + pid, 0)  # ready for the next launch
+                    _epilogue(acc, up, scale_ptr, bias_ptr, res_ptr, c_ptr, rm, rn, mm, mn, stride_rm, stride_cm,
+                              F_OFF, W_INT8, HAS_BIAS, RESIDUAL, False, SWAP_AB)
+        else:
+            _epilogue(acc, up, scale_ptr, bias_ptr, res_ptr, c_ptr, rm, rn, mm, mn, stride_rm, stride_cm, F_OFF,
+                      W_INT8, HAS_BIAS, RESIDUAL, SWIGLU, SWAP_AB)
+
+    @triton.jit
+    def _epilogue(acc, up, scale_ptr, bias_ptr, res_ptr, c_ptr, rm, rn, mm, mn, stride_rm, stride_cm, F_OFF,
+                  W_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
+                  SWAP_AB: tl.constexpr):
+        # the float32 sums [BLOCK_M, BLOCK_N] times the row scale, plus the bias, SwiGLU with the up half's sums, plus
+        # the residual, into c
         if W_INT8:
             acc = acc * tl.load(scale_ptr + rn, mask=mn, other=0.0)[None, :]
         if HAS_BIAS:
@@ -179,24 +203,46 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
         bn = max(16, bn // 2)
     scale = lw.scale if lw.is_int8 else out
     bias = lw.bias if lw.bias is not None else out
-    # a split's float32 partials [split, M, N] (a few MB at decode rows), summed in order by _split_sum_kernel
-    target = out if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+    # a split's float32 partials [split, M, N] (a few MB at decode rows), added in order by each tile's last program
+    # (counters: tile_counters) or, without counters, by _split_sum_kernel
+    part = out if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
     res = dict(res_ptr=residual if residual is not None else out,
                stride_rm=residual.stride(0) if residual is not None else 0, RESIDUAL=residual is not None)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
+    counters = tile_counters(x.device, grid[0]) if split > 1 else None
     _matmul_kernel[grid](
-        x, lw.weight, scale, bias, target, M, N, K, x.stride(0), out.stride(0),
+        x, lw.weight, scale, bias, out if counters is not None else part, M, N, K, x.stride(0), out.stride(0),
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, SWAP_AB=bool(swap), num_warps=warps,
         num_stages=stages, WIDEN=int(lw.is_int8 and x.dtype == torch.float16 and packed_products.tried()),
-        F_OFF=N if swiglu else 0, SWIGLU=swiglu,
-        **(res if split == 1 else {}),  # (split: the sum adds the residual)
+        F_OFF=N if swiglu else 0, SWIGLU=swiglu, part_ptr=part,
+        count_ptr=counters if counters is not None else part, LAST_SUMS=counters is not None,
+        **(res if split == 1 or counters is not None else {}),  # (else the sum kernel adds the residual)
     )
-    if split > 1:
-        _split_sum_kernel[(M, triton.cdiv(N, 1024))](target, scale, bias, out, M, N, out.stride(0), SPLIT_K=split,
+    if split > 1 and counters is None:
+        _split_sum_kernel[(M, triton.cdiv(N, 1024))](part, scale, bias, out, M, N, out.stride(0), SPLIT_K=split,
                                                      W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, BLOCK_N=1024,
                                                      **res)
     return out
+
+
+_counters: dict = {}  # device -> int32 tile counters, zero between launches
+
+
+def tile_counters(device: torch.device, tiles: int) -> Optional[torch.Tensor]:
+    """Zeroed int32 counters for a split matmul of ``tiles`` output tiles, one set a device for every launch (the
+    launches of a stream run one after another, and each tile's last program leaves its counter at zero), so a
+    split's partials are added by the tile's last program instead of a launch of their own: compare's two-row
+    step had 28-56 such launches (bench/NOTES.md run 52). None where there are none yet during a CUDA-graph capture
+    (made outside one) or ``GLMCHAT_SPLIT_SUM_KERNEL=1`` (an A/B): the sum kernel then."""
+    if os.environ.get("GLMCHAT_SPLIT_SUM_KERNEL") == "1":
+        return None
+    have = _counters.get(device)
+    if have is None or have.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        have = _counters[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return have
 
 
 MATMUL_SMALL_ROWS = 64  # up to here (decode rows, short prompts), tiles as tall as the rows

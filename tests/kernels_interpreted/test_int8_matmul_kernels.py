@@ -1,6 +1,7 @@
-"""The int8 matmul's split-K path (backend/kernels/int8_matmul.py: _matmul_kernel with SPLIT_K, _split_sum_kernel) under
-Triton's interpreter: any number of K splits (one longer than the weight's K blocks included) gives the
-dequantised product, with bias, for K a multiple of the block or not. Run through tests/test_kernels_batch.py."""
+"""The int8 matmul's split-K path (backend/kernels/int8_matmul.py: _matmul_kernel with SPLIT_K, its partials added by
+each tile's last program or by _split_sum_kernel) under Triton's interpreter: any number of K splits (one longer
+than the weight's K blocks included) gives the dequantised product, with bias, for K a multiple of the block or
+not. Run through tests/test_kernels_batch.py."""
 
 from __future__ import annotations
 
@@ -116,3 +117,33 @@ def test_fp16_rows_widen_int8_weights_exactly_in_registers(swap, monkeypatch):
     assert torch.allclose(got.double(), want + residual.double(), rtol=1e-2, atol=1e-2), swap
     a, b = want.chunk(2, dim=-1)
     assert torch.allclose(up.double(), torch.nn.functional.silu(a) * b, rtol=1e-2, atol=1e-2), swap
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_each_tiles_last_program_adds_the_partials_as_the_sum_kernel_does(swap, monkeypatch):
+    """Split K with the tile counters: the last program of each output tile adds the splits' partials in order, so the
+    result (bias and residual in place included) is the separate sum kernel's bit for bit, and every counter is back
+    at zero for the next launch; with no counters (GLMCHAT_SPLIT_SUM_KERNEL=1, or none yet during a capture) the sum
+    kernel runs."""
+    from backend.kernels import int8_matmul as MM
+
+    torch.manual_seed(5)
+    N, M, K = 72, 3, 300
+    q, scale = quantize_per_channel(torch.randn(N, K) * 0.02)
+    lw = LinearWeights(q, scale, torch.randn(N))
+    x, residual = torch.randn(M, K), torch.randn(M, N)
+
+    def product(split):
+        out = residual.clone()
+        return matmul(x, lw, (16, 16, 64, 4, 1, split), swap=swap, residual=out, out=out)
+
+    launched, real = [], MM._split_sum_kernel
+    monkeypatch.setattr(MM, "_split_sum_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        launched.append(grid) or real[grid])})())
+    for split in (2, 3, 5):
+        with_counters = product(split)
+        assert not launched and int(MM._counters[torch.device("cpu")].abs().sum()) == 0, split
+        monkeypatch.setenv("GLMCHAT_SPLIT_SUM_KERNEL", "1")
+        assert torch.equal(with_counters, product(split)) and launched, split
+        monkeypatch.delenv("GLMCHAT_SPLIT_SUM_KERNEL")
+        launched.clear()
