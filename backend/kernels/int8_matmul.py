@@ -3,8 +3,8 @@
 Int8 weights are widened to the activation dtype in registers before a tensor-core ``tl.dot`` (on fp16 rows by
 an exact exponent trick, ``packed_products.widen_int8_f16``); the row scale is applied to the float32 sum, and
 the epilogue may add the bias and the residual or make SwiGLU (one program sums both halves). Few rows leave
-most SMs idle, so K is split among programs whose float32 partials the last program of each output tile adds in
-order (told by a counter; ``_split_sum_kernel`` as a launch of its own where there are no counters). From
+most SMs idle, so K is split among programs whose float32 partials ``_split_sum_kernel`` adds in order (or, with
+``last_sums``, the last program of each output tile, told by a counter). From
 ``int8_linear.WIDEN_MIN_ROWS`` rows the product is compute-bound and cuBLAS on the widened weight wins:
 ``int8_linear.linear_rows`` chooses between the two.
 """
@@ -203,8 +203,8 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
         bn = max(16, bn // 2)
     scale = lw.scale if lw.is_int8 else out
     bias = lw.bias if lw.bias is not None else out
-    # a split's float32 partials [split, M, N] (a few MB at decode rows), added in order by each tile's last program
-    # (counters: tile_counters) or, without counters, by _split_sum_kernel
+    # a split's float32 partials [split, M, N] (a few MB at decode rows), added in order by _split_sum_kernel or by
+    # each tile's last program (counters: tile_counters)
     part = out if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
     res = dict(res_ptr=residual if residual is not None else out,
                stride_rm=residual.stride(0) if residual is not None else 0, RESIDUAL=residual is not None)
@@ -229,13 +229,18 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
 _counters: dict = {}  # device -> int32 tile counters, zero between launches
 
 
+def last_sums() -> bool:
+    """Whether a split's partials are added by each tile's last program (``GLMCHAT_SPLIT_LAST_SUMS=1``). Off until
+    timed on a GPU: built to take compare's 28-56 split-sum launches a step away (bench/NOTES.md run 52)."""
+    return os.environ.get("GLMCHAT_SPLIT_LAST_SUMS", "0") == "1"
+
+
 def tile_counters(device: torch.device, tiles: int) -> Optional[torch.Tensor]:
     """Zeroed int32 counters for a split matmul of ``tiles`` output tiles, one set a device for every launch (the
     launches of a stream run one after another, and each tile's last program leaves its counter at zero), so a
-    split's partials are added by the tile's last program instead of a launch of their own: compare's two-row
-    step had 28-56 such launches (bench/NOTES.md run 52). None where there are none yet during a CUDA-graph capture
-    (made outside one) or ``GLMCHAT_SPLIT_SUM_KERNEL=1`` (an A/B): the sum kernel then."""
-    if os.environ.get("GLMCHAT_SPLIT_SUM_KERNEL") == "1":
+    split's partials are added by the tile's last program instead of a launch of their own. None without
+    ``last_sums``, or where there are none yet during a CUDA-graph capture (made outside one): the sum kernel."""
+    if not last_sums():
         return None
     have = _counters.get(device)
     if have is None or have.numel() < tiles:
