@@ -278,7 +278,7 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
             scratch["x"] = torch.randn(m, k, device=device, generator=gen).to(dtype)
             scratch["g"] = torch.ones(k, device=device, dtype=dtype) if norm else None
             scratch["out"] = torch.empty(m, n // 2 if swiglu else n, device=device, dtype=dtype)
-            scratch["rope"] = rope and scratch_rope(rope, m)
+            scratch["rope"] = scratch_rope(rope, m) if rope is not None else None
         if cfg.kernel == "other":  # (its RMSNorm is the layer's own, not the scratch one: its output is not compared)
             y = other(scratch["x"])
             if rope is not None:
