@@ -33,7 +33,7 @@ EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 if HAVE_TRITON:
     from .greedy_rows import argmax_key
     from .packed_products import int8_words_sums
-    from .rotary import rope_cos_sin
+    from .rotary import rotate_pairs_store
 
     @triton.jit
     def int8_as_float(w, CVT: tl.constexpr):
@@ -293,29 +293,9 @@ if HAVE_TRITON:
                 slot = tl.load(prefix_ptr).to(tl.int64) + pos
             else:  # the one-row decoder keeps the slot beside the position
                 slot = tl.load(pos_ptr + 1).to(tl.int64)
-            active = pos >= 0
-            slot = tl.maximum(slot, 0)
-            d = row_a % HEAD_DIM
-            i = d // 2
-            freq = tl.load(inv_freq_ptr + i, mask=i < ROT_PAIRS, other=0.0)
-            c, s = rope_cos_sin(pos, freq, pos_divisor, ROPE_ROUND)
-            rot = (d < 2 * ROT_PAIRS) & (row_a < Q_ROWS + KV_ROWS)
-            a_r = tl.where(rot, a * c - b * s, a)
-            b_r = tl.where(rot, b * c + a * s, b)
-            is_q = row_a < Q_ROWS
-            tl.store(out_ptr + row_a, a_r.to(out_ptr.dtype.element_ty), mask=mask_a & is_q)
-            tl.store(out_ptr + row_b, b_r.to(out_ptr.dtype.element_ty), mask=mask_a & is_q)
-            kv = row_a - Q_ROWS
-            kv_end = tl.where(active, KV_ROWS, 0)  # an idle row writes no key or value
-            is_k = (kv >= 0) & (kv < kv_end)
-            is_v = (kv >= KV_ROWS) & (kv < KV_ROWS + kv_end)
-            kv = tl.where(is_v, kv - KV_ROWS, kv)
-            kv = tl.where(kv < 0, 0, kv)
-            dst = (kv // HEAD_DIM) * cache_stride_g + slot * cache_stride_t + kv % HEAD_DIM
-            tl.store(k_cache_ptr + dst, a_r.to(k_cache_ptr.dtype.element_ty), mask=mask_a & is_k)
-            tl.store(k_cache_ptr + dst + 1, b_r.to(k_cache_ptr.dtype.element_ty), mask=mask_a & is_k)
-            tl.store(v_cache_ptr + dst, a_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
-            tl.store(v_cache_ptr + dst + 1, b_r.to(v_cache_ptr.dtype.element_ty), mask=mask_a & is_v)
+            rotate_pairs_store(a, b, row_a, mask_a, pos, tl.maximum(slot, 0), out_ptr, k_cache_ptr, v_cache_ptr,
+                               inv_freq_ptr, pos_divisor, Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t, HEAD_DIM,
+                               ROT_PAIRS, ROPE_ROUND)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue, _scale_bias
-    from .rotary import rope_cos_sin
+    from .rotary import rotate_pairs_store
     from .packed_products import int8_words_sums, masked_load, packed_dot, packed_dot2, word_pairs
 
 X_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -394,9 +394,9 @@ if HAVE_TRITON:
     def _rope_store(y, rn, mask_n, m, out_ptr, rope, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     ROT_PAIRS: tl.constexpr, ROPE_ROUND: tl.constexpr):
         # y [BLOCK_N]: QKV rows rn of activation row m (an even BLOCK_N from an even row: whole rotary pairs).
-        # Rounded to the output dtype, as the rotary kernel after a plain linear would read them; then rotary on
-        # q and k (interleaved pairs of the first 2 * ROT_PAIRS dims of a head) at row m's position, q into out_ptr,
-        # k and v into row m's cache slot (its prefix, then its tokens): rope_cache_write's math
+        # Rounded to the output dtype, as the rotary kernel after a plain linear would read them, split into rotary
+        # pairs; then rotated at row m's position, q into out_ptr, k and v into row m's cache slot (its prefix, then
+        # its tokens)
         k_ptr, v_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, Q_ROWS, KV_ROWS, stride_kr, stride_kg, stride_kt, divisor = rope
         y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
         ye, yo = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
@@ -404,27 +404,9 @@ if HAVE_TRITON:
         mask, _ = tl.split(tl.reshape(mask_n, [BLOCK_N // 2, 2]))
         pos = tl.load(pos_ptr + m).to(tl.int64)
         slot = tl.maximum(tl.load(prefix_ptr + m).to(tl.int64) + pos, 0)
-        d = row % HEAD_DIM
-        i = d // 2
-        freq = tl.load(inv_freq_ptr + i, mask=i < ROT_PAIRS, other=0.0)
-        c, s = rope_cos_sin(pos, freq, divisor, ROPE_ROUND)
-        rot = (d < 2 * ROT_PAIRS) & (row < Q_ROWS + KV_ROWS)
-        ye_r = tl.where(rot, ye * c - yo * s, ye)
-        yo_r = tl.where(rot, yo * c + ye * s, yo)
-        is_q = row < Q_ROWS
-        tl.store(out_ptr + row, ye_r.to(out_ptr.dtype.element_ty), mask=mask & is_q)
-        tl.store(out_ptr + row + 1, yo_r.to(out_ptr.dtype.element_ty), mask=mask & is_q)
-        kv = row - Q_ROWS
-        kv_end = tl.where(pos >= 0, KV_ROWS, 0)  # an idle row writes no key or value
-        is_k = (kv >= 0) & (kv < kv_end)
-        is_v = (kv >= KV_ROWS) & (kv < KV_ROWS + kv_end)
-        kv = tl.where(is_v, kv - KV_ROWS, kv)
-        kv = tl.where(kv < 0, 0, kv)
-        dst = m.to(tl.int64) * stride_kr + (kv // HEAD_DIM) * stride_kg + slot * stride_kt + kv % HEAD_DIM
-        tl.store(k_ptr + dst, ye_r.to(k_ptr.dtype.element_ty), mask=mask & is_k)
-        tl.store(k_ptr + dst + 1, yo_r.to(k_ptr.dtype.element_ty), mask=mask & is_k)
-        tl.store(v_ptr + dst, ye_r.to(v_ptr.dtype.element_ty), mask=mask & is_v)
-        tl.store(v_ptr + dst + 1, yo_r.to(v_ptr.dtype.element_ty), mask=mask & is_v)
+        row_cache = m.to(tl.int64) * stride_kr
+        rotate_pairs_store(ye, yo, row, mask, pos, slot, out_ptr, k_ptr + row_cache, v_ptr + row_cache, inv_freq_ptr,
+                           divisor, Q_ROWS, KV_ROWS, stride_kg, stride_kt, HEAD_DIM, ROT_PAIRS, ROPE_ROUND)
 
 
 def row_scale2(w: QuantizedWeight) -> bool:
