@@ -66,9 +66,8 @@ if HAVE_TRITON:
     ):
         # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
         # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials part[s, M, N], added in
-        # order by _split_sum_kernel (c_ptr is then part_ptr) or (LAST_SUMS) by the tile's last program to finish,
-        # told by its counter (count_ptr[pid], zero between launches): more programs when few rows leave the SMs
-        # idle. RESIDUAL: res[M, N] (it may be c) added after the bias (split: by whoever adds the partials).
+        # order by _split_sum_kernel or (LAST_SUMS) by the tile's last program to finish, told by its counter
+        # (count_ptr[pid], zero between launches): more programs when few rows leave the SMs idle. RESIDUAL: res[M, N] (it may be c) added after the bias (split: by whoever adds the partials).
         # SWIGLU (no split): c[M, N] = silu(gate) * up, gate from weight rows n and up from rows F_OFF + n, both
         # summed by the same program (ChatGLM2's dense_h_to_4h without its [M, 2N] output and a launch of its own)
         pid = tl.program_id(0)
@@ -211,7 +210,7 @@ def matmul(x: torch.Tensor, lw: LinearWeights, config: Optional[tuple] = None, s
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
     counters = tile_counters(x.device, grid[0]) if split > 1 else None
     _matmul_kernel[grid](
-        x, lw.weight, scale, bias, out if counters is not None else part, M, N, K, x.stride(0), out.stride(0),
+        x, lw.weight, scale, bias, out, M, N, K, x.stride(0), out.stride(0),
         W_INT8=lw.is_int8, HAS_BIAS=lw.bias is not None, EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, SWAP_AB=bool(swap), num_warps=warps,
         num_stages=stages, WIDEN=int(lw.is_int8 and x.dtype == torch.float16 and packed_products.tried()),
