@@ -36,6 +36,8 @@
 #                                     # the pick) and its attention at 1-16 splits: 8-bit, bf16, NF4 (ABLATE_Q: some)
 #   bash bench/run_device.sh ab-tree   # a kernel change A/B: 8-bit and NF4 chat and compare (ChatEngine) from an
 #                                      # earlier tree's backend (carried in .carry/before) and this one, alternately
+#   bash bench/run_device.sh ab-env    # a switch A/B (AB_ENV=NAME=VALUE): 8-bit and NF4 chat and compare with it and
+#                                      # without, alternately, in one process tree; then the GPU checks with it
 #   bash bench/run_device.sh prefetch  # one-row tiles (int8, 4-bit) that load their first weight tile before the
 #                                      # wait on the kernel ahead: tuned in, the step with and without, 8-bit and
 #                                      # NF4 chat; the quantized GPU checks
@@ -79,7 +81,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in ab-env|ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -176,6 +178,25 @@ ab-tree)
   done
   for f in "$OUT"/engine_before_*.jsonl "$OUT"/engine_after_*.jsonl; do
     grep -a '"chat", "greedy": true\|"compare"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
+  done
+  ;;
+ab-env)
+  # a switch through ChatEngine: 8-bit and NF4 chat and compare with AB_ENV (an assignment, e.g.
+  # GLMCHAT_SPLIT_LAST_SUMS=1) and without, alternately, ROUNDS times (AB_Q: some of 8bit 4bit; AB_ROWS: 1,2), one
+  # tuning; then, with it, the quantized GPU checks of AB_Q
+  [ -n "${AB_ENV:-}" ] || { echo "set AB_ENV, e.g. AB_ENV=GLMCHAT_SPLIT_LAST_SUMS=1"; exit 2; }
+  for round in $(seq "${ROUNDS:-2}"); do
+    for q in ${AB_Q:-8bit 4bit}; do
+      engine "off_${q}_$round" --model /tmp/glm6b --quantization $q --rows "${AB_ROWS:-1,2}" --repeat 1
+      (export "$AB_ENV"; engine "on_${q}_$round" --model /tmp/glm6b --quantization $q --rows "${AB_ROWS:-1,2}" --repeat 1)
+    done
+  done
+  for f in "$OUT"/engine_off_*.jsonl "$OUT"/engine_on_*.jsonl; do
+    grep -a '"chat", "greedy": true\|"compare"\|"batch"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
+  done
+  for q in ${AB_Q:-8bit 4bit}; do
+    (export "$AB_ENV"; timeout 200 python3 bench/check_fast_batch.py --quantized $q > "$OUT/check_$q.log" 2>&1)
+    stamp "check_fast_batch --quantized $q rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_$q.log" | cut -c1-150
   done
   ;;
 prefetch)
