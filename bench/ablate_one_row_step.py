@@ -8,15 +8,18 @@ applies, else the general step) is captured whole and with one part left out at 
 layer), the rotary kernel (general step only), each linear kind across the layers, the greedy pick. The
 full step's time less an ablated step's is that part's cost in the step, launch boundary included: a kernel timed
 alone does not show how its start overlaps the one before (programmatic dependent launch) or what its neighbours
-leave in L2. Variants: the tuned quantized tiles with and without their first weight tile asked for before the wait on
-the kernel ahead (``prefetch``). Then the attention with 1 to 16 splits a (row, group). Ablated graphs compute wrong
-tokens; only their times are read. One JSON line per figure, with the card, the command and the date.
+leave in L2; ``attention_body`` leaves the attention's launch in place (an empty kernel of its grid). Variants: the
+tuned quantized tiles with and without their first weight tile asked for before the wait on the kernel ahead
+(``prefetch``), the attention's first keys and values read after that wait. Then the attention with 1 to 16 splits
+a (row, group). Ablated graphs compute wrong tokens; only their times are read. One JSON line per figure, with the
+card, the command and the date.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-PARTS = ("attention", "rotary", "qkv", "dense", "fc1", "fc2", "output", "pick")
+PARTS = ("attention", "attention_body", "rotary", "qkv", "dense", "fc1", "fc2", "output", "pick")
 
 
 def step_ms(decoder, reps: int = 3) -> float:
@@ -68,6 +71,9 @@ def left_out(part: str):
     if part == "attention":
         for owner in (one_row_step, fast_batch):
             patch(owner, "decode_attention", skipping(owner.decode_attention, lambda *a, **k: "attention"))
+    elif part == "attention_body":  # an empty kernel of the attention's grid in its place: what is left is its launch
+        for owner in (one_row_step, fast_batch):
+            patch(owner, "decode_attention", empty_attention)
     elif part == "rotary":
         patch(fast_batch, "rope_cache_write", skipping(fast_batch.rope_cache_write, lambda *a, **k: "rotary"))
     elif part == "pick":
@@ -83,6 +89,28 @@ def left_out(part: str):
     finally:
         for owner, name, real in reversed(saved):
             setattr(owner, name, real)
+
+
+@functools.cache
+def _empty_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def empty(PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+    return empty
+
+
+def empty_attention(q, k_cache, *args, out=None, workspace=None, pdl=False, **kw):
+    """A kernel that does nothing in ``decode_attention``'s grid, launched as it is (programmatic dependent launch:
+    the dependents released, then the wait on the kernel ahead); returns ``out`` as it was."""
+    splits = workspace.num_splits if workspace is not None else 1
+    _empty_kernel()[(q.shape[0], k_cache.shape[1], splits)](PDL=pdl, num_warps=8,
+                                                            **({"launch_pdl": True} if pdl else {}))
+    return out
 
 
 def use_splits(decoder, splits: int) -> None:
@@ -112,6 +140,31 @@ def prefetch_variant(decoder, prefetch: bool) -> list[str]:
             changed[kind] = replace(cfg, prefetch=prefetch)
     one_row_tuning.apply(decoder, changed)
     return sorted(changed)
+
+
+def variants(decoder, context: int, full: float, tuned: dict, emit) -> None:
+    """The step with the tuned tiles' first weight tile asked for early (``prefetch``) on every quantized kind and
+    off on every one, and with the attention's first keys and values read after the wait (``GLMCHAT_ATTN_EARLY=0``);
+    gain_ms: the variant's time less the step's as it runs."""
+    import os
+
+    from backend.decode import one_row_tuning
+
+    for name, prefetch in (("without_prefetch", False), ("with_prefetch", True)):
+        changed = prefetch_variant(decoder, prefetch)  # the tuned tiles, their first weight tile early or not
+        if changed:
+            ms = step_ms(decoder)
+            emit(what="variant", context=context, name=name, kinds=changed, ms=round(ms, 4),
+                 gain_ms=round(ms - full, 4))
+            one_row_tuning.apply(decoder, tuned)
+    if decoder._one_row_step is not None:
+        os.environ["GLMCHAT_ATTN_EARLY"] = "0"
+        try:
+            ms = step_ms(decoder)
+        finally:
+            del os.environ["GLMCHAT_ATTN_EARLY"]
+        emit(what="variant", context=context, name="attention_keys_after_the_wait", ms=round(ms, 4),
+             gain_ms=round(ms - full, 4))
 
 
 def place_row(decoder, context: int) -> None:
@@ -157,13 +210,7 @@ def main() -> None:
             place_row(dec, context)
             full = step_ms(dec)
             emit(what="step", context=context, ms=round(full, 4), pct_of_bound=round(100 * bound_ms / full, 1))
-            for name, prefetch in (("without_prefetch", False), ("with_prefetch", True)):
-                changed = prefetch_variant(dec, prefetch)  # the tuned tiles, their first weight tile early or not
-                if changed:
-                    ms = step_ms(dec)
-                    emit(what="variant", context=context, name=name, kinds=changed, ms=round(ms, 4),
-                         gain_ms=round(ms - full, 4))
-                    one_row_tuning.apply(dec, tuned)
+            variants(dec, context, full, tuned, emit)
             for part in PARTS:
                 if part == "rotary" and dec._one_row_step is not None:
                     continue

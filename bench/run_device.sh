@@ -36,8 +36,9 @@
 #                                     # the pick) and its attention at 1-16 splits: 8-bit, bf16, NF4 (ABLATE_Q: some)
 #   bash bench/run_device.sh ab-tree   # a kernel change A/B: 8-bit and NF4 chat and compare (ChatEngine) from an
 #                                      # earlier tree's backend (carried in .carry/before) and this one, alternately
-#   bash bench/run_device.sh ab-env    # a switch A/B (AB_ENV=NAME=VALUE): 8-bit and NF4 chat and compare with it and
-#                                      # without, alternately, in one process tree; then the GPU checks with it
+#   bash bench/run_device.sh ab-env    # a switch A/B (AB_ENV=NAME=VALUE, e.g. GLMCHAT_SPLIT_LAST_SUMS=0): 8-bit and
+#                                      # NF4 chat and compare as the tree runs them and with it, alternately; then
+#                                      # the quantized GPU checks
 #   bash bench/run_device.sh prefetch  # one-row tiles (int8, 4-bit) that load their first weight tile before the
 #                                      # wait on the kernel ahead: tuned in, the step with and without, 8-bit and
 #                                      # NF4 chat; the quantized GPU checks
@@ -181,21 +182,22 @@ ab-tree)
   done
   ;;
 ab-env)
-  # a switch through ChatEngine: 8-bit and NF4 chat and compare with AB_ENV (an assignment, e.g.
-  # GLMCHAT_SPLIT_LAST_SUMS=1) and without, alternately, ROUNDS times (AB_Q: some of 8bit 4bit; AB_ROWS: 1,2), one
-  # tuning; then, with it, the quantized GPU checks of AB_Q
-  [ -n "${AB_ENV:-}" ] || { echo "set AB_ENV, e.g. AB_ENV=GLMCHAT_SPLIT_LAST_SUMS=1"; exit 2; }
+  # a switch through ChatEngine: 8-bit and NF4 chat and compare as the tree runs them ("default") and with AB_ENV
+  # (an assignment, e.g. GLMCHAT_SPLIT_LAST_SUMS=0: "switched"), alternately, ROUNDS times (AB_Q: some of 8bit
+  # 4bit; AB_ROWS: 1,2), one tuning; then the quantized GPU checks of AB_Q as the tree runs them
+  [ -n "${AB_ENV:-}" ] || { echo "set AB_ENV, e.g. AB_ENV=GLMCHAT_SPLIT_LAST_SUMS=0"; exit 2; }
   for round in $(seq "${ROUNDS:-2}"); do
     for q in ${AB_Q:-8bit 4bit}; do
-      engine "off_${q}_$round" --model /tmp/glm6b --quantization $q --rows "${AB_ROWS:-1,2}" --repeat 1
-      (export "$AB_ENV"; engine "on_${q}_$round" --model /tmp/glm6b --quantization $q --rows "${AB_ROWS:-1,2}" --repeat 1)
+      engine "default_${q}_$round" --model /tmp/glm6b --quantization $q --rows "${AB_ROWS:-1,2}" --repeat 1
+      (export "$AB_ENV"
+       engine "switched_${q}_$round" --model /tmp/glm6b --quantization $q --rows "${AB_ROWS:-1,2}" --repeat 1)
     done
   done
-  for f in "$OUT"/engine_off_*.jsonl "$OUT"/engine_on_*.jsonl; do
+  for f in "$OUT"/engine_default_*.jsonl "$OUT"/engine_switched_*.jsonl; do
     grep -a '"chat", "greedy": true\|"compare"\|"batch"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
   done
   for q in ${AB_Q:-8bit 4bit}; do
-    (export "$AB_ENV"; timeout 200 python3 bench/check_fast_batch.py --quantized $q > "$OUT/check_$q.log" 2>&1)
+    timeout 200 python3 bench/check_fast_batch.py --quantized $q > "$OUT/check_$q.log" 2>&1
     stamp "check_fast_batch --quantized $q rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_$q.log" | cut -c1-150
   done
   ;;

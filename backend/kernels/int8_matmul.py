@@ -229,9 +229,10 @@ _counters: dict = {}  # device -> int32 tile counters, zero between launches
 
 
 def last_sums() -> bool:
-    """Whether a split's partials are added by each tile's last program (``GLMCHAT_SPLIT_LAST_SUMS=1``). Off until
-    timed on a GPU: built to take compare's 28-56 split-sum launches a step away (bench/NOTES.md run 52)."""
-    return os.environ.get("GLMCHAT_SPLIT_LAST_SUMS", "0") == "1"
+    """Whether a split's partials are added by each tile's last program: the default, as it takes compare's 28-56
+    split-sum launches a step away (8-bit compare +1.6% on an H100, bench/NOTES.md run 53); bench/ turns it off
+    for an A/B with ``GLMCHAT_SPLIT_LAST_SUMS=0`` (not a user setting)."""
+    return os.environ.get("GLMCHAT_SPLIT_LAST_SUMS", "1") != "0"
 
 
 def tile_counters(device: torch.device, tiles: int) -> Optional[torch.Tensor]:

@@ -121,10 +121,10 @@ def test_fp16_rows_widen_int8_weights_exactly_in_registers(swap, monkeypatch):
 
 @pytest.mark.parametrize("swap", [False, True])
 def test_each_tiles_last_program_adds_the_partials_as_the_sum_kernel_does(swap, monkeypatch):
-    """Split K with the tile counters (GLMCHAT_SPLIT_LAST_SUMS=1): the last program of each output tile adds the splits'
+    """Split K with the tile counters (the default): the last program of each output tile adds the splits'
     partials in order, so the result (bias and residual in place included) is the separate sum kernel's bit for bit,
-    and every counter is back at zero for the next launch; with no counters (the default, or none yet during a
-    capture) the sum kernel runs."""
+    and every counter is back at zero for the next launch; with no counters (GLMCHAT_SPLIT_LAST_SUMS=0, or none
+    yet during a capture) the sum kernel runs."""
     from backend.kernels import int8_matmul as MM
 
     torch.manual_seed(5)
@@ -144,6 +144,6 @@ def test_each_tiles_last_program_adds_the_partials_as_the_sum_kernel_does(swap, 
         monkeypatch.setenv("GLMCHAT_SPLIT_LAST_SUMS", "1")
         with_counters = product(split)
         assert not launched and int(MM._counters[torch.device("cpu")].abs().sum()) == 0, split
-        monkeypatch.delenv("GLMCHAT_SPLIT_LAST_SUMS")
+        monkeypatch.setenv("GLMCHAT_SPLIT_LAST_SUMS", "0")
         assert torch.equal(with_counters, product(split)) and launched, split
         launched.clear()
