@@ -10,8 +10,8 @@ full step's time less an ablated step's is that part's cost in the step, launch 
 alone does not show how its start overlaps the one before (programmatic dependent launch) or what its neighbours
 leave in L2; ``attention_body`` leaves the attention's launch in place (an empty kernel of its grid). Variants: the
 tuned quantized tiles with and without their first weight tile asked for before the wait on the kernel ahead
-(``prefetch``), the attention's first keys and values read after that wait. Then the attention with 1 to 16 splits
-a (row, group). Ablated graphs compute wrong tokens; only their times are read. One JSON line per figure, with the
+(``prefetch``). Then the attention with 1 to 16 splits a (row, group), at each of ``--attention-tiles`` (slots a
+loop step x warps). Ablated graphs compute wrong tokens; only their times are read. One JSON line per figure, with the
 card, the command and the date.
 """
 
@@ -113,10 +113,12 @@ def empty_attention(q, k_cache, *args, out=None, workspace=None, pdl=False, **kw
     return out
 
 
-def use_splits(decoder, splits: int) -> None:
+def use_attention_tile(decoder, splits: int, block_t: int, num_warps: int) -> None:
+    """Row 0's attention with ``splits`` chunks a (row, group), ``block_t`` slots a loop step, ``num_warps``."""
     from backend.kernels.attention_batch import attention_workspace
 
-    ws = attention_workspace(1, decoder.heads, decoder.groups, decoder.head_dim, decoder.device, num_splits=splits)
+    ws = attention_workspace(1, decoder.heads, decoder.groups, decoder.head_dim, decoder.device, num_splits=splits,
+                             block_t=block_t, num_warps=num_warps)
     if decoder._one_row_step is not None:
         decoder._one_row_step.workspace = ws
     decoder._workspaces[1] = ws
@@ -144,10 +146,7 @@ def prefetch_variant(decoder, prefetch: bool) -> list[str]:
 
 def variants(decoder, context: int, full: float, tuned: dict, emit) -> None:
     """The step with the tuned tiles' first weight tile asked for early (``prefetch``) on every quantized kind and
-    off on every one, and with the attention's first keys and values read after the wait (``GLMCHAT_ATTN_EARLY=0``);
-    gain_ms: the variant's time less the step's as it runs."""
-    import os
-
+    off on every one; gain_ms: the variant's time less the step's as it runs."""
     from backend.decode import one_row_tuning
 
     for name, prefetch in (("without_prefetch", False), ("with_prefetch", True)):
@@ -157,14 +156,6 @@ def variants(decoder, context: int, full: float, tuned: dict, emit) -> None:
             emit(what="variant", context=context, name=name, kinds=changed, ms=round(ms, 4),
                  gain_ms=round(ms - full, 4))
             one_row_tuning.apply(decoder, tuned)
-    if decoder._one_row_step is not None:
-        os.environ["GLMCHAT_ATTN_EARLY"] = "0"
-        try:
-            ms = step_ms(decoder)
-        finally:
-            del os.environ["GLMCHAT_ATTN_EARLY"]
-        emit(what="variant", context=context, name="attention_keys_after_the_wait", ms=round(ms, 4),
-             gain_ms=round(ms - full, 4))
 
 
 def place_row(decoder, context: int) -> None:
@@ -180,7 +171,7 @@ def main() -> None:
 
     from backend.decode import one_row_tuning
     from backend.engine import ChatEngine
-    from backend.kernels.attention_batch import attention_workspace
+    from backend.kernels.attention_batch import BLOCK_T, attention_workspace
     from bench_engine import copy_bandwidth, json_lines, linear_bytes, step_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -188,6 +179,7 @@ def main() -> None:
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--context", default="128,1024")
     parser.add_argument("--splits", default="1,2,4,8,16")
+    parser.add_argument("--attention-tiles", default="64x8", help="slots a loop step x warps, e.g. 64x8,32x4,16x4")
     args = parser.parse_args()
     emit = json_lines(quantization=args.quantization)
     bandwidth = copy_bandwidth()
@@ -200,11 +192,11 @@ def main() -> None:
     part_bytes["output"] = linear_bytes(dec.output)
     step = dec._one_row_step
     tuned = {k: lins[0].row_config for k, lins in one_row_tuning.linears_by_kind(dec).items() if lins[0].row_config}
-    splits = (step.workspace if step is not None else attention_workspace(1, dec.heads, dec.groups, dec.head_dim,
-                                                                           dec.device)).num_splits
+    splits_default = (step.workspace if step is not None else attention_workspace(1, dec.heads, dec.groups,
+                                                                                   dec.head_dim, dec.device)).num_splits
     emit(what="tiles", one_row={k: str(lin.row_config) for k, lin in dict(kinds, output=dec.output).items()})
     emit(what="setup", fused_step=step is not None, bound_ms=round(bound_ms, 3),
-         bandwidth_tb_s=round(bandwidth / 1e12, 2), splits=splits)
+         bandwidth_tb_s=round(bandwidth / 1e12, 2), splits=splits_default)
     with engine.batcher.step_lock, torch.inference_mode():
         for context in [int(c) for c in args.context.split(",")]:
             place_row(dec, context)
@@ -223,9 +215,12 @@ def main() -> None:
                                  in_step_tb_s=round(part_bytes[part] / (cost * 1e-3) / 1e12, 2),
                                  pct_of_bound=round(100 * part_bytes[part] / bandwidth / (cost * 1e-3), 1))
                 emit(what="left_out", context=context, part=part, step_ms=round(ms, 4), cost_ms=round(cost, 4), **extra)
-            for splits in [int(s) for s in args.splits.split(",")]:
-                use_splits(dec, splits)
-                emit(what="splits", context=context, splits=splits, ms=round(step_ms(dec), 4))
+            for block_t, warps in [tuple(int(v) for v in t.split("x")) for t in args.attention_tiles.split(",")]:
+                for splits in [int(s) for s in args.splits.split(",")]:
+                    use_attention_tile(dec, splits, block_t, warps)
+                    emit(what="splits", context=context, splits=splits, block_t=block_t, num_warps=warps,
+                         ms=round(step_ms(dec), 4))
+            use_attention_tile(dec, splits_default, BLOCK_T, 8)
     engine.close()
 
 

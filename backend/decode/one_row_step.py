@@ -28,7 +28,7 @@ import torch
 
 from ..generation import INVALID_SCORE_TOKEN
 from ..kernels.int8_gemv import new_argmax_state, pick_token
-from ..kernels.attention_batch import RopeWrite, attention_workspace, decode_attention, early_kv
+from ..kernels.attention_batch import RopeWrite, attention_workspace, decode_attention
 from ..kernels.gemv_4bit import kernels_run
 from ..kernels.step_feed import feed_and_embed
 
@@ -76,11 +76,10 @@ class OneRowStep:
         else:
             torch.index_select(dec.embedding, 0, dec.tokens[:1], out=self.x)
         q = self.qkv[:, : H * D].view(1, H, D)
-        early = early_kv()
         for i, lw in enumerate(dec.layers):
             kc, vc = dec.k_cache[i, :1], dec.v_cache[i, :1]
             self._qkv(lw, kc, vc, pos, plen)
-            decode_attention(q, kc, vc, pos, plen, out=self.attn, workspace=self.workspace, pdl=pdl, early=early)
+            decode_attention(q, kc, vc, pos, plen, out=self.attn, workspace=self.workspace, pdl=pdl)
             self._linear(lw.dense, self.attn, self.x, residual=self.x)
             self._linear(lw.up, self.x, self.mlp, norm=lw.ln2, swiglu=True)
             self._linear(lw.down, self.mlp, self.x, residual=self.x)

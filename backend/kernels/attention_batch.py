@@ -28,7 +28,6 @@ a per-row prefix region in the same cache; the batch-1 kernels in the decoder re
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -116,17 +115,15 @@ if HAVE_TRITON:
         t = t0 + tl.arange(0, BLOCK_T)
         mt = t < end
         kv_off = base + t.to(tl.int64)[:, None] * stride_kt + tl.arange(0, HEAD_DIM)[None, :]
-        k = tl.load(k_ptr + kv_off, mask=mt[:, None], other=0.0, cache_modifier=".cg")
-        v = tl.load(v_ptr + kv_off, mask=mt[:, None], other=0.0, cache_modifier=".cg")
-        return k, v, mt, kv_off
+        k = tl.load(k_ptr + kv_off, mask=mt[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=mt[:, None], other=0.0)
+        return k, v, mt
 
     @triton.jit
-    def _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, k, v, stride_qb, stride_qh, stride_kr, stride_kg,
-                       stride_kt, sm_scale, HPG, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                       IEEE: tl.constexpr, EARLY: tl.constexpr):
-        # the group's HPG query heads against slots [start, end): running max m, sum l, unnormalised output acc.
-        # EARLY: k and v hold the first tile, loaded before the wait on the kernel ahead (``_kv_tile``); its
-        # newest slot, which that kernel wrote, is read again here
+    def _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, stride_qb, stride_qh, stride_kr, stride_kg, stride_kt,
+                       sm_scale, HPG, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                       IEEE: tl.constexpr):
+        # the group's HPG query heads against slots [start, end): running max m, sum l, unnormalised output acc
         h = tl.arange(0, HPG_PAD)
         d = tl.arange(0, HEAD_DIM)
         q_rows = r * stride_qb + (g * HPG + h).to(tl.int64) * stride_qh
@@ -135,24 +132,17 @@ if HAVE_TRITON:
         l_i = tl.zeros([HPG_PAD], tl.float32)
         acc = tl.zeros([HPG_PAD, HEAD_DIM], tl.float32)
         base = r * stride_kr + g.to(tl.int64) * stride_kg
-        if EARLY and start < end:  # (an idle row's only split holds no slot)
-            t = start + tl.arange(0, BLOCK_T)
-            newest = (t == end - 1)[:, None]
-            kv_off = base + t.to(tl.int64)[:, None] * stride_kt + d[None, :]
-            k = tl.where(newest, tl.load(k_ptr + kv_off, mask=newest, other=0.0), k)
-            v = tl.where(newest, tl.load(v_ptr + kv_off, mask=newest, other=0.0), v)
-            m_i, l_i, acc = _attend_tile(q, k, v, t < end, m_i, l_i, acc, sm_scale, IEEE)
-        for t0 in range(start + EARLY * BLOCK_T, end, BLOCK_T):
-            kt, vt, mt, _ = _kv_tile(k_ptr, v_ptr, base, t0, end, stride_kt, HEAD_DIM, BLOCK_T)
-            m_i, l_i, acc = _attend_tile(q, kt, vt, mt, m_i, l_i, acc, sm_scale, IEEE)
+        for t0 in range(start, end, BLOCK_T):
+            k, v, mt = _kv_tile(k_ptr, v_ptr, base, t0, end, stride_kt, HEAD_DIM, BLOCK_T)
+            m_i, l_i, acc = _attend_tile(q, k, v, mt, m_i, l_i, acc, sm_scale, IEEE)
         return m_i, l_i, acc
 
     @triton.jit
     def _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
         # (length, splits holding slots, this split's first slot and end) of row r; the split's slots are
         # BLOCK_T-aligned runs, so short rows use few splits
-        pos = tl.load(pos_ptr + r, cache_modifier=".cg")
-        length = tl.where(pos >= 0, tl.load(prefix_ptr + r, cache_modifier=".cg") + pos + 1, 0)
+        pos = tl.load(pos_ptr + r)
+        length = tl.where(pos >= 0, tl.load(prefix_ptr + r) + pos + 1, 0)
         chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
         n_active = tl.cdiv(length, tl.maximum(chunk, 1))  # splits s < n_active hold slots
         start = s * chunk
@@ -189,42 +179,32 @@ if HAVE_TRITON:
         q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
         stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, stride_ob, sm_scale, G, HPG,
         SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False,
+        IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
         # program (row r, group g, split s): the group's query heads against the split's slots; the last of a (row,
         # group)'s programs to finish merges the splits that held slots and writes the heads' outputs (one kernel:
-        # no second launch a layer, and short rows merge one or two splits). EARLY: the split's first tile of keys
-        # and values asked for before the wait on the kernel ahead (``early_kv``)
-        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
+        # no second launch a layer, and short rows merge one or two splits)
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
             tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         r = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
-        k = 0.0
-        v = 0.0
-        if EARLY:
-            length, n_active, start, end = _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS, BLOCK_T)
-            k, v, _, _ = _kv_tile(k_ptr, v_ptr, r * stride_kr + g.to(tl.int64) * stride_kg, start, end, stride_kt,
-                                  HEAD_DIM, BLOCK_T)
-        if PDL:  # q and the newest key and value: written by the kernel ahead
-            tl.extra.cuda.gdc_wait()
-        if not EARLY:
-            length, n_active, start, end = _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS, BLOCK_T)
+        length, n_active, start, end = _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS, BLOCK_T)
         h = tl.arange(0, HPG_PAD)
         d = tl.arange(0, HEAD_DIM)
         out_rows = out_ptr + r * stride_ob + (g * HPG + h)[:, None] * HEAD_DIM + d[None, :]
         if SPLITS == 1:
-            m_i, l_i, acc = _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, k, v, stride_qb, stride_qh,
-                                           stride_kr, stride_kg, stride_kt, sm_scale, HPG, HEAD_DIM, HPG_PAD, BLOCK_T,
-                                           IEEE, EARLY)
+            m_i, l_i, acc = _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, stride_qb, stride_qh, stride_kr,
+                                           stride_kg, stride_kt, sm_scale, HPG, HEAD_DIM, HPG_PAD, BLOCK_T, IEEE)
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=(h < HPG)[:, None])
         else:
             first = (r * G + g) * SPLITS * HPG_PAD
             if s < n_active:  # an empty split writes nothing: the merge reads only splits that held slots
-                m_i, l_i, acc = _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, k, v, stride_qb, stride_qh,
+                m_i, l_i, acc = _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, stride_qb, stride_qh,
                                                stride_kr, stride_kg, stride_kt, sm_scale, HPG, HEAD_DIM, HPG_PAD,
-                                               BLOCK_T, IEEE, EARLY)
+                                               BLOCK_T, IEEE)
                 part = first + s * HPG_PAD + h
                 tl.store(m_ptr + part, m_i)
                 tl.store(l_ptr + part, l_i)
@@ -235,14 +215,6 @@ if HAVE_TRITON:
                 out = _merge_splits(o_ptr, m_ptr, l_ptr, first, n_active, SPLITS, HEAD_DIM, HPG_PAD)
                 tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=(h < HPG)[:, None])
                 tl.store(count_ptr + r * G + g, 0)  # ready for the next layer and step
-
-
-def early_kv() -> bool:
-    """Whether the one-row step's attention reads each split's first keys and values (and the row's position)
-    before it waits on the QKV kernel: its older slots and the position were written before the step's first
-    launch, which every later kernel of the step started after; only the newest slot, written by the QKV
-    kernel, is read after the wait. ``GLMCHAT_ATTN_EARLY=0`` turns it off for an A/B (bench/, not a user setting)."""
-    return os.environ.get("GLMCHAT_ATTN_EARLY", "1") != "0"
 
 
 def _pdl_launch(pdl: bool) -> dict:
@@ -348,6 +320,8 @@ class AttentionWorkspace:
     finished: torch.Tensor
     num_splits: int
     hpg_pad: int
+    block_t: int = BLOCK_T  # slots a loop step
+    num_warps: int = 8
 
 
 def default_splits(batch: int, num_groups: int, device: torch.device) -> int:
@@ -358,8 +332,10 @@ def default_splits(batch: int, num_groups: int, device: torch.device) -> int:
 
 
 def attention_workspace(batch: int, num_heads: int, num_groups: int, head_dim: int, device,
-                        num_splits: Optional[int] = None) -> AttentionWorkspace:
-    """Partial buffers for ``decode_attention`` (allocate once before graph capture and pass them in)."""
+                        num_splits: Optional[int] = None, block_t: int = BLOCK_T,
+                        num_warps: int = 8) -> AttentionWorkspace:
+    """Partial buffers for ``decode_attention`` (allocate once before graph capture and pass them in), and the
+    kernel's tile: ``block_t`` slots a loop step (a power of two, at least 16), ``num_warps``."""
     device = torch.device(device)
     splits = num_splits or default_splits(batch, num_groups, device)
     hpg_pad = max(16, 1 << (num_heads // num_groups - 1).bit_length())
@@ -367,7 +343,7 @@ def attention_workspace(batch: int, num_heads: int, num_groups: int, head_dim: i
     f32 = dict(device=device, dtype=torch.float32)
     return AttentionWorkspace(torch.empty(*parts, head_dim, **f32), torch.empty(*parts, **f32),
                               torch.empty(*parts, **f32), torch.zeros(batch, num_groups, device=device, dtype=torch.int32),
-                              splits, hpg_pad)
+                              splits, hpg_pad, block_t, num_warps)
 
 
 def decode_attention(
@@ -381,13 +357,11 @@ def decode_attention(
     workspace: Optional[AttentionWorkspace] = None,
     sm_scale: Optional[float] = None,
     pdl: bool = False,
-    early: bool = False,
 ) -> torch.Tensor:
     """One decode token a row: q [B, H, D] against each row's slots [0, prefix_lens[b] + positions[b]].
 
     k_cache/v_cache [B, G, slots, D] (one layer, after ``rope_cache_write``); returns out [B, H * D] in q's
-    dtype (idle rows, positions[b] < 0, get zeros). ``early`` (where ``early_kv`` allows it): read
-    the positions and each split's first keys and values before waiting on the kernel ahead."""
+    dtype (idle rows, positions[b] < 0, get zeros)."""
     B, H, D = q.shape
     G = k_cache.shape[1]
     if H % G or k_cache.shape[0] != B or k_cache.shape[-1] != D or q.stride(-1) != 1 or k_cache.stride(-1) != 1:
@@ -400,7 +374,7 @@ def decode_attention(
         q, k_cache, v_cache, positions, prefix_lens, ws.o, ws.m, ws.l, ws.finished, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         sm_scale or 1.0 / math.sqrt(D), G, hpg,
-        SPLITS=ws.num_splits, HEAD_DIM=D, HPG_PAD=ws.hpg_pad, BLOCK_T=BLOCK_T, IEEE=q.dtype == torch.float32, PDL=pdl,
-        EARLY=early, num_warps=8, **_pdl_launch(pdl),
+        SPLITS=ws.num_splits, HEAD_DIM=D, HPG_PAD=ws.hpg_pad, BLOCK_T=ws.block_t, IEEE=q.dtype == torch.float32,
+        PDL=pdl, num_warps=ws.num_warps, **_pdl_launch(pdl),
     )
     return out

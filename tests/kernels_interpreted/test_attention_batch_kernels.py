@@ -114,42 +114,21 @@ def test_decode_attention_per_row_lengths_prefixes_and_splits(splits):
     assert torch.equal(again, out)
 
 
-@pytest.mark.parametrize("splits", [1, 3, 16])
-def test_early_keys_and_values_take_the_newest_slot_written_by_the_kernel_ahead(splits, monkeypatch):
-    """``early``: each split's first tile of keys and values is read before the wait on the kernel ahead, which
-    writes each row's newest slot. Here each program starts with that slot holding garbage and the wait writes the
-    real key and value (the interpreter runs one program at a time), so an output equals the one read after the
-    kernel ahead finished only if the newest slot is read again after the wait; the older slots are read early."""
-    from triton.language.extra import cuda
-
+@pytest.mark.parametrize("block_t,splits", [(16, 1), (16, 5), (32, 16)])
+def test_decode_attention_with_shorter_slot_tiles(block_t, splits):
+    """The kernel's other tiles (``attention_workspace``'s block_t): the same attention for every row."""
     B = len(POSITIONS)
     pos, pre = rows()
     q = torch.randn(B, H, D)
     kc, vc = torch.randn(B, G, SLOTS, D), torch.randn(B, G, SLOTS, D)
-    newest = [(b, P + p) for b, (p, P) in enumerate(zip(POSITIONS, PREFIXES)) if p >= 0]
-    real_k = [kc[b, :, t].clone() for b, t in newest]
-    real_v = [vc[b, :, t].clone() for b, t in newest]
-    waits = []
-
-    def before_the_wait():  # the kernel ahead has not written the newest slots yet
-        for b, t in newest:
-            kc[b, :, t], vc[b, :, t] = 1e3, -1e3
-
-    def wait():  # ... and now it has
-        waits.append(1)
-        for (b, t), k, v in zip(newest, real_k, real_v):
-            kc[b, :, t], vc[b, :, t] = k, v
-
-    monkeypatch.setattr(cuda, "gdc_launch_dependents", before_the_wait)  # (the interpreter has neither)
-    monkeypatch.setattr(cuda, "gdc_wait", wait)
-    ws = A.attention_workspace(B, H, G, D, "cpu", num_splits=splits)
-    expected = A.decode_attention(q, kc, vc, pos, pre, workspace=ws)
-    out = A.decode_attention(q, kc, vc, pos, pre, workspace=ws, pdl=True, early=True)
-    assert len(waits) == B * G * splits  # every program waited
-    assert torch.equal(out, expected)
+    ws = A.attention_workspace(B, H, G, D, "cpu", num_splits=splits, block_t=block_t, num_warps=4)
+    out = A.decode_attention(q, kc, vc, pos, pre, workspace=ws)
     for b, (p, P) in enumerate(zip(POSITIONS, PREFIXES)):
-        if p >= 0:
-            assert rel(out[b], reference_attention(q, kc, vc, b, P + p + 1)) < 1e-5, (b, splits)
+        if p < 0:
+            assert torch.equal(out[b], torch.zeros(H * D))
+        else:
+            assert rel(out[b], reference_attention(q, kc, vc, b, P + p + 1)) < 1e-5, (b, block_t, splits)
+    assert not ws.finished.any()
 
 
 def test_decode_attention_half_and_a_strided_layer_view():
