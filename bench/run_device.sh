@@ -39,6 +39,8 @@
 #   bash bench/run_device.sh ab-env    # a switch A/B (AB_ENV=NAME=VALUE, e.g. GLMCHAT_SPLIT_LAST_SUMS=0): 8-bit and
 #                                      # NF4 chat and compare as the tree runs them and with it, alternately; then
 #                                      # the quantized GPU checks
+#   bash bench/run_device.sh attention-tiles  # the one-row step's attention at other slot tiles, warps and splits;
+#                                             # its launch alone; every GPU check
 #   bash bench/run_device.sh prefetch  # one-row tiles (int8, 4-bit) that load their first weight tile before the
 #                                      # wait on the kernel ahead: tuned in, the step with and without, 8-bit and
 #                                      # NF4 chat; the quantized GPU checks
@@ -82,7 +84,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in ab-env|ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in attention-tiles|ab-env|ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -514,13 +516,22 @@ long-prompt)
       --rows 1,2 > "$OUT/profile_steps.jsonl" 2> /tmp/profile.err
   grep -a '"kernels"' "$OUT/profile_steps.jsonl" | cut -c1-1200
   ;;
+attention-tiles)
+  # the one-row step's attention at other slot tiles, warps and splits (8-bit, contexts 128 and 1024), its launch
+  # alone (an empty kernel of its grid); then every GPU check (the fp32 one-row step against eager among them)
+  timeout 200 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization 8bit --splits 1,4,16,32 \
+      --attention-tiles 64x8,64x4,32x4,32x8,16x4 > "$OUT/ablate_8bit.jsonl" 2> "$OUT/ablate_8bit.err"
+  stamp "ablate rc $?"; grep -a '"step"\|attention\|splits' "$OUT/ablate_8bit.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-150
+  timeout 280 python3 bench/check_fast_batch.py > "$OUT/check_fast_batch.log" 2>&1
+  stamp "check_fast_batch rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_fast_batch.log" | cut -c1-150
+  ;;
 profile)
   timeout 300 python3 bench/profile_batch_step.py --model /tmp/glm6b --quantization 8bit --rows 1,2,8,64 \
       > "$OUT/profile_8bit.jsonl" 2> "$OUT/profile_8bit.err"
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh decode|nf4-words|quantized-check|ablate|ab-tree|prefetch|step-check|chat-table|feed-bf16|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh attention-tiles|ab-env|decode|nf4-words|quantized-check|ablate|ab-tree|prefetch|step-check|chat-table|feed-bf16|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac
