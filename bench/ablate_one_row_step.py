@@ -113,12 +113,13 @@ def empty_attention(q, k_cache, *args, out=None, workspace=None, pdl=False, **kw
     return out
 
 
-def use_attention_tile(decoder, splits: int, block_t: int, num_warps: int) -> None:
-    """Row 0's attention with ``splits`` chunks a (row, group), ``block_t`` slots a loop step, ``num_warps``."""
+def use_attention_tile(decoder, splits: int, block_t: int, num_warps: int, alone_slots: int = 0) -> None:
+    """Row 0's attention with ``splits`` chunks a (row, group), ``block_t`` slots a loop step, ``num_warps``, rows of
+    up to ``alone_slots`` slots done by one program."""
     from backend.kernels.attention_batch import attention_workspace
 
     ws = attention_workspace(1, decoder.heads, decoder.groups, decoder.head_dim, decoder.device, num_splits=splits,
-                             block_t=block_t, num_warps=num_warps)
+                             block_t=block_t, num_warps=num_warps, alone_slots=alone_slots)
     if decoder._one_row_step is not None:
         decoder._one_row_step.workspace = ws
     decoder._workspaces[1] = ws
@@ -171,7 +172,7 @@ def main() -> None:
 
     from backend.decode import one_row_tuning
     from backend.engine import ChatEngine
-    from backend.kernels.attention_batch import BLOCK_T, attention_workspace
+    from backend.kernels.attention_batch import ONE_ROW_TILE, attention_workspace
     from bench_engine import copy_bandwidth, json_lines, linear_bytes, step_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -220,7 +221,7 @@ def main() -> None:
                     use_attention_tile(dec, splits, block_t, warps)
                     emit(what="splits", context=context, splits=splits, block_t=block_t, num_warps=warps,
                          ms=round(step_ms(dec), 4))
-            use_attention_tile(dec, splits_default, BLOCK_T, 8)
+            use_attention_tile(dec, splits_default, **ONE_ROW_TILE)  # the tile the step runs
     engine.close()
 
 

@@ -164,8 +164,9 @@ def test_batched_rotary_and_attention(arch, pdl):
         compile_for(A._rope_cache_batch_kernel, types,
                     dict(HEAD_DIM=128, ROT_PAIRS=32, PDL=pdl, ROUND=rounding, CACHE_ROWS=cache_rows), arch, warps=1, stages=1)
     for splits in (1, 2, 16):  # one chunk writes its heads itself; several: the last program merges them
-        for block_t, warps in ((A.BLOCK_T, 8), (32, 4), (16, 4)):  # the default tile; bench/'s shorter ones
-            consts = dict(SPLITS=splits, HEAD_DIM=128, HPG_PAD=16, BLOCK_T=block_t, IEEE=False, PDL=pdl)
+        for block_t, warps, alone in ((A.BLOCK_T, 8, 0), (32, 4, 160), (16, 4, 0)):  # the general step's, the one-row
+            # step's (ONE_ROW_TILE) and bench/'s shortest tile
+            consts = dict(SPLITS=splits, HEAD_DIM=128, HPG_PAD=16, BLOCK_T=block_t, IEEE=False, PDL=pdl, ALONE=alone)
             ptx = compile_for(A._attn_batch_kernel, types, consts, arch, warps=warps, stages=1)
             if splits > 1:  # the counter: a release/acquire atomic at GPU scope after a barrier
                 assert re.search(r"atom\.global\.gpu\.acq_rel\.add|atom\.acq_rel\.gpu\.global\.add", ptx)

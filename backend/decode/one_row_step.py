@@ -28,7 +28,7 @@ import torch
 
 from ..generation import INVALID_SCORE_TOKEN
 from ..kernels.int8_gemv import new_argmax_state, pick_token
-from ..kernels.attention_batch import RopeWrite, attention_workspace, decode_attention
+from ..kernels.attention_batch import ONE_ROW_TILE, RopeWrite, attention_workspace, decode_attention
 from ..kernels.gemv_4bit import kernels_run
 from ..kernels.step_feed import feed_and_embed
 
@@ -63,7 +63,7 @@ class OneRowStep:
         self.logits = torch.empty(1, decoder.output.one_row.weight.shape[0], device=dev, dtype=dt)
         self.picks = decoder.fed_picks[:1]  # (where the general step's picks go too: the next step may feed from them)
         self.argmax = new_argmax_state(dev)
-        self.workspace = attention_workspace(1, decoder.heads, decoder.groups, decoder.head_dim, dev)
+        self.workspace = attention_workspace(1, decoder.heads, decoder.groups, decoder.head_dim, dev, **ONE_ROW_TILE)
 
     def __call__(self, feed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``feed``: the decoder's step, fed from the last step's pick where the decoder's fed flag is set

@@ -138,12 +138,13 @@ if HAVE_TRITON:
         return m_i, l_i, acc
 
     @triton.jit
-    def _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, ALONE: tl.constexpr):
         # (length, splits holding slots, this split's first slot and end) of row r; the split's slots are
-        # BLOCK_T-aligned runs, so short rows use few splits
+        # BLOCK_T-aligned runs, so short rows use few splits, and a row of at most ALONE slots one
         pos = tl.load(pos_ptr + r)
         length = tl.where(pos >= 0, tl.load(prefix_ptr + r) + pos + 1, 0)
         chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
+        chunk = tl.where(length <= ALONE, length, chunk)
         n_active = tl.cdiv(length, tl.maximum(chunk, 1))  # splits s < n_active hold slots
         start = s * chunk
         return length, n_active, start, tl.minimum(start + chunk, length)
@@ -179,26 +180,29 @@ if HAVE_TRITON:
         q_ptr, k_ptr, v_ptr, pos_ptr, prefix_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr,
         stride_qb, stride_qh, stride_kr, stride_kg, stride_kt, stride_ob, sm_scale, G, HPG,
         SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-        IEEE: tl.constexpr, PDL: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr, ALONE: tl.constexpr = 0,
     ):
         # program (row r, group g, split s): the group's query heads against the split's slots; the last of a (row,
         # group)'s programs to finish merges the splits that held slots and writes the heads' outputs (one kernel:
-        # no second launch a layer, and short rows merge one or two splits)
+        # no second launch a layer, and short rows merge one or two splits). A row whose slots fit one split (at
+        # most ALONE, or one chunk) is done by its first program alone: no partials, counter or merge
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching; wait for ours
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         r = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
-        length, n_active, start, end = _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS, BLOCK_T)
+        length, n_active, start, end = _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS, BLOCK_T, ALONE)
         h = tl.arange(0, HPG_PAD)
         d = tl.arange(0, HEAD_DIM)
         out_rows = out_ptr + r * stride_ob + (g * HPG + h)[:, None] * HEAD_DIM + d[None, :]
-        if SPLITS == 1:
-            m_i, l_i, acc = _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, stride_qb, stride_qh, stride_kr,
-                                           stride_kg, stride_kt, sm_scale, HPG, HEAD_DIM, HPG_PAD, BLOCK_T, IEEE)
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=(h < HPG)[:, None])
+        if SPLITS == 1 or n_active <= 1:  # (an idle row too: its output zeros)
+            if s == 0:
+                m_i, l_i, acc = _split_partial(q_ptr, k_ptr, v_ptr, r, g, start, end, stride_qb, stride_qh,
+                                               stride_kr, stride_kg, stride_kt, sm_scale, HPG, HEAD_DIM, HPG_PAD,
+                                               BLOCK_T, IEEE)
+                out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+                tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=(h < HPG)[:, None])
         else:
             first = (r * G + g) * SPLITS * HPG_PAD
             if s < n_active:  # an empty split writes nothing: the merge reads only splits that held slots
@@ -322,6 +326,13 @@ class AttentionWorkspace:
     hpg_pad: int
     block_t: int = BLOCK_T  # slots a loop step
     num_warps: int = 8
+    alone_slots: int = 0  # a row of at most this many slots is done by one program (no split, no merge)
+
+
+# The one-row step's tile (H100, bench/NOTES.md run 53: 8-bit step at context 128 2.652 -> 2.579 ms with 16 splits,
+# 2.522 with one program; 1024: 2.722 -> 2.689): at one row the attention is a latency chain, and each split's
+# partials, counter and merge cost ~3 us, about four 32-slot tiles, so rows of up to five tiles take one program
+ONE_ROW_TILE = dict(block_t=32, num_warps=4, alone_slots=160)
 
 
 def default_splits(batch: int, num_groups: int, device: torch.device) -> int:
@@ -332,10 +343,11 @@ def default_splits(batch: int, num_groups: int, device: torch.device) -> int:
 
 
 def attention_workspace(batch: int, num_heads: int, num_groups: int, head_dim: int, device,
-                        num_splits: Optional[int] = None, block_t: int = BLOCK_T,
-                        num_warps: int = 8) -> AttentionWorkspace:
+                        num_splits: Optional[int] = None, block_t: int = BLOCK_T, num_warps: int = 8,
+                        alone_slots: int = 0) -> AttentionWorkspace:
     """Partial buffers for ``decode_attention`` (allocate once before graph capture and pass them in), and the
-    kernel's tile: ``block_t`` slots a loop step (a power of two, at least 16), ``num_warps``."""
+    kernel's tile: ``block_t`` slots a loop step (a power of two, at least 16), ``num_warps``, and rows of at most
+    ``alone_slots`` slots done by one program (``ONE_ROW_TILE``: the one-row step's)."""
     device = torch.device(device)
     splits = num_splits or default_splits(batch, num_groups, device)
     hpg_pad = max(16, 1 << (num_heads // num_groups - 1).bit_length())
@@ -343,7 +355,7 @@ def attention_workspace(batch: int, num_heads: int, num_groups: int, head_dim: i
     f32 = dict(device=device, dtype=torch.float32)
     return AttentionWorkspace(torch.empty(*parts, head_dim, **f32), torch.empty(*parts, **f32),
                               torch.empty(*parts, **f32), torch.zeros(batch, num_groups, device=device, dtype=torch.int32),
-                              splits, hpg_pad, block_t, num_warps)
+                              splits, hpg_pad, block_t, num_warps, alone_slots)
 
 
 def decode_attention(
@@ -375,6 +387,6 @@ def decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         sm_scale or 1.0 / math.sqrt(D), G, hpg,
         SPLITS=ws.num_splits, HEAD_DIM=D, HPG_PAD=ws.hpg_pad, BLOCK_T=ws.block_t, IEEE=q.dtype == torch.float32,
-        PDL=pdl, num_warps=ws.num_warps, **_pdl_launch(pdl),
+        PDL=pdl, ALONE=ws.alone_slots, num_warps=ws.num_warps, **_pdl_launch(pdl),
     )
     return out

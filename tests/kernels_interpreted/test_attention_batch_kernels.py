@@ -131,6 +131,28 @@ def test_decode_attention_with_shorter_slot_tiles(block_t, splits):
     assert not ws.finished.any()
 
 
+@pytest.mark.parametrize("block_t", [16, 64])
+def test_short_rows_are_done_by_one_program_without_partials(block_t):
+    """``alone_slots`` (the one-row step's ``ONE_ROW_TILE``): a row of at most that many slots is attended by its
+    first program alone, which writes the heads' outputs itself (no partials, no counter, no merge); longer rows
+    still split. Every row equals the reference either way, and the counters stay at zero."""
+    B = len(POSITIONS)
+    pos, pre = rows()  # lengths 1, 9, 81, idle, 151
+    q = torch.randn(B, H, D)
+    kc, vc = torch.randn(B, G, SLOTS, D), torch.randn(B, G, SLOTS, D)
+    ws = A.attention_workspace(B, H, G, D, "cpu", num_splits=4, block_t=block_t, num_warps=4, alone_slots=81)
+    ws.m.fill_(float("nan"))  # a split's partials overwrite these
+    out = A.decode_attention(q, kc, vc, pos, pre, workspace=ws)
+    for b, (p, P) in enumerate(zip(POSITIONS, PREFIXES)):
+        if p < 0:
+            assert torch.equal(out[b], torch.zeros(H * D))
+        else:
+            assert rel(out[b], reference_attention(q, kc, vc, b, P + p + 1)) < 1e-5, (b, block_t)
+        alone = P + p + 1 <= 81 or p < 0
+        assert bool(ws.m[b].isnan().all()) == alone, b  # rows up to 81 slots and the idle row left no partials
+    assert not ws.finished.any()
+
+
 def test_decode_attention_half_and_a_strided_layer_view():
     # float16: the interpreter has no bfloat16 (bench/check_kernels_batch.py covers bf16 on the GPU)
     B = len(POSITIONS)
