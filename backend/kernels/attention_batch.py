@@ -41,8 +41,9 @@ if HAVE_TRITON:
 
 from .rotary import round_mode
 
-BLOCK_T = 64  # slots a loop step of the attention kernel; with 8 warps: no register spills at head_dim 128 (sm_90,
-# ptxas), where 4 warps spill 488 bytes (as the batch-1 decoder's split kernel does)
+BLOCK_T = 64  # slots a loop step of the general step's attention, at 8 warps. At head_dim 128, 16 splits (sm_90
+# ptxas): Triton 3.9 no spills (234 registers), the device's 3.6 568 bytes; 4 warps spill ~1.5 KB. The one-row
+# tile (ONE_ROW_TILE, 32 x 4 warps) spills 112-128 bytes and still runs faster (bench/NOTES.md run 53)
 
 
 if HAVE_TRITON:
