@@ -170,6 +170,11 @@ def test_batched_rotary_and_attention(arch, pdl):
             ptx = compile_for(A._attn_batch_kernel, types, consts, arch, warps=warps, stages=1)
             if splits > 1:  # the counter: a release/acquire atomic at GPU scope after a barrier
                 assert re.search(r"atom\.global\.gpu\.acq_rel\.add|atom\.acq_rel\.gpu\.global\.add", ptx)
+    # the one-row decoder's split kernel (decode/fast_step.py), whose loop is attention_batch's tile helpers
+    from backend.kernels import decode_kernels
+
+    compile_for(decode_kernels._attn_split_kernel, dict(types, pos_ptr="*i32"),
+                dict(HEAD_DIM=128, HPG_PAD=16, BLOCK_T=64, IEEE=False, PDL=pdl), arch, warps=4, stages=1)
 
 
 @pytest.mark.parametrize("arch", [90, 80, 75])

@@ -93,8 +93,9 @@ if HAVE_TRITON:
                 tl.store(v_ptr + off + 1, y1.to(v_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _attend_tile(q, k, v, mt, m_i, l_i, acc, sm_scale, IEEE: tl.constexpr):
+    def attend_tile(q, k, v, mt, m_i, l_i, acc, sm_scale, IEEE: tl.constexpr):
         # one tile of slots (k, v [BLOCK_T, HEAD_DIM]; mt: the slots held) into the running max, sum and output
+        # (also the one-row decoder's split kernel, decode_kernels._attn_split_kernel)
         if IEEE:
             sc = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -111,7 +112,7 @@ if HAVE_TRITON:
         return m_new, l_i, acc * alpha[:, None] + pv
 
     @triton.jit
-    def _kv_tile(k_ptr, v_ptr, base, t0, end, stride_kt, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    def kv_tile(k_ptr, v_ptr, base, t0, end, stride_kt, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
         # the keys and values of slots [t0, t0 + BLOCK_T) below end (zeros past it), both asked for at once
         t = t0 + tl.arange(0, BLOCK_T)
         mt = t < end
@@ -134,13 +135,13 @@ if HAVE_TRITON:
         acc = tl.zeros([HPG_PAD, HEAD_DIM], tl.float32)
         base = r * stride_kr + g.to(tl.int64) * stride_kg
         for t0 in range(start, end, BLOCK_T):
-            k, v, mt = _kv_tile(k_ptr, v_ptr, base, t0, end, stride_kt, HEAD_DIM, BLOCK_T)
-            m_i, l_i, acc = _attend_tile(q, k, v, mt, m_i, l_i, acc, sm_scale, IEEE)
+            k, v, mt = kv_tile(k_ptr, v_ptr, base, t0, end, stride_kt, HEAD_DIM, BLOCK_T)
+            m_i, l_i, acc = attend_tile(q, k, v, mt, m_i, l_i, acc, sm_scale, IEEE)
         return m_i, l_i, acc
 
     @triton.jit
     def _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, ALONE: tl.constexpr):
-        # (length, splits holding slots, this split's first slot and end) of row r; the split's slots are
+        # (splits holding slots, this split's first slot and end) of row r; the split's slots are
         # BLOCK_T-aligned runs, so short rows use few splits, and a row of at most ALONE slots one
         pos = tl.load(pos_ptr + r)
         length = tl.where(pos >= 0, tl.load(prefix_ptr + r) + pos + 1, 0)
@@ -148,7 +149,7 @@ if HAVE_TRITON:
         chunk = tl.where(length <= ALONE, length, chunk)
         n_active = tl.cdiv(length, tl.maximum(chunk, 1))  # splits s < n_active hold slots
         start = s * chunk
-        return length, n_active, start, tl.minimum(start + chunk, length)
+        return n_active, start, tl.minimum(start + chunk, length)
 
     @triton.jit
     def _merge_splits(o_ptr, m_ptr, l_ptr, first, n_active, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -193,7 +194,7 @@ if HAVE_TRITON:
         r = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
-        length, n_active, start, end = _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS, BLOCK_T, ALONE)
+        n_active, start, end = _split_slots(pos_ptr, prefix_ptr, r, s, SPLITS, BLOCK_T, ALONE)
         h = tl.arange(0, HPG_PAD)
         d = tl.arange(0, HEAD_DIM)
         out_rows = out_ptr + r * stride_ob + (g * HPG + h)[:, None] * HEAD_DIM + d[None, :]

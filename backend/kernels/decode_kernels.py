@@ -12,6 +12,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .attention_batch import attend_tile, kv_tile
+
     @triton.jit
     def _attn_split_kernel(
         q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
@@ -37,26 +39,8 @@ if HAVE_TRITON:
         acc = tl.zeros([HPG_PAD, HEAD_DIM], tl.float32)
         base = g.to(tl.int64) * stride_g
         for t0 in range(start, end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            mt = t < end
-            kv_off = base + t.to(tl.int64)[:, None] * stride_t + d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=mt[:, None], other=0.0)
-            if IEEE:
-                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(k))
-            sc = tl.where(mt[None, :], sc * sm_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv_off, mask=mt[:, None], other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            k, v, mt = kv_tile(k_ptr, v_ptr, base, t0, end, stride_t, HEAD_DIM, BLOCK_T)
+            m_i, l_i, acc = attend_tile(q, k, v, mt, m_i, l_i, acc, sm_scale, IEEE)
         part = (g * NUM_SPLITS + s) * HPG_PAD + h
         tl.store(m_ptr + part, m_i)
         tl.store(l_ptr + part, l_i)

@@ -153,6 +153,29 @@ def test_short_rows_are_done_by_one_program_without_partials(block_t):
     assert not ws.finished.any()
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_the_one_row_decoders_split_attention_and_combine(splits):
+    """The one-row decoder's (``decode/fast_step.py``) split kernel, whose loop is this module's ``kv_tile`` and
+    ``attend_tile``, and its combine: one row's heads against its slots 0..slot."""
+    import triton as tr
+
+    from backend.kernels.decode_kernels import _attn_combine_kernel, _attn_split_kernel
+
+    slot, hpg_pad = 150, 16
+    q = torch.randn(H, D)
+    kc, vc = torch.randn(G, SLOTS, D), torch.randn(G, SLOTS, D)
+    pos = torch.tensor([slot - 3, slot])  # (position, cache slot of this token)
+    part_o = torch.full((G * splits * hpg_pad, D), float("nan"))
+    part_m, part_l = torch.zeros(G * splits * hpg_pad), torch.zeros(G * splits * hpg_pad)
+    out = torch.full((H * D,), float("nan"))
+    _attn_split_kernel[(G, splits)](q, kc, vc, pos, part_o, part_m, part_l, kc.stride(0), kc.stride(1),
+                                    1.0 / math.sqrt(D), H // G, splits, HEAD_DIM=D, HPG_PAD=hpg_pad, BLOCK_T=64,
+                                    IEEE=True, PDL=False, num_warps=4)
+    _attn_combine_kernel[(H,)](part_o, part_m, part_l, out, H // G, splits, HEAD_DIM=D, HPG_PAD=hpg_pad,
+                               SPLITS_PAD=tr.next_power_of_2(splits), PDL=False, num_warps=4)
+    assert rel(out, reference_attention(q[None], kc[None], vc[None], 0, slot + 1)) < 1e-5
+
+
 def test_decode_attention_half_and_a_strided_layer_view():
     # float16: the interpreter has no bfloat16 (bench/check_kernels_batch.py covers bf16 on the GPU)
     B = len(POSITIONS)
