@@ -67,7 +67,8 @@ if HAVE_TRITON:
         # c[M, N] = a[M, K] @ (w[N, K] * scale[N, None]).T (+ bias): scale applied to the float32 sum.
         # SPLIT_K > 1: program (pid, s) sums the s-th K_PART of K into float32 partials part[s, M, N], added in
         # order by _split_sum_kernel or (LAST_SUMS) by the tile's last program to finish, told by its counter
-        # (count_ptr[pid], zero between launches): more programs when few rows leave the SMs idle. RESIDUAL: res[M, N] (it may be c) added after the bias (split: by whoever adds the partials).
+        # (count_ptr[pid], zero between launches): more programs when few rows leave the SMs idle.
+        # RESIDUAL: res[M, N] (it may be c) added after the bias (split: by whoever adds the partials).
         # SWIGLU (no split): c[M, N] = silu(gate) * up, gate from weight rows n and up from rows F_OFF + n, both
         # summed by the same program (ChatGLM2's dense_h_to_4h without its [M, 2N] output and a launch of its own)
         pid = tl.program_id(0)

@@ -31,9 +31,6 @@ if HAVE_TRITON:
             s = tl.sin(angle).to(half).to(tl.float32)
         return c, s
 
-
-if HAVE_TRITON:
-
     @triton.jit
     def rotate_pairs_store(a, b, row, mask, pos, slot, out_ptr, k_ptr, v_ptr, inv_freq_ptr, divisor, Q_ROWS, KV_ROWS,
                            stride_g, stride_t, HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROUND: tl.constexpr):
