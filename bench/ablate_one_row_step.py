@@ -107,8 +107,8 @@ def _empty_kernel():
 def empty_attention(q, k_cache, *args, out=None, workspace=None, pdl=False, **kw):
     """A kernel that does nothing in ``decode_attention``'s grid, launched as it is (programmatic dependent launch:
     the dependents released, then the wait on the kernel ahead); returns ``out`` as it was."""
-    splits = workspace.num_splits if workspace is not None else 1
-    _empty_kernel()[(q.shape[0], k_cache.shape[1], splits)](PDL=pdl, num_warps=8,
+    splits, warps = (workspace.num_splits, workspace.num_warps) if workspace is not None else (1, 8)
+    _empty_kernel()[(q.shape[0], k_cache.shape[1], splits)](PDL=pdl, num_warps=warps,
                                                             **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -172,7 +172,7 @@ def main() -> None:
 
     from backend.decode import one_row_tuning
     from backend.engine import ChatEngine
-    from backend.kernels.attention_batch import ONE_ROW_TILE, attention_workspace
+    from backend.kernels.attention_batch import attention_workspace
     from bench_engine import copy_bandwidth, json_lines, linear_bytes, step_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -216,12 +216,15 @@ def main() -> None:
                                  in_step_tb_s=round(part_bytes[part] / (cost * 1e-3) / 1e12, 2),
                                  pct_of_bound=round(100 * part_bytes[part] / bandwidth / (cost * 1e-3), 1))
                 emit(what="left_out", context=context, part=part, step_ms=round(ms, 4), cost_ms=round(cost, 4), **extra)
+            running = (step.workspace if step is not None else None, dec._workspaces.get(1))
             for block_t, warps in [tuple(int(v) for v in t.split("x")) for t in args.attention_tiles.split(",")]:
                 for splits in [int(s) for s in args.splits.split(",")]:
                     use_attention_tile(dec, splits, block_t, warps)
                     emit(what="splits", context=context, splits=splits, block_t=block_t, num_warps=warps,
                          ms=round(step_ms(dec), 4))
-            use_attention_tile(dec, splits_default, **ONE_ROW_TILE)  # the tile the step runs
+            if step is not None:  # back to the workspaces the step runs with
+                step.workspace = running[0]
+            dec._workspaces[1] = running[1]
     engine.close()
 
 
