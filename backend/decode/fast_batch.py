@@ -133,25 +133,8 @@ class BatchFastDecoder:
         self.prefix_of = prefix_of
         self.eps = cfg.layernorm_epsilon
         self.heads, self.groups, self.head_dim = cfg.num_attention_heads, cfg.multi_query_group_num, cfg.kv_channels
-        self.rotary_dim = cfg.kv_channels // 2
-        # the family's rotary, as modeling.rotary_cos_sin computes it: ChatGLM2 rounds its angles in a 16-bit
-        # model dtype (the kernel is told to round the same way), ChatGLM3 keeps float32
-        self.rope = rope_settings(cfg)
-        half = self.dtype in (torch.float16, torch.bfloat16)
-        self.angle_dtype = self.dtype if half and not self.rope.float32 else None
-        work = self.angle_dtype or torch.float32
-        exponents = torch.arange(0, self.rotary_dim, 2, dtype=work, device=self.device) / self.rotary_dim
-        self.inv_freq = (1.0 / (self.rope.base ** exponents)).float()
-        with torch.no_grad():
-            self.embedding = emb.detach()
-            self.layers = [
-                _LayerWeights(b.input_layernorm.weight.detach(), BatchLinear(b.self_attention.query_key_value, self.dtype, "qkv"),
-                              BatchLinear(b.self_attention.dense, self.dtype, "dense"), b.post_attention_layernorm.weight.detach(),
-                              BatchLinear(b.mlp.dense_h_to_4h, self.dtype, "fc1"), BatchLinear(b.mlp.dense_4h_to_h, self.dtype, "fc2"))
-                for b in tr.encoder.layers
-            ]
-            self.final_ln = tr.encoder.final_layernorm.weight.detach()
-            self.output = BatchLinear(tr.output_layer, self.dtype, "output")
+        self._set_rotary(cfg)
+        self._take_weights(tr)
         self.slot_bytes = cfg.num_layers * 2 * self.groups * self.head_dim * self.dtype.itemsize
         self.memory_short = False  # set by _size_cache when the context had to shrink to fit
         self.context_length, self.max_batch = self._size_cache(cfg, context_length, max_batch, cache_share)
@@ -207,6 +190,31 @@ class BatchFastDecoder:
             tuned = one_row_tuning.cached(self) if cuda else None  # this card's tiles, tuned by an earlier warm-up
             if tuned:
                 one_row_tuning.apply(self, tuned)
+
+    def _set_rotary(self, cfg) -> None:
+        """The family's rotary, as modeling.rotary_cos_sin computes it: ChatGLM2 rounds its angles in a 16-bit model
+        dtype (the kernel is told to round the same way), ChatGLM3 keeps float32."""
+        self.rotary_dim = cfg.kv_channels // 2
+        self.rope = rope_settings(cfg)
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        self.angle_dtype = self.dtype if half and not self.rope.float32 else None
+        work = self.angle_dtype or torch.float32
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=work, device=self.device) / self.rotary_dim
+        self.inv_freq = (1.0 / (self.rope.base ** exponents)).float()
+
+    @torch.no_grad()
+    def _take_weights(self, tr) -> None:
+        """The model's weights as stored (shared, not copied): each layer's norms and linears, the final norm and the
+        output layer."""
+        self.embedding = tr.embedding.word_embeddings.weight.detach()
+        self.layers = [
+            _LayerWeights(b.input_layernorm.weight.detach(), BatchLinear(b.self_attention.query_key_value, self.dtype, "qkv"),
+                          BatchLinear(b.self_attention.dense, self.dtype, "dense"), b.post_attention_layernorm.weight.detach(),
+                          BatchLinear(b.mlp.dense_h_to_4h, self.dtype, "fc1"), BatchLinear(b.mlp.dense_4h_to_h, self.dtype, "fc2"))
+            for b in tr.encoder.layers
+        ]
+        self.final_ln = tr.encoder.final_layernorm.weight.detach()
+        self.output = BatchLinear(tr.output_layer, self.dtype, "output")
 
     def _size_cache(self, cfg, context_length, max_batch, share) -> tuple[int, int]:
         """Context per row and rows, from the model's seq_length and the memory free now."""
