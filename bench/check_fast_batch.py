@@ -74,14 +74,15 @@ def logits_decoder(model, prefix_of, max_batch: int) -> BatchFastDecoder:
     return BatchFastDecoder(model, prefix_of, max_batch=max_batch, decode_ahead=False)
 
 
-def ahead_check(name: str, model, prefix_of, max_batch: int) -> None:
+def ahead_check(name: str, model, prefix_of, max_batch: int, reqs: list | None = None) -> None:
     """Greedy tokens with the next step fed on the device and queued ahead (what users run) equal those of steps
     fed from the host one at a time: the same kernels on the same inputs, so equal in any dtype."""
-    tokens = [run(BatchFastDecoder(model, prefix_of, max_batch=max_batch, decode_ahead=ahead), requests())
+    reqs = reqs or requests()
+    tokens = [run(BatchFastDecoder(model, prefix_of, max_batch=max_batch, decode_ahead=ahead), reqs)
               for ahead in (True, False)]
     same = sum(a == b for a, b in zip(tokens[0].values(), tokens[1].values()))
-    check(f"{name} greedy rows with the step ahead equal steps fed from the host", same == len(tokens[1]),
-          f"{same}/{len(tokens[1])} rows")
+    check(f"{name} greedy rows ({len(reqs)}) with the step ahead equal steps fed from the host",
+          same == len(tokens[1]), f"{same}/{len(tokens[1])} rows")
 
 
 def check(name: str, ok: bool, detail: str = "") -> None:
@@ -212,6 +213,11 @@ def quantized_checks(quantizations=("8bit", "4bit")) -> None:
             # kernels reading the same packed weights: rounding apart
             check(f"{quantization} logits of {4 * copies} rows (prompt + 2 steps) agree with eager",
                   err < 5e-2, f"relative error {err:.2e}")
+        # compare's two rows (the second joins after three steps): the two-row bucket's own step, then its greedy
+        # tokens with the step ahead
+        err = quantized_logits_error(quantization, reqs=requests()[:2])
+        check(f"{quantization} logits of 2 rows (compare's bucket; prompt + 2 steps) agree with eager", err < 5e-2,
+              f"relative error {err:.2e}")
         # one row's 1100-token prompt: the weight widened for cuBLAS, which adds dense's and fc2's products into
         # the residual stream in place
         g = torch.Generator().manual_seed(2)
@@ -241,6 +247,8 @@ def quantized_logits_error(quantization: str, copies: int = 1, reqs: list | None
         reqs = requests() * copies
         if copies == 1:
             ahead_check(quantization, loaded.model, lambda a: None, 4)
+    elif len(reqs) == 2:  # compare's two rows
+        ahead_check(quantization, loaded.model, lambda a: None, 2, reqs)
     reqs = [DecodeRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=3)) for r in reqs]
     for name, dec in (("eager", EagerBatchDecoder(loaded.model, lambda a: None, max_batch=len(reqs))),
                       ("fast", logits_decoder(loaded.model, lambda a: None, max_batch=len(reqs)))):

@@ -72,6 +72,7 @@ WARM_PASTED_DOCUMENTS = int(os.environ.get("GLMCHAT_WARM_PASTED_DOCUMENTS", "2")
 # eager prompt (~30 launches a layer from Python) gave first tokens at 14-42 ms on the H100 (bench/NOTES.md, run
 # 23); more rows go eagerly as one batch, whose host time is shared by all of them
 GRAPHED_PROMPT_ROWS = 3
+FOUR_BIT_PDL_MAX_ROWS = 2  # a 4-bit model's general step launches as programmatic dependents up to this many rows
 
 
 def greedy_pick(logits: torch.Tensor, out: Optional[torch.Tensor] = None,
@@ -668,16 +669,29 @@ class BatchFastDecoder:
             feed_and_embed(self._fed_flag, self.fed_picks, self.tokens, self.positions, self.embedding, x)
         else:
             torch.index_select(self.embedding, 0, self.tokens[:bucket], out=x)
+        pdl = self._rows_pdl(bucket)
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i, :bucket], self.v_cache[i, :bucket]
-            q = lw.qkv(x, norm=lw.ln1, eps=self.eps, rope=RopeWrite(kc, vc, pos, plen, self.heads, self.groups,
-                                                                     self.inv_freq, self.rope.position_divisor,
-                                                                     self.angle_dtype))
-            attn = decode_attention(q, kc, vc, pos, plen, workspace=ws)
-            x = lw.dense(attn, residual=x)
-            x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True), residual=x)
+            q = lw.qkv(x, norm=lw.ln1, eps=self.eps, pdl=pdl, rope=RopeWrite(kc, vc, pos, plen, self.heads, self.groups,
+                                                                              self.inv_freq, self.rope.position_divisor,
+                                                                              self.angle_dtype))
+            attn = decode_attention(q, kc, vc, pos, plen, workspace=ws, pdl=pdl)
+            x = lw.dense(attn, residual=x, pdl=pdl)
+            x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True, pdl=pdl), residual=x, pdl=pdl)
         logits = self.output(x, norm=self.final_ln, eps=self.eps)
         return logits, greedy_pick(logits, out=self.fed_picks[:bucket], fed_flag=self._fed_flag)
+
+    def _rows_pdl(self, bucket: int) -> bool:
+        """Whether the general step's layers launch as programmatic dependents (Hopper, in graphs): for the few rows
+        of a 4-bit model (compare's two), whose linears are all ``quant_linear``'s many small programs, as the
+        one-row step's are. Not for int8's matmul tiles: there it parked waiting programs on the SMs the tiles
+        ahead needed (bench/NOTES.md run 45). Off until measured: GLMCHAT_ROWS_PDL_4BIT=1 turns it on (bench/'s A/B)."""
+        if bucket > FOUR_BIT_PDL_MAX_ROWS or os.environ.get("GLMCHAT_ROWS_PDL_4BIT", "0") != "1":
+            return False
+        if not self.use_graphs or torch.cuda.get_device_capability(self.device)[0] < 9:
+            return False
+        return all(lin.q is not None and lin.q.fmt != "int8" for lw in self.layers
+                   for lin in (lw.qkv, lw.dense, lw.up, lw.down))
 
     # -- prompts --------------------------------------------------------------------------------
 
