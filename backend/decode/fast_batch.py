@@ -42,7 +42,7 @@ from ..device_sampling import on_device
 from ..generation import INVALID_SCORE_TOKEN, logits_processors
 from ..int8_linear import WIDEN_MIN_ROWS
 from ..kernels.int8_matmul import MATMUL_MID_ROWS
-from ..kernels.attention_batch import ONE_ROW_TILE, RopeWrite, attention_workspace, decode_attention, rope_cache_write
+from ..kernels.attention_batch import RopeWrite, attention_workspace, decode_attention, rope_cache_write
 from ..kernels.gemv_4bit import kernels_run
 from ..kernels.greedy_rows import greedy_rows, greedy_rows_torch
 from ..kernels.step_feed import feed_and_embed
@@ -658,11 +658,9 @@ class BatchFastDecoder:
             return self._one_row_step(feed=feed)
         ws = self._workspaces.get(bucket)
         if ws is None:
-            # compare's two rows: each (row, group) is the one-row step's latency chain, so its tile (unmeasured at two
-            # rows: bench/NOTES.md run 53)
-            tile = ONE_ROW_TILE if bucket <= 2 else {}
+            # (not the one-row step's tile: at two rows it lost, compare 668.1 -> 655.7 tok/s: bench/NOTES.md run 54)
             ws = self._workspaces[bucket] = attention_workspace(bucket, self.heads, self.groups, self.head_dim,
-                                                                self.device, **tile)
+                                                                self.device)
         pos, plen = self.positions[:bucket], self.prefix_lens[:bucket]
         x = torch.empty(bucket, self.embedding.shape[1], device=self.device, dtype=self.embedding.dtype)
         if feed:
