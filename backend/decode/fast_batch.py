@@ -683,8 +683,9 @@ class BatchFastDecoder:
         """Whether the general step's layers launch as programmatic dependents (Hopper, in graphs): for the few rows
         of a 4-bit model (compare's two), whose linears are all ``quant_linear``'s many small programs, as the
         one-row step's are. Not for int8's matmul tiles: there it parked waiting programs on the SMs the tiles
-        ahead needed (bench/NOTES.md run 45). Off until measured: GLMCHAT_ROWS_PDL_4BIT=1 turns it on (bench/'s A/B)."""
-        if bucket > FOUR_BIT_PDL_MAX_ROWS or os.environ.get("GLMCHAT_ROWS_PDL_4BIT", "0") != "1":
+        ahead needed (bench/NOTES.md run 45). NF4 compare +0.7% with it (run 54). GLMCHAT_ROWS_PDL_4BIT=0 turns it off, for
+        an A/B in one process."""
+        if bucket > FOUR_BIT_PDL_MAX_ROWS or os.environ.get("GLMCHAT_ROWS_PDL_4BIT", "1") == "0":
             return False
         if not self.use_graphs or torch.cuda.get_device_capability(self.device)[0] < 9:
             return False
