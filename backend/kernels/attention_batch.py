@@ -333,7 +333,9 @@ class AttentionWorkspace:
 
 # The one-row step's tile (H100, bench/NOTES.md run 53: 8-bit step at context 128 2.652 -> 2.579 ms with 16 splits,
 # 2.522 with one program; 1024: 2.722 -> 2.689): at one row the attention is a latency chain, and each split's
-# partials, counter and merge cost ~3 us, about four 32-slot tiles, so rows of up to five tiles take one program
+# partials, counter and merge cost ~3 us, about four 32-slot tiles, so rows of up to five tiles take one program.
+# 1 or 2 warps were slower at every split count (run 54), and so was this tile for compare's two rows, which keep
+# the general one
 ONE_ROW_TILE = dict(block_t=32, num_warps=4, alone_slots=160)
 
 
