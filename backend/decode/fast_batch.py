@@ -208,10 +208,11 @@ class BatchFastDecoder:
         """The model's weights as stored (shared, not copied): each layer's norms and linears, the final norm and the
         output layer."""
         self.embedding = tr.embedding.word_embeddings.weight.detach()
+        dt = self.dtype
         self.layers = [
-            _LayerWeights(b.input_layernorm.weight.detach(), BatchLinear(b.self_attention.query_key_value, self.dtype, "qkv"),
-                          BatchLinear(b.self_attention.dense, self.dtype, "dense"), b.post_attention_layernorm.weight.detach(),
-                          BatchLinear(b.mlp.dense_h_to_4h, self.dtype, "fc1"), BatchLinear(b.mlp.dense_4h_to_h, self.dtype, "fc2"))
+            _LayerWeights(b.input_layernorm.weight.detach(), BatchLinear(b.self_attention.query_key_value, dt, "qkv"),
+                          BatchLinear(b.self_attention.dense, dt, "dense"), b.post_attention_layernorm.weight.detach(),
+                          BatchLinear(b.mlp.dense_h_to_4h, dt, "fc1"), BatchLinear(b.mlp.dense_4h_to_h, dt, "fc2"))
             for b in tr.encoder.layers
         ]
         self.final_ln = tr.encoder.final_layernorm.weight.detach()
@@ -658,7 +659,7 @@ class BatchFastDecoder:
             return self._one_row_step(feed=feed)
         ws = self._workspaces.get(bucket)
         if ws is None:
-            # (not the one-row step's tile: at two rows it lost, compare 668.1 -> 655.7 tok/s: bench/NOTES.md run 54)
+            # the general tile: the one-row step's lost at two rows (compare 668.1 -> 655.7 tok/s, bench/NOTES.md run 54)
             ws = self._workspaces[bucket] = attention_workspace(bucket, self.heads, self.groups, self.head_dim,
                                                                 self.device)
         pos, plen = self.positions[:bucket], self.prefix_lens[:bucket]
@@ -670,9 +671,9 @@ class BatchFastDecoder:
         pdl = self._rows_pdl(bucket)
         for i, lw in enumerate(self.layers):
             kc, vc = self.k_cache[i, :bucket], self.v_cache[i, :bucket]
-            q = lw.qkv(x, norm=lw.ln1, eps=self.eps, pdl=pdl, rope=RopeWrite(kc, vc, pos, plen, self.heads, self.groups,
-                                                                              self.inv_freq, self.rope.position_divisor,
-                                                                              self.angle_dtype))
+            rope = RopeWrite(kc, vc, pos, plen, self.heads, self.groups, self.inv_freq, self.rope.position_divisor,
+                             self.angle_dtype)
+            q = lw.qkv(x, norm=lw.ln1, eps=self.eps, pdl=pdl, rope=rope)
             attn = decode_attention(q, kc, vc, pos, plen, workspace=ws, pdl=pdl)
             x = lw.dense(attn, residual=x, pdl=pdl)
             x = lw.down(lw.up(x, norm=lw.ln2, eps=self.eps, swiglu=True, pdl=pdl), residual=x, pdl=pdl)
@@ -682,9 +683,9 @@ class BatchFastDecoder:
     def _rows_pdl(self, bucket: int) -> bool:
         """Whether the general step's layers launch as programmatic dependents (Hopper, in graphs): for the few rows
         of a 4-bit model (compare's two), whose linears are all ``quant_linear``'s many small programs, as the
-        one-row step's are. Not for int8's matmul tiles: there it parked waiting programs on the SMs the tiles
-        ahead needed (bench/NOTES.md run 45). NF4 compare +0.7% with it (run 54). GLMCHAT_ROWS_PDL_4BIT=0 turns it off, for
-        an A/B in one process."""
+        one-row step's are (NF4 compare +0.7%, bench/NOTES.md run 54). Not for int8's matmul tiles: there it parked
+        waiting programs on the SMs the tiles ahead needed (run 45). GLMCHAT_ROWS_PDL_4BIT=0 turns it off, for an
+        A/B in one process."""
         if bucket > FOUR_BIT_PDL_MAX_ROWS or os.environ.get("GLMCHAT_ROWS_PDL_4BIT", "1") == "0":
             return False
         if not self.use_graphs or torch.cuda.get_device_capability(self.device)[0] < 9:
