@@ -486,18 +486,14 @@ def test_only_a_4bit_models_few_rows_launch_as_programmatic_dependents(monkeypat
     """The general step's programmatic dependent launches (Hopper, in CUDA graphs) are for a 4-bit model's one or two
     rows, whose linears are all quant_linear's: not a 16-bit or int8 model's (the int8 matmul tiles lost 11.5% with
     them, bench/NOTES.md run 45), not more rows, not before Hopper or without graphs, and not with the switch off."""
-    from backend.decode.fast_batch import BatchFastDecoder
+    from backend.decode.fast_batch import BatchFastDecoder, rows_pdl
     from tests.kernels_interpreted.decoder_models import int4_release_model, make_model
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     four_bit = BatchFastDecoder(int4_release_model()[0], lambda a: None, max_batch=4)
     plain = BatchFastDecoder(make_model()[0], lambda a: None, max_batch=4)
-    assert not four_bit._rows_pdl(2)  # no CUDA graphs here
-    four_bit.use_graphs = plain.use_graphs = True
-    assert four_bit._rows_pdl(1) and four_bit._rows_pdl(2) and not four_bit._rows_pdl(4)
-    assert not plain._rows_pdl(2)
+    assert not four_bit._rows_pdl(2)  # a CPU decoder: no graphs, no Hopper
+    assert rows_pdl(four_bit.layers, 1, True) and rows_pdl(four_bit.layers, 2, True)
+    assert not rows_pdl(four_bit.layers, 4, True) and not rows_pdl(four_bit.layers, 2, False)
+    assert not rows_pdl(plain.layers, 2, True)
     monkeypatch.setenv("GLMCHAT_ROWS_PDL_4BIT", "0")
-    assert not four_bit._rows_pdl(2)
-    monkeypatch.delenv("GLMCHAT_ROWS_PDL_4BIT")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert not four_bit._rows_pdl(2)
+    assert not rows_pdl(four_bit.layers, 2, True)

@@ -75,6 +75,17 @@ GRAPHED_PROMPT_ROWS = 3
 FOUR_BIT_PDL_MAX_ROWS = 2  # a 4-bit model's general step launches as programmatic dependents up to this many rows
 
 
+def rows_pdl(layers, bucket: int, hopper_graphs: bool) -> bool:
+    """Whether a general step of ``bucket`` rows launches its layers as programmatic dependents: in CUDA graphs on
+    Hopper and later (``hopper_graphs``), for the few rows of a 4-bit model (compare's two), whose linears are all
+    ``quant_linear``'s many small programs, as the one-row step's are (NF4 compare +0.7%, bench/NOTES.md run 54). Not
+    for int8's matmul tiles: there it parked waiting programs on the SMs the tiles ahead needed (run 45).
+    GLMCHAT_ROWS_PDL_4BIT=0 turns it off, for an A/B in one process."""
+    if not hopper_graphs or bucket > FOUR_BIT_PDL_MAX_ROWS or os.environ.get("GLMCHAT_ROWS_PDL_4BIT", "1") == "0":
+        return False
+    return all(lin.q is not None and lin.q.fmt != "int8" for lw in layers for lin in (lw.qkv, lw.dense, lw.up, lw.down))
+
+
 def greedy_pick(logits: torch.Tensor, out: Optional[torch.Tensor] = None,
                 fed_flag: Optional[torch.Tensor] = None) -> torch.Tensor:
     """argmax per row [B], or INVALID_SCORE_TOKEN where a row's logits hold nan/inf (the original chat's guard);
@@ -681,17 +692,10 @@ class BatchFastDecoder:
         return logits, greedy_pick(logits, out=self.fed_picks[:bucket], fed_flag=self._fed_flag)
 
     def _rows_pdl(self, bucket: int) -> bool:
-        """Whether the general step's layers launch as programmatic dependents (Hopper, in graphs): for the few rows
-        of a 4-bit model (compare's two), whose linears are all ``quant_linear``'s many small programs, as the
-        one-row step's are (NF4 compare +0.7%, bench/NOTES.md run 54). Not for int8's matmul tiles: there it parked
-        waiting programs on the SMs the tiles ahead needed (run 45). GLMCHAT_ROWS_PDL_4BIT=0 turns it off, for an
-        A/B in one process."""
-        if bucket > FOUR_BIT_PDL_MAX_ROWS or os.environ.get("GLMCHAT_ROWS_PDL_4BIT", "1") == "0":
-            return False
-        if not self.use_graphs or torch.cuda.get_device_capability(self.device)[0] < 9:
-            return False
-        return all(lin.q is not None and lin.q.fmt != "int8" for lw in self.layers
-                   for lin in (lw.qkv, lw.dense, lw.up, lw.down))
+        """Whether the general step's layers launch as programmatic dependents (``rows_pdl``)."""
+        hopper_graphs = (self.use_graphs and self.device.type == "cuda"
+                         and torch.cuda.get_device_capability(self.device)[0] >= 9)
+        return rows_pdl(self.layers, bucket, hopper_graphs)
 
     # -- prompts --------------------------------------------------------------------------------
 
