@@ -497,3 +497,33 @@ def test_only_a_4bit_models_few_rows_launch_as_programmatic_dependents(monkeypat
     assert not rows_pdl(plain.layers, 2, True)
     monkeypatch.setenv("GLMCHAT_ROWS_PDL_4BIT", "0")
     assert not rows_pdl(four_bit.layers, 2, True)
+
+
+def test_a_capture_that_fails_with_programmatic_launches_drops_them_for_every_step(monkeypatch):
+    """A driver without programmatic dependent launches in CUDA graphs fails the first capture that uses them (a
+    4-bit compare's here): the decoder captures again with plain launches, and no later step tries them; a capture
+    that fails without them raises."""
+    import backend.cuda_streams as cuda_streams
+    from backend.decode.fast_batch import BatchFastDecoder
+    from tests.kernels_interpreted.decoder_models import int4_release_model
+
+    dec = BatchFastDecoder(int4_release_model()[0], lambda a: None, max_batch=4)
+    dec.pdl_in_graphs = True  # as on a Hopper card in graphs
+    tries = []
+
+    def capture(step, device, pool):
+        tries.append(dec._rows_pdl(2))
+        if tries[-1]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return "graph", ("logits", "picks")
+
+    monkeypatch.setattr(cuda_streams, "warm_and_capture", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert dec._capture(2) == "graph" and tries == [True, False]
+    assert not dec.pdl_in_graphs and not dec._step_pdl(1) and not dec._step_pdl(2)
+    def fails(step, device, pool):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cuda_streams, "warm_and_capture", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dec._capture(4)

@@ -193,12 +193,12 @@ class BatchFastDecoder:
             prompt_graphs = self.use_graphs and os.environ.get("GLMCHAT_PROMPT_GRAPHS", "1") != "0"
         self._prompt_graphs = PromptGraphs(self._prompt_math, self.device, self._pool, self.slots,
                                            capture=self.use_graphs) if prompt_graphs else None
-        # one row's decode step with the one-row decoder's fusions (decode/one_row_step.py), where its GEMV applies;
-        # programmatic dependent launch from Hopper on, in graphs
+        # programmatic dependent launches: from Hopper on, in graphs (cleared where a capture with them fails)
+        self.pdl_in_graphs = self.use_graphs and cuda and torch.cuda.get_device_capability(self.device)[0] >= 9
+        # one row's decode step with the one-row decoder's fusions (decode/one_row_step.py), where its GEMV applies
         self._one_row_step = None
         if one_row_step.fused_one_row_enabled() and one_row_step.applies(self):
-            pdl = self.use_graphs and torch.cuda.get_device_capability(self.device)[0] >= 9
-            self._one_row_step = one_row_step.OneRowStep(self, pdl)
+            self._one_row_step = one_row_step.OneRowStep(self, self.pdl_in_graphs)
             tuned = one_row_tuning.cached(self) if cuda else None  # this card's tiles, tuned by an earlier warm-up
             if tuned:
                 one_row_tuning.apply(self, tuned)
@@ -653,10 +653,12 @@ class BatchFastDecoder:
         try:
             graph, self._graph_out[bucket] = capture()
         except Exception:
-            if bucket != 1 or self._one_row_step is None or not self._one_row_step.pdl:
+            if not self._step_pdl(bucket):
                 raise
-            torch.cuda.synchronize(self.device)  # a driver or runtime without PDL in graphs: the plain launches
-            self._one_row_step.pdl = False
+            torch.cuda.synchronize(self.device)  # a driver or runtime without PDL in graphs: plain launches, every step
+            self.pdl_in_graphs = False
+            if self._one_row_step is not None:
+                self._one_row_step.pdl = False
             graph, self._graph_out[bucket] = capture()
         self._fed_flag.zero_()
         self._graphs[bucket] = graph
@@ -693,9 +695,13 @@ class BatchFastDecoder:
 
     def _rows_pdl(self, bucket: int) -> bool:
         """Whether the general step's layers launch as programmatic dependents (``rows_pdl``)."""
-        hopper_graphs = (self.use_graphs and self.device.type == "cuda"
-                         and torch.cuda.get_device_capability(self.device)[0] >= 9)
-        return rows_pdl(self.layers, bucket, hopper_graphs)
+        return rows_pdl(self.layers, bucket, self.pdl_in_graphs)
+
+    def _step_pdl(self, bucket: int) -> bool:
+        """Whether the decode step of ``bucket`` rows launches anything as a programmatic dependent."""
+        if bucket == 1 and self._one_row_step is not None:
+            return self._one_row_step.pdl
+        return self._rows_pdl(bucket)
 
     # -- prompts --------------------------------------------------------------------------------
 
