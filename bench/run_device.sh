@@ -36,6 +36,8 @@
 #                                     # the pick) and its attention at 1-16 splits: 8-bit, bf16, NF4 (ABLATE_Q: some)
 #   bash bench/run_device.sh ab-tree   # a kernel change A/B: 8-bit and NF4 chat and compare (ChatEngine) from an
 #                                      # earlier tree's backend (carried in .carry/before) and this one, alternately
+#   bash bench/run_device.sh persistent  # NF4 chat and compare with the persistent one-row GEMV among the tiles and
+#                                        # without, alternately; the tiles picked, the step, 4-bit GPU checks, int4
 #   bash bench/run_device.sh ab-env    # a switch A/B (AB_ENV=NAME=VALUE, e.g. GLMCHAT_SPLIT_LAST_SUMS=0): 8-bit and
 #                                      # NF4 chat and compare as the tree runs them and with it, alternately; then
 #                                      # the quantized GPU checks
@@ -182,6 +184,29 @@ ab-tree)
   for f in "$OUT"/engine_before_*.jsonl "$OUT"/engine_after_*.jsonl; do
     grep -a '"chat", "greedy": true\|"compare"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
   done
+  ;;
+persistent)
+  # the persistent 4-bit one-row GEMV (kernels/quant_persistent.py) among the one-row step's tiles: NF4 chat and
+  # compare with it ("on": tuned in, in this call's cache) and without (GLMCHAT_PERSISTENT_GEMV=0, the carried tuning
+  # in a cache of its own), alternately ROUNDS times; the 4-bit tiles each arm picked; ablate's step and parts with
+  # it; the 4-bit GPU checks; the int4 release's chat
+  rm -rf /tmp/glmcache-off && cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-off
+  for round in $(seq "${ROUNDS:-2}"); do
+    engine "on_$round" --model /tmp/glm6b --quantization 4bit --rows 1,2 --repeat 1
+    (export GLMCHAT_PERSISTENT_GEMV=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-off
+     engine "off_$round" --model /tmp/glm6b --quantization 4bit --rows 1,2 --repeat 1)
+  done
+  for f in "$OUT"/engine_on_*.jsonl "$OUT"/engine_off_*.jsonl; do
+    grep -a '"chat", "greedy": true\|"compare"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
+  done
+  for d in "$GLMCHAT_CACHE_DIR" /tmp/glmcache-off; do
+    python3 -c "import json,glob,sys; [print(sys.argv[1], k, {a: tuple(c.get(f) for f in ('kernel', 'block_n', 'block_p', 'block_k', 'num_warps', 'programs_per_sm', 'prefetch')) for a, c in v.items() if a != '_among'}) for f in glob.glob(sys.argv[1] + '/kernel-tuning/*.json') for k, v in json.load(open(f))['configs'].items() if k.startswith('one_row_step:nf4')]" "$d"
+  done
+  ABLATE_Q=4bit PART=ablate bash "$0" prefetch
+  timeout 200 python3 bench/check_fast_batch.py --quantized 4bit > "$OUT/check_4bit.log" 2>&1
+  stamp "check_fast_batch --quantized 4bit rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_4bit.log" | cut -c1-150
+  engine int4 --model /tmp/glm6b-int4 --rows 1 --repeat 1
+  grep -a '"chat"' "$OUT/engine_int4.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
   ;;
 ab-env)
   # a switch through ChatEngine: 8-bit and NF4 chat and compare as the tree runs them ("default") and with AB_ENV

@@ -89,7 +89,7 @@ def _four_bit_decoder(dtype=torch.bfloat16):
 
 def test_a_4bit_models_layers_start_from_quant_linears_pick_and_are_tuned_among_its_one_row_tiles():
     """4-bit layers (NF4, the int4 release) start from quant_linear's own pick (None) and are tuned inside the step
-    among its words tiles (fc1's halved for SwiGLU), with the register table where the rows' dtype has one; the
+    among its words and persistent tiles (fc1's halved for SwiGLU), with the register table where the rows' dtype has one; the
     16-bit output layer among the one-row GEMV's tiles."""
     from backend.kernels import packed_products
     from backend.kernels.int8_gemv import DEFAULT_GEMV
@@ -101,7 +101,8 @@ def test_a_4bit_models_layers_start_from_quant_linears_pick_and_are_tuned_among_
     assert list(cands) == list(T.KINDS) and cands["output"] == T.CANDIDATES["float"]["output"]
     table = packed_products.tried()
     for kind in ("qkv", "dense", "fc1", "fc2"):
-        assert cands[kind] and all(c.kernel == "words" and (c.lut == 3) == table for c in cands[kind])
+        assert cands[kind] and all(c.kernel in ("words", "persistent") and (c.lut == 3) == table for c in cands[kind])
+        assert any(c.kernel == "persistent" for c in cands[kind])
     assert max(c.block_n for c in cands["fc1"]) < max(c.block_n for c in cands["qkv"])  # SwiGLU: two rows an output
     assert all(c.lut != 3 for c in T.candidates_for(_four_bit_decoder(torch.float32))["qkv"])  # no fp32 table
     assert T.tuning_key(decoder) == "one_row_step:nf4-float:bfloat16:2x48x32x32x64x100"

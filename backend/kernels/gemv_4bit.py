@@ -505,7 +505,8 @@ class QuantLinearConfig:
     kernel: str = "gemv"  # "gemv" (a row a program column, float32 row sums), "mm" (tl.dot tiles),
     # "rows" (int8: every activation row, up to block_m, against weight rows read once; float32 sums) or
     # "words" (quant_words.py: the weight read as 32-bit words, block_m = 1 or 2 rows a program; 4-bit here,
-    # int8 through gemv_rows)
+    # int8 through gemv_rows) or "persistent" (quant_persistent.py: one row, 4-bit, a few programs an SM looping
+    # over blocks of block_n weight rows, the whole of K a tile)
     block_n: int = 8
     block_k: int = 512  # weights (not bytes) along K a tile
     block_m: int = 16  # mm only
@@ -517,6 +518,7 @@ class QuantLinearConfig:
     split_k: int = 1  # mm only: K in this many parts, each its own program (more programs for a short N)
     cvt: int = 1  # words, int8: 1 = int8 to float32 by an exponent trick, 0 = by the conversion instruction
     prefetch: bool = False  # words: the first K step's words asked for before the wait on the kernel ahead (PDL)
+    programs_per_sm: int = 0  # persistent: programs on each multiprocessor
 
 
 def m_bucket(m: int) -> int:
@@ -588,7 +590,19 @@ def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
         if rows == 2:
             table_tiles = ((2, 1024, 4), (4, 1024, 4), (2, 2048, 4))
         configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 3) for bn, bk, w in table_tiles]
+    if rows == 1 and fmt != "int8":
+        configs += _persistent_configs(3 if packed_products.tried() else 1)
     return configs
+
+
+def _persistent_configs(lut: int) -> list[QuantLinearConfig]:
+    """quant_persistent's tiles at one row: (weight rows a block, warps, programs an SM). 4 warps give a thread 4
+    words of a 4096-long row (one 16-byte load a row); 8 warps halve the registers for fc2's 13696 (ptxas sm_90: at
+    2 rows a block and 8 warps 137 registers under Triton 3.6, none spilled; 4 warps spill there)."""
+    if os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "0":  # A/B switch for bench/ (not a user setting)
+        return []
+    tiles = ((2, 4, 4), (4, 4, 2), (4, 4, 4), (2, 8, 2), (4, 8, 2), (2, 8, 1), (4, 8, 1))
+    return [QuantLinearConfig("persistent", bn, 0, 1, w, 1, lut, programs_per_sm=p) for bn, w, p in tiles]
 
 
 def _halved(configs: list[QuantLinearConfig]) -> list[QuantLinearConfig]:
@@ -626,6 +640,8 @@ def _launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float,
     flags = (int(bias is not None), int(residual is not None), int(norm_weight is not None))
     if cfg.kernel == "words":
         _quant_words().launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl, lut, dummy, rope=rope)
+    elif cfg.kernel == "persistent":
+        _quant_persistent().launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl, dummy)
     elif cfg.kernel == "rows":
         if w.fmt != "int8" or M > cfg.block_m:
             raise ValueError(f"the rows kernel takes int8 weights and at most block_m={cfg.block_m} rows")
@@ -740,7 +756,7 @@ def quant_linear(
     if out is None:
         out = torch.empty(x.shape[0], w.n // 2 if swiglu else w.n, device=x.device, dtype=x.dtype)
     cfg = config or tuned_config(w, 16 if batch_invariant else x.shape[0], x.dtype, x.device, swiglu=swiglu, pdl=pdl)
-    if cfg.kernel == "words" and config is None and not _quant_words().usable(x, w, norm_weight, cfg.lut):
+    if config is None and not _usable(cfg, x, w, norm_weight):
         cfg = candidate_configs(w.fmt, m_bucket(x.shape[0]), swiglu)[0]  # tuned on aligned buffers; this one is not
     if rope is None:
         _launch(x, w, out, bias, residual, norm_weight, eps, swiglu, cfg, pdl)
@@ -752,11 +768,27 @@ def quant_linear(
     return rope.after(out, pdl=pdl)
 
 
+def _usable(cfg: QuantLinearConfig, x: torch.Tensor, w: QuantizedWeight, norm_weight) -> bool:
+    """Whether a tuned config's kernel can read this call (the tuner used aligned scratch buffers)."""
+    if cfg.kernel == "words":
+        return _quant_words().usable(x, w, norm_weight, cfg.lut)
+    if cfg.kernel == "persistent":
+        return _quant_persistent().usable(x, w, norm_weight, cfg.lut)
+    return True
+
+
 def _quant_words():
     """``kernels.quant_words``, imported on first use (it imports this module)."""
     from . import quant_words
 
     return quant_words
+
+
+def _quant_persistent():
+    """``kernels.quant_persistent``, imported on first use (it imports this module)."""
+    from . import quant_persistent
+
+    return quant_persistent
 
 
 def kernels_run(x: torch.Tensor) -> bool:
