@@ -37,7 +37,7 @@
 #   bash bench/run_device.sh ab-tree   # a kernel change A/B: 8-bit and NF4 chat and compare (ChatEngine) from an
 #                                      # earlier tree's backend (carried in .carry/before) and this one, alternately
 #   bash bench/run_device.sh persistent  # NF4 chat and compare with the persistent one-row GEMV among the tiles and
-#                                        # without, alternately; the tiles picked, the step, 4-bit GPU checks, int4
+#                                        # without, alternately; the tiles picked, the step, 4-bit GPU checks
 #   bash bench/run_device.sh ab-env    # a switch A/B (AB_ENV=NAME=VALUE, e.g. GLMCHAT_SPLIT_LAST_SUMS=0): 8-bit and
 #                                      # NF4 chat and compare as the tree runs them and with it, alternately; then
 #                                      # the quantized GPU checks
@@ -86,7 +86,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in attention-tiles|ab-env|ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in attention-tiles|persistent|ab-env|ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -189,7 +189,7 @@ persistent)
   # the persistent 4-bit one-row GEMV (kernels/quant_persistent.py) among the one-row step's tiles: NF4 chat and
   # compare with it ("on": tuned in, in this call's cache) and without (GLMCHAT_PERSISTENT_GEMV=0, the carried tuning
   # in a cache of its own), alternately ROUNDS times; the 4-bit tiles each arm picked; ablate's step and parts with
-  # it; the 4-bit GPU checks; the int4 release's chat
+  # it; the 4-bit GPU checks
   rm -rf /tmp/glmcache-off && cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-off
   for round in $(seq "${ROUNDS:-2}"); do
     engine "on_$round" --model /tmp/glm6b --quantization 4bit --rows 1,2 --repeat 1
