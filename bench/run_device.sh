@@ -205,8 +205,6 @@ persistent)
   ABLATE_Q=4bit PART=ablate bash "$0" prefetch
   timeout 200 python3 bench/check_fast_batch.py --quantized 4bit > "$OUT/check_4bit.log" 2>&1
   stamp "check_fast_batch --quantized 4bit rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_4bit.log" | cut -c1-150
-  engine int4 --model /tmp/glm6b-int4 --rows 1 --repeat 1
-  grep -a '"chat"' "$OUT/engine_int4.jsonl" | sed 's/.*"what"/"what"/' | cut -c1-200
   ;;
 ab-env)
   # a switch through ChatEngine: 8-bit and NF4 chat and compare as the tree runs them ("default") and with AB_ENV
