@@ -202,7 +202,9 @@ persistent)
   for d in "$GLMCHAT_CACHE_DIR" /tmp/glmcache-off; do
     python3 -c "import json,glob,sys; [print(sys.argv[1], k, {a: tuple(c.get(f) for f in ('kernel', 'block_n', 'block_p', 'block_k', 'num_warps', 'programs_per_sm', 'prefetch')) for a, c in v.items() if a != '_among'}) for f in glob.glob(sys.argv[1] + '/kernel-tuning/*.json') for k, v in json.load(open(f))['configs'].items() if k.startswith('one_row_step:nf4')]" "$d"
   done
-  ABLATE_Q=4bit PART=ablate bash "$0" prefetch
+  timeout 240 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization 4bit --splits 16 \
+      > "$OUT/ablate_4bit.jsonl" 2> "$OUT/ablate_4bit.err"
+  stamp "ablate 4bit rc $?"; grep -a '"step"\|variant\|tiles\|left_out' "$OUT/ablate_4bit.jsonl" | cut -c1-420
   timeout 200 python3 bench/check_fast_batch.py --quantized 4bit > "$OUT/check_4bit.log" 2>&1
   stamp "check_fast_batch --quantized 4bit rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_4bit.log" | cut -c1-150
   ;;
