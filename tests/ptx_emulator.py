@@ -64,23 +64,63 @@ def _f32(v: np.ndarray) -> np.ndarray:
     return v if v.dtype == np.float32 else _u32(v).view(np.float32)
 
 
+# shared memory declared by the emulated assembly: name -> (its address, its 32-bit words). One thread is emulated
+# (%laneid is 0): the shared table's 32 replicas hold the same values, so any lane's reads give the same products
+_SHARED: dict[str, tuple[int, np.ndarray]] = {}
+_SHARED_BASE = 0x400  # (not 0: an address computed without the table's base reads outside it and fails)
+
+
+def _shared_access(address: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The words array holding shared ``address`` (one declared array) and the word indices."""
+    ((base, words),) = _SHARED.values()
+    index = (address.astype(np.int64) - base) // 4
+    if np.any(address % 4) or np.any(index < 0) or np.any(index >= words.size):
+        raise AssertionError("a shared access outside the declared table, or unaligned")
+    return words, index
+
+
+def _declare_shared(line: str) -> None:
+    m = re.match(r"\.shared\s+(?:\.align\s+\d+\s+)?\.b32\s+(\w+)\[(\d+)\]", line)
+    if not m:
+        raise AssertionError(f"the emulator does not know {line}")
+    _SHARED.clear()
+    _SHARED[m.group(1)] = (_SHARED_BASE, np.zeros(int(m.group(2)), dtype=np.uint32))
+
+
 def run_ptx(text: str, operands: dict[str, object]) -> dict[str, np.ndarray]:
     """Execute the instructions packed_products emits over arrays (operands: ``$n`` -> int or array)."""
     regs: dict[str, np.ndarray] = {k: (v if isinstance(v, np.ndarray) and v.dtype == np.float32 else _u32(v))
                                    for k, v in operands.items()}
 
     def val(t: str) -> np.ndarray:
+        if t in _SHARED:
+            return _u32(_SHARED[t][0])
+        if t == "%laneid":
+            return _u32(0)
         return regs[t] if t in regs else _u32(int(t, 0))
 
     for line in text.splitlines():
         line = line.strip().rstrip(";")
+        if line.startswith(".shared"):
+            _declare_shared(line)
+            continue
         if not line or line[0] in "{}." or line.startswith("//"):
             continue
         op, rest = line.split(None, 1)
         args = [a.strip() for a in re.split(r",(?![^{]*})", rest)]
         dst = args[0]
+        if op == "st.shared.b32":
+            words, index = _shared_access(np.broadcast_to(val(dst.strip("[]")), np.shape(val(args[1]))))
+            words[index] = val(args[1])
+            continue
+        if op == "ld.shared.b32":
+            words, index = _shared_access(val(args[1].strip("[]")))
+            regs[dst] = words[index]
+            continue
         src = [val(a) for a in args[1:] if not a.startswith("{")]
-        if op == "and.b32":
+        if op == "mad.lo.u32":
+            regs[dst] = _u32(src[0].astype(np.uint64) * src[1].astype(np.uint64) + src[2].astype(np.uint64))
+        elif op == "and.b32":
             regs[dst] = src[0] & src[1]
         elif op == "xor.b32":
             regs[dst] = src[0] ^ src[1]
@@ -95,7 +135,7 @@ def run_ptx(text: str, operands: dict[str, object]) -> dict[str, np.ndarray]:
         elif op == "mov.b32" and dst.startswith("{"):
             lo, hi = dst.strip("{}").replace(" ", "").split(",")
             regs[lo], regs[hi] = val(args[1]) & np.uint32(0xFFFF), val(args[1]) >> np.uint32(16)
-        elif op == "mov.b32":
+        elif op in ("mov.b32", "mov.u32"):
             regs[dst] = src[0]
         elif op == "add.rn.f16x2":
             (a0, a1), (b0, b1) = (_halves(v, torch.float16) for v in src)

@@ -364,7 +364,7 @@ def test_the_persistent_gemv_reads_four_words_a_load(arch, pdl, fmt):
     from backend.kernels import quant_persistent as P
 
     act = "*fp16" if arch == 75 else "*bf16"
-    types = dict(QUANT_TYPES, x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
+    types = dict(QUANT_TYPES, pairs_ptr="*i32", x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
                  res_ptr=act, out_ptr=act)
     tiles = {(c.block_n, c.num_warps, c.lut) for c in Q.candidate_configs(fmt, 1) + Q.candidate_configs(fmt, 1, True)
              if c.kernel == "persistent"}

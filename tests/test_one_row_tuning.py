@@ -101,10 +101,10 @@ def test_a_4bit_models_layers_start_from_quant_linears_pick_and_are_tuned_among_
     assert list(cands) == list(T.KINDS) and cands["output"] == T.CANDIDATES["float"]["output"]
     table = packed_products.tried()
     for kind in ("qkv", "dense", "fc1", "fc2"):
-        assert cands[kind] and all(c.kernel in ("words", "persistent") and (c.lut == 3) == table for c in cands[kind])
+        assert cands[kind] and all(c.kernel in ("words", "persistent") and (c.lut >= 3) == table for c in cands[kind])
         assert any(c.kernel == "persistent" for c in cands[kind])
     assert max(c.block_n for c in cands["fc1"]) < max(c.block_n for c in cands["qkv"])  # SwiGLU: two rows an output
-    assert all(c.lut != 3 for c in T.candidates_for(_four_bit_decoder(torch.float32))["qkv"])  # no fp32 table
+    assert all(c.lut < 3 for c in T.candidates_for(_four_bit_decoder(torch.float32))["qkv"])  # no fp32 table
     assert T.tuning_key(decoder) == "one_row_step:nf4-float:bfloat16:2x48x32x32x64x100"
 
 

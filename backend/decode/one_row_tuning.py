@@ -143,12 +143,12 @@ EARLY_4BIT = {(2, 1024, 4), (4, 1024, 4), (2, 2048, 4), (4, 2048, 4)}
 
 
 def four_bit_candidates(q, dtype: torch.dtype, swiglu: bool) -> list[QuantLinearConfig]:
-    """quant_linear's words and persistent tiles at one row, those with the register table where these rows have one
-    (16-bit rows on a GPU), else the others: the tiles its own tuner tries, less the older GEMV's (slower at one row on
+    """quant_linear's words and persistent tiles at one row, those with the register or shared table where these rows
+    have one (16-bit rows on a GPU), else the others: the tiles its own tuner tries, less the older GEMV's (slower at one row on
     every card measured, bench/NOTES.md runs 18-20); then the likeliest words tiles with their first K step early."""
     table = dtype in q.table_registers and packed_products.tried()
     tiles = [c for c in candidate_configs(q.fmt, 1, swiglu)
-             if c.kernel in ("words", "persistent") and (c.lut == 3) == table]
+             if c.kernel in ("words", "persistent") and (c.lut >= 3) == table]
     return tiles + early_first_step(tiles)
 
 

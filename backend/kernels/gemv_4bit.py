@@ -85,6 +85,7 @@ class QuantizedWeight:
     # 4-bit: the code as packed_products's 8 table registers, per 16-bit activation dtype (built with the weight,
     # on the host: never inside a CUDA graph capture)
     table_registers: dict = field(default_factory=dict, repr=False)
+    _shared_pairs: dict = field(default_factory=dict, repr=False)  # dtype -> ``shared_pairs``
 
     @property
     def nested(self) -> bool:
@@ -97,6 +98,14 @@ class QuantizedWeight:
             pairs = torch.stack((self.code.float()[b >> 4], self.code.float()[b & 15]), dim=1).contiguous()
             self._pair_table = pairs.view(torch.int64).view(256)
         return self._pair_table
+
+    def shared_pairs(self, dtype: torch.dtype) -> torch.Tensor:
+        """int32 [256] on the weight's device: the shared byte-pair table's entries for ``dtype`` activations
+        (``packed_products.pair_words``), made on first use (a warm-up, before any graph capture)."""
+        if dtype not in self._shared_pairs:
+            code = self.code if self.fmt == "nf4" else packed_products.INT4_CODE
+            self._shared_pairs[dtype] = packed_products.pair_words(code, dtype).to(self.data.device)
+        return self._shared_pairs[dtype]
 
     def absmax_float(self) -> torch.Tensor:
         """nf4: the float32 absmax per block (nested ones decoded as bitsandbytes does)."""
@@ -513,7 +522,8 @@ class QuantLinearConfig:
     num_warps: int = 4
     num_stages: int = 1
     lut: int = 2  # nf4: 1 = a gather per nibble, 2 = a gather per byte from the pair table; words, 4-bit:
-    # 3 = the code in registers, products two at a time in the rows' 16-bit type (packed_products.py)
+    # 3 = the code in registers, products two at a time in the rows' 16-bit type (packed_products.py); persistent
+    # also 4 = a byte-pair table in shared memory, products as 3
     block_sum: bool = True  # gemv, nf4 with whole blocks: absmax applied to per-block sums (else per weight)
     split_k: int = 1  # mm only: K in this many parts, each its own program (more programs for a short N)
     cvt: int = 1  # words, int8: 1 = int8 to float32 by an exponent trick, 0 = by the conversion instruction
@@ -591,7 +601,7 @@ def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
             table_tiles = ((2, 1024, 4), (4, 1024, 4), (2, 2048, 4))
         configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 3) for bn, bk, w in table_tiles]
     if rows == 1 and fmt != "int8":
-        configs += _persistent_configs(3 if packed_products.tried() else 1)
+        configs += _persistent_configs(3) + _persistent_configs(4) if packed_products.tried() else _persistent_configs(1)
     return configs
 
 
@@ -702,8 +712,8 @@ def tuned_config(w: QuantizedWeight, m: int, dtype: torch.dtype, device: torch.d
         return scratch["out"]
 
     candidates = candidate_configs(w.fmt, bucket, swiglu)
-    if dtype not in w.table_registers:  # the register table's products are 16-bit (packed_products)
-        candidates = [c for c in candidates if c.lut != 3]
+    if dtype not in w.table_registers:  # the register and shared tables' products are 16-bit (packed_products)
+        candidates = [c for c in candidates if c.lut < 3]
     cfg = tuning.pick(key, candidates, run, device, timer=timer)
     if not tuning.capturing(device):
         _chosen[memo] = cfg  # (during a capture the default stands in; tuned at the next call outside one)

@@ -23,6 +23,15 @@ against its float32 default, so a card or compiler where this disagrees never pi
 Works for any 16-entry code (NF4, FP4, the int4 release's signed nibbles); nibble order as stored: byte i of a
 word holds the even column in its high nibble.
 
+Shared table (``lut`` 4, for kernels whose programs cover many rows: ``quant_persistent``). The register table
+spends 16 permutes and 6 selector ops a word on the integer pipe, which ncu found near its limit (bench/NOTES.md
+run 34). Instead each program fills 32 KB of shared memory with a byte-pair table: byte b -> (code[b >> 4],
+code[b & 15]) as a 16-bit pair, the even column in the low lane, replicated 32 times so that lane l always reads
+word 32b + l, its own bank (no conflicts whatever the bytes). A word then costs, per byte, a permute isolating it, a
+multiply-add making its address and one shared load: 4 of each, where the register table took 22 integer ops.
+The table is declared by inline PTX (function-scope ``.shared``: Triton has no gather from shared memory that the
+kernel owns), filled once a program, then a barrier.
+
 int8 (fp16 rows only). A byte u placed under the fp16 exponent of 8.0 (bits 0x48uu) is 8 + u/128, exactly; with
 u = b xor 0x80 (the signed byte b offset by 128) and 9 subtracted, it is b/128, exactly. So two weights take a
 permute and a packed add, and the words' sums come out 1/128 of the row's (the caller multiplies once after
@@ -124,6 +133,48 @@ def dot_asm(rows: int, bf16: bool) -> str:
     return "\n".join(lines)
 
 
+TABLE_WORDS = 256 * 32  # the shared byte-pair table: 256 pairs, each replicated for the 32 lanes (32 KB)
+
+
+def pair_words(code, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [256]: byte b -> the 16-bit pair (code[b >> 4] in the low half, code[b & 15] in the high half) rounded
+    to ``dtype``, the shared table's entries (as ``byte_planes``' pairs)."""
+    values = torch.as_tensor(code, dtype=torch.float32).detach().cpu().reshape(-1)
+    if values.numel() != 16:
+        raise ValueError(f"a 4-bit code has 16 values, this one {values.numel()}")
+    bits = values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    b = torch.arange(256)
+    pairs = bits[b >> 4] | bits[b & 15] << 16
+    return torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32)
+
+
+def shared_table_asm() -> str:
+    """PTX declaring the shared byte-pair table once (function scope) and giving its address; ``$1`` is unused (a
+    scalar operand, so Triton emits the block once)."""
+    return f".shared .align 16 .b32 glmchat_byte_pairs[{TABLE_WORDS}];\nmov.u32 $0, glmchat_byte_pairs;"
+
+
+def lane_offset_asm() -> str:
+    """PTX: ``$0`` = this thread's lane times 4 (its replica's byte offset in a row of the table)."""
+    return "{\n.reg .u32 l;\nmov.u32 l, %laneid;\nshl.b32 $0, l, 2;\n}"
+
+
+def store_shared_asm() -> str:
+    """PTX: store ``$2`` at shared address ``$1``; ``$0`` is a dummy result (Triton's inline assembly has one)."""
+    return "st.shared.b32 [$1], $2;\nmov.u32 $0, 0;"
+
+
+def shared_dot_asm(bf16: bool) -> str:
+    """PTX for one word against the shared table: output ``$0``, the float32 sum of its 8 weights times the row's 8
+    activations; inputs the word, the 4 activation pairs, then this lane's table address (base + 4 * lane)."""
+    kind = "bf16x2" if bf16 else "f16x2"
+    lines = ["{", *_DECLARE, "mov.b32 b, 0;"]
+    for i in range(4):  # byte i: isolated by a permute (zeros above), times 128 bytes a table row, plus the lane's
+        lines += [f"prmt.b32 t, $1, b, 0x444{i};", "mad.lo.u32 a, t, 128, $6;", f"ld.shared.b32 w{i}, [a];"]
+    lines += _products(1, kind, [["$2", "$3", "$4", "$5"]]) + _widened_sums(1, bf16) + ["}"]
+    return "\n".join(lines)
+
+
 def int8_dot_asm(rows: int) -> str:
     """PTX for 8 int8 weights (two words, ``$rows`` and the next) against each row's 4 fp16 activation pairs:
     float32 outputs ``$0`` (``$1``), 1/128 of the sums. Then the 4 rows' pairs."""
@@ -161,6 +212,11 @@ if HAVE_TRITON:
     _INT8_DOT1 = tl.constexpr(int8_dot_asm(1))
     _INT8_DOT2 = tl.constexpr(int8_dot_asm(2))
     _WIDEN_INT8 = tl.constexpr(widen_int8_asm())
+    _SHARED_TABLE = tl.constexpr(shared_table_asm())
+    _LANE_OFFSET = tl.constexpr(lane_offset_asm())
+    _STORE_SHARED = tl.constexpr(store_shared_asm())
+    _SHARED_DOT_BF16 = tl.constexpr(shared_dot_asm(True))
+    _SHARED_DOT_F16 = tl.constexpr(shared_dot_asm(False))
     _MUL_BF16 = tl.constexpr(mul_asm(True))
     _MUL_F16 = tl.constexpr(mul_asm(False))
 
@@ -190,6 +246,32 @@ if HAVE_TRITON:
             s = tl.inline_asm_elementwise(_DOT1_BF16, "=f" + ",r" * 13, args, dtype=tl.float32, is_pure=True, pack=1)
         else:
             s = tl.inline_asm_elementwise(_DOT1_F16, "=f" + ",r" * 13, args, dtype=tl.float32, is_pure=True, pack=1)
+        return s
+
+    @triton.jit
+    def shared_pair_table(pairs_ptr, anchor):
+        # fill this program's shared byte-pair table from pairs_ptr (int32 [256], ``pair_words``), then a barrier;
+        # returns this lane's table address (base + 4 * lane). anchor: any scalar (the declaring block's operand)
+        base = tl.inline_asm_elementwise(_SHARED_TABLE, "=r,r", [anchor], dtype=tl.int32, is_pure=False, pack=1)
+        for start in tl.static_range(0, 8192, 1024):
+            word = start + tl.arange(0, 1024)  # word 32b + l holds pair b
+            value = tl.load(pairs_ptr + word // 32)
+            tl.inline_asm_elementwise(_STORE_SHARED, "=r,r,r", [base + 4 * word, value], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        tl.debug_barrier()
+        return base + tl.inline_asm_elementwise(_LANE_OFFSET, "=r,r", [anchor], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def shared_dot(words, x0, x1, x2, x3, lane_table, BF16: tl.constexpr):
+        # float32 [tile]: each word's 8 weights (the shared table at lane_table) times activation pairs x0..x3;
+        # not pure: its loads must stay after the barrier that ends the table's fill
+        args = [words, x0, x1, x2, x3, lane_table + tl.zeros(words.shape, dtype=tl.int32)]
+        if BF16:
+            s = tl.inline_asm_elementwise(_SHARED_DOT_BF16, "=f" + ",r" * 6, args, dtype=tl.float32, is_pure=False,
+                                          pack=1)
+        else:
+            s = tl.inline_asm_elementwise(_SHARED_DOT_F16, "=f" + ",r" * 6, args, dtype=tl.float32, is_pure=False,
+                                          pack=1)
         return s
 
     @triton.jit

@@ -9,8 +9,9 @@ and multiplying it (bench/NOTES.md runs 30 and 34). Here a few programs an SM ea
 once (times the norm weight, rounded as the other kernels round it; its 1/rms once), hold it in registers in
 the weight tile's layout, and loop over blocks of weight rows: a block is one [BLOCK_N, K/8] tile of words, a
 whole row of K at a time, and the next block's words are asked for before this block's products. The loop is
-then the words' loads, their absmax, the decode and products (``packed_products`` with 16-bit rows on a GPU;
-the 16-entry table otherwise), one row sum and the epilogue.
+then the words' loads, their absmax, the decode and products (``packed_products`` with 16-bit rows on a GPU: the
+register table, or the shared byte-pair table that a persistent program fills once; the 16-entry table otherwise),
+one row sum and the epilogue.
 
 The whole of K is one tile, so K/8 rounds up to a power of two (fc2's 1712 words to 2048: its padding words are
 masked off and cost issue slots, not bytes); past ``MAX_WORDS`` the kernel is not offered.
@@ -27,7 +28,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
-    from .packed_products import masked_load, packed_dot, packed_mul
+    from .packed_products import masked_load, packed_dot, packed_mul, shared_dot, shared_pair_table
     from .quant_words import _halves, _pair_weights, _word_absmax, _x_pair
 
 MAX_WORDS = 4096  # K up to 32768: a thread's share of x stays in registers at 4-8 warps
@@ -35,13 +36,13 @@ MAX_WORDS = 4096  # K up to 32768: a thread's share of x stays in registers at 4
 
 def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight, lut: int) -> bool:
     """Whether this kernel can take the call: one 4-bit row the words kernel could read, K a multiple of 32 within
-    MAX_WORDS words (groups of 4 words, a 16-byte load each, within one NF4 block), the 16-entry table (lut 1) or
-    the register table (lut 3)."""
+    MAX_WORDS words (groups of 4 words, a 16-byte load each, within one NF4 block), the 16-entry table (lut 1), the
+    register table (lut 3) or the shared byte-pair table (lut 4, ``packed_products``)."""
     from . import quant_words
 
-    return (x.shape[0] == 1 and w.fmt in ("nf4", "int4") and lut in (1, 3) and w.k // 8 <= MAX_WORDS
+    return (x.shape[0] == 1 and w.fmt in ("nf4", "int4") and lut in (1, 3, 4) and w.k // 8 <= MAX_WORDS
             and w.k % 32 == 0 and (w.fmt != "nf4" or w.blocksize % 32 == 0) and w.data.data_ptr() % 16 == 0
-            and quant_words.usable(x, w, norm_weight, lut))
+            and quant_words.usable(x, w, norm_weight, min(lut, 3)))  # (lut 4: 16-bit rows on a GPU, as 3)
 
 
 _sms: dict[str, int] = {}
@@ -148,9 +149,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _row_sums(words, a, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1, t2, t3, t4,
-                  t5, t6, t7, PACKED: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, BF16: tl.constexpr):
+                  t5, t6, t7, lane_table, PACKED: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr,
+                  BF16: tl.constexpr):
         # [BLOCK_N]: each row's words times x, NF4's groups scaled by their absmax
-        if PACKED:
+        if LUT == 4:
+            p = shared_dot(words, x0, x1, x2, x3, lane_table, BF16)
+        elif PACKED:
             p = packed_dot(words, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
         else:
             p = _table_sums(words, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, FMT, LUT)
@@ -162,7 +166,7 @@ if HAVE_TRITON:
     @triton.jit(do_not_specialize=["has_bias", "residual", "t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"])
     def _persistent_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset, scale_ptr, bias_ptr, norm_ptr, res_ptr,
-        out_ptr, N, K: tl.constexpr, eps, has_bias, residual, t0, t1, t2, t3, t4, t5, t6, t7,
+        out_ptr, pairs_ptr, N, K: tl.constexpr, eps, has_bias, residual, t0, t1, t2, t3, t4, t5, t6, t7,
         NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
         BS2: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, X_KIND: tl.constexpr,
         ROW_SCALE2: tl.constexpr, BLOCK_N: tl.constexpr, KW_PAD: tl.constexpr, PDL: tl.constexpr,
@@ -179,9 +183,12 @@ if HAVE_TRITON:
         # the first block's weights do not depend on the kernels ahead: asked for before the wait
         words, words_b, a, a_b = _block_loads(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, pid, N, K, mg, FMT,
                                               NESTED, BS, BS2, SWIGLU, ROW_SCALE2, BLOCK_N, G)
+        lane_table = 0
+        if LUT == 4:  # the shared byte-pair table (static data: filled before the wait too)
+            lane_table = shared_pair_table(pairs_ptr, pid)
         if PDL:  # x, the residual: written by the kernels ahead
             tl.extra.cuda.gdc_wait()
-        PACKED: tl.constexpr = LUT == 3 and X_KIND != 0
+        PACKED: tl.constexpr = LUT >= 3 and X_KIND != 0
         if PACKED:  # (the other path's names are bound too, unused)
             x0, x1, x2, x3, ss = _x_words(x_ptr, norm_ptr, mg, BLOCK_N, G, NORM, X_KIND)
             xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = x0, x1, x2, x3, x0, x1, x2, x3
@@ -201,11 +208,11 @@ if HAVE_TRITON:
             nxt, nxt_b, a_n, a_nb = _block_loads(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, block + programs,
                                                  N, K, mg, FMT, NESTED, BS, BS2, SWIGLU, ROW_SCALE2, BLOCK_N, G)
             y = _row_sums(words, a, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1, t2, t3,
-                          t4, t5, t6, t7, PACKED, FMT, LUT, X_KIND == 1)
+                          t4, t5, t6, t7, lane_table, PACKED, FMT, LUT, X_KIND == 1)
             y_b = y
             if SWIGLU:
                 y_b = _row_sums(words_b, a_b, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1,
-                                t2, t3, t4, t5, t6, t7, PACKED, FMT, LUT, X_KIND == 1)
+                                t2, t3, t4, t5, t6, t7, lane_table, PACKED, FMT, LUT, X_KIND == 1)
             rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
             _epilogue(y[None, :], y_b[None, :], r, row, rn, row >= 0, rn < N, N,
                       scale_ptr, bias_ptr, res_ptr, out_ptr, 0, 0, has_bias, residual, HAS_SCALE, SWIGLU)
@@ -233,7 +240,8 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         x if kind == 0 else x.view(torch.int32), w.data.reshape(-1).view(torch.int32), w.absmax if nf4 else dummy,
         w.code if nf4 else dummy, w.code2 if w.nested else dummy, w.absmax2 if w.nested else dummy, w.offset,
         w.scale if w.scale is not None else dummy, bias if bias is not None else dummy, norm_arg,
-        residual if residual is not None else dummy, out, n_out, w.k, eps, int(bias is not None),
+        residual if residual is not None else dummy, out, w.shared_pairs(x.dtype) if cfg.lut == 4 else dummy, n_out,
+        w.k, eps, int(bias is not None),
         int(residual is not None), *table,
         NORM=norm_weight is not None, FMT=_FMT_ID[w.fmt], LUT=cfg.lut, NESTED=w.nested,
         BS=w.blocksize if nf4 else 32, BS2=w.blocksize2, HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,

@@ -55,10 +55,11 @@ def test_the_residual_in_place_as_dense_and_fc2_write_it():
     assert rel(hidden, want) < 1e-5
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int4"])
-def test_packed_products_equal_the_reference(fmt, monkeypatch):
-    """The register table and products two at a time in fp16 (inline PTX, run by tests/ptx_emulator.py), with the
-    norm weight's product rounded once, SwiGLU and a residual, and a K tail of masked words."""
+@pytest.mark.parametrize("fmt,lut", [("nf4", 3), ("int4", 3), ("nf4", 4), ("int4", 4)])
+def test_packed_products_equal_the_reference(fmt, lut, monkeypatch):
+    """The register table (lut 3) or the shared byte-pair table (lut 4) and products two at a time in fp16 (inline
+    PTX, run by tests/ptx_emulator.py), with the norm weight's product rounded once, SwiGLU and a residual, and a K
+    tail of masked words."""
     from ptx_emulator import interpreted_inline_ptx
 
     from backend.kernels import quant_words
@@ -69,10 +70,10 @@ def test_packed_products_equal_the_reference(fmt, monkeypatch):
     x, g, res = torch.randn(1, k).half(), (1 + 0.1 * torch.randn(k)).half(), torch.randn(1, n // 2).half()
     with interpreted_inline_ptx():
         out = torch.full((1, n), float("nan"), dtype=torch.float16)
-        P.launch(x, w, out, None, None, None, 1e-5, False, PACKED, False, out)
+        P.launch(x, w, out, None, None, None, 1e-5, False, replace(PACKED, lut=lut), False, out)
         assert rel(out, x.float() @ ref_w.T) < 5e-3
         out = torch.full((1, n // 2), float("nan"), dtype=torch.float16)
-        P.launch(x, w, out, None, res, g, 1e-5, True, PACKED, False, out)
+        P.launch(x, w, out, None, res, g, 1e-5, True, replace(PACKED, lut=lut), False, out)
         want = reference_norm_swiglu(x.float(), ref_w, g.float(), torch.zeros(n), res.float())
         assert rel(out, want) < 5e-3
 
