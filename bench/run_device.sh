@@ -190,8 +190,9 @@ persistent)
   # compare with it ("on": tuned in, in this call's cache) and without (GLMCHAT_PERSISTENT_GEMV=0, the carried tuning
   # in a cache of its own), alternately ROUNDS times; the 4-bit tiles each arm picked; ablate's step and parts with
   # it; the 4-bit GPU checks
-  rm -rf /tmp/glmcache-off && cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-off
-  for round in $(seq "${ROUNDS:-2}"); do
+  # (PART=ab: the engines and the tiles; PART=step: ablate and the checks, on the tuning PART=ab left)
+  [ "${PART:-ab}" = step ] || rm -rf /tmp/glmcache-off && cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-off
+  [ "${PART:-ab}" = step ] || for round in $(seq "${ROUNDS:-2}"); do
     engine "on_$round" --model /tmp/glm6b --quantization 4bit --rows 1,2 --repeat 1
     (export GLMCHAT_PERSISTENT_GEMV=0 GLMCHAT_CACHE_DIR=/tmp/glmcache-off
      engine "off_$round" --model /tmp/glm6b --quantization 4bit --rows 1,2 --repeat 1)
@@ -202,6 +203,7 @@ persistent)
   for d in "$GLMCHAT_CACHE_DIR" /tmp/glmcache-off; do
     python3 -c "import json,glob,sys; [print(sys.argv[1], k, {a: tuple(c.get(f) for f in ('kernel', 'block_n', 'block_p', 'block_k', 'num_warps', 'programs_per_sm', 'prefetch')) for a, c in v.items() if a != '_among'}) for f in glob.glob(sys.argv[1] + '/kernel-tuning/*.json') for k, v in json.load(open(f))['configs'].items() if k.startswith('one_row_step:nf4')]" "$d"
   done
+  [ "${PART:-ab}" = ab ] && exit 0
   timeout 240 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization 4bit --splits 16 \
       > "$OUT/ablate_4bit.jsonl" 2> "$OUT/ablate_4bit.err"
   stamp "ablate 4bit rc $?"; grep -a '"step"\|variant\|tiles\|left_out' "$OUT/ablate_4bit.jsonl" | cut -c1-420
