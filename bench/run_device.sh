@@ -86,7 +86,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in attention-tiles|persistent|ab-env|ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in models|attention-tiles|persistent|ab-env|ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -184,6 +184,8 @@ ab-tree)
   for f in "$OUT"/engine_before_*.jsonl "$OUT"/engine_after_*.jsonl; do
     grep -a '"chat", "greedy": true\|"compare"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
   done
+  ;;
+models)  # the wheels and the full-size bf16 model only (a call's later commands use them)
   ;;
 persistent)
   # the persistent 4-bit one-row GEMV (kernels/quant_persistent.py) among the one-row step's tiles: NF4 chat and
@@ -561,7 +563,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh attention-tiles|ab-env|decode|nf4-words|quantized-check|ablate|ab-tree|prefetch|step-check|chat-table|feed-bf16|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh models|persistent|attention-tiles|ab-env|decode|nf4-words|quantized-check|ablate|ab-tree|prefetch|step-check|chat-table|feed-bf16|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

@@ -611,7 +611,7 @@ def _persistent_configs(lut: int) -> list[QuantLinearConfig]:
     2 rows a block and 8 warps 137 registers under Triton 3.6, none spilled; 4 warps spill there)."""
     if os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "0":  # A/B switch for bench/ (not a user setting)
         return []
-    tiles = ((2, 4, 4), (4, 4, 2), (4, 4, 4), (2, 8, 2), (4, 8, 2), (2, 8, 1), (4, 8, 1))
+    tiles = ((2, 4, 4), (4, 4, 2), (2, 8, 2), (4, 8, 1))
     return [QuantLinearConfig("persistent", bn, 0, 1, w, 1, lut, programs_per_sm=p) for bn, w, p in tiles]
 
 

@@ -71,7 +71,6 @@ if HAVE_TRITON:
         # the activation pairs that meet each word of the [BLOCK_N, G, 4] tile (int32 pairs of 16-bit values: 4w ..
         # 4w + 3 for word w), times the norm weight's when NORM, as 4 tiles; and the row's sum of squares (unnormed)
         pair = 4 * tl.reshape(_words_index(G), (G, 4))[:, :, None] + tl.arange(0, 4)[None, None, :]
-        pair = tl.max_contiguous(tl.multiple_of(pair, [1, 16, 16]), [1, 16, 16])
         m = None if mg is None else tl.reshape(mg, (G, 1))[:, :, None]
         raw = masked_load(x_ptr + pair, m, 0)
         lo, hi = _halves(raw, X_KIND)
