@@ -566,9 +566,9 @@ def candidate_configs(fmt: str, m: int, swiglu: bool = False) -> list[QuantLinea
         gemv += [QuantLinearConfig("gemv", 8, 512, 16, 4, 1, 1), QuantLinearConfig("gemv", 8, 512, 16, 4, 1, 2, False)]
     if m == 1:  # bigger tiles too: more bytes in flight a thread (Triton does not pipeline these loops)
         chosen = gemv + [QuantLinearConfig("gemv", bn, bk, 16, 8, 1, 2) for bn, bk in ((16, 1024), (8, 2048))]
-        chosen += _words_configs(1, fmt)
+        chosen += _words_configs(1, fmt) + _persistent_configs(1)
     elif m <= 4:
-        chosen = gemv[:4] + _words_configs(2, fmt) + mm
+        chosen = gemv[:4] + _words_configs(2, fmt) + (_persistent_configs(2) if m == 2 else []) + mm
     else:
         chosen = mm + gemv[:4] if m <= 8 else mm
     return _halved(chosen) if swiglu else chosen
@@ -600,19 +600,20 @@ def _words_configs(rows: int, fmt: str) -> list[QuantLinearConfig]:
         if rows == 2:
             table_tiles = ((2, 1024, 4), (4, 1024, 4), (2, 2048, 4))
         configs += [QuantLinearConfig("words", bn, bk, rows, w, 1, 3) for bn, bk, w in table_tiles]
-    if rows == 1 and fmt != "int8":
-        configs += _persistent_configs(3) + _persistent_configs(4) if packed_products.tried() else _persistent_configs(1)
     return configs
 
 
-def _persistent_configs(lut: int) -> list[QuantLinearConfig]:
-    """quant_persistent's tiles at one row: (weight rows a block, warps, programs an SM). 4 warps give a thread 4
+def _persistent_configs(rows: int) -> list[QuantLinearConfig]:
+    """quant_persistent's tiles at one or two activation rows, with the register and the shared table (16-bit rows
+    on a GPU; else, at one row, the 16-entry table): (weight rows a block, warps, programs an SM). 4 warps give a thread 4
     words of a 4096-long row (one 16-byte load a row); 8 warps halve the registers for fc2's 13696 (ptxas sm_90: at
     2 rows a block and 8 warps 137 registers under Triton 3.6, none spilled; 4 warps spill there)."""
     if os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "0":  # A/B switch for bench/ (not a user setting)
         return []
     tiles = ((2, 4, 4), (4, 4, 2), (2, 8, 2), (4, 8, 1))
-    return [QuantLinearConfig("persistent", bn, 0, 1, w, 1, lut, programs_per_sm=p) for bn, w, p in tiles]
+    luts = (3, 4) if packed_products.tried() else (1,) if rows == 1 else ()
+    return [QuantLinearConfig("persistent", bn, 0, rows, w, 1, lut, programs_per_sm=p) for lut in luts
+            for bn, w, p in tiles]
 
 
 def _halved(configs: list[QuantLinearConfig]) -> list[QuantLinearConfig]:

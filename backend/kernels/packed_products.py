@@ -164,14 +164,19 @@ def store_shared_asm() -> str:
     return "st.shared.b32 [$1], $2;\nmov.u32 $0, 0;"
 
 
-def shared_dot_asm(bf16: bool) -> str:
-    """PTX for one word against the shared table: output ``$0``, the float32 sum of its 8 weights times the row's 8
-    activations; inputs the word, the 4 activation pairs, then this lane's table address (base + 4 * lane)."""
+def shared_dot_asm(rows: int, bf16: bool) -> str:
+    """PTX for one word against the shared table: outputs ``$0`` (and ``$1`` at two rows), float32 sums of its 8
+    weights times the row's 8 activations; inputs the word, 4 activation pairs a row, then this lane's table
+    address (base + 4 * lane)."""
     kind = "bf16x2" if bf16 else "f16x2"
+    word = f"${rows}"
+    x = [[f"${rows + 1 + 4 * r + i}" for i in range(4)] for r in range(rows)]
+    lane_table = f"${rows + 1 + 4 * rows}"
     lines = ["{", *_DECLARE, "mov.b32 b, 0;"]
     for i in range(4):  # byte i: isolated by a permute (zeros above), times 128 bytes a table row, plus the lane's
-        lines += [f"prmt.b32 t, $1, b, 0x444{i};", "mad.lo.u32 a, t, 128, $6;", f"ld.shared.b32 w{i}, [a];"]
-    lines += _products(1, kind, [["$2", "$3", "$4", "$5"]]) + _widened_sums(1, bf16) + ["}"]
+        lines += [f"prmt.b32 t, {word}, b, 0x444{i};", f"mad.lo.u32 a, t, 128, {lane_table};",
+                  f"ld.shared.b32 w{i}, [a];"]
+    lines += _products(rows, kind, x) + _widened_sums(rows, bf16) + ["}"]
     return "\n".join(lines)
 
 
@@ -215,8 +220,10 @@ if HAVE_TRITON:
     _SHARED_TABLE = tl.constexpr(shared_table_asm())
     _LANE_OFFSET = tl.constexpr(lane_offset_asm())
     _STORE_SHARED = tl.constexpr(store_shared_asm())
-    _SHARED_DOT_BF16 = tl.constexpr(shared_dot_asm(True))
-    _SHARED_DOT_F16 = tl.constexpr(shared_dot_asm(False))
+    _SHARED_DOT1_BF16 = tl.constexpr(shared_dot_asm(1, True))
+    _SHARED_DOT1_F16 = tl.constexpr(shared_dot_asm(1, False))
+    _SHARED_DOT2_BF16 = tl.constexpr(shared_dot_asm(2, True))
+    _SHARED_DOT2_F16 = tl.constexpr(shared_dot_asm(2, False))
     _MUL_BF16 = tl.constexpr(mul_asm(True))
     _MUL_F16 = tl.constexpr(mul_asm(False))
 
@@ -267,12 +274,24 @@ if HAVE_TRITON:
         # not pure: its loads must stay after the barrier that ends the table's fill
         args = [words, x0, x1, x2, x3, lane_table + tl.zeros(words.shape, dtype=tl.int32)]
         if BF16:
-            s = tl.inline_asm_elementwise(_SHARED_DOT_BF16, "=f" + ",r" * 6, args, dtype=tl.float32, is_pure=False,
+            s = tl.inline_asm_elementwise(_SHARED_DOT1_BF16, "=f" + ",r" * 6, args, dtype=tl.float32, is_pure=False,
                                           pack=1)
         else:
-            s = tl.inline_asm_elementwise(_SHARED_DOT_F16, "=f" + ",r" * 6, args, dtype=tl.float32, is_pure=False,
+            s = tl.inline_asm_elementwise(_SHARED_DOT1_F16, "=f" + ",r" * 6, args, dtype=tl.float32, is_pure=False,
                                           pack=1)
         return s
+
+    @triton.jit
+    def shared_dot2(words, x0, x1, x2, x3, y0, y1, y2, y3, lane_table, BF16: tl.constexpr):
+        # shared_dot for two activation rows (x, y) sharing each word's looked-up weights: (row x sums, row y sums)
+        args = [words, x0, x1, x2, x3, y0, y1, y2, y3, lane_table + tl.zeros(words.shape, dtype=tl.int32)]
+        if BF16:
+            s, u = tl.inline_asm_elementwise(_SHARED_DOT2_BF16, "=f,=f" + ",r" * 10, args,
+                                             dtype=(tl.float32, tl.float32), is_pure=False, pack=1)
+        else:
+            s, u = tl.inline_asm_elementwise(_SHARED_DOT2_F16, "=f,=f" + ",r" * 10, args,
+                                             dtype=(tl.float32, tl.float32), is_pure=False, pack=1)
+        return s, u
 
     @triton.jit
     def packed_dot2(words, x0, x1, x2, x3, y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, t6, t7, BF16: tl.constexpr):

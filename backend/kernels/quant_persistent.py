@@ -1,5 +1,6 @@
-"""A persistent GEMV for one activation row and a 4-bit weight (NF4, the int4 release): ``quant_linear``'s
-"persistent" kernel, a candidate of the one-row step's descent next to the words kernel (``quant_words``).
+"""A persistent GEMV for one activation row (or two: compare's) and a 4-bit weight (NF4, the int4 release):
+``quant_linear``'s "persistent" kernel, a candidate of the one-row step's descent next to the words kernel
+(``quant_words``), and of its own tuner at one and two rows.
 
 Why: at one row the words kernel runs thousands of short programs (NF4 fc1: 6848 programs of 4 weight rows),
 and each one reads the activations again for every word it holds (a 16-byte load of x, and one of the norm
@@ -28,19 +29,22 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
-    from .packed_products import masked_load, packed_dot, packed_mul, shared_dot, shared_pair_table
+    from .packed_products import (masked_load, packed_dot, packed_dot2, packed_mul, shared_dot, shared_dot2,
+                                  shared_pair_table)
     from .quant_words import _halves, _pair_weights, _word_absmax, _x_pair
 
 MAX_WORDS = 4096  # K up to 32768: a thread's share of x stays in registers at 4-8 warps
 
 
 def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight, lut: int) -> bool:
-    """Whether this kernel can take the call: one 4-bit row the words kernel could read, K a multiple of 32 within
+    """Whether this kernel can take the call: one 4-bit row the words kernel could read (or two, for compare, with
+    the register or shared table), K a multiple of 32 within
     MAX_WORDS words (groups of 4 words, a 16-byte load each, within one NF4 block), the 16-entry table (lut 1), the
     register table (lut 3) or the shared byte-pair table (lut 4, ``packed_products``)."""
     from . import quant_words
 
-    return (x.shape[0] == 1 and w.fmt in ("nf4", "int4") and lut in (1, 3, 4) and w.k // 8 <= MAX_WORDS
+    rows_ok = x.shape[0] == 1 or (x.shape[0] == 2 and lut >= 3)  # two rows: packed products only
+    return (rows_ok and w.fmt in ("nf4", "int4") and lut in (1, 3, 4) and w.k // 8 <= MAX_WORDS
             and w.k % 32 == 0 and (w.fmt != "nf4" or w.blocksize % 32 == 0) and w.data.data_ptr() % 16 == 0
             and quant_words.usable(x, w, norm_weight, min(lut, 3)))  # (lut 4: 16-bit rows on a GPU, as 3)
 
@@ -157,21 +161,57 @@ if HAVE_TRITON:
             p = packed_dot(words, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
         else:
             p = _table_sums(words, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, FMT, LUT)
+        return _scaled_sum(p, a, FMT)
+
+    @triton.jit
+    def _scaled_sum(p, a, FMT: tl.constexpr):
+        # [BLOCK_N]: the products' sum a row, each group of 4 words scaled by its absmax (NF4)
         p = tl.sum(p, axis=2, keep_dims=True)
         if FMT == 0:
             p = p * a
         return tl.sum(tl.sum(p, axis=2), axis=1)
 
+    @triton.jit
+    def _pair_sums(words, a, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7, lane_table,
+                   FMT: tl.constexpr, LUT: tl.constexpr, BF16: tl.constexpr):
+        # two activation rows (x, z) against the same words, looked up once: ([BLOCK_N], [BLOCK_N])
+        if LUT == 4:
+            p, q = shared_dot2(words, x0, x1, x2, x3, z0, z1, z2, z3, lane_table, BF16)
+        else:
+            p, q = packed_dot2(words, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
+        return _scaled_sum(p, a, FMT), _scaled_sum(q, a, FMT)
+
+    @triton.jit
+    def _activations(x_ptr, norm_ptr, mg, eps, K: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+                     NORM: tl.constexpr, X_KIND: tl.constexpr, PACKED: tl.constexpr):
+        # one activation row as the products read it: 4 tiles of 16-bit pairs (PACKED), else 8 of float32 halves
+        # (the other form's names bound too, unused); and the row's RMSNorm factor ([1]; 1 without the norm)
+        if PACKED:
+            x0, x1, x2, x3, ss = _x_words(x_ptr, norm_ptr, mg, BLOCK_N, G, NORM, X_KIND)
+            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = x0, x1, x2, x3, x0, x1, x2, x3
+        else:
+            xe0, xo0, ss0 = _x_halves(x_ptr, norm_ptr, mg, 0, BLOCK_N, G, NORM, X_KIND)
+            xe1, xo1, ss1 = _x_halves(x_ptr, norm_ptr, mg, 1, BLOCK_N, G, NORM, X_KIND)
+            xe2, xo2, ss2 = _x_halves(x_ptr, norm_ptr, mg, 2, BLOCK_N, G, NORM, X_KIND)
+            xe3, xo3, ss3 = _x_halves(x_ptr, norm_ptr, mg, 3, BLOCK_N, G, NORM, X_KIND)
+            ss = ss0 + ss1 + ss2 + ss3
+            x0, x1, x2, x3 = xe0, xo0, xe1, xo1
+        r = tl.full([1], 1.0, dtype=tl.float32)
+        if NORM:
+            r = r * tl.rsqrt(ss / K + eps)
+        return x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, r
+
     @triton.jit(do_not_specialize=["has_bias", "residual", "t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"])
     def _persistent_kernel(
         x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset, scale_ptr, bias_ptr, norm_ptr, res_ptr,
-        out_ptr, pairs_ptr, N, K: tl.constexpr, eps, has_bias, residual, t0, t1, t2, t3, t4, t5, t6, t7,
+        out_ptr, pairs_ptr, N, K: tl.constexpr, eps, stride_xm, stride_rm, stride_om, has_bias, residual, t0, t1, t2,
+        t3, t4, t5, t6, t7,
         NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
         BS2: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, X_KIND: tl.constexpr,
-        ROW_SCALE2: tl.constexpr, BLOCK_N: tl.constexpr, KW_PAD: tl.constexpr, PDL: tl.constexpr,
+        ROW_SCALE2: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KW_PAD: tl.constexpr, PDL: tl.constexpr,
     ):
-        # program p: blocks p, p + programs, ... of BLOCK_N output columns of the one activation row. x_ptr: int32
-        # pairs (16-bit x) or float32 x. SWIGLU: 2N weight rows, as gemv_4bit's
+        # program p: blocks p, p + programs, ... of BLOCK_N output columns of the ROWS (1 or 2) activation rows.
+        # x_ptr: int32 pairs (16-bit x; stride_xm in pairs) or float32 x. SWIGLU: 2N weight rows, as gemv_4bit's
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
@@ -188,33 +228,37 @@ if HAVE_TRITON:
         if PDL:  # x, the residual: written by the kernels ahead
             tl.extra.cuda.gdc_wait()
         PACKED: tl.constexpr = LUT >= 3 and X_KIND != 0
-        if PACKED:  # (the other path's names are bound too, unused)
-            x0, x1, x2, x3, ss = _x_words(x_ptr, norm_ptr, mg, BLOCK_N, G, NORM, X_KIND)
-            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = x0, x1, x2, x3, x0, x1, x2, x3
-        else:
-            xe0, xo0, ss0 = _x_halves(x_ptr, norm_ptr, mg, 0, BLOCK_N, G, NORM, X_KIND)
-            xe1, xo1, ss1 = _x_halves(x_ptr, norm_ptr, mg, 1, BLOCK_N, G, NORM, X_KIND)
-            xe2, xo2, ss2 = _x_halves(x_ptr, norm_ptr, mg, 2, BLOCK_N, G, NORM, X_KIND)
-            xe3, xo3, ss3 = _x_halves(x_ptr, norm_ptr, mg, 3, BLOCK_N, G, NORM, X_KIND)
-            ss = ss0 + ss1 + ss2 + ss3
-            x0, x1, x2, x3 = xe0, xo0, xe1, xo1
-        r = tl.full([1], 1.0, dtype=tl.float32)
-        if NORM:
-            r = r * tl.rsqrt(ss / K + eps)
+        x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, r = _activations(
+            x_ptr, norm_ptr, mg, eps, K, BLOCK_N, G, NORM, X_KIND, PACKED)
+        z0, z1, z2, z3, r1 = x0, x1, x2, x3, r
+        if ROWS == 2:  # (packed products only)
+            z0, z1, z2, z3, _, _, _, _, _, _, _, _, r1 = _activations(x_ptr + stride_xm, norm_ptr, mg, eps, K, BLOCK_N,
+                                                                      G, NORM, X_KIND, PACKED)
         row = tl.zeros([1], dtype=tl.int64)
         for block in range(pid, n_blocks, programs):
             # the next block's loads go out before this block's products (masked off past the last block)
             nxt, nxt_b, a_n, a_nb = _block_loads(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, block + programs,
                                                  N, K, mg, FMT, NESTED, BS, BS2, SWIGLU, ROW_SCALE2, BLOCK_N, G)
-            y = _row_sums(words, a, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1, t2, t3,
-                          t4, t5, t6, t7, lane_table, PACKED, FMT, LUT, X_KIND == 1)
-            y_b = y
-            if SWIGLU:
-                y_b = _row_sums(words_b, a_b, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1,
-                                t2, t3, t4, t5, t6, t7, lane_table, PACKED, FMT, LUT, X_KIND == 1)
+            if ROWS == 2:
+                y, v = _pair_sums(words, a, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7, lane_table,
+                                  FMT, LUT, X_KIND == 1)
+                y_b, v_b = y, v
+                if SWIGLU:
+                    y_b, v_b = _pair_sums(words_b, a_b, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7,
+                                          lane_table, FMT, LUT, X_KIND == 1)
+            else:
+                y = _row_sums(words, a, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1, t2,
+                              t3, t4, t5, t6, t7, lane_table, PACKED, FMT, LUT, X_KIND == 1)
+                y_b = y
+                if SWIGLU:
+                    y_b = _row_sums(words_b, a_b, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0,
+                                    t1, t2, t3, t4, t5, t6, t7, lane_table, PACKED, FMT, LUT, X_KIND == 1)
             rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
-            _epilogue(y[None, :], y_b[None, :], r, row, rn, row >= 0, rn < N, N,
-                      scale_ptr, bias_ptr, res_ptr, out_ptr, 0, 0, has_bias, residual, HAS_SCALE, SWIGLU)
+            _epilogue(y[None, :], y_b[None, :], r, row, rn, row >= 0, rn < N, N, scale_ptr, bias_ptr, res_ptr,
+                      out_ptr, stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
+            if ROWS == 2:
+                _epilogue(v[None, :], v_b[None, :], r1, row + 1, rn, row >= 0, rn < N, N, scale_ptr, bias_ptr,
+                          res_ptr, out_ptr, stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
             words, words_b, a, a_b = nxt, nxt_b, a_n, a_nb
 
 
@@ -223,8 +267,8 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
     """Run the persistent kernel (cfg: a ``gemv_4bit.QuantLinearConfig`` of kernel "persistent": block_n weight rows
     a block, ``programs_per_sm`` programs on each multiprocessor)."""
     if not usable(x, w, norm_weight, cfg.lut):
-        raise ValueError("the persistent kernel takes one row of 16-bit (or float32) activations and a 4-bit weight "
-                         f"with K a multiple of 32 up to {8 * MAX_WORDS}")
+        raise ValueError("the persistent kernel takes one row of 16-bit (or float32) activations, or two of 16-bit on "
+                         f"a GPU, and a 4-bit weight with K a multiple of 32 up to {8 * MAX_WORDS}")
     from .quant_words import X_KIND, row_scale2
 
     n_out = w.n // 2 if swiglu else w.n
@@ -235,15 +279,16 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         norm_arg = norm_weight.view(torch.int32)
     table = w.table_registers.get(x.dtype, (0,) * 8) if cfg.lut == 3 else (0,) * 8
     programs = min(triton.cdiv(n_out, cfg.block_n), _multiprocessors(x.device) * max(1, cfg.programs_per_sm))
+    res = residual if residual is not None else dummy
     _persistent_kernel[(programs,)](
         x if kind == 0 else x.view(torch.int32), w.data.reshape(-1).view(torch.int32), w.absmax if nf4 else dummy,
         w.code if nf4 else dummy, w.code2 if w.nested else dummy, w.absmax2 if w.nested else dummy, w.offset,
         w.scale if w.scale is not None else dummy, bias if bias is not None else dummy, norm_arg,
-        residual if residual is not None else dummy, out, w.shared_pairs(x.dtype) if cfg.lut == 4 else dummy, n_out,
-        w.k, eps, int(bias is not None),
+        res, out, w.shared_pairs(x.dtype) if cfg.lut == 4 else dummy, n_out, w.k, eps,
+        x.stride(0) if kind == 0 else x.stride(0) // 2, res.stride(0), out.stride(0), int(bias is not None),
         int(residual is not None), *table,
         NORM=norm_weight is not None, FMT=_FMT_ID[w.fmt], LUT=cfg.lut, NESTED=w.nested,
         BS=w.blocksize if nf4 else 32, BS2=w.blocksize2, HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
-        ROW_SCALE2=row_scale2(w), BLOCK_N=cfg.block_n, KW_PAD=triton.next_power_of_2(w.k // 8), PDL=pdl,
+        ROW_SCALE2=row_scale2(w), ROWS=x.shape[0], BLOCK_N=cfg.block_n, KW_PAD=triton.next_power_of_2(w.k // 8), PDL=pdl,
         num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )

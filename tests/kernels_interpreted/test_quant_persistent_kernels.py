@@ -78,11 +78,40 @@ def test_packed_products_equal_the_reference(fmt, lut, monkeypatch):
         assert rel(out, want) < 5e-3
 
 
+@pytest.mark.parametrize("fmt,lut", [("nf4", 4), ("int4", 3)])
+def test_two_rows_share_the_looked_up_weights_and_each_gets_its_own_norm(fmt, lut, monkeypatch):
+    """Compare's two rows in one pass (packed products, run by tests/ptx_emulator.py): rows of different scale (each
+    its own RMSNorm factor), a bias, SwiGLU with a residual, strided rows; each equals the reference."""
+    from ptx_emulator import interpreted_inline_ptx
+
+    from backend.kernels import quant_words
+
+    monkeypatch.setattr(quant_words, "usable", lambda *a, **k: True)
+    n, k = 26, 320 if fmt == "nf4" else 224
+    w, ref_w = random_weight(fmt, n, k, nested=True)
+    wide = torch.randn(2, k + 32).half()
+    x = wide[:, :k]  # rows at a stride of k + 32
+    x[1] *= 4
+    g, res, bias = (1 + 0.1 * torch.randn(k)).half(), torch.randn(2, n // 2).half(), (0.1 * torch.randn(n)).half()
+    cfg = replace(PACKED, lut=lut, block_m=2)
+    with interpreted_inline_ptx():
+        out = torch.full((2, n), float("nan"), dtype=torch.float16)
+        P.launch(x, w, out, bias, None, None, 1e-5, False, cfg, False, out)
+        for m in range(2):
+            assert rel(out[m], x[m].float() @ ref_w.T + bias.float()) < 5e-3, m
+        out = torch.full((2, n // 2), float("nan"), dtype=torch.float16)
+        P.launch(x, w, out, None, res, g, 1e-5, True, cfg, False, out)
+        want = reference_norm_swiglu(x.float(), ref_w, g.float(), torch.zeros(n), res.float())
+        for m in range(2):
+            assert rel(out[m], want[m]) < 5e-3, m
+
+
 def test_what_it_cannot_take_is_refused_and_a_tuned_pick_falls_back():
     """Two rows, int8, or the byte-pair table: refused with a sentence; quant_linear, given a tuned persistent pick
     for a call the kernel cannot read, takes the default kernel instead (``_usable``)."""
     w, ref_w = random_weight("nf4", 8, 192, True)
-    assert not P.usable(torch.randn(2, 192), w, None, 1)
+    assert not P.usable(torch.randn(2, 192), w, None, 1)  # two rows: packed products only
+    assert not P.usable(torch.randn(3, 192), w, None, 3)
     assert not P.usable(torch.randn(1, 192), random_weight("int8", 8, 192, False)[0], None, 1)
     assert not P.usable(torch.randn(1, 192), w, None, 2)
     with pytest.raises(ValueError, match="one row"):
