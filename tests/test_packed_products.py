@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backend.kernels import gemv_4bit as Q
 from backend.kernels import packed_products as PP
 from ptx_emulator import run_ptx
 
@@ -112,3 +113,30 @@ def test_the_matmul_widens_every_int8_byte_to_its_exact_fp16_value():
 def test_a_code_of_the_wrong_length_is_refused():
     with pytest.raises(ValueError, match="16 values"):
         PP.byte_planes([0.0] * 8, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("code", [NF4, PP.INT4_CODE], ids=["nf4", "int4"])
+def test_the_shared_table_decodes_every_byte_as_the_register_table_does(dtype, code):
+    """lut 4: the table declared, filled (pair_words at word 32b + lane) and read back through shared_dot_asm gives
+    each word the register table's sum, for one row and two; the weight constructors make its entries."""
+    bf16 = dtype == torch.bfloat16
+    base = int(run_ptx(PP.shared_table_asm(), {"$1": 0})["$0"])
+    pairs = PP.pair_words(code, dtype)
+    words = torch.arange(PP.TABLE_WORDS)
+    run_ptx(PP.store_shared_asm(), {"$1": (base + 4 * words).numpy(), "$2": pairs[words // 32].numpy()})
+    lane_table = base + int(run_ptx(PP.lane_offset_asm(), {"$1": 0})["$0"])
+    planes = [p & 0xFFFFFFFF for p in PP.byte_planes(code, dtype)]
+    g = torch.Generator().manual_seed(2)
+    for word in [0x01234567, 0x89ABCDEF] + torch.randint(0, 2**31, (10,), generator=g).tolist():
+        rows = torch.randn(2, 8, generator=g).to(dtype).float()
+        x = [[_pack(float(r[2 * p]), float(r[2 * p + 1]), dtype) for p in range(4)] for r in rows]
+        one = run_ptx(PP.shared_dot_asm(1, bf16), {"$1": word, **{f"${2 + i}": x[0][i] for i in range(4)},
+                                                    "$6": lane_table})["$0"]
+        two = run_ptx(PP.shared_dot_asm(2, bf16), {"$2": word, **{f"${3 + i}": x[0][i] for i in range(4)},
+                                                    **{f"${7 + i}": x[1][i] for i in range(4)}, "$11": lane_table})
+        want = [run_ptx(PP.dot_asm(1, bf16), {"$1": word, **{f"${2 + i}": x[r][i] for i in range(4)},
+                                              **{f"${6 + i}": planes[i] for i in range(8)}})["$0"] for r in range(2)]
+        assert one == want[0] and two["$0"] == want[0] and two["$1"] == want[1], hex(word)
+    q = Q.int4_release_weight(torch.zeros(4, 16, dtype=torch.int8), torch.ones(4, dtype=torch.float16))
+    assert torch.equal(q.shared_pairs(dtype), PP.pair_words(PP.INT4_CODE, dtype))

@@ -101,10 +101,9 @@ class QuantizedWeight:
 
     def shared_pairs(self, dtype: torch.dtype) -> torch.Tensor:
         """int32 [256] on the weight's device: the shared byte-pair table's entries for ``dtype`` activations
-        (``packed_products.pair_words``), made on first use (a warm-up, before any graph capture)."""
+        (``packed_products.pair_words``; made with the weight by ``nf4_weight`` and ``int4_release_weight``)."""
         if dtype not in self._shared_pairs:
-            code = self.code if self.fmt == "nf4" else packed_products.INT4_CODE
-            self._shared_pairs[dtype] = packed_products.pair_words(code, dtype).to(self.data.device)
+            raise ValueError(f"a {self.fmt} weight has no shared byte-pair table for {dtype} activations")
         return self._shared_pairs[dtype]
 
     def absmax_float(self) -> torch.Tensor:
@@ -143,6 +142,7 @@ def nf4_weight(data: torch.Tensor, quant_state) -> QuantizedWeight:
         raise ValueError("4-bit weight data must be contiguous uint8 holding two codes a byte")
     w = QuantizedWeight("nf4", data, n, k, absmax=qs.absmax, code=qs.code.float(), blocksize=int(qs.blocksize))
     w.table_registers = _table_registers(w.code)
+    w._shared_pairs = _shared_pairs(w.code, data.device)
     if qs.nested:
         s2 = qs.state2
         w.code2, w.absmax2 = s2.code.float(), s2.absmax.float()
@@ -169,12 +169,19 @@ def int4_release_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> Qua
     n, half = weight.shape
     w = QuantizedWeight("int4", weight.contiguous(), int(n), int(half) * 2, scale=weight_scale)
     w.table_registers = _table_registers(packed_products.INT4_CODE)
+    w._shared_pairs = _shared_pairs(packed_products.INT4_CODE, weight.device)
     return w
 
 
 def _table_registers(code) -> dict:
     """packed_products's registers for a 16-value code, for bf16 and fp16 activations."""
     return {dtype: packed_products.byte_planes(code, dtype) for dtype in (torch.bfloat16, torch.float16)}
+
+
+def _shared_pairs(code, device: torch.device) -> dict:
+    """The shared byte-pair table's entries for a 16-value code (``packed_products.pair_words``), for bf16 and fp16
+    activations, on ``device``: made with the weight, so never inside a CUDA graph capture (a copy from the host)."""
+    return {dtype: packed_products.pair_words(code, dtype).to(device) for dtype in (torch.bfloat16, torch.float16)}
 
 
 def int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
