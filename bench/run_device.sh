@@ -185,7 +185,8 @@ ab-tree)
     grep -a '"chat", "greedy": true\|"compare"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
   done
   ;;
-models)  # the wheels and the full-size bf16 model only (a call's later commands use them)
+models)
+  # the wheels and the full-size bf16 model only (a call's later commands use them)
   ;;
 persistent)
   # the persistent 4-bit one-row GEMV (kernels/quant_persistent.py) among the one-row step's tiles: NF4 chat and
