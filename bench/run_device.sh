@@ -193,7 +193,10 @@ persistent)
   # compare with it ("on": tuned in, in this call's cache) and without (GLMCHAT_PERSISTENT_GEMV=0, the carried tuning
   # in a cache of its own), alternately ROUNDS times; the 4-bit tiles each arm picked; ablate's step and parts with
   # it; the 4-bit GPU checks
-  # (PART=ab: the engines and the tiles; PART=step: ablate and the checks, on the tuning PART=ab left)
+  # (PART=ab: the engines and the tiles; PART=step: ablate and the checks, on the tuning PART=ab left). First every
+  # persistent tile against bitsandbytes' weight: a faulting kernel would take a tuning process's CUDA context
+  timeout 120 python3 bench/check_persistent.py > "$OUT/check_persistent.log" 2>&1
+  stamp "check_persistent rc $?"; tail -n 1 "$OUT/check_persistent.log"; grep -q "^ok" "$OUT/check_persistent.log" || exit 1
   [ "${PART:-ab}" = step ] || rm -rf /tmp/glmcache-off && cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-off
   [ "${PART:-ab}" = step ] || for round in $(seq "${ROUNDS:-2}"); do
     engine "on_$round" --model /tmp/glm6b --quantization 4bit --rows 1,2 --repeat 1
