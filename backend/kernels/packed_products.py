@@ -64,13 +64,18 @@ INT4_CODE = [float(v) for v in range(8)] + [float(v) for v in range(-8, 0)]  # s
 _PAIR_SELECTORS = ("0x4051", "0x6273")
 
 
-def byte_planes(code, dtype: torch.dtype) -> tuple[int, ...]:
-    """The 8 table registers for 16 code values rounded to ``dtype`` (bf16 or fp16), as signed int32: low bytes
-    of codes 0-3, 4-7, 8-11, 12-15, then their high bytes (byte k of a register holds code 4r + k's byte)."""
+def _code_bits(code, dtype: torch.dtype) -> torch.Tensor:
+    """int64 [16]: each of the 16 code values rounded to ``dtype`` (bf16 or fp16), its 16 bits."""
     values = torch.as_tensor(code, dtype=torch.float32).detach().cpu().reshape(-1)
     if values.numel() != 16:
         raise ValueError(f"a 4-bit code has 16 values, this one {values.numel()}")
-    bits = values.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    return values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def byte_planes(code, dtype: torch.dtype) -> tuple[int, ...]:
+    """The 8 table registers for 16 code values rounded to ``dtype`` (bf16 or fp16), as signed int32: low bytes
+    of codes 0-3, 4-7, 8-11, 12-15, then their high bytes (byte k of a register holds code 4r + k's byte)."""
+    bits = _code_bits(code, dtype)
     planes = []
     for shift in (0, 8):
         plane = (bits >> shift) & 0xFF
@@ -139,10 +144,7 @@ TABLE_WORDS = 256 * 32  # the shared byte-pair table: 256 pairs, each replicated
 def pair_words(code, dtype: torch.dtype) -> torch.Tensor:
     """int32 [256]: byte b -> the 16-bit pair (code[b >> 4] in the low half, code[b & 15] in the high half) rounded
     to ``dtype``, the shared table's entries (as ``byte_planes``' pairs)."""
-    values = torch.as_tensor(code, dtype=torch.float32).detach().cpu().reshape(-1)
-    if values.numel() != 16:
-        raise ValueError(f"a 4-bit code has 16 values, this one {values.numel()}")
-    bits = values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    bits = _code_bits(code, dtype)
     b = torch.arange(256)
     pairs = bits[b >> 4] | bits[b & 15] << 16
     return torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32)
@@ -220,6 +222,7 @@ if HAVE_TRITON:
     _SHARED_TABLE = tl.constexpr(shared_table_asm())
     _LANE_OFFSET = tl.constexpr(lane_offset_asm())
     _STORE_SHARED = tl.constexpr(store_shared_asm())
+    _TABLE_WORDS = tl.constexpr(TABLE_WORDS)
     _SHARED_DOT1_BF16 = tl.constexpr(shared_dot_asm(1, True))
     _SHARED_DOT1_F16 = tl.constexpr(shared_dot_asm(1, False))
     _SHARED_DOT2_BF16 = tl.constexpr(shared_dot_asm(2, True))
@@ -260,7 +263,7 @@ if HAVE_TRITON:
         # fill this program's shared byte-pair table from pairs_ptr (int32 [256], ``pair_words``), then a barrier;
         # returns this lane's table address (base + 4 * lane). anchor: any scalar (the declaring block's operand)
         base = tl.inline_asm_elementwise(_SHARED_TABLE, "=r,r", [anchor], dtype=tl.int32, is_pure=False, pack=1)
-        for start in tl.static_range(0, 8192, 1024):
+        for start in tl.static_range(0, _TABLE_WORDS, 1024):
             word = start + tl.arange(0, 1024)  # word 32b + l holds pair b
             value = tl.load(pairs_ptr + word // 32)
             tl.inline_asm_elementwise(_STORE_SHARED, "=r,r,r", [base + 4 * word, value], dtype=tl.int32,

@@ -33,7 +33,7 @@ if HAVE_TRITON:
     from .gemv_4bit import _epilogue
     from .packed_products import (masked_load, packed_dot, packed_dot2, packed_mul, shared_dot, shared_dot2,
                                   shared_pair_table)
-    from .quant_words import _halves, _pair_weights, _word_absmax, _x_pair
+    from .quant_words import _halves, _pair_weights, _row_scale2, _word_absmax, _x_pair
 
 MAX_WORDS = 4096  # K up to 32768: a thread's share of x stays in registers at 4-8 warps
 
@@ -122,9 +122,9 @@ if HAVE_TRITON:
                       NESTED: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, ROW_SCALE2: tl.constexpr):
         # [BLOCK_N, G, 1]: the absmax of each group of 4 words (32 weights, within one block: BS % 32 == 0) of rows
         blk = (rows[:, None, None] * K + 32 * tl.arange(0, G)[None, :, None]) // BS
-        s2 = 0.0
-        if ROW_SCALE2:  # the row's second-level scale, as quant_words' row_scale2
-            s2 = tl.load(absmax2_ptr + ((rows * (K // BS)).to(tl.uint32) // BS2).to(tl.int32))[:, None, None]
+        s2, _ = _row_scale2(absmax2_ptr, rows, 0, K, BS, BS2, ROW_SCALE2, False)
+        if ROW_SCALE2:  # the row's second-level scale ([BLOCK_N, 1] there)
+            s2 = s2[:, :, None]
         return _word_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, m, s2, NESTED, BS2, ROW_SCALE2)
 
     @triton.jit
