@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import threading
 import time
@@ -151,6 +152,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs of each --rows level (a 64-row level takes ~1.5 s: one run is within run-to-run noise of an A/B)")
     args = parser.parse_args()
+    # the one-row descent's time for each candidate step, on stderr (what a tile won or lost by)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("glmchat.tuning").setLevel(logging.DEBUG)
     emit = json_lines(quantization=args.quantization)
     bandwidth = copy_bandwidth()
     rows = [int(r) for r in args.rows.split(",")]

@@ -19,6 +19,7 @@ two-warp tile for NF4's fc1 that made the step 0.19 ms slower than the tile befo
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 from dataclasses import asdict, replace
 from typing import Callable, Optional, Union
@@ -122,6 +123,20 @@ def defaults(decoder) -> dict[str, Tile]:
 PACKED_INT8 = ((4, 1024, 4, False), (2, 1024, 4, False), (8, 1024, 4, False), (4, 2048, 4, False),
                (2, 1024, 2, False), (2, 2048, 2, False), (1, 1024, 1, False),
                (2, 1024, 4, True), (2, 2048, 2, True), (4, 1024, 4, True), (2, 4096, 4, True))
+# the same products in the persistent kernel (kernels/int8_persistent.py): (row pairs a block, warps, programs an
+# SM), within the register file at that many programs (sm_90, ptxas -v: 1 pair at 4 warps 48-64 registers, fc2's
+# 167; 2 pairs 95-110, fc2's 255 with spills; at 8 warps 32-80 and 58-182)
+PERSISTENT_INT8 = ((1, 4, 4), (2, 4, 4), (1, 8, 2), (2, 8, 2), (2, 8, 1), (4, 4, 2))
+
+
+def packed_int8_candidates() -> list[GemvConfig]:
+    """The int8 tiles with fp16 products (CVT 3): int8_gemv's kernel, then the persistent one (left out under
+    GLMCHAT_PERSISTENT_GEMV=0, for bench/'s A/Bs, as gemv_4bit's)."""
+    tiles = [_c(bp, bk, w, cvt=3, pf=pf) for bp, bk, w, pf in PACKED_INT8]
+    if os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "0":
+        return tiles
+    return tiles + [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=3, programs_per_sm=p)
+                    for bp, w, p in PERSISTENT_INT8]
 
 
 def candidates_for(decoder) -> dict[str, list]:
@@ -131,8 +146,7 @@ def candidates_for(decoder) -> dict[str, list]:
     out = {}
     for k in KINDS:
         if weights[k] in CANDIDATES:
-            out[k] = CANDIDATES[weights[k]][k] + ([_c(bp, bk, w, cvt=3, pf=pf) for bp, bk, w, pf in PACKED_INT8]
-                                                  if packed and weights[k] == "int8" else [])
+            out[k] = CANDIDATES[weights[k]][k] + (packed_int8_candidates() if packed and weights[k] == "int8" else [])
         else:
             out[k] = four_bit_candidates(by_kind[k][0].q, decoder.dtype, swiglu=k == "fc1")
     return out
@@ -196,6 +210,7 @@ def descend(start: dict[str, Tile], candidates: dict[str, list], measure: Callab
                 log.info("one-row tuning: %s %s failed: %s", kind, cand, exc)
                 continue
             t_cand, t_best = (statistics.median(t) for t in zip(*times))
+            log.debug("one-row tuning: %s %s: %.4f ms, the best so far %.4f", kind, cand, t_cand, t_best)
             if t_cand < t_best * (1 - keep_gain):
                 best, best_run = trial, run
     return best

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from . import int8_persistent
 from .rotary import round_mode
 
 if TYPE_CHECKING:
@@ -31,9 +32,8 @@ if HAVE_TRITON:
 EPI_PLAIN, EPI_SWIGLU, EPI_ROPE = 0, 1, 2
 
 if HAVE_TRITON:
-    from .greedy_rows import argmax_key
     from .packed_products import int8_words_sums
-    from .rotary import rotate_pairs_store
+    from .pair_epilogue import finish_pairs
 
     @triton.jit
     def int8_as_float(w, CVT: tl.constexpr):
@@ -253,49 +253,13 @@ if HAVE_TRITON:
                 x_sum = 1.5 * tl.sum(xs, axis=0)
                 a = (a - x_sum) * 256.0
                 b = (b - x_sum) * 256.0
+        r = 1.0
         if NORM:  # RMSNorm is a per-token scalar: applied to the sums, the norm weight went into x
             r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-            a = a * r
-            b = b * r
-        if W_INT8:
-            a = a * tl.load(scale_ptr + row_a, mask=mask_a, other=0.0)
-            b = b * tl.load(scale_ptr + row_b, mask=mask_b, other=0.0)
-        if HAS_BIAS:
-            a = a + tl.load(bias_ptr + row_a, mask=mask_a, other=0.0).to(tl.float32)
-            b = b + tl.load(bias_ptr + row_b, mask=mask_b, other=0.0).to(tl.float32)
-        if EPILOGUE == 0:  # plain: rows a and b, optionally added to a residual (in place is fine)
-            if RESIDUAL:
-                a = a + tl.load(res_ptr + row_a, mask=mask_a, other=0.0).to(tl.float32)
-                b = b + tl.load(res_ptr + row_b, mask=mask_b, other=0.0).to(tl.float32)
-            tl.store(out_ptr + row_a, a.to(out_ptr.dtype.element_ty), mask=mask_a)
-            tl.store(out_ptr + row_b, b.to(out_ptr.dtype.element_ty), mask=mask_b)
-            if ARGMAX:  # greedy pick over all programs: atomic max of (value, -row) keys; any non-finite flagged
-                a_s = a.to(out_ptr.dtype.element_ty).to(tl.float32)  # the stored values
-                b_s = b.to(out_ptr.dtype.element_ty).to(tl.float32)
-                # false for nan and +-inf (not "x - x == 0": the compiler fuses a product's x*y - x*y into
-                # an FMA, which leaves the product's rounding error)
-                ok_a = tl.abs(a_s) < float("inf")
-                ok_b = tl.abs(b_s) < float("inf")
-                bad = tl.max(((mask_a & ~ok_a) | (mask_b & ~ok_b)).to(tl.int64), axis=0)
-                best = tl.maximum(tl.max(tl.where(mask_a & ok_a, argmax_key(a_s, row_a), -(2**63)), axis=0),
-                                  tl.max(tl.where(mask_b & ok_b, argmax_key(b_s, row_b), -(2**63)), axis=0))
-                tl.atomic_max(best_ptr, best)
-                tl.atomic_max(best_ptr + 1, bad, mask=bad > 0)
-        elif EPILOGUE == 1:  # SwiGLU: out[p] = silu(a) * b with b = row p + F
-            y = a / (1.0 + tl.exp(-a)) * b
-            tl.store(out_ptr + p, y.to(out_ptr.dtype.element_ty), mask=mask_a)
-        else:  # rotary on q and k (interleaved pairs of the first 2*ROT_PAIRS dims), then q out, k/v to the cache
-            # the sums rounded to the output dtype first, as a rotary kernel after the linear would read them
-            a = a.to(out_ptr.dtype.element_ty).to(tl.float32)
-            b = b.to(out_ptr.dtype.element_ty).to(tl.float32)
-            pos = tl.load(pos_ptr).to(tl.int64)
-            if SLOT_FROM_PREFIX:  # the batched decoder's row: its prefix slots, then its tokens
-                slot = tl.load(prefix_ptr).to(tl.int64) + pos
-            else:  # the one-row decoder keeps the slot beside the position
-                slot = tl.load(pos_ptr + 1).to(tl.int64)
-            rotate_pairs_store(a, b, row_a, mask_a, pos, tl.maximum(slot, 0), out_ptr, k_cache_ptr, v_cache_ptr,
-                               inv_freq_ptr, pos_divisor, Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t, HEAD_DIM,
-                               ROT_PAIRS, ROPE_ROUND)
+        finish_pairs(a, b, r, p, row_a, row_b, mask_a, mask_b, scale_ptr, bias_ptr, res_ptr, out_ptr, k_cache_ptr,
+                     v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr, Q_ROWS, KV_ROWS, cache_stride_g,
+                     cache_stride_t, pos_divisor, HEAD_DIM, ROT_PAIRS, ROPE_ROUND, SLOT_FROM_PREFIX, W_INT8, NORM,
+                     HAS_BIAS, RESIDUAL, EPILOGUE, ARGMAX)
 
 
 @dataclass(frozen=True)
@@ -310,6 +274,9 @@ class GemvConfig:
     row_sum: bool = False  # reduce each tile to one float32 per row (fewer registers, bigger tiles)
     x_tile: bool = False  # x loaded in the weight tile's layout (no shared-memory conversion in the loop), its
     # sums for RMSNorm and CVT 2 in a pass of their own
+    programs_per_sm: int = 0  # CVT 3 only: the persistent kernel (kernels/int8_persistent.py), this many programs
+    # on each multiprocessor looping over blocks of block_p row pairs, a whole row of K at a time (block_k 0; a
+    # call it cannot read takes the tiled kernel at the default block_k)
 
 
 # Measured on an H100 inside the captured step (bench/explore_gemv.py, bench/NOTES.md run 5): a GEMV's time
@@ -370,40 +337,48 @@ def gemv(
     cfg = config or GemvConfig()
     if cfg.cvt == 3 and not takes_packed(x, lw, norm_weight):
         cfg = replace(cfg, cvt=2)
+    persistent = cfg.programs_per_sm > 0 and cfg.cvt == 3 and int8_persistent.usable(x, w)
+    if cfg.programs_per_sm and not persistent:  # a tuned persistent tile, for a call it cannot read
+        cfg = replace(cfg, programs_per_sm=0, block_k=cfg.block_k or GemvConfig.block_k)
     if swiglu:
         n_pairs, row_step, b_off = N // 2, 1, N // 2
     else:
         n_pairs, row_step, b_off = (N + 1) // 2, 2, 1
     epilogue = EPI_SWIGLU if swiglu else (EPI_ROPE if rope is not None else EPI_PLAIN)
-    dummy = out
     if argmax is not None and epilogue != EPI_PLAIN:
         raise ValueError("argmax goes with the plain epilogue (the output layer)")
-    if rope is not None:
-        kc, vc, pos, inv_freq = rope["k_cache"], rope["v_cache"], rope["pos"], rope["inv_freq"]
-        prefix = rope.get("prefix")
-        rope_args = (rope["q_rows"], rope["kv_rows"], kc.stride(0), kc.stride(1), float(rope.get("divisor", 1.0)))
-        head_dim, rot_pairs, rounding = rope["head_dim"], inv_freq.numel(), round_mode(rope.get("angle_dtype"))
-    else:
-        kc = vc = pos = inv_freq = prefix = dummy
-        rope_args = (0, 0, 0, 0, 1.0)
-        head_dim, rot_pairs, rounding = 2, 1, 0
-    grid = (triton.cdiv(n_pairs, cfg.block_p),)
-    _gemv_kernel[grid](
-        x, w, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
-        norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
-        kc, vc, pos, prefix if prefix is not None else dummy, inv_freq, argmax if argmax is not None else dummy,
-        N, n_pairs, K, row_step, b_off, eps, *rope_args,
-        HEAD_DIM=head_dim, ROT_PAIRS=rot_pairs, ROPE_ROUND=rounding, SLOT_FROM_PREFIX=prefix is not None,
-        BLOCK_P=cfg.block_p, BLOCK_K=cfg.block_k,
-        W_INT8=lw.is_int8, CVT=cfg.cvt, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None,
-        RESIDUAL=residual is not None, EPILOGUE=epilogue,
+    dummy = out
+    rope_pointers, rope_args, rope_meta = _rope_args(rope, dummy)
+    pointers = (x, w, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
+                norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
+                *rope_pointers, argmax if argmax is not None else dummy)
+    shape_args = (N, n_pairs, K, row_step, b_off, eps, *rope_args)
+    meta = dict(rope_meta, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None, RESIDUAL=residual is not None,
+                EPILOGUE=epilogue, ARGMAX=argmax is not None)
+    if persistent:
+        int8_persistent.launch(x, w, pointers, shape_args, meta, cfg.block_p, cfg.programs_per_sm, cfg.num_warps,
+                               pdl)
+        return out
+    _gemv_kernel[(triton.cdiv(n_pairs, cfg.block_p),)](
+        *pointers, *shape_args, **meta, BLOCK_P=cfg.block_p, BLOCK_K=cfg.block_k, W_INT8=lw.is_int8, CVT=cfg.cvt,
         EVEN_K=K % cfg.block_k == 0, EVEN_P=n_pairs % cfg.block_p == 0 and (swiglu or N % 2 == 0),
-        PREFETCH=cfg.prefetch, PDL=pdl, ROW_SUM=cfg.row_sum, ARGMAX=argmax is not None, X_TILE=cfg.x_tile,
-        X_PASS=x_pass_width(K, cfg.block_k, cfg.num_warps),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PREFETCH=cfg.prefetch, PDL=pdl, ROW_SUM=cfg.row_sum, X_TILE=cfg.x_tile,
+        X_PASS=x_pass_width(K, cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
     return out
+
+
+def _rope_args(rope: Optional[dict], dummy: torch.Tensor) -> tuple[tuple, tuple, dict]:
+    """The GEMV kernels' rotary arguments: (k cache, v cache, position, prefix, inv_freq), (q rows, kv rows, the
+    cache's strides, the position divisor), and their constexprs; placeholders without ``rope``."""
+    if rope is None:
+        return (dummy,) * 5, (0, 0, 0, 0, 1.0), dict(HEAD_DIM=2, ROT_PAIRS=1, ROPE_ROUND=0, SLOT_FROM_PREFIX=False)
+    kc, vc, inv_freq, prefix = rope["k_cache"], rope["v_cache"], rope["inv_freq"], rope.get("prefix")
+    pointers = (kc, vc, rope["pos"], prefix if prefix is not None else dummy, inv_freq)
+    args = (rope["q_rows"], rope["kv_rows"], kc.stride(0), kc.stride(1), float(rope.get("divisor", 1.0)))
+    return pointers, args, dict(HEAD_DIM=rope["head_dim"], ROT_PAIRS=inv_freq.numel(),
+                                ROPE_ROUND=round_mode(rope.get("angle_dtype")), SLOT_FROM_PREFIX=prefix is not None)
 
 
 def takes_packed(x: torch.Tensor, lw: LinearWeights, norm_weight: Optional[torch.Tensor]) -> bool:

@@ -54,7 +54,7 @@ def usable(x: torch.Tensor, w: QuantizedWeight, norm_weight, lut: int) -> bool:
 _sms: dict[str, int] = {}
 
 
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 2  # the interpreter: a few programs, so each loops over several blocks
     key = str(device)
@@ -66,17 +66,19 @@ def _multiprocessors(device: torch.device) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def _words_index(G: tl.constexpr):
-        # [1, G, 4]: word 4g + j at (g, j); a thread's 4 words are consecutive (one 16-byte load, one absmax)
-        j = tl.max_contiguous(tl.multiple_of(tl.arange(0, 4), 4), 4)
-        return 4 * tl.arange(0, G)[None, :, None] + j[None, None, :]
+    def words_index(G: tl.constexpr, WPG: tl.constexpr):
+        # [1, G, WPG]: word WPG g + j at (g, j); a thread's WPG words are consecutive, one 16-byte load (4-bit: 4
+        # words of 32 bits, one absmax; int8: 2 of 64 bits)
+        j = tl.max_contiguous(tl.multiple_of(tl.arange(0, WPG), WPG), WPG)
+        return WPG * tl.arange(0, G)[None, :, None] + j[None, None, :]
 
     @triton.jit
-    def _x_words(x_ptr, norm_ptr, mg, BLOCK_N: tl.constexpr, G: tl.constexpr, NORM: tl.constexpr,
-                 X_KIND: tl.constexpr):
-        # the activation pairs that meet each word of the [BLOCK_N, G, 4] tile (int32 pairs of 16-bit values: 4w ..
-        # 4w + 3 for word w), times the norm weight's when NORM, as 4 tiles; and the row's sum of squares (unnormed)
-        pair = 4 * tl.reshape(_words_index(G), (G, 4))[:, :, None] + tl.arange(0, 4)[None, None, :]
+    def x_words(x_ptr, norm_ptr, mg, BLOCK_N: tl.constexpr, G: tl.constexpr, NORM: tl.constexpr,
+                X_KIND: tl.constexpr, WPG: tl.constexpr):
+        # the activation pairs that meet each word of the [BLOCK_N, G, WPG] tile (int32 pairs of 16-bit values:
+        # 4w .. 4w + 3 for word w of 8 weights), times the norm weight's when NORM (rounded once, as packed_mul),
+        # as 4 tiles; and the row's sum of squares (unnormed)
+        pair = 4 * tl.reshape(words_index(G, WPG), (G, WPG))[:, :, None] + tl.arange(0, 4)[None, None, :]
         m = None if mg is None else tl.reshape(mg, (G, 1))[:, :, None]
         raw = masked_load(x_ptr + pair, m, 0)
         lo, hi = _halves(raw, X_KIND)
@@ -84,10 +86,10 @@ if HAVE_TRITON:
         x = raw
         if NORM:
             x = packed_mul(raw, masked_load(norm_ptr + pair, m, 0), X_KIND == 1)
-        even, odd = tl.split(tl.reshape(x, (G, 4, 2, 2)))  # pairs (0, 2) and (1, 3)
+        even, odd = tl.split(tl.reshape(x, (G, WPG, 2, 2)))  # pairs (0, 2) and (1, 3)
         x0, x2 = tl.split(even)
         x1, x3 = tl.split(odd)
-        shape: tl.constexpr = (BLOCK_N, G, 4)
+        shape: tl.constexpr = (BLOCK_N, G, WPG)
         return (tl.broadcast_to(x0[None, :, :], shape), tl.broadcast_to(x1[None, :, :], shape),
                 tl.broadcast_to(x2[None, :, :], shape), tl.broadcast_to(x3[None, :, :], shape), ss)
 
@@ -96,7 +98,7 @@ if HAVE_TRITON:
                   X_KIND: tl.constexpr):
         # activations 8w + 2i and 8w + 2i + 1 of each word w as float32 (times the norm weight), broadcast to the
         # tile; and their squares' sum (unnormed)
-        pair = 4 * tl.reshape(_words_index(G), (G, 4)) + i
+        pair = 4 * tl.reshape(words_index(G, 4), (G, 4)) + i
         m = None if mg is None else tl.reshape(mg, (G, 1))
         xe, xo = _x_pair(x_ptr, x_ptr, pair, m, False, X_KIND)
         ss = tl.sum(tl.sum(xe * xe + xo * xo, axis=1), axis=0)
@@ -138,7 +140,7 @@ if HAVE_TRITON:
         valid = rn < N
         rows = tl.where(valid, rn, 0)
         m = valid[:, None, None] if mg is None else valid[:, None, None] & mg[None, :, None]
-        offs = rows[:, None, None] * (K // 8) + _words_index(G)
+        offs = rows[:, None, None] * (K // 8) + words_index(G, 4)
         words = masked_load(w_ptr + offs, m, 0)
         words_b = words
         if SWIGLU:
@@ -156,32 +158,47 @@ if HAVE_TRITON:
     def _row_sums(words, a, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1, t2, t3, t4,
                   t5, t6, t7, lane_table, PACKED: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr,
                   BF16: tl.constexpr):
-        # [BLOCK_N]: each row's words times x, NF4's groups scaled by their absmax
+        # [BLOCK_N, G]: each row's words times x, a thread's groups summed, NF4's scaled by their absmax (the
+        # sums across the program's warps are left to across_warps)
         if LUT == 4:
             p = shared_dot(words, x0, x1, x2, x3, lane_table, BF16)
         elif PACKED:
             p = packed_dot(words, x0, x1, x2, x3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
         else:
             p = _table_sums(words, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, FMT, LUT)
-        return _scaled_sum(p, a, FMT)
+        return _scaled_groups(p, a, FMT)
 
     @triton.jit
-    def _scaled_sum(p, a, FMT: tl.constexpr):
-        # [BLOCK_N]: the products' sum a row, each group of 4 words scaled by its absmax (NF4)
+    def _scaled_groups(p, a, FMT: tl.constexpr):
+        # [BLOCK_N, G]: the products' sum a group of 4 words, scaled by its absmax (NF4)
         p = tl.sum(p, axis=2, keep_dims=True)
         if FMT == 0:
             p = p * a
-        return tl.sum(tl.sum(p, axis=2), axis=1)
+        return tl.sum(p, axis=2)
+
+    @triton.jit
+    def across_warps(p, q):
+        # the row sums of two [BLOCK_N, G] tiles in one reduction across the program's warps (one exchange through
+        # shared memory and its barriers, not one a tile)
+        return tl.split(tl.sum(tl.join(p, q), axis=1))
+
+    @triton.jit
+    def _across_warps4(p, p_b, q, q_b):
+        # across_warps for four tiles: (p's, p_b's), (q's, q_b's)
+        s, t = tl.split(tl.sum(tl.join(tl.join(p, p_b), tl.join(q, q_b)), axis=1))
+        y, y_b = tl.split(s)
+        v, v_b = tl.split(t)
+        return y, y_b, v, v_b
 
     @triton.jit
     def _pair_sums(words, a, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7, lane_table,
                    FMT: tl.constexpr, LUT: tl.constexpr, BF16: tl.constexpr):
-        # two activation rows (x, z) against the same words, looked up once: ([BLOCK_N], [BLOCK_N])
+        # two activation rows (x, z) against the same words, looked up once: _row_sums' [BLOCK_N, G] for each
         if LUT == 4:
             p, q = shared_dot2(words, x0, x1, x2, x3, z0, z1, z2, z3, lane_table, BF16)
         else:
             p, q = packed_dot2(words, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7, BF16)
-        return _scaled_sum(p, a, FMT), _scaled_sum(q, a, FMT)
+        return _scaled_groups(p, a, FMT), _scaled_groups(q, a, FMT)
 
     @triton.jit
     def _activations(x_ptr, norm_ptr, mg, eps, K: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
@@ -189,7 +206,7 @@ if HAVE_TRITON:
         # one activation row as the products read it: 4 tiles of 16-bit pairs (PACKED), else 8 of float32 halves
         # (the other form's names bound too, unused); and the row's RMSNorm factor ([1]; 1 without the norm)
         if PACKED:
-            x0, x1, x2, x3, ss = _x_words(x_ptr, norm_ptr, mg, BLOCK_N, G, NORM, X_KIND)
+            x0, x1, x2, x3, ss = x_words(x_ptr, norm_ptr, mg, BLOCK_N, G, NORM, X_KIND, 4)
             xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = x0, x1, x2, x3, x0, x1, x2, x3
         else:
             xe0, xo0, ss0 = _x_halves(x_ptr, norm_ptr, mg, 0, BLOCK_N, G, NORM, X_KIND)
@@ -242,19 +259,25 @@ if HAVE_TRITON:
             nxt, nxt_b, a_n, a_nb = _block_loads(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, block + programs,
                                                  N, K, mg, FMT, NESTED, BS, BS2, SWIGLU, ROW_SCALE2, BLOCK_N, G)
             if ROWS == 2:
-                y, v = _pair_sums(words, a, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7, lane_table,
+                p, q = _pair_sums(words, a, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7, lane_table,
                                   FMT, LUT, X_KIND == 1)
-                y_b, v_b = y, v
                 if SWIGLU:
-                    y_b, v_b = _pair_sums(words_b, a_b, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7,
+                    p_b, q_b = _pair_sums(words_b, a_b, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7,
                                           lane_table, FMT, LUT, X_KIND == 1)
+                    y, y_b, v, v_b = _across_warps4(p, p_b, q, q_b)
+                else:
+                    y, v = across_warps(p, q)
+                    y_b, v_b = y, v
             else:
-                y = _row_sums(words, a, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1, t2,
+                p = _row_sums(words, a, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1, t2,
                               t3, t4, t5, t6, t7, lane_table, PACKED, FMT, LUT, X_KIND == 1)
-                y_b = y
                 if SWIGLU:
-                    y_b = _row_sums(words_b, a_b, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0,
+                    p_b = _row_sums(words_b, a_b, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0,
                                     t1, t2, t3, t4, t5, t6, t7, lane_table, PACKED, FMT, LUT, X_KIND == 1)
+                    y, y_b = across_warps(p, p_b)
+                else:
+                    y = tl.sum(p, axis=1)
+                    y_b = y
             rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
             _epilogue(y[None, :], y_b[None, :], r, row, rn, row >= 0, rn < N, N, scale_ptr, bias_ptr, res_ptr,
                       out_ptr, stride_rm, stride_om, has_bias, residual, HAS_SCALE, SWIGLU)
@@ -280,7 +303,7 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
     if kind and norm_weight is not None:
         norm_arg = norm_weight.view(torch.int32)
     table = w.table_registers.get(x.dtype, (0,) * 8) if cfg.lut == 3 else (0,) * 8
-    programs = min(triton.cdiv(n_out, cfg.block_n), _multiprocessors(x.device) * max(1, cfg.programs_per_sm))
+    programs = min(triton.cdiv(n_out, cfg.block_n), multiprocessors(x.device) * max(1, cfg.programs_per_sm))
     res = residual if residual is not None else dummy
     _persistent_kernel[(programs,)](
         x if kind == 0 else x.view(torch.int32), w.data.reshape(-1).view(torch.int32), w.absmax if nf4 else dummy,

@@ -35,6 +35,10 @@ def reference(x, lw, norm=None, residual=None, swiglu=False, eps=1e-5):
     return y if residual is None else y + residual.double()
 
 
+def rel(got, want):
+    return float((got.double() - want).norm() / want.norm())
+
+
 @pytest.mark.parametrize("k", [256, 200])
 @pytest.mark.parametrize("cvt", [0, 1, 2])
 def test_x_tile_gemv_equals_the_reference_for_each_int8_conversion(k, cvt):
@@ -43,7 +47,8 @@ def test_x_tile_gemv_equals_the_reference_for_each_int8_conversion(k, cvt):
     lw = LinearWeights(q, scale, None)
     x, g = torch.randn(k), 1 + 0.1 * torch.randn(k)
     for cfg in (GemvConfig(block_p=2, block_k=64, cvt=cvt, x_tile=True),
-                GemvConfig(block_p=4, block_k=128, cvt=cvt, prefetch=True, x_tile=True)):
+                GemvConfig(block_p=4, block_k=128, cvt=cvt, prefetch=True, x_tile=True),
+                GemvConfig(block_p=2, block_k=0, cvt=3, programs_per_sm=2)):  # (float32 x: the tiled kernel, cvt 2)
         out = torch.full((24,), float("nan"))
         gemv(x, lw, out, norm_weight=g, config=cfg)
         assert torch.allclose(out.double(), reference(x, lw, norm=g), rtol=1e-4, atol=1e-4), cfg
@@ -70,7 +75,8 @@ def test_x_tile_gemv_on_16_bit_weights():
 def test_packed_products_gemv_equals_the_reference_with_and_without_its_first_tile_loaded_early(k):
     """CVT 3 (int8 widened two at a time, fp16 products; inline PTX run by tests/ptx_emulator.py): with the first
     weight tile loaded before the wait on the previous kernel and each next one a tile ahead (``prefetch``), and
-    without, for RMSNorm, the residual in place and SwiGLU; K 200 leaves a tail, K 512 is whole tiles."""
+    without, for RMSNorm, the residual in place and SwiGLU; K 200 leaves a tail, K 512 is whole tiles. A persistent
+    tile at K 200 (not whole 16-byte groups) runs as the tiled kernel at the default K tile."""
     from ptx_emulator import interpreted_inline_ptx
 
     torch.manual_seed(k)
@@ -80,7 +86,8 @@ def test_packed_products_gemv_equals_the_reference_with_and_without_its_first_ti
     tol = dict(rtol=2e-2, atol=2e-2)  # fp16 products summed in pairs of lanes
     with interpreted_inline_ptx():
         for cfg in (GemvConfig(block_p=2, block_k=64, cvt=3), GemvConfig(block_p=2, block_k=64, cvt=3, prefetch=True),
-                    GemvConfig(block_p=4, block_k=512, cvt=3, prefetch=True)):
+                    GemvConfig(block_p=4, block_k=512, cvt=3, prefetch=True),
+                    GemvConfig(block_p=2, block_k=0, cvt=3, programs_per_sm=1)):  # (K 200: the tiled kernel)
             out = torch.full((24,), float("nan"), dtype=torch.float16)
             gemv(x, lw, out, norm_weight=g, config=cfg)
             assert torch.allclose(out.double(), reference(x, lw, norm=g), **tol), cfg
@@ -91,3 +98,67 @@ def test_packed_products_gemv_equals_the_reference_with_and_without_its_first_ti
             up = torch.full((12,), float("nan"), dtype=torch.float16)
             gemv(x, lw, up, norm_weight=g, swiglu=True, config=cfg)
             assert torch.allclose(up.double(), reference(x, lw, norm=g, swiglu=True), **tol), cfg
+
+
+@pytest.mark.parametrize("n,k", [(24, 512), (26, 208)])
+def test_the_persistent_gemv_equals_the_reference_for_each_epilogue(n, k, monkeypatch):
+    """``programs_per_sm`` (kernels/int8_persistent.py; inline PTX run by tests/ptx_emulator.py): a few programs each
+    looping over blocks of row pairs, the row and its norm loaded once: RMSNorm with a bias, the residual in place,
+    SwiGLU, and the greedy pick; K 208 pads 26 words to 32 (masked groups); N 26 leaves a partial last block. The
+    interpreter stands for 2 multiprocessors, so each program takes 2-4 blocks, the last past the end."""
+    from ptx_emulator import interpreted_inline_ptx
+
+    from backend.kernels import int8_gemv, int8_persistent
+
+    ran = []
+    real = int8_persistent.launch
+    monkeypatch.setattr(int8_persistent, "launch", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    torch.manual_seed(n + k)
+    q, scale = quantize_per_channel(torch.randn(n, k) * 0.05)
+    lw = LinearWeights(q, scale, (0.1 * torch.randn(n)).half())
+    plain = LinearWeights(q, scale, None)
+    x, g = torch.randn(k).half(), (1 + 0.1 * torch.randn(k)).half()
+    with interpreted_inline_ptx():
+        for cfg in (GemvConfig(block_p=2, cvt=3, programs_per_sm=1), GemvConfig(block_p=4, cvt=3, programs_per_sm=2)):
+            out = torch.full((n,), float("nan"), dtype=torch.float16)
+            gemv(x, lw, out, norm_weight=g, config=cfg)
+            assert rel(out, reference(x, lw, norm=g) + lw.bias.double()) < 2e-3, cfg  # (fp16 products: ~4e-4)
+            res = torch.randn(n).half()
+            want = reference(x, plain, residual=res)
+            gemv(x, plain, res, residual=res, config=cfg)
+            assert rel(res, want) < 2e-3, cfg
+            up = torch.full((n // 2,), float("nan"), dtype=torch.float16)
+            gemv(x, plain, up, norm_weight=g, swiglu=True, config=cfg)
+            assert rel(up, reference(x, plain, norm=g, swiglu=True)) < 2e-3, cfg
+            state, token = int8_gemv.new_argmax_state("cpu"), torch.zeros(1, dtype=torch.int64)
+            gemv(x, plain, out, config=cfg, argmax=state)
+            int8_gemv.pick_token(state, token, None, bad_token=0)
+            assert int(token) == int(out.float().argmax()), cfg
+    assert len(ran) == 8
+
+
+def test_the_persistent_gemv_rotary_epilogue_equals_the_tiled_kernels():
+    """The QKV's rotary and cache write after the persistent kernel's sums: q and the row's key and value as the
+    tiled kernel writes them (fp16 products in another order: within rounding)."""
+    from ptx_emulator import interpreted_inline_ptx
+
+    from backend.kernels import attention_batch as A
+
+    torch.manual_seed(3)
+    H, G, D, S, K = 4, 2, 16, 40, 64
+    N = (H + 2 * G) * D
+    w8, scale = quantize_per_channel(torch.randn(N, K) * 0.1)
+    lw = LinearWeights(w8, scale, (torch.randn(N) * 0.1).half())
+    x, g = torch.randn(K).half(), (1 + 0.1 * torch.randn(K)).half()
+    inv_freq = A.rotary_inv_freq(D // 2, "cpu").half().float()
+    outs = []
+    with interpreted_inline_ptx():
+        for cfg in (GemvConfig(block_p=2, block_k=64, cvt=3), GemvConfig(block_p=2, cvt=3, programs_per_sm=1)):
+            out, kc, vc = torch.empty(N).half(), torch.zeros(G, S, D).half(), torch.zeros(G, S, D).half()
+            rope = dict(q_rows=H * D, kv_rows=G * D, head_dim=D, inv_freq=inv_freq, pos=torch.tensor([11]),
+                        prefix=torch.tensor([5]), angle_dtype=torch.float16, k_cache=kc, v_cache=vc)
+            gemv(x, lw, out, norm_weight=g, eps=1e-5, rope=rope, config=cfg)
+            outs.append((out[: H * D], kc, vc))  # (the epilogue writes q to out, k and v to the cache)
+    for a, b in zip(*outs):
+        assert rel(a, b.double()) < 2e-3
+    assert bool(outs[1][1][:, 16].abs().sum() > 0) and bool(outs[1][1][:, 15].abs().sum() == 0)
