@@ -1,11 +1,12 @@
 """Each tile of the persistent GEMVs on the GPU: the 4-bit one (backend/kernels/quant_persistent.py) against
 bitsandbytes' dequantized weight at ChatGLM2-6B's qkv, fc1 (the norm and SwiGLU) and fc2 shapes, one and two
-activation rows, both table kinds; the int8 one (backend/kernels/int8_persistent.py, fp16 rows) against the int8
-weight times its scale at qkv (the norm, the bias), dense (the residual in place), fc1 and fc2. Run first in a device
+activation rows, both table kinds; the one-row one (backend/kernels/persistent_gemv.py) on int8 weights against
+fp16 rows (against the weight times its scale) and on bf16 weights, at qkv (the norm, the bias), dense (the
+residual in place), fc1 and fc2, and the output layer with the greedy pick (bf16). Run first in a device
 call that tunes with them: a kernel that faults there (a misaligned load, say) would otherwise take the tuning
 process's CUDA context with it (bench/NOTES.md run 55).
 
-    python bench/check_persistent.py [--rows 1,2] [--only 4bit|int8]
+    python bench/check_persistent.py [--rows 1,2] [--only 4bit|int8|float]
 
 Prints one line a tile and "ok" at the end; exits 1 at the first tile off by more than 2e-2 relative."""
 
@@ -20,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.kernels import gemv_4bit as Q  # noqa: E402
-from backend.decode.one_row_tuning import PERSISTENT_INT8  # noqa: E402
+from backend.decode.one_row_tuning import persistent_candidates  # noqa: E402
 from backend.int8_linear import LinearWeights, quantize_per_channel  # noqa: E402
-from backend.kernels.int8_gemv import GemvConfig, gemv  # noqa: E402
+from backend.kernels.int8_gemv import gemv, new_argmax_state  # noqa: E402
 
 SHAPES = ((4608, 4096, False), (27392, 4096, True), (4096, 13696, False))  # qkv, fc1 (SwiGLU), fc2
 
@@ -66,22 +67,29 @@ def check_4bit(rows_list: list[int]) -> bool:
     return True
 
 
-def check_int8() -> bool:
+def check_one_row(weights: str) -> bool:
+    """int8_gemv.gemv's persistent tiles: "int8" weights against fp16 rows, or "float" (bf16) weights."""
     rel = lambda got, want: ((got.float() - want).norm() / want.norm()).item()  # noqa: E731
-    for name, n, k in (("qkv", 4608, 4096), ("dense", 4096, 4096), ("fc1", 27392, 4096), ("fc2", 4096, 13696)):
-        q, scale = quantize_per_channel(torch.randn(n, k, device="cuda") * 0.02)
-        bias = (0.1 * torch.randn(n, device="cuda")).half() if name == "qkv" else None
-        lw, ref_w = LinearWeights(q, scale, bias), q.float() * scale[:, None]
-        x, g = torch.randn(k, device="cuda").half(), (1 + 0.1 * torch.randn(k, device="cuda")).half()
-        for bp, warps, per_sm in PERSISTENT_INT8:
-            cfg = GemvConfig(block_p=bp, block_k=0, num_warps=warps, cvt=3, programs_per_sm=per_sm)
-            what = f"int8 {name} block_p {bp} warps {warps} programs/SM {per_sm}"
-            if name in ("qkv", "fc1"):
-                out = torch.empty(n // 2 if name == "fc1" else n, device="cuda", dtype=torch.float16)
-                gemv(x, lw, out, norm_weight=g, swiglu=name == "fc1", config=cfg)
+    dtype = torch.float16 if weights == "int8" else torch.bfloat16
+    shapes = (("qkv", 4608, 4096), ("dense", 4096, 4096), ("fc1", 27392, 4096), ("fc2", 4096, 13696))
+    for name, n, k in shapes + ((("output", 65024, 4096),) if weights == "float" else ()):
+        w = torch.randn(n, k, device="cuda") * 0.02
+        q, scale = quantize_per_channel(w) if weights == "int8" else (w.to(dtype), None)
+        bias = (0.1 * torch.randn(n, device="cuda")).to(dtype) if name == "qkv" else None
+        lw, ref_w = LinearWeights(q, scale, bias), q.float() * (scale[:, None] if scale is not None else 1)
+        x, g = torch.randn(k, device="cuda").to(dtype), (1 + 0.1 * torch.randn(k, device="cuda")).to(dtype)
+        for cfg in persistent_candidates(weights):
+            what = f"{weights} {name} block_p {cfg.block_p} warps {cfg.num_warps} programs/SM {cfg.programs_per_sm}"
+            if name in ("qkv", "fc1", "output"):
+                out = torch.empty(n // 2 if name == "fc1" else n, device="cuda", dtype=dtype)
+                state = new_argmax_state("cuda") if name == "output" else None
+                gemv(x, lw, out, norm_weight=g, swiglu=name == "fc1", config=cfg, argmax=state)
                 want = reference(x[None], ref_w, g, name == "fc1")[0] + (bias.float() if bias is not None else 0)
+                if state is not None and int(state[0] & 0xFFFFFFFF) != 2**32 - 1 - int(out.float().argmax()):
+                    print(f"{what}: the greedy pick is not the argmax\nFAIL")
+                    return False
             else:
-                out = torch.randn(n, device="cuda").half()
+                out = torch.randn(n, device="cuda").to(dtype)
                 want = out.float() + x.float() @ ref_w.T
                 gemv(x, lw, out, residual=out, config=cfg)
             torch.cuda.synchronize()
@@ -93,13 +101,14 @@ def check_int8() -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,2")
-    ap.add_argument("--only", choices=("4bit", "int8"))
+    ap.add_argument("--only", choices=("4bit", "int8", "float"))
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.only != "int8" and not check_4bit([int(r) for r in args.rows.split(",")]):
         return 1
-    if args.only != "4bit" and not check_int8():
-        return 1
+    for weights in ("int8", "float"):
+        if args.only in (None, weights) and not check_one_row(weights):
+            return 1
     print("ok")
     return 0
 

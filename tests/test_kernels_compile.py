@@ -387,29 +387,36 @@ def test_the_persistent_gemv_reads_four_words_a_load(arch, pdl, fmt):
 
 
 @pytest.mark.parametrize("arch,pdl", TARGETS)
-def test_the_int8_persistent_gemv_reads_two_words_a_load(arch, pdl):
-    """int8_persistent's tiles (decode/one_row_tuning.PERSISTENT_INT8: fp16 rows, on every card the 8-bit model
-    runs) compile as qkv (the norm, the bias, rotary with the cache write), fc1 (SwiGLU) and fc2 (K padded to a power
-    of two, the residual) run them: inside the loop over blocks each thread reads its words of a row 16 bytes at a
-    time, and the activations are not read again (they were loaded once, before the loop)."""
-    from backend.decode.one_row_tuning import PERSISTENT_INT8
-    from backend.kernels import int8_persistent as P
+@pytest.mark.parametrize("weights", ["int8", "float"])
+def test_the_one_row_persistent_gemv_reads_16_bytes_a_load(arch, pdl, weights):
+    """persistent_gemv's tiles (decode/one_row_tuning.PERSISTENT_TILES: int8 against fp16 rows, on every card the
+    8-bit model runs; 16-bit weights, bf16 or fp16 where a card has no bf16) compile as qkv (the norm, the bias, rotary
+    with the cache write), fc1 (SwiGLU), fc2 (K padded to a power of two, the residual) and the output layer (the
+    greedy pick) run them: inside the loop over blocks each thread reads its weights of a row 16 bytes at a time, and
+    the activations are not read again (they were loaded once, before the loop)."""
+    from backend.decode.one_row_tuning import PERSISTENT_TILES
+    from backend.kernels import persistent_gemv as P
 
-    types = {"x_ptr": "*i32", "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": ACT, "norm_ptr": ACT, "res_ptr": ACT,
-             "out_ptr": ACT, "k_cache_ptr": ACT, "v_cache_ptr": ACT, "pos_ptr": "*i64", "prefix_ptr": "*i64",
-             "inv_freq_ptr": "*fp32", "best_ptr": "*i64", "eps": "fp32", "pos_divisor": "fp32"}
-    tiles = sorted({(bp, warps) for bp, warps, _ in PERSISTENT_INT8})
+    act = "*bf16" if weights == "float" and arch != 75 else ACT
+    types = {"x_ptr": "*i32" if weights == "int8" else act, "w_ptr": "*i8" if weights == "int8" else act,
+             "scale_ptr": "*fp32", "bias_ptr": act, "norm_ptr": act, "res_ptr": act, "out_ptr": act,
+             "k_cache_ptr": act, "v_cache_ptr": act, "pos_ptr": "*i64", "prefix_ptr": "*i64", "inv_freq_ptr": "*fp32",
+             "best_ptr": "*i64", "eps": "fp32", "pos_divisor": "fp32"}
+    tiles = sorted({(bp, warps) for bp, warps, _ in PERSISTENT_TILES[weights]})
     if arch != 90:  # (every tile on Hopper; one elsewhere, to keep the test short)
         tiles = tiles[:1]
-    for k, epilogue, norm, residual in ((4096, 2, True, False), (4096, 1, True, False), (13696, 0, False, True)):
+    group = 16 if weights == "int8" else 8
+    for k, epilogue, norm, residual, argmax in ((4096, 2, True, False, False), (4096, 1, True, False, False),
+                                                (13696, 0, False, True, False), (4096, 0, True, False, True)):
         for block_p, warps in tiles:
             consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=block_p,
-                          KW_PAD=1 << (k // 8 - 1).bit_length(), NORM=norm, HAS_BIAS=epilogue == 2, RESIDUAL=residual,
-                          EPILOGUE=epilogue, PDL=pdl, ARGMAX=False, K=k)
+                          G_PAD=1 << (k // group - 1).bit_length(), W_INT8=weights == "int8", NORM=norm,
+                          HAS_BIAS=epilogue == 2, RESIDUAL=residual, EPILOGUE=epilogue, PDL=pdl, ARGMAX=argmax, K=k)
             ptx = compile_for(P._persistent_kernel, types, consts, arch, warps=warps, stages=1)
-            loop = [body for body in loop_bodies(ptx) if "prmt.b32" in body]  # the products' loop (not rotary's)
-            assert len(loop) == 1, (k, block_p, warps)
-            words = re.findall(r"ld\.global(?:\.\w+)*\.v2\.b64", loop[0])  # a thread's share of the block's words
-            share = max(1, 2 * block_p * consts["KW_PAD"] // 2 // (32 * warps))
-            assert len(words) == share, (k, block_p, warps, len(words))
-            assert not re.search(r"ld\.global(?:\.\w+)*\.v4\.b32", loop[0]), (k, block_p, warps)  # x: once, before
+            loops = loop_bodies(ptx)  # the products' loop: the one with the weight loads (rotary's have none)
+            loop = max(loops, key=lambda body: len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.b(?:64|32)", body)))
+            vector = r"ld\.global(?:\.\w+)*\.v2\.b64" if weights == "int8" else r"ld\.global(?:\.\w+)*\.v4\.b32"
+            share = max(1, 2 * block_p * consts["G_PAD"] // (32 * warps))  # a thread's 16-byte loads a block
+            assert len(re.findall(vector, loop)) == share, (k, block_p, warps)
+            if weights == "int8":  # (x: int32 pairs, 16 bytes a load, once before the loop)
+                assert not re.search(r"ld\.global(?:\.\w+)*\.v4\.b32", loop), (k, block_p, warps)

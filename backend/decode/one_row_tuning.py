@@ -123,20 +123,23 @@ def defaults(decoder) -> dict[str, Tile]:
 PACKED_INT8 = ((4, 1024, 4, False), (2, 1024, 4, False), (8, 1024, 4, False), (4, 2048, 4, False),
                (2, 1024, 2, False), (2, 2048, 2, False), (1, 1024, 1, False),
                (2, 1024, 4, True), (2, 2048, 2, True), (4, 1024, 4, True), (2, 4096, 4, True))
-# the same products in the persistent kernel (kernels/int8_persistent.py): (row pairs a block, warps, programs an
-# SM), within the register file at that many programs (sm_90, ptxas -v: 1 pair at 4 warps 48-64 registers, fc2's
-# 167; 2 pairs 95-110, fc2's 255 with spills; at 8 warps 32-80 and 58-182)
-PERSISTENT_INT8 = ((1, 4, 4), (2, 4, 4), (1, 8, 2), (2, 8, 2), (2, 8, 1), (4, 4, 2))
+# the persistent kernel (kernels/persistent_gemv.py): (row pairs a block, warps, programs an SM), within the register
+# file at that many programs (sm_90, ptxas -v). int8 (fp16 products): 1 pair at 4 warps 48-64 registers, fc2's 167;
+# 2 pairs 95-110, fc2's 255 with spills; at 8 warps 32-80 and 58-182. 16-bit weights: 1 pair at 4 warps 124-131,
+# fc2's spills; 2 pairs 162-168; at 8 warps 62-63 (fc2's 174) and 93-102
+PERSISTENT_TILES = {
+    "int8": ((1, 4, 4), (2, 4, 4), (1, 8, 2), (2, 8, 2), (2, 8, 1), (4, 4, 2)),
+    "float": ((1, 4, 3), (2, 4, 2), (1, 8, 2), (1, 8, 4), (2, 8, 2), (1, 8, 1)),
+}
 
 
-def packed_int8_candidates() -> list[GemvConfig]:
-    """The int8 tiles with fp16 products (CVT 3): int8_gemv's kernel, then the persistent one (left out under
-    GLMCHAT_PERSISTENT_GEMV=0, for bench/'s A/Bs, as gemv_4bit's)."""
-    tiles = [_c(bp, bk, w, cvt=3, pf=pf) for bp, bk, w, pf in PACKED_INT8]
+def persistent_candidates(weights: str) -> list[GemvConfig]:
+    """The persistent kernel's tiles for "int8" (fp16 products, CVT 3) or "float" weights; none under
+    GLMCHAT_PERSISTENT_GEMV=0 (bench/'s A/Bs, as gemv_4bit's)."""
     if os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "0":
-        return tiles
-    return tiles + [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=3, programs_per_sm=p)
-                    for bp, w, p in PERSISTENT_INT8]
+        return []
+    return [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=3 if weights == "int8" else 2, programs_per_sm=p)
+            for bp, w, p in PERSISTENT_TILES[weights]]
 
 
 def candidates_for(decoder) -> dict[str, list]:
@@ -146,7 +149,12 @@ def candidates_for(decoder) -> dict[str, list]:
     out = {}
     for k in KINDS:
         if weights[k] in CANDIDATES:
-            out[k] = CANDIDATES[weights[k]][k] + (packed_int8_candidates() if packed and weights[k] == "int8" else [])
+            out[k] = CANDIDATES[weights[k]][k]
+            if weights[k] == "float":
+                out[k] = out[k] + persistent_candidates("float")
+            elif packed:  # int8 weights against fp16 rows: the products two at a time (CVT 3)
+                out[k] = out[k] + [_c(bp, bk, w, cvt=3, pf=pf) for bp, bk, w, pf in PACKED_INT8]
+                out[k] = out[k] + persistent_candidates("int8")
         else:
             out[k] = four_bit_candidates(by_kind[k][0].q, decoder.dtype, swiglu=k == "fc1")
     return out

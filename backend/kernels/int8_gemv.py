@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from . import int8_persistent
+from . import persistent_gemv
 from .rotary import round_mode
 
 if TYPE_CHECKING:
@@ -274,9 +274,9 @@ class GemvConfig:
     row_sum: bool = False  # reduce each tile to one float32 per row (fewer registers, bigger tiles)
     x_tile: bool = False  # x loaded in the weight tile's layout (no shared-memory conversion in the loop), its
     # sums for RMSNorm and CVT 2 in a pass of their own
-    programs_per_sm: int = 0  # CVT 3 only: the persistent kernel (kernels/int8_persistent.py), this many programs
-    # on each multiprocessor looping over blocks of block_p row pairs, a whole row of K at a time (block_k 0; a
-    # call it cannot read takes the tiled kernel at the default block_k)
+    programs_per_sm: int = 0  # the persistent kernel (kernels/persistent_gemv.py; int8 weights at CVT 3, or 16-bit
+    # ones), this many programs on each multiprocessor looping over blocks of block_p row pairs, a whole row of K at
+    # a time (block_k 0; a call it cannot read takes the tiled kernel at the default block_k)
 
 
 # Measured on an H100 inside the captured step (bench/explore_gemv.py, bench/NOTES.md run 5): a GEMV's time
@@ -337,7 +337,7 @@ def gemv(
     cfg = config or GemvConfig()
     if cfg.cvt == 3 and not takes_packed(x, lw, norm_weight):
         cfg = replace(cfg, cvt=2)
-    persistent = cfg.programs_per_sm > 0 and cfg.cvt == 3 and int8_persistent.usable(x, w)
+    persistent = cfg.programs_per_sm > 0 and (cfg.cvt == 3 or not lw.is_int8) and persistent_gemv.usable(x, w)
     if cfg.programs_per_sm and not persistent:  # a tuned persistent tile, for a call it cannot read
         cfg = replace(cfg, programs_per_sm=0, block_k=cfg.block_k or GemvConfig.block_k)
     if swiglu:
@@ -356,7 +356,7 @@ def gemv(
     meta = dict(rope_meta, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None, RESIDUAL=residual is not None,
                 EPILOGUE=epilogue, ARGMAX=argmax is not None)
     if persistent:
-        int8_persistent.launch(x, w, pointers, shape_args, meta, cfg.block_p, cfg.programs_per_sm, cfg.num_warps,
+        persistent_gemv.launch(x, w, pointers, shape_args, meta, cfg.block_p, cfg.programs_per_sm, cfg.num_warps,
                                pdl)
         return out
     _gemv_kernel[(triton.cdiv(n_pairs, cfg.block_p),)](

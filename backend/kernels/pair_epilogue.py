@@ -1,4 +1,4 @@
-"""The one-row GEMVs' epilogue over row pairs (``int8_gemv``'s kernel and ``int8_persistent``'s): what sits after
+"""The one-row GEMVs' epilogue over row pairs (``int8_gemv``'s kernel and ``persistent_gemv``'s): what sits after
 the linear in ChatGLM2, fused into the kernel that made its sums."""
 
 from __future__ import annotations

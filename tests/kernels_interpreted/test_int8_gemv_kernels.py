@@ -102,17 +102,17 @@ def test_packed_products_gemv_equals_the_reference_with_and_without_its_first_ti
 
 @pytest.mark.parametrize("n,k", [(24, 512), (26, 208)])
 def test_the_persistent_gemv_equals_the_reference_for_each_epilogue(n, k, monkeypatch):
-    """``programs_per_sm`` (kernels/int8_persistent.py; inline PTX run by tests/ptx_emulator.py): a few programs each
+    """``programs_per_sm`` (kernels/persistent_gemv.py; inline PTX run by tests/ptx_emulator.py): a few programs each
     looping over blocks of row pairs, the row and its norm loaded once: RMSNorm with a bias, the residual in place,
     SwiGLU, and the greedy pick; K 208 pads 26 words to 32 (masked groups); N 26 leaves a partial last block. The
     interpreter stands for 2 multiprocessors, so each program takes 2-4 blocks, the last past the end."""
     from ptx_emulator import interpreted_inline_ptx
 
-    from backend.kernels import int8_gemv, int8_persistent
+    from backend.kernels import int8_gemv, persistent_gemv
 
     ran = []
-    real = int8_persistent.launch
-    monkeypatch.setattr(int8_persistent, "launch", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    real = persistent_gemv.launch
+    monkeypatch.setattr(persistent_gemv, "launch", lambda *a, **kw: ran.append(1) or real(*a, **kw))
     torch.manual_seed(n + k)
     q, scale = quantize_per_channel(torch.randn(n, k) * 0.05)
     lw = LinearWeights(q, scale, (0.1 * torch.randn(n)).half())
@@ -162,3 +162,35 @@ def test_the_persistent_gemv_rotary_epilogue_equals_the_tiled_kernels():
     for a, b in zip(*outs):
         assert rel(a, b.double()) < 2e-3
     assert bool(outs[1][1][:, 16].abs().sum() > 0) and bool(outs[1][1][:, 15].abs().sum() == 0)
+
+
+@pytest.mark.parametrize("n,k", [(40, 256), (26, 200)])
+def test_the_persistent_gemv_on_16_bit_weights(n, k, monkeypatch):
+    """The persistent kernel on fp16 weights (the bf16 model's linears; the 8-bit model's output layer): float32
+    products, the norm, a bias, the residual in place, SwiGLU and the greedy pick; K 200 pads 25 groups of 8 to 32."""
+    from backend.kernels import int8_gemv, persistent_gemv
+
+    ran = []
+    real = persistent_gemv.launch
+    monkeypatch.setattr(persistent_gemv, "launch", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    torch.manual_seed(n + k)
+    w = (torch.randn(n, k) * 0.05).half()
+    lw, plain = LinearWeights(w, None, (0.1 * torch.randn(n)).half()), LinearWeights(w, None, None)
+    x, g = torch.randn(k).half(), (1 + 0.1 * torch.randn(k)).half()
+    for cfg in (GemvConfig(block_p=2, block_k=0, programs_per_sm=1), GemvConfig(block_p=4, block_k=0, programs_per_sm=2,
+                                                                                 num_warps=8)):
+        out = torch.full((n,), float("nan"), dtype=torch.float16)
+        gemv(x, lw, out, norm_weight=g, config=cfg)
+        assert rel(out, reference(x, lw, norm=g) + lw.bias.double()) < 2e-3, cfg
+        res = torch.randn(n).half()
+        want = reference(x, plain, residual=res)
+        gemv(x, plain, res, residual=res, config=cfg)
+        assert rel(res, want) < 2e-3, cfg
+        up = torch.full((n // 2,), float("nan"), dtype=torch.float16)
+        gemv(x, plain, up, norm_weight=g, swiglu=True, config=cfg)
+        assert rel(up, reference(x, plain, norm=g, swiglu=True)) < 2e-3, cfg
+        state, token = int8_gemv.new_argmax_state("cpu"), torch.zeros(1, dtype=torch.int64)
+        gemv(x, plain, out, config=cfg, argmax=state)
+        int8_gemv.pick_token(state, token, None, bad_token=0)
+        assert int(token) == int(out.float().argmax()), cfg
+    assert len(ran) == 8

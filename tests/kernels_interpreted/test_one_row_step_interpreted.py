@@ -121,7 +121,7 @@ def test_tuning_the_one_row_step_runs_every_candidate_tile_to_the_same_step_and_
         return lambda: cost
 
     decoder.tune_one_row(measure)
-    assert len(logits_seen) == 1 + sum(len(v) for v in T.CANDIDATES["float"].values())
+    assert len(logits_seen) == 1 + sum(len(v) for v in T.candidates_for(decoder).values())
     assert all(torch.allclose(x, logits_seen[0], rtol=1e-5, atol=1e-5) for x in logits_seen)
     assert decoder.layers[0].up.row_config == T.CANDIDATES["float"]["fc1"][2]
     assert decoder.output.row_config == T.defaults(decoder)["output"]

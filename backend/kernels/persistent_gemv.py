@@ -1,0 +1,167 @@
+"""A persistent one-row GEMV: ``int8_gemv.gemv``'s kernel when its tile asks for ``programs_per_sm``, for int8
+weights against fp16 rows (its products two at a time, CVT 3: the 8-bit model, fp16 as the original's) and for
+16-bit weights (the bf16 model; the 8-bit model's output layer), a candidate of the one-row step's descent.
+
+Why: ``int8_gemv``'s kernel runs one short program per few weight rows (int8 qkv at 2 row pairs a program: 1152
+programs), and each loads the activation row and the norm weight again (as many bytes as an int8 program's
+weights, from L2) and makes the norm's sum of squares in a pass of its own at its end. On an H100 int8 qkv and
+dense ran at ~62% of the bandwidth bound inside the step while fc1 and fc2 ran at 81-101% (bench/NOTES.md run 35);
+on an H200 every one-row step is further from its bound, as each kernel's start and end weigh more there (run 48).
+Here, as in ``quant_persistent`` (which took NF4 chat on an H100 from 42% to 55.5% of its bound), a few programs an
+SM each load the row once (times the norm weight; its sum of squares once), keep it in registers in the weight
+tile's layout, and loop over blocks of row pairs: a block is a whole row of K for each of its weight rows, 16
+bytes a thread at a time, and the next block's weights are asked for before this block's products. The epilogue is
+``int8_gemv``'s (``pair_epilogue.finish_pairs``): the bias, the residual, SwiGLU, rotary with the cache write, the
+greedy pick.
+
+The whole of K is one tile, so its 16-byte groups round up to a power of two (fc2's 1712 int8 words to 2048: the
+padding is masked off and costs issue slots, not bytes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import HAVE_TRITON
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .pair_epilogue import finish_pairs
+    from .packed_products import int8_dot, masked_load
+    from .quant_persistent import across_warps, words_index, x_words
+
+MAX_GROUPS = 2048  # 16-byte groups of K (int8: K up to 32768; 16-bit: 16384): x stays in registers at 4-8 warps
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel can read this call (for int8, ``int8_gemv.takes_packed`` holds already): whole 16-byte
+    groups along K, at most MAX_GROUPS of them, the weight 16-byte aligned, x contiguous."""
+    group = 16 // weight.element_size()
+    k = weight.shape[1]
+    return (weight.element_size() in (1, 2) and k % group == 0 and k // group <= MAX_GROUPS
+            and weight.data_ptr() % 16 == 0 and x.is_contiguous())
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _pairs(block, BLOCK_P: tl.constexpr, N_PAIRS, ROW_STEP, B_OFF, N):
+        # block `block`'s row pairs p and their rows a = p * ROW_STEP, b = a + B_OFF (as int8_gemv's kernel)
+        p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+        row_a = p * ROW_STEP
+        row_b = row_a + B_OFF
+        mask_a = p < N_PAIRS
+        return p, row_a, row_b, mask_a, mask_a & (row_b < N)
+
+    @triton.jit
+    def _block_weights(w_ptr, block, mg, N_PAIRS, ROW_STEP, B_OFF, N, K: tl.constexpr, BLOCK_P: tl.constexpr,
+                       G: tl.constexpr, W_INT8: tl.constexpr):
+        # block `block`'s weights, rows a and b: two [BLOCK_P, G, E] tiles of 16-byte groups (int8: E = 2 words of
+        # 8 weights, as int64; 16-bit: 8 weights); rows out of range (a last partial block, or a block past the
+        # end) masked off, their addresses clamped to row 0
+        _, row_a, row_b, mask_a, mask_b = _pairs(block, BLOCK_P, N_PAIRS, ROW_STEP, B_OFF, N)
+        if W_INT8:
+            ptr = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+            idx = words_index(G, 2)
+            row_len = K // 8
+        else:
+            ptr = w_ptr
+            idx = words_index(G, 8)
+            row_len = K
+        ra = tl.where(mask_a, row_a, 0).to(tl.int64)[:, None, None] * row_len
+        rb = tl.where(mask_b, row_b, 0).to(tl.int64)[:, None, None] * row_len
+        ma = mask_a[:, None, None] if mg is None else mask_a[:, None, None] & mg[None, :, None]
+        mb = mask_b[:, None, None] if mg is None else mask_b[:, None, None] & mg[None, :, None]
+        return masked_load(ptr + ra + idx, ma, 0), masked_load(ptr + rb + idx, mb, 0)
+
+    @triton.jit
+    def _x_float(x_ptr, norm_ptr, mg, BLOCK_P: tl.constexpr, G: tl.constexpr, NORM: tl.constexpr):
+        # 16-bit weights: x as float32 in the weight tile's layout ([BLOCK_P, G, 8], times the norm weight in
+        # float32, as int8_gemv's kernel), and the row's sum of squares (unnormed)
+        idx = tl.reshape(words_index(G, 8), (G, 8))
+        m = None if mg is None else tl.reshape(mg, (G, 1))
+        x = masked_load(x_ptr + idx, m, 0.0).to(tl.float32)
+        ss = tl.sum(tl.sum(x * x, axis=1), axis=0)
+        if NORM:
+            x = x * masked_load(norm_ptr + idx, m, 0.0).to(tl.float32)
+        return tl.broadcast_to(x[None, :, :], (BLOCK_P, G, 8)), ss
+
+    @triton.jit
+    def _int8_sums(wa, wb, x0, x1, x2, x3):
+        # ([BLOCK_P], [BLOCK_P]): rows a and b's int8 words times x (int8_dot's sums are 1/128 of the products)
+        pa = tl.sum(int8_dot(wa.to(tl.int32), (wa >> 32).to(tl.int32), x0, x1, x2, x3), axis=2)
+        pb = tl.sum(int8_dot(wb.to(tl.int32), (wb >> 32).to(tl.int32), x0, x1, x2, x3), axis=2)
+        a, b = across_warps(pa, pb)
+        return a * 128.0, b * 128.0
+
+    @triton.jit
+    def _float_sums(wa, wb, x):
+        # ([BLOCK_P], [BLOCK_P]): rows a and b's 16-bit weights times x, in float32
+        return across_warps(tl.sum(wa.to(tl.float32) * x, axis=2), tl.sum(wb.to(tl.float32) * x, axis=2))
+
+    @triton.jit
+    def _persistent_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
+        k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr,
+        N, N_PAIRS, K: tl.constexpr, ROW_STEP, B_OFF, eps,
+        Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t, pos_divisor,
+        HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROPE_ROUND: tl.constexpr, SLOT_FROM_PREFIX: tl.constexpr,
+        BLOCK_P: tl.constexpr, G_PAD: tl.constexpr, W_INT8: tl.constexpr, NORM: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, PDL: tl.constexpr,
+        ARGMAX: tl.constexpr,
+    ):
+        # program q: blocks q, q + programs, ... of BLOCK_P row pairs; x_ptr: int8 weights' fp16 x as int32 pairs
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
+            tl.extra.cuda.gdc_launch_dependents()
+        GROUP: tl.constexpr = 16 if W_INT8 else 8  # weights a 16-byte group
+        mg = None if K // GROUP == G_PAD else tl.arange(0, G_PAD) < K // GROUP
+        n_blocks = tl.cdiv(N_PAIRS, BLOCK_P)
+        # the first block's weights do not depend on the kernels ahead: asked for before the wait
+        wa, wb = _block_weights(w_ptr, pid, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD, W_INT8)
+        if PDL:  # x, the residual, the cache, the position: written by the kernels ahead
+            tl.extra.cuda.gdc_wait()
+        if W_INT8:
+            x0, x1, x2, x3, ss = x_words(x_ptr, norm_ptr.to(tl.pointer_type(tl.int32), bitcast=True), mg, BLOCK_P,
+                                         G_PAD, NORM, 2, 2)
+            xf = x0
+        else:
+            xf, ss = _x_float(x_ptr, norm_ptr, mg, BLOCK_P, G_PAD, NORM)
+            x0, x1, x2, x3 = xf, xf, xf, xf
+        r = 1.0
+        if NORM:
+            r = tl.rsqrt(ss / K + eps)
+        for block in range(pid, n_blocks, programs):
+            # the next block's loads go out before this block's products (masked off past the last block)
+            wa_n, wb_n = _block_weights(w_ptr, block + programs, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD,
+                                        W_INT8)
+            if W_INT8:
+                a, b = _int8_sums(wa, wb, x0, x1, x2, x3)
+            else:
+                a, b = _float_sums(wa, wb, xf)
+            p, row_a, row_b, mask_a, mask_b = _pairs(block, BLOCK_P, N_PAIRS, ROW_STEP, B_OFF, N)
+            finish_pairs(a, b, r, p, row_a, row_b, mask_a, mask_b, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                         k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr, Q_ROWS, KV_ROWS,
+                         cache_stride_g, cache_stride_t, pos_divisor, HEAD_DIM, ROT_PAIRS, ROPE_ROUND,
+                         SLOT_FROM_PREFIX, W_INT8, NORM, HAS_BIAS, RESIDUAL, EPILOGUE, ARGMAX)
+            wa, wb = wa_n, wb_n
+
+
+def launch(x, weight, pointers: tuple, shape_args: tuple, meta: dict, block_p: int, programs_per_sm: int,
+           num_warps: int, pdl: bool) -> None:
+    """Run the kernel for ``int8_gemv.gemv``: ``pointers`` (x, weight, scale, ... best) and ``shape_args`` (N,
+    N_PAIRS, K, ..., pos_divisor) as its kernel takes them, ``meta`` its epilogue's constexprs; ``block_p`` row
+    pairs a block, ``programs_per_sm`` programs on each multiprocessor."""
+    from .quant_persistent import multiprocessors
+
+    n_pairs, k = shape_args[1], shape_args[2]
+    int8 = weight.element_size() == 1
+    programs = min(triton.cdiv(n_pairs, block_p), multiprocessors(x.device) * programs_per_sm)
+    _persistent_kernel[(programs,)](
+        x.view(torch.int32) if int8 else x, *pointers[1:], *shape_args, BLOCK_P=block_p,
+        G_PAD=max(2, triton.next_power_of_2(k // (16 // weight.element_size()))), W_INT8=int8, PDL=pdl,
+        num_warps=num_warps, num_stages=1, **meta, **({"launch_pdl": True} if pdl else {}),
+    )
