@@ -13,12 +13,14 @@ Prints one line a tile and "ok" at the end; exits 1 at the first tile off by mor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ["GLMCHAT_PERSISTENT_GEMV"] = "all"  # every persistent tile, those not yet among the defaults too
 
 from backend.kernels import gemv_4bit as Q  # noqa: E402
 from backend.decode.one_row_tuning import persistent_candidates  # noqa: E402

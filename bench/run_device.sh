@@ -38,6 +38,8 @@
 #                                      # earlier tree's backend (carried in .carry/before) and this one, alternately
 #   bash bench/run_device.sh persistent  # NF4 chat and compare with the persistent one-row GEMV among the tiles and
 #                                        # without, alternately; the tiles picked, the step, 4-bit GPU checks
+#   bash bench/run_device.sh one-row-persistent  # the one-row persistent GEMV for int8 and 16-bit weights (Q=8bit or
+#                                        # Q=none) tuned in and without, alternately; its tiles; GPU checks with it
 #   bash bench/run_device.sh ab-env    # a switch A/B (AB_ENV=NAME=VALUE, e.g. GLMCHAT_SPLIT_LAST_SUMS=0): 8-bit and
 #                                      # NF4 chat and compare as the tree runs them and with it, alternately; then
 #                                      # the quantized GPU checks
@@ -86,7 +88,7 @@ DEV=${DEV:-.carry/dev.json}
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START )) s] $*"; }
 [ -d /tmp/glm6b ] || python3 bench/bench_load.py make /tmp/glm6b "$TOKENIZER" > /dev/null
-case "$1" in models|attention-tiles|persistent|ab-env|ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
+case "$1" in models|attention-tiles|persistent|one-row-persistent|ab-env|ab-tree|prefetch|feed-bf16|quantized-check|ablate|step-check|nf4-one-row|ab-4bit-rows|long-prompt|fused-steps|card-8bit|card-nf4|eval-rows|cold-prompt|ab-packed|ab-table|serving|profile|recipe|linears|linears-train|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|train-variants|prompt-newest) ;; *) [ -d /tmp/glm6b-int4 ] || python3 bench/bench_load.py make-int4 /tmp/glm6b-int4 /tmp/glm6b > /dev/null ;; esac
 stamp "models ready"
 
 engine() {  # NAME ARGS...: one bench_engine.py run, its JSON lines in OUT/engine_NAME.jsonl
@@ -215,6 +217,31 @@ persistent)
   stamp "ablate 4bit rc $?"; grep -a '"step"\|variant\|tiles\|left_out' "$OUT/ablate_4bit.jsonl" | cut -c1-420
   timeout 200 python3 bench/check_fast_batch.py --quantized 4bit > "$OUT/check_4bit.log" 2>&1
   stamp "check_fast_batch --quantized 4bit rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_4bit.log" | cut -c1-150
+  ;;
+one-row-persistent)
+  # the one-row persistent GEMV (kernels/persistent_gemv.py: int8 against fp16 rows, 16-bit weights) among the
+  # one-row descent's tiles (GLMCHAT_PERSISTENT_GEMV=all, its own cache: tuned in this call) and without (the
+  # default candidates, the carried tuning in a cache of its own), alternately ROUNDS times, for Q (8bit or none);
+  # the tiles each arm picked and what each candidate's step took (the engines' stderr); then the GPU checks of
+  # that precision with it. First every persistent tile against the reference (check_persistent.py)
+  timeout 150 python3 bench/check_persistent.py > "$OUT/check_persistent.log" 2>&1
+  stamp "check_persistent rc $?"; tail -n 1 "$OUT/check_persistent.log"; grep -q "^ok" "$OUT/check_persistent.log" || exit 1
+  Q=${Q:-8bit}
+  rm -rf /tmp/glmcache-all && cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-all
+  for round in $(seq "${ROUNDS:-1}"); do
+    (export GLMCHAT_PERSISTENT_GEMV=all GLMCHAT_CACHE_DIR=/tmp/glmcache-all
+     engine "all_$round" --model /tmp/glm6b --quantization "$Q" --rows 1,2 --repeat 1)
+    engine "default_$round" --model /tmp/glm6b --quantization "$Q" --rows 1,2 --repeat 1
+  done
+  for f in "$OUT"/engine_all_*.jsonl "$OUT"/engine_default_*.jsonl; do
+    grep -a '"chat", "greedy": true\|"compare"\|first_run' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-900
+  done
+  grep -a "programs_per_sm=[1-9]" "$OUT"/engine_all_1.err | cut -c1-200 | head -40
+  [ "$Q" = none ] && check_q= || check_q="--quantized $Q"
+  GLMCHAT_PERSISTENT_GEMV=all GLMCHAT_CACHE_DIR=/tmp/glmcache-all timeout 200 python3 bench/check_fast_batch.py $check_q \
+      > "$OUT/check.log" 2>&1
+  stamp "check_fast_batch $check_q rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check.log" | cut -c1-150
+  mkdir -p "$OUT/kernel-tuning-all" && cp /tmp/glmcache-all/kernel-tuning/*.json "$OUT/kernel-tuning-all/"
   ;;
 ab-env)
   # a switch through ChatEngine: 8-bit and NF4 chat and compare as the tree runs them ("default") and with AB_ENV
@@ -567,7 +594,7 @@ profile)
   stamp "profile"; cut -c1-300 "$OUT/profile_8bit.jsonl"
   ;;
 *)
-  echo "usage: bash bench/run_device.sh models|persistent|attention-tiles|ab-env|decode|nf4-words|quantized-check|ablate|ab-tree|prefetch|step-check|chat-table|feed-bf16|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
+  echo "usage: bash bench/run_device.sh models|persistent|one-row-persistent|attention-tiles|ab-env|decode|nf4-words|quantized-check|ablate|ab-tree|prefetch|step-check|chat-table|feed-bf16|nf4-one-row|serving|cards|recipe|linears|linears-train|profile|profile-4bit|train-variants|ab-decode|ab-check|ab-serve|ab-chat|ab-ahead|ab-4bit|ab-table|ab-table2|ab-packed|ab-4bit-rows|long-prompt|cold-prompt|fused-steps|card-8bit|card-nf4|eval-rows|prompt-newest" >&2
   exit 2
   ;;
 esac

@@ -72,6 +72,34 @@ def test_an_8bit_models_output_layer_keeps_the_16_bit_tiles_and_candidates():
     assert T.tuning_key(decoder) == "one_row_step:int8-float:float16:2x48x32x32x64x100"
 
 
+def test_the_one_row_persistent_tiles_are_candidates_only_when_asked_for(monkeypatch):
+    """persistent_gemv's tiles join the descent's int8 (with fp16 products) and 16-bit candidates under
+    GLMCHAT_PERSISTENT_GEMV=all only (not yet run on a GPU): by default the candidates, and so the digest a card's
+    stored tiles were picked among, are those before it; each tile is one the kernel takes (K a whole tile)."""
+    import types
+
+    from backend.kernels import packed_products
+
+    monkeypatch.setattr(packed_products, "tried", lambda: True)
+
+    def lin(int8: bool, shape):
+        return types.SimpleNamespace(q=object() if int8 else None, one_row=types.SimpleNamespace(weight=torch.empty(shape)))
+
+    layer = types.SimpleNamespace(qkv=lin(True, (48, 32)), dense=lin(True, (32, 32)), up=lin(True, (128, 32)),
+                                  down=lin(True, (32, 64)))
+    decoder = types.SimpleNamespace(layers=[layer], output=lin(False, (100, 32)), dtype=torch.float16)
+    monkeypatch.delenv("GLMCHAT_PERSISTENT_GEMV", raising=False)
+    default = T.candidates_for(decoder)
+    assert not any(c.programs_per_sm for cands in default.values() for c in cands)
+    monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")
+    asked = T.candidates_for(decoder)
+    for kind, cands in asked.items():
+        extra = [c for c in cands if c.programs_per_sm]
+        assert cands[: len(default[kind])] == default[kind] and len(extra) == 6, kind
+        assert all(c.cvt == (2 if kind == "output" else 3) and c.block_k == 0 for c in extra), kind
+    assert T.candidates_for(decoder) != default
+
+
 def _four_bit_decoder(dtype=torch.bfloat16):
     """A 4-bit model's linears as the tuner sees them: NF4 layers (the register table for bf16 rows), a 16-bit
     output layer."""

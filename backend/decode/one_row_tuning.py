@@ -134,9 +134,11 @@ PERSISTENT_TILES = {
 
 
 def persistent_candidates(weights: str) -> list[GemvConfig]:
-    """The persistent kernel's tiles for "int8" (fp16 products, CVT 3) or "float" weights; none under
-    GLMCHAT_PERSISTENT_GEMV=0 (bench/'s A/Bs, as gemv_4bit's)."""
-    if os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "0":
+    """The persistent kernel's tiles for "int8" (fp16 products, CVT 3) or "float" weights, under
+    GLMCHAT_PERSISTENT_GEMV=all only (bench/): the kernel has run under Triton's interpreter and compiled for
+    sm_90/80/75, not yet on a GPU (bench/NOTES.md, session 46), and a kernel that faults in a tuning run takes the
+    process's CUDA context with it. ``bench/run_device.sh one-row-persistent`` checks and measures it."""
+    if os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") != "all":
         return []
     return [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=3 if weights == "int8" else 2, programs_per_sm=p)
             for bp, w, p in PERSISTENT_TILES[weights]]
