@@ -130,3 +130,57 @@ def test_tuning_the_one_row_step_runs_every_candidate_tile_to_the_same_step_and_
     assert stored == {k: lin[0].row_config for k, lin in T.linears_by_kind(decoder).items()}
     request = DecodeRequest([5, 7, 9, 11], SamplingParams(temperature=0.0, max_new_tokens=2), adapter="ad")
     assert run(decoder, [request]) == run(EagerBatchDecoder(model, prefixes.get, max_batch=2), [request])
+
+
+def _int8_layers(model):
+    """The tiny model with its layers' linears int8 (a scale per row), as an 8-bit model holds them."""
+    from backend.int4_release import QUANTIZED_LINEARS
+    from backend.int8_layer import Int8Linear
+    from backend.int8_linear import LinearWeights, quantize_per_channel
+
+    for layer in model.transformer.encoder.layers:
+        for parent in (layer.self_attention, layer.mlp):
+            for name in QUANTIZED_LINEARS:
+                dense = getattr(parent, name, None)
+                if dense is not None:
+                    q, scale = quantize_per_channel(dense.weight.detach())
+                    bias = dense.bias.detach() if dense.bias is not None else None
+                    setattr(parent, name, Int8Linear.from_weights(LinearWeights(q, scale, bias)))
+    return model
+
+
+@pytest.mark.parametrize("weights", ["float", "int8"])
+def test_the_one_row_step_on_the_persistent_gemv_equals_it_on_the_tiled_one(weights, monkeypatch):
+    """An fp16 model's one-row step (the bf16 model's form; the 8-bit model's, its int8 products run by
+    tests/ptx_emulator.py) with every linear it reads through int8_gemv on the persistent kernel: the QKV's rotary
+    and cache write, fc1's SwiGLU, the residual adds and the output's greedy pick in its epilogue give the tiled
+    kernel's logits, keys and values within fp16 rounding, and the same token."""
+    from ptx_emulator import interpreted_inline_ptx
+
+    from backend.decode import one_row_tuning as T
+    from backend.kernels import persistent_gemv
+    from backend.kernels.int8_gemv import GemvConfig
+
+    model, prefixes = make_model()
+    model = (_int8_layers(model) if weights == "int8" else model).half()
+    ran = []
+    real = persistent_gemv.launch
+    monkeypatch.setattr(persistent_gemv, "launch", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    with interpreted_inline_ptx():
+        decoder = BatchFastDecoder(model, prefixes.get, max_batch=1, use_graphs=False)
+        kinds = {k: w for k, w in T._weights(decoder).items() if w in ("int8", "float")}
+        assert set(kinds) == set(T.KINDS)  # (the 8-bit model's output layer is 16-bit)
+        steps = []
+        for persistent in (False, True):
+            T.apply(decoder, {k: GemvConfig(block_p=2, block_k=0 if persistent else 64, cvt=3 if w == "int8" else 2,
+                                            programs_per_sm=int(persistent)) for k, w in kinds.items()})
+            decoder.tokens[0], decoder.positions[0], decoder.prefix_lens[0] = 4, 7, 3
+            decoder.k_cache.zero_()
+            logits, picks = decoder._step_math(1, feed=False)
+            steps.append((logits.float().clone(), picks.clone(), decoder.k_cache.float().clone(),
+                          decoder.v_cache.float().clone()))
+    assert len(ran) == len(decoder.layers) * 4 + 1  # every linear of the step, on the persistent kernel
+    (l0, p0, k0, v0), (l1, p1, k1, v1) = steps
+    assert torch.equal(p0, p1) and float((l1 - l0).norm() / l0.norm()) < 5e-3
+    assert float((k1 - k0).norm() / k0.norm()) < 5e-3 and float((v1 - v0).norm() / v0.norm()) < 5e-3
+    assert float(k1.abs().sum()) > 0
