@@ -19,7 +19,6 @@ two-warp tile for NF4's fc1 that made the step 0.19 ms slower than the tile befo
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 from dataclasses import asdict, replace
 from typing import Callable, Optional, Union
@@ -28,7 +27,7 @@ import torch
 
 from ..kernels.gemv_4bit import QuantLinearConfig, candidate_configs
 from ..kernels.int8_gemv import GemvConfig, default_gemv_config
-from ..kernels import packed_products, tuning
+from ..kernels import packed_products, persistent_gemv, tuning
 
 # a kind's tile: the one-row GEMV's (int8, 16-bit), quant_linear's (4-bit), or None (4-bit: quant_linear's own pick)
 Tile = Optional[Union[GemvConfig, QuantLinearConfig]]
@@ -134,11 +133,9 @@ PERSISTENT_TILES = {
 
 
 def persistent_candidates(weights: str) -> list[GemvConfig]:
-    """The persistent kernel's tiles for "int8" (fp16 products, CVT 3) or "float" weights, under
-    GLMCHAT_PERSISTENT_GEMV=all only (bench/): the kernel has run under Triton's interpreter and compiled for
-    sm_90/80/75, not yet on a GPU (bench/NOTES.md, session 46), and a kernel that faults in a tuning run takes the
-    process's CUDA context with it. ``bench/run_device.sh one-row-persistent`` checks and measures it."""
-    if os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") != "all":
+    """The persistent kernel's tiles for "int8" (fp16 products, CVT 3) or "float" weights, where it is offered
+    (``persistent_gemv.offered``: not yet by default)."""
+    if not persistent_gemv.offered():
         return []
     return [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=3 if weights == "int8" else 2, programs_per_sm=p)
             for bp, w, p in PERSISTENT_TILES[weights]]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from . import packed_products, quant_words, tuning, x_pass_width
+from . import packed_products, persistent_gemv, quant_words, tuning, x_pass_width
 from .gemv_4bit import HAVE_TRITON, QuantizedWeight, QuantLinearConfig, int8_weight
 
 if TYPE_CHECKING:
@@ -208,8 +208,10 @@ class RowsGemvConfig:
     # packed_products.int8_dot)
     kernel: str = "gemv"  # "words": kernels.quant_words (the weight as 32-bit words, row sums kept in registers
     # until the K loop ends: no barrier inside it); "gemv_acc": this kernel with a float32 per weight of the tile,
-    # summed after the K loop (16-bit weights: the one-row GEMV's fc1 and fc2 tiles do that); "other": the caller's
-    # other path (the int8 matmul, or cuBLAS) ran faster
+    # summed after the K loop (16-bit weights: the one-row GEMV's fc1 and fc2 tiles do that); "persistent":
+    # kernels/persistent_gemv.py at two rows (block_n row pairs a block, programs_per_sm programs an SM);
+    # "other": the caller's other path (the int8 matmul, or cuBLAS) ran faster
+    programs_per_sm: int = 0
 
 
 def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
@@ -243,6 +245,20 @@ def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
         tiles = ((4, 1024), (2, 1024), (8, 1024), (4, 2048))
         words += [RowsGemvConfig(bn, bk, cvt=3, kernel="words") for bn, bk in tiles]
     return gemv + words
+
+
+# the persistent kernel's tiles at two rows (row pairs a block, warps, programs an SM): one-row's with a second row
+# of x in registers (int8: 16 more registers at 4 warps and K 4096; 16-bit: 32), so fewer programs an SM
+PERSISTENT_ROWS_TILES = {"int8": ((1, 4, 4), (2, 4, 2), (1, 8, 2), (2, 8, 2)),
+                         "float": ((1, 4, 2), (1, 8, 2), (2, 8, 1), (1, 8, 1))}
+
+
+def persistent_configs(int8: bool, m: int, dtype: torch.dtype) -> list[RowsGemvConfig]:
+    """persistent_gemv's tiles for two rows (int8 weights against fp16 rows, or 16-bit weights), where offered."""
+    if m != 2 or not persistent_gemv.offered() or (int8 and dtype != torch.float16):
+        return []
+    return [RowsGemvConfig(bp, 0, w, kernel="persistent", programs_per_sm=p)
+            for bp, w, p in PERSISTENT_ROWS_TILES["int8" if int8 else "float"]]
 
 
 def takes(x: torch.Tensor, lw: Optional[LinearWeights]) -> bool:
@@ -286,7 +302,7 @@ def tuned_config(lw: LinearWeights, m: int, dtype: torch.dtype, device: torch.de
             return None
         return _launch(scratch["x"], lw, scratch["out"], scratch["g"], None, 1e-5, swiglu, cfg, rope=scratch["rope"])
 
-    candidates = (candidate_configs(swiglu, lw.is_int8)
+    candidates = (candidate_configs(swiglu, lw.is_int8) + persistent_configs(lw.is_int8, m, dtype)
                   + ([RowsGemvConfig(kernel="other")] if other is not None else []))
     if dtype != torch.float16:  # packed fp16 products (packed_products.int8_dot)
         candidates = [c for c in candidates if not (c.kernel == "words" and c.cvt == 3)]
@@ -314,6 +330,12 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
     n_out = out.shape[1]
     dummy = out
     bias = lw.bias
+    if cfg.kernel == "persistent":
+        if persistent_gemv.usable_rows(x, lw):
+            persistent_gemv.launch_rows(x, lw, out, norm_weight, residual, eps, swiglu, cfg.block_n,
+                                        cfg.programs_per_sm, cfg.num_warps)
+            return out if rope is None else rope.after(out)
+        cfg = RowsGemvConfig()  # (tuned on aligned scratch rows; these are not)
     if cfg.kernel == "words":
         if not lw.is_int8:
             raise ValueError("the words kernel reads int8 weights; 16-bit ones take a gemv config")

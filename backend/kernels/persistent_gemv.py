@@ -20,6 +20,8 @@ padding is masked off and costs issue slots, not bytes).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import HAVE_TRITON
@@ -29,8 +31,16 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .pair_epilogue import finish_pairs
-    from .packed_products import int8_dot, masked_load
-    from .quant_persistent import across_warps, words_index, x_words
+    from .packed_products import int8_dot, int8_dot2, masked_load
+    from .quant_persistent import across_warps, across_warps4, words_index, x_words
+
+def offered() -> bool:
+    """Whether the tuners offer this kernel's tiles: under GLMCHAT_PERSISTENT_GEMV=all only (bench/), until a GPU
+    has run them (bench/NOTES.md, session 46): it has run under Triton's interpreter and compiled for sm_90/80/75,
+    and a kernel that faults in a tuning run takes the process's CUDA context with it.
+    ``bench/run_device.sh one-row-persistent`` checks and measures it."""
+    return os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "all"
+
 
 MAX_GROUPS = 2048  # 16-byte groups of K (int8: K up to 32768; 16-bit: 16384): x stays in registers at 4-8 warps
 
@@ -97,22 +107,56 @@ if HAVE_TRITON:
         return a * 128.0, b * 128.0
 
     @triton.jit
+    def _int8_sums2(wa, wb, x0, x1, x2, x3, z0, z1, z2, z3):
+        # _int8_sums for two activation rows (x, z) sharing each word's widened weights: a, b, then z's a, b
+        pa, qa = int8_dot2(wa.to(tl.int32), (wa >> 32).to(tl.int32), x0, x1, x2, x3, z0, z1, z2, z3)
+        pb, qb = int8_dot2(wb.to(tl.int32), (wb >> 32).to(tl.int32), x0, x1, x2, x3, z0, z1, z2, z3)
+        a, b, c, d = across_warps4(tl.sum(pa, axis=2), tl.sum(pb, axis=2), tl.sum(qa, axis=2), tl.sum(qb, axis=2))
+        return a * 128.0, b * 128.0, c * 128.0, d * 128.0
+
+    @triton.jit
     def _float_sums(wa, wb, x):
         # ([BLOCK_P], [BLOCK_P]): rows a and b's 16-bit weights times x, in float32
         return across_warps(tl.sum(wa.to(tl.float32) * x, axis=2), tl.sum(wb.to(tl.float32) * x, axis=2))
+
+    @triton.jit
+    def _float_sums2(wa, wb, x, z):
+        # _float_sums for two activation rows (x, z), each weight widened once: a, b, then z's a, b
+        fa = wa.to(tl.float32)
+        fb = wb.to(tl.float32)
+        return across_warps4(tl.sum(fa * x, axis=2), tl.sum(fb * x, axis=2), tl.sum(fa * z, axis=2),
+                             tl.sum(fb * z, axis=2))
+
+    @triton.jit
+    def _activations(x_ptr, norm_ptr, mg, eps, K: tl.constexpr, BLOCK_P: tl.constexpr, G_PAD: tl.constexpr,
+                     W_INT8: tl.constexpr, NORM: tl.constexpr):
+        # one activation row as the products read it: int8 weights: 4 tiles of fp16 pairs (x0..x3); 16-bit: one
+        # float32 tile (xf; the others bound to it, unused); and the row's RMSNorm factor (1.0 without the norm)
+        if W_INT8:
+            x0, x1, x2, x3, ss = x_words(x_ptr, norm_ptr.to(tl.pointer_type(tl.int32), bitcast=True), mg, BLOCK_P,
+                                         G_PAD, NORM, 2, 2)
+            xf = x0
+        else:
+            xf, ss = _x_float(x_ptr, norm_ptr, mg, BLOCK_P, G_PAD, NORM)
+            x0, x1, x2, x3 = xf, xf, xf, xf
+        r = 1.0
+        if NORM:
+            r = tl.rsqrt(ss / K + eps)
+        return x0, x1, x2, x3, xf, r
 
     @triton.jit
     def _persistent_kernel(
         x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr,
         k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr,
         N, N_PAIRS, K: tl.constexpr, ROW_STEP, B_OFF, eps,
-        Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t, pos_divisor,
+        Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t, pos_divisor, stride_xm, stride_rm, stride_om,
         HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROPE_ROUND: tl.constexpr, SLOT_FROM_PREFIX: tl.constexpr,
         BLOCK_P: tl.constexpr, G_PAD: tl.constexpr, W_INT8: tl.constexpr, NORM: tl.constexpr,
         HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, PDL: tl.constexpr,
-        ARGMAX: tl.constexpr,
+        ARGMAX: tl.constexpr, ROWS: tl.constexpr,
     ):
-        # program q: blocks q, q + programs, ... of BLOCK_P row pairs; x_ptr: int8 weights' fp16 x as int32 pairs
+        # program q: blocks q, q + programs, ... of BLOCK_P row pairs for ROWS (1 or 2: compare's; plain or SwiGLU
+        # epilogues only) activation rows at stride_xm; x_ptr: int8 weights' fp16 x as int32 pairs (stride in pairs)
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
@@ -124,21 +168,20 @@ if HAVE_TRITON:
         wa, wb = _block_weights(w_ptr, pid, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD, W_INT8)
         if PDL:  # x, the residual, the cache, the position: written by the kernels ahead
             tl.extra.cuda.gdc_wait()
-        if W_INT8:
-            x0, x1, x2, x3, ss = x_words(x_ptr, norm_ptr.to(tl.pointer_type(tl.int32), bitcast=True), mg, BLOCK_P,
-                                         G_PAD, NORM, 2, 2)
-            xf = x0
-        else:
-            xf, ss = _x_float(x_ptr, norm_ptr, mg, BLOCK_P, G_PAD, NORM)
-            x0, x1, x2, x3 = xf, xf, xf, xf
-        r = 1.0
-        if NORM:
-            r = tl.rsqrt(ss / K + eps)
+        x0, x1, x2, x3, xf, r = _activations(x_ptr, norm_ptr, mg, eps, K, BLOCK_P, G_PAD, W_INT8, NORM)
+        z0, z1, z2, z3, zf, r_z = x0, x1, x2, x3, xf, r
+        if ROWS == 2:
+            z0, z1, z2, z3, zf, r_z = _activations(x_ptr + stride_xm, norm_ptr, mg, eps, K, BLOCK_P, G_PAD, W_INT8,
+                                                   NORM)
         for block in range(pid, n_blocks, programs):
             # the next block's loads go out before this block's products (masked off past the last block)
             wa_n, wb_n = _block_weights(w_ptr, block + programs, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD,
                                         W_INT8)
-            if W_INT8:
+            if ROWS == 2 and W_INT8:
+                a, b, a_z, b_z = _int8_sums2(wa, wb, x0, x1, x2, x3, z0, z1, z2, z3)
+            elif ROWS == 2:
+                a, b, a_z, b_z = _float_sums2(wa, wb, xf, zf)
+            elif W_INT8:
                 a, b = _int8_sums(wa, wb, x0, x1, x2, x3)
             else:
                 a, b = _float_sums(wa, wb, xf)
@@ -147,14 +190,57 @@ if HAVE_TRITON:
                          k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr, best_ptr, Q_ROWS, KV_ROWS,
                          cache_stride_g, cache_stride_t, pos_divisor, HEAD_DIM, ROT_PAIRS, ROPE_ROUND,
                          SLOT_FROM_PREFIX, W_INT8, NORM, HAS_BIAS, RESIDUAL, EPILOGUE, ARGMAX)
+            if ROWS == 2:
+                finish_pairs(a_z, b_z, r_z, p, row_a, row_b, mask_a, mask_b, scale_ptr, bias_ptr, res_ptr + stride_rm,
+                             out_ptr + stride_om, k_cache_ptr, v_cache_ptr, pos_ptr, prefix_ptr, inv_freq_ptr,
+                             best_ptr, Q_ROWS, KV_ROWS, cache_stride_g, cache_stride_t, pos_divisor, HEAD_DIM,
+                             ROT_PAIRS, ROPE_ROUND, SLOT_FROM_PREFIX, W_INT8, NORM, HAS_BIAS, RESIDUAL, EPILOGUE,
+                             ARGMAX)
             wa, wb = wa_n, wb_n
 
 
 def launch(x, weight, pointers: tuple, shape_args: tuple, meta: dict, block_p: int, programs_per_sm: int,
            num_warps: int, pdl: bool) -> None:
-    """Run the kernel for ``int8_gemv.gemv``: ``pointers`` (x, weight, scale, ... best) and ``shape_args`` (N,
-    N_PAIRS, K, ..., pos_divisor) as its kernel takes them, ``meta`` its epilogue's constexprs; ``block_p`` row
-    pairs a block, ``programs_per_sm`` programs on each multiprocessor."""
+    """Run the kernel for ``int8_gemv.gemv`` (one row x [K]): ``pointers`` (x, weight, scale, ... best) and
+    ``shape_args`` (N, N_PAIRS, K, ..., pos_divisor) as its kernel takes them, ``meta`` its epilogue's constexprs;
+    ``block_p`` row pairs a block, ``programs_per_sm`` programs on each multiprocessor."""
+    _run(x, weight, pointers, shape_args + (0, 0, 0), meta, 1, block_p, programs_per_sm, num_warps, pdl)
+
+
+def launch_rows(x, lw, out, norm_weight, residual, eps: float, swiglu: bool, block_p: int, programs_per_sm: int,
+                num_warps: int) -> torch.Tensor:
+    """Two activation rows x [2, K] (compare's) for ``gemv_rows``: out = the residual (SwiGLU: none) plus
+    silu(W[:F] y) * W[F:] y or W y, y = norm(x) per row, times the int8 row scale, plus the bias."""
+    from .int8_gemv import EPI_PLAIN, EPI_SWIGLU
+
+    w = lw.weight
+    n, k = w.shape
+    n_pairs, row_step, b_off = (n // 2, 1, n // 2) if swiglu else ((n + 1) // 2, 2, 1)
+    dummy = out
+    res = residual if residual is not None and not swiglu else None
+    pointers = (x, w, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
+                norm_weight if norm_weight is not None else dummy, res if res is not None else dummy, out,
+                *(dummy,) * 6)
+    int8 = w.element_size() == 1
+    strides = (x.stride(0) // 2 if int8 else x.stride(0), res.stride(0) if res is not None else 0, out.stride(0))
+    meta = dict(HEAD_DIM=2, ROT_PAIRS=1, ROPE_ROUND=0, SLOT_FROM_PREFIX=False, NORM=norm_weight is not None,
+                HAS_BIAS=lw.bias is not None, RESIDUAL=res is not None, EPILOGUE=EPI_SWIGLU if swiglu else EPI_PLAIN,
+                ARGMAX=False)
+    _run(x, w, pointers, (n, n_pairs, k, row_step, b_off, eps, 0, 0, 0, 0, 1.0) + strides, meta, 2, block_p,
+         programs_per_sm, num_warps, False)
+    return out
+
+
+def usable_rows(x: torch.Tensor, lw) -> bool:
+    """Whether ``launch_rows`` can read these rows: two, each row's start 16-byte aligned; int8 weights against
+    fp16 rows (the packed products), or 16-bit weights."""
+    w = lw.weight
+    return (x.shape[0] == 2 and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0
+            and (x.dtype == torch.float16 if w.element_size() == 1 else w.is_floating_point())
+            and usable(x[0], w))
+
+
+def _run(x, weight, pointers, shape_args, meta, rows: int, block_p, programs_per_sm, num_warps, pdl) -> None:
     from .quant_persistent import multiprocessors
 
     n_pairs, k = shape_args[1], shape_args[2]
@@ -162,6 +248,6 @@ def launch(x, weight, pointers: tuple, shape_args: tuple, meta: dict, block_p: i
     programs = min(triton.cdiv(n_pairs, block_p), multiprocessors(x.device) * programs_per_sm)
     _persistent_kernel[(programs,)](
         x.view(torch.int32) if int8 else x, *pointers[1:], *shape_args, BLOCK_P=block_p,
-        G_PAD=max(2, triton.next_power_of_2(k // (16 // weight.element_size()))), W_INT8=int8, PDL=pdl,
+        G_PAD=max(2, triton.next_power_of_2(k // (16 // weight.element_size()))), W_INT8=int8, PDL=pdl, ROWS=rows,
         num_warps=num_warps, num_stages=1, **meta, **({"launch_pdl": True} if pdl else {}),
     )

@@ -183,7 +183,7 @@ if HAVE_TRITON:
         return tl.split(tl.sum(tl.join(p, q), axis=1))
 
     @triton.jit
-    def _across_warps4(p, p_b, q, q_b):
+    def across_warps4(p, p_b, q, q_b):
         # across_warps for four tiles: (p's, p_b's), (q's, q_b's)
         s, t = tl.split(tl.sum(tl.join(tl.join(p, p_b), tl.join(q, q_b)), axis=1))
         y, y_b = tl.split(s)
@@ -264,7 +264,7 @@ if HAVE_TRITON:
                 if SWIGLU:
                     p_b, q_b = _pair_sums(words_b, a_b, x0, x1, x2, x3, z0, z1, z2, z3, t0, t1, t2, t3, t4, t5, t6, t7,
                                           lane_table, FMT, LUT, X_KIND == 1)
-                    y, y_b, v, v_b = _across_warps4(p, p_b, q, q_b)
+                    y, y_b, v, v_b = across_warps4(p, p_b, q, q_b)
                 else:
                     y, v = across_warps(p, q)
                     y_b, v_b = y, v

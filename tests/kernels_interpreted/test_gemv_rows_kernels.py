@@ -229,3 +229,53 @@ def test_a_qkv_linear_rotates_and_writes_the_cache_in_the_words_kernel_as_the_ro
     monkeypatch.setattr(G, "_launch", lambda *a, **k: timed.append(a[7]) or real_launch(*a, **k))
     cfg = G.tuned_config(lw, m, torch.float32, torch.device("cpu"), False, norm=True, timer=timer, rope=rope())
     assert cfg.kernel == "words" and "|rope" in (tmp_path / "kernel-tuning" / "cpu.json").read_text()
+
+
+@pytest.mark.parametrize("weights_kind", ["int8", "fp16"])
+def test_two_rows_through_the_persistent_kernel_equal_the_product(weights_kind, monkeypatch):
+    """persistent_gemv at two rows (compare's; int8 against fp16 rows with its products run by tests/ptx_emulator.py,
+    or fp16 weights): each row its own RMSNorm factor, a bias, the residual in place, SwiGLU with a residual after
+    it, rows at a stride; rows it cannot read (three of them, fp32 rows against int8) take the default tile."""
+    from ptx_emulator import interpreted_inline_ptx
+
+    from backend.kernels import persistent_gemv
+    from backend.kernels.gemv_rows import persistent_configs
+
+    ran = []
+    real = persistent_gemv.launch_rows
+    monkeypatch.setattr(persistent_gemv, "launch_rows", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    n, k = 26, 208
+    lw = weights(n, k, bias=True, seed=7)
+    lw = LinearWeights(lw.weight, lw.scale, lw.bias.half()) if weights_kind == "int8" else \
+        LinearWeights((lw.weight.float() * lw.scale[:, None]).half(), None, lw.bias.half())
+    plain = LinearWeights(lw.weight, lw.scale, None)
+    wide = torch.randn(2, k + 24).half()
+    x = wide[:, :k]  # rows at a stride of k + 24 (48 bytes more: 16-byte aligned)
+    x[1] *= 4
+    g = (1 + 0.1 * torch.randn(k)).half()
+    rel = lambda got, want: float((got.double() - want).norm() / want.norm())  # noqa: E731
+    monkeypatch.delenv("GLMCHAT_PERSISTENT_GEMV", raising=False)
+    assert persistent_configs(weights_kind == "int8", 2, torch.float16) == []
+    monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")
+    tiles = persistent_configs(weights_kind == "int8", 2, torch.float16)
+    assert len(tiles) == 4 and persistent_configs(True, 3, torch.float16) == []
+    with interpreted_inline_ptx():
+        for cfg in (tiles[0], dataclasses.replace(tiles[0], block_n=4, programs_per_sm=1)):
+            out = torch.full((2, n), float("nan"), dtype=torch.float16)
+            gemv_rows(x, lw, norm_weight=g, out=out, config=cfg)
+            for m in range(2):
+                assert rel(out[m], reference(x[m:m + 1], lw, norm=g)[0]) < 2e-3, (cfg, m)
+            res = torch.randn(2, n).half()
+            want = reference(x, plain, residual=res)
+            gemv_rows(x, plain, residual=res, out=res, config=cfg)
+            assert rel(res, want) < 2e-3, cfg
+            res = torch.randn(2, n // 2).half()
+            up = gemv_rows(x, plain, norm_weight=g, swiglu=True, residual=res, config=cfg)
+            assert rel(up, reference(x, plain, norm=g, swiglu=True, residual=res)) < 2e-3, cfg
+        assert len(ran) == 6
+        three = torch.randn(3, k).half()
+        out = gemv_rows(three, lw, config=tiles[0])  # (three rows: the default tile)
+        assert rel(out, reference(three, lw)) < 2e-3 and len(ran) == 6
+        if weights_kind == "int8":  # (float32 rows: no packed fp16 products)
+            out = gemv_rows(x.float(), lw, config=tiles[0])
+            assert rel(out, reference(x.float(), lw)) < 2e-3 and len(ran) == 6
