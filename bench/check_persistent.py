@@ -2,7 +2,8 @@
 bitsandbytes' dequantized weight at ChatGLM2-6B's qkv, fc1 (the norm and SwiGLU) and fc2 shapes, one and two
 activation rows, both table kinds; the one-row one (backend/kernels/persistent_gemv.py) on int8 weights against
 fp16 rows (against the weight times its scale) and on bf16 weights, at qkv (the norm, the bias), dense (the
-residual in place), fc1 and fc2, and the output layer with the greedy pick (bf16). Run first in a device
+residual in place), fc1 and fc2, and the output layer with the greedy pick (bf16); and at two rows (gemv_rows'
+persistent tiles, compare's) at qkv, fc1 and fc2. Run first in a device
 call that tunes with them: a kernel that faults there (a misaligned load, say) would otherwise take the tuning
 process's CUDA context with it (bench/NOTES.md run 55).
 
@@ -100,6 +101,33 @@ def check_one_row(weights: str) -> bool:
     return True
 
 
+def check_two_rows(weights: str) -> bool:
+    """gemv_rows' persistent tiles (compare's two rows): "int8" weights against fp16 rows, or "float" (bf16)."""
+    from backend.kernels.gemv_rows import gemv_rows, persistent_configs
+
+    dtype = torch.float16 if weights == "int8" else torch.bfloat16
+    for name, n, k in (("qkv", 4608, 4096), ("fc1", 27392, 4096), ("fc2", 4096, 13696)):
+        w = torch.randn(n, k, device="cuda") * 0.02
+        q, scale = quantize_per_channel(w) if weights == "int8" else (w.to(dtype), None)
+        lw, ref_w = LinearWeights(q, scale, None), q.float() * (scale[:, None] if scale is not None else 1)
+        x, g = torch.randn(2, k, device="cuda").to(dtype), (1 + 0.1 * torch.randn(k, device="cuda")).to(dtype)
+        for cfg in persistent_configs(weights == "int8", 2, dtype):
+            what = (f"{weights} two rows {name} block_p {cfg.block_n} warps {cfg.num_warps} "
+                    f"programs/SM {cfg.programs_per_sm}")
+            if name == "fc2":
+                out = torch.randn(2, n, device="cuda").to(dtype)
+                want = out.float() + x.float() @ ref_w.T
+                gemv_rows(x, lw, residual=out, out=out, config=cfg)
+            else:
+                out = gemv_rows(x, lw, norm_weight=g, swiglu=name == "fc1", config=cfg)
+                want = reference(x, ref_w, g, name == "fc1")
+            torch.cuda.synchronize()
+            err = max(((out[m].float() - want[m]).norm() / want[m].norm()).item() for m in range(2))
+            if not report(what, err):
+                return False
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,2")
@@ -109,7 +137,7 @@ def main() -> int:
     if args.only != "int8" and not check_4bit([int(r) for r in args.rows.split(",")]):
         return 1
     for weights in ("int8", "float"):
-        if args.only in (None, weights) and not check_one_row(weights):
+        if args.only in (None, weights) and not (check_one_row(weights) and check_two_rows(weights)):
             return 1
     print("ok")
     return 0

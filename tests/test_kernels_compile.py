@@ -392,10 +392,11 @@ def test_the_one_row_persistent_gemv_reads_16_bytes_a_load(arch, pdl, weights):
     """persistent_gemv's tiles (decode/one_row_tuning.PERSISTENT_TILES: int8 against fp16 rows, on every card the
     8-bit model runs; 16-bit weights, bf16 or fp16 where a card has no bf16) compile as qkv (the norm, the bias, rotary
     with the cache write), fc1 (SwiGLU), fc2 (K padded to a power of two, the residual) and the output layer (the
-    greedy pick) run them: inside the loop over blocks each thread reads its weights of a row 16 bytes at a time, and
-    the activations are not read again (they were loaded once, before the loop)."""
+    greedy pick) run them, and at two rows (gemv_rows' tiles: fc1, fc2): inside the loop over blocks each thread reads
+    its weights of a row 16 bytes at a time, and the activations are not read again (loaded once, before the loop)."""
     from backend.decode.one_row_tuning import PERSISTENT_TILES
     from backend.kernels import persistent_gemv as P
+    from backend.kernels.gemv_rows import PERSISTENT_ROWS_TILES
 
     act = "*bf16" if weights == "float" and arch != 75 else ACT
     types = {"x_ptr": "*i32" if weights == "int8" else act, "w_ptr": "*i8" if weights == "int8" else act,
@@ -406,12 +407,19 @@ def test_the_one_row_persistent_gemv_reads_16_bytes_a_load(arch, pdl, weights):
     if arch != 90:  # (every tile on Hopper; one elsewhere, to keep the test short)
         tiles = tiles[:1]
     group = 16 if weights == "int8" else 8
-    for k, epilogue, norm, residual, argmax in ((4096, 2, True, False, False), (4096, 1, True, False, False),
-                                                (13696, 0, False, True, False), (4096, 0, True, False, True)):
-        for block_p, warps in tiles:
+    two_rows = sorted({(bp, warps) for bp, warps, _ in PERSISTENT_ROWS_TILES[weights]})
+    if arch != 90:
+        two_rows = two_rows[:1]
+    cases = [(k, epilogue, norm, residual, argmax, 1, tiles)
+             for k, epilogue, norm, residual, argmax in ((4096, 2, True, False, False), (4096, 1, True, False, False),
+                                                         (13696, 0, False, True, False), (4096, 0, True, False, True))]
+    cases += [(4096, 1, True, False, False, 2, two_rows), (13696, 0, False, True, False, 2, two_rows)]  # (gemv_rows')
+    for k, epilogue, norm, residual, argmax, rows, row_tiles in cases:
+        for block_p, warps in row_tiles:
             consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=block_p,
                           G_PAD=1 << (k // group - 1).bit_length(), W_INT8=weights == "int8", NORM=norm,
-                          HAS_BIAS=epilogue == 2, RESIDUAL=residual, EPILOGUE=epilogue, PDL=pdl, ARGMAX=argmax, K=k)
+                          HAS_BIAS=epilogue == 2, RESIDUAL=residual, EPILOGUE=epilogue, PDL=pdl and rows == 1,
+                          ARGMAX=argmax, K=k, ROWS=rows)
             ptx = compile_for(P._persistent_kernel, types, consts, arch, warps=warps, stages=1)
             loops = loop_bodies(ptx)  # the products' loop: the one with the weight loads (rotary's have none)
             loop = max(loops, key=lambda body: len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.b(?:64|32)", body)))

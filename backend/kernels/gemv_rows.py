@@ -247,9 +247,10 @@ def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
     return gemv + words
 
 
-# the persistent kernel's tiles at two rows (row pairs a block, warps, programs an SM): one-row's with a second row
-# of x in registers (int8: 16 more registers at 4 warps and K 4096; 16-bit: 32), so fewer programs an SM
-PERSISTENT_ROWS_TILES = {"int8": ((1, 4, 4), (2, 4, 2), (1, 8, 2), (2, 8, 2)),
+# the persistent kernel's tiles at two rows (row pairs a block, warps, programs an SM), within the register file at
+# K 4096 (ptxas -v sm_90, Triton 3.6: int8 48-96 registers at 1-2 pairs and 8 warps, 80-167 at 4 warps; 16-bit
+# 82-173); fc2's K 13696 needs 8 warps and one program an SM for int8 (153), and spills at 16 bits
+PERSISTENT_ROWS_TILES = {"int8": ((1, 4, 4), (2, 4, 2), (1, 8, 2), (2, 8, 2), (1, 8, 1)),
                          "float": ((1, 4, 2), (1, 8, 2), (2, 8, 1), (1, 8, 1))}
 
 

@@ -258,7 +258,7 @@ def test_two_rows_through_the_persistent_kernel_equal_the_product(weights_kind, 
     assert persistent_configs(weights_kind == "int8", 2, torch.float16) == []
     monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")
     tiles = persistent_configs(weights_kind == "int8", 2, torch.float16)
-    assert len(tiles) == 4 and persistent_configs(True, 3, torch.float16) == []
+    assert tiles and persistent_configs(True, 3, torch.float16) == [] and persistent_configs(True, 2, torch.float32) == []
     with interpreted_inline_ptx():
         for cfg in (tiles[0], dataclasses.replace(tiles[0], block_n=4, programs_per_sm=1)):
             out = torch.full((2, n), float("nan"), dtype=torch.float16)
