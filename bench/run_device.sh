@@ -38,8 +38,8 @@
 #                                      # earlier tree's backend (carried in .carry/before) and this one, alternately
 #   bash bench/run_device.sh persistent  # NF4 chat and compare with the persistent one-row GEMV among the tiles and
 #                                        # without, alternately; the tiles picked, the step, 4-bit GPU checks
-#   bash bench/run_device.sh one-row-persistent  # the one-row persistent GEMV for int8 and 16-bit weights (Q=8bit or
-#                                        # Q=none) tuned in and without, alternately; its tiles; GPU checks with it
+#   bash bench/run_device.sh one-row-persistent  # the persistent GEMV for int8 and 16-bit weights at one and two rows
+#                                        # (Q=8bit or Q=none) tuned in and without, alternately; its tiles; GPU checks
 #   bash bench/run_device.sh ab-env    # a switch A/B (AB_ENV=NAME=VALUE, e.g. GLMCHAT_SPLIT_LAST_SUMS=0): 8-bit and
 #                                      # NF4 chat and compare as the tree runs them and with it, alternately; then
 #                                      # the quantized GPU checks
@@ -219,8 +219,9 @@ persistent)
   stamp "check_fast_batch --quantized 4bit rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check_4bit.log" | cut -c1-150
   ;;
 one-row-persistent)
-  # the one-row persistent GEMV (kernels/persistent_gemv.py: int8 against fp16 rows, 16-bit weights) among the
-  # one-row descent's tiles (GLMCHAT_PERSISTENT_GEMV=all, its own cache: tuned in this call) and without (the
+  # the persistent GEMV (kernels/persistent_gemv.py: int8 against fp16 rows, 16-bit weights) among the one-row
+  # descent's tiles and gemv_rows' two-row ones (compare's) (GLMCHAT_PERSISTENT_GEMV=all, its own cache: tuned in
+  # this call) and without (the
   # default candidates, the carried tuning in a cache of its own), alternately ROUNDS times, for Q (8bit or none);
   # the tiles each arm picked and what each candidate's step took (the engines' stderr); then the GPU checks of
   # that precision with it. First every persistent tile against the reference (check_persistent.py)
