@@ -22,7 +22,7 @@ reply on the H100, bench/NOTES.md run 41); here they are folded in as for int8.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -211,7 +211,7 @@ class RowsGemvConfig:
     # summed after the K loop (16-bit weights: the one-row GEMV's fc1 and fc2 tiles do that); "persistent":
     # kernels/persistent_gemv.py at two rows (block_n row pairs a block, programs_per_sm programs an SM);
     # "other": the caller's other path (the int8 matmul, or cuBLAS) ran faster
-    programs_per_sm: int = 0
+    programs_per_sm: int = field(default=0, repr=False)  # (out of repr, as int8_gemv.GemvConfig's)
 
 
 def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:

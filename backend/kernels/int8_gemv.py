@@ -12,7 +12,7 @@ The weights come as ``int8_linear.LinearWeights``; the torch math of the same li
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -274,9 +274,11 @@ class GemvConfig:
     row_sum: bool = False  # reduce each tile to one float32 per row (fewer registers, bigger tiles)
     x_tile: bool = False  # x loaded in the weight tile's layout (no shared-memory conversion in the loop), its
     # sums for RMSNorm and CVT 2 in a pass of their own
-    programs_per_sm: int = 0  # the persistent kernel (kernels/persistent_gemv.py; int8 weights at CVT 3, or 16-bit
-    # ones), this many programs on each multiprocessor looping over blocks of block_p row pairs, a whole row of K at
-    # a time (block_k 0; a call it cannot read takes the tiled kernel at the default block_k)
+    # the persistent kernel (kernels/persistent_gemv.py; int8 weights at CVT 3, or 16-bit ones): this many programs
+    # on each multiprocessor looping over blocks of block_p row pairs, a whole row of K at a time (block_k 0; a call
+    # it cannot read takes the tiled kernel at the default block_k). Out of repr, which the tuning digests hash: the
+    # tiles a card picked before this field existed stay valid
+    programs_per_sm: int = field(default=0, repr=False)
 
 
 # Measured on an H100 inside the captured step (bench/explore_gemv.py, bench/NOTES.md run 5): a GEMV's time
