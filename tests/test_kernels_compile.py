@@ -357,13 +357,14 @@ def test_the_step_feed(arch):
 
 @pytest.mark.parametrize("arch,pdl", TARGETS)
 @pytest.mark.parametrize("fmt", ["nf4", "int4"])
-def test_the_persistent_gemv_reads_four_words_a_load(arch, pdl, fmt):
+def test_the_persistent_gemv_reads_four_words_a_load(arch, pdl, fmt, monkeypatch):
     """quant_persistent's tiles (one and two activation rows) compile for every card we support, as qkv (the norm),
     fc1 (SwiGLU) and fc2 (K padded to a power of two) would run them; inside the loop over row blocks each thread
     reads its 4 words of a row as one 16-byte load, and the activations are not read again (they were loaded once,
     before the loop)."""
     from backend.kernels import quant_persistent as P
 
+    monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")  # (the tiles not yet on by default too)
     act = "*fp16" if arch == 75 else "*bf16"
     types = dict(QUANT_TYPES, pairs_ptr="*i32", x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
                  res_ptr=act, out_ptr=act)

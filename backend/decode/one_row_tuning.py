@@ -27,7 +27,7 @@ import torch
 
 from ..kernels.gemv_4bit import QuantLinearConfig, candidate_configs
 from ..kernels.int8_gemv import GemvConfig, default_gemv_config
-from ..kernels import packed_products, persistent_gemv, tuning
+from ..kernels import packed_products, tuning, untested_persistent_tiles
 
 # a kind's tile: the one-row GEMV's (int8, 16-bit), quant_linear's (4-bit), or None (4-bit: quant_linear's own pick)
 Tile = Optional[Union[GemvConfig, QuantLinearConfig]]
@@ -133,9 +133,9 @@ PERSISTENT_TILES = {
 
 
 def persistent_candidates(weights: str) -> list[GemvConfig]:
-    """The persistent kernel's tiles for "int8" (fp16 products, CVT 3) or "float" weights, where it is offered
-    (``persistent_gemv.offered``: not yet by default)."""
-    if not persistent_gemv.offered():
+    """The persistent kernel's tiles for "int8" (fp16 products, CVT 3) or "float" weights, where offered
+    (``kernels.untested_persistent_tiles``: not yet by default)."""
+    if not untested_persistent_tiles():
         return []
     return [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=3 if weights == "int8" else 2, programs_per_sm=p)
             for bp, w, p in PERSISTENT_TILES[weights]]

@@ -30,3 +30,11 @@ def x_pass_width(elements: int, tile: int, num_warps: int) -> int:
         return tile
     cap = X_PASS_VALUES_A_THREAD * 32 * num_warps
     return max(tile, min(cap, 1 << max(0, elements - 1).bit_length()))
+
+
+def untested_persistent_tiles() -> bool:
+    """Whether the tuners offer the persistent GEMV tiles no GPU has run yet (kernels/persistent_gemv.py at one and
+    two rows; NF4's 8-row blocks): under GLMCHAT_PERSISTENT_GEMV=all only (bench/, bench/NOTES.md session 46). They
+    have run under Triton's interpreter and compiled for sm_90/80/75; a kernel that faults in a tuning run would take
+    the process's CUDA context with it. ``bench/run_device.sh one-row-persistent`` checks and measures them."""
+    return os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "all"

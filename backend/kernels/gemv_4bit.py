@@ -54,7 +54,7 @@ import torch
 
 from . import packed_products, tuning
 
-from . import HAVE_TRITON
+from . import HAVE_TRITON, untested_persistent_tiles
 
 if HAVE_TRITON:
     import triton
@@ -618,6 +618,8 @@ def _persistent_configs(rows: int) -> list[QuantLinearConfig]:
     if os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "0":  # A/B switch for bench/ (not a user setting)
         return []
     tiles = ((2, 4, 4), (4, 4, 2), (2, 8, 2), (4, 8, 1))
+    if rows == 1 and untested_persistent_tiles():  # 8 rows a block: more of qkv's and dense's bytes in flight an SM
+        tiles += ((8, 8, 2),)  # (128 registers at one row, 193 with SwiGLU: ptxas sm_90; bench/NOTES.md session 46)
     luts = (3, 4) if packed_products.tried() else (1,) if rows == 1 else ()
     return [QuantLinearConfig("persistent", bn, 0, rows, w, 1, lut, programs_per_sm=p) for lut in luts
             for bn, w, p in tiles]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from . import packed_products, persistent_gemv, quant_words, tuning, x_pass_width
+from . import packed_products, persistent_gemv, quant_words, tuning, untested_persistent_tiles, x_pass_width
 from .gemv_4bit import HAVE_TRITON, QuantizedWeight, QuantLinearConfig, int8_weight
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ PERSISTENT_ROWS_TILES = {"int8": ((1, 4, 4), (2, 4, 2), (1, 8, 2), (2, 8, 2), (1
 
 def persistent_configs(int8: bool, m: int, dtype: torch.dtype) -> list[RowsGemvConfig]:
     """persistent_gemv's tiles for two rows (int8 weights against fp16 rows, or 16-bit weights), where offered."""
-    if m != 2 or not persistent_gemv.offered() or (int8 and dtype != torch.float16):
+    if m != 2 or not untested_persistent_tiles() or (int8 and dtype != torch.float16):
         return []
     return [RowsGemvConfig(bp, 0, w, kernel="persistent", programs_per_sm=p)
             for bp, w, p in PERSISTENT_ROWS_TILES["int8" if int8 else "float"]]

@@ -20,8 +20,6 @@ padding is masked off and costs issue slots, not bytes).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import HAVE_TRITON
@@ -33,14 +31,6 @@ if HAVE_TRITON:
     from .pair_epilogue import finish_pairs
     from .packed_products import int8_dot, int8_dot2, masked_load
     from .quant_persistent import across_warps, across_warps4, words_index, x_words
-
-def offered() -> bool:
-    """Whether the tuners offer this kernel's tiles: under GLMCHAT_PERSISTENT_GEMV=all only (bench/), until a GPU
-    has run them (bench/NOTES.md, session 46): it has run under Triton's interpreter and compiled for sm_90/80/75,
-    and a kernel that faults in a tuning run takes the process's CUDA context with it.
-    ``bench/run_device.sh one-row-persistent`` checks and measures it."""
-    return os.environ.get("GLMCHAT_PERSISTENT_GEMV", "1") == "all"
-
 
 MAX_GROUPS = 2048  # 16-byte groups of K (int8: K up to 32768; 16-bit: 16384): x stays in registers at 4-8 warps
 

@@ -37,7 +37,7 @@ def test_one_row_with_bias_norm_swiglu_and_residual_equals_the_reference(fmt, n,
     (192: 6 groups of 4 words in a tile of 8; 320: 10 in 16), N not a multiple of the block, blocks per program 2-4."""
     w, ref_w = random_weight(fmt, n, k, nested)
     x, bias, g = torch.randn(1, k), torch.randn(n) * 0.1, 1 + 0.1 * torch.randn(k)
-    for cfg in (TABLE, replace(TABLE, block_n=2, programs_per_sm=1)):
+    for cfg in (TABLE, replace(TABLE, block_n=2, programs_per_sm=1), replace(TABLE, block_n=8, num_warps=8)):
         out = torch.full((1, n), float("nan"))
         Q.quant_linear(x, w, bias, out=out, config=cfg)
         assert rel(out, x @ ref_w.T + bias) < 1e-5, cfg
