@@ -74,8 +74,8 @@ def test_an_8bit_models_output_layer_keeps_the_16_bit_tiles_and_candidates():
 
 def test_the_one_row_persistent_tiles_are_candidates_only_when_asked_for(monkeypatch):
     """persistent_gemv's tiles join the descent's int8 (with fp16 products) and 16-bit candidates under
-    GLMCHAT_PERSISTENT_GEMV=all only (not yet run on a GPU): by default the candidates, and so the digest a card's
-    stored tiles were picked among, are those before it; each tile is one the kernel takes (K a whole tile)."""
+    GLMCHAT_PERSISTENT_GEMV=all only (not yet run on a GPU), as does NF4's 8-row block: by default the candidates, and
+    so the digest a card's stored tiles were picked among, are those before them."""
     import types
 
     from backend.kernels import packed_products
@@ -98,6 +98,12 @@ def test_the_one_row_persistent_tiles_are_candidates_only_when_asked_for(monkeyp
         assert cands[: len(default[kind])] == default[kind] and len(extra) == 6, kind
         assert all(c.cvt == (2 if kind == "output" else 3) and c.block_k == 0 for c in extra), kind
     assert T.candidates_for(decoder) != default
+    from backend.kernels.gemv_4bit import candidate_configs  # NF4's 8-row persistent block, one row only
+
+    eight = [c for c in candidate_configs("nf4", 1, False) if c.kernel == "persistent" and c.block_n == 8]
+    assert eight and not [c for c in candidate_configs("nf4", 2, False) if c.block_n == 8 and c.kernel == "persistent"]
+    monkeypatch.delenv("GLMCHAT_PERSISTENT_GEMV")
+    assert not [c for c in candidate_configs("nf4", 1, False) if c.kernel == "persistent" and c.block_n == 8]
 
 
 def _four_bit_decoder(dtype=torch.bfloat16):
