@@ -1,6 +1,8 @@
-"""A persistent one-row GEMV: ``int8_gemv.gemv``'s kernel when its tile asks for ``programs_per_sm``, for int8
-weights against fp16 rows (its products two at a time, CVT 3: the 8-bit model, fp16 as the original's) and for
-16-bit weights (the bf16 model; the 8-bit model's output layer), a candidate of the one-row step's descent.
+"""A persistent GEMV for one activation row (``int8_gemv.gemv``'s kernel when its tile asks for
+``programs_per_sm``: a candidate of the one-row step's descent) or two (compare's: a ``gemv_rows`` tile), for int8
+weights against fp16 rows (products two at a time, CVT 3: the 8-bit model, fp16 as the original's) and for 16-bit
+weights (the bf16 model; the 8-bit model's output layer). Offered by the tuners only under
+``kernels.untested_persistent_tiles`` until a GPU has run it.
 
 Why: ``int8_gemv``'s kernel runs one short program per few weight rows (int8 qkv at 2 row pairs a program: 1152
 programs), and each loads the activation row and the norm weight again (as many bytes as an int8 program's
@@ -10,9 +12,10 @@ on an H200 every one-row step is further from its bound, as each kernel's start 
 Here, as in ``quant_persistent`` (which took NF4 chat on an H100 from 42% to 55.5% of its bound), a few programs an
 SM each load the row once (times the norm weight; its sum of squares once), keep it in registers in the weight
 tile's layout, and loop over blocks of row pairs: a block is a whole row of K for each of its weight rows, 16
-bytes a thread at a time, and the next block's weights are asked for before this block's products. The epilogue is
-``int8_gemv``'s (``pair_epilogue.finish_pairs``): the bias, the residual, SwiGLU, rotary with the cache write, the
-greedy pick.
+bytes a thread at a time, and the next block's weights are asked for before this block's products. With two rows
+both stay in registers and each weight is widened once for both. The epilogue is ``int8_gemv``'s
+(``pair_epilogue.finish_pairs``): the bias, the residual, SwiGLU, and at one row rotary with the cache write and
+the greedy pick.
 
 The whole of K is one tile, so its 16-byte groups round up to a power of two (fc2's 1712 int8 words to 2048: the
 padding is masked off and costs issue slots, not bytes).
