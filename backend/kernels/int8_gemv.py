@@ -342,21 +342,10 @@ def gemv(
     persistent = cfg.programs_per_sm > 0 and (cfg.cvt == 3 or not lw.is_int8) and persistent_gemv.usable(x, w)
     if cfg.programs_per_sm and not persistent:  # a tuned persistent tile, for a call it cannot read
         cfg = replace(cfg, programs_per_sm=0, block_k=cfg.block_k or GemvConfig.block_k)
-    if swiglu:
-        n_pairs, row_step, b_off = N // 2, 1, N // 2
-    else:
-        n_pairs, row_step, b_off = (N + 1) // 2, 2, 1
-    epilogue = EPI_SWIGLU if swiglu else (EPI_ROPE if rope is not None else EPI_PLAIN)
-    if argmax is not None and epilogue != EPI_PLAIN:
+    if argmax is not None and (swiglu or rope is not None):
         raise ValueError("argmax goes with the plain epilogue (the output layer)")
-    dummy = out
-    rope_pointers, rope_args, rope_meta = _rope_args(rope, dummy)
-    pointers = (x, w, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
-                norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
-                *rope_pointers, argmax if argmax is not None else dummy)
-    shape_args = (N, n_pairs, K, row_step, b_off, eps, *rope_args)
-    meta = dict(rope_meta, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None, RESIDUAL=residual is not None,
-                EPILOGUE=epilogue, ARGMAX=argmax is not None)
+    pointers, shape_args, meta = kernel_args(x, lw, out, norm_weight, eps, residual, swiglu, rope, argmax)
+    n_pairs = shape_args[1]
     if persistent:
         persistent_gemv.launch(x, w, pointers, shape_args, meta, cfg.block_p, cfg.programs_per_sm, cfg.num_warps,
                                pdl)
@@ -369,6 +358,25 @@ def gemv(
         **({"launch_pdl": True} if pdl else {}),
     )
     return out
+
+
+def kernel_args(x, lw: LinearWeights, out, norm_weight, eps: float, residual, swiglu: bool, rope: Optional[dict],
+                argmax: Optional[torch.Tensor]) -> tuple[tuple, tuple, dict]:
+    """The GEMV kernels' arguments (this module's and ``persistent_gemv``'s): the pointers (x, weight, scale, bias,
+    norm weight, residual, out, the rotary ones, the pick's state; ``out`` stands in for those absent), the shape
+    arguments (N, row pairs, K, row step, b's offset, eps, the rotary ones) and the epilogue's constexprs. Rows are
+    taken in pairs: (2p, 2p + 1), or SwiGLU's (p, p + F)."""
+    n, k = lw.weight.shape
+    n_pairs, row_step, b_off = (n // 2, 1, n // 2) if swiglu else ((n + 1) // 2, 2, 1)
+    dummy = out
+    rope_pointers, rope_shape, rope_meta = _rope_args(rope, dummy)
+    pointers = (x, lw.weight, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
+                norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
+                *rope_pointers, argmax if argmax is not None else dummy)
+    epilogue = EPI_SWIGLU if swiglu else (EPI_ROPE if rope is not None else EPI_PLAIN)
+    meta = dict(rope_meta, NORM=norm_weight is not None, HAS_BIAS=lw.bias is not None, RESIDUAL=residual is not None,
+                EPILOGUE=epilogue, ARGMAX=argmax is not None)
+    return pointers, (n, n_pairs, k, row_step, b_off, eps, *rope_shape), meta
 
 
 def _rope_args(rope: Optional[dict], dummy: torch.Tensor) -> tuple[tuple, tuple, dict]:

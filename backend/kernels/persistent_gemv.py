@@ -204,23 +204,13 @@ def launch_rows(x, lw, out, norm_weight, residual, eps: float, swiglu: bool, blo
                 num_warps: int) -> torch.Tensor:
     """Two activation rows x [2, K] (compare's) for ``gemv_rows``: out = the residual (SwiGLU: none) plus
     silu(W[:F] y) * W[F:] y or W y, y = norm(x) per row, times the int8 row scale, plus the bias."""
-    from .int8_gemv import EPI_PLAIN, EPI_SWIGLU
+    from .int8_gemv import kernel_args
 
-    w = lw.weight
-    n, k = w.shape
-    n_pairs, row_step, b_off = (n // 2, 1, n // 2) if swiglu else ((n + 1) // 2, 2, 1)
-    dummy = out
-    res = residual if residual is not None and not swiglu else None
-    pointers = (x, w, lw.scale if lw.is_int8 else dummy, lw.bias if lw.bias is not None else dummy,
-                norm_weight if norm_weight is not None else dummy, res if res is not None else dummy, out,
-                *(dummy,) * 6)
-    int8 = w.element_size() == 1
+    res = residual if not swiglu else None
+    pointers, shape_args, meta = kernel_args(x, lw, out, norm_weight, eps, res, swiglu, None, None)
+    int8 = lw.weight.element_size() == 1
     strides = (x.stride(0) // 2 if int8 else x.stride(0), res.stride(0) if res is not None else 0, out.stride(0))
-    meta = dict(HEAD_DIM=2, ROT_PAIRS=1, ROPE_ROUND=0, SLOT_FROM_PREFIX=False, NORM=norm_weight is not None,
-                HAS_BIAS=lw.bias is not None, RESIDUAL=res is not None, EPILOGUE=EPI_SWIGLU if swiglu else EPI_PLAIN,
-                ARGMAX=False)
-    _run(x, w, pointers, (n, n_pairs, k, row_step, b_off, eps, 0, 0, 0, 0, 1.0) + strides, meta, 2, block_p,
-         programs_per_sm, num_warps, False)
+    _run(x, lw.weight, pointers, shape_args + strides, meta, 2, block_p, programs_per_sm, num_warps, False)
     return out
 
 
