@@ -100,6 +100,28 @@ def test_packed_products_gemv_equals_the_reference_with_and_without_its_first_ti
             assert torch.allclose(up.double(), reference(x, lw, norm=g, swiglu=True), **tol), cfg
 
 
+def check_each_epilogue(x, g, lw, plain, cfg):
+    """gemv at ``cfg`` against the reference (within 2e-3: fp16 products, ~4e-4): the norm with lw's bias; then on
+    ``plain`` (lw without it) the residual in place, SwiGLU, and the greedy pick of the plain product."""
+    from backend.kernels import int8_gemv
+
+    n = lw.weight.shape[0]
+    out = torch.full((n,), float("nan"), dtype=torch.float16)
+    gemv(x, lw, out, norm_weight=g, config=cfg)
+    assert rel(out, reference(x, lw, norm=g) + lw.bias.double()) < 2e-3, cfg
+    res = torch.randn(n).half()
+    want = reference(x, plain, residual=res)
+    gemv(x, plain, res, residual=res, config=cfg)
+    assert rel(res, want) < 2e-3, cfg
+    up = torch.full((n // 2,), float("nan"), dtype=torch.float16)
+    gemv(x, plain, up, norm_weight=g, swiglu=True, config=cfg)
+    assert rel(up, reference(x, plain, norm=g, swiglu=True)) < 2e-3, cfg
+    state, token = int8_gemv.new_argmax_state("cpu"), torch.zeros(1, dtype=torch.int64)
+    gemv(x, plain, out, config=cfg, argmax=state)
+    int8_gemv.pick_token(state, token, None, bad_token=0)
+    assert int(token) == int(out.float().argmax()), cfg
+
+
 @pytest.mark.parametrize("n,k", [(24, 512), (26, 208)])
 def test_the_persistent_gemv_equals_the_reference_for_each_epilogue(n, k, monkeypatch):
     """``programs_per_sm`` (kernels/persistent_gemv.py; inline PTX run by tests/ptx_emulator.py): a few programs each
@@ -108,7 +130,7 @@ def test_the_persistent_gemv_equals_the_reference_for_each_epilogue(n, k, monkey
     interpreter stands for 2 multiprocessors, so each program takes 2-4 blocks, the last past the end."""
     from ptx_emulator import interpreted_inline_ptx
 
-    from backend.kernels import int8_gemv, persistent_gemv
+    from backend.kernels import persistent_gemv
 
     ran = []
     real = persistent_gemv.launch
@@ -120,20 +142,7 @@ def test_the_persistent_gemv_equals_the_reference_for_each_epilogue(n, k, monkey
     x, g = torch.randn(k).half(), (1 + 0.1 * torch.randn(k)).half()
     with interpreted_inline_ptx():
         for cfg in (GemvConfig(block_p=2, cvt=3, programs_per_sm=1), GemvConfig(block_p=4, cvt=3, programs_per_sm=2)):
-            out = torch.full((n,), float("nan"), dtype=torch.float16)
-            gemv(x, lw, out, norm_weight=g, config=cfg)
-            assert rel(out, reference(x, lw, norm=g) + lw.bias.double()) < 2e-3, cfg  # (fp16 products: ~4e-4)
-            res = torch.randn(n).half()
-            want = reference(x, plain, residual=res)
-            gemv(x, plain, res, residual=res, config=cfg)
-            assert rel(res, want) < 2e-3, cfg
-            up = torch.full((n // 2,), float("nan"), dtype=torch.float16)
-            gemv(x, plain, up, norm_weight=g, swiglu=True, config=cfg)
-            assert rel(up, reference(x, plain, norm=g, swiglu=True)) < 2e-3, cfg
-            state, token = int8_gemv.new_argmax_state("cpu"), torch.zeros(1, dtype=torch.int64)
-            gemv(x, plain, out, config=cfg, argmax=state)
-            int8_gemv.pick_token(state, token, None, bad_token=0)
-            assert int(token) == int(out.float().argmax()), cfg
+            check_each_epilogue(x, g, lw, plain, cfg)
     assert len(ran) == 8
 
 
@@ -168,7 +177,7 @@ def test_the_persistent_gemv_rotary_epilogue_equals_the_tiled_kernels():
 def test_the_persistent_gemv_on_16_bit_weights(n, k, monkeypatch):
     """The persistent kernel on fp16 weights (the bf16 model's linears; the 8-bit model's output layer): float32
     products, the norm, a bias, the residual in place, SwiGLU and the greedy pick; K 200 pads 25 groups of 8 to 32."""
-    from backend.kernels import int8_gemv, persistent_gemv
+    from backend.kernels import persistent_gemv
 
     ran = []
     real = persistent_gemv.launch
@@ -179,18 +188,5 @@ def test_the_persistent_gemv_on_16_bit_weights(n, k, monkeypatch):
     x, g = torch.randn(k).half(), (1 + 0.1 * torch.randn(k)).half()
     for cfg in (GemvConfig(block_p=2, block_k=0, programs_per_sm=1), GemvConfig(block_p=4, block_k=0, programs_per_sm=2,
                                                                                  num_warps=8)):
-        out = torch.full((n,), float("nan"), dtype=torch.float16)
-        gemv(x, lw, out, norm_weight=g, config=cfg)
-        assert rel(out, reference(x, lw, norm=g) + lw.bias.double()) < 2e-3, cfg
-        res = torch.randn(n).half()
-        want = reference(x, plain, residual=res)
-        gemv(x, plain, res, residual=res, config=cfg)
-        assert rel(res, want) < 2e-3, cfg
-        up = torch.full((n // 2,), float("nan"), dtype=torch.float16)
-        gemv(x, plain, up, norm_weight=g, swiglu=True, config=cfg)
-        assert rel(up, reference(x, plain, norm=g, swiglu=True)) < 2e-3, cfg
-        state, token = int8_gemv.new_argmax_state("cpu"), torch.zeros(1, dtype=torch.int64)
-        gemv(x, plain, out, config=cfg, argmax=state)
-        int8_gemv.pick_token(state, token, None, bad_token=0)
-        assert int(token) == int(out.float().argmax()), cfg
+        check_each_epilogue(x, g, lw, plain, cfg)
     assert len(ran) == 8
