@@ -3,7 +3,8 @@ bitsandbytes' dequantized weight at ChatGLM2-6B's qkv, fc1 (the norm and SwiGLU)
 activation rows, both table kinds; the one-row one (backend/kernels/persistent_gemv.py) on int8 weights against
 fp16 rows (against the weight times its scale) and on bf16 weights, at qkv (the norm, the bias), dense (the
 residual in place), fc1 and fc2, and the output layer with the greedy pick (bf16); and at two rows (gemv_rows'
-persistent tiles, compare's) at qkv, fc1 and fc2. Run first in a device
+persistent tiles, compare's) at qkv, fc1 and fc2; tiles that ask L2 for blocks ahead (kernels/l2_prefetch.py) too.
+Run first in a device
 call that tunes with them: a kernel that faults there (a misaligned load, say) would otherwise take the tuning
 process's CUDA context with it (bench/NOTES.md run 55).
 
@@ -65,7 +66,7 @@ def check_4bit(rows_list: list[int]) -> bool:
                 torch.cuda.synchronize()
                 err = max(((out[m].float() - want[m]).norm() / want[m].norm()).item() for m in range(rows))
                 if not report(f"N {n} K {k} rows {rows} lut {cfg.lut} block_n {cfg.block_n} warps {cfg.num_warps} "
-                              f"programs/SM {cfg.programs_per_sm}", err):
+                              f"programs/SM {cfg.programs_per_sm} L2 ahead {cfg.l2_ahead}", err):
                     return False
     return True
 
@@ -82,7 +83,8 @@ def check_one_row(weights: str) -> bool:
         lw, ref_w = LinearWeights(q, scale, bias), q.float() * (scale[:, None] if scale is not None else 1)
         x, g = torch.randn(k, device="cuda").to(dtype), (1 + 0.1 * torch.randn(k, device="cuda")).to(dtype)
         for cfg in persistent_candidates(weights):
-            what = f"{weights} {name} block_p {cfg.block_p} warps {cfg.num_warps} programs/SM {cfg.programs_per_sm}"
+            what = (f"{weights} {name} block_p {cfg.block_p} warps {cfg.num_warps} programs/SM {cfg.programs_per_sm} "
+                    f"L2 ahead {cfg.l2_ahead}")
             if name in ("qkv", "fc1", "output"):
                 out = torch.empty(n // 2 if name == "fc1" else n, device="cuda", dtype=dtype)
                 state = new_argmax_state("cuda") if name == "output" else None
@@ -113,7 +115,7 @@ def check_two_rows(weights: str) -> bool:
         x, g = torch.randn(2, k, device="cuda").to(dtype), (1 + 0.1 * torch.randn(k, device="cuda")).to(dtype)
         for cfg in persistent_configs(weights == "int8", 2, dtype):
             what = (f"{weights} two rows {name} block_p {cfg.block_n} warps {cfg.num_warps} "
-                    f"programs/SM {cfg.programs_per_sm}")
+                    f"programs/SM {cfg.programs_per_sm} L2 ahead {cfg.l2_ahead}")
             if name == "fc2":
                 out = torch.randn(2, n, device="cuda").to(dtype)
                 want = out.float() + x.float() @ ref_w.T

@@ -209,7 +209,7 @@ persistent)
     grep -a '"chat", "greedy": true\|"compare"' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-170
   done
   for d in "$GLMCHAT_CACHE_DIR" /tmp/glmcache-off; do
-    python3 -c "import json,glob,sys; [print(sys.argv[1], k, {a: tuple(c.get(f) for f in ('kernel', 'block_n', 'block_p', 'block_k', 'num_warps', 'programs_per_sm', 'prefetch')) for a, c in v.items() if a != '_among'}) for f in glob.glob(sys.argv[1] + '/kernel-tuning/*.json') for k, v in json.load(open(f))['configs'].items() if k.startswith('one_row_step:nf4')]" "$d"
+    python3 -c "import json,glob,sys; [print(sys.argv[1], k, {a: tuple(c.get(f) for f in ('kernel', 'block_n', 'block_p', 'block_k', 'num_warps', 'programs_per_sm', 'prefetch', 'l2_ahead')) for a, c in v.items() if a != '_among'}) for f in glob.glob(sys.argv[1] + '/kernel-tuning/*.json') for k, v in json.load(open(f))['configs'].items() if k.startswith('one_row_step:nf4')]" "$d"
   done
   [ "${PART:-ab}" = ab ] && exit 0
   timeout 240 python3 bench/ablate_one_row_step.py --model /tmp/glm6b --quantization 4bit --splits 16 \

@@ -1,11 +1,12 @@
 """A small emulator of the PTX instructions ``backend/kernels/packed_products.py`` emits, vectorized over NumPy
-arrays, and a hook that lets Triton's interpreter run that inline assembly through it.
+arrays, and a hook that lets Triton's interpreter run that inline assembly through it. ``l2_prefetch``'s prefetches
+change nothing; the emulator records their addresses (``PREFETCHED``) for the tests to check.
 
 Why: Triton's interpreter cannot run inline assembly, so without this the kernels that multiply packed weights two
 at a time (the int8 GEMV's CVT 3, the words kernel's register table) were checked only on a GPU. With
 ``interpreted_inline_ptx`` a CPU test runs those kernels whole, their loops, masks and epilogues included.
 
-Registers hold uint32 arrays (``.f32`` results: float32 arrays). The 16-bit lanes are rounded as the GPU rounds
+Registers hold uint32 arrays (``.f32`` results: float32 arrays; 64-bit operands, the prefetches' addresses: uint64). The 16-bit lanes are rounded as the GPU rounds
 them (once a product-and-add, in the lane's type).
 """
 
@@ -60,6 +61,9 @@ def _lop3(a: np.ndarray, b: np.ndarray, c: np.ndarray, lut: int) -> np.ndarray:
     return out
 
 
+PREFETCHED: list[np.ndarray] = []  # the addresses each emulated prefetch asked for, in order
+
+
 def _f32(v: np.ndarray) -> np.ndarray:
     return v if v.dtype == np.float32 else _u32(v).view(np.float32)
 
@@ -89,8 +93,9 @@ def _declare_shared(line: str) -> None:
 
 def run_ptx(text: str, operands: dict[str, object]) -> dict[str, np.ndarray]:
     """Execute the instructions packed_products emits over arrays (operands: ``$n`` -> int or array)."""
-    regs: dict[str, np.ndarray] = {k: (v if isinstance(v, np.ndarray) and v.dtype == np.float32 else _u32(v))
-                                   for k, v in operands.items()}
+    regs: dict[str, np.ndarray] = {
+        k: (v if isinstance(v, np.ndarray) and v.dtype in (np.float32, np.uint64) else _u32(v))
+        for k, v in operands.items()}
 
     def val(t: str) -> np.ndarray:
         if t in _SHARED:
@@ -109,6 +114,9 @@ def run_ptx(text: str, operands: dict[str, object]) -> dict[str, np.ndarray]:
         op, rest = line.split(None, 1)
         args = [a.strip() for a in re.split(r",(?![^{]*})", rest)]
         dst = args[0]
+        if op == "prefetch.global.L2":
+            PREFETCHED.append(np.array(val(dst.strip("[]")), dtype=np.uint64).reshape(-1))
+            continue
         if op == "st.shared.b32":
             words, index = _shared_access(np.broadcast_to(val(dst.strip("[]")), np.shape(val(args[1]))))
             words[index] = val(args[1])
@@ -191,9 +199,10 @@ def _inline_asm(self, asm, constraints, values, types, is_pure, pack):
     outputs = [c for c in constraints.split(",") if c.startswith("=")]
     shape = np.broadcast(*(v.data for v in values)).shape
     operands = {}
-    for i, v in enumerate(values):  # "r" operands: a 32-bit value's bits as they are, a narrower integer widened
-        data = np.broadcast_to(v.data, shape)
-        operands[f"${len(outputs) + i}"] = data.view(np.uint32) if data.dtype.itemsize == 4 else _u32(data)
+    for i, v in enumerate(values):  # "r" operands: a 32-bit value's bits as they are, a narrower integer widened;
+        data = np.broadcast_to(v.data, shape)  # "l" ones (pointers): 64 bits
+        operands[f"${len(outputs) + i}"] = (data.view(np.uint32) if data.dtype.itemsize == 4
+                                            else data.astype(np.uint64) if data.dtype.itemsize == 8 else _u32(data))
     regs = run_ptx(asm, operands)
     results = []
     for i, (con, ty) in enumerate(zip(outputs, types)):

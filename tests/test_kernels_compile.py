@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -41,7 +42,12 @@ MATMUL_TYPES = {"a_ptr": ACT, "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": 
 
 
 def compile_for(fn, types: dict, consts: dict, arch: int, warps: int = 4, stages: int = 3):
-    """Compile ``fn`` for sm_``arch``: pointers and other integers divisible by 16, as the decoder's are."""
+    """Compile ``fn`` for sm_``arch``: pointers and other integers divisible by 16, as the decoder's are; its PTX."""
+    return compile_kernel(fn, types, consts, arch, warps, stages).asm["ptx"]
+
+
+def compile_kernel(fn, types: dict, consts: dict, arch: int, warps: int = 4, stages: int = 3):
+    """``compile_for``'s compiled kernel (its PTX, cubin and metadata)."""
     names = fn.arg_names
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -55,7 +61,7 @@ def compile_for(fn, types: dict, consts: dict, arch: int, warps: int = 4, stages
             pytest.skip(f"Triton cannot run ptxas here: {err}")
         raise
     assert kernel.metadata.shared <= SHARED_LIMIT[arch], (fn.__name__, consts, kernel.metadata.shared)
-    return kernel.asm["ptx"]
+    return kernel
 
 
 def byte_loads(ptx: str) -> int:
@@ -255,6 +261,43 @@ def loop_bodies(ptx: str) -> list[str]:
     return bodies
 
 
+def loop_sass(kernel) -> list[str]:
+    """The SASS instructions of the kernel's longest loop (a label to the last branch back to it), by the nvdisasm
+    that ships with Triton; skips where there is none."""
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(tool):  # pragma: no cover - a Triton wheel without the CUDA tools
+        pytest.skip("this Triton has no nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    items = []  # ("label", name) or ("op", instruction)
+    for line in text.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line)
+        op = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line)
+        if label or op:
+            items.append(("label", label.group(1)) if label else ("op", op.group(1)))
+    loops = []
+    for i, (kind, name) in enumerate(items):
+        back = [j for j in range(i + 1, len(items)) if items[j][0] == "op" and f"`({name})" in items[j][1]]
+        if kind == "label" and back:
+            loops.append([v for k, v in items[i:back[-1] + 1] if k == "op"])
+    return max(loops, key=len) if loops else []
+
+
+def prefetches_lead_the_loads(kernel) -> bool:
+    """Whether, in the SASS of the kernel's loop over blocks, every L2 prefetch (``CCTL.E.PF2``) comes before the
+    next block's 16-byte weight loads, which ptxas places after the products (l2_prefetch's docstring)."""
+    body = loop_sass(kernel)
+    prefetches = [i for i, op in enumerate(body) if "CCTL.E.PF2" in op]
+    loads = [i for i, op in enumerate(body) if re.match(r"(@!?P\d+\s+)?LDG\.E\.128\b", op)]
+    return bool(prefetches) and bool(loads) and max(prefetches) < min(loads)
+
+
 def vector_pair_loads(ptx: str) -> bool:
     """Whether the loop of packed products (the one with byte permutes) loads 32-bit values 16 bytes at a time
     (``packed_products.word_pairs``: a word's four activation pairs in one load, not four)."""
@@ -361,71 +404,83 @@ def test_the_persistent_gemv_reads_four_words_a_load(arch, pdl, fmt, monkeypatch
     """quant_persistent's tiles (one and two activation rows) compile for every card we support, as qkv (the norm),
     fc1 (SwiGLU) and fc2 (K padded to a power of two) would run them; inside the loop over row blocks each thread
     reads its 4 words of a row as one 16-byte load, and the activations are not read again (they were loaded once,
-    before the loop)."""
+    before the loop). Tiles with L2 prefetch (``l2_ahead``) ask for each of the thread's 16-byte groups of a block
+    once an iteration (and NF4's absmax, one prefetch a thread a row set), and on Hopper the SASS keeps those
+    prefetches ahead of the next block's loads."""
     from backend.kernels import quant_persistent as P
 
     monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")  # (the tiles not yet on by default too)
     act = "*fp16" if arch == 75 else "*bf16"
     types = dict(QUANT_TYPES, pairs_ptr="*i32", x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
                  res_ptr=act, out_ptr=act)
-    tiles = {(c.block_n, c.num_warps, c.lut, c.block_m) for m in (1, 2) for swiglu in (False, True)
+    tiles = {(c.block_n, c.num_warps, c.lut, c.block_m, c.l2_ahead) for m in (1, 2) for swiglu in (False, True)
              for c in Q.candidate_configs(fmt, m, swiglu) if c.kernel == "persistent"}
-    assert {t[3] for t in tiles} == {1, 2}
+    assert {t[3] for t in tiles} == {1, 2} and {t[4] for t in tiles} == {0, 2, 4}
     if arch != 90:  # (every tile on Hopper; one a table kind and row count elsewhere, to keep the test short)
-        tiles = {t for t in tiles if t[:2] == (2, 4)}
+        tiles = {t for t in tiles if t[:2] == (2, 4) and t[4] in (0, 2)}
     for k, swiglu, norm in ((4096, False, True), (4096, True, True), (13696, False, False)):
-        for block_n, warps, lut, rows in sorted(tiles):
+        for block_n, warps, lut, rows, ahead in sorted(tiles):
             consts = dict(NORM=norm, FMT=Q._FMT_ID[fmt], LUT=lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 32,
                           BS2=256, HAS_SCALE=fmt != "nf4", SWIGLU=swiglu, X_KIND=2 if arch == 75 else 1,
                           ROW_SCALE2=fmt == "nf4" and k == 4096, ROWS=rows, BLOCK_N=block_n,
-                          KW_PAD=1 << (k // 8 - 1).bit_length(), PDL=pdl, K=k)
-            ptx = compile_for(P._persistent_kernel, types, consts, arch, warps=warps, stages=1)
-            loops = loop_bodies(ptx)
+                          KW_PAD=1 << (k // 8 - 1).bit_length(), PDL=pdl, K=k, PREFETCH=ahead)
+            kernel = compile_kernel(P._persistent_kernel, types, consts, arch, warps=warps, stages=1)
+            loops = loop_bodies(kernel.asm["ptx"])
             assert len(loops) == 1, (k, block_n, warps)
             words = re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", loops[0])  # a thread's share of the block's words
             share = max(1, block_n * consts["KW_PAD"] // 4 // (32 * warps)) * (2 if swiglu else 1)
             assert len(words) == share, (k, block_n, warps, swiglu)
+            asked = share + ((2 if swiglu else 1) if fmt == "nf4" else 0)  # (the words; NF4's absmax, a row set's)
+            assert len(re.findall(r"prefetch\.global\.L2", loops[0])) == (asked if ahead else 0), (k, block_n, ahead)
+            if ahead and arch == 90:
+                assert prefetches_lead_the_loads(kernel), (k, block_n, warps, swiglu, rows, ahead)
 
 
 @pytest.mark.parametrize("arch,pdl", TARGETS)
 @pytest.mark.parametrize("weights", ["int8", "float"])
-def test_the_one_row_persistent_gemv_reads_16_bytes_a_load(arch, pdl, weights):
+def test_the_one_row_persistent_gemv_reads_16_bytes_a_load(arch, pdl, weights, monkeypatch):
     """persistent_gemv's tiles (decode/one_row_tuning.PERSISTENT_TILES: int8 against fp16 rows, on every card the
     8-bit model runs; 16-bit weights, bf16 or fp16 where a card has no bf16) compile as qkv (the norm, the bias, rotary
     with the cache write), fc1 (SwiGLU), fc2 (K padded to a power of two, the residual) and the output layer (the
     greedy pick) run them, and at two rows (gemv_rows' tiles: fc1, fc2): inside the loop over blocks each thread reads
-    its weights of a row 16 bytes at a time, and the activations are not read again (loaded once, before the loop)."""
-    from backend.decode.one_row_tuning import PERSISTENT_TILES
+    its weights of a row 16 bytes at a time, and the activations are not read again (loaded once, before the loop).
+    Tiles with L2 prefetch ask for each of those 16-byte groups once an iteration, ahead of the next block's loads."""
+    from backend.decode.one_row_tuning import persistent_candidates
     from backend.kernels import persistent_gemv as P
-    from backend.kernels.gemv_rows import PERSISTENT_ROWS_TILES
+    from backend.kernels.gemv_rows import persistent_configs
+
+    monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")  # (the tiles not yet on by default too)
 
     act = "*bf16" if weights == "float" and arch != 75 else ACT
     types = {"x_ptr": "*i32" if weights == "int8" else act, "w_ptr": "*i8" if weights == "int8" else act,
              "scale_ptr": "*fp32", "bias_ptr": act, "norm_ptr": act, "res_ptr": act, "out_ptr": act,
              "k_cache_ptr": act, "v_cache_ptr": act, "pos_ptr": "*i64", "prefix_ptr": "*i64", "inv_freq_ptr": "*fp32",
              "best_ptr": "*i64", "eps": "fp32", "pos_divisor": "fp32"}
-    tiles = sorted({(bp, warps) for bp, warps, _ in PERSISTENT_TILES[weights]})
-    if arch != 90:  # (every tile on Hopper; one elsewhere, to keep the test short)
-        tiles = tiles[:1]
+    tiles = sorted({(c.block_p, c.num_warps, c.l2_ahead) for c in persistent_candidates(weights)})
+    two_rows = sorted({(c.block_n, c.num_warps, c.l2_ahead) for c in persistent_configs(weights == "int8", 2,
+                                                                                        torch.float16)})
+    assert {t[2] for t in tiles} == {t[2] for t in two_rows} == {0, 2, 4}
+    if arch != 90:  # (every tile on Hopper; one, and one with prefetch, elsewhere, to keep the test short)
+        tiles, two_rows = ([t for t in ts if t[2] == 0][:1] + [t for t in ts if t[2]][:1] for ts in (tiles, two_rows))
     group = 16 if weights == "int8" else 8
-    two_rows = sorted({(bp, warps) for bp, warps, _ in PERSISTENT_ROWS_TILES[weights]})
-    if arch != 90:
-        two_rows = two_rows[:1]
     cases = [(k, epilogue, norm, residual, argmax, 1, tiles)
              for k, epilogue, norm, residual, argmax in ((4096, 2, True, False, False), (4096, 1, True, False, False),
                                                          (13696, 0, False, True, False), (4096, 0, True, False, True))]
     cases += [(4096, 1, True, False, False, 2, two_rows), (13696, 0, False, True, False, 2, two_rows)]  # (gemv_rows')
     for k, epilogue, norm, residual, argmax, rows, row_tiles in cases:
-        for block_p, warps in row_tiles:
+        for block_p, warps, ahead in row_tiles:
             consts = dict(HEAD_DIM=128, ROT_PAIRS=32, ROPE_ROUND=1, SLOT_FROM_PREFIX=True, BLOCK_P=block_p,
                           G_PAD=1 << (k // group - 1).bit_length(), W_INT8=weights == "int8", NORM=norm,
                           HAS_BIAS=epilogue == 2, RESIDUAL=residual, EPILOGUE=epilogue, PDL=pdl and rows == 1,
-                          ARGMAX=argmax, K=k, ROWS=rows)
-            ptx = compile_for(P._persistent_kernel, types, consts, arch, warps=warps, stages=1)
-            loops = loop_bodies(ptx)  # the products' loop: the one with the weight loads (rotary's have none)
+                          ARGMAX=argmax, K=k, ROWS=rows, PREFETCH=ahead)
+            kernel = compile_kernel(P._persistent_kernel, types, consts, arch, warps=warps, stages=1)
+            loops = loop_bodies(kernel.asm["ptx"])  # the products' loop: the one with the weight loads
             loop = max(loops, key=lambda body: len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.b(?:64|32)", body)))
             vector = r"ld\.global(?:\.\w+)*\.v2\.b64" if weights == "int8" else r"ld\.global(?:\.\w+)*\.v4\.b32"
             share = max(1, 2 * block_p * consts["G_PAD"] // (32 * warps))  # a thread's 16-byte loads a block
             assert len(re.findall(vector, loop)) == share, (k, block_p, warps)
+            assert len(re.findall(r"prefetch\.global\.L2", loop)) == (share if ahead else 0), (k, block_p, ahead)
+            if ahead and arch == 90:
+                assert prefetches_lead_the_loads(kernel), (k, block_p, warps, rows, ahead)
             if weights == "int8":  # (x: int32 pairs, 16 bytes a load, once before the loop)
                 assert not re.search(r"ld\.global(?:\.\w+)*\.v4\.b32", loop), (k, block_p, warps)

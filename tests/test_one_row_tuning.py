@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from backend.decode import one_row_tuning as T
+from backend.kernels import tuning
 from backend.kernels.int8_gemv import GemvConfig
 
 
@@ -74,8 +75,9 @@ def test_an_8bit_models_output_layer_keeps_the_16_bit_tiles_and_candidates():
 
 def test_the_one_row_persistent_tiles_are_candidates_only_when_asked_for(monkeypatch):
     """persistent_gemv's tiles join the descent's int8 (with fp16 products) and 16-bit candidates under
-    GLMCHAT_PERSISTENT_GEMV=all only (not yet run on a GPU), as does NF4's 8-row block: by default the candidates, and
-    so the digest a card's stored tiles were picked among, are those before them."""
+    GLMCHAT_PERSISTENT_GEMV=all only (not yet run on a GPU), as do NF4's 8-row block and the tiles that ask L2 for
+    blocks ahead (kernels/l2_prefetch.py; on a GPU: outside Triton's interpreter): by default the candidates, and so
+    the digest a card's stored tiles were picked among, are those before them."""
     import types
 
     from backend.kernels import packed_products
@@ -90,20 +92,30 @@ def test_the_one_row_persistent_tiles_are_candidates_only_when_asked_for(monkeyp
     decoder = types.SimpleNamespace(layers=[layer], output=lin(False, (100, 32)), dtype=torch.float16)
     monkeypatch.delenv("GLMCHAT_PERSISTENT_GEMV", raising=False)
     default = T.candidates_for(decoder)
-    assert not any(c.programs_per_sm for cands in default.values() for c in cands)
+    assert not any(c.programs_per_sm or c.l2_ahead for cands in default.values() for c in cands)
     monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")
     asked = T.candidates_for(decoder)
     for kind, cands in asked.items():
         extra = [c for c in cands if c.programs_per_sm]
-        assert cands[: len(default[kind])] == default[kind] and len(extra) == 6, kind
+        assert cands[: len(default[kind])] == default[kind] and len(extra) == 6 + 4, kind
         assert all(c.cvt == (2 if kind == "output" else 3) and c.block_k == 0 for c in extra), kind
+        assert sorted(c.l2_ahead for c in extra) == [0] * 6 + [2, 2, 4, 4], kind
+    shown = extra[-1]  # (the tuning log shows the fields the digests leave out)
+    assert "l2_ahead" not in repr(shown) and tuning.describe(shown).endswith("programs_per_sm=2, l2_ahead=4)")
     assert T.candidates_for(decoder) != default
     from backend.kernels.gemv_4bit import candidate_configs  # NF4's 8-row persistent block, one row only
 
     eight = [c for c in candidate_configs("nf4", 1, False) if c.kernel == "persistent" and c.block_n == 8]
     assert eight and not [c for c in candidate_configs("nf4", 2, False) if c.block_n == 8 and c.kernel == "persistent"]
+    for rows in (1, 2):  # NF4's prefetching tiles: the shared table's, at one and two rows
+        ahead = [c for c in candidate_configs("nf4", rows, True) if c.kernel == "persistent" and c.l2_ahead]
+        assert len(ahead) == 4 and all(c.lut == 4 for c in ahead), rows
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the interpreter cannot run the prefetches' inline PTX)
+    assert not [c for c in T.candidates_for(decoder)["qkv"] if c.l2_ahead]
+    monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.delenv("GLMCHAT_PERSISTENT_GEMV")
     assert not [c for c in candidate_configs("nf4", 1, False) if c.kernel == "persistent" and c.block_n == 8]
+    assert not [c for rows in (1, 2) for c in candidate_configs("nf4", rows, True) if c.l2_ahead]
 
 
 def _four_bit_decoder(dtype=torch.bfloat16):

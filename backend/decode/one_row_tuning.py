@@ -27,7 +27,7 @@ import torch
 
 from ..kernels.gemv_4bit import QuantLinearConfig, candidate_configs
 from ..kernels.int8_gemv import GemvConfig, default_gemv_config
-from ..kernels import packed_products, tuning, untested_persistent_tiles
+from ..kernels import l2_prefetch, packed_products, tuning, untested_persistent_tiles
 
 # a kind's tile: the one-row GEMV's (int8, 16-bit), quant_linear's (4-bit), or None (4-bit: quant_linear's own pick)
 Tile = Optional[Union[GemvConfig, QuantLinearConfig]]
@@ -130,15 +130,24 @@ PERSISTENT_TILES = {
     "int8": ((1, 4, 4), (2, 4, 4), (1, 8, 2), (2, 8, 2), (2, 8, 1), (4, 4, 2)),
     "float": ((1, 4, 3), (2, 4, 2), (1, 8, 2), (1, 8, 4), (2, 8, 2), (1, 8, 1)),
 }
+# those also tried with blocks asked of L2 ahead (kernels/l2_prefetch.py): tiles that spill at none of the four
+# linears (registers as above: prefetches hold none)
+PREFETCHING_TILES = {"int8": ((1, 4, 4), (1, 8, 2)), "float": ((1, 8, 2), (1, 8, 4))}
 
 
 def persistent_candidates(weights: str) -> list[GemvConfig]:
     """The persistent kernel's tiles for "int8" (fp16 products, CVT 3) or "float" weights, where offered
-    (``kernels.untested_persistent_tiles``: not yet by default)."""
+    (``kernels.untested_persistent_tiles``: not yet by default); then, on a GPU, ``PREFETCHING_TILES`` with blocks
+    asked of L2 2 or 4 blocks ahead."""
     if not untested_persistent_tiles():
         return []
-    return [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=3 if weights == "int8" else 2, programs_per_sm=p)
-            for bp, w, p in PERSISTENT_TILES[weights]]
+    cvt = 3 if weights == "int8" else 2
+    tiles = [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=cvt, programs_per_sm=p)
+             for bp, w, p in PERSISTENT_TILES[weights]]
+    if l2_prefetch.tried():
+        tiles += [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=cvt, programs_per_sm=p, l2_ahead=ahead)
+                  for bp, w, p in PREFETCHING_TILES[weights] for ahead in (2, 4)]
+    return tiles
 
 
 def candidates_for(decoder) -> dict[str, list]:
@@ -211,13 +220,15 @@ def descend(start: dict[str, Tile], candidates: dict[str, list], measure: Callab
                 run = measure(trial)
                 times = [(run(), best_run()) for _ in range(rounds)]
             except WrongResult as exc:
-                log.warning("one-row tuning: %s %s computes a different step on this card, not used: %s", kind, cand, exc)
+                log.warning("one-row tuning: %s %s computes a different step on this card, not used: %s", kind,
+                            tuning.describe(cand), exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - out of resources on this card: not a candidate here
-                log.info("one-row tuning: %s %s failed: %s", kind, cand, exc)
+                log.info("one-row tuning: %s %s failed: %s", kind, tuning.describe(cand), exc)
                 continue
             t_cand, t_best = (statistics.median(t) for t in zip(*times))
-            log.debug("one-row tuning: %s %s: %.4f ms, the best so far %.4f", kind, cand, t_cand, t_best)
+            log.debug("one-row tuning: %s %s: %.4f ms, the best so far %.4f", kind, tuning.describe(cand), t_cand,
+                      t_best)
             if t_cand < t_best * (1 - keep_gain):
                 best, best_run = trial, run
     return best
@@ -267,6 +278,6 @@ def tune(decoder, measure: Callable[[dict], Callable[[], float]]) -> dict[str, T
     winners = {k: asdict(c) for k, c in best.items() if c is not None}  # (None: quant_linear's own pick)
     tuning.store(tuning.cache_file(decoder.device), tuning_key(decoder),
                  {**winners, "_among": tuning.candidates_digest(candidates.items())})
-    changed = {k: c for k, c in best.items() if c != start[k]}
+    changed = {k: tuning.describe(c) for k, c in best.items() if c != start[k] and c is not None}
     log.info("one-row step tuned on %s: %s", decoder.device, changed or "the defaults")
     return best

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from . import packed_products, persistent_gemv, quant_words, tuning, untested_persistent_tiles, x_pass_width
+from . import (l2_prefetch, packed_products, persistent_gemv, quant_words, tuning, untested_persistent_tiles,
+               x_pass_width)
 from .gemv_4bit import HAVE_TRITON, QuantizedWeight, QuantLinearConfig, int8_weight
 
 if TYPE_CHECKING:
@@ -212,6 +213,8 @@ class RowsGemvConfig:
     # kernels/persistent_gemv.py at two rows (block_n row pairs a block, programs_per_sm programs an SM);
     # "other": the caller's other path (the int8 matmul, or cuBLAS) ran faster
     programs_per_sm: int = field(default=0, repr=False)  # (out of repr, as int8_gemv.GemvConfig's)
+    # persistent: blocks asked of L2 this far ahead of their loads (kernels/l2_prefetch.py; 0: none)
+    l2_ahead: int = field(default=0, repr=False)
 
 
 def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
@@ -252,14 +255,21 @@ def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
 # 82-173); fc2's K 13696 needs 8 warps and one program an SM for int8 (153), and spills at 16 bits
 PERSISTENT_ROWS_TILES = {"int8": ((1, 4, 4), (2, 4, 2), (1, 8, 2), (2, 8, 2), (1, 8, 1)),
                          "float": ((1, 4, 2), (1, 8, 2), (2, 8, 1), (1, 8, 1))}
+# those also tried with blocks asked of L2 ahead (kernels/l2_prefetch.py), where no linear spills
+PREFETCHING_ROWS_TILES = {"int8": ((1, 4, 4), (1, 8, 2)), "float": ((1, 8, 2),)}
 
 
 def persistent_configs(int8: bool, m: int, dtype: torch.dtype) -> list[RowsGemvConfig]:
-    """persistent_gemv's tiles for two rows (int8 weights against fp16 rows, or 16-bit weights), where offered."""
+    """persistent_gemv's tiles for two rows (int8 weights against fp16 rows, or 16-bit weights), where offered; then,
+    on a GPU, ``PREFETCHING_ROWS_TILES`` with blocks asked of L2 2 or 4 blocks ahead."""
     if m != 2 or not untested_persistent_tiles() or (int8 and dtype != torch.float16):
         return []
-    return [RowsGemvConfig(bp, 0, w, kernel="persistent", programs_per_sm=p)
-            for bp, w, p in PERSISTENT_ROWS_TILES["int8" if int8 else "float"]]
+    kind = "int8" if int8 else "float"
+    tiles = [RowsGemvConfig(bp, 0, w, kernel="persistent", programs_per_sm=p) for bp, w, p in PERSISTENT_ROWS_TILES[kind]]
+    if l2_prefetch.tried():
+        tiles += [RowsGemvConfig(bp, 0, w, kernel="persistent", programs_per_sm=p, l2_ahead=ahead)
+                  for bp, w, p in PREFETCHING_ROWS_TILES[kind] for ahead in (2, 4)]
+    return tiles
 
 
 def takes(x: torch.Tensor, lw: Optional[LinearWeights]) -> bool:
@@ -334,7 +344,7 @@ def _launch(x, lw: LinearWeights, out, norm_weight, residual, eps, swiglu, cfg: 
     if cfg.kernel == "persistent":
         if persistent_gemv.usable_rows(x, lw):
             persistent_gemv.launch_rows(x, lw, out, norm_weight, residual, eps, swiglu, cfg.block_n,
-                                        cfg.programs_per_sm, cfg.num_warps)
+                                        cfg.programs_per_sm, cfg.num_warps, cfg.l2_ahead)
             return out if rope is None else rope.after(out)
         cfg = RowsGemvConfig()  # (tuned on aligned scratch rows; these are not)
     if cfg.kernel == "words":

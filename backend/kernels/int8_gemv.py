@@ -279,6 +279,8 @@ class GemvConfig:
     # it cannot read takes the tiled kernel at the default block_k). Out of repr, which the tuning digests hash: the
     # tiles a card picked before this field existed stay valid
     programs_per_sm: int = field(default=0, repr=False)
+    # persistent: blocks asked of L2 this far ahead of their loads (kernels/l2_prefetch.py; 0: none)
+    l2_ahead: int = field(default=0, repr=False)
 
 
 # Measured on an H100 inside the captured step (bench/explore_gemv.py, bench/NOTES.md run 5): a GEMV's time
@@ -348,7 +350,7 @@ def gemv(
     n_pairs = shape_args[1]
     if persistent:
         persistent_gemv.launch(x, w, pointers, shape_args, meta, cfg.block_p, cfg.programs_per_sm, cfg.num_warps,
-                               pdl)
+                               pdl, cfg.l2_ahead)
         return out
     _gemv_kernel[(triton.cdiv(n_pairs, cfg.block_p),)](
         *pointers, *shape_args, **meta, BLOCK_P=cfg.block_p, BLOCK_K=cfg.block_k, W_INT8=lw.is_int8, CVT=cfg.cvt,

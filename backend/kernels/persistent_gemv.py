@@ -5,17 +5,18 @@ weights (the bf16 model; the 8-bit model's output layer). Offered by the tuners 
 ``kernels.untested_persistent_tiles`` until a GPU has run it.
 
 Why: ``int8_gemv``'s kernel runs one short program per few weight rows (int8 qkv at 2 row pairs a program: 1152
-programs), and each loads the activation row and the norm weight again (as many bytes as an int8 program's
-weights, from L2) and makes the norm's sum of squares in a pass of its own at its end. On an H100 int8 qkv and
-dense ran at ~62% of the bandwidth bound inside the step while fc1 and fc2 ran at 81-101% (bench/NOTES.md run 35);
-on an H200 every one-row step is further from its bound, as each kernel's start and end weigh more there (run 48).
-Here, as in ``quant_persistent`` (which took NF4 chat on an H100 from 42% to 55.5% of its bound), a few programs an
-SM each load the row once (times the norm weight; its sum of squares once), keep it in registers in the weight
-tile's layout, and loop over blocks of row pairs: a block is a whole row of K for each of its weight rows, 16
-bytes a thread at a time, and the next block's weights are asked for before this block's products. With two rows
-both stay in registers and each weight is widened once for both. The epilogue is ``int8_gemv``'s
-(``pair_epilogue.finish_pairs``): the bias, the residual, SwiGLU, and at one row rotary with the cache write and
-the greedy pick.
+programs), and each loads the activation row and the norm weight again (as many bytes as an int8 program's weights,
+from L2) and makes the norm's sum of squares in a pass of its own at its end. On an H100 int8 qkv and dense ran at
+~62% of the bandwidth bound inside the step while fc1 and fc2 ran at 81-101% (bench/NOTES.md run 35); on an H200
+every one-row step is further from its bound, as each kernel's start and end weigh more there (run 48). Here, as in
+``quant_persistent`` (which took NF4 chat on an H100 from 42% to 55.5% of its bound), a few programs an SM each load
+the row once (times the norm weight; its sum of squares once), keep it in registers in the weight tile's layout, and
+loop over blocks of row pairs: a block is a whole row of K for each of its weight rows, 16 bytes a thread at a time,
+and the next block's weights are asked for before this block's products in the source (ptxas issues those loads
+after them; tiles with ``l2_ahead`` ask L2 for blocks further ahead: ``l2_prefetch``). With two rows both stay in
+registers and each weight is widened once for both. The epilogue is ``int8_gemv``'s
+(``pair_epilogue.finish_pairs``): the bias, the residual, SwiGLU, and at one row rotary with the cache write and the
+greedy pick.
 
 The whole of K is one tile, so its 16-byte groups round up to a power of two (fc2's 1712 int8 words to 2048: the
 padding is masked off and costs issue slots, not bytes).
@@ -31,6 +32,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .l2_prefetch import prefetch_l2
     from .pair_epilogue import finish_pairs
     from .packed_products import int8_dot, int8_dot2, masked_load
     from .quant_persistent import across_warps, across_warps4, words_index, x_words
@@ -78,6 +80,18 @@ if HAVE_TRITON:
         ma = mask_a[:, None, None] if mg is None else mask_a[:, None, None] & mg[None, :, None]
         mb = mask_b[:, None, None] if mg is None else mask_b[:, None, None] & mg[None, :, None]
         return masked_load(ptr + ra + idx, ma, 0), masked_load(ptr + rb + idx, mb, 0)
+
+    @triton.jit
+    def _prefetch_block(w_ptr, block, mg, N_PAIRS, ROW_STEP, B_OFF, N, K: tl.constexpr, BLOCK_P: tl.constexpr,
+                        G: tl.constexpr, W_INT8: tl.constexpr):
+        # block `block`'s rows a and b asked of L2 (l2_prefetch), one prefetch a 16-byte group; a row out of range,
+        # or a padding group, asks for row 0's or group 0's again (in bounds, already read)
+        _, row_a, row_b, mask_a, mask_b = _pairs(block, BLOCK_P, N_PAIRS, ROW_STEP, B_OFF, N)
+        g = (16 if W_INT8 else 8) * tl.arange(0, G)  # a group's first element
+        if mg is not None:
+            g = tl.where(mg, g, 0)
+        prefetch_l2(w_ptr + tl.where(mask_a, row_a, 0).to(tl.int64)[:, None] * K + g[None, :])
+        prefetch_l2(w_ptr + tl.where(mask_b, row_b, 0).to(tl.int64)[:, None] * K + g[None, :])
 
     @triton.jit
     def _x_float(x_ptr, norm_ptr, mg, BLOCK_P: tl.constexpr, G: tl.constexpr, NORM: tl.constexpr):
@@ -146,10 +160,11 @@ if HAVE_TRITON:
         HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, ROPE_ROUND: tl.constexpr, SLOT_FROM_PREFIX: tl.constexpr,
         BLOCK_P: tl.constexpr, G_PAD: tl.constexpr, W_INT8: tl.constexpr, NORM: tl.constexpr,
         HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr, PDL: tl.constexpr,
-        ARGMAX: tl.constexpr, ROWS: tl.constexpr,
+        ARGMAX: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         # program q: blocks q, q + programs, ... of BLOCK_P row pairs for ROWS (1 or 2: compare's; plain or SwiGLU
-        # epilogues only) activation rows at stride_xm; x_ptr: int8 weights' fp16 x as int32 pairs (stride in pairs)
+        # epilogues only) activation rows at stride_xm; x_ptr: int8 weights' fp16 x as int32 pairs (stride in pairs).
+        # PREFETCH: the blocks after the next one asked of L2 that many blocks ahead (0: none)
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
@@ -159,6 +174,8 @@ if HAVE_TRITON:
         n_blocks = tl.cdiv(N_PAIRS, BLOCK_P)
         # the first block's weights do not depend on the kernels ahead: asked for before the wait
         wa, wb = _block_weights(w_ptr, pid, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD, W_INT8)
+        for ahead in tl.static_range(1, PREFETCH + 1):  # (before the wait too: the weights are static data)
+            _prefetch_block(w_ptr, pid + ahead * programs, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD, W_INT8)
         if PDL:  # x, the residual, the cache, the position: written by the kernels ahead
             tl.extra.cuda.gdc_wait()
         x0, x1, x2, x3, xf, r = _activations(x_ptr, norm_ptr, mg, eps, K, BLOCK_P, G_PAD, W_INT8, NORM)
@@ -167,7 +184,11 @@ if HAVE_TRITON:
             z0, z1, z2, z3, zf, r_z = _activations(x_ptr + stride_xm, norm_ptr, mg, eps, K, BLOCK_P, G_PAD, W_INT8,
                                                    NORM)
         for block in range(pid, n_blocks, programs):
-            # the next block's loads go out before this block's products (masked off past the last block)
+            if PREFETCH > 0:
+                _prefetch_block(w_ptr, block + (PREFETCH + 1) * programs, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P,
+                                G_PAD, W_INT8)
+            # the next block's loads, written before this block's products (masked off past the last block); ptxas
+            # issues them after the products, hence PREFETCH (kernels/l2_prefetch.py)
             wa_n, wb_n = _block_weights(w_ptr, block + programs, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD,
                                         W_INT8)
             if ROWS == 2 and W_INT8:
@@ -193,15 +214,16 @@ if HAVE_TRITON:
 
 
 def launch(x, weight, pointers: tuple, shape_args: tuple, meta: dict, block_p: int, programs_per_sm: int,
-           num_warps: int, pdl: bool) -> None:
+           num_warps: int, pdl: bool, l2_ahead: int = 0) -> None:
     """Run the kernel for ``int8_gemv.gemv`` (one row x [K]): ``pointers`` (x, weight, scale, ... best) and
     ``shape_args`` (N, N_PAIRS, K, ..., pos_divisor) as its kernel takes them, ``meta`` its epilogue's constexprs;
-    ``block_p`` row pairs a block, ``programs_per_sm`` programs on each multiprocessor."""
-    _run(x, weight, pointers, shape_args + (0, 0, 0), meta, 1, block_p, programs_per_sm, num_warps, pdl)
+    ``block_p`` row pairs a block, ``programs_per_sm`` programs on each multiprocessor, blocks asked of L2
+    ``l2_ahead`` blocks ahead (kernels/l2_prefetch.py; 0: none)."""
+    _run(x, weight, pointers, shape_args + (0, 0, 0), meta, 1, block_p, programs_per_sm, num_warps, pdl, l2_ahead)
 
 
 def launch_rows(x, lw, out, norm_weight, residual, eps: float, swiglu: bool, block_p: int, programs_per_sm: int,
-                num_warps: int) -> torch.Tensor:
+                num_warps: int, l2_ahead: int = 0) -> torch.Tensor:
     """Two activation rows x [2, K] (compare's) for ``gemv_rows``: out = the residual (SwiGLU: none) plus
     silu(W[:F] y) * W[F:] y or W y, y = norm(x) per row, times the int8 row scale, plus the bias."""
     from .int8_gemv import kernel_args
@@ -210,7 +232,7 @@ def launch_rows(x, lw, out, norm_weight, residual, eps: float, swiglu: bool, blo
     pointers, shape_args, meta = kernel_args(x, lw, out, norm_weight, eps, res, swiglu, None, None)
     int8 = lw.weight.element_size() == 1
     strides = (x.stride(0) // 2 if int8 else x.stride(0), res.stride(0) if res is not None else 0, out.stride(0))
-    _run(x, lw.weight, pointers, shape_args + strides, meta, 2, block_p, programs_per_sm, num_warps, False)
+    _run(x, lw.weight, pointers, shape_args + strides, meta, 2, block_p, programs_per_sm, num_warps, False, l2_ahead)
     return out
 
 
@@ -223,7 +245,8 @@ def usable_rows(x: torch.Tensor, lw) -> bool:
             and usable(x[0], w))
 
 
-def _run(x, weight, pointers, shape_args, meta, rows: int, block_p, programs_per_sm, num_warps, pdl) -> None:
+def _run(x, weight, pointers, shape_args, meta, rows: int, block_p, programs_per_sm, num_warps, pdl,
+         l2_ahead) -> None:
     from .quant_persistent import multiprocessors
 
     n_pairs, k = shape_args[1], shape_args[2]
@@ -232,5 +255,5 @@ def _run(x, weight, pointers, shape_args, meta, rows: int, block_p, programs_per
     _persistent_kernel[(programs,)](
         x.view(torch.int32) if int8 else x, *pointers[1:], *shape_args, BLOCK_P=block_p,
         G_PAD=max(2, triton.next_power_of_2(k // (16 // weight.element_size()))), W_INT8=int8, PDL=pdl, ROWS=rows,
-        num_warps=num_warps, num_stages=1, **meta, **({"launch_pdl": True} if pdl else {}),
+        PREFETCH=l2_ahead, num_warps=num_warps, num_stages=1, **meta, **({"launch_pdl": True} if pdl else {}),
     )

@@ -2,19 +2,20 @@
 ``quant_linear``'s "persistent" kernel, a candidate of the one-row step's descent next to the words kernel
 (``quant_words``), and of its own tuner at one and two rows.
 
-Why: at one row the words kernel runs thousands of short programs (NF4 fc1: 6848 programs of 4 weight rows),
-and each one reads the activations again for every word it holds (a 16-byte load of x, and one of the norm
-weight, for every 4 bytes of weight), makes the norm's sum of squares over the whole row again, and ends in
-a cross-warp reduction. ncu counted 7.6-13.6 instructions issued a weight there, against ~3.6 for decoding
-and multiplying it (bench/NOTES.md runs 30 and 34). Here a few programs an SM each load the activation row
-once (times the norm weight, rounded as the other kernels round it; its 1/rms once), hold it in registers in
-the weight tile's layout, and loop over blocks of weight rows: a block is one [BLOCK_N, K/8] tile of words, a
-whole row of K at a time, and the next block's words are asked for before this block's products. The loop is
-then the words' loads, their absmax, the decode and products (``packed_products`` with 16-bit rows on a GPU: the
-register table, or the shared byte-pair table that a persistent program fills once; the 16-entry table otherwise),
-one row sum and the epilogue. With two activation rows (compare) both stay in registers and each word's looked-up
-weights serve both rows' products. On an H100 the tuners took it for every NF4 linear: NF4 chat went from 42% to
-55.5% of the bandwidth bound, compare from 535 to 625 tokens/s in all (bench/NOTES.md run 55).
+Why: at one row the words kernel runs thousands of short programs (NF4 fc1: 6848 programs of 4 weight rows), and
+each one reads the activations again for every word it holds (a 16-byte load of x, and one of the norm weight, for
+every 4 bytes of weight), makes the norm's sum of squares over the whole row again, and ends in a cross-warp
+reduction. ncu counted 7.6-13.6 instructions issued a weight there, against ~3.6 for decoding and multiplying it
+(bench/NOTES.md runs 30 and 34). Here a few programs an SM each load the activation row once (times the norm weight,
+rounded as the other kernels round it; its 1/rms once), hold it in registers in the weight tile's layout, and loop
+over blocks of weight rows: a block is one [BLOCK_N, K/8] tile of words, a whole row of K at a time, and the next
+block's words are asked for before this block's products in the source (ptxas issues those loads after them; tiles
+with ``l2_ahead`` ask L2 for blocks further ahead: ``l2_prefetch``). The loop is then the words' loads, their
+absmax, the decode and products (``packed_products`` with 16-bit rows on a GPU: the register table, or the shared
+byte-pair table that a persistent program fills once; the 16-entry table otherwise), one row sum and the epilogue.
+With two activation rows (compare) both stay in registers and each word's looked-up weights serve both rows'
+products. On an H100 the tuners took it for every NF4 linear: NF4 chat went from 42% to 55.5% of the bandwidth
+bound, compare from 535 to 625 tokens/s in all (bench/NOTES.md run 55).
 
 The whole of K is one tile, so K/8 rounds up to a power of two (fc2's 1712 words to 2048: its padding words are
 masked off and cost issue slots, not bytes); past ``MAX_WORDS`` the kernel is not offered.
@@ -31,6 +32,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
+    from .l2_prefetch import prefetch_l2
     from .packed_products import (masked_load, packed_dot, packed_dot2, packed_mul, shared_dot, shared_dot2,
                                   shared_pair_table)
     from .quant_words import _halves, _pair_weights, _row_scale2, _word_absmax, _x_pair
@@ -155,6 +157,38 @@ if HAVE_TRITON:
         return words, words_b, a, a_b
 
     @triton.jit
+    def _prefetch_block(w_ptr, absmax_ptr, block, N, K: tl.constexpr, mg, FMT: tl.constexpr, NESTED: tl.constexpr,
+                        BS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
+        # block `block`'s words (and SwiGLU's up half) asked of L2 (l2_prefetch), one prefetch a 16-byte group; a
+        # row past N, or a padding group, asks for row 0's or group 0's again (in bounds, already read). And NF4's
+        # absmax: the loop decodes the next block's absmax before it loads that block's words, so a miss there
+        # holds them back
+        rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.where(rn < N, rn, 0)
+        g = 4 * tl.arange(0, G)
+        if mg is not None:
+            g = tl.where(mg, g, 0)
+        offs = rows[:, None] * (K // 8) + g[None, :]
+        prefetch_l2(w_ptr + offs)
+        if SWIGLU:
+            prefetch_l2(w_ptr + N * (K // 8) + offs)
+        if FMT == 0:
+            _prefetch_absmax(absmax_ptr, rows, K, BS, NESTED)
+            if SWIGLU:
+                _prefetch_absmax(absmax_ptr, rows + N, K, BS, NESTED)
+
+    @triton.jit
+    def _prefetch_absmax(absmax_ptr, rows, K: tl.constexpr, BS: tl.constexpr, NESTED: tl.constexpr):
+        # the absmax of each row asked of L2 a line apart from its first value on, and at its last: every line of a
+        # row's values while they span at most 4 lines (NF4 at K up to 24576 with the nested bytes; 6144 in float32)
+        PER_LINE: tl.constexpr = 128 if NESTED else 32  # values a 128-byte line
+        at = rows.to(tl.uint32) * K  # (unsigned: the divisions by BS are shifts)
+        first = (at // BS).to(tl.int32)
+        last = ((at + K - 1) // BS).to(tl.int32)
+        step = tl.minimum(PER_LINE * tl.arange(0, 4)[None, :], (last - first)[:, None])
+        prefetch_l2(absmax_ptr + first[:, None] + step)
+
+    @triton.jit
     def _row_sums(words, a, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1, t2, t3, t4,
                   t5, t6, t7, lane_table, PACKED: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr,
                   BF16: tl.constexpr):
@@ -228,9 +262,11 @@ if HAVE_TRITON:
         NORM: tl.constexpr, FMT: tl.constexpr, LUT: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr,
         BS2: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, X_KIND: tl.constexpr,
         ROW_SCALE2: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KW_PAD: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         # program p: blocks p, p + programs, ... of BLOCK_N output columns of the ROWS (1 or 2) activation rows.
-        # x_ptr: int32 pairs (16-bit x; stride_xm in pairs) or float32 x. SWIGLU: 2N weight rows, as gemv_4bit's
+        # x_ptr: int32 pairs (16-bit x; stride_xm in pairs) or float32 x. SWIGLU: 2N weight rows, as gemv_4bit's.
+        # PREFETCH: the blocks after the next one asked of L2 that many blocks ahead (0: none)
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         if PDL:  # programmatic dependent launch (Hopper): the next kernel may start launching
@@ -241,6 +277,9 @@ if HAVE_TRITON:
         # the first block's weights do not depend on the kernels ahead: asked for before the wait
         words, words_b, a, a_b = _block_loads(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, pid, N, K, mg, FMT,
                                               NESTED, BS, BS2, SWIGLU, ROW_SCALE2, BLOCK_N, G)
+        for ahead in tl.static_range(1, PREFETCH + 1):  # (before the wait too: the weights are static data)
+            _prefetch_block(w_ptr, absmax_ptr, pid + ahead * programs, N, K, mg, FMT, NESTED, BS, SWIGLU, BLOCK_N,
+                            G)
         lane_table = 0
         if LUT == 4:  # the shared byte-pair table (static data: filled before the wait too)
             lane_table = shared_pair_table(pairs_ptr, pid)
@@ -255,7 +294,11 @@ if HAVE_TRITON:
                                                                       G, NORM, X_KIND, PACKED)
         row = tl.zeros([1], dtype=tl.int64)
         for block in range(pid, n_blocks, programs):
-            # the next block's loads go out before this block's products (masked off past the last block)
+            if PREFETCH > 0:
+                _prefetch_block(w_ptr, absmax_ptr, block + (PREFETCH + 1) * programs, N, K, mg, FMT, NESTED, BS,
+                                SWIGLU, BLOCK_N, G)
+            # the next block's loads, written before this block's products (masked off past the last block); ptxas
+            # issues them after the products, hence PREFETCH (kernels/l2_prefetch.py)
             nxt, nxt_b, a_n, a_nb = _block_loads(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, block + programs,
                                                  N, K, mg, FMT, NESTED, BS, BS2, SWIGLU, ROW_SCALE2, BLOCK_N, G)
             if ROWS == 2:
@@ -315,5 +358,5 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         NORM=norm_weight is not None, FMT=_FMT_ID[w.fmt], LUT=cfg.lut, NESTED=w.nested,
         BS=w.blocksize if nf4 else 32, BS2=w.blocksize2, HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
         ROW_SCALE2=row_scale2(w), ROWS=x.shape[0], BLOCK_N=cfg.block_n, KW_PAD=triton.next_power_of_2(w.k // 8), PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
+        PREFETCH=cfg.l2_ahead, num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )

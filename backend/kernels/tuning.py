@@ -207,6 +207,11 @@ def agrees(out: torch.Tensor, reference: torch.Tensor, tolerance: float = AGREEM
     return difference(out, reference) <= tolerance
 
 
+def describe(config) -> str:
+    """A config with every field, those kept out of its repr (and so out of ``candidates_digest``) too: for logs."""
+    return f"{type(config).__name__}({', '.join(f'{k}={v!r}' for k, v in asdict(config).items())})"
+
+
 def candidates_digest(candidates: Sequence) -> str:
     """A short hash of a candidate list: a cached pick is tuned again once a kernel gains or loses candidates."""
     return hashlib.sha1(repr(list(candidates)).encode()).hexdigest()[:12]
