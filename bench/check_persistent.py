@@ -3,7 +3,7 @@ bitsandbytes' dequantized weight at ChatGLM2-6B's qkv, fc1 (the norm and SwiGLU)
 activation rows, both table kinds; the one-row one (backend/kernels/persistent_gemv.py) on int8 weights against
 fp16 rows (against the weight times its scale) and on bf16 weights, at qkv (the norm, the bias), dense (the
 residual in place), fc1 and fc2, and the output layer with the greedy pick (bf16); and at two rows (gemv_rows'
-persistent tiles, compare's) at qkv, fc1 and fc2; tiles that ask L2 for blocks ahead (kernels/l2_prefetch.py) too.
+persistent tiles, compare's) at qkv, fc1 and fc2; tiles that ask L2 for blocks ahead (kernels/weight_prefetch.py) too.
 Run first in a device
 call that tunes with them: a kernel that faults there (a misaligned load, say) would otherwise take the tuning
 process's CUDA context with it (bench/NOTES.md run 55).

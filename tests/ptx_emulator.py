@@ -1,6 +1,6 @@
 """A small emulator of the PTX instructions ``backend/kernels/packed_products.py`` emits, vectorized over NumPy
-arrays, and a hook that lets Triton's interpreter run that inline assembly through it. ``l2_prefetch``'s prefetches
-change nothing; the emulator records their addresses (``PREFETCHED``) for the tests to check.
+arrays, and a hook that lets Triton's interpreter run that inline assembly through it. ``weight_prefetch``'s prefetches
+change nothing; the emulator records the ranges they ask for (``PREFETCHED``) for the tests to check.
 
 Why: Triton's interpreter cannot run inline assembly, so without this the kernels that multiply packed weights two
 at a time (the int8 GEMV's CVT 3, the words kernel's register table) were checked only on a GPU. With
@@ -61,7 +61,7 @@ def _lop3(a: np.ndarray, b: np.ndarray, c: np.ndarray, lut: int) -> np.ndarray:
     return out
 
 
-PREFETCHED: list[np.ndarray] = []  # the addresses each emulated prefetch asked for, in order
+PREFETCHED: list[tuple[int, int]] = []  # (address, bytes) of each emulated bulk prefetch, in order
 
 
 def _f32(v: np.ndarray) -> np.ndarray:
@@ -100,7 +100,7 @@ def run_ptx(text: str, operands: dict[str, object]) -> dict[str, np.ndarray]:
     def val(t: str) -> np.ndarray:
         if t in _SHARED:
             return _u32(_SHARED[t][0])
-        if t == "%laneid":
+        if t in ("%laneid", "%tid.x"):  # (one thread: the first)
             return _u32(0)
         return regs[t] if t in regs else _u32(int(t, 0))
 
@@ -111,11 +111,19 @@ def run_ptx(text: str, operands: dict[str, object]) -> dict[str, np.ndarray]:
             continue
         if not line or line[0] in "{}." or line.startswith("//"):
             continue
+        if line.startswith("@"):  # a predicated instruction: run where the predicate holds (the one thread's)
+            guard, line = line.split(None, 1)
+            if not np.all(regs[guard[1:]]):
+                continue
         op, rest = line.split(None, 1)
         args = [a.strip() for a in re.split(r",(?![^{]*})", rest)]
         dst = args[0]
-        if op == "prefetch.global.L2":
-            PREFETCHED.append(np.array(val(dst.strip("[]")), dtype=np.uint64).reshape(-1))
+        if op == "cp.async.bulk.prefetch.L2.global":
+            (start,), (size,) = np.unique(val(dst.strip("[]"))), np.unique(val(args[1]))  # (a scalar's instances)
+            PREFETCHED.append((int(start), int(size)))
+            continue
+        if op == "setp.eq.u32":
+            regs[dst] = val(args[1]) == val(args[2])
             continue
         if op == "st.shared.b32":
             words, index = _shared_access(np.broadcast_to(val(dst.strip("[]")), np.shape(val(args[1]))))

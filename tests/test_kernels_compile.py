@@ -289,13 +289,9 @@ def loop_sass(kernel) -> list[str]:
     return max(loops, key=len) if loops else []
 
 
-def prefetches_lead_the_loads(kernel) -> bool:
-    """Whether, in the SASS of the kernel's loop over blocks, every L2 prefetch (``CCTL.E.PF2``) comes before the
-    next block's 16-byte weight loads, which ptxas places after the products (l2_prefetch's docstring)."""
-    body = loop_sass(kernel)
-    prefetches = [i for i, op in enumerate(body) if "CCTL.E.PF2" in op]
-    loads = [i for i, op in enumerate(body) if re.match(r"(@!?P\d+\s+)?LDG\.E\.128\b", op)]
-    return bool(prefetches) and bool(loads) and max(prefetches) < min(loads)
+def loop_bulk_prefetches(kernel) -> int:
+    """How many L2 bulk prefetches (``UBLKPF``) the SASS of the kernel's loop over blocks holds."""
+    return sum("UBLKPF.L2" in op for op in loop_sass(kernel))
 
 
 def vector_pair_loads(ptx: str) -> bool:
@@ -404,20 +400,22 @@ def test_the_persistent_gemv_reads_four_words_a_load(arch, pdl, fmt, monkeypatch
     """quant_persistent's tiles (one and two activation rows) compile for every card we support, as qkv (the norm),
     fc1 (SwiGLU) and fc2 (K padded to a power of two) would run them; inside the loop over row blocks each thread
     reads its 4 words of a row as one 16-byte load, and the activations are not read again (they were loaded once,
-    before the loop). Tiles with L2 prefetch (``l2_ahead``) ask for each of the thread's 16-byte groups of a block
-    once an iteration (and NF4's absmax, one prefetch a thread a row set), and on Hopper the SASS keeps those
-    prefetches ahead of the next block's loads."""
+    before the loop). Tiles with L2 prefetch (``l2_ahead``, Hopper only) ask for a block once an iteration: its
+    words (SwiGLU: two row sets) and NF4's absmax, one bulk prefetch a range, all of them in the loop's SASS."""
     from backend.kernels import quant_persistent as P
 
+    from backend.kernels import weight_prefetch
+
     monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")  # (the tiles not yet on by default too)
+    monkeypatch.setattr(weight_prefetch, "tried", lambda: True)  # (as on a Hopper card)
     act = "*fp16" if arch == 75 else "*bf16"
     types = dict(QUANT_TYPES, pairs_ptr="*i32", x_ptr="*i32", w_ptr="*i32", norm_ptr="*i32", absmax_ptr="*u8", bias_ptr=act,
                  res_ptr=act, out_ptr=act)
     tiles = {(c.block_n, c.num_warps, c.lut, c.block_m, c.l2_ahead) for m in (1, 2) for swiglu in (False, True)
              for c in Q.candidate_configs(fmt, m, swiglu) if c.kernel == "persistent"}
     assert {t[3] for t in tiles} == {1, 2} and {t[4] for t in tiles} == {0, 2, 4}
-    if arch != 90:  # (every tile on Hopper; one a table kind and row count elsewhere, to keep the test short)
-        tiles = {t for t in tiles if t[:2] == (2, 4) and t[4] in (0, 2)}
+    if arch != 90:  # (every tile on Hopper; one a table kind and row count elsewhere, none with the bulk prefetch)
+        tiles = {t for t in tiles if t[:2] == (2, 4) and t[4] == 0}
     for k, swiglu, norm in ((4096, False, True), (4096, True, True), (13696, False, False)):
         for block_n, warps, lut, rows, ahead in sorted(tiles):
             consts = dict(NORM=norm, FMT=Q._FMT_ID[fmt], LUT=lut, NESTED=fmt == "nf4", BS=64 if fmt == "nf4" else 32,
@@ -430,10 +428,9 @@ def test_the_persistent_gemv_reads_four_words_a_load(arch, pdl, fmt, monkeypatch
             words = re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", loops[0])  # a thread's share of the block's words
             share = max(1, block_n * consts["KW_PAD"] // 4 // (32 * warps)) * (2 if swiglu else 1)
             assert len(words) == share, (k, block_n, warps, swiglu)
-            asked = share + ((2 if swiglu else 1) if fmt == "nf4" else 0)  # (the words; NF4's absmax, a row set's)
-            assert len(re.findall(r"prefetch\.global\.L2", loops[0])) == (asked if ahead else 0), (k, block_n, ahead)
-            if ahead and arch == 90:
-                assert prefetches_lead_the_loads(kernel), (k, block_n, warps, swiglu, rows, ahead)
+            asked = (2 if swiglu else 1) * (2 if fmt == "nf4" else 1) if ahead else 0  # (row sets; NF4's absmax)
+            assert len(re.findall(r"cp\.async\.bulk\.prefetch\.L2", loops[0])) == asked, (k, block_n, ahead)
+            assert arch != 90 or loop_bulk_prefetches(kernel) == asked, (k, block_n, warps, swiglu, rows, ahead)
 
 
 @pytest.mark.parametrize("arch,pdl", TARGETS)
@@ -444,13 +441,17 @@ def test_the_one_row_persistent_gemv_reads_16_bytes_a_load(arch, pdl, weights, m
     with the cache write), fc1 (SwiGLU), fc2 (K padded to a power of two, the residual) and the output layer (the
     greedy pick) run them, and at two rows (gemv_rows' tiles: fc1, fc2): inside the loop over blocks each thread reads
     its weights of a row 16 bytes at a time, and the activations are not read again (loaded once, before the loop).
-    Tiles with L2 prefetch ask for each of those 16-byte groups once an iteration, ahead of the next block's loads."""
+    Tiles with L2 prefetch (Hopper only) ask for a block once an iteration: one bulk prefetch of rows 2p, 2p + 1 or
+    two of SwiGLU's rows p and p + N/2 (the row step is a runtime value, so both are compiled; Triton 3.9's LLVM
+    merges the one call with one of the two), all in the loop's SASS."""
     from backend.decode.one_row_tuning import persistent_candidates
     from backend.kernels import persistent_gemv as P
     from backend.kernels.gemv_rows import persistent_configs
 
-    monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")  # (the tiles not yet on by default too)
+    from backend.kernels import weight_prefetch
 
+    monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")  # (the tiles not yet on by default too)
+    monkeypatch.setattr(weight_prefetch, "tried", lambda: True)  # (as on a Hopper card)
     act = "*bf16" if weights == "float" and arch != 75 else ACT
     types = {"x_ptr": "*i32" if weights == "int8" else act, "w_ptr": "*i8" if weights == "int8" else act,
              "scale_ptr": "*fp32", "bias_ptr": act, "norm_ptr": act, "res_ptr": act, "out_ptr": act,
@@ -460,8 +461,8 @@ def test_the_one_row_persistent_gemv_reads_16_bytes_a_load(arch, pdl, weights, m
     two_rows = sorted({(c.block_n, c.num_warps, c.l2_ahead) for c in persistent_configs(weights == "int8", 2,
                                                                                         torch.float16)})
     assert {t[2] for t in tiles} == {t[2] for t in two_rows} == {0, 2, 4}
-    if arch != 90:  # (every tile on Hopper; one, and one with prefetch, elsewhere, to keep the test short)
-        tiles, two_rows = ([t for t in ts if t[2] == 0][:1] + [t for t in ts if t[2]][:1] for ts in (tiles, two_rows))
+    if arch != 90:  # (every tile on Hopper; one elsewhere, none with the bulk prefetch, to keep the test short)
+        tiles, two_rows = ([t for t in ts if t[2] == 0][:1] for ts in (tiles, two_rows))
     group = 16 if weights == "int8" else 8
     cases = [(k, epilogue, norm, residual, argmax, 1, tiles)
              for k, epilogue, norm, residual, argmax in ((4096, 2, True, False, False), (4096, 1, True, False, False),
@@ -479,8 +480,8 @@ def test_the_one_row_persistent_gemv_reads_16_bytes_a_load(arch, pdl, weights, m
             vector = r"ld\.global(?:\.\w+)*\.v2\.b64" if weights == "int8" else r"ld\.global(?:\.\w+)*\.v4\.b32"
             share = max(1, 2 * block_p * consts["G_PAD"] // (32 * warps))  # a thread's 16-byte loads a block
             assert len(re.findall(vector, loop)) == share, (k, block_p, warps)
-            assert len(re.findall(r"prefetch\.global\.L2", loop)) == (share if ahead else 0), (k, block_p, ahead)
-            if ahead and arch == 90:
-                assert prefetches_lead_the_loads(kernel), (k, block_p, warps, rows, ahead)
+            asked = {2, 3} if ahead else {0}  # (LLVM may merge the plain range's call with one of SwiGLU's)
+            assert len(re.findall(r"cp\.async\.bulk\.prefetch\.L2", loop)) in asked, (k, block_p, ahead)
+            assert arch != 90 or loop_bulk_prefetches(kernel) in asked, (k, block_p, warps, rows, ahead)
             if weights == "int8":  # (x: int32 pairs, 16 bytes a load, once before the loop)
                 assert not re.search(r"ld\.global(?:\.\w+)*\.v4\.b32", loop), (k, block_p, warps)

@@ -76,13 +76,14 @@ def test_an_8bit_models_output_layer_keeps_the_16_bit_tiles_and_candidates():
 def test_the_one_row_persistent_tiles_are_candidates_only_when_asked_for(monkeypatch):
     """persistent_gemv's tiles join the descent's int8 (with fp16 products) and 16-bit candidates under
     GLMCHAT_PERSISTENT_GEMV=all only (not yet run on a GPU), as do NF4's 8-row block and the tiles that ask L2 for
-    blocks ahead (kernels/l2_prefetch.py; on a GPU: outside Triton's interpreter): by default the candidates, and so
+    blocks ahead (kernels/weight_prefetch.py; on a GPU: outside Triton's interpreter): by default the candidates, and so
     the digest a card's stored tiles were picked among, are those before them."""
     import types
 
-    from backend.kernels import packed_products
+    from backend.kernels import packed_products, weight_prefetch
 
     monkeypatch.setattr(packed_products, "tried", lambda: True)
+    monkeypatch.setattr(weight_prefetch, "tried", lambda: True)  # (as on a Hopper card)
 
     def lin(int8: bool, shape):
         return types.SimpleNamespace(q=object() if int8 else None, one_row=types.SimpleNamespace(weight=torch.empty(shape)))
@@ -110,9 +111,17 @@ def test_the_one_row_persistent_tiles_are_candidates_only_when_asked_for(monkeyp
     for rows in (1, 2):  # NF4's prefetching tiles: the shared table's, at one and two rows
         ahead = [c for c in candidate_configs("nf4", rows, True) if c.kernel == "persistent" and c.l2_ahead]
         assert len(ahead) == 4 and all(c.lut == 4 for c in ahead), rows
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the interpreter cannot run the prefetches' inline PTX)
-    assert not [c for c in T.candidates_for(decoder)["qkv"] if c.l2_ahead]
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.undo()  # (before Hopper, or in Triton's interpreter: none; the gate still set)
+    monkeypatch.setattr(packed_products, "tried", lambda: True)
+    monkeypatch.setenv("GLMCHAT_PERSISTENT_GEMV", "all")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not weight_prefetch.tried() and not [c for c in T.candidates_for(decoder)["qkv"] if c.l2_ahead]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert not weight_prefetch.tried()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert weight_prefetch.tried()
     monkeypatch.delenv("GLMCHAT_PERSISTENT_GEMV")
     assert not [c for c in candidate_configs("nf4", 1, False) if c.kernel == "persistent" and c.block_n == 8]
     assert not [c for rows in (1, 2) for c in candidate_configs("nf4", rows, True) if c.l2_ahead]

@@ -27,7 +27,7 @@ import torch
 
 from ..kernels.gemv_4bit import QuantLinearConfig, candidate_configs
 from ..kernels.int8_gemv import GemvConfig, default_gemv_config
-from ..kernels import l2_prefetch, packed_products, tuning, untested_persistent_tiles
+from ..kernels import packed_products, tuning, untested_persistent_tiles, weight_prefetch
 
 # a kind's tile: the one-row GEMV's (int8, 16-bit), quant_linear's (4-bit), or None (4-bit: quant_linear's own pick)
 Tile = Optional[Union[GemvConfig, QuantLinearConfig]]
@@ -130,7 +130,7 @@ PERSISTENT_TILES = {
     "int8": ((1, 4, 4), (2, 4, 4), (1, 8, 2), (2, 8, 2), (2, 8, 1), (4, 4, 2)),
     "float": ((1, 4, 3), (2, 4, 2), (1, 8, 2), (1, 8, 4), (2, 8, 2), (1, 8, 1)),
 }
-# those also tried with blocks asked of L2 ahead (kernels/l2_prefetch.py): tiles that spill at none of the four
+# those also tried with blocks asked of L2 ahead (kernels/weight_prefetch.py): tiles that spill at none of the four
 # linears (registers as above: prefetches hold none)
 PREFETCHING_TILES = {"int8": ((1, 4, 4), (1, 8, 2)), "float": ((1, 8, 2), (1, 8, 4))}
 
@@ -144,7 +144,7 @@ def persistent_candidates(weights: str) -> list[GemvConfig]:
     cvt = 3 if weights == "int8" else 2
     tiles = [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=cvt, programs_per_sm=p)
              for bp, w, p in PERSISTENT_TILES[weights]]
-    if l2_prefetch.tried():
+    if weight_prefetch.tried():
         tiles += [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=cvt, programs_per_sm=p, l2_ahead=ahead)
                   for bp, w, p in PREFETCHING_TILES[weights] for ahead in (2, 4)]
     return tiles

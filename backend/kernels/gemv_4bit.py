@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from . import l2_prefetch, packed_products, tuning
+from . import packed_products, tuning, weight_prefetch
 
 from . import HAVE_TRITON, untested_persistent_tiles
 
@@ -536,7 +536,7 @@ class QuantLinearConfig:
     cvt: int = 1  # words, int8: 1 = int8 to float32 by an exponent trick, 0 = by the conversion instruction
     prefetch: bool = False  # words: the first K step's words asked for before the wait on the kernel ahead (PDL)
     programs_per_sm: int = 0  # persistent: programs on each multiprocessor
-    # persistent: blocks asked of L2 this far ahead of their loads (kernels/l2_prefetch.py; 0: none). Out of repr,
+    # persistent: blocks asked of L2 this far ahead of their loads (kernels/weight_prefetch.py; 0: none). Out of repr,
     # which the tuning digests hash: the tiles a card picked before this field existed stay valid
     l2_ahead: int = field(default=0, repr=False)
 
@@ -626,7 +626,7 @@ def _persistent_configs(rows: int) -> list[QuantLinearConfig]:
     luts = (3, 4) if packed_products.tried() else (1,) if rows == 1 else ()
     configs = [QuantLinearConfig("persistent", bn, 0, rows, w, 1, lut, programs_per_sm=p) for lut in luts
                for bn, w, p in tiles]
-    if untested_persistent_tiles() and packed_products.tried() and l2_prefetch.tried():
+    if untested_persistent_tiles() and packed_products.tried() and weight_prefetch.tried():
         # the tiles the H100 picked (run 55), with blocks asked of L2 2 or 4 blocks ahead (the registers ptxas -v
         # gives are unchanged: 96 at qkv's 2 rows and 4 warps, 128 at fc2's 8 warps)
         configs += [QuantLinearConfig("persistent", bn, 0, rows, w, 1, 4, programs_per_sm=p, l2_ahead=ahead)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from . import (l2_prefetch, packed_products, persistent_gemv, quant_words, tuning, untested_persistent_tiles,
+from . import (packed_products, persistent_gemv, quant_words, tuning, untested_persistent_tiles, weight_prefetch,
                x_pass_width)
 from .gemv_4bit import HAVE_TRITON, QuantizedWeight, QuantLinearConfig, int8_weight
 
@@ -213,7 +213,7 @@ class RowsGemvConfig:
     # kernels/persistent_gemv.py at two rows (block_n row pairs a block, programs_per_sm programs an SM);
     # "other": the caller's other path (the int8 matmul, or cuBLAS) ran faster
     programs_per_sm: int = field(default=0, repr=False)  # (out of repr, as int8_gemv.GemvConfig's)
-    # persistent: blocks asked of L2 this far ahead of their loads (kernels/l2_prefetch.py; 0: none)
+    # persistent: blocks asked of L2 this far ahead of their loads (kernels/weight_prefetch.py; 0: none)
     l2_ahead: int = field(default=0, repr=False)
 
 
@@ -255,7 +255,7 @@ def candidate_configs(swiglu: bool, int8: bool = True) -> list[RowsGemvConfig]:
 # 82-173); fc2's K 13696 needs 8 warps and one program an SM for int8 (153), and spills at 16 bits
 PERSISTENT_ROWS_TILES = {"int8": ((1, 4, 4), (2, 4, 2), (1, 8, 2), (2, 8, 2), (1, 8, 1)),
                          "float": ((1, 4, 2), (1, 8, 2), (2, 8, 1), (1, 8, 1))}
-# those also tried with blocks asked of L2 ahead (kernels/l2_prefetch.py), where no linear spills
+# those also tried with blocks asked of L2 ahead (kernels/weight_prefetch.py), where no linear spills
 PREFETCHING_ROWS_TILES = {"int8": ((1, 4, 4), (1, 8, 2)), "float": ((1, 8, 2),)}
 
 
@@ -266,7 +266,7 @@ def persistent_configs(int8: bool, m: int, dtype: torch.dtype) -> list[RowsGemvC
         return []
     kind = "int8" if int8 else "float"
     tiles = [RowsGemvConfig(bp, 0, w, kernel="persistent", programs_per_sm=p) for bp, w, p in PERSISTENT_ROWS_TILES[kind]]
-    if l2_prefetch.tried():
+    if weight_prefetch.tried():
         tiles += [RowsGemvConfig(bp, 0, w, kernel="persistent", programs_per_sm=p, l2_ahead=ahead)
                   for bp, w, p in PREFETCHING_ROWS_TILES[kind] for ahead in (2, 4)]
     return tiles

@@ -279,7 +279,7 @@ class GemvConfig:
     # it cannot read takes the tiled kernel at the default block_k). Out of repr, which the tuning digests hash: the
     # tiles a card picked before this field existed stay valid
     programs_per_sm: int = field(default=0, repr=False)
-    # persistent: blocks asked of L2 this far ahead of their loads (kernels/l2_prefetch.py; 0: none)
+    # persistent: blocks asked of L2 this far ahead of their loads (kernels/weight_prefetch.py; 0: none)
     l2_ahead: int = field(default=0, repr=False)
 
 

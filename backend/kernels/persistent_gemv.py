@@ -13,7 +13,7 @@ every one-row step is further from its bound, as each kernel's start and end wei
 the row once (times the norm weight; its sum of squares once), keep it in registers in the weight tile's layout, and
 loop over blocks of row pairs: a block is a whole row of K for each of its weight rows, 16 bytes a thread at a time,
 and the next block's weights are asked for before this block's products in the source (ptxas issues those loads
-after them; tiles with ``l2_ahead`` ask L2 for blocks further ahead: ``l2_prefetch``). With two rows both stay in
+after them; tiles with ``l2_ahead`` ask L2 for blocks further ahead: ``weight_prefetch``). With two rows both stay in
 registers and each weight is widened once for both. The epilogue is ``int8_gemv``'s
 (``pair_epilogue.finish_pairs``): the bias, the residual, SwiGLU, and at one row rotary with the cache write and the
 greedy pick.
@@ -32,10 +32,10 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .l2_prefetch import prefetch_l2
     from .pair_epilogue import finish_pairs
     from .packed_products import int8_dot, int8_dot2, masked_load
     from .quant_persistent import across_warps, across_warps4, words_index, x_words
+    from .weight_prefetch import prefetch_range
 
 MAX_GROUPS = 2048  # 16-byte groups of K (int8: K up to 32768; 16-bit: 16384): x stays in registers at 4-8 warps
 
@@ -82,16 +82,20 @@ if HAVE_TRITON:
         return masked_load(ptr + ra + idx, ma, 0), masked_load(ptr + rb + idx, mb, 0)
 
     @triton.jit
-    def _prefetch_block(w_ptr, block, mg, N_PAIRS, ROW_STEP, B_OFF, N, K: tl.constexpr, BLOCK_P: tl.constexpr,
-                        G: tl.constexpr, W_INT8: tl.constexpr):
-        # block `block`'s rows a and b asked of L2 (l2_prefetch), one prefetch a 16-byte group; a row out of range,
-        # or a padding group, asks for row 0's or group 0's again (in bounds, already read)
-        _, row_a, row_b, mask_a, mask_b = _pairs(block, BLOCK_P, N_PAIRS, ROW_STEP, B_OFF, N)
-        g = (16 if W_INT8 else 8) * tl.arange(0, G)  # a group's first element
-        if mg is not None:
-            g = tl.where(mg, g, 0)
-        prefetch_l2(w_ptr + tl.where(mask_a, row_a, 0).to(tl.int64)[:, None] * K + g[None, :])
-        prefetch_l2(w_ptr + tl.where(mask_b, row_b, 0).to(tl.int64)[:, None] * K + g[None, :])
+    def _prefetch_block(w_ptr, block, n_blocks, N_PAIRS, ROW_STEP, B_OFF, N, K: tl.constexpr, BLOCK_P: tl.constexpr,
+                        W_INT8: tl.constexpr):
+        # block `block`'s weight rows asked of L2 (kernels/weight_prefetch.py): pairs p .. p + pairs - 1 are rows
+        # 2p, 2p + 1 (one range; the last row may be missing, N odd) or, SwiGLU's, rows p and p + B_OFF (two
+        # ranges). Nothing past the last block
+        if block < n_blocks:
+            first = block * BLOCK_P
+            pairs = tl.minimum(N_PAIRS - first, BLOCK_P)
+            row_bytes: tl.constexpr = K if W_INT8 else 2 * K
+            if ROW_STEP == 2:
+                prefetch_range(w_ptr + 2 * first * K, tl.minimum(2 * pairs, N - 2 * first) * row_bytes)
+            else:
+                prefetch_range(w_ptr + first * K, pairs * row_bytes)
+                prefetch_range(w_ptr + (first + B_OFF) * K, pairs * row_bytes)
 
     @triton.jit
     def _x_float(x_ptr, norm_ptr, mg, BLOCK_P: tl.constexpr, G: tl.constexpr, NORM: tl.constexpr):
@@ -175,7 +179,7 @@ if HAVE_TRITON:
         # the first block's weights do not depend on the kernels ahead: asked for before the wait
         wa, wb = _block_weights(w_ptr, pid, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD, W_INT8)
         for ahead in tl.static_range(1, PREFETCH + 1):  # (before the wait too: the weights are static data)
-            _prefetch_block(w_ptr, pid + ahead * programs, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD, W_INT8)
+            _prefetch_block(w_ptr, pid + ahead * programs, n_blocks, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, W_INT8)
         if PDL:  # x, the residual, the cache, the position: written by the kernels ahead
             tl.extra.cuda.gdc_wait()
         x0, x1, x2, x3, xf, r = _activations(x_ptr, norm_ptr, mg, eps, K, BLOCK_P, G_PAD, W_INT8, NORM)
@@ -185,10 +189,10 @@ if HAVE_TRITON:
                                                    NORM)
         for block in range(pid, n_blocks, programs):
             if PREFETCH > 0:
-                _prefetch_block(w_ptr, block + (PREFETCH + 1) * programs, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P,
-                                G_PAD, W_INT8)
+                _prefetch_block(w_ptr, block + (PREFETCH + 1) * programs, n_blocks, N_PAIRS, ROW_STEP, B_OFF, N, K,
+                                BLOCK_P, W_INT8)
             # the next block's loads, written before this block's products (masked off past the last block); ptxas
-            # issues them after the products, hence PREFETCH (kernels/l2_prefetch.py)
+            # issues them after the products, hence PREFETCH (kernels/weight_prefetch.py)
             wa_n, wb_n = _block_weights(w_ptr, block + programs, mg, N_PAIRS, ROW_STEP, B_OFF, N, K, BLOCK_P, G_PAD,
                                         W_INT8)
             if ROWS == 2 and W_INT8:
@@ -218,7 +222,7 @@ def launch(x, weight, pointers: tuple, shape_args: tuple, meta: dict, block_p: i
     """Run the kernel for ``int8_gemv.gemv`` (one row x [K]): ``pointers`` (x, weight, scale, ... best) and
     ``shape_args`` (N, N_PAIRS, K, ..., pos_divisor) as its kernel takes them, ``meta`` its epilogue's constexprs;
     ``block_p`` row pairs a block, ``programs_per_sm`` programs on each multiprocessor, blocks asked of L2
-    ``l2_ahead`` blocks ahead (kernels/l2_prefetch.py; 0: none)."""
+    ``l2_ahead`` blocks ahead (kernels/weight_prefetch.py; 0: none)."""
     _run(x, weight, pointers, shape_args + (0, 0, 0), meta, 1, block_p, programs_per_sm, num_warps, pdl, l2_ahead)
 
 

@@ -10,7 +10,7 @@ reduction. ncu counted 7.6-13.6 instructions issued a weight there, against ~3.6
 rounded as the other kernels round it; its 1/rms once), hold it in registers in the weight tile's layout, and loop
 over blocks of weight rows: a block is one [BLOCK_N, K/8] tile of words, a whole row of K at a time, and the next
 block's words are asked for before this block's products in the source (ptxas issues those loads after them; tiles
-with ``l2_ahead`` ask L2 for blocks further ahead: ``l2_prefetch``). The loop is then the words' loads, their
+with ``l2_ahead`` ask L2 for blocks further ahead: ``weight_prefetch``). The loop is then the words' loads, their
 absmax, the decode and products (``packed_products`` with 16-bit rows on a GPU: the register table, or the shared
 byte-pair table that a persistent program fills once; the 16-entry table otherwise), one row sum and the epilogue.
 With two activation rows (compare) both stay in registers and each word's looked-up weights serve both rows'
@@ -32,10 +32,10 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .gemv_4bit import _epilogue
-    from .l2_prefetch import prefetch_l2
     from .packed_products import (masked_load, packed_dot, packed_dot2, packed_mul, shared_dot, shared_dot2,
                                   shared_pair_table)
     from .quant_words import _halves, _pair_weights, _row_scale2, _word_absmax, _x_pair
+    from .weight_prefetch import prefetch_range
 
 MAX_WORDS = 4096  # K up to 32768: a thread's share of x stays in registers at 4-8 warps
 
@@ -157,36 +157,31 @@ if HAVE_TRITON:
         return words, words_b, a, a_b
 
     @triton.jit
-    def _prefetch_block(w_ptr, absmax_ptr, block, N, K: tl.constexpr, mg, FMT: tl.constexpr, NESTED: tl.constexpr,
-                        BS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
-        # block `block`'s words (and SwiGLU's up half) asked of L2 (l2_prefetch), one prefetch a 16-byte group; a
-        # row past N, or a padding group, asks for row 0's or group 0's again (in bounds, already read). And NF4's
-        # absmax: the loop decodes the next block's absmax before it loads that block's words, so a miss there
-        # holds them back
-        rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.where(rn < N, rn, 0)
-        g = 4 * tl.arange(0, G)
-        if mg is not None:
-            g = tl.where(mg, g, 0)
-        offs = rows[:, None] * (K // 8) + g[None, :]
-        prefetch_l2(w_ptr + offs)
-        if SWIGLU:
-            prefetch_l2(w_ptr + N * (K // 8) + offs)
-        if FMT == 0:
-            _prefetch_absmax(absmax_ptr, rows, K, BS, NESTED)
+    def _prefetch_block(w_ptr, absmax_ptr, block, n_blocks, N, K: tl.constexpr, FMT: tl.constexpr,
+                        NESTED: tl.constexpr, BS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+        # block `block`'s words asked of L2 (kernels/weight_prefetch.py; SwiGLU's up half too), and NF4's absmax of
+        # those rows: the loop decodes the next block's absmax before it loads that block's words, so a miss there
+        # holds them back. Nothing past the last block
+        if block < n_blocks:
+            first = block * BLOCK_N
+            rows = tl.minimum(N - first, BLOCK_N)
+            prefetch_range(w_ptr + first * (K // 8), rows * (K // 2))  # (w_ptr: int32 words, 8 weights each)
             if SWIGLU:
-                _prefetch_absmax(absmax_ptr, rows + N, K, BS, NESTED)
+                prefetch_range(w_ptr + (N + first) * (K // 8), rows * (K // 2))
+            if FMT == 0:
+                _prefetch_absmax(absmax_ptr, first, rows, K, BS, NESTED)
+                if SWIGLU:
+                    _prefetch_absmax(absmax_ptr, N + first, rows, K, BS, NESTED)
 
     @triton.jit
-    def _prefetch_absmax(absmax_ptr, rows, K: tl.constexpr, BS: tl.constexpr, NESTED: tl.constexpr):
-        # the absmax of each row asked of L2 a line apart from its first value on, and at its last: every line of a
-        # row's values while they span at most 4 lines (NF4 at K up to 24576 with the nested bytes; 6144 in float32)
-        PER_LINE: tl.constexpr = 128 if NESTED else 32  # values a 128-byte line
-        at = rows.to(tl.uint32) * K  # (unsigned: the divisions by BS are shifts)
-        first = (at // BS).to(tl.int32)
-        last = ((at + K - 1) // BS).to(tl.int32)
-        step = tl.minimum(PER_LINE * tl.arange(0, 4)[None, :], (last - first)[:, None])
-        prefetch_l2(absmax_ptr + first[:, None] + step)
+    def _prefetch_absmax(absmax_ptr, first, rows, K: tl.constexpr, BS: tl.constexpr, NESTED: tl.constexpr):
+        # the absmax bytes of rows first .. first + rows - 1 asked of L2, their range rounded in to whole 16-byte
+        # units (the launch checks the absmax is 16-byte aligned)
+        SIZE: tl.constexpr = 1 if NESTED else 4  # bytes a value: bitsandbytes' nested bytes, or float32
+        start = (first * K // BS * SIZE) // 16 * 16
+        end = ((first + rows) * K // BS * SIZE) // 16 * 16
+        if end > start:
+            prefetch_range(absmax_ptr.to(tl.pointer_type(tl.int8), bitcast=True) + start, end - start)
 
     @triton.jit
     def _row_sums(words, a, x0, x1, x2, x3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, code_ptr, t0, t1, t2, t3, t4,
@@ -278,8 +273,8 @@ if HAVE_TRITON:
         words, words_b, a, a_b = _block_loads(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, pid, N, K, mg, FMT,
                                               NESTED, BS, BS2, SWIGLU, ROW_SCALE2, BLOCK_N, G)
         for ahead in tl.static_range(1, PREFETCH + 1):  # (before the wait too: the weights are static data)
-            _prefetch_block(w_ptr, absmax_ptr, pid + ahead * programs, N, K, mg, FMT, NESTED, BS, SWIGLU, BLOCK_N,
-                            G)
+            _prefetch_block(w_ptr, absmax_ptr, pid + ahead * programs, n_blocks, N, K, FMT, NESTED, BS, SWIGLU,
+                            BLOCK_N)
         lane_table = 0
         if LUT == 4:  # the shared byte-pair table (static data: filled before the wait too)
             lane_table = shared_pair_table(pairs_ptr, pid)
@@ -295,10 +290,10 @@ if HAVE_TRITON:
         row = tl.zeros([1], dtype=tl.int64)
         for block in range(pid, n_blocks, programs):
             if PREFETCH > 0:
-                _prefetch_block(w_ptr, absmax_ptr, block + (PREFETCH + 1) * programs, N, K, mg, FMT, NESTED, BS,
-                                SWIGLU, BLOCK_N, G)
+                _prefetch_block(w_ptr, absmax_ptr, block + (PREFETCH + 1) * programs, n_blocks, N, K, FMT, NESTED,
+                                BS, SWIGLU, BLOCK_N)
             # the next block's loads, written before this block's products (masked off past the last block); ptxas
-            # issues them after the products, hence PREFETCH (kernels/l2_prefetch.py)
+            # issues them after the products, hence PREFETCH (kernels/weight_prefetch.py)
             nxt, nxt_b, a_n, a_nb = _block_loads(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, block + programs,
                                                  N, K, mg, FMT, NESTED, BS, BS2, SWIGLU, ROW_SCALE2, BLOCK_N, G)
             if ROWS == 2:
@@ -358,5 +353,5 @@ def launch(x, w: QuantizedWeight, out, bias, residual, norm_weight, eps: float, 
         NORM=norm_weight is not None, FMT=_FMT_ID[w.fmt], LUT=cfg.lut, NESTED=w.nested,
         BS=w.blocksize if nf4 else 32, BS2=w.blocksize2, HAS_SCALE=w.scale is not None, SWIGLU=swiglu, X_KIND=kind,
         ROW_SCALE2=row_scale2(w), ROWS=x.shape[0], BLOCK_N=cfg.block_n, KW_PAD=triton.next_power_of_2(w.k // 8), PDL=pdl,
-        PREFETCH=cfg.l2_ahead, num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
+        PREFETCH=cfg.l2_ahead if not nf4 or w.absmax.data_ptr() % 16 == 0 else 0, num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )

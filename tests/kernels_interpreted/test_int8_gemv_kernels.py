@@ -194,12 +194,11 @@ def test_the_persistent_gemv_on_16_bit_weights(n, k, monkeypatch):
 
 @pytest.mark.parametrize("weights", ["int8", "float"])
 def test_the_persistent_gemv_asks_l2_for_the_blocks_it_reads_next(weights):
-    """``l2_ahead`` (kernels/l2_prefetch.py; the prefetches recorded by tests/ptx_emulator.py), in fc1's form (SwiGLU:
-    row pair p is rows p and p + N/2) with padding groups along K: two programs of eight blocks, two blocks ahead. The
-    output is bit for bit the one without prefetches; every prefetch is a 16-byte group inside the weight; each call is
-    one block's rows a, then its rows b; a program asks, before its loop, for the two blocks after its first, then in
-    each iteration for the block three on (row 0 again past its last: in bounds, already read)."""
-    import numpy as np
+    """``l2_ahead`` (kernels/weight_prefetch.py; the ranges recorded by tests/ptx_emulator.py), two programs of eight
+    blocks, two blocks ahead, with padding groups along K. The output is bit for bit the one without prefetches. A
+    program asks, before its loop, for the two blocks after its first, then in each iteration for the block three on,
+    and nothing past the last block. In fc1's form (SwiGLU: row pair p is rows p and p + N/2) a block is two ranges,
+    its rows a and its rows b; plain (rows 2p and 2p + 1), one."""
     import ptx_emulator
     from ptx_emulator import interpreted_inline_ptx
 
@@ -211,24 +210,21 @@ def test_the_persistent_gemv_asks_l2_for_the_blocks_it_reads_next(weights):
     else:
         lw = LinearWeights((torch.randn(n, k) * 0.05).half(), None, None)
     x, g = torch.randn(k).half(), (1 + 0.1 * torch.randn(k)).half()
-    outs = []
-    with interpreted_inline_ptx():
-        for ahead in (0, 2):
-            ptx_emulator.PREFETCHED.clear()
-            cfg = GemvConfig(block_p=2, block_k=0, cvt=3 if weights == "int8" else 2, programs_per_sm=1,
-                             l2_ahead=ahead)
-            out = torch.full((n // 2,), float("nan"), dtype=torch.float16)
-            gemv(x, lw, out, norm_weight=g, swiglu=True, config=cfg)
-            outs.append(out)
-    assert torch.equal(outs[0], outs[1])
-    row_bytes = k * lw.weight.element_size()
-    calls = [a.astype(np.int64) - lw.weight.data_ptr() for a in ptx_emulator.PREFETCHED]
-    every = np.concatenate(calls)
-    assert np.all(every % 16 == 0) and np.all((every >= 0) & (every < n * row_bytes))
-    blocks = [set(((offsets // row_bytes) % (n // 2) // 2).tolist()) for offsets in calls]  # pair p: block p // 2
-    assert all(len(b) == 1 for b in blocks)
-    asked_a, asked_b = [b.pop() for b in blocks[0::2]], [b.pop() for b in blocks[1::2]]
-    past = [0, 0, 0]
-    assert asked_a == asked_b == [2, 4, 6, 8, 10, 12, 14] + past + [3, 5, 7, 9, 11, 13, 15] + past
-    rows_b = np.concatenate(calls[1:14:2]) // row_bytes  # (program 0's rows b, before its last blocks)
-    assert np.all(rows_b >= n // 2)
+    base, row_bytes = lw.weight.data_ptr(), k * lw.weight.element_size()
+    order = [2, 4, 6, 8, 10, 12, 14] + [3, 5, 7, 9, 11, 13, 15]  # program 0 (blocks 0, 2, .., 14), then program 1
+    for swiglu in (True, False):
+        outs = []
+        with interpreted_inline_ptx():
+            for ahead in (0, 2):
+                ptx_emulator.PREFETCHED.clear()
+                cfg = GemvConfig(block_p=2, block_k=0, cvt=3 if weights == "int8" else 2, programs_per_sm=1,
+                                 l2_ahead=ahead)
+                out = torch.full((n // 2 if swiglu else n,), float("nan"), dtype=torch.float16)
+                gemv(x, lw, out, norm_weight=g, swiglu=swiglu, config=cfg)
+                outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+        if swiglu:  # block b: pairs 2b, 2b + 1 = rows 2b, 2b + 1 and, N/2 on, their up rows
+            want = [(base + (r + 2 * b) * row_bytes, 2 * row_bytes) for b in order for r in (0, n // 2)]
+        else:  # block b: pairs 2b, 2b + 1 = rows 4b .. 4b + 3
+            want = [(base + 4 * b * row_bytes, 4 * row_bytes) for b in order]
+        assert ptx_emulator.PREFETCHED == want, swiglu

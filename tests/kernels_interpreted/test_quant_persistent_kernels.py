@@ -122,14 +122,11 @@ def test_what_it_cannot_take_is_refused_and_a_tuned_pick_falls_back():
 
 
 def test_blocks_asked_of_l2_ahead_are_the_blocks_the_programs_read_next(monkeypatch):
-    """``l2_ahead`` (kernels/l2_prefetch.py; the prefetches recorded by tests/ptx_emulator.py): fc1's form (SwiGLU,
+    """``l2_ahead`` (kernels/weight_prefetch.py; the ranges recorded by tests/ptx_emulator.py): fc1's form (SwiGLU,
     a K tail of padding words), two programs of four blocks each, two blocks ahead. The output is bit for bit the
-    one without prefetches. Each block is asked for as four calls: its words (the gate half, then the up half, each a
-    16-byte group inside the weight) and their rows' absmax (inside the absmax); a program asks, before its loop, for
-    the two blocks after its first, then in each iteration for the block three on (row 0 again past its last: in
-    bounds, already read); and every group of every block after a program's first is asked for, and each of its
-    rows' first and last absmax."""
-    import numpy as np
+    one without prefetches. A program asks, before its loop, for the two blocks after its first, then in each
+    iteration for the block three on, and nothing past the last block; each block is exactly four ranges: its rows'
+    words (the gate half, then the up half) and those rows' absmax (each 16-byte aligned, a multiple of 16 bytes)."""
     import ptx_emulator
     from ptx_emulator import interpreted_inline_ptx
 
@@ -148,27 +145,13 @@ def test_blocks_asked_of_l2_ahead_are_the_blocks_the_programs_read_next(monkeypa
             P.launch(x, w, out, None, None, None, 1e-5, True, replace(cfg, l2_ahead=ahead), False, out)
             outs.append(out)
     assert torch.equal(outs[0], outs[1])
-    row_bytes = k // 2
-    calls = [a.astype(np.int64) for a in ptx_emulator.PREFETCHED]
-    words = [c - w.data.data_ptr() for i, c in enumerate(calls) if i % 4 < 2]
-    absmax = [c - w.absmax.data_ptr() for i, c in enumerate(calls) if i % 4 >= 2]
-    every = np.concatenate(words)
-    assert np.all(every % 16 == 0) and np.all((every >= 0) & (every < n * row_bytes))
-    assert all(np.all((a >= 0) & (a < w.absmax.numel() * 4) & (a % 4 == 0)) for a in absmax)  # (float32 absmax)
-    weight_rows = [c // row_bytes for c in words] + [c // 4 * w.blocksize // k for c in absmax]
-    asked = []
-    for i, rows in enumerate(weight_rows):
-        up = i % 2 == 1  # (words and absmax alike: the gate half's call, then the up half's)
-        assert np.all(rows >= n // 2) if up else np.all(rows < n // 2), i
-        blocks = set((rows % (n // 2) // block_n).tolist())
-        assert len(blocks) == 1, (i, blocks)
-        asked += list(blocks)
-    program_order = [2, 4, 6, 0, 0, 0] + [3, 5, 7, 0, 0, 0]  # program 0 (blocks 0, 2, 4, 6), then program 1
-    half = len(words)
-    assert asked[:half] == asked[half:] == [b for b in program_order for _ in (0, 1)]
-    wanted = {half_at + r * row_bytes + 16 * g for half_at in (0, n // 2 * row_bytes) for r in range(2 * block_n, n // 2)
-              for g in range(row_bytes // 16)}
-    assert wanted <= set(every.tolist())
-    per_row = k // w.blocksize  # (float32 absmax: 5 a row, one line)
-    ends = {4 * (r * per_row + e) for r in range(2 * block_n, n) if r % (n // 2) >= 2 * block_n for e in (0, per_row - 1)}
-    assert ends <= set(np.concatenate(absmax).tolist())
+    row_bytes, absmax_row = k // 2, k // w.blocksize * 4  # (float32 absmax: 5 a row, 20 bytes)
+    words, absmax = w.data.data_ptr(), w.absmax.data_ptr()
+    want = []
+    for block in [2, 4, 6] + [3, 5, 7]:  # program 0 (blocks 0, 2, 4, 6), then program 1
+        first = block * block_n
+        want += [(words + first * row_bytes, block_n * row_bytes), (words + (n // 2 + first) * row_bytes,
+                                                                    block_n * row_bytes),
+                 (absmax + first * absmax_row, block_n * absmax_row),
+                 (absmax + (n // 2 + first) * absmax_row, block_n * absmax_row)]
+    assert ptx_emulator.PREFETCHED == want
