@@ -40,6 +40,7 @@
 #                                        # without, alternately; the tiles picked, the step, 4-bit GPU checks
 #   bash bench/run_device.sh one-row-persistent  # the persistent GEMV for int8 and 16-bit weights at one and two rows
 #                                        # (Q=8bit or Q=none) tuned in and without, alternately; its tiles; GPU checks
+#                                        # (PART=all, then PART=rest on the same machine: two calls of <600 s)
 #   bash bench/run_device.sh ab-env    # a switch A/B (AB_ENV=NAME=VALUE, e.g. GLMCHAT_SPLIT_LAST_SUMS=0): 8-bit and
 #                                      # NF4 chat and compare as the tree runs them and with it, alternately; then
 #                                      # the quantized GPU checks
@@ -224,25 +225,30 @@ one-row-persistent)
   # this call) and without (the
   # default candidates, the carried tuning in a cache of its own), alternately ROUNDS times, for Q (8bit or none);
   # the tiles each arm picked and what each candidate's step took (the engines' stderr); then the GPU checks of
-  # that precision with it. First every persistent tile against the reference (check_persistent.py)
-  timeout 150 python3 bench/check_persistent.py > "$OUT/check_persistent.log" 2>&1
-  stamp "check_persistent rc $?"; tail -n 1 "$OUT/check_persistent.log"; grep -q "^ok" "$OUT/check_persistent.log" || exit 1
+  # that precision with it. First every persistent tile against the reference (check_persistent.py).
+  # PART=all: the checks and the "all" arm only (it tunes: the longest part); PART=rest: the default arm and the GPU
+  # checks, on the same machine (the "all" arm's cache in /tmp/glmcache-all); unset: both in one call
+  [ "${PART:-}" = rest ] || {
+    timeout 150 python3 bench/check_persistent.py > "$OUT/check_persistent.log" 2>&1
+    stamp "check_persistent rc $?"; tail -n 1 "$OUT/check_persistent.log"; grep -q "^ok" "$OUT/check_persistent.log" || exit 1
+  }
   Q=${Q:-8bit}
-  rm -rf /tmp/glmcache-all && cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-all
+  [ "${PART:-}" = rest ] || { rm -rf /tmp/glmcache-all && cp -r "$GLMCHAT_CACHE_DIR" /tmp/glmcache-all; }
   for round in $(seq "${ROUNDS:-1}"); do
-    (export GLMCHAT_PERSISTENT_GEMV=all GLMCHAT_CACHE_DIR=/tmp/glmcache-all
+    [ "${PART:-}" = rest ] || (export GLMCHAT_PERSISTENT_GEMV=all GLMCHAT_CACHE_DIR=/tmp/glmcache-all
      engine "all_$round" --model /tmp/glm6b --quantization "$Q" --rows 1,2 --repeat 1)
-    engine "default_$round" --model /tmp/glm6b --quantization "$Q" --rows 1,2 --repeat 1
+    [ "${PART:-}" = all ] || engine "default_$round" --model /tmp/glm6b --quantization "$Q" --rows 1,2 --repeat 1
   done
   for f in "$OUT"/engine_all_*.jsonl "$OUT"/engine_default_*.jsonl; do
     grep -a '"chat", "greedy": true\|"compare"\|first_run' "$f" | sed "s|.*\"what\"|$(basename "$f" .jsonl) \"what\"|" | cut -c1-900
   done
-  grep -a "programs_per_sm=[1-9]" "$OUT"/engine_all_1.err | cut -c1-200 | head -40
+  grep -a "programs_per_sm=[1-9]" "$OUT"/engine_all_1.err 2>/dev/null | cut -c1-240 | head -60
+  mkdir -p "$OUT/kernel-tuning-all" && cp /tmp/glmcache-all/kernel-tuning/*.json "$OUT/kernel-tuning-all/" 2>/dev/null || true
+  [ "${PART:-}" = all ] && exit 0
   [ "$Q" = none ] && check_q= || check_q="--quantized $Q"
   GLMCHAT_PERSISTENT_GEMV=all GLMCHAT_CACHE_DIR=/tmp/glmcache-all timeout 200 python3 bench/check_fast_batch.py $check_q \
       > "$OUT/check.log" 2>&1
   stamp "check_fast_batch $check_q rc $?"; grep -a "^ok\|FAIL\|Error\|passed" "$OUT/check.log" | cut -c1-150
-  mkdir -p "$OUT/kernel-tuning-all" && cp /tmp/glmcache-all/kernel-tuning/*.json "$OUT/kernel-tuning-all/"
   ;;
 ab-env)
   # a switch through ChatEngine: 8-bit and NF4 chat and compare as the tree runs them ("default") and with AB_ENV
