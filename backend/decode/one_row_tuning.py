@@ -146,7 +146,7 @@ def persistent_candidates(weights: str) -> list[GemvConfig]:
              for bp, w, p in PERSISTENT_TILES[weights]]
     if weight_prefetch.tried():
         tiles += [GemvConfig(block_p=bp, block_k=0, num_warps=w, cvt=cvt, programs_per_sm=p, l2_ahead=ahead)
-                  for bp, w, p in PREFETCHING_TILES[weights] for ahead in (2, 4)]
+                  for bp, w, p in PREFETCHING_TILES[weights] for ahead in weight_prefetch.BLOCKS_AHEAD]
     return tiles
 
 

@@ -630,7 +630,7 @@ def _persistent_configs(rows: int) -> list[QuantLinearConfig]:
         # the tiles the H100 picked (run 55), with blocks asked of L2 2 or 4 blocks ahead (the registers ptxas -v
         # gives are unchanged: 96 at qkv's 2 rows and 4 warps, 128 at fc2's 8 warps)
         configs += [QuantLinearConfig("persistent", bn, 0, rows, w, 1, 4, programs_per_sm=p, l2_ahead=ahead)
-                    for bn, w, p in ((2, 4, 4), (2, 8, 2)) for ahead in (2, 4)]
+                    for bn, w, p in ((2, 4, 4), (2, 8, 2)) for ahead in weight_prefetch.BLOCKS_AHEAD]
     return configs
 
 

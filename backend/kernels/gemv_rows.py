@@ -268,7 +268,7 @@ def persistent_configs(int8: bool, m: int, dtype: torch.dtype) -> list[RowsGemvC
     tiles = [RowsGemvConfig(bp, 0, w, kernel="persistent", programs_per_sm=p) for bp, w, p in PERSISTENT_ROWS_TILES[kind]]
     if weight_prefetch.tried():
         tiles += [RowsGemvConfig(bp, 0, w, kernel="persistent", programs_per_sm=p, l2_ahead=ahead)
-                  for bp, w, p in PREFETCHING_ROWS_TILES[kind] for ahead in (2, 4)]
+                  for bp, w, p in PREFETCHING_ROWS_TILES[kind] for ahead in weight_prefetch.BLOCKS_AHEAD]
     return tiles
 
 

@@ -31,6 +31,9 @@ if HAVE_TRITON:
     import triton.language as tl
 
 
+BLOCKS_AHEAD = (2, 4)  # the distances the tuners try (``l2_ahead``)
+
+
 def tried() -> bool:
     """Whether tiles with L2 prefetch are offered: on a Hopper or later GPU, outside Triton's interpreter."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
